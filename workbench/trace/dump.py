@@ -1,0 +1,86 @@
+"""Opt-in full activation dumps, streamed to safetensors shards (never held whole in memory).
+
+Layout of a dump directory::
+
+    DIR/index.json                       sites, shard list, dtype, token table file
+    DIR/tokens.safetensors               prompt index and position of every global token
+    DIR/<site key>/shard-00000.safetensors   values [n, C] and tokens [n]
+
+Shards and the index are written atomically (temp file, fsync, rename); ``index.json`` is written
+last, so a dump without it is incomplete.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from workbench.io import atomic_path, write_json
+from workbench.trace.reducers import Payload
+from workbench.trace.sites import Site
+
+
+class _SiteSink:
+    def __init__(self, writer: "DumpWriter", site: Site):
+        self.writer, self.site = writer, site
+
+    def update(self, p: Payload) -> None:
+        self.writer._add(self.site, p)
+
+
+class DumpWriter:
+    def __init__(self, directory: str | Path, shard_rows: int = 65536, dtype: torch.dtype | None = None):
+        self.dir = Path(directory)
+        self.shard_rows = shard_rows
+        self.dtype = dtype
+        self._buf: dict[Site, list[Payload]] = defaultdict(list)
+        self._rows: dict[Site, int] = defaultdict(int)
+        self._shards: dict[Site, list[str]] = defaultdict(list)
+
+    def sink(self, site: Site) -> _SiteSink:
+        return _SiteSink(self, site)
+
+    def _add(self, site: Site, p: Payload) -> None:
+        values = p.values.detach().to("cpu", self.dtype or p.values.dtype)
+        self._buf[site].append(Payload(values, p.tokens.detach().cpu()))
+        self._rows[site] += values.shape[0]
+        if self._rows[site] >= self.shard_rows:
+            self._flush(site)
+
+    def _flush(self, site: Site) -> None:
+        parts = self._buf.pop(site, [])
+        self._rows[site] = 0
+        if not parts:
+            return
+        name = f"{site.key}/shard-{len(self._shards[site]):05d}.safetensors"
+        tensors = {"values": torch.cat([q.values for q in parts]).contiguous(),
+                   "tokens": torch.cat([q.tokens for q in parts]).to(torch.int64).contiguous()}
+        with atomic_path(self.dir / name) as tmp:
+            save_file(tensors, str(tmp))
+        self._shards[site].append(name)
+
+    def close(self, token_prompt: torch.Tensor, token_position: torch.Tensor, meta: dict) -> Path:
+        for site in list(self._buf):
+            self._flush(site)
+        with atomic_path(self.dir / "tokens.safetensors") as tmp:
+            save_file({"prompt": token_prompt.contiguous(), "position": token_position.contiguous()}, str(tmp))
+        index = {"format": "workbench-dump-1", "sites": {s.key: self._shards[s] for s in sorted(self._shards)},
+                 "tokens": "tokens.safetensors", **meta}
+        return write_json(self.dir / "index.json", index)
+
+
+def read_site(directory: str | Path, site: Site | str):
+    """Yield ``(values, tokens)`` shard by shard for one site of a dump."""
+    import json
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    index = json.loads((directory / "index.json").read_text())
+    key = site.key if isinstance(site, Site) else site
+    for name in index["sites"].get(key, []):
+        d = load_file(str(directory / name))
+        yield d["values"], d["tokens"]

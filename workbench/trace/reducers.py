@@ -1,0 +1,308 @@
+"""Streaming, mergeable reducers: what a capture keeps instead of the activations themselves.
+
+Every reducer takes rows ``values [n, channels]`` with their global token indices ``tokens [n]``
+(unique over a run), and supports ``merge``: reducing two disjoint parts and merging gives the
+same result as reducing the whole. For :class:`AbsMax`, :class:`LogHistogram` and
+:class:`ExpertCounts` that is exact (bit-equal); :class:`Moments` uses Chan's parallel update in
+float64 and agrees to rounding.
+
+Non-finite values (documented behaviour, tested):
+
+* ``NaN`` never wins an absmax, is not counted in moments or histograms, and is counted in
+  ``nan_count``.
+* ``±inf`` is a value: it wins an absmax (|inf| = inf), falls into a histogram's overflow bin, is
+  skipped by :class:`Moments` and counted in ``inf_count``.
+* A tie in absmax is won by the smallest token index, so the result does not depend on batching.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import torch
+
+NO_TOKEN = -1
+_BIG = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class Payload:
+    """One hook's rows for one batch. Shapes are checked on construction."""
+
+    values: torch.Tensor  # [n, channels]
+    tokens: torch.Tensor  # [n] global token indices, int64
+    topk: torch.Tensor | None = None  # [n, k] chosen experts (router sites)
+
+    def __post_init__(self):
+        if self.values.dim() != 2 or self.tokens.shape != self.values.shape[:1]:
+            raise ValueError(f"payload shapes: values {tuple(self.values.shape)}, tokens {tuple(self.tokens.shape)}")
+
+
+class Reducer:
+    """Base class: state is a set of tensors (``state_dict``) so reducers can be saved and all-reduced."""
+
+    kind: ClassVar[str]
+    registry: ClassVar[dict[str, type["Reducer"]]] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "kind" in cls.__dict__:
+            Reducer.registry[cls.kind] = cls
+
+    def update(self, p: Payload) -> None:
+        raise NotImplementedError
+
+    def merge(self, other: "Reducer") -> "Reducer":
+        raise NotImplementedError
+
+    def result(self) -> dict:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> "Reducer":
+        for k, v in state.items():
+            setattr(self, k, v.clone())
+        return self
+
+    def _check_same(self, other: "Reducer") -> None:
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+
+
+def _lazy(shape_from: str):
+    return field(default=None)
+
+
+@dataclass
+class AbsMax(Reducer):
+    """Per-channel max |x| with the token where it occurred; ``result()`` adds the overall peak."""
+
+    kind: ClassVar[str] = "absmax"
+    absmax: torch.Tensor | None = None  # [C] float64; -1 where nothing (non-NaN) has been seen
+    token: torch.Tensor | None = None  # [C] int64; NO_TOKEN where nothing has been seen
+    nan_count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    inf_count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    rows: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def _init(self, channels: int):
+        if self.absmax is None:
+            self.absmax = torch.full((channels,), -1.0, dtype=torch.float64)
+            self.token = torch.full((channels,), NO_TOKEN, dtype=torch.int64)
+        elif self.absmax.numel() != channels:
+            raise ValueError(f"AbsMax saw {channels} channels after {self.absmax.numel()}")
+
+    def update(self, p: Payload) -> None:
+        x, tok = p.values, p.tokens.to(torch.int64)
+        self._init(x.shape[1])
+        self.rows += x.shape[0]
+        if x.shape[0] == 0:
+            return
+        a = x.detach().abs().to(torch.float64)
+        nan = torch.isnan(a)
+        self.nan_count += nan.sum()
+        self.inf_count += torch.isinf(a).sum()
+        a = a.masked_fill(nan, -1.0)
+        m = a.max(dim=0).values  # [C]
+        # Ties go to the smallest token index, whatever the batching.
+        cand = torch.where((a == m) & (m >= 0), tok[:, None], _BIG).min(dim=0).values
+        cand = torch.where(cand == _BIG, torch.full_like(cand, NO_TOKEN), cand)
+        self._absorb(m.cpu(), cand.cpu())
+
+    def _absorb(self, m: torch.Tensor, t: torch.Tensor) -> None:
+        better = m > self.absmax
+        tie = (m == self.absmax) & (m >= 0) & (t != NO_TOKEN) & ((self.token == NO_TOKEN) | (t < self.token))
+        take = better | tie
+        self.absmax = torch.where(take, m, self.absmax)
+        self.token = torch.where(take, t, self.token)
+
+    def merge(self, other: "AbsMax") -> "AbsMax":
+        self._check_same(other)
+        if other.absmax is not None:
+            self._init(other.absmax.numel())
+            self._absorb(other.absmax, other.token)
+        self.nan_count += other.nan_count
+        self.inf_count += other.inf_count
+        self.rows += other.rows
+        return self
+
+    def result(self) -> dict:
+        if self.absmax is None or not (self.absmax >= 0).any():
+            return {"max_abs": math.nan, "channel": -1, "token": NO_TOKEN, "rows": int(self.rows),
+                    "nan_count": int(self.nan_count), "inf_count": int(self.inf_count)}
+        # Overall peak: largest value; among equal values the smallest token, then smallest channel.
+        peak = self.absmax.max()
+        chans = torch.nonzero(self.absmax == peak).flatten()
+        toks = self.token[chans]
+        best = chans[torch.argmin(toks)]  # argmin returns the first (smallest channel) among ties
+        return {
+            "max_abs": float(peak),
+            "channel": int(best),
+            "token": int(self.token[best]),
+            "rows": int(self.rows),
+            "nan_count": int(self.nan_count),
+            "inf_count": int(self.inf_count),
+        }
+
+
+@dataclass
+class Moments(Reducer):
+    """Per-channel count, mean and M2 (sum of squared deviations), float64, non-finite skipped."""
+
+    kind: ClassVar[str] = "moments"
+    count: torch.Tensor | None = None  # [C] int64
+    mean: torch.Tensor | None = None  # [C] float64
+    m2: torch.Tensor | None = None  # [C] float64
+    nan_count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    inf_count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def _init(self, channels: int):
+        if self.count is None:
+            self.count = torch.zeros(channels, dtype=torch.int64)
+            self.mean = torch.zeros(channels, dtype=torch.float64)
+            self.m2 = torch.zeros(channels, dtype=torch.float64)
+
+    def update(self, p: Payload) -> None:
+        x = p.values.detach().to(torch.float64)
+        self._init(x.shape[1])
+        if x.shape[0] == 0:
+            return
+        finite = torch.isfinite(x)
+        self.nan_count += torch.isnan(x).sum().cpu()
+        self.inf_count += torch.isinf(x).sum().cpu()
+        n = finite.sum(dim=0)
+        xz = torch.where(finite, x, 0.0)
+        s = xz.sum(dim=0)
+        mean = torch.where(n > 0, s / n.clamp(min=1), 0.0)
+        dev = torch.where(finite, x - mean, 0.0)
+        m2 = (dev * dev).sum(dim=0)
+        self._combine(n.cpu(), mean.cpu(), m2.cpu())
+
+    def _combine(self, n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        tot = self.count + n
+        safe = tot.clamp(min=1).to(torch.float64)
+        delta = mean - self.mean
+        self.mean = torch.where(tot > 0, self.mean + delta * (n / safe), 0.0)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count.to(torch.float64) * n / safe)
+        self.count = tot
+
+    def merge(self, other: "Moments") -> "Moments":
+        self._check_same(other)
+        if other.count is not None:
+            self._init(other.count.numel())
+            self._combine(other.count, other.mean, other.m2)
+        self.nan_count += other.nan_count
+        self.inf_count += other.inf_count
+        return self
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance per channel (NaN where a channel has no finite value)."""
+        return torch.where(self.count > 0, self.m2 / self.count.clamp(min=1), math.nan)
+
+    def result(self) -> dict:
+        if self.count is None:
+            return {"count": 0}
+        return {
+            "count": int(self.count.max()) if self.count.numel() else 0,
+            "mean_abs_mean": float(self.mean.abs().mean()),
+            "max_std": float(self.var.sqrt().nan_to_num(0.0).max()),
+            "nan_count": int(self.nan_count),
+            "inf_count": int(self.inf_count),
+        }
+
+
+@dataclass
+class LogHistogram(Reducer):
+    """Histogram of log10|x| on fixed edges, so histograms from anywhere merge exactly.
+
+    Bins: ``zeros`` (x == 0), ``under`` (|x| < 10**lo), ``bins`` equal-width bins over
+    [lo, hi), ``over`` (|x| >= 10**hi, inf included), ``nan_count``.
+    """
+
+    kind: ClassVar[str] = "log_histogram"
+    lo: float = -6.0
+    hi: float = 6.0
+    num_bins: int = 96
+    counts: torch.Tensor | None = None  # [num_bins] int64
+    zeros: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    under: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    over: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    nan_count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def __post_init__(self):
+        if not self.hi > self.lo or self.num_bins < 1:
+            raise ValueError("LogHistogram needs hi > lo and num_bins >= 1")
+        if self.counts is None:
+            self.counts = torch.zeros(self.num_bins, dtype=torch.int64)
+
+    @property
+    def edges(self) -> torch.Tensor:
+        return torch.linspace(self.lo, self.hi, self.num_bins + 1, dtype=torch.float64)
+
+    def update(self, p: Payload) -> None:
+        a = p.values.detach().abs().to(torch.float64).flatten()
+        nan = torch.isnan(a)
+        self.nan_count += nan.sum().cpu()
+        a = a[~nan]
+        zero = a == 0
+        self.zeros += zero.sum().cpu()
+        lg = torch.log10(a[~zero])
+        self.under += (lg < self.lo).sum().cpu()
+        self.over += (lg >= self.hi).sum().cpu()
+        inside = lg[(lg >= self.lo) & (lg < self.hi)]
+        idx = ((inside - self.lo) * (self.num_bins / (self.hi - self.lo))).floor().to(torch.int64)
+        idx = idx.clamp(0, self.num_bins - 1)
+        self.counts += torch.bincount(idx, minlength=self.num_bins).cpu()
+
+    def merge(self, other: "LogHistogram") -> "LogHistogram":
+        self._check_same(other)
+        if (other.lo, other.hi, other.num_bins) != (self.lo, self.hi, self.num_bins):
+            raise ValueError("cannot merge histograms with different edges")
+        self.counts += other.counts
+        for name in ("zeros", "under", "over", "nan_count"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    def result(self) -> dict:
+        return {
+            "lo": self.lo, "hi": self.hi, "counts": self.counts.tolist(), "zeros": int(self.zeros),
+            "under": int(self.under), "over": int(self.over), "nan_count": int(self.nan_count),
+        }
+
+
+@dataclass
+class ExpertCounts(Reducer):
+    """Token-slot assignments per expert, from a router site's chosen top-k indices."""
+
+    kind: ClassVar[str] = "expert_counts"
+    num_experts: int = 0
+    counts: torch.Tensor | None = None  # [E] int64
+    tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def __post_init__(self):
+        if self.counts is None:
+            self.counts = torch.zeros(self.num_experts, dtype=torch.int64)
+
+    def update(self, p: Payload) -> None:
+        if p.topk is None:
+            raise ValueError("ExpertCounts needs a router site (payload without top-k indices)")
+        self.tokens += p.topk.shape[0]
+        self.counts += torch.bincount(p.topk.flatten().cpu(), minlength=self.num_experts)[: self.num_experts]
+
+    def merge(self, other: "ExpertCounts") -> "ExpertCounts":
+        self._check_same(other)
+        self.counts += other.counts
+        self.tokens += other.tokens
+        return self
+
+    def result(self) -> dict:
+        total = int(self.counts.sum())
+        return {
+            "counts": self.counts.tolist(),
+            "tokens": int(self.tokens),
+            "load": [c / total if total else 0.0 for c in self.counts.tolist()],
+        }

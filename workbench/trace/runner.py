@@ -1,0 +1,152 @@
+"""Run prompts through a model with a capture plan: tokenise, batch, pad, reduce.
+
+Global token indices follow prompt order (prompt 0's tokens first), not batch order, so results do
+not depend on batch size. Each prompt is tokenised on its own with the tokenizer's default special
+tokens and right-padded; padding never reaches a reducer.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from workbench.errors import WorkbenchError
+from workbench.models.specs import LoadedModel
+from workbench.trace.capture import Capture
+from workbench.trace.dump import DumpWriter
+from workbench.trace.reducers import AbsMax, ExpertCounts, LogHistogram, Moments, Reducer
+from workbench.trace.sites import Component, Site
+
+ReducerFactory = Callable[[Site], Reducer]
+
+
+def reducer_factory(kind: str, lm: LoadedModel) -> ReducerFactory:
+    """A factory for reducer ``kind`` (absmax, moments, log_histogram, expert_counts)."""
+    if kind == "expert_counts":
+        infos = lm.layer_infos()
+
+        def make(site: Site) -> Reducer:
+            if site.component is not Component.ROUTER:
+                raise WorkbenchError(f"reducer expert_counts needs a router site, not {site}")
+            return ExpertCounts(num_experts=infos[site.layer].num_experts)
+
+        return make
+    simple = {"absmax": AbsMax, "moments": Moments, "log_histogram": LogHistogram}
+    if kind not in simple:
+        raise WorkbenchError(f"unknown reducer {kind!r}; known: {', '.join([*simple, 'expert_counts'])}")
+    return lambda site: simple[kind]()
+
+
+@dataclass
+class TraceResult:
+    reducers: dict[Site, dict[str, Reducer]]
+    prompts: list[str]
+    token_prompt: torch.Tensor  # [N] prompt index of each global token
+    token_position: torch.Tensor  # [N] position within its prompt
+    token_ids: torch.Tensor  # [N] vocabulary id
+    seconds: float = 0.0
+    dump_dir: Path | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, site: Site) -> dict[str, Reducer]:
+        return self.reducers[site]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.numel())
+
+    def locate(self, token: int) -> dict:
+        """Prompt index, position and token id of a global token index (-1 gives Nones)."""
+        if token < 0:
+            return {"prompt_index": None, "position": None, "token_id": None}
+        return {"prompt_index": int(self.token_prompt[token]), "position": int(self.token_position[token]),
+                "token_id": int(self.token_ids[token])}
+
+    def merge(self, other: "TraceResult") -> "TraceResult":
+        """Merge reducer state of another run over the same sites (e.g. another shard of prompts)."""
+        for site, reds in other.reducers.items():
+            for kind, r in reds.items():
+                self.reducers[site][kind].merge(r)
+        return self
+
+
+def tokenize(lm: LoadedModel, prompts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+    if len(prompts) == 0:
+        raise WorkbenchError("no prompts given (the prompt list is empty)")
+    limit = getattr(lm.config, "max_position_embeddings", None)
+    cap = min(x for x in (max_tokens, limit) if x) if (max_tokens or limit) else None
+    out, truncated = [], 0
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str) or not text.strip():
+            raise WorkbenchError(f"prompt {i} is empty")
+        ids = lm.tokenizer(text)["input_ids"]
+        if cap and len(ids) > cap:
+            ids, truncated = ids[:cap], truncated + 1
+        out.append(ids)
+    if truncated:
+        warnings.warn(f"{truncated} prompt(s) longer than {cap} tokens were truncated", stacklevel=2)
+    return out
+
+
+def trace(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    sites: Iterable[Site],
+    reducers: Sequence[str | ReducerFactory] = ("absmax",),
+    *,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    dump_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TraceResult:
+    """Run ``prompts`` once, reducing every site with every reducer; optionally dump everything."""
+    sites = list(dict.fromkeys(sites))
+    if not sites:
+        raise WorkbenchError("no capture sites selected")
+    if batch_size < 1:
+        raise WorkbenchError("batch size must be at least 1")
+    factories = {(r if isinstance(r, str) else getattr(r, "__name__", "custom")): (
+        reducer_factory(r, lm) if isinstance(r, str) else r) for r in reducers}
+    table = {s: {k: f(s) for k, f in factories.items()} for s in sites}
+    ids = tokenize(lm, prompts, max_tokens)
+    lengths = torch.tensor([len(x) for x in ids])
+    offsets = torch.cumsum(lengths, 0) - lengths
+    token_prompt = torch.repeat_interleave(torch.arange(len(ids)), lengths)
+    token_position = torch.cat([torch.arange(n) for n in lengths.tolist()])
+    token_ids = torch.tensor([t for x in ids for t in x], dtype=torch.int64)
+    dump = DumpWriter(dump_dir) if dump_dir is not None else None
+    sinks = {s: [*table[s].values(), *([dump.sink(s)] if dump else [])] for s in sites}
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    device = lm.device
+    start = time.perf_counter()
+    order = list(range(len(ids)))
+    bar = tqdm(total=int(lengths.sum()), unit="tok", desc=f"trace {lm.spec}", disable=not progress,
+               file=sys.stderr, leave=False)
+    with Capture(lm.model, lm.adapter, sinks) as cap, torch.no_grad():
+        for b in range(0, len(order), batch_size):
+            chunk = order[b:b + batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.int64)
+            grid = torch.full((len(chunk), width), -1, dtype=torch.int64)
+            for r, i in enumerate(chunk):
+                n = len(ids[i])
+                input_ids[r, :n] = torch.tensor(ids[i])
+                grid[r, :n] = torch.arange(offsets[i], offsets[i] + n)
+            mask = (grid >= 0).to(torch.int64)
+            cap.begin_batch(grid.to(device))
+            lm.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            bar.update(int(mask.sum()))
+    bar.close()
+    seconds = time.perf_counter() - start
+    meta = {"spec": lm.spec, "num_prompts": len(ids), "num_tokens": int(lengths.sum()), "batch_size": batch_size}
+    if dump:
+        dump.close(token_prompt, token_position, meta)
+    return TraceResult(table, list(prompts), token_prompt, token_position, token_ids, seconds,
+                       Path(dump_dir) if dump_dir else None, meta)

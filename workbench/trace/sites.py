@@ -1,0 +1,100 @@
+"""Typed capture sites: (layer, component, expert). Built from the adapter, never parsed from hook names.
+
+A site's *rows* are tokens: ``[n_tokens, channels]``. For a routed expert the rows are only the
+tokens routed to it (its down_proj output before the routing weight is applied).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from torch import nn
+
+from workbench.adapters.base import Adapter
+from workbench.errors import WorkbenchError
+
+
+class Component(str, enum.Enum):
+    RESID_PRE = "resid_pre"  # decoder layer input [tokens, d_model]
+    RESID_POST = "resid_post"  # decoder layer output [tokens, d_model]
+    ATTN_OUT = "attn_out"  # attention block output [tokens, d_model]
+    MLP_OUT = "mlp_out"  # MLP / MoE block output (all experts combined) [tokens, d_model]
+    ROUTER = "router"  # router logits [tokens, num_experts], with the chosen top-k indices
+    EXPERT = "expert"  # one routed (or dense) expert's down_proj output [routed tokens, d_model]
+    SHARED_EXPERT = "shared_expert"  # one shared expert's down_proj output [tokens, d_model]
+
+
+_PER_EXPERT = (Component.EXPERT, Component.SHARED_EXPERT)
+_KEY = re.compile(r"^L(\d+)\.([a-z_]+)(?:\.E(\d+))?$")
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    layer: int
+    component: Component
+    expert: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "component", Component(self.component))
+        if (self.component in _PER_EXPERT) != (self.expert is not None):
+            raise WorkbenchError(f"site {self.component.value}: expert index is required exactly for expert sites")
+
+    @property
+    def key(self) -> str:
+        """Stable text form, e.g. ``L3.expert.E5``, used in file names and JSON."""
+        tail = f".E{self.expert}" if self.expert is not None else ""
+        return f"L{self.layer}.{self.component.value}{tail}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "Site":
+        m = _KEY.match(key)
+        if not m:
+            raise WorkbenchError(f"bad site {key!r}: expected L<layer>.<component>[.E<expert>]")
+        try:
+            comp = Component(m.group(2))
+        except ValueError:
+            raise WorkbenchError(
+                f"bad site {key!r}: unknown component {m.group(2)!r}; known: {', '.join(c.value for c in Component)}"
+            ) from None
+        return cls(int(m.group(1)), comp, None if m.group(3) is None else int(m.group(3)))
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def all_sites(adapter: Adapter, model: nn.Module, components: Iterable[Component | str], layers: Iterable[int] | None = None) -> list[Site]:
+    """Every site of the given components over ``layers`` (default: all), experts expanded."""
+    infos = adapter.layer_infos(model)
+    chosen = range(len(infos)) if layers is None else list(layers)
+    out: list[Site] = []
+    for comp in map(Component, components):
+        for i in chosen:
+            if not 0 <= i < len(infos):
+                raise WorkbenchError(f"layer {i} out of range: model has {len(infos)} layers (0..{len(infos) - 1})")
+            info = infos[i]
+            if comp is Component.EXPERT:
+                out += [Site(i, comp, e) for e in range(info.num_experts)]
+            elif comp is Component.SHARED_EXPERT:
+                out += [Site(i, comp, e) for e in range(info.num_shared)]
+            elif comp is Component.ROUTER:
+                if info.kind == "moe":
+                    out.append(Site(i, comp))
+            else:
+                out.append(Site(i, comp))
+    return out
+
+
+def validate(adapter: Adapter, model: nn.Module, sites: Iterable[Site]) -> None:
+    infos = adapter.layer_infos(model)
+    for s in sites:
+        if not 0 <= s.layer < len(infos):
+            raise WorkbenchError(f"site {s}: layer out of range (model has {len(infos)} layers)")
+        info = infos[s.layer]
+        if s.component is Component.ROUTER and info.kind != "moe":
+            raise WorkbenchError(f"site {s}: layer {s.layer} is dense and has no router")
+        limit = {Component.EXPERT: info.num_experts, Component.SHARED_EXPERT: info.num_shared}.get(s.component)
+        if limit is not None and not 0 <= s.expert < limit:
+            raise WorkbenchError(f"site {s}: expert out of range (layer {s.layer} has {limit})")
