@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from workbench.data import check_prompts
 from workbench.errors import WorkbenchError
 from workbench.models.specs import LoadedModel
 from workbench.trace.capture import Capture
@@ -78,14 +79,11 @@ class TraceResult:
 
 
 def tokenize(lm: LoadedModel, prompts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
-    if len(prompts) == 0:
-        raise WorkbenchError("no prompts given (the prompt list is empty)")
+    prompts = check_prompts(prompts)
     limit = getattr(lm.config, "max_position_embeddings", None)
     cap = min(x for x in (max_tokens, limit) if x) if (max_tokens or limit) else None
     out, truncated = [], 0
-    for i, text in enumerate(prompts):
-        if not isinstance(text, str) or not text.strip():
-            raise WorkbenchError(f"prompt {i} is empty")
+    for text in prompts:
         ids = lm.tokenizer(text)["input_ids"]
         if cap and len(ids) > cap:
             ids, truncated = ids[:cap], truncated + 1

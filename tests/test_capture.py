@@ -1,0 +1,183 @@
+"""Capture is read-only (bit-identical forward) and reports what the model really computes."""
+
+import pytest
+import torch
+
+from helpers import PROMPTS, ZOO_SPECS
+from workbench.models.specs import load
+from workbench.trace.capture import Capture
+from workbench.trace.reducers import AbsMax, Payload
+from workbench.trace.runner import trace
+from workbench.trace.sites import Component, Site, all_sites
+
+ALL = [c.value for c in Component]
+
+
+class Keep:
+    """A sink that keeps every payload (tests only)."""
+
+    def __init__(self):
+        self.parts: list[Payload] = []
+
+    def update(self, p):
+        self.parts.append(p)
+
+    def rows(self):
+        return torch.cat([p.values for p in self.parts]), torch.cat([p.tokens for p in self.parts])
+
+
+def _batch(lm, prompts):
+    enc = lm.tokenizer(prompts, return_tensors="pt", padding=True)
+    grid = torch.where(enc.attention_mask.bool(), torch.arange(enc.input_ids.numel()).view_as(enc.input_ids), -1)
+    return enc, grid
+
+
+@pytest.fixture(scope="module", params=ZOO_SPECS)
+def zoo_lm(request):
+    return load(request.param)
+
+
+def test_zoo_is_deterministic():
+    a, b = load("zoo:qwen3-moe").model, load("zoo:qwen3-moe").model
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_modulelist_layout_matches_fused():
+    ids = torch.randint(0, 49152, (2, 11), generator=torch.Generator().manual_seed(0))
+    fused, listed = load("zoo:qwen3-moe").model, load("zoo:qwen3-moe-modulelist").model
+    assert isinstance(listed.model.layers[0].mlp.experts, torch.nn.ModuleList)
+    torch.testing.assert_close(listed(ids).logits, fused(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_hooked_forward_is_bit_identical(zoo_lm):
+    enc, grid = _batch(zoo_lm, PROMPTS)
+    plain = zoo_lm.model(**enc).logits
+    sites = all_sites(zoo_lm.adapter, zoo_lm.model, ALL)
+    sinks = {s: [AbsMax()] for s in sites}
+    with Capture(zoo_lm.model, zoo_lm.adapter, sinks) as cap:
+        cap.begin_batch(grid)
+        hooked = zoo_lm.model(**enc).logits
+    assert torch.equal(plain, hooked)
+    assert all(sinks[s][0].rows > 0 for s in sites if s.component is not Component.EXPERT)
+    after = zoo_lm.model(**enc).logits  # hooks are gone
+    assert torch.equal(plain, after)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in zoo_lm.model.modules())
+
+
+def test_expert_outputs_rebuild_the_moe_block(zoo_lm):
+    """Routed expert outputs x routing weights (+ shared) must sum to the captured MoE block output."""
+    enc, grid = _batch(zoo_lm, PROMPTS)
+    ad, model = zoo_lm.adapter, zoo_lm.model
+    layer_idx = next(i.index for i in zoo_lm.layer_infos() if i.kind == "moe")
+    info = zoo_lm.layer_infos()[layer_idx]
+    layer = ad.decoder_layers(model)[layer_idx]
+    keep = {s: [Keep()] for s in all_sites(ad, model, ["expert", "shared_expert", "router", "mlp_out", "resid_pre"],
+                                           [layer_idx])}
+    with Capture(model, ad, keep) as cap:
+        cap.begin_batch(grid)
+        model(**enc)
+    mlp_out, tokens = keep[Site(layer_idx, Component.MLP_OUT)][0].rows()
+    logits, _ = keep[Site(layer_idx, Component.ROUTER)][0].rows()
+    # Reference weights: recompute the router on the MLP input (post-attention norm of the block input).
+    resid, _ = keep[Site(layer_idx, Component.RESID_PRE)][0].rows()
+    rebuilt = torch.zeros_like(mlp_out)
+    pos = {int(t): i for i, t in enumerate(tokens)}
+    mlp_in = _mlp_input(zoo_lm, layer, layer_idx, enc)
+    with torch.no_grad():
+        router = ad.router(layer)
+        if info.layout == "fused":
+            _, weights, index = router(mlp_in)
+        else:
+            weights, index = ad.select_experts(model, router(mlp_in))
+    valid = grid.reshape(-1) >= 0
+    weights, index = weights[valid], index[valid]
+    for e in range(info.num_experts):
+        vals, toks = keep[Site(layer_idx, Component.EXPERT, e)][0].rows()
+        for v, t in zip(vals, toks):
+            r = pos[int(t)]
+            slot = (index[r] == e).nonzero().item()
+            rebuilt[r] += v * weights[r, slot]
+    for s in range(info.num_shared):
+        vals, toks = keep[Site(layer_idx, Component.SHARED_EXPERT, s)][0].rows()
+        mlp = ad.mlp(layer)
+        gate = torch.sigmoid(mlp.shared_expert_gate(mlp_in[valid])) if ad.shared_gate_name else 1.0
+        rebuilt += vals * gate
+    torch.testing.assert_close(rebuilt, mlp_out, rtol=1e-5, atol=1e-6)
+
+
+def _mlp_input(lm, layer, idx, enc):
+    """The MoE block's input, read with a plain hook (independent of workbench's capture)."""
+    got = {}
+    h = lm.adapter.mlp(layer).register_forward_pre_hook(lambda m, a: got.setdefault("x", a[0].detach()))
+    try:
+        lm.model(**enc)
+    finally:
+        h.remove()
+    x = got["x"]
+    return x.reshape(-1, x.shape[-1])
+
+
+def test_padding_never_reaches_reducers(zoo_lm):
+    """Batched (padded) and one-prompt-at-a-time traces give identical absmax results."""
+    sites = all_sites(zoo_lm.adapter, zoo_lm.model, ["expert", "resid_post", "router"])
+    a = trace(zoo_lm, PROMPTS, sites, ["absmax", "expert_counts"][:1], batch_size=4, progress=False)
+    b = trace(zoo_lm, PROMPTS, sites, ["absmax"], batch_size=1, progress=False)
+    assert a.num_tokens == b.num_tokens == sum(len(zoo_lm.tokenizer(p).input_ids) for p in PROMPTS)
+    for s in sites:
+        ra, rb = a[s]["absmax"], b[s]["absmax"]
+        assert torch.equal(ra.token, rb.token), s
+        torch.testing.assert_close(ra.absmax, rb.absmax, rtol=1e-5, atol=1e-6)
+
+
+def test_router_counts_match_router_outputs():
+    lm = load("zoo:qwen3-moe")
+    sites = all_sites(lm.adapter, lm.model, ["router"])
+    r = trace(lm, PROMPTS, sites, ["expert_counts"], batch_size=2, progress=False)
+    # Independent count from output_router_logits=True, one prompt at a time (no padding).
+    counts = torch.zeros(len(sites), 8, dtype=torch.int64)
+    for p in PROMPTS:
+        ids = lm.tokenizer(p, return_tensors="pt").input_ids
+        out = lm.model(ids, output_router_logits=True)
+        for i, logits in enumerate(out.router_logits):
+            top = torch.topk(torch.softmax(logits.float(), -1), 2, dim=-1).indices
+            counts[i] += torch.bincount(top.flatten(), minlength=8)
+    for i, s in enumerate(sites):
+        assert r[s]["expert_counts"].counts.tolist() == counts[i].tolist()
+
+
+def test_planted_super_expert_is_found(zoo_lm):
+    """Scale one channel of one expert's down_proj: the absmax peak names that (layer, expert, channel)."""
+    ad, model = zoo_lm.adapter, zoo_lm.model
+    info = next(i for i in zoo_lm.layer_infos() if i.kind == "moe")
+    layer, expert, channel = info.index, 5, 17
+    experts = ad.experts(ad.decoder_layers(model)[layer])
+    with torch.no_grad():
+        w = experts[expert].down_proj.weight if info.layout == "modulelist" else experts.down_proj[expert]
+        saved = w[channel].clone()
+        w[channel] *= 500.0
+    try:
+        sites = all_sites(ad, model, ["expert"])
+        r = trace(zoo_lm, PROMPTS * 3, sites, ["absmax"], batch_size=4, progress=False)
+    finally:
+        with torch.no_grad():
+            w[channel] = saved
+    best = max(sites, key=lambda s: r[s]["absmax"].result()["max_abs"])
+    assert r[best]["absmax"].result()["rows"] > 0
+    assert (best.layer, best.expert, r[best]["absmax"].result()["channel"]) == (layer, expert, channel)
+
+
+def test_dense_model_mlp_is_expert_zero(smollm2):
+    sites = all_sites(smollm2.adapter, smollm2.model, ["expert"])
+    assert sites == [Site(i, Component.EXPERT, 0) for i in range(30)]
+    assert all_sites(smollm2.adapter, smollm2.model, ["router"]) == []
+
+
+def test_hooked_smollm2_is_bit_identical(smollm2):
+    enc, grid = _batch(smollm2, PROMPTS[:2])
+    plain = smollm2.model(**enc).logits
+    sites = all_sites(smollm2.adapter, smollm2.model, ["expert", "resid_post", "attn_out", "mlp_out", "resid_pre"])
+    with Capture(smollm2.model, smollm2.adapter, {s: [AbsMax()] for s in sites}) as cap:
+        cap.begin_batch(grid)
+        hooked = smollm2.model(**enc).logits
+    assert torch.equal(plain, hooked)

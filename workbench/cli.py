@@ -1,0 +1,142 @@
+"""The ``workbench`` command line: a thin layer over the Python API.
+
+Every user error becomes one ``error: ...`` line and exit status 2 (``--debug`` shows the
+traceback); nothing partial is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_models(args) -> int:
+    from workbench.models.catalog import catalog
+
+    rows = catalog()
+    cols = ["spec", "architecture", "params", "layers", "experts", "shared", "top_k", "layout", "description"]
+    table = [[str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for t in table:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+    return 0
+
+
+def _prompts(args) -> list[str]:
+    from workbench.data import check_prompts, default_prompts, read_prompts
+
+    if args.prompts and args.text is not None:
+        raise WorkbenchError("give --prompts FILE or --text, not both")
+    if args.text is not None:
+        return check_prompts(args.text)
+    return read_prompts(args.prompts) if args.prompts else default_prompts()
+
+
+def cmd_trace(args) -> int:
+    from workbench.io import write_json
+    from workbench.models.specs import load
+    from workbench.trace.report import trace_summary
+    from workbench.trace.runner import trace
+    from workbench.trace.sites import Component, all_sites
+
+    prompts = _prompts(args)  # read (and reject) input before loading any model
+    for c in args.components:
+        if c not in {x.value for x in Component}:
+            raise WorkbenchError(f"unknown component {c!r}; known: {', '.join(x.value for x in Component)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a directory")
+    lm = load(args.model, device=args.device)
+    sites = all_sites(lm.adapter, lm.model, args.components, args.layers)
+    result = trace(lm, prompts, sites, args.reducers, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                   dump_dir=args.dump, progress=not args.quiet)
+    summary = trace_summary(result, lm.tokenizer)
+    summary["meta"].update(components=args.components, reducers=args.reducers, seconds=round(result.seconds, 3))
+    path = write_json(out / "trace.json", summary)
+    print(f"traced {result.num_tokens} tokens of {len(prompts)} prompts through {len(sites)} sites "
+          f"in {result.seconds:.1f} s")
+    if summary["top_absmax"]:
+        print("largest |activation| by site:")
+        for p in summary["top_absmax"][:5]:
+            print(f"  {p['site']:<18} {p['max_abs']:>12.4g}  channel {p['channel']:<5} "
+                  f"prompt {p['prompt_index']} pos {p['position']} token {p['token_text']!r}")
+    print(f"wrote {path}")
+    if args.dump:
+        print(f"wrote dump {Path(args.dump) / 'index.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="workbench", description="Look inside (MoE) language models and change them.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    m = sub.add_parser("models", help="list the built-in model specs")
+    m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("trace", help="run prompts through a model and reduce activations at chosen sites",
+                       description="Run prompts through MODEL once, reducing each site's activations with "
+                                   "streaming reducers; write OUT/trace.json. MODEL is smollm2-135m, zoo:NAME, "
+                                   "a local save_pretrained directory or a hub id.")
+    t.add_argument("model", help="model spec (see `workbench models`)")
+    t.add_argument("--prompts", help="text file, one prompt per line (default: the built-in prompt set)")
+    t.add_argument("--text", action="append", help="a prompt (repeatable)")
+    t.add_argument("--components", type=_csv, default=["expert"],
+                   help="comma-separated: resid_pre, resid_post, attn_out, mlp_out, router, expert, shared_expert "
+                        "(default: expert, i.e. every expert's / dense MLP's down_proj output)")
+    t.add_argument("--layers", type=_ints, default=None, help="comma-separated layer indices (default: all)")
+    t.add_argument("--reducers", type=_csv, default=["absmax"],
+                   help="comma-separated: absmax, moments, log_histogram, expert_counts (default: absmax)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--max-tokens", type=int, default=None, help="truncate each prompt to this many tokens")
+    t.add_argument("--dump", default=None, help="also stream full activations to safetensors shards in this folder")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--out", required=True, help="output folder (trace.json)")
+    t.set_defaults(func=cmd_trace)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except WorkbenchError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not a user error: still one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              "rerun with --debug for the traceback", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
