@@ -5,10 +5,10 @@ import torch
 
 from helpers import PROMPTS, ZOO_SPECS
 from workbench.models.specs import load
-from workbench.trace.capture import Capture
-from workbench.trace.reducers import AbsMax, Payload
-from workbench.trace.runner import trace
-from workbench.trace.sites import Component, Site, all_sites
+from workbench.tracing.capture import Capture
+from workbench.tracing.reducers import AbsMax, Payload
+from workbench.tracing.runner import trace
+from workbench.tracing.sites import Component, Site, all_sites
 
 ALL = [c.value for c in Component]
 

@@ -53,9 +53,9 @@ def _prompts(args) -> list[str]:
 def cmd_trace(args) -> int:
     from workbench.io import write_json
     from workbench.models.specs import load
-    from workbench.trace.report import trace_summary
-    from workbench.trace.runner import trace
-    from workbench.trace.sites import Component, all_sites
+    from workbench.tracing.report import trace_summary
+    from workbench.tracing.runner import trace
+    from workbench.tracing.sites import Component, all_sites
 
     prompts = _prompts(args)  # read (and reject) input before loading any model
     for c in args.components:

@@ -64,10 +64,10 @@ class LoadedModel:
 
     # ----- interop: drop to the tools researchers already use, on the same weights ---------------
     def to_nnsight(self):
-        """An ``nnsight.LanguageModel`` over this model (same module objects, same weights)."""
-        from nnsight import LanguageModel
+        """An nnsight ``TransformersModel`` (text generation) over this model: same modules, same weights."""
+        from nnsight import TransformersModel
 
-        return LanguageModel(self.model, tokenizer=self.tokenizer)
+        return TransformersModel(self.model, task="text-generation", tokenizer=self.tokenizer)
 
     def to_transformer_lens(self, name: str | None = None):
         """A TransformerLens ``TransformerBridge`` over this model.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workbench.trace.runner import TraceResult
+from workbench.tracing.runner import TraceResult
 
 
 def trace_summary(result: TraceResult, tokenizer, top: int = 20) -> dict:

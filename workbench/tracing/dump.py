@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from workbench.io import atomic_path, write_json
-from workbench.trace.reducers import Payload
-from workbench.trace.sites import Site
+from workbench.tracing.reducers import Payload
+from workbench.tracing.sites import Site
 
 
 class _SiteSink:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.adapters.base import Adapter, LayerInfo
-from workbench.trace.reducers import Payload
-from workbench.trace.sites import Component, Site, validate
+from workbench.tracing.reducers import Payload
+from workbench.tracing.sites import Component, Site, validate
 
 
 class Sink(Protocol):

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 from workbench.data import check_prompts
 from workbench.errors import WorkbenchError
 from workbench.models.specs import LoadedModel
-from workbench.trace.capture import Capture
-from workbench.trace.dump import DumpWriter
-from workbench.trace.reducers import AbsMax, ExpertCounts, LogHistogram, Moments, Reducer
-from workbench.trace.sites import Component, Site
+from workbench.tracing.capture import Capture
+from workbench.tracing.dump import DumpWriter
+from workbench.tracing.reducers import AbsMax, ExpertCounts, LogHistogram, Moments, Reducer
+from workbench.tracing.sites import Component, Site
 
 ReducerFactory = Callable[[Site], Reducer]
 
@@ -102,6 +102,7 @@ def trace(
     batch_size: int = 8,
     max_tokens: int | None = None,
     dump_dir: str | Path | None = None,
+    dump_shard_rows: int = 65536,
     progress: bool = True,
 ) -> TraceResult:
     """Run ``prompts`` once, reducing every site with every reducer; optionally dump everything."""
@@ -119,7 +120,7 @@ def trace(
     token_prompt = torch.repeat_interleave(torch.arange(len(ids)), lengths)
     token_position = torch.cat([torch.arange(n) for n in lengths.tolist()])
     token_ids = torch.tensor([t for x in ids for t in x], dtype=torch.int64)
-    dump = DumpWriter(dump_dir) if dump_dir is not None else None
+    dump = DumpWriter(dump_dir, shard_rows=dump_shard_rows) if dump_dir is not None else None
     sinks = {s: [*table[s].values(), *([dump.sink(s)] if dump else [])] for s in sites}
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     device = lm.device

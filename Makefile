@@ -1,0 +1,24 @@
+# Two commands do all the set-up on a fresh machine; each bootstraps .venv when needed.
+PY := .venv/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test test-all bench venv clean
+
+venv:
+	@bash scripts/bootstrap.sh
+
+demo: venv  ## trace smollm2-135m on the built-in prompts: where are its largest down_proj outputs?
+	$(PY) -m workbench trace smollm2-135m --out runs/demo
+
+test: venv  ## the default suite (what CI runs)
+	.venv/bin/pytest -q -m "not slow"
+
+test-all: venv
+	.venv/bin/pytest -q
+
+bench: venv
+	$(PY) bench/trace_overhead.py
+
+clean:
+	rm -rf runs build dist *.egg-info .pytest_cache

@@ -1,0 +1,163 @@
+"""Model specs resolve to the right model, and bad input gets one clear line."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import PROMPTS
+from workbench.errors import WorkbenchError
+from workbench.models.specs import load
+
+PY = sys.executable
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([PY, "-m", "workbench", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    lm = load("zoo:qwen2-moe")
+    d = tmp_path_factory.mktemp("ckpt") / "qwen2moe-tiny"
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+def test_local_directory_round_trip(saved_dir):
+    a, b = load("zoo:qwen2-moe"), load(str(saved_dir))
+    ids = a.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    assert torch.equal(a.model(ids).logits, b.model(ids).logits)
+    assert b.summary()["experts"] == 8 and b.summary()["shared_experts"] == 1
+
+
+def expect_error(result, *needles):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_unknown_spec(tmp_path):
+    r = run_cli("trace", "no-such-model", "--text", "hi", "--out", str(tmp_path / "o"))
+    expect_error(r, "unknown model spec 'no-such-model'", "offline", "smollm2-135m")
+    assert not (tmp_path / "o").exists()
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "m").mkdir()
+    r = run_cli("trace", str(tmp_path / "m"), "--text", "hi", "--out", str(tmp_path / "o"))
+    expect_error(r, "no config.json")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture_lists_supported(tmp_path, saved_dir):
+    d = tmp_path / "t5ish"
+    shutil.copytree(saved_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "t5"
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = run_cli("trace", str(d), "--text", "hi", "--out", str(tmp_path / "o"))
+    expect_error(r, "unsupported architecture 't5'", "qwen3_moe", "llama", "mixtral")
+    with pytest.raises(WorkbenchError, match="supported model types"):
+        load(str(d))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header"])
+def test_corrupt_safetensors(tmp_path, saved_dir, damage):
+    d = tmp_path / "bad"
+    shutil.copytree(saved_dir, d)
+    f = next(d.glob("*.safetensors"))
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 8 + data[8:])
+    r = run_cli("trace", str(d), "--text", "hi", "--out", str(tmp_path / "o"))
+    expect_error(r, "corrupt safetensors file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_prompt_list(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    r = run_cli("trace", "zoo:qwen3-moe", "--prompts", str(empty), "--out", str(tmp_path / "o"))
+    expect_error(r, "has no prompts")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(WorkbenchError, match="prompt list is empty"):
+        from workbench.tracing.runner import trace
+        from workbench.tracing.sites import all_sites
+
+        lm = load("zoo:qwen3-moe")
+        trace(lm, [], all_sites(lm.adapter, lm.model, ["expert"]), progress=False)
+
+
+def test_missing_prompts_file_and_bad_component(tmp_path):
+    expect_error(run_cli("trace", "zoo:olmoe", "--prompts", str(tmp_path / "nope.txt"), "--out", str(tmp_path)),
+                 "does not exist")
+    expect_error(run_cli("trace", "zoo:olmoe", "--text", "hi", "--components", "bogus", "--out", str(tmp_path)),
+                 "unknown component 'bogus'")
+    expect_error(run_cli("trace", "zoo:olmoe", "--text", "hi", "--layers", "9", "--out", str(tmp_path / "o")),
+                 "layer 9 out of range")
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = run_cli("--debug", "trace", "zoo:nope", "--text", "hi", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" in r.stderr and "error: unknown zoo model 'nope'" in r.stderr
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = run_cli("trace", "zoo:qwen3-moe", "--text", "hello there", "--quiet", "--out", str(blocker / "sub"))
+    expect_error(r, "cannot write")
+
+
+def test_trace_cli_writes_json(tmp_path):
+    r = run_cli("trace", "zoo:qwen2-moe", "--text", "The capital of France is", "--text", "Hello world",
+                "--components", "expert,shared_expert,router", "--reducers", "absmax,moments", "--quiet",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "o" / "trace.json").read_text())
+    assert data["meta"]["num_prompts"] == 2
+    assert "L1.shared_expert.E0" in data["sites"] and "L0.expert.E7" in data["sites"]
+    top = data["top_absmax"][0]
+    assert top["max_abs"] >= max(s["absmax"]["max_abs"] for s in data["sites"].values())
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_models_lists_builtins():
+    r = run_cli("models")
+    assert r.returncode == 0, r.stderr
+    for spec in ["smollm2-135m", "zoo:qwen2-moe", "zoo:qwen3-moe", "zoo:olmoe", "zoo:mixtral", "zoo:deepseek-v3",
+                 "zoo:tiny-moe"]:
+        assert spec in r.stdout
+    assert "modulelist" in r.stdout
+
+
+def test_help_on_every_subcommand():
+    for sub in ([], ["models"], ["trace"]):
+        r = run_cli(*sub, "--help")
+        assert r.returncode == 0 and "usage: workbench" in r.stdout
+
+
+def test_hub_id_from_local_cache(tmp_path, saved_dir):
+    """A hub id resolves offline when it is in the local HF cache (the real hub loading path)."""
+    snap = tmp_path / "hub" / "models--acme--tiny-moe" / "snapshots" / "0123abcd"
+    shutil.copytree(saved_dir, snap)
+    (tmp_path / "hub" / "models--acme--tiny-moe" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-moe" / "refs" / "main").write_text("0123abcd")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    code = ("from workbench.models.specs import load; lm = load('acme/tiny-moe'); "
+            "print(lm.summary()['architecture'], lm.summary()['experts'])")
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["Qwen2MoeForCausalLM", "8"]
+    missing = subprocess.run([PY, "-m", "workbench", "trace", "acme/other", "--text", "x", "--out", str(tmp_path / "o")],
+                             capture_output=True, text=True, env=env, timeout=300)
+    expect_error(missing, "unknown model spec 'acme/other'", "offline")
