@@ -38,6 +38,8 @@ class Payload:
     def __post_init__(self):
         if self.values.dim() != 2 or self.tokens.shape != self.values.shape[:1]:
             raise ValueError(f"payload shapes: values {tuple(self.values.shape)}, tokens {tuple(self.tokens.shape)}")
+        if self.topk is not None and (self.topk.dim() != 2 or self.topk.shape[0] != self.values.shape[0]):
+            raise ValueError(f"payload shapes: values {tuple(self.values.shape)}, topk {tuple(self.topk.shape)}")
 
 
 class Reducer:
@@ -61,7 +63,9 @@ class Reducer:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        """Copies of the state tensors (later updates do not change a saved state)."""
+        return {f.name: getattr(self, f.name).clone() for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> "Reducer":
         for k, v in state.items():
@@ -164,6 +168,8 @@ class Moments(Reducer):
             self.count = torch.zeros(channels, dtype=torch.int64)
             self.mean = torch.zeros(channels, dtype=torch.float64)
             self.m2 = torch.zeros(channels, dtype=torch.float64)
+        elif self.count.numel() != channels:
+            raise ValueError(f"Moments saw {channels} channels after {self.count.numel()}")
 
     def update(self, p: Payload) -> None:
         x = p.values.detach().to(torch.float64)
@@ -204,10 +210,11 @@ class Moments(Reducer):
         return torch.where(self.count > 0, self.m2 / self.count.clamp(min=1), math.nan)
 
     def result(self) -> dict:
-        if self.count is None:
-            return {"count": 0}
+        if self.count is None or self.count.numel() == 0:
+            return {"count": 0, "mean_abs_mean": math.nan, "max_std": math.nan, "nan_count": int(self.nan_count),
+                    "inf_count": int(self.inf_count)}
         return {
-            "count": int(self.count.max()) if self.count.numel() else 0,
+            "count": int(self.count.max()),
             "mean_abs_mean": float(self.mean.abs().mean()),
             "max_std": float(self.var.sqrt().nan_to_num(0.0).max()),
             "nan_count": int(self.nan_count),
@@ -290,11 +297,16 @@ class ExpertCounts(Reducer):
     def update(self, p: Payload) -> None:
         if p.topk is None:
             raise ValueError("ExpertCounts needs a router site (payload without top-k indices)")
+        ids = p.topk.flatten().cpu().to(torch.int64)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_experts):
+            raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {int(ids.max())}")
         self.tokens += p.topk.shape[0]
-        self.counts += torch.bincount(p.topk.flatten().cpu(), minlength=self.num_experts)[: self.num_experts]
+        self.counts += torch.bincount(ids, minlength=self.num_experts)
 
     def merge(self, other: "ExpertCounts") -> "ExpertCounts":
         self._check_same(other)
+        if other.num_experts != self.num_experts:
+            raise ValueError(f"cannot merge ExpertCounts over {other.num_experts} experts into {self.num_experts}")
         self.counts += other.counts
         self.tokens += other.tokens
         return self
@@ -305,4 +317,127 @@ class ExpertCounts(Reducer):
             "counts": self.counts.tolist(),
             "tokens": int(self.tokens),
             "load": [c / total if total else 0.0 for c in self.counts.tolist()],
+        }
+
+
+@dataclass
+class TopK(Reducer):
+    """The ``k`` largest |x| over all rows and channels, with their token and channel.
+
+    Order is total and batching-independent: larger value first, then smaller token, then smaller
+    channel, so merging is exact. NaN is skipped (counted); inf is a value.
+    """
+
+    kind: ClassVar[str] = "topk"
+    k: int = 16
+    values: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    channels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    nan_count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def update(self, p: Payload) -> None:
+        x = p.values.detach()
+        if x.shape[0] == 0:
+            return
+        a = x.abs().to(torch.float64)
+        nan = torch.isnan(a)
+        self.nan_count += nan.sum().cpu()
+        a = a.masked_fill(nan, -1.0)
+        flat = a.flatten()
+        # Candidates: everything >= the k-th largest value (ties at the boundary kept for the exact order).
+        kk = min(self.k, flat.numel())
+        kth = torch.topk(flat, kk).values[-1]
+        idx = torch.nonzero((flat >= kth) & (flat >= 0)).flatten()
+        c = x.shape[1]
+        self._absorb(flat[idx].cpu(), p.tokens[idx // c].to(torch.int64).cpu(), (idx % c).cpu())
+
+    def _absorb(self, v: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> None:
+        v = torch.cat([self.values, v])
+        t = torch.cat([self.tokens, t])
+        c = torch.cat([self.channels, c])
+        # Sort by channel, then token (stable), then value descending (stable): a total order.
+        order = torch.argsort(c, stable=True)
+        order = order[torch.argsort(t[order], stable=True)]
+        order = order[torch.argsort(-v[order], stable=True)][: self.k]
+        self.values, self.tokens, self.channels = v[order], t[order], c[order]
+
+    def merge(self, other: "TopK") -> "TopK":
+        self._check_same(other)
+        if other.k != self.k:
+            raise ValueError("cannot merge TopK reducers with different k")
+        self._absorb(other.values, other.tokens, other.channels)
+        self.nan_count += other.nan_count
+        return self
+
+    def result(self) -> dict:
+        return {"values": self.values.tolist(), "tokens": self.tokens.tolist(), "channels": self.channels.tolist(),
+                "nan_count": int(self.nan_count)}
+
+
+@dataclass
+class RouterStats(Reducer):
+    """Routing statistics from a router site's logits and chosen experts.
+
+    Keeps, per expert, the summed routing probability (softmax of the logits), token-slot counts
+    and the co-activation matrix (how often two experts are chosen for the same token); per token,
+    the summed routing entropy and top-k margin (k-th largest probability minus the (k+1)-th).
+    Scores are softmax probabilities for every family, so families compare on one scale.
+    """
+
+    kind: ClassVar[str] = "router_stats"
+    num_experts: int = 0
+    prob_sum: torch.Tensor | None = None  # [E] float64
+    counts: torch.Tensor | None = None  # [E] int64
+    coactivation: torch.Tensor | None = None  # [E, E] int64
+    entropy_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    margin_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def __post_init__(self):
+        e = self.num_experts
+        if self.prob_sum is None:
+            self.prob_sum = torch.zeros(e, dtype=torch.float64)
+            self.counts = torch.zeros(e, dtype=torch.int64)
+            self.coactivation = torch.zeros(e, e, dtype=torch.int64)
+
+    def update(self, p: Payload) -> None:
+        if p.topk is None:
+            raise ValueError("RouterStats needs a router site (payload without top-k indices)")
+        n, e = p.values.shape
+        if n == 0:
+            return
+        probs = torch.softmax(p.values.detach().to(torch.float64), dim=-1)
+        self.prob_sum += probs.sum(0).cpu()
+        self.entropy_sum += (-(probs * probs.clamp_min(1e-300).log()).sum(-1)).sum().cpu()
+        k = p.topk.shape[1]
+        if k < e:
+            top = torch.topk(probs, k + 1, dim=-1).values
+            self.margin_sum += (top[:, k - 1] - top[:, k]).sum().cpu()
+        onehot = torch.zeros(n, e, dtype=torch.float64)
+        onehot.scatter_(1, p.topk.cpu().to(torch.int64), 1.0)
+        self.counts += onehot.sum(0).to(torch.int64)
+        self.coactivation += (onehot.T @ onehot).round().to(torch.int64)
+        self.tokens += n
+
+    def merge(self, other: "RouterStats") -> "RouterStats":
+        self._check_same(other)
+        for name in ("prob_sum", "counts", "coactivation", "entropy_sum", "margin_sum", "tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    def result(self) -> dict:
+        n = max(int(self.tokens), 1)
+        slots = max(int(self.counts.sum()), 1)
+        mean_p = self.prob_sum / n
+        ent = float(-(mean_p * mean_p.clamp_min(1e-300).log()).sum()) if int(self.tokens) else math.nan
+        return {
+            "tokens": int(self.tokens),
+            "load": (self.counts.to(torch.float64) / slots).tolist(),
+            "counts": self.counts.tolist(),
+            "mean_prob": mean_p.tolist(),
+            "entropy_of_mean": ent,
+            "max_entropy": math.log(self.num_experts) if self.num_experts else math.nan,
+            "mean_token_entropy": float(self.entropy_sum) / n if int(self.tokens) else math.nan,
+            "mean_topk_margin": float(self.margin_sum) / n if int(self.tokens) else math.nan,
+            "coactivation": self.coactivation.tolist(),
         }

@@ -7,6 +7,7 @@ tokens and right-padded; padding never reaches a reducer.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import warnings
@@ -78,6 +79,17 @@ class TraceResult:
         return self
 
 
+@contextlib.contextmanager
+def _installed(meters, lm: LoadedModel):
+    try:
+        for m in meters:
+            m.install(lm.model, lm.adapter)
+        yield
+    finally:
+        for m in meters:
+            m.remove()
+
+
 def tokenize(lm: LoadedModel, prompts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
     prompts = check_prompts(prompts)
     limit = getattr(lm.config, "max_position_embeddings", None)
@@ -104,8 +116,15 @@ def trace(
     dump_dir: str | Path | None = None,
     dump_shard_rows: int = 65536,
     progress: bool = True,
+    sinks: dict[Site, list] | None = None,
+    meters: Sequence = (),
 ) -> TraceResult:
-    """Run ``prompts`` once, reducing every site with every reducer; optionally dump everything."""
+    """Run ``prompts`` once, reducing every site with every reducer; optionally dump everything.
+
+    ``sinks`` adds extra per-site consumers (anything with ``update(payload)``); ``meters`` are
+    objects with ``install(model, adapter)``, ``begin_batch(grid)`` and ``remove()`` that hook the
+    model themselves (e.g. the attention-sink meter).
+    """
     sites = list(dict.fromkeys(sites))
     if not sites:
         raise WorkbenchError("no capture sites selected")
@@ -121,14 +140,15 @@ def trace(
     token_position = torch.cat([torch.arange(n) for n in lengths.tolist()])
     token_ids = torch.tensor([t for x in ids for t in x], dtype=torch.int64)
     dump = DumpWriter(dump_dir, shard_rows=dump_shard_rows) if dump_dir is not None else None
-    sinks = {s: [*table[s].values(), *([dump.sink(s)] if dump else [])] for s in sites}
+    extra = sinks or {}
+    sinks = {s: [*table[s].values(), *extra.get(s, []), *([dump.sink(s)] if dump else [])] for s in sites}
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     device = lm.device
     start = time.perf_counter()
     order = list(range(len(ids)))
     bar = tqdm(total=int(lengths.sum()), unit="tok", desc=f"trace {lm.spec}", disable=not progress,
                file=sys.stderr, leave=False)
-    with Capture(lm.model, lm.adapter, sinks) as cap, torch.no_grad():
+    with Capture(lm.model, lm.adapter, sinks) as cap, _installed(meters, lm), torch.no_grad():
         for b in range(0, len(order), batch_size):
             chunk = order[b:b + batch_size]
             width = max(len(ids[i]) for i in chunk)
@@ -140,6 +160,8 @@ def trace(
                 grid[r, :n] = torch.arange(offsets[i], offsets[i] + n)
             mask = (grid >= 0).to(torch.int64)
             cap.begin_batch(grid.to(device))
+            for m in meters:
+                m.begin_batch(grid.to(device))
             lm.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
             bar.update(int(mask.sum()))
     bar.close()
