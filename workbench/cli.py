@@ -84,6 +84,53 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from workbench.experts.profile import ProfileOptions, profile
+    from workbench.experts.report import write
+    from workbench.experts.super_experts import SuperExpertRule
+    from workbench.models.specs import load
+
+    prompts = _prompts(args)
+    try:
+        rule = SuperExpertRule(quantile=args.quantile, ratio=args.ratio, layer_fraction=args.layer_fraction)
+    except ValueError as e:
+        raise WorkbenchError(f"bad super-expert rule: {e}") from None
+    if args.batch_size < 1:
+        raise WorkbenchError("--batch-size must be at least 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a directory")
+    lm = load(args.model, device=args.device)
+    opts = ProfileOptions(rule=rule, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                          top_massive=args.top_massive, sinks=not args.no_sinks)
+    p = profile(lm, prompts, opts, progress=not args.quiet)
+    files = write(p, out, plots=not args.no_plots)
+    m = p["meta"]
+    print(f"profiled {m['spec']}: {m['num_tokens']} tokens of {m['num_prompts']} prompts in {m['seconds']:.1f} s")
+    if p["super_experts"]:
+        print("super experts (largest first):")
+        for e in p["super_experts"][:8]:
+            print(f"  layer {e['layer']:>3} expert {e['expert']:>3} ({e['kind']})  max|out| {e['max_abs']:.4g}  "
+                  f"channel {e['channel']}  prompt {e['prompt_index']} pos {e['position']} token {e['token']!r}")
+    else:
+        print("no super experts under the rule " + str(p["super_expert_rule"]))
+    massive = [l for l in p["massive_activations"]["layers"] if l["massive"]]
+    if massive:
+        l = massive[0]
+        t = l["top"][0]
+        print(f"massive activations from layer {l['layer']}: {t['value']:.4g} ({t['ratio_to_median']:.0f}x median) "
+              f"in channel {t['channel']} at position {t['position']} ({t['token']!r})")
+    if "attention_sinks" in p:
+        import numpy as np
+
+        share = np.array(p["attention_sinks"]["share_pos0"])
+        l, h = np.unravel_index(np.argmax(share), share.shape)
+        print(f"attention sinks: mean share on position 0 {share.mean():.2f}; strongest head L{l}.H{h} "
+              f"{share[l, h]:.2f}")
+    print(f"wrote {out / 'profile.json'} and {len(files) - 1} tables/plots in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="workbench", description="Look inside (MoE) language models and change them.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -113,6 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", required=True, help="output folder (trace.json)")
     t.set_defaults(func=cmd_trace)
+    pr = sub.add_parser("profile", help="super experts, router statistics, massive activations, attention sinks",
+                        description="Run MODEL over the prompts once and write OUT/profile.json, parquet tables "
+                                    "and PNG/HTML plots. Super experts follow Su et al.: in the first "
+                                    "round(layer_fraction x layers) layers, max |down_proj output| above the "
+                                    "QUANTILE-th percentile of all candidates and above RATIO x the largest.")
+    pr.add_argument("model", help="model spec (see `workbench models`)")
+    pr.add_argument("--prompts", help="text file, one prompt per line (default: the built-in prompt set)")
+    pr.add_argument("--text", action="append", help="a prompt (repeatable)")
+    pr.add_argument("--max-tokens", type=int, default=None, help="truncate each prompt to this many tokens")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--quantile", type=float, default=99.5)
+    pr.add_argument("--ratio", type=float, default=0.1)
+    pr.add_argument("--layer-fraction", type=float, default=0.75)
+    pr.add_argument("--top-massive", type=int, default=8, help="residual entries kept per layer")
+    pr.add_argument("--no-sinks", action="store_true", help="skip attention sinks (keeps the model's attention kernel)")
+    pr.add_argument("--no-plots", action="store_true")
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.set_defaults(func=cmd_profile)
     return p
 
 

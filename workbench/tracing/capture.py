@@ -7,6 +7,7 @@ from the experts module's own inputs: ``down_proj[e] @ act(gate) * up`` on the t
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from typing import Iterable, Protocol
 
@@ -31,6 +32,24 @@ def fused_expert_output(experts: nn.Module, hidden: torch.Tensor, e: int) -> tor
     """One fused expert's down_proj output on ``hidden [n, H]`` (before the routing weight)."""
     gate, up = F.linear(hidden, experts.gate_up_proj[e]).chunk(2, dim=-1)
     return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+
+@contextlib.contextmanager
+def few_threads(n: int = 1):
+    """Run small reductions on one CPU thread.
+
+    Reducer updates are many small ops; with several OpenMP threads on a busy machine each op can
+    wait a scheduler time slice (milliseconds), which made traced runs 10-40x slower than plain ones.
+    """
+    before = torch.get_num_threads()
+    if before <= n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Capture:
@@ -64,8 +83,9 @@ class Capture:
 
     def _emit(self, site: Site, values: torch.Tensor, tokens: torch.Tensor, topk: torch.Tensor | None = None):
         p = Payload(values, tokens, topk)
-        for sink in self.sinks[site]:
-            sink.update(p)
+        with few_threads():
+            for sink in self.sinks[site]:
+                sink.update(p)
 
     # ----- install / remove --------------------------------------------------------------------
     def __enter__(self) -> "Capture":
@@ -162,7 +182,7 @@ class Capture:
     def _emit_experts(self, wanted: dict[int, Site], hidden: torch.Tensor, index: torch.Tensor, run) -> None:
         if self._grid is None:
             raise RuntimeError("Capture.begin_batch() was not called before the forward pass")
-        with torch.no_grad():
+        with torch.no_grad(), few_threads():
             for e, site in wanted.items():
                 rows = ((index == e).any(dim=-1) & self._valid).nonzero().flatten()
                 out = run(e, hidden[rows]) if rows.numel() else hidden.new_zeros((0, hidden.shape[-1]))

@@ -1,0 +1,104 @@
+"""The plots a researcher would otherwise make by hand, as PNG (matplotlib) and interactive HTML (plotly)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from workbench.io import atomic_path
+
+
+def _grid(p: dict, key: str = "max_abs") -> np.ndarray:
+    experts = [e for e in p["experts"] if e["kind"] != "shared"]
+    n_layers = p["meta"]["num_layers"]
+    width = max(e["expert"] for e in experts) + 1
+    g = np.full((n_layers, width), np.nan)
+    for e in experts:
+        g[e["layer"], e["expert"]] = e[key]
+    return g
+
+
+def figures(p: dict) -> dict[str, dict]:
+    """name -> {z, x, y, title, marks} for each heatmap/bar chart."""
+    figs = {}
+    g = _grid(p)
+    marks = [(e["layer"], e["expert"]) for e in p["super_experts"] if e["kind"] != "shared"]
+    figs["expert_maxabs"] = dict(kind="heat", z=np.log10(np.where(g > 0, g, np.nan)), x="expert", y="layer",
+                                 title="log10 max |down_proj output| per expert (x: super expert)", marks=marks)
+    if "router" in p:
+        load = np.array([r["load"] for r in p["router"]])
+        figs["router_load"] = dict(kind="heat", z=load, x="expert", y="MoE layer #", title="router load per expert",
+                                   marks=[], ylabels=[r["layer"] for r in p["router"]])
+        co = np.array(p["router"][0]["coactivation"], dtype=float)
+        figs["coactivation_first_moe_layer"] = dict(kind="heat", z=co, x="expert", y="expert", marks=[],
+                                                    title=f"co-activation, layer {p['router'][0]['layer']}")
+    layers = p["massive_activations"]["layers"]
+    figs["massive_activations"] = dict(kind="bar", x=[l["layer"] for l in layers],
+                                       y=[l["top"][0]["value"] if l["top"] else 0 for l in layers],
+                                       y2=[l["median_abs"] for l in layers],
+                                       title="largest |residual| per layer (bars) and median |residual| (line)")
+    if "attention_sinks" in p:
+        figs["attention_sinks"] = dict(kind="heat", z=np.array(p["attention_sinks"]["share_pos0"]), x="head",
+                                       y="layer", title="share of attention on position 0", marks=[])
+    return figs
+
+
+def _png(name: str, f: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    if f["kind"] == "heat":
+        im = ax.imshow(f["z"], aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
+        fig.colorbar(im, ax=ax)
+        for (layer, expert) in f.get("marks", []):
+            ax.scatter([expert], [layer], marker="x", color="red", s=60)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(f["x"])
+        ax.set_ylabel(f["y"])
+    else:
+        ax.bar(f["x"], f["y"], color="tab:blue")
+        ax.plot(f["x"], f["y2"], color="tab:orange", marker="o")
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+    ax.set_title(f["title"], fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _html(name: str, f: dict, path: Path) -> None:
+    import plotly.graph_objects as go
+
+    if f["kind"] == "heat":
+        z = np.where(np.isfinite(f["z"]), f["z"], None) if np.issubdtype(np.asarray(f["z"]).dtype, np.floating) else f["z"]
+        fig = go.Figure(go.Heatmap(z=z.tolist() if hasattr(z, "tolist") else z, colorscale="Viridis",
+                                   hovertemplate=f"{f['y']} %{{y}}<br>{f['x']} %{{x}}<br>value %{{z}}<extra></extra>"))
+        if f.get("marks"):
+            fig.add_trace(go.Scatter(x=[m[1] for m in f["marks"]], y=[m[0] for m in f["marks"]], mode="markers",
+                                     marker=dict(symbol="x", color="red", size=12), name="super expert"))
+        fig.update_layout(xaxis_title=f["x"], yaxis_title=f["y"])
+    else:
+        fig = go.Figure([go.Bar(x=f["x"], y=f["y"], name="max |residual|"),
+                         go.Scatter(x=f["x"], y=f["y2"], name="median |residual|")])
+        fig.update_yaxes(type="log")
+    fig.update_layout(title=f["title"])
+    with atomic_path(path) as tmp:
+        fig.write_html(tmp, include_plotlyjs="directory", full_html=True)
+
+
+def write_all(p: dict, out: Path) -> list[Path]:
+    written = []
+    for name, f in figures(p).items():
+        _png(name, f, out / f"{name}.png")
+        _html(name, f, out / f"{name}.html")
+        written += [out / f"{name}.png", out / f"{name}.html"]
+    return written

@@ -1,0 +1,130 @@
+"""One streaming pass that profiles a model: super experts, router statistics, massive activations,
+attention sinks. Nothing of size tokens x hidden is kept; every statistic is a mergeable reducer.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from workbench.experts import massive
+from workbench.experts.router import ChangeRate
+from workbench.experts.sinks import SinkMeter, eager_attention
+from workbench.experts.super_experts import SuperExpertRule, kurtosis, select
+from workbench.models.specs import LoadedModel
+from workbench.tracing.reducers import AbsMax, RouterStats
+from workbench.tracing.runner import trace
+from workbench.tracing.sites import Component, Site, all_sites
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    rule: SuperExpertRule = field(default_factory=SuperExpertRule)
+    batch_size: int = 8
+    max_tokens: int | None = None
+    top_massive: int = 8  # residual entries kept per layer
+    massive_ratio: float = 1000.0  # "massive" when |x| >= this x the layer's median |x| ...
+    massive_min: float = 100.0  # ... and at least this large (Sun et al.)
+    sinks: bool = True
+
+
+def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = ProfileOptions(),
+            progress: bool = True) -> dict:
+    """Run ``prompts`` once and return the profile as plain data (what ``profile.json`` holds)."""
+    infos = lm.layer_infos()
+    n_layers = len(infos)
+    expert_sites = all_sites(lm.adapter, lm.model, [Component.EXPERT, Component.SHARED_EXPERT])
+    router_sites = all_sites(lm.adapter, lm.model, [Component.ROUTER])
+    resid_sites = all_sites(lm.adapter, lm.model, [Component.RESID_POST])
+    change = ChangeRate([s.layer for s in router_sites])
+    extra = {s: [AbsMax()] for s in expert_sites}
+    extra.update({s: [RouterStats(num_experts=infos[s.layer].num_experts), change.sink(s.layer)] for s in router_sites})
+    resid_red = {s: massive.make_reducers(options.top_massive) for s in resid_sites}
+    extra.update({s: list(resid_red[s].values()) for s in resid_sites})
+    meters = []
+    if options.sinks:
+        meters.append(SinkMeter(n_layers, int(lm.config.num_attention_heads)))
+    start = time.perf_counter()
+    ctx = eager_attention(lm.model) if options.sinks else _null()
+    with ctx:
+        res = trace(lm, prompts, [*expert_sites, *router_sites, *resid_sites], reducers=(),
+                    batch_size=options.batch_size, max_tokens=options.max_tokens, progress=progress,
+                    sinks=extra, meters=meters)
+    seconds = time.perf_counter() - start
+    decode = lambda t: lm.tokenizer.decode([t]) if t is not None else None  # noqa: E731
+
+    def where(token: int) -> dict:
+        loc = res.locate(token)
+        return {"prompt_index": loc["prompt_index"], "position": loc["position"], "token": decode(loc["token_id"])}
+
+    # ----- experts -------------------------------------------------------------------------------
+    experts = []
+    for s in expert_sites:
+        a: AbsMax = extra[s][0]
+        r = a.result()
+        kind = "shared" if s.component is Component.SHARED_EXPERT else (
+            "dense" if infos[s.layer].kind == "dense" else "routed")
+        experts.append({"layer": s.layer, "expert": s.expert, "kind": kind, "max_abs": r["max_abs"],
+                        "channel": r["channel"], "tokens_routed": r["rows"],
+                        "channel_kurtosis": kurtosis(a.absmax) if a.absmax is not None else math.nan,
+                        "nan_count": r["nan_count"], "inf_count": r["inf_count"], **where(r["token"])})
+    chosen, facts = select(experts, n_layers, options.rule)
+    layer_kurt = {}
+    for i in range(n_layers):
+        vals = torch.tensor([e["max_abs"] for e in experts if e["layer"] == i and e["kind"] != "shared"])
+        layer_kurt[i] = kurtosis(vals)
+    out: dict = {
+        "super_experts": chosen,
+        "super_expert_rule": {**options.rule.as_dict(), **facts},
+        "experts": experts,
+        "expert_max_kurtosis_by_layer": [layer_kurt[i] for i in range(n_layers)],
+    }
+    # ----- router --------------------------------------------------------------------------------
+    if router_sites:
+        rates = change.result()
+        out["router"] = [{"layer": s.layer, **extra[s][0].result(), "top1_change_rate": rates.get(s.layer, math.nan)}
+                         for s in router_sites]
+    # ----- massive activations -------------------------------------------------------------------
+    layers = []
+    for s in resid_sites:
+        top, hist = resid_red[s]["topk"], resid_red[s]["log_histogram"]
+        med = massive.histogram_median(hist)
+        entries = []
+        for v, t, c in zip(top.values.tolist(), top.tokens.tolist(), top.channels.tolist()):
+            entries.append({"value": v, "channel": c, "ratio_to_median": v / med if med else math.inf, **where(t)})
+        layers.append({"layer": s.layer, "median_abs": med, "top": entries,
+                       "massive": bool(entries and entries[0]["value"] >= options.massive_min
+                                       and entries[0]["ratio_to_median"] >= options.massive_ratio)})
+    out["massive_activations"] = {"criterion": {"ratio_to_median": options.massive_ratio, "min_abs": options.massive_min},
+                                  "layers": layers}
+    if meters:
+        out["attention_sinks"] = meters[0].result()
+    out["meta"] = {
+        "spec": lm.spec, "architecture": type(lm.model).__name__, "num_layers": n_layers,
+        "num_prompts": len(res.prompts), "num_tokens": res.num_tokens, "batch_size": options.batch_size,
+        "max_tokens": options.max_tokens, "seconds": round(seconds, 3), "layout": lm.summary()["layout"],
+        "versions": _versions(), "attention": "eager (for attention probabilities)" if options.sinks else "model default",
+    }
+    return out
+
+
+def _versions() -> dict:
+    import transformers
+
+    import workbench
+
+    return {"workbench": workbench.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,98 @@
+"""Attention sinks: how much attention mass each head sends to position 0 and to its top key.
+
+Needs attention probabilities, so the profile runs with eager attention (the model's attention
+implementation is switched for the pass and restored after). Query position 0 is left out of
+the averages (it can only attend to itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from workbench.adapters.base import Adapter
+from workbench.tracing.capture import few_threads
+
+
+class SinkMeter:
+    """Per (layer, head): mean share of attention on key 0, and on each prompt's top key."""
+
+    def __init__(self, num_layers: int, num_heads: int):
+        self.pos0_sum = torch.zeros(num_layers, num_heads, dtype=torch.float64)
+        self.queries = torch.zeros(num_layers, dtype=torch.int64)
+        self.top_sum = torch.zeros(num_layers, num_heads, dtype=torch.float64)
+        self.top_is_first = torch.zeros(num_layers, num_heads, dtype=torch.int64)
+        self.prompts = torch.zeros(num_layers, dtype=torch.int64)
+        self._handles: list = []
+        self._grid: torch.Tensor | None = None
+
+    def install(self, model: nn.Module, adapter: Adapter) -> None:
+        for i, layer in enumerate(adapter.decoder_layers(model)):
+            self._handles.append(adapter.attention(layer).register_forward_hook(self._hook(i)))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def begin_batch(self, grid: torch.Tensor) -> None:
+        self._grid = grid
+
+    def _hook(self, layer: int):
+        def hook(mod, args, out):
+            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if weights is None:
+                raise RuntimeError("attention weights are not returned: run with eager attention")
+            with few_threads():
+                self.update(layer, weights.detach())
+        return hook
+
+    def update(self, layer: int, weights: torch.Tensor) -> None:
+        """``weights [B, H, Tq, Tk]`` for the current batch (padding rows are dropped here)."""
+        valid = (self._grid >= 0)  # [B, T]
+        q_ok = valid.clone()
+        q_ok[:, 0] = False
+        w = weights.to(torch.float64) * q_ok[:, None, :, None]
+        nq = q_ok.sum(-1)  # [B] queries per prompt
+        self.pos0_sum[layer] += w[..., 0].sum(dim=(0, 2)).cpu()
+        self.queries[layer] += int(nq.sum())
+        has = nq > 0
+        if has.any():
+            per_key = w.sum(2)[has] / nq[has, None, None]  # [b, H, Tk] mean attention per key
+            top, pos = per_key.max(-1)
+            self.top_sum[layer] += top.sum(0).cpu()
+            self.top_is_first[layer] += (pos == 0).sum(0).cpu()
+            self.prompts[layer] += int(has.sum())
+
+    def merge(self, other: "SinkMeter") -> "SinkMeter":
+        for name in ("pos0_sum", "queries", "top_sum", "top_is_first", "prompts"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    def result(self) -> dict:
+        q = self.queries.clamp(min=1).to(torch.float64)[:, None]
+        n = self.prompts.clamp(min=1).to(torch.float64)[:, None]
+        return {
+            "share_pos0": (self.pos0_sum / q).tolist(),  # [layer][head]
+            "share_top": (self.top_sum / n).tolist(),
+            "top_is_pos0": (self.top_is_first / n).tolist(),
+            "queries": self.queries.tolist(),
+            "prompts": self.prompts.tolist(),
+        }
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module):
+    """Temporarily switch a transformers model to eager attention (which returns probabilities)."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if before is not None:
+            model.set_attn_implementation(before)
