@@ -8,8 +8,8 @@ export TOKENIZERS_PARALLELISM ?= false
 venv:
 	@bash scripts/bootstrap.sh
 
-demo: venv  ## trace smollm2-135m on the built-in prompts: where are its largest down_proj outputs?
-	$(PY) -m workbench trace smollm2-135m --out runs/demo
+demo: venv  ## profile smollm2-135m on the built-in prompts (super experts, massive activations, sinks)
+	$(PY) -m workbench profile smollm2-135m --out runs/demo
 
 test: venv  ## the default suite (what CI runs)
 	.venv/bin/pytest -q -m "not slow"
