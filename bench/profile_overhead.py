@@ -1,0 +1,128 @@
+"""Profile pass vs plain forward vs what researchers write today, on the same prompts, same run.
+
+Variants (each in its own subprocess, so peak RSS is its own):
+  plain    model forward only (batches of --batch prompts, right-padded)
+  profile  workbench's full profile pass (super experts, router, massive activations, sinks)
+  nnsight  nnsight trace that .save()s every down_proj output, reduced (absmax) after the run
+  tl       TransformerLens TransformerBridge run_with_cache on the same down_proj sites, reduced after
+
+The prompt set is the built-in prompts repeated until --tokens tokens. Prints tokens/s, the ratio to
+plain, and peak RSS; with --rss-scan it also prints the profile pass's peak RSS at other sizes.
+
+    .venv/bin/python bench/profile_overhead.py --model smollm2-135m --tokens 10000 --rss-scan 100000
+    .venv/bin/python bench/profile_overhead.py --model zoo:qwen2-moe --tokens 10000 --variants plain,profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def prompts_for(tokenizer, tokens: int) -> list[str]:
+    from workbench.data import default_prompts
+
+    base = default_prompts()
+    out, n, i = [], 0, 0
+    while n < tokens:
+        p = base[i % len(base)]
+        out.append(p)
+        n += len(tokenizer(p).input_ids)
+        i += 1
+    return out
+
+
+def batches(prompts, size):
+    for i in range(0, len(prompts), size):
+        yield prompts[i:i + size]
+
+
+def run(args) -> dict:
+    import torch
+
+    from workbench.models.specs import load
+
+    torch.set_num_threads(args.threads)
+    lm = load(args.model)
+    prompts = prompts_for(lm.tokenizer, args.tokens)
+    n_layers = len(lm.layer_infos())
+    start = time.perf_counter()
+    if args.variant == "plain":
+        with torch.no_grad():
+            for chunk in batches(prompts, args.batch):
+                enc = lm.tokenizer(chunk, return_tensors="pt", padding=True)
+                lm.model(**enc, use_cache=False)
+    elif args.variant == "profile":
+        from workbench.experts.profile import ProfileOptions, profile
+
+        profile(lm, prompts, ProfileOptions(batch_size=args.batch), progress=False)
+    elif args.variant == "nnsight":
+        nn_model = lm.to_nnsight()
+        saved = []
+        for chunk in batches(prompts, args.batch):
+            with nn_model.trace(chunk):
+                outs = [nn_model.model.layers[i].mlp.down_proj.output.save() for i in range(n_layers)]
+            saved.append(outs)
+        maxima = [max(float(b[i].abs().max()) for b in saved) for i in range(n_layers)]
+    elif args.variant == "tl":
+        bridge = lm.to_transformer_lens()
+        names = {f"blocks.{i}.mlp.out.hook_out" for i in range(n_layers)}
+        caches = []
+        for chunk in batches(prompts, args.batch):
+            _, cache = bridge.run_with_cache(chunk, prepend_bos=False, names_filter=lambda n: n in names)
+            caches.append(cache)
+        maxima = [max(float(c[n].abs().max()) for c in caches) for n in sorted(names)]
+    seconds = time.perf_counter() - start
+    n_tokens = sum(len(lm.tokenizer(p).input_ids) for p in prompts)
+    return {"variant": args.variant, "seconds": seconds, "tokens": n_tokens, "prompts": len(prompts),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def sub(args, variant: str, tokens: int) -> dict:
+    cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--tokens", str(tokens),
+           "--batch", str(args.batch), "--threads", str(args.threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        return {"variant": variant, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tokens", type=int, default=10000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", default="plain,profile,nnsight,tl")
+    p.add_argument("--rss-scan", default="", help="comma-separated token counts for the profile pass's peak RSS")
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        print(json.dumps(run(args)))
+        return
+    rows = [sub(args, v, args.tokens) for v in args.variants.split(",")]
+    plain = next((r for r in rows if r["variant"] == "plain" and "error" not in r), None)
+    print(f"model {args.model}: {rows[0].get('tokens')} tokens in {rows[0].get('prompts')} prompts, batch "
+          f"{args.batch}, {args.threads} threads")
+    print(f"{'variant':<10}{'seconds':>9}{'tokens/s':>10}{'x plain':>9}{'peak RSS MB':>13}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:<10} failed: {r['error']}")
+            continue
+        ratio = r["seconds"] / plain["seconds"] if plain else float("nan")
+        print(f"{r['variant']:<10}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.0f}{ratio:>9.2f}"
+              f"{r['peak_rss_mb']:>13.0f}")
+    for n in [int(x) for x in args.rss_scan.split(",") if x]:
+        r = sub(args, "profile", n)
+        print(f"profile at {r.get('tokens')} tokens: {r.get('seconds', float('nan')):.1f} s, "
+              f"peak RSS {r.get('peak_rss_mb', float('nan')):.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
