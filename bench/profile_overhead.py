@@ -65,8 +65,10 @@ def run(args) -> dict:
         nn_model = lm.to_nnsight()
         saved = []
         for chunk in batches(prompts, args.batch):
+            outs = []
             with nn_model.trace(chunk):
-                outs = [nn_model.model.layers[i].mlp.down_proj.output.save() for i in range(n_layers)]
+                for i in range(n_layers):
+                    outs.append(nn_model.model.layers[i].mlp.down_proj.output.save())
             saved.append(outs)
         maxima = [max(float(b[i].abs().max()) for b in saved) for i in range(n_layers)]
     elif args.variant == "tl":

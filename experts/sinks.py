@@ -1,8 +1,9 @@
 """Attention sinks: how much attention mass each head sends to position 0 and to its top key.
 
 Needs attention probabilities, so the profile runs with eager attention (the model's attention
-implementation is switched for the pass and restored after). Query position 0 is left out of
-the averages (it can only attend to itself).
+implementation is switched for the pass and restored after). Each prompt's share is the mean over
+its queries (position 0 is left out: it can only attend to itself); the reported figure is the
+mean over prompts (prompts of one token are skipped).
 """
 
 from __future__ import annotations
@@ -51,20 +52,20 @@ class SinkMeter:
 
     def update(self, layer: int, weights: torch.Tensor) -> None:
         """``weights [B, H, Tq, Tk]`` for the current batch (padding rows are dropped here)."""
-        valid = (self._grid >= 0)  # [B, T]
-        q_ok = valid.clone()
+        q_ok = (self._grid >= 0).clone()  # [B, T]
         q_ok[:, 0] = False
-        w = weights.to(torch.float64) * q_ok[:, None, :, None]
         nq = q_ok.sum(-1)  # [B] queries per prompt
-        self.pos0_sum[layer] += w[..., 0].sum(dim=(0, 2)).cpu()
-        self.queries[layer] += int(nq.sum())
         has = nq > 0
-        if has.any():
-            per_key = w.sum(2)[has] / nq[has, None, None]  # [b, H, Tk] mean attention per key
-            top, pos = per_key.max(-1)
-            self.top_sum[layer] += top.sum(0).cpu()
-            self.top_is_first[layer] += (pos == 0).sum(0).cpu()
-            self.prompts[layer] += int(has.sum())
+        if not has.any():
+            return
+        w = weights.to(torch.float64) * q_ok[:, None, :, None]
+        per_key = w.sum(2)[has] / nq[has, None, None]  # [b, H, Tk]: each prompt's mean attention per key
+        self.pos0_sum[layer] += per_key[..., 0].sum(0).cpu()
+        top, pos = per_key.max(-1)
+        self.top_sum[layer] += top.sum(0).cpu()
+        self.top_is_first[layer] += (pos == 0).sum(0).cpu()
+        self.queries[layer] += int(nq.sum())
+        self.prompts[layer] += int(has.sum())
 
     def merge(self, other: "SinkMeter") -> "SinkMeter":
         for name in ("pos0_sum", "queries", "top_sum", "top_is_first", "prompts"):
@@ -72,10 +73,9 @@ class SinkMeter:
         return self
 
     def result(self) -> dict:
-        q = self.queries.clamp(min=1).to(torch.float64)[:, None]
         n = self.prompts.clamp(min=1).to(torch.float64)[:, None]
         return {
-            "share_pos0": (self.pos0_sum / q).tolist(),  # [layer][head]
+            "share_pos0": (self.pos0_sum / n).tolist(),  # [layer][head], mean over prompts
             "share_top": (self.top_sum / n).tolist(),
             "top_is_pos0": (self.top_is_first / n).tolist(),
             "queries": self.queries.tolist(),

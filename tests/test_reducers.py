@@ -822,3 +822,13 @@ def test_moments_with_zero_channels_has_a_result():
 def test_registry_maps_kinds_to_classes():
     for cls in (AbsMax, Moments, LogHistogram, ExpertCounts):
         assert Reducer.registry[cls.kind] is cls
+
+
+def test_absmax_ties_with_sorted_tokens_pick_the_first_row():
+    # The fast path (rows in increasing token order, as Capture emits them) must agree with the general one.
+    values = torch.tensor([[1.0, -3.0, 2.0], [3.0, 3.0, -2.0], [-3.0, 1.0, 2.0], [3.0, -3.0, 0.5]])
+    fast, slow = AbsMax(), AbsMax()
+    fast.update(Payload(values, torch.tensor([10, 11, 12, 13])))
+    slow.update(Payload(values.flip(0), torch.tensor([13, 12, 11, 10])))
+    assert fast.token.tolist() == slow.token.tolist() == [11, 10, 10]
+    assert torch.equal(fast.absmax, slow.absmax)

@@ -105,15 +105,20 @@ class AbsMax(Reducer):
         self.rows += x.shape[0]
         if x.shape[0] == 0:
             return
-        a = x.detach().abs().to(torch.float64)
+        a = x.detach().abs()  # comparisons in the input's own dtype are exact; only [C] results go to float64
         nan = torch.isnan(a)
-        self.nan_count += nan.sum()
-        self.inf_count += torch.isinf(a).sum()
+        self.nan_count += nan.sum().cpu()
+        self.inf_count += torch.isinf(a).sum().cpu()
         a = a.masked_fill(nan, -1.0)
-        m = a.max(dim=0).values  # [C]
-        # Ties go to the smallest token index, whatever the batching.
-        cand = torch.where((a == m) & (m >= 0), tok[:, None], _BIG).min(dim=0).values
-        cand = torch.where(cand == _BIG, torch.full_like(cand, NO_TOKEN), cand)
+        m, arg = a.max(dim=0)  # [C]; torch returns the first maximal row
+        # Ties go to the smallest token index, whatever the batching. Capture emits rows in increasing
+        # token order, where the first maximal row is that token; otherwise resolve ties explicitly.
+        if tok.numel() < 2 or bool((tok[1:] > tok[:-1]).all()):
+            cand = tok[arg]
+        else:
+            cand = torch.where(a == m, tok[:, None], _BIG).min(dim=0).values
+        cand = torch.where(m >= 0, cand, torch.full_like(cand, NO_TOKEN))
+        m = m.to(torch.float64)
         self._absorb(m.cpu(), cand.cpu())
 
     def _absorb(self, m: torch.Tensor, t: torch.Tensor) -> None:
@@ -251,19 +256,17 @@ class LogHistogram(Reducer):
         return torch.linspace(self.lo, self.hi, self.num_bins + 1, dtype=torch.float64)
 
     def update(self, p: Payload) -> None:
-        a = p.values.detach().abs().to(torch.float64).flatten()
-        nan = torch.isnan(a)
-        self.nan_count += nan.sum().cpu()
-        a = a[~nan]
-        zero = a == 0
-        self.zeros += zero.sum().cpu()
-        lg = torch.log10(a[~zero])
-        self.under += (lg < self.lo).sum().cpu()
-        self.over += (lg >= self.hi).sum().cpu()
-        inside = lg[(lg >= self.lo) & (lg < self.hi)]
-        idx = ((inside - self.lo) * (self.num_bins / (self.hi - self.lo))).floor().to(torch.int64)
-        idx = idx.clamp(0, self.num_bins - 1)
-        self.counts += torch.bincount(idx, minlength=self.num_bins).cpu()
+        # One pass of arithmetic and one bincount: codes 0 = NaN, 1 = zero, 2 = under, 3.. = bins, last = over.
+        lg = torch.log10(p.values.detach().abs().flatten().to(torch.float64))
+        pos = (lg - self.lo) * (self.num_bins / (self.hi - self.lo))
+        codes = pos.floor().clamp(-1.0, float(self.num_bins)).nan_to_num(nan=-3.0).to(torch.int64) + 3
+        codes = torch.where(lg == -math.inf, 1, codes)  # log10(0) = -inf: exact zeros (finite tiny values are "under")
+        n = torch.bincount(codes, minlength=self.num_bins + 4).cpu()
+        self.nan_count += n[0]
+        self.zeros += n[1]
+        self.under += n[2]
+        self.counts += n[3:3 + self.num_bins]
+        self.over += n[3 + self.num_bins]
 
     def merge(self, other: "LogHistogram") -> "LogHistogram":
         self._check_same(other)
@@ -339,7 +342,7 @@ class TopK(Reducer):
         x = p.values.detach()
         if x.shape[0] == 0:
             return
-        a = x.abs().to(torch.float64)
+        a = x.abs()
         nan = torch.isnan(a)
         self.nan_count += nan.sum().cpu()
         a = a.masked_fill(nan, -1.0)
@@ -349,7 +352,7 @@ class TopK(Reducer):
         kth = torch.topk(flat, kk).values[-1]
         idx = torch.nonzero((flat >= kth) & (flat >= 0)).flatten()
         c = x.shape[1]
-        self._absorb(flat[idx].cpu(), p.tokens[idx // c].to(torch.int64).cpu(), (idx % c).cpu())
+        self._absorb(flat[idx].to(torch.float64).cpu(), p.tokens[idx // c].to(torch.int64).cpu(), (idx % c).cpu())
 
     def _absorb(self, v: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> None:
         v = torch.cat([self.values, v])
