@@ -47,16 +47,7 @@ PROMPTS = ["The capital of France is", "Once upon a time, a fox", "Bees collect 
 
 def build_untrained():
     """The model exactly as ``zoo.build`` makes it before loading weights (fp32, seeded)."""
-    from transformers import AutoModelForCausalLM
-
-    entry = zoo.ZOO[NAME]
-    config = entry.config()
-    config.architectures = None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(entry.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    config.architectures = [type(model).__name__]
-    return model
+    return zoo.init_model(zoo.ZOO[NAME])
 
 
 def load_tokenizer():

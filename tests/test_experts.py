@@ -1,6 +1,7 @@
 """The profiler finds planted ground truth and agrees with independent computations."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -181,3 +182,29 @@ def test_smollm2_super_weight_and_attention_sink(smollm2):
     peak = lambda p: max(l["top"][0]["value"] for l in p["massive_activations"]["layers"][:-1])  # noqa: E731
     assert share(base) > 0.65 and share(ablated) < 0.5 * share(base)  # measured 0.72 -> 0.31
     assert peak(ablated) < peak(base) / 10  # 2.6e4 -> 1.8e3 (what is left sits in layer 28, channel 199)
+
+
+@pytest.mark.parametrize("spec", ["zoo:qwen2-moe", "zoo:deepseek-v3"])
+def test_padding_changes_no_statistic(spec):
+    """Profiles in batches of 4 (right-padded) equal profiles one prompt at a time."""
+    lm = load(spec)
+    prompts = CORPUS[:9]
+    a = profile(lm, prompts, ProfileOptions(batch_size=4), progress=False)
+    b = profile(lm, prompts, ProfileOptions(batch_size=1), progress=False)
+    assert a["meta"]["num_tokens"] == b["meta"]["num_tokens"]
+    ids = [lm.tokenizer(p).input_ids for p in prompts]
+
+    def context(e):  # tokens up to the peak: equal contexts give equal activations (a tie up to rounding)
+        return None if e["prompt_index"] is None else ids[e["prompt_index"]][: e["position"] + 1]
+
+    for ea, eb in zip(a["experts"], b["experts"]):
+        assert (ea["layer"], ea["expert"], ea["channel"], ea["tokens_routed"]) == \
+               (eb["layer"], eb["expert"], eb["channel"], eb["tokens_routed"])
+        assert context(ea) == context(eb)
+        assert ea["max_abs"] == pytest.approx(eb["max_abs"], rel=1e-5, nan_ok=True)  # NaN: no token routed
+    for ra, rb in zip(a["router"], b["router"]):
+        assert ra["counts"] == rb["counts"] and ra["coactivation"] == rb["coactivation"]
+        assert ra["top1_change_rate"] == rb["top1_change_rate"] or math.isnan(ra["top1_change_rate"])
+    np.testing.assert_allclose(a["attention_sinks"]["share_pos0"], b["attention_sinks"]["share_pos0"], rtol=1e-5, atol=1e-7)
+    for la, lb in zip(a["massive_activations"]["layers"], b["massive_activations"]["layers"]):
+        assert [(t["channel"], context(t)) for t in la["top"]] == [(t["channel"], context(t)) for t in lb["top"]]

@@ -81,19 +81,25 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
-def build(name: str) -> nn.Module:
-    """Build zoo model ``name`` (without the ``zoo:`` prefix), in eval mode, fp32."""
+def init_model(entry: ZooEntry) -> nn.Module:
+    """The seeded, untrained fp32 model of a zoo entry (before any committed weights are loaded)."""
     from transformers import AutoModelForCausalLM
 
-    entry = ZOO.get(name)
-    if entry is None:
-        raise WorkbenchError(f"unknown zoo model {name!r}; available: {', '.join('zoo:' + n for n in ZOO)}")
     config = entry.config()
     config.architectures = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(entry.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     config.architectures = [type(model).__name__]
+    return model
+
+
+def build(name: str) -> nn.Module:
+    """Build zoo model ``name`` (without the ``zoo:`` prefix), in eval mode, fp32."""
+    entry = ZOO.get(name)
+    if entry is None:
+        raise WorkbenchError(f"unknown zoo model {name!r}; available: {', '.join('zoo:' + n for n in ZOO)}")
+    model = init_model(entry)
     if entry.weights:
         load_weights(model, WEIGHTS_DIR / entry.weights)
     if entry.modulelist:
