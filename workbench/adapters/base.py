@@ -147,9 +147,17 @@ class Adapter:
     def top_k(self, model: nn.Module) -> int:
         return int(getattr(model.config, self.top_k_attr, 1) or 1)
 
-    # ----- routing, for the ModuleList layout ---------------------------------------------------
-    def select_experts(self, model: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k routing as the 4.x implementations did: softmax, top-k, optional renormalise."""
+    # ----- routing ------------------------------------------------------------------------------
+    def select_experts(self, model: nn.Module, logits: torch.Tensor, router: nn.Module | None = None,
+                       exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route as the family does: softmax, top-k, optional renormalisation (Qwen, OLMoE).
+
+        ``exclude`` ([tokens, experts] bool, optional) removes experts from the choice before
+        routing, so the remaining ones are renormalised exactly as the architecture would.
+        Used for the ModuleList layout and for interventions that re-route.
+        """
+        if exclude is not None:
+            logits = logits.masked_fill(exclude, float("-inf"))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)
         weights, index = torch.topk(probs, self.top_k(model), dim=-1)
         if self.norm_topk_prob_attr and getattr(model.config, self.norm_topk_prob_attr, False):

@@ -147,7 +147,7 @@ class Capture:
         else:
             def hook(mod, args, kwargs, out):
                 logits = _first(out)
-                _, index = self.adapter.select_experts(self.model, logits.reshape(-1, logits.shape[-1]))
+                _, index = self.adapter.select_experts(self.model, logits.reshape(-1, logits.shape[-1]), router)
                 self._emit_routed_rows(site, logits, index)
         self._hook(router, hook)
 
@@ -175,7 +175,7 @@ class Capture:
         def modulelist(mod, args, kwargs, out):
             hidden = args[0] if args else kwargs["hidden_states"]
             hidden = hidden.reshape(-1, hidden.shape[-1])
-            _, index = ad.select_experts(self.model, router(hidden))
+            _, index = ad.select_experts(self.model, router(hidden), router)
             self._emit_experts(wanted, hidden, index, lambda e, h: experts[e](h))
         self._hook(mlp, modulelist)
 

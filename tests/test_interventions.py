@@ -1,0 +1,220 @@
+"""Interventions are exact, scoped, validated, and leave no trace when the context exits."""
+
+import pytest
+import torch
+
+from helpers import PROMPTS, ZOO_SPECS
+from workbench.errors import WorkbenchError
+from workbench.interventions import Intervention, apply, load_file, parse
+from workbench.models.specs import load
+
+
+def batch(lm):
+    return lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+
+
+def logits(lm, enc):
+    with torch.no_grad():
+        return lm.model(**enc).logits
+
+
+def moe_layer(lm):
+    return next(i.index for i in lm.layer_infos() if i.kind == "moe")
+
+
+@pytest.mark.parametrize("spec", ZOO_SPECS)
+def test_every_op_restores_the_model_exactly(spec):
+    lm = load(spec)
+    enc = batch(lm)
+    before = logits(lm, enc)
+    L = moe_layer(lm)
+    ops = [dict(op="zero", layers=L, expert=1), dict(op="scale", layers=L, expert=2, factor=3.0),
+           dict(op="drop", layers=L, expert=3), dict(op="bias", layers=L, expert=4, value=2.0),
+           dict(op="zero_channel", layers=0, channel=5, positions=[0, -1])]
+    if lm.layer_infos()[L].layout == "fused":
+        ops.append(dict(op="force", layers=L, expert=5, weight=0.5))
+    for op in ops:
+        with apply(lm, [op]):
+            changed = logits(lm, enc)
+        assert not torch.equal(changed, before), op
+    assert torch.equal(logits(lm, enc), before)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
+
+
+@pytest.mark.parametrize("spec", ["zoo:qwen3-moe", "zoo:mixtral", "zoo:deepseek-v3", "zoo:qwen3-moe-modulelist"])
+def test_zero_equals_removing_the_expert_weights(spec):
+    lm = load(spec)
+    enc = batch(lm)
+    L = moe_layer(lm)
+    with apply(lm, [dict(op="zero", layers=L, expert=2)]):
+        ours = logits(lm, enc)
+    experts = lm.adapter.experts(lm.adapter.decoder_layers(lm.model)[L])
+    w = experts[2].down_proj.weight if isinstance(experts, torch.nn.ModuleList) else experts.down_proj[2]
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.zero_()
+    try:
+        ref = logits(lm, enc)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_scale_equals_scaling_the_expert_weights():
+    lm = load("zoo:olmoe")
+    enc = batch(lm)
+    with apply(lm, [dict(op="scale", layers=[0, 2], expert=6, factor=2.5)]):
+        ours = logits(lm, enc)
+    saved = {}
+    for L in (0, 2):
+        d = lm.adapter.experts(lm.adapter.decoder_layers(lm.model)[L]).down_proj
+        saved[L] = d[6].detach().clone()
+        with torch.no_grad():
+            d[6] *= 2.5
+    try:
+        ref = logits(lm, enc)
+    finally:
+        with torch.no_grad():
+            for L, v in saved.items():
+                lm.adapter.experts(lm.adapter.decoder_layers(lm.model)[L]).down_proj[6].copy_(v)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec,renorm", [("zoo:qwen3-moe", True), ("zoo:olmoe", False), ("zoo:mixtral", True)])
+def test_drop_equals_rerouting_by_hand(spec, renorm):
+    lm = load(spec)
+    enc = batch(lm)
+    L, e, k = moe_layer(lm), 3, lm.summary()["top_k"]
+    layer = lm.adapter.decoder_layers(lm.model)[L]
+    seen = {}
+
+    def by_hand(mod, args, out):
+        lg = out[0].masked_fill(torch.arange(out[0].shape[1]) == e, float("-inf"))
+        p = torch.softmax(lg.float(), -1)
+        w, i = torch.topk(p, k, -1)
+        if renorm:
+            w = w / w.sum(-1, keepdim=True)
+        seen["index"] = i
+        return (out[0], w, i)
+
+    h = lm.adapter.router(layer).register_forward_hook(by_hand)
+    try:
+        ref = logits(lm, enc)
+    finally:
+        h.remove()
+    got = {}
+    with apply(lm, [dict(op="drop", layers=L, expert=e)]):
+        h = lm.adapter.router(layer).register_forward_hook(lambda m, a, o: got.update(index=o[2]))
+        try:
+            ours = logits(lm, enc)
+        finally:
+            h.remove()
+    assert not (got["index"] == e).any() and torch.equal(got["index"], seen["index"])
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_force_puts_the_expert_in_every_tokens_top_k():
+    lm = load("zoo:qwen2-moe")
+    enc = batch(lm)
+    layer = lm.adapter.decoder_layers(lm.model)[1]
+    got = {}
+    h = lm.adapter.experts(layer).register_forward_pre_hook(
+        lambda m, a: got.update(index=a[1].clone(), weights=a[2].clone()))
+    try:
+        with apply(lm, [dict(op="force", layers=1, expert=7, weight=0.25)]):
+            logits(lm, enc)
+    finally:
+        h.remove()
+    hit = got["index"] == 7
+    assert hit.sum(-1).eq(1).all()
+    assert torch.allclose(got["weights"][hit], torch.tensor(0.25))
+
+
+def test_drop_on_deepseek_never_picks_the_expert():
+    lm = load("zoo:deepseek-v3")
+    enc = batch(lm)
+    layer = lm.adapter.decoder_layers(lm.model)[1]
+    got = {}
+    with apply(lm, [dict(op="drop", layers=1, expert=0), dict(op="drop", layers=1, expert=1)]):
+        h = lm.adapter.experts(layer).register_forward_pre_hook(lambda m, a: got.update(index=a[1]))
+        try:
+            logits(lm, enc)
+        finally:
+            h.remove()
+    assert not ((got["index"] == 0) | (got["index"] == 1)).any()
+
+
+def test_channel_scope_by_position_and_token():
+    lm = load("zoo:qwen3-moe")
+    enc = batch(lm)
+    layer = lm.adapter.decoder_layers(lm.model)[1]
+    out = {}
+    keep = lambda m, a, o: out.__setitem__("h", (o[0] if isinstance(o, tuple) else o).clone())  # noqa: E731
+    with apply(lm, [dict(op="zero_channel", layers=1, channel=9, positions=[0, -1])]):
+        h = layer.register_forward_hook(keep)  # after the intervention's hook, so it sees the result
+        try:
+            logits(lm, enc)
+        finally:
+            h.remove()
+    hs, mask = out["h"], enc.attention_mask.bool()
+    lengths = mask.sum(-1)
+    for b in range(hs.shape[0]):
+        last = int(lengths[b]) - 1
+        assert hs[b, 0, 9] == 0 and hs[b, last, 9] == 0
+        middle = [t for t in range(1, last)]
+        assert all(hs[b, t, 9] != 0 for t in middle)
+    # Token scope: only tokens whose text contains "Paris".
+    with apply(lm, [dict(op="zero_channel", layers=1, channel=9, token="Paris")]):
+        h = layer.register_forward_hook(keep)
+        try:
+            logits(lm, enc)
+        finally:
+            h.remove()
+    paris = torch.tensor([[" Paris" in lm.tokenizer.decode([int(t)]) for t in row] for row in enc.input_ids])
+    assert paris.any() and (out["h"][paris][:, 9] == 0).all() and (out["h"][~paris & mask][:, 9] != 0).all()
+
+
+def test_dense_neuron_zero_equals_zeroing_the_down_proj_column(smollm2):
+    enc = smollm2.tokenizer(["The capital of France is"], return_tensors="pt")
+    with apply(smollm2, [dict(op="zero_neuron", layers=3, channel=100)]):
+        ours = logits(smollm2, enc)
+    w = smollm2.model.model.layers[3].mlp.down_proj.weight
+    saved = w[:, 100].clone()
+    with torch.no_grad():
+        w[:, 100] = 0
+    try:
+        ref = logits(smollm2, enc)
+    finally:
+        with torch.no_grad():
+            w[:, 100] = saved
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_round_trip_and_validation(tmp_path):
+    ivs = parse([dict(op="drop", layer=2, expert=3), dict(op="scale_channel", layers=[0, 1], channel=4, factor=0.5,
+                                                           positions=[0])])
+    assert parse([iv.to_dict() for iv in ivs]) == ivs
+    import yaml
+
+    f = tmp_path / "iv.yaml"
+    f.write_text(yaml.safe_dump({"interventions": [iv.to_dict() for iv in ivs]}))
+    assert load_file(f) == ivs
+    lm = load("zoo:qwen2-moe")
+    bad = [
+        (dict(op="explode", layers=1, expert=0), "field 'op'"),
+        (dict(op="zero", layers=1), "needs field 'expert'"),
+        (dict(op="zero", layers=1, expert=0, colour="red"), "unknown field 'colour'"),
+        (dict(op="zero", layers="one", expert=0), "field 'layers'"),
+    ]
+    for d, msg in bad:
+        with pytest.raises(WorkbenchError, match=msg):
+            Intervention.from_dict(d)
+    with pytest.raises(WorkbenchError, match="field 'expert': routed expert 8 out of range"):
+        apply(lm, [dict(op="zero", layers=1, expert=8)])
+    with pytest.raises(WorkbenchError, match="layer 9 out of range"):
+        apply(lm, [dict(op="drop", layers=9, expert=0)])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("interventions:\n  - op: zero\n    layers: [1\n")
+    with pytest.raises(WorkbenchError, match="line"):
+        load_file(broken)

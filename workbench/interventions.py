@@ -1,0 +1,378 @@
+"""Declarative interventions on experts, routers and channels, applied as a context manager.
+
+An :class:`Intervention` is a small serialisable record (dict / JSON / YAML) saying *what* to change;
+:func:`apply` installs hooks that do it and removes them on exit, so the model is restored exactly.
+
+Operations (``op``):
+
+* ``zero``   an expert's output (the router still sends tokens to it: the paper's pruning);
+* ``scale``  an expert's output by ``factor`` (for routed experts: its routing weight, equivalently);
+* ``drop``   an expert from routing: it cannot be chosen, top-k is re-picked and renormalised as the
+  architecture does;
+* ``force``  an expert into every token's top-k with routing weight ``weight`` (it replaces the
+  lowest-weighted choice when not already chosen);
+* ``bias``   add ``value`` to an expert's router logit (steering), then route as usual;
+* ``zero_channel`` / ``scale_channel``: a residual-stream channel at the output of ``layers``;
+* ``zero_neuron`` / ``scale_neuron``: a neuron (``channel``) of a dense MLP, at down_proj's input.
+
+``kind`` picks routed (default) or shared experts. ``layers`` is one layer or a list. ``positions``
+restricts the change to token positions (negative counts from the end of each prompt, padding
+ignored) and ``token`` to tokens whose text contains that string.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from workbench.errors import WorkbenchError
+
+EXPERT_OPS = ("zero", "scale", "drop", "force", "bias")
+CHANNEL_OPS = ("zero_channel", "scale_channel", "zero_neuron", "scale_neuron")
+OPS = EXPERT_OPS + CHANNEL_OPS
+
+
+@dataclass(frozen=True)
+class Intervention:
+    op: str
+    layers: tuple[int, ...]
+    expert: int | None = None
+    channel: int | None = None
+    kind: str = "routed"  # routed | shared (expert ops)
+    factor: float = 0.0  # scale ops
+    weight: float = 1.0  # force
+    value: float = 0.0  # bias
+    positions: tuple[int, ...] | None = None
+    token: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "intervention") -> "Intervention":
+        if not isinstance(d, dict):
+            raise WorkbenchError(f"{where}: expected a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} | {"layer"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise WorkbenchError(f"{where}: unknown field {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        d = dict(d)
+        if "layer" in d:
+            d["layers"] = d.pop("layer")
+        if "op" not in d or d["op"] not in OPS:
+            raise WorkbenchError(f"{where}: field 'op' must be one of {', '.join(OPS)}, got {d.get('op')!r}")
+        if "layers" not in d:
+            raise WorkbenchError(f"{where}: field 'layers' is required")
+        layers = d["layers"] if isinstance(d["layers"], (list, tuple)) else [d["layers"]]
+        if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            raise WorkbenchError(f"{where}: field 'layers' must be an integer or a list of integers")
+        d["layers"] = tuple(layers)
+        if d.get("positions") is not None:
+            pos = d["positions"] if isinstance(d["positions"], (list, tuple)) else [d["positions"]]
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in pos):
+                raise WorkbenchError(f"{where}: field 'positions' must be integers")
+            d["positions"] = tuple(pos)
+        for name in ("factor", "weight", "value"):
+            if name in d and not isinstance(d[name], (int, float)):
+                raise WorkbenchError(f"{where}: field {name!r} must be a number")
+        iv = cls(**d)
+        iv._check_shape(where)
+        return iv
+
+    def _check_shape(self, where: str) -> None:
+        if self.op in EXPERT_OPS:
+            if self.expert is None:
+                raise WorkbenchError(f"{where}: op {self.op!r} needs field 'expert'")
+            if self.kind not in ("routed", "shared"):
+                raise WorkbenchError(f"{where}: field 'kind' must be 'routed' or 'shared'")
+            if self.kind == "shared" and self.op not in ("zero", "scale"):
+                raise WorkbenchError(f"{where}: shared experts support only 'zero' and 'scale'")
+        elif self.channel is None:
+            raise WorkbenchError(f"{where}: op {self.op!r} needs field 'channel'")
+
+    def to_dict(self) -> dict:
+        out = {"op": self.op, "layers": list(self.layers)}
+        defaults = Intervention(op="zero", layers=(0,))
+        for f in dataclasses.fields(self):
+            if f.name in ("op", "layers"):
+                continue
+            v = getattr(self, f.name)
+            if v != getattr(defaults, f.name):
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def validate(self, lm, where: str = "intervention") -> None:
+        """Check layer / expert / channel indices against the model; raise a one-line error naming the field."""
+        infos = lm.layer_infos()
+        hidden = int(lm.config.hidden_size)
+        for layer in self.layers:
+            if not 0 <= layer < len(infos):
+                raise WorkbenchError(f"{where}: field 'layers': layer {layer} out of range (model has {len(infos)})")
+            info = infos[layer]
+            if self.op in EXPERT_OPS:
+                if info.kind != "moe":
+                    raise WorkbenchError(f"{where}: field 'layers': layer {layer} is dense and has no experts")
+                limit = info.num_experts if self.kind == "routed" else info.num_shared
+                if not 0 <= self.expert < limit:
+                    raise WorkbenchError(f"{where}: field 'expert': {self.kind} expert {self.expert} out of range "
+                                         f"(layer {layer} has {limit})")
+                if info.layout == "modulelist" and (self.op == "force" or self.positions or self.token):
+                    raise WorkbenchError(f"{where}: op {self.op!r} with positions/token is not supported for "
+                                         "ModuleList experts")
+            elif self.op in ("zero_neuron", "scale_neuron"):
+                if info.kind != "dense":
+                    raise WorkbenchError(f"{where}: op {self.op!r} needs a dense MLP layer; layer {layer} is MoE")
+                inter = lm.adapter.dense_down_proj(lm.adapter.decoder_layers(lm.model)[layer]).weight
+                size = inter.shape[1] if inter.shape[0] == hidden else inter.shape[0]
+                if not 0 <= self.channel < size:
+                    raise WorkbenchError(f"{where}: field 'channel': neuron {self.channel} out of range ({size})")
+            elif not 0 <= self.channel < hidden:
+                raise WorkbenchError(f"{where}: field 'channel': {self.channel} out of range (hidden size {hidden})")
+
+
+def parse(items: Any, where: str = "interventions") -> list[Intervention]:
+    """Interventions from a list of dicts (as read from YAML/JSON)."""
+    if isinstance(items, dict):
+        items = [items]
+    if not isinstance(items, list):
+        raise WorkbenchError(f"{where}: expected a list of interventions")
+    return [Intervention.from_dict(d, f"{where}[{i}]") for i, d in enumerate(items)]
+
+
+def load_file(path: str | Path) -> list[Intervention]:
+    """Read interventions from a .json or .yaml file (a list, or a mapping with key 'interventions')."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise WorkbenchError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else (f" line {e.lineno}" if hasattr(e, "lineno") else "")
+        raise WorkbenchError(f"{path}:{line}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}") from None
+    if isinstance(data, dict) and "interventions" in data:
+        data = data["interventions"]
+    return parse(data, str(path))
+
+
+# ----- application -------------------------------------------------------------------------------
+class _Tokens:
+    """The current forward pass's token ids [B, t] and attention mask [B, T >= t] (t < T with a KV cache)."""
+
+    def __init__(self):
+        self.ids: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+
+
+class Applied:
+    """Hooks for a set of interventions; use as a context manager (see :func:`apply`)."""
+
+    def __init__(self, lm, interventions: Sequence[Intervention]):
+        self.lm = lm
+        self.interventions = list(interventions)
+        for i, iv in enumerate(self.interventions):
+            iv.validate(lm, f"intervention {i}")
+        self._handles: list = []
+        self._tokens = _Tokens()
+        self._decoded: dict[int, str] = {}
+
+    def __enter__(self) -> "Applied":
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # ----- scope -------------------------------------------------------------------------------
+    def _scope(self, iv: Intervention, rows: int) -> torch.Tensor | None:
+        """[rows] bool mask of the tokens this intervention touches (None: all)."""
+        if iv.positions is None and iv.token is None:
+            return None
+        ids = self._tokens.ids
+        if ids is None or ids.numel() != rows:
+            raise RuntimeError("intervention scope needs the token ids of the current forward pass")
+        b, t = ids.shape
+        full = self._tokens.mask
+        if full is None or full.shape[0] != b or full.shape[1] < t:
+            full = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+        full = full.bool()
+        keep = full[:, -t:].clone()  # the current tokens are the last t columns
+        if iv.positions is not None:
+            lengths = full.sum(-1, keepdim=True)  # right padding: real tokens first
+            pos = torch.arange(full.shape[1] - t, full.shape[1], device=ids.device).expand(b, t)
+            hit = torch.zeros_like(keep)
+            for p in iv.positions:
+                hit |= pos == (p if p >= 0 else lengths + p)
+            keep &= hit
+        if iv.token is not None:
+            tok = self.lm.tokenizer
+            for v in ids.unique().tolist():
+                if v not in self._decoded:
+                    self._decoded[v] = tok.decode([v])
+            match = torch.tensor([iv.token in self._decoded[v] for v in ids.flatten().tolist()], device=ids.device)
+            keep &= match.view(b, t)
+        return keep.reshape(-1)
+
+    def _hook(self, module: nn.Module, fn, pre: bool = False) -> None:
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        self._handles.append(register(fn, with_kwargs=True))
+
+    # ----- install -------------------------------------------------------------------------------
+    def _install(self) -> None:
+        ad, model = self.lm.adapter, self.lm.model
+
+        def read_ids(mod, args, kwargs):
+            self._tokens.ids = args[0] if args else kwargs.get("input_ids")
+            self._tokens.mask = kwargs.get("attention_mask")
+        self._hook(model, read_ids, pre=True)
+        layers = ad.decoder_layers(model)
+        by_layer: dict[int, list[Intervention]] = {}
+        for iv in self.interventions:
+            for layer in iv.layers:
+                by_layer.setdefault(layer, []).append(iv)
+        for idx, ivs in sorted(by_layer.items()):
+            layer, info = layers[idx], self.lm.layer_infos()[idx]
+            routing = [iv for iv in ivs if iv.op in ("drop", "force", "bias")]
+            weighting = [iv for iv in ivs if iv.op in ("zero", "scale") and iv.kind == "routed"]
+            if routing:
+                self._install_routing(layer, info, routing)
+            if weighting:
+                self._install_weighting(layer, info, weighting)
+            for iv in ivs:
+                if iv.op in ("zero", "scale") and iv.kind == "shared":
+                    self._install_output_scale(ad.shared_experts(layer)[iv.expert], iv)
+                elif iv.op in ("zero_channel", "scale_channel"):
+                    self._install_channel(layer, iv)
+                elif iv.op in ("zero_neuron", "scale_neuron"):
+                    self._install_neuron(ad.dense_down_proj(layer), iv)
+
+    def _install_routing(self, layer, info, ivs: list[Intervention]) -> None:
+        ad, model = self.lm.adapter, self.lm.model
+        router = ad.router(layer)
+
+        def adjust_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            logits = logits.clone()
+            exclude = None
+            for iv in ivs:
+                scope = self._scope(iv, logits.shape[0])
+                rows = slice(None) if scope is None else scope
+                if iv.op == "bias":
+                    logits[rows, iv.expert] += iv.value
+                elif iv.op == "drop":
+                    if exclude is None:
+                        exclude = torch.zeros_like(logits, dtype=torch.bool)
+                    exclude[rows, iv.expert] = True
+            return logits, exclude
+
+        def force(weights: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            for iv in ivs:
+                if iv.op != "force":
+                    continue
+                weights, index = weights.clone(), index.clone()
+                scope = self._scope(iv, index.shape[0])
+                chosen = (index == iv.expert).any(-1)
+                last = weights.argmin(-1)  # the lowest-weighted choice makes room
+                rows = torch.arange(index.shape[0], device=index.device)
+                slot = torch.where(chosen, (index == iv.expert).int().argmax(-1), last)
+                apply = torch.ones_like(chosen) if scope is None else scope
+                index[rows[apply], slot[apply]] = iv.expert
+                weights[rows[apply], slot[apply]] = iv.weight
+            return weights, index
+
+        if info.layout == "fused":
+            def hook(mod, args, kwargs, out):
+                logits = out[0]
+                new_logits, exclude = adjust_logits(logits)
+                if exclude is None and not any(iv.op == "bias" for iv in ivs):
+                    weights, index = out[1], out[2]
+                else:
+                    weights, index = ad.select_experts(model, new_logits, router, exclude=exclude)
+                weights, index = force(weights, index)
+                return (logits, weights.to(out[1].dtype), index)
+        else:  # ModuleList: the block routes from the gate's logits itself
+            def hook(mod, args, kwargs, out):
+                logits, exclude = adjust_logits(out)
+                return logits if exclude is None else logits.masked_fill(exclude, float("-inf"))
+        self._hook(router, hook)
+
+    def _install_weighting(self, layer, info, ivs: list[Intervention]) -> None:
+        ad = self.lm.adapter
+        if info.layout == "fused":
+            def pre(mod, args, kwargs):
+                args, kwargs = list(args), dict(kwargs)
+                get = lambda i, k: args[i] if len(args) > i else kwargs[k]  # noqa: E731
+                index, weights = get(1, "top_k_index"), get(2, "top_k_weights").clone()
+                for iv in ivs:
+                    scope = self._scope(iv, index.shape[0])
+                    hit = index == iv.expert
+                    if scope is not None:
+                        hit &= scope[:, None]
+                    weights = torch.where(hit, weights * (0.0 if iv.op == "zero" else iv.factor), weights)
+                if len(args) > 2:
+                    args[2] = weights
+                else:
+                    kwargs["top_k_weights"] = weights
+                return tuple(args), kwargs
+            self._hook(ad.experts(layer), pre, pre=True)
+        else:
+            for iv in ivs:
+                self._install_output_scale(ad.experts(layer)[iv.expert], iv)
+
+    def _install_output_scale(self, module: nn.Module, iv: Intervention) -> None:
+        f = 0.0 if iv.op == "zero" else iv.factor
+
+        def hook(mod, args, kwargs, out):
+            flat = out.reshape(-1, out.shape[-1])
+            scope = self._scope(iv, flat.shape[0]) if (iv.positions or iv.token) else None
+            if scope is None:
+                return out * f
+            return torch.where(scope[:, None], flat * f, flat).reshape(out.shape)
+        self._hook(module, hook)
+
+    def _install_channel(self, layer: nn.Module, iv: Intervention) -> None:
+        f = 0.0 if iv.op == "zero_channel" else iv.factor
+
+        def hook(mod, args, kwargs, out):
+            hs = out[0] if isinstance(out, tuple) else out
+            hs = hs.clone()
+            flat = hs.view(-1, hs.shape[-1])
+            scope = self._scope(iv, flat.shape[0])
+            rows = slice(None) if scope is None else scope
+            flat[rows, iv.channel] *= f
+            return (hs, *out[1:]) if isinstance(out, tuple) else hs
+        self._hook(layer, hook)
+
+    def _install_neuron(self, down_proj: nn.Module, iv: Intervention) -> None:
+        f = 0.0 if iv.op == "zero_neuron" else iv.factor
+
+        def pre(mod, args, kwargs):
+            x = (args[0] if args else kwargs["input"]).clone()
+            flat = x.view(-1, x.shape[-1])
+            scope = self._scope(iv, flat.shape[0])
+            rows = slice(None) if scope is None else scope
+            flat[rows, iv.channel] *= f
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "input": x})
+        self._hook(down_proj, pre, pre=True)
+
+
+def apply(lm, interventions: Iterable[Intervention | dict]) -> Applied:
+    """``with apply(lm, [...]):`` run the model with the interventions; leaving restores it exactly."""
+    ivs = [iv if isinstance(iv, Intervention) else Intervention.from_dict(iv) for iv in interventions]
+    return Applied(lm, ivs)
