@@ -131,6 +131,27 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from workbench.models.specs import load
+    from workbench.studies import Study, summarise
+
+    study = Study.from_file(args.study)  # a malformed study fails here, before any model work
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a directory")
+    lm = load(args.model, device=args.device)
+    df = study.run(lm, out, progress=not args.quiet)
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 4):
+        print(summarise(df))
+    gens = df[df.metric == "generations"]
+    for c, t in zip(gens.condition, gens.text):
+        print(f"  [{c}] {t!r}")
+    print(f"wrote {out / 'results.csv'}, results.parquet, results.png and study.resolved.yaml")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="workbench", description="Look inside (MoE) language models and change them.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -180,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.add_argument("--out", required=True, help="output folder")
     pr.set_defaults(func=cmd_profile)
+    ab = sub.add_parser("ablate", help="run a scripted ablation study (conditions x metrics)",
+                        description="Run the conditions of STUDY (YAML/JSON; see workbench/studies.py) on MODEL and "
+                                    "write OUT/results.csv, results.parquet, results.png, study.resolved.yaml. "
+                                    "Finished conditions are kept in OUT/conditions/; re-running resumes.")
+    ab.add_argument("model", help="model spec (see `workbench models`)")
+    ab.add_argument("--study", required=True, help="study file (.yaml or .json)")
+    ab.add_argument("--device", default="cpu")
+    ab.add_argument("--quiet", action="store_true", help="no progress bar")
+    ab.add_argument("--out", required=True, help="output folder")
+    ab.set_defaults(func=cmd_ablate)
     return p
 
 

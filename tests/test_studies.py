@@ -1,0 +1,107 @@
+"""Ablation studies: validated before model work, complete tables, reproducible, resumable."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from workbench import metrics as M
+from workbench.errors import WorkbenchError
+from workbench.models.specs import load
+from workbench.studies import Study
+
+SMALL = {"name": "t", "num_texts": 6, "seeds": [0, 1], "max_new_tokens": 4,
+         "metrics": ["perplexity", "accuracy", "sink", "massive", "kl", "generations"],
+         "generation_prompts": ["The capital of France is"],
+         "conditions": [{"name": "drop L1 E3", "interventions": [{"op": "drop", "layers": 1, "expert": 3}]},
+                        {"generate": "each_super_expert"}, {"generate": "random_experts", "k": 1}]}
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """zoo:qwen3-moe with a planted super expert (layer 0, expert 5, channel 17)."""
+    lm = load("zoo:qwen3-moe")
+    with __import__("torch").no_grad():
+        lm.adapter.experts(lm.adapter.decoder_layers(lm.model)[0]).down_proj[5][17] *= 500.0
+    return lm
+
+
+def test_study_table_and_resolution(planted, tmp_path):
+    df = Study(SMALL).run(planted, tmp_path, progress=False)
+    conds = list(dict.fromkeys(df.condition))
+    assert conds == ["baseline", "drop L1 E3", "super L0.R5", "random x1 seed 0", "random x1 seed 1"]
+    num = df[df.metric != "generations"]
+    assert (num.groupby("condition").size() == 5).all()
+    assert ((num.ci_low <= num["mean"] + 1e-12) & (num["mean"] <= num.ci_high + 1e-12)).all()
+    base = num[num.condition == "baseline"].set_index("metric")["mean"]
+    assert base["kl"] == 0 and base["perplexity"] > 1
+    assert (num[(num.condition != "baseline") & (num.metric == "kl")]["mean"] > 0).all()
+    assert len(df[df.metric == "generations"]) == len(conds)
+    # The resolved study spells every condition out and reproduces them.
+    resolved = yaml.safe_load((tmp_path / "study.resolved.yaml").read_text())
+    names = [c["name"] for c in resolved["conditions"]]
+    assert names == conds
+    random0 = resolved["conditions"][3]["interventions"]
+    assert len(random0) == 1 and random0[0]["layers"] == [0] and random0[0]["expert"] != 5
+    again = pd.read_csv(tmp_path / "results.csv")
+    assert list(again.condition) == list(df.condition)
+
+
+def test_interrupted_study_resumes(planted, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = M.text_metrics
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(M, "text_metrics", flaky)
+    spec = dict(SMALL, conditions=SMALL["conditions"][:1] + [{"name": "zero L2 E1",
+                                                              "interventions": [{"op": "zero", "layers": 2, "expert": 1}]}],
+                metrics=["perplexity", "kl"])
+    with pytest.raises(KeyboardInterrupt):
+        Study(spec).run(planted, tmp_path, progress=False)
+    saved = sorted(p.name for p in (tmp_path / "conditions").iterdir())
+    assert saved == ["baseline.json", "drop_L1_E3.json"] and not (tmp_path / "results.csv").exists()
+    monkeypatch.setattr(M, "text_metrics", real)
+    df = Study(spec).run(planted, tmp_path, progress=False)
+    assert list(dict.fromkeys(df.condition)) == ["baseline", "drop L1 E3", "zero L2 E1"]
+    fresh = Study(spec).run(planted, tmp_path / "fresh", progress=False)
+    pd.testing.assert_frame_equal(df.drop(columns="seconds"), fresh.drop(columns="seconds"))
+
+
+def test_planted_super_expert_ablation_beats_random_controls(planted):
+    df = Study(dict(SMALL, metrics=["perplexity", "kl"], seeds=[0, 1, 2], conditions=[
+        {"generate": "each_super_expert"}, {"generate": "random_experts", "k": 1}])).run(planted, progress=False)
+    kl = df[df.metric == "kl"].set_index("condition")["mean"]
+    assert kl["super L0.R5"] > 0
+    assert all(kl["super L0.R5"] > 5 * kl[f"random x1 seed {s}"] for s in (0, 1, 2))
+
+
+BAD = [
+    ("metrics: [perplexity, bogus]\nconditions: []\n", "unknown metric 'bogus'"),
+    ("conditions:\n  - name: a\n    interventions:\n      - {op: zero, layers: 1}\n", "line 4: conditions[0].interventions[0]: op 'zero' needs field 'expert'"),
+    ("conditions:\n  - name: a\n    interventions: [{op: zero, layers: 1, expert: 99}]\n", "expert 99 out of range"),
+    ("conditions:\n  - name: a\n    interventions: [{op: zero, layers: [1\n", "line 4: not valid YAML"),
+    ("conditions:\n  - generate: every_expert\n", "line 2: conditions[0]: field 'generate'"),
+    ("colour: red\nconditions: []\n", "unknown field 'colour'"),
+]
+
+
+@pytest.mark.parametrize("text,msg", BAD)
+def test_malformed_study_fails_before_model_work(tmp_path, text, msg):
+    f = tmp_path / "study.yaml"
+    f.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "workbench", "ablate", "zoo:qwen3-moe", "--study", str(f), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_study_rejects_duplicate_and_baseline_names():
+    with pytest.raises(WorkbenchError, match="used twice"):
+        Study({"conditions": [{"name": "baseline"}]})

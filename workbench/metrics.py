@@ -1,0 +1,126 @@
+"""Per-prompt metrics for ablation studies: each returns one value per prompt, so conditions get a
+mean and a confidence interval over prompts (and seeds).
+
+* ``perplexity``: exp of the mean next-token negative log-likelihood of each text;
+* ``accuracy``: multiple-choice cloze (built-in capitals and arithmetic): the option with the highest
+  summed log-probability wins; 1 or 0 per item;
+* ``sink``: mean share of attention on position 0 (layers x heads x queries >= 1) per text;
+* ``massive``: the largest |residual| over layers (the final normed state excluded) per text;
+* ``kl``: mean over positions of KL(baseline || condition) of the next-token distribution;
+* ``generations``: greedy continuations of a few prompts (text, no statistic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from workbench.data import DATA_DIR
+
+METRICS = ("perplexity", "accuracy", "sink", "massive", "kl", "generations")
+
+
+@dataclass(frozen=True)
+class ClozeItem:
+    prompt: str
+    options: tuple[str, ...]
+    answer: int
+    task: str = ""
+
+
+def default_cloze() -> list[ClozeItem]:
+    items = []
+    for line in (DATA_DIR / "cloze.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        items.append(ClozeItem(d["prompt"], tuple(d["options"]), int(d["answer"]), d.get("task", "")))
+    return items
+
+
+def _batches(lm, texts: Sequence[str], size: int):
+    for i in range(0, len(texts), size):
+        chunk = list(texts[i:i + size])
+        ids = [lm.tokenizer(t)["input_ids"] for t in chunk]
+        width = max(len(x) for x in ids)
+        pad = lm.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.int64)
+        mask = torch.zeros((len(ids), width), dtype=torch.int64)
+        for r, x in enumerate(ids):
+            input_ids[r, :len(x)] = torch.tensor(x)
+            mask[r, :len(x)] = 1
+        yield input_ids.to(lm.device), mask.to(lm.device)
+
+
+@torch.no_grad()
+def text_metrics(lm, texts: Sequence[str], want: set[str], baseline_logprobs: list | None = None,
+                 batch_size: int = 8) -> tuple[dict[str, list[float]], list[torch.Tensor]]:
+    """Per-text perplexity / sink / massive / kl in one pass; also returns per-text log-probs (for KL)."""
+    out: dict[str, list[float]] = {k: [] for k in ("perplexity", "sink", "massive", "kl") if k in want}
+    logprobs: list[torch.Tensor] = []
+    need_att = "sink" in want
+    for input_ids, mask in _batches(lm, texts, batch_size):
+        res = lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False, output_attentions=need_att,
+                       output_hidden_states="massive" in want)
+        lp = torch.log_softmax(res.logits.float(), -1)
+        for r in range(input_ids.shape[0]):
+            n = int(mask[r].sum())
+            if "perplexity" in out:
+                nll = -lp[r, : n - 1].gather(1, input_ids[r, 1:n, None]).mean() if n > 1 else torch.tensor(math.nan)
+                out["perplexity"].append(float(torch.exp(nll)))
+            if need_att:
+                shares = [a[r, :, 1:n, 0].double().mean() for a in res.attentions] if n > 1 else []
+                out["sink"].append(float(torch.stack(shares).mean()) if shares else math.nan)
+            if "massive" in out:
+                hs = res.hidden_states[1:-1] or res.hidden_states[1:]
+                out["massive"].append(float(max(h[r, :n].abs().max() for h in hs)))
+            if "kl" in want or baseline_logprobs is None:
+                logprobs.append(lp[r, :n].cpu())
+    if "kl" in out and baseline_logprobs is not None:
+        for base, cond in zip(baseline_logprobs, logprobs):
+            out["kl"].append(float(F.kl_div(cond, base, log_target=True, reduction="none").sum(-1).mean()))
+    return out, logprobs
+
+
+@torch.no_grad()
+def cloze_accuracy(lm, items: Sequence[ClozeItem]) -> list[float]:
+    scores = []
+    for item in items:
+        prompt = lm.tokenizer(item.prompt)["input_ids"]
+        best, best_i = -math.inf, -1
+        for i, opt in enumerate(item.options):
+            full = lm.tokenizer(item.prompt + opt)["input_ids"]
+            ids = torch.tensor([full], device=lm.device)
+            lp = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+            s = float(sum(lp[t - 1, full[t]] for t in range(len(prompt), len(full))))
+            if s > best:
+                best, best_i = s, i
+        scores.append(1.0 if best_i == item.answer else 0.0)
+    return scores
+
+
+@torch.no_grad()
+def generations(lm, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
+    out = []
+    for p in prompts:
+        ids = lm.tokenizer(p, return_tensors="pt").input_ids.to(lm.device)
+        gen = lm.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=lm.tokenizer.pad_token_id)
+        out.append(lm.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def mean_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float, float, int]:
+    """Mean and a normal-approximation 95 % interval over the finite values."""
+    v = torch.tensor([x for x in values if x == x and math.isfinite(x)], dtype=torch.float64)
+    n = int(v.numel())
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    m = float(v.mean())
+    if n == 1:
+        return m, m, m, 1
+    half = z * float(v.std(unbiased=True)) / math.sqrt(n)
+    return m, m - half, m + half, n
