@@ -105,3 +105,35 @@ def test_malformed_study_fails_before_model_work(tmp_path, text, msg):
 def test_study_rejects_duplicate_and_baseline_names():
     with pytest.raises(WorkbenchError, match="used twice"):
         Study({"conditions": [{"name": "baseline"}]})
+
+
+def test_contrast_finds_a_planted_behaviour_expert(tmp_path):
+    """The same prompts, with expert 6 of layer 1 forced on ' zebra' tokens in the positive run only:
+    the ranking must put (1, 6) first, significantly."""
+    from workbench.experts.contrast import rank, routing_by_prompt, top_interventions
+    from workbench.interventions import apply
+
+    lm = load("zoo:olmoe")
+    positive = [f"The zebra number {i} runs across the plain near zebra {i + 1}." for i in range(12)]
+    negative = [f"The horse number {i} runs across the plain near horse {i + 1}." for i in range(12)]
+    with apply(lm, [dict(op="force", layers=1, expert=6, weight=0.5, token="zebra")]):
+        forced = routing_by_prompt(lm, positive, progress=False)
+    df = rank(forced, routing_by_prompt(lm, positive, progress=False))
+    top = df.iloc[0]
+    assert (top.layer, top.expert) == (1, 6) and top.freq_diff > 0.05 and top.p_value < 1e-4
+    assert top.freq_diff > 5 * df.freq_diff.iloc[1]  # later layers shift a little, far less
+    ivs = top_interventions(df, 3)
+    assert ivs[0].op == "drop" and ivs[0].layers == (1,) and ivs[0].expert == 6
+    # the CLI writes the table and a study that `workbench ablate` accepts
+    (tmp_path / "p.txt").write_text("\n".join(positive))
+    (tmp_path / "n.txt").write_text("\n".join(negative))
+    r = subprocess.run([sys.executable, "-m", "workbench", "contrast", "zoo:olmoe", "--positive", str(tmp_path / "p.txt"),
+                        "--negative", str(tmp_path / "n.txt"), "--top", "2", "--quiet", "--out", str(tmp_path / "c")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    study = Study.from_file(tmp_path / "c" / "interventions.yaml")
+    assert len(study.explicit) == 1 and len(study.explicit[0].interventions) == 2
+    dense = subprocess.run([sys.executable, "-m", "workbench", "contrast", "smollm2-135m", "--positive",
+                            str(tmp_path / "p.txt"), "--negative", str(tmp_path / "n.txt"), "--out", str(tmp_path / "d")],
+                           capture_output=True, text=True, timeout=300)
+    assert dense.returncode == 2 and "dense model" in dense.stderr

@@ -152,6 +152,27 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def cmd_contrast(args) -> int:
+    from workbench.data import read_prompts
+    from workbench.experts.contrast import contrast, write
+    from workbench.models.specs import load
+
+    positive, negative = read_prompts(args.positive), read_prompts(args.negative)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a directory")
+    lm = load(args.model, device=args.device)
+    if not any(i.kind == "moe" for i in lm.layer_infos()):
+        raise WorkbenchError(f"{args.model} is a dense model: contrast ranks routed experts and needs an MoE model")
+    df = contrast(lm, positive, negative, batch_size=args.batch_size, progress=not args.quiet)
+    write(df, out, args.top, args.op)
+    cols = ["rank", "layer", "expert", "freq_pos", "freq_neg", "freq_diff", "p_value"]
+    print(df[cols].head(args.top).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"wrote {out / 'contrast.csv'}, contrast.parquet, contrast.png and {out / 'interventions.yaml'} "
+          f"(run it with: workbench ablate {args.model} --study {out / 'interventions.yaml'} --out DIR)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="workbench", description="Look inside (MoE) language models and change them.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -201,6 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.add_argument("--out", required=True, help="output folder")
     pr.set_defaults(func=cmd_profile)
+    co = sub.add_parser("contrast", help="rank experts routed more on positive than negative prompts",
+                        description="Rank every (layer, expert) of MODEL by routing frequency on the POSITIVE "
+                                    "prompts minus the NEGATIVE ones, with Welch's t-test over prompts; write "
+                                    "OUT/contrast.csv|parquet|png and OUT/interventions.yaml (a study of the top K).")
+    co.add_argument("model", help="model spec (an MoE model)")
+    co.add_argument("--positive", required=True, help="text file, one prompt per line")
+    co.add_argument("--negative", required=True, help="text file, one prompt per line")
+    co.add_argument("--top", type=int, default=10, help="experts in the ready intervention set")
+    co.add_argument("--op", choices=["drop", "zero"], default="drop")
+    co.add_argument("--batch-size", type=int, default=8)
+    co.add_argument("--device", default="cpu")
+    co.add_argument("--quiet", action="store_true")
+    co.add_argument("--out", required=True)
+    co.set_defaults(func=cmd_contrast)
+
     ab = sub.add_parser("ablate", help="run a scripted ablation study (conditions x metrics)",
                         description="Run the conditions of STUDY (YAML/JSON; see workbench/studies.py) on MODEL and "
                                     "write OUT/results.csv, results.parquet, results.png, study.resolved.yaml. "

@@ -1,0 +1,120 @@
+"""Experts for a behaviour (MoTE's fTRI idea): which experts the router picks more on positive prompts.
+
+For every prompt and MoE layer we record each expert's routing frequency (share of the prompt's
+tokens whose top-k includes it) and mean routing probability. Experts are ranked by the difference
+of mean frequency, positive minus negative, with Welch's t-test over prompts as the significance
+figure. The top of the list is a ready intervention set.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from workbench.interventions import Intervention
+from workbench.tracing.reducers import Payload
+from workbench.tracing.runner import tokenize, trace
+from workbench.tracing.sites import Component, all_sites
+
+
+class PerPromptRouting:
+    """Sink for one router site: per-prompt expert counts and summed routing probabilities."""
+
+    def __init__(self, token_prompt: torch.Tensor, num_prompts: int, num_experts: int):
+        self.token_prompt = token_prompt
+        self.counts = torch.zeros(num_prompts, num_experts, dtype=torch.float64)
+        self.prob = torch.zeros(num_prompts, num_experts, dtype=torch.float64)
+        self.tokens = torch.zeros(num_prompts, dtype=torch.float64)
+
+    def update(self, p: Payload) -> None:
+        prompt = self.token_prompt[p.tokens.cpu()]
+        onehot = torch.zeros(p.values.shape, dtype=torch.float64)
+        onehot.scatter_(1, p.topk.cpu().to(torch.int64), 1.0)
+        self.counts.index_add_(0, prompt, onehot)
+        self.prob.index_add_(0, prompt, torch.softmax(p.values.detach().cpu().double(), -1))
+        self.tokens.index_add_(0, prompt, torch.ones(len(prompt), dtype=torch.float64))
+
+
+def routing_by_prompt(lm, prompts: Sequence[str], batch_size: int = 8, progress: bool = True) -> dict:
+    """{layer: (frequency [P, E], probability [P, E])} for every MoE layer."""
+    ids = tokenize(lm, prompts)
+    token_prompt = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(x) for x in ids]))
+    sites = all_sites(lm.adapter, lm.model, [Component.ROUTER])
+    infos = lm.layer_infos()
+    sinks = {s: [PerPromptRouting(token_prompt, len(ids), infos[s.layer].num_experts)] for s in sites}
+    trace(lm, prompts, sites, reducers=(), batch_size=batch_size, progress=progress, sinks=sinks)
+    out = {}
+    for s, (r,) in sinks.items():
+        n = r.tokens.clamp(min=1)[:, None]
+        out[s.layer] = (r.counts / n, r.prob / n)
+    return out
+
+
+def _welch(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    from scipy import stats
+
+    if a.numel() < 2 or b.numel() < 2 or (a.std() == 0 and b.std() == 0):
+        return (math.inf if a.mean() != b.mean() else 0.0), (0.0 if a.mean() != b.mean() else 1.0)
+    t, p = stats.ttest_ind(a.numpy(), b.numpy(), equal_var=False)
+    return float(t), float(p)
+
+
+def contrast(lm, positive: Sequence[str], negative: Sequence[str], batch_size: int = 8,
+             progress: bool = True) -> pd.DataFrame:
+    """One row per (layer, expert), sorted by frequency difference (positive - negative), largest first."""
+    return rank(routing_by_prompt(lm, positive, batch_size, progress),
+                routing_by_prompt(lm, negative, batch_size, progress))
+
+
+def rank(pos: dict, neg: dict) -> pd.DataFrame:
+    """Rank experts from two ``routing_by_prompt`` results."""
+    rows = []
+    for layer in pos:
+        (fp, pp), (fn, pn) = pos[layer], neg[layer]
+        for e in range(fp.shape[1]):
+            t, p = _welch(fp[:, e], fn[:, e])
+            rows.append({"layer": layer, "expert": e, "freq_pos": float(fp[:, e].mean()),
+                         "freq_neg": float(fn[:, e].mean()), "freq_diff": float(fp[:, e].mean() - fn[:, e].mean()),
+                         "prob_pos": float(pp[:, e].mean()), "prob_neg": float(pn[:, e].mean()),
+                         "prob_diff": float(pp[:, e].mean() - pn[:, e].mean()), "t": t, "p_value": p})
+    df = pd.DataFrame(rows).sort_values(["freq_diff", "layer", "expert"], ascending=[False, True, True])
+    df["rank"] = range(1, len(df) + 1)
+    return df.reset_index(drop=True)
+
+
+def top_interventions(df: pd.DataFrame, k: int, op: str = "drop") -> list[Intervention]:
+    return [Intervention(op, (int(r.layer),), expert=int(r.expert)) for r in df.head(k).itertuples()]
+
+
+def write(df: pd.DataFrame, out: Path, k: int, op: str) -> list[Path]:
+    import yaml
+
+    from workbench.io import atomic_path, write_text
+
+    with atomic_path(out / "contrast.parquet") as tmp:
+        df.to_parquet(tmp, index=False)
+    with atomic_path(out / "contrast.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    study = {"name": "contrast-top-experts", "conditions": [
+        {"name": f"{op} top {k} contrast experts", "interventions": [iv.to_dict() for iv in top_interventions(df, k, op)]}]}
+    write_text(out / "interventions.yaml", yaml.safe_dump(study, sort_keys=False))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = df.head(20)
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    ax.barh([f"L{r.layer} E{r.expert}" for r in top.itertuples()], top.freq_diff, color="tab:green")
+    ax.invert_yaxis()
+    ax.set_xlabel("routing frequency, positive - negative")
+    ax.set_title("experts routed more on the positive prompts")
+    fig.tight_layout()
+    with atomic_path(out / "contrast.png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return [out / n for n in ("contrast.parquet", "contrast.csv", "interventions.yaml", "contrast.png")]
