@@ -75,11 +75,14 @@ def test_interrupted_study_resumes(planted, tmp_path, monkeypatch):
 
 
 def test_planted_super_expert_ablation_beats_random_controls(planted):
-    df = Study(dict(SMALL, metrics=["perplexity", "kl"], seeds=[0, 1, 2], conditions=[
+    df = Study(dict(SMALL, metrics=["perplexity", "kl", "massive"], seeds=[0, 1, 2], conditions=[
         {"generate": "each_super_expert"}, {"generate": "random_experts", "k": 1}])).run(planted, progress=False)
     kl = df[df.metric == "kl"].set_index("condition")["mean"]
     assert kl["super L0.R5"] > 0
     assert all(kl["super L0.R5"] > 5 * kl[f"random x1 seed {s}"] for s in (0, 1, 2))
+    massive = df[df.metric == "massive"].set_index("condition")["mean"]
+    assert massive["super L0.R5"] < massive["baseline"] / 2  # the planted outlier is gone (0.45 -> 0.19)
+    assert all(massive[f"random x1 seed {s}"] > 0.9 * massive["baseline"] for s in (0, 1, 2))
 
 
 BAD = [

@@ -5,7 +5,7 @@ mean and a confidence interval over prompts (and seeds).
 * ``accuracy``: multiple-choice cloze (built-in capitals and arithmetic): the option with the highest
   summed log-probability wins; 1 or 0 per item;
 * ``sink``: mean share of attention on position 0 (layers x heads x queries >= 1) per text;
-* ``massive``: the largest |residual| over layers (the final normed state excluded) per text;
+* ``massive``: the largest |residual| at any decoder layer's output per text;
 * ``kl``: mean over positions of KL(baseline || condition) of the next-token distribution;
 * ``generations``: greedy continuations of a few prompts (text, no statistic).
 """
@@ -62,27 +62,42 @@ def text_metrics(lm, texts: Sequence[str], want: set[str], baseline_logprobs: li
     out: dict[str, list[float]] = {k: [] for k in ("perplexity", "sink", "massive", "kl") if k in want}
     logprobs: list[torch.Tensor] = []
     need_att = "sink" in want
-    for input_ids, mask in _batches(lm, texts, batch_size):
-        res = lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False, output_attentions=need_att,
-                       output_hidden_states="massive" in want)
-        lp = torch.log_softmax(res.logits.float(), -1)
-        for r in range(input_ids.shape[0]):
-            n = int(mask[r].sum())
-            if "perplexity" in out:
-                nll = -lp[r, : n - 1].gather(1, input_ids[r, 1:n, None]).mean() if n > 1 else torch.tensor(math.nan)
-                out["perplexity"].append(float(torch.exp(nll)))
-            if need_att:
-                shares = [a[r, :, 1:n, 0].double().mean() for a in res.attentions] if n > 1 else []
-                out["sink"].append(float(torch.stack(shares).mean()) if shares else math.nan)
-            if "massive" in out:
-                hs = res.hidden_states[1:-1] or res.hidden_states[1:]
-                out["massive"].append(float(max(h[r, :n].abs().max() for h in hs)))
-            if "kl" in want or baseline_logprobs is None:
-                logprobs.append(lp[r, :n].cpu())
+    peaks: list[torch.Tensor] = []  # per decoder layer of the current batch: max |residual| per prompt
+
+    def keep_peak(mod, args, output):
+        hs = output[0] if isinstance(output, tuple) else output
+        peaks.append(hs.detach().abs().amax(-1))  # [B, T]; read after any intervention hook on the layer
+
+    layers = lm.adapter.decoder_layers(lm.model)
+    handles = [layer.register_forward_hook(keep_peak) for layer in layers] if "massive" in want else []
+    try:
+        for input_ids, mask in _batches(lm, texts, batch_size):
+            peaks.clear()
+            res = lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False, output_attentions=need_att)
+            _collect(out, logprobs, want, input_ids, mask, res, peaks, baseline_logprobs is None)
+    finally:
+        for h in handles:
+            h.remove()
     if "kl" in out and baseline_logprobs is not None:
         for base, cond in zip(baseline_logprobs, logprobs):
             out["kl"].append(float(F.kl_div(cond, base, log_target=True, reduction="none").sum(-1).mean()))
     return out, logprobs
+
+
+def _collect(out, logprobs, want, input_ids, mask, res, layer_peaks, keep_logprobs: bool) -> None:
+    lp = torch.log_softmax(res.logits.float(), -1)
+    for r in range(input_ids.shape[0]):
+        n = int(mask[r].sum())
+        if "perplexity" in out:
+            nll = -lp[r, : n - 1].gather(1, input_ids[r, 1:n, None]).mean() if n > 1 else torch.tensor(math.nan)
+            out["perplexity"].append(float(torch.exp(nll)))
+        if "sink" in out:
+            shares = [a[r, :, 1:n, 0].double().mean() for a in res.attentions] if n > 1 else []
+            out["sink"].append(float(torch.stack(shares).mean()) if shares else math.nan)
+        if "massive" in out:
+            out["massive"].append(float(max(p[r, :n].max() for p in layer_peaks)))
+        if "kl" in want or keep_logprobs:
+            logprobs.append(lp[r, :n].cpu())
 
 
 @torch.no_grad()
