@@ -218,3 +218,15 @@ def test_round_trip_and_validation(tmp_path):
     broken.write_text("interventions:\n  - op: zero\n    layers: [1\n")
     with pytest.raises(WorkbenchError, match="line"):
         load_file(broken)
+
+
+def test_prompt_scope_touches_only_the_numbered_prompts():
+    lm = load("zoo:qwen3-moe")
+    enc = batch(lm)
+    before = logits(lm, enc)
+    with apply(lm, [dict(op="drop", layers=1, expert=3, prompts=[1, 3])]) as applied:
+        assert torch.equal(logits(lm, enc), before)  # not a numbered pass: inactive
+        applied.set_prompts([0, 1, 2, 3])
+        after = logits(lm, enc)
+    same = [torch.equal(after[i], before[i]) for i in range(4)]
+    assert same[0] and same[2] and not same[1]

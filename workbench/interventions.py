@@ -17,7 +17,9 @@ Operations (``op``):
 
 ``kind`` picks routed (default) or shared experts. ``layers`` is one layer or a list. ``positions``
 restricts the change to token positions (negative counts from the end of each prompt, padding
-ignored) and ``token`` to tokens whose text contains that string.
+ignored), ``token`` to tokens whose text contains that string, and ``prompts`` to prompt indices
+of a runner that numbers its prompts (:meth:`Applied.set_prompts`; ablation studies number their
+texts). Outside such a runner a prompt-scoped intervention touches nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Intervention:
     value: float = 0.0  # bias
     positions: tuple[int, ...] | None = None
     token: str | None = None
+    prompts: tuple[int, ...] | None = None  # prompt indices, where the runner numbers its prompts
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "intervention") -> "Intervention":
@@ -71,11 +74,12 @@ class Intervention:
         if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
             raise WorkbenchError(f"{where}: field 'layers' must be an integer or a list of integers")
         d["layers"] = tuple(layers)
-        if d.get("positions") is not None:
-            pos = d["positions"] if isinstance(d["positions"], (list, tuple)) else [d["positions"]]
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in pos):
-                raise WorkbenchError(f"{where}: field 'positions' must be integers")
-            d["positions"] = tuple(pos)
+        for name in ("positions", "prompts"):
+            if d.get(name) is not None:
+                vals = d[name] if isinstance(d[name], (list, tuple)) else [d[name]]
+                if not all(isinstance(x, int) and not isinstance(x, bool) for x in vals):
+                    raise WorkbenchError(f"{where}: field {name!r} must be integers")
+                d[name] = tuple(vals)
         for name in ("factor", "weight", "value"):
             if name in d and not isinstance(d[name], (int, float)):
                 raise WorkbenchError(f"{where}: field {name!r} must be a number")
@@ -120,7 +124,7 @@ class Intervention:
                 if not 0 <= self.expert < limit:
                     raise WorkbenchError(f"{where}: field 'expert': {self.kind} expert {self.expert} out of range "
                                          f"(layer {layer} has {limit})")
-                if info.layout == "modulelist" and (self.op == "force" or self.positions or self.token):
+                if info.layout == "modulelist" and (self.op == "force" or self.positions or self.token or self.prompts):
                     raise WorkbenchError(f"{where}: op {self.op!r} with positions/token is not supported for "
                                          "ModuleList experts")
             elif self.op in ("zero_neuron", "scale_neuron"):
@@ -183,6 +187,11 @@ class Applied:
         self._handles: list = []
         self._tokens = _Tokens()
         self._decoded: dict[int, str] = {}
+        self._prompts: torch.Tensor | None = None
+
+    def set_prompts(self, indices: Sequence[int] | None) -> None:
+        """The prompt index of each row of the coming batches (None: not a numbered pass)."""
+        self._prompts = None if indices is None else torch.as_tensor(list(indices), dtype=torch.int64)
 
     def __enter__(self) -> "Applied":
         try:
@@ -203,7 +212,7 @@ class Applied:
     # ----- scope -------------------------------------------------------------------------------
     def _scope(self, iv: Intervention, rows: int) -> torch.Tensor | None:
         """[rows] bool mask of the tokens this intervention touches (None: all)."""
-        if iv.positions is None and iv.token is None:
+        if iv.positions is None and iv.token is None and iv.prompts is None:
             return None
         ids = self._tokens.ids
         if ids is None or ids.numel() != rows:
@@ -221,6 +230,12 @@ class Applied:
             for p in iv.positions:
                 hit |= pos == (p if p >= 0 else lengths + p)
             keep &= hit
+        if iv.prompts is not None:
+            if self._prompts is None or self._prompts.numel() != b:
+                keep &= False
+            else:
+                chosen = torch.isin(self._prompts, torch.tensor(iv.prompts)).to(keep.device)
+                keep &= chosen[:, None]
         if iv.token is not None:
             tok = self.lm.tokenizer
             for v in ids.unique().tolist():
@@ -340,7 +355,7 @@ class Applied:
 
         def hook(mod, args, kwargs, out):
             flat = out.reshape(-1, out.shape[-1])
-            scope = self._scope(iv, flat.shape[0]) if (iv.positions or iv.token) else None
+            scope = self._scope(iv, flat.shape[0])
             if scope is None:
                 return out * f
             return torch.where(scope[:, None], flat * f, flat).reshape(out.shape)

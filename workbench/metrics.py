@@ -57,7 +57,7 @@ def _batches(lm, texts: Sequence[str], size: int):
 
 @torch.no_grad()
 def text_metrics(lm, texts: Sequence[str], want: set[str], baseline_logprobs: list | None = None,
-                 batch_size: int = 8) -> tuple[dict[str, list[float]], list[torch.Tensor]]:
+                 batch_size: int = 8, applied=None) -> tuple[dict[str, list[float]], list[torch.Tensor]]:
     """Per-text perplexity / sink / massive / kl in one pass; also returns per-text log-probs (for KL)."""
     out: dict[str, list[float]] = {k: [] for k in ("perplexity", "sink", "massive", "kl") if k in want}
     logprobs: list[torch.Tensor] = []
@@ -71,13 +71,17 @@ def text_metrics(lm, texts: Sequence[str], want: set[str], baseline_logprobs: li
     layers = lm.adapter.decoder_layers(lm.model)
     handles = [layer.register_forward_hook(keep_peak) for layer in layers] if "massive" in want else []
     try:
-        for input_ids, mask in _batches(lm, texts, batch_size):
+        for b, (input_ids, mask) in enumerate(_batches(lm, texts, batch_size)):
+            if applied is not None:  # number the texts, for prompt-scoped interventions
+                applied.set_prompts(range(b * batch_size, b * batch_size + input_ids.shape[0]))
             peaks.clear()
             res = lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False, output_attentions=need_att)
             _collect(out, logprobs, want, input_ids, mask, res, peaks, baseline_logprobs is None)
     finally:
         for h in handles:
             h.remove()
+        if applied is not None:
+            applied.set_prompts(None)
     if "kl" in out and baseline_logprobs is not None:
         for base, cond in zip(baseline_logprobs, logprobs):
             out["kl"].append(float(F.kl_div(cond, base, log_target=True, reduction="none").sum(-1).mean()))

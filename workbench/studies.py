@@ -249,8 +249,8 @@ class Study:
                             _, baseline_lp = M.text_metrics(lm, texts, {"kl"}, None, self.batch_size)
                         continue
                 start = time.perf_counter()
-                with apply(lm, c.interventions):
-                    values, lp = M.text_metrics(lm, texts, want, baseline_lp, self.batch_size)
+                with apply(lm, c.interventions) as applied:
+                    values, lp = M.text_metrics(lm, texts, want, baseline_lp, self.batch_size, applied)
                     if c.name == "baseline":
                         baseline_lp = lp
                         if "kl" in want:
