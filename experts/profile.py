@@ -19,7 +19,7 @@ from workbench.experts.super_experts import SuperExpertRule, kurtosis, select
 from workbench.models.specs import LoadedModel
 from workbench.tracing.reducers import AbsMax, RouterStats
 from workbench.tracing.runner import trace
-from workbench.tracing.sites import Component, Site, all_sites
+from workbench.tracing.sites import Component, all_sites
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,11 @@ texts). Outside such a runner a prompt-scoped intervention touches nothing.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn

@@ -18,9 +18,8 @@ Dense models are adapters too: each layer's MLP is one expert of kind ``"dense"`
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -190,11 +189,6 @@ def adapter_for(model_or_type: nn.Module | str) -> Adapter:
     return Adapter.registry[mt]
 
 
-def replace(adapter: Adapter, **changes) -> Adapter:
-    """A copy of ``adapter`` with some fields changed (for families that differ in a name or two)."""
-    return dataclasses.replace(adapter, **changes)
-
-
 _LOADED = False
 
 
@@ -205,5 +199,3 @@ def _load_builtin_adapters() -> None:
 
         _LOADED = True
 
-
-ForwardFn = Callable[..., torch.Tensor]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -187,11 +187,3 @@ class Capture:
                 rows = ((index == e).any(dim=-1) & self._valid).nonzero().flatten()
                 out = run(e, hidden[rows]) if rows.numel() else hidden.new_zeros((0, hidden.shape[-1]))
                 self._emit(site, out, self._grid[rows])
-
-
-def capture(model: nn.Module, adapter: Adapter, sinks: dict[Site, list[Sink]]) -> Capture:
-    return Capture(model, adapter, sinks)
-
-
-def sites_of(sinks: Iterable[Site]) -> list[Site]:
-    return sorted(sinks)

@@ -77,10 +77,6 @@ class Reducer:
             raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
 
 
-def _lazy(shape_from: str):
-    return field(default=None)
-
-
 @dataclass
 class AbsMax(Reducer):
     """Per-channel max |x| with the token where it occurred; ``result()`` adds the overall peak."""
