@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", required=True)
     co.set_defaults(func=cmd_contrast)
 
+    from workbench.kernels.reduce_dump import add_reduce_parser
+
+    add_reduce_parser(sub)
+
     ab = sub.add_parser("ablate", help="run a scripted ablation study (conditions x metrics)",
                         description="Run the conditions of STUDY (YAML/JSON; see workbench/studies.py) on MODEL and "
                                     "write OUT/results.csv, results.parquet, results.png, study.resolved.yaml. "

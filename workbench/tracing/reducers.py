@@ -18,6 +18,7 @@ Non-finite values (documented behaviour, tested):
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -25,6 +26,17 @@ import torch
 
 NO_TOKEN = -1
 _BIG = torch.iinfo(torch.int64).max
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels take this tensor (CUDA under auto, or WORKBENCH_KERNELS=triton)."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dim() != 2:
+        return False
+    if not x.is_cuda and os.environ.get("WORKBENCH_KERNELS", "auto").strip().lower() != "triton":
+        return False  # the common CPU case, decided without importing anything
+    from workbench.kernels.dispatch import backend_for
+
+    return backend_for(x) == "triton"
 
 
 @dataclass
@@ -101,6 +113,9 @@ class AbsMax(Reducer):
         self.rows += x.shape[0]
         if x.shape[0] == 0:
             return
+        if _use_kernels(x) and (tok.numel() < 2 or bool((tok[1:] > tok[:-1]).all())):
+            self._update_kernel(x.detach(), tok)
+            return
         a = x.detach().abs()  # comparisons in the input's own dtype are exact; only [C] results go to float64
         nan = torch.isnan(a)
         self.nan_count += nan.sum().cpu()
@@ -116,6 +131,22 @@ class AbsMax(Reducer):
         cand = torch.where(m >= 0, cand, torch.full_like(cand, NO_TOKEN))
         m = m.to(torch.float64)
         self._absorb(m.cpu(), cand.cpu())
+
+    def _update_kernel(self, x: torch.Tensor, tok: torch.Tensor) -> None:
+        """The Triton ``channel_stats`` kernel (GPU, or the interpreter when asked): one read of x.
+
+        Its argmax is the smallest row among ties, which is the smallest token when rows come in
+        increasing token order (checked by the caller), so results equal the torch path.
+        """
+        from workbench.kernels import channel_stats
+
+        st = channel_stats(x.contiguous())
+        self.nan_count += st.nan.sum().cpu()
+        self.inf_count += (x.numel() - st.count.sum() - st.nan.sum()).cpu()
+        seen = st.argmax >= 0
+        m = torch.where(seen, st.absmax.to(torch.float64), -1.0)
+        t = torch.where(seen, tok[st.argmax.clamp(min=0)], NO_TOKEN)
+        self._absorb(m.cpu(), t.cpu())
 
     def _absorb(self, m: torch.Tensor, t: torch.Tensor) -> None:
         better = m > self.absmax

@@ -1,0 +1,183 @@
+"""``workbench reduce DUMP_DIR --out stats.json``: stream a full activation dump through the kernels.
+
+A dump directory is what :class:`workbench.tracing.dump.DumpWriter` writes (``index.json`` listing
+each site's safetensors shards of ``values`` [n, C] and global ``tokens`` [n]). Each site is read
+shard by shard (memory bounded by one shard plus O(C) state) and reduced with
+
+* ``channel_stats``, merged across shards, its argmax reported as the **global token index**
+  (ties: the smallest token, as the ``absmax`` reducer does);
+* ``token_absmax``: the ``top`` tokens with the largest |x| (larger first, then smaller token);
+* ``log_histogram`` of log10|x| (``bins`` over [lo, hi), plus zero/under/over/NaN counts).
+
+``stats.json`` is written atomically. Shard values in float64 are reduced as float32.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from workbench.errors import WorkbenchError
+from workbench.io import write_json
+from workbench.kernels.channel_stats import ChannelStats, channel_stats, merge_channel_stats
+from workbench.kernels.dispatch import FLOAT_DTYPES, backend_for
+from workbench.kernels.log_histogram import log_histogram, merge_log_histograms
+from workbench.kernels.token_absmax import token_absmax
+from workbench.tracing.dump import read_site
+
+
+def _read_index(dump_dir: Path) -> dict:
+    if not dump_dir.is_dir():
+        raise WorkbenchError(f"dump directory {dump_dir} does not exist or is not a directory")
+    path = dump_dir / "index.json"
+    if not path.is_file():
+        raise WorkbenchError(f"{dump_dir} is not a complete dump: no index.json (written last by `trace --dump`)")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WorkbenchError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    sites = index.get("sites") if isinstance(index, dict) else None
+    if not isinstance(sites, dict) or not all(isinstance(v, list) for v in sites.values()):
+        raise WorkbenchError(f"{path} has no valid 'sites' table (expected {{site: [shard paths]}})")
+    return index
+
+
+def _shards(dump_dir: Path, key: str):
+    it = read_site(dump_dir, key)
+    while True:
+        try:
+            values, tokens = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # missing file, corrupt safetensors, missing tensor name
+            raise WorkbenchError(f"cannot read a shard of site {key} in {dump_dir}: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        yield values, tokens
+
+
+def _top_rows(vals, toks, chans, top: int):
+    order = torch.argsort(toks, stable=True)
+    order = order[torch.argsort(-vals[order], stable=True)][:top]
+    return vals[order], toks[order], chans[order]
+
+
+class _SiteState:
+    def __init__(self, top: int, bins: int, lo: float, hi: float, backend: str | None):
+        self.top, self.bins, self.lo, self.hi, self.backend = top, bins, lo, hi, backend
+        self.stats: ChannelStats | None = None
+        self.hist = None
+        self.rows, self.shards, self.channels = 0, 0, None
+        self.topv = torch.zeros(0, dtype=torch.float32)
+        self.topt = torch.zeros(0, dtype=torch.int64)
+        self.topc = torch.zeros(0, dtype=torch.int64)
+
+    def update(self, key: str, values: torch.Tensor, tokens: torch.Tensor, device: torch.device) -> None:
+        if values.dim() != 2 or tokens.shape != values.shape[:1]:
+            raise WorkbenchError(f"site {key}: shard values {tuple(values.shape)} and tokens {tuple(tokens.shape)} "
+                                 "do not match ([n, C] and [n])")
+        if self.channels is not None and values.shape[1] != self.channels:
+            raise WorkbenchError(f"site {key}: shard has {values.shape[1]} channels after {self.channels}")
+        if values.dtype == torch.float64:
+            values = values.float()
+        if values.dtype not in FLOAT_DTYPES:
+            raise WorkbenchError(f"site {key}: shard values are {values.dtype}, not a floating type")
+        self.channels, self.shards, self.rows = values.shape[1], self.shards + 1, self.rows + values.shape[0]
+        if values.shape[0] == 0:  # e.g. an expert no token was routed to in that batch
+            return
+        values, tokens = values.to(device), tokens.to(device, torch.int64)
+        if tokens.numel() > 1 and not bool((tokens[1:] > tokens[:-1]).all()):
+            order = torch.argsort(tokens, stable=True)  # rows in token order: smallest row == smallest token
+            values, tokens = values[order], tokens[order]
+        s = channel_stats(values, self.backend)
+        s = s._replace(argmax=torch.where(s.argmax >= 0, tokens[s.argmax.clamp(min=0)], -1))
+        self.stats = s if self.stats is None else merge_channel_stats(self.stats, s)
+        t = token_absmax(values, self.backend)
+        keep = t.argmax >= 0
+        self.topv, self.topt, self.topc = _top_rows(torch.cat([self.topv, t.absmax[keep].cpu()]),
+                                                    torch.cat([self.topt, tokens[keep].cpu()]),
+                                                    torch.cat([self.topc, t.argmax[keep].cpu()]), self.top)
+        h = log_histogram(values, self.bins, self.lo, self.hi, self.backend)
+        self.hist = h if self.hist is None else merge_log_histograms(self.hist, h)
+
+    def result(self) -> dict:
+        out = {"rows": self.rows, "shards": self.shards, "channels": self.channels or 0}
+        if self.stats is None:  # no shard, or only empty ones
+            return {**out, "peak": {"max_abs": float("nan"), "channel": -1, "token": -1}}
+        s = ChannelStats(*(v.cpu() for v in self.stats))
+        seen = s.argmax >= 0
+        peak = {"max_abs": float("nan"), "channel": -1, "token": -1}
+        if bool(seen.any()):
+            m = s.absmax[seen].max()
+            chans = torch.nonzero(seen & (s.absmax == m)).flatten()
+            best = int(chans[torch.argmin(s.argmax[chans])])  # smallest token, then smallest channel
+            peak = {"max_abs": float(m), "channel": best, "token": int(s.argmax[best])}
+        h = [v.cpu() for v in self.hist]
+        nan = int(s.nan.sum())
+        return {
+            **out, "peak": peak, "nan_count": nan, "inf_count": self.rows * self.channels - int(s.count.sum()) - nan,
+            "channel": {"absmax": s.absmax.tolist(), "argmax_token": s.argmax.tolist(), "mean": s.mean.tolist(),
+                        "std": s.var.sqrt().tolist(), "sum": s.sum.tolist(), "sumsq": s.sumsq.tolist(),
+                        "count": s.count.tolist(), "nan": s.nan.tolist()},
+            "top_tokens": [{"token": int(t), "max_abs": float(v), "channel": int(c)}
+                           for v, t, c in zip(self.topv.tolist(), self.topt.tolist(), self.topc.tolist())],
+            "log_histogram": {"lo": self.lo, "hi": self.hi, "counts": h[0].tolist(), "zeros": int(h[1]),
+                              "under": int(h[2]), "over": int(h[3]), "nan_count": int(h[4])},
+        }
+
+
+def reduce_dump(dump_dir: str | Path, out_path: str | Path, progress: bool = True, *, top: int = 16,
+                bins: int = 96, lo: float = -6.0, hi: float = 6.0, device: str | None = None,
+                backend: str | None = None) -> dict:
+    """Reduce every site of a dump shard by shard and write ``out_path`` (JSON); returns the same dict.
+
+    ``device``: where shards are reduced (default: CUDA when available, else CPU); ``backend`` as
+    in :mod:`workbench.kernels.dispatch`.
+    """
+    dump_dir = Path(dump_dir)
+    index = _read_index(dump_dir)
+    if top < 0:
+        raise WorkbenchError(f"top must be >= 0, got {top}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sites = index["sites"]
+    bar = tqdm(total=sum(len(v) for v in sites.values()), unit="shard", desc=f"reduce {dump_dir.name}",
+               disable=not progress, file=sys.stderr, leave=False)
+    results = {}
+    for key in sorted(sites):
+        state = _SiteState(top, bins, lo, hi, backend)
+        for values, tokens in _shards(dump_dir, key):
+            state.update(key, values, tokens, dev)
+            bar.update(1)
+        results[key] = state.result()
+    bar.close()
+    used = backend_for(torch.empty(0, device=dev), backend)
+    summary = {"format": "workbench-reduce-1", "dump_dir": str(dump_dir), "spec": index.get("spec"),
+               "num_tokens": index.get("num_tokens"), "backend": used, "device": str(dev),
+               "options": {"top": top, "bins": bins, "lo": lo, "hi": hi}, "sites": results}
+    write_json(out_path, summary)
+    return summary
+
+
+def cmd_reduce(args) -> int:
+    summary = reduce_dump(args.dump_dir, args.out, progress=not args.quiet, top=args.top, device=args.device)
+    rows = sum(s["rows"] for s in summary["sites"].values())
+    print(f"reduced {len(summary['sites'])} sites ({rows} rows) of {args.dump_dir} with the {summary['backend']} "
+          f"backend on {summary['device']}; wrote {args.out}")
+    return 0
+
+
+def add_reduce_parser(subparsers) -> None:
+    """Add ``reduce DUMP_DIR --out FILE [--quiet]`` to the ``workbench`` command's subparsers."""
+    r = subparsers.add_parser("reduce", help="reduce a full activation dump (trace --dump) to per-site statistics",
+                              description="Stream every site of DUMP_DIR (written by `workbench trace --dump`) "
+                                          "shard by shard through the kernels: per-channel absmax with its token, "
+                                          "sums, top tokens by |x| and a log10|x| histogram; write OUT (JSON).")
+    r.add_argument("dump_dir", help="dump directory (with index.json)")
+    r.add_argument("--out", required=True, help="output JSON file, e.g. stats.json")
+    r.add_argument("--top", type=int, default=16, help="tokens kept per site by max |x| (default 16)")
+    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_reduce)
