@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-all bench venv clean
+.PHONY: demo test test-fast bench venv clean
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -11,11 +11,11 @@ venv:
 demo: venv  ## profile smollm2-135m on the built-in prompts (super experts, massive activations, sinks)
 	$(PY) -m workbench profile smollm2-135m --out runs/demo
 
-test: venv  ## the default suite (what CI runs)
-	.venv/bin/pytest -q -m "not slow"
-
-test-all: venv
+test: venv  ## the whole suite, slow tests included (what CI runs; ~3 min after set-up)
 	.venv/bin/pytest -q
+
+test-fast: venv  ## skip tests marked slow
+	.venv/bin/pytest -q -m "not slow"
 
 bench: venv
 	$(PY) bench/trace_overhead.py

@@ -236,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", required=True)
     co.set_defaults(func=cmd_contrast)
 
+    from workbench.circuits.cli import add_circuit_parser
     from workbench.kernels.reduce_dump import add_reduce_parser
 
     add_reduce_parser(sub)
+    add_circuit_parser(sub)
 
     ab = sub.add_parser("ablate", help="run a scripted ablation study (conditions x metrics)",
                         description="Run the conditions of STUDY (YAML/JSON; see workbench/studies.py) on MODEL and "

@@ -1,0 +1,151 @@
+"""EAP and EAP-IG speed on SmolLM2-135M: wall time, peak RSS, and the time in forward+backward passes.
+
+    .venv/bin/python bench/circuit_speed.py [--facts 32] [--batch-size 32] [--steps 5] [--threads N]
+
+For each method a fresh child process loads the model, times one forward+backward on the same batch
+(the model's own forward on the facts' clean prompts, log-probability of the answer at the last
+position, backward to the input embeddings with parameters frozen: the pass attribution repeats), then
+scores every edge (``attribute``) and records the peak RSS of the process (model included). The
+parent then evaluates the top-1 % circuit (the 1 % of edges with the largest |score|, pruned to
+input->logits paths), the same with ``fill`` selection (exactly 1 % after pruning) and the circuit with
+as many edges as the reference's top-1 % (1,232 of 123,211), with path patching; plus size-matched
+random circuits.
+
+Anchor (issue 6, same machine kind): hannamw/EAP-IG, GQA ungrouped, batches of 8, 32 capital-of facts:
+EAP-IG(5) 77.5 s and 2.5 GB, EAP 34.7 s; top-1 % faithfulness 0.968 (EAP-IG), 0.926 (EAP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+REFERENCE = {"eap-ig": {"seconds": 77.5, "faithfulness": 0.968}, "eap": {"seconds": 34.7, "faithfulness": 0.926}}
+REFERENCE_EDGES = 1232  # 1 % of the reference graph's 123,211 edges
+
+
+def _facts(n: int):
+    from workbench.circuits import builtin_facts
+
+    facts = [f for f in builtin_facts() if f.relation == "capital_of"]
+    if len(facts) < n:
+        facts += [f for f in builtin_facts() if f.relation != "capital_of"]
+    return facts[:n]
+
+
+def child(args) -> dict:
+    import torch
+
+    from workbench.circuits import attribute, prepare
+    from workbench.circuits.attribution import metric_values
+    from workbench.circuits.facts import batches, pad_id
+    from workbench.models.specs import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load("smollm2-135m")
+    prepared = prepare(lm.tokenizer, _facts(args.facts))
+    # one forward+backward of the plain model on the same batches
+    fb = []
+    for b in batches(prepared, args.batch_size, pad_id(lm.tokenizer)):
+        for p in lm.model.parameters():
+            p.requires_grad_(False)
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            emb = lm.model.model.embed_tokens(b.ids).detach().requires_grad_(True)
+            out = lm.model(inputs_embeds=emb, logits_to_keep=0).logits
+            logits = out[torch.arange(len(b.last)), b.last]
+            metric_values("logprob", logits, b).sum().backward()
+            times.append(time.perf_counter() - t0)
+        fb.append(min(times))
+        for p in lm.model.parameters():
+            p.requires_grad_(True)
+    t0 = time.perf_counter()
+    scores = attribute(lm, prepared, method=args.child, steps=args.steps, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t0
+    torch.save(scores.matrix, args.scores)
+    return {"method": args.child, "seconds": seconds, "fwd_bwd_seconds": sum(fb),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "threads": torch.get_num_threads(), "edges": scores.graph.n_edges,
+            "baselines": {k: sum(p.baseline == k for p in prepared) for k in ("swap", "given", "mean")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--facts", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--scores", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    import tempfile
+
+    import torch
+
+    from workbench.circuits import build_graph, prepare
+    from workbench.circuits.evaluate import evaluate, prune, select_fill, select_random, select_top
+    from workbench.models.specs import load
+
+    runs, matrices = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("eap", "eap-ig"):
+            path = os.path.join(tmp, f"{method}.pt")
+            cmd = [sys.executable, __file__, "--child", method, "--scores", path, "--facts", str(args.facts),
+                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs[method] = json.loads(out.strip().splitlines()[-1])
+            matrices[method] = torch.load(path)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load("smollm2-135m")
+    prepared = prepare(lm.tokenizer, _facts(args.facts))
+    graph = build_graph(lm.model, lm.adapter)
+    n1 = round(0.01 * graph.n_edges)
+    circuits = {}
+    for method, m in matrices.items():
+        circuits[f"{method}/top1%"] = prune(graph, select_top(graph, m, n1))
+        circuits[f"{method}/fill1%"] = select_fill(graph, m, n1)
+        circuits[f"{method}/top{REFERENCE_EDGES}"] = prune(graph, select_top(graph, m, REFERENCE_EDGES))
+    for seed in range(3):
+        circuits[f"random{seed}"] = select_random(graph, n1, seed)
+    t0 = time.perf_counter()
+    ev = evaluate(lm, prepared, graph, circuits, batch_size=args.batch_size)
+    eval_s = time.perf_counter() - t0
+    c = ev["circuits"]
+    rand_f = sum(c[f"random{s}"]["faithfulness"] for s in range(3)) / 3
+    rand_h = sum(c[f"random{s}"]["hit_at_10"] for s in range(3)) / 3
+    print(f"SmolLM2-135M, {args.facts} facts, batch {args.batch_size}, graph {graph.n_senders} senders x "
+          f"{graph.n_receivers} receivers = {graph.n_edges} edges (GQA native), 1 % = {n1} edges; "
+          f"baselines {runs['eap']['baselines']}")
+    print(f"full model: Hit@10 {ev['hit_at_10_full']:.3f}, Hit@1 {ev['hit_at_1_full']:.3f}; corrupted Hit@10 "
+          f"{ev['hit_at_10_corrupted']:.3f}")
+    print(f"{'method':<8} {'threads':>7} {'seconds':>8} {'ref s':>6} {'x ref':>6} {'fwd+bwd s':>9} {'x fwd+bwd':>9} "
+          f"{'peak RSS GB':>11} {'faith top1%':>11} {'(edges)':>7} {'faith fill1%':>12} {f'faith {REFERENCE_EDGES}':>10} "
+          f"{'ref faith':>9} {'Hit@10 top1%':>12}")
+    for method in ("eap", "eap-ig"):
+        r = runs[method]
+        name = method if method == "eap" else f"eap-ig({args.steps})"
+        top, fill, ref = c[f"{method}/top1%"], c[f"{method}/fill1%"], c[f"{method}/top{REFERENCE_EDGES}"]
+        print(f"{name:<8} {r['threads']:>7} {r['seconds']:>8.1f} {REFERENCE[method]['seconds']:>6.1f} "
+              f"{r['seconds'] / REFERENCE[method]['seconds']:>6.2f} {r['fwd_bwd_seconds']:>9.2f} "
+              f"{r['seconds'] / r['fwd_bwd_seconds']:>9.1f} {r['peak_rss_gb']:>11.2f} {top['faithfulness']:>11.3f} "
+              f"{top['n_edges']:>7} {fill['faithfulness']:>12.3f} {ref['faithfulness']:>10.3f} "
+              f"{REFERENCE[method]['faithfulness']:>9.3f} {top['hit_at_10']:>12.3f}")
+    print(f"random circuits of {n1} edges (3 seeds): faithfulness {rand_f:.3f}, Hit@10 {rand_h:.3f}; "
+          f"evaluation of {len(circuits)} circuits took {eval_s:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

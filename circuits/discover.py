@@ -1,0 +1,123 @@
+"""One call from facts to an evaluated circuit: score, select, prune, evaluate against random controls, write files."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workbench.circuits import export
+from workbench.circuits.attribution import Scores, attribute
+from workbench.circuits.evaluate import (edge_entropy, evaluate, prune, select_fill, select_greedy, select_random,
+                                         select_threshold, select_top)
+from workbench.circuits.export import Circuit
+from workbench.circuits.facts import Fact, prepare
+from workbench.circuits.graph import build_graph
+from workbench.errors import WorkbenchError
+from workbench.io import write_json
+
+
+@dataclass
+class CircuitOptions:
+    method: str = "eap-ig"
+    steps: int = 5
+    metric: str = "logit_diff"
+    top_edges: int | None = None  # default (neither this nor threshold): 1 % of the edges
+    threshold: float | None = None
+    selection: str = "top"  # top: top-N then prune; fill: pruned circuit of N edges; greedy: grown from logits
+    batch_size: int = 16
+    random_seeds: int = 3  # size-matched random circuits, the control
+    evaluate: bool = True
+    progress: bool = False
+
+
+SELECTIONS = {"top": select_top, "fill": select_fill, "greedy": select_greedy}
+
+
+def default_top_edges(n_edges: int) -> int:
+    return max(1, round(0.01 * n_edges))
+
+
+def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -> tuple[Circuit, Scores, torch.Tensor]:
+    """Score every edge, keep the top ones (pruned to input -> logits paths) and evaluate the result.
+
+    Returns the circuit (its ``meta["metrics"]`` holds the evaluation), the scores and the [S, R]
+    circuit mask.
+    """
+    o = options or CircuitOptions()
+    if o.top_edges is not None and o.threshold is not None:
+        raise WorkbenchError("give --top-edges or --threshold, not both")
+    if o.top_edges is not None and o.top_edges < 1:
+        raise WorkbenchError(f"--top-edges must be >= 1, got {o.top_edges}")
+    graph = build_graph(lm.model, lm.adapter)
+    prepared = prepare(lm.tokenizer, facts)
+    scores = attribute(lm, prepared, method=o.method, steps=o.steps, metric=o.metric, batch_size=o.batch_size,
+                       graph=graph, progress=o.progress)
+    if o.threshold is not None:
+        chosen = select_threshold(graph, scores.matrix, o.threshold)
+        selection = {"rule": "threshold", "threshold": o.threshold}
+    else:
+        n = o.top_edges if o.top_edges is not None else default_top_edges(graph.n_edges)
+        if o.selection not in SELECTIONS:
+            raise WorkbenchError(f"unknown selection {o.selection!r}; known: {', '.join(SELECTIONS)}")
+        chosen = SELECTIONS[o.selection](graph, scores.matrix, n)
+        selection = {"rule": o.selection, "top_edges": int(n)}
+    mask = prune(graph, chosen)
+    selection.update(selected=int(chosen.sum()), after_pruning=int(mask.sum()))
+    meta = {"model": lm.spec if hasattr(lm, "spec") else "", "method": o.method, "steps": scores.steps,
+            "metric": o.metric, "selection": selection, "n_edges": int(mask.sum()), "n_edges_total": graph.n_edges,
+            "graph": graph.summary(), "attribution_seconds": round(scores.seconds, 3),
+            "baselines": _count([p.baseline for p in prepared])}
+    if o.evaluate:
+        t0 = time.perf_counter()
+        circuits = {"circuit": mask}
+        k = int(mask.sum())
+        for seed in range(o.random_seeds):
+            circuits[f"random{seed}"] = select_random(graph, k, seed)
+        ev = evaluate(lm, prepared, graph, circuits, batch_size=o.batch_size)
+        rand = [ev["circuits"][f"random{s}"] for s in range(o.random_seeds)]
+        c = ev["circuits"]["circuit"]
+        meta["metrics"] = {
+            "n_facts": ev["n_facts"], "n_edges": k, "n_edges_total": graph.n_edges,
+            "edge_fraction": k / graph.n_edges,
+            "hit_at_10_full": ev["hit_at_10_full"], "hit_at_1_full": ev["hit_at_1_full"],
+            "hit_at_10_corrupted": ev["hit_at_10_corrupted"],
+            "hit_at_10_circuit": c["hit_at_10"], "faithfulness": c["faithfulness"],
+            "hit_at_10_random": _mean([r["hit_at_10"] for r in rand]),
+            "faithfulness_random": _mean([r["faithfulness"] for r in rand]),
+            "random_seeds": o.random_seeds,
+            "edge_entropy": edge_entropy(scores.matrix, mask),
+            "metric_full": ev["metric_full"], "metric_corrupted": ev["metric_corrupted"], "metric_circuit": c["metric"],
+            "evaluation_seconds": round(time.perf_counter() - t0, 3),
+        }
+        for p, m_full, m_circ, rank in zip(prepared, ev["per_fact"]["metric_full"], ev["per_fact"]["metric_circuit"],
+                                           ev["per_fact"]["rank_full"]):
+            p.extra.update(logit_diff_full=m_full, logit_diff_circuit=m_circ, answer_rank_full=rank)
+    meta["facts"] = [p.record(lm.tokenizer) for p in prepared]
+    return Circuit.from_mask(graph, scores.matrix, mask, meta), scores, mask
+
+
+def write_outputs(circuit: Circuit, scores: Scores, mask: torch.Tensor, out: str | Path) -> list[Path]:
+    """DIR/circuit.json, circuit.graphml, circuit.dot, edges.parquet and metrics.json."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a directory")
+    paths = [export.write_json(circuit, out / "circuit.json"), export.write_graphml(circuit, out / "circuit.graphml"),
+             export.write_dot(circuit, out / "circuit.dot"),
+             export.write_edges_parquet(scores.graph, scores.matrix, mask, out / "edges.parquet")]
+    if "metrics" in circuit.meta:
+        paths.append(write_json(out / "metrics.json", circuit.meta["metrics"]))
+    return paths
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _count(xs: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in xs:
+        out[x] = out.get(x, 0) + 1
+    return out

@@ -1,0 +1,214 @@
+"""Circuits from scores, and how faithful they are.
+
+* :func:`select_top` / :func:`select_threshold`: edges by |score|; :func:`select_fill` (top edges until
+  the pruned circuit has N) and :func:`select_greedy` (grown backward from the logits);
+* :func:`prune`: keep only edges on some path input -> logits (internal edges KV group -> head and
+  router -> expert always count as present);
+* :func:`evaluate`: path patching on edges. Every receiver's input is the current outputs of its
+  circuit senders plus the corrupted outputs of all other senders (``runner.Patch``); then
+  ``faithfulness = (M(circuit) - M(corrupted)) / (M(full) - M(corrupted))`` with M the summed
+  logit difference over facts, and Hit@10 = share of facts whose answer is among the circuit
+  model's ten highest logits at the last position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from workbench.circuits.attribution import corrupted_run, last_logits, metric_values, sender_means
+from workbench.circuits.facts import Prepared, batches, fill_runner_up, pad_id
+from workbench.circuits.graph import Graph
+from workbench.circuits.runner import GraphRunner, Patch
+from workbench.errors import WorkbenchError
+
+
+def select_top(graph: Graph, matrix: torch.Tensor, n: int) -> torch.Tensor:
+    """[S, R] bool: the ``n`` edges with the largest |score| (ties: canonical edge order)."""
+    valid = graph.valid()
+    flat = torch.where(valid, matrix.abs(), torch.full_like(matrix, -1.0)).flatten()
+    n = max(0, min(int(n), int(valid.sum())))
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    if n:
+        order = torch.sort(flat, descending=True, stable=True).indices[:n]
+        mask[order] = True
+    return mask.view_as(matrix)
+
+
+def select_greedy(graph: Graph, matrix: torch.Tensor, n: int) -> torch.Tensor:
+    """[S, R] bool: grow ``n`` edges backward from the logits (as in Hanna et al.'s EAP-IG code):
+    repeatedly take the highest-|score| edge into a node already in the circuit, then add its sender.
+    Every chosen edge leads to the logits; a KV group joins with its heads, a router with its experts."""
+    import heapq
+
+    valid = graph.valid()
+    absm = matrix.abs()
+    into: dict[str, list[int]] = {}
+    for j, rec in enumerate(graph.receivers):
+        into.setdefault(rec.node, []).append(j)
+    parents: dict[str, list[str]] = {}
+    for a, b in graph.internal:
+        parents.setdefault(b, []).append(a)
+    mask = torch.zeros_like(valid)
+    heap: list[tuple[float, int, int]] = []
+    joined: set[str] = set()
+
+    def join(node: str) -> None:
+        stack = [node]
+        while stack:
+            x = stack.pop()
+            if x in joined:
+                continue
+            joined.add(x)
+            for j in into.get(x, []):
+                rows = valid[:, j].nonzero().flatten()
+                for i, v in zip(rows.tolist(), absm[rows, j].tolist()):
+                    heapq.heappush(heap, (-v, i, j))
+            stack += parents.get(x, [])
+
+    join("logits")
+    chosen = 0
+    while heap and chosen < n:
+        _, i, j = heapq.heappop(heap)
+        if mask[i, j]:
+            continue
+        mask[i, j] = True
+        chosen += 1
+        join(graph.senders[i])
+    return mask
+
+
+def select_fill(graph: Graph, matrix: torch.Tensor, n: int) -> torch.Tensor:
+    """[S, R] bool: the pruned top-k circuit for the smallest k whose pruned size reaches ``n`` edges
+    (top-N by |score| spends part of its budget on edges that pruning then drops; this does not)."""
+    total = int(graph.valid().sum())
+    n = max(0, min(int(n), total))
+    lo, hi = n, total
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(prune(graph, select_top(graph, matrix, mid)).sum()) >= n:
+            hi = mid
+        else:
+            lo = mid + 1
+    return prune(graph, select_top(graph, matrix, lo))
+
+
+def select_threshold(graph: Graph, matrix: torch.Tensor, threshold: float) -> torch.Tensor:
+    return graph.valid() & (matrix.abs() >= threshold)
+
+
+def select_random(graph: Graph, n: int, seed: int) -> torch.Tensor:
+    """``n`` edges drawn uniformly without replacement (the size-matched control)."""
+    valid = graph.valid().flatten()
+    idx = valid.nonzero().flatten()
+    gen = torch.Generator().manual_seed(seed)
+    pick = idx[torch.randperm(idx.numel(), generator=gen)[:n]]
+    mask = torch.zeros_like(valid)
+    mask[pick] = True
+    return mask.view(graph.n_senders, graph.n_receivers)
+
+
+def prune(graph: Graph, mask: torch.Tensor) -> torch.Tensor:
+    """Edges of ``mask`` that lie on a path from the input to the logits."""
+    names = {n.name: i for i, n in enumerate(graph.nodes)}
+    N = len(graph.nodes)
+    s, r = (mask & graph.valid()).nonzero(as_tuple=True)
+    src = torch.tensor([names[graph.senders[i]] for i in s.tolist()], dtype=torch.long)
+    dst = torch.tensor([names[graph.receivers[j].node] for j in r.tolist()], dtype=torch.long)
+    isrc = torch.tensor([names[a] for a, _ in graph.internal], dtype=torch.long)
+    idst = torch.tensor([names[b] for _, b in graph.internal], dtype=torch.long)
+    all_src, all_dst = torch.cat([src, isrc]), torch.cat([dst, idst])
+    # nodes are in topological order: one pass each way
+    incoming = [[] for _ in range(N)]
+    outgoing = [[] for _ in range(N)]
+    for a, b in zip(all_src.tolist(), all_dst.tolist()):
+        incoming[b].append(a)
+        outgoing[a].append(b)
+    fwd = [False] * N
+    fwd[names["input"]] = True
+    for n in range(N):
+        fwd[n] = fwd[n] or any(fwd[a] for a in incoming[n])
+    bwd = [False] * N
+    bwd[names["logits"]] = True
+    for n in reversed(range(N)):
+        bwd[n] = bwd[n] or any(bwd[b] for b in outgoing[n])
+    fwd_t, bwd_t = torch.tensor(fwd), torch.tensor(bwd)
+    keep = fwd_t[src] & bwd_t[dst] if src.numel() else torch.zeros(0, dtype=torch.bool)
+    out = torch.zeros_like(mask)
+    out[s[keep], r[keep]] = True
+    return out
+
+
+def edge_entropy(matrix: torch.Tensor, mask: torch.Tensor) -> float:
+    """Shannon entropy (nats) of the circuit's |scores| normalised to a distribution."""
+    w = matrix[mask].abs().double()
+    if w.numel() == 0 or float(w.sum()) == 0.0:
+        return 0.0
+    p = w / w.sum()
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+def evaluate(lm, prepared: list[Prepared], graph: Graph, circuits: dict[str, torch.Tensor], *,
+             batch_size: int = 16) -> dict:
+    """Faithfulness and Hit@10 of each circuit (name -> [S, R] bool mask), plus the full model's and
+    the corrupted run's. Also per-fact metrics under ``per_fact``."""
+    if not prepared:
+        raise WorkbenchError("no facts to evaluate")
+    S, R, P, d = graph.n_senders, graph.n_receivers, len(graph.stages), graph.d_model
+    bs = batches(prepared, batch_size, pad_id(lm.tokenizer))
+    n = len(prepared)
+    metric = {k: torch.zeros(n, dtype=torch.float64) for k in ["full", "corrupted", *circuits]}
+    hit = {k: torch.zeros(n, dtype=torch.bool) for k in metric}
+    rank = torch.zeros(n, dtype=torch.long)
+    with GraphRunner(lm.model, lm.adapter, graph) as runner:
+        means = sender_means(runner, bs, S, d) if any(p.corrupted_ids is None for p in prepared) else None
+        for b in bs:
+            B, T = b.ids.shape
+            idx = torch.tensor(b.index)
+            clean_acts, clean_resid = torch.zeros(S, B, T, d), torch.zeros(P, B, T, d)
+            logits = last_logits(lm, runner.forward(b.ids, acts=clean_acts, resid=clean_resid), b.last)
+            fill_runner_up(prepared, b.index, logits)
+            b.corrupted_answer = torch.tensor([prepared[j].corrupted_answer_id for j in b.index])
+            _record(metric, hit, "full", idx, logits, b)
+            rank[idx] = (logits > logits[torch.arange(B), b.answer][:, None]).sum(-1)
+            corr_acts, corr_resid, corr_hidden = corrupted_run(runner, b, S, P, d, means, clean_acts, clean_resid,
+                                                               want_resid=True)
+            patch_corr = None
+            if bool(b.mean.any()) or corr_hidden is None:
+                # mean-baseline rows: the corrupted run is the empty circuit
+                patch_corr = Patch(torch.zeros(S, R, dtype=torch.bool), corr_acts, corr_resid)
+                empty = last_logits(lm, runner.forward(b.ids, mode="patch", acts=torch.zeros_like(clean_acts),
+                                                       patch=patch_corr), b.last)
+                corr_logits = empty if corr_hidden is None else torch.where(
+                    b.mean[:, None], empty, last_logits(lm, corr_hidden, b.last))
+            else:
+                corr_logits = last_logits(lm, corr_hidden, b.last)
+            _record(metric, hit, "corrupted", idx, corr_logits, b)
+            cur = torch.zeros_like(clean_acts)
+            for name, mask in circuits.items():
+                hidden = runner.forward(b.ids, mode="patch", acts=cur, patch=Patch(mask, corr_acts, corr_resid))
+                _record(metric, hit, name, idx, last_logits(lm, hidden, b.last), b)
+    full, corr = float(metric["full"].sum()), float(metric["corrupted"].sum())
+    out = {"n_facts": n, "metric_full": full / n, "metric_corrupted": corr / n,
+           "hit_at_10_full": float(hit["full"].float().mean()), "hit_at_1_full": float((rank == 0).float().mean()),
+           "hit_at_10_corrupted": float(hit["corrupted"].float().mean()), "circuits": {}}
+    for name in circuits:
+        m = float(metric[name].sum())
+        out["circuits"][name] = {
+            "n_edges": int(circuits[name].sum()),
+            "metric": m / n,
+            "faithfulness": (m - corr) / (full - corr) if full != corr else math.nan,
+            "hit_at_10": float(hit[name].float().mean()),
+        }
+    out["per_fact"] = {"metric_full": metric["full"].tolist(), "metric_corrupted": metric["corrupted"].tolist(),
+                       "rank_full": rank.tolist(),
+                       **{f"metric_{k}": metric[k].tolist() for k in circuits}}
+    return out
+
+
+def _record(metric, hit, key, idx, logits, b) -> None:
+    metric[key][idx] = metric_values("logit_diff", logits, b).double()
+    top = torch.topk(logits, 10, dim=-1).indices
+    hit[key][idx] = (top == b.answer[:, None]).any(-1)

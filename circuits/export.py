@@ -1,0 +1,162 @@
+"""The Circuit object and its files: networkx node-link JSON, GraphML, DOT, and every scored edge as parquet.
+
+A :class:`Circuit` is plain data (node attributes, edges with scores, run metadata), so it compares
+with ``==`` and round-trips through ``circuit.json`` exactly. The graph is a multigraph: a sender can
+reach the same node through several ports (a head feeding both the key and the value of a KV group).
+Edge ``port`` is q, k, v or in (MLP / expert / router / logits input), or ``internal`` for the
+always-present KV group -> head and router -> expert links. GraphML carries standard typed keys only
+(string, int, double, boolean), so Gephi and Cytoscape open it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.io import atomic_path, write_text
+
+
+@dataclass
+class Circuit:
+    nodes: dict[str, dict]  # name -> {"kind", "layer", "index"}
+    edges: list[dict]  # {"source", "target", "port", "score"}, internal ones with score 0.0
+    meta: dict = field(default_factory=dict)  # model, method, metric, steps, selection, metrics, facts ...
+
+    @property
+    def n_edges(self) -> int:
+        """Scored edges (internal links not counted)."""
+        return sum(1 for e in self.edges if e["port"] != "internal")
+
+    @classmethod
+    def from_mask(cls, graph, matrix: torch.Tensor, mask: torch.Tensor, meta: dict | None = None) -> "Circuit":
+        s, r = mask.nonzero(as_tuple=True)
+        edges = [{"source": graph.senders[i], "target": graph.receivers[j].node, "port": graph.receivers[j].port,
+                  "score": float(matrix[i, j])} for i, j in zip(s.tolist(), r.tolist())]
+        names = {e["source"] for e in edges} | {e["target"] for e in edges}
+        edges += [{"source": a, "target": b, "port": "internal", "score": 0.0}
+                  for a, b in graph.internal if a in names and b in names]
+        nodes = {n.name: n.attrs() for n in graph.nodes if n.name in names}
+        return cls(nodes, _canonical(nodes, edges), dict(meta or {}))
+
+    # ----- networkx -------------------------------------------------------------------------------
+    def to_networkx(self) -> nx.MultiDiGraph:
+        g = nx.MultiDiGraph()
+        g.graph.update(_scalars(self.meta))
+        for name, attrs in self.nodes.items():
+            g.add_node(name, **attrs)
+        for e in self.edges:
+            g.add_edge(e["source"], e["target"], key=e["port"], port=e["port"], score=float(e["score"]))
+        return g
+
+    def to_json_obj(self) -> dict:
+        g = self.to_networkx()
+        data = nx.node_link_data(g, edges="edges")
+        data["graph"] = {"meta": self.meta}
+        return data
+
+    @classmethod
+    def from_json_obj(cls, data: dict) -> "Circuit":
+        try:
+            nodes = {n["id"]: {k: v for k, v in n.items() if k != "id"} for n in data["nodes"]}
+            edges = [{"source": e["source"], "target": e["target"], "port": e["port"], "score": e["score"]}
+                     for e in data["edges"]]
+            meta = data.get("graph", {}).get("meta", {})
+        except (KeyError, TypeError) as exc:
+            raise WorkbenchError(f"not a circuit JSON (node-link with nodes/edges): missing {exc}") from None
+        return cls(nodes, _canonical(nodes, edges), meta)
+
+
+def _canonical(nodes: dict[str, dict], edges: list[dict]) -> list[dict]:
+    """Edges by (source, target) in node order, then port: the order networkx iterates them in."""
+    order = {name: i for i, name in enumerate(nodes)}
+    return sorted(edges, key=lambda e: (order[e["source"]], order[e["target"]], e["port"]))
+
+
+def _scalars(meta: dict, prefix: str = "") -> dict:
+    """Flatten metadata to GraphML-safe scalars (nested dicts become dotted keys; lists are dropped)."""
+    out = {}
+    for k, v in meta.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_scalars(v, key + "."))
+        elif isinstance(v, bool) or isinstance(v, (int, float, str)):
+            out[key] = v
+    return out
+
+
+def write_json(circuit: Circuit, path: str | Path) -> Path:
+    text = json.dumps(circuit.to_json_obj(), indent=1, allow_nan=True) + "\n"
+    return write_text(path, text)
+
+
+def read_json(path: str | Path) -> Circuit:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WorkbenchError(f"circuit file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise WorkbenchError(f"circuit file {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    return Circuit.from_json_obj(data)
+
+
+def write_graphml(circuit: Circuit, path: str | Path) -> Path:
+    g = circuit.to_networkx()
+    with atomic_path(path) as tmp:
+        nx.write_graphml(g, tmp, named_key_ids=True)
+    return Path(path)
+
+
+def read_graphml(path: str | Path) -> nx.MultiDiGraph:
+    return nx.read_graphml(path, force_multigraph=True)
+
+
+def write_dot(circuit: Circuit, path: str | Path) -> Path:
+    """Graphviz DOT, one rank per layer; edge width by |score|."""
+    def q(s):
+        return '"' + str(s).replace('"', r'\"') + '"'
+    colors = {"input": "gray", "head": "lightblue", "kv": "lightcyan", "mlp": "lightsalmon", "router": "khaki",
+              "expert": "orange", "shared": "gold", "logits": "gray"}
+    top = max((abs(e["score"]) for e in circuit.edges), default=1.0) or 1.0
+    lines = ["digraph circuit {", "  rankdir=BT;", "  node [shape=box, style=filled, fontsize=10];"]
+    by_layer: dict[int, list[str]] = {}
+    for name, a in circuit.nodes.items():
+        by_layer.setdefault(a["layer"], []).append(name)
+        lines.append(f"  {q(name)} [fillcolor={colors.get(a['kind'], 'white')}];")
+    for layer, names in sorted(by_layer.items()):
+        lines.append("  { rank=same; " + " ".join(q(n) for n in names) + " }")
+    for e in circuit.edges:
+        if e["port"] == "internal":
+            lines.append(f"  {q(e['source'])} -> {q(e['target'])} [style=dotted];")
+        else:
+            w = 0.5 + 3 * abs(e["score"]) / top
+            color = "blue" if e["score"] >= 0 else "red"
+            lines.append(f"  {q(e['source'])} -> {q(e['target'])} [label={q(e['port'])}, penwidth={w:.2f}, color={color}];")
+    lines.append("}")
+    return write_text(path, "\n".join(lines) + "\n")
+
+
+def write_edges_parquet(graph, matrix: torch.Tensor, mask: torch.Tensor, path: str | Path) -> Path:
+    """Every scored edge: source, target, port, receiver, layer of each end, score, in_circuit."""
+    import pandas as pd
+
+    s, r = graph.valid().nonzero(as_tuple=True)
+    layer = {n.name: n.layer for n in graph.nodes}
+    df = pd.DataFrame({
+        "source": [graph.senders[i] for i in s.tolist()],
+        "target": [graph.receivers[j].node for j in r.tolist()],
+        "port": [graph.receivers[j].port for j in r.tolist()],
+        "receiver": [graph.receivers[j].name for j in r.tolist()],
+        "source_layer": [layer[graph.senders[i]] for i in s.tolist()],
+        "target_layer": [layer[graph.receivers[j].node] for j in r.tolist()],
+        "score": matrix[s, r].numpy(),
+        "in_circuit": mask[s, r].numpy(),
+    })
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)

@@ -1,0 +1,234 @@
+"""Facts for knowledge circuits: reading them, building corrupted prompts, batching.
+
+A facts file is JSON Lines, one object per line::
+
+    {"prompt": "The capital of France is", "answer": " Paris", "relation": "capital_of", "subject": "France",
+     "corrupted_prompt": "...", "corrupted_answer": " Berlin"}
+
+``prompt`` and ``answer`` are required; the rest is optional. The answer (and the corrupted answer) is
+scored by its first token. The corrupted prompt must have as many tokens as the prompt, so positions
+line up. Where none is given, one is built by KC's rule: replace the ``subject`` with the subject of
+another fact of the same ``relation`` (with a different answer token) such that the token count is
+unchanged, trying the later facts of the file first. Where no such fact exists the fact falls back
+to the **mean-ablation baseline**: every sender's corrupted output is its mean over all tokens of
+all facts' clean prompts. Each prepared fact records which (``baseline``: given, swap or mean).
+
+Where no corrupted answer is given (and none comes from a swap), it is the clean model's highest
+ranked token other than the answer (the strongest competitor), filled in by
+:func:`fill_runner_up`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from workbench.errors import WorkbenchError
+
+FIELDS = ("prompt", "answer", "corrupted_prompt", "corrupted_answer", "relation", "subject")
+REQUIRED = ("prompt", "answer")
+
+
+@dataclass(frozen=True)
+class Fact:
+    prompt: str
+    answer: str
+    corrupted_prompt: str | None = None
+    corrupted_answer: str | None = None
+    relation: str | None = None
+    subject: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def parse_facts(lines: Iterable[str], source: str = "facts") -> list[Fact]:
+    """Parse JSON Lines; every problem is a WorkbenchError naming the line."""
+    facts = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise WorkbenchError(f"{source} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise WorkbenchError(f"{source} line {n}: expected a JSON object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - set(FIELDS))
+        if unknown:
+            raise WorkbenchError(f"{source} line {n}: unknown key(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
+        for key in REQUIRED:
+            if key not in obj:
+                raise WorkbenchError(f"{source} line {n}: missing required key {key!r}")
+        for key, value in obj.items():
+            if value is None and key not in REQUIRED:
+                continue
+            if not isinstance(value, str) or not value.strip():
+                raise WorkbenchError(f"{source} line {n}: {key!r} must be a non-empty string")
+        if obj.get("subject") and obj["subject"] not in obj["prompt"]:
+            raise WorkbenchError(f"{source} line {n}: subject {obj['subject']!r} does not occur in the prompt")
+        facts.append(Fact(**obj))
+    if not facts:
+        raise WorkbenchError(f"{source} has no facts (it is empty)")
+    return facts
+
+
+def read_facts(path: str | Path) -> list[Fact]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise WorkbenchError(f"facts file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise WorkbenchError(f"facts file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise WorkbenchError(f"cannot read facts file {path}: {e.strerror}") from None
+    return parse_facts(text.splitlines(), source=f"facts file {path}")
+
+
+def builtin_facts() -> list[Fact]:
+    """The built-in facts (``workbench/data/facts.jsonl``): ones SmolLM2-135M gets right at top-1."""
+    from workbench.data import DATA_DIR
+
+    return read_facts(DATA_DIR / "facts.jsonl")
+
+
+@dataclass
+class Prepared:
+    """A fact in token ids, with its corrupted counterpart (or the mean baseline)."""
+
+    fact: Fact
+    ids: list[int]
+    corrupted_ids: list[int] | None  # None: mean baseline
+    answer_id: int
+    corrupted_answer_id: int | None  # None until fill_runner_up
+    baseline: str  # given, swap or mean
+    corrupted_prompt: str | None = None
+    corrupted_answer_source: str | None = None  # given, swap or runner_up
+    extra: dict = field(default_factory=dict)
+
+    def record(self, tokenizer) -> dict:
+        return {"prompt": self.fact.prompt, "answer": self.fact.answer, "relation": self.fact.relation,
+                "baseline": self.baseline, "corrupted_prompt": self.corrupted_prompt,
+                "corrupted_answer": None if self.corrupted_answer_id is None else tokenizer.decode([self.corrupted_answer_id]),
+                "corrupted_answer_source": self.corrupted_answer_source, "n_tokens": len(self.ids), **self.extra}
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text)["input_ids"])
+
+
+def _first_token(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise WorkbenchError(f"answer {text!r} has no tokens")
+    return int(ids[0])
+
+
+def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
+    """Tokenise facts and choose each one's corrupted prompt (given, swapped subject, or mean baseline)."""
+    out = []
+    for i, f in enumerate(facts):
+        ids = _encode(tokenizer, f.prompt)
+        if not ids:
+            raise WorkbenchError(f"fact {i}: the prompt has no tokens")
+        answer = _first_token(tokenizer, f.answer)
+        corr_ans = _first_token(tokenizer, f.corrupted_answer) if f.corrupted_answer else None
+        source = "given" if corr_ans is not None else None
+        if f.corrupted_prompt:
+            cids = _encode(tokenizer, f.corrupted_prompt)
+            if len(cids) != len(ids):
+                raise WorkbenchError(f"fact {i} ({f.prompt!r}): the corrupted prompt has {len(cids)} tokens, "
+                                     f"the prompt {len(ids)}; they must be equally long")
+            out.append(Prepared(f, ids, cids, answer, corr_ans, "given", f.corrupted_prompt, source))
+            continue
+        swap = _swap(tokenizer, facts, i, ids, answer)
+        if swap is None:
+            out.append(Prepared(f, ids, None, answer, corr_ans, "mean", None, source))
+            continue
+        cprompt, cids, other = swap
+        if corr_ans is None:
+            corr_ans, source = _first_token(tokenizer, facts[other].answer), "swap"
+        out.append(Prepared(f, ids, cids, answer, corr_ans, "swap", cprompt, source))
+    return out
+
+
+def _swap(tokenizer, facts: list[Fact], i: int, ids: list[int], answer: int):
+    f = facts[i]
+    if not (f.subject and f.relation):
+        return None
+    n = len(facts)
+    for k in range(1, n):
+        g = facts[(i + k) % n]
+        if g.relation != f.relation or not g.subject or g.subject == f.subject:
+            continue
+        if _first_token(tokenizer, g.answer) == answer:
+            continue
+        cprompt = f.prompt.replace(f.subject, g.subject)
+        cids = _encode(tokenizer, cprompt)
+        if len(cids) == len(ids):
+            return cprompt, cids, (i + k) % n
+    return None
+
+
+@dataclass
+class Batch:
+    index: list[int]  # positions in the prepared list
+    ids: torch.Tensor  # [B, T], right-padded
+    corrupted_ids: torch.Tensor  # [B, T]; the clean prompt where the baseline is the mean
+    last: torch.Tensor  # [B] position of the last real token
+    answer: torch.Tensor  # [B]
+    corrupted_answer: torch.Tensor  # [B]
+    mean: torch.Tensor  # [B] bool, mean-ablation baseline
+    valid: torch.Tensor  # [B, T] bool, real tokens
+
+
+def batches(prepared: list[Prepared], batch_size: int, pad_id: int = 0) -> list[Batch]:
+    """Batches of similar length (sorted by length, stable), right-padded. Causal attention means
+    padding after the last real token changes nothing at or before it."""
+    if batch_size < 1:
+        raise WorkbenchError(f"batch size must be >= 1, got {batch_size}")
+    order = sorted(range(len(prepared)), key=lambda i: len(prepared[i].ids))
+    out = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        T = max(len(prepared[i].ids) for i in idx)
+        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        cids = ids.clone()
+        valid = torch.zeros((len(idx), T), dtype=torch.bool)
+        for b, i in enumerate(idx):
+            p = prepared[i]
+            n = len(p.ids)
+            ids[b, :n] = torch.tensor(p.ids)
+            cids[b, :n] = torch.tensor(p.corrupted_ids if p.corrupted_ids is not None else p.ids)
+            valid[b, :n] = True
+        out.append(Batch(
+            idx, ids, cids, torch.tensor([len(prepared[i].ids) - 1 for i in idx]),
+            torch.tensor([prepared[i].answer_id for i in idx]),
+            torch.tensor([prepared[i].corrupted_answer_id if prepared[i].corrupted_answer_id is not None else -1
+                          for i in idx]),
+            torch.tensor([prepared[i].corrupted_ids is None for i in idx]), valid,
+        ))
+    return out
+
+
+def pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def fill_runner_up(prepared: list[Prepared], index: list[int], logits: torch.Tensor) -> None:
+    """Set missing corrupted answers to the clean model's best token other than the answer."""
+    for b, i in enumerate(index):
+        p = prepared[i]
+        if p.corrupted_answer_id is None:
+            top2 = torch.topk(logits[b], 2).indices.tolist()
+            p.corrupted_answer_id = top2[1] if top2[0] == p.answer_id else top2[0]
+            p.corrupted_answer_source = "runner_up"

@@ -1,0 +1,232 @@
+"""The computational graph that circuits are found in: senders write the residual stream, receivers read it.
+
+Nodes (in topological order):
+
+* ``input``: the token embeddings;
+* per layer ``l``: every attention **query head** ``a{l}.h{h}`` (its output is head h's slice of the
+  ``o_proj`` input times its ``o_proj`` columns), every **KV group** ``a{l}.kv{g}`` (GQA: the key and
+  value projections shared by a group of query heads, no ungrouping), then either the dense MLP
+  ``m{l}`` or, in an MoE layer, the router ``m{l}.router``, every routed expert ``m{l}.e{e}`` (its
+  routing-weighted output) and every shared expert ``m{l}.shared{i}`` (gated, where the family gates it);
+* ``logits``.
+
+Senders are the nodes that write into the residual stream: input, heads, MLPs, experts, shared experts.
+
+Receivers are the inputs that read it, each with its own copy of the residual stream (as in EAP):
+per layer one ``q`` receiver per query head, one ``k`` and one ``v`` receiver per KV group, then the
+MLP input (dense) or the router, each routed expert and each shared expert input (MoE); finally the
+logits (the final norm's input). A receiver's input is the sum of the outputs of every sender
+upstream of it, before the receiver's layer norm, so edges are every (upstream sender, receiver) pair.
+
+Receivers are grouped into *stages* that read the residual stream at the same point: stage ``2l`` is
+layer l's attention input, ``2l + 1`` its MLP input, ``2L`` the logits. Every edge into a stage comes
+from a sender written before that point, so the score matrix of a stage is one dense block
+``[senders upstream, receivers of the stage]``.
+
+Internal edges (not scored, always present): KV group -> each of its query heads, router -> each
+routed expert of its layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from workbench.adapters.base import Adapter
+from workbench.errors import WorkbenchError
+
+NODE_KINDS = ("input", "head", "kv", "mlp", "router", "expert", "shared", "logits")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    kind: str  # one of NODE_KINDS
+    layer: int  # -1 for input, num_layers for logits
+    index: int = -1  # head / KV group / expert / shared expert index; -1 where none
+
+    def attrs(self) -> dict:
+        """GraphML-safe attributes: kind, layer, index, and head / expert (-1 where not one)."""
+        return {"kind": self.kind, "layer": self.layer, "index": self.index,
+                "head": self.index if self.kind in ("head", "kv") else -1,
+                "expert": self.index if self.kind in ("expert", "shared") else -1}
+
+
+@dataclass(frozen=True)
+class Receiver:
+    name: str  # e.g. "a3.h2<q"
+    node: str  # owning node
+    port: str  # q, k, v or in
+    stage: int
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Receivers that read the residual stream at the same point."""
+
+    index: int
+    kind: str  # attn, mlp or logits
+    layer: int
+    start: int  # receivers [start, stop)
+    stop: int
+    n_up: int  # senders [0, n_up) are upstream
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Where a layer's senders and receivers sit in the graph's orderings."""
+
+    layer: int
+    kind: str  # dense or moe
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    head_sender0: int  # senders [head_sender0, head_sender0 + n_heads)
+    mlp_sender0: int  # dense: 1 sender; moe: experts then shared
+    n_experts: int  # 0 for dense
+    n_shared: int
+    attn_stage: int
+    mlp_stage: int
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    senders: list[str]  # node names, in residual-stream order
+    receivers: list[Receiver]
+    stages: list[Stage]
+    layers: list[LayerPlan]
+    internal: list[tuple[str, str]]  # (from node, to node), always present
+    d_model: int
+    sender_pos: torch.Tensor = field(repr=False)  # [S] stage index before which the sender is written
+
+    @property
+    def n_senders(self) -> int:
+        return len(self.senders)
+
+    @property
+    def n_receivers(self) -> int:
+        return len(self.receivers)
+
+    def valid(self) -> torch.Tensor:
+        """[S, R] bool: which (sender, receiver) pairs are edges."""
+        stage_of = torch.tensor([r.stage for r in self.receivers])
+        return self.sender_pos[:, None] <= stage_of[None, :]
+
+    @property
+    def n_edges(self) -> int:
+        return int(sum(st.n_up * st.size for st in self.stages))
+
+    def edge_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sender, receiver) indices of every edge, in the canonical (row-major) order."""
+        s, r = self.valid().nonzero(as_tuple=True)
+        return s, r
+
+    def node(self, name: str) -> Node:
+        return self._by_name()[name]
+
+    def _by_name(self) -> dict[str, Node]:
+        if not hasattr(self, "_nodes_by_name"):
+            self._nodes_by_name = {n.name: n for n in self.nodes}
+        return self._nodes_by_name
+
+    def edge_names(self, s: torch.Tensor, r: torch.Tensor) -> list[tuple[str, str, str]]:
+        """(sender node, receiving node, port) per edge."""
+        return [(self.senders[i], self.receivers[j].node, self.receivers[j].port) for i, j in zip(s.tolist(), r.tolist())]
+
+    def summary(self) -> dict:
+        kinds: dict[str, int] = {}
+        for n in self.nodes:
+            kinds[n.kind] = kinds.get(n.kind, 0) + 1
+        return {"nodes": len(self.nodes), "senders": self.n_senders, "receivers": self.n_receivers,
+                "edges": self.n_edges, "node_kinds": kinds}
+
+
+def attention_shape(adapter: Adapter, model: nn.Module, layer: nn.Module) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of a layer's attention, or a WorkbenchError where the
+    attention is not the q_proj/k_proj/v_proj/o_proj kind circuits support."""
+    attn = adapter.attention(layer)
+    parts = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if not all(isinstance(p, nn.Linear) for p in parts):
+        raise WorkbenchError(
+            f"circuits need attention with q_proj/k_proj/v_proj/o_proj linear layers; "
+            f"{type(model).__name__} ({adapter.name}) has {type(attn).__name__}"
+        )
+    cfg = model.config
+    n_heads = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    head_dim = int(getattr(attn, "head_dim", 0) or getattr(cfg, "head_dim", 0) or cfg.hidden_size // n_heads)
+    q, k, v, o = parts
+    if q.out_features != n_heads * head_dim or k.out_features != n_kv * head_dim or v.out_features != n_kv * head_dim \
+            or o.in_features != n_heads * head_dim or n_heads % n_kv:
+        raise WorkbenchError(f"unexpected attention shapes in {type(model).__name__}: q {q.out_features}, "
+                             f"k {k.out_features}, v {v.out_features}, o {o.in_features}, heads {n_heads}/{n_kv}")
+    return n_heads, n_kv, head_dim
+
+
+def build_graph(model: nn.Module, adapter: Adapter) -> Graph:
+    """The EAP graph of ``model`` (see the module docstring)."""
+    layers = adapter.decoder_layers(model)
+    infos = adapter.layer_infos(model)
+    d = int(model.config.hidden_size)
+    nodes = [Node("input", "input", -1)]
+    senders, sender_pos = ["input"], [0]
+    receivers: list[Receiver] = []
+    stages: list[Stage] = []
+    plans: list[LayerPlan] = []
+    internal: list[tuple[str, str]] = []
+    n_layers = len(layers)
+    for l, (layer, info) in enumerate(zip(layers, infos)):
+        n_heads, n_kv, hd = attention_shape(adapter, model, layer)
+        group = n_heads // n_kv
+        a_stage, m_stage = 2 * l, 2 * l + 1
+        # attention stage: q per head, k and v per KV group
+        heads = [Node(f"a{l}.h{h}", "head", l, h) for h in range(n_heads)]
+        kvs = [Node(f"a{l}.kv{g}", "kv", l, g) for g in range(n_kv)]
+        nodes += kvs + heads
+        internal += [(kvs[h // group].name, heads[h].name) for h in range(n_heads)]
+        r0 = len(receivers)
+        receivers += [Receiver(f"{n.name}<q", n.name, "q", a_stage) for n in heads]
+        receivers += [Receiver(f"{n.name}<k", n.name, "k", a_stage) for n in kvs]
+        receivers += [Receiver(f"{n.name}<v", n.name, "v", a_stage) for n in kvs]
+        stages.append(Stage(a_stage, "attn", l, r0, len(receivers), len(senders)))
+        head0 = len(senders)
+        senders += [n.name for n in heads]
+        sender_pos += [a_stage + 1] * n_heads
+        # MLP stage
+        r0 = len(receivers)
+        mlp0 = len(senders)
+        if info.kind == "dense":
+            node = Node(f"m{l}", "mlp", l)
+            nodes.append(node)
+            receivers.append(Receiver(f"{node.name}<in", node.name, "in", m_stage))
+            n_exp, n_sh = 0, 0
+            senders.append(node.name)
+        else:
+            if info.layout != "fused":
+                raise WorkbenchError(f"circuits support fused MoE experts; layer {l} of {type(model).__name__} "
+                                     f"has the {info.layout} layout")
+            if info.num_shared > 1:
+                raise WorkbenchError(f"layer {l} has {info.num_shared} shared expert modules; circuits support one")
+            n_exp, n_sh = info.num_experts, info.num_shared
+            router = Node(f"m{l}.router", "router", l)
+            experts = [Node(f"m{l}.e{e}", "expert", l, e) for e in range(n_exp)]
+            shared = [Node(f"m{l}.shared{i}", "shared", l, i) for i in range(n_sh)]
+            nodes += [router] + experts + shared
+            internal += [(router.name, e.name) for e in experts]
+            receivers += [Receiver(f"{n.name}<in", n.name, "in", m_stage) for n in [router] + experts + shared]
+            senders += [n.name for n in experts + shared]
+        sender_pos += [m_stage + 1] * (len(senders) - mlp0)
+        stages.append(Stage(m_stage, "mlp", l, r0, len(receivers), mlp0))
+        plans.append(LayerPlan(l, info.kind, n_heads, n_kv, hd, head0, mlp0, n_exp, n_sh, a_stage, m_stage))
+    nodes.append(Node("logits", "logits", n_layers))
+    r0 = len(receivers)
+    receivers.append(Receiver("logits<in", "logits", "in", 2 * n_layers))
+    stages.append(Stage(2 * n_layers, "logits", n_layers, r0, r0 + 1, len(senders)))
+    return Graph(nodes, senders, receivers, stages, plans, internal, d, torch.tensor(sender_pos))

@@ -1,0 +1,381 @@
+"""Run a Hugging Face model as an EAP graph: record senders, give each receiver its own input.
+
+One context manager, :class:`GraphRunner`, instruments the model in place (restored on exit) and
+runs forwards in three modes:
+
+* ``plain``: the model's own forward; optionally records every sender's output ``acts [S, B, T, d]``
+  and the residual stream at every stage ``resid [P, B, T, d]``.
+* ``grad``: each stage's receivers get their own copy of the normed residual stream (an ``expand``,
+  so the forward is the same numbers); a gradient hook on the copies maps each receiver's gradient
+  back through the norm (its vector-Jacobian product at the residual) and adds
+  ``dM/d(receiver input)`` into ``grads [R, B, T, d]``. The embedding can be replaced (EAP-IG).
+* ``patch``: path patching on edges. Receiver v's input is
+  ``resid_corrupted - sum_{u in circuit(v)} (act_corrupted_u - act_current_u)``, i.e. the current
+  outputs of the circuit's senders plus the corrupted outputs of every other sender (computed from
+  whichever of the two edge sets is smaller, so a full circuit is the clean run and an empty one the
+  corrupted run, exactly).
+
+How receivers get their own input: the layer norm before a stage is hooked and its output expanded
+to ``[B, T, R, d]`` copies (patch mode: the norm is applied to each patched copy); the q/k/v
+projections are swapped for :class:`_HeadProj`, which projects each query head / KV group from its
+own copy (weights sliced, no ungrouping); in MoE blocks the router,
+the fused experts and the shared expert (and its gate) are swapped for wrappers reading their own
+copies. Everything after the projections (RoPE, q/k norms, attention kernel, o_proj) is the model's
+own code. Parameters are frozen while the runner is active: backward computes activation
+gradients only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workbench.circuits.graph import Graph, LayerPlan
+from workbench.adapters.base import Adapter, get_path
+from workbench.errors import WorkbenchError
+from workbench.tracing.capture import fused_expert_output
+
+
+@dataclass
+class Patch:
+    """What a patched forward needs: the circuit and the corrupted run's senders and residuals."""
+
+    mask: torch.Tensor  # [S, R] bool, edges in the circuit
+    corr_acts: torch.Tensor  # [S, B, T, d]
+    corr_resid: torch.Tensor  # [P, B, T, d]
+
+
+class _HeadProj(nn.Module):
+    """Stands in for q_proj / k_proj / v_proj: head i is projected from receiver copy ``first + i``."""
+
+    def __init__(self, base: nn.Linear, runner: "GraphRunner", stage: int, first: int, n: int, head_dim: int):
+        super().__init__()
+        self.base, self.runner, self.stage, self.first, self.n, self.head_dim = base, runner, stage, first, n, head_dim
+
+    @property
+    def weight(self):  # some code reads proj.weight.dtype
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.runner._stash.get(self.stage)
+        if y is None:
+            return self.base(x)
+        ys = y[:, :, self.first:self.first + self.n]  # [B, T, n, d]
+        w = self.base.weight.view(self.n, self.head_dim, -1)
+        out = torch.einsum("btnd,nkd->btnk", ys, w).reshape(*ys.shape[:2], self.n * self.head_dim)
+        if self.base.bias is not None:
+            out = out + self.base.bias
+        return out
+
+
+class _Slot(nn.Module):
+    """Stands in for a module of an MoE block that reads receiver copy ``slot`` (router, shared expert, its gate)."""
+
+    def __init__(self, base: nn.Module, runner: "GraphRunner", stage: int, slot: int):
+        super().__init__()
+        self.base, self.runner, self.stage, self.slot = base, runner, stage, slot
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base"], name)
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs):
+        y = self.runner._stash.get(self.stage)
+        if y is not None:
+            hidden = y[:, :, self.slot].reshape(-1, y.shape[-1])
+        return self.base(hidden, *args, **kwargs)
+
+
+class _Experts(nn.Module):
+    """Stands in for fused experts: each expert reads its own copy and its routed output is recorded."""
+
+    def __init__(self, base: nn.Module, runner: "GraphRunner", plan: LayerPlan):
+        super().__init__()
+        self.base, self.runner, self.plan = base, runner, plan
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base"], name)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        r = self.runner
+        y = r._stash.get(self.plan.mlp_stage)
+        if y is None and r._acts is None:
+            return self.base(hidden, top_k_index, top_k_weights)
+        out = torch.zeros_like(hidden)
+        acts = None
+        if r._acts is not None:
+            acts = r._acts[self.plan.mlp_sender0:self.plan.mlp_sender0 + self.plan.n_experts]
+            acts.zero_()
+            acts = acts.view(self.plan.n_experts, -1, hidden.shape[-1])
+        for e in range(self.plan.n_experts):
+            tok, pos = torch.where(top_k_index == e)
+            if tok.numel() == 0:
+                continue
+            x = hidden[tok] if y is None else y[:, :, 1 + e].reshape(-1, y.shape[-1])[tok]
+            ye = fused_expert_output(self.base, x, e) * top_k_weights[tok, pos, None]
+            out = out.index_add(0, tok, ye.to(out.dtype))
+            if acts is not None:
+                acts[e, tok] = ye.detach()
+        return out
+
+
+def _rms_vjp(norm: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Closed-form VJP of ``y = w * x / sqrt(mean(x^2) + eps)`` (Hugging Face RMSNorm), vectorised
+    over the receiver dimension of ``g [B, T, R, d]``; ``x [B, T, d]``."""
+    x32 = x.float()
+    r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)  # [B, T, 1]
+    wg = g.float() * norm.weight.float()
+    coef = torch.einsum("btrd,btd->btr", wg, x32).unsqueeze(-1) * (r.pow(3) / x.shape[-1]).unsqueeze(2)
+    wg.mul_(r.unsqueeze(2))
+    wg.addcmul_(x32.unsqueeze(2), coef, value=-1.0)  # r w g - x r^3 mean(w g x)
+    return wg.to(g.dtype)
+
+
+def _rms_matches(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``norm`` is an RMSNorm the closed form describes (checked against autograd on ``x``)."""
+    if not (hasattr(norm, "variance_epsilon") and isinstance(getattr(norm, "weight", None), torch.Tensor)
+            and norm.weight.shape == x.shape[-1:]):
+        return False
+    xs = x[:1, :2].detach().clone().requires_grad_(True)
+    g = torch.randn(*xs.shape[:2], 2, xs.shape[-1], generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    with torch.enable_grad():
+        y = norm.forward(xs)
+        ref = torch.stack([torch.autograd.grad(y, xs, g[:, :, i], retain_graph=True)[0] for i in range(2)], dim=2)
+    return torch.allclose(_rms_vjp(norm, xs.detach(), g), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-12)
+
+
+class GraphRunner:
+    """Context manager: instrument ``model`` as ``graph`` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, graph: Graph):
+        self.model, self.adapter, self.graph = model, adapter, graph
+        self.base = getattr(model, model.base_model_prefix)
+        self._handles: list = []
+        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        self._frozen: list[tuple[nn.Parameter, bool]] = []
+        self._stash: dict[int, torch.Tensor] = {}
+        self._rms_ok: dict[type, bool] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._mode = "plain"
+        self._acts = self._resid = self._grads = self._embed = None
+        self._patch: Patch | None = None
+        self._stash.clear()
+
+    # ----- install / remove ------------------------------------------------------------------------
+    def __enter__(self) -> "GraphRunner":
+        try:
+            self._install()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _swap(self, parent: nn.Module, name: str, new: nn.Module) -> None:
+        self._swapped.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, new)
+
+    def _install(self) -> None:
+        ad, g = self.adapter, self.graph
+        for p in self.model.parameters():
+            self._frozen.append((p, p.requires_grad))
+            p.requires_grad_(False)
+        emb = ad.embedding(self.model)
+        final_norm = get_path(self.model, ad.final_norm_path)
+        if emb is None or final_norm is None:
+            raise WorkbenchError(f"{ad.name} adapter: cannot find the embedding or the final norm")
+        self._handles.append(emb.register_forward_hook(self._embed_hook))
+        self._handles.append(final_norm.register_forward_hook(self._final_hook))
+        layers = ad.decoder_layers(self.model)
+        for plan in g.layers:
+            layer = layers[plan.layer]
+            norms = ad.norms(layer)
+            if set(norms) != {"input", "post_attention"}:
+                raise WorkbenchError(f"circuits need pre-norm layers (input and post-attention norms); "
+                                     f"layer {plan.layer} has {sorted(norms)}")
+            attn = ad.attention(layer)
+            self._handles.append(norms["input"].register_forward_hook(self._attn_norm_hook(plan)))
+            nh, nkv, hd = plan.n_heads, plan.n_kv, plan.head_dim
+            for name, first, n in (("q_proj", 0, nh), ("k_proj", nh, nkv), ("v_proj", nh + nkv, nkv)):
+                self._swap(attn, name, _HeadProj(getattr(attn, name), self, plan.attn_stage, first, n, hd))
+            self._handles.append(attn.o_proj.register_forward_pre_hook(self._o_proj_hook(plan)))
+            self._handles.append(norms["post_attention"].register_forward_hook(self._mlp_norm_hook(plan)))
+            mlp = ad.mlp(layer)
+            if plan.kind == "dense":
+                self._handles.append(mlp.register_forward_hook(self._dense_hook(plan)))
+                continue
+            self._swap(mlp, ad.router_name, _Slot(ad.router(layer), self, plan.mlp_stage, 0))
+            self._swap(mlp, ad.experts_name, _Experts(ad.experts(layer), self, plan))
+            if plan.n_shared:
+                slot = 1 + plan.n_experts
+                name = next(n for n in ad.shared_names if getattr(mlp, n, None) is not None)
+                self._swap(mlp, name, _Slot(getattr(mlp, name), self, plan.mlp_stage, slot))
+                if ad.shared_gate_name and getattr(mlp, ad.shared_gate_name, None) is not None:
+                    self._swap(mlp, ad.shared_gate_name,
+                               _Slot(getattr(mlp, ad.shared_gate_name), self, plan.mlp_stage, slot))
+            self._handles.append(mlp.register_forward_hook(self._moe_hook(plan)))
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for parent, name, old in reversed(self._swapped):
+            setattr(parent, name, old)
+        self._swapped.clear()
+        for p, flag in self._frozen:
+            p.requires_grad_(flag)
+        self._frozen.clear()
+        self._reset()
+
+    # ----- running -----------------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor, *, mode: str = "plain", acts: torch.Tensor | None = None,
+                resid: torch.Tensor | None = None, grads: torch.Tensor | None = None,
+                embed: torch.Tensor | None = None, patch: Patch | None = None) -> torch.Tensor:
+        """The final hidden states (after the final norm) ``[B, T, d]``; fills ``acts``/``resid``/``grads``.
+
+        In ``grad`` mode the result is part of an autograd graph: call ``backward`` on a metric of it
+        and the receivers' gradients land in ``grads``.
+        """
+        if mode not in ("plain", "grad", "patch"):
+            raise ValueError(mode)
+        if (mode == "patch") != (patch is not None):
+            raise ValueError("patch mode needs a Patch (and only patch mode takes one)")
+        if mode == "patch" and acts is None:
+            raise ValueError("patch mode records the current senders: pass acts")
+        self._reset()
+        self._mode, self._acts, self._resid, self._grads, self._embed, self._patch = mode, acts, resid, grads, embed, patch
+        try:
+            with torch.set_grad_enabled(mode == "grad"):
+                out = self.base(input_ids=ids, use_cache=False)
+            return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        finally:
+            self._reset()
+
+    # ----- receiver inputs -------------------------------------------------------------------------
+    def _receivers(self, stage_index: int, norm: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each receiver's normed input ``[B, T, R, d]`` for a stage whose residual is ``x`` and norm output ``y``.
+
+        grad mode: the receivers share the norm output (an ``expand``, so the forward is unchanged); a
+        hook takes each receiver's gradient there and maps it through the norm's vector-Jacobian
+        product at ``x`` (``torch.func``, vectorised over receivers) to the gradient with respect to
+        the receiver's own copy of the residual stream. patch mode: each receiver's residual is
+        patched and normed separately.
+        """
+        st = self.graph.stages[stage_index]
+        B, T, d = x.shape
+        if self._mode == "grad":
+            ys = y.unsqueeze(2).expand(B, T, st.size, d)
+            if self._grads is not None and ys.requires_grad:
+                grads, xd = self._grads[st.start:st.stop], x.detach()
+
+                def keep(g, grads=grads, xd=xd):
+                    grads.add_(self._norm_vjp(norm, xd, g).permute(2, 0, 1, 3))
+                ys.register_hook(keep)
+            return ys
+        p = self._patch
+        block = p.mask[:st.n_up, st.start:st.stop]
+        n_in = int(block.sum())
+        if 2 * n_in <= block.numel():  # few circuit edges: start from the corrupted residual
+            base, sign, use = p.corr_resid[stage_index], -1.0, block
+        else:  # few patched edges: start from the current residual
+            base, sign, use = x, 1.0, ~block
+        rows = use.any(dim=1).nonzero().flatten()
+        xs = base.unsqueeze(2).expand(B, T, st.size, d)
+        if rows.numel():
+            delta = (p.corr_acts[rows] - self._acts[rows]).reshape(rows.numel(), -1)
+            m = (use[rows].T.to(delta.dtype) @ delta).view(st.size, B, T, d).permute(1, 2, 0, 3)
+            xs = xs + sign * m
+        elif sign > 0:  # nothing patched: the current normed residual, exactly
+            return y.unsqueeze(2).expand(B, T, st.size, d)
+        return norm.forward(xs)
+
+    def _norm_vjp(self, norm: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``g [B, T, R, d]`` (gradients at the norm's output, one per receiver) -> gradients at its input."""
+        if self._rms_ok.get(type(norm)) is None:
+            self._rms_ok[type(norm)] = _rms_matches(norm, x)
+        if self._rms_ok[type(norm)]:
+            return _rms_vjp(norm, x, g)
+        _, vjp = torch.func.vjp(norm.forward, x)
+        return torch.vmap(vjp, in_dims=2, out_dims=2)(g)[0]
+
+    # ----- hooks --------------------------------------------------------------------------------------
+    def _embed_hook(self, mod, args, out):
+        if self._embed is not None:
+            out = self._embed
+        if self._mode == "grad" and not out.requires_grad:
+            out = out.detach().requires_grad_(True)
+        if self._acts is not None:
+            self._acts[0] = out.detach()
+        return out
+
+    def _final_hook(self, mod, args, out):
+        x = args[0]
+        last = len(self.graph.stages) - 1
+        if self._resid is not None:
+            self._resid[last] = x.detach()
+        if self._mode == "plain":
+            return None
+        return self._receivers(last, mod, x, out)[:, :, 0]
+
+    def _attn_norm_hook(self, plan: LayerPlan):
+        def hook(mod, args, out):
+            x = args[0]
+            if self._resid is not None:
+                self._resid[plan.attn_stage] = x.detach()
+            if self._mode != "plain":
+                self._stash[plan.attn_stage] = self._receivers(plan.attn_stage, mod, x, out)
+        return hook
+
+    def _o_proj_hook(self, plan: LayerPlan):
+        def hook(mod, args):
+            if self._acts is None:
+                return None
+            z = args[0].detach()
+            B, T, _ = z.shape
+            w = mod.weight.view(mod.out_features, plan.n_heads, plan.head_dim)
+            heads = torch.einsum("bthk,dhk->hbtd", z.view(B, T, plan.n_heads, plan.head_dim), w)
+            self._acts[plan.head_sender0:plan.head_sender0 + plan.n_heads] = heads
+            return None
+        return hook
+
+    def _mlp_norm_hook(self, plan: LayerPlan):
+        def hook(mod, args, out):
+            x = args[0]
+            if self._resid is not None:
+                self._resid[plan.mlp_stage] = x.detach()
+            if self._mode == "plain":
+                return None
+            y = self._receivers(plan.mlp_stage, mod, x, out)
+            if plan.kind == "dense":
+                return y[:, :, 0]
+            self._stash[plan.mlp_stage] = y
+            return None
+        return hook
+
+    def _dense_hook(self, plan: LayerPlan):
+        def hook(mod, args, out):
+            if self._acts is not None:
+                self._acts[plan.mlp_sender0] = out.detach()
+        return hook
+
+    def _moe_hook(self, plan: LayerPlan):
+        def hook(mod, args, out):
+            if self._acts is not None and plan.n_shared:
+                s0 = plan.mlp_sender0
+                self._acts[s0 + plan.n_experts] = out.detach() - self._acts[s0:s0 + plan.n_experts].sum(0)
+        return hook

@@ -1,0 +1,400 @@
+"""Knowledge circuits: graph, EAP / EAP-IG against brute-force patching, evaluation, export, facts, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import networkx as nx
+import pytest
+import torch
+
+from workbench.adapters.base import adapter_for
+from workbench.circuits import export
+from workbench.circuits.attribution import attribute
+from workbench.circuits.cli import add_circuit_parser
+from workbench.circuits.discover import CircuitOptions, find_circuit, write_outputs
+from workbench.circuits.evaluate import evaluate, prune, select_fill, select_greedy, select_random, select_top
+from workbench.circuits.facts import Fact, builtin_facts, parse_facts, prepare, read_facts
+from workbench.circuits.graph import build_graph
+from workbench.circuits.runner import GraphRunner, Patch
+from workbench.errors import WorkbenchError
+from workbench.models.specs import LoadedModel
+
+FACTS = [
+    Fact("The capital of France is", " Paris", relation="capital_of", subject="France"),
+    Fact("The capital of Germany is", " Berlin", relation="capital_of", subject="Germany"),
+    Fact("The capital of Japan is", " Tokyo", relation="capital_of", subject="Japan"),
+    Fact("The capital of Italy is", " Rome", relation="capital_of", subject="Italy"),
+    Fact("The chemical symbol for gold is", " Au", relation="chemical_symbol", subject="gold"),
+    Fact("The chemical symbol for iron is", " Fe", relation="chemical_symbol", subject="iron"),
+]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(zoo_tokenizer):
+    """A random 3-layer Llama with GQA (4 query heads, 2 KV heads), hidden 64, SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(zoo_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    return LoadedModel(model, zoo_tokenizer, adapter_for(model), "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe():
+    from workbench.models.specs import load
+
+    return load("zoo:qwen3-moe")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread avoids waiting on a busy second core for every small op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----- graph ---------------------------------------------------------------------------------------
+
+def test_graph_counts_gqa_natively(tiny_llama):
+    g = build_graph(tiny_llama.model, tiny_llama.adapter)
+    L, H, KV = 3, 4, 2
+    assert g.n_senders == 1 + L * (H + 1)
+    assert g.n_receivers == L * (H + 2 * KV + 1) + 1  # q per query head, k and v per KV group, MLP; logits
+    expected = sum((H + 2 * KV) * (1 + l * (H + 1)) + (1 + l * (H + 1) + H) for l in range(L)) + g.n_senders
+    assert g.n_edges == expected == int(g.valid().sum())
+    kinds = [n.kind for n in g.nodes]
+    assert kinds.count("head") == L * H and kinds.count("kv") == L * KV
+    assert ("a1.kv0", "a1.h1") in g.internal and ("a1.kv1", "a1.h2") in g.internal
+
+
+def test_graph_moe_has_expert_nodes(qwen3_moe):
+    g = build_graph(qwen3_moe.model, qwen3_moe.adapter)
+    kinds = [n.kind for n in g.nodes]
+    assert kinds.count("expert") == 4 * 8 and kinds.count("router") == 4
+    assert sum(r.node.startswith("m2.e") for r in g.receivers) == 8
+    assert ("m0.router", "m0.e3") in g.internal
+
+
+# ----- runner: hooks change nothing; the residual stream is the sum of the senders -----------------
+
+@pytest.mark.parametrize("which", ["tiny_llama", "qwen3_moe"])
+def test_runner_plain_is_exact_and_residual_is_sum_of_senders(which, request):
+    lm = request.getfixturevalue(which)
+    g = build_graph(lm.model, lm.adapter)
+    ids = torch.randint(100, 2000, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = lm.model.model(input_ids=ids).last_hidden_state
+    S, P, d = g.n_senders, len(g.stages), g.d_model
+    acts, resid = torch.zeros(S, 2, 7, d), torch.zeros(P, 2, 7, d)
+    with GraphRunner(lm.model, lm.adapter, g) as runner:
+        out = runner.forward(ids, acts=acts, resid=resid)
+        grads = torch.zeros(g.n_receivers, 2, 7, d)
+        out_grad = runner.forward(ids, mode="grad", grads=grads)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_grad.detach(), ref, rtol=1e-5, atol=1e-5)
+    for st in g.stages:
+        torch.testing.assert_close(resid[st.index], acts[:st.n_up].sum(0), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # instrumentation removed
+        assert torch.equal(lm.model.model(input_ids=ids).last_hidden_state, ref)
+    assert all(p.requires_grad for p in lm.model.parameters())
+
+
+# ----- attribution against brute force -----------------------------------------------------------
+
+def _single_edge_effects(lm, prepared, g):
+    """Brute force: metric(all edges but e) - metric(full), patching edge e alone, for every edge."""
+    valid = g.valid()
+    s, r = valid.nonzero(as_tuple=True)
+    masks = {}
+    for k, (i, j) in enumerate(zip(s.tolist(), r.tolist())):
+        m = valid.clone()
+        m[i, j] = False
+        masks[k] = m
+    ev = evaluate(lm, prepared, g, masks, batch_size=8)
+    return torch.tensor([ev["circuits"][k]["metric"] - ev["metric_full"] for k in range(len(s))]), s, r
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_eap_matches_brute_force_single_edge_patching(tiny_llama, method):
+    prepared = prepare(tiny_llama.tokenizer, FACTS)
+    g = build_graph(tiny_llama.model, tiny_llama.adapter)
+    scores = attribute(tiny_llama, prepared, method=method, steps=5, batch_size=8, graph=g)
+    brute, s, r = _single_edge_effects(tiny_llama, prepared, g)
+    est = scores.matrix[s, r].double()
+    top = brute.abs().argsort(descending=True)[:20]
+    rho_top, rho_all = spearman(brute[top], est[top]), spearman(brute, est)
+    print(f"{method}: Spearman over the 20 largest single-edge effects {rho_top:.3f}, over all "
+          f"{len(s)} edges {rho_all:.3f}")
+    assert rho_top >= 0.9
+    assert rho_all >= 0.8
+
+
+def test_planted_circuit_ranks_first(zoo_tokenizer):
+    """Only head 2 of layer 1 writes to the residual stream (every other o_proj column and every MLP
+    down_proj zeroed): the only paths from the subject to the logits are input -> k and v of a1.h2's
+    KV group a1.kv1 -> a1.h2 -> logits (input -> logits and input -> q of a1.h2 act at the last
+    position only, whose token clean and corrupted prompts share). Both methods score exactly those
+    three edges non-zero and rank them first, and they alone are a fully faithful circuit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=len(zoo_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for l, layer in enumerate(model.model.layers):
+            layer.mlp.down_proj.weight.zero_()
+            keep = layer.self_attn.o_proj.weight[:, 32:48].clone()
+            layer.self_attn.o_proj.weight.zero_()
+            if l == 1:
+                layer.self_attn.o_proj.weight[:, 32:48] = keep
+    lm = LoadedModel(model, zoo_tokenizer, adapter_for(model), "planted")
+    g = build_graph(model, lm.adapter)
+    planted = {("a1.h2", "logits<in"), ("input", "a1.kv1<k"), ("input", "a1.kv1<v")}
+    prepared = prepare(zoo_tokenizer, FACTS)
+    for method in ("eap", "eap-ig"):
+        scores = attribute(lm, prepared, method=method, steps=3, graph=g)
+        s, r = (scores.matrix != 0).nonzero(as_tuple=True)
+        found = {(g.senders[i], g.receivers[j].name) for i, j in zip(s.tolist(), r.tolist())}
+        assert found == planted, method
+        top = select_top(g, scores.matrix, len(planted))
+        assert {(g.senders[i], g.receivers[j].name) for i, j in zip(*top.nonzero(as_tuple=True))} == planted
+    ev = evaluate(lm, prepared, g, {"planted": prune(g, top)})
+    assert int(prune(g, top).sum()) == len(planted)
+    assert ev["circuits"]["planted"]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_eap_is_the_derivative_of_edge_patching(tiny_llama):
+    """With the corrupted senders moved only eps of the way, patching one edge changes the metric by
+    eps x its EAP score (first order): checks the per-receiver gradients exactly."""
+    from workbench.circuits.attribution import last_logits, metric_values
+    from workbench.circuits.facts import batches
+
+    prepared = prepare(tiny_llama.tokenizer, FACTS[:4])
+    g = build_graph(tiny_llama.model, tiny_llama.adapter)
+    scores = attribute(tiny_llama, prepared, method="eap", batch_size=8, graph=g)
+    (b,) = batches(prepared, 8)
+    S, P, d = g.n_senders, len(g.stages), g.d_model
+    B, T = b.ids.shape
+    eps = 1e-2
+    valid = g.valid()
+    s, r = valid.nonzero(as_tuple=True)
+    with GraphRunner(tiny_llama.model, tiny_llama.adapter, g) as runner:
+        clean, corr = torch.zeros(S, B, T, d), torch.zeros(S, B, T, d)
+        base = metric_values("logit_diff", last_logits(tiny_llama, runner.forward(b.ids, acts=clean), b.last), b)
+        runner.forward(b.corrupted_ids, acts=corr)
+        near = clean + eps * (corr - clean)
+        cur = torch.zeros_like(clean)
+        fd = []
+        for i, j in zip(s.tolist(), r.tolist()):
+            m = valid.clone()
+            m[i, j] = False
+            h = runner.forward(b.ids, mode="patch", acts=cur, patch=Patch(m, near, torch.zeros(P, B, T, d)))
+            fd.append(float((metric_values("logit_diff", last_logits(tiny_llama, h, b.last), b) - base).sum()))
+    fd = torch.tensor(fd) / (eps * len(prepared))
+    est = scores.matrix[s, r]
+    big = est.abs() > 1e-3 * est.abs().max()
+    torch.testing.assert_close(fd[big].float(), est[big], rtol=0.05, atol=2e-3 * float(est.abs().max()))
+    assert spearman(fd, est.double()) > 0.99
+
+
+# ----- evaluation ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["tiny_llama", "qwen3_moe"])
+def test_full_circuit_is_faithful_and_empty_circuit_is_the_corrupted_run(which, request):
+    lm = request.getfixturevalue(which)
+    prepared = prepare(lm.tokenizer, FACTS)
+    g = build_graph(lm.model, lm.adapter)
+    valid = g.valid()
+    ev = evaluate(lm, prepared, g, {"full": valid, "empty": torch.zeros_like(valid)}, batch_size=4)
+    assert ev["circuits"]["full"]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+    assert ev["circuits"]["empty"]["faithfulness"] == pytest.approx(0.0, abs=1e-4)
+    assert ev["circuits"]["full"]["hit_at_10"] == ev["hit_at_10_full"]
+    assert ev["circuits"]["empty"]["hit_at_10"] == ev["hit_at_10_corrupted"]
+
+
+def test_mean_baseline_full_and_empty(tiny_llama):
+    """Facts without a same-length swap fall back to mean ablation; full/empty still bracket it."""
+    facts = [Fact("The capital of France is", " Paris"), Fact("Romeo and", " Juliet"),
+             Fact("The capital of Japan is", " Tokyo", relation="capital_of", subject="Japan")]
+    prepared = prepare(tiny_llama.tokenizer, facts)
+    assert [p.baseline for p in prepared] == ["mean", "mean", "mean"]
+    g = build_graph(tiny_llama.model, tiny_llama.adapter)
+    scores = attribute(tiny_llama, prepared, method="eap-ig", steps=3, graph=g)
+    assert torch.isfinite(scores.matrix).all() and scores.matrix.abs().sum() > 0
+    valid = g.valid()
+    ev = evaluate(tiny_llama, prepared, g, {"full": valid, "empty": torch.zeros_like(valid)})
+    assert ev["circuits"]["full"]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+    assert ev["circuits"]["empty"]["faithfulness"] == pytest.approx(0.0, abs=1e-4)
+    assert all(p.corrupted_answer_source == "runner_up" for p in prepared)
+
+
+def test_selection_and_pruning(tiny_llama):
+    g = build_graph(tiny_llama.model, tiny_llama.adapter)
+    m = torch.randn(g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(1))
+    top = select_top(g, m, 30)
+    assert int(top.sum()) == 30 and bool((top <= g.valid()).all())
+    thirtieth = torch.sort(m[g.valid()].abs(), descending=True).values[29]
+    assert float(m[top].abs().min()) == pytest.approx(float(thirtieth))
+    pruned = prune(g, top)
+    assert bool((pruned <= top).all())
+    assert prune(g, pruned).equal(pruned)  # idempotent
+    assert prune(g, g.valid()).equal(g.valid())
+    # an edge from a head that nothing feeds, into the logits, is dropped; input -> logits stays
+    only = torch.zeros_like(top)
+    only[g.senders.index("a1.h0"), g.n_receivers - 1] = True
+    only[0, g.n_receivers - 1] = True
+    kept = prune(g, only)
+    assert kept[0, -1] and not kept[g.senders.index("a1.h0"), -1]
+    assert int(select_fill(g, m, 30).sum()) == 30
+    greedy = select_greedy(g, m, 30)
+    assert int(greedy.sum()) == 30
+    assert int(select_random(g, 25, 0).sum()) == 25 and select_random(g, 25, 0).equal(select_random(g, 25, 0))
+
+
+# ----- export --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def moe_circuit(qwen3_moe, tmp_path_factory):
+    opts = CircuitOptions(method="eap-ig", steps=2, top_edges=60, random_seeds=2, batch_size=4)
+    circuit, scores, mask = find_circuit(qwen3_moe, FACTS, opts)
+    out = tmp_path_factory.mktemp("circuit")
+    write_outputs(circuit, scores, mask, out)
+    return circuit, scores, mask, out
+
+
+def test_find_circuit_on_moe_writes_metrics(moe_circuit):
+    circuit, scores, mask, out = moe_circuit
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ["hit_at_10_full", "hit_at_10_circuit", "hit_at_10_random", "faithfulness", "faithfulness_random",
+                "edge_entropy", "n_edges", "n_edges_total", "n_facts"]:
+        assert key in metrics
+    assert metrics["n_facts"] == len(FACTS) and 0 < metrics["n_edges"] <= 60
+    assert metrics["n_edges_total"] == scores.graph.n_edges
+    assert circuit.n_edges == int(mask.sum())
+    g = scores.graph
+    expert_senders = [i for i, n in enumerate(g.senders) if g.node(n).kind == "expert"]
+    expert_receivers = [j for j, r in enumerate(g.receivers) if g.node(r.node).kind in ("expert", "router")]
+    assert scores.matrix[expert_senders].abs().sum() > 0 and scores.matrix[:, expert_receivers].abs().sum() > 0
+    import pandas as pd
+
+    df = pd.read_parquet(out / "edges.parquet")
+    assert len(df) == scores.graph.n_edges and int(df["in_circuit"].sum()) == int(mask.sum())
+
+
+def test_json_round_trip(moe_circuit):
+    circuit, _, _, out = moe_circuit
+    back = export.read_json(out / "circuit.json")
+    assert back == circuit
+    assert nx.utils.graphs_equal(back.to_networkx(), circuit.to_networkx())
+
+
+def test_graphml_round_trip(moe_circuit):
+    circuit, _, _, out = moe_circuit
+    g = export.read_graphml(out / "circuit.graphml")
+    ref = circuit.to_networkx()
+    assert dict(g.nodes(data=True)) == dict(ref.nodes(data=True))
+    assert sorted(g.edges(keys=True, data=True)) == sorted(ref.edges(keys=True, data=True))
+    text = (out / "circuit.graphml").read_text()
+    assert 'attr.name="layer" attr.type="long"' in text and 'attr.name="score" attr.type="double"' in text
+    assert "digraph circuit" in (out / "circuit.dot").read_text()
+
+
+# ----- facts ---------------------------------------------------------------------------------------
+
+def test_bad_facts_file_names_the_line(tmp_path):
+    p = tmp_path / "facts.jsonl"
+    p.write_text('{"prompt": "The capital of France is", "answer": " Paris"}\n{"prompt": "oops",\n')
+    with pytest.raises(WorkbenchError, match="line 2: not valid JSON"):
+        read_facts(p)
+    with pytest.raises(WorkbenchError, match="line 1: missing required key 'answer'"):
+        parse_facts(['{"prompt": "x"}'])
+    with pytest.raises(WorkbenchError, match="line 1: unknown key"):
+        parse_facts(['{"prompt": "x", "answer": " y", "colour": "red"}'])
+    with pytest.raises(WorkbenchError, match="line 3: 'answer' must be a non-empty string"):
+        parse_facts(["", '{"prompt": "a", "answer": " b"}', '{"prompt": "x", "answer": 3}'])
+    with pytest.raises(WorkbenchError, match="does not exist"):
+        read_facts(tmp_path / "missing.jsonl")
+    with pytest.raises(WorkbenchError, match="no facts"):
+        parse_facts(["", "  "])
+
+
+def test_corrupted_prompts_by_subject_swap(zoo_tokenizer):
+    prepared = prepare(zoo_tokenizer, FACTS)
+    assert [p.baseline for p in prepared] == ["swap"] * 6
+    assert prepared[0].corrupted_prompt == "The capital of Germany is"
+    assert zoo_tokenizer.decode([prepared[0].corrupted_answer_id]) == " Berlin"
+    assert prepared[5].corrupted_prompt == "The chemical symbol for gold is"
+    assert all(len(p.ids) == len(p.corrupted_ids) for p in prepared)
+    given = prepare(zoo_tokenizer, [Fact("The capital of France is", " Paris", "The capital of Spain is", " Madrid")])
+    assert given[0].baseline == "given" and given[0].corrupted_answer_source == "given"
+    with pytest.raises(WorkbenchError, match="equally long"):
+        prepare(zoo_tokenizer, [Fact("The capital of France is", " Paris", "The capital of South Korea is")])
+
+
+def test_builtin_facts_parse_and_mostly_swap(zoo_tokenizer):
+    facts = builtin_facts()
+    assert len(facts) >= 60 and len({f.relation for f in facts}) >= 4
+    prepared = prepare(zoo_tokenizer, facts)
+    assert sum(p.baseline == "swap" for p in prepared) >= 0.9 * len(prepared)
+
+
+# ----- CLI -----------------------------------------------------------------------------------------
+
+def _parser():
+    p = argparse.ArgumentParser(prog="workbench")
+    add_circuit_parser(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_cli_writes_outputs(tmp_path, capsys):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(json.dumps(f.to_dict()) for f in FACTS[:4]) + "\n")
+    args = _parser().parse_args(["circuit", "zoo:qwen3-moe", "--facts", str(facts), "--out", str(tmp_path / "o"),
+                                 "--method", "eap", "--top-edges", "40", "--random-seeds", "1", "--quiet"])
+    assert args.func(args) == 0
+    for name in ["circuit.json", "circuit.graphml", "circuit.dot", "edges.parquet", "metrics.json"]:
+        assert (tmp_path / "o" / name).exists()
+    assert "faithfulness" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_input_before_loading(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": " b"}\nnot json\n')
+    args = _parser().parse_args(["circuit", "no-such-model", "--facts", str(bad), "--out", str(tmp_path / "o")])
+    with pytest.raises(WorkbenchError, match="line 2"):
+        args.func(args)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"prompt": "a", "answer": " b"}\n')
+    args = _parser().parse_args(["circuit", "zoo:qwen3-moe", "--facts", str(ok), "--out", str(tmp_path / "o"),
+                                 "--steps", "0"])
+    with pytest.raises(WorkbenchError, match="--steps"):
+        args.func(args)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["circuit", "m", "--out", "o", "--top-edges", "5", "--threshold", "0.1"])
+
+
+# ----- the real model --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_top_one_percent_circuit_is_faithful(smollm2):
+    facts = [f for f in builtin_facts() if f.relation == "capital_of"][:12]
+    circuit, _, _ = find_circuit(smollm2, facts, CircuitOptions(method="eap-ig", steps=5, random_seeds=2))
+    m = circuit.meta["metrics"]
+    print({k: m[k] for k in ["faithfulness", "faithfulness_random", "hit_at_10_full", "hit_at_10_circuit",
+                             "hit_at_10_random", "n_edges", "n_edges_total"]})
+    assert m["hit_at_10_full"] == 1.0
+    assert m["n_edges"] <= 0.01 * m["n_edges_total"]
+    assert m["faithfulness"] >= 0.85 and m["faithfulness_random"] < 0.2
+    assert m["hit_at_10_circuit"] >= 0.8 * m["hit_at_10_full"] > m["hit_at_10_random"]
