@@ -64,6 +64,7 @@ def run(args) -> dict:
     elif args.variant == "nnsight":
         nn_model = lm.to_nnsight()
         saved = []
+        torch.set_grad_enabled(False)  # as a careful user would: otherwise every saved output keeps its graph
         for chunk in batches(prompts, args.batch):
             outs = []
             with nn_model.trace(chunk):
@@ -91,7 +92,9 @@ def sub(args, variant: str, tokens: int) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
-        return {"variant": variant, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+        lines = [l for l in out.stderr.splitlines() if l.strip() and "it/s]" not in l]
+        why = lines[-1] if lines else f"exit status {out.returncode}" + (" (killed: out of memory?)" if out.returncode < 0 else "")
+        return {"variant": variant, "error": why}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
