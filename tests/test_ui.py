@@ -1,0 +1,233 @@
+"""The Streamlit app, driven headless with AppTest on the tiny zoo:qwen3-moe model."""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from streamlit.testing.v1 import AppTest
+
+import workbench as wb
+from workbench.circuits.export import Circuit, write_json
+from workbench.interventions import parse
+from workbench.studies import Study
+
+APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
+MODEL = "zoo:qwen3-moe"
+# dropping half the experts of layer 0 re-routes every token: the greedy continuation changes (checked)
+DROP = {i: {"drop": True} for i in range(4)}
+
+
+def _app(page: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert at.sidebar.selectbox(key="model_choice").value == MODEL
+    at.sidebar.radio(key="page").set_value(page).run()
+    _ok(at)
+    return at
+
+
+def _ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _edit(at: AppTest, layer: int, rows: dict) -> None:
+    key = f"steer_editor_{layer}_{at.session_state['steer_version']}"
+    at.session_state[key] = {"edited_rows": rows, "added_rows": [], "deleted_rows": []}
+    at.run()
+
+
+def test_ui_package_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, workbench.ui; print('streamlit' in sys.modules, 'plotly' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_steer_toggle_changes_generation_and_study_round_trips():
+    at = _app("Steer")
+    assert at.text_area(key="steer_prompt").value
+    assert at.selectbox(key="steer_layer").options == ["0", "1", "2", "3"]
+    assert len(at.data_editor) == 1
+    base, same = at.session_state["steer_generations"]
+    assert base == same
+    start = time.perf_counter()
+    _edit(at, 0, DROP)
+    latency = time.perf_counter() - start
+    _ok(at)
+    print(f"toggle -> 20-token generation: {latency:.2f} s")
+    base2, steered = at.session_state["steer_generations"]
+    assert base2 == base and steered != base
+    shown = [c.value for c in at.code]
+    assert any(steered in s for s in shown) and any(base in s for s in shown)
+    assert len(at.get("download_button")) == 1
+    labels = {m.label: m for m in at.metric}
+    assert {"attention share on position 0", "max |residual|"} <= set(labels)
+    assert float(labels["KL from baseline (mean over positions)"].value) > 0
+
+    # the downloadable study is what `workbench ablate` reads, and validates against the model
+    text = at.session_state["steer_study_yaml"]
+    spec = yaml.safe_load(text)
+    study = Study(spec, "ui_study.yaml")
+    ivs = study.explicit[0].interventions
+    assert [(iv.op, iv.layers, iv.expert) for iv in ivs] == [("drop", (0,), e) for e in range(4)]
+    lm = wb.load(MODEL)
+    for iv in ivs:
+        iv.validate(lm)
+
+    # uploading it into a fresh app restores the table and the steered generation
+    fresh = _app("Steer")
+    assert fresh.session_state["steer_generations"][1] == base
+    fresh.file_uploader(key="steer_upload").set_value(("ui_study.yaml", text.encode(), "application/x-yaml"))
+    fresh.run()
+    fresh.run()  # the table is rebuilt from the upload on the run after it
+    _ok(fresh)
+    assert list(fresh.session_state["steer_tables"][0]["drop"]) == [True] * 4 + [False] * 4
+    assert fresh.session_state["steer_generations"][1] == steered
+
+
+def test_steer_scale_bias_force_build_valid_interventions():
+    at = _app("Steer")
+    at.selectbox(key="steer_layer").set_value(1).run()
+    _edit(at, 1, {2: {"zero": True, "scale": 0.5}, 5: {"force": True, "force_weight": 0.4, "bias": 2.0}})
+    _ok(at)
+    spec = yaml.safe_load(at.session_state["steer_study_yaml"])
+    ivs = parse(spec["conditions"][0]["interventions"])
+    assert {(iv.op, iv.expert) for iv in ivs} == {("zero", 2), ("scale", 2), ("force", 5), ("bias", 5)}
+    assert next(iv for iv in ivs if iv.op == "force").weight == pytest.approx(0.4)
+    # edits of a layer survive showing another layer
+    at.selectbox(key="steer_layer").set_value(0).run()
+    _edit(at, 0, {1: {"zero": True}})
+    _ok(at)
+    ivs = parse(yaml.safe_load(at.session_state["steer_study_yaml"])["conditions"][0]["interventions"])
+    assert {(iv.op, iv.layers[0], iv.expert) for iv in ivs} == {("zero", 0, 1), ("zero", 1, 2), ("scale", 1, 2),
+                                                               ("force", 1, 5), ("bias", 1, 5)}
+
+
+def test_bad_model_path_shows_error_and_app_keeps_running():
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.sidebar.selectbox(key="model_choice").set_value("(local path or hub id)").run()
+    at.sidebar.text_input(key="model_path").input("/nonexistent/model-dir").run()
+    assert not at.exception
+    assert any("does not exist" in e.value for e in at.error)
+    at.sidebar.selectbox(key="model_choice").set_value(MODEL).run()
+    _ok(at)
+
+
+def test_model_from_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["app.py", "--model", "zoo:olmoe"])
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    _ok(at)
+    assert at.sidebar.selectbox(key="model_choice").value == "zoo:olmoe"
+    monkeypatch.setattr(sys, "argv", ["app.py", "--model", "./no/such/checkpoint"])
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    assert at.sidebar.text_input(key="model_path").value == "./no/such/checkpoint"
+    assert any("does not exist" in e.value for e in at.error)
+
+
+def test_profile_page_runs_and_plots(tmp_path):
+    at = _app("Profile")
+    assert at.text_area(key="profile_prompts").value
+    at.number_input(key="profile_max_tokens").set_value(16)
+    at.text_area(key="profile_prompts").input("The capital of France is Paris.\nWater boils at 100 degrees.")
+    at.button(key="profile_run").click().run()
+    _ok(at)
+    p = at.session_state["profile"]
+    assert p["meta"]["num_prompts"] == 2
+    charts = at.get("plotly_chart")
+    assert len(charts) == 5  # expert max, router load, co-activation, massive, sinks
+    assert len(at.dataframe) >= 2  # super experts, router statistics
+
+    # the steer table then shows each expert's load and max|out| from this profile
+    at.sidebar.radio(key="page").set_value("Steer").run()
+    _ok(at)
+    table = at.data_editor[0].value
+    assert {"load", "max_abs"} <= set(table.columns)
+    assert table["load"].sum() == pytest.approx(1.0)
+    at.sidebar.radio(key="page").set_value("Profile").run()
+
+    # a saved profile.json opens by path and by upload
+    saved = tmp_path / "profile.json"
+    saved.write_text(json.dumps(p))
+    fresh = _app("Profile")
+    fresh.text_input(key="profile_path").input(str(tmp_path)).run()
+    fresh.button(key="profile_open").click().run()
+    _ok(fresh)
+    assert fresh.session_state["profile"]["meta"]["num_prompts"] == 2 and len(fresh.get("plotly_chart")) == 5
+    fresh = _app("Profile")
+    fresh.file_uploader(key="profile_upload").set_value(("profile.json", saved.read_bytes(), "application/json"))
+    fresh.run()
+    _ok(fresh)
+    assert len(fresh.get("plotly_chart")) == 5
+
+    at.text_input(key="profile_path").input(str(tmp_path / "missing.json")).run()
+    at.button(key="profile_open").click().run()
+    assert not at.exception
+    assert any("does not exist" in e.value for e in at.error)
+
+
+def _circuit(path: Path) -> Path:
+    nodes = {"input": {"kind": "input", "layer": -1, "index": 0, "head": -1, "expert": -1},
+             "a0.h0": {"kind": "head", "layer": 0, "index": 0, "head": 0, "expert": -1},
+             "m0.router": {"kind": "router", "layer": 0, "index": 0, "head": -1, "expert": -1},
+             "m0.e3": {"kind": "expert", "layer": 0, "index": 3, "head": -1, "expert": 3},
+             "logits": {"kind": "logits", "layer": 1, "index": 0, "head": -1, "expert": -1}}
+    edges = [{"source": "input", "target": "a0.h0", "port": "q", "score": 0.5},
+             {"source": "input", "target": "m0.router", "port": "in", "score": -0.2},
+             {"source": "a0.h0", "target": "m0.e3", "port": "in", "score": 1.5},
+             {"source": "m0.e3", "target": "logits", "port": "in", "score": 2.0},
+             {"source": "m0.router", "target": "m0.e3", "port": "internal", "score": 0.0}]
+    meta = {"model": MODEL, "method": "eap-ig", "metrics": {"faithfulness": 0.91, "hit_at_10": 0.8}}
+    return write_json(Circuit(nodes, edges, meta), path / "circuit.json")
+
+
+def test_circuits_page_draws_graph_and_metrics(tmp_path):
+    at = _app("Circuits")
+    at.text_input(key="circuit_path").input(str(tmp_path / "nope.json")).run()
+    assert not at.exception and any("does not exist" in e.value for e in at.error)
+    at.text_input(key="circuit_path").input(str(_circuit(tmp_path))).run()
+    _ok(at)
+    assert at.slider(key="circuit_edges").value == 4
+    assert len(at.get("plotly_chart")) == 1
+    assert {m.label for m in at.metric} == {"faithfulness", "hit_at_10"}
+    at.slider(key="circuit_edges").set_value(2).run()
+    _ok(at)
+    assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 2
+    assert len(at.get("download_button")) == 3  # JSON, GraphML, DOT
+
+
+def test_circuits_page_runs_discovery():
+    at = _app("Circuits")
+    at.number_input(key="circuit_n_facts").set_value(4)
+    at.selectbox(key="circuit_method").set_value("eap")
+    at.number_input(key="circuit_top").set_value(30)
+    at.button(key="circuit_run").click().run()
+    _ok(at)
+    circuit = at.session_state["circuit"]
+    assert circuit.meta["metrics"]["n_facts"] == 4 and circuit.n_edges > 0
+    assert at.slider(key="circuit_edges").value == min(circuit.n_edges, 100)
+    assert "faithfulness" in {m.label for m in at.metric}
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_cli_ui_command():
+    from workbench.ui.cli import APP as CLI_APP
+    from workbench.ui.cli import add_ui_parser, command
+
+    p = argparse.ArgumentParser()
+    add_ui_parser(p.add_subparsers(dest="command"))
+    args = p.parse_args(["ui", "--model", MODEL, "--port", "8765"])
+    cmd = command(args.model, args.port)
+    assert Path(CLI_APP) == Path(APP)
+    assert cmd[1:4] == ["-m", "streamlit", "run"]
+    for flag, value in [("--server.headless", "true"), ("--server.address", "127.0.0.1"),
+                        ("--server.port", "8765"), ("--browser.gatherUsageStats", "false")]:
+        assert cmd[cmd.index(flag) + 1] == value
+    assert cmd[-3:] == ["--", "--model", MODEL]

@@ -1,0 +1,69 @@
+"""The workbench Streamlit app: ``streamlit run ui/app.py -- --model SPEC`` (or ``workbench ui``).
+
+The sidebar picks a model (built-in spec, local folder or hub id) and a page; each page lives in its
+own module and only calls the workbench Python API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import streamlit as st
+
+from workbench.models.specs import list_builtin
+from workbench.ui import circuits_page, profile_page, steer_page
+from workbench.ui.common import load_model, show_error
+
+DEFAULT_MODEL = "zoo:qwen3-moe"
+CUSTOM = "(local path or hub id)"
+PAGES = {"Profile": profile_page.render, "Steer": steer_page.render, "Circuits": circuits_page.render}
+
+
+def _argv_model() -> str | None:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", default=None)
+    args, _ = p.parse_known_args(sys.argv[1:])
+    return args.model
+
+
+def _pick_model():
+    builtin = list_builtin()
+    start = _argv_model() or DEFAULT_MODEL
+    options = builtin + [CUSTOM]
+    st.sidebar.title("workbench")
+    choice = st.sidebar.selectbox("Model", options, index=options.index(start) if start in builtin else len(builtin),
+                                  key="model_choice")
+    if choice == CUSTOM:
+        spec = st.sidebar.text_input("Folder or hub id", value="" if start in builtin else start, key="model_path")
+    else:
+        spec = choice
+    if not spec.strip():
+        st.sidebar.info("Type a model folder or hub id.")
+        return None
+    try:
+        with st.spinner(f"loading {spec} ..."):
+            lm = load_model(spec.strip())
+    except Exception as exc:  # the app keeps running on any load failure
+        show_error(exc)
+        return None
+    s = lm.summary()
+    st.sidebar.caption(f"{s['architecture']}, {s['params'] / 1e6:.1f}M params, {s['layers']} layers, "
+                       f"experts: {s['experts'] or 'dense'}, top-k {s['top_k']}")
+    return lm
+
+
+def main() -> None:
+    st.set_page_config(page_title="workbench", layout="wide")
+    lm = _pick_model()
+    page = st.sidebar.radio("Page", list(PAGES), key="page")
+    if lm is None:
+        if page != "Circuits":
+            return
+    try:
+        PAGES[page](lm)
+    except Exception as exc:
+        show_error(exc)
+
+
+main()

@@ -1,0 +1,116 @@
+"""Circuits page: open a ``circuit.json`` (``workbench circuit``) and draw it, with its metrics."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from workbench.circuits.export import Circuit, read_json, write_dot, write_graphml
+from workbench.errors import WorkbenchError
+from workbench.ui.common import show_error
+from workbench.ui.plotting import circuit_figure
+
+
+def _open() -> None:
+    """Load the typed path or the upload when it changes (so a discovered circuit is not overwritten)."""
+    path = st.text_input("Path to circuit.json (or its folder)", key="circuit_path")
+    up = st.file_uploader("... or upload it", type=["json"], key="circuit_upload")
+    source = ("upload", up.name, up.size) if up is not None else ("path", path.strip()) if path.strip() else None
+    if source is None or source == st.session_state.get("circuit_source"):
+        return
+    st.session_state["circuit_source"] = source
+    try:
+        if up is not None:
+            try:
+                data = json.loads(up.getvalue().decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise WorkbenchError(f"{up.name}: not valid JSON ({exc})") from None
+            st.session_state["circuit"] = Circuit.from_json_obj(data)
+        else:
+            p = Path(path.strip()).expanduser()
+            st.session_state["circuit"] = read_json(p / "circuit.json" if p.is_dir() else p)
+    except Exception as exc:
+        show_error(exc)
+        st.session_state.pop("circuit", None)
+
+
+def _discover(lm) -> None:
+    """Run ``find_circuit`` on the loaded model, on one typed fact or the first built-in facts."""
+    from workbench.circuits import builtin_facts, find_circuit
+    from workbench.circuits.discover import CircuitOptions
+    from workbench.circuits.facts import Fact
+
+    c1, c2 = st.columns(2)
+    prompt = c1.text_input("Fact prompt (blank: built-in facts)", key="circuit_fact_prompt")
+    answer = c2.text_input("Answer (e.g. ' Paris')", key="circuit_fact_answer")
+    c3, c4, c5 = st.columns(3)
+    n_facts = c3.number_input("built-in facts", 1, 105, 8, key="circuit_n_facts")
+    method = c4.selectbox("method", ["eap-ig", "eap"], key="circuit_method")
+    top = c5.number_input("top edges", 1, 100000, 200, key="circuit_top")
+    if st.button("Find circuit", key="circuit_run", disabled=lm is None):
+        try:
+            if prompt.strip():
+                if not answer:
+                    raise WorkbenchError("a typed fact needs its answer")
+                facts = [Fact(prompt=prompt, answer=answer)]
+            else:
+                facts = builtin_facts()[: int(n_facts)]
+            with st.spinner(f"scoring edges on {len(facts)} facts ..."):
+                circuit, _, _ = find_circuit(lm, facts, CircuitOptions(method=method, top_edges=int(top)))
+            st.session_state["circuit"] = circuit
+        except Exception as exc:
+            show_error(exc)
+
+
+def _downloads(circuit: Circuit) -> None:
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("circuit.json", json.dumps(circuit.to_json_obj(), indent=1), file_name="circuit.json",
+                       key="circuit_download")
+    with tempfile.TemporaryDirectory() as tmp:
+        graphml = write_graphml(circuit, Path(tmp) / "circuit.graphml").read_bytes()
+        dot = write_dot(circuit, Path(tmp) / "circuit.dot").read_bytes()
+    c2.download_button("circuit.graphml", graphml, file_name="circuit.graphml", key="circuit_download_graphml")
+    c3.download_button("circuit.dot", dot, file_name="circuit.dot", key="circuit_download_dot")
+
+
+def _metrics(meta: dict) -> None:
+    metrics = meta.get("metrics") or {}
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    if flat:
+        cols = st.columns(min(len(flat), 4))
+        for i, (k, v) in enumerate(flat.items()):
+            cols[i % len(cols)].metric(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    nested = {k: v for k, v in metrics.items() if k not in flat}
+    if nested:
+        st.json(nested, expanded=False)
+    rest = {k: v for k, v in meta.items() if k not in ("metrics", "facts")}
+    st.caption(", ".join(f"{k}: {v}" for k, v in rest.items() if isinstance(v, (int, float, str))))
+
+
+def render(lm) -> None:
+    st.header("Circuits")
+    tab_open, tab_run = st.tabs(["Open circuit.json", "Run discovery"])
+    with tab_open:
+        _open()
+    with tab_run:
+        _discover(lm)
+    circuit = st.session_state.get("circuit")
+    if circuit is None:
+        st.info("Open a circuit.json written by `workbench circuit MODEL --out DIR`.")
+        return
+    total = circuit.n_edges
+    if total == 0:
+        st.warning("the circuit has no scored edges")
+        return
+    n = st.slider("edges shown (largest |score| first)", 1, total, min(total, 100), key="circuit_edges")
+    st.plotly_chart(circuit_figure(circuit, n), key="circuit_graph")
+    st.subheader("Metrics (for the circuit as saved)")
+    _metrics(circuit.meta)
+    edges = pd.DataFrame([e for e in circuit.edges if e["port"] != "internal"])
+    edges = edges.reindex(edges["score"].abs().sort_values(ascending=False).index).head(n)
+    st.dataframe(edges, hide_index=True, key="circuit_edges_table")
+    _downloads(circuit)

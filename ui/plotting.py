@@ -1,0 +1,73 @@
+"""Plotly figures from the plain data the API returns (profile figure dicts, circuits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+
+def figure(f: dict) -> go.Figure:
+    """One ``workbench.experts.plots.figures`` entry as an interactive plotly figure (hover shows values)."""
+    if f["kind"] == "heat":
+        z = np.asarray(f["z"], dtype=float)
+        y = f.get("ylabels") or list(range(z.shape[0]))
+        fig = go.Figure(go.Heatmap(z=z, x=list(range(z.shape[1])), y=[str(v) for v in y], colorscale="Viridis",
+                                   hovertemplate=f"{f['x']} %{{x}}<br>{f['y']} %{{y}}<br>value %{{z:.4g}}<extra></extra>"))
+        marks = f.get("marks") or []
+        if marks:
+            fig.add_trace(go.Scatter(x=[e for _, e in marks], y=[str(l) for l, _ in marks], mode="markers",
+                                     marker=dict(symbol="x", color="red", size=12), name="super expert",
+                                     hovertemplate="super expert: layer %{y}, expert %{x}<extra></extra>"))
+        fig.update_yaxes(type="category", title=f["y"])
+        fig.update_xaxes(title=f["x"])
+    else:
+        fig = go.Figure(go.Bar(x=f["x"], y=f["y"], name="largest |residual|"))
+        if "y2" in f:
+            fig.add_trace(go.Scatter(x=f["x"], y=f["y2"], mode="lines+markers", name="median |residual|"))
+        fig.update_yaxes(type="log")
+        fig.update_xaxes(title="layer")
+    fig.update_layout(title=f["title"], height=420, margin=dict(l=40, r=20, t=50, b=40))
+    return fig
+
+
+KIND_COLOURS = {"input": "#444444", "logits": "#444444", "head": "#1f77b4", "kv": "#17becf", "mlp": "#2ca02c",
+                "router": "#9467bd", "expert": "#d62728", "shared": "#ff7f0e"}
+
+
+def circuit_figure(circuit, n_edges: int) -> go.Figure:
+    """Layered drawing: input at the bottom, logits at the top, one row per layer (attention below MLP),
+    edge width by |score| (top ``n_edges`` scored edges), expert nodes coloured by kind."""
+    scored = sorted((e for e in circuit.edges if e["port"] != "internal"), key=lambda e: -abs(e["score"]))
+    shown = scored[:n_edges]
+    names = {e["source"] for e in shown} | {e["target"] for e in shown}
+    rows: dict[float, list[str]] = {}
+    for name, a in circuit.nodes.items():
+        if name not in names:
+            continue
+        y = float(a["layer"]) + (0.5 if a["kind"] in ("mlp", "router", "expert", "shared") else 0.0)
+        rows.setdefault(y, []).append(name)
+    pos = {}
+    for y, row in rows.items():
+        row.sort(key=lambda n: (circuit.nodes[n]["kind"], circuit.nodes[n]["index"]))
+        for i, n in enumerate(row):
+            pos[n] = ((i + 1) / (len(row) + 1), y)
+    fig = go.Figure()
+    top = max((abs(e["score"]) for e in shown), default=1.0) or 1.0
+    for e in shown:
+        (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
+        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", showlegend=False, hoverinfo="text",
+                                 text=f"{e['source']} -> {e['target']} ({e['port']}): {e['score']:.4g}",
+                                 line=dict(width=0.5 + 6 * abs(e["score"]) / top,
+                                           color="rgba(31,119,180,0.55)" if e["score"] >= 0 else "rgba(214,39,40,0.55)")))
+    by_kind: dict[str, list[str]] = {}
+    for n in pos:
+        by_kind.setdefault(circuit.nodes[n]["kind"], []).append(n)
+    for kind, ns in by_kind.items():
+        fig.add_trace(go.Scatter(x=[pos[n][0] for n in ns], y=[pos[n][1] for n in ns], mode="markers+text",
+                                 text=ns, textposition="top center", name=kind, hoverinfo="text",
+                                 marker=dict(size=14 if kind in ("expert", "shared", "router") else 10,
+                                             color=KIND_COLOURS.get(kind, "#7f7f7f"), line=dict(width=1, color="white"))))
+    fig.update_layout(height=700, xaxis=dict(visible=False), yaxis=dict(title="layer (input bottom, logits top)"),
+                      title=f"{len(shown)} of {len(scored)} scored edges (blue: positive, red: negative)",
+                      margin=dict(l=40, r=20, t=50, b=20))
+    return fig
