@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from workbench.errors import WorkbenchError
+from workbench.hooks import HookSet
 
 EXPERT_OPS = ("zero", "scale", "drop", "force", "bias")
 CHANNEL_OPS = ("zero_channel", "scale_channel", "zero_neuron", "scale_neuron")
@@ -175,15 +176,15 @@ class _Tokens:
         self.mask: torch.Tensor | None = None
 
 
-class Applied:
+class Applied(HookSet):
     """Hooks for a set of interventions; use as a context manager (see :func:`apply`)."""
 
     def __init__(self, lm, interventions: Sequence[Intervention]):
+        super().__init__()
         self.lm = lm
         self.interventions = list(interventions)
         for i, iv in enumerate(self.interventions):
             iv.validate(lm, f"intervention {i}")
-        self._handles: list = []
         self._tokens = _Tokens()
         self._decoded: dict[int, str] = {}
         self._prompts: torch.Tensor | None = None
@@ -191,22 +192,6 @@ class Applied:
     def set_prompts(self, indices: Sequence[int] | None) -> None:
         """The prompt index of each row of the coming batches (None: not a numbered pass)."""
         self._prompts = None if indices is None else torch.as_tensor(list(indices), dtype=torch.int64)
-
-    def __enter__(self) -> "Applied":
-        try:
-            self._install()
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     # ----- scope -------------------------------------------------------------------------------
     def _scope(self, iv: Intervention, rows: int) -> torch.Tensor | None:
@@ -243,10 +228,6 @@ class Applied:
             match = torch.tensor([iv.token in self._decoded[v] for v in ids.flatten().tolist()], device=ids.device)
             keep &= match.view(b, t)
         return keep.reshape(-1)
-
-    def _hook(self, module: nn.Module, fn, pre: bool = False) -> None:
-        register = module.register_forward_pre_hook if pre else module.register_forward_hook
-        self._handles.append(register(fn, with_kwargs=True))
 
     # ----- install -------------------------------------------------------------------------------
     def _install(self) -> None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.adapters.base import Adapter, LayerInfo
+from workbench.hooks import HookSet
 from workbench.tracing.reducers import Payload
 from workbench.tracing.sites import Component, Site, validate
 
@@ -52,7 +53,7 @@ def few_threads(n: int = 1):
         torch.set_num_threads(before)
 
 
-class Capture:
+class Capture(HookSet):
     """Context manager that installs read-only hooks for ``sinks`` on ``model``.
 
     Call :meth:`begin_batch` with the batch's token grid ``[B, T]`` (global token index, -1 at
@@ -60,10 +61,10 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, sinks: dict[Site, list[Sink]]):
+        super().__init__()
         self.model, self.adapter = model, adapter
         self.sinks = {s: list(v) for s, v in sinks.items() if v}
         validate(adapter, model, self.sinks)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._grid: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
 
@@ -87,33 +88,14 @@ class Capture:
             for sink in self.sinks[site]:
                 sink.update(p)
 
-    # ----- install / remove --------------------------------------------------------------------
-    def __enter__(self) -> "Capture":
+    # ----- install ---------------------------------------------------------------------------------
+    def _install(self) -> None:
         by_layer: dict[int, dict[Component, list[Site]]] = defaultdict(lambda: defaultdict(list))
         for s in self.sinks:
             by_layer[s.layer][s.component].append(s)
         layers = self.adapter.decoder_layers(self.model)
-        try:
-            for i, comps in by_layer.items():
-                self._install_layer(layers[i], self.adapter.layer_info(self.model, i), comps)
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _hook(self, module: nn.Module, fn, *, pre: bool = False) -> None:
-        if pre:
-            self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
-        else:
-            self._handles.append(module.register_forward_hook(fn, with_kwargs=True))
+        for i, comps in by_layer.items():
+            self._install_layer(layers[i], self.adapter.layer_info(self.model, i), comps)
 
     def _install_layer(self, layer: nn.Module, info: LayerInfo, comps: dict[Component, list[Site]]) -> None:
         ad = self.adapter
