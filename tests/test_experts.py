@@ -180,7 +180,7 @@ def test_smollm2_super_weight_and_attention_sink(smollm2):
             h.remove()
     share = lambda p: np.array(p["attention_sinks"]["share_pos0"])[12:].mean()  # noqa: E731
     peak = lambda p: max(l["top"][0]["value"] for l in p["massive_activations"]["layers"][:-1])  # noqa: E731
-    assert share(base) > 0.65 and share(ablated) < 0.5 * share(base)  # measured 0.72 -> 0.31
+    assert share(base) > 0.65 and share(ablated) < 0.5 * share(base)  # measured 0.73 -> 0.33
     assert peak(ablated) < peak(base) / 10  # 2.6e4 -> 1.8e3 (what is left sits in layer 28, channel 199)
 
 
