@@ -398,3 +398,36 @@ def test_smollm2_top_one_percent_circuit_is_faithful(smollm2):
     assert m["n_edges"] <= 0.01 * m["n_edges_total"]
     assert m["faithfulness"] >= 0.85 and m["faithfulness_random"] < 0.2
     assert m["hit_at_10_circuit"] >= 0.8 * m["hit_at_10_full"] > m["hit_at_10_random"]
+
+
+def test_circuit_diff_counts_shared_added_removed(tmp_path):
+    from workbench.circuits.diff import diff, diff_files
+    from workbench.circuits.export import Circuit, write_json
+
+    nodes = {n: {"kind": "mlp", "layer": i, "index": 0} for i, n in enumerate(["input", "m0", "m1", "logits"])}
+
+    def circ(edges):
+        return Circuit(nodes={k: v for k, v in nodes.items() if any(k in (s, t) for s, t, _ in edges)},
+                       edges=[{"source": s, "target": t, "port": "in", "score": w} for s, t, w in edges])
+
+    a = circ([("input", "m0", 1.0), ("m0", "logits", 2.0), ("input", "logits", 0.5)])
+    b = circ([("input", "m0", 3.0), ("m0", "logits", 4.0), ("m0", "m1", 1.0), ("m1", "logits", 1.0)])
+    write_json(a, tmp_path / "a.json")
+    write_json(b, tmp_path / "b.json")
+    r = diff_files(tmp_path / "a.json", tmp_path / "b.json")
+    assert r == diff(a, b)
+    assert (r["edges"]["shared"], r["edges"]["added"], r["edges"]["removed"]) == (2, 2, 1)
+    assert r["edges"]["jaccard"] == pytest.approx(2 / 5)
+    assert r["nodes"]["added"] == ["m1"] and r["nodes"]["removed"] == []
+    assert r["shared_score_spearman"] == pytest.approx(1.0)
+    same = diff(a, a)
+    assert same["edges"]["jaccard"] == 1.0 and same["edges"]["added"] == 0
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "workbench", "circuit-diff", str(tmp_path / "a.json"),
+                          str(tmp_path / "b.json"), "--out", str(tmp_path / "d.json")], capture_output=True, text=True)
+    assert out.returncode == 0 and "Jaccard 0.400" in out.stdout and (tmp_path / "d.json").exists()
+    bad = subprocess.run([sys.executable, "-m", "workbench", "circuit-diff", str(tmp_path / "nope.json"),
+                          str(tmp_path / "b.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

@@ -237,11 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     co.set_defaults(func=cmd_contrast)
 
     from workbench.circuits.cli import add_circuit_parser
+    from workbench.circuits.diff import add_circuit_diff_parser
     from workbench.kernels.reduce_dump import add_reduce_parser
     from workbench.ui.cli import add_ui_parser
 
     add_reduce_parser(sub)
     add_circuit_parser(sub)
+    add_circuit_diff_parser(sub)
     add_ui_parser(sub)
 
     ab = sub.add_parser("ablate", help="run a scripted ablation study (conditions x metrics)",

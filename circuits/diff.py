@@ -1,0 +1,70 @@
+"""Compare two circuits (e.g. the same facts across checkpoints): shared, added and removed edges and
+nodes, Jaccard overlaps, and the rank correlation of the shared edges' scores."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from workbench.circuits.export import Circuit, read_json
+
+
+def _edges(c: Circuit) -> dict[tuple, float]:
+    return {(e["source"], e["target"], e["port"]): float(e["score"]) for e in c.edges if e["port"] != "internal"}
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    if len(a) < 2:
+        return math.nan
+    from scipy import stats
+
+    rho = stats.spearmanr(a, b).statistic
+    return float(rho) if rho == rho else math.nan
+
+
+def diff(a: Circuit, b: Circuit) -> dict:
+    """What changes from circuit ``a`` to circuit ``b``."""
+    ea, eb = _edges(a), _edges(b)
+    na, nb = set(a.nodes), set(b.nodes)
+    shared = sorted(set(ea) & set(eb))
+    union_e, union_n = set(ea) | set(eb), na | nb
+    fmt = lambda keys: [{"source": s, "target": t, "port": p} for s, t, p in keys]  # noqa: E731
+    return {
+        "edges": {"a": len(ea), "b": len(eb), "shared": len(shared), "added": len(set(eb) - set(ea)),
+                  "removed": len(set(ea) - set(eb)), "jaccard": len(shared) / len(union_e) if union_e else math.nan},
+        "nodes": {"a": len(na), "b": len(nb), "shared": len(na & nb), "added": sorted(nb - na),
+                  "removed": sorted(na - nb), "jaccard": len(na & nb) / len(union_n) if union_n else math.nan},
+        "shared_score_spearman": _spearman([ea[k] for k in shared], [eb[k] for k in shared]),
+        "added_edges": fmt(sorted(set(eb) - set(ea))),
+        "removed_edges": fmt(sorted(set(ea) - set(eb))),
+        "meta": {"a": {k: a.meta.get(k) for k in ("model", "method")}, "b": {k: b.meta.get(k) for k in ("model", "method")}},
+    }
+
+
+def diff_files(path_a: str | Path, path_b: str | Path) -> dict:
+    return diff(read_json(path_a), read_json(path_b))
+
+
+def add_circuit_diff_parser(subparsers) -> None:
+    d = subparsers.add_parser("circuit-diff", help="compare two circuit.json files",
+                              description="Shared, added and removed edges and nodes from circuit A to circuit B, "
+                                          "Jaccard overlaps and the Spearman correlation of shared edge scores.")
+    d.add_argument("a", help="circuit.json (before)")
+    d.add_argument("b", help="circuit.json (after)")
+    d.add_argument("--out", help="write the full comparison as JSON here")
+    d.set_defaults(func=cmd_circuit_diff)
+
+
+def cmd_circuit_diff(args) -> int:
+    from workbench.io import write_json
+
+    r = diff_files(args.a, args.b)
+    e, n = r["edges"], r["nodes"]
+    print(f"edges: {e['a']} -> {e['b']}, shared {e['shared']}, added {e['added']}, removed {e['removed']}, "
+          f"Jaccard {e['jaccard']:.3f}")
+    print(f"nodes: {n['a']} -> {n['b']}, shared {n['shared']}, added {len(n['added'])}, removed {len(n['removed'])}, "
+          f"Jaccard {n['jaccard']:.3f}")
+    print(f"Spearman correlation of shared edge scores: {r['shared_score_spearman']:.3f}")
+    if args.out:
+        print(f"wrote {write_json(args.out, r)}")
+    return 0
