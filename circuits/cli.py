@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from workbench.errors import WorkbenchError
+from workbench.io import output_dir
 
 
 def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,8 +40,6 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_circuit(args) -> int:
-    from pathlib import Path
-
     from workbench.circuits.discover import CircuitOptions, find_circuit, write_outputs
     from workbench.circuits.facts import builtin_facts, read_facts
     from workbench.models.specs import load
@@ -54,9 +53,7 @@ def cmd_circuit(args) -> int:
         raise WorkbenchError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.random_seeds < 0:
         raise WorkbenchError(f"--random-seeds must be >= 0, got {args.random_seeds}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"--out {out} exists and is not a directory")
+    out = output_dir(args.out)
     lm = load(args.model, device=args.device)
     opts = CircuitOptions(method=args.method, steps=args.steps, metric=args.metric, top_edges=args.top_edges,
                           threshold=args.threshold, selection=args.selection, batch_size=args.batch_size,

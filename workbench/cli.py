@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.io import output_dir
 
 
 def _csv(text: str) -> list[str]:
@@ -60,9 +61,7 @@ def cmd_trace(args) -> int:
     for c in args.components:
         if c not in {x.value for x in Component}:
             raise WorkbenchError(f"unknown component {c!r}; known: {', '.join(x.value for x in Component)}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"--out {out} exists and is not a directory")
+    out = output_dir(args.out)
     lm = load(args.model, device=args.device)
     sites = all_sites(lm.adapter, lm.model, args.components, args.layers)
     result = trace(lm, prompts, sites, args.reducers, batch_size=args.batch_size, max_tokens=args.max_tokens,
@@ -96,9 +95,7 @@ def cmd_profile(args) -> int:
         raise WorkbenchError(f"bad super-expert rule: {e}") from None
     if args.batch_size < 1:
         raise WorkbenchError("--batch-size must be at least 1")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"--out {out} exists and is not a directory")
+    out = output_dir(args.out)
     lm = load(args.model, device=args.device)
     opts = ProfileOptions(rule=rule, batch_size=args.batch_size, max_tokens=args.max_tokens,
                           top_massive=args.top_massive, sinks=not args.no_sinks)
@@ -135,9 +132,7 @@ def cmd_ablate(args) -> int:
     from workbench.studies import Study, summarise
 
     study = Study.from_file(args.study)  # a malformed study fails here, before any model work
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"--out {out} exists and is not a directory")
+    out = output_dir(args.out)
     lm = load(args.model, device=args.device)
     df = study.run(lm, out, progress=not args.quiet)
     import pandas as pd
@@ -157,9 +152,7 @@ def cmd_contrast(args) -> int:
     from workbench.models.specs import load
 
     positive, negative = read_prompts(args.positive), read_prompts(args.negative)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"--out {out} exists and is not a directory")
+    out = output_dir(args.out)
     lm = load(args.model, device=args.device)
     if not any(i.kind == "moe" for i in lm.layer_infos()):
         raise WorkbenchError(f"{args.model} is a dense model: contrast ranks routed experts and needs an MoE model")

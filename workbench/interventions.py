@@ -25,7 +25,6 @@ texts). Outside such a runner a prompt-scoped intervention touches nothing.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,6 +34,7 @@ from torch import nn
 
 from workbench.errors import WorkbenchError
 from workbench.hooks import HookSet
+from workbench.io import read_structured
 
 EXPERT_OPS = ("zero", "scale", "drop", "force", "bias")
 CHANNEL_OPS = ("zero_channel", "scale_channel", "zero_neuron", "scale_neuron")
@@ -149,19 +149,7 @@ def parse(items: Any, where: str = "interventions") -> list[Intervention]:
 
 def load_file(path: str | Path) -> list[Intervention]:
     """Read interventions from a .json or .yaml file (a list, or a mapping with key 'interventions')."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise WorkbenchError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else (f" line {e.lineno}" if hasattr(e, "lineno") else "")
-        raise WorkbenchError(f"{path}:{line}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}") from None
+    data, _ = read_structured(path, "interventions file")
     if isinstance(data, dict) and "interventions" in data:
         data = data["interventions"]
     return parse(data, str(path))

@@ -68,3 +68,33 @@ def _round_floats(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_round_floats(v) for v in obj]
     return obj
+
+
+def output_dir(path: str | os.PathLike) -> Path:
+    """An output folder argument: refuse one that exists as a file (checked before any model work)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a directory")
+    return out
+
+
+def read_structured(path: str | os.PathLike, what: str = "file") -> tuple[Any, str]:
+    """Parse a .json file as JSON and anything else as YAML; return (data, text).
+
+    Errors are one line naming the file and, where the parser knows it, the line.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise WorkbenchError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        return (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)), text
+    except json.JSONDecodeError as e:
+        raise WorkbenchError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        raise WorkbenchError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None

@@ -37,7 +37,7 @@ from workbench import metrics as M
 from workbench.data import default_prompts, read_prompts
 from workbench.errors import WorkbenchError
 from workbench.interventions import Intervention, apply
-from workbench.io import atomic_path, write_text
+from workbench.io import atomic_path, read_structured, write_text
 
 GENERATORS = ("each_super_expert", "all_super_experts", "random_experts")
 TOP_KEYS = {"name", "metrics", "texts", "num_texts", "seeds", "conditions", "generation_prompts", "max_new_tokens",
@@ -140,19 +140,7 @@ class Study:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Study":
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise WorkbenchError(f"cannot read study {path}: {e.strerror}") from None
-        try:
-            spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except json.JSONDecodeError as e:
-            raise WorkbenchError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" line {mark.line + 1}" if mark is not None else ""
-            raise WorkbenchError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        spec, text = read_structured(path, "study")
         return cls(spec, str(path), _lines(text))
 
     # ----- resolution -----------------------------------------------------------------------------
