@@ -14,7 +14,8 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
         description="Score every edge of MODEL's graph (input, attention heads with q/k/v inputs, MLPs or routed "
                     "and shared experts, logits) on the facts with EAP or EAP-IG, keep the top edges pruned to "
                     "input->logits paths, and evaluate them by path patching. Writes OUT/circuit.json (networkx "
-                    "node-link), circuit.graphml, circuit.dot, edges.parquet (every scored edge) and metrics.json.")
+                    "node-link), circuit.graphml, circuit.dot, circuit.svg and circuit.png (layered drawing), "
+                    "edges.parquet (every scored edge) and metrics.json.")
     c.add_argument("model", help="model spec (see `workbench models`)")
     c.add_argument("--facts", default=None,
                    help='JSONL, one {"prompt", "answer", "corrupted_prompt"?, "corrupted_answer"?, "relation"?, '

@@ -100,12 +100,15 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
 
 
 def write_outputs(circuit: Circuit, scores: Scores, mask: torch.Tensor, out: str | Path) -> list[Path]:
-    """DIR/circuit.json, circuit.graphml, circuit.dot, edges.parquet and metrics.json."""
+    """DIR/circuit.json, circuit.graphml, circuit.dot, circuit.svg, circuit.png, edges.parquet and metrics.json."""
+    from workbench.circuits import render
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"--out {out} exists and is not a directory")
     paths = [export.write_json(circuit, out / "circuit.json"), export.write_graphml(circuit, out / "circuit.graphml"),
-             export.write_dot(circuit, out / "circuit.dot"),
+             export.write_dot(circuit, out / "circuit.dot"), render.write_svg(circuit, out / "circuit.svg"),
+             render.write_png(circuit, out / "circuit.png"),
              export.write_edges_parquet(scores.graph, scores.matrix, mask, out / "edges.parquet")]
     if "metrics" in circuit.meta:
         paths.append(write_json(out / "metrics.json", circuit.meta["metrics"]))

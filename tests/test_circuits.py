@@ -364,8 +364,15 @@ def test_cli_writes_outputs(tmp_path, capsys):
     args = _parser().parse_args(["circuit", "zoo:qwen3-moe", "--facts", str(facts), "--out", str(tmp_path / "o"),
                                  "--method", "eap", "--top-edges", "40", "--random-seeds", "1", "--quiet"])
     assert args.func(args) == 0
-    for name in ["circuit.json", "circuit.graphml", "circuit.dot", "edges.parquet", "metrics.json"]:
+    for name in ["circuit.json", "circuit.graphml", "circuit.dot", "circuit.svg", "circuit.png", "edges.parquet",
+                 "metrics.json"]:
         assert (tmp_path / "o" / name).exists()
+    import xml.etree.ElementTree as ET
+
+    svg = ET.parse(tmp_path / "o" / "circuit.svg").getroot()
+    circuit = export.read_json(tmp_path / "o" / "circuit.json")
+    assert sum((e.get("id") or "").startswith("edge-") for e in svg.iter()) == circuit.n_edges
+    assert (tmp_path / "o" / "circuit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "faithfulness" in capsys.readouterr().out
 
 
