@@ -58,8 +58,9 @@ def _group_size(circuit: Circuit) -> int:
     return heads // kvs if heads and kvs and heads % kvs == 0 else 1
 
 
-def _layout(circuit: Circuit, names: list[str], internal: list[dict]) -> tuple[dict, list[tuple[int, int]]]:
-    """Node -> (x, y): one row per (layer, attention/MLP) present, nodes centred in their row."""
+def _layout(circuit: Circuit, names: list[str], internal: list[dict]) -> tuple[dict, list[tuple[int, int]], int]:
+    """(node -> (x, y), rows, columns): one row per (layer, attention/MLP) present, one column per head /
+    KV group / expert present in any layer (dense MLPs right of the heads), input and logits centred."""
     rows: dict[tuple[int, int], list[str]] = {}
     for n in names:
         rows.setdefault(_row(circuit.nodes[n]), []).append(n)
@@ -75,16 +76,30 @@ def _layout(circuit: Circuit, names: list[str], internal: list[dict]) -> tuple[d
             kv = parent.get(n)
             g = int(circuit.nodes[kv]["index"]) if kv in circuit.nodes else idx // group
             return (0, g, 1, idx)
-        order = {"router": 0, "mlp": 0, "expert": 1, "shared": 2}.get(kind, 3)
+        if kind in ("input", "logits"):
+            return (2, 0, 0, 0)
+        order = {"router": 0, "mlp": 0, "expert": 1, "shared": 2}[kind]
         return (1, order, 0, idx)
 
+    # fixed columns: a head, KV group or expert sits in the same column in every layer
+    keys = {n: key(n) for n in names}
+    attn = sorted({k for n, k in keys.items() if k[0] == 0})
+    mlp = sorted({k for n, k in keys.items() if k[0] == 1})
+    if len(mlp) <= 1:  # dense MLPs (or a single expert): one column right of the heads
+        width = len(attn) + len(mlp)
+        col = {k: float(i) for i, k in enumerate(attn + mlp)}
+    else:
+        width = max(len(attn), len(mlp))
+        col = {k: i + (width - len(attn)) / 2 for i, k in enumerate(attn)}
+        col.update({k: i + (width - len(mlp)) / 2 for i, k in enumerate(mlp)})
+    centre = (max(width, 1) - 1) / 2
     pos = {}
     order = sorted(rows)
     for y, r in enumerate(order):
-        row = sorted(rows[r], key=key)
-        for i, n in enumerate(row):
-            pos[n] = (i - (len(row) - 1) / 2, float(y))
-    return pos, order
+        for n in rows[r]:
+            x = col[keys[n]] if keys[n] in col else centre  # input and logits in the middle
+            pos[n] = (x - centre, float(y))
+    return pos, order, max(width, 1)
 
 
 def _label(name: str, a: dict) -> str:
@@ -109,9 +124,8 @@ def _figure(circuit: Circuit, max_edges: int | None):
     from matplotlib.patches import FancyArrowPatch, Patch
 
     scored, internal, names = _shown(circuit, max_edges)
-    pos, rows = _layout(circuit, names, internal)
+    pos, rows, width_nodes = _layout(circuit, names, internal)
     n_layers = next((int(a["layer"]) for a in circuit.nodes.values() if a["kind"] == "logits"), None)
-    width_nodes = max((sum(1 for p in pos.values() if p[1] == y) for y in range(len(rows))), default=1)
     w = min(40.0, max(8.0, 0.62 * width_nodes + 3.0))
     h = min(60.0, max(4.0, 0.42 * len(rows) + 1.8))
     fig = Figure(figsize=(w, h), dpi=100)
@@ -128,9 +142,9 @@ def _figure(circuit: Circuit, max_edges: int | None):
         # edges from one sender bow differently so both stay visible
         if span == 0:  # internal link within a row (KV group -> head): arc over the nodes between
             rad = -0.25 if x1 > x0 else 0.25
-        else:
-            rad = 0.0 if span <= 1 else 0.12 * (1 if (x1 - x0) >= 0 else -1)
-            rad += {"k": 0.06, "v": -0.06}.get(e["port"], 0.0)
+        else:  # edges point up; a positive rad bows right: bow towards the middle, less for long edges
+            rad = 0.0 if span <= 1 else (-0.2 if x0 + x1 > 0 else 0.2) / math.sqrt(span)
+            rad += {"k": 0.05, "v": -0.05}.get(e["port"], 0.0)
         return FancyArrowPatch((x0, y0), (x1, y1), connectionstyle=f"arc3,rad={rad:.3f}", arrowstyle="-|>",
                                mutation_scale=6, shrinkA=7, shrinkB=7, **kw)
 
@@ -140,7 +154,7 @@ def _figure(circuit: Circuit, max_edges: int | None):
     for k, e in reversed(list(enumerate(scored))):  # strongest drawn last, on top
         s = float(e["score"])
         p = arrow(e, color=POSITIVE if s >= 0 else NEGATIVE, linewidth=0.4 + 4.6 * abs(s) / top,
-                  alpha=0.35 + 0.5 * abs(s) / top, zorder=2)
+                  alpha=0.2 + 0.7 * abs(s) / top, zorder=2)
         p.set_gid(f"edge-{k}")
         ax.add_patch(p)
     for n in names:
@@ -150,7 +164,7 @@ def _figure(circuit: Circuit, max_edges: int | None):
                     bbox=dict(boxstyle="round,pad=0.25", facecolor=KIND_COLOURS.get(a["kind"], "white"),
                               edgecolor="#525252", linewidth=0.6))
         t.set_gid(f"node-{n}")
-    ax.set_xlim(-half - 0.8, half + 0.8)
+    ax.set_xlim(-half - 1.0, half + 1.0)
     ax.set_ylim(-0.6, max(len(rows) - 1, 0) + 0.6)
     ax.set_yticks(range(len(rows)), [_row_label(r, n_layers) for r in rows], fontsize=7)
     ax.set_xticks([])
@@ -212,7 +226,7 @@ def write_svg(circuit: Circuit, path: str | Path, max_edges: int | None = None) 
     return Path(path)
 
 
-def write_png(circuit: Circuit, path: str | Path, max_edges: int | None = None, dpi: int = 100) -> Path:
+def write_png(circuit: Circuit, path: str | Path, max_edges: int | None = None, dpi: int = 130) -> Path:
     import matplotlib
 
     with matplotlib.rc_context(_RC), atomic_path(path) as tmp:
