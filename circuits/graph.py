@@ -93,6 +93,7 @@ class LayerPlan:
     n_shared: int
     attn_stage: int
     mlp_stage: int
+    layout: str = "dense"  # dense, fused or modulelist (the MoE experts' layout)
 
 
 @dataclass
@@ -209,9 +210,9 @@ def build_graph(model: nn.Module, adapter: Adapter) -> Graph:
             n_exp, n_sh = 0, 0
             senders.append(node.name)
         else:
-            if info.layout != "fused":
-                raise WorkbenchError(f"circuits support fused MoE experts; layer {l} of {type(model).__name__} "
-                                     f"has the {info.layout} layout")
+            if info.layout not in ("fused", "modulelist"):
+                raise WorkbenchError(f"circuits support fused and ModuleList MoE experts; layer {l} of "
+                                     f"{type(model).__name__} has the {info.layout} layout")
             if info.num_shared > 1:
                 raise WorkbenchError(f"layer {l} has {info.num_shared} shared expert modules; circuits support one")
             n_exp, n_sh = info.num_experts, info.num_shared
@@ -224,7 +225,7 @@ def build_graph(model: nn.Module, adapter: Adapter) -> Graph:
             senders += [n.name for n in experts + shared]
         sender_pos += [m_stage + 1] * (len(senders) - mlp0)
         stages.append(Stage(m_stage, "mlp", l, r0, len(receivers), mlp0))
-        plans.append(LayerPlan(l, info.kind, n_heads, n_kv, hd, head0, mlp0, n_exp, n_sh, a_stage, m_stage))
+        plans.append(LayerPlan(l, info.kind, n_heads, n_kv, hd, head0, mlp0, n_exp, n_sh, a_stage, m_stage, info.layout))
     nodes.append(Node("logits", "logits", n_layers))
     r0 = len(receivers)
     receivers.append(Receiver("logits<in", "logits", "in", 2 * n_layers))

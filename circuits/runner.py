@@ -20,7 +20,8 @@ to ``[B, T, R, d]`` copies (patch mode: the norm is applied to each patched copy
 projections are swapped for :class:`_HeadProj`, which projects each query head / KV group from its
 own copy (weights sliced, no ungrouping); in MoE blocks the router,
 the fused experts and the shared expert (and its gate) are swapped for wrappers reading their own
-copies. Everything after the projections (RoPE, q/k norms, attention kernel, o_proj) is the model's
+copies (an MoE block with a ModuleList of experts is swapped as a whole for a wrapper that routes with
+the adapter's rule, as tracing does). Everything after the projections (RoPE, q/k norms, attention kernel, o_proj) is the model's
 own code. Parameters are frozen while the runner is active: backward computes activation
 gradients only.
 """
@@ -130,6 +131,63 @@ class _Experts(nn.Module):
         return out
 
 
+class _ModuleListMoe(nn.Module):
+    """Stands in for an MoE block with a ModuleList of experts (the older layout): routes with the
+    adapter's rule from the router's own copy, runs each expert on its own copy and records each
+    routed expert's weighted output and the (gated) shared expert's output."""
+
+    def __init__(self, base: nn.Module, runner: "GraphRunner", plan: LayerPlan):
+        super().__init__()
+        self.base, self.runner, self.plan = base, runner, plan
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base"], name)
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs):
+        r, plan, ad, base = self.runner, self.plan, self.runner.adapter, self._modules["base"]
+        y = r._stash.get(plan.mlp_stage)
+        if y is None and r._acts is None:
+            return base(hidden, *args, **kwargs)
+        B, T, d = hidden.shape
+        flat = hidden.reshape(-1, d)
+
+        def copy(slot: int) -> torch.Tensor:
+            return flat if y is None else y[:, :, slot].reshape(-1, d)
+
+        router = getattr(base, ad.router_name)
+        weights, index = ad.select_experts(r.model, router(copy(0)), router)
+        experts = getattr(base, ad.experts_name)
+        acts = None
+        if r._acts is not None:
+            acts = r._acts[plan.mlp_sender0:plan.mlp_sender0 + plan.n_experts + plan.n_shared].view(
+                plan.n_experts + plan.n_shared, -1, d)
+            acts.zero_()
+        out = torch.zeros_like(flat)
+        for e in range(plan.n_experts):
+            tok, pos = torch.where(index == e)
+            if tok.numel() == 0:
+                continue
+            ye = experts[e](copy(1 + e)[tok]) * weights[tok, pos, None]
+            out = out.index_add(0, tok, ye.to(out.dtype))
+            if acts is not None:
+                acts[e, tok] = ye.detach()
+        if plan.n_shared:
+            slot = 1 + plan.n_experts
+            name = next(n for n in ad.shared_names if getattr(base, n, None) is not None)
+            x = copy(slot)
+            ys = getattr(base, name)(x)
+            gate = getattr(base, ad.shared_gate_name, None) if ad.shared_gate_name else None
+            if gate is not None:
+                ys = torch.sigmoid(gate(x)) * ys
+            out = out + ys
+            if acts is not None:
+                acts[plan.n_experts] = ys.detach()
+        return out.view(B, T, d)
+
+
 def _rms_vjp(norm: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Closed-form VJP of ``y = w * x / sqrt(mean(x^2) + eps)`` (Hugging Face RMSNorm), vectorised
     over the receiver dimension of ``g [B, T, R, d]``; ``x [B, T, d]``."""
@@ -218,6 +276,9 @@ class GraphRunner:
             mlp = ad.mlp(layer)
             if plan.kind == "dense":
                 self._handles.append(mlp.register_forward_hook(self._dense_hook(plan)))
+                continue
+            if plan.layout == "modulelist":
+                self._swap(layer, ad.mlp_name, _ModuleListMoe(mlp, self, plan))
                 continue
             self._swap(mlp, ad.router_name, _Slot(ad.router(layer), self, plan.mlp_stage, 0))
             self._swap(mlp, ad.experts_name, _Experts(ad.experts(layer), self, plan))
