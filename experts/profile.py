@@ -17,9 +17,9 @@ from workbench.experts.router import ChangeRate
 from workbench.experts.sinks import SinkMeter, eager_attention
 from workbench.experts.super_experts import SuperExpertRule, kurtosis, select
 from workbench.models.specs import LoadedModel
-from workbench.tracing.reducers import AbsMax, RouterStats
+from workbench.tracing.reducers import AbsMax, ExpertAbsMax, RouterStats
 from workbench.tracing.runner import trace
-from workbench.tracing.sites import Component, all_sites
+from workbench.tracing.sites import Component, Site, all_sites
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,17 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     """Run ``prompts`` once and return the profile as plain data (what ``profile.json`` holds)."""
     infos = lm.layer_infos()
     n_layers = len(infos)
-    expert_sites = all_sites(lm.adapter, lm.model, [Component.EXPERT, Component.SHARED_EXPERT])
+    # Routed experts of a MoE layer are reduced together (one grouped site per layer); a dense layer's
+    # MLP is its expert 0; shared experts have their own sites.
+    grouped_sites = all_sites(lm.adapter, lm.model, [Component.EXPERTS])
+    moe_layers = {s.layer for s in grouped_sites}
+    dense_sites = [Site(i, Component.EXPERT, 0) for i in range(n_layers) if i not in moe_layers]
+    shared_sites = all_sites(lm.adapter, lm.model, [Component.SHARED_EXPERT])
     router_sites = all_sites(lm.adapter, lm.model, [Component.ROUTER])
     resid_sites = all_sites(lm.adapter, lm.model, [Component.RESID_POST])
     change = ChangeRate([s.layer for s in router_sites])
-    extra = {s: [AbsMax()] for s in expert_sites}
+    extra = {s: [AbsMax()] for s in [*dense_sites, *shared_sites]}
+    extra.update({s: [ExpertAbsMax(num_experts=infos[s.layer].num_experts)] for s in grouped_sites})
     extra.update({s: [RouterStats(num_experts=infos[s.layer].num_experts), change.sink(s.layer)] for s in router_sites})
     resid_red = {s: massive.make_reducers(options.top_massive) for s in resid_sites}
     extra.update({s: list(resid_red[s].values()) for s in resid_sites})
@@ -52,7 +58,7 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     start = time.perf_counter()
     ctx = eager_attention(lm.model) if options.sinks else _null()
     with ctx:
-        res = trace(lm, prompts, [*expert_sites, *router_sites, *resid_sites], reducers=(),
+        res = trace(lm, prompts, [*grouped_sites, *dense_sites, *shared_sites, *router_sites, *resid_sites], reducers=(),
                     batch_size=options.batch_size, max_tokens=options.max_tokens, progress=progress,
                     sinks=extra, meters=meters)
     seconds = time.perf_counter() - start
@@ -63,13 +69,18 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         return {"prompt_index": loc["prompt_index"], "position": loc["position"], "token": decode(loc["token_id"])}
 
     # ----- experts -------------------------------------------------------------------------------
+    reduced: list[tuple[int, int, str, AbsMax]] = []  # (layer, expert, kind, state), in layer order
+    for i in range(n_layers):
+        if i in moe_layers:
+            g: ExpertAbsMax = extra[Site(i, Component.EXPERTS)][0]
+            reduced += [(i, e, "routed", g.expert(e)) for e in range(infos[i].num_experts)]
+        else:
+            reduced.append((i, 0, "dense", extra[Site(i, Component.EXPERT, 0)][0]))
+        reduced += [(i, s.expert, "shared", extra[s][0]) for s in shared_sites if s.layer == i]
     experts = []
-    for s in expert_sites:
-        a: AbsMax = extra[s][0]
+    for layer, e, kind, a in reduced:
         r = a.result()
-        kind = "shared" if s.component is Component.SHARED_EXPERT else (
-            "dense" if infos[s.layer].kind == "dense" else "routed")
-        experts.append({"layer": s.layer, "expert": s.expert, "kind": kind, "max_abs": r["max_abs"],
+        experts.append({"layer": layer, "expert": e, "kind": kind, "max_abs": r["max_abs"],
                         "channel": r["channel"], "tokens_routed": r["rows"],
                         "channel_kurtosis": kurtosis(a.absmax) if a.absmax is not None else math.nan,
                         "nan_count": r["nan_count"], "inf_count": r["inf_count"], **where(r["token"])})
@@ -92,8 +103,8 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     # ----- massive activations -------------------------------------------------------------------
     layers = []
     for s in resid_sites:
-        top, hist = resid_red[s]["topk"], resid_red[s]["log_histogram"]
-        med = massive.histogram_median(hist)
+        top = resid_red[s]["topk"]
+        med = resid_red[s]["histogram"].median()
         entries = []
         for v, t, c in zip(top.values.tolist(), top.tokens.tolist(), top.channels.tolist()):
             entries.append({"value": v, "channel": c, "ratio_to_median": v / med if med else math.inf, **where(t)})

@@ -58,8 +58,10 @@ class SinkMeter:
         has = nq > 0
         if not has.any():
             return
-        w = weights.to(torch.float64) * q_ok[:, None, :, None]
-        per_key = w.sum(2)[has] / nq[has, None, None]  # [b, H, Tk]: each prompt's mean attention per key
+        # Sum over valid queries as one batched matmul in the weights' dtype (float32 accumulation), then
+        # float64 for the per-prompt means: [B, H, Tq, Tk] x [B, Tq] -> [B, H, Tk].
+        summed = torch.einsum("bhqk,bq->bhk", weights, q_ok.to(weights.dtype)).to(torch.float64)
+        per_key = summed[has] / nq[has, None, None]  # [b, H, Tk]: each prompt's mean attention per key
         self.pos0_sum[layer] += per_key[..., 0].sum(0).cpu()
         top, pos = per_key.max(-1)
         self.top_sum[layer] += top.sum(0).cpu()

@@ -106,6 +106,29 @@ def test_expert_outputs_rebuild_the_moe_block(zoo_lm):
     torch.testing.assert_close(rebuilt, mlp_out, rtol=1e-5, atol=1e-6)
 
 
+def test_grouped_experts_site_equals_the_per_expert_sites(zoo_lm):
+    """One ``experts`` payload per layer holds every routed expert's rows, sorted by expert then token."""
+    enc, grid = _batch(zoo_lm, PROMPTS)
+    ad, model = zoo_lm.adapter, zoo_lm.model
+    grouped = all_sites(ad, model, ["experts"])
+    assert grouped and all(zoo_lm.layer_infos()[s.layer].kind == "moe" for s in grouped)
+    single = {s: [Keep()] for s in all_sites(ad, model, ["expert"], sorted({g.layer for g in grouped}))}
+    for sinks in ({g: [Keep()] for g in grouped}, single):
+        with Capture(model, ad, sinks) as cap:
+            cap.begin_batch(grid)
+            model(**enc)
+        if sinks is not single:
+            kept = sinks
+    for g in grouped:
+        (p,) = kept[g][0].parts
+        assert p.experts is not None and bool((p.experts[1:] >= p.experts[:-1]).all())
+        for e in range(zoo_lm.layer_infos()[g.layer].num_experts):
+            vals, toks = single[Site(g.layer, Component.EXPERT, e)][0].rows()
+            sel = p.experts == e
+            assert torch.equal(p.tokens[sel], toks), (g, e)
+            torch.testing.assert_close(p.values[sel], vals, rtol=1e-5, atol=1e-6)
+
+
 def _mlp_input(lm, layer, idx, enc):
     """The MoE block's input, read with a plain hook (independent of workbench's capture)."""
     got = {}

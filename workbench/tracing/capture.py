@@ -35,6 +35,50 @@ def fused_expert_output(experts: nn.Module, hidden: torch.Tensor, e: int) -> tor
     return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
 
 
+def _per_group(x: torch.Tensor, counts: torch.Tensor, run) -> torch.Tensor:
+    """``run(g, rows)`` on each group's block of rows (rows sorted by group), concatenated."""
+    parts, start = [], 0
+    for g, n in enumerate(counts.tolist()):
+        if n:
+            parts.append(run(g, x[start:start + n]))
+        start += n
+    return torch.cat(parts) if parts else x.new_zeros((0, x.shape[-1]))
+
+
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``x`` rows (sorted by expert, ``counts`` per expert) times each expert's weight, in one grouped matmul.
+
+    ``weight`` is [E, out, in] (or [E, in, out] when ``transposed``). Falls back to one matmul per expert
+    where ``grouped_mm`` is missing or refuses the inputs (dtype, device).
+    """
+    w = weight if transposed else weight.transpose(-2, -1)  # [E, in, out]
+    grouped = getattr(F, "grouped_mm", None)
+    if grouped is not None and x.shape[0]:
+        try:
+            return grouped(x.to(w.dtype), w, offs=torch.cumsum(counts, 0).to(torch.int32))
+        except (RuntimeError, NotImplementedError):
+            pass
+    return _per_group(x, counts, lambda e, rows: rows.to(w.dtype) @ w[e])
+
+
+def fused_grouped_output(experts: nn.Module, hidden: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Every fused expert's down_proj output on its rows of ``hidden`` (sorted by expert, ``counts`` each)."""
+    transposed = bool(getattr(experts, "is_transposed", False))
+    ids = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    h = _grouped_linear(hidden, experts.gate_up_proj, counts, transposed)
+    if getattr(experts, "has_bias", False):
+        h = h + experts.gate_up_proj_bias[ids]
+    if hasattr(experts, "_apply_gate"):
+        h = experts._apply_gate(h)
+    else:
+        gate, up = h.chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+    out = _grouped_linear(h, experts.down_proj, counts, transposed)
+    if getattr(experts, "has_bias", False):
+        out = out + experts.down_proj_bias[ids]
+    return out
+
+
 @contextlib.contextmanager
 def few_threads(n: int = 1):
     """Run small reductions on one CPU thread.
@@ -67,12 +111,20 @@ class Capture(HookSet):
         validate(adapter, model, self.sinks)
         self._grid: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
+        self._keep_idx: torch.Tensor | None = None
+        self._tokens: torch.Tensor | None = None
 
     # ----- batch bookkeeping -------------------------------------------------------------------
     def begin_batch(self, grid: torch.Tensor) -> None:
         flat = grid.reshape(-1)
         self._grid = flat
         self._valid = flat >= 0
+        self._keep_idx = None if bool(self._valid.all()) else self._valid.nonzero().flatten()
+        self._tokens = self._keep(flat)
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of ``x`` ([batch*seq, ...]) at real tokens (all of them when nothing is padded)."""
+        return x if self._keep_idx is None else x.index_select(0, self._keep_idx)
 
     def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._grid is None:
@@ -80,7 +132,7 @@ class Capture(HookSet):
         flat = x.detach().reshape(-1, x.shape[-1])
         if flat.shape[0] != self._grid.shape[0]:
             raise RuntimeError(f"captured {flat.shape[0]} rows but the batch has {self._grid.shape[0]} tokens")
-        return flat[self._valid], self._grid[self._valid]
+        return self._keep(flat), self._tokens
 
     def _emit(self, site: Site, values: torch.Tensor, tokens: torch.Tensor, topk: torch.Tensor | None = None):
         p = Payload(values, tokens, topk)
@@ -117,7 +169,9 @@ class Capture(HookSet):
             self._hook(down, shared)
         if Component.ROUTER in comps:
             self._install_router(layer, info, comps[Component.ROUTER][0])
-        if Component.EXPERT in comps:
+        if Component.EXPERTS in comps:
+            self._install_grouped(layer, info, comps[Component.EXPERTS][0], {s.expert: s for s in comps.get(Component.EXPERT, [])})
+        elif Component.EXPERT in comps:
             self._install_experts(layer, info, {s.expert: s for s in comps[Component.EXPERT]})
 
     def _install_router(self, layer: nn.Module, info: LayerInfo, site: Site) -> None:
@@ -135,7 +189,7 @@ class Capture(HookSet):
 
     def _emit_routed_rows(self, site: Site, logits: torch.Tensor, index: torch.Tensor) -> None:
         values, tokens = self._rows(logits)
-        self._emit(site, values, tokens, index.detach().reshape(-1, index.shape[-1])[self._valid])
+        self._emit(site, values, tokens, self._keep(index.detach().reshape(-1, index.shape[-1])))
 
     def _install_experts(self, layer: nn.Module, info: LayerInfo, wanted: dict[int, Site]) -> None:
         ad = self.adapter
@@ -160,6 +214,49 @@ class Capture(HookSet):
             _, index = ad.select_experts(self.model, router(hidden), router)
             self._emit_experts(wanted, hidden, index, lambda e, h: experts[e](h))
         self._hook(mlp, modulelist)
+
+    def _install_grouped(self, layer: nn.Module, info: LayerInfo, site: Site, wanted: dict[int, Site]) -> None:
+        """All routed experts of a layer in one payload (and per-expert sites as slices of it)."""
+        ad = self.adapter
+        if info.layout == "fused":
+            experts = ad.experts(layer)
+            def fused(mod, args, kwargs, out):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+                self._emit_grouped(site, wanted, hidden, index, info.num_experts,
+                                   lambda h, counts: fused_grouped_output(experts, h, counts))
+            self._hook(experts, fused)
+            return
+        mlp, router, experts = ad.mlp(layer), ad.router(layer), ad.experts(layer)
+        def modulelist(mod, args, kwargs, out):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            _, index = ad.select_experts(self.model, router(hidden), router)
+            self._emit_grouped(site, wanted, hidden, index, info.num_experts,
+                               lambda h, counts: _per_group(h, counts, lambda e, x: experts[e](x)))
+        self._hook(mlp, modulelist)
+
+    def _emit_grouped(self, site: Site, wanted: dict[int, Site], hidden: torch.Tensor, index: torch.Tensor,
+                      num_experts: int, run) -> None:
+        if self._grid is None:
+            raise RuntimeError("Capture.begin_batch() was not called before the forward pass")
+        with torch.no_grad(), few_threads():
+            k = index.shape[-1]
+            ids = self._keep(index.reshape(-1, k)).reshape(-1)  # (token, slot) pairs, token-major
+            rows = torch.arange(ids.numel() // k, device=ids.device).repeat_interleave(k)
+            ids, perm = torch.sort(ids, stable=True)  # by expert; within an expert, tokens stay in order
+            rows = rows[perm]
+            counts = torch.bincount(ids, minlength=num_experts)
+            out = run(self._keep(hidden.reshape(-1, hidden.shape[-1]))[rows], counts)
+            tokens = self._tokens[rows]
+            p = Payload(out, tokens, experts=ids)
+            for sink in self.sinks[site]:
+                sink.update(p)
+            if wanted:
+                ends = torch.cumsum(counts, 0).tolist()
+                for e, s in wanted.items():
+                    lo, hi = ends[e] - int(counts[e]), ends[e]
+                    self._emit(s, out[lo:hi], tokens[lo:hi])
 
     def _emit_experts(self, wanted: dict[int, Site], hidden: torch.Tensor, index: torch.Tensor, run) -> None:
         if self._grid is None:

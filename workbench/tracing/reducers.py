@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -46,12 +47,22 @@ class Payload:
     values: torch.Tensor  # [n, channels]
     tokens: torch.Tensor  # [n] global token indices, int64
     topk: torch.Tensor | None = None  # [n, k] chosen experts (router sites)
+    experts: torch.Tensor | None = None  # [n] the expert of each row (grouped "experts" sites)
+    _abs: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.values.dim() != 2 or self.tokens.shape != self.values.shape[:1]:
             raise ValueError(f"payload shapes: values {tuple(self.values.shape)}, tokens {tuple(self.tokens.shape)}")
         if self.topk is not None and (self.topk.dim() != 2 or self.topk.shape[0] != self.values.shape[0]):
             raise ValueError(f"payload shapes: values {tuple(self.values.shape)}, topk {tuple(self.topk.shape)}")
+        if self.experts is not None and self.experts.shape != self.values.shape[:1]:
+            raise ValueError(f"payload shapes: values {tuple(self.values.shape)}, experts {tuple(self.experts.shape)}")
+
+    def abs(self) -> torch.Tensor:
+        """``|values|``, computed once and shared by every reducer of the site."""
+        if self._abs is None:
+            self._abs = self.values.detach().abs()
+        return self._abs
 
 
 class Reducer:
@@ -89,6 +100,21 @@ class Reducer:
             raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
 
 
+def _index_reduce(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, how: str) -> torch.Tensor:
+    """``out.index_reduce_(0, index, src, how)`` without torch's one-time "beta" warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*index_reduce", category=UserWarning)
+        return out.index_reduce_(0, index, src, how)
+
+
+def _absorb_max(best: torch.Tensor, token: torch.Tensor, m: torch.Tensor, t: torch.Tensor):
+    """Elementwise merge of (max, token) pairs: the larger value wins, a tie goes to the smaller token."""
+    better = m > best
+    tie = (m == best) & (m >= 0) & (t != NO_TOKEN) & ((token == NO_TOKEN) | (t < token))
+    take = better | tie
+    return torch.where(take, m, best), torch.where(take, t, token)
+
+
 @dataclass
 class AbsMax(Reducer):
     """Per-channel max |x| with the token where it occurred; ``result()`` adds the overall peak."""
@@ -116,12 +142,14 @@ class AbsMax(Reducer):
         if _use_kernels(x) and (tok.numel() < 2 or bool((tok[1:] > tok[:-1]).all())):
             self._update_kernel(x.detach(), tok)
             return
-        a = x.detach().abs()  # comparisons in the input's own dtype are exact; only [C] results go to float64
-        nan = torch.isnan(a)
-        self.nan_count += nan.sum().cpu()
-        self.inf_count += torch.isinf(a).sum().cpu()
-        a = a.masked_fill(nan, -1.0)
-        m, arg = a.max(dim=0)  # [C]; torch returns the first maximal row
+        a = p.abs()  # comparisons in the input's own dtype are exact; only [C] results go to float64
+        m, arg = a.max(dim=0)  # [C]; torch returns the first maximal row; NaN and inf propagate into m
+        if not bool(torch.isfinite(m).all()):  # rare: count them and let NaN lose
+            nan = torch.isnan(a)
+            self.nan_count += nan.sum().cpu()
+            self.inf_count += torch.isinf(a).sum().cpu()
+            a = a.masked_fill(nan, -1.0)
+            m, arg = a.max(dim=0)
         # Ties go to the smallest token index, whatever the batching. Capture emits rows in increasing
         # token order, where the first maximal row is that token; otherwise resolve ties explicitly.
         if tok.numel() < 2 or bool((tok[1:] > tok[:-1]).all()):
@@ -149,11 +177,7 @@ class AbsMax(Reducer):
         self._absorb(m.cpu(), t.cpu())
 
     def _absorb(self, m: torch.Tensor, t: torch.Tensor) -> None:
-        better = m > self.absmax
-        tie = (m == self.absmax) & (m >= 0) & (t != NO_TOKEN) & ((self.token == NO_TOKEN) | (t < self.token))
-        take = better | tie
-        self.absmax = torch.where(take, m, self.absmax)
-        self.token = torch.where(take, t, self.token)
+        self.absmax, self.token = _absorb_max(self.absmax, self.token, m, t)
 
     def merge(self, other: "AbsMax") -> "AbsMax":
         self._check_same(other)
@@ -312,6 +336,167 @@ class LogHistogram(Reducer):
 
 
 @dataclass
+class Log2Histogram(Reducer):
+    """Histogram of |x| on the top 16 bits of its float32 pattern: 128 bins per octave, no log taken.
+
+    For a non-negative float32 the bit pattern orders like the value, so ``bits >> 16`` (the
+    exponent and 7 mantissa bits, i.e. the bfloat16 value) is a log2-spaced bin code: bin width is
+    a factor of 2**(1/128) (0.54 %), over the whole float32 range. Updating is one shift and one
+    bincount; histograms merge exactly. Values are binned as float32 (float64 input is rounded to
+    float32 first). ``counts[0]`` holds zeros (and denormals below 9.2e-41); ``inf`` is counted in
+    ``inf_count``, NaN in ``nan_count``; neither is in ``counts``.
+    """
+
+    kind: ClassVar[str] = "log2_histogram"
+    CODES: ClassVar[int] = 1 << 15  # codes 0 .. 0x7fff (sign bit cleared by abs)
+    INF: ClassVar[int] = 0x7F80  # code of +inf; codes above are NaN (a NaN with only low mantissa bits shares it)
+    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0x7F80, dtype=torch.int64))
+    inf_count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    nan_count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def update(self, p: Payload) -> None:
+        if p.values.numel() == 0:
+            return
+        a = p.abs()
+        if a.dtype == torch.bfloat16:
+            codes = a.flatten().view(torch.int16)  # a bfloat16 is the top half of its float32
+        else:
+            codes = torch.bitwise_right_shift(a.flatten().to(torch.float32).view(torch.int32), 16)
+        n = torch.bincount(codes, minlength=self.CODES).cpu()
+        self.counts += n[: self.INF]
+        special = int(n[self.INF:].sum())
+        if special:  # inf and NaN share code 0x7f80 for NaNs with only low mantissa bits: count exactly
+            inf = int(torch.isinf(a).sum())
+            self.inf_count += inf
+            self.nan_count += special - inf
+
+    def merge(self, other: "Log2Histogram") -> "Log2Histogram":
+        self._check_same(other)
+        self.counts += other.counts
+        self.inf_count += other.inf_count
+        self.nan_count += other.nan_count
+        return self
+
+    @staticmethod
+    def edges(code: int) -> tuple[float, float]:
+        """The [low, high) range of |x| in bin ``code``."""
+        as_float = lambda c: float(torch.tensor([c << 16], dtype=torch.int32).view(torch.float32))  # noqa: E731
+        return as_float(code), as_float(code + 1)
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile of |x| (inf included, NaN not): the geometric centre of its bin (0 for the zero bin)."""
+        total = int(self.counts.sum() + self.inf_count)
+        if total == 0:
+            return math.nan
+        rank = max(1, math.ceil(q * total))
+        cum = torch.cumsum(self.counts, 0)
+        if rank > int(cum[-1]):
+            return math.inf
+        code = int(torch.searchsorted(cum, torch.tensor(rank, dtype=cum.dtype)))
+        if code == 0:
+            return 0.0
+        lo, hi = self.edges(code)
+        return math.sqrt(lo * hi)
+
+    def median(self) -> float:
+        return self.quantile(0.5)
+
+    def result(self) -> dict:
+        nz = torch.nonzero(self.counts).flatten()
+        return {"codes": nz.tolist(), "counts": self.counts[nz].tolist(), "inf_count": int(self.inf_count),
+                "nan_count": int(self.nan_count), "median": self.median()}
+
+
+@dataclass
+class ExpertAbsMax(Reducer):
+    """:class:`AbsMax` for every routed expert of a layer at once, from a grouped ``experts`` site.
+
+    Rows carry their expert (``Payload.experts``); the state is ``[E, C]``, and :meth:`expert`
+    returns one expert's :class:`AbsMax` (equal to reducing that expert's rows alone, ties to the
+    smallest token, in any row order). On CUDA the ``grouped_absmax`` Triton kernel does the
+    reduction when rows come in increasing token order within each expert (as the capture emits them).
+    """
+
+    kind: ClassVar[str] = "expert_absmax"
+    num_experts: int = 0
+    absmax: torch.Tensor | None = None  # [E, C] float64, -1 where nothing seen
+    token: torch.Tensor | None = None  # [E, C] int64
+    nan_count: torch.Tensor | None = None  # [E]
+    inf_count: torch.Tensor | None = None  # [E]
+    rows: torch.Tensor | None = None  # [E]
+
+    def __post_init__(self):
+        if self.rows is None:
+            e = self.num_experts
+            self.nan_count = torch.zeros(e, dtype=torch.int64)
+            self.inf_count = torch.zeros(e, dtype=torch.int64)
+            self.rows = torch.zeros(e, dtype=torch.int64)
+
+    def _init(self, channels: int) -> None:
+        if self.absmax is None:
+            self.absmax = torch.full((self.num_experts, channels), -1.0, dtype=torch.float64)
+            self.token = torch.full((self.num_experts, channels), NO_TOKEN, dtype=torch.int64)
+        elif self.absmax.shape[1] != channels:
+            raise ValueError(f"ExpertAbsMax saw {channels} channels after {self.absmax.shape[1]}")
+
+    def update(self, p: Payload) -> None:
+        if p.experts is None:
+            raise ValueError("ExpertAbsMax needs a grouped experts site (payload without expert ids)")
+        x, ids, tok = p.values.detach(), p.experts.to(torch.int64), p.tokens.to(torch.int64)
+        self._init(x.shape[1])
+        if x.shape[0] == 0:
+            return
+        if ids.min() < 0 or ids.max() >= self.num_experts:
+            raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {int(ids.max())}")
+        e = self.num_experts
+        self.rows += torch.bincount(ids, minlength=e).cpu()
+        a = p.abs()
+        if not bool(torch.isfinite(a.max())):  # rare: per-expert NaN / inf counts, and NaN never wins
+            nan = torch.isnan(a)
+            self.nan_count += torch.bincount(ids, weights=nan.sum(1), minlength=e).to(torch.int64).cpu()
+            self.inf_count += torch.bincount(ids, weights=torch.isinf(a).sum(1), minlength=e).to(torch.int64).cpu()
+            a = a.masked_fill(nan, -1.0)
+        if _use_kernels(x):
+            from workbench.kernels.grouped_absmax import grouped_absmax
+
+            g = grouped_absmax(a, ids, e)  # ties -> the smallest row: the smallest token when rows are in order
+            in_order = tok.numel() < 2 or bool(((tok[1:] > tok[:-1]) | (ids[1:] != ids[:-1])).all())
+            if in_order:
+                m = torch.where(g.argmax >= 0, g.absmax.to(a.dtype), -1.0)
+                t = torch.where(g.argmax >= 0, tok[g.argmax.clamp(min=0)], NO_TOKEN)
+                self.absmax, self.token = _absorb_max(self.absmax, self.token, m.to(torch.float64).cpu(), t.cpu())
+                return
+        # Per (expert, channel): the max in the input's own dtype, then the smallest token reaching it.
+        m = _index_reduce(a.new_full((e, a.shape[1]), -1.0), ids, a, "amax")
+        cand = torch.where(a == m.index_select(0, ids), tok[:, None], _BIG)
+        t = _index_reduce(torch.full(m.shape, _BIG, dtype=torch.int64, device=a.device), ids, cand, "amin")
+        t = torch.where(m >= 0, t, NO_TOKEN)
+        self.absmax, self.token = _absorb_max(self.absmax, self.token, m.to(torch.float64).cpu(), t.cpu())
+
+    def expert(self, e: int) -> AbsMax:
+        """Expert ``e``'s state as an :class:`AbsMax` (a copy)."""
+        a = AbsMax(nan_count=self.nan_count[e].clone(), inf_count=self.inf_count[e].clone(), rows=self.rows[e].clone())
+        if self.absmax is not None:
+            a.absmax, a.token = self.absmax[e].clone(), self.token[e].clone()
+        return a
+
+    def merge(self, other: "ExpertAbsMax") -> "ExpertAbsMax":
+        self._check_same(other)
+        if other.num_experts != self.num_experts:
+            raise ValueError(f"cannot merge ExpertAbsMax over {other.num_experts} experts into {self.num_experts}")
+        if other.absmax is not None:
+            self._init(other.absmax.shape[1])
+            self.absmax, self.token = _absorb_max(self.absmax, self.token, other.absmax, other.token)
+        self.nan_count += other.nan_count
+        self.inf_count += other.inf_count
+        self.rows += other.rows
+        return self
+
+    def result(self) -> dict:
+        return {"experts": [self.expert(e).result() for e in range(self.num_experts)]}
+
+
+@dataclass
 class ExpertCounts(Reducer):
     """Token-slot assignments per expert, from a router site's chosen top-k indices."""
 
@@ -367,18 +552,25 @@ class TopK(Reducer):
 
     def update(self, p: Payload) -> None:
         x = p.values.detach()
-        if x.shape[0] == 0:
+        if x.shape[0] == 0 or x.shape[1] == 0:
             return
-        a = x.abs()
-        nan = torch.isnan(a)
+        flat = p.abs().flatten()
+        c = x.shape[1]
+        if self.values.numel() >= self.k:
+            # Full: only entries >= the smallest kept value can enter (ties kept for the exact order).
+            # One comparison pass; NaN compares false and is counted only when the batch has any.
+            idx = torch.nonzero(flat >= float(self.values[-1])).flatten()
+            if bool(torch.isnan(flat.max())):  # max propagates NaN
+                self.nan_count += torch.isnan(flat).sum().cpu()
+            self._absorb(flat[idx].to(torch.float64).cpu(), p.tokens[idx // c].to(torch.int64).cpu(), (idx % c).cpu())
+            return
+        nan = torch.isnan(flat)
         self.nan_count += nan.sum().cpu()
-        a = a.masked_fill(nan, -1.0)
-        flat = a.flatten()
+        flat = flat.masked_fill(nan, -1.0)
         # Candidates: everything >= the k-th largest value (ties at the boundary kept for the exact order).
         kk = min(self.k, flat.numel())
         kth = torch.topk(flat, kk).values[-1]
         idx = torch.nonzero((flat >= kth) & (flat >= 0)).flatten()
-        c = x.shape[1]
         self._absorb(flat[idx].to(torch.float64).cpu(), p.tokens[idx // c].to(torch.int64).cpu(), (idx % c).cpu())
 
     def _absorb(self, v: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> None:
@@ -438,15 +630,15 @@ class RouterStats(Reducer):
             return
         probs = torch.softmax(p.values.detach().to(torch.float64), dim=-1)
         self.prob_sum += probs.sum(0).cpu()
-        self.entropy_sum += (-(probs * probs.clamp_min(1e-300).log()).sum(-1)).sum().cpu()
+        self.entropy_sum += torch.special.entr(probs).sum().cpu()  # -p log p, 0 at p = 0
         k = p.topk.shape[1]
         if k < e:
             top = torch.topk(probs, k + 1, dim=-1).values
             self.margin_sum += (top[:, k - 1] - top[:, k]).sum().cpu()
-        onehot = torch.zeros(n, e, dtype=torch.float64)
-        onehot.scatter_(1, p.topk.cpu().to(torch.int64), 1.0)
-        self.counts += onehot.sum(0).to(torch.int64)
-        self.coactivation += (onehot.T @ onehot).round().to(torch.int64)
+        chosen = p.topk.to(torch.int64)
+        self.counts += torch.bincount(chosen.flatten(), minlength=e).cpu()
+        onehot = torch.zeros(n, e, dtype=torch.float32, device=chosen.device).scatter_(1, chosen, 1.0)
+        self.coactivation += (onehot.T @ onehot).round().to(torch.int64).cpu()  # exact: counts < 2**24 per batch
         self.tokens += n
 
     def merge(self, other: "RouterStats") -> "RouterStats":

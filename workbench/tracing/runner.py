@@ -95,8 +95,8 @@ def tokenize(lm: LoadedModel, prompts: Sequence[str], max_tokens: int | None = N
     limit = getattr(lm.config, "max_position_embeddings", None)
     cap = min(x for x in (max_tokens, limit) if x) if (max_tokens or limit) else None
     out, truncated = [], 0
-    for text in prompts:
-        ids = lm.tokenizer(text)["input_ids"]
+    encoded = [ids for b in range(0, len(prompts), 1024) for ids in lm.tokenizer(list(prompts[b:b + 1024]))["input_ids"]]
+    for ids in encoded:  # each prompt tokenised on its own (a list call encodes them independently)
         if cap and len(ids) > cap:
             ids, truncated = ids[:cap], truncated + 1
         out.append(ids)
@@ -137,7 +137,7 @@ def trace(
     lengths = torch.tensor([len(x) for x in ids])
     offsets = torch.cumsum(lengths, 0) - lengths
     token_prompt = torch.repeat_interleave(torch.arange(len(ids)), lengths)
-    token_position = torch.cat([torch.arange(n) for n in lengths.tolist()])
+    token_position = torch.arange(int(lengths.sum())) - torch.repeat_interleave(offsets, lengths)
     token_ids = torch.tensor([t for x in ids for t in x], dtype=torch.int64)
     dump = DumpWriter(dump_dir, shard_rows=dump_shard_rows) if dump_dir is not None else None
     extra = sinks or {}
@@ -150,15 +150,13 @@ def trace(
                file=sys.stderr, leave=False)
     with Capture(lm.model, lm.adapter, sinks) as cap, _installed(meters, lm), torch.no_grad():
         for b in range(0, len(order), batch_size):
-            chunk = order[b:b + batch_size]
-            width = max(len(ids[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.int64)
-            grid = torch.full((len(chunk), width), -1, dtype=torch.int64)
-            for r, i in enumerate(chunk):
-                n = len(ids[i])
-                input_ids[r, :n] = torch.tensor(ids[i])
-                grid[r, :n] = torch.arange(offsets[i], offsets[i] + n)
-            mask = (grid >= 0).to(torch.int64)
+            chunk = torch.tensor(order[b:b + batch_size])
+            n = lengths[chunk]
+            cols = torch.arange(int(n.max()))
+            real = cols[None, :] < n[:, None]  # [B, T], right padding
+            grid = torch.where(real, offsets[chunk][:, None] + cols[None, :], -1)
+            input_ids = torch.where(real, token_ids[grid.clamp(min=0)], pad)
+            mask = real.to(torch.int64)
             cap.begin_batch(grid.to(device))
             for m in meters:
                 m.begin_batch(grid.to(device))

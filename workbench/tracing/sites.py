@@ -1,7 +1,9 @@
 """Typed capture sites: (layer, component, expert). Built from the adapter, never parsed from hook names.
 
 A site's *rows* are tokens: ``[n_tokens, channels]``. For a routed expert the rows are only the
-tokens routed to it (its down_proj output before the routing weight is applied).
+tokens routed to it (its down_proj output before the routing weight is applied). The grouped
+``experts`` site carries all routed experts of a layer in one payload, rows sorted by expert (then
+token) and tagged with their expert, so one reducer update covers a whole layer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Component(str, enum.Enum):
     MLP_OUT = "mlp_out"  # MLP / MoE block output (all experts combined) [tokens, d_model]
     ROUTER = "router"  # router logits [tokens, num_experts], with the chosen top-k indices
     EXPERT = "expert"  # one routed (or dense) expert's down_proj output [routed tokens, d_model]
+    EXPERTS = "experts"  # every routed expert of a MoE layer at once [routed (token, expert) pairs, d_model]
     SHARED_EXPERT = "shared_expert"  # one shared expert's down_proj output [tokens, d_model]
 
 
@@ -79,7 +82,7 @@ def all_sites(adapter: Adapter, model: nn.Module, components: Iterable[Component
                 out += [Site(i, comp, e) for e in range(info.num_experts)]
             elif comp is Component.SHARED_EXPERT:
                 out += [Site(i, comp, e) for e in range(info.num_shared)]
-            elif comp is Component.ROUTER:
+            elif comp in (Component.ROUTER, Component.EXPERTS):
                 if info.kind == "moe":
                     out.append(Site(i, comp))
             else:
@@ -93,8 +96,9 @@ def validate(adapter: Adapter, model: nn.Module, sites: Iterable[Site]) -> None:
         if not 0 <= s.layer < len(infos):
             raise WorkbenchError(f"site {s}: layer out of range (model has {len(infos)} layers)")
         info = infos[s.layer]
-        if s.component is Component.ROUTER and info.kind != "moe":
-            raise WorkbenchError(f"site {s}: layer {s.layer} is dense and has no router")
+        if s.component in (Component.ROUTER, Component.EXPERTS) and info.kind != "moe":
+            what = "router" if s.component is Component.ROUTER else "routed experts"
+            raise WorkbenchError(f"site {s}: layer {s.layer} is dense and has no {what}")
         limit = {Component.EXPERT: info.num_experts, Component.SHARED_EXPERT: info.num_shared}.get(s.component)
         if limit is not None and not 0 <= s.expert < limit:
             raise WorkbenchError(f"site {s}: expert out of range (layer {s.layer} has {limit})")
