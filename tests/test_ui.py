@@ -110,6 +110,38 @@ def test_steer_scale_bias_force_build_valid_interventions():
                                                                ("force", 1, 5), ("bias", 1, 5)}
 
 
+def test_steer_scoped_ops_reach_the_study_and_round_trip(tmp_path):
+    at = _app("Steer")
+    _edit(at, 0, {1: {"zero": True, "positions": "0, -1"}, 3: {"drop": True, "token": " capital"},
+                  5: {"scale": 0.5, "positions": "2", "token": "France"}})
+    _ok(at)
+    path = tmp_path / "ui_study.yaml"
+    path.write_text(at.session_state["steer_study_yaml"])
+    study = Study.from_file(path)  # what `workbench ablate MODEL --study ui_study.yaml` reads
+    conditions = study.resolve(wb.load(MODEL))  # and validates against the model before any run
+    assert [c.name for c in conditions] == ["baseline", "ui"]
+    got = {(iv.op, iv.expert): (iv.positions, iv.token) for iv in conditions[1].interventions}
+    assert got == {("zero", 1): ((0, -1), None), ("drop", 3): (None, " capital"), ("scale", 5): ((2,), "France")}
+    assert any("zero L0.E1 @0,-1" in c.value for c in at.caption)
+    steered = at.session_state["steer_generations"][1]
+
+    # the scopes come back into the table from the uploaded file
+    fresh = _app("Steer")
+    fresh.file_uploader(key="steer_upload").set_value(("ui_study.yaml", path.read_bytes(), "application/x-yaml"))
+    fresh.run()
+    fresh.run()
+    _ok(fresh)
+    table = fresh.session_state["steer_tables"][0]
+    assert list(table.loc[[1, 3, 5], "positions"]) == ["0, -1", "", "2"]
+    assert list(table.loc[[1, 3, 5], "token"]) == ["", " capital", "France"]
+    assert fresh.session_state["steer_generations"][1] == steered
+
+    # a malformed positions cell is a message, not a crash
+    _edit(at, 0, {1: {"zero": True, "positions": "first"}})
+    assert not at.exception
+    assert any("positions 'first'" in e.value for e in at.error)
+
+
 def test_bad_model_path_shows_error_and_app_keeps_running():
     at = AppTest.from_file(APP, default_timeout=60).run()
     at.sidebar.selectbox(key="model_choice").set_value("(local path or hub id)").run()
@@ -145,12 +177,31 @@ def test_profile_page_runs_and_plots(tmp_path):
     assert len(charts) == 5  # expert max, router load, co-activation, massive, sinks
     assert len(at.dataframe) >= 2  # super experts, router statistics
 
+    # picking an expert (what a click on the heatmap does) shows its details; the button ticks it for steering
+    at.selectbox(key="profile_pick_layer").set_value(1).run()
+    at.selectbox(key="profile_pick_expert").set_value(2).run()
+    _ok(at)
+    table = next(d.value for d in at.dataframe if list(d.value.columns) == ["", "value"])  # dataframes have no key here
+    details = dict(table.itertuples(index=False))
+    e = next(e for e in p["experts"] if (e["layer"], e["expert"]) == (1, 2))
+    assert details["channel"] == str(e["channel"]) and details["position"] == str(e["position"])
+    assert float(details["load"]) == pytest.approx(p["router"][1]["load"][2], rel=1e-3)
+    assert "kurtosis of its channel maxima" in details
+    at.selectbox(key="profile_pick_op").set_value("drop")
+    at.button(key="profile_pick_add").click().run()
+    _ok(at)
+    assert bool(at.session_state["steer_tables"][1].loc[2, "drop"])
+
     # the steer table then shows each expert's load and max|out| from this profile
     at.sidebar.radio(key="page").set_value("Steer").run()
     _ok(at)
     table = at.data_editor[0].value
     assert {"load", "max_abs"} <= set(table.columns)
     assert table["load"].sum() == pytest.approx(1.0)
+    assert at.selectbox(key="steer_layer").value == 1  # the layer of the expert added on the Profile page
+    assert list(at.data_editor[0].value["drop"]) == [False, False, True] + [False] * 5  # from the Profile page
+    ivs = parse(yaml.safe_load(at.session_state["steer_study_yaml"])["conditions"][0]["interventions"])
+    assert [(iv.op, iv.layers, iv.expert) for iv in ivs] == [("drop", (1,), 2)]
     at.sidebar.radio(key="page").set_value("Profile").run()
 
     # a saved profile.json opens by path and by upload
@@ -189,6 +240,8 @@ def _circuit(path: Path) -> Path:
 
 
 def test_circuits_page_draws_graph_and_metrics(tmp_path):
+    from workbench.ui.circuits_page import svg_download
+
     at = _app("Circuits")
     at.text_input(key="circuit_path").input(str(tmp_path / "nope.json")).run()
     assert not at.exception and any("does not exist" in e.value for e in at.error)
@@ -200,7 +253,20 @@ def test_circuits_page_draws_graph_and_metrics(tmp_path):
     at.slider(key="circuit_edges").set_value(2).run()
     _ok(at)
     assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 2
-    assert len(at.get("download_button")) == 3  # JSON, GraphML, DOT
+    assert len(at.get("download_button")) == 4  # JSON, GraphML, DOT, SVG
+    svg = svg_download(at.session_state["circuit"], 2)()  # what the SVG button sends when clicked
+    assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
+    assert 'id="edge-1"' in svg and 'id="edge-2"' not in svg and 'id="node-input"' not in svg  # 2 strongest edges
+
+
+def test_heatmap_click_points_pick_an_expert():
+    from workbench.ui.profile_page import picked_expert
+
+    # the selection Streamlit reports for a click on the invisible marker of cell (layer 1, expert 2)
+    click = {"curve_number": 1, "point_number": 10, "point_index": 10, "x": 2, "y": 1, "customdata": 0.3}
+    assert picked_expert([click]) == (1, 2)
+    assert picked_expert([{**click, "y": "3"}, {"x": 5, "y": "0"}]) == (0, 5)  # categorical y, last click wins
+    assert picked_expert([]) is None and picked_expert(None) is None
 
 
 def test_circuits_page_runs_discovery():
@@ -223,11 +289,12 @@ def test_cli_ui_command():
 
     p = argparse.ArgumentParser()
     add_ui_parser(p.add_subparsers(dest="command"))
-    args = p.parse_args(["ui", "--model", MODEL, "--port", "8765"])
-    cmd = command(args.model, args.port)
+    args = p.parse_args(["ui", "--model", MODEL, "--port", "8765", "--threads", "1"])
+    cmd = command(args.model, args.port, args.threads)
     assert Path(CLI_APP) == Path(APP)
     assert cmd[1:4] == ["-m", "streamlit", "run"]
     for flag, value in [("--server.headless", "true"), ("--server.address", "127.0.0.1"),
                         ("--server.port", "8765"), ("--browser.gatherUsageStats", "false")]:
         assert cmd[cmd.index(flag) + 1] == value
-    assert cmd[-3:] == ["--", "--model", MODEL]
+    assert cmd[-5:] == ["--", "--model", MODEL, "--threads", "1"]
+    assert command(None, 8501)[-1] == "false"  # no app arguments, no "--"

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 import streamlit as st
+import torch
 
 from workbench.models.specs import list_builtin
 from workbench.ui import circuits_page, profile_page, steer_page
@@ -20,16 +21,18 @@ CUSTOM = "(local path or hub id)"
 PAGES = {"Profile": profile_page.render, "Steer": steer_page.render, "Circuits": circuits_page.render}
 
 
-def _argv_model() -> str | None:
+def _argv() -> argparse.Namespace:
+    """The app's own arguments, after ``--`` on the streamlit command line (``workbench ui`` passes them)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--model", default=None)
+    p.add_argument("--threads", type=int, default=None)
     args, _ = p.parse_known_args(sys.argv[1:])
-    return args.model
+    return args
 
 
 def _pick_model():
     builtin = list_builtin()
-    start = _argv_model() or DEFAULT_MODEL
+    start = _argv().model or DEFAULT_MODEL
     options = builtin + [CUSTOM]
     st.sidebar.title("workbench")
     choice = st.sidebar.selectbox("Model", options, index=options.index(start) if start in builtin else len(builtin),
@@ -49,12 +52,16 @@ def _pick_model():
         return None
     s = lm.summary()
     st.sidebar.caption(f"{s['architecture']}, {s['params'] / 1e6:.1f}M params, {s['layers']} layers, "
-                       f"experts: {s['experts'] or 'dense'}, top-k {s['top_k']}")
+                       f"experts: {s['experts'] or 'dense'}, top-k {s['top_k']}; "
+                       f"{torch.get_num_threads()} torch threads")
     return lm
 
 
 def main() -> None:
     st.set_page_config(page_title="workbench", layout="wide")
+    threads = _argv().threads
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     lm = _pick_model()
     page = st.sidebar.radio("Page", list(PAGES), key="page")
     if lm is None:

@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from workbench.circuits.export import Circuit, read_json, write_dot, write_graphml
+from workbench.circuits.render import circuit_svg
 from workbench.errors import WorkbenchError
 from workbench.ui.common import show_error
 from workbench.ui.plotting import circuit_figure
@@ -66,15 +67,24 @@ def _discover(lm) -> None:
             show_error(exc)
 
 
-def _downloads(circuit: Circuit) -> None:
-    c1, c2, c3 = st.columns(3)
+def svg_download(circuit: Circuit, n_edges: int):
+    """The SVG button's data: a callable, so the drawing is made when the button is clicked, not on
+    every rerun (``circuits.render.circuit_svg`` of the ``n_edges`` strongest edges, as shown)."""
+    return lambda: circuit_svg(circuit, max_edges=n_edges)
+
+
+def _downloads(circuit: Circuit, n_edges: int) -> None:
+    c1, c2, c3, c4 = st.columns(4)
     c1.download_button("circuit.json", json.dumps(circuit.to_json_obj(), indent=1), file_name="circuit.json",
-                       key="circuit_download")
+                       key="circuit_download", on_click="ignore")
     with tempfile.TemporaryDirectory() as tmp:
         graphml = write_graphml(circuit, Path(tmp) / "circuit.graphml").read_bytes()
         dot = write_dot(circuit, Path(tmp) / "circuit.dot").read_bytes()
-    c2.download_button("circuit.graphml", graphml, file_name="circuit.graphml", key="circuit_download_graphml")
-    c3.download_button("circuit.dot", dot, file_name="circuit.dot", key="circuit_download_dot")
+    c2.download_button("circuit.graphml", graphml, file_name="circuit.graphml", key="circuit_download_graphml",
+                       on_click="ignore")
+    c3.download_button("circuit.dot", dot, file_name="circuit.dot", key="circuit_download_dot", on_click="ignore")
+    c4.download_button(f"circuit.svg ({n_edges} edges)", svg_download(circuit, n_edges), file_name="circuit.svg",
+                       mime="image/svg+xml", key="circuit_download_svg", on_click="ignore")
 
 
 def _metrics(meta: dict) -> None:
@@ -113,4 +123,4 @@ def render(lm) -> None:
     edges = pd.DataFrame([e for e in circuit.edges if e["port"] != "internal"])
     edges = edges.reindex(edges["score"].abs().sort_values(ascending=False).index).head(n)
     st.dataframe(edges, hide_index=True, key="circuit_edges_table")
-    _downloads(circuit)
+    _downloads(circuit, n)

@@ -10,19 +10,18 @@ from pathlib import Path
 APP = Path(__file__).resolve().parent / "app.py"
 
 
-def command(model: str | None, port: int) -> list[str]:
+def command(model: str | None, port: int, threads: int | None = None) -> list[str]:
     """The ``streamlit run`` command line that :func:`cmd_ui` executes."""
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
            "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
-    if model:
-        cmd += ["--", "--model", model]
-    return cmd
+    app_args = (["--model", model] if model else []) + (["--threads", str(threads)] if threads else [])
+    return cmd + (["--", *app_args] if app_args else [])
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     print(f"workbench ui: http://127.0.0.1:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
     try:
-        return subprocess.call(command(args.model, args.port))
+        return subprocess.call(command(args.model, args.port, args.threads))
     except KeyboardInterrupt:
         return 0
 
@@ -33,5 +32,8 @@ def add_ui_parser(subparsers) -> argparse.ArgumentParser:
                                           "127.0.0.1:PORT; MODEL is the model picked when the app opens.")
     u.add_argument("--model", default=None, help="model spec selected at start (default: zoo:qwen3-moe)")
     u.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
+    u.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of the app (default: torch's choice); 1 keeps zoo-model "
+                        "generation fast on a busy machine")
     u.set_defaults(func=cmd_ui)
     return u

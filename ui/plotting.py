@@ -6,20 +6,36 @@ import numpy as np
 import plotly.graph_objects as go
 
 
-def figure(f: dict) -> go.Figure:
-    """One ``workbench.experts.plots.figures`` entry as an interactive plotly figure (hover shows values)."""
+def figure(f: dict, selectable: bool = False) -> go.Figure:
+    """One ``workbench.experts.plots.figures`` entry as an interactive plotly figure (hover shows values).
+
+    ``selectable`` (heatmaps): plotly cannot select heatmap cells, so an invisible marker sits on every
+    cell; a click on a cell then selects that marker, whose x / y are the cell's column / row."""
     if f["kind"] == "heat":
         z = np.asarray(f["z"], dtype=float)
         y = f.get("ylabels") or list(range(z.shape[0]))
+        hover = f"{f['x']} %{{x}}<br>{f['y']} %{{y}}<br>value %{{z:.4g}}<extra></extra>"
         fig = go.Figure(go.Heatmap(z=z, x=list(range(z.shape[1])), y=[str(v) for v in y], colorscale="Viridis",
-                                   hovertemplate=f"{f['x']} %{{x}}<br>{f['y']} %{{y}}<br>value %{{z:.4g}}<extra></extra>"))
+                                   hovertemplate=hover, hoverinfo="skip" if selectable else None))
+        if selectable:
+            rows, cols = np.indices(z.shape)
+            fig.add_trace(go.Scatter(
+                x=cols.ravel(), y=[str(y[r]) for r in rows.ravel()], mode="markers", showlegend=False,
+                marker=dict(symbol="square", size=24, opacity=0), customdata=z.ravel(), name="cells",
+                selected=dict(marker=dict(opacity=0.6, color="white")), unselected=dict(marker=dict(opacity=0)),
+                hovertemplate=f"{f['x']} %{{x}}<br>{f['y']} %{{y}}<br>value %{{customdata:.4g}}<br>"
+                              "click to select<extra></extra>"))
+            fig.update_layout(clickmode="event+select", hoverdistance=100, dragmode=False)
         marks = f.get("marks") or []
         if marks:
             fig.add_trace(go.Scatter(x=[e for _, e in marks], y=[str(l) for l, _ in marks], mode="markers",
                                      marker=dict(symbol="x", color="red", size=12), name="super expert",
+                                     unselected=dict(marker=dict(opacity=1)),
                                      hovertemplate="super expert: layer %{y}, expert %{x}<extra></extra>"))
-        fig.update_yaxes(type="category", title=f["y"])
-        fig.update_xaxes(title=f["x"])
+        # fixed ranges: the markers must not pad the axes, so cell (r, c) stays where the heatmap draws it
+        fig.update_layout(showlegend=False)  # the title says what the red x marks
+        fig.update_yaxes(type="category", title=f["y"], range=[-0.5, z.shape[0] - 0.5])
+        fig.update_xaxes(title=f["x"], range=[-0.5, z.shape[1] - 0.5])
     else:
         fig = go.Figure(go.Bar(x=f["x"], y=f["y"], name="largest |residual|"))
         if "y2" in f:

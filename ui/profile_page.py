@@ -14,6 +14,9 @@ from workbench.experts.plots import figures
 from workbench.experts.profile import ProfileOptions, profile
 from workbench.ui.common import show_error
 from workbench.ui.plotting import figure
+from workbench.ui.steer_page import TOGGLES, add_to_table
+
+PICK_CHART = "profile_fig_expert_maxabs"  # the max|down_proj| heatmap; a click on a cell picks that expert
 
 
 def _read(text: str, where: str) -> dict:
@@ -59,6 +62,91 @@ def _source(lm) -> None:
             show_error(exc)
 
 
+def picked_expert(points) -> tuple[int, int] | None:
+    """(layer, expert) of the last clicked cell of the max|down_proj| heatmap (x: expert, y: layer)."""
+    for pt in reversed(points or []):
+        try:
+            return int(float(pt["y"])), int(float(pt["x"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
+def _on_pick() -> None:
+    """Chart selection callback (runs only when the selection changes): move the pickers to the cell."""
+    state = st.session_state.get(PICK_CHART)
+    pick = picked_expert(state["selection"]["points"]) if state else None
+    if pick is not None:
+        st.session_state["profile_pick_layer"], st.session_state["profile_pick_expert"] = pick
+
+
+def expert_details(p: dict, layer: int, expert: int) -> dict | None:
+    """What the profile knows about one routed (or dense) expert: its max |out| with channel, prompt,
+    position and token, its router load, and kurtosis; None when the profile has no such expert."""
+    e = next((e for e in p["experts"] if e["layer"] == layer and e["expert"] == expert and e["kind"] != "shared"), None)
+    if e is None:
+        return None
+    out = {"kind": e["kind"], "max |out|": e["max_abs"], "channel": e["channel"], "prompt": e.get("prompt_index"),
+           "position": e["position"], "token": e.get("token"), "tokens routed": e.get("tokens_routed")}
+    router = next((r for r in p.get("router", []) if r["layer"] == layer), None)
+    if router is not None and expert < len(router["load"]):
+        out["load"] = router["load"][expert]
+        out["mean routing prob"] = router["mean_prob"][expert] if "mean_prob" in router else None
+    if e.get("channel_kurtosis") is not None:
+        out["kurtosis of its channel maxima"] = e["channel_kurtosis"]
+    by_layer = p.get("expert_max_kurtosis_by_layer") or []
+    if layer < len(by_layer):
+        out["kurtosis of the layer's expert maxima"] = by_layer[layer]
+    out["super expert"] = any(s["layer"] == layer and s["expert"] == expert and s["kind"] != "shared"
+                              for s in p["super_experts"])
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _fmt(k: str, v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return repr(v) if k == "token" else str(v)  # the token's quotes show its spaces
+
+
+def _expert_panel(lm, p: dict) -> None:
+    """The picked expert's details and a button that ticks an op for it in the Steer page's table."""
+    cells = sorted({(e["layer"], e["expert"]) for e in p["experts"] if e["kind"] != "shared"})
+    layers = sorted({l for l, _ in cells})
+    if st.session_state.get("profile_pick_layer") not in layers:  # a newly opened profile
+        st.session_state["profile_pick_layer"] = layers[0]
+    st.markdown("**Selected expert** (click a cell of the heatmap, or pick)")
+    c1, c2 = st.columns(2)
+    layer = c1.selectbox("layer", layers, key="profile_pick_layer")
+    experts = [e for l, e in cells if l == layer]
+    if st.session_state.get("profile_pick_expert") not in experts:
+        st.session_state["profile_pick_expert"] = experts[0]
+    expert = c2.selectbox("expert", experts, key="profile_pick_expert")
+    d = expert_details(p, layer, expert)
+    if d is None:
+        st.info(f"the profile has no expert {expert} in layer {layer}")
+        return
+    st.markdown(f"#### Layer {layer}, expert {expert}")
+    st.dataframe(pd.DataFrame({"": list(d), "value": [_fmt(k, v) for k, v in d.items()]}), hide_index=True,
+                 key="profile_pick_details", height=35 * (len(d) + 1) + 3)
+    same = lm is not None and p["meta"].get("spec") == lm.spec
+    moe = same and d["kind"] == "routed"
+    c1, c2 = st.columns([1, 2])
+    op = c1.selectbox("op", TOGGLES, key="profile_pick_op", label_visibility="collapsed")
+    if c2.button("Add to the Steer table", key="profile_pick_add", disabled=not moe):
+        try:
+            add_to_table(lm, layer, expert, op)
+            st.success(f"{op} L{layer}.E{expert} is ticked in the Steer page's table")
+        except Exception as exc:
+            show_error(exc)
+    if not same:
+        st.caption(f"the profile is of {p['meta'].get('spec')}, the loaded model is "
+                   f"{lm.spec if lm is not None else 'none'}: load it to steer this expert")
+    elif not moe:
+        st.caption("only routed experts of MoE layers go into the Steer table")
+
+
 def render(lm) -> None:
     st.header("Profile: super experts, router, massive activations, attention sinks")
     _source(lm)
@@ -72,6 +160,11 @@ def render(lm) -> None:
     st.subheader("Super experts")
     st.dataframe(pd.DataFrame(p["super_experts"]), key="profile_super")
     figs = figures(p)
+    left, right = st.columns(2)
+    left.plotly_chart(figure(figs.pop("expert_maxabs"), selectable=True), key=PICK_CHART, on_select=_on_pick,
+                      selection_mode="points")
+    with right:
+        _expert_panel(lm, p)
     cols = st.columns(2)
     for i, (name, f) in enumerate(figs.items()):
         cols[i % 2].plotly_chart(figure(f), key=f"profile_fig_{name}")
@@ -81,4 +174,5 @@ def render(lm) -> None:
         st.dataframe(pd.DataFrame(rows), key="profile_router")
     kurt = p.get("expert_max_kurtosis_by_layer")
     if kurt:
-        st.caption(f"kurtosis of experts' maxima by layer: {kurt}")
+        by_layer = ", ".join(f"L{i} {_fmt('', k)}" for i, k in enumerate(kurt))
+        st.caption(f"kurtosis of experts' maxima by layer: {by_layer}")

@@ -1,0 +1,294 @@
+"""The Streamlit app in a real browser: ``streamlit run ui/app.py`` on 127.0.0.1 (a free port) on the
+random zoo:qwen3-moe (its greedy continuations run the full 20 tokens), driven by headless Debian Chromium through Playwright's Python package.
+
+Skips when Chromium or Playwright is missing, unless ``WORKBENCH_REQUIRE_BROWSER=1`` (set by .ci/run),
+which turns the skip into a failure. Screenshots go to ``runs/screenshots/`` (git-ignored; override
+with ``WORKBENCH_SCREENSHOTS``); each test prints where it wrote them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "ui" / "app.py"
+MODEL = "zoo:qwen3-moe"  # 4 layers x 8 experts
+CHROMIUM = Path(os.environ.get("WORKBENCH_CHROMIUM", "/usr/bin/chromium"))
+SHOTS = Path(os.environ.get("WORKBENCH_SCREENSHOTS", ROOT / "runs" / "screenshots"))
+LOAD_TIMEOUT_MS = 90_000  # first page: model load (and on a cold cache, the tokenizer)
+STEP_TIMEOUT_MS = 30_000  # one interaction
+
+pytestmark = pytest.mark.slow
+
+
+def _require_browser():
+    """Skip (or, with WORKBENCH_REQUIRE_BROWSER=1, fail) with the reason when no browser can run."""
+    missing = None
+    if importlib.util.find_spec("playwright") is None:
+        missing = "the playwright package is not installed (it is pinned in requirements.lock)"
+    if missing is None and not os.access(CHROMIUM, os.X_OK):
+        missing = f"{CHROMIUM} is missing (apt-get install -y chromium; .ci/run does this)"
+    if missing:
+        if os.environ.get("WORKBENCH_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"WORKBENCH_REQUIRE_BROWSER=1 but {missing}")
+        pytest.skip(missing)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it lingers."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    _require_browser()
+    port = _free_port()
+    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
+           "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none", "--", "--model", MODEL]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not answer /_stcore/health in 60 s:\n{log.read_text()[-2000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def browser(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM),
+                              args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                    "--disable-background-networking", "--disable-component-update",
+                                    "--disable-sync", "--no-first-run"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    """A fresh browser session (so a fresh Streamlit session) on the app, model loaded."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1400, "height": 2200})
+    pg = context.new_page()
+    pg.set_default_timeout(STEP_TIMEOUT_MS)
+    try:
+        pg.goto(app_url)
+        expect(pg.get_by_test_id("stSidebar").get_by_text("Qwen3MoeForCausalLM")).to_be_visible(timeout=LOAD_TIMEOUT_MS)
+        yield pg
+    finally:
+        context.close()
+
+
+def _idle(pg) -> None:
+    """Wait until the script run is over (Streamlit shows its status widget while running)."""
+    from playwright.sync_api import expect
+
+    expect(pg.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=STEP_TIMEOUT_MS)
+
+
+def _shot(pg, name: str) -> Path:
+    """Screenshot the whole page: Streamlit scrolls inside its main section, so grow the viewport to it."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    size = pg.viewport_size
+    height = pg.evaluate("document.querySelector('[data-testid=stMain]')?.scrollHeight || 0")
+    if height > size["height"]:
+        pg.set_viewport_size({"width": size["width"], "height": height})
+        pg.wait_for_timeout(300)  # charts re-lay out
+    pg.screenshot(path=str(path))
+    pg.set_viewport_size(size)
+    print(f"screenshot: {path}")
+    return path
+
+
+def _go(pg, name: str) -> None:
+    pg.get_by_test_id("stSidebar").get_by_text(name, exact=True).click()
+
+
+def _toggle(pg, row: int, column: int) -> None:
+    """Flip a checkbox cell of the intervention table. The grid is a canvas: click the row's first
+    cell (expert, read-only) to focus the grid, move right to the column, press Space."""
+    grid = pg.get_by_test_id("stDataFrame").get_by_test_id("data-grid-canvas").first
+    box = grid.bounding_box()
+    row_height = 35  # Streamlit's data editor: header and rows are 35 px
+    pg.mouse.click(box["x"] + 30, box["y"] + row_height * (row + 1.5))
+    for _ in range(column):
+        pg.keyboard.press("ArrowRight")
+    pg.keyboard.press("Space")
+
+
+def _steered(pg):
+    return pg.get_by_test_id("stCode").nth(1)
+
+
+# In-page timing: Space's keydown to the first DOM mutation that changes the steered generation's
+# text (Playwright's expect polls at 100-1000 ms steps, too coarse for a latency figure).
+_WATCH = """() => {
+  const code = () => document.querySelectorAll('[data-testid="stCode"]')[1];
+  const before = code().innerText;
+  const wb = window.__wb = {t0: null, t1: null};
+  if (window.__wbKey) document.removeEventListener('keydown', window.__wbKey, true);
+  window.__wbKey = (e) => { if (e.key === ' ' && wb.t0 === null) wb.t0 = performance.now(); };
+  document.addEventListener('keydown', window.__wbKey, true);
+  const obs = new MutationObserver(() => {
+    const c = code();
+    if (wb.t0 !== null && c && c.innerText !== before) { wb.t1 = performance.now(); obs.disconnect(); }
+  });
+  obs.observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def _timed_toggle(pg, row: int, column: int, caption: str) -> tuple[float, float]:
+    """Toggle a cell; seconds from the key press until the steered generation on the page changes, and
+    the seconds of ``generate`` in it that the page reports."""
+    from playwright.sync_api import expect
+
+    before = _steered(pg).inner_text()
+    pg.evaluate(_WATCH)
+    _toggle(pg, row, column)
+    pg.wait_for_function("window.__wb.t1 !== null", timeout=STEP_TIMEOUT_MS, polling="raf")
+    latency = pg.evaluate("(window.__wb.t1 - window.__wb.t0) / 1000")
+    expect(_steered(pg)).not_to_have_text(before)
+    expect(pg.get_by_text(caption)).to_be_visible()
+    _idle(pg)
+    generate = re.search(r"generated in ([0-9.]+) s", pg.get_by_text("generated in").inner_text())
+    return latency, float(generate.group(1))
+
+
+DROP = 2  # columns right of "expert": zero, drop
+
+
+def test_steer_toggle_changes_generation_in_browser(page):
+    from playwright.sync_api import expect
+
+    _go(page, "Steer")
+    expect(page.get_by_text("Without interventions")).to_be_visible(timeout=STEP_TIMEOUT_MS)
+    expect(page.get_by_text("no active interventions")).to_be_visible()
+    _idle(page)
+    base = page.get_by_test_id("stCode").nth(0).inner_text()
+    assert _steered(page).inner_text() == base
+    _shot(page, "steer_before")
+
+    # each toggle drops one more expert of layer 0; every set is new, so nothing comes from the cache
+    latencies = [_timed_toggle(page, 0, DROP, "1 active intervention: drop L0.E0")]
+    _shot(page, "steer_after")
+    steered = _steered(page).inner_text()
+    assert steered != base and steered.startswith("The capital of France is")
+    assert page.get_by_test_id("stCode").nth(0).inner_text() == base  # the baseline does not move
+    for n, row in enumerate((1, 3, 4), start=2):  # each of these sets changes the continuation (checked)
+        latencies.append(_timed_toggle(page, row, DROP, f"{n} active interventions"))
+    print("toggle -> updated 20-token generation in the browser (s): " + ", ".join(f"{t:.2f}" for t, _ in latencies)
+          + "; of which generate (s): " + ", ".join(f"{g:.2f}" for _, g in latencies))
+    expect(page.get_by_text("Download study YAML")).to_be_visible()
+
+
+def test_profile_heatmap_click_selects_expert_and_adds_it_to_steer(page):
+    from playwright.sync_api import expect
+
+    prompts = page.get_by_label("Prompts, one per line")
+    prompts.fill("The capital of France is Paris.\nWater boils at 100 degrees.")
+    prompts.press("Control+Enter")  # commit the text before the click
+    _idle(page)
+    page.get_by_role("button", name="Run profile").click()
+    expect(page.get_by_text("Selected expert")).to_be_visible(timeout=STEP_TIMEOUT_MS)
+    _idle(page)
+    _shot(page, "profile")
+
+    # click the cell of layer 2, expert 5 in the max|down_proj| heatmap (4 layers x 8 experts, fixed ranges)
+    chart = page.get_by_test_id("stPlotlyChart").first
+    box = chart.locator(".nsewdrag").first.bounding_box()
+    layer, expert, n_layers, n_experts = 2, 5, 4, 8
+    x = box["x"] + box["width"] * (expert + 0.5) / n_experts
+    y = box["y"] + box["height"] * (1 - (layer + 0.5) / n_layers)
+    page.mouse.move(x, y)  # plotly is laid out and the pointer is on that cell: its hover label says so
+    expect(chart.locator(".hoverlayer")).to_contain_text(f"expert {expert}")
+    expect(chart.locator(".hoverlayer")).to_contain_text(f"layer {layer}")
+    page.mouse.click(x, y)
+    expect(page.get_by_role("heading", name=f"Layer {layer}, expert {expert}")).to_be_visible()
+    _idle(page)
+    details = page.get_by_test_id("stDataFrame").filter(has=page.locator("[data-testid='data-grid-canvas']")).nth(1)
+    expect(details).to_be_visible()
+    _shot(page, "profile_selected")
+
+    page.get_by_role("button", name="Add to the Steer table").click()
+    expect(page.get_by_text(f"zero L{layer}.E{expert} is ticked")).to_be_visible()
+    _go(page, "Steer")
+    expect(page.get_by_text(f"1 active intervention: zero L{layer}.E{expert}")).to_be_visible()
+    # the Steer page opens on the added expert's layer
+    expect(page.get_by_role("combobox", name="MoE layer")).to_have_value(str(layer))
+    expect(page.get_by_text("With interventions")).to_be_visible()
+    _idle(page)
+    _shot(page, "steer_from_profile")
+
+
+def test_circuits_page_in_browser(page):
+    from playwright.sync_api import expect
+
+    _go(page, "Circuits")
+    page.get_by_role("tab", name="Run discovery").click()
+    for label, value in (("built-in facts", "2"), ("top edges", "40")):
+        page.get_by_label(label, exact=True).fill(value)
+        page.get_by_label(label, exact=True).press("Enter")
+        _idle(page)
+    page.get_by_role("button", name="Find circuit").click()
+    expect(page.get_by_text(re.compile(r"\d+ of \d+ scored edges"))).to_be_visible(timeout=LOAD_TIMEOUT_MS)
+    _idle(page)
+    for name in ("circuit.json", "circuit.graphml", "circuit.dot"):
+        expect(page.get_by_role("button", name=name)).to_be_visible()
+    _shot(page, "circuits")
+    with page.expect_download() as download:
+        page.get_by_role("button", name=re.compile(r"circuit\.svg")).click()
+    svg = Path(download.value.path()).read_text()
+    download.value.save_as(SHOTS / "circuit.svg")
+    print(f"downloaded: {SHOTS / 'circuit.svg'}")
+    assert download.value.suggested_filename == "circuit.svg"
+    assert svg.lstrip().startswith("<?xml") and "</svg>" in svg and 'id="edge-0"' in svg
