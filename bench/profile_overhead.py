@@ -10,7 +10,7 @@ The prompt set is the built-in prompts repeated until --tokens tokens. Prints to
 plain, and peak RSS; with --rss-scan it also prints the profile pass's peak RSS at other sizes.
 
     .venv/bin/python bench/profile_overhead.py --model smollm2-135m --tokens 10000 --rss-scan 100000
-    .venv/bin/python bench/profile_overhead.py --model zoo:qwen2-moe --tokens 10000 --variants plain,profile
+    .venv/bin/python bench/profile_overhead.py --model zoo:qwen2-moe --tokens 10000 --variants plain,profile --repeat 3
 """
 
 from __future__ import annotations
@@ -105,16 +105,25 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default="plain,profile,nnsight,tl")
+    p.add_argument("--repeat", type=int, default=1, help="run the variants this many times, interleaved; report medians")
     p.add_argument("--rss-scan", default="", help="comma-separated token counts for the profile pass's peak RSS")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         print(json.dumps(run(args)))
         return
-    rows = [sub(args, v, args.tokens) for v in args.variants.split(",")]
+    names = list(dict.fromkeys(args.variants.split(",")))
+    runs: dict[str, list[dict]] = {v: [] for v in names}
+    for _ in range(args.repeat):  # interleaved, so a burst of load elsewhere hits every variant alike
+        for v in names:
+            runs[v].append(sub(args, v, args.tokens))
+    rows = []
+    for v in names:
+        ok = sorted((r for r in runs[v] if "error" not in r), key=lambda r: r["seconds"])
+        rows.append(ok[(len(ok) - 1) // 2] if ok else runs[v][0])  # the median run
     plain = next((r for r in rows if r["variant"] == "plain" and "error" not in r), None)
     print(f"model {args.model}: {rows[0].get('tokens')} tokens in {rows[0].get('prompts')} prompts, batch "
-          f"{args.batch}, {args.threads} threads")
+          f"{args.batch}, {args.threads} threads; median of {args.repeat} interleaved runs")
     print(f"{'variant':<10}{'seconds':>9}{'tokens/s':>10}{'x plain':>9}{'peak RSS MB':>13}")
     for r in rows:
         if "error" in r:

@@ -169,10 +169,9 @@ class Capture(HookSet):
             self._hook(down, shared)
         if Component.ROUTER in comps:
             self._install_router(layer, info, comps[Component.ROUTER][0])
-        if Component.EXPERTS in comps:
-            self._install_grouped(layer, info, comps[Component.EXPERTS][0], {s.expert: s for s in comps.get(Component.EXPERT, [])})
-        elif Component.EXPERT in comps:
-            self._install_experts(layer, info, {s.expert: s for s in comps[Component.EXPERT]})
+        if Component.EXPERT in comps or Component.EXPERTS in comps:
+            grouped = comps[Component.EXPERTS][0] if Component.EXPERTS in comps else None
+            self._install_experts(layer, info, {s.expert: s for s in comps.get(Component.EXPERT, [])}, grouped)
 
     def _install_router(self, layer: nn.Module, info: LayerInfo, site: Site) -> None:
         router = self.adapter.router(layer)
@@ -191,7 +190,9 @@ class Capture(HookSet):
         values, tokens = self._rows(logits)
         self._emit(site, values, tokens, self._keep(index.detach().reshape(-1, index.shape[-1])))
 
-    def _install_experts(self, layer: nn.Module, info: LayerInfo, wanted: dict[int, Site]) -> None:
+    def _install_experts(self, layer: nn.Module, info: LayerInfo, wanted: dict[int, Site],
+                         grouped: Site | None = None) -> None:
+        """Per-expert sites (``wanted``) and/or the layer's grouped ``experts`` site."""
         ad = self.adapter
         if info.layout == "dense":
             def dense(mod, args, kwargs, out):
@@ -199,42 +200,30 @@ class Capture(HookSet):
             self._hook(ad.dense_down_proj(layer), dense)
             return
         if info.layout == "fused":
-            experts = ad.experts(layer)
-            def fused(mod, args, kwargs, out):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-                self._emit_experts(wanted, hidden, index, lambda e, h: fused_expert_output(experts, h, e))
-            self._hook(experts, fused)
-            return
-        # ModuleList: route again from the block's input with the adapter's rule, then run each expert.
-        mlp, router, experts = ad.mlp(layer), ad.router(layer), ad.experts(layer)
-        def modulelist(mod, args, kwargs, out):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            _, index = ad.select_experts(self.model, router(hidden), router)
-            self._emit_experts(wanted, hidden, index, lambda e, h: experts[e](h))
-        self._hook(mlp, modulelist)
+            module = experts = ad.experts(layer)
+            one = lambda e, h: fused_expert_output(experts, h, e)  # noqa: E731
+            many = lambda h, counts: fused_grouped_output(experts, h, counts)  # noqa: E731
 
-    def _install_grouped(self, layer: nn.Module, info: LayerInfo, site: Site, wanted: dict[int, Site]) -> None:
-        """All routed experts of a layer in one payload (and per-expert sites as slices of it)."""
-        ad = self.adapter
-        if info.layout == "fused":
-            experts = ad.experts(layer)
-            def fused(mod, args, kwargs, out):
+            def inputs(args, kwargs):
+                return (args[0] if args else kwargs["hidden_states"],
+                        args[1] if len(args) > 1 else kwargs["top_k_index"])
+        else:  # ModuleList: route again from the block's input with the adapter's rule, then run each expert
+            module, router, experts = ad.mlp(layer), ad.router(layer), ad.experts(layer)
+            one = lambda e, h: experts[e](h)  # noqa: E731
+            many = lambda h, counts: _per_group(h, counts, one)  # noqa: E731
+
+            def inputs(args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-                self._emit_grouped(site, wanted, hidden, index, info.num_experts,
-                                   lambda h, counts: fused_grouped_output(experts, h, counts))
-            self._hook(experts, fused)
-            return
-        mlp, router, experts = ad.mlp(layer), ad.router(layer), ad.experts(layer)
-        def modulelist(mod, args, kwargs, out):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            _, index = ad.select_experts(self.model, router(hidden), router)
-            self._emit_grouped(site, wanted, hidden, index, info.num_experts,
-                               lambda h, counts: _per_group(h, counts, lambda e, x: experts[e](x)))
-        self._hook(mlp, modulelist)
+                hidden = hidden.reshape(-1, hidden.shape[-1])
+                return hidden, ad.select_experts(self.model, router(hidden), router)[1]
+
+        def hook(mod, args, kwargs, out):
+            hidden, index = inputs(args, kwargs)
+            if grouped is None:
+                self._emit_experts(wanted, hidden, index, one)
+            else:
+                self._emit_grouped(grouped, wanted, hidden, index, info.num_experts, many)
+        self._hook(module, hook)
 
     def _emit_grouped(self, site: Site, wanted: dict[int, Site], hidden: torch.Tensor, index: torch.Tensor,
                       num_experts: int, run) -> None:
