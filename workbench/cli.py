@@ -232,12 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     from workbench.circuits.cli import add_circuit_parser
     from workbench.circuits.diff import add_circuit_diff_parser
     from workbench.kernels.reduce_dump import add_reduce_parser
+    from workbench.sae.cli import add_sae_parser
     from workbench.ui.cli import add_ui_parser
 
     add_reduce_parser(sub)
     add_circuit_parser(sub)
     add_circuit_diff_parser(sub)
     add_ui_parser(sub)
+    add_sae_parser(sub)
 
     ab = sub.add_parser("ablate", help="run a scripted ablation study (conditions x metrics)",
                         description="Run the conditions of STUDY (YAML/JSON; see workbench/studies.py) on MODEL and "

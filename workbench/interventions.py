@@ -13,7 +13,9 @@ Operations (``op``):
   lowest-weighted choice when not already chosen);
 * ``bias``   add ``value`` to an expert's router logit (steering), then route as usual;
 * ``zero_channel`` / ``scale_channel``: a residual-stream channel at the output of ``layers``;
-* ``zero_neuron`` / ``scale_neuron``: a neuron (``channel``) of a dense MLP, at down_proj's input.
+* ``zero_neuron`` / ``scale_neuron``: a neuron (``channel``) of a dense MLP, at down_proj's input;
+* ``sae_steer``: add ``coef`` x an SAE feature's decoder direction at the SAE's site (``sae``: a folder
+  in SAELens' format, ``feature``, ``coef``, optional ``site``; see :mod:`workbench.sae.steer`).
 
 ``kind`` picks routed (default) or shared experts. ``layers`` is one layer or a list. ``positions``
 restricts the change to token positions (negative counts from the end of each prompt, padding
@@ -38,7 +40,8 @@ from workbench.io import read_structured
 
 EXPERT_OPS = ("zero", "scale", "drop", "force", "bias")
 CHANNEL_OPS = ("zero_channel", "scale_channel", "zero_neuron", "scale_neuron")
-OPS = EXPERT_OPS + CHANNEL_OPS
+SAE_OPS = ("sae_steer",)
+OPS = EXPERT_OPS + CHANNEL_OPS + SAE_OPS
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class Intervention:
     positions: tuple[int, ...] | None = None
     token: str | None = None
     prompts: tuple[int, ...] | None = None  # prompt indices, where the runner numbers its prompts
+    sae: str | None = None  # sae_steer: SAE folder, feature index, coefficient, site key (default: the SAE's)
+    feature: int | None = None
+    coef: float = 0.0
+    site: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "intervention") -> "Intervention":
@@ -68,6 +75,10 @@ class Intervention:
             d["layers"] = d.pop("layer")
         if "op" not in d or d["op"] not in OPS:
             raise WorkbenchError(f"{where}: field 'op' must be one of {', '.join(OPS)}, got {d.get('op')!r}")
+        if d["op"] in SAE_OPS:
+            from workbench.sae.steer import complete
+
+            d = complete(d, where)
         if "layers" not in d:
             raise WorkbenchError(f"{where}: field 'layers' is required")
         layers = d["layers"] if isinstance(d["layers"], (list, tuple)) else [d["layers"]]
@@ -88,6 +99,8 @@ class Intervention:
         return iv
 
     def _check_shape(self, where: str) -> None:
+        if self.op in SAE_OPS:
+            return  # checked against the SAE's cfg.json by workbench.sae.steer.complete
         if self.op in EXPERT_OPS:
             if self.expert is None:
                 raise WorkbenchError(f"{where}: op {self.op!r} needs field 'expert'")
@@ -111,6 +124,10 @@ class Intervention:
 
     def validate(self, lm, where: str = "intervention") -> None:
         """Check layer / expert / channel indices against the model; raise a one-line error naming the field."""
+        if self.op in SAE_OPS:
+            from workbench.sae.steer import validate
+
+            return validate(lm, self, where)
         infos = lm.layer_infos()
         hidden = int(lm.config.hidden_size)
         for layer in self.layers:
@@ -245,6 +262,10 @@ class Applied(HookSet):
                     self._install_channel(layer, iv)
                 elif iv.op in ("zero_neuron", "scale_neuron"):
                     self._install_neuron(ad.dense_down_proj(layer), iv)
+                elif iv.op in SAE_OPS:
+                    from workbench.sae.steer import install
+
+                    install(self, iv)
 
     def _install_routing(self, layer, info, ivs: list[Intervention]) -> None:
         ad, model = self.lm.adapter, self.lm.model

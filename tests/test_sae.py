@@ -1,0 +1,266 @@
+"""SAELens SAEs on workbench models: loading and site checks, splicing, expert/node -> features, steering."""
+
+import pytest
+import torch
+import yaml
+
+from workbench.errors import WorkbenchError
+from workbench.interventions import Intervention, apply
+from workbench.models.specs import load
+from workbench.tracing.sites import Component, Site
+
+from helpers import PROMPTS
+
+sae_lens = pytest.importorskip("sae_lens")
+from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
+from sae_lens.saes.sae import SAEMetadata  # noqa: E402
+
+from workbench.sae import attach, load_sae, resolve_site  # noqa: E402
+from workbench.sae.features import (annotate_circuit, expert_features, node_features,  # noqa: E402
+                                    write_report)
+
+LAYER, EXPERT, FEATURE, D = 1, 5, 7, 64
+TEXTS = PROMPTS * 3 + ["The Pacific Ocean is the largest ocean.", "Water boils at one hundred degrees."]
+
+
+def make_sae(path, d_in=D, d_sae=32, hook="blocks.1.hook_resid_post", W_dec=None, W_enc=None, **meta):
+    """A StandardSAE built and saved with SAELens' own classes and format."""
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook, **meta)))
+    with torch.no_grad():
+        if W_dec is not None:
+            sae.W_dec.copy_(W_dec)
+            sae.W_enc.copy_(W_dec.T if W_enc is None else W_enc)
+            sae.b_enc.zero_()
+            sae.b_dec.zero_()
+    sae.save_model(path)
+    return path
+
+
+def identity_weights(d=D):
+    eye = torch.eye(d)
+    return torch.cat([eye, -eye], 0), torch.cat([eye, -eye], 1)  # relu(x) - relu(-x) == x exactly
+
+
+@pytest.fixture(scope="module")
+def direction():
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(D, generator=g)
+    return d / d.norm()
+
+
+@pytest.fixture(scope="module")
+def planted(direction):
+    """zoo:qwen3-moe whose layer-1 expert 5 writes only +direction (gate == up, so act(g) * u >= 0)."""
+    lm = load("zoo:qwen3-moe")
+    ex = lm.adapter.experts(lm.adapter.decoder_layers(lm.model)[LAYER])
+    inter = ex.down_proj.shape[2]
+    with torch.no_grad():
+        ex.gate_up_proj[EXPERT, inter:] = ex.gate_up_proj[EXPERT, :inter]
+        r = torch.rand(inter, generator=torch.Generator().manual_seed(1))
+        ex.down_proj[EXPERT] = 20 * direction[:, None] * r[None, :]
+    return lm
+
+
+@pytest.fixture(scope="module")
+def planted_sae(tmp_path_factory, direction):
+    """An SAE at L1.resid_post whose decoder (and encoder) row FEATURE is the planted direction."""
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(32, D, generator=g)
+    W = W / W.norm(dim=1, keepdim=True)
+    W[FEATURE] = direction
+    return make_sae(tmp_path_factory.mktemp("planted_sae"), W_dec=W)
+
+
+def logits(lm, texts=("The capital of France is Paris. And",)):
+    ids = lm.tokenizer(list(texts), return_tensors="pt").input_ids
+    with torch.no_grad():
+        return lm.model(ids).logits
+
+
+# ----- (a) planted feature ----------------------------------------------------------------------
+def test_planted_expert_ranks_its_feature_first(planted, planted_sae, tmp_path):
+    sae = load_sae(planted_sae)  # built with SAELens classes, saved in its format, loaded back through ours
+    assert resolve_site(planted, sae) == Site(LAYER, Component.RESID_POST)
+    report = expert_features(planted, sae, TEXTS, top=3)
+    t = report.table
+    assert set(t.writer) == {f"L{l}.E{e}" for l in (0, 1) for e in range(8)}  # experts reaching L1.resid_post
+    mine = t[t.writer == f"L{LAYER}.E{EXPERT}"].iloc[0]
+    assert mine.feature == FEATURE and mine["rank"] == 1 and mine.frac_raised == 1.0
+    others = t[(t.writer != mine.writer) & (t["rank"] == 1)]
+    assert mine.score > 100 * others.score.max()
+    assert mine.delta_pre == pytest.approx(mine.score, rel=0.05)  # ReLU stays on: delta act ~ delta pre
+    assert (report.tokens[report.tokens.feature == FEATURE].activation > 0).all() and mine.top_tokens
+    files = write_report(report, tmp_path)
+    assert {f.name for f in files} >= {"expert_features.parquet", "expert_features.csv", "expert_features.png",
+                                       "feature_tokens.parquet"}
+
+
+# ----- (b) splicing: identity-like SAEs leave logits unchanged ----------------------------------
+@pytest.mark.parametrize("spec,site", [("zoo:qwen3-moe", "L1.resid_pre"), ("zoo:qwen3-moe", "L1.resid_post"),
+                                       ("zoo:qwen3-moe", "L1.attn_out"), ("zoo:qwen3-moe", "L1.mlp_out"),
+                                       ("zoo:qwen3-moe", "L1.expert.E3"), ("zoo:qwen3-moe-modulelist", "L1.expert.E3"),
+                                       ("zoo:qwen2-moe", "L2.shared_expert.E0")])
+def test_identity_sae_leaves_logits_unchanged(spec, site, tmp_path):
+    lm = load(spec)
+    base = logits(lm)
+    W_dec, W_enc = identity_weights()
+    ident = load_sae(make_sae(tmp_path / "id", d_sae=2 * D, W_dec=W_dec, W_enc=W_enc))
+    with attach(lm, ident, site) as s:
+        assert s.site == Site.from_key(site)
+        assert torch.equal(logits(lm), base)  # zero reconstruction error: bit-identical
+    rand = load_sae(make_sae(tmp_path / "rand", d_sae=128))
+    with attach(lm, rand, site, error_term=True, keep_acts=True) as s:
+        torch.testing.assert_close(logits(lm), base, rtol=0, atol=1e-5)  # error term added back
+        assert s.acts is not None and s.acts.shape[1] == 128
+    with attach(lm, rand, site):  # the hook is really there: a lossy SAE moves the logits
+        assert (logits(lm) - base).abs().max() > 1e-3
+    assert torch.equal(logits(lm), base)  # and leaving restores the model
+
+
+# ----- (c) one-line errors --------------------------------------------------------------------------
+def test_bad_d_in_site_or_folder_is_one_line_error(planted, tmp_path):
+    cases = {
+        "d_in": (make_sae(tmp_path / "a", d_in=32), None, "d_in 32 does not fit site L1.resid_post"),
+        "layer": (make_sae(tmp_path / "b", hook="blocks.9.hook_resid_post"), None, "layer out of range"),
+        "hook": (make_sae(tmp_path / "c", hook="blocks.1.hook_resid_mid"), None, "no matching workbench site"),
+        "router": (make_sae(tmp_path / "d"), "L1.router", "cannot hold an SAE"),
+        "expert": (make_sae(tmp_path / "e"), "L1.expert.E9", "expert out of range"),
+    }
+    for name, (path, site, msg) in cases.items():
+        sae = load_sae(path)
+        with pytest.raises(WorkbenchError, match=msg) as e:
+            attach(planted, sae, site)
+        assert "\n" not in str(e.value), name
+    (tmp_path / "empty").mkdir()
+    for bad, msg in ((tmp_path / "empty", "no cfg.json"), (tmp_path / "nope", "not a directory")):
+        with pytest.raises(WorkbenchError, match=msg) as e:
+            load_sae(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_cli_bad_sae_is_one_error_line(tmp_path, capsys):
+    from workbench.cli import main
+
+    make_sae(tmp_path / "small", d_in=32)
+    assert main(["sae", "features", "zoo:qwen3-moe", "--sae", str(tmp_path / "small"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "d_in 32" in err[0]
+
+
+def test_cli_features_from_profile_and_circuit(planted_sae, tmp_path, capsys):
+    import json
+
+    from workbench.circuits.export import Circuit, read_json, write_json
+    from workbench.cli import main
+    from workbench.sae.features import profile_experts
+
+    experts = [{"layer": l, "expert": e, "kind": "routed", "max_abs": float(10 * l + e)} for l in range(2) for e in range(8)]
+    experts.append({"layer": 0, "expert": 0, "kind": "shared", "max_abs": 1e9})  # shared experts are skipped
+    profile = {"experts": experts, "super_experts": [{"layer": 0, "expert": 2, "kind": "routed"}]}
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    assert profile_experts(tmp_path / "profile.json", 3) == [(0, 2), (1, 7), (1, 6)]
+    args = ["sae", "features", "zoo:qwen3-moe", "--sae", str(planted_sae), "--max-tokens", "16", "--quiet",
+            "--text", "The capital of France is Paris.", "--text", "Water boils at one hundred degrees."]
+    assert main(args + ["--profile", str(tmp_path / "profile.json"), "--top-experts", "3", "--out", str(tmp_path / "a")]) == 0
+    table = __import__("pandas").read_parquet(tmp_path / "a" / "expert_features.parquet")
+    assert set(table.writer) <= {"L0.E2", "L1.E7", "L1.E6"}
+    assert (tmp_path / "a" / "expert_features.png").stat().st_size > 0
+    nodes = {"a1.h0": {"kind": "head", "layer": 1, "index": 0}, "m1.e3": {"kind": "expert", "layer": 1, "index": 3}}
+    write_json(Circuit(nodes, [{"source": "a1.h0", "target": "m1.e3", "port": "in", "score": 0.5}], {}),
+               tmp_path / "c.json")
+    assert main(args + ["--circuit", str(tmp_path / "c.json"), "--out", str(tmp_path / "b")]) == 0
+    annotated = read_json(tmp_path / "b" / "circuit.json")
+    assert annotated.nodes["a1.h0"]["sae_site"] == "L1.resid_post" and "sae_features" in annotated.nodes["m1.e3"]
+    assert "writers into L1.resid_post" in capsys.readouterr().out
+
+
+# ----- circuit nodes -----------------------------------------------------------------------------
+def test_circuit_node_features(planted, planted_sae, tmp_path):
+    from workbench.circuits.export import Circuit, read_json, write_json
+    from workbench.sae.features import HeadOutputs
+    from workbench.sae.stream import Buffer, Tokens, forward_batches
+
+    nodes = {"input": {"kind": "input", "layer": -1, "index": -1},
+             "a1.h2": {"kind": "head", "layer": 1, "index": 2},
+             f"m1.e{EXPERT}": {"kind": "expert", "layer": 1, "index": EXPERT},
+             "m1.e0": {"kind": "expert", "layer": 1, "index": 0},
+             "m2.e0": {"kind": "expert", "layer": 2, "index": 0},  # writes after the site: no attributes
+             "logits": {"kind": "logits", "layer": 4, "index": -1}}
+    edges = [{"source": "input", "target": n, "port": "in", "score": 1.0} for n in nodes if n not in ("input",)]
+    circuit = Circuit(nodes, edges, {"model": "zoo:qwen3-moe"})
+    attrs, report = node_features(planted, load_sae(planted_sae), circuit, TEXTS, top=3)
+    assert set(attrs) == {"a1.h2", f"m1.e{EXPERT}", "m1.e0"}
+    assert attrs[f"m1.e{EXPERT}"]["sae_top_feature"] == FEATURE
+    assert attrs[f"m1.e{EXPERT}"]["sae_features"].split(",")[0] == str(FEATURE)
+    out = annotate_circuit(circuit, attrs)
+    write_json(out, tmp_path / "circuit.json")
+    back = read_json(tmp_path / "circuit.json")
+    assert back.nodes[f"m1.e{EXPERT}"]["sae_top_feature"] == FEATURE and back.nodes["a1.h2"]["sae_site"] == "L1.resid_post"
+    # head outputs are exact slices of o_proj: they add up to the attention output
+    tokens = Tokens.of(planted, TEXTS[:4], None)
+    buf, heads = Buffer(), HeadOutputs(planted, {1: [0, 1, 2, 3]})
+    with heads:
+        for _ in forward_batches(planted, tokens, {Site(1, Component.ATTN_OUT): [buf]}, batch_size=4, meters=[heads]):
+            total = sum(heads.out[(1, h)] for h in range(4))
+            torch.testing.assert_close(total, buf.take().values, rtol=1e-5, atol=1e-5)
+
+
+# ----- steering ------------------------------------------------------------------------------------
+def test_sae_steer_adds_the_decoder_direction(planted, planted_sae, direction):
+    spec = {"op": "sae_steer", "sae": str(planted_sae), "feature": FEATURE, "coef": 3.0, "positions": [-1]}
+    iv = Intervention.from_dict(spec)
+    assert iv.layers == (LAYER,) and iv.site == "L1.resid_post"
+    assert Intervention.from_dict(iv.to_dict()) == iv
+    ids = planted.tokenizer(["The capital of France is"], return_tensors="pt").input_ids
+    diff = _next_layer_input(planted, ids, [iv]) - _next_layer_input(planted, ids, [])
+    torch.testing.assert_close(diff[0, -1], 3.0 * direction, rtol=1e-5, atol=1e-5)
+    assert diff[0, :-1].abs().max() == 0  # positions: [-1] only
+
+
+def _next_layer_input(lm, ids, ivs):
+    """Layer LAYER's output as the next layer receives it, with ``ivs`` applied."""
+    nxt = lm.adapter.decoder_layers(lm.model)[LAYER + 1]
+    got = []
+    h = nxt.register_forward_pre_hook(lambda m, a, k: got.append((a[0] if a else k["hidden_states"]).clone()),
+                                      with_kwargs=True)
+    try:
+        with torch.no_grad(), apply(lm, ivs):
+            lm.model(ids)
+    finally:
+        h.remove()
+    return got[0]
+
+
+def test_bad_steer_spec_fails_before_model_work(planted_sae, tmp_path):
+    from workbench.studies import Study
+
+    base = {"op": "sae_steer", "sae": str(planted_sae), "feature": FEATURE, "coef": 1.0}
+    for change, msg in (({"feature": 32}, "field 'feature': 32 out of range"), ({"sae": str(tmp_path)}, "no cfg.json"),
+                        ({"coef": "big"}, "number field 'coef'"), ({"layers": 3}, "is in layer 1")):
+        spec = {"name": "s", "conditions": [{"name": "c", "interventions": [{**base, **change}]}]}
+        with pytest.raises(WorkbenchError, match=msg) as e:
+            Study(spec)
+        assert "\n" not in str(e.value)
+
+
+def test_study_compares_expert_ablation_with_feature_steering(planted, planted_sae, tmp_path):
+    from workbench.studies import Study
+
+    study = {"name": "ablate-vs-steer", "num_texts": 4, "metrics": ["perplexity", "kl"], "batch_size": 4,
+             "conditions": [{"name": "zero expert", "interventions": [{"op": "zero", "layers": LAYER, "expert": EXPERT}]},
+                            {"name": "steer feature", "interventions": [
+                                {"op": "sae_steer", "sae": str(planted_sae), "feature": FEATURE, "coef": -4.0}]}]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    df = Study.from_file(path).run(planted, tmp_path / "out", progress=False)
+    kl = df[df.metric == "kl"].set_index("condition")["mean"]
+    assert list(kl.index) == ["baseline", "zero expert", "steer feature"]
+    assert kl["baseline"] == 0 and kl["zero expert"] > 0 and kl["steer feature"] > 0
+    written = yaml.safe_load((tmp_path / "out" / "study.resolved.yaml").read_text())
+    written.pop("model")  # the resolved study records the model and the implicit baseline; a study file takes neither
+    written["conditions"] = [c for c in written["conditions"] if c["name"] != "baseline"]
+    resolved = Study(written)  # round trip through the written study
+    steer = resolved.explicit[1].interventions[0]
+    assert steer.op == "sae_steer" and steer.feature == FEATURE and steer.coef == -4.0 and steer.layers == (LAYER,)
+    again = resolved.run(planted, tmp_path / "again", progress=False)
+    assert again[again.metric == "kl"].set_index("condition")["mean"].equals(kl)
