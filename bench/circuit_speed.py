@@ -1,15 +1,21 @@
-"""EAP and EAP-IG speed on SmolLM2-135M: wall time, peak RSS, and the time in forward+backward passes.
+"""EAP and EAP-IG speed and faithfulness on SmolLM2-135M: wall time, peak RSS, the time in forward+backward
+passes, and the faithfulness of the circuits they give.
 
     .venv/bin/python bench/circuit_speed.py [--facts 32] [--batch-size 32] [--steps 5] [--threads N]
 
 For each method a fresh child process loads the model, times one forward+backward on the same batch
 (the model's own forward on the facts' clean prompts, log-probability of the answer at the last
 position, backward to the input embeddings with parameters frozen: the pass attribution repeats), then
-scores every edge (``attribute``) and records the peak RSS of the process (model included). The
-parent then evaluates the top-1 % circuit (the 1 % of edges with the largest |score|, pruned to
-input->logits paths), the same with ``fill`` selection (exactly 1 % after pruning) and the circuit with
-as many edges as the reference's top-1 % (1,232 of 123,211), with path patching; plus size-matched
-random circuits.
+scores every edge (``attribute``) and records the peak RSS of the process (model included). Methods:
+``eap``, ``eap-ig`` (on the input embeddings, as the reference), ``eap-ig-edges`` (on the edges), and
+``default``: what ``workbench circuit`` does by default, ``eap-ig-edges`` plus re-scoring the best
+2 x N edges within themselves (``discover.refine``, N = 1 % of the edges; timed together).
+
+The parent then evaluates, by path patching, for each method: the ``top`` circuit (the 1 % of edges
+with the largest |score|, then pruned to input->logits paths, which leaves fewer), the ``fill``
+circuit (exactly 1 % after pruning: the default selection) and the fill circuit with as many edges as
+the reference's top-1 % (1,232 of 123,211); plus size-matched random circuits. Faithfulness is
+(M(circuit) - M(corrupted)) / (M(full) - M(corrupted)) with M the summed logit difference.
 
 Anchor (issue 6, same machine kind): hannamw/EAP-IG, GQA ungrouped, batches of 8, 32 capital-of facts:
 EAP-IG(5) 77.5 s and 2.5 GB, EAP 34.7 s; top-1 % faithfulness 0.968 (EAP-IG), 0.926 (EAP).
@@ -27,6 +33,7 @@ import time
 
 REFERENCE = {"eap-ig": {"seconds": 77.5, "faithfulness": 0.968}, "eap": {"seconds": 34.7, "faithfulness": 0.926}}
 REFERENCE_EDGES = 1232  # 1 % of the reference graph's 123,211 edges
+METHODS = ("eap", "eap-ig", "eap-ig-edges", "default")
 
 
 def _facts(n: int):
@@ -43,6 +50,7 @@ def child(args) -> dict:
 
     from workbench.circuits import attribute, prepare
     from workbench.circuits.attribution import metric_values
+    from workbench.circuits.discover import CircuitOptions, SELECTIONS, default_top_edges, refine
     from workbench.circuits.facts import batches, pad_id
     from workbench.models.specs import load
 
@@ -66,10 +74,20 @@ def child(args) -> dict:
         fb.append(min(times))
         for p in lm.model.parameters():
             p.requires_grad_(True)
+    method = "eap-ig-edges" if args.child == "default" else args.child
     t0 = time.perf_counter()
-    scores = attribute(lm, prepared, method=args.child, steps=args.steps, batch_size=args.batch_size)
+    scores = attribute(lm, prepared, method=method, steps=args.steps, batch_size=args.batch_size)
+    matrices = {"scores": scores.matrix}
+    if args.child == "default":
+        opts = CircuitOptions(method=method, steps=args.steps, batch_size=args.batch_size)
+        n1 = default_top_edges(scores.graph.n_edges)
+        refine(lm, prepared, scores, SELECTIONS[opts.selection], n1, opts)
+        matrices["refined"] = scores.refined  # NaN outside the candidates
     seconds = time.perf_counter() - t0
-    torch.save(scores.matrix, args.scores)
+    if args.child == "default":  # the same at the reference's edge count (not timed)
+        refine(lm, prepared, scores, SELECTIONS[opts.selection], REFERENCE_EDGES, opts)
+        matrices["refined_ref"] = scores.refined
+    torch.save(matrices, args.scores)
     return {"method": args.child, "seconds": seconds, "fwd_bwd_seconds": sum(fb),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "threads": torch.get_num_threads(), "edges": scores.graph.n_edges,
@@ -82,6 +100,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scores", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -95,12 +114,16 @@ def main() -> None:
     import torch
 
     from workbench.circuits import build_graph, prepare
+    from workbench.circuits.discover import default_top_edges
     from workbench.circuits.evaluate import evaluate, prune, select_fill, select_random, select_top
     from workbench.models.specs import load
 
+    methods = [m for m in args.methods.split(",") if m]
+    if not set(methods) <= set(METHODS):
+        ap.error(f"--methods: choose from {', '.join(METHODS)}")
     runs, matrices = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("eap", "eap-ig"):
+        for method in methods:
             path = os.path.join(tmp, f"{method}.pt")
             cmd = [sys.executable, __file__, "--child", method, "--scores", path, "--facts", str(args.facts),
                    "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads)]
@@ -112,12 +135,19 @@ def main() -> None:
     lm = load("smollm2-135m")
     prepared = prepare(lm.tokenizer, _facts(args.facts))
     graph = build_graph(lm.model, lm.adapter)
-    n1 = round(0.01 * graph.n_edges)
+    n1 = default_top_edges(graph.n_edges)
     circuits = {}
-    for method, m in matrices.items():
-        circuits[f"{method}/top1%"] = prune(graph, select_top(graph, m, n1))
-        circuits[f"{method}/fill1%"] = select_fill(graph, m, n1)
-        circuits[f"{method}/top{REFERENCE_EDGES}"] = prune(graph, select_top(graph, m, REFERENCE_EDGES))
+    for method, ms in matrices.items():
+        m = ms["scores"]
+        circuits[f"{method}/top"] = prune(graph, select_top(graph, m, n1))
+        if method == "default":  # as discover.find_circuit: fill among the candidates by their refined scores
+            for key, size in (("fill", n1), ("ref", REFERENCE_EDGES)):
+                refined = ms["refined" if key == "fill" else "refined_ref"]
+                circuits[f"{method}/{key}"] = prune(graph, select_fill(graph, refined.nan_to_num(0.0), size)
+                                                    & ~refined.isnan())
+        else:
+            circuits[f"{method}/fill"] = select_fill(graph, m, n1)
+            circuits[f"{method}/ref"] = select_fill(graph, m, REFERENCE_EDGES)
     for seed in range(3):
         circuits[f"random{seed}"] = select_random(graph, n1, seed)
     t0 = time.perf_counter()
@@ -126,23 +156,28 @@ def main() -> None:
     c = ev["circuits"]
     rand_f = sum(c[f"random{s}"]["faithfulness"] for s in range(3)) / 3
     rand_h = sum(c[f"random{s}"]["hit_at_10"] for s in range(3)) / 3
+    first = runs[methods[0]]
     print(f"SmolLM2-135M, {args.facts} facts, batch {args.batch_size}, graph {graph.n_senders} senders x "
           f"{graph.n_receivers} receivers = {graph.n_edges} edges (GQA native), 1 % = {n1} edges; "
-          f"baselines {runs['eap']['baselines']}")
+          f"baselines {first['baselines']}; {first['threads']} threads")
     print(f"full model: Hit@10 {ev['hit_at_10_full']:.3f}, Hit@1 {ev['hit_at_1_full']:.3f}; corrupted Hit@10 "
           f"{ev['hit_at_10_corrupted']:.3f}")
-    print(f"{'method':<8} {'threads':>7} {'seconds':>8} {'ref s':>6} {'x ref':>6} {'fwd+bwd s':>9} {'x fwd+bwd':>9} "
-          f"{'peak RSS GB':>11} {'faith top1%':>11} {'(edges)':>7} {'faith fill1%':>12} {f'faith {REFERENCE_EDGES}':>10} "
-          f"{'ref faith':>9} {'Hit@10 top1%':>12}")
-    for method in ("eap", "eap-ig"):
+    print(f"{'method':<22} {'seconds':>8} {'ref s':>6} {'x ref':>6} {'fwd+bwd s':>9} {'x fwd+bwd':>9} "
+          f"{'peak RSS GB':>11} {'faith top':>9} {'(edges)':>7} {'faith 1%':>8} {'Hit@10 1%':>9} "
+          f"{f'faith {REFERENCE_EDGES}':>10} {'ref faith':>9}")
+    for method in methods:
         r = runs[method]
-        name = method if method == "eap" else f"eap-ig({args.steps})"
-        top, fill, ref = c[f"{method}/top1%"], c[f"{method}/fill1%"], c[f"{method}/top{REFERENCE_EDGES}"]
-        print(f"{name:<8} {r['threads']:>7} {r['seconds']:>8.1f} {REFERENCE[method]['seconds']:>6.1f} "
-              f"{r['seconds'] / REFERENCE[method]['seconds']:>6.2f} {r['fwd_bwd_seconds']:>9.2f} "
-              f"{r['seconds'] / r['fwd_bwd_seconds']:>9.1f} {r['peak_rss_gb']:>11.2f} {top['faithfulness']:>11.3f} "
-              f"{top['n_edges']:>7} {fill['faithfulness']:>12.3f} {ref['faithfulness']:>10.3f} "
-              f"{REFERENCE[method]['faithfulness']:>9.3f} {top['hit_at_10']:>12.3f}")
+        steps = f"({args.steps})"
+        name = {"eap": "eap", "eap-ig": f"eap-ig{steps}", "eap-ig-edges": f"eap-ig-edges{steps}",
+                "default": f"eap-ig-edges{steps}+refine"}[method]
+        ref = REFERENCE.get("eap" if method == "eap" else "eap-ig")
+        top, fill, at_ref = c[f"{method}/top"], c[f"{method}/fill"], c[f"{method}/ref"]
+        print(f"{name:<22} {r['seconds']:>8.1f} {ref['seconds']:>6.1f} {r['seconds'] / ref['seconds']:>6.2f} "
+              f"{r['fwd_bwd_seconds']:>9.2f} {r['seconds'] / r['fwd_bwd_seconds']:>9.1f} {r['peak_rss_gb']:>11.2f} "
+              f"{top['faithfulness']:>9.3f} {top['n_edges']:>7} {fill['faithfulness']:>8.3f} "
+              f"{fill['hit_at_10']:>9.3f} {at_ref['faithfulness']:>10.3f} {ref['faithfulness']:>9.3f}")
+    print(f"faith top: top-{n1} by |score| then pruned (edges left in brackets); faith 1%: exactly {n1} edges "
+          f"after pruning (the default selection; for +refine chosen among 2 x {n1} re-scored candidates)")
     print(f"random circuits of {n1} edges (3 seeds): faithfulness {rand_f:.3f}, Hit@10 {rand_h:.3f}; "
           f"evaluation of {len(circuits)} circuits took {eval_s:.1f} s")
 

@@ -1,16 +1,30 @@
-"""Edge attribution patching: EAP (Syed et al.) and EAP-IG (Hanna et al.), batched over facts, in fp32.
+"""Edge attribution patching, batched over facts, in fp32: EAP (Syed et al.), EAP-IG on the input
+embeddings (Hanna et al.) and EAP-IG on the edges (the default).
 
-``score(u -> v) = sum over facts and positions of (act_corrupted_u - act_clean_u) . dM/d(input_v)``,
+``score(u -> v) = sum over facts and positions of (act_corrupted_u - act_u) . dM/d(input_v)``,
 averaged over facts, where ``input_v`` is receiver v's own copy of the residual stream (before its
-norm) and M the metric at each fact's last position. EAP takes the gradient on the clean run;
-EAP-IG averages it over ``steps`` runs whose input embeddings are interpolated from the corrupted
-to the clean prompt (midpoints ``alpha = (k - 1/2) / steps``, see :func:`ig_alphas`).
+norm) and M the metric at each fact's last position.
 
-All scores come from per-sender deltas ``[S, B*T*d]`` and per-receiver gradients ``[R, B*T*d]``:
-one matrix product per stage (the receivers reading the residual stream at one point), never a loop
-over edges. A run costs a corrupted and a clean forward plus ``steps`` forward+backward passes per
-batch (EAP: a corrupted forward and one clean forward+backward); backward computes activation
-gradients only (parameters are frozen).
+* ``eap``: the gradient and ``act_u`` are taken on the clean run.
+* ``eap-ig`` (Hanna et al. 2024, "EAP-IG-inputs"): ``act_u`` from the clean run, the gradient averaged
+  over ``steps`` runs whose input embeddings are interpolated from the corrupted to the clean prompt.
+* ``eap-ig-edges``: every edge is scaled together, ``m_e = t``, from corrupted (t = 0: every receiver
+  reads the corrupted residual stream) to clean (t = 1). Receiver v reads
+  ``corr_resid + t (resid - corr_resid)``, i.e. ``corr_resid + t sum_u (act_u(t) - act_corrupted_u)``,
+  and the score is the integral over t of ``dM/dm_e = (act_u(t) - act_corrupted_u) . dM/d(input_v)``
+  (sign flipped as above), both taken on the run at t. This is integrated gradients on the edge mask
+  that faithfulness evaluation sets to 0 or 1, so the scores of all edges add up to
+  M(corrupted) - M(clean) (completeness, up to the quadrature and, in MoE layers, the jumps where
+  routing changes). With ``within`` (a circuit mask) only the circuit's edges are scaled and the
+  others stay corrupted: the scores of the circuit's edges add up to M(corrupted) - M(circuit); this
+  re-scores candidate edges in the regime the small circuit is evaluated in (see ``discover``).
+
+Interpolation points are the midpoints ``t = (k - 1/2) / steps`` (:func:`ig_alphas`). All scores come
+from per-sender deltas ``[S, B*T*d]`` and per-receiver gradients ``[R, B*T*d]``: one matrix product
+per stage (the receivers reading the residual stream at one point) and step, never a loop over edges.
+A run costs a corrupted and a clean forward plus ``steps`` forward+backward passes per batch (EAP: a
+corrupted forward and one clean forward+backward); backward computes activation gradients only
+(parameters are frozen).
 """
 
 from __future__ import annotations
@@ -22,10 +36,10 @@ import torch
 
 from workbench.circuits.facts import Batch, Prepared, batches, fill_runner_up, pad_id
 from workbench.circuits.graph import Graph, build_graph
-from workbench.circuits.runner import GraphRunner
+from workbench.circuits.runner import GraphRunner, Patch
 from workbench.errors import WorkbenchError
 
-METHODS = ("eap-ig", "eap")
+METHODS = ("eap-ig-edges", "eap-ig", "eap")
 METRICS = ("logit_diff", "logprob", "prob", "kl")
 
 
@@ -41,6 +55,7 @@ class Scores:
     n_facts: int
     seconds: float
     facts: list[dict] = field(default_factory=list)
+    refined: torch.Tensor | None = None  # [S, R] scores within the candidate circuit (NaN elsewhere), if refined
 
     def edges(self) -> torch.Tensor:
         """Scores of every edge in the graph's canonical order."""
@@ -119,14 +134,41 @@ def corrupted_run(runner: GraphRunner, b: Batch, S: int, P: int, d: int, means: 
     return acts, resid, hidden
 
 
-def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig", steps: int = 5, metric: str = "logit_diff",
-              batch_size: int = 16, graph: Graph | None = None, progress: bool = False) -> Scores:
-    """Score every edge of ``graph`` (default: the model's full graph) on the prepared facts."""
+def _edges_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: str, clean_logp, steps: int,
+              scores: torch.Tensor, within: torch.Tensor | None = None) -> None:
+    """Add one batch's ``eap-ig-edges`` scores (summed over its facts) to ``scores``."""
+    S, R, P, d = graph.n_senders, graph.n_receivers, len(graph.stages), graph.d_model
+    B, T = b.ids.shape
+    clean_acts, clean_resid = torch.zeros(S, B, T, d), torch.zeros(P, B, T, d)
+    runner.forward(b.ids, acts=clean_acts, resid=clean_resid)
+    corr_acts, corr_resid, _ = corrupted_run(runner, b, S, P, d, means, clean_acts, clean_resid, want_resid=True)
+    del clean_acts, clean_resid
+    acts, grads = torch.zeros(S, B, T, d), torch.zeros(R, B, T, d)
+    for t in ig_alphas(steps):
+        grads.zero_()
+        hidden = runner.forward(b.ids, mode="grad", grads=grads, acts=acts, mix=(t, corr_resid),
+                                within=None if within is None else Patch(within, corr_acts, corr_resid))
+        metric_values(metric, last_logits(lm, hidden, b.last), b, clean_logp).sum().backward()
+        delta = (corr_acts - acts).view(S, -1)
+        g = grads.view(R, -1)
+        for st in graph.stages:
+            scores[:st.n_up, st.start:st.stop].addmm_(delta[:st.n_up], g[st.start:st.stop].T, alpha=1.0 / steps)
+
+
+def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", steps: int = 5, metric: str = "logit_diff",
+              batch_size: int = 16, graph: Graph | None = None, progress: bool = False,
+              within: torch.Tensor | None = None) -> Scores:
+    """Score every edge of ``graph`` (default: the model's full graph) on the prepared facts.
+
+    ``within`` ([S, R] bool, ``eap-ig-edges`` only): scale only these edges from corrupted to clean and
+    keep every other edge corrupted (see the module docstring)."""
     if method not in METHODS:
         raise WorkbenchError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if within is not None and method != "eap-ig-edges":
+        raise WorkbenchError("scoring within a circuit needs the eap-ig-edges method")
     if metric not in METRICS:
         raise WorkbenchError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
-    if method == "eap-ig" and steps < 1:
+    if method != "eap" and steps < 1:
         raise WorkbenchError(f"--steps must be >= 1, got {steps}")
     if not prepared:
         raise WorkbenchError("no facts to attribute")
@@ -139,7 +181,7 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig", steps: in
         raise WorkbenchError(f"circuits run in fp32; the model is {dtype} (load it with dtype=float32)")
     scores = torch.zeros(S, R, dtype=torch.float32)
     bs = batches(prepared, batch_size, pad_id(lm.tokenizer))
-    n_steps = steps if method == "eap-ig" else 1
+    n_steps = steps if method != "eap" else 1
     with GraphRunner(model, lm.adapter, graph) as runner:
         needs_clean = metric == "kl" or any(p.corrupted_answer_id is None for p in prepared)
         means = sender_means(runner, bs, S, d) if any(p.corrupted_ids is None for p in prepared) else None
@@ -151,29 +193,41 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig", steps: in
                 fill_runner_up(prepared, b.index, logits)
                 b.corrupted_answer = torch.tensor([prepared[j].corrupted_answer_id for j in b.index])
                 clean_logp = torch.log_softmax(logits, -1)
-            corr_acts, _, _ = corrupted_run(runner, b, S, P, d, means)
             B, T = b.ids.shape
-            grads = torch.zeros(R, B, T, d)
-            clean_acts = torch.zeros(S, B, T, d)
-            e_clean = lm.adapter.embedding(model)(b.ids).detach()
-            e_corr = corr_acts[0]
-            alphas = ig_alphas(n_steps) if method == "eap-ig" else [1.0]
-            if 1.0 not in alphas:
-                runner.forward(b.ids, acts=clean_acts)
-            for a in alphas:
-                emb = e_clean if a == 1.0 else e_corr + a * (e_clean - e_corr)
-                hidden = runner.forward(b.ids, mode="grad", grads=grads, embed=emb,
-                                        acts=clean_acts if a == 1.0 else None)
-                metric_values(metric, last_logits(lm, hidden, b.last), b, clean_logp).sum().backward()
-            if n_steps > 1:
-                grads /= n_steps
-            delta = corr_acts.sub_(clean_acts).view(S, -1)  # corrupted - clean
-            grads = grads.view(R, -1)
-            for st in graph.stages:
-                scores[:st.n_up, st.start:st.stop] += delta[:st.n_up] @ grads[st.start:st.stop].T
+            if method == "eap-ig-edges":
+                _edges_ig(lm, runner, b, graph, means, metric, clean_logp, n_steps, scores, within)
+            else:
+                _inputs_ig(lm, runner, b, graph, means, metric, clean_logp, n_steps if method == "eap-ig" else 0,
+                           scores)
             if progress:
                 print(f"  batch {i + 1}/{len(bs)}: {len(b.index)} facts, {T} tokens, "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
     scores /= len(prepared)
     return Scores(graph, scores, method, metric, n_steps, len(prepared), time.perf_counter() - t0,
                   [p.record(lm.tokenizer) for p in prepared])
+
+
+def _inputs_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: str, clean_logp, steps: int,
+               scores: torch.Tensor) -> None:
+    """Add one batch's ``eap-ig`` scores (``steps`` > 0) or ``eap`` scores (``steps`` = 0) to ``scores``."""
+    model = lm.model
+    S, R, P, d = graph.n_senders, graph.n_receivers, len(graph.stages), graph.d_model
+    B, T = b.ids.shape
+    corr_acts, _, _ = corrupted_run(runner, b, S, P, d, means)
+    grads = torch.zeros(R, B, T, d)
+    clean_acts = torch.zeros(S, B, T, d)
+    e_clean = lm.adapter.embedding(model)(b.ids).detach()
+    e_corr = corr_acts[0]
+    alphas = ig_alphas(steps) if steps else [1.0]
+    if 1.0 not in alphas:
+        runner.forward(b.ids, acts=clean_acts)
+    for a in alphas:
+        emb = e_clean if a == 1.0 else e_corr + a * (e_clean - e_corr)
+        hidden = runner.forward(b.ids, mode="grad", grads=grads, embed=emb, acts=clean_acts if a == 1.0 else None)
+        metric_values(metric, last_logits(lm, hidden, b.last), b, clean_logp).sum().backward()
+    if len(alphas) > 1:
+        grads /= len(alphas)
+    delta = corr_acts.sub_(clean_acts).view(S, -1)  # corrupted - clean
+    grads = grads.view(R, -1)
+    for st in graph.stages:
+        scores[:st.n_up, st.start:st.stop] += delta[:st.n_up] @ grads[st.start:st.stop].T

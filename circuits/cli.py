@@ -13,14 +13,16 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
         "circuit", help="find a knowledge circuit with EAP / EAP-IG and evaluate it",
         description="Score every edge of MODEL's graph (input, attention heads with q/k/v inputs, MLPs or routed "
                     "and shared experts, logits) on the facts with EAP or EAP-IG, keep the top edges pruned to "
-                    "input->logits paths, and evaluate them by path patching. Writes OUT/circuit.json (networkx "
+                    "input->logits paths (re-scored within the candidates), and evaluate them by path patching. Writes OUT/circuit.json (networkx "
                     "node-link), circuit.graphml, circuit.dot, circuit.svg and circuit.png (layered drawing), "
                     "edges.parquet (every scored edge) and metrics.json.")
     c.add_argument("model", help="model spec (see `workbench models`)")
     c.add_argument("--facts", default=None,
                    help='JSONL, one {"prompt", "answer", "corrupted_prompt"?, "corrupted_answer"?, "relation"?, '
                         '"subject"?} per line (default: the built-in facts)')
-    c.add_argument("--method", choices=["eap-ig", "eap"], default="eap-ig")
+    c.add_argument("--method", choices=["eap-ig-edges", "eap-ig", "eap"], default="eap-ig-edges",
+                   help="eap-ig-edges: integrated gradients over the edges, all scaled together from corrupted to "
+                        "clean (default); eap-ig: over the input embeddings (Hanna et al.); eap: clean gradient only")
     c.add_argument("--steps", type=int, default=5, help="EAP-IG interpolation steps (default 5)")
     c.add_argument("--metric", choices=["logit_diff", "logprob", "prob", "kl"], default="logit_diff",
                    help="what the gradients are taken of (faithfulness is always on the logit difference)")
@@ -28,9 +30,12 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
     sel.add_argument("--top-edges", type=int, default=None, help="keep the N edges with the largest |score| "
                                                                  "(default: 1%% of all edges)")
     sel.add_argument("--threshold", type=float, default=None, help="keep edges with |score| >= T")
-    c.add_argument("--selection", choices=["top", "fill", "greedy"], default="top",
-                   help="top: the N highest |score| edges, then pruned to input->logits paths (default); fill: the "
-                        "smallest such top set whose pruned circuit has N edges; greedy: grown backward from the logits")
+    c.add_argument("--selection", choices=["fill", "top", "greedy"], default="fill",
+                   help="fill: the smallest top-|score| set whose pruned circuit has N edges (default); top: the N "
+                        "highest |score| edges, then pruned to input->logits paths; greedy: grown backward from the logits")
+    c.add_argument("--refine", type=int, default=2, metavar="K",
+                   help="re-score the best K x N edges with eap-ig-edges within that candidate circuit (every other "
+                        "edge corrupted) and keep the best N of them (default 2; 0 turns it off)")
     c.add_argument("--random-seeds", type=int, default=3, help="size-matched random circuits for the control")
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--device", default="cpu")
@@ -52,12 +57,15 @@ def cmd_circuit(args) -> int:
         raise WorkbenchError(f"--top-edges must be >= 1, got {args.top_edges}")
     if args.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.refine < 0:
+        raise WorkbenchError(f"--refine must be >= 0, got {args.refine}")
     if args.random_seeds < 0:
         raise WorkbenchError(f"--random-seeds must be >= 0, got {args.random_seeds}")
     out = output_dir(args.out)
     lm = load(args.model, device=args.device)
     opts = CircuitOptions(method=args.method, steps=args.steps, metric=args.metric, top_edges=args.top_edges,
-                          threshold=args.threshold, selection=args.selection, batch_size=args.batch_size,
+                          threshold=args.threshold, selection=args.selection, refine=args.refine,
+                          batch_size=args.batch_size,
                           random_seeds=args.random_seeds, progress=not args.quiet)
     circuit, scores, mask = find_circuit(lm, facts, opts)
     paths = write_outputs(circuit, scores, mask, out)

@@ -21,12 +21,13 @@ from workbench.io import write_json
 
 @dataclass
 class CircuitOptions:
-    method: str = "eap-ig"
+    method: str = "eap-ig-edges"
     steps: int = 5
     metric: str = "logit_diff"
     top_edges: int | None = None  # default (neither this nor threshold): 1 % of the edges
     threshold: float | None = None
-    selection: str = "top"  # top: top-N then prune; fill: pruned circuit of N edges; greedy: grown from logits
+    selection: str = "fill"  # fill: pruned circuit of N edges; top: top-N then prune; greedy: grown from logits
+    refine: int = 2  # re-score the best refine x N edges within themselves, then keep N (0 or 1: no refinement)
     batch_size: int = 16
     random_seeds: int = 3  # size-matched random circuits, the control
     evaluate: bool = True
@@ -37,11 +38,15 @@ SELECTIONS = {"top": select_top, "fill": select_fill, "greedy": select_greedy}
 
 
 def default_top_edges(n_edges: int) -> int:
-    return max(1, round(0.01 * n_edges))
+    """1 % of the edges, rounded down (a circuit of at most 1 %)."""
+    return max(1, n_edges // 100)
 
 
 def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -> tuple[Circuit, Scores, torch.Tensor]:
     """Score every edge, keep the top ones (pruned to input -> logits paths) and evaluate the result.
+
+    By default (``refine=2``) the best 2N edges are re-scored within themselves (:func:`refine`) and the
+    circuit is the best N of them by those scores.
 
     Returns the circuit (its ``meta["metrics"]`` holds the evaluation), the scores and the [S, R]
     circuit mask.
@@ -51,24 +56,35 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
         raise WorkbenchError("give --top-edges or --threshold, not both")
     if o.top_edges is not None and o.top_edges < 1:
         raise WorkbenchError(f"--top-edges must be >= 1, got {o.top_edges}")
+    if o.selection not in SELECTIONS:
+        raise WorkbenchError(f"unknown selection {o.selection!r}; known: {', '.join(SELECTIONS)}")
+    if o.refine < 0:
+        raise WorkbenchError(f"--refine must be >= 0, got {o.refine}")
     graph = build_graph(lm.model, lm.adapter)
     prepared = prepare(lm.tokenizer, facts)
+    t_attr = time.perf_counter()
     scores = attribute(lm, prepared, method=o.method, steps=o.steps, metric=o.metric, batch_size=o.batch_size,
                        graph=graph, progress=o.progress)
+    matrix = scores.matrix
     if o.threshold is not None:
         chosen = select_threshold(graph, scores.matrix, o.threshold)
         selection = {"rule": "threshold", "threshold": o.threshold}
     else:
         n = o.top_edges if o.top_edges is not None else default_top_edges(graph.n_edges)
-        if o.selection not in SELECTIONS:
-            raise WorkbenchError(f"unknown selection {o.selection!r}; known: {', '.join(SELECTIONS)}")
-        chosen = SELECTIONS[o.selection](graph, scores.matrix, n)
+        select = SELECTIONS[o.selection]
         selection = {"rule": o.selection, "top_edges": int(n)}
+        if o.refine > 1 and o.refine * n < graph.n_edges:
+            matrix = refine(lm, prepared, scores, select, n, o)
+            selection["refine"] = {"candidates": int((~scores.refined.isnan()).sum()), "factor": o.refine,
+                                   "method": "eap-ig-edges", "steps": o.steps}
+            chosen = select(graph, matrix, n) & ~scores.refined.isnan()
+        else:
+            chosen = select(graph, matrix, n)
     mask = prune(graph, chosen)
     selection.update(selected=int(chosen.sum()), after_pruning=int(mask.sum()))
     meta = {"model": lm.spec if hasattr(lm, "spec") else "", "method": o.method, "steps": scores.steps,
             "metric": o.metric, "selection": selection, "n_edges": int(mask.sum()), "n_edges_total": graph.n_edges,
-            "graph": graph.summary(), "attribution_seconds": round(scores.seconds, 3),
+            "graph": graph.summary(), "attribution_seconds": round(time.perf_counter() - t_attr, 3),
             "baselines": _count([p.baseline for p in prepared])}
     if o.evaluate:
         t0 = time.perf_counter()
@@ -96,7 +112,20 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
                                            ev["per_fact"]["rank_full"]):
             p.extra.update(logit_diff_full=m_full, logit_diff_circuit=m_circ, answer_rank_full=rank)
     meta["facts"] = [p.record(lm.tokenizer) for p in prepared]
-    return Circuit.from_mask(graph, scores.matrix, mask, meta), scores, mask
+    return Circuit.from_mask(graph, matrix, mask, meta), scores, mask
+
+
+def refine(lm, prepared, scores: Scores, select, n: int, o: CircuitOptions) -> torch.Tensor:
+    """The candidate circuit (``o.refine x n`` edges, chosen by ``select`` on the first scores) re-scored
+    with ``eap-ig-edges`` within itself: only its edges are scaled from corrupted to clean, every
+    other edge stays corrupted, as when a small circuit is evaluated. Returns those scores (zero
+    outside the candidates) and keeps them in ``scores.refined`` (NaN outside)."""
+    graph = scores.graph
+    candidates = prune(graph, select(graph, scores.matrix, o.refine * n))
+    within = attribute(lm, prepared, method="eap-ig-edges", steps=o.steps, metric=o.metric, batch_size=o.batch_size,
+                       graph=graph, progress=o.progress, within=candidates)
+    scores.refined = within.matrix.masked_fill(~candidates, float("nan"))
+    return within.matrix.masked_fill(~candidates, 0.0)
 
 
 def write_outputs(circuit: Circuit, scores: Scores, mask: torch.Tensor, out: str | Path) -> list[Path]:
@@ -109,7 +138,7 @@ def write_outputs(circuit: Circuit, scores: Scores, mask: torch.Tensor, out: str
     paths = [export.write_json(circuit, out / "circuit.json"), export.write_graphml(circuit, out / "circuit.graphml"),
              export.write_dot(circuit, out / "circuit.dot"), render.write_svg(circuit, out / "circuit.svg"),
              render.write_png(circuit, out / "circuit.png"),
-             export.write_edges_parquet(scores.graph, scores.matrix, mask, out / "edges.parquet")]
+             export.write_edges_parquet(scores.graph, scores.matrix, mask, out / "edges.parquet", scores.refined)]
     if "metrics" in circuit.meta:
         paths.append(write_json(out / "metrics.json", circuit.meta["metrics"]))
     return paths

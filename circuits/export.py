@@ -141,8 +141,10 @@ def write_dot(circuit: Circuit, path: str | Path) -> Path:
     return write_text(path, "\n".join(lines) + "\n")
 
 
-def write_edges_parquet(graph, matrix: torch.Tensor, mask: torch.Tensor, path: str | Path) -> Path:
-    """Every scored edge: source, target, port, receiver, layer of each end, score, in_circuit."""
+def write_edges_parquet(graph, matrix: torch.Tensor, mask: torch.Tensor, path: str | Path,
+                        refined: torch.Tensor | None = None) -> Path:
+    """Every scored edge: source, target, port, receiver, layer of each end, score, in_circuit (and
+    refined_score, the score within the candidate circuit, NaN outside it, when the circuit was refined)."""
     import pandas as pd
 
     s, r = graph.valid().nonzero(as_tuple=True)
@@ -157,6 +159,8 @@ def write_edges_parquet(graph, matrix: torch.Tensor, mask: torch.Tensor, path: s
         "score": matrix[s, r].numpy(),
         "in_circuit": mask[s, r].numpy(),
     })
+    if refined is not None:
+        df["refined_score"] = refined[s, r].numpy()
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
     return Path(path)

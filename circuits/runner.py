@@ -111,7 +111,7 @@ class _Experts(nn.Module):
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         r = self.runner
         y = r._stash.get(self.plan.mlp_stage)
-        if y is None and r._acts is None:
+        if y is None and r._acts is None and r._live is None:
             return self.base(hidden, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden)
         acts = None
@@ -128,6 +128,11 @@ class _Experts(nn.Module):
             out = out.index_add(0, tok, ye.to(out.dtype))
             if acts is not None:
                 acts[e, tok] = ye.detach()
+            if r._live is not None:
+                r._live[self.plan.mlp_sender0 + e] = torch.zeros_like(hidden).index_add(0, tok, ye).view(r._live[0].shape)
+        if r._live is not None:
+            for e in range(self.plan.n_experts):
+                r._live.setdefault(self.plan.mlp_sender0 + e, torch.zeros_like(r._live[0]))
         return out
 
 
@@ -149,7 +154,7 @@ class _ModuleListMoe(nn.Module):
     def forward(self, hidden: torch.Tensor, *args, **kwargs):
         r, plan, ad, base = self.runner, self.plan, self.runner.adapter, self._modules["base"]
         y = r._stash.get(plan.mlp_stage)
-        if y is None and r._acts is None:
+        if y is None and r._acts is None and r._live is None:
             return base(hidden, *args, **kwargs)
         B, T, d = hidden.shape
         flat = hidden.reshape(-1, d)
@@ -174,6 +179,11 @@ class _ModuleListMoe(nn.Module):
             out = out.index_add(0, tok, ye.to(out.dtype))
             if acts is not None:
                 acts[e, tok] = ye.detach()
+            if r._live is not None:
+                r._live[plan.mlp_sender0 + e] = torch.zeros_like(flat).index_add(0, tok, ye).view(B, T, d)
+        if r._live is not None:
+            for e in range(plan.n_experts):
+                r._live.setdefault(plan.mlp_sender0 + e, torch.zeros_like(hidden))
         if plan.n_shared:
             slot = 1 + plan.n_experts
             name = next(n for n in ad.shared_names if getattr(base, n, None) is not None)
@@ -185,6 +195,8 @@ class _ModuleListMoe(nn.Module):
             out = out + ys
             if acts is not None:
                 acts[plan.n_experts] = ys.detach()
+            if r._live is not None:
+                r._live[plan.mlp_sender0 + plan.n_experts] = ys.view(B, T, d)
         return out.view(B, T, d)
 
 
@@ -230,6 +242,9 @@ class GraphRunner:
         self._mode = "plain"
         self._acts = self._resid = self._grads = self._embed = None
         self._patch: Patch | None = None
+        self._mix: tuple[float, torch.Tensor] | None = None
+        self._within: Patch | None = None
+        self._live: dict[int, torch.Tensor] | None = None  # sender -> its output, in the autograd graph
         self._stash.clear()
 
     # ----- install / remove ------------------------------------------------------------------------
@@ -306,12 +321,19 @@ class GraphRunner:
     # ----- running -----------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, *, mode: str = "plain", acts: torch.Tensor | None = None,
                 resid: torch.Tensor | None = None, grads: torch.Tensor | None = None,
-                embed: torch.Tensor | None = None, patch: Patch | None = None) -> torch.Tensor:
+                embed: torch.Tensor | None = None, patch: Patch | None = None,
+                mix: tuple[float, torch.Tensor] | None = None, within: Patch | None = None) -> torch.Tensor:
         """The final hidden states (after the final norm) ``[B, T, d]``; fills ``acts``/``resid``/``grads``.
 
         In ``grad`` mode the result is part of an autograd graph: call ``backward`` on a metric of it
-        and the receivers' gradients land in ``grads``.
+        and the receivers' gradients land in ``grads``. ``mix = (t, corr_resid [P, B, T, d])`` (grad
+        mode) has every receiver read ``corr_resid + t (resid - corr_resid)`` instead of the residual
+        ``resid`` of this run: every edge scaled by t between its corrupted and its current value.
         """
+        if (mix is not None or within is not None) and mode != "grad":
+            raise ValueError("mix and within are for grad mode")
+        if within is not None and mix is None:
+            raise ValueError("within needs mix (t and the corrupted residuals)")
         if mode not in ("plain", "grad", "patch"):
             raise ValueError(mode)
         if (mode == "patch") != (patch is not None):
@@ -320,6 +342,9 @@ class GraphRunner:
             raise ValueError("patch mode records the current senders: pass acts")
         self._reset()
         self._mode, self._acts, self._resid, self._grads, self._embed, self._patch = mode, acts, resid, grads, embed, patch
+        self._mix, self._within = mix, within
+        if within is not None:
+            self._live = {}
         try:
             with torch.set_grad_enabled(mode == "grad"):
                 out = self.base(input_ids=ids, use_cache=False)
@@ -339,7 +364,13 @@ class GraphRunner:
         """
         st = self.graph.stages[stage_index]
         B, T, d = x.shape
+        if self._mode == "grad" and self._within is not None:
+            return self._receivers_within(st, norm, x)
         if self._mode == "grad":
+            if self._mix is not None:
+                t, corr = self._mix
+                x = torch.lerp(corr[stage_index], x, t)
+                y = norm.forward(x)
             ys = y.unsqueeze(2).expand(B, T, st.size, d)
             if self._grads is not None and ys.requires_grad:
                 grads, xd = self._grads[st.start:st.stop], x.detach()
@@ -365,6 +396,36 @@ class GraphRunner:
             return y.unsqueeze(2).expand(B, T, st.size, d)
         return norm.forward(xs)
 
+    def _receivers_within(self, st, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """grad mode with ``within``: receiver v reads ``corr + t sum_{u -> v in circuit} (u - corrupted u)``,
+        with u the senders' outputs of this run (every edge outside the circuit stays corrupted); its
+        gradient is taken at that input."""
+        t, corr = self._mix
+        w = self._within
+        B, T, d = x.shape
+        block = w.mask[:st.n_up, st.start:st.stop]
+        rows = block.any(dim=1).nonzero().flatten().tolist()
+        xs = corr[st.index].unsqueeze(2).expand(B, T, st.size, d)
+        if rows:
+            live = torch.stack([self._live[i] for i in rows])
+            diff = (live - w.corr_acts[rows]).reshape(len(rows), -1)
+            m = (block[rows].T.to(diff.dtype) @ diff).view(st.size, B, T, d).permute(1, 2, 0, 3)
+            xs = xs + t * m
+        if not xs.requires_grad:
+            xs = xs.clone().requires_grad_(True)
+        if self._grads is not None:
+            grads = self._grads[st.start:st.stop]
+
+            def keep(g, grads=grads):
+                grads.add_(g.permute(2, 0, 1, 3))
+            xs.register_hook(keep)
+        return norm.forward(xs)
+
+    def _set_live(self, first: int, outs: torch.Tensor) -> None:
+        if self._live is not None:
+            for i in range(outs.shape[0]):
+                self._live[first + i] = outs[i]
+
     def _norm_vjp(self, norm: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``g [B, T, R, d]`` (gradients at the norm's output, one per receiver) -> gradients at its input."""
         if self._rms_ok.get(type(norm)) is None:
@@ -382,6 +443,7 @@ class GraphRunner:
             out = out.detach().requires_grad_(True)
         if self._acts is not None:
             self._acts[0] = out.detach()
+        self._set_live(0, out.unsqueeze(0))
         return out
 
     def _final_hook(self, mod, args, out):
@@ -404,13 +466,15 @@ class GraphRunner:
 
     def _o_proj_hook(self, plan: LayerPlan):
         def hook(mod, args):
-            if self._acts is None:
+            if self._acts is None and self._live is None:
                 return None
-            z = args[0].detach()
+            z = args[0] if self._live is not None else args[0].detach()
             B, T, _ = z.shape
             w = mod.weight.view(mod.out_features, plan.n_heads, plan.head_dim)
             heads = torch.einsum("bthk,dhk->hbtd", z.view(B, T, plan.n_heads, plan.head_dim), w)
-            self._acts[plan.head_sender0:plan.head_sender0 + plan.n_heads] = heads
+            if self._acts is not None:
+                self._acts[plan.head_sender0:plan.head_sender0 + plan.n_heads] = heads.detach()
+            self._set_live(plan.head_sender0, heads)
             return None
         return hook
 
@@ -432,11 +496,15 @@ class GraphRunner:
         def hook(mod, args, out):
             if self._acts is not None:
                 self._acts[plan.mlp_sender0] = out.detach()
+            self._set_live(plan.mlp_sender0, out.unsqueeze(0))
         return hook
 
     def _moe_hook(self, plan: LayerPlan):
         def hook(mod, args, out):
+            s0 = plan.mlp_sender0
             if self._acts is not None and plan.n_shared:
-                s0 = plan.mlp_sender0
                 self._acts[s0 + plan.n_experts] = out.detach() - self._acts[s0:s0 + plan.n_experts].sum(0)
+            if self._live is not None and plan.n_shared:
+                routed = sum(self._live[s0 + e] for e in range(plan.n_experts))
+                self._set_live(s0 + plan.n_experts, (out.view_as(self._live[s0]) - routed).unsqueeze(0))
         return hook

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workbench.circuits.attribution import attribute
-from workbench.circuits.evaluate import evaluate
+from workbench.circuits.evaluate import evaluate, prune, select_top
 from workbench.circuits.facts import Fact, prepare
 from workbench.circuits.graph import build_graph
 from workbench.circuits.runner import GraphRunner
@@ -61,6 +61,11 @@ def test_modulelist_moe_matches_fused():
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * float(a.abs().max()))
     experts = [i for i, n in enumerate(g_list.senders) if g_list.node(n).kind == "expert"]
     assert b[experts].abs().sum() > 0
+    within = prune(g_list, select_top(g_list, b, 80))  # edge IG inside a circuit reads every sender live
+    a = attribute(fused, prepared, method="eap-ig-edges", steps=2, graph=g_fused, within=within).matrix
+    b = attribute(listed, prepared, method="eap-ig-edges", steps=2, graph=g_list, within=within).matrix
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * float(a.abs().max()))
+    assert b[within].abs().sum() > 0
     valid = g_list.valid()
     ev = evaluate(listed, prepared, g_list, {"full": valid, "empty": torch.zeros_like(valid)})
     assert ev["circuits"]["full"]["faithfulness"] == pytest.approx(1.0, abs=1e-4)

@@ -55,6 +55,8 @@ def qwen3_moe():
     return load("zoo:qwen3-moe")
 
 
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These models are tiny: one thread avoids waiting on a busy second core for every small op."""
@@ -125,7 +127,7 @@ def _single_edge_effects(lm, prepared, g):
     return torch.tensor([ev["circuits"][k]["metric"] - ev["metric_full"] for k in range(len(s))]), s, r
 
 
-@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+@pytest.mark.parametrize("method", ["eap", "eap-ig", "eap-ig-edges"])
 def test_eap_matches_brute_force_single_edge_patching(tiny_llama, method):
     prepared = prepare(tiny_llama.tokenizer, FACTS)
     g = build_graph(tiny_llama.model, tiny_llama.adapter)
@@ -163,7 +165,7 @@ def test_planted_circuit_ranks_first(zoo_tokenizer):
     g = build_graph(model, lm.adapter)
     planted = {("a1.h2", "logits<in"), ("input", "a1.kv1<k"), ("input", "a1.kv1<v")}
     prepared = prepare(zoo_tokenizer, FACTS)
-    for method in ("eap", "eap-ig"):
+    for method in ("eap", "eap-ig", "eap-ig-edges"):
         scores = attribute(lm, prepared, method=method, steps=3, graph=g)
         s, r = (scores.matrix != 0).nonzero(as_tuple=True)
         found = {(g.senders[i], g.receivers[j].name) for i, j in zip(s.tolist(), r.tolist())}
@@ -207,6 +209,30 @@ def test_eap_is_the_derivative_of_edge_patching(tiny_llama):
     big = est.abs() > 1e-3 * est.abs().max()
     torch.testing.assert_close(fd[big].float(), est[big], rtol=0.05, atol=2e-3 * float(est.abs().max()))
     assert spearman(fd, est.double()) > 0.99
+
+
+def test_edge_ig_is_complete_over_the_graph_and_within_a_circuit(tiny_llama):
+    """eap-ig-edges integrates dM/dm_e along m = t (all edges scaled together): the scores add up to
+    M(corrupted) - M(full); with ``within`` a circuit C, its edges' scores add up to M(corrupted) - M(C).
+    Midpoint rule, so the error falls with the square of the steps. (In MoE layers the sum is off by
+    the jumps where top-k routing changes along the path, which no gradient sees.)"""
+    lm = tiny_llama
+    prepared = prepare(lm.tokenizer, FACTS)
+    g = build_graph(lm.model, lm.adapter)
+    valid = g.valid()
+    full = attribute(lm, prepared, method="eap-ig-edges", steps=5, graph=g).matrix
+    circuit = prune(g, select_top(g, full, 40)) | select_random(g, 30, 0)
+    ev = evaluate(lm, prepared, g, {"full": valid, "circuit": circuit})
+    gap_full = ev["metric_corrupted"] - ev["metric_full"]
+    gap_circuit = ev["metric_corrupted"] - ev["circuits"]["circuit"]["metric"]
+    fine = attribute(lm, prepared, method="eap-ig-edges", steps=20, graph=g).matrix
+    assert float(fine.sum()) == pytest.approx(gap_full, rel=2e-3)
+    within = attribute(lm, prepared, method="eap-ig-edges", steps=20, graph=g, within=circuit).matrix
+    assert float(within[circuit].sum()) == pytest.approx(gap_circuit, rel=2e-3)
+    everything = attribute(lm, prepared, method="eap-ig-edges", steps=5, graph=g, within=valid).matrix
+    torch.testing.assert_close(everything, full, rtol=1e-4, atol=1e-6 * float(full.abs().max()))
+    with pytest.raises(WorkbenchError, match="eap-ig-edges"):
+        attribute(lm, prepared, method="eap", graph=g, within=circuit)
 
 
 # ----- evaluation ----------------------------------------------------------------------------------
@@ -291,6 +317,14 @@ def test_find_circuit_on_moe_writes_metrics(moe_circuit):
 
     df = pd.read_parquet(out / "edges.parquet")
     assert len(df) == scores.graph.n_edges and int(df["in_circuit"].sum()) == int(mask.sum())
+    # refined (the default): the circuit is chosen among 2 x 60 candidates by their scores within them
+    sel = circuit.meta["selection"]
+    assert sel["rule"] == "fill" and sel["refine"]["candidates"] <= 120 and sel["refine"]["factor"] == 2
+    assert int(df["refined_score"].notna().sum()) == sel["refine"]["candidates"]
+    assert not df.loc[df["in_circuit"], "refined_score"].isna().any()
+    kept = df[df["in_circuit"]].set_index(["source", "target", "port"])["refined_score"]
+    assert all(kept[(e["source"], e["target"], e["port"])] == pytest.approx(e["score"], rel=1e-6)
+               for e in circuit.edges if e["port"] != "internal")
 
 
 def test_json_round_trip(moe_circuit):
