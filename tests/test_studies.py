@@ -42,9 +42,11 @@ def test_study_table_and_resolution(planted, tmp_path):
     # The resolved study spells every condition out and reproduces them.
     resolved = yaml.safe_load((tmp_path / "study.resolved.yaml").read_text())
     names = [c["name"] for c in resolved["conditions"]]
-    assert names == conds
-    random0 = resolved["conditions"][3]["interventions"]
+    assert names == conds[1:]  # the baseline is implicit
+    random0 = resolved["conditions"][2]["interventions"]
     assert len(random0) == 1 and random0[0]["layers"] == [0] and random0[0]["expert"] != 5
+    rerun = Study.from_file(tmp_path / "study.resolved.yaml")  # runs unchanged: same conditions, no profiling
+    assert [c.to_dict() for c in rerun.resolve(planted)] == [c.to_dict() for c in Study(SMALL).resolve(planted)]
     again = pd.read_csv(tmp_path / "results.csv")
     assert list(again.condition) == list(df.condition)
 

@@ -15,7 +15,7 @@ A study file (YAML or JSON)::
         k: 2
 
 A baseline condition (no intervention) is always run first. Every generated condition is spelled
-out in ``study.resolved.yaml``; each finished condition is saved under ``conditions/`` at once, so an
+out in ``study.resolved.yaml``, which ``workbench ablate`` runs unchanged; each finished condition is saved under ``conditions/`` at once, so an
 interrupted run keeps them and a re-run resumes.
 """
 
@@ -41,7 +41,7 @@ from workbench.io import atomic_path, read_structured, write_text
 
 GENERATORS = ("each_super_expert", "all_super_experts", "random_experts")
 TOP_KEYS = {"name", "metrics", "texts", "num_texts", "seeds", "conditions", "generation_prompts", "max_new_tokens",
-            "batch_size"}
+            "batch_size", "model"}  # model: recorded in study.resolved.yaml, for the reader (the CLI names the model)
 COLUMNS = ["condition", "group", "seed", "metric", "mean", "ci_low", "ci_high", "n", "text", "seconds"]
 DEFAULT_GENERATION_PROMPTS = ["The capital of France is", "Once upon a time,", "Seven plus five equals"]
 
@@ -123,16 +123,17 @@ class Study:
                     raise WorkbenchError(f"{where}: field 'op' of a generated condition must be 'zero' or 'drop'")
                 self.generated.append(dict(c))
                 continue
-            unknown = sorted(set(c) - {"name", "interventions"})
+            unknown = sorted(set(c) - {"name", "interventions", "group", "seed"})
             if unknown:
-                raise WorkbenchError(f"{where}: unknown field {unknown[0]!r}; known: name, interventions, generate")
+                raise WorkbenchError(f"{where}: unknown field {unknown[0]!r}; known: name, interventions, group, seed, generate")
             if "name" not in c:
                 raise WorkbenchError(f"{where}: field 'name' is required")
             ivs = []
             for j, d in enumerate(c.get("interventions") or []):
                 w = (f"{source} line {self.lines[(i, j)]}" if (i, j) in self.lines else source)
                 ivs.append(Intervention.from_dict(d, f"{w}: conditions[{i}].interventions[{j}]"))
-            self.explicit.append(Condition(str(c["name"]), ivs))
+            seed = c.get("seed")
+            self.explicit.append(Condition(str(c["name"]), ivs, str(c.get("group") or ""), None if seed is None else int(seed)))
         names = [c.name for c in self.explicit]
         dup = {n for n in names if names.count(n) > 1} | ({"baseline"} & set(names))
         if dup:
@@ -216,9 +217,12 @@ class Study:
         texts, cloze = self.texts(), M.default_cloze()
         out = Path(out_dir) if out_dir else None
         if out:
+            # Runs unchanged with `workbench ablate` (the baseline is implicit, so it is not listed).
             write_text(out / "study.resolved.yaml", yaml.safe_dump(
                 {"name": self.name, "model": lm.spec, "metrics": self.metrics, "num_texts": len(texts),
-                 "texts": self.texts_file, "seeds": self.seeds, "conditions": [c.to_dict() for c in conditions]},
+                 "texts": self.texts_file, "seeds": self.seeds, "generation_prompts": self.generation_prompts,
+                 "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
+                 "conditions": [c.to_dict() for c in conditions if c.name != "baseline"]},
                 sort_keys=False))
         want = set(self.metrics)
         rows: list[dict] = []
