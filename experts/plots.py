@@ -91,7 +91,7 @@ def _html(name: str, f: dict, path: Path) -> None:
         fig.update_yaxes(type="log")
     fig.update_layout(title=f["title"])
     with atomic_path(path) as tmp:
-        fig.write_html(tmp, include_plotlyjs="directory", full_html=True)
+        fig.write_html(tmp, include_plotlyjs="directory", full_html=True, div_id=name)  # a fixed id: same bytes every run
 
 
 def write_all(p: dict, out: Path) -> list[Path]:

@@ -4,6 +4,7 @@ attention sinks. Nothing of size tokens x hidden is kept; every statistic is a m
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import time
@@ -16,10 +17,12 @@ from workbench.experts import massive
 from workbench.experts.router import ChangeRate
 from workbench.experts.sinks import SinkMeter, eager_attention
 from workbench.experts.super_experts import SuperExpertRule, kurtosis, select
+from workbench.distributed import Shard
 from workbench.models.specs import LoadedModel
 from workbench.tracing.reducers import AbsMax, ExpertAbsMax, RouterStats
 from workbench.tracing.runner import trace
 from workbench.tracing.sites import Component, Site, all_sites
+from workbench.tracing.state import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,14 @@ class ProfileOptions:
 
 
 def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = ProfileOptions(),
-            progress: bool = True) -> dict:
-    """Run ``prompts`` once and return the profile as plain data (what ``profile.json`` holds)."""
+            progress: bool = True, *, checkpoint: Checkpoint | None = None, shard: Shard | None = None) -> dict:
+    """Run ``prompts`` once and return the profile as plain data (what ``profile.json`` holds).
+
+    ``p["run"]`` describes the execution (wall time, ranks, resumption); :func:`workbench.experts.report.write`
+    puts it in ``run.json``, so ``profile.json`` depends only on the model, prompts and options.
+    ``checkpoint`` makes the pass resumable; ``shard`` runs one rank of a data-parallel pass (the
+    result is complete on rank 0 only).
+    """
     infos = lm.layer_infos()
     n_layers = len(infos)
     # Routed experts of a MoE layer are reduced together (one grouped site per layer); a dense layer's
@@ -55,12 +64,14 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     meters = []
     if options.sinks:
         meters.append(SinkMeter(n_layers, int(lm.config.num_attention_heads)))
+    if checkpoint is not None:
+        checkpoint.tag = json.dumps({"options": repr(options), "dtype": str(_dtype(lm))})
     start = time.perf_counter()
     ctx = eager_attention(lm.model) if options.sinks else _null()
     with ctx:
         res = trace(lm, prompts, [*grouped_sites, *dense_sites, *shared_sites, *router_sites, *resid_sites], reducers=(),
                     batch_size=options.batch_size, max_tokens=options.max_tokens, progress=progress,
-                    sinks=extra, meters=meters)
+                    sinks=extra, meters=meters, stateful={"change_rate": change}, checkpoint=checkpoint, shard=shard)
     seconds = time.perf_counter() - start
     decode = lambda t: lm.tokenizer.decode([t]) if t is not None else None  # noqa: E731
 
@@ -111,6 +122,7 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         layers.append({"layer": s.layer, "median_abs": med, "top": entries,
                        "massive": bool(entries and entries[0]["value"] >= options.massive_min
                                        and entries[0]["ratio_to_median"] >= options.massive_ratio)})
+    out["non_finite"] = _non_finite(experts, [resid_red[s]["histogram"] for s in resid_sites], resid_sites)
     out["massive_activations"] = {"criterion": {"ratio_to_median": options.massive_ratio, "min_abs": options.massive_min},
                                   "layers": layers}
     if meters:
@@ -120,8 +132,28 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         "num_prompts": len(res.prompts), "num_tokens": res.num_tokens, "batch_size": options.batch_size,
         "max_tokens": options.max_tokens, "seconds": round(seconds, 3), "layout": lm.summary()["layout"],
         "versions": _versions(), "attention": "eager (for attention probabilities)" if options.sinks else "model default",
+        "dtype": str(_dtype(lm)).replace("torch.", ""),
     }
+    out["run"] = {"seconds": round(seconds, 3), "device": str(lm.device), "world_size": shard.world if shard else 1,
+                  "batches": res.meta.get("batches"), "resumed_at_batch": res.meta.get("resumed_at_batch"),
+                  **lm.meta.get("run", {})}
     return out
+
+
+def _non_finite(experts: list[dict], hists: list, resid_sites: list[Site]) -> dict:
+    """NaN / inf counts over expert outputs and the residual stream, and where they first appear."""
+    bad_experts = [e for e in experts if e["nan_count"] or e["inf_count"]]
+    bad_resid = [s.layer for s, h in zip(resid_sites, hists) if int(h.nan_count) or int(h.inf_count)]
+    layers = [e["layer"] for e in bad_experts] + bad_resid
+    return {"expert_nan": sum(e["nan_count"] for e in experts), "expert_inf": sum(e["inf_count"] for e in experts),
+            "experts_affected": len(bad_experts),
+            "residual_nan": sum(int(h.nan_count) for h in hists), "residual_inf": sum(int(h.inf_count) for h in hists),
+            "first_layer": min(layers) if layers else None}
+
+
+def _dtype(lm: LoadedModel) -> torch.dtype:
+    p = next(lm.model.parameters(), None)
+    return p.dtype if p is not None else torch.float32
 
 
 def _versions() -> dict:

@@ -1,6 +1,10 @@
-"""Write a profile to disk: profile.json, one parquet table per section, PNG and HTML plots.
+"""Write a profile to disk: profile.json, one parquet table per section, PNG and HTML plots, run.json.
 
-Every file is written to a temporary name and renamed, so a failed run leaves no half-written output.
+Every file is written to a temporary name and renamed, so no file is ever half-written; if writing
+fails part-way (disk full, ...), the files this call already wrote are removed again, so a failed
+write leaves no partial output set. ``profile.json`` is written last: its presence means the run
+finished. It depends only on the model, prompts and options (byte-identical across runs, resumed
+runs and rank counts); wall time and how the run was executed go to ``run.json``.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from workbench.io import atomic_path, write_json
+from workbench.io import atomic_path, round_floats, write_json
 
 
 def tables(p: dict) -> dict[str, pd.DataFrame]:
@@ -40,16 +44,46 @@ def tables(p: dict) -> dict[str, pd.DataFrame]:
     return out
 
 
+OUTPUTS = ("profile.json", "run.json", "*.parquet", "*.png", "*.html")  # what write() may produce
+TIMING = ("seconds",)  # meta fields that differ between identical runs: they go to run.json
+
+
+def split(p: dict) -> tuple[dict, dict]:
+    """``(deterministic profile, run facts)``: the second holds wall time and execution details."""
+    det = {k: v for k, v in p.items() if k != "run"}
+    det["meta"] = {k: v for k, v in p["meta"].items() if k not in TIMING}
+    run = {**{k: p["meta"][k] for k in TIMING if k in p["meta"]}, **p.get("run", {})}
+    return det, run
+
+
 def write(p: dict, out_dir: str | Path, plots: bool = True) -> list[Path]:
     out = Path(out_dir)
-    written = []
-    for name, df in tables(p).items():
-        with atomic_path(out / f"{name}.parquet") as tmp:
-            df.to_parquet(tmp, index=False)
-        written.append(out / f"{name}.parquet")
-    if plots:
-        from workbench.experts import plots as P
+    det, run = split(p)
+    det = round_floats(det)  # tables and plots show exactly the numbers of profile.json
+    existed = out.exists()
+    before = _snapshot(out)
+    written: list[Path] = []
+    try:
+        for name, df in tables(det).items():
+            with atomic_path(out / f"{name}.parquet") as tmp:
+                df.to_parquet(tmp, index=False)
+            written.append(out / f"{name}.parquet")
+        if plots:
+            from workbench.experts import plots as P
 
-        written += P.write_all(p, out)
-    written.append(write_json(out / "profile.json", p))  # last: its presence means the run finished
+            written += P.write_all(det, out)
+        written.append(write_json(out / "run.json", run))
+        written.append(write_json(out / "profile.json", det))  # last: its presence means the run finished
+    except BaseException:
+        for f, ino in _snapshot(out).items():  # no partial output set: remove every file this call wrote
+            if before.get(f) != ino:
+                f.unlink(missing_ok=True)
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     return written
+
+
+def _snapshot(out: Path) -> dict[Path, int]:
+    """Output files and their inodes (an atomic rename gives a replaced file a new inode)."""
+    return {f: f.stat().st_ino for pat in OUTPUTS for f in out.glob(pat) if f.is_file()} if out.is_dir() else {}

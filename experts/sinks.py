@@ -69,10 +69,26 @@ class SinkMeter:
         self.queries[layer] += int(nq.sum())
         self.prompts[layer] += int(has.sum())
 
+    STATE = ("pos0_sum", "queries", "top_sum", "top_is_first", "prompts")
+
     def merge(self, other: "SinkMeter") -> "SinkMeter":
-        for name in ("pos0_sum", "queries", "top_sum", "top_is_first", "prompts"):
+        for name in self.STATE:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the running sums (for checkpoints and merging ranks)."""
+        return {name: getattr(self, name).clone() for name in self.STATE}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> "SinkMeter":
+        for name, v in state.items():
+            if name not in self.STATE or v.shape != getattr(self, name).shape:
+                raise ValueError(f"SinkMeter state {name!r} does not fit")
+            setattr(self, name, v.clone())
+        return self
+
+    def empty(self) -> "SinkMeter":
+        return SinkMeter(*self.pos0_sum.shape)
 
     def result(self) -> dict:
         n = self.prompts.clamp(min=1).to(torch.float64)[:, None]

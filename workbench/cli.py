@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
@@ -25,6 +26,30 @@ def _ints(text: str) -> list[int]:
         return [int(t) for t in _csv(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _model_args(p: argparse.ArgumentParser, placement: bool = False) -> None:
+    """The flags of every subcommand that loads a model."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when available); default cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                   help="cast the weights (default: as loaded, float32)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the checkpoint's own modelling code (off by default; only for checkpoints you trust)")
+    if placement:
+        p.add_argument("--device-map", choices=["auto"], default=None,
+                       help="spread a local/hub checkpoint over all GPUs and the CPU with accelerate "
+                            "(for models larger than one GPU)")
+
+
+def _load(args, device: str | None = None):
+    from workbench.models.specs import load
+
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return load(args.model, device=device or args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                device_map=getattr(args, "device_map", None))
 
 
 def cmd_models(args) -> int:
@@ -52,7 +77,6 @@ def _prompts(args) -> list[str]:
 
 def cmd_trace(args) -> int:
     from workbench.io import write_json
-    from workbench.models.specs import load
     from workbench.tracing.report import trace_summary
     from workbench.tracing.runner import trace
     from workbench.tracing.sites import Component, all_sites
@@ -62,7 +86,7 @@ def cmd_trace(args) -> int:
         if c not in {x.value for x in Component}:
             raise WorkbenchError(f"unknown component {c!r}; known: {', '.join(x.value for x in Component)}")
     out = output_dir(args.out)
-    lm = load(args.model, device=args.device)
+    lm = _load(args)
     sites = all_sites(lm.adapter, lm.model, args.components, args.layers)
     result = trace(lm, prompts, sites, args.reducers, batch_size=args.batch_size, max_tokens=args.max_tokens,
                    dump_dir=args.dump, progress=not args.quiet)
@@ -83,10 +107,13 @@ def cmd_trace(args) -> int:
 
 
 def cmd_profile(args) -> int:
+    from workbench import distributed
     from workbench.experts.profile import ProfileOptions, profile
-    from workbench.experts.report import write
+    from workbench.experts.report import OUTPUTS, write
     from workbench.experts.super_experts import SuperExpertRule
-    from workbench.models.specs import load
+    from workbench.io import clear_stale_temps
+    from workbench.models.specs import resolve_device
+    from workbench.tracing.state import Checkpoint
 
     prompts = _prompts(args)
     try:
@@ -95,12 +122,35 @@ def cmd_profile(args) -> int:
         raise WorkbenchError(f"bad super-expert rule: {e}") from None
     if args.batch_size < 1:
         raise WorkbenchError("--batch-size must be at least 1")
+    if args.checkpoint_every < 0:
+        raise WorkbenchError("--checkpoint-every must be 0 (off) or a number of batches")
     out = output_dir(args.out)
-    lm = load(args.model, device=args.device)
+    shard, device = distributed.from_env(resolve_device(args.device))
+    main_rank = shard is None or shard.is_main
+    ckpt = None
+    if args.checkpoint_every:
+        name = "profile.checkpoint" + (f".rank{shard.rank}of{shard.world}" if shard else "") + ".safetensors"
+        ckpt = Checkpoint(out / name, args.checkpoint_every)
+    clear_stale_temps(out, ([ckpt.path.name] if ckpt else []) + (list(OUTPUTS) if main_rank else []))
+    lm = _load(args, device)
     opts = ProfileOptions(rule=rule, batch_size=args.batch_size, max_tokens=args.max_tokens,
                           top_massive=args.top_massive, sinks=not args.no_sinks)
-    p = profile(lm, prompts, opts, progress=not args.quiet)
-    files = write(p, out, plots=not args.no_plots)
+    p = profile(lm, prompts, opts, progress=not args.quiet and main_rank, checkpoint=ckpt, shard=shard)
+    ok = False
+    try:
+        if main_rank:
+            files = write(p, out, plots=not args.no_plots)
+        ok = True
+    finally:
+        if shard is not None:
+            ok = shard.agree(ok)  # every rank learns whether rank 0 wrote the outputs
+            distributed.finish(shard)
+    if not ok:
+        raise WorkbenchError("rank 0 failed to write the outputs; checkpoints are kept for a rerun")
+    if ckpt is not None:
+        ckpt.discard()
+    if not main_rank:
+        return 0
     m = p["meta"]
     print(f"profiled {m['spec']}: {m['num_tokens']} tokens of {m['num_prompts']} prompts in {m['seconds']:.1f} s")
     if p["super_experts"]:
@@ -110,6 +160,12 @@ def cmd_profile(args) -> int:
                   f"channel {e['channel']}  prompt {e['prompt_index']} pos {e['position']} token {e['token']!r}")
     else:
         print("no super experts under the rule " + str(p["super_expert_rule"]))
+    nf = p["non_finite"]
+    if nf["first_layer"] is not None:
+        print(f"warning: non-finite activations from layer {nf['first_layer']}: {nf['expert_nan']} NaN and "
+              f"{nf['expert_inf']} inf in the outputs of {nf['experts_affected']} experts, {nf['residual_nan']} NaN and "
+              f"{nf['residual_inf']} inf in the residual stream (counted, never a maximum; see non_finite in "
+              "profile.json)", file=sys.stderr)
     massive = [l for l in p["massive_activations"]["layers"] if l["massive"]]
     if massive:
         l = massive[0]
@@ -123,17 +179,16 @@ def cmd_profile(args) -> int:
         l, h = np.unravel_index(np.argmax(share), share.shape)
         print(f"attention sinks: mean share on position 0 {share.mean():.2f}; strongest head L{l}.H{h} "
               f"{share[l, h]:.2f}")
-    print(f"wrote {out / 'profile.json'} and {len(files) - 1} tables/plots in {out}")
+    print(f"wrote {out / 'profile.json'}, run.json and {len(files) - 2} tables/plots in {out}")
     return 0
 
 
 def cmd_ablate(args) -> int:
-    from workbench.models.specs import load
     from workbench.studies import Study, summarise
 
     study = Study.from_file(args.study)  # a malformed study fails here, before any model work
     out = output_dir(args.out)
-    lm = load(args.model, device=args.device)
+    lm = _load(args)
     df = study.run(lm, out, progress=not args.quiet)
     import pandas as pd
 
@@ -149,11 +204,10 @@ def cmd_ablate(args) -> int:
 def cmd_contrast(args) -> int:
     from workbench.data import read_prompts
     from workbench.experts.contrast import contrast, write
-    from workbench.models.specs import load
 
     positive, negative = read_prompts(args.positive), read_prompts(args.negative)
     out = output_dir(args.out)
-    lm = load(args.model, device=args.device)
+    lm = _load(args)
     if not any(i.kind == "moe" for i in lm.layer_infos()):
         raise WorkbenchError(f"{args.model} is a dense model: contrast ranks routed experts and needs an MoE model")
     df = contrast(lm, positive, negative, batch_size=args.batch_size, progress=not args.quiet)
@@ -190,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--max-tokens", type=int, default=None, help="truncate each prompt to this many tokens")
     t.add_argument("--dump", default=None, help="also stream full activations to safetensors shards in this folder")
-    t.add_argument("--device", default="cpu")
+    _model_args(t, placement=True)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", required=True, help="output folder (trace.json)")
     t.set_defaults(func=cmd_trace)
@@ -210,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-massive", type=int, default=8, help="residual entries kept per layer")
     pr.add_argument("--no-sinks", action="store_true", help="skip attention sinks (keeps the model's attention kernel)")
     pr.add_argument("--no-plots", action="store_true")
-    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--checkpoint-every", type=int, default=25, metavar="K",
+                    help="save the reducer state every K batches to OUT (atomically); rerunning the same command "
+                         "resumes from it; 0 turns it off (default 25)")
+    _model_args(pr, placement=True)
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.add_argument("--out", required=True, help="output folder")
     pr.set_defaults(func=cmd_profile)
@@ -224,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--top", type=int, default=10, help="experts in the ready intervention set")
     co.add_argument("--op", choices=["drop", "zero"], default="drop")
     co.add_argument("--batch-size", type=int, default=8)
-    co.add_argument("--device", default="cpu")
+    _model_args(co)
     co.add_argument("--quiet", action="store_true")
     co.add_argument("--out", required=True)
     co.set_defaults(func=cmd_contrast)
@@ -247,18 +304,25 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Finished conditions are kept in OUT/conditions/; re-running resumes.")
     ab.add_argument("model", help="model spec (see `workbench models`)")
     ab.add_argument("--study", required=True, help="study file (.yaml or .json)")
-    ab.add_argument("--device", default="cpu")
+    _model_args(ab)
     ab.add_argument("--quiet", action="store_true", help="no progress bar")
     ab.add_argument("--out", required=True, help="output folder")
     ab.set_defaults(func=cmd_ablate)
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and args.command != "profile":
+            raise WorkbenchError(f"only `workbench profile` runs under torchrun (several ranks), not {args.command}")
         return args.func(args)
     except WorkbenchError as e:
         if args.debug:
@@ -274,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
               "rerun with --debug for the traceback", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from workbench.errors import WorkbenchError
 
@@ -33,9 +33,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(e, OSError) and e.errno is not None:  # disk full, quota, I/O error: a user-facing failure
+            raise WorkbenchError(f"cannot write {path}: {e.strerror or e}") from e
         raise
 
 
@@ -53,29 +55,52 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def dumps_json(obj: Any) -> str:
     """Deterministic JSON: sorted keys, fixed indentation, floats with 8 significant digits."""
-    return json.dumps(_round_floats(obj), sort_keys=True, indent=2, allow_nan=True) + "\n"
+    return json.dumps(round_floats(obj), sort_keys=True, indent=2, allow_nan=True) + "\n"
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, dumps_json(obj))
 
 
-def _round_floats(obj: Any) -> Any:
+def round_floats(obj: Any) -> Any:
+    """``obj`` with every float rounded to 8 significant digits, as :func:`dumps_json` writes it (idempotent)."""
     if isinstance(obj, float):
         return float(f"{obj:.8g}")
     if isinstance(obj, dict):
-        return {str(k): _round_floats(v) for k, v in obj.items()}
+        return {str(k): round_floats(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_round_floats(v) for v in obj]
+        return [round_floats(v) for v in obj]
     return obj
 
 
 def output_dir(path: str | os.PathLike) -> Path:
-    """An output folder argument: refuse one that exists as a file (checked before any model work)."""
+    """An output folder argument, checked before any model work and without creating anything.
+
+    Refused: a path that exists as a file, one below a file, or one whose nearest existing folder
+    is not writable.
+    """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"--out {out} exists and is not a directory")
+    base = out.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise WorkbenchError(f"cannot write to {out}: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise WorkbenchError(f"cannot write to {out}: {base} is not writable")
     return out
+
+
+def clear_stale_temps(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Remove temporary files :func:`atomic_path` left for ``names`` (globs) when a process was killed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for name in names:
+        for f in folder.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
 
 
 def read_structured(path: str | os.PathLike, what: str = "file") -> tuple[Any, str]:

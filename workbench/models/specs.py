@@ -10,6 +10,7 @@ Accepted everywhere (CLI, Python, UI):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from torch import nn
 from workbench.adapters.base import Adapter, LayerInfo, adapter_for, supported_model_types
 from workbench.errors import WorkbenchError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 BUILTIN = {"smollm2-135m": "SmolLM2-135M-Instruct (real, pretrained; Llama architecture, dense)"}
 
 
@@ -83,16 +85,33 @@ class LoadedModel:
         )
 
 
-def load(spec: str, *, device: str = "cpu", dtype: torch.dtype | str | None = None) -> LoadedModel:
-    """Resolve ``spec`` and load it in eval mode."""
+def load(spec: str, *, device: str = "cpu", dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
+         device_map: str | None = None) -> LoadedModel:
+    """Resolve ``spec`` and load it in eval mode.
+
+    ``device`` is ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available); ``dtype`` casts the
+    weights (float32, bfloat16, float16). ``device_map="auto"`` lets accelerate spread a local or hub
+    checkpoint over every GPU (and the CPU) when it does not fit one device. ``trust_remote_code``
+    runs a checkpoint's own modelling code; it is off unless asked for (``--trust-remote-code``).
+    """
     spec = str(spec).strip()
     if not spec:
         raise WorkbenchError("empty model spec")
+    device = resolve_device(device)
+    torch_dtype = _dtype(dtype) if dtype is not None else None
+    if device_map is not None:
+        if device_map != "auto":
+            raise WorkbenchError(f"unknown device map {device_map!r}; the only one is 'auto'")
+        if importlib.util.find_spec("accelerate") is None:
+            raise WorkbenchError("--device-map auto needs the accelerate package: pip install accelerate")
+        if spec == "smollm2-135m" or spec.startswith("zoo:"):
+            raise WorkbenchError(f"--device-map auto is for local or hub checkpoints, not {spec}; use --device")
+    kw = dict(trust_remote_code=trust_remote_code, device_map=device_map, dtype=torch_dtype)
     if spec == "smollm2-135m":
         from workbench.models import gguf
 
         path = gguf.checkpoint_dir()
-        lm = _load_dir(path, spec)
+        lm = _load_dir(path, spec, **kw)
     elif spec.startswith("zoo:"):
         from workbench.models import zoo
 
@@ -101,16 +120,40 @@ def load(spec: str, *, device: str = "cpu", dtype: torch.dtype | str | None = No
         model = zoo.build(spec[4:])
         lm = LoadedModel(model, _tokenizer(tokenizer_dir()), adapter_for(model), spec)
     elif Path(spec).expanduser().exists():
-        lm = _load_dir(Path(spec).expanduser(), spec)
+        lm = _load_dir(Path(spec).expanduser(), spec, **kw)
     elif _looks_like_path(spec):
         raise WorkbenchError(f"model path {spec!r} does not exist")
     else:
-        lm = _load_hub(spec)
-    if dtype is not None:
-        lm.model.to(_dtype(dtype))
-    lm.model.to(device)
+        lm = _load_hub(spec, **kw)
+    if torch_dtype is not None:
+        lm.model.to(torch_dtype)
+    if device_map is None:
+        lm.model.to(device)
     lm.model.eval()
     return lm
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``, ``cuda``/``cuda:N`` (checked to exist) or ``auto`` (CUDA if available, else CPU)."""
+    d = str(device).strip().lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cpu":
+        return d
+    if d == "cuda" or d.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise WorkbenchError(f"--device {device}: CUDA is not available (torch {torch.__version__}, "
+                                 f"{'no CUDA build' if torch.version.cuda is None else 'no GPU visible'}); "
+                                 "use --device cpu or --device auto")
+        if d.startswith("cuda:"):
+            try:
+                idx = int(d[5:])
+            except ValueError:
+                raise WorkbenchError(f"bad device {device!r}; use cpu, cuda, cuda:N or auto") from None
+            if not 0 <= idx < torch.cuda.device_count():
+                raise WorkbenchError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+        return d
+    raise WorkbenchError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
 
 
 def list_builtin() -> list[str]:
@@ -133,10 +176,10 @@ def _dtype(d) -> torch.dtype:
     return table[d]
 
 
-def _tokenizer(path: Path):
+def _tokenizer(path: Path | str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -154,7 +197,8 @@ def _check_model_type(config_path: Path) -> str:
     return mt
 
 
-def _load_dir(path: Path, spec: str) -> LoadedModel:
+def _load_dir(path: Path, spec: str, trust_remote_code: bool = False, device_map: str | None = None,
+              dtype: torch.dtype | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     if not path.is_dir():
@@ -168,12 +212,15 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
     for w in weights:
         _check_safetensors(w)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype or torch.float32,
+                                                     trust_remote_code=trust_remote_code, device_map=device_map)
     except (OSError, ValueError, RuntimeError) as e:
         raise WorkbenchError(f"{spec}: could not load the checkpoint: {str(e).splitlines()[0]}") from None
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise WorkbenchError(f"{spec}: no tokenizer in the directory (none of {', '.join(TOKENIZER_FILES)}); "
+                             "save it with tokenizer.save_pretrained(dir)")
     try:
-        tok = _tokenizer(path)
+        tok = _tokenizer(path, trust_remote_code)
     except (OSError, ValueError, TypeError) as e:
         raise WorkbenchError(f"{spec}: no usable tokenizer in the directory: {str(e).splitlines()[0]}") from None
     return LoadedModel(model, tok, adapter_for(model), spec)
@@ -199,12 +246,13 @@ def _check_safetensors(path: Path) -> None:
         raise WorkbenchError(f"corrupt safetensors file {path}: {size} bytes on disk, header describes {8 + header + end}")
 
 
-def _load_hub(spec: str) -> LoadedModel:
+def _load_hub(spec: str, trust_remote_code: bool = False, device_map: str | None = None,
+              dtype: torch.dtype | None = None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
-        config = AutoConfig.from_pretrained(spec, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except Exception as e:  # hub errors come in many types; all mean "cannot resolve"
         known = ", ".join(list_builtin())
         why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else (
@@ -214,5 +262,6 @@ def _load_hub(spec: str) -> LoadedModel:
     if config.model_type not in supported_model_types():
         raise WorkbenchError(f"unsupported architecture {config.model_type!r} for {spec}; "
                              f"supported model types: {', '.join(supported_model_types())}")
-    model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True, dtype=torch.float32)
-    return LoadedModel(model, _tokenizer(spec), adapter_for(model), spec)
+    model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True, dtype=dtype or torch.float32,
+                                                 trust_remote_code=trust_remote_code, device_map=device_map)
+    return LoadedModel(model, _tokenizer(spec, trust_remote_code), adapter_for(model), spec)

@@ -21,10 +21,13 @@ from tqdm.auto import tqdm
 from workbench.data import check_prompts
 from workbench.errors import WorkbenchError
 from workbench.models.specs import LoadedModel
+from workbench.distributed import Shard
+from workbench.tracing import state
 from workbench.tracing.capture import Capture
 from workbench.tracing.dump import DumpWriter
 from workbench.tracing.reducers import AbsMax, ExpertCounts, LogHistogram, Moments, Reducer
 from workbench.tracing.sites import Component, Site
+from workbench.tracing.state import Checkpoint
 
 ReducerFactory = Callable[[Site], Reducer]
 
@@ -96,7 +99,9 @@ def tokenize(lm: LoadedModel, prompts: Sequence[str], max_tokens: int | None = N
     cap = min(x for x in (max_tokens, limit) if x) if (max_tokens or limit) else None
     out, truncated = [], 0
     encoded = [ids for b in range(0, len(prompts), 1024) for ids in lm.tokenizer(list(prompts[b:b + 1024]))["input_ids"]]
-    for ids in encoded:  # each prompt tokenised on its own (a list call encodes them independently)
+    for i, ids in enumerate(encoded):  # each prompt tokenised on its own (a list call encodes them independently)
+        if not ids:
+            raise WorkbenchError(f"prompt {i} gives no tokens with this tokenizer")
         if cap and len(ids) > cap:
             ids, truncated = ids[:cap], truncated + 1
         out.append(ids)
@@ -118,18 +123,30 @@ def trace(
     progress: bool = True,
     sinks: dict[Site, list] | None = None,
     meters: Sequence = (),
+    stateful: dict[str, object] | None = None,
+    checkpoint: Checkpoint | None = None,
+    shard: Shard | None = None,
 ) -> TraceResult:
     """Run ``prompts`` once, reducing every site with every reducer; optionally dump everything.
 
     ``sinks`` adds extra per-site consumers (anything with ``update(payload)``); ``meters`` are
     objects with ``install(model, adapter)``, ``begin_batch(grid)`` and ``remove()`` that hook the
-    model themselves (e.g. the attention-sink meter).
+    model themselves (e.g. the attention-sink meter). ``stateful`` names further objects whose state
+    belongs to the run (``state_dict``/``load_state_dict``/``merge``), e.g. a tracker that several
+    sinks share.
+
+    ``checkpoint`` saves the state of every reducer, sink and meter (see :mod:`workbench.tracing.state`)
+    every ``checkpoint.every`` batches and resumes from a checkpoint of the same run. ``shard`` runs
+    only this rank's contiguous block of batches (global token indices stay in prompt order) and
+    merges every rank's state into rank 0's reducers, in rank order.
     """
     sites = list(dict.fromkeys(sites))
     if not sites:
         raise WorkbenchError("no capture sites selected")
     if batch_size < 1:
         raise WorkbenchError("batch size must be at least 1")
+    if dump_dir is not None and (checkpoint is not None or (shard is not None and shard.world > 1)):
+        raise WorkbenchError("--dump cannot be combined with checkpoints or several ranks")
     factories = {(r if isinstance(r, str) else getattr(r, "__name__", "custom")): (
         reducer_factory(r, lm) if isinstance(r, str) else r) for r in reducers}
     table = {s: {k: f(s) for k, f in factories.items()} for s in sites}
@@ -144,13 +161,26 @@ def trace(
     sinks = {s: [*table[s].values(), *extra.get(s, []), *([dump.sink(s)] if dump else [])] for s in sites}
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     device = lm.device
+    starts = list(range(0, len(ids), batch_size))  # batch b holds prompts starts[b] .. starts[b] + batch_size
+    mine = shard.batches(len(starts)) if shard is not None else range(len(starts))
+    objs = state.collect(table, extra, meters, stateful) if (checkpoint is not None or shard is not None) else {}
+    first = mine.start
+    fp = None
+    if checkpoint is not None:
+        fp = state.fingerprint(spec=lm.spec, model=type(lm.model).__name__, token_ids=token_ids, lengths=lengths,
+                               batch_size=batch_size, objects=list(objs), shard=shard and (shard.rank, shard.world),
+                               tag=checkpoint.tag)
+        got = checkpoint.load(fp)
+        if got is not None and mine.start <= got[0] <= mine.stop:
+            first = got[0]
+            state.load(objs, got[1])
+    per_batch = torch.zeros(len(starts), dtype=torch.int64).index_add_(0, torch.arange(len(ids)) // batch_size, lengths)
     start = time.perf_counter()
-    order = list(range(len(ids)))
-    bar = tqdm(total=int(lengths.sum()), unit="tok", desc=f"trace {lm.spec}", disable=not progress,
-               file=sys.stderr, leave=False)
+    bar = tqdm(total=int(per_batch[mine.start:mine.stop].sum()), initial=int(per_batch[mine.start:first].sum()),
+               unit="tok", desc=f"trace {lm.spec}", disable=not progress, file=sys.stderr, leave=False)
     with Capture(lm.model, lm.adapter, sinks) as cap, _installed(meters, lm), torch.no_grad():
-        for b in range(0, len(order), batch_size):
-            chunk = torch.tensor(order[b:b + batch_size])
+        for b in range(first, mine.stop):
+            chunk = torch.arange(starts[b], min(starts[b] + batch_size, len(ids)))
             n = lengths[chunk]
             cols = torch.arange(int(n.max()))
             real = cols[None, :] < n[:, None]  # [B, T], right padding
@@ -162,9 +192,15 @@ def trace(
                 m.begin_batch(grid.to(device))
             lm.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
             bar.update(int(mask.sum()))
+            if checkpoint is not None and (b + 1 - mine.start) % checkpoint.every == 0 and b + 1 < mine.stop:
+                checkpoint.save(b + 1, fp, state.flatten(objs))
     bar.close()
+    if shard is not None and shard.world > 1:
+        shard.combine(objs)  # every rank's state, merged into rank 0's objects in rank order
     seconds = time.perf_counter() - start
     meta = {"spec": lm.spec, "num_prompts": len(ids), "num_tokens": int(lengths.sum()), "batch_size": batch_size}
+    if checkpoint is not None or shard is not None:
+        meta.update(batches=[mine.start, mine.stop], resumed_at_batch=first if first != mine.start else None)
     if dump:
         dump.close(token_prompt, token_position, meta)
     return TraceResult(table, list(prompts), token_prompt, token_position, token_ids, seconds,

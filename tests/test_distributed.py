@@ -1,0 +1,92 @@
+"""Data-parallel profiling: two CPU ranks over gloo (torchrun) give the single-process result."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from workbench.data import DATA_DIR
+from workbench.distributed import Shard
+
+PY = sys.executable
+TORCHRUN = Path(PY).with_name("torchrun")
+
+
+def test_shards_are_contiguous_and_cover_every_batch():
+    for n in (0, 1, 5, 12, 13):
+        for world in (1, 2, 3, 4):
+            blocks = [Shard(r, world).batches(n) for r in range(world)]
+            assert [b for blk in blocks for b in blk] == list(range(n))  # in order, no gap, no overlap
+            assert max(len(b) for b in blocks) - min(len(b) for b in blocks) <= 1
+
+
+def test_two_rank_merge_equals_one_process():
+    """In-process: run each half of the batches as a rank would, merge in rank order, compare with one pass."""
+    from workbench.experts.profile import ProfileOptions, profile
+    from workbench.experts.report import split
+    from workbench.io import dumps_json
+    from workbench.models.specs import load
+
+    lm = load("zoo:qwen2-moe")
+    prompts = (DATA_DIR / "prompts.txt").read_text().splitlines()[:24]
+    opts = ProfileOptions(batch_size=4)
+    whole = dumps_json(split(profile(lm, prompts, opts, progress=False))[0])
+
+    gathered = {}
+
+    class FakeShard(Shard):
+        def combine(self, objs):  # rank 1 keeps its state; rank 0 merges it, as Shard.combine does over gloo
+            from workbench.tracing import state
+
+            if self.rank == 1:
+                gathered["flat"] = state.flatten(objs)
+            else:
+                state.merge(objs, gathered["flat"])
+
+    profile(lm, prompts, opts, progress=False, shard=FakeShard(1, 2))
+    merged = profile(lm, prompts, opts, progress=False, shard=FakeShard(0, 2))
+    assert merged["run"]["world_size"] == 2 and merged["run"]["batches"] == [0, 3]
+    assert dumps_json(split(merged)[0]) == whole
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_equal_single_process(tmp_path):
+    if not TORCHRUN.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join((DATA_DIR / "prompts.txt").read_text().splitlines()[:40]) + "\n")
+    args = ["profile", "zoo:qwen2-moe", "--prompts", str(prompts), "--batch-size", "4", "--checkpoint-every", "2",
+            "--no-plots", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([PY, "-m", "workbench", *args, "--out", str(tmp_path / "one")], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "workbench", *args, "--out",
+                          str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("profiled zoo:qwen2-moe") == 1  # only rank 0 reports and writes
+    a = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
+    b = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
+    assert set(a) == set(b)  # every rank's checkpoint was removed at the end
+    for name in a:
+        if name != "run.json":
+            assert a[name] == b[name], f"{name} differs between 1 and 2 ranks"
+    run = json.loads(b["run.json"])
+    assert run["world_size"] == 2 and run["batches"] == [0, 5]
+
+
+def test_profile_alone_runs_under_torchrun(monkeypatch, capsys, tmp_path):
+    from workbench.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["trace", "zoo:olmoe", "--text", "hi", "--out", str(tmp_path / "o")]) == 2
+    assert "error: only `workbench profile` runs under torchrun" in capsys.readouterr().err
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["profile", "zoo:olmoe", "--text", "hi", "--out", str(tmp_path / "o")]) == 2
+    assert "error: WORLD_SIZE is set but RANK is not" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert torch.distributed.is_available()

@@ -1,0 +1,157 @@
+"""A run's state as one flat dict of tensors: checkpoints (resumable runs) and rank merging.
+
+Every stateful consumer of a trace (reducers, extra sinks, meters, and objects the caller names)
+exposes ``state_dict()`` / ``load_state_dict()`` and ``merge()``. :func:`collect` names them
+stably (``L3.expert.E5/absmax``, ``L3.router/sink1``, ``meter0``, ...); :func:`flatten` turns their
+states into ``{"name::field": tensor}``, which is what a checkpoint file holds and what the ranks
+of a distributed run send to rank 0.
+
+A :class:`Checkpoint` is one safetensors file (no pickle) with the batch cursor and a fingerprint
+of the run in its metadata, written atomically (temporary file, fsync, rename) every ``every``
+batches. Loading the state and running the remaining batches gives bit-identical reducer state to an
+uninterrupted run: the same batches reach the same reducers in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.io import atomic_path
+
+SEP = "::"
+FORMAT = "workbench-trace-state/1"
+
+
+def collect(table: Mapping, extra: Mapping, meters, stateful: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Name every stateful object of a trace (those with ``state_dict``), in a stable order."""
+    objs: dict[str, Any] = {}
+    for site, reds in table.items():
+        for kind, r in reds.items():
+            objs[f"{site.key}/{kind}"] = r
+    for site, sinks in extra.items():
+        for i, s in enumerate(sinks):
+            if hasattr(s, "state_dict"):
+                objs[f"{site.key}/sink{i}"] = s
+    for i, m in enumerate(meters):
+        if hasattr(m, "state_dict"):
+            objs[f"meter{i}"] = m
+    for name, o in (stateful or {}).items():
+        objs[name] = o
+    return objs
+
+
+def flatten(objs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``{"name::field": tensor}`` of every object's state (contiguous CPU copies)."""
+    flat = {}
+    for name, o in objs.items():
+        for k, v in o.state_dict().items():
+            flat[f"{name}{SEP}{k}"] = v.detach().cpu().contiguous()
+    return flat
+
+
+def _split(flat: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        name, _, k = key.rpartition(SEP)
+        out.setdefault(name, {})[k] = v
+    return out
+
+
+def load(objs: Mapping[str, Any], flat: Mapping[str, torch.Tensor]) -> None:
+    """Load a flat state into the (fresh) objects; every object must have a state."""
+    parts = _split(flat)
+    if set(parts) - set(objs):
+        raise ValueError(f"state for unknown objects: {sorted(set(parts) - set(objs))[:3]}")
+    for name, o in objs.items():
+        o.load_state_dict(parts.get(name, {}))
+
+
+def fresh(o: Any) -> Any:
+    """An empty object of the same kind and configuration (reducer dataclasses, or ``o.empty()``)."""
+    if hasattr(o, "empty"):
+        return o.empty()
+    if dataclasses.is_dataclass(o):
+        kw = {f.name: getattr(o, f.name) for f in dataclasses.fields(o)
+              if f.init and not isinstance(getattr(o, f.name), torch.Tensor) and getattr(o, f.name) is not None}
+        return type(o)(**kw)
+    raise TypeError(f"cannot make an empty {type(o).__name__} to merge into")
+
+
+def merge(objs: Mapping[str, Any], flat: Mapping[str, torch.Tensor]) -> None:
+    """Merge another part's flat state (e.g. another rank's) into the objects."""
+    parts = _split(flat)
+    for name, o in objs.items():
+        o.merge(fresh(o).load_state_dict(parts.get(name, {})))
+
+
+def fingerprint(**parts: Any) -> str:
+    """A short hash of what defines a run (model, token ids, batching, sites, options)."""
+    h = hashlib.sha256()
+    for k in sorted(parts):
+        v = parts[k]
+        h.update(k.encode())
+        h.update(v.numpy().tobytes() if isinstance(v, torch.Tensor) else json.dumps(v, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class Checkpoint:
+    """Where and how often a run saves its state: ``path`` (a .safetensors file), every ``every`` batches.
+
+    ``tag`` is added to the run's fingerprint by the caller (e.g. the profile options), so a
+    checkpoint of a different command is ignored (with a warning) rather than resumed.
+    """
+
+    path: Path
+    every: int
+    tag: str = ""
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+        if self.every < 1:
+            raise WorkbenchError("--checkpoint-every must be at least 1 (0 turns checkpoints off)")
+
+    def load(self, fp: str) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """``(cursor, flat state)`` if a checkpoint of this run exists, else None."""
+        if not self.path.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                flat = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # a damaged checkpoint is not fatal: start over
+            warnings.warn(f"ignoring unreadable checkpoint {self.path} ({str(e).splitlines()[0]}); starting over",
+                          stacklevel=2)
+            return None
+        if meta.get("format") != FORMAT or meta.get("fingerprint") != fp:
+            warnings.warn(f"ignoring checkpoint {self.path}: it belongs to a different run (model, prompts or "
+                          "options changed); starting over", stacklevel=2)
+            return None
+        return int(meta["cursor"]), flat
+
+    def save(self, cursor: int, fp: str, flat: Mapping[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        try:
+            with atomic_path(self.path) as tmp:
+                save_file(dict(flat), str(tmp), metadata={"format": FORMAT, "fingerprint": fp, "cursor": str(cursor)})
+        except WorkbenchError:
+            raise
+        except Exception as e:  # safetensors reports write failures as its own error type
+            raise WorkbenchError(f"cannot write {self.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
