@@ -58,7 +58,9 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     change = ChangeRate([s.layer for s in router_sites])
     extra = {s: [AbsMax()] for s in [*dense_sites, *shared_sites]}
     extra.update({s: [ExpertAbsMax(num_experts=infos[s.layer].num_experts)] for s in grouped_sites})
-    extra.update({s: [RouterStats(num_experts=infos[s.layer].num_experts), change.sink(s.layer)] for s in router_sites})
+    scoring = lm.adapter.router_scoring
+    extra.update({s: [RouterStats(num_experts=infos[s.layer].num_experts, scoring=scoring), change.sink(s.layer)]
+                  for s in router_sites})
     resid_red = {s: massive.make_reducers(options.top_massive) for s in resid_sites}
     extra.update({s: list(resid_red[s].values()) for s in resid_sites})
     meters = []

@@ -90,6 +90,34 @@ def test_router_statistics_match_router_outputs(spec):
         assert torch.equal(co.diagonal(), counts[l]) and torch.equal(co, co.T)
 
 
+def test_deepseek_router_statistics_use_its_sigmoid_scores():
+    """DeepSeek-V3 routes on sigmoid scores: the routing distribution is them, normalised per token."""
+    lm = load("zoo:deepseek-v3")
+    p = profile(lm, PROMPTS, ProfileOptions(sinks=False, batch_size=3), progress=False)
+    layers = lm.adapter.decoder_layers(lm.model)
+    sums, n = {}, 0
+    for text in PROMPTS:  # a plain hook on each router, one prompt at a time
+        ids = lm.tokenizer(text, return_tensors="pt").input_ids
+        n += ids.shape[1]
+        got = {}
+        hooks = [lm.adapter.router(layers[r["layer"]]).register_forward_hook(
+            lambda m, a, out, i=r["layer"]: got.__setitem__(i, (out[0] if isinstance(out, tuple) else out).detach()))
+            for r in p["router"]]
+        try:
+            lm.model(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        for i, logits in got.items():
+            s = torch.sigmoid(logits.reshape(-1, logits.shape[-1]).double())
+            sums[i] = sums.get(i, 0) + (s / s.sum(-1, keepdim=True)).sum(0)
+    assert p["router"] and all(r["scoring"] == "sigmoid" for r in p["router"])
+    for r in p["router"]:
+        torch.testing.assert_close(torch.tensor(r["mean_prob"], dtype=torch.float64), sums[r["layer"]] / n,
+                                   rtol=1e-6, atol=1e-9)
+        assert abs(sum(r["load"]) - 1) < 1e-9
+
+
 def test_attention_sinks_match_eager_attentions():
     lm = load("zoo:qwen3-moe")
     p = profile(lm, PROMPTS, ProfileOptions(batch_size=4), progress=False)

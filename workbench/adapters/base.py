@@ -70,6 +70,7 @@ class Adapter:
     experts_name: str = "experts"
     shared_names: tuple[str, ...] = ()  # e.g. ("shared_expert",) or ("shared_experts",)
     shared_gate_name: str | None = None  # Qwen2-MoE's sigmoid gate on the shared expert
+    router_scoring: str = "softmax"  # how router logits become expert scores: "softmax" or "sigmoid" (DeepSeek-V3)
     # Inside a dense MLP or a shared expert: the module whose output is the MLP's output.
     down_proj_name: str = "down_proj"
     # ModuleList layout: how experts are chosen from router logits.

@@ -33,5 +33,6 @@ class DeepseekAdapter(Adapter):
 
 
 DEEPSEEK_V3 = register_adapter(
-    DeepseekAdapter(name="deepseek_v3", model_types=("deepseek_v3",), shared_names=("shared_experts",))
+    DeepseekAdapter(name="deepseek_v3", model_types=("deepseek_v3",), shared_names=("shared_experts",),
+                    router_scoring="sigmoid")
 )

@@ -98,6 +98,8 @@ class Reducer:
     def _check_same(self, other: "Reducer") -> None:
         if type(other) is not type(self):
             raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        if getattr(other, "scoring", None) != getattr(self, "scoring", None):
+            raise ValueError(f"cannot merge {other.scoring} router statistics into {self.scoring} ones")
 
 
 def _index_reduce(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, how: str) -> torch.Tensor:
@@ -600,14 +602,16 @@ class TopK(Reducer):
 class RouterStats(Reducer):
     """Routing statistics from a router site's logits and chosen experts.
 
-    Keeps, per expert, the summed routing probability (softmax of the logits), token-slot counts
-    and the co-activation matrix (how often two experts are chosen for the same token); per token,
-    the summed routing entropy and top-k margin (k-th largest probability minus the (k+1)-th).
-    Scores are softmax probabilities for every family, so families compare on one scale.
+    Keeps, per expert, the summed routing probability, token-slot counts and the co-activation
+    matrix (how often two experts are chosen for the same token); per token, the summed routing
+    entropy and top-k margin (k-th largest probability minus the (k+1)-th). The routing distribution
+    is the family's own scoring: ``softmax`` of the logits, or for ``sigmoid`` routers (DeepSeek-V3)
+    the sigmoid scores normalised to sum to 1 over experts.
     """
 
     kind: ClassVar[str] = "router_stats"
     num_experts: int = 0
+    scoring: str = "softmax"
     prob_sum: torch.Tensor | None = None  # [E] float64
     counts: torch.Tensor | None = None  # [E] int64
     coactivation: torch.Tensor | None = None  # [E, E] int64
@@ -616,6 +620,8 @@ class RouterStats(Reducer):
     tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
     def __post_init__(self):
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"router scoring must be 'softmax' or 'sigmoid', not {self.scoring!r}")
         e = self.num_experts
         if self.prob_sum is None:
             self.prob_sum = torch.zeros(e, dtype=torch.float64)
@@ -628,7 +634,12 @@ class RouterStats(Reducer):
         n, e = p.values.shape
         if n == 0:
             return
-        probs = torch.softmax(p.values.detach().to(torch.float64), dim=-1)
+        logits = p.values.detach().to(torch.float64)
+        if self.scoring == "softmax":
+            probs = torch.softmax(logits, dim=-1)
+        else:
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(-1, keepdim=True)
         self.prob_sum += probs.sum(0).cpu()
         self.entropy_sum += torch.special.entr(probs).sum().cpu()  # -p log p, 0 at p = 0
         k = p.topk.shape[1]
@@ -654,6 +665,7 @@ class RouterStats(Reducer):
         ent = float(-(mean_p * mean_p.clamp_min(1e-300).log()).sum()) if int(self.tokens) else math.nan
         return {
             "tokens": int(self.tokens),
+            "scoring": self.scoring,
             "load": (self.counts.to(torch.float64) / slots).tolist(),
             "counts": self.counts.tolist(),
             "mean_prob": mean_p.tolist(),
