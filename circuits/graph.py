@@ -5,7 +5,8 @@ Nodes (in topological order):
 * ``input``: the token embeddings;
 * per layer ``l``: every attention **query head** ``a{l}.h{h}`` (its output is head h's slice of the
   ``o_proj`` input times its ``o_proj`` columns), every **KV group** ``a{l}.kv{g}`` (GQA: the key and
-  value projections shared by a group of query heads, no ungrouping), then either the dense MLP
+  value projections shared by a group of query heads, no ungrouping; GPT-2: one per head; DeepSeek's
+  latent attention: one per layer, the latent all heads read), then either the dense MLP
   ``m{l}`` or, in an MoE layer, the router ``m{l}.router``, every routed expert ``m{l}.e{e}`` (its
   routing-weighted output) and every shared expert ``m{l}.shared{i}`` (gated, where the family gates it);
 * ``logits``.
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from workbench.adapters.base import Adapter
+from workbench.circuits.attention import AttentionSpec, attention_spec
 from workbench.errors import WorkbenchError
 
 NODE_KINDS = ("input", "head", "kv", "mlp", "router", "expert", "shared", "logits")
@@ -86,7 +88,7 @@ class LayerPlan:
     kind: str  # dense or moe
     n_heads: int
     n_kv: int
-    head_dim: int
+    head_dim: int  # per-head width of the output projection's input
     head_sender0: int  # senders [head_sender0, head_sender0 + n_heads)
     mlp_sender0: int  # dense: 1 sender; moe: experts then shared
     n_experts: int  # 0 for dense
@@ -94,6 +96,7 @@ class LayerPlan:
     attn_stage: int
     mlp_stage: int
     layout: str = "dense"  # dense, fused or modulelist (the MoE experts' layout)
+    attn_kind: str = "qkv"  # qkv, c_attn or mla (circuits.attention)
 
 
 @dataclass
@@ -149,26 +152,9 @@ class Graph:
                 "edges": self.n_edges, "node_kinds": kinds}
 
 
-def attention_shape(adapter: Adapter, model: nn.Module, layer: nn.Module) -> tuple[int, int, int]:
-    """(query heads, KV heads, head dim) of a layer's attention, or a WorkbenchError where the
-    attention is not the q_proj/k_proj/v_proj/o_proj kind circuits support."""
-    attn = adapter.attention(layer)
-    parts = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    if not all(isinstance(p, nn.Linear) for p in parts):
-        raise WorkbenchError(
-            f"circuits need attention with q_proj/k_proj/v_proj/o_proj linear layers; "
-            f"{type(model).__name__} ({adapter.name}) has {type(attn).__name__}"
-        )
-    cfg = model.config
-    n_heads = int(cfg.num_attention_heads)
-    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
-    head_dim = int(getattr(attn, "head_dim", 0) or getattr(cfg, "head_dim", 0) or cfg.hidden_size // n_heads)
-    q, k, v, o = parts
-    if q.out_features != n_heads * head_dim or k.out_features != n_kv * head_dim or v.out_features != n_kv * head_dim \
-            or o.in_features != n_heads * head_dim or n_heads % n_kv:
-        raise WorkbenchError(f"unexpected attention shapes in {type(model).__name__}: q {q.out_features}, "
-                             f"k {k.out_features}, v {v.out_features}, o {o.in_features}, heads {n_heads}/{n_kv}")
-    return n_heads, n_kv, head_dim
+def attention_shape(adapter: Adapter, model: nn.Module, layer: nn.Module) -> AttentionSpec:
+    """The attention layout of ``layer`` (see ``circuits.attention``), or a WorkbenchError."""
+    return attention_spec(adapter.attention(layer), model.config, f"{type(model).__name__} ({adapter.name})")
 
 
 def build_graph(model: nn.Module, adapter: Adapter) -> Graph:
@@ -184,7 +170,8 @@ def build_graph(model: nn.Module, adapter: Adapter) -> Graph:
     internal: list[tuple[str, str]] = []
     n_layers = len(layers)
     for l, (layer, info) in enumerate(zip(layers, infos)):
-        n_heads, n_kv, hd = attention_shape(adapter, model, layer)
+        spec = attention_shape(adapter, model, layer)
+        n_heads, n_kv, hd = spec.n_heads, spec.n_kv, spec.head_dim
         group = n_heads // n_kv
         a_stage, m_stage = 2 * l, 2 * l + 1
         # attention stage: q per head, k and v per KV group
@@ -225,7 +212,8 @@ def build_graph(model: nn.Module, adapter: Adapter) -> Graph:
             senders += [n.name for n in experts + shared]
         sender_pos += [m_stage + 1] * (len(senders) - mlp0)
         stages.append(Stage(m_stage, "mlp", l, r0, len(receivers), mlp0))
-        plans.append(LayerPlan(l, info.kind, n_heads, n_kv, hd, head0, mlp0, n_exp, n_sh, a_stage, m_stage, info.layout))
+        plans.append(LayerPlan(l, info.kind, n_heads, n_kv, hd, head0, mlp0, n_exp, n_sh, a_stage, m_stage, info.layout,
+                               spec.kind))
     nodes.append(Node("logits", "logits", n_layers))
     r0 = len(receivers)
     receivers.append(Receiver("logits<in", "logits", "in", 2 * n_layers))

@@ -16,9 +16,9 @@ runs forwards in three modes:
   corrupted run, exactly).
 
 How receivers get their own input: the layer norm before a stage is hooked and its output expanded
-to ``[B, T, R, d]`` copies (patch mode: the norm is applied to each patched copy); the q/k/v
-projections are swapped for :class:`_HeadProj`, which projects each query head / KV group from its
-own copy (weights sliced, no ungrouping); in MoE blocks the router,
+to ``[B, T, R, d]`` copies (patch mode: the norm is applied to each patched copy); the attention's
+input projections are swapped for stand-ins that project each query head / KV group from its own
+copy (weights sliced, no ungrouping; ``circuits.attention`` has the layouts); in MoE blocks the router,
 the fused experts and the shared expert (and its gate) are swapped for wrappers reading their own
 copies (an MoE block with a ModuleList of experts is swapped as a whole for a wrapper that routes with
 the adapter's rule, as tracing does). Everything after the projections (RoPE, q/k norms, attention kernel, o_proj) is the model's
@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workbench.circuits import attention
+from workbench.circuits.attention import AttentionSpec
 from workbench.circuits.graph import Graph, LayerPlan
 from workbench.adapters.base import Adapter, get_path
 from workbench.errors import WorkbenchError
@@ -46,33 +48,6 @@ class Patch:
     mask: torch.Tensor  # [S, R] bool, edges in the circuit
     corr_acts: torch.Tensor  # [S, B, T, d]
     corr_resid: torch.Tensor  # [P, B, T, d]
-
-
-class _HeadProj(nn.Module):
-    """Stands in for q_proj / k_proj / v_proj: head i is projected from receiver copy ``first + i``."""
-
-    def __init__(self, base: nn.Linear, runner: "GraphRunner", stage: int, first: int, n: int, head_dim: int):
-        super().__init__()
-        self.base, self.runner, self.stage, self.first, self.n, self.head_dim = base, runner, stage, first, n, head_dim
-
-    @property
-    def weight(self):  # some code reads proj.weight.dtype
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.runner._stash.get(self.stage)
-        if y is None:
-            return self.base(x)
-        ys = y[:, :, self.first:self.first + self.n]  # [B, T, n, d]
-        w = self.base.weight.view(self.n, self.head_dim, -1)
-        out = torch.einsum("btnd,nkd->btnk", ys, w).reshape(*ys.shape[:2], self.n * self.head_dim)
-        if self.base.bias is not None:
-            out = out + self.base.bias
-        return out
 
 
 class _Slot(nn.Module):
@@ -91,7 +66,7 @@ class _Slot(nn.Module):
     def forward(self, hidden: torch.Tensor, *args, **kwargs):
         y = self.runner._stash.get(self.stage)
         if y is not None:
-            hidden = y[:, :, self.slot].reshape(-1, y.shape[-1])
+            hidden = y[:, :, self.slot].reshape(hidden.shape)
         return self.base(hidden, *args, **kwargs)
 
 
@@ -234,7 +209,7 @@ class GraphRunner:
         self._handles: list = []
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
-        self._stash: dict[int, torch.Tensor] = {}
+        self._stash: dict = {}  # stage -> receiver copies [B, T, R, d] (and MLA latents by (stage, "v_latent"))
         self._rms_ok: dict[type, bool] = {}
         self._reset()
 
@@ -283,10 +258,9 @@ class GraphRunner:
                                      f"layer {plan.layer} has {sorted(norms)}")
             attn = ad.attention(layer)
             self._handles.append(norms["input"].register_forward_hook(self._attn_norm_hook(plan)))
-            nh, nkv, hd = plan.n_heads, plan.n_kv, plan.head_dim
-            for name, first, n in (("q_proj", 0, nh), ("k_proj", nh, nkv), ("v_proj", nh + nkv, nkv)):
-                self._swap(attn, name, _HeadProj(getattr(attn, name), self, plan.attn_stage, first, n, hd))
-            self._handles.append(attn.o_proj.register_forward_pre_hook(self._o_proj_hook(plan)))
+            spec = AttentionSpec(plan.attn_kind, plan.n_heads, plan.n_kv, plan.head_dim)
+            attention.install(self, attn, spec, plan.attn_stage)
+            self._handles.append(attention.out_proj(attn, spec).register_forward_pre_hook(self._o_proj_hook(plan)))
             self._handles.append(norms["post_attention"].register_forward_hook(self._mlp_norm_hook(plan)))
             mlp = ad.mlp(layer)
             if plan.kind == "dense":
@@ -469,9 +443,7 @@ class GraphRunner:
             if self._acts is None and self._live is None:
                 return None
             z = args[0] if self._live is not None else args[0].detach()
-            B, T, _ = z.shape
-            w = mod.weight.view(mod.out_features, plan.n_heads, plan.head_dim)
-            heads = torch.einsum("bthk,dhk->hbtd", z.view(B, T, plan.n_heads, plan.head_dim), w)
+            heads = attention.head_outputs(mod, z, plan.n_heads, plan.head_dim)
             if self._acts is not None:
                 self._acts[plan.head_sender0:plan.head_sender0 + plan.n_heads] = heads.detach()
             self._set_live(plan.head_sender0, heads)
