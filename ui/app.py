@@ -1,7 +1,7 @@
 """The workbench Streamlit app: ``streamlit run ui/app.py -- --model SPEC`` (or ``workbench ui``).
 
-The sidebar picks a model (built-in spec, local folder or hub id) and a page; each page lives in its
-own module and only calls the workbench Python API.
+The sidebar picks a model (built-in spec, local folder or hub id), optionally an SAE folder (SAELens'
+format) and a page; each page lives in its own module and only calls the workbench Python API.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from workbench.models.specs import list_builtin
 from workbench.ui import circuits_page, profile_page, steer_page
-from workbench.ui.common import load_model, show_error
+from workbench.ui.common import load_model, pick_sae, show_error
 
 DEFAULT_MODEL = "zoo:qwen3-moe"
 CUSTOM = "(local path or hub id)"
@@ -26,6 +26,7 @@ def _argv() -> argparse.Namespace:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--model", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--sae", default=None)
     args, _ = p.parse_known_args(sys.argv[1:])
     return args
 
@@ -64,11 +65,12 @@ def main() -> None:
         torch.set_num_threads(threads)
     lm = _pick_model()
     page = st.sidebar.radio("Page", list(PAGES), key="page")
+    sae = pick_sae(lm, _argv().sae or "")
     if lm is None:
         if page != "Circuits":
             return
     try:
-        PAGES[page](lm)
+        PAGES[page](lm, sae)
     except Exception as exc:
         show_error(exc)
 

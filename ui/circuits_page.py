@@ -1,4 +1,5 @@
-"""Circuits page: open a ``circuit.json`` (``workbench circuit``) and draw it, with its metrics."""
+"""Circuits page: open a ``circuit.json`` (``workbench circuit``) and draw it, with its metrics; with an SAE
+loaded, a selected node's top SAE features (``workbench.sae.node_features``), carried into the downloads."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ import streamlit as st
 from workbench.circuits.export import Circuit, read_json, write_dot, write_graphml
 from workbench.circuits.render import circuit_svg
 from workbench.errors import WorkbenchError
-from workbench.ui.common import show_error
+from workbench.ui.common import (FEATURE_PROMPTS, FEATURE_TOKENS, FEATURE_TOP, PickedSAE, feature_columns,
+                                  feature_prompts, load_model, load_sae, show_error)
 from workbench.ui.plotting import circuit_figure
+
+GRAPH = "circuit_graph"
+WRITER_KINDS = ("head", "mlp", "expert")  # the nodes workbench.sae.node_features reads
 
 
 def _open() -> None:
@@ -87,6 +92,79 @@ def _downloads(circuit: Circuit, n_edges: int) -> None:
                        mime="image/svg+xml", key="circuit_download_svg", on_click="ignore")
 
 
+@st.cache_data(show_spinner=False, max_entries=8)
+def sae_node_features(spec: str, sae_path: str, sae_version: int, nodes_json: str):
+    """``workbench.sae.node_features`` for every head / MLP / expert node (``nodes_json``: their attributes) on
+    the app's small prompt set: (node attributes, feature table, top-token table)."""
+    from workbench.sae import node_features
+
+    nodes = json.loads(nodes_json)
+    attrs, report = node_features(load_model(spec), load_sae(sae_path, sae_version), Circuit(nodes, [], {}),
+                                  feature_prompts(), top=FEATURE_TOP, top_tokens=5, max_tokens=FEATURE_TOKENS)
+    return attrs, report.table, report.tokens
+
+
+def picked_node(points, names) -> str | None:
+    """The node of the last clicked marker of the circuit graph (node markers carry their name as customdata)."""
+    for pt in reversed(points or []):
+        name = pt.get("customdata") if isinstance(pt, dict) else None
+        if isinstance(name, list):
+            name = name[0] if name else None
+        if name in names:
+            return name
+    return None
+
+
+def _on_pick() -> None:
+    state = st.session_state.get(GRAPH)
+    circuit = st.session_state.get("circuit")
+    name = picked_node(state["selection"]["points"], circuit.nodes) if state and circuit else None
+    if name is not None:
+        st.session_state["circuit_node"] = name
+
+
+def _node_panel(lm, circuit: Circuit, sae: PickedSAE | None) -> Circuit:
+    """The selected node's attributes and, with an SAE, its top SAE features; returns the circuit to download
+    (annotated with every node's SAE features when an SAE is loaded)."""
+    names = list(circuit.nodes)
+    if st.session_state.get("circuit_node") not in names:  # a newly opened circuit: its first head/MLP/expert
+        st.session_state["circuit_node"] = next((n for n in names if circuit.nodes[n].get("kind") in WRITER_KINDS),
+                                                names[0])
+    node = st.selectbox("Node (or click one in the graph)", names, key="circuit_node")
+    attrs = circuit.nodes[node]
+    st.caption(f"{node}: " + ", ".join(f"{k} {v}" for k, v in attrs.items() if not k.startswith("sae_")))
+    if sae is None:
+        st.caption("load an SAE folder in the sidebar to see each node's top SAE features")
+        return circuit
+    model = circuit.meta.get("model")
+    if lm is None or (model and model != lm.spec):
+        st.info(f"SAE features need the circuit's model ({model or 'unknown'}) loaded")
+        return circuit
+    writers = {n: a for n, a in circuit.nodes.items() if a.get("kind") in WRITER_KINDS}
+    try:
+        with st.spinner("SAE features of every head / MLP / expert node ..."):
+            features, table, tokens = sae_node_features(lm.spec, sae.path, sae.version,
+                                                        json.dumps(writers, sort_keys=True))
+    except WorkbenchError as exc:  # no node of the circuit writes into the SAE's site
+        st.info(f"no SAE features: {exc}")
+        return circuit
+    st.markdown(f"**Top SAE features of {node}** at {sae.site} (mean activation its output raises, first "
+                f"{FEATURE_PROMPTS} built-in prompts, {FEATURE_TOKENS} tokens each)")
+    mine = table[table.writer == node]
+    if mine.empty:
+        st.info(f"{node}: no SAE features (only heads, MLPs and experts writing into {sae.site} directly have them)")
+    else:
+        shown, ctx = feature_columns(mine, tokens)
+        st.dataframe(shown, hide_index=True, key="circuit_node_sae")
+        with st.expander("top activating tokens in context"):
+            st.dataframe(ctx, hide_index=True, key="circuit_node_sae_tokens")
+    st.caption(f"{len(features)} nodes carry their SAE features (sae_features, sae_scores, sae_top_feature, "
+               "sae_top_tokens, sae_site) as node attributes in the JSON / GraphML / DOT downloads")
+    from workbench.sae import annotate_circuit
+
+    return annotate_circuit(circuit, features)
+
+
 def _metrics(meta: dict) -> None:
     metrics = meta.get("metrics") or {}
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
@@ -101,7 +179,7 @@ def _metrics(meta: dict) -> None:
     st.caption(", ".join(f"{k}: {v}" for k, v in rest.items() if isinstance(v, (int, float, str))))
 
 
-def render(lm) -> None:
+def render(lm, sae: PickedSAE | None = None) -> None:
     st.header("Circuits")
     tab_open, tab_run = st.tabs(["Open circuit.json", "Run discovery"])
     with tab_open:
@@ -117,10 +195,17 @@ def render(lm) -> None:
         st.warning("the circuit has no scored edges")
         return
     n = st.slider("edges shown (largest |score| first)", 1, total, min(total, 100), key="circuit_edges")
-    st.plotly_chart(circuit_figure(circuit, n), key="circuit_graph")
+    st.plotly_chart(circuit_figure(circuit, n, selectable=True), key=GRAPH, on_select=_on_pick,
+                    selection_mode="points")
+    try:
+        download = _node_panel(lm, circuit, sae)
+    except Exception as exc:
+        show_error(exc)
+        download = circuit
+    st.session_state["circuit_export"] = download  # what the JSON / GraphML / DOT buttons carry
     st.subheader("Metrics (for the circuit as saved)")
     _metrics(circuit.meta)
     edges = pd.DataFrame([e for e in circuit.edges if e["port"] != "internal"])
     edges = edges.reindex(edges["score"].abs().sort_values(ascending=False).index).head(n)
     st.dataframe(edges, hide_index=True, key="circuit_edges_table")
-    _downloads(circuit, n)
+    _downloads(download, n)

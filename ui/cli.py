@@ -10,18 +10,19 @@ from pathlib import Path
 APP = Path(__file__).resolve().parent / "app.py"
 
 
-def command(model: str | None, port: int, threads: int | None = None) -> list[str]:
+def command(model: str | None, port: int, threads: int | None = None, sae: str | None = None) -> list[str]:
     """The ``streamlit run`` command line that :func:`cmd_ui` executes."""
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
            "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
-    app_args = (["--model", model] if model else []) + (["--threads", str(threads)] if threads else [])
+    app_args = ((["--model", model] if model else []) + (["--threads", str(threads)] if threads else [])
+                + (["--sae", sae] if sae else []))
     return cmd + (["--", *app_args] if app_args else [])
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     print(f"workbench ui: http://127.0.0.1:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
     try:
-        return subprocess.call(command(args.model, args.port, args.threads))
+        return subprocess.call(command(args.model, args.port, args.threads, args.sae))
     except KeyboardInterrupt:
         return 0
 
@@ -35,5 +36,7 @@ def add_ui_parser(subparsers) -> argparse.ArgumentParser:
     u.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of the app (default: torch's choice); 1 keeps zoo-model "
                         "generation fast on a busy machine")
+    u.add_argument("--sae", default=None,
+                   help="SAE folder (SAELens' format) entered in the sidebar when the app opens")
     u.set_defaults(func=cmd_ui)
     return u

@@ -1,20 +1,84 @@
-"""Shared helpers of the Streamlit pages: the cached model loader and error display.
+"""Shared helpers of the Streamlit pages: the cached model and SAE loaders, the SAE picker, error display.
 
 Only calls the workbench API; nothing here analyses a model.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import streamlit as st
 
 import workbench as wb
 from workbench.errors import WorkbenchError
+
+# SAE features in the app are read on the first FEATURE_PROMPTS built-in prompts, FEATURE_TOKENS tokens each
+# (a fraction of a second for every expert of a zoo model); the CLI (`workbench sae features`) runs them all.
+FEATURE_PROMPTS = 32
+FEATURE_TOKENS = 32
+FEATURE_TOP = 5
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
 def load_model(spec: str):
     """``workbench.load(spec)``, cached across reruns and sessions (errors are not cached)."""
     return wb.load(spec)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def load_sae(path: str, version: int):
+    """``workbench.sae.load_sae(path)``, cached per folder and file version (errors are not cached)."""
+    from workbench.sae import load_sae as load
+
+    return load(path)
+
+
+@dataclass(frozen=True)
+class PickedSAE:
+    """The SAE chosen in the sidebar: its folder, file version (the cache key), site in the model, size."""
+
+    path: str
+    version: int
+    site: str
+    d_in: int
+    d_sae: int
+    sae: object = field(compare=False, repr=False)
+
+
+def _version(path: Path) -> int:
+    """Modification times of the folder's files, so a re-trained SAE in the same folder is reloaded."""
+    try:
+        return sum(p.stat().st_mtime_ns for p in path.iterdir() if p.is_file())
+    except OSError:
+        return 0
+
+
+def pick_sae(lm, start: str = "") -> PickedSAE | None:
+    """Sidebar text box for an SAE folder (SAELens' format); a bad folder or one that does not fit the loaded
+    model is an error on the page, and the app goes on without an SAE."""
+    text = st.sidebar.text_input("SAE folder (optional)", value=start, key="sae_path",
+                                 help="a folder in SAELens' format (cfg.json + sae_weights.safetensors), e.g. "
+                                      "from `workbench sae train`: adds SAE features to expert details and "
+                                      "circuit nodes, and feature-steering rows to the Steer page")
+    if not text.strip():
+        return None
+    path = Path(text.strip()).expanduser().resolve()
+    try:
+        with st.spinner(f"loading SAE {path} ..."):
+            sae = load_sae(str(path), _version(path))
+        if lm is None:
+            st.sidebar.caption("SAE loaded; load a model to use it")
+            return None
+        from workbench.sae import resolve_site
+
+        site = resolve_site(lm, sae, where=f"SAE {path}")
+    except Exception as exc:  # the app keeps running without an SAE
+        show_error(exc)
+        return None
+    picked = PickedSAE(str(path), _version(path), site.key, int(sae.cfg.d_in), int(sae.cfg.d_sae), sae)
+    st.sidebar.caption(f"SAE: {picked.d_in} -> {picked.d_sae} features at {picked.site}")
+    return picked
 
 
 def show_error(exc: Exception) -> None:
@@ -27,3 +91,16 @@ def show_error(exc: Exception) -> None:
 
 def moe_layers(lm) -> list[int]:
     return [i.index for i in lm.layer_infos() if i.kind == "moe"]
+
+
+def feature_prompts() -> list[str]:
+    return wb.default_prompts()[:FEATURE_PROMPTS]
+
+
+def feature_columns(table, tokens):
+    """The shown columns of a ``FeatureReport`` table slice, and the top tokens in context of its features."""
+    shown = table[["rank", "feature", "score", "delta_pre", "frac_raised", "top_tokens"]].rename(
+        columns={"delta_pre": "pre-activation change", "frac_raised": "share of tokens raised",
+                 "top_tokens": "top activating tokens"})
+    ctx = tokens[tokens.feature.isin(list(table.feature))][["feature", "rank", "activation", "context"]]
+    return shown, ctx

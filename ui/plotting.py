@@ -50,9 +50,11 @@ KIND_COLOURS = {"input": "#444444", "logits": "#444444", "head": "#1f77b4", "kv"
                 "router": "#9467bd", "expert": "#d62728", "shared": "#ff7f0e"}
 
 
-def circuit_figure(circuit, n_edges: int) -> go.Figure:
+def circuit_figure(circuit, n_edges: int, selectable: bool = False) -> go.Figure:
     """Layered drawing: input at the bottom, logits at the top, one row per layer (attention below MLP),
-    edge width by |score| (top ``n_edges`` scored edges), expert nodes coloured by kind."""
+    edge width by |score| (top ``n_edges`` scored edges), expert nodes coloured by kind.
+
+    ``selectable``: a click on a node marker selects it; the marker's customdata is the node's name."""
     scored = sorted((e for e in circuit.edges if e["port"] != "internal"), key=lambda e: -abs(e["score"]))
     shown = scored[:n_edges]
     names = {e["source"] for e in shown} | {e["target"] for e in shown}
@@ -80,10 +82,13 @@ def circuit_figure(circuit, n_edges: int) -> go.Figure:
         by_kind.setdefault(circuit.nodes[n]["kind"], []).append(n)
     for kind, ns in by_kind.items():
         fig.add_trace(go.Scatter(x=[pos[n][0] for n in ns], y=[pos[n][1] for n in ns], mode="markers+text",
-                                 text=ns, textposition="top center", name=kind, hoverinfo="text",
+                                 text=ns, textposition="top center", name=kind, hoverinfo="text", customdata=ns,
                                  marker=dict(size=14 if kind in ("expert", "shared", "router") else 10,
-                                             color=KIND_COLOURS.get(kind, "#7f7f7f"), line=dict(width=1, color="white"))))
+                                             color=KIND_COLOURS.get(kind, "#7f7f7f"), line=dict(width=1, color="white")),
+                                 selected=dict(marker=dict(size=22)), unselected=dict(marker=dict(opacity=1))))
     fig.update_layout(height=700, xaxis=dict(visible=False), yaxis=dict(title="layer (input bottom, logits top)"),
                       title=f"{len(shown)} of {len(scored)} scored edges (blue: positive, red: negative)",
                       margin=dict(l=40, r=20, t=50, b=20))
+    if selectable:
+        fig.update_layout(clickmode="event+select")
     return fig

@@ -12,7 +12,8 @@ import workbench as wb
 from workbench.errors import WorkbenchError
 from workbench.experts.plots import figures
 from workbench.experts.profile import ProfileOptions, profile
-from workbench.ui.common import show_error
+from workbench.ui.common import (FEATURE_PROMPTS, FEATURE_TOKENS, FEATURE_TOP, PickedSAE, feature_columns,
+                                  feature_prompts, load_model, load_sae, show_error)
 from workbench.ui.plotting import figure
 from workbench.ui.steer_page import TOGGLES, add_to_table
 
@@ -110,8 +111,46 @@ def _fmt(k: str, v) -> str:
     return repr(v) if k == "token" else str(v)  # the token's quotes show its spaces
 
 
-def _expert_panel(lm, p: dict) -> None:
-    """The picked expert's details and a button that ticks an op for it in the Steer page's table."""
+@st.cache_data(show_spinner=False, max_entries=8)
+def sae_expert_features(spec: str, sae_path: str, sae_version: int):
+    """``workbench.sae.expert_features`` for every expert writing into the SAE's site, on the app's small prompt
+    set: (table, top-token table, meta). One pass for all experts, so picking another cell costs nothing."""
+    from workbench.sae import expert_features
+
+    report = expert_features(load_model(spec), load_sae(sae_path, sae_version), feature_prompts(), top=FEATURE_TOP,
+                             top_tokens=5, max_tokens=FEATURE_TOKENS)
+    return report.table, report.tokens, report.meta
+
+
+def _sae_panel(lm, sae: PickedSAE, layer: int, expert: int) -> None:
+    """The picked expert's top SAE features (feature, score, top activating tokens)."""
+    from workbench.sae.features import expert_writers
+    from workbench.tracing.sites import Site
+
+    st.markdown(f"**Top SAE features** at {sae.site} (mean activation the expert's output raises, "
+                f"first {FEATURE_PROMPTS} built-in prompts, {FEATURE_TOKENS} tokens each)")
+    writer = expert_writers(lm, [(layer, expert)])[0]
+    if not writer.feeds(Site.from_key(sae.site)):
+        st.info(f"{writer.name} does not write into the SAE's site {sae.site} directly (an expert reaches "
+                "resid_post of its layer and later residual sites, and mlp_out of its layer)")
+        return
+    with st.spinner("SAE features of every expert ..."):
+        table, tokens, meta = sae_expert_features(lm.spec, sae.path, sae.version)
+    mine = table[table.writer == writer.name]
+    if mine.empty:
+        why = ("no token of the prompts was routed to it" if writer.name in meta.get("writers_without_tokens", [])
+               else "its output raises no feature")
+        st.info(f"{writer.name}: no SAE features ({why})")
+        return
+    shown, ctx = feature_columns(mine, tokens)
+    st.dataframe(shown, hide_index=True, key="profile_pick_sae")
+    with st.expander("top activating tokens in context"):
+        st.dataframe(ctx, hide_index=True, key="profile_pick_sae_tokens")
+
+
+def _expert_panel(lm, p: dict, sae: PickedSAE | None = None) -> None:
+    """The picked expert's details, its top SAE features when an SAE is loaded, and a button that ticks an op
+    for it in the Steer page's table."""
     cells = sorted({(e["layer"], e["expert"]) for e in p["experts"] if e["kind"] != "shared"})
     layers = sorted({l for l, _ in cells})
     if st.session_state.get("profile_pick_layer") not in layers:  # a newly opened profile
@@ -145,9 +184,16 @@ def _expert_panel(lm, p: dict) -> None:
                    f"{lm.spec if lm is not None else 'none'}: load it to steer this expert")
     elif not moe:
         st.caption("only routed experts of MoE layers go into the Steer table")
+    if sae is not None and same:
+        try:
+            _sae_panel(lm, sae, layer, expert)
+        except Exception as exc:
+            show_error(exc)
+    elif sae is not None:
+        st.caption("SAE features need the profile's model loaded")
 
 
-def render(lm) -> None:
+def render(lm, sae: PickedSAE | None = None) -> None:
     st.header("Profile: super experts, router, massive activations, attention sinks")
     _source(lm)
     p = st.session_state.get("profile")
@@ -164,7 +210,7 @@ def render(lm) -> None:
     left.plotly_chart(figure(figs.pop("expert_maxabs"), selectable=True), key=PICK_CHART, on_select=_on_pick,
                       selection_mode="points")
     with right:
-        _expert_panel(lm, p)
+        _expert_panel(lm, p, sae)
     cols = st.columns(2)
     for i, (name, f) in enumerate(figs.items()):
         cols[i % 2].plotly_chart(figure(f), key=f"profile_fig_{name}")

@@ -1,5 +1,6 @@
-"""Steer page: edit expert interventions in a table, compare greedy generations and next-token
-probabilities without and with them, and round-trip the set as a study YAML for ``workbench ablate``."""
+"""Steer page: edit expert interventions in a table (and, with an SAE, ``sae_steer`` feature rows), compare
+greedy generations and next-token probabilities without and with them, and round-trip the set as a study
+YAML for ``workbench ablate``."""
 
 from __future__ import annotations
 
@@ -15,13 +16,17 @@ import yaml
 from workbench import metrics as M
 from workbench.errors import WorkbenchError
 from workbench.experts.sinks import eager_attention
-from workbench.interventions import apply, parse
+from workbench.interventions import Intervention, apply, parse
 from workbench.studies import Study
-from workbench.ui.common import load_model, moe_layers, show_error
+from workbench.ui.common import PickedSAE, load_model, moe_layers, show_error
 
 COLUMNS = ["expert", "zero", "drop", "force", "force_weight", "scale", "bias", "positions", "token"]
 TOGGLES = ("zero", "drop", "force")
 NEW_TOKENS = 20
+SAE_OP = "sae_steer"
+# one row per feature steered: the SAE folder (blank: the sidebar's SAE), the feature, the coefficient of
+# its decoder direction, and the usual position / token scope; a row without a feature or with coef 0 is off
+SAE_COLUMNS = ["sae", "feature", "coef", "positions", "token", "site"]
 
 
 def _blank(n_experts: int) -> pd.DataFrame:
@@ -29,9 +34,13 @@ def _blank(n_experts: int) -> pd.DataFrame:
                          "force_weight": 0.3, "scale": 1.0, "bias": 0.0, "positions": "", "token": ""})[COLUMNS]
 
 
+def _blank_cell(v) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and v != v)
+
+
 def _text(v) -> str:
     """A text cell as a string ('' for a cleared cell, which the editor returns as None or NaN)."""
-    return "" if v is None or (isinstance(v, float) and v != v) else str(v)
+    return "" if _blank_cell(v) else str(v)
 
 
 def parse_positions(text: str, where: str) -> list[int] | None:
@@ -78,9 +87,54 @@ def interventions_from_tables(tables: dict[int, pd.DataFrame]) -> list[dict]:
     return out
 
 
+def blank_sae_rows() -> pd.DataFrame:
+    return pd.DataFrame({"sae": pd.Series(dtype=object), "feature": pd.Series(dtype="Int64"),
+                         "coef": pd.Series(dtype=float), "positions": pd.Series(dtype=object),
+                         "token": pd.Series(dtype=object), "site": pd.Series(dtype=object)})[SAE_COLUMNS]
+
+
+def interventions_from_sae_rows(rows: pd.DataFrame, default_sae: str | None) -> list[dict]:
+    """Feature-steering rows -> ``sae_steer`` intervention dicts (rows without a feature or with coef 0 are off)."""
+    out = []
+    for i, r in enumerate(rows.itertuples(index=False)):
+        if _blank_cell(r.feature) or _blank_cell(r.coef) or float(r.coef) == 0.0:
+            continue
+        sae = _text(r.sae).strip() or default_sae
+        if not sae:
+            raise WorkbenchError(f"feature row {i + 1}: no SAE: type its folder in the row or load one in the sidebar")
+        d = {"op": SAE_OP, "sae": sae, "feature": int(r.feature), "coef": float(r.coef)}
+        if _text(r.site).strip():
+            d["site"] = _text(r.site).strip()
+        positions = parse_positions(_text(r.positions), f"feature row {i + 1}")
+        if positions is not None:
+            d["positions"] = positions
+        if _text(r.token):
+            d["token"] = _text(r.token)
+        out.append(d)
+    return out
+
+
+def sae_rows_from_interventions(ivs) -> pd.DataFrame:
+    """The inverse, for an uploaded study's ``sae_steer`` interventions."""
+    rows = []
+    for iv in ivs:
+        if iv.prompts:
+            raise WorkbenchError(f"intervention {iv.to_dict()}: the feature rows hold no prompt scopes")
+        own = Intervention.from_dict({"op": SAE_OP, "sae": iv.sae, "feature": iv.feature, "coef": iv.coef}).site
+        rows.append({"sae": iv.sae, "feature": iv.feature, "coef": iv.coef,
+                     "positions": ", ".join(str(p) for p in iv.positions or ()), "token": iv.token or "",
+                     "site": "" if iv.site == own else iv.site})  # blank: the SAE's own site
+    if not rows:
+        return blank_sae_rows()
+    return pd.DataFrame(rows, columns=SAE_COLUMNS).astype({"feature": "Int64", "coef": float})
+
+
 def describe(d: dict) -> str:
-    """'drop L0.E3 @0,-1 'Paris'' for the caption."""
-    s = f"{d['op']} L{d['layers'][0]}.E{d['expert']}"
+    """'drop L0.E3 @0,-1 'Paris'' (or 'sae_steer f7 x-4 L1.resid_post') for the caption."""
+    if d["op"] == SAE_OP:
+        s = f"{SAE_OP} f{d['feature']} x{d['coef']:g}" + (f" {d['site']}" if d.get("site") else "")
+    else:
+        s = f"{d['op']} L{d['layers'][0]}.E{d['expert']}"
     if d.get("positions"):
         s += " @" + ",".join(str(p) for p in d["positions"])
     if d.get("token"):
@@ -115,10 +169,32 @@ def tables_from_interventions(ivs, n_experts: dict[int, int]) -> dict[int, pd.Da
     return tables
 
 
-def study_yaml(ivs: list[dict], name: str = "ui") -> str:
-    spec = {"name": name, "conditions": [{"name": "ui", "interventions": ivs}]}
+def study_yaml(ivs: list[dict], name: str = "ui", split: bool = False) -> str:
+    """The intervention set as a study; ``split`` puts expert ops and feature steering in two conditions
+    ("ui experts", "ui features") so `workbench ablate` compares them side by side."""
+    experts = [d for d in ivs if d["op"] != SAE_OP]
+    features = [d for d in ivs if d["op"] == SAE_OP]
+    if split and experts and features:
+        conditions = [{"name": "ui experts", "interventions": experts},
+                      {"name": "ui features", "interventions": features}]
+    else:
+        conditions = [{"name": "ui", "interventions": ivs}]
+    spec = {"name": name, "conditions": conditions}
     Study(spec, "ui study")  # validates the shape, as `workbench ablate` will
     return yaml.safe_dump(spec, sort_keys=False)
+
+
+def study_interventions(study: Study, where: str) -> tuple[list, bool]:
+    """The interventions the page holds from a study: its one explicit condition, or the two this page writes
+    with ``split`` (one of expert ops only, one of feature steering only); and whether it was split."""
+    conds = study.explicit
+    if len(conds) == 1:
+        return list(conds[0].interventions), False
+    kinds = [{iv.op == SAE_OP for iv in c.interventions} for c in conds]
+    if len(conds) == 2 and kinds in ([{False}, {True}], [{True}, {False}]):
+        return list(conds[0].interventions) + list(conds[1].interventions), True
+    raise WorkbenchError(f"{where}: the page holds one explicit condition (or one of expert ops and one of "
+                         f"feature steering), the file has {len(conds)}")
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -165,11 +241,13 @@ def _profile_columns(lm, layer: int, n: int) -> pd.DataFrame | None:
 
 
 def table_state(lm) -> dict[int, pd.DataFrame]:
-    """The intervention table of ``lm`` (one DataFrame per MoE layer), kept in the session."""
+    """The intervention table of ``lm`` (one DataFrame per MoE layer), kept in the session (with the
+    feature-steering rows, ``steer_sae_rows``)."""
     infos = {i.index: i.num_experts for i in lm.layer_infos() if i.kind == "moe"}
     if st.session_state.get("steer_model") != lm.spec:
         st.session_state["steer_model"] = lm.spec
         st.session_state["steer_tables"] = {layer: _blank(n) for layer, n in infos.items()}
+        st.session_state["steer_sae_rows"] = blank_sae_rows()
         st.session_state["steer_version"] = st.session_state.get("steer_version", 0) + 1
     return st.session_state["steer_tables"]
 
@@ -195,13 +273,15 @@ def _upload(lm) -> None:
     try:
         spec = yaml.safe_load(up.getvalue().decode("utf-8"))
         study = Study(spec, up.name)
-        if len(study.explicit) != 1:
-            raise WorkbenchError(f"{up.name}: the table holds one explicit condition, the file has {len(study.explicit)}")
-        ivs = study.explicit[0].interventions
+        ivs, split = study_interventions(study, up.name)
         for i, iv in enumerate(ivs):
             iv.validate(lm, f"{up.name}: interventions[{i}]")
         infos = {i.index: i.num_experts for i in lm.layer_infos() if i.kind == "moe"}
-        st.session_state["steer_tables"] = tables_from_interventions(ivs, infos)
+        tables = tables_from_interventions([iv for iv in ivs if iv.op != SAE_OP], infos)
+        st.session_state["steer_sae_rows"] = sae_rows_from_interventions([iv for iv in ivs if iv.op == SAE_OP])
+        st.session_state["steer_tables"] = tables
+        if split:
+            st.session_state["steer_split"] = True
         st.session_state["steer_version"] += 1
         st.session_state["steer_loaded"] = (up.name, up.size)
         st.success(f"loaded {len(ivs)} interventions from {up.name}")
@@ -226,19 +306,8 @@ def _next_token_table(lm, base: list[float], steered: list[float]) -> pd.DataFra
                          "p without": b[ids].numpy(), "p with": s[ids].numpy(), "change": (s[ids] - b[ids]).numpy()})
 
 
-def render(lm) -> None:
-    st.header("Steer: expert interventions, live")
-    layers = moe_layers(lm)
-    if not layers:
-        st.warning(f"{lm.spec} has no MoE layers: the expert table needs a Mixture-of-Experts model.")
-        return
-    table_state(lm)
-    with st.expander("Load a study YAML"):
-        _upload(lm)
-    tables = st.session_state["steer_tables"]
-    prompt = st.text_area("Prompt", value="The capital of France is", key="steer_prompt")
+def _expert_editor(lm, layers: list[int], tables: dict[int, pd.DataFrame], ver: int) -> None:
     layer = st.selectbox("MoE layer", layers, key="steer_layer")
-    ver = st.session_state["steer_version"]
     shown = tables[layer]
     extra = _profile_columns(lm, layer, len(shown))
     if extra is not None:
@@ -259,8 +328,58 @@ def render(lm) -> None:
                        "token": st.column_config.TextColumn(
                            "token", help="restrict this row's ops to tokens whose text contains this; blank: all")})
     tables[layer] = edited[COLUMNS].reset_index(drop=True)
+
+
+def _sae_editor(sae: PickedSAE | None, ver: int) -> pd.DataFrame:
+    """The feature-steering rows (``sae_steer``), an editor with added / deleted rows.
+
+    The editor's data is the rows as they were when this editor appeared (Streamlit re-applies the added
+    rows of its state to the data it is given); its output is kept as ``steer_sae_rows``, which a later
+    editor (after an upload, a Profile-page edit or a page change) starts from."""
+    rows = st.session_state["steer_sae_rows"]
+    if sae is None and rows.empty:
+        st.caption("load an SAE folder in the sidebar to steer SAE features here (`sae_steer`: add coef x the "
+                   "feature's decoder direction at the SAE's site)")
+        return rows
+    key = f"steer_sae_editor_{ver}"
+    if key not in st.session_state:  # a new editor: start from the latest rows
+        st.session_state["steer_sae_base"] = rows
+    default = f"{sae.d_sae} features at {sae.site}, {sae.path}" if sae is not None else "no SAE loaded"
+    st.markdown(f"**SAE feature steering** (`sae_steer`; sidebar SAE: {default})")
+    edited = st.data_editor(
+        st.session_state["steer_sae_base"], key=key, num_rows="dynamic", hide_index=True,
+        column_config={"sae": st.column_config.TextColumn("sae", help="SAE folder; blank: the sidebar's SAE"),
+                       "feature": st.column_config.NumberColumn("feature", min_value=0, step=1, format="%d",
+                                                                help="feature index (row of W_dec)"),
+                       "coef": st.column_config.NumberColumn("coef", help="coefficient of the decoder direction "
+                                                                          "(in the site's units); 0: off"),
+                       "positions": st.column_config.TextColumn("positions", help="e.g. 0, -1; blank: all"),
+                       "token": st.column_config.TextColumn("token", help="tokens whose text contains this"),
+                       "site": st.column_config.TextColumn("site", help="site key; blank: the SAE's own")})
+    edited = edited[SAE_COLUMNS].reset_index(drop=True)
+    st.session_state["steer_sae_rows"] = edited
+    return edited
+
+
+def render(lm, sae: PickedSAE | None = None) -> None:
+    st.header("Steer: expert interventions, live")
+    layers = moe_layers(lm)
+    if not layers:
+        st.warning(f"{lm.spec} has no MoE layers: the expert table needs a Mixture-of-Experts model"
+                   + (" (SAE feature steering below works on any model)." if sae is not None else "."))
+        if sae is None:
+            return
+    table_state(lm)
+    with st.expander("Load a study YAML"):
+        _upload(lm)
+    tables = st.session_state["steer_tables"]
+    prompt = st.text_area("Prompt", value="The capital of France is", key="steer_prompt")
+    ver = st.session_state["steer_version"]
+    if layers:
+        _expert_editor(lm, layers, tables, ver)
+    sae_rows = _sae_editor(sae, ver)
     try:
-        ivs = interventions_from_tables(tables)
+        ivs = interventions_from_tables(tables) + interventions_from_sae_rows(sae_rows, sae.path if sae else None)
         for i, d in enumerate(parse(ivs)):
             d.validate(lm, f"interventions[{i}]")
     except WorkbenchError as exc:
@@ -269,7 +388,8 @@ def render(lm) -> None:
     if ivs:
         st.caption(f"{len(ivs)} active intervention{'s' * (len(ivs) != 1)}: " + ", ".join(describe(d) for d in ivs))
     else:
-        st.caption("no active interventions: tick zero / drop / force or change scale / bias in the table")
+        st.caption("no active interventions: tick zero / drop / force or change scale / bias in the table"
+                   + (", or add a feature row" if sae is not None else ""))
     if not prompt.strip():
         st.info("Type a prompt.")
         return
@@ -301,8 +421,12 @@ def render(lm) -> None:
     st.subheader("Next-token probability: largest changes among the top 10")
     st.dataframe(_next_token_table(lm, base_p, probs), hide_index=True, key="steer_next_token")
     st.subheader("Study")
+    kinds = {d["op"] == SAE_OP for d in ivs}
+    st.session_state.setdefault("steer_split", True)
+    split = len(kinds) == 2 and st.checkbox("expert ops and feature steering as separate conditions",
+                                            key="steer_split", help="so `workbench ablate` compares them")
     try:
-        text_yaml = study_yaml(ivs)
+        text_yaml = study_yaml(ivs, split=split)
     except WorkbenchError as exc:
         show_error(exc)
         return
