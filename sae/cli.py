@@ -77,7 +77,7 @@ def add_sae_parser(subparsers) -> argparse.ArgumentParser:
                                    "features by the mean of act(x) - act(x - c) over the tokens it wrote c on. "
                                    "Writes OUT/expert_features.parquet|csv|png|json and feature_tokens.parquet|csv. "
                                    "With --circuit: the same for the circuit's heads, MLPs and experts, written as "
-                                   "node_features.* and OUT/circuit.json with the features as node attributes.")
+                                   "node_features.* and OUT/circuit.json / circuit.graphml with the features as node attributes.")
     f.add_argument("model", help="model spec (see `workbench models`)")
     f.add_argument("--sae", required=True, help="SAE folder in SAELens' format (cfg.json + sae_weights.safetensors)")
     f.add_argument("--site", default=None, help="attach the SAE here instead of its own hook (site key)")
@@ -152,11 +152,13 @@ def cmd_features(args) -> int:
     kw = dict(site=site, top=args.top, top_tokens=args.top_tokens, batch_size=args.batch_size,
               max_tokens=args.max_tokens, skip_first=not args.keep_first, progress=not args.quiet)
     if circuit is not None:
+        from workbench.circuits.export import write_graphml
         from workbench.circuits.export import write_json as write_circuit
 
         attrs, report = node_features(lm, sae, circuit, prompts, **kw)
         files = write_report(report, out, stem="node_features")
-        files.append(write_circuit(annotate_circuit(circuit, attrs), out / "circuit.json"))
+        annotated = annotate_circuit(circuit, attrs)
+        files += [write_circuit(annotated, out / "circuit.json"), write_graphml(annotated, out / "circuit.graphml")]
     else:
         report = expert_features(lm, sae, prompts, experts, **kw)
         files = write_report(report, out)

@@ -171,6 +171,8 @@ def test_cli_features_from_profile_and_circuit(planted_sae, tmp_path, capsys):
     assert main(args + ["--circuit", str(tmp_path / "c.json"), "--out", str(tmp_path / "b")]) == 0
     annotated = read_json(tmp_path / "b" / "circuit.json")
     assert annotated.nodes["a1.h0"]["sae_site"] == "L1.resid_post" and "sae_features" in annotated.nodes["m1.e3"]
+    graphml = __import__("networkx").read_graphml(tmp_path / "b" / "circuit.graphml")
+    assert graphml.nodes["m1.e3"]["sae_features"] == annotated.nodes["m1.e3"]["sae_features"]
     assert "writers into L1.resid_post" in capsys.readouterr().out
 
 
