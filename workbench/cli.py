@@ -39,6 +39,11 @@ def _model_args(p: argparse.ArgumentParser, placement: bool = False) -> None:
         p.add_argument("--device-map", choices=["auto"], default=None,
                        help="spread a local/hub checkpoint over all GPUs and the CPU with accelerate "
                             "(for models larger than one GPU)")
+        p.add_argument("--offload", choices=["layers"], default=None,
+                       help="layers: build the model on the meta device and run all prompts through one decoder "
+                            "layer at a time, loading its weights from the safetensors files and freeing them after "
+                            "(peak memory: one layer plus the activations of all prompts); local/hub checkpoints "
+                            "and smollm2-135m")
 
 
 def _load(args, device: str | None = None):
@@ -48,6 +53,13 @@ def _load(args, device: str | None = None):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if getattr(args, "offload", None):
+        if getattr(args, "device_map", None):
+            raise WorkbenchError("--offload layers and --device-map auto do not combine")
+        from workbench.models.offload import load_streamed
+
+        return load_streamed(args.model, device=device or args.device, dtype=args.dtype,
+                             trust_remote_code=args.trust_remote_code)
     return load(args.model, device=device or args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                 device_map=getattr(args, "device_map", None))
 
@@ -128,7 +140,7 @@ def cmd_profile(args) -> int:
     shard, device = distributed.from_env(resolve_device(args.device))
     main_rank = shard is None or shard.is_main
     ckpt = None
-    if args.checkpoint_every:
+    if args.checkpoint_every and not args.offload:  # a streamed run goes layer by layer: no batch cursor to save
         name = "profile.checkpoint" + (f".rank{shard.rank}of{shard.world}" if shard else "") + ".safetensors"
         ckpt = Checkpoint(out / name, args.checkpoint_every)
     clear_stale_temps(out, ([ckpt.path.name] if ckpt else []) + (list(OUTPUTS) if main_rank else []))

@@ -43,6 +43,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        if "streamer" in self.meta:  # layer streaming: parameters live on the meta device between layers
+            return self.meta["streamer"].device
         return next(self.model.parameters()).device
 
     def layer_infos(self) -> list[LayerInfo]:
@@ -125,12 +127,31 @@ def load(spec: str, *, device: str = "cpu", dtype: torch.dtype | str | None = No
         raise WorkbenchError(f"model path {spec!r} does not exist")
     else:
         lm = _load_hub(spec, **kw)
-    if torch_dtype is not None:
-        lm.model.to(torch_dtype)
+    if torch_dtype is not None and spec.startswith("zoo:"):  # checkpoints were loaded in this dtype already
+        _cast(lm.model, torch_dtype)
     if device_map is None:
         lm.model.to(device)
     lm.model.eval()
     return lm
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast a model built in memory as ``from_pretrained(dtype=...)`` would load it: parameters and saved
+    buffers, but not computed buffers (rotary frequencies stay float32) nor the model's keep-in-fp32 tensors."""
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    saved = set(model.state_dict())
+    for mod_name, mod in model.named_modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                full = f"{mod_name}.{name}" if mod_name else name
+                if t is None or not t.is_floating_point() or full not in saved or any(k in full.split(".") for k in keep):
+                    continue
+                if store is mod._parameters:
+                    t.data = t.data.to(dtype)
+                else:
+                    store[name] = t.to(dtype)
 
 
 def resolve_device(device: str) -> str:

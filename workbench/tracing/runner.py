@@ -93,6 +93,22 @@ def _installed(meters, lm: LoadedModel):
             m.remove()
 
 
+def _run_streamed(streamer, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cap: Capture,
+                  meters: Sequence, bar) -> None:
+    """Layer streaming: embed every batch, then run all of them through one decoder layer at a time."""
+    device = streamer.device
+    hidden = streamer.embed([ids for _, ids, _ in batches])
+
+    def before(k: int) -> None:
+        grid = batches[k][0].to(device)
+        cap.begin_batch(grid)
+        for m in meters:
+            m.begin_batch(grid)
+
+    streamer.run_layers(hidden, [mask for _, _, mask in batches], before,
+                        progress=lambda layer, k: bar.update(int(batches[k][2].sum())))
+
+
 def tokenize(lm: LoadedModel, prompts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
     prompts = check_prompts(prompts)
     limit = getattr(lm.config, "max_position_embeddings", None)
@@ -147,6 +163,9 @@ def trace(
         raise WorkbenchError("batch size must be at least 1")
     if dump_dir is not None and (checkpoint is not None or (shard is not None and shard.world > 1)):
         raise WorkbenchError("--dump cannot be combined with checkpoints or several ranks")
+    streamer = lm.meta.get("streamer")  # layer streaming (workbench.models.offload): all batches, one layer at a time
+    if streamer is not None and (checkpoint is not None or dump_dir is not None):
+        raise WorkbenchError("--offload layers runs without checkpoints and without --dump")
     factories = {(r if isinstance(r, str) else getattr(r, "__name__", "custom")): (
         reducer_factory(r, lm) if isinstance(r, str) else r) for r in reducers}
     table = {s: {k: f(s) for k, f in factories.items()} for s in sites}
@@ -175,25 +194,33 @@ def trace(
             first = got[0]
             state.load(objs, got[1])
     per_batch = torch.zeros(len(starts), dtype=torch.int64).index_add_(0, torch.arange(len(ids)) // batch_size, lengths)
+
+    def batch(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch ``b``: token grid (global index, -1 at padding), input ids and attention mask, [B, T] each."""
+        chunk = torch.arange(starts[b], min(starts[b] + batch_size, len(ids)))
+        n = lengths[chunk]
+        cols = torch.arange(int(n.max()))
+        real = cols[None, :] < n[:, None]  # [B, T], right padding
+        grid = torch.where(real, offsets[chunk][:, None] + cols[None, :], -1)
+        return grid, torch.where(real, token_ids[grid.clamp(min=0)], pad), real.to(torch.int64)
+
     start = time.perf_counter()
-    bar = tqdm(total=int(per_batch[mine.start:mine.stop].sum()), initial=int(per_batch[mine.start:first].sum()),
+    repeat = len(lm.layer_infos()) if streamer is not None else 1  # streamed: each token passes once per layer
+    bar = tqdm(total=int(per_batch[mine.start:mine.stop].sum()) * repeat, initial=int(per_batch[mine.start:first].sum()),
                unit="tok", desc=f"trace {lm.spec}", disable=not progress, file=sys.stderr, leave=False)
     with Capture(lm.model, lm.adapter, sinks) as cap, _installed(meters, lm), torch.no_grad():
-        for b in range(first, mine.stop):
-            chunk = torch.arange(starts[b], min(starts[b] + batch_size, len(ids)))
-            n = lengths[chunk]
-            cols = torch.arange(int(n.max()))
-            real = cols[None, :] < n[:, None]  # [B, T], right padding
-            grid = torch.where(real, offsets[chunk][:, None] + cols[None, :], -1)
-            input_ids = torch.where(real, token_ids[grid.clamp(min=0)], pad)
-            mask = real.to(torch.int64)
-            cap.begin_batch(grid.to(device))
-            for m in meters:
-                m.begin_batch(grid.to(device))
-            lm.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            bar.update(int(mask.sum()))
-            if checkpoint is not None and (b + 1 - mine.start) % checkpoint.every == 0 and b + 1 < mine.stop:
-                checkpoint.save(b + 1, fp, state.flatten(objs))
+        if streamer is not None:
+            _run_streamed(streamer, [batch(b) for b in range(first, mine.stop)], cap, meters, bar)
+        else:
+            for b in range(first, mine.stop):
+                grid, input_ids, mask = batch(b)
+                cap.begin_batch(grid.to(device))
+                for m in meters:
+                    m.begin_batch(grid.to(device))
+                lm.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                bar.update(int(mask.sum()))
+                if checkpoint is not None and (b + 1 - mine.start) % checkpoint.every == 0 and b + 1 < mine.stop:
+                    checkpoint.save(b + 1, fp, state.flatten(objs))
     bar.close()
     if shard is not None and shard.world > 1:
         shard.combine(objs)  # every rank's state, merged into rank 0's objects in rank order

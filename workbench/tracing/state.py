@@ -100,7 +100,8 @@ def fingerprint(**parts: Any) -> str:
     for k in sorted(parts):
         v = parts[k]
         h.update(k.encode())
-        h.update(v.numpy().tobytes() if isinstance(v, torch.Tensor) else json.dumps(v, sort_keys=True, default=str).encode())
+        data = v.numpy().tobytes() if isinstance(v, torch.Tensor) else json.dumps(v, sort_keys=True, default=str).encode()
+        h.update(data)
     return h.hexdigest()[:32]
 
 
@@ -150,7 +151,8 @@ class Checkpoint:
         except WorkbenchError:
             raise
         except Exception as e:  # safetensors reports write failures as its own error type
-            raise WorkbenchError(f"cannot write {self.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise WorkbenchError(f"cannot write {self.path}: {why}") from None
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,127 @@
+"""Layer streaming (--offload layers): one decoder layer in memory at a time, results equal to the in-memory run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import PROMPTS
+from workbench.data import default_prompts
+from workbench.errors import WorkbenchError
+from workbench.experts.profile import ProfileOptions, profile
+from workbench.experts.report import split
+from workbench.io import dumps_json
+from workbench.models.offload import load_streamed
+from workbench.models.specs import load
+from workbench.tracing.runner import trace
+from workbench.tracing.sites import all_sites
+
+SPECS = ["zoo:qwen2-moe", "zoo:qwen3-moe", "zoo:olmoe", "zoo:mixtral", "zoo:deepseek-v3", "zoo:tiny-moe"]
+PY = sys.executable
+
+
+def saved(tmp_path, spec: str, **kw):
+    lm = load(spec)
+    d = tmp_path / spec.replace(":", "-")
+    lm.model.save_pretrained(d, **kw)
+    lm.tokenizer.save_pretrained(d)
+    return lm, d
+
+
+def profile_json(lm, prompts, **kw) -> dict:
+    p = split(profile(lm, prompts, ProfileOptions(batch_size=4, **kw), progress=False))[0]
+    p["meta"].pop("spec")
+    return json.loads(dumps_json(p))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_streamed_profile_equals_in_memory(tmp_path, spec):
+    zoo, d = saved(tmp_path, spec)
+    prompts = default_prompts()[:10] + PROMPTS
+    streamed = load_streamed(str(d))
+    assert all(p.device.type == "meta" for p in streamed.model.parameters())
+    want = profile_json(zoo, prompts)
+    assert profile_json(streamed, prompts) == want
+    assert profile_json(load(str(d)), prompts) == want  # and the folder loaded in memory
+    assert all(p.device.type == "meta" for p in streamed.model.parameters())  # every layer freed again
+
+
+def test_streamed_trace_of_every_component_is_bit_equal(tmp_path):
+    zoo, d = saved(tmp_path, "zoo:qwen2-moe")  # shared experts too
+    comps = ["resid_pre", "resid_post", "attn_out", "mlp_out", "router", "expert", "shared_expert"]
+    results = []
+    for lm in (zoo, load_streamed(str(d))):
+        sites = all_sites(lm.adapter, lm.model, comps)
+        res = trace(lm, PROMPTS * 3, sites, ["absmax", "moments", "log_histogram"], batch_size=3, progress=False)
+        results.append({(s, k): r.state_dict() for s, reds in res.reducers.items() for k, r in reds.items()})
+    a, b = results
+    assert a.keys() == b.keys() and len(a) > 100
+    for key in a:
+        for field in a[key]:
+            assert torch.equal(a[key][field], b[key][field]), (key, field)
+
+
+@pytest.mark.parametrize("spec", ["zoo:olmoe", "zoo:deepseek-v3"])  # DeepSeek keeps its router bias in fp32
+def test_streamed_bfloat16_equals_in_memory(tmp_path, spec):
+    _, d = saved(tmp_path, spec)
+    bf = profile_json(load_streamed(str(d), dtype="bfloat16"), PROMPTS * 2)
+    assert bf == profile_json(load(str(d), dtype="bfloat16"), PROMPTS * 2) and bf["meta"]["dtype"] == "bfloat16"
+
+
+def test_sharded_checkpoint(tmp_path):
+    zoo, d = saved(tmp_path, "zoo:olmoe", max_shard_size="300KB")
+    assert (d / "model.safetensors.index.json").is_file() and len(list(d.glob("*.safetensors"))) > 3
+    prompts = PROMPTS * 2
+    assert profile_json(load_streamed(str(d)), prompts) == profile_json(zoo, prompts)
+    next(d.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(WorkbenchError, match="missing"):
+        load_streamed(str(d))
+
+
+def test_offload_errors(tmp_path):
+    with pytest.raises(WorkbenchError, match="built in memory"):
+        load_streamed("zoo:qwen3-moe")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(d)
+    with pytest.raises(WorkbenchError, match="does not support gpt2"):
+        load_streamed(str(d))
+
+
+def test_offload_cli_writes_the_in_memory_profile(tmp_path):
+    from workbench.cli import main
+
+    _, d = saved(tmp_path, "zoo:deepseek-v3")
+    args = ["profile", str(d), "--text", PROMPTS[0], "--text", PROMPTS[1], "--no-plots", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "mem")]) == 0
+    assert main([*args, "--offload", "layers", "--out", str(tmp_path / "off")]) == 0
+    assert (tmp_path / "mem" / "profile.json").read_bytes() == (tmp_path / "off" / "profile.json").read_bytes()
+    assert json.loads((tmp_path / "off" / "run.json").read_text())["offload"] == "layers"
+    assert main(["profile", "zoo:olmoe", "--text", "x", "--offload", "layers", "--out", str(tmp_path / "z")]) == 2
+    assert not (tmp_path / "z").exists()
+
+
+def _peak_rss_mb(argv) -> tuple[float, subprocess.CompletedProcess]:
+    """Run a command in a fresh wrapper process and return its child's peak RSS (MB)."""
+    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.stderr.write(r.stderr); "
+            "sys.exit(r.returncode)")
+    r = subprocess.run([PY, "-c", code, *argv], capture_output=True, text=True, timeout=1200)
+    return int(r.stdout.split()[-1]) / 1024 if r.returncode == 0 else float("nan"), r
+
+
+@pytest.mark.slow
+def test_smollm2_streamed_equals_in_memory_with_less_memory(tmp_path):
+    """SmolLM2-135M (517 MB of fp32 weights): same profile.json; peak RSS lower by most of the weights."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(default_prompts()[:64]) + "\n")
+    base = [PY, "-m", "workbench", "profile", "smollm2-135m", "--prompts", str(prompts), "--no-plots", "--quiet"]
+    mem, r1 = _peak_rss_mb([*base, "--out", str(tmp_path / "mem")])
+    off, r2 = _peak_rss_mb([*base, "--offload", "layers", "--out", str(tmp_path / "off")])
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    assert (tmp_path / "mem" / "profile.json").read_bytes() == (tmp_path / "off" / "profile.json").read_bytes()
+    print(f"peak RSS: in memory {mem:.0f} MB, streamed {off:.0f} MB")
+    assert off < mem - 350, (mem, off)
