@@ -201,8 +201,8 @@ def render(lm, sae: PickedSAE | None = None) -> None:
         st.info("Run a profile or open a profile.json.")
         return
     m = p["meta"]
-    st.caption(f"{m.get('spec')}: {m.get('num_prompts')} prompts, {m.get('num_tokens')} tokens, "
-               f"{m.get('seconds', 0):.1f} s")
+    took = f", {m['seconds']:.1f} s" if "seconds" in m else ""  # a saved profile.json keeps timings in run.json
+    st.caption(f"{m.get('spec')}: {m.get('num_prompts')} prompts, {m.get('num_tokens')} tokens{took}")
     st.subheader("Super experts")
     st.dataframe(pd.DataFrame(p["super_experts"]), key="profile_super")
     figs = figures(p)
