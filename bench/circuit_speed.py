@@ -2,18 +2,19 @@
 passes, and the faithfulness of the circuits they give.
 
     .venv/bin/python bench/circuit_speed.py [--facts 32] [--batch-size 32] [--steps 5] [--threads N]
+        [--relation capital_of|other|located_in|...] [--methods eap,eap-ig,eap-ig-edges,refine]
 
 For each method a fresh child process loads the model, times one forward+backward on the same batch
 (the model's own forward on the facts' clean prompts, log-probability of the answer at the last
 position, backward to the input embeddings with parameters frozen: the pass attribution repeats), then
 scores every edge (``attribute``) and records the peak RSS of the process (model included). Methods:
-``eap``, ``eap-ig`` (on the input embeddings, as the reference), ``eap-ig-edges`` (on the edges), and
-``default``: what ``workbench circuit`` does by default, ``eap-ig-edges`` plus re-scoring the best
-2 x N edges within themselves (``discover.refine``, N = 1 % of the edges; timed together).
+``eap``, ``eap-ig`` (on the input embeddings, as the reference), ``eap-ig-edges`` (on the edges: the
+default of ``workbench circuit``), and ``refine``: ``eap-ig-edges`` plus re-scoring the best 2 x N edges
+within themselves (``--refine 2``, N = 1 % of the edges; timed together).
 
 The parent then evaluates, by path patching, for each method: the ``top`` circuit (the 1 % of edges
 with the largest |score|, then pruned to input->logits paths, which leaves fewer), the ``fill``
-circuit (exactly 1 % after pruning: the default selection) and the fill circuit with as many edges as
+circuit (at most 1 % after pruning, as many as fit: the default selection) and the fill circuit with as many edges as
 the reference's top-1 % (1,232 of 123,211); plus size-matched random circuits. Faithfulness is
 (M(circuit) - M(corrupted)) / (M(full) - M(corrupted)) with M the summed logit difference.
 
@@ -33,14 +34,20 @@ import time
 
 REFERENCE = {"eap-ig": {"seconds": 77.5, "faithfulness": 0.968}, "eap": {"seconds": 34.7, "faithfulness": 0.926}}
 REFERENCE_EDGES = 1232  # 1 % of the reference graph's 123,211 edges
-METHODS = ("eap", "eap-ig", "eap-ig-edges", "default")
+METHODS = ("eap", "eap-ig", "eap-ig-edges", "refine")
 
 
-def _facts(n: int):
+def _facts(n: int, relation: str = "capital_of"):
+    """The first ``n`` built-in facts of ``relation`` (capital_of, the anchor's, topped up with other
+    relations if short), or of every relation but capital_of (``other``)."""
     from workbench.circuits import builtin_facts
 
-    facts = [f for f in builtin_facts() if f.relation == "capital_of"]
-    if len(facts) < n:
+    if relation == "other":
+        return [f for f in builtin_facts() if f.relation != "capital_of"][:n]
+    facts = [f for f in builtin_facts() if f.relation == relation]
+    if not facts:
+        raise SystemExit(f"no built-in facts of relation {relation!r}")
+    if relation == "capital_of" and len(facts) < n:
         facts += [f for f in builtin_facts() if f.relation != "capital_of"]
     return facts[:n]
 
@@ -57,7 +64,7 @@ def child(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load("smollm2-135m")
-    prepared = prepare(lm.tokenizer, _facts(args.facts))
+    prepared = prepare(lm.tokenizer, _facts(args.facts, args.relation))
     # one forward+backward of the plain model on the same batches
     fb = []
     for b in batches(prepared, args.batch_size, pad_id(lm.tokenizer)):
@@ -74,17 +81,17 @@ def child(args) -> dict:
         fb.append(min(times))
         for p in lm.model.parameters():
             p.requires_grad_(True)
-    method = "eap-ig-edges" if args.child == "default" else args.child
+    method = "eap-ig-edges" if args.child == "refine" else args.child
     t0 = time.perf_counter()
     scores = attribute(lm, prepared, method=method, steps=args.steps, batch_size=args.batch_size)
     matrices = {"scores": scores.matrix}
-    if args.child == "default":
-        opts = CircuitOptions(method=method, steps=args.steps, batch_size=args.batch_size)
+    if args.child == "refine":
+        opts = CircuitOptions(method=method, steps=args.steps, batch_size=args.batch_size, refine=2)
         n1 = default_top_edges(scores.graph.n_edges)
         refine(lm, prepared, scores, SELECTIONS[opts.selection], n1, opts)
         matrices["refined"] = scores.refined  # NaN outside the candidates
     seconds = time.perf_counter() - t0
-    if args.child == "default":  # the same at the reference's edge count (not timed)
+    if args.child == "refine":  # the same at the reference's edge count (not timed)
         refine(lm, prepared, scores, SELECTIONS[opts.selection], REFERENCE_EDGES, opts)
         matrices["refined_ref"] = scores.refined
     torch.save(matrices, args.scores)
@@ -100,6 +107,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--relation", default="capital_of",
+                    help="built-in facts of this relation (default capital_of, as the reference), or 'other': "
+                         "every relation but capital_of")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scores", default=None, help=argparse.SUPPRESS)
@@ -126,21 +136,22 @@ def main() -> None:
         for method in methods:
             path = os.path.join(tmp, f"{method}.pt")
             cmd = [sys.executable, __file__, "--child", method, "--scores", path, "--facts", str(args.facts),
-                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads)]
+                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads),
+                   "--relation", args.relation]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs[method] = json.loads(out.strip().splitlines()[-1])
             matrices[method] = torch.load(path)
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load("smollm2-135m")
-    prepared = prepare(lm.tokenizer, _facts(args.facts))
+    prepared = prepare(lm.tokenizer, _facts(args.facts, args.relation))
     graph = build_graph(lm.model, lm.adapter)
     n1 = default_top_edges(graph.n_edges)
     circuits = {}
     for method, ms in matrices.items():
         m = ms["scores"]
         circuits[f"{method}/top"] = prune(graph, select_top(graph, m, n1))
-        if method == "default":  # as discover.find_circuit: fill among the candidates by their refined scores
+        if method == "refine":  # as discover.find_circuit: fill among the candidates by their refined scores
             for key, size in (("fill", n1), ("ref", REFERENCE_EDGES)):
                 refined = ms["refined" if key == "fill" else "refined_ref"]
                 circuits[f"{method}/{key}"] = prune(graph, select_fill(graph, refined.nan_to_num(0.0), size)
@@ -157,27 +168,27 @@ def main() -> None:
     rand_f = sum(c[f"random{s}"]["faithfulness"] for s in range(3)) / 3
     rand_h = sum(c[f"random{s}"]["hit_at_10"] for s in range(3)) / 3
     first = runs[methods[0]]
-    print(f"SmolLM2-135M, {args.facts} facts, batch {args.batch_size}, graph {graph.n_senders} senders x "
+    print(f"SmolLM2-135M, {len(prepared)} {args.relation} facts, batch {args.batch_size}, graph {graph.n_senders} senders x "
           f"{graph.n_receivers} receivers = {graph.n_edges} edges (GQA native), 1 % = {n1} edges; "
           f"baselines {first['baselines']}; {first['threads']} threads")
     print(f"full model: Hit@10 {ev['hit_at_10_full']:.3f}, Hit@1 {ev['hit_at_1_full']:.3f}; corrupted Hit@10 "
           f"{ev['hit_at_10_corrupted']:.3f}")
     print(f"{'method':<22} {'seconds':>8} {'ref s':>6} {'x ref':>6} {'fwd+bwd s':>9} {'x fwd+bwd':>9} "
-          f"{'peak RSS GB':>11} {'faith top':>9} {'(edges)':>7} {'faith 1%':>8} {'Hit@10 1%':>9} "
+          f"{'peak RSS GB':>11} {'faith top':>9} {'(edges)':>7} {'faith 1%':>8} {'(edges)':>7} {'Hit@10 1%':>9} "
           f"{f'faith {REFERENCE_EDGES}':>10} {'ref faith':>9}")
     for method in methods:
         r = runs[method]
         steps = f"({args.steps})"
         name = {"eap": "eap", "eap-ig": f"eap-ig{steps}", "eap-ig-edges": f"eap-ig-edges{steps}",
-                "default": f"eap-ig-edges{steps}+refine"}[method]
+                "refine": f"eap-ig-edges{steps}+refine"}[method]
         ref = REFERENCE.get("eap" if method == "eap" else "eap-ig")
         top, fill, at_ref = c[f"{method}/top"], c[f"{method}/fill"], c[f"{method}/ref"]
         print(f"{name:<22} {r['seconds']:>8.1f} {ref['seconds']:>6.1f} {r['seconds'] / ref['seconds']:>6.2f} "
               f"{r['fwd_bwd_seconds']:>9.2f} {r['seconds'] / r['fwd_bwd_seconds']:>9.1f} {r['peak_rss_gb']:>11.2f} "
-              f"{top['faithfulness']:>9.3f} {top['n_edges']:>7} {fill['faithfulness']:>8.3f} "
+              f"{top['faithfulness']:>9.3f} {top['n_edges']:>7} {fill['faithfulness']:>8.3f} {fill['n_edges']:>7} "
               f"{fill['hit_at_10']:>9.3f} {at_ref['faithfulness']:>10.3f} {ref['faithfulness']:>9.3f}")
-    print(f"faith top: top-{n1} by |score| then pruned (edges left in brackets); faith 1%: exactly {n1} edges "
-          f"after pruning (the default selection; for +refine chosen among 2 x {n1} re-scored candidates)")
+    print(f"faith top: top-{n1} by |score| then pruned (edges left in brackets); faith 1%: at most {n1} edges "
+          f"after pruning (fill, the default selection; for +refine chosen among 2 x {n1} re-scored candidates)")
     print(f"random circuits of {n1} edges (3 seeds): faithfulness {rand_f:.3f}, Hit@10 {rand_h:.3f}; "
           f"evaluation of {len(circuits)} circuits took {eval_s:.1f} s")
 

@@ -7,7 +7,9 @@
 Modules: ``graph`` (nodes, receivers, edges), ``runner`` (hooks: record senders, per-receiver
 inputs, gradients, path patching), ``facts`` (facts files, corrupted prompts, batches),
 ``attribution`` (EAP, EAP-IG), ``evaluate`` (selection, pruning, faithfulness, Hit@10),
-``export`` (Circuit, JSON / GraphML / DOT / parquet), ``discover`` (the whole pipeline), ``cli``.
+``export`` (Circuit, JSON / GraphML / DOT / parquet), ``render`` (SVG / PNG drawing), ``attention``
+(the attention layouts: q/k/v projections, GPT-2's c_attn, DeepSeek's latent attention), ``discover``
+(the whole pipeline), ``cli``.
 The names below are imported lazily, so ``import workbench.circuits`` stays cheap.
 """
 
@@ -21,6 +23,7 @@ _EXPORTS = {
     "Circuit": "export",
     "Fact": "facts", "builtin_facts": "facts", "parse_facts": "facts", "prepare": "facts", "read_facts": "facts",
     "Graph": "graph", "build_graph": "graph",
+    "circuit_svg": "render", "write_png": "render", "write_svg": "render",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,7 +13,7 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
         "circuit", help="find a knowledge circuit with EAP / EAP-IG and evaluate it",
         description="Score every edge of MODEL's graph (input, attention heads with q/k/v inputs, MLPs or routed "
                     "and shared experts, logits) on the facts with EAP or EAP-IG, keep the top edges pruned to "
-                    "input->logits paths (re-scored within the candidates), and evaluate them by path patching. Writes OUT/circuit.json (networkx "
+                    "input->logits paths, and evaluate them by path patching. Writes OUT/circuit.json (networkx "
                     "node-link), circuit.graphml, circuit.dot, circuit.svg and circuit.png (layered drawing), "
                     "edges.parquet (every scored edge) and metrics.json.")
     c.add_argument("model", help="model spec (see `workbench models`)")
@@ -33,9 +33,9 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--selection", choices=["fill", "top", "greedy"], default="fill",
                    help="fill: the smallest top-|score| set whose pruned circuit has N edges (default); top: the N "
                         "highest |score| edges, then pruned to input->logits paths; greedy: grown backward from the logits")
-    c.add_argument("--refine", type=int, default=2, metavar="K",
+    c.add_argument("--refine", type=int, default=0, metavar="K",
                    help="re-score the best K x N edges with eap-ig-edges within that candidate circuit (every other "
-                        "edge corrupted) and keep the best N of them (default 2; 0 turns it off)")
+                        "edge corrupted) and keep the best N of them (K >= 2; default 0: off)")
     c.add_argument("--random-seeds", type=int, default=3, help="size-matched random circuits for the control")
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--device", default="cpu")
@@ -57,8 +57,8 @@ def cmd_circuit(args) -> int:
         raise WorkbenchError(f"--top-edges must be >= 1, got {args.top_edges}")
     if args.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.refine < 0:
-        raise WorkbenchError(f"--refine must be >= 0, got {args.refine}")
+    if args.refine < 0 or args.refine == 1:
+        raise WorkbenchError(f"--refine must be 0 (off) or >= 2, got {args.refine}")
     if args.random_seeds < 0:
         raise WorkbenchError(f"--random-seeds must be >= 0, got {args.random_seeds}")
     out = output_dir(args.out)

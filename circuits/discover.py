@@ -27,7 +27,7 @@ class CircuitOptions:
     top_edges: int | None = None  # default (neither this nor threshold): 1 % of the edges
     threshold: float | None = None
     selection: str = "fill"  # fill: pruned circuit of N edges; top: top-N then prune; greedy: grown from logits
-    refine: int = 2  # re-score the best refine x N edges within themselves, then keep N (0 or 1: no refinement)
+    refine: int = 0  # K >= 2: re-score the best K x N edges within themselves, then keep N (0: off)
     batch_size: int = 16
     random_seeds: int = 3  # size-matched random circuits, the control
     evaluate: bool = True
@@ -45,8 +45,8 @@ def default_top_edges(n_edges: int) -> int:
 def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -> tuple[Circuit, Scores, torch.Tensor]:
     """Score every edge, keep the top ones (pruned to input -> logits paths) and evaluate the result.
 
-    By default (``refine=2``) the best 2N edges are re-scored within themselves (:func:`refine`) and the
-    circuit is the best N of them by those scores.
+    With ``refine=K`` (K >= 2) the best K x N edges are re-scored within themselves (:func:`refine`) and
+    the circuit is the best N of them by those scores.
 
     Returns the circuit (its ``meta["metrics"]`` holds the evaluation), the scores and the [S, R]
     circuit mask.
@@ -58,8 +58,8 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
         raise WorkbenchError(f"--top-edges must be >= 1, got {o.top_edges}")
     if o.selection not in SELECTIONS:
         raise WorkbenchError(f"unknown selection {o.selection!r}; known: {', '.join(SELECTIONS)}")
-    if o.refine < 0:
-        raise WorkbenchError(f"--refine must be >= 0, got {o.refine}")
+    if o.refine < 0 or o.refine == 1:
+        raise WorkbenchError(f"--refine must be 0 (off) or >= 2, got {o.refine}")
     graph = build_graph(lm.model, lm.adapter)
     prepared = prepare(lm.tokenizer, facts)
     t_attr = time.perf_counter()

@@ -80,17 +80,18 @@ def select_greedy(graph: Graph, matrix: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def select_fill(graph: Graph, matrix: torch.Tensor, n: int) -> torch.Tensor:
-    """[S, R] bool: the pruned top-k circuit for the smallest k whose pruned size reaches ``n`` edges
-    (top-N by |score| spends part of its budget on edges that pruning then drops; this does not)."""
+    """[S, R] bool: the pruned top-k circuit for the largest k whose pruned size is at most ``n`` edges
+    (top-N by |score| spends part of its budget on edges that pruning then drops; this does not). The
+    pruned size grows with k, but one edge can connect several at once, so it may stop a few short of n."""
     total = int(graph.valid().sum())
     n = max(0, min(int(n), total))
-    lo, hi = n, total
+    lo, hi = n, total  # prune(top-n) has at most n edges
     while lo < hi:
-        mid = (lo + hi) // 2
-        if int(prune(graph, select_top(graph, matrix, mid)).sum()) >= n:
-            hi = mid
+        mid = (lo + hi + 1) // 2
+        if int(prune(graph, select_top(graph, matrix, mid)).sum()) <= n:
+            lo = mid
         else:
-            lo = mid + 1
+            hi = mid - 1
     return prune(graph, select_top(graph, matrix, lo))
 
 

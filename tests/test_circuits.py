@@ -283,7 +283,9 @@ def test_selection_and_pruning(tiny_llama):
     only[0, g.n_receivers - 1] = True
     kept = prune(g, only)
     assert kept[0, -1] and not kept[g.senders.index("a1.h0"), -1]
-    assert int(select_fill(g, m, 30).sum()) == 30
+    fill = select_fill(g, m, 30)
+    assert 25 <= int(fill.sum()) <= 30 and prune(g, fill).equal(fill)
+    assert bool((prune(g, select_top(g, m, 30)) <= fill).all())  # at least as many top edges as top-30
     greedy = select_greedy(g, m, 30)
     assert int(greedy.sum()) == 30
     assert int(select_random(g, 25, 0).sum()) == 25 and select_random(g, 25, 0).equal(select_random(g, 25, 0))
@@ -293,7 +295,7 @@ def test_selection_and_pruning(tiny_llama):
 
 @pytest.fixture(scope="module")
 def moe_circuit(qwen3_moe, tmp_path_factory):
-    opts = CircuitOptions(method="eap-ig", steps=2, top_edges=60, random_seeds=2, batch_size=4)
+    opts = CircuitOptions(method="eap-ig", steps=2, top_edges=60, random_seeds=2, batch_size=4, refine=2)
     circuit, scores, mask = find_circuit(qwen3_moe, FACTS, opts)
     out = tmp_path_factory.mktemp("circuit")
     write_outputs(circuit, scores, mask, out)
@@ -317,7 +319,7 @@ def test_find_circuit_on_moe_writes_metrics(moe_circuit):
 
     df = pd.read_parquet(out / "edges.parquet")
     assert len(df) == scores.graph.n_edges and int(df["in_circuit"].sum()) == int(mask.sum())
-    # refined (the default): the circuit is chosen among 2 x 60 candidates by their scores within them
+    # refined: the circuit is chosen among 2 x 60 candidates by their scores within them
     sel = circuit.meta["selection"]
     assert sel["rule"] == "fill" and sel["refine"]["candidates"] <= 120 and sel["refine"]["factor"] == 2
     assert int(df["refined_score"].notna().sum()) == sel["refine"]["candidates"]
