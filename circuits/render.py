@@ -190,7 +190,7 @@ def _title(circuit: Circuit, shown: int) -> str:
     parts = [str(m["model"])] if m.get("model") else []
     if m.get("method"):
         steps = m.get("steps")
-        parts.append(f"{m['method']}({steps})" if m["method"] == "eap-ig" and steps else str(m["method"]))
+        parts.append(f"{m['method']}({steps})" if m["method"] != "eap" and steps else str(m["method"]))
     total = circuit.n_edges
     edges = f"{shown} of {total} circuit edges" if shown < total else f"{total} edges"
     if m.get("n_edges_total"):
