@@ -140,7 +140,7 @@ def main() -> None:
                    "--relation", args.relation]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs[method] = json.loads(out.strip().splitlines()[-1])
-            matrices[method] = torch.load(path)
+            matrices[method] = torch.load(path, weights_only=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load("smollm2-135m")
