@@ -55,7 +55,7 @@ def _discover(lm) -> None:
     answer = c2.text_input("Answer (e.g. ' Paris')", key="circuit_fact_answer")
     c3, c4, c5 = st.columns(3)
     n_facts = c3.number_input("built-in facts", 1, 105, 8, key="circuit_n_facts")
-    method = c4.selectbox("method", ["eap-ig", "eap"], key="circuit_method")
+    method = c4.selectbox("method", ["eap-ig-edges", "eap-ig", "eap"], key="circuit_method")
     top = c5.number_input("top edges", 1, 100000, 200, key="circuit_top")
     if st.button("Find circuit", key="circuit_run", disabled=lm is None):
         try:
