@@ -45,6 +45,7 @@ def test_wheel_contents(wheel):
         assert f"workbench/{sub}/__init__.py" in names
     assert "workbench/data/prompts.txt" in names
     assert "workbench/models/zoo_weights/tiny-moe.safetensors" in names
+    assert "workbench/models/zoo_weights/tiny-moe-se.safetensors" in names
     assert not [n for n in names if n.split("/")[0] in SUBPACKAGES]  # nothing at the top level but workbench
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "workbench = workbench.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()

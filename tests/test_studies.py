@@ -87,6 +87,27 @@ def test_planted_super_expert_ablation_beats_random_controls(planted):
     assert all(massive[f"random x1 seed {s}"] > 0.9 * massive["baseline"] for s in (0, 1, 2))
 
 
+def test_trained_model_depends_on_its_super_expert_more_than_on_random_experts(tmp_path):
+    """zoo:tiny-moe-se (trained, planted: L1.E5 writes channel 17 on position 0): the worked example's study."""
+    from workbench.experts.profile import ProfileOptions, profile
+
+    lm = load("zoo:tiny-moe-se")
+    study = Study.from_file("examples/tiny_moe_super_expert.yaml")
+    p = profile(lm, study.texts(), ProfileOptions(sinks=False), progress=False)
+    assert [(e["layer"], e["expert"], e["channel"], e["position"]) for e in p["super_experts"]] == [(1, 5, 17, 0)]
+    df = study.run(lm, tmp_path, progress=False)
+    m = df[df.metric != "generations"].pivot_table(index="condition", columns="metric", values="mean")
+    base, sup = m.loc["baseline"], m.loc["super L1.R5"]
+    rand = m.loc[[f"random x1 seed {s}" for s in range(5)]]
+    assert sup["perplexity"] > 3 * base["perplexity"]  # 4.4 -> 21.9 when measured
+    assert (sup["perplexity"] - base["perplexity"]) > 5 * (rand["perplexity"] - base["perplexity"]).max()
+    assert sup["sink"] < base["sink"] / 4 and (rand["sink"] > 0.9 * base["sink"]).all()  # 0.56 -> 0.07
+    assert sup["massive"] < base["massive"] / 4 and (rand["massive"] > 0.9 * base["massive"]).all()
+    assert sup["kl"] > 10 * rand["kl"].max()
+    gens = df[(df.metric == "generations") & (df.condition == "baseline")].text.tolist()
+    assert "The capital of France is ->  Paris." in gens
+
+
 BAD = [
     ("metrics: [perplexity, bogus]\nconditions: []\n", "unknown metric 'bogus'"),
     ("conditions:\n  - name: a\n    interventions:\n      - {op: zero, layers: 1}\n", "line 4: conditions[0].interventions[0]: op 'zero' needs field 'expert'"),

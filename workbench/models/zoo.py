@@ -3,7 +3,8 @@
 Each zoo model is seeded and deterministic (the same spec gives bit-identical weights) and uses
 SmolLM2's tokenizer (vocab 49152). Random ones are for structure tests; ``zoo:tiny-moe`` is a
 Qwen3-MoE trained briefly on the built-in corpus (``scripts/train_zoo.py`` reproduces it), so its
-routing and generations are not noise.
+routing and generations are not noise; ``zoo:tiny-moe-se`` is tiny-moe fine-tuned to depend on one
+planted super expert (``scripts/plant_super_expert.py``), the ground truth for ablation studies.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class ZooEntry:
     seed: int = 0
     modulelist: bool = False  # rebuild the MoE blocks in the older ModuleList layout
     weights: str | None = None  # committed checkpoint in zoo_weights/
+    base: str | None = None  # checkpoint loaded first; ``weights`` then holds only the tensors that differ
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -77,6 +79,9 @@ ZOO: dict[str, ZooEntry] = {
                  modulelist=True),
         ZooEntry("tiny-moe", lambda: _qwen3_moe(layers=4, tie=True),
                  "Qwen3-MoE trained briefly on the built-in corpus", weights="tiny-moe.safetensors"),
+        ZooEntry("tiny-moe-se", lambda: _qwen3_moe(layers=4, tie=True),
+                 "tiny-moe fine-tuned to depend on a planted super expert (L1.E5, channel 17, position 0)",
+                 weights="tiny-moe-se.safetensors", base="tiny-moe.safetensors"),
     ]
 }
 
@@ -100,21 +105,24 @@ def build(name: str) -> nn.Module:
     if entry is None:
         raise WorkbenchError(f"unknown zoo model {name!r}; available: {', '.join('zoo:' + n for n in ZOO)}")
     model = init_model(entry)
+    if entry.base:
+        load_weights(model, WEIGHTS_DIR / entry.base)
     if entry.weights:
-        load_weights(model, WEIGHTS_DIR / entry.weights)
+        load_weights(model, WEIGHTS_DIR / entry.weights, partial=entry.base is not None)
     if entry.modulelist:
         to_modulelist(model)
     return model.eval()
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
+def load_weights(model: nn.Module, path: Path, partial: bool = False) -> None:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise WorkbenchError(f"zoo checkpoint {path} is missing; rebuild it with: python scripts/train_zoo.py")
+        script = "plant_super_expert.py" if path.stem == "tiny-moe-se" else "train_zoo.py"
+        raise WorkbenchError(f"zoo checkpoint {path} is missing; rebuild it with: python scripts/{script}")
     state = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
+    missing = [] if partial else [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
     if missing or unexpected:
         raise WorkbenchError(f"zoo checkpoint {path.name} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
