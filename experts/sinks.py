@@ -28,6 +28,7 @@ class SinkMeter:
         self.prompts = torch.zeros(num_layers, dtype=torch.int64)
         self._handles: list = []
         self._grid: torch.Tensor | None = None
+        self._prompts = 0  # prompts with queries in the current batch (set by begin_batch)
 
     def install(self, model: nn.Module, adapter: Adapter) -> None:
         for i, layer in enumerate(adapter.decoder_layers(model)):
@@ -39,7 +40,15 @@ class SinkMeter:
         self._handles.clear()
 
     def begin_batch(self, grid: torch.Tensor) -> None:
+        """The batch's token grid ``[B, T]`` (-1 at padding); what every layer's update shares is set up once."""
         self._grid = grid
+        q_ok = grid >= 0
+        q_ok[:, 0] = False  # position 0 can only attend to itself
+        nq = q_ok.sum(-1)  # [B] queries per prompt
+        self._has = torch.nonzero(nq > 0).flatten()
+        self._q_ok = q_ok
+        self._nq = nq.index_select(0, self._has).to(torch.float64)[:, None, None]
+        self._queries, self._prompts = int(nq.sum()), int(self._has.numel())
 
     def _hook(self, layer: int):
         def hook(mod, args, out):
@@ -52,22 +61,18 @@ class SinkMeter:
 
     def update(self, layer: int, weights: torch.Tensor) -> None:
         """``weights [B, H, Tq, Tk]`` for the current batch (padding rows are dropped here)."""
-        q_ok = (self._grid >= 0).clone()  # [B, T]
-        q_ok[:, 0] = False
-        nq = q_ok.sum(-1)  # [B] queries per prompt
-        has = nq > 0
-        if not has.any():
+        if not self._prompts:
             return
         # Sum over valid queries as one batched matmul in the weights' dtype (float32 accumulation), then
         # float64 for the per-prompt means: [B, H, Tq, Tk] x [B, Tq] -> [B, H, Tk].
-        summed = torch.einsum("bhqk,bq->bhk", weights, q_ok.to(weights.dtype)).to(torch.float64)
-        per_key = summed[has] / nq[has, None, None]  # [b, H, Tk]: each prompt's mean attention per key
-        self.pos0_sum[layer] += per_key[..., 0].sum(0).cpu()
+        summed = torch.einsum("bhqk,bq->bhk", weights, self._q_ok.to(weights.dtype))
+        per_key = summed.index_select(0, self._has).to(torch.float64) / self._nq  # [b, H, Tk]: per-prompt means
         top, pos = per_key.max(-1)
+        self.pos0_sum[layer] += per_key[..., 0].sum(0).cpu()
         self.top_sum[layer] += top.sum(0).cpu()
         self.top_is_first[layer] += (pos == 0).sum(0).cpu()
-        self.queries[layer] += int(nq.sum())
-        self.prompts[layer] += int(has.sum())
+        self.queries[layer] += self._queries
+        self.prompts[layer] += self._prompts
 
     STATE = ("pos0_sum", "queries", "top_sum", "top_is_first", "prompts")
 

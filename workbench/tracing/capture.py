@@ -135,7 +135,7 @@ class Capture(HookSet):
         return self._keep(flat), self._tokens
 
     def _emit(self, site: Site, values: torch.Tensor, tokens: torch.Tensor, topk: torch.Tensor | None = None):
-        p = Payload(values, tokens, topk)
+        p = Payload(values, tokens, topk, ordered=tokens is self._tokens or None)  # the batch's own rows are in order
         with few_threads():
             for sink in self.sinks[site]:
                 sink.update(p)

@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 NO_TOKEN = -1
@@ -48,6 +49,7 @@ class Payload:
     tokens: torch.Tensor  # [n] global token indices, int64
     topk: torch.Tensor | None = None  # [n, k] chosen experts (router sites)
     experts: torch.Tensor | None = None  # [n] the expert of each row (grouped "experts" sites)
+    ordered: bool | None = None  # tokens strictly increasing (None: not known, checked when needed)
     _abs: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -63,6 +65,13 @@ class Payload:
         if self._abs is None:
             self._abs = self.values.detach().abs()
         return self._abs
+
+    def increasing(self) -> bool:
+        """Whether the rows' tokens are strictly increasing (capture emits most sites so)."""
+        if self.ordered is None:
+            t = self.tokens
+            self.ordered = t.numel() < 2 or bool((t[1:] > t[:-1]).all())
+        return self.ordered
 
 
 class Reducer:
@@ -141,26 +150,37 @@ class AbsMax(Reducer):
         self.rows += x.shape[0]
         if x.shape[0] == 0:
             return
-        if _use_kernels(x) and (tok.numel() < 2 or bool((tok[1:] > tok[:-1]).all())):
+        if _use_kernels(x) and p.increasing():
             self._update_kernel(x.detach(), tok)
             return
         a = p.abs()  # comparisons in the input's own dtype are exact; only [C] results go to float64
-        m, arg = a.max(dim=0)  # [C]; torch returns the first maximal row; NaN and inf propagate into m
-        if not bool(torch.isfinite(m).all()):  # rare: count them and let NaN lose
-            nan = torch.isnan(a)
+        m = a.amax(dim=0)  # [C]; NaN and inf propagate into m (and into its sum)
+        if not math.isfinite(float(m.sum())) and not bool(torch.isfinite(m).all()):
+            nan = torch.isnan(a)  # rare: count them, let NaN lose
             self.nan_count += nan.sum().cpu()
             self.inf_count += torch.isinf(a).sum().cpu()
             a = a.masked_fill(nan, -1.0)
-            m, arg = a.max(dim=0)
+            m = a.amax(dim=0)
+        # Only channels whose batch max reaches the running max can change (ties included: the token
+        # decides); after the first batches these are few, so the argmax runs on those columns only.
+        # The [C]-sized bookkeeping is numpy on the state's own memory (a torch op costs ~5 us each).
+        mn = m.to(torch.float64).cpu().numpy()
+        best, token = self.absmax.numpy(), self.token.numpy()
+        cols = np.flatnonzero(mn >= best)
+        if cols.size == 0:
+            return
+        ct = torch.from_numpy(cols).to(a.device)
+        sub = a.index_select(1, ct)
         # Ties go to the smallest token index, whatever the batching. Capture emits rows in increasing
         # token order, where the first maximal row is that token; otherwise resolve ties explicitly.
-        if tok.numel() < 2 or bool((tok[1:] > tok[:-1]).all()):
-            cand = tok[arg]
+        if p.increasing():
+            cand = tok[sub.argmax(dim=0)]
         else:
-            cand = torch.where(a == m, tok[:, None], _BIG).min(dim=0).values
-        cand = torch.where(m >= 0, cand, torch.full_like(cand, NO_TOKEN))
-        m = m.to(torch.float64)
-        self._absorb(m.cpu(), cand.cpu())
+            cand = torch.where(sub == m[ct], tok[:, None], _BIG).min(dim=0).values
+        cand, mc, b, t = cand.cpu().numpy(), mn[cols], best[cols], token[cols]
+        take = (mc > b) | ((mc == b) & (mc >= 0) & ((t == NO_TOKEN) | (cand < t)))
+        best[cols] = np.where(take, mc, b)
+        token[cols] = np.where(take, cand, t)
 
     def _update_kernel(self, x: torch.Tensor, tok: torch.Tensor) -> None:
         """The Triton ``channel_stats`` kernel (GPU, or the interpreter when asked): one read of x.
@@ -453,7 +473,7 @@ class ExpertAbsMax(Reducer):
         e = self.num_experts
         self.rows += torch.bincount(ids, minlength=e).cpu()
         a = p.abs()
-        if not bool(torch.isfinite(a.max())):  # rare: per-expert NaN / inf counts, and NaN never wins
+        if not bool(torch.isfinite(a.amax(dim=0)).all()):  # rare: per-expert NaN / inf counts, and NaN never wins
             nan = torch.isnan(a)
             self.nan_count += torch.bincount(ids, weights=nan.sum(1), minlength=e).to(torch.int64).cpu()
             self.inf_count += torch.bincount(ids, weights=torch.isinf(a).sum(1), minlength=e).to(torch.int64).cpu()
@@ -556,16 +576,25 @@ class TopK(Reducer):
         x = p.values.detach()
         if x.shape[0] == 0 or x.shape[1] == 0:
             return
-        flat = p.abs().flatten()
         c = x.shape[1]
         if self.values.numel() >= self.k:
-            # Full: only entries >= the smallest kept value can enter (ties kept for the exact order).
-            # One comparison pass; NaN compares false and is counted only when the batch has any.
-            idx = torch.nonzero(flat >= float(self.values[-1])).flatten()
-            if bool(torch.isnan(flat.max())):  # max propagates NaN
-                self.nan_count += torch.isnan(flat).sum().cpu()
-            self._absorb(flat[idx].to(torch.float64).cpu(), p.tokens[idx // c].to(torch.int64).cpu(), (idx % c).cpu())
+            # Full: only entries >= the smallest kept value can enter (ties kept for the exact order), and
+            # only in channels whose column max reaches it (usually a handful: the massive ones). NaN
+            # propagates into the column max; it compares false and is counted when the batch has any.
+            thr = float(self.values[-1])
+            a = p.abs()
+            colmax = a.amax(dim=0)
+            nan_cols = torch.isnan(colmax)
+            if bool(nan_cols.any()):
+                self.nan_count += torch.isnan(a).sum().cpu()
+            cols = torch.nonzero((colmax >= thr) | nan_cols).flatten()
+            if cols.numel() == 0:
+                return
+            sub = a.index_select(1, cols)
+            r, j = torch.nonzero(sub >= thr, as_tuple=True)
+            self._absorb(sub[r, j].to(torch.float64).cpu(), p.tokens[r].to(torch.int64).cpu(), cols[j].cpu())
             return
+        flat = p.abs().flatten()
         nan = torch.isnan(flat)
         self.nan_count += nan.sum().cpu()
         flat = flat.masked_fill(nan, -1.0)
@@ -576,14 +605,13 @@ class TopK(Reducer):
         self._absorb(flat[idx].to(torch.float64).cpu(), p.tokens[idx // c].to(torch.int64).cpu(), (idx % c).cpu())
 
     def _absorb(self, v: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> None:
-        v = torch.cat([self.values, v])
-        t = torch.cat([self.tokens, t])
-        c = torch.cat([self.channels, c])
-        # Sort by channel, then token (stable), then value descending (stable): a total order.
-        order = torch.argsort(c, stable=True)
-        order = order[torch.argsort(t[order], stable=True)]
-        order = order[torch.argsort(-v[order], stable=True)][: self.k]
-        self.values, self.tokens, self.channels = v[order], t[order], c[order]
+        v = np.concatenate([self.values.numpy(), v.numpy()])
+        t = np.concatenate([self.tokens.numpy(), t.numpy()])
+        c = np.concatenate([self.channels.numpy(), c.numpy()])
+        # A total order: value descending, then token, then channel (numpy: few [k]-sized ops, no torch dispatch).
+        order = np.lexsort((c, t, -v))[: self.k]
+        self.values, self.tokens, self.channels = (torch.from_numpy(v[order]), torch.from_numpy(t[order]),
+                                                   torch.from_numpy(c[order]))
 
     def merge(self, other: "TopK") -> "TopK":
         self._check_same(other)
