@@ -62,17 +62,38 @@ def run(args) -> dict:
 
         profile(lm, prompts, ProfileOptions(batch_size=args.batch), progress=False)
     elif args.variant == "nnsight":
+        from workbench.tracing.capture import fused_expert_output
+
         nn_model = lm.to_nnsight()
+        infos = lm.layer_infos()
         saved = []
         torch.set_grad_enabled(False)  # as a careful user would: otherwise every saved output keeps its graph
         for chunk in batches(prompts, args.batch):
             outs = []
             with nn_model.trace(chunk):
                 for i in range(n_layers):
-                    outs.append(nn_model.model.layers[i].mlp.down_proj.output.save())
+                    mlp = nn_model.model.layers[i].mlp
+                    # Fused MoE experts have no per-expert down_proj to read: save the experts' inputs
+                    # (hidden states, chosen experts) and recompute each expert's output afterwards.
+                    outs.append(mlp.experts.inputs.save() if infos[i].layout == "fused" else mlp.down_proj.output.save())
             saved.append(outs)
-        maxima = [max(float(b[i].abs().max()) for b in saved) for i in range(n_layers)]
+        maxima = []
+        for i in range(n_layers):
+            if infos[i].layout != "fused":
+                maxima.append(max(float(b[i].abs().max()) for b in saved))
+                continue
+            experts = lm.model.model.layers[i].mlp.experts
+            best = torch.zeros(infos[i].num_experts)
+            for b in saved:
+                hidden, index = b[i][0][0], b[i][0][1]
+                for e in range(infos[i].num_experts):
+                    rows = (index == e).any(-1)
+                    if rows.any():
+                        best[e] = max(best[e], fused_expert_output(experts, hidden[rows], e).abs().max())
+            maxima.append(best.tolist())
     elif args.variant == "tl":
+        if any(info.layout != "dense" for info in lm.layer_infos()):
+            raise SystemExit("TransformerLens exposes no per-expert down_proj hook for MoE experts")
         bridge = lm.to_transformer_lens()
         names = {f"blocks.{i}.mlp.out.hook_out" for i in range(n_layers)}
         caches = []

@@ -119,11 +119,13 @@ def _index_reduce(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, how
 
 
 def _absorb_max(best: torch.Tensor, token: torch.Tensor, m: torch.Tensor, t: torch.Tensor):
-    """Elementwise merge of (max, token) pairs: the larger value wins, a tie goes to the smaller token."""
-    better = m > best
-    tie = (m == best) & (m >= 0) & (t != NO_TOKEN) & ((token == NO_TOKEN) | (t < token))
-    take = better | tie
-    return torch.where(take, m, best), torch.where(take, t, token)
+    """Elementwise merge of (max, token) pairs: the larger value wins, a tie goes to the smaller token.
+
+    CPU tensors in and out; the arithmetic is numpy (a dozen small ops, each ~5 us as torch ops).
+    """
+    b, tk, mn, tn = best.numpy(), token.numpy(), m.numpy(), t.numpy()
+    take = (mn > b) | ((mn == b) & (mn >= 0) & (tn != NO_TOKEN) & ((tk == NO_TOKEN) | (tn < tk)))
+    return torch.from_numpy(np.where(take, mn, b)), torch.from_numpy(np.where(take, tn, tk))
 
 
 @dataclass
