@@ -2,6 +2,7 @@
 
 Variants (each in its own subprocess, so peak RSS is its own):
   plain    model forward only (batches of --batch prompts, right-padded)
+  body     the same forward without the LM head (the profile pass skips it: no statistic needs logits)
   profile  workbench's full profile pass (super experts, router, massive activations, sinks)
   nnsight  nnsight trace that .save()s every down_proj output, reduced (absmax) after the run
   tl       TransformerLens TransformerBridge run_with_cache on the same down_proj sites, reduced after
@@ -57,6 +58,12 @@ def run(args) -> dict:
             for chunk in batches(prompts, args.batch):
                 enc = lm.tokenizer(chunk, return_tensors="pt", padding=True)
                 lm.model(**enc, use_cache=False)
+    elif args.variant == "body":  # the decoder stack alone, without the LM head (what the profile pass runs)
+        body = lm.adapter.body(lm.model)
+        with torch.no_grad():
+            for chunk in batches(prompts, args.batch):
+                enc = lm.tokenizer(chunk, return_tensors="pt", padding=True)
+                body(**enc, use_cache=False)
     elif args.variant == "profile":
         from workbench.experts.profile import ProfileOptions, profile
 

@@ -103,6 +103,16 @@ class Adapter:
     def lm_head(self, model: nn.Module) -> nn.Module:
         return get_path(model, self.lm_head_path)
 
+    def body(self, model: nn.Module) -> nn.Module:
+        """The decoder stack without the LM head (the module holding ``layers_path``), else the model.
+
+        Passes that read only activations run this: no statistic needs the logits, and the head is a
+        large share of a small model's compute (SmolLM2: a 576 x 49152 matmul per token).
+        """
+        parent = self.layers_path.rpartition(".")[0]
+        body = get_path(model, parent) if parent else None
+        return body if isinstance(body, nn.Module) else model
+
     def embedding(self, model: nn.Module) -> nn.Module:
         return get_path(model, self.embed_path)
 

@@ -208,6 +208,7 @@ def trace(
     repeat = len(lm.layer_infos()) if streamer is not None else 1  # streamed: each token passes once per layer
     bar = tqdm(total=int(per_batch[mine.start:mine.stop].sum()) * repeat, initial=int(per_batch[mine.start:first].sum()),
                unit="tok", desc=f"trace {lm.spec}", disable=not progress, file=sys.stderr, leave=False)
+    body = lm.adapter.body(lm.model)  # no statistic needs the logits: the LM head is skipped
     with Capture(lm.model, lm.adapter, sinks) as cap, _installed(meters, lm), torch.no_grad():
         if streamer is not None:
             _run_streamed(streamer, [batch(b) for b in range(first, mine.stop)], cap, meters, bar)
@@ -217,7 +218,7 @@ def trace(
                 cap.begin_batch(grid.to(device))
                 for m in meters:
                     m.begin_batch(grid.to(device))
-                lm.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                body(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
                 bar.update(int(mask.sum()))
                 if checkpoint is not None and (b + 1 - mine.start) % checkpoint.every == 0 and b + 1 < mine.stop:
                     checkpoint.save(b + 1, fp, state.flatten(objs))
