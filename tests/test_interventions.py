@@ -31,8 +31,7 @@ def test_every_op_restores_the_model_exactly(spec):
     ops = [dict(op="zero", layers=L, expert=1), dict(op="scale", layers=L, expert=2, factor=3.0),
            dict(op="drop", layers=L, expert=3), dict(op="bias", layers=L, expert=4, value=2.0),
            dict(op="zero_channel", layers=0, channel=5, positions=[0, -1])]
-    if lm.layer_infos()[L].layout == "fused":
-        ops.append(dict(op="force", layers=L, expert=5, weight=0.5))
+    ops += [dict(op="force", layers=L, expert=5, weight=0.5), dict(op="zero", layers=L, expert=1, positions=[0])]
     for op in ops:
         with apply(lm, [op]):
             changed = logits(lm, enc)
@@ -59,6 +58,33 @@ def test_zero_equals_removing_the_expert_weights(spec):
         with torch.no_grad():
             w.copy_(saved)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+MODULELIST_OPS = [
+    [dict(op="force", layers=1, expert=5, weight=0.5)],
+    [dict(op="force", layers=[0, 2], expert=3, weight=0.3, positions=[0, -1])],
+    [dict(op="zero", layers=1, expert=2, positions=[0, 1])],
+    [dict(op="scale", layers=0, expert=4, factor=3.0, token="a")],
+    [dict(op="zero", layers=0, expert=2, prompts=[1])],
+    [dict(op="drop", layers=1, expert=0), dict(op="force", layers=1, expert=7, weight=0.4, positions=[-1]),
+     dict(op="zero", layers=1, expert=1)],
+]
+
+
+@pytest.mark.parametrize("ops", MODULELIST_OPS, ids=lambda ops: "+".join(o["op"] for o in ops))
+def test_modulelist_experts_take_force_and_scoped_ops_like_the_fused_layout(ops):
+    """zoo:qwen3-moe-modulelist holds zoo:qwen3-moe's weights in the older layout: same interventions, same logits."""
+    fused, mlist = load("zoo:qwen3-moe"), load("zoo:qwen3-moe-modulelist")
+    enc = batch(fused)
+    base = logits(mlist, enc)
+    out = {}
+    for name, lm in (("fused", fused), ("modulelist", mlist)):
+        with apply(lm, ops) as applied:
+            applied.set_prompts(range(len(PROMPTS)))
+            out[name] = logits(lm, enc)
+    assert (out["modulelist"] - base).abs().max() > 1e-3  # the intervention does something
+    torch.testing.assert_close(out["modulelist"], out["fused"], rtol=1e-5, atol=2e-5)
+    assert torch.equal(logits(mlist, enc), base)
 
 
 def test_scale_equals_scaling_the_expert_weights():

@@ -141,9 +141,6 @@ class Intervention:
                 if not 0 <= self.expert < limit:
                     raise WorkbenchError(f"{where}: field 'expert': {self.kind} expert {self.expert} out of range "
                                          f"(layer {layer} has {limit})")
-                if info.layout == "modulelist" and (self.op == "force" or self.positions or self.token or self.prompts):
-                    raise WorkbenchError(f"{where}: op {self.op!r} with positions/token is not supported for "
-                                         "ModuleList experts")
             elif self.op in ("zero_neuron", "scale_neuron"):
                 if info.kind != "dense":
                     raise WorkbenchError(f"{where}: op {self.op!r} needs a dense MLP layer; layer {layer} is MoE")
@@ -199,9 +196,13 @@ class Applied(HookSet):
         self._prompts = None if indices is None else torch.as_tensor(list(indices), dtype=torch.int64)
 
     # ----- scope -------------------------------------------------------------------------------
+    @staticmethod
+    def _scoped(iv: Intervention) -> bool:
+        return iv.positions is not None or iv.token is not None or iv.prompts is not None
+
     def _scope(self, iv: Intervention, rows: int) -> torch.Tensor | None:
         """[rows] bool mask of the tokens this intervention touches (None: all)."""
-        if iv.positions is None and iv.token is None and iv.prompts is None:
+        if not self._scoped(iv):
             return None
         ids = self._tokens.ids
         if ids is None or ids.numel() != rows:
@@ -253,6 +254,11 @@ class Applied(HookSet):
             weighting = [iv for iv in ivs if iv.op in ("zero", "scale") and iv.kind == "routed"]
             if routing:
                 self._install_routing(layer, info, routing)
+            if info.layout == "modulelist":  # force and scoped zero/scale: a correction of the block's output
+                delta = [iv for iv in ivs if iv.op == "force" or (iv in weighting and self._scoped(iv))]
+                weighting = [iv for iv in weighting if iv not in delta]
+                if delta:
+                    self._install_modulelist_delta(layer, delta)
             if weighting:
                 self._install_weighting(layer, info, weighting)
             for iv in ivs:
@@ -285,21 +291,6 @@ class Applied(HookSet):
                     exclude[rows, iv.expert] = True
             return logits, exclude
 
-        def force(weights: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            for iv in ivs:
-                if iv.op != "force":
-                    continue
-                weights, index = weights.clone(), index.clone()
-                scope = self._scope(iv, index.shape[0])
-                chosen = (index == iv.expert).any(-1)
-                last = weights.argmin(-1)  # the lowest-weighted choice makes room
-                rows = torch.arange(index.shape[0], device=index.device)
-                slot = torch.where(chosen, (index == iv.expert).int().argmax(-1), last)
-                apply = torch.ones_like(chosen) if scope is None else scope
-                index[rows[apply], slot[apply]] = iv.expert
-                weights[rows[apply], slot[apply]] = iv.weight
-            return weights, index
-
         if info.layout == "fused":
             def hook(mod, args, kwargs, out):
                 logits = out[0]
@@ -308,7 +299,7 @@ class Applied(HookSet):
                     weights, index = out[1], out[2]
                 else:
                     weights, index = ad.select_experts(model, new_logits, router, exclude=exclude)
-                weights, index = force(weights, index)
+                weights, index = self._force(ivs, weights, index)
                 return (logits, weights.to(out[1].dtype), index)
         else:  # ModuleList: the block routes from the gate's logits itself
             def hook(mod, args, kwargs, out):
@@ -316,19 +307,81 @@ class Applied(HookSet):
                 return logits if exclude is None else logits.masked_fill(exclude, float("-inf"))
         self._hook(router, hook)
 
+    def _force(self, ivs: list[Intervention], weights: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put each ``force`` expert in the top-k with its weight (in place of the lowest-weighted choice)."""
+        for iv in ivs:
+            if iv.op != "force":
+                continue
+            weights, index = weights.clone(), index.clone()
+            scope = self._scope(iv, index.shape[0])
+            chosen = (index == iv.expert).any(-1)
+            last = weights.argmin(-1)  # the lowest-weighted choice makes room
+            rows = torch.arange(index.shape[0], device=index.device)
+            slot = torch.where(chosen, (index == iv.expert).int().argmax(-1), last)
+            apply = torch.ones_like(chosen) if scope is None else scope
+            index[rows[apply], slot[apply]] = iv.expert
+            weights[rows[apply], slot[apply]] = iv.weight
+        return weights, index
+
+    def _reweight(self, ivs: list[Intervention], weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Routing weights after ``zero`` / ``scale`` of routed experts (within each one's scope)."""
+        for iv in ivs:
+            scope = self._scope(iv, index.shape[0])
+            hit = index == iv.expert
+            if scope is not None:
+                hit &= scope[:, None]
+            weights = torch.where(hit, weights * (0.0 if iv.op == "zero" else iv.factor), weights)
+        return weights
+
+    def _install_modulelist_delta(self, layer, ivs: list[Intervention]) -> None:
+        """``force`` and scoped ``zero``/``scale`` on a ModuleList block, which routes inside its forward.
+
+        The block runs unchanged; its output is then corrected by the (token, slot) pairs whose expert
+        or weight the interventions change: minus what they contributed, plus what they contribute now
+        (the experts are run again on those tokens only). Equal to the fused layout's result up to
+        float rounding (tested against the same weights in the fused layout).
+        """
+        ad, model = self.lm.adapter, self.lm.model
+        block, router, experts = ad.mlp(layer), ad.router(layer), ad.experts(layer)
+        seen: dict[str, torch.Tensor] = {}
+
+        def record(mod, args, kwargs, out):  # the logits the block routes from (after any drop/bias hook)
+            seen["logits"] = out[0] if isinstance(out, tuple) else out
+        self._hook(router, record)
+        forces = [iv for iv in ivs if iv.op == "force"]
+        weighting = [iv for iv in ivs if iv.op in ("zero", "scale")]
+
+        def hook(mod, args, kwargs, out):
+            hs = out[0] if isinstance(out, tuple) else out
+            x = args[0] if args else kwargs["hidden_states"]
+            x = x.reshape(-1, x.shape[-1])
+            logits = seen.pop("logits")
+            weights, index = ad.select_experts(model, logits.reshape(-1, logits.shape[-1]), router)
+            new_w, new_i = self._force(forces, weights, index)
+            new_w = self._reweight(weighting, new_w, new_i)
+            tok, slot = torch.nonzero((new_i != index) | (new_w != weights), as_tuple=True)
+            if tok.numel() == 0:
+                return out
+            delta = torch.zeros_like(x)
+            old_e, new_e = index[tok, slot], new_i[tok, slot]
+            for e in torch.unique(torch.cat([old_e, new_e])).tolist():
+                for which, w, sign in ((old_e, weights, -1.0), (new_e, new_w, 1.0)):
+                    m = which == e
+                    if m.any():
+                        t = tok[m]
+                        delta.index_add_(0, t, experts[e](x[t]) * (sign * w[t, slot[m], None]).to(x.dtype))
+            hs = hs + delta.view(hs.shape)
+            return (hs, *out[1:]) if isinstance(out, tuple) else hs
+        self._hook(block, hook)
+
     def _install_weighting(self, layer, info, ivs: list[Intervention]) -> None:
         ad = self.lm.adapter
         if info.layout == "fused":
             def pre(mod, args, kwargs):
                 args, kwargs = list(args), dict(kwargs)
                 get = lambda i, k: args[i] if len(args) > i else kwargs[k]  # noqa: E731
-                index, weights = get(1, "top_k_index"), get(2, "top_k_weights").clone()
-                for iv in ivs:
-                    scope = self._scope(iv, index.shape[0])
-                    hit = index == iv.expert
-                    if scope is not None:
-                        hit &= scope[:, None]
-                    weights = torch.where(hit, weights * (0.0 if iv.op == "zero" else iv.factor), weights)
+                index = get(1, "top_k_index")
+                weights = self._reweight(ivs, get(2, "top_k_weights"), index)
                 if len(args) > 2:
                     args[2] = weights
                 else:
