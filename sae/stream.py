@@ -72,6 +72,7 @@ def forward_batches(lm, tokens: Tokens, sinks: dict[Site, list], *, batch_size: 
     device = lm.device
     bar = tqdm(total=sum(len(tokens.ids[i]) for i in order), unit="tok", desc=desc or f"forward {lm.spec}",
                disable=not progress, file=sys.stderr, leave=False)
+    body = lm.adapter.body(lm.model)  # activations only: the LM head is skipped
     with Capture(lm.model, lm.adapter, sinks) as cap:
         for b in range(0, len(order), batch_size):
             chunk = order[b:b + batch_size]
@@ -86,8 +87,8 @@ def forward_batches(lm, tokens: Tokens, sinks: dict[Site, list], *, batch_size: 
             for m in meters:
                 m.begin_batch(grid.to(device))
             with torch.no_grad():  # not around the yield: grad mode is global, and the caller may train
-                lm.model(input_ids=input_ids.to(device), attention_mask=(grid >= 0).to(torch.int64).to(device),
-                         use_cache=False)
+                body(input_ids=input_ids.to(device), attention_mask=(grid >= 0).to(torch.int64).to(device),
+                     use_cache=False)
             bar.update(int((grid >= 0).sum()))
             yield grid
     bar.close()
