@@ -204,3 +204,30 @@ def test_hooked_smollm2_is_bit_identical(smollm2):
         cap.begin_batch(grid)
         hooked = smollm2.model(**enc).logits
     assert torch.equal(plain, hooked)
+
+
+def test_expert_recompute_follows_transposed_biased_custom_gate_layouts():
+    """GPT-OSS's experts (weights [E, in, out], biases, clamped interleaved gate): both recompute paths
+    equal the module's own forward on one expert with routing weight 1."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from workbench.tracing.capture import fused_expert_output, fused_grouped_output
+
+    torch.manual_seed(0)
+    experts = GptOssExperts(GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4,
+                                         num_experts_per_tok=1))
+    assert experts.is_transposed and experts.has_bias
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(10, 32)
+    refs = []
+    with torch.no_grad():
+        for e in range(4):
+            ref = experts(x, torch.full((10, 1), e), torch.ones(10, 1))
+            torch.testing.assert_close(fused_expert_output(experts, x, e), ref, rtol=1e-5, atol=1e-5)
+            refs.append(ref[: 2 + e])
+        counts = torch.tensor([2, 3, 4, 5])
+        rows = torch.cat([x[: 2 + e] for e in range(4)])
+        torch.testing.assert_close(fused_grouped_output(experts, rows, counts), torch.cat(refs), rtol=1e-5, atol=1e-5)

@@ -29,10 +29,30 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _activate(experts: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The fused experts' gated activation on the gate_up projection ``h`` (the module's own, if it has one)."""
+    if hasattr(experts, "_apply_gate"):  # e.g. GPT-OSS's clamped, interleaved gate
+        return experts._apply_gate(h)
+    gate, up = h.chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
 def fused_expert_output(experts: nn.Module, hidden: torch.Tensor, e: int) -> torch.Tensor:
-    """One fused expert's down_proj output on ``hidden [n, H]`` (before the routing weight)."""
-    gate, up = F.linear(hidden, experts.gate_up_proj[e]).chunk(2, dim=-1)
-    return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+    """One fused expert's down_proj output on ``hidden [n, H]`` (before the routing weight).
+
+    The same layouts as :func:`fused_grouped_output` (transposed weights, biases, a custom gate), with
+    one ``F.linear`` per projection, as transformers computes it.
+    """
+    transposed = bool(getattr(experts, "is_transposed", False))
+    bias = getattr(experts, "has_bias", False)
+
+    def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x @ weight if transposed else F.linear(x, weight)
+    h = project(hidden, experts.gate_up_proj[e])
+    if bias:
+        h = h + experts.gate_up_proj_bias[e]
+    out = project(_activate(experts, h), experts.down_proj[e])
+    return out + experts.down_proj_bias[e] if bias else out
 
 
 def _per_group(x: torch.Tensor, counts: torch.Tensor, run) -> torch.Tensor:
@@ -68,12 +88,7 @@ def fused_grouped_output(experts: nn.Module, hidden: torch.Tensor, counts: torch
     h = _grouped_linear(hidden, experts.gate_up_proj, counts, transposed)
     if getattr(experts, "has_bias", False):
         h = h + experts.gate_up_proj_bias[ids]
-    if hasattr(experts, "_apply_gate"):
-        h = experts._apply_gate(h)
-    else:
-        gate, up = h.chunk(2, dim=-1)
-        h = experts.act_fn(gate) * up
-    out = _grouped_linear(h, experts.down_proj, counts, transposed)
+    out = _grouped_linear(_activate(experts, h), experts.down_proj, counts, transposed)
     if getattr(experts, "has_bias", False):
         out = out + experts.down_proj_bias[ids]
     return out
