@@ -8,6 +8,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests (restored after).
+
+    Reductions and matmuls over tiny tensors take milliseconds instead of microseconds with the
+    intra-op pool on a busy 2-core machine; modules doing thousands of them opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from workbench.models.specs import load

@@ -49,15 +49,7 @@ SPECIALS = [NAN, INF, -INF]
 LOW_PRECISION = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # torch's CPU reductions over tiny tensors (e.g. max(dim=0) on [2, 4]) take milliseconds
-    # instead of microseconds with the intra-op thread pool on this machine; these tests do
-    # thousands of tiny reductions, so run them single-threaded and restore the setting after.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from test_reducers import (  # noqa: F401  (_one_torch_thread: the same autouse fixture, one thread)
-    NAN, SETTINGS, Case, _one_torch_thread, assert_same_state, cases, orders, ref_absmax)
+from test_reducers import NAN, SETTINGS, Case, assert_same_state, cases, orders, ref_absmax
 from workbench.tracing.reducers import AbsMax, ExpertAbsMax, Log2Histogram, Payload, TopK
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 
 def feed(make, payloads, order=None):
