@@ -21,6 +21,12 @@ MODEL = "zoo:qwen3-moe"
 DROP = {i: {"drop": True} for i in range(4)}
 
 
+@pytest.fixture(autouse=True)
+def _model_argv(monkeypatch):
+    """The app starts on this module's model (the app's own default is zoo:tiny-moe-se)."""
+    monkeypatch.setattr(sys, "argv", ["app.py", "--model", MODEL])
+
+
 def _app(page: str) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()

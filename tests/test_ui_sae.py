@@ -2,6 +2,7 @@
 folder, SAE features in the Profile page's expert detail and on circuit nodes (and in the downloads), and
 ``sae_steer`` rows in the Steer page's study YAML."""
 
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,12 @@ from sae_lens.saes.sae import SAEMetadata  # noqa: E402
 APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
 MODEL = "zoo:qwen3-moe"  # hidden size 64, 4 layers x 8 experts
 FEATURES_SHOWN = "top activating tokens"  # a column of the SAE feature tables
+
+
+@pytest.fixture(autouse=True)
+def _model_argv(monkeypatch):
+    """The app starts on this module's model (the app's own default is zoo:tiny-moe-se)."""
+    monkeypatch.setattr(sys, "argv", ["app.py", "--model", MODEL])
 
 
 def make_sae(path: Path, d_in: int = 64, d_sae: int = 32, hook: str = "blocks.1.hook_resid_post") -> Path:

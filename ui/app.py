@@ -16,7 +16,7 @@ from workbench.models.specs import list_builtin
 from workbench.ui import circuits_page, profile_page, steer_page
 from workbench.ui.common import load_model, pick_sae, show_error
 
-DEFAULT_MODEL = "zoo:qwen3-moe"
+DEFAULT_MODEL = "zoo:tiny-moe-se"  # trained: readable continuations, one planted super expert to find
 CUSTOM = "(local path or hub id)"
 PAGES = {"Profile": profile_page.render, "Steer": steer_page.render, "Circuits": circuits_page.render}
 

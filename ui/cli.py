@@ -31,7 +31,7 @@ def add_ui_parser(subparsers) -> argparse.ArgumentParser:
     u = subparsers.add_parser("ui", help="open the Streamlit workbench app (localhost)",
                               description="Start the Streamlit app (profile, steer, circuits pages) on "
                                           "127.0.0.1:PORT; MODEL is the model picked when the app opens.")
-    u.add_argument("--model", default=None, help="model spec selected at start (default: zoo:qwen3-moe)")
+    u.add_argument("--model", default=None, help="model spec selected at start (default: zoo:tiny-moe-se)")
     u.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
     u.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of the app (default: torch's choice); 1 keeps zoo-model "
