@@ -304,3 +304,17 @@ def test_cli_ui_command():
         assert cmd[cmd.index(flag) + 1] == value
     assert cmd[-5:] == ["--", "--model", MODEL, "--threads", "1"]
     assert command(None, 8501)[-1] == "false"  # no app arguments, no "--"
+
+
+def test_default_model_shows_its_super_expert_in_steer(monkeypatch):
+    """Started without --model, the app opens zoo:tiny-moe-se; zeroing its super expert (L1.E5) in Steer
+    changes the continuation of the default prompt (" Paris." -> " France.")."""
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert at.sidebar.selectbox(key="model_choice").value == "zoo:tiny-moe-se"
+    at.sidebar.radio(key="page").set_value("Steer").run()
+    assert at.session_state["steer_generations"] == (" Paris.<|im_end|>", " Paris.<|im_end|>")
+    at.selectbox(key="steer_layer").set_value("1").run()
+    _edit(at, 1, {5: {"zero": True}})
+    _ok(at)
+    assert at.session_state["steer_generations"] == (" Paris.<|im_end|>", " France.<|im_end|>")
