@@ -17,7 +17,8 @@ test: venv  ## the whole suite, slow tests included (what CI runs; ~3 min after 
 test-fast: venv  ## skip tests marked slow
 	.venv/bin/pytest -q -m "not slow"
 
-bench: venv
+bench: venv  ## profile pass vs plain forward, nnsight and TransformerLens (10k tokens, ~2 min), then trace hooks alone
+	$(PY) bench/profile_overhead.py --model smollm2-135m --tokens 10000 --variants plain,body,profile,nnsight,tl
 	$(PY) bench/trace_overhead.py
 
 clean:

@@ -44,7 +44,7 @@ for p in (REPO, REPO / "scripts"):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from train_zoo import corpus_lines, eval_loss, load_tokenizer, lr_at, pack  # noqa: E402
+from train_zoo import corpus_lines, corpus_vocab, eval_loss, load_tokenizer, lr_at, pack, seeded_batches  # noqa: E402
 from workbench.models import zoo  # noqa: E402
 
 NAME = "tiny-moe-se"
@@ -95,22 +95,16 @@ def train(args) -> dict:
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    used = torch.unique(blocks)
-    remap = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
-    remap[used] = torch.arange(len(used))
+    used, remap = corpus_vocab(blocks, model.config.vocab_size)
     emb = model.get_input_embeddings().weight
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
     n_exp, top_k = model.config.num_experts, model.config.num_experts_per_tok
-    gen = torch.Generator().manual_seed(args.seed)
-    order: list[int] = []
+    picks = seeded_batches(len(blocks), args.batch, torch.Generator().manual_seed(args.seed))
     model.train()
     t0 = time.perf_counter()
     for step in range(args.steps):
-        if len(order) < args.batch:
-            order += torch.randperm(len(blocks), generator=gen).tolist()
-        idx, order = order[: args.batch], order[args.batch:]
-        x = blocks[idx]
+        x = blocks[next(picks)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         out = model.model(input_ids=x, output_router_logits=True, output_attentions=True, use_cache=False)

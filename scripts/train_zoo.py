@@ -77,6 +77,28 @@ def pack(tok, lines: list[str], block: int) -> torch.Tensor:
     return torch.stack([flat[s:s + block] for s in starts])
 
 
+def seeded_batches(n_blocks: int, batch: int, gen: torch.Generator):
+    """Block indices, ``batch`` at a time, over deterministic epochs (a seeded permutation each)."""
+    order: list[int] = []
+    while True:
+        if len(order) < batch:
+            order += torch.randperm(n_blocks, generator=gen).tolist()
+        idx, order = order[:batch], order[batch:]
+        yield idx
+
+
+def corpus_vocab(blocks: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids occurring in ``blocks`` and a map from every id to its place among them (-1: absent).
+
+    The output softmax over all 49152 tokens costs more than the rest of the model on a CPU, so the
+    training loss is the cross-entropy over these ids only (the others never appear as inputs or targets).
+    """
+    used = torch.unique(blocks)
+    remap = torch.full((vocab_size,), -1, dtype=torch.long)
+    remap[used] = torch.arange(len(used))
+    return used, remap
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -100,14 +122,10 @@ def train(args) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    # The output softmax over all 49152 tokens costs more than the rest of the model on a CPU, so the
-    # loss is the cross-entropy over the 1.9k token ids that occur in the corpus (the others never
-    # appear as inputs or targets), plus the full-vocabulary cross-entropy on a few random positions
-    # per step so the unused tokens are still pushed down. The corpus loss reported at the end is
-    # always over the full vocabulary.
-    used = torch.unique(blocks)
-    remap = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
-    remap[used] = torch.arange(len(used))
+    # The loss is the cross-entropy over the 1.9k token ids that occur in the corpus (corpus_vocab), plus
+    # the full-vocabulary cross-entropy on a few random positions per step so the unused tokens are still
+    # pushed down. The corpus loss reported at the end is always over the full vocabulary.
+    used, remap = corpus_vocab(blocks, model.config.vocab_size)
     emb = model.get_input_embeddings().weight  # tied with lm_head
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
@@ -119,14 +137,11 @@ def train(args) -> dict:
     print(f"untrained corpus loss {first:.3f}")
 
     gen = torch.Generator().manual_seed(args.seed)
-    order: list[int] = []
+    picks = seeded_batches(len(blocks), args.batch, gen)
     t0 = time.perf_counter()
     lm_loss = aux = float("nan")
     for step in range(args.steps):
-        if len(order) < args.batch:  # deterministic epochs: a seeded permutation each time
-            order += torch.randperm(len(blocks), generator=gen).tolist()
-        idx, order = order[: args.batch], order[args.batch:]
-        x = blocks[idx]
+        x = blocks[next(picks)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         out = model.model(input_ids=x, output_router_logits=True, use_cache=False)
