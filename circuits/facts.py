@@ -28,6 +28,7 @@ from typing import Iterable
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.io import read_text
 
 FIELDS = ("prompt", "answer", "corrupted_prompt", "corrupted_answer", "relation", "subject")
 REQUIRED = ("prompt", "answer")
@@ -79,15 +80,7 @@ def parse_facts(lines: Iterable[str], source: str = "facts") -> list[Fact]:
 
 def read_facts(path: str | Path) -> list[Fact]:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WorkbenchError(f"facts file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise WorkbenchError(f"facts file {path} is not UTF-8 text") from None
-    except OSError as e:
-        raise WorkbenchError(f"cannot read facts file {path}: {e.strerror}") from None
-    return parse_facts(text.splitlines(), source=f"facts file {path}")
+    return parse_facts(read_text(path, "facts file").splitlines(), source=f"facts file {path}")
 
 
 def builtin_facts() -> list[Fact]:

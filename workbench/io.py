@@ -103,6 +103,19 @@ def clear_stale_temps(folder: str | os.PathLike, names: Iterable[str]) -> None:
                 f.unlink()
 
 
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file's contents; a missing, undecodable or unreadable file is a one-line error naming it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise WorkbenchError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise WorkbenchError(f"{what} {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise WorkbenchError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
 def read_structured(path: str | os.PathLike, what: str = "file") -> tuple[Any, str]:
     """Parse a .json file as JSON and anything else as YAML; return (data, text).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.io import read_text
 
 DATA_DIR = Path(__file__).parent
 
@@ -17,15 +18,7 @@ def default_prompts() -> list[str]:
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line; blank lines are skipped. An empty file is an error."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WorkbenchError(f"prompts file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise WorkbenchError(f"prompts file {path} is not UTF-8 text") from None
-    except OSError as e:
-        raise WorkbenchError(f"cannot read prompts file {path}: {e.strerror}") from None
-    prompts = [line for line in text.splitlines() if line.strip()]
+    prompts = [line for line in read_text(path, "prompts file").splitlines() if line.strip()]
     if not prompts:
         raise WorkbenchError(f"prompts file {path} has no prompts (it is empty)")
     return prompts
