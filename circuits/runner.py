@@ -50,18 +50,26 @@ class Patch:
     corr_resid: torch.Tensor  # [P, B, T, d]
 
 
-class _Slot(nn.Module):
-    """Stands in for a module of an MoE block that reads receiver copy ``slot`` (router, shared expert, its gate)."""
+class _StandIn(nn.Module):
+    """Replaces module ``base`` while the runner is installed; unknown attributes are read from ``base``."""
 
-    def __init__(self, base: nn.Module, runner: "GraphRunner", stage: int, slot: int):
+    def __init__(self, base: nn.Module, runner: "GraphRunner"):
         super().__init__()
-        self.base, self.runner, self.stage, self.slot = base, runner, stage, slot
+        self.base, self.runner = base, runner
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["base"], name)
+
+
+class _Slot(_StandIn):
+    """Stands in for a module of an MoE block that reads receiver copy ``slot`` (router, shared expert, its gate)."""
+
+    def __init__(self, base: nn.Module, runner: "GraphRunner", stage: int, slot: int):
+        super().__init__(base, runner)
+        self.stage, self.slot = stage, slot
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs):
         y = self.runner._stash.get(self.stage)
@@ -70,18 +78,12 @@ class _Slot(nn.Module):
         return self.base(hidden, *args, **kwargs)
 
 
-class _Experts(nn.Module):
+class _Experts(_StandIn):
     """Stands in for fused experts: each expert reads its own copy and its routed output is recorded."""
 
     def __init__(self, base: nn.Module, runner: "GraphRunner", plan: LayerPlan):
-        super().__init__()
-        self.base, self.runner, self.plan = base, runner, plan
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["base"], name)
+        super().__init__(base, runner)
+        self.plan = plan
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         r = self.runner
@@ -111,20 +113,14 @@ class _Experts(nn.Module):
         return out
 
 
-class _ModuleListMoe(nn.Module):
+class _ModuleListMoe(_StandIn):
     """Stands in for an MoE block with a ModuleList of experts (the older layout): routes with the
     adapter's rule from the router's own copy, runs each expert on its own copy and records each
     routed expert's weighted output and the (gated) shared expert's output."""
 
     def __init__(self, base: nn.Module, runner: "GraphRunner", plan: LayerPlan):
-        super().__init__()
-        self.base, self.runner, self.plan = base, runner, plan
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["base"], name)
+        super().__init__(base, runner)
+        self.plan = plan
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs):
         r, plan, ad, base = self.runner, self.plan, self.runner.adapter, self._modules["base"]
