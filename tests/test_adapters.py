@@ -9,6 +9,7 @@ from workbench.errors import WorkbenchError
 from workbench.models.specs import load
 from workbench.tracing.capture import Capture
 from workbench.tracing.reducers import AbsMax
+from workbench.tracing.runner import trace
 from workbench.tracing.sites import Component, Site, all_sites
 
 
@@ -47,6 +48,11 @@ def test_dense_family_round_trip(model_type, tmp_path, zoo_tokenizer):
     # The MLP's down_proj output is the MLP output for these families.
     mlp, expert = sinks[Site(0, Component.MLP_OUT)][0], sinks[Site(0, Component.EXPERT, 0)][0]
     assert torch.equal(mlp.absmax, expert.absmax)
+    # trace() runs the decoder stack without the LM head: the same statistics as the full forward above.
+    assert lm.adapter.body(lm.model) is not lm.model
+    res = trace(lm, PROMPTS, sites, ("absmax",), batch_size=len(PROMPTS), progress=False)
+    for s in sites:
+        assert torch.equal(res[s]["absmax"].absmax, sinks[s][0].absmax), s
 
 
 def test_registry_lists_families_and_rejects_unknown():

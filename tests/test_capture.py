@@ -231,3 +231,22 @@ def test_expert_recompute_follows_transposed_biased_custom_gate_layouts():
         counts = torch.tensor([2, 3, 4, 5])
         rows = torch.cat([x[: 2 + e] for e in range(4)])
         torch.testing.assert_close(fused_grouped_output(experts, rows, counts), torch.cat(refs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ZOO_SPECS)
+def test_trace_without_the_lm_head_equals_capture_on_the_full_forward(spec):
+    """trace() runs the decoder stack alone (no statistic needs logits); every site's statistics equal a
+    capture over the whole model's forward."""
+    lm = load(spec)
+    sites = all_sites(lm.adapter, lm.model, [Component.RESID_POST, Component.EXPERT, Component.SHARED_EXPERT,
+                                             Component.MLP_OUT])
+    res = trace(lm, PROMPTS, sites, ("absmax",), batch_size=len(PROMPTS), progress=False)
+    enc = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    grid = torch.where(enc.attention_mask.bool(), torch.cumsum(enc.attention_mask.flatten(), 0).view_as(enc.input_ids) - 1, -1)
+    sinks = {s: [AbsMax()] for s in sites}
+    with Capture(lm.model, lm.adapter, sinks) as cap, torch.no_grad():
+        cap.begin_batch(grid)
+        lm.model(**enc, use_cache=False)
+    for s in sites:
+        assert torch.equal(res[s]["absmax"].absmax, sinks[s][0].absmax), s
+        assert torch.equal(res[s]["absmax"].token, sinks[s][0].token), s
