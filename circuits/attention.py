@@ -105,7 +105,8 @@ def install(runner, attn: nn.Module, spec: AttentionSpec, stage: int) -> None:
 
 
 class _StandIn(nn.Module):
-    """Base of the stand-ins: keeps the replaced module as ``base`` and forwards attribute reads to it."""
+    """Base of the stand-ins (here and in circuits/runner.py): keeps the replaced module as ``base``, forwards
+    attribute reads to it, and reads its stage's receiver copies from the runner."""
 
     def __init__(self, base: nn.Module, runner, stage: int):
         super().__init__()

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from workbench.circuits import attention
-from workbench.circuits.attention import AttentionSpec
+from workbench.circuits.attention import AttentionSpec, _StandIn
 from workbench.circuits.graph import Graph, LayerPlan
 from workbench.adapters.base import Adapter, get_path
 from workbench.errors import WorkbenchError
@@ -50,29 +50,15 @@ class Patch:
     corr_resid: torch.Tensor  # [P, B, T, d]
 
 
-class _StandIn(nn.Module):
-    """Replaces module ``base`` while the runner is installed; unknown attributes are read from ``base``."""
-
-    def __init__(self, base: nn.Module, runner: "GraphRunner"):
-        super().__init__()
-        self.base, self.runner = base, runner
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["base"], name)
-
-
 class _Slot(_StandIn):
     """Stands in for a module of an MoE block that reads receiver copy ``slot`` (router, shared expert, its gate)."""
 
     def __init__(self, base: nn.Module, runner: "GraphRunner", stage: int, slot: int):
-        super().__init__(base, runner)
-        self.stage, self.slot = stage, slot
+        super().__init__(base, runner, stage)
+        self.slot = slot
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs):
-        y = self.runner._stash.get(self.stage)
+        y = self.copies()
         if y is not None:
             hidden = y[:, :, self.slot].reshape(hidden.shape)
         return self.base(hidden, *args, **kwargs)
@@ -82,12 +68,12 @@ class _Experts(_StandIn):
     """Stands in for fused experts: each expert reads its own copy and its routed output is recorded."""
 
     def __init__(self, base: nn.Module, runner: "GraphRunner", plan: LayerPlan):
-        super().__init__(base, runner)
+        super().__init__(base, runner, plan.mlp_stage)
         self.plan = plan
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         r = self.runner
-        y = r._stash.get(self.plan.mlp_stage)
+        y = self.copies()
         if y is None and r._acts is None and r._live is None:
             return self.base(hidden, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden)
@@ -119,12 +105,12 @@ class _ModuleListMoe(_StandIn):
     routed expert's weighted output and the (gated) shared expert's output."""
 
     def __init__(self, base: nn.Module, runner: "GraphRunner", plan: LayerPlan):
-        super().__init__(base, runner)
+        super().__init__(base, runner, plan.mlp_stage)
         self.plan = plan
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs):
         r, plan, ad, base = self.runner, self.plan, self.runner.adapter, self._modules["base"]
-        y = r._stash.get(plan.mlp_stage)
+        y = self.copies()
         if y is None and r._acts is None and r._live is None:
             return base(hidden, *args, **kwargs)
         B, T, d = hidden.shape
