@@ -27,7 +27,6 @@ class SinkMeter:
         self.top_is_first = torch.zeros(num_layers, num_heads, dtype=torch.int64)
         self.prompts = torch.zeros(num_layers, dtype=torch.int64)
         self._handles: list = []
-        self._grid: torch.Tensor | None = None
         self._prompts = 0  # prompts with queries in the current batch (set by begin_batch)
 
     def install(self, model: nn.Module, adapter: Adapter) -> None:
@@ -41,7 +40,6 @@ class SinkMeter:
 
     def begin_batch(self, grid: torch.Tensor) -> None:
         """The batch's token grid ``[B, T]`` (-1 at padding); what every layer's update shares is set up once."""
-        self._grid = grid
         q_ok = grid >= 0
         q_ok[:, 0] = False  # position 0 can only attend to itself
         nq = q_ok.sum(-1)  # [B] queries per prompt

@@ -165,13 +165,12 @@ class AbsMax(Reducer):
             m = a.amax(dim=0)
         # Only channels whose batch max reaches the running max can change (ties included: the token
         # decides); after the first batches these are few, so the argmax runs on those columns only.
-        # The [C]-sized bookkeeping is numpy on the state's own memory (a torch op costs ~5 us each).
-        mn = m.to(torch.float64).cpu().numpy()
-        best, token = self.absmax.numpy(), self.token.numpy()
-        cols = np.flatnonzero(mn >= best)
-        if cols.size == 0:
+        # The [C]-sized selection is numpy (a torch op costs ~5 us each).
+        md = m.to(torch.float64).cpu()
+        cols = torch.from_numpy(np.flatnonzero(md.numpy() >= self.absmax.numpy()))
+        if cols.numel() == 0:
             return
-        ct = torch.from_numpy(cols).to(a.device)
+        ct = cols.to(a.device)
         sub = a.index_select(1, ct)
         # Ties go to the smallest token index, whatever the batching. Capture emits rows in increasing
         # token order, where the first maximal row is that token; otherwise resolve ties explicitly.
@@ -179,10 +178,7 @@ class AbsMax(Reducer):
             cand = tok[sub.argmax(dim=0)]
         else:
             cand = torch.where(sub == m[ct], tok[:, None], _BIG).min(dim=0).values
-        cand, mc, b, t = cand.cpu().numpy(), mn[cols], best[cols], token[cols]
-        take = (mc > b) | ((mc == b) & (mc >= 0) & ((t == NO_TOKEN) | (cand < t)))
-        best[cols] = np.where(take, mc, b)
-        token[cols] = np.where(take, cand, t)
+        self.absmax[cols], self.token[cols] = _absorb_max(self.absmax[cols], self.token[cols], md[cols], cand.cpu())
 
     def _update_kernel(self, x: torch.Tensor, tok: torch.Tensor) -> None:
         """The Triton ``channel_stats`` kernel (GPU, or the interpreter when asked): one read of x.
