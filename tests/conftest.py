@@ -22,6 +22,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    """zoo:qwen2-moe saved with save_pretrained (config, safetensors, tokenizer): a local model folder."""
+    from workbench.models.specs import load
+
+    lm = load("zoo:qwen2-moe")
+    d = tmp_path_factory.mktemp("ckpt") / "qwen2moe-tiny"
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from workbench.models.specs import load

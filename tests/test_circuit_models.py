@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import spearman
 from workbench.circuits.attribution import attribute
 from workbench.circuits.evaluate import evaluate, prune, select_top
 from workbench.circuits.facts import Fact, prepare
@@ -85,11 +86,6 @@ def _edge_effects(lm, prepared, g, edges):
     return torch.tensor([ev["circuits"][k]["metric"] - ev["metric_full"] for k in range(len(edges))])
 
 
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
 @pytest.fixture(scope="module")
 def tiny_gpt2(zoo_tokenizer):
     """A random 3-layer GPT-2 (fused Conv1D c_attn, LayerNorm with biases, learned positions)."""
@@ -146,6 +142,6 @@ def test_attention_layouts_score_like_brute_force(which, request):
     top = brute.abs().argsort(descending=True)[:20]
     for method in ("eap", "eap-ig", "eap-ig-edges"):
         est = attribute(lm, prepared, method=method, steps=5, graph=g).matrix[s[pick], r[pick]].double()
-        rho = _spearman(brute[top], est[top])
+        rho = spearman(brute[top], est[top])
         print(f"{which} {method}: Spearman over the 20 largest of {len(pick)} single-edge effects {rho:.3f}")
         assert rho >= 0.9, method

@@ -9,6 +9,7 @@ import networkx as nx
 import pytest
 import torch
 
+from helpers import spearman
 from workbench.adapters.base import adapter_for
 from workbench.circuits import export
 from workbench.circuits.attribution import attribute
@@ -29,11 +30,6 @@ FACTS = [
     Fact("The chemical symbol for gold is", " Au", relation="chemical_symbol", subject="gold"),
     Fact("The chemical symbol for iron is", " Fe", relation="chemical_symbol", subject="iron"),
 ]
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
 @pytest.fixture(scope="module")

@@ -37,15 +37,6 @@ def files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.fixture(scope="module")
-def saved_dir(tmp_path_factory):
-    lm = load("zoo:qwen2-moe")
-    d = tmp_path_factory.mktemp("ckpt") / "qwen2moe-tiny"
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
-
-
 @pytest.fixture
 def run(capsys):
     """``run(*argv)`` -> (exit status, stdout, stderr) of the CLI in this process."""

@@ -21,15 +21,6 @@ def run_cli(*args, cwd=None):
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def saved_dir(tmp_path_factory):
-    lm = load("zoo:qwen2-moe")
-    d = tmp_path_factory.mktemp("ckpt") / "qwen2moe-tiny"
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
-
-
 def test_local_directory_round_trip(saved_dir):
     a, b = load("zoo:qwen2-moe"), load(str(saved_dir))
     ids = a.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
