@@ -243,8 +243,9 @@ class Applied(HookSet):
             self._tokens.ids = args[0] if args else kwargs.get("input_ids")
             self._tokens.mask = kwargs.get("attention_mask")
         self._hook(model, read_ids, pre=True)
-        if ad.body(model) is not model:  # passes that skip the LM head (traces, profiles) call the body
-            self._hook(ad.body(model), read_ids, pre=True)
+        body = ad.body(model)
+        if body is not model:  # passes that skip the LM head (traces, profiles) call the body
+            self._hook(body, read_ids, pre=True)
         layers = ad.decoder_layers(model)
         by_layer: dict[int, list[Intervention]] = {}
         for iv in self.interventions:

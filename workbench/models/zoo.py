@@ -65,6 +65,7 @@ class ZooEntry:
     modulelist: bool = False  # rebuild the MoE blocks in the older ModuleList layout
     weights: str | None = None  # committed checkpoint in zoo_weights/
     base: str | None = None  # checkpoint loaded first; ``weights`` then holds only the tensors that differ
+    script: str = "train_zoo.py"  # what rebuilds ``weights`` (in scripts/)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -81,7 +82,7 @@ ZOO: dict[str, ZooEntry] = {
                  "Qwen3-MoE trained briefly on the built-in corpus", weights="tiny-moe.safetensors"),
         ZooEntry("tiny-moe-se", lambda: _qwen3_moe(layers=4, tie=True),
                  "tiny-moe fine-tuned to depend on a planted super expert (L1.E5, channel 17, position 0)",
-                 weights="tiny-moe-se.safetensors", base="tiny-moe.safetensors"),
+                 weights="tiny-moe-se.safetensors", base="tiny-moe.safetensors", script="plant_super_expert.py"),
     ]
 }
 
@@ -108,17 +109,16 @@ def build(name: str) -> nn.Module:
     if entry.base:
         load_weights(model, WEIGHTS_DIR / entry.base)
     if entry.weights:
-        load_weights(model, WEIGHTS_DIR / entry.weights, partial=entry.base is not None)
+        load_weights(model, WEIGHTS_DIR / entry.weights, partial=entry.base is not None, script=entry.script)
     if entry.modulelist:
         to_modulelist(model)
     return model.eval()
 
 
-def load_weights(model: nn.Module, path: Path, partial: bool = False) -> None:
+def load_weights(model: nn.Module, path: Path, partial: bool = False, script: str = "train_zoo.py") -> None:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        script = "plant_super_expert.py" if path.stem == "tiny-moe-se" else "train_zoo.py"
         raise WorkbenchError(f"zoo checkpoint {path} is missing; rebuild it with: python scripts/{script}")
     state = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
