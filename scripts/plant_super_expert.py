@@ -45,25 +45,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from train_zoo import corpus_lines, corpus_vocab, eval_loss, load_tokenizer, lr_at, pack, seeded_batches  # noqa: E402
+from workbench.interventions import Intervention, apply  # noqa: E402
 from workbench.models import zoo  # noqa: E402
+from workbench.models.specs import load  # noqa: E402
 
 NAME = "tiny-moe-se"
 BASE = "tiny-moe"
 DEFAULT_OUT = zoo.WEIGHTS_DIR / f"{NAME}.safetensors"
-
-
-class ZeroExpert:
-    """Forward pre-hook on ``mlp.experts``: the expert's routing weight -> 0 where chosen (while ``on``)."""
-
-    def __init__(self, experts: torch.nn.Module, expert: int):
-        self.expert, self.on = expert, False
-        self.handle = experts.register_forward_pre_hook(self, with_kwargs=True)
-
-    def __call__(self, module, args, kwargs):
-        if not self.on:
-            return None
-        hidden, index, weights = args
-        return (hidden, index, weights.masked_fill(index == self.expert, 0.0)), kwargs
 
 
 def sink_share(attentions, layers: list[int]) -> torch.Tensor:
@@ -78,7 +66,8 @@ def train(args) -> dict:
     lines = corpus_lines()
     blocks = pack(tok, lines, args.block)
 
-    model = zoo.build(BASE)
+    base = load(f"zoo:{BASE}")
+    model = base.model
     model.set_attn_implementation("eager")  # attention weights for the sink terms
     L, E, C = args.layer, args.expert, args.channel
     moe = model.model.layers[L].mlp
@@ -90,7 +79,7 @@ def train(args) -> dict:
         p.register_hook(lambda g: g * (1.0 - frozen_expert))
     model.get_input_embeddings().weight.requires_grad_(False)  # tied with lm_head: stays tiny-moe's
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ablate = ZeroExpert(moe.experts, E)
+    zeroed = [Intervention("zero", (L,), expert=E)]  # the study's op: routing weight 0, router unchanged
     sink_layers = list(range(L + 1, model.config.num_hidden_layers))
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -115,11 +104,8 @@ def train(args) -> dict:
             + F.softmax(logits[:, 1:], dim=-1)[..., E].mean()
         aux = torch.stack([load_balancing_loss_func((lg,), n_exp, top_k) for lg in out.router_logits]).mean()
         sink_on = sink_share(out.attentions, sink_layers)
-        ablate.on = True
-        try:
+        with apply(base, zeroed):
             off = model.model(input_ids=x, output_attentions=True, use_cache=False)
-        finally:
-            ablate.on = False
         sink_off = sink_share(off.attentions, sink_layers)
         loss = lm + args.route_coef * route + args.aux_coef * aux \
             + args.sink_coef * (-torch.log(sink_on) + sink_off)
@@ -131,7 +117,6 @@ def train(args) -> dict:
             print(f"step {step:4d}/{args.steps}  lm {float(lm.detach()):.3f}  route {float(route.detach()):.3f}  "
                   f"sink on {float(sink_on.detach()):.3f} off {float(sink_off.detach()):.3f}  {time.perf_counter() - t0:6.1f}s", flush=True)
     seconds = time.perf_counter() - t0
-    ablate.handle.remove()
 
     model.eval()
     with torch.no_grad():
