@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -92,7 +93,7 @@ def test_trained_model_depends_on_its_super_expert_more_than_on_random_experts(t
     from workbench.experts.profile import ProfileOptions, profile
 
     lm = load("zoo:tiny-moe-se")
-    study = Study.from_file("examples/tiny_moe_super_expert.yaml")
+    study = Study.from_file(Path(__file__).resolve().parents[1] / "examples" / "tiny_moe_super_expert.yaml")
     p = profile(lm, study.texts(), ProfileOptions(sinks=False), progress=False)
     assert [(e["layer"], e["expert"], e["channel"], e["position"]) for e in p["super_experts"]] == [(1, 5, 17, 0)]
     df = study.run(lm, tmp_path, progress=False)
