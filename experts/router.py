@@ -66,8 +66,8 @@ class ChangeRate:
         for name in ("changed", "total"):
             if name in state:
                 v = state[name].tolist()
-                if len(v) != len(self.layers) - 1:
-                    raise ValueError(f"ChangeRate state {name!r} has {len(v)} layers, expected {len(self.layers) - 1}")
+                if len(v) != len(self.layers[1:]):  # layer pairs: none for a dense model or a single MoE layer
+                    raise ValueError(f"ChangeRate state {name!r} has {len(v)} layers, expected {len(self.layers[1:])}")
                 setattr(self, name, dict(zip(self.layers[1:], v)))
         return self
 
