@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.errors import WorkbenchError
+from workbench.args import COUNT, COUNT_OR_OFF, Number
 from workbench.io import output_dir
 
 
@@ -23,21 +23,21 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--method", choices=["eap-ig-edges", "eap-ig", "eap"], default="eap-ig-edges",
                    help="eap-ig-edges: integrated gradients over the edges, all scaled together from corrupted to "
                         "clean (default); eap-ig: over the input embeddings (Hanna et al.); eap: clean gradient only")
-    c.add_argument("--steps", type=int, default=5, help="EAP-IG interpolation steps (default 5)")
+    c.add_argument("--steps", type=COUNT, default=5, help="EAP-IG interpolation steps (default 5)")
     c.add_argument("--metric", choices=["logit_diff", "logprob", "prob", "kl"], default="logit_diff",
                    help="what the gradients are taken of (faithfulness is always on the logit difference)")
     sel = c.add_mutually_exclusive_group()
-    sel.add_argument("--top-edges", type=int, default=None, help="keep the N edges with the largest |score| "
+    sel.add_argument("--top-edges", type=COUNT, default=None, help="keep the N edges with the largest |score| "
                                                                  "(default: 1%% of all edges)")
-    sel.add_argument("--threshold", type=float, default=None, help="keep edges with |score| >= T")
+    sel.add_argument("--threshold", type=Number(float, 0), default=None, help="keep edges with |score| >= T")
     c.add_argument("--selection", choices=["fill", "top", "greedy"], default="fill",
                    help="fill: the smallest top-|score| set whose pruned circuit has N edges (default); top: the N "
                         "highest |score| edges, then pruned to input->logits paths; greedy: grown backward from the logits")
-    c.add_argument("--refine", type=int, default=0, metavar="K",
+    c.add_argument("--refine", type=Number(int, 2, off=0), default=0, metavar="K",
                    help="re-score the best K x N edges with eap-ig-edges within that candidate circuit (every other "
                         "edge corrupted) and keep the best N of them (K >= 2; default 0: off)")
-    c.add_argument("--random-seeds", type=int, default=3, help="size-matched random circuits for the control")
-    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--random-seeds", type=COUNT_OR_OFF, default=3, help="size-matched random circuits for the control")
+    c.add_argument("--batch-size", type=COUNT, default=16)
     c.add_argument("--device", default="cpu")
     c.add_argument("--quiet", action="store_true")
     c.add_argument("--out", required=True, help="output folder")
@@ -51,16 +51,6 @@ def cmd_circuit(args) -> int:
     from workbench.models.specs import load
 
     facts = read_facts(args.facts) if args.facts else builtin_facts()  # reject bad input before loading a model
-    if args.steps < 1:
-        raise WorkbenchError(f"--steps must be >= 1, got {args.steps}")
-    if args.top_edges is not None and args.top_edges < 1:
-        raise WorkbenchError(f"--top-edges must be >= 1, got {args.top_edges}")
-    if args.batch_size < 1:
-        raise WorkbenchError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.refine < 0 or args.refine == 1:
-        raise WorkbenchError(f"--refine must be 0 (off) or >= 2, got {args.refine}")
-    if args.random_seeds < 0:
-        raise WorkbenchError(f"--random-seeds must be >= 0, got {args.random_seeds}")
     out = output_dir(args.out)
     lm = load(args.model, device=args.device)
     opts = CircuitOptions(method=args.method, steps=args.steps, metric=args.metric, top_edges=args.top_edges,

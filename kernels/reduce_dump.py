@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from workbench.args import COUNT
 from workbench.errors import WorkbenchError
 from workbench.io import write_json
 from workbench.kernels.channel_stats import ChannelStats, channel_stats, merge_channel_stats
@@ -177,7 +178,7 @@ def add_reduce_parser(subparsers) -> None:
                                           "sums, top tokens by |x| and a log10|x| histogram; write OUT (JSON).")
     r.add_argument("dump_dir", help="dump directory (with index.json)")
     r.add_argument("--out", required=True, help="output JSON file, e.g. stats.json")
-    r.add_argument("--top", type=int, default=16, help="tokens kept per site by max |x| (default 16)")
+    r.add_argument("--top", type=COUNT, default=16, help="tokens kept per site by max |x| (default 16)")
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_reduce)

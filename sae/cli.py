@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from workbench.args import COUNT, COUNT_OR_OFF, SEED, Number
 from workbench.errors import WorkbenchError
 from workbench.io import output_dir
 
@@ -34,7 +35,7 @@ def _experts(text: str) -> list[tuple[int, int]]:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", help="text file, one prompt per line (default: the built-in prompt set)")
     p.add_argument("--text", action="append", help="a prompt (repeatable)")
-    p.add_argument("--max-tokens", type=int, default=128, help="truncate each prompt to this many tokens")
+    p.add_argument("--max-tokens", type=COUNT, default=128, help="truncate each prompt to this many tokens")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output folder")
 
@@ -53,21 +54,21 @@ def add_sae_parser(subparsers) -> argparse.ArgumentParser:
                                    "metrics.json (held-out explained variance, L0, dead features, time).")
     t.add_argument("model", help="model spec (see `workbench models`)")
     t.add_argument("--site", required=True, help="site key, e.g. L6.resid_post, L2.mlp_out, L1.expert.E5")
-    t.add_argument("--tokens", type=int, default=150_000,
+    t.add_argument("--tokens", type=COUNT, default=150_000,
                    help="activation vectors to train on (the corpus repeats; default 150000)")
     t.add_argument("--architecture", choices=["topk", "standard"], default="topk")
-    t.add_argument("--expansion", type=int, default=4, help="d_sae = EXPANSION x d_in (default 4)")
-    t.add_argument("--d-sae", type=int, default=None, help="number of features (overrides --expansion)")
-    t.add_argument("--k", type=int, default=32, help="topk: active features per token (default 32)")
-    t.add_argument("--l1", type=float, default=5.0, help="standard: L1 coefficient (default 5)")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--batch-size", type=int, default=1024, help="activation vectors per step (default 1024)")
-    t.add_argument("--prompt-batch", type=int, default=16, help="prompts per forward pass (default 16)")
-    t.add_argument("--holdout-every", type=int, default=10, help="hold out every N-th prompt for evaluation "
+    t.add_argument("--expansion", type=COUNT, default=4, help="d_sae = EXPANSION x d_in (default 4)")
+    t.add_argument("--d-sae", type=COUNT, default=None, help="number of features (overrides --expansion)")
+    t.add_argument("--k", type=COUNT, default=32, help="topk: active features per token (default 32)")
+    t.add_argument("--l1", type=Number(float, 0), default=5.0, help="standard: L1 coefficient (default 5)")
+    t.add_argument("--lr", type=Number(float, 0, open_low=True), default=1e-3)
+    t.add_argument("--batch-size", type=COUNT, default=1024, help="activation vectors per step (default 1024)")
+    t.add_argument("--prompt-batch", type=COUNT, default=16, help="prompts per forward pass (default 16)")
+    t.add_argument("--holdout-every", type=COUNT_OR_OFF, default=10, help="hold out every N-th prompt for evaluation "
                                                                  "(0: evaluate on the training prompts)")
     t.add_argument("--keep-first", action="store_true",
                    help="keep each prompt's first token (dropped by default: massive activations / attention sink)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=SEED, default=0)
     _common(t)
     t.set_defaults(func=cmd_train)
 
@@ -85,10 +86,10 @@ def add_sae_parser(subparsers) -> argparse.ArgumentParser:
     which.add_argument("--experts", type=_experts, default=None, help="LAYER:EXPERT pairs, e.g. 3:5,3:7")
     which.add_argument("--profile", default=None, help="profile.json from `workbench profile`: use its top experts")
     which.add_argument("--circuit", default=None, help="circuit.json from `workbench circuit`: rank its nodes")
-    f.add_argument("--top-experts", type=int, default=10, help="with --profile: how many experts (default 10)")
-    f.add_argument("--top", type=int, default=5, help="features kept per expert / node (default 5)")
-    f.add_argument("--top-tokens", type=int, default=8, help="top activating tokens kept per feature (default 8)")
-    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--top-experts", type=COUNT, default=10, help="with --profile: how many experts (default 10)")
+    f.add_argument("--top", type=COUNT, default=5, help="features kept per expert / node (default 5)")
+    f.add_argument("--top-tokens", type=COUNT, default=8, help="top activating tokens kept per feature (default 8)")
+    f.add_argument("--batch-size", type=COUNT, default=8)
     f.add_argument("--keep-first", action="store_true", help="include each prompt's first token (left out by "
                                                                "default, as in `sae train`)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -132,9 +133,6 @@ def cmd_features(args) -> int:
     prompts, _ = _prompts(args)
     read_config(args.sae)
     site = Site.from_key(args.site) if args.site else None
-    for name in ("top", "top_tokens", "batch_size", "top_experts"):
-        if getattr(args, name) < 1:
-            raise WorkbenchError(f"--{name.replace('_', '-')} must be at least 1")
     circuit = experts = None
     if args.circuit:
         from workbench.circuits.export import read_json

@@ -410,10 +410,9 @@ def test_cli_rejects_bad_input_before_loading(tmp_path):
         args.func(args)
     ok = tmp_path / "ok.jsonl"
     ok.write_text('{"prompt": "a", "answer": " b"}\n')
-    args = _parser().parse_args(["circuit", "zoo:qwen3-moe", "--facts", str(ok), "--out", str(tmp_path / "o"),
-                                 "--steps", "0"])
-    with pytest.raises(WorkbenchError, match="--steps"):
-        args.func(args)
+    with pytest.raises(SystemExit):  # numbers are checked while parsing (tests/test_cli_args.py walks every flag)
+        _parser().parse_args(["circuit", "zoo:qwen3-moe", "--facts", str(ok), "--out", str(tmp_path / "o"),
+                              "--steps", "0"])
     with pytest.raises(SystemExit):
         _parser().parse_args(["circuit", "m", "--out", "o", "--top-edges", "5", "--threshold", "0.1"])
 

@@ -182,7 +182,7 @@ def test_profile_cli_writes_tables_and_plots(tmp_path):
         assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.html").stat().st_size > 1000
     bad = subprocess.run([sys.executable, "-m", "workbench", "profile", "zoo:qwen2-moe", "--text", "x",
                           "--quantile", "150", "--out", str(tmp_path / "q")], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: bad super-expert rule")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: argument --quantile: must be a number in (0, 100]")
     assert not (tmp_path / "q").exists()
 
 

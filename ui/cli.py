@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from workbench.args import COUNT, PORT
+
 APP = Path(__file__).resolve().parent / "app.py"
 
 
@@ -32,8 +34,8 @@ def add_ui_parser(subparsers) -> argparse.ArgumentParser:
                               description="Start the Streamlit app (profile, steer, circuits pages) on "
                                           "127.0.0.1:PORT; MODEL is the model picked when the app opens.")
     u.add_argument("--model", default=None, help="model spec selected at start (default: zoo:tiny-moe-se)")
-    u.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
-    u.add_argument("--threads", type=int, default=None,
+    u.add_argument("--port", type=PORT, default=8501, help="port on 127.0.0.1 (default 8501)")
+    u.add_argument("--threads", type=COUNT, default=None,
                    help="torch CPU threads of the app (default: torch's choice); 1 keeps zoo-model "
                         "generation fast on a busy machine")
     u.add_argument("--sae", default=None,

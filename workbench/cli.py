@@ -13,19 +13,13 @@ import traceback
 import warnings
 from pathlib import Path
 
+from workbench.args import COUNT, COUNT_OR_OFF, Number, NumberList, Parser
 from workbench.errors import WorkbenchError
 from workbench.io import output_dir
 
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _model_args(p: argparse.ArgumentParser, placement: bool = False) -> None:
@@ -132,10 +126,6 @@ def cmd_profile(args) -> int:
         rule = SuperExpertRule(quantile=args.quantile, ratio=args.ratio, layer_fraction=args.layer_fraction)
     except ValueError as e:
         raise WorkbenchError(f"bad super-expert rule: {e}") from None
-    if args.batch_size < 1:
-        raise WorkbenchError("--batch-size must be at least 1")
-    if args.checkpoint_every < 0:
-        raise WorkbenchError("--checkpoint-every must be 0 (off) or a number of batches")
     out = output_dir(args.out)
     shard, device = distributed.from_env(resolve_device(args.device))
     main_rank = shard is None or shard.is_main
@@ -232,7 +222,7 @@ def cmd_contrast(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="workbench", description="Look inside (MoE) language models and change them.")
+    p = Parser(prog="workbench", description="Look inside (MoE) language models and change them.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -250,11 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--components", type=_csv, default=["expert"],
                    help="comma-separated: resid_pre, resid_post, attn_out, mlp_out, router, expert, shared_expert "
                         "(default: expert, i.e. every expert's / dense MLP's down_proj output)")
-    t.add_argument("--layers", type=_ints, default=None, help="comma-separated layer indices (default: all)")
+    t.add_argument("--layers", type=NumberList(Number(int, 0)), default=None, help="comma-separated layer indices (default: all)")
     t.add_argument("--reducers", type=_csv, default=["absmax"],
                    help="comma-separated: absmax, moments, log_histogram, expert_counts (default: absmax)")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--max-tokens", type=int, default=None, help="truncate each prompt to this many tokens")
+    t.add_argument("--batch-size", type=COUNT, default=8)
+    t.add_argument("--max-tokens", type=COUNT, default=None, help="truncate each prompt to this many tokens")
     t.add_argument("--dump", default=None, help="also stream full activations to safetensors shards in this folder")
     _model_args(t, placement=True)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -268,15 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("model", help="model spec (see `workbench models`)")
     pr.add_argument("--prompts", help="text file, one prompt per line (default: the built-in prompt set)")
     pr.add_argument("--text", action="append", help="a prompt (repeatable)")
-    pr.add_argument("--max-tokens", type=int, default=None, help="truncate each prompt to this many tokens")
-    pr.add_argument("--batch-size", type=int, default=8)
-    pr.add_argument("--quantile", type=float, default=99.5)
-    pr.add_argument("--ratio", type=float, default=0.1)
-    pr.add_argument("--layer-fraction", type=float, default=0.75)
-    pr.add_argument("--top-massive", type=int, default=8, help="residual entries kept per layer")
+    pr.add_argument("--max-tokens", type=COUNT, default=None, help="truncate each prompt to this many tokens")
+    pr.add_argument("--batch-size", type=COUNT, default=8)
+    pr.add_argument("--quantile", type=Number(float, 0, 100, open_low=True), default=99.5)
+    pr.add_argument("--ratio", type=Number(float, 0, 1), default=0.1)
+    pr.add_argument("--layer-fraction", type=Number(float, 0, 1, open_low=True), default=0.75)
+    pr.add_argument("--top-massive", type=COUNT, default=8, help="residual entries kept per layer")
     pr.add_argument("--no-sinks", action="store_true", help="skip attention sinks (keeps the model's attention kernel)")
     pr.add_argument("--no-plots", action="store_true")
-    pr.add_argument("--checkpoint-every", type=int, default=25, metavar="K",
+    pr.add_argument("--checkpoint-every", type=COUNT_OR_OFF, default=25, metavar="K",
                     help="save the reducer state every K batches to OUT (atomically); rerunning the same command "
                          "resumes from it; 0 turns it off (default 25)")
     _model_args(pr, placement=True)
@@ -290,9 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("model", help="model spec (an MoE model)")
     co.add_argument("--positive", required=True, help="text file, one prompt per line")
     co.add_argument("--negative", required=True, help="text file, one prompt per line")
-    co.add_argument("--top", type=int, default=10, help="experts in the ready intervention set")
+    co.add_argument("--top", type=COUNT, default=10, help="experts in the ready intervention set")
     co.add_argument("--op", choices=["drop", "zero"], default="drop")
-    co.add_argument("--batch-size", type=int, default=8)
+    co.add_argument("--batch-size", type=COUNT, default=8)
     _model_args(co)
     co.add_argument("--quiet", action="store_true")
     co.add_argument("--out", required=True)

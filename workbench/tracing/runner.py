@@ -111,6 +111,8 @@ def _run_streamed(streamer, batches: list[tuple[torch.Tensor, torch.Tensor, torc
 
 def tokenize(lm: LoadedModel, prompts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
     prompts = check_prompts(prompts)
+    if max_tokens is not None and max_tokens < 1:
+        raise WorkbenchError(f"max_tokens must be at least 1, got {max_tokens}")
     limit = getattr(lm.config, "max_position_embeddings", None)
     cap = min(x for x in (max_tokens, limit) if x) if (max_tokens or limit) else None
     out, truncated = [], 0
