@@ -14,3 +14,106 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation (no tie correction)."""
     ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+# --- Comparing results whose computation legitimately differs -------------------------------------
+# Bit-identity is asserted only where the very same kernels run on the very same buffers and shapes
+# (the hooked vs the unhooked forward of one model object; leaving an intervention context). Anywhere
+# else -- weights reloaded into other buffers (safetensors' mmap leaves them 8- rather than 64-byte
+# aligned, and MKL picks another GEMM path), padding or another batch shape, thread count, layer
+# streaming, another expert layout, another CPU -- results are compared with these tolerances. fp32:
+# a sum of K products accumulated in another order differs by a few ulp * sqrt(K); seen: 1.8e-7 on
+# logits of magnitude ~1 (K <= 1536 here), so 1e-5 relative leaves ~50x room and still catches any
+# real change (a dropped term or a wrong token moves values by >= 1e-3 relative). bf16/fp16: one
+# rounding step of the storage dtype (2^-8 / 2^-11 relative) on each side.
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-5, atol=1e-6),  # float64 statistics accumulated from fp32 activations
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, msg=None):
+    """``torch.testing.assert_close`` with the tolerance of ``dtype`` (default: the tensors' own)."""
+    tol = TOLERANCES[dtype or expected.dtype] if (dtype or expected.dtype).is_floating_point else dict(rtol=0, atol=0)
+    torch.testing.assert_close(actual, expected, **tol, msg=msg, equal_nan=True)
+
+
+def assert_argmax_tie_aware(values: torch.Tensor, picked: torch.Tensor, dim: int = 0,
+                            dtype: torch.dtype = torch.float32, msg: str = ""):
+    """``picked`` (an argmax along ``dim``) names a maximum of ``values`` within ``dtype``'s tolerance.
+
+    Two computations that differ by rounding may break a near-tie differently; both picks are right
+    when the value at each equals the maximum within the tolerance. ``values`` may hold ``-inf`` for
+    entries that were not candidates (a token not routed to the expert).
+    """
+    best = values.amax(dim)
+    at = values.gather(dim, picked.long().unsqueeze(dim)).squeeze(dim)
+    tol = TOLERANCES[dtype]
+    slack = tol["atol"] + tol["rtol"] * best.abs()
+    bad = ~(at >= best - slack)
+    assert not bad.any(), f"{msg}: picks {picked[bad].tolist()} hold {at[bad].tolist()}, max {best[bad].tolist()}"
+
+
+# Keys of a profile/trace JSON entry that name *where* a maximum was found, and the key of its value.
+PICK_KEYS = {"prompt_index", "position", "token", "channel", "token_id"}
+VALUE_KEYS = ("max_abs", "value", "absmax")
+
+
+def assert_json_close(a, b, rtol: float = 1e-5, atol: float = 1e-6, path: str = "$"):
+    """Two JSON results (``profile.json``, ``trace.json``) agree to fp32 tolerance, tie-aware.
+
+    Strings, ints and structure must be equal; floats close (NaN equals NaN). In an entry that reports a
+    maximum (it has a ``max_abs``/``value`` and where it was found), the location may differ only when
+    the two values agree within the tolerance: that is a near-tie broken the other way by rounding, and
+    which of the tied tokens is named is then not determined by the math. This cannot tell a tie from a
+    wrong location of an equal value; the reducers' own tests check locations against brute force.
+    """
+    import math
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), f"{path}: keys {sorted(a.keys() ^ b.keys())} differ"
+        vkey = next((k for k in VALUE_KEYS if k in a), None)
+        for k in a:
+            if vkey and k in PICK_KEYS and a[k] != b[k]:
+                assert isinstance(a[vkey], float) and math.isclose(a[vkey], b[vkey], rel_tol=rtol, abs_tol=atol), \
+                    f"{path}.{k}: {a[k]!r} vs {b[k]!r} at unequal {vkey} {a[vkey]} vs {b[vkey]}"
+                continue
+            assert_json_close(a[k], b[k], rtol, atol, f"{path}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), f"{path}: {len(a)} vs {len(b)} items"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_json_close(x, y, rtol, atol, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, (int, float)) and isinstance(b, (int, float)), f"{path}: {a!r} vs {b!r}"
+        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rtol, abs_tol=atol), \
+            f"{path}: {a!r} vs {b!r}"
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def assert_reducers_close(a, b, dtype: torch.dtype = torch.float32, msg: str = ""):
+    """Two reducers of one kind fed by computations that differ by rounding agree, field by field.
+
+    Float fields to ``dtype``'s tolerance; ``token`` (an absmax's argmax) may differ only where the two
+    maxima agree within it (a near-tie); a histogram's ``counts`` may move between neighbouring bins by
+    the few values that rounding carries across an edge: the totals are equal and the cumulative counts
+    differ by at most 1e-4 of them (a value with 1e-7 relative error crosses a log-spaced edge of width
+    >= 0.5 % with probability ~2e-5), never less than 2. Every other integer field is equal.
+    """
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys(), msg
+    for k, va in sa.items():
+        vb, where = sb[k], f"{msg} {type(a).__name__}.{k}"
+        if k == "token" and "absmax" in sa:
+            differ = va != vb
+            assert_close(sa["absmax"][differ], sb["absmax"][differ], dtype, msg=where)
+        elif k == "counts" and va.dim() == 1 and not va.is_floating_point():
+            assert int(va.sum()) == int(vb.sum()), where
+            slack = max(2, int(1e-4 * int(va.sum())))
+            assert int((va.cumsum(0) - vb.cumsum(0)).abs().max()) <= slack, where
+        elif va.is_floating_point():
+            assert_close(va, vb, dtype, msg=where)
+        else:
+            assert torch.equal(va, vb), where

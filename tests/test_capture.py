@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from helpers import PROMPTS, ZOO_SPECS
+from helpers import PROMPTS, ZOO_SPECS, assert_argmax_tie_aware, assert_close
 from workbench.models.specs import load
 from workbench.tracing.capture import Capture
-from workbench.tracing.reducers import AbsMax, Payload
+from workbench.tracing.reducers import NO_TOKEN, AbsMax, Payload
 from workbench.tracing.runner import trace
 from workbench.tracing.sites import Component, Site, all_sites
 
@@ -141,16 +141,41 @@ def _mlp_input(lm, layer, idx, enc):
     return x.reshape(-1, x.shape[-1])
 
 
+def _kept_one_by_one(lm, prompts, sites) -> dict:
+    """Every payload of ``sites``, one unpadded prompt at a time, with global token indices."""
+    keep, offset = {s: [Keep()] for s in sites}, 0
+    with Capture(lm.model, lm.adapter, keep) as cap:
+        for p in prompts:
+            enc = lm.tokenizer([p], return_tensors="pt")
+            n = enc.input_ids.shape[1]
+            cap.begin_batch(torch.arange(offset, offset + n).view(1, n))
+            lm.model(**enc)
+            offset += n
+    return {s: k[0] for s, k in keep.items()}
+
+
 def test_padding_never_reaches_reducers(zoo_lm):
-    """Batched (padded) and one-prompt-at-a-time traces give identical absmax results."""
+    """Batched (padded) and one-prompt-at-a-time traces agree: padding never reaches a reducer.
+
+    The padded batch runs the matmuls at another shape, so values agree to fp32 tolerance and each
+    reported token is checked tie-aware against every routed token's value: it must hold the
+    channel's maximum within tolerance (a near-tie may be broken the other way; seen on L3.E6).
+    """
     sites = all_sites(zoo_lm.adapter, zoo_lm.model, ["expert", "resid_post", "router"])
-    a = trace(zoo_lm, PROMPTS, sites, ["absmax", "expert_counts"][:1], batch_size=4, progress=False)
+    a = trace(zoo_lm, PROMPTS, sites, ["absmax"], batch_size=4, progress=False)
     b = trace(zoo_lm, PROMPTS, sites, ["absmax"], batch_size=1, progress=False)
-    assert a.num_tokens == b.num_tokens == sum(len(zoo_lm.tokenizer(p).input_ids) for p in PROMPTS)
+    n_tokens = sum(len(zoo_lm.tokenizer(p).input_ids) for p in PROMPTS)
+    assert a.num_tokens == b.num_tokens == n_tokens
+    kept = _kept_one_by_one(zoo_lm, PROMPTS, sites)
     for s in sites:
         ra, rb = a[s]["absmax"], b[s]["absmax"]
-        assert torch.equal(ra.token, rb.token), s
-        torch.testing.assert_close(ra.absmax, rb.absmax, rtol=1e-5, atol=1e-6)
+        assert_close(ra.absmax, rb.absmax, msg=str(s))
+        vals, toks = kept[s].rows()
+        full = torch.full((n_tokens, vals.shape[1]), float("-inf"))
+        full[toks] = vals.abs().float()
+        for r, how in ((ra, "padded"), (rb, "one by one")):
+            seen = r.token != NO_TOKEN  # channels of an expert no token was routed to
+            assert_argmax_tie_aware(full[:, seen], r.token[seen], msg=f"{s} {how}")
 
 
 def test_router_counts_match_router_outputs():

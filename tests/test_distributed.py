@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
+from helpers import assert_json_close
 from workbench.data import DATA_DIR
 from workbench.distributed import Shard
 
@@ -50,7 +52,8 @@ def test_two_rank_merge_equals_one_process():
     profile(lm, prompts, opts, progress=False, shard=FakeShard(1, 2))
     merged = profile(lm, prompts, opts, progress=False, shard=FakeShard(0, 2))
     assert merged["run"]["world_size"] == 2 and merged["run"]["batches"] == [0, 3]
-    assert dumps_json(split(merged)[0]) == whole
+    # Same batches, same kernels; only the float64 sums are merged in another order (rank by rank).
+    assert_json_close(json.loads(dumps_json(split(merged)[0])), json.loads(whole))
 
 
 @pytest.mark.slow
@@ -69,13 +72,16 @@ def test_torchrun_two_cpu_ranks_equal_single_process(tmp_path):
                           str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("profiled zoo:qwen2-moe") == 1  # only rank 0 reports and writes
-    a = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
-    b = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
+    a = {p.name: p for p in (tmp_path / "one").iterdir()}
+    b = {p.name: p for p in (tmp_path / "two").iterdir()}
     assert set(a) == set(b)  # every rank's checkpoint was removed at the end
+    # Each rank runs the single process's batches at the same shapes; the float64 sums are merged in
+    # another order, so the results agree to tolerance (in practice to the 8 digits written).
+    assert_json_close(json.loads(b["profile.json"].read_text()), json.loads(a["profile.json"].read_text()))
     for name in a:
-        if name != "run.json":
-            assert a[name] == b[name], f"{name} differs between 1 and 2 ranks"
-    run = json.loads(b["run.json"])
+        if name.endswith(".parquet"):
+            pd.testing.assert_frame_equal(pd.read_parquet(b[name]), pd.read_parquet(a[name]), rtol=1e-5, atol=1e-6)
+    run = json.loads(b["run.json"].read_text())
     assert run["world_size"] == 2 and run["batches"] == [0, 5]
 
 

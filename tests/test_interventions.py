@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import PROMPTS, ZOO_SPECS
+from helpers import PROMPTS, ZOO_SPECS, assert_close
 from workbench.errors import WorkbenchError
 from workbench.interventions import Intervention, apply, load_file, parse
 from workbench.models.specs import load
@@ -35,8 +35,8 @@ def test_every_op_restores_the_model_exactly(spec):
     for op in ops:
         with apply(lm, [op]):
             changed = logits(lm, enc)
-        assert not torch.equal(changed, before), op
-    assert torch.equal(logits(lm, enc), before)
+        assert (changed - before).abs().max() > 1e-4, op  # each op really changes the output
+    assert torch.equal(logits(lm, enc), before)  # same model, buffers and shapes: bit-identical after leaving
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
 
 
@@ -254,5 +254,8 @@ def test_prompt_scope_touches_only_the_numbered_prompts():
         assert torch.equal(logits(lm, enc), before)  # not a numbered pass: inactive
         applied.set_prompts([0, 1, 2, 3])
         after = logits(lm, enc)
-    same = [torch.equal(after[i], before[i]) for i in range(4)]
-    assert same[0] and same[2] and not same[1]
+    # Dropping an expert for prompts 1 and 3 changes how many rows each expert's matmul gets, so the
+    # untouched prompts run at other shapes: equal to fp32 tolerance, not bit for bit.
+    for i in (0, 2):
+        assert_close(after[i], before[i], msg=f"prompt {i}")
+    assert (after[1] - before[1]).abs().max() > 1e-4

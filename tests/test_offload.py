@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from helpers import PROMPTS
+import helpers
+from helpers import PROMPTS, assert_json_close, assert_reducers_close
 from workbench.data import default_prompts
 from workbench.errors import WorkbenchError
 from workbench.experts.profile import ProfileOptions, profile
@@ -42,39 +43,45 @@ def test_streamed_profile_equals_in_memory(tmp_path, spec):
     prompts = default_prompts()[:10] + PROMPTS
     streamed = load_streamed(str(d))
     assert all(p.device.type == "meta" for p in streamed.model.parameters())
+    # Streamed (and reloaded) weights live in other buffers than the zoo model's, where MKL may take
+    # another GEMM path: the profiles agree to fp32 tolerance, tie-aware (helpers.assert_json_close).
     want = profile_json(zoo, prompts)
-    assert profile_json(streamed, prompts) == want
-    assert profile_json(load(str(d)), prompts) == want  # and the folder loaded in memory
+    assert_json_close(profile_json(streamed, prompts), want)
+    assert_json_close(profile_json(load(str(d)), prompts), want)  # and the folder loaded in memory
     assert all(p.device.type == "meta" for p in streamed.model.parameters())  # every layer freed again
 
 
-def test_streamed_trace_of_every_component_is_bit_equal(tmp_path):
+def test_streamed_trace_of_every_component_equals_in_memory(tmp_path):
     zoo, d = saved(tmp_path, "zoo:qwen2-moe")  # shared experts too
     comps = ["resid_pre", "resid_post", "attn_out", "mlp_out", "router", "expert", "shared_expert"]
     results = []
     for lm in (zoo, load_streamed(str(d))):
         sites = all_sites(lm.adapter, lm.model, comps)
         res = trace(lm, PROMPTS * 3, sites, ["absmax", "moments", "log_histogram"], batch_size=3, progress=False)
-        results.append({(s, k): r.state_dict() for s, reds in res.reducers.items() for k, r in reds.items()})
+        results.append({(s, k): r for s, reds in res.reducers.items() for k, r in reds.items()})
     a, b = results
     assert a.keys() == b.keys() and len(a) > 100
-    for key in a:
-        for field in a[key]:
-            assert torch.equal(a[key][field], b[key][field]), (key, field)
+    for key in a:  # other buffers (see above): equal to fp32 tolerance, ties and histogram edges allowed for
+        assert_reducers_close(a[key], b[key], msg=str(key))
 
 
 @pytest.mark.parametrize("spec", ["zoo:olmoe", "zoo:deepseek-v3"])  # DeepSeek keeps its router bias in fp32
 def test_streamed_bfloat16_equals_in_memory(tmp_path, spec):
     _, d = saved(tmp_path, spec)
     bf = profile_json(load_streamed(str(d), dtype="bfloat16"), PROMPTS * 2)
-    assert bf == profile_json(load(str(d), dtype="bfloat16"), PROMPTS * 2) and bf["meta"]["dtype"] == "bfloat16"
+    assert bf["meta"]["dtype"] == "bfloat16"
+    # Same bf16 weights in other buffers: fp32-accumulated matmuls that may block differently, then one
+    # bf16 rounding of each activation; a rounding flip is one bf16 step (2^-8 relative), hence bf16's
+    # rtol; the absolute floor is fp32's, since this tiny model's activations are ~1e-2, not ~1.
+    rtol = helpers.TOLERANCES[torch.bfloat16]["rtol"]
+    assert_json_close(bf, profile_json(load(str(d), dtype="bfloat16"), PROMPTS * 2), rtol=rtol, atol=1e-6)
 
 
 def test_sharded_checkpoint(tmp_path):
     zoo, d = saved(tmp_path, "zoo:olmoe", max_shard_size="300KB")
     assert (d / "model.safetensors.index.json").is_file() and len(list(d.glob("*.safetensors"))) > 3
     prompts = PROMPTS * 2
-    assert profile_json(load_streamed(str(d)), prompts) == profile_json(zoo, prompts)
+    assert_json_close(profile_json(load_streamed(str(d)), prompts), profile_json(zoo, prompts))  # other buffers
     next(d.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(WorkbenchError, match="missing"):
         load_streamed(str(d))
@@ -98,7 +105,7 @@ def test_offload_cli_writes_the_in_memory_profile(tmp_path):
     args = ["profile", str(d), "--text", PROMPTS[0], "--text", PROMPTS[1], "--no-plots", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "mem")]) == 0
     assert main([*args, "--offload", "layers", "--out", str(tmp_path / "off")]) == 0
-    assert (tmp_path / "mem" / "profile.json").read_bytes() == (tmp_path / "off" / "profile.json").read_bytes()
+    assert_json_close(*(json.loads((tmp_path / n / "profile.json").read_text()) for n in ("off", "mem")))
     assert json.loads((tmp_path / "off" / "run.json").read_text())["offload"] == "layers"
     assert main(["profile", "zoo:olmoe", "--text", "x", "--offload", "layers", "--out", str(tmp_path / "z")]) == 2
     assert not (tmp_path / "z").exists()
@@ -122,6 +129,6 @@ def test_smollm2_streamed_equals_in_memory_with_less_memory(tmp_path):
     mem, r1 = _peak_rss_mb([*base, "--out", str(tmp_path / "mem")])
     off, r2 = _peak_rss_mb([*base, "--offload", "layers", "--out", str(tmp_path / "off")])
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
-    assert (tmp_path / "mem" / "profile.json").read_bytes() == (tmp_path / "off" / "profile.json").read_bytes()
+    assert_json_close(*(json.loads((tmp_path / n / "profile.json").read_text()) for n in ("off", "mem")))
     print(f"peak RSS: in memory {mem:.0f} MB, streamed {off:.0f} MB")
     assert off < mem - 350, (mem, off)

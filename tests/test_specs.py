@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import PROMPTS
+from helpers import PROMPTS, assert_close
 from workbench.errors import WorkbenchError
 from workbench.models.specs import load
 
@@ -23,8 +23,12 @@ def run_cli(*args, cwd=None):
 
 def test_local_directory_round_trip(saved_dir):
     a, b = load("zoo:qwen2-moe"), load(str(saved_dir))
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka  # the weights round-trip exactly
     ids = a.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
-    assert torch.equal(a.model(ids).logits, b.model(ids).logits)
+    # The reloaded weights live in other (memory-mapped, not 64-byte aligned) buffers, where MKL may take
+    # another GEMM path: the logits agree to fp32 tolerance, not bit for bit (1.8e-7 seen on AMD EPYC).
+    assert_close(b.model(ids).logits, a.model(ids).logits)
     assert b.summary()["experts"] == 8 and b.summary()["shared_experts"] == 1
 
 
