@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import PROMPTS, ZOO_SPECS
+from helpers import PROMPTS, ZOO_SPECS, assert_json_close
 from workbench.data import default_prompts
 from workbench.experts.massive import histogram_median
 from workbench.experts.profile import ProfileOptions, profile
+from workbench.experts.report import split
+from workbench.io import dumps_json
 from workbench.models.specs import load
 from workbench.tracing.reducers import LogHistogram, Payload
 
@@ -219,20 +221,9 @@ def test_padding_changes_no_statistic(spec):
     prompts = CORPUS[:9]
     a = profile(lm, prompts, ProfileOptions(batch_size=4), progress=False)
     b = profile(lm, prompts, ProfileOptions(batch_size=1), progress=False)
-    assert a["meta"]["num_tokens"] == b["meta"]["num_tokens"]
-    ids = [lm.tokenizer(p).input_ids for p in prompts]
-
-    def context(e):  # tokens up to the peak: equal contexts give equal activations (a tie up to rounding)
-        return None if e["prompt_index"] is None else ids[e["prompt_index"]][: e["position"] + 1]
-
-    for ea, eb in zip(a["experts"], b["experts"]):
-        assert (ea["layer"], ea["expert"], ea["channel"], ea["tokens_routed"]) == \
-               (eb["layer"], eb["expert"], eb["channel"], eb["tokens_routed"])
-        assert context(ea) == context(eb)
-        assert ea["max_abs"] == pytest.approx(eb["max_abs"], rel=1e-5, nan_ok=True)  # NaN: no token routed
-    for ra, rb in zip(a["router"], b["router"]):
-        assert ra["counts"] == rb["counts"] and ra["coactivation"] == rb["coactivation"]
-        assert ra["top1_change_rate"] == rb["top1_change_rate"] or math.isnan(ra["top1_change_rate"])
-    np.testing.assert_allclose(a["attention_sinks"]["share_pos0"], b["attention_sinks"]["share_pos0"], rtol=1e-5, atol=1e-7)
-    for la, lb in zip(a["massive_activations"]["layers"], b["massive_activations"]["layers"]):
-        assert [(t["channel"], context(t)) for t in la["top"]] == [(t["channel"], context(t)) for t in lb["top"]]
+    # The padded batch runs the matmuls at other shapes: every number agrees to fp32 tolerance, and where
+    # a maximum's location differs the two values must agree (a near-tie broken the other way by rounding;
+    # seen on zoo:qwen2-moe L3.E6 between tokens of different prompts, so equal contexts are not required).
+    pa, pb = (json.loads(dumps_json(split(x)[0])) for x in (a, b))
+    assert (pa["meta"].pop("batch_size"), pb["meta"].pop("batch_size")) == (4, 1)
+    assert_json_close(pa, pb)
