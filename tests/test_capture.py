@@ -275,3 +275,52 @@ def test_trace_without_the_lm_head_equals_capture_on_the_full_forward(spec):
     for s in sites:
         assert torch.equal(res[s]["absmax"].absmax, sinks[s][0].absmax), s
         assert torch.equal(res[s]["absmax"].token, sinks[s][0].token), s
+
+
+@pytest.mark.parametrize("spec", ["zoo:qwen2-moe", "zoo:deepseek-v3"])
+def test_fused_expert_outputs_are_read_from_the_experts_forward_not_recomputed(spec, monkeypatch):
+    """grouped_mm and batched_mm hand the per-expert outputs over through ``post_expert_norm`` (no
+    second expert pass); eager recomputes them. All three give the same rows, the hooked forward stays
+    bit-identical to the plain one under each, and leaving the capture restores the experts module."""
+    import workbench.tracing.capture as capture
+
+    lm = load(spec)
+    enc, grid = _batch(lm, PROMPTS)
+    ad, model = lm.adapter, lm.model
+    moe = [i.index for i in lm.layer_infos() if i.kind == "moe"]
+    sites = all_sites(ad, model, ["experts", "expert"], moe)
+    recomputed = []
+    monkeypatch.setattr(capture, "fused_grouped_output", lambda *a: recomputed.append(1) or _real_grouped(*a))
+    got = {}
+    for impl in ("grouped_mm", "batched_mm", "eager"):
+        model.set_experts_implementation(impl)
+        plain = model(**enc).logits
+        keep = {s: [Keep()] for s in sites}
+        with Capture(model, ad, keep) as cap:
+            cap.begin_batch(grid)
+            hooked = model(**enc).logits
+        assert torch.equal(plain, hooked), impl  # same model, kernels and shapes: bit-identical
+        assert bool(recomputed) == (impl == "eager"), impl
+        for layer in moe:
+            experts = ad.experts(ad.decoder_layers(model)[layer])
+            assert not experts.has_post_expert_norm and "post_expert_norm" not in experts._modules
+        got[impl] = {s: k[0] for s, k in keep.items()}
+    model.set_experts_implementation("grouped_mm")
+    grouped_rows = sum(got["eager"][s].rows()[1].numel() for s in sites if s.component is Component.EXPERTS)
+    assert grouped_rows == len(moe) * int(enc.attention_mask.sum()) * lm.layer_infos()[moe[0]].top_k
+    for s in sites:
+        ref_vals, ref_toks = got["eager"][s].rows()
+        ref_ids = torch.cat([p.experts for p in got["eager"][s].parts]) if s.component is Component.EXPERTS else None
+        order = (ref_ids * (1 << 32) + ref_toks if ref_ids is not None else ref_toks).argsort()
+        for impl in ("grouped_mm", "batched_mm"):
+            vals, toks = got[impl][s].rows()
+            ids = torch.cat([p.experts for p in got[impl][s].parts]) if ref_ids is not None else None
+            mine = (ids * (1 << 32) + toks if ids is not None else toks).argsort()
+            assert torch.equal(toks[mine], ref_toks[order]), (impl, s)
+            if ids is not None:
+                assert torch.equal(ids[mine], ref_ids[order]), (impl, s)
+            # another expert kernel (grouped vs batched vs per-expert matmuls): fp32 tolerance
+            assert_close(vals[mine], ref_vals[order], msg=f"{impl} {s}")
+
+
+_real_grouped = __import__("workbench.tracing.capture", fromlist=["x"]).fused_grouped_output

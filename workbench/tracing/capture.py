@@ -1,8 +1,11 @@
 """Hook-based capture: read sites during a forward pass and hand their rows to sinks.
 
 Hooks only read; they never return a value, so a captured forward is bit-identical to a plain one.
-Per-expert outputs of fused experts (transformers 5.x keeps no per-expert module) are recomputed
-from the experts module's own inputs: ``down_proj[e] @ act(gate) * up`` on the tokens routed to e.
+Per-expert outputs of fused experts (transformers 5.x keeps no per-expert module) are read from
+transformers' own grouped/batched experts forward through its ``post_expert_norm`` slot (see
+:meth:`Capture._tap_fused`); with any other experts implementation (``eager``, kernels of other
+libraries) they are recomputed from the experts module's own inputs: ``down_proj[e] @ act(gate) * up``
+on the tokens routed to e.
 """
 
 from __future__ import annotations
@@ -112,6 +115,49 @@ def few_threads(n: int = 1):
         torch.set_num_threads(before)
 
 
+# transformers' experts implementations that call ``post_expert_norm`` on the per-expert outputs.
+_TAPPABLE = ("grouped_mm", "batched_mm")
+
+
+class _Tap(nn.Module):
+    """Stands in for a fused experts module's ``post_expert_norm``: returns its input (or the wrapped
+    norm's output) unchanged and hands it to ``fn``."""
+
+    def __init__(self, fn, inner: nn.Module | None):
+        super().__init__()
+        self.fn, self.inner = fn, inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x if self.inner is None else self.inner(x)
+        self.fn(y)
+        return y
+
+    @classmethod
+    def install(cls, experts: nn.Module, fn) -> "_Restore":
+        had = experts.__dict__.get("has_post_expert_norm", False)
+        inner = experts._modules.get("post_expert_norm") if had else None
+        experts.post_expert_norm = cls(fn, inner)
+        experts.has_post_expert_norm = True
+        return _Restore(experts, had, inner)
+
+
+class _Restore:
+    """Puts back what :meth:`_Tap.install` replaced (a handle like a hook's: ``remove()``)."""
+
+    def __init__(self, experts: nn.Module, had: bool, inner: nn.Module | None):
+        self.experts, self.had, self.inner = experts, had, inner
+
+    def remove(self) -> None:
+        if self.experts is None:
+            return
+        e, self.experts = self.experts, None
+        e.has_post_expert_norm = self.had
+        if self.inner is not None:
+            e.post_expert_norm = self.inner
+        else:
+            del e.post_expert_norm
+
+
 class Capture(HookSet):
     """Context manager that installs read-only hooks for ``sinks`` on ``model``.
 
@@ -216,6 +262,10 @@ class Capture(HookSet):
             return
         if info.layout == "fused":
             module = experts = ad.experts(layer)
+            impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+            if impl in _TAPPABLE and not getattr(experts, "_is_expert_parallel", False):
+                self._tap_fused(experts, impl, wanted, grouped, info.num_experts)
+                return
             one = lambda e, h: fused_expert_output(experts, h, e)  # noqa: E731
             many = lambda h, counts: fused_grouped_output(experts, h, counts)  # noqa: E731
 
@@ -239,6 +289,63 @@ class Capture(HookSet):
             else:
                 self._emit_grouped(grouped, wanted, hidden, index, info.num_experts, many)
         self._hook(module, hook)
+
+    def _tap_fused(self, experts: nn.Module, impl: str, wanted: dict[int, Site], grouped: Site | None,
+                   num_experts: int) -> None:
+        """Per-expert outputs straight from transformers' own grouped/batched experts forward, no recompute.
+
+        Both implementations call ``post_expert_norm`` on the down_proj outputs of every (token, slot)
+        pair just before the routing weights multiply them, when ``has_post_expert_norm`` is set. The
+        capture sets it for the duration, with a :class:`_Tap` that returns its input unchanged (or the
+        model's own norm's output, where it has one) and hands it to the sinks: the forward computes
+        exactly what it computes unhooked. A forward pre-hook keeps ``top_k_index``, from which the rows'
+        experts and tokens follow: ``grouped_mm`` orders them by ``torch.sort(top_k_index.reshape(-1))``
+        (the same call, so the same permutation), ``batched_mm`` keeps (token, slot) order.
+        """
+        index: list[torch.Tensor] = []
+
+        def keep_index(mod, args, kwargs):
+            index.append(args[1] if len(args) > 1 else kwargs["top_k_index"])
+
+        def emit(out: torch.Tensor) -> None:
+            if self._grid is None:
+                raise RuntimeError("Capture.begin_batch() was not called before the forward pass")
+            top = index.pop()
+            k, flat = top.shape[-1], top.reshape(-1)
+            if impl == "grouped_mm":
+                ids, perm = torch.sort(flat)
+                token_rows, by_expert = perm // k, True
+            else:
+                ids, by_expert = flat, False
+                token_rows = torch.arange(flat.numel(), device=flat.device) // k
+            with torch.no_grad(), few_threads():
+                tokens = self._grid[token_rows]
+                if self._keep_idx is not None:  # padding rows never reach a sink
+                    real = (tokens >= 0).nonzero().flatten()
+                    out, ids, tokens = out.index_select(0, real), ids[real], tokens[real]
+                self._emit_expert_rows(grouped, wanted, out.detach(), ids, tokens, num_experts, by_expert)
+
+        self._hook(experts, keep_index, pre=True)
+        self._handles.append(_Tap.install(experts, emit))
+
+    def _emit_expert_rows(self, grouped: Site | None, wanted: dict[int, Site], out: torch.Tensor, ids: torch.Tensor,
+                          tokens: torch.Tensor, num_experts: int, by_expert: bool) -> None:
+        """Hand (token, slot) rows of expert outputs to the grouped site and to per-expert sites."""
+        if grouped is not None:
+            p = Payload(out, tokens, experts=ids)
+            for sink in self.sinks[grouped]:
+                sink.update(p)
+        if not wanted:
+            return
+        if by_expert:
+            ends = torch.cumsum(torch.bincount(ids, minlength=num_experts), 0).tolist()
+            for e, s in wanted.items():
+                lo = ends[e - 1] if e else 0
+                self._emit(s, out[lo:ends[e]], tokens[lo:ends[e]])
+        else:
+            for e, s in wanted.items():
+                rows = (ids == e).nonzero().flatten()
+                self._emit(s, out.index_select(0, rows), tokens[rows])
 
     def _emit_grouped(self, site: Site, wanted: dict[int, Site], hidden: torch.Tensor, index: torch.Tensor,
                       num_experts: int, run) -> None:
