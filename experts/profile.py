@@ -97,17 +97,11 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
                         "channel": r["channel"], "tokens_routed": r["rows"],
                         "channel_kurtosis": kurtosis(a.absmax) if a.absmax is not None else math.nan,
                         "nan_count": r["nan_count"], "inf_count": r["inf_count"], **where(r["token"])})
-    chosen, facts = select(experts, n_layers, options.rule)
     layer_kurt = {}
     for i in range(n_layers):
         vals = torch.tensor([e["max_abs"] for e in experts if e["layer"] == i and e["kind"] != "shared"])
         layer_kurt[i] = kurtosis(vals)
-    out: dict = {
-        "super_experts": chosen,
-        "super_expert_rule": {**options.rule.as_dict(), **facts},
-        "experts": experts,
-        "expert_max_kurtosis_by_layer": [layer_kurt[i] for i in range(n_layers)],
-    }
+    out: dict = {"experts": experts, "expert_max_kurtosis_by_layer": [layer_kurt[i] for i in range(n_layers)]}
     # ----- router --------------------------------------------------------------------------------
     if router_sites:
         rates = change.result()
@@ -124,6 +118,10 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         layers.append({"layer": s.layer, "median_abs": med, "top": entries,
                        "massive": bool(entries and entries[0]["value"] >= options.massive_min
                                        and entries[0]["ratio_to_median"] >= options.massive_ratio)})
+    # ----- super experts: the rule reads the expert maxima and the residual entries at their spots ----------
+    chosen, facts, verdicts = select(experts, n_layers, options.rule, layers)
+    out.update({"super_experts": chosen, "super_expert_rule": {**options.rule.as_dict(), **facts},
+                "super_expert_candidates": verdicts})
     out["non_finite"] = _non_finite(experts, [resid_red[s]["histogram"] for s in resid_sites], resid_sites)
     out["massive_activations"] = {"criterion": {"ratio_to_median": options.massive_ratio, "min_abs": options.massive_min},
                                   "layers": layers}

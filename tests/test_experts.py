@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from helpers import PROMPTS, ZOO_SPECS, assert_json_close
 from workbench.data import default_prompts
 from workbench.experts.massive import histogram_median
 from workbench.experts.profile import ProfileOptions, profile
+from workbench.experts.super_experts import SuperExpertRule, select
 from workbench.experts.report import split
 from workbench.io import dumps_json
 from workbench.models.specs import load
@@ -38,11 +40,36 @@ def plant(lm, layer, expert, channel, factor=500.0):
     return undo
 
 
+def reference_selection(experts: list[dict], num_layers: int, quantile=99.5, times=10, include_layers=0.75):
+    """The reference script's selection (ZunhaiSu/Super-Experts-Profilling, eval_utils.py), transcribed:
+    ``_super_experts_analysis`` keeps the entries of layers < round(total_layers * include_layers) whose
+    module name holds "experts" (routed and shared experts; an expert that saw no token has no entry),
+    ``_identify_super_experts`` admits output_max > np.percentile(v, quantile) and > np.max(v) // times."""
+    include_layers = round(num_layers * include_layers)
+    results = [e for e in experts if e["layer"] < include_layers and e["kind"] in ("routed", "shared")
+               and not math.isnan(e["max_abs"])]
+    output_max_values = [e["max_abs"] for e in results]
+    percentile = np.percentile(output_max_values, quantile)
+    chosen = [e for e in results
+              if e["max_abs"] > percentile and e["max_abs"] > np.max(output_max_values) // times]
+    chosen.sort(key=lambda e: e["max_abs"], reverse=True)
+    return [(e["layer"], e["expert"], e["kind"]) for e in chosen]
+
+
+def paper_selection(p: dict) -> list[tuple]:
+    """The paper rule re-applied to a profile's expert maxima (no second pass)."""
+    chosen, _, _ = select(p["experts"], p["meta"]["num_layers"], SuperExpertRule(rule="paper"),
+                          p["massive_activations"]["layers"])
+    return [(e["layer"], e["expert"], e["kind"]) for e in chosen]
+
+
 @pytest.mark.parametrize("spec", ZOO_SPECS)
 def test_planted_super_expert_is_the_only_one(spec):
+    # x5000: the planted row then writes 130-750x its layer's median |residual| into channel 17, a massive
+    # activation; x500 reaches only 15x (qwen2-moe) and 22x (olmoe), which the default rule rejects (below).
     lm = load(spec)
     layer = next(i.index for i in lm.layer_infos() if i.kind == "moe")
-    undo = plant(lm, layer, 5, 17)
+    undo = plant(lm, layer, 5, 17, factor=5000.0)
     try:
         p = profile(lm, CORPUS, ProfileOptions(sinks=False), progress=False)
     finally:
@@ -52,14 +79,101 @@ def test_planted_super_expert_is_the_only_one(spec):
     e = p["super_experts"][0]
     assert e["tokens_routed"] > 0 and CORPUS[e["prompt_index"]]  # located in a real prompt
     assert e["channel_kurtosis"] > 10  # one channel dominates this expert's output
+    v = p["super_expert_candidates"][0]
+    assert v["admitted"] and v["ratio_to_median"] > 1000 and v["ratio_to_next"] > 1000  # measured 2300-4300x
+    assert v["residual_ratio_to_median"] > 100  # measured 131-750x
+    assert paper_selection(p) == reference_selection(p["experts"], 4) == [(layer, 5, "routed")]
 
 
-def test_unplanted_model_reports_rule_facts():
-    lm = load("zoo:olmoe")
+def test_weak_plant_stands_out_but_feeds_no_massive_activation():
+    """x500 in zoo:qwen2-moe: the expert stands out (237x the median) but its output reaches only 15x the
+    layer's median |residual| (its routing weight is small): the paper rule names it, the default does not."""
+    lm = load("zoo:qwen2-moe")
+    undo = plant(lm, 0, 5, 17, factor=500.0)
+    try:
+        p = profile(lm, CORPUS, ProfileOptions(sinks=False), progress=False)
+    finally:
+        undo()
+    assert p["super_experts"] == []
+    v = p["super_expert_candidates"][0]
+    assert (v["layer"], v["expert"], v["stands_out"], v["feeds_massive"]) == (0, 5, True, False)
+    assert v["residual_in_top"] and v["residual_ratio_to_median"] < 30 and "rejected" in v["why"]
+    assert paper_selection(p) == [(0, 5, "routed")]
+
+
+@pytest.fixture(scope="module")
+def many_experts():
+    """A random Qwen3-MoE with 64 experts, top-8 (the issue's 1024-hidden model, shrunk to build in 1 s)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from workbench.models.specs import LoadedModel, adapter_for
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=32, moe_intermediate_size=64, num_experts=64, num_experts_per_tok=8,
+                         vocab_size=49152)
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    return LoadedModel(model, load("zoo:qwen3-moe").tokenizer, adapter_for(model), "random-qwen3-moe-64")
+
+
+@pytest.mark.parametrize("spec", ZOO_SPECS + ["zoo:tiny-moe", "many-experts"])
+def test_models_without_a_super_expert_report_none(spec, many_experts):
+    """Random zoo models, the trained tiny-moe and a 64-expert random model: the largest expert maximum is
+    1.3-2.6x the median and 1.0-1.2x the next one (measured), so the default rule names none; the paper
+    rule still names the largest, as the reference script does."""
+    lm = many_experts if spec == "many-experts" else load(spec)
     p = profile(lm, CORPUS, ProfileOptions(sinks=False), progress=False)
     rule = p["super_expert_rule"]
-    assert rule["candidate_layers"] == 3 and rule["candidates"] == 24  # round(0.75 * 4) layers x 8 experts
-    assert all(e["max_abs"] > rule["threshold"] for e in p["super_experts"])
+    assert p["super_experts"] == [] and rule["rule"] == "default" and rule["candidate_layers"] == 3
+    assert rule["candidates"] == sum(e["layer"] < 3 and e["kind"] != "dense" and e["tokens_routed"] > 0
+                                     for e in p["experts"])  # routed + shared; DeepSeek's dense layer 0 is not one
+    assert rule["top_ratio_to_median"] < 5 and rule["top_ratio_to_next"] < 1.5
+    top = p["super_expert_candidates"][0]
+    assert top["above_percentile"] and top["above_ratio"]  # the paper's conditions hold ...
+    assert not top["stands_out"] and not top["feeds_massive"] and not top["admitted"]  # ... the others do not
+    assert top["why"].startswith("rejected")
+    n = p["meta"]["num_layers"]
+    assert paper_selection(p) == reference_selection(p["experts"], n) == [(top["layer"], top["expert"], top["kind"])]
+
+
+def test_tiny_moe_se_default_and_paper_rules_find_the_planted_expert():
+    p = profile(load("zoo:tiny-moe-se"), CORPUS, ProfileOptions(sinks=False), progress=False)
+    assert [(e["layer"], e["expert"], e["channel"], e["position"]) for e in p["super_experts"]] == [(1, 5, 17, 0)]
+    v = p["super_expert_candidates"][0]
+    # measured: 27x the median, 12x the next, residual 202 = 90x the layer median at position 0
+    assert v["ratio_to_median"] > 20 and v["ratio_to_next"] > 10 and v["residual_ratio_to_median"] > 60
+    assert v["residual_position"] == 0
+    assert paper_selection(p) == reference_selection(p["experts"], 4) == [(1, 5, "routed")]
+
+
+def _synthetic(maxima: list[float]) -> list[dict]:
+    """Candidates spread over layers 0-2 (the candidate layers of a 4-layer model)."""
+    return [{"layer": i % 3, "expert": i // 3, "kind": "routed", "max_abs": m, "channel": 3,
+             "position": 0, "prompt_index": 0, "token": "x"} for i, m in enumerate(maxima)]
+
+
+def test_rule_on_synthetic_maxima():
+    """Qwen3-30B-A3B's reported maxima (744, 540, 430, then 63.5) over a bulk of ordinary experts: the three
+    stand out together (430 / 63.5 = 6.8x the next); the paper rule equals the reference on edge cases."""
+    rng = np.random.default_rng(0)
+    # 36 candidate layers x 128 experts, as in Qwen3-30B-A3B; a bulk with median ~22: 430 is ~19x it, and 63.5
+    # is 1.6x the bulk's largest (no gap there)
+    bulk = list(rng.uniform(5.0, 40.0, 36 * 128 - 4))
+    experts = _synthetic([744.0, 540.0, 430.0, 63.5] + bulk)
+    massive = [{"layer": l, "median_abs": 1.0, "top": [{"value": 500.0, "channel": 3, "position": 0,
+                                                          "ratio_to_median": 500.0}]} for l in range(4)]
+    chosen, facts, verdicts = select(experts, 4, SuperExpertRule(), massive)
+    assert [e["max_abs"] for e in chosen] == [744.0, 540.0, 430.0] and facts["standing_out"] == 3
+    assert verdicts[2]["ratio_to_next"] == pytest.approx(430 / 63.5)
+    assert verdicts[0]["ratio_to_next"] == pytest.approx(744 / 63.5)  # the next one outside the group
+    assert select(experts, 4, SuperExpertRule(), None)[0] == []  # no residual evidence: not admitted
+    ref = lambda ex: reference_selection(ex, 4)  # noqa: E731
+    paper = SuperExpertRule(rule="paper")
+    for maxima in ([744.0, 540.0, 430.0, 63.5] + bulk, [0.0108, 0.0089, 0.0091, 0.0100] * 6, [5.0] * 24,
+                   [9.5, 1.0, 1.2, 0.9] * 6, [12.0, 11.0, 1.0, 1.0] * 3, [3.0], list(rng.lognormal(0, 2, 256))):
+        ex = _synthetic(maxima)
+        got = [(e["layer"], e["expert"], e["kind"]) for e in select(ex, 4, paper, massive)[0]]
+        assert got == ref(ex), maxima
 
 
 @pytest.mark.parametrize("spec", ["zoo:qwen2-moe", "zoo:qwen3-moe", "zoo:olmoe", "zoo:mixtral"])
@@ -176,10 +290,15 @@ def test_profile_cli_writes_tables_and_plots(tmp_path):
     for key in ("super_experts", "router", "massive_activations", "attention_sinks", "meta", "super_expert_rule"):
         assert key in p
     assert p["meta"]["num_prompts"] == 2 and p["super_expert_rule"]["quantile"] == 99.5
+    assert p["super_expert_rule"]["rule"] == "default" and p["super_experts"] == []  # a random model
+    assert re.search(r"no super experts \(largest expert maximum is [\d.]+x the median\)", r.stdout)  # 2.6x here
+    assert "largest candidate L" in r.stdout and "rejected" in r.stdout
     import pandas as pd
 
     experts = pd.read_parquet(out / "experts.parquet")
     assert set(experts.kind) == {"routed", "shared"} and len(experts) == 4 * 8 + 4
+    cands = pd.read_parquet(out / "super_expert_candidates.parquet")
+    assert len(cands) >= 8 and not cands.admitted.any() and cands.why.str.startswith("rejected").all()
     for name in ("expert_maxabs", "router_load", "massive_activations", "attention_sinks"):
         assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.html").stat().st_size > 1000
     bad = subprocess.run([sys.executable, "-m", "workbench", "profile", "zoo:qwen2-moe", "--text", "x",
@@ -192,8 +311,10 @@ def test_smollm2_super_weight_and_attention_sink(smollm2):
     """SmolLM2's massive activation lives in channel 507; removing it weakens the attention sink."""
     prompts = default_prompts()[:40]
     base = profile(smollm2, prompts, ProfileOptions(top_massive=2), progress=False)
-    top = base["super_experts"][0]
-    assert (top["layer"], top["kind"], top["channel"], top["position"]) == (11, "dense", 507, 0)
+    assert [(e["layer"], e["kind"], e["channel"], e["position"]) for e in base["super_experts"]] == [(11, "dense", 507, 0)]
+    v = base["super_expert_candidates"][0]
+    # measured: 771x the median dense-MLP maximum, 44x the next (layer 2), residual 1.3e4x the layer median
+    assert v["ratio_to_median"] > 300 and v["ratio_to_next"] > 20 and v["residual_ratio_to_median"] > 3000
     massive = [l for l in base["massive_activations"]["layers"] if l["massive"]]
     assert massive[0]["layer"] == 11 and massive[0]["top"][0]["channel"] == 507
 

@@ -88,6 +88,18 @@ def test_planted_super_expert_ablation_beats_random_controls(planted):
     assert all(massive[f"random x1 seed {s}"] > 0.9 * massive["baseline"] for s in (0, 1, 2))
 
 
+def test_no_super_experts_generate_no_conditions():
+    """A random model has no super expert: the generators that need one add nothing, with one warning."""
+    spec = dict(SMALL, conditions=SMALL["conditions"] + [{"generate": "all_super_experts"}])
+    with pytest.warns(UserWarning, match=r"no super experts \(largest expert maximum is .*x the median\)"):
+        conds = Study(spec).resolve(load("zoo:qwen3-moe"))
+    assert [c.name for c in conds] == ["baseline", "drop L1 E3"]
+    spec = dict(SMALL, conditions=[{"generate": "random_experts", "k": 2, "layers": [1]}])
+    with pytest.warns(UserWarning, match="no super experts"):
+        conds = Study(spec).resolve(load("zoo:qwen3-moe"))
+    assert [len(c.interventions) for c in conds] == [0, 2, 2]  # its own layers and k: still generated
+
+
 def test_trained_model_depends_on_its_super_expert_more_than_on_random_experts(tmp_path):
     """zoo:tiny-moe-se (trained, planted: L1.E5 writes channel 17 on position 0): the worked example's study."""
     from workbench.experts.profile import ProfileOptions, profile

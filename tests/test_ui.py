@@ -181,7 +181,16 @@ def test_profile_page_runs_and_plots(tmp_path):
     assert p["meta"]["num_prompts"] == 2
     charts = at.get("plotly_chart")
     assert len(charts) == 5  # expert max, router load, co-activation, massive, sinks
-    assert len(at.dataframe) >= 2  # super experts, router statistics
+    assert len(at.dataframe) >= 2  # super-expert candidates, router statistics
+    # a random model: no super expert, and the table says why each of the largest candidates is not one
+    assert p["super_experts"] == [] and any(i.value.startswith("no super experts (largest") for i in at.info)
+    cands = next(d.value for d in at.dataframe if "why" in d.value.columns)
+    assert (cands["super expert"] == "no").all() and cands.why.str.startswith("rejected").all()
+    top = p["super_expert_candidates"][0]
+    at.selectbox(key="profile_pick_layer").set_value(top["layer"]).run()
+    at.selectbox(key="profile_pick_expert").set_value(top["expert"]).run()
+    details = dict(next(d.value for d in at.dataframe if list(d.value.columns) == ["", "value"]).itertuples(index=False))
+    assert details["super expert"] == "no" and details["super-expert check"].startswith("rejected")
 
     # picking an expert (what a click on the heatmap does) shows its details; the button ticks it for steering
     at.selectbox(key="profile_pick_layer").set_value(1).run()

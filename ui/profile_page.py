@@ -100,7 +100,32 @@ def expert_details(p: dict, layer: int, expert: int) -> dict | None:
         out["kurtosis of the layer's expert maxima"] = by_layer[layer]
     out["super expert"] = any(s["layer"] == layer and s["expert"] == expert and s["kind"] != "shared"
                               for s in p["super_experts"])
+    verdict = next((c for c in p.get("super_expert_candidates", [])
+                    if c["layer"] == layer and c["expert"] == expert and c["kind"] != "shared"), None)
+    if verdict is not None:  # one of the largest candidates: why the rule admitted or rejected it
+        out["super-expert check"] = verdict["why"]
     return {k: v for k, v in out.items() if v is not None}
+
+
+CANDIDATE_COLUMNS = {"rank": "rank", "max_abs": "max |out|", "above_percentile": "> percentile",
+                     "above_ratio": "> floor(ratio x max)", "ratio_to_median": "x median", "ratio_to_next": "x next",
+                     "stands_out": "stands out", "residual_ratio_to_median": "residual x median",
+                     "feeds_massive": "feeds massive", "admitted": "super expert"}
+
+
+def candidates_table(p: dict) -> pd.DataFrame | None:
+    """The largest super-expert candidates with the number against each condition and the verdict (None for a
+    profile.json written before verdicts were recorded)."""
+    rows = p.get("super_expert_candidates")
+    if not rows:
+        return None
+    from workbench.experts.super_experts import label
+
+    df = pd.DataFrame([{"candidate": label(c), **{v: c.get(k) for k, v in CANDIDATE_COLUMNS.items()},
+                        "why": c["why"]} for c in rows])
+    for col in ("> percentile", "> floor(ratio x max)", "stands out", "feeds massive", "super expert"):
+        df[col] = df[col].map(lambda b: "yes" if b else "no")
+    return df
 
 
 def _fmt(k: str, v) -> str:
@@ -204,7 +229,20 @@ def render(lm, sae: PickedSAE | None = None) -> None:
     took = f", {m['seconds']:.1f} s" if "seconds" in m else ""  # a saved profile.json keeps timings in run.json
     st.caption(f"{m.get('spec')}: {m.get('num_prompts')} prompts, {m.get('num_tokens')} tokens{took}")
     st.subheader("Super experts")
-    st.dataframe(pd.DataFrame(p["super_experts"]), key="profile_super")
+    rule = p.get("super_expert_rule", {})
+    if p["super_experts"]:
+        st.dataframe(pd.DataFrame(p["super_experts"]), key="profile_super")
+    else:
+        from workbench.experts.super_experts import no_super_experts
+
+        st.info(no_super_experts(p).splitlines()[0])
+    table = candidates_table(p)
+    if table is not None:
+        st.caption(f"rule: {rule.get('rule', 'paper')}. The largest candidates and the number against each "
+                   "condition: the paper's (above the percentile and the floored ratio of the largest) and, "
+                   "for the default rule, standing out (x the median and x the next expert) and feeding a "
+                   "massive activation (residual in its channel x the layer median).")
+        st.dataframe(table, hide_index=True, key="profile_super_candidates")
     figs = figures(p)
     left, right = st.columns(2)
     left.plotly_chart(figure(figs.pop("expert_maxabs"), selectable=True), key=PICK_CHART, on_select=_on_pick,

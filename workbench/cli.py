@@ -116,14 +116,16 @@ def cmd_profile(args) -> int:
     from workbench import distributed
     from workbench.experts.profile import ProfileOptions, profile
     from workbench.experts.report import OUTPUTS, write
-    from workbench.experts.super_experts import SuperExpertRule
+    from workbench.experts.super_experts import SuperExpertRule, no_super_experts
     from workbench.io import clear_stale_temps
     from workbench.models.specs import resolve_device
     from workbench.tracing.state import Checkpoint
 
     prompts = _prompts(args)
     try:
-        rule = SuperExpertRule(quantile=args.quantile, ratio=args.ratio, layer_fraction=args.layer_fraction)
+        rule = SuperExpertRule(rule=args.rule, quantile=args.quantile, ratio=args.ratio,
+                               layer_fraction=args.layer_fraction, median_factor=args.median_factor,
+                               next_factor=args.next_factor, residual_factor=args.residual_factor)
     except ValueError as e:
         raise WorkbenchError(f"bad super-expert rule: {e}") from None
     out = output_dir(args.out)
@@ -161,7 +163,7 @@ def cmd_profile(args) -> int:
             print(f"  layer {e['layer']:>3} expert {e['expert']:>3} ({e['kind']})  max|out| {e['max_abs']:.4g}  "
                   f"channel {e['channel']}  prompt {e['prompt_index']} pos {e['position']} token {e['token']!r}")
     else:
-        print("no super experts under the rule " + str(p["super_expert_rule"]))
+        print(no_super_experts(p))
     nf = p["non_finite"]
     if nf["first_layer"] is not None:
         print(f"warning: non-finite activations from layer {nf['first_layer']}: {nf['expert_nan']} NaN and "
@@ -254,7 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run MODEL over the prompts once and write OUT/profile.json, parquet tables "
                                     "and PNG/HTML plots. Super experts follow Su et al.: in the first "
                                     "round(layer_fraction x layers) layers, max |down_proj output| above the "
-                                    "QUANTILE-th percentile of all candidates and above RATIO x the largest.")
+                                    "QUANTILE-th percentile of all candidates and above floor(RATIO x the "
+                                    "largest) (--rule paper); the default rule also needs the expert to stand "
+                                    "out (>= MEDIAN_FACTOR x the median expert maximum and >= NEXT_FACTOR x "
+                                    "the next one) and to feed a massive activation (residual in its channel "
+                                    ">= RESIDUAL_FACTOR x the layer median).")
     pr.add_argument("model", help="model spec (see `workbench models`)")
     pr.add_argument("--prompts", help="text file, one prompt per line (default: the built-in prompt set)")
     pr.add_argument("--text", action="append", help="a prompt (repeatable)")
@@ -263,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quantile", type=Number(float, 0, 100, open_low=True), default=99.5)
     pr.add_argument("--ratio", type=Number(float, 0, 1), default=0.1)
     pr.add_argument("--layer-fraction", type=Number(float, 0, 1, open_low=True), default=0.75)
+    pr.add_argument("--rule", choices=("default", "paper"), default="default",
+                    help="super-expert rule: paper (the reference script's selection) or default (paper + stands "
+                         "out + feeds a massive activation); recorded in profile.json")
+    pr.add_argument("--median-factor", type=Number(float, 1), default=10.0,
+                    help="default rule: max >= this x the median expert maximum")
+    pr.add_argument("--next-factor", type=Number(float, 1), default=3.0,
+                    help="default rule: max >= this x the next expert's")
+    pr.add_argument("--residual-factor", type=Number(float, 1), default=30.0,
+                    help="default rule: residual in the expert's channel >= this x the layer median")
     pr.add_argument("--top-massive", type=COUNT, default=8, help="residual entries kept per layer")
     pr.add_argument("--no-sinks", action="store_true", help="skip attention sinks (keeps the model's attention kernel)")
     pr.add_argument("--no-plots", action="store_true")

@@ -25,6 +25,7 @@ import json
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,8 +171,11 @@ class Study:
 
         p = profile(lm, self.texts(), ProfileOptions(sinks=False, batch_size=self.batch_size), progress=progress)
         if not p["super_experts"]:
-            raise WorkbenchError(f"{self.source}: a generated condition needs super experts, and the profile "
-                                 f"found none under {p['super_expert_rule']}")
+            from workbench.experts.super_experts import no_super_experts
+
+            warnings.warn(f"{self.source}: the study texts' profile found {no_super_experts(p).splitlines()[0]}; "
+                          "each_super_expert and all_super_experts generate no condition, and random_experts "
+                          "only with its own layers and k", stacklevel=2)
         return p["super_experts"]
 
     def _generate(self, lm, g: dict, supers: list[dict]) -> list[Condition]:
@@ -186,6 +190,8 @@ class Study:
             return f"L{e['layer']}.C{e['channel']}" if e["kind"] == "dense" else f"L{e['layer']}.{e['kind'][0].upper()}{e['expert']}"
 
         kind = g["generate"]
+        if not supers and kind != "random_experts":
+            return []  # no super experts (warned): nothing to ablate, and no empty stand-in for the baseline
         if kind == "each_super_expert":
             return [Condition(f"super {label(e)}", [ablate(e)], group="each_super_expert") for e in supers]
         if kind == "all_super_experts":
@@ -194,6 +200,8 @@ class Study:
         k = int(g.get("k", len(supers)))
         layers = g.get("layers") or sorted({e["layer"] for e in supers})
         layers = layers if isinstance(layers, list) else [layers]
+        if k < 1 or not layers:  # no super experts to size or place the control (warned)
+            return []
         infos = lm.layer_infos()
         taken = {(e["layer"], e["expert"] if e["kind"] != "dense" else e["channel"]) for e in supers}
         out = []
