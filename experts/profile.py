@@ -119,9 +119,10 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
                        "massive": bool(entries and entries[0]["value"] >= options.massive_min
                                        and entries[0]["ratio_to_median"] >= options.massive_ratio)})
     # ----- super experts: the rule reads the expert maxima and the residual entries at their spots ----------
-    chosen, facts, verdicts = select(experts, n_layers, options.rule, layers)
-    out.update({"super_experts": chosen, "super_expert_rule": {**options.rule.as_dict(), **facts},
-                "super_expert_candidates": verdicts})
+    chosen, facts, checks = select(experts, n_layers, options.rule, layers)
+    for e in experts:  # every expert carries the number against each condition (chosen ones are these dicts)
+        e.update(checks[(e["layer"], e["kind"], e["expert"])])
+    out.update({"super_experts": chosen, "super_expert_rule": {**options.rule.as_dict(), **facts}})
     out["non_finite"] = _non_finite(experts, [resid_red[s]["histogram"] for s in resid_sites], resid_sites)
     out["massive_activations"] = {"criterion": {"ratio_to_median": options.massive_ratio, "min_abs": options.massive_min},
                                   "layers": layers}

@@ -22,8 +22,6 @@ def tables(p: dict) -> dict[str, pd.DataFrame]:
     experts = pd.DataFrame(p["experts"])
     experts["is_super"] = [(r.layer, r.expert, r.kind) in super_keys for r in experts.itertuples()]
     out = {"experts": experts}
-    if p.get("super_expert_candidates"):  # the largest candidates, each condition's number and verdict
-        out["super_expert_candidates"] = pd.DataFrame(p["super_expert_candidates"])
     if "router" in p:
         rows = []
         for layer in p["router"]:

@@ -39,7 +39,12 @@ import numpy as np
 import torch
 
 RULES = ("default", "paper")
-REPORTED = 8  # candidates whose verdict is written out: the largest ones, and any the paper's conditions admit
+# What every expert entry of profile.json gets: the number against each condition and the verdicts (None for
+# an expert that is not a candidate). Text is made from them on display (:func:`explain`), never stored: a
+# formatted number would differ between runs that agree to rounding.
+CHECKS = ("candidate", "above_percentile", "above_ratio", "ratio_to_median", "ratio_to_next", "stands_out",
+          "residual", "residual_ratio_to_median", "residual_position", "residual_in_top", "feeds_massive", "admitted")
+SHOWN = 8  # candidates listed by the CLI and the app: the largest ones, and any the paper's conditions admit
 
 
 @dataclass(frozen=True)
@@ -73,16 +78,19 @@ def candidates(experts: list[dict], num_layers: int, layer_fraction: float) -> t
 
 
 def select(experts: list[dict], num_layers: int, rule: SuperExpertRule,
-           residual: list[dict] | None = None) -> tuple[list[dict], dict, list[dict]]:
+           residual: list[dict] | None = None) -> tuple[list[dict], dict, dict]:
     """``experts``: dicts with ``layer``, ``expert``, ``kind``, ``max_abs``, ``channel``, ``position``.
     ``residual``: the profile's massive-activation layers (``layer``, ``median_abs``, ``top`` entries with
     ``value``, ``channel``, ``position``, ``ratio_to_median``); without it no candidate feeds a massive
-    activation. Returns (super experts largest first, rule facts, verdicts of the largest candidates)."""
+    activation. Returns (super experts largest first, rule facts, {(layer, kind, expert): checks} for every
+    expert, the :data:`CHECKS` fields)."""
     cands, last = candidates(experts, num_layers, rule.layer_fraction)
+    checks = {_key(e): {**dict.fromkeys(CHECKS), "candidate": False} for e in experts}
     facts: dict = {"candidate_layers": last, "candidates": len(cands)}
     if not cands:
-        return [], {**facts, "percentile_value": math.nan, "max": math.nan, "threshold": math.nan,
-                    "median": math.nan, "top_ratio_to_median": math.nan, "top_ratio_to_next": math.nan}, []
+        return [], {**facts, "percentile_value": math.nan, "max": math.nan, "ratio_floor": math.nan,
+                    "threshold": math.nan, "median": math.nan, "top_ratio_to_median": math.nan,
+                    "top_ratio_to_next": math.nan, "standing_out": 0}, checks
     order = sorted(cands, key=lambda e: (-e["max_abs"], e["layer"], e.get("expert", 0)))
     m = np.array([e["max_abs"] for e in order], dtype=np.float64)
     # The paper's two conditions, exactly as the reference computes them.
@@ -98,25 +106,30 @@ def select(experts: list[dict], num_layers: int, rule: SuperExpertRule,
             k = r + 1
             break
     by_layer = {l["layer"]: l for l in residual or []}
-    verdicts = []
+    chosen = []
     for r, e in enumerate(order):
-        nxt = m[k] if r < k and k < len(m) else (m[r + 1] if r + 1 < len(m) else 0.0)
-        v = {"rank": r + 1, **{f: e.get(f) for f in ("layer", "expert", "kind", "max_abs", "channel", "prompt_index",
-                                                     "position", "token")},
-             "above_percentile": bool(m[r] > q), "above_ratio": bool(m[r] > floor),
+        nxt = m[k] if r < k < len(m) else (m[r + 1] if r + 1 < len(m) else 0.0)  # largest below, outside the group
+        v = {"candidate": True, "above_percentile": bool(m[r] > q), "above_ratio": bool(m[r] > floor),
              "ratio_to_median": _ratio(m[r], med), "ratio_to_next": _ratio(m[r], nxt), "stands_out": r < k,
              **_residual(e, by_layer.get(e["layer"]), rule.residual_factor)}
         paper = v["above_percentile"] and v["above_ratio"]
         v["admitted"] = paper if rule.rule == "paper" else paper and v["stands_out"] and v["feeds_massive"]
-        v["why"] = _why(v, q, floor, rule)
-        verdicts.append(v)
-    chosen = [e for e, v in zip(order, verdicts) if v["admitted"]]
-    reported = [v for v in verdicts if v["rank"] <= REPORTED or v["admitted"] or (v["above_percentile"]
-                                                                                  and v["above_ratio"])]
+        checks[_key(e)] = v
+        if v["admitted"]:
+            chosen.append(e)
+    first = checks[_key(order[0])]
     facts.update({"percentile_value": q, "max": top, "ratio_floor": floor, "threshold": max(q, floor),
-                  "median": med, "top_ratio_to_median": verdicts[0]["ratio_to_median"],
+                  "median": med, "top_ratio_to_median": first["ratio_to_median"],
                   "top_ratio_to_next": _ratio(m[0], m[1]) if len(m) > 1 else math.inf, "standing_out": k})
-    return chosen, facts, reported
+    return chosen, facts, checks
+
+
+def shown(p: dict) -> list[dict]:
+    """The candidates worth listing, largest first: the :data:`SHOWN` largest, and any the paper's conditions
+    admit. Empty for a profile.json written before the checks were recorded."""
+    cands = sorted((e for e in p["experts"] if e.get("candidate")),
+                   key=lambda e: (-e["max_abs"], e["layer"], e["expert"]))
+    return [e for i, e in enumerate(cands) if i < SHOWN or e["admitted"] or (e["above_percentile"] and e["above_ratio"])]
 
 
 def no_super_experts(p: dict) -> str:
@@ -127,11 +140,11 @@ def no_super_experts(p: dict) -> str:
         return f"no super experts{under} (no expert in the first {f.get('candidate_layers')} layers saw a token)"
     r = f.get("top_ratio_to_median")
     head = f"no super experts{under}" + (f" (largest expert maximum is {_times(r)} the median)" if r is not None else "")
-    cands = p.get("super_expert_candidates") or []
+    cands = shown(p)
     if not cands:
         return head
     c = cands[0]
-    return f"{head}\n  largest candidate {label(c)} ({c['kind']}): {c['why']}"
+    return f"{head}\n  largest candidate {label(c)} ({c['kind']}): {explain(c, f)}"
 
 
 def label(e: dict) -> str:
@@ -164,28 +177,36 @@ def _residual(e: dict, layer: dict | None, factor: float) -> dict:
             "feeds_massive": bool(same) and t["ratio_to_median"] >= factor}
 
 
-def _why(v: dict, q: float, floor: float, rule: SuperExpertRule) -> str:
-    """Each condition with its number and threshold; the conditions the rule applies come first."""
+def explain(e: dict, rule: dict) -> str:
+    """One line: the verdict, then each condition with its number and threshold. ``e``: an expert entry of
+    profile.json with the checks; ``rule``: its ``super_expert_rule``."""
     yes = lambda ok: "yes" if ok else "no"  # noqa: E731
-    need = f"(needs >= {rule.residual_factor:g}x): {yes(v['feeds_massive'])}"
-    if v["residual"] is None:
-        res = f"residual after layer {v['layer']} not measured: no"
-    elif v["residual_in_top"]:
-        where = ("the expert's position" if v["residual_position"] == v["position"]
-                 else f"pos {v['residual_position']}; the expert's maximum is at pos {v['position']}")
-        res = (f"residual in ch {v['channel']} peaks at {v['residual']:.4g} = {v['residual_ratio_to_median']:.3g}x "
+    if not e.get("candidate"):
+        return "not a candidate (outside the candidate layers, a dense layer of a MoE model, or no token routed)"
+    need = f"(needs >= {rule['residual_factor']:g}x): {yes(e['feeds_massive'])}"
+    if e["residual"] is None:
+        res = f"residual after layer {e['layer']} not measured: no"
+    elif e["residual_in_top"]:
+        where = ("at the expert's position" if e["residual_position"] == e["position"]
+                 else f"at pos {e['residual_position']}; the expert's maximum is at pos {e['position']}")
+        res = (f"residual in ch {e['channel']} peaks at {e['residual']:.4g} = {e['residual_ratio_to_median']:.3g}x "
                f"the layer median ({where}) {need}")
     else:
-        res = (f"residual in ch {v['channel']} <= {v['residual']:.4g} = {v['residual_ratio_to_median']:.3g}x the "
+        res = (f"residual in ch {e['channel']} <= {e['residual']:.4g} = {e['residual_ratio_to_median']:.3g}x the "
                f"layer median (not among the layer's kept top entries) {need}")
-    paper = [f"max {v['max_abs']:.4g} > p{rule.quantile:g} {q:.4g}: {yes(v['above_percentile'])}",
-             f"> floor({rule.ratio:g} x largest) {floor:.4g}: {yes(v['above_ratio'])}"]
-    extra = [f"{v['ratio_to_median']:.3g}x the median (needs >= {rule.median_factor:g}x), "
-             f"{v['ratio_to_next']:.3g}x the next (needs >= {rule.next_factor:g}x): {yes(v['stands_out'])}", res]
-    head = "admitted" if v["admitted"] else "rejected"
-    if rule.rule == "paper":
+    paper = [f"max {e['max_abs']:.4g} > p{rule['quantile']:g} {rule['percentile_value']:.4g}: "
+             f"{yes(e['above_percentile'])}",
+             f"> floor({rule['ratio']:g} x largest) {rule['ratio_floor']:.4g}: {yes(e['above_ratio'])}"]
+    extra = [f"{e['ratio_to_median']:.3g}x the median (needs >= {rule['median_factor']:g}x), "
+             f"{e['ratio_to_next']:.3g}x the next (needs >= {rule['next_factor']:g}x): {yes(e['stands_out'])}", res]
+    head = "admitted" if e["admitted"] else "rejected"
+    if rule.get("rule") == "paper":
         return f"{head} (paper rule): " + "; ".join(paper) + "; not applied: " + "; ".join(extra)
     return f"{head}: " + "; ".join(paper + extra)
+
+
+def _key(e: dict) -> tuple:
+    return e["layer"], e["kind"], e["expert"]
 
 
 def kurtosis(x: torch.Tensor) -> float:

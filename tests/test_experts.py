@@ -14,7 +14,7 @@ from helpers import PROMPTS, ZOO_SPECS, assert_json_close
 from workbench.data import default_prompts
 from workbench.experts.massive import histogram_median
 from workbench.experts.profile import ProfileOptions, profile
-from workbench.experts.super_experts import SuperExpertRule, select
+from workbench.experts.super_experts import SuperExpertRule, explain, select, shown
 from workbench.experts.report import split
 from workbench.io import dumps_json
 from workbench.models.specs import load
@@ -79,7 +79,7 @@ def test_planted_super_expert_is_the_only_one(spec):
     e = p["super_experts"][0]
     assert e["tokens_routed"] > 0 and CORPUS[e["prompt_index"]]  # located in a real prompt
     assert e["channel_kurtosis"] > 10  # one channel dominates this expert's output
-    v = p["super_expert_candidates"][0]
+    v = p["super_experts"][0]
     assert v["admitted"] and v["ratio_to_median"] > 1000 and v["ratio_to_next"] > 1000  # measured 2300-4300x
     assert v["residual_ratio_to_median"] > 100  # measured 131-750x
     assert paper_selection(p) == reference_selection(p["experts"], 4) == [(layer, 5, "routed")]
@@ -95,9 +95,10 @@ def test_weak_plant_stands_out_but_feeds_no_massive_activation():
     finally:
         undo()
     assert p["super_experts"] == []
-    v = p["super_expert_candidates"][0]
+    v = shown(p)[0]
     assert (v["layer"], v["expert"], v["stands_out"], v["feeds_massive"]) == (0, 5, True, False)
-    assert v["residual_in_top"] and v["residual_ratio_to_median"] < 30 and "rejected" in v["why"]
+    assert v["residual_in_top"] and v["residual_ratio_to_median"] < 30
+    assert explain(v, p["super_expert_rule"]).startswith("rejected")
     assert paper_selection(p) == [(0, 5, "routed")]
 
 
@@ -128,10 +129,11 @@ def test_models_without_a_super_expert_report_none(spec, many_experts):
     assert rule["candidates"] == sum(e["layer"] < 3 and e["kind"] != "dense" and e["tokens_routed"] > 0
                                      for e in p["experts"])  # routed + shared; DeepSeek's dense layer 0 is not one
     assert rule["top_ratio_to_median"] < 5 and rule["top_ratio_to_next"] < 1.5
-    top = p["super_expert_candidates"][0]
+    top = shown(p)[0]
     assert top["above_percentile"] and top["above_ratio"]  # the paper's conditions hold ...
     assert not top["stands_out"] and not top["feeds_massive"] and not top["admitted"]  # ... the others do not
-    assert top["why"].startswith("rejected")
+    assert explain(top, rule).startswith("rejected")
+    assert all(e["candidate"] is False for e in p["experts"] if e["layer"] >= 3 or e["kind"] == "dense")
     n = p["meta"]["num_layers"]
     assert paper_selection(p) == reference_selection(p["experts"], n) == [(top["layer"], top["expert"], top["kind"])]
 
@@ -139,7 +141,7 @@ def test_models_without_a_super_expert_report_none(spec, many_experts):
 def test_tiny_moe_se_default_and_paper_rules_find_the_planted_expert():
     p = profile(load("zoo:tiny-moe-se"), CORPUS, ProfileOptions(sinks=False), progress=False)
     assert [(e["layer"], e["expert"], e["channel"], e["position"]) for e in p["super_experts"]] == [(1, 5, 17, 0)]
-    v = p["super_expert_candidates"][0]
+    v = p["super_experts"][0]
     # measured: 27x the median, 12x the next, residual 202 = 90x the layer median at position 0
     assert v["ratio_to_median"] > 20 and v["ratio_to_next"] > 10 and v["residual_ratio_to_median"] > 60
     assert v["residual_position"] == 0
@@ -162,10 +164,10 @@ def test_rule_on_synthetic_maxima():
     experts = _synthetic([744.0, 540.0, 430.0, 63.5] + bulk)
     massive = [{"layer": l, "median_abs": 1.0, "top": [{"value": 500.0, "channel": 3, "position": 0,
                                                           "ratio_to_median": 500.0}]} for l in range(4)]
-    chosen, facts, verdicts = select(experts, 4, SuperExpertRule(), massive)
+    chosen, facts, checks = select(experts, 4, SuperExpertRule(), massive)
     assert [e["max_abs"] for e in chosen] == [744.0, 540.0, 430.0] and facts["standing_out"] == 3
-    assert verdicts[2]["ratio_to_next"] == pytest.approx(430 / 63.5)
-    assert verdicts[0]["ratio_to_next"] == pytest.approx(744 / 63.5)  # the next one outside the group
+    assert checks[(2, "routed", 0)]["ratio_to_next"] == pytest.approx(430 / 63.5)  # 430 is expert 0 of layer 2
+    assert checks[(0, "routed", 0)]["ratio_to_next"] == pytest.approx(744 / 63.5)  # the next one outside the group
     assert select(experts, 4, SuperExpertRule(), None)[0] == []  # no residual evidence: not admitted
     ref = lambda ex: reference_selection(ex, 4)  # noqa: E731
     paper = SuperExpertRule(rule="paper")
@@ -297,8 +299,7 @@ def test_profile_cli_writes_tables_and_plots(tmp_path):
 
     experts = pd.read_parquet(out / "experts.parquet")
     assert set(experts.kind) == {"routed", "shared"} and len(experts) == 4 * 8 + 4
-    cands = pd.read_parquet(out / "super_expert_candidates.parquet")
-    assert len(cands) >= 8 and not cands.admitted.any() and cands.why.str.startswith("rejected").all()
+    assert experts.candidate.sum() == p["super_expert_rule"]["candidates"] > 0 and not experts.admitted.any()
     for name in ("expert_maxabs", "router_load", "massive_activations", "attention_sinks"):
         assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.html").stat().st_size > 1000
     bad = subprocess.run([sys.executable, "-m", "workbench", "profile", "zoo:qwen2-moe", "--text", "x",
@@ -312,7 +313,7 @@ def test_smollm2_super_weight_and_attention_sink(smollm2):
     prompts = default_prompts()[:40]
     base = profile(smollm2, prompts, ProfileOptions(top_massive=2), progress=False)
     assert [(e["layer"], e["kind"], e["channel"], e["position"]) for e in base["super_experts"]] == [(11, "dense", 507, 0)]
-    v = base["super_expert_candidates"][0]
+    v = base["super_experts"][0]
     # measured: 771x the median dense-MLP maximum, 44x the next (layer 2), residual 1.3e4x the layer median
     assert v["ratio_to_median"] > 300 and v["ratio_to_next"] > 20 and v["residual_ratio_to_median"] > 3000
     massive = [l for l in base["massive_activations"]["layers"] if l["massive"]]

@@ -186,7 +186,7 @@ def test_profile_page_runs_and_plots(tmp_path):
     assert p["super_experts"] == [] and any(i.value.startswith("no super experts (largest") for i in at.info)
     cands = next(d.value for d in at.dataframe if "why" in d.value.columns)
     assert (cands["super expert"] == "no").all() and cands.why.str.startswith("rejected").all()
-    top = p["super_expert_candidates"][0]
+    top = max((e for e in p["experts"] if e["candidate"]), key=lambda e: e["max_abs"])
     at.selectbox(key="profile_pick_layer").set_value(top["layer"]).run()
     at.selectbox(key="profile_pick_expert").set_value(top["expert"]).run()
     details = dict(next(d.value for d in at.dataframe if list(d.value.columns) == ["", "value"]).itertuples(index=False))

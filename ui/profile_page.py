@@ -100,29 +100,29 @@ def expert_details(p: dict, layer: int, expert: int) -> dict | None:
         out["kurtosis of the layer's expert maxima"] = by_layer[layer]
     out["super expert"] = any(s["layer"] == layer and s["expert"] == expert and s["kind"] != "shared"
                               for s in p["super_experts"])
-    verdict = next((c for c in p.get("super_expert_candidates", [])
-                    if c["layer"] == layer and c["expert"] == expert and c["kind"] != "shared"), None)
-    if verdict is not None:  # one of the largest candidates: why the rule admitted or rejected it
-        out["super-expert check"] = verdict["why"]
+    if "candidate" in e:  # why the rule admitted or rejected it (absent from a profile.json written before #17)
+        from workbench.experts.super_experts import explain
+
+        out["super-expert check"] = explain(e, p["super_expert_rule"])
     return {k: v for k, v in out.items() if v is not None}
 
 
-CANDIDATE_COLUMNS = {"rank": "rank", "max_abs": "max |out|", "above_percentile": "> percentile",
-                     "above_ratio": "> floor(ratio x max)", "ratio_to_median": "x median", "ratio_to_next": "x next",
-                     "stands_out": "stands out", "residual_ratio_to_median": "residual x median",
-                     "feeds_massive": "feeds massive", "admitted": "super expert"}
+CANDIDATE_COLUMNS = {"max_abs": "max |out|", "above_percentile": "> percentile", "above_ratio": "> floor(ratio x max)",
+                     "ratio_to_median": "x median", "ratio_to_next": "x next", "stands_out": "stands out",
+                     "residual_ratio_to_median": "residual x median", "feeds_massive": "feeds massive",
+                     "admitted": "super expert"}
 
 
 def candidates_table(p: dict) -> pd.DataFrame | None:
     """The largest super-expert candidates with the number against each condition and the verdict (None for a
-    profile.json written before verdicts were recorded)."""
-    rows = p.get("super_expert_candidates")
+    profile.json written before the checks were recorded)."""
+    from workbench.experts.super_experts import explain, label, shown
+
+    rows = shown(p)
     if not rows:
         return None
-    from workbench.experts.super_experts import label
-
-    df = pd.DataFrame([{"candidate": label(c), **{v: c.get(k) for k, v in CANDIDATE_COLUMNS.items()},
-                        "why": c["why"]} for c in rows])
+    df = pd.DataFrame([{"candidate": label(c), **{v: c[k] for k, v in CANDIDATE_COLUMNS.items()},
+                        "why": explain(c, p["super_expert_rule"])} for c in rows])
     for col in ("> percentile", "> floor(ratio x max)", "stands out", "feeds massive", "super expert"):
         df[col] = df[col].map(lambda b: "yes" if b else "no")
     return df
