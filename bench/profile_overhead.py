@@ -12,6 +12,17 @@ plain, and peak RSS; with --rss-scan it also prints the profile pass's peak RSS 
 
     .venv/bin/python bench/profile_overhead.py --model smollm2-135m --tokens 10000 --rss-scan 100000
     .venv/bin/python bench/profile_overhead.py --model zoo:qwen2-moe --tokens 10000 --variants plain,profile --repeat 3
+    .venv/bin/python bench/profile_overhead.py --model bench:qwen3-moe-1024x64 --tokens 3000 \
+        --variants plain,body,profile,trace,nnsight --repeat 3
+
+``bench:NAME`` models have real-model shapes and random (seeded) weights; they are built on first use
+(~20 s) into ``$WORKBENCH_CACHE/bench/NAME`` (default ``~/.cache/workbench``) and loaded from there:
+
+  qwen3-moe-1024x64   Qwen3-MoE with OLMoE-like layers: hidden 1,024, 16 heads (4 KV, head dim 64),
+                      64 experts of width 384, top-8, 4 layers, SmolLM2's tokenizer; 363M parameters
+
+``--breakdown`` runs the profile pass once more in this process under cProfile and prints where its
+time goes (the functions with the most own time, and the forward's share).
 """
 
 from __future__ import annotations
@@ -23,6 +34,53 @@ import resource
 import subprocess
 import sys
 import time
+
+
+BENCH_MODELS = {
+    "qwen3-moe-1024x64": dict(model_type="qwen3_moe", hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
+                              num_key_value_heads=4, head_dim=64, intermediate_size=3072, moe_intermediate_size=384,
+                              num_experts=64, num_experts_per_tok=8, vocab_size=49152, max_position_embeddings=4096,
+                              tie_word_embeddings=False),
+}
+
+
+def bench_model(spec: str) -> str:
+    """The folder of a ``bench:NAME`` model, built (seeded, random weights) on first use; other specs as given."""
+    if not spec.startswith("bench:"):
+        return spec
+    name = spec.split(":", 1)[1]
+    if name not in BENCH_MODELS:
+        raise SystemExit(f"error: unknown bench model {name!r}; choose from {', '.join(BENCH_MODELS)}")
+    from pathlib import Path
+
+    root = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench")) / "bench"
+    final = root / name
+    if (final / "config.json").is_file():
+        return str(final)
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from workbench.models.gguf import tokenizer_dir
+    from workbench.models.specs import _tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"building {spec} (seeded random weights) into {final} ...", file=sys.stderr)
+    cfg = dict(BENCH_MODELS[name])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:  # built aside and renamed into place: a half-built folder is never used
+        model.save_pretrained(tmp)
+        _tokenizer(tokenizer_dir()).save_pretrained(tmp)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(final)
 
 
 def prompts_for(tokenizer, tokens: int) -> list[str]:
@@ -68,6 +126,12 @@ def run(args) -> dict:
         from workbench.experts.profile import ProfileOptions, profile
 
         profile(lm, prompts, ProfileOptions(batch_size=args.batch), progress=False)
+    elif args.variant == "trace":  # `workbench trace --components expert` (absmax per expert)
+        from workbench.tracing.runner import trace
+        from workbench.tracing.sites import all_sites
+
+        trace(lm, prompts, all_sites(lm.adapter, lm.model, ["expert"]), ["absmax"], batch_size=args.batch,
+              progress=False)
     elif args.variant == "nnsight":
         from workbench.tracing.capture import fused_expert_output
 
@@ -114,6 +178,32 @@ def run(args) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def breakdown(args) -> None:
+    """The profile pass under cProfile, in this process: where its time goes."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    from workbench.experts.profile import ProfileOptions, profile
+    from workbench.models.specs import load
+
+    torch.set_num_threads(args.threads)
+    lm = load(args.model)
+    prompts = prompts_for(lm.tokenizer, args.tokens)
+    prof = cProfile.Profile()
+    prof.enable()
+    profile(lm, prompts, ProfileOptions(batch_size=args.batch), progress=False)
+    prof.disable()
+    st = pstats.Stats(prof)
+    total = st.total_tt
+    print(f"\nprofile pass under cProfile: {total:.2f} s (cProfile adds its own overhead); most own time:")
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:25]
+    for (path, line, fn), (_, calls, tottime, cumtime, _) in rows:
+        where = f"{os.path.basename(path)}:{line}({fn})" if line else fn
+        print(f"  {tottime:8.2f} s own {cumtime:8.2f} s cum {calls:>8} calls  {where}")
+
+
 def sub(args, variant: str, tokens: int) -> dict:
     cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--tokens", str(tokens),
            "--batch", str(args.batch), "--threads", str(args.threads)]
@@ -132,11 +222,13 @@ def main():
     p.add_argument("--tokens", type=int, default=10000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", default="plain,profile,nnsight,tl")
+    p.add_argument("--variants", default="plain,body,profile,nnsight,tl")
     p.add_argument("--repeat", type=int, default=1, help="run the variants this many times, interleaved; report medians")
     p.add_argument("--rss-scan", default="", help="comma-separated token counts for the profile pass's peak RSS")
+    p.add_argument("--breakdown", action="store_true", help="also print the profile pass's time breakdown (cProfile)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.model = bench_model(args.model)
     if args.variant:
         print(json.dumps(run(args)))
         return
@@ -152,14 +244,18 @@ def main():
     plain = next((r for r in rows if r["variant"] == "plain" and "error" not in r), None)
     print(f"model {args.model}: {rows[0].get('tokens')} tokens in {rows[0].get('prompts')} prompts, batch "
           f"{args.batch}, {args.threads} threads; median of {args.repeat} interleaved runs")
-    print(f"{'variant':<10}{'seconds':>9}{'tokens/s':>10}{'x plain':>9}{'peak RSS MB':>13}")
+    body = next((r for r in rows if r["variant"] == "body" and "error" not in r), None)
+    print(f"{'variant':<10}{'seconds':>9}{'tokens/s':>10}{'x plain':>9}{'x body':>8}{'peak RSS MB':>13}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:<10} failed: {r['error']}")
             continue
         ratio = r["seconds"] / plain["seconds"] if plain else float("nan")
-        print(f"{r['variant']:<10}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.0f}{ratio:>9.2f}"
+        headless = r["seconds"] / body["seconds"] if body else float("nan")
+        print(f"{r['variant']:<10}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.0f}{ratio:>9.2f}{headless:>8.2f}"
               f"{r['peak_rss_mb']:>13.0f}")
+    if args.breakdown:
+        breakdown(args)
     for n in [int(x) for x in args.rss_scan.split(",") if x]:
         r = sub(args, "profile", n)
         print(f"profile at {r.get('tokens')} tokens: {r.get('seconds', float('nan')):.1f} s, "
