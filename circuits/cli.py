@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from workbench.args import COUNT, COUNT_OR_OFF, Number
-from workbench.io import output_dir
+from workbench.io import clear_stale_temps, output_dir
 
 
 def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
@@ -52,6 +52,7 @@ def cmd_circuit(args) -> int:
 
     facts = read_facts(args.facts) if args.facts else builtin_facts()  # reject bad input before loading a model
     out = output_dir(args.out)
+    clear_stale_temps(out, ["circuit.*", "edges.parquet", "metrics.json"])  # what a killed run left half-written
     lm = load(args.model, device=args.device)
     opts = CircuitOptions(method=args.method, steps=args.steps, metric=args.metric, top_edges=args.top_edges,
                           threshold=args.threshold, selection=args.selection, refine=args.refine,

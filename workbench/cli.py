@@ -15,7 +15,7 @@ from pathlib import Path
 
 from workbench.args import COUNT, COUNT_OR_OFF, Number, NumberList, Parser
 from workbench.errors import WorkbenchError
-from workbench.io import output_dir
+from workbench.io import clear_stale_temps, output_dir
 
 
 def _csv(text: str) -> list[str]:
@@ -117,7 +117,6 @@ def cmd_profile(args) -> int:
     from workbench.experts.profile import ProfileOptions, profile
     from workbench.experts.report import OUTPUTS, write
     from workbench.experts.super_experts import SuperExpertRule, no_super_experts
-    from workbench.io import clear_stale_temps
     from workbench.models.specs import resolve_device
     from workbench.tracing.state import Checkpoint
 
@@ -131,10 +130,14 @@ def cmd_profile(args) -> int:
     out = output_dir(args.out)
     shard, device = distributed.from_env(resolve_device(args.device))
     main_rank = shard is None or shard.is_main
+    if args.offload and args.checkpoint_every:
+        raise WorkbenchError("--offload layers cannot resume (--checkpoint-every): it runs every batch through one "
+                             "layer at a time, so there is no batch cursor to save; drop --checkpoint-every")
     ckpt = None
-    if args.checkpoint_every and not args.offload:  # a streamed run goes layer by layer: no batch cursor to save
+    every = 25 if args.checkpoint_every is None else args.checkpoint_every  # 25 unless asked (off when streamed)
+    if every and not args.offload:
         name = "profile.checkpoint" + (f".rank{shard.rank}of{shard.world}" if shard else "") + ".safetensors"
-        ckpt = Checkpoint(out / name, args.checkpoint_every)
+        ckpt = Checkpoint(out / name, every)
     clear_stale_temps(out, ([ckpt.path.name] if ckpt else []) + (list(OUTPUTS) if main_rank else []))
     lm = _load(args, device)
     opts = ProfileOptions(rule=rule, batch_size=args.batch_size, max_tokens=args.max_tokens,
@@ -192,6 +195,8 @@ def cmd_ablate(args) -> int:
 
     study = Study.from_file(args.study)  # a malformed study fails here, before any model work
     out = output_dir(args.out)
+    clear_stale_temps(out, ["results.*", "study.resolved.yaml"])  # what a killed run left half-written
+    clear_stale_temps(out / "conditions", ["*.json"])
     lm = _load(args)
     df = study.run(lm, out, progress=not args.quiet)
     import pandas as pd
@@ -281,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-massive", type=COUNT, default=8, help="residual entries kept per layer")
     pr.add_argument("--no-sinks", action="store_true", help="skip attention sinks (keeps the model's attention kernel)")
     pr.add_argument("--no-plots", action="store_true")
-    pr.add_argument("--checkpoint-every", type=COUNT_OR_OFF, default=25, metavar="K",
+    pr.add_argument("--checkpoint-every", type=COUNT_OR_OFF, default=None, metavar="K",
                     help="save the reducer state every K batches to OUT (atomically); rerunning the same command "
-                         "resumes from it; 0 turns it off (default 25)")
+                         "resumes from it; 0 turns it off (default 25; off with --offload layers, which cannot "
+                         "resume)")
     _model_args(pr, placement=True)
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.add_argument("--out", required=True, help="output folder")
