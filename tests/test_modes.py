@@ -180,6 +180,21 @@ def test_killed_profile_resumes_byte_identical(work, kind, tmp_path):
             assert got[name] == want[name], (why, name)
 
 
+def test_change_rate_state_without_layer_pairs():
+    """A dense model has no router layers and a model with one MoE layer no pair of them: their (empty)
+    change-rate state must load and merge, as a resume and rank 0's merge do (it raised ValueError)."""
+    from workbench.experts.router import ChangeRate
+    from workbench.tracing import state
+
+    for layers in ([], [3]):
+        objs = {"change_rate": ChangeRate(layers)}
+        flat = state.flatten(objs)
+        assert all(v.numel() == 0 for v in flat.values())
+        state.load(objs, flat)
+        state.merge(objs, flat)
+        assert objs["change_rate"].result() == {}
+
+
 # ----- layer streaming ------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_offload_profile_and_trace_equal_in_memory(work, kind, tmp_path, capsys):
