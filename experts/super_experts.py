@@ -55,7 +55,7 @@ class SuperExpertRule:
     layer_fraction: float = 0.75
     median_factor: float = 10.0  # default rule: max >= this x the median candidate maximum ...
     next_factor: float = 3.0  # ... and >= this x the next maximum outside the standing-out group ...
-    residual_factor: float = 30.0  # ... and the residual at its (position, channel) >= this x the layer median
+    residual_factor: float = 30.0  # ... and the residual in its channel reaches this x the layer median
 
     def __post_init__(self):
         if self.rule not in RULES:
