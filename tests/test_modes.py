@@ -200,10 +200,12 @@ def test_change_rate_state_without_layer_pairs():
 def test_offload_profile_and_trace_equal_in_memory(work, kind, tmp_path, capsys):
     ref = work["root"] / "ref" / kind
     if kind in NO_OFFLOAD:
-        assert main(profile_argv(work, kind, tmp_path / "p", "--offload", "layers", checkpoints=False)) == 2
-        err = capsys.readouterr().err
-        assert err.count("error:") == 1 and "--offload layers" in err and NO_OFFLOAD[kind] in err, err
-        assert not (tmp_path / "p").exists()
+        for argv in (profile_argv(work, kind, tmp_path / "p", "--offload", "layers", checkpoints=False),
+                     trace_argv(work, kind, tmp_path / "p", "--offload", "layers")):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.count("error:") == 1 and "--offload layers" in err and NO_OFFLOAD[kind] in err, err
+            assert not (tmp_path / "p").exists()
         return
     assert main(profile_argv(work, kind, tmp_path / "p", "--offload", "layers", checkpoints=False)) == 0
     assert sorted(files(tmp_path / "p")) == sorted(files(ref / "profile"))
