@@ -53,7 +53,7 @@ class SinkMeter:
             weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
             if weights is None:
                 raise RuntimeError("attention weights are not returned: run with eager attention")
-            with few_threads():
+            with few_threads(work=weights.numel()):
                 self.update(layer, weights.detach())
         return hook
 

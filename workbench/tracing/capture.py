@@ -97,15 +97,23 @@ def fused_grouped_output(experts: nn.Module, hidden: torch.Tensor, counts: torch
     return out
 
 
+# Above this many elements a reduction is worth the intra-op threads (it takes ~1 ms or more); below
+# it, one thread avoids waiting on a descheduled second thread.
+MANY_ELEMENTS = 1 << 20
+
+
 @contextlib.contextmanager
-def few_threads(n: int = 1):
-    """Run small reductions on one CPU thread.
+def few_threads(n: int = 1, work: int = 0):
+    """Run small reductions (``work`` elements, when given, below :data:`MANY_ELEMENTS`) on one CPU thread.
 
     Reducer updates are many small ops; with several OpenMP threads on a busy machine each op can
     wait a scheduler time slice (milliseconds), which made traced runs 10-40x slower than plain ones.
+    Large payloads (the per-expert outputs of a real-size MoE layer: tokens x top-k x hidden) keep
+    every thread: there one thread made the profile pass 1.18x a headless forward instead of 1.10x
+    (bench:qwen3-moe-1024x64, 1,000 tokens).
     """
     before = torch.get_num_threads()
-    if before <= n:
+    if before <= n or work >= MANY_ELEMENTS:
         yield
         return
     torch.set_num_threads(n)
@@ -197,7 +205,7 @@ class Capture(HookSet):
 
     def _emit(self, site: Site, values: torch.Tensor, tokens: torch.Tensor, topk: torch.Tensor | None = None):
         p = Payload(values, tokens, topk, ordered=tokens is self._tokens or None)  # the batch's own rows are in order
-        with few_threads():
+        with few_threads(work=values.numel()):
             for sink in self.sinks[site]:
                 sink.update(p)
 
@@ -318,7 +326,7 @@ class Capture(HookSet):
             else:
                 ids, by_expert = flat, False
                 token_rows = torch.arange(flat.numel(), device=flat.device) // k
-            with torch.no_grad(), few_threads():
+            with torch.no_grad(), few_threads(work=out.numel()):
                 tokens = self._grid[token_rows]
                 if self._keep_idx is not None:  # padding rows never reach a sink
                     real = (tokens >= 0).nonzero().flatten()
@@ -351,7 +359,7 @@ class Capture(HookSet):
                       num_experts: int, run) -> None:
         if self._grid is None:
             raise RuntimeError("Capture.begin_batch() was not called before the forward pass")
-        with torch.no_grad(), few_threads():
+        with torch.no_grad(), few_threads(work=hidden.numel() * index.shape[-1]):
             k = index.shape[-1]
             ids = self._keep(index.reshape(-1, k)).reshape(-1)  # (token, slot) pairs, token-major
             rows = torch.arange(ids.numel() // k, device=ids.device).repeat_interleave(k)
@@ -372,7 +380,7 @@ class Capture(HookSet):
     def _emit_experts(self, wanted: dict[int, Site], hidden: torch.Tensor, index: torch.Tensor, run) -> None:
         if self._grid is None:
             raise RuntimeError("Capture.begin_batch() was not called before the forward pass")
-        with torch.no_grad(), few_threads():
+        with torch.no_grad(), few_threads(work=hidden.numel()):
             for e, site in wanted.items():
                 rows = ((index == e).any(dim=-1) & self._valid).nonzero().flatten()
                 out = run(e, hidden[rows]) if rows.numel() else hidden.new_zeros((0, hidden.shape[-1]))
