@@ -367,15 +367,7 @@ class Capture(HookSet):
             rows = rows[perm]
             counts = torch.bincount(ids, minlength=num_experts)
             out = run(self._keep(hidden.reshape(-1, hidden.shape[-1]))[rows], counts)
-            tokens = self._tokens[rows]
-            p = Payload(out, tokens, experts=ids)
-            for sink in self.sinks[site]:
-                sink.update(p)
-            if wanted:
-                ends = torch.cumsum(counts, 0).tolist()
-                for e, s in wanted.items():
-                    lo, hi = ends[e] - int(counts[e]), ends[e]
-                    self._emit(s, out[lo:hi], tokens[lo:hi])
+            self._emit_expert_rows(site, wanted, out, ids, self._tokens[rows], num_experts, by_expert=True)
 
     def _emit_experts(self, wanted: dict[int, Site], hidden: torch.Tensor, index: torch.Tensor, run) -> None:
         if self._grid is None:
