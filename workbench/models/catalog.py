@@ -21,7 +21,7 @@ def catalog() -> list[dict]:
 
     from workbench.models.zoo import ZOO
 
-    rows = [dict(SMOLLM2)]
+    rows = [dict(SMOLLM2), _smollm2_moe()]
     for name, entry in ZOO.items():
         config = entry.config()
         with torch.device("meta"):
@@ -35,3 +35,19 @@ def catalog() -> list[dict]:
             "layout": "modulelist" if entry.modulelist else moe[0].layout, "description": entry.description,
         })
     return rows
+
+
+def _smollm2_moe() -> dict:
+    """The ``smollm2-moe`` row, from the committed partition's metadata and SmolLM2's config (no weights)."""
+    from transformers import LlamaConfig, Qwen2MoeForCausalLM
+
+    from workbench.models import moefy
+
+    meta = moefy.read_parts()[1]
+    dense = LlamaConfig(**moefy.SMOLLM2_CONFIG)
+    with torch.device("meta"):
+        model = Qwen2MoeForCausalLM(moefy.moe_config(dense, meta, moefy.DEFAULT_TOP_K))
+    params = sum(p.numel() for p in model.parameters()) - (dense.vocab_size * dense.hidden_size if dense.tie_word_embeddings else 0)
+    return {"spec": moefy.SPEC, "architecture": "Qwen2MoeForCausalLM", "params": _human(params),
+            "layers": dense.num_hidden_layers, "experts": meta["experts"], "shared": 1, "top_k": moefy.DEFAULT_TOP_K,
+            "layout": "fused", "description": moefy.DESCRIPTION.format(k=moefy.DEFAULT_TOP_K) + " (:topK for other sizes)"}

