@@ -149,3 +149,35 @@ def test_cache_is_plain_transformers_atomic_and_rebuilt_when_corrupt(smollm2, pa
     assert "rebuilding the smollm2-moe cache" in err and "corrupt" in err
     assert AutoModelForCausalLM.from_pretrained(again).config.num_experts == 16
     shutil.rmtree(tmp_path / "smollm2-moe-top2")
+
+
+@pytest.mark.slow
+def test_profile_finds_smollm2s_massive_activation_as_a_super_expert(smollm2, parts):
+    """The dense model's super weight (layer-11 MLP, channel 507, position 0) becomes the MoE's super expert."""
+    from experts.profile import ProfileOptions, profile
+    from workbench.data import default_prompts
+    from workbench.models.specs import LoadedModel
+    from workbench.adapters.base import adapter_for
+
+    model = moefy.assemble(smollm2.model, moefy.DEFAULT_TOP_K, parts)
+    lm = LoadedModel(model, smollm2.tokenizer, adapter_for(model), "smollm2-moe")
+    p = profile(lm, default_prompts()[:40], ProfileOptions(top_massive=2), progress=False)
+    found = [(e["layer"], e["kind"], e["expert"], e["channel"], e["position"]) for e in p["super_experts"]]
+    assert found == [(11, "shared", 0, 507, 0)]
+    e = p["super_experts"][0]
+    # the shared expert's raw output is doubled (its gate is sigmoid(0) = 1/2): the residual gets SmolLM2's value
+    assert 2e4 < e["residual"] < 4e4 and e["max_abs"] == pytest.approx(2 * e["residual"], rel=0.05)
+    massive = [l for l in p["massive_activations"]["layers"] if l["massive"]]
+    assert massive[0]["layer"] == 11 and massive[0]["top"][0]["channel"] == 507
+
+
+def test_bad_size_on_the_command_line_is_one_line(tmp_path):
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "workbench", "profile", "smollm2-moe:top99", "--text", "hi",
+                        "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [l for l in r.stderr.splitlines() if l.startswith("error:")] == [
+        "error: bad model spec 'smollm2-moe:top99': use smollm2-moe (top-14) or smollm2-moe:topK with K from 1 to 16, "
+        "e.g. smollm2-moe:top8"]
+    assert not (tmp_path / "p").exists()

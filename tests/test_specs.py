@@ -129,7 +129,7 @@ def test_trace_cli_writes_json(tmp_path):
 def test_models_lists_builtins():
     r = run_cli("models")
     assert r.returncode == 0, r.stderr
-    for spec in ["smollm2-135m", "zoo:qwen2-moe", "zoo:qwen3-moe", "zoo:olmoe", "zoo:mixtral", "zoo:deepseek-v3",
+    for spec in ["smollm2-135m", "smollm2-moe", "zoo:qwen2-moe", "zoo:qwen3-moe", "zoo:olmoe", "zoo:mixtral", "zoo:deepseek-v3",
                  "zoo:tiny-moe"]:
         assert spec in r.stdout
     assert "modulelist" in r.stdout
