@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,11 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
         raise WorkbenchError(f"--refine must be 0 (off) or >= 2, got {o.refine}")
     graph = build_graph(lm.model, lm.adapter)
     prepared = prepare(lm.tokenizer, facts)
+    weak = sum(p.baseline == "mean" for p in prepared)
+    if weak * 2 > len(prepared):
+        warnings.warn(f"{weak} of {len(prepared)} facts found no subject-swap partner (no other fact shares their "
+                      "prompt template with a different answer) and use the weak mean-ablation baseline; add facts of "
+                      "the same templates, or 'corrupted_prompt' fields (per-fact baselines: circuit.json)", stacklevel=2)
     t_attr = time.perf_counter()
     scores = attribute(lm, prepared, method=o.method, steps=o.steps, metric=o.metric, batch_size=o.batch_size,
                        graph=graph, progress=o.progress)

@@ -9,7 +9,9 @@ A facts file is JSON Lines, one object per line::
 scored by its first token. The corrupted prompt must have as many tokens as the prompt, so positions
 line up. Where none is given, one is built by KC's rule: replace the ``subject`` with the subject of
 another fact of the same ``relation`` (with a different answer token) such that the token count is
-unchanged, trying the later facts of the file first. Where no such fact exists the fact falls back
+unchanged, trying the later facts of the file first. Plain facts (no ``subject``) get their subject and
+relation inferred from the other facts' prompts (:func:`infer_templates`: prompts sharing a template
+differ in one span). Where no such fact exists the fact falls back
 to the **mean-ablation baseline**: every sender's corrupted output is its mean over all tokens of
 all facts' clean prompts. Each prepared fact records which (``baseline``: given, swap or mean).
 
@@ -21,7 +23,8 @@ ranked token other than the answer (the strongest competitor), filled in by
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -122,9 +125,67 @@ def _first_token(tokenizer, text: str) -> int:
     return int(ids[0])
 
 
+_WORD = re.compile(r"\s*\S+")
+
+
+def _span(a: list[str], b: list[str]) -> tuple[str, str, str] | None:
+    """Two word lists that differ in exactly one span: (template, a's span, b's span), else None.
+
+    The template is the shared words with ``{}`` where the span was; it must keep at least two words of
+    context and at least as many words as either span (``"The {} is"`` is no template for "capital of
+    France"), and the two spans may share no word (if they do, the prompts differ in more than one place).
+    """
+    p = 0
+    while p < min(len(a), len(b)) and a[p] == b[p]:
+        p += 1
+    s = 0
+    while s < min(len(a), len(b)) - p and a[len(a) - 1 - s] == b[len(b) - 1 - s]:
+        s += 1
+    ma, mb = a[p:len(a) - s], b[p:len(b) - s]
+    if not ma or not mb or p + s < max(2, len(ma), len(mb)) or {w.strip() for w in ma} & {w.strip() for w in mb}:
+        return None
+    lead = ma[0][:len(ma[0]) - len(ma[0].lstrip())]  # the space before the subject stays in the template
+    if mb[0][:len(mb[0]) - len(mb[0].lstrip())] != lead:
+        return None
+    template = "".join(a[:p]) + lead + "{}" + "".join(a[len(a) - s:])
+    return template, "".join(ma).strip(), "".join(mb).strip()
+
+
+def infer_templates(facts: list[Fact]) -> list[Fact]:
+    """Fill in ``relation`` and ``subject`` of plain facts (no ``subject``) from the facts themselves.
+
+    Prompts that share a template differ in one span: that span is the subject and the template
+    (``"The capital of {} is"``) the relation. Each plain fact takes the template it shares with the
+    most other facts; a fact that shares none with any other keeps no subject (and no swap).
+    Annotated facts are returned unchanged.
+    """
+    plain = [i for i, f in enumerate(facts) if not f.subject and not f.corrupted_prompt]
+    words = {i: _WORD.findall(facts[i].prompt) for i in plain}
+    members: dict[str, dict[int, str]] = {}
+    for x, i in enumerate(plain):
+        for j in plain[x + 1:]:
+            hit = _span(words[i], words[j])
+            if hit:
+                t, si, sj = hit
+                members.setdefault(t, {}).update({i: si, j: sj})
+    out = list(facts)
+    for i in plain:
+        best = max(((len(m), len(t), t) for t, m in members.items() if i in m), default=None)
+        if best is not None:
+            t = best[2]
+            out[i] = replace(facts[i], relation=facts[i].relation or t, subject=members[t][i])
+    return out
+
+
 def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
-    """Tokenise facts and choose each one's corrupted prompt (given, swapped subject, or mean baseline)."""
+    """Tokenise facts and choose each one's corrupted prompt (given, swapped subject, or mean baseline).
+
+    Facts without a subject first get one (and a relation) from :func:`infer_templates`.
+    """
     out = []
+    inferred = infer_templates(facts)
+    flags = [a is not b for a, b in zip(facts, inferred)]
+    facts = inferred
     for i, f in enumerate(facts):
         ids = _encode(tokenizer, f.prompt)
         if not ids:
@@ -147,6 +208,9 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
         if corr_ans is None:
             corr_ans, source = _first_token(tokenizer, facts[other].answer), "swap"
         out.append(Prepared(f, ids, cids, answer, corr_ans, "swap", cprompt, source))
+    for p, flag in zip(out, flags):
+        if flag:
+            p.extra["inferred"] = {"relation": p.fact.relation, "subject": p.fact.subject}
     return out
 
 

@@ -376,6 +376,46 @@ def test_builtin_facts_parse_and_mostly_swap(zoo_tokenizer):
     assert sum(p.baseline == "swap" for p in prepared) >= 0.9 * len(prepared)
 
 
+def test_plain_facts_get_templates_and_subjects_inferred():
+    from workbench.circuits.facts import infer_templates
+
+    plain = [Fact("The capital of France is", " Paris"), Fact("The capital of the United Kingdom is", " London"),
+             Fact("The Eiffel Tower is in the city of", " Paris"), Fact("The Colosseum is in the city of", " Rome"),
+             Fact("The chemical symbol for gold is", " Au"), Fact("The chemical symbol for iron is", " Fe"),
+             Fact("Berlin is the capital of", " Germany"), Fact("Madrid is the capital of", " Spain"),
+             Fact("The capital of Japan is", " Tokyo"),
+             Fact("The largest river of Brazil is", " the"),  # no partner: differs from the capitals in two places
+             Fact("A dog has four", " legs")]
+    got = [(f.relation, f.subject) for f in infer_templates(plain)]
+    assert got == [("The capital of {} is", "France"), ("The capital of {} is", "the United Kingdom"),
+                   ("The {} is in the city of", "Eiffel Tower"), ("The {} is in the city of", "Colosseum"),
+                   ("The chemical symbol for {} is", "gold"), ("The chemical symbol for {} is", "iron"),
+                   ("{} is the capital of", "Berlin"), ("{} is the capital of", "Madrid"),
+                   ("The capital of {} is", "Japan"), (None, None), (None, None)]
+    annotated = Fact("The capital of Peru is", " Lima", relation="capital_of", subject="Peru")
+    assert infer_templates([annotated, plain[0]]) == [annotated, plain[0]]  # annotations are kept as given
+
+
+def test_plain_facts_swap_like_annotated_ones(zoo_tokenizer):
+    """The built-in facts with relation and subject removed find (nearly) as many subject swaps."""
+    facts = builtin_facts()
+    plain = [Fact(f.prompt, f.answer) for f in facts]
+    annotated, inferred = prepare(zoo_tokenizer, facts), prepare(zoo_tokenizer, plain)
+    n_annotated = sum(p.baseline == "swap" for p in annotated)
+    n_inferred = sum(p.baseline == "swap" for p in inferred)
+    assert n_inferred >= 0.95 * n_annotated, (n_inferred, n_annotated)
+    swapped = [p for p in inferred if p.baseline == "swap"]
+    assert all(len(p.ids) == len(p.corrupted_ids) and p.corrupted_prompt != p.fact.prompt for p in swapped)
+    assert all("inferred" in p.record(zoo_tokenizer) for p in inferred if p.fact.subject)
+
+
+def test_mostly_mean_baselines_warn(tiny_llama):
+    lonely = [Fact("A dog has four", " legs"), Fact("Water boils at one hundred", " degrees"),
+              Fact("The sun rises in the", " east")]
+    with pytest.warns(UserWarning, match="3 of 3 facts found no subject-swap partner"):
+        find_circuit(tiny_llama, lonely, CircuitOptions(steps=1, progress=False, random_seeds=1))
+
+
 # ----- CLI -----------------------------------------------------------------------------------------
 
 def _parser():
