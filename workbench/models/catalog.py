@@ -47,7 +47,7 @@ def _smollm2_moe() -> dict:
     dense = LlamaConfig(**moefy.SMOLLM2_CONFIG)
     with torch.device("meta"):
         model = Qwen2MoeForCausalLM(moefy.moe_config(dense, meta, moefy.DEFAULT_TOP_K))
-    params = sum(p.numel() for p in model.parameters()) - (dense.vocab_size * dense.hidden_size if dense.tie_word_embeddings else 0)
+    params = sum(p.numel() for p in model.parameters())  # the tied LM head is counted once
     return {"spec": moefy.SPEC, "architecture": "Qwen2MoeForCausalLM", "params": _human(params),
             "layers": dense.num_hidden_layers, "experts": meta["experts"], "shared": 1, "top_k": moefy.DEFAULT_TOP_K,
             "layout": "fused", "description": moefy.DESCRIPTION.format(k=moefy.DEFAULT_TOP_K) + " (:topK for other sizes)"}
