@@ -21,6 +21,15 @@ def parts():
     return moefy.read_parts()
 
 
+@pytest.fixture(scope="module")
+def smollm2():
+    """A fresh SmolLM2 of this module's own: the session fixture's model may have been wrapped in place by
+    other tests (``to_transformer_lens`` replaces its modules with TransformerLens bridges)."""
+    from workbench.models.specs import load
+
+    return load("smollm2-135m")
+
+
 def test_every_layer_partition_is_disjoint_and_covers_the_mlp(parts):
     tensors, meta = parts
     E, S = meta["experts"], meta["shared"]
