@@ -30,6 +30,10 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
     sel.add_argument("--top-edges", type=COUNT, default=None, help="keep the N edges with the largest |score| "
                                                                  "(default: 1%% of all edges)")
     sel.add_argument("--threshold", type=Number(float, 0), default=None, help="keep edges with |score| >= T")
+    sel.add_argument("--target-faithfulness", type=Number(float, 0, 1), default=None, metavar="F",
+                     help="the smallest circuit on the faithfulness curve (0.1%% to 20%% of the edges) reaching F")
+    c.add_argument("--no-curve", action="store_true",
+                   help="skip the faithfulness curve (faithfulness and Hit@10 at 0.1%%-20%% of the edges; on by default)")
     c.add_argument("--selection", choices=["fill", "top", "greedy"], default="fill",
                    help="fill: the smallest top-|score| set whose pruned circuit has N edges (default); top: the N "
                         "highest |score| edges, then pruned to input->logits paths; greedy: grown backward from the logits")
@@ -57,7 +61,8 @@ def cmd_circuit(args) -> int:
     opts = CircuitOptions(method=args.method, steps=args.steps, metric=args.metric, top_edges=args.top_edges,
                           threshold=args.threshold, selection=args.selection, refine=args.refine,
                           batch_size=args.batch_size,
-                          random_seeds=args.random_seeds, progress=not args.quiet)
+                          random_seeds=args.random_seeds, progress=not args.quiet,
+                          curve=not args.no_curve, target_faithfulness=args.target_faithfulness)
     circuit, scores, mask = find_circuit(lm, facts, opts)
     paths = write_outputs(circuit, scores, mask, out)
     m = circuit.meta.get("metrics", {})
@@ -66,5 +71,8 @@ def cmd_circuit(args) -> int:
     if m:
         print(f"faithfulness {m['faithfulness']:.3f} (random {m['faithfulness_random']:.3f}); Hit@10 full "
               f"{m['hit_at_10_full']:.3f}, circuit {m['hit_at_10_circuit']:.3f}, random {m['hit_at_10_random']:.3f}")
+    if m.get("curve"):
+        print("faithfulness curve: " + ", ".join(f"{c['fraction']:.1%} {c['faithfulness']:.2f}" for c in m["curve"])
+              + (f"; smallest reaching {m['target_faithfulness']:g}: {circuit.n_edges} edges" if "target_faithfulness" in m else ""))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

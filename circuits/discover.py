@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,12 @@ class CircuitOptions:
     random_seeds: int = 3  # size-matched random circuits, the control
     evaluate: bool = True
     progress: bool = False
+    curve: bool = False  # faithfulness and Hit@10 at every budget of CURVE_FRACTIONS (one attribution pass)
+    target_faithfulness: float | None = None  # the smallest curve budget reaching it becomes the circuit
+
+
+# log-spaced circuit budgets, as fractions of all edges, for the faithfulness curve
+CURVE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
 SELECTIONS = {"top": select_top, "fill": select_fill, "greedy": select_greedy}
@@ -59,6 +65,8 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
         raise WorkbenchError(f"--top-edges must be >= 1, got {o.top_edges}")
     if o.selection not in SELECTIONS:
         raise WorkbenchError(f"unknown selection {o.selection!r}; known: {', '.join(SELECTIONS)}")
+    if o.target_faithfulness is not None and (o.threshold is not None or o.top_edges is not None):
+        raise WorkbenchError("a target faithfulness chooses the circuit size: give it without a threshold or top-edges")
     if o.refine < 0 or o.refine == 1:
         raise WorkbenchError(f"--refine must be 0 (off) or >= 2, got {o.refine}")
     graph = build_graph(lm.model, lm.adapter)
@@ -72,6 +80,18 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
     scores = attribute(lm, prepared, method=o.method, steps=o.steps, metric=o.metric, batch_size=o.batch_size,
                        graph=graph, progress=o.progress)
     matrix = scores.matrix
+    curve, curve_seconds = None, 0.0
+    if o.curve or o.target_faithfulness is not None:
+        t_curve = time.perf_counter()
+        curve = faithfulness_curve(lm, prepared, graph, matrix, SELECTIONS[o.selection], o.batch_size)
+        curve_seconds = round(time.perf_counter() - t_curve, 3)
+        if o.target_faithfulness is not None:
+            n, reached = pick_budget(curve, o.target_faithfulness)
+            if not reached:
+                warnings.warn(f"no budget up to {CURVE_FRACTIONS[-1]:.0%} of the edges reaches faithfulness "
+                              f"{o.target_faithfulness:g} (best {max(c['faithfulness'] for c in curve):.3f}); "
+                              f"using the largest, {n} edges", stacklevel=2)
+            o = replace(o, top_edges=n)
     if o.threshold is not None:
         chosen = select_threshold(graph, scores.matrix, o.threshold)
         selection = {"rule": "threshold", "threshold": o.threshold}
@@ -90,7 +110,7 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
     selection.update(selected=int(chosen.sum()), after_pruning=int(mask.sum()))
     meta = {"model": lm.spec if hasattr(lm, "spec") else "", "method": o.method, "steps": scores.steps,
             "metric": o.metric, "selection": selection, "n_edges": int(mask.sum()), "n_edges_total": graph.n_edges,
-            "graph": graph.summary(), "attribution_seconds": round(time.perf_counter() - t_attr, 3),
+            "graph": graph.summary(), "attribution_seconds": round(time.perf_counter() - t_attr - curve_seconds, 3),
             "baselines": _count([p.baseline for p in prepared])}
     if o.evaluate:
         t0 = time.perf_counter()
@@ -117,8 +137,33 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
         for p, m_full, m_circ, rank in zip(prepared, ev["per_fact"]["metric_full"], ev["per_fact"]["metric_circuit"],
                                            ev["per_fact"]["rank_full"]):
             p.extra.update(logit_diff_full=m_full, logit_diff_circuit=m_circ, answer_rank_full=rank)
+    if curve is not None:
+        meta.setdefault("metrics", {})["curve"] = curve
+        meta["metrics"]["curve_seconds"] = curve_seconds
+        if o.target_faithfulness is not None:
+            meta["metrics"]["target_faithfulness"] = o.target_faithfulness
     meta["facts"] = [p.record(lm.tokenizer) for p in prepared]
     return Circuit.from_mask(graph, matrix, mask, meta), scores, mask
+
+
+def faithfulness_curve(lm, prepared, graph, matrix: torch.Tensor, select, batch_size: int) -> list[dict]:
+    """Faithfulness and Hit@10 of the circuit at each budget of ``CURVE_FRACTIONS``, from one score matrix
+    (one attribution pass), all budgets evaluated in one pass over the facts."""
+    budgets = sorted({max(1, int(f * graph.n_edges)) for f in CURVE_FRACTIONS})
+    masks = {f"edges{n}": prune(graph, select(graph, matrix, n)) for n in budgets}
+    ev = evaluate(lm, prepared, graph, masks, batch_size=batch_size)
+    return [{"budget": n, "fraction": n / graph.n_edges, "n_edges": int(masks[f"edges{n}"].sum()),
+             "faithfulness": ev["circuits"][f"edges{n}"]["faithfulness"],
+             "hit_at_10": ev["circuits"][f"edges{n}"]["hit_at_10"], "hit_at_10_full": ev["hit_at_10_full"]}
+            for n in budgets]
+
+
+def pick_budget(curve: list[dict], target: float) -> tuple[int, bool]:
+    """The smallest budget whose circuit reaches ``target`` faithfulness (and True), else the largest (False)."""
+    for point in sorted(curve, key=lambda c: c["budget"]):
+        if point["faithfulness"] >= target:
+            return point["budget"], True
+    return max(c["budget"] for c in curve), False
 
 
 def refine(lm, prepared, scores: Scores, select, n: int, o: CircuitOptions) -> torch.Tensor:
@@ -147,6 +192,8 @@ def write_outputs(circuit: Circuit, scores: Scores, mask: torch.Tensor, out: str
              export.write_edges_parquet(scores.graph, scores.matrix, mask, out / "edges.parquet", scores.refined)]
     if "metrics" in circuit.meta:
         paths.append(write_json(out / "metrics.json", circuit.meta["metrics"]))
+        if "curve" in circuit.meta["metrics"]:
+            paths.append(render.write_curve(circuit.meta["metrics"]["curve"], out / "curve.png"))
     return paths
 
 

@@ -232,3 +232,25 @@ def write_png(circuit: Circuit, path: str | Path, max_edges: int | None = None, 
     with matplotlib.rc_context(_RC), atomic_path(path) as tmp:
         _figure(circuit, max_edges).savefig(tmp, format="png", dpi=dpi)
     return Path(path)
+
+
+def write_curve(curve: list[dict], path: str | Path, dpi: int = 110) -> Path:
+    """Faithfulness and Hit@10 against the circuit's edge count (log x), from ``metrics.json``'s curve."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context(_RC), atomic_path(path) as tmp:
+        fig = Figure(figsize=(6, 3.6))
+        ax = fig.add_subplot()
+        x = [c["n_edges"] for c in curve]
+        ax.plot(x, [c["faithfulness"] for c in curve], "o-", label="faithfulness")
+        ax.plot(x, [c["hit_at_10"] for c in curve], "s--", label="Hit@10 (circuit)")
+        ax.axhline(curve[0]["hit_at_10_full"], color="gray", lw=0.8, ls=":", label="Hit@10 (full model)")
+        ax.set_xscale("log")
+        ax.set_xlabel("edges in the circuit")
+        ax.set_ylim(min(0.0, min(c["faithfulness"] for c in curve)) - 0.05, 1.05)
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)

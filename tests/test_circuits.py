@@ -431,8 +431,10 @@ def test_cli_writes_outputs(tmp_path, capsys):
                                  "--method", "eap", "--top-edges", "40", "--random-seeds", "1", "--quiet"])
     assert args.func(args) == 0
     for name in ["circuit.json", "circuit.graphml", "circuit.dot", "circuit.svg", "circuit.png", "edges.parquet",
-                 "metrics.json"]:
+                 "metrics.json", "curve.png"]:
         assert (tmp_path / "o" / name).exists()
+    curve = json.loads((tmp_path / "o" / "metrics.json").read_text())["curve"]  # on by default in the CLI
+    assert [c["fraction"] for c in curve] == sorted(c["fraction"] for c in curve) and len(curve) >= 5
     import xml.etree.ElementTree as ET
 
     svg = ET.parse(tmp_path / "o" / "circuit.svg").getroot()
@@ -455,6 +457,36 @@ def test_cli_rejects_bad_input_before_loading(tmp_path):
                               "--steps", "0"])
     with pytest.raises(SystemExit):
         _parser().parse_args(["circuit", "m", "--out", "o", "--top-edges", "5", "--threshold", "0.1"])
+    for bad in (["--target-faithfulness", "0.9", "--top-edges", "5"], ["--target-faithfulness", "1.5"]):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["circuit", "m", "--out", "o", *bad])
+
+
+def test_pick_budget_returns_the_smallest_reaching_the_target():
+    from workbench.circuits.discover import pick_budget
+
+    curve = [{"budget": b, "faithfulness": f} for b, f in [(70, 0.4), (7, 0.1), (700, 0.9), (140, 0.86), (350, 0.8)]]
+    assert pick_budget(curve, 0.85) == (140, True)  # not 700, although faithfulness dips at 350
+    assert pick_budget(curve, 0.1) == (7, True)
+    assert pick_budget(curve, 0.95) == (700, False)
+
+
+def test_curve_grows_to_the_full_graph_and_target_picks_from_it(tiny_llama, monkeypatch):
+    import workbench.circuits.discover as D
+
+    monkeypatch.setattr(D, "CURVE_FRACTIONS", (0.01, 0.05, 0.2, 0.5, 1.0))
+    circuit, _, mask = find_circuit(tiny_llama, FACTS, CircuitOptions(steps=1, random_seeds=1, curve=True))
+    curve = circuit.meta["metrics"]["curve"]
+    sizes = [c["n_edges"] for c in curve]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert curve[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)  # every edge kept: the full model
+    target = (curve[1]["faithfulness"] + curve[-1]["faithfulness"]) / 2
+    want, reached = D.pick_budget(curve, target)
+    picked, _, mask = find_circuit(tiny_llama, FACTS, CircuitOptions(steps=1, random_seeds=1, target_faithfulness=target))
+    assert reached and picked.meta["selection"]["top_edges"] == want
+    assert picked.meta["metrics"]["faithfulness"] >= target - 1e-6
+    with pytest.raises(WorkbenchError, match="target faithfulness"):
+        find_circuit(tiny_llama, FACTS, CircuitOptions(target_faithfulness=0.5, top_edges=10))
 
 
 # ----- the real model --------------------------------------------------------------------------------
