@@ -3,7 +3,7 @@
 MoEfication (Zhang et al. 2022): each layer's 1,536 SwiGLU neurons are partitioned; a set of neurons
 nearly every token needs becomes the Qwen2-MoE *shared expert*, the rest become 16 routed experts of
 equal size, and a linear router per layer picks the experts a token needs. Only the small learned parts
-(the neuron partition and the routers, ~1 MB, ``zoo_weights/smollm2-moe-parts.safetensors``) are
+(the neuron partition and the routers, 1.3 MB, ``zoo_weights/smollm2-moe-parts.safetensors``) are
 committed; ``scripts/moefy_smollm2.py`` rebuilds them. The checkpoint is assembled from SmolLM2's
 weights on first use (seconds) and cached as a plain ``save_pretrained`` Qwen2-MoE folder that
 transformers loads without workbench.
@@ -15,7 +15,9 @@ expert's ``down_proj`` is multiplied by ``k`` and the router's logits are scaled
 per-layer temperature fitted on training text, so the renormalised weights are close to ``1/k`` and
 the block computes close to the sum of the chosen experts' neurons. The shared expert's gate is a zero
 vector (``sigmoid(0) = 1/2``) and its ``down_proj`` is doubled, so it adds its neurons exactly.
-With ``top_k == num_experts`` (every expert on) the block reproduces SmolLM2's MLP to float tolerance.
+With ``top_k == num_experts`` (every expert on) and a zero router (equal gates) the block reproduces
+SmolLM2's MLP to float tolerance (``tests/test_smollm2_moe.py``). Quality at each top-k, and why no
+sparse size reaches SmolLM2's perplexity without training the experts: README, ``bench/smollm2_moe_quality.py``.
 """
 
 from __future__ import annotations
