@@ -56,6 +56,8 @@ class Scores:
     seconds: float
     facts: list[dict] = field(default_factory=list)
     refined: torch.Tensor | None = None  # [S, R] scores within the candidate circuit (NaN elsewhere), if refined
+    by_group: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> its facts' mean scores [S, R]
+    group_masks: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> its own circuit (discover)
 
     def edges(self) -> torch.Tensor:
         """Scores of every edge in the graph's canonical order."""
@@ -157,11 +159,14 @@ def _edges_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: st
 
 def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", steps: int = 5, metric: str = "logit_diff",
               batch_size: int = 16, graph: Graph | None = None, progress: bool = False,
-              within: torch.Tensor | None = None) -> Scores:
+              within: torch.Tensor | None = None, groups: dict[str, list[int]] | None = None) -> Scores:
     """Score every edge of ``graph`` (default: the model's full graph) on the prepared facts.
 
     ``within`` ([S, R] bool, ``eap-ig-edges`` only): scale only these edges from corrupted to clean and
-    keep every other edge corrupted (see the module docstring)."""
+    keep every other edge corrupted (see the module docstring). ``groups`` (name -> indices into
+    ``prepared``, disjoint): batches never mix groups and each group's mean scores are kept in
+    ``Scores.by_group`` as well, in the same pass (the matrix is still the mean over every fact; facts
+    in no group are scored as usual)."""
     if method not in METHODS:
         raise WorkbenchError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     if within is not None and method != "eap-ig-edges":
@@ -180,7 +185,14 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", ste
     if dtype != torch.float32:
         raise WorkbenchError(f"circuits run in fp32; the model is {dtype} (load it with dtype=float32)")
     scores = torch.zeros(S, R, dtype=torch.float32)
-    bs = batches(prepared, batch_size, pad_id(lm.tokenizer))
+    parts = _partition(len(prepared), groups)
+    bs, owner = [], []  # batches, and the group each one's scores go to
+    for name, idx in parts.items():
+        for b in batches([prepared[i] for i in idx], batch_size, pad_id(lm.tokenizer)):
+            b.index = [idx[i] for i in b.index]
+            bs.append(b)
+            owner.append(name)
+    group_scores = {name: torch.zeros(S, R, dtype=torch.float32) for name in parts}
     n_steps = steps if method != "eap" else 1
     with GraphRunner(model, lm.adapter, graph) as runner:
         needs_clean = metric == "kl" or any(p.corrupted_answer_id is None for p in prepared)
@@ -194,17 +206,35 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", ste
                 b.corrupted_answer = torch.tensor([prepared[j].corrupted_answer_id for j in b.index])
                 clean_logp = torch.log_softmax(logits, -1)
             B, T = b.ids.shape
+            target = group_scores[owner[i]]
             if method == "eap-ig-edges":
-                _edges_ig(lm, runner, b, graph, means, metric, clean_logp, n_steps, scores, within)
+                _edges_ig(lm, runner, b, graph, means, metric, clean_logp, n_steps, target, within)
             else:
                 _inputs_ig(lm, runner, b, graph, means, metric, clean_logp, n_steps if method == "eap-ig" else 0,
-                           scores)
+                           target)
             if progress:
                 print(f"  batch {i + 1}/{len(bs)}: {len(b.index)} facts, {T} tokens, "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
+    for g in group_scores.values():
+        scores += g
     scores /= len(prepared)
+    by_group = {name: group_scores[name] / len(idx) for name, idx in parts.items() if name is not None}
     return Scores(graph, scores, method, metric, n_steps, len(prepared), time.perf_counter() - t0,
-                  [p.record(lm.tokenizer) for p in prepared])
+                  [p.record(lm.tokenizer) for p in prepared], by_group=by_group)
+
+
+def _partition(n: int, groups: dict[str, list[int]] | None) -> dict[str | None, list[int]]:
+    """``groups`` plus the facts in none of them (under ``None``), checked disjoint and in range."""
+    if not groups:
+        return {None: list(range(n))}
+    seen: set[int] = set()
+    for name, idx in groups.items():
+        if not idx or any(not 0 <= i < n for i in idx) or seen & set(idx) or len(set(idx)) != len(idx):
+            raise WorkbenchError(f"fact group {name!r}: indices must be non-empty, distinct, in 0..{n - 1} and in no "
+                                 "other group")
+        seen |= set(idx)
+    rest = [i for i in range(n) if i not in seen]
+    return {**{name: list(idx) for name, idx in groups.items()}, **({None: rest} if rest else {})}
 
 
 def _inputs_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: str, clean_logp, steps: int,

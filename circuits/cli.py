@@ -34,6 +34,9 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
                      help="the smallest circuit on the faithfulness curve (0.1%% to 20%% of the edges) reaching F")
     c.add_argument("--no-curve", action="store_true",
                    help="skip the faithfulness curve (faithfulness and Hit@10 at 0.1%%-20%% of the edges; on by default)")
+    c.add_argument("--no-per-relation", action="store_true",
+                   help="with facts of several relations (given or inferred), skip each relation's own circuit "
+                        "(OUT/relations/*.json) and the overlap report")
     c.add_argument("--selection", choices=["fill", "top", "greedy"], default="fill",
                    help="fill: the smallest top-|score| set whose pruned circuit has N edges (default); top: the N "
                         "highest |score| edges, then pruned to input->logits paths; greedy: grown backward from the logits")
@@ -62,7 +65,8 @@ def cmd_circuit(args) -> int:
                           threshold=args.threshold, selection=args.selection, refine=args.refine,
                           batch_size=args.batch_size,
                           random_seeds=args.random_seeds, progress=not args.quiet,
-                          curve=not args.no_curve, target_faithfulness=args.target_faithfulness)
+                          curve=not args.no_curve, target_faithfulness=args.target_faithfulness,
+                          per_relation=not args.no_per_relation)
     circuit, scores, mask = find_circuit(lm, facts, opts)
     paths = write_outputs(circuit, scores, mask, out)
     m = circuit.meta.get("metrics", {})
@@ -74,5 +78,19 @@ def cmd_circuit(args) -> int:
     if m.get("curve"):
         print("faithfulness curve: " + ", ".join(f"{c['fraction']:.1%} {c['faithfulness']:.2f}" for c in m["curve"])
               + (f"; smallest reaching {m['target_faithfulness']:g}: {circuit.n_edges} edges" if "target_faithfulness" in m else ""))
+    if m.get("relations"):
+        rel = m["relations"]
+        for name, r in rel["per_relation"].items():
+            print(f"  relation {name!r} ({r['n_facts']} facts): own circuit faithfulness {r['faithfulness']:.3f}, "
+                  f"Hit@10 {r['hit_at_10_circuit']:.3f}; mixed circuit {r['faithfulness_mixed_circuit']:.3f}, "
+                  f"{r['hit_at_10_mixed_circuit']:.3f}; Jaccard with mixed {r['jaccard_with_mixed']:.2f}")
+        c = rel["combined"]
+        print(f"each fact through its relation's circuit: faithfulness {c['faithfulness']:.3f} (mixed circuit "
+              f"{c['faithfulness_mixed_circuit']:.3f}), Hit@10 {c['hit_at_10_circuits']:.3f} (full {c['hit_at_10_full']:.3f}); "
+              f"mean pairwise Jaccard {_mean_jaccard(rel['overlap']):.2f}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _mean_jaccard(overlap: list[dict]) -> float:
+    return sum(o["jaccard"] for o in overlap) / len(overlap) if overlap else float("nan")

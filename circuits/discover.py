@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -14,7 +16,7 @@ from workbench.circuits.attribution import Scores, attribute
 from workbench.circuits.evaluate import (edge_entropy, evaluate, prune, select_fill, select_greedy, select_random,
                                          select_threshold, select_top)
 from workbench.circuits.export import Circuit
-from workbench.circuits.facts import Fact, prepare
+from workbench.circuits.facts import Fact, Prepared, prepare
 from workbench.circuits.graph import build_graph
 from workbench.errors import WorkbenchError
 from workbench.io import write_json
@@ -35,6 +37,7 @@ class CircuitOptions:
     progress: bool = False
     curve: bool = False  # faithfulness and Hit@10 at every budget of CURVE_FRACTIONS (one attribution pass)
     target_faithfulness: float | None = None  # the smallest curve budget reaching it becomes the circuit
+    per_relation: bool = True  # facts of >= 2 relations: each relation's own circuit too, and their overlap
 
 
 # log-spaced circuit budgets, as fractions of all edges, for the faithfulness curve
@@ -74,11 +77,13 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
     weak = sum(p.baseline == "mean" for p in prepared)
     if weak * 2 > len(prepared):
         warnings.warn(f"{weak} of {len(prepared)} facts found no subject-swap partner (no other fact shares their "
-                      "prompt template with a different answer) and use the weak mean-ablation baseline; add facts of "
-                      "the same templates, or 'corrupted_prompt' fields (per-fact baselines: circuit.json)", stacklevel=2)
+                      "prompt template with a different answer) and no subject to swap an entity into, and use the "
+                      "weak mean-ablation baseline; add facts of the same templates, 'subject' or 'corrupted_prompt' "
+                      "fields (per-fact baselines: circuit.json)", stacklevel=2)
+    groups = relation_groups(prepared) if o.per_relation else {}
     t_attr = time.perf_counter()
     scores = attribute(lm, prepared, method=o.method, steps=o.steps, metric=o.metric, batch_size=o.batch_size,
-                       graph=graph, progress=o.progress)
+                       graph=graph, progress=o.progress, groups=groups or None)
     matrix = scores.matrix
     curve, curve_seconds = None, 0.0
     if o.curve or o.target_faithfulness is not None:
@@ -137,6 +142,11 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
         for p, m_full, m_circ, rank in zip(prepared, ev["per_fact"]["metric_full"], ev["per_fact"]["metric_circuit"],
                                            ev["per_fact"]["rank_full"]):
             p.extra.update(logit_diff_full=m_full, logit_diff_circuit=m_circ, answer_rank_full=rank)
+    if groups and o.evaluate:
+        t0 = time.perf_counter()
+        relations = per_relation(lm, prepared, graph, scores, groups, mask, SELECTIONS[o.selection], o)
+        meta.setdefault("metrics", {})["relations"] = relations
+        meta["metrics"]["relations_seconds"] = round(time.perf_counter() - t0, 3)
     if curve is not None:
         meta.setdefault("metrics", {})["curve"] = curve
         meta["metrics"]["curve_seconds"] = curve_seconds
@@ -144,6 +154,71 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
             meta["metrics"]["target_faithfulness"] = o.target_faithfulness
     meta["facts"] = [p.record(lm.tokenizer) for p in prepared]
     return Circuit.from_mask(graph, matrix, mask, meta), scores, mask
+
+
+MIN_RELATION_FACTS = 2  # a relation needs this many facts for a circuit of its own
+
+
+def relation_groups(prepared: list[Prepared]) -> dict[str, list[int]]:
+    """Relation -> fact indices, when the facts mix at least two relations of ``MIN_RELATION_FACTS``
+    or more facts each (given or inferred); otherwise empty (one circuit serves)."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prepared):
+        if p.fact.relation:
+            groups.setdefault(p.fact.relation, []).append(i)
+    groups = {r: idx for r, idx in groups.items() if len(idx) >= MIN_RELATION_FACTS}
+    return groups if len(groups) >= 2 else {}
+
+
+def per_relation(lm, prepared: list[Prepared], graph, scores: Scores, groups: dict[str, list[int]],
+                 mixed: torch.Tensor, select, o: CircuitOptions) -> dict:
+    """Each relation's circuit (the mixed circuit's size, selected on that relation's own scores, pruned),
+    evaluated on its facts beside the mixed circuit, and the overlaps (shared edges, Jaccard) of every
+    pair and of each with the mixed circuit. The masks go to ``scores.group_masks``.
+
+    ``combined``: every fact of the groups patched through its own relation's circuit, faithfulness
+    over all of them (the ratio of summed logit differences, as for one circuit) and Hit@10. (A relation's
+    mean-baseline facts, if any, take the means over that relation's prompts.)"""
+    n = int(mixed.sum())
+    out, masks = {}, {}
+    sums = {"full": 0.0, "corrupted": 0.0, "own": 0.0, "mixed": 0.0}
+    hits = {"own": 0.0, "mixed": 0.0, "full": 0.0}
+    for rel, idx in groups.items():
+        m = prune(graph, select(graph, scores.by_group[rel], n))
+        masks[rel] = m
+        ev = evaluate(lm, [prepared[i] for i in idx], graph, {"own": m, "mixed": mixed}, batch_size=o.batch_size)
+        k = len(idx)
+        own, mix = ev["circuits"]["own"], ev["circuits"]["mixed"]
+        out[rel] = {"n_facts": k, "n_edges": int(m.sum()), "faithfulness": own["faithfulness"],
+                    "hit_at_10_circuit": own["hit_at_10"], "hit_at_10_full": ev["hit_at_10_full"],
+                    "faithfulness_mixed_circuit": mix["faithfulness"], "hit_at_10_mixed_circuit": mix["hit_at_10"],
+                    "shared_with_mixed": int((m & mixed).sum()), "jaccard_with_mixed": _jaccard(m, mixed)}
+        sums["full"] += ev["metric_full"] * k
+        sums["corrupted"] += ev["metric_corrupted"] * k
+        sums["own"] += own["metric"] * k
+        sums["mixed"] += mix["metric"] * k
+        hits["own"] += own["hit_at_10"] * k
+        hits["mixed"] += mix["hit_at_10"] * k
+        hits["full"] += ev["hit_at_10_full"] * k
+    total = sum(len(idx) for idx in groups.values())
+    span = sums["full"] - sums["corrupted"]
+    names = list(groups)
+    overlap = [{"a": a, "b": b, "shared": int((masks[a] & masks[b]).sum()), "jaccard": _jaccard(masks[a], masks[b])}
+               for x, a in enumerate(names) for b in names[x + 1:]]
+    union = torch.zeros_like(mixed)
+    for m in masks.values():
+        union |= m
+    scores.group_masks = masks
+    return {"per_relation": out, "overlap": overlap,
+            "combined": {"n_facts": total, "faithfulness": (sums["own"] - sums["corrupted"]) / span if span else math.nan,
+                         "faithfulness_mixed_circuit": (sums["mixed"] - sums["corrupted"]) / span if span else math.nan,
+                         "hit_at_10_circuits": hits["own"] / total, "hit_at_10_mixed_circuit": hits["mixed"] / total,
+                         "hit_at_10_full": hits["full"] / total, "edges_in_union": int(union.sum())}}
+
+
+def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    u = int((a | b).sum())
+    return int((a & b).sum()) / u if u else 1.0
 
 
 def faithfulness_curve(lm, prepared, graph, matrix: torch.Tensor, select, batch_size: int) -> list[dict]:
@@ -180,7 +255,8 @@ def refine(lm, prepared, scores: Scores, select, n: int, o: CircuitOptions) -> t
 
 
 def write_outputs(circuit: Circuit, scores: Scores, mask: torch.Tensor, out: str | Path) -> list[Path]:
-    """DIR/circuit.json, circuit.graphml, circuit.dot, circuit.svg, circuit.png, edges.parquet and metrics.json."""
+    """DIR/circuit.json, circuit.graphml, circuit.dot, circuit.svg, circuit.png, edges.parquet and metrics.json;
+    with facts of several relations also DIR/relations/<relation>.json, each relation's own circuit."""
     from workbench.circuits import render
 
     out = Path(out)
@@ -190,11 +266,30 @@ def write_outputs(circuit: Circuit, scores: Scores, mask: torch.Tensor, out: str
              export.write_dot(circuit, out / "circuit.dot"), render.write_svg(circuit, out / "circuit.svg"),
              render.write_png(circuit, out / "circuit.png"),
              export.write_edges_parquet(scores.graph, scores.matrix, mask, out / "edges.parquet", scores.refined)]
+    used: set[str] = set()
+    for rel, m in scores.group_masks.items():
+        meta = {k: v for k, v in circuit.meta.items() if k not in ("metrics", "facts")}
+        meta.update(relation=rel, metrics=circuit.meta["metrics"]["relations"]["per_relation"][rel],
+                    facts=[f for f in circuit.meta.get("facts", []) if f["relation"] == rel])
+        c = Circuit.from_mask(scores.graph, scores.by_group[rel], m, meta)
+        name = base = relation_slug(rel)
+        while name in used:
+            name = f"{base}_{len(used)}"
+        used.add(name)
+        paths.append(export.write_json(c, out / "relations" / f"{name}.json"))
+    for old in (out / "relations").glob("*.json"):  # a previous run's relations, not this one's
+        if old.stem not in used:
+            old.unlink()
     if "metrics" in circuit.meta:
         paths.append(write_json(out / "metrics.json", circuit.meta["metrics"]))
         if "curve" in circuit.meta["metrics"]:
             paths.append(render.write_curve(circuit.meta["metrics"]["curve"], out / "curve.png"))
     return paths
+
+
+def relation_slug(relation: str) -> str:
+    """A file name for a relation (inferred ones are templates such as ``"The capital of {} is"``)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", relation.replace("{}", "X")).strip("_")[:60] or "relation"
 
 
 def _mean(xs: list[float]) -> float:

@@ -11,9 +11,12 @@ line up. Where none is given, one is built by KC's rule: replace the ``subject``
 another fact of the same ``relation`` (with a different answer token) such that the token count is
 unchanged, trying the later facts of the file first. Plain facts (no ``subject``) get their subject and
 relation inferred from the other facts' prompts (:func:`infer_templates`: prompts sharing a template
-differ in one span). Where no such fact exists the fact falls back
-to the **mean-ablation baseline**: every sender's corrupted output is its mean over all tokens of
-all facts' clean prompts. Each prepared fact records which (``baseline``: given, swap or mean).
+differ in one span). Where no such fact exists, the subject is swapped for another **entity** of the
+same token length: first the subjects of the other facts, then the built-in facts' subjects
+(:func:`entity_pool`); a fact with no subject at all takes the longest pool entity its prompt contains
+as its subject, else its longest run of capitalised words. Only where that fails too does the fact fall back to the **mean-ablation baseline**:
+every sender's corrupted output is its mean over all tokens of all facts' clean prompts. Each prepared
+fact records which (``baseline``: given, swap, entity or mean).
 
 Where no corrupted answer is given (and none comes from a swap), it is the clean model's highest
 ranked token other than the answer (the strongest competitor), filled in by
@@ -177,13 +180,56 @@ def infer_templates(facts: list[Fact]) -> list[Fact]:
     return out
 
 
+def entity_pool(facts: list[Fact]) -> list[tuple[str, set[str]]]:
+    """Subjects to swap in where a fact has no partner, each with the answers its facts have: the facts'
+    own subjects, then the built-in facts' (countries, cities, landmarks, elements), in order."""
+    pool: dict[str, tuple[str, set[str]]] = {}
+    for f in [*facts, *builtin_facts()]:
+        if f.subject:
+            pool.setdefault(f.subject.lower(), (f.subject, set()))[1].add(f.answer.strip().lower())
+    return list(pool.values())
+
+
+def _find_subject(prompt: str, pool: list[str]) -> str | None:
+    """The longest pool entity the prompt contains as whole words, if any."""
+    hits = [e for e, _ in pool if re.search(rf"(?<!\w){re.escape(e)}(?!\w)", prompt)]
+    return max(hits, key=len) if hits else None
+
+
+_NAME = re.compile(r"[A-Z][\w'.-]*(?:\s+(?:of\s+|the\s+|de\s+)?[A-Z][\w'.-]*)*")
+
+
+def _guess_subject(prompt: str) -> str | None:
+    """The longest run of capitalised words (a name: "Great Wall", "Leonardo da Vinci" keeps "Leonardo"),
+    a sentence-initial article dropped; None if the prompt has no capitalised word."""
+    names = [re.sub(r"^(The|A|An)\s+", "", m.group(0)) for m in _NAME.finditer(prompt)]
+    names = [n for n in names if n and n not in ("The", "A", "An")]
+    return max(names, key=len) if names else None
+
+
+def _entity_swap(tokenizer, f: Fact, ids: list[int], pool: list[tuple[str, set[str]]]):
+    """``f``'s prompt with its subject replaced by the first pool entity that keeps the token count and
+    has no fact with ``f``'s answer (swapping France for Germany in "... is a country in" keeps Europe)."""
+    low, answer = f.subject.lower(), f.answer.strip().lower()
+    for e, answers in pool:
+        if e.lower() in low or low in e.lower() or answer in answers:
+            continue
+        cprompt = f.prompt.replace(f.subject, e)
+        cids = _encode(tokenizer, cprompt)
+        if len(cids) == len(ids):
+            return cprompt, cids, e
+    return None
+
+
 def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
-    """Tokenise facts and choose each one's corrupted prompt (given, swapped subject, or mean baseline).
+    """Tokenise facts and choose each one's corrupted prompt (given, swapped subject, swapped entity, or mean
+    baseline).
 
     Facts without a subject first get one (and a relation) from :func:`infer_templates`.
     """
     out = []
     inferred = infer_templates(facts)
+    pool = None
     flags = [a is not b for a, b in zip(facts, inferred)]
     facts = inferred
     for i, f in enumerate(facts):
@@ -202,7 +248,20 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
             continue
         swap = _swap(tokenizer, facts, i, ids, answer)
         if swap is None:
-            out.append(Prepared(f, ids, None, answer, corr_ans, "mean", None, source))
+            pool = entity_pool(facts) if pool is None else pool
+            extra = {}
+            if not f.subject:
+                found, how = _find_subject(f.prompt, pool), "entity list"
+                if not found:
+                    found, how = _guess_subject(f.prompt), "capitalised words"
+                if found:
+                    f, extra = replace(f, subject=found), {"subject_from": how}
+            ent = _entity_swap(tokenizer, f, ids, pool) if f.subject else None
+            if ent is None:
+                out.append(Prepared(f, ids, None, answer, corr_ans, "mean", None, source))
+            else:
+                out.append(Prepared(f, ids, ent[1], answer, corr_ans, "entity", ent[0], source,
+                                    extra={**extra, "swapped_entity": ent[2]}))
             continue
         cprompt, cids, other = swap
         if corr_ans is None:

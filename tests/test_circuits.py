@@ -241,9 +241,9 @@ def test_full_circuit_is_faithful_and_empty_circuit_is_the_corrupted_run(which, 
 
 
 def test_mean_baseline_full_and_empty(tiny_llama):
-    """Facts without a same-length swap fall back to mean ablation; full/empty still bracket it."""
-    facts = [Fact("The capital of France is", " Paris"), Fact("Romeo and", " Juliet"),
-             Fact("The capital of Japan is", " Tokyo", relation="capital_of", subject="Japan")]
+    """Facts with no swap partner and no entity to swap in fall back to mean ablation; full/empty still
+    bracket it."""
+    facts = [Fact("two plus two is", " four"), Fact("a dog has four", " legs"), Fact("the sky is", " blue")]
     prepared = prepare(tiny_llama.tokenizer, facts)
     assert [p.baseline for p in prepared] == ["mean", "mean", "mean"]
     g = build_graph(tiny_llama.model, tiny_llama.adapter)
@@ -317,6 +317,63 @@ def test_find_circuit_on_moe_writes_metrics(moe_circuit):
     kept = df[df["in_circuit"]].set_index(["source", "target", "port"])["refined_score"]
     assert all(kept[(e["source"], e["target"], e["port"])] == pytest.approx(e["score"], rel=1e-6)
                for e in circuit.edges if e["port"] != "internal")
+
+
+def test_attribution_groups_are_the_relations_scores_in_one_pass(tiny_llama):
+    """Grouped attribution: each group's scores equal attributing its facts alone, and the mixed matrix
+    is their fact-weighted mean (batches differ in composition: float tolerance)."""
+    prepared = prepare(tiny_llama.tokenizer, FACTS)
+    groups = {"capital_of": [0, 1, 2, 3], "chemical_symbol": [4, 5]}
+    grouped = attribute(tiny_llama, prepared, steps=2, batch_size=4, groups=groups)
+    mixed = attribute(tiny_llama, prepared, steps=2, batch_size=4)
+    scale = float(mixed.matrix.abs().max())
+    assert torch.allclose(grouped.matrix, mixed.matrix, rtol=1e-4, atol=1e-5 * scale)
+    for name, idx in groups.items():
+        alone = attribute(tiny_llama, [prepared[i] for i in idx], steps=2, batch_size=4)
+        assert torch.allclose(grouped.by_group[name], alone.matrix, rtol=1e-4, atol=1e-5 * scale)
+    with pytest.raises(WorkbenchError, match="in no other group"):
+        attribute(tiny_llama, prepared, steps=1, groups={"a": [0, 1], "b": [1, 2]})
+
+
+def test_per_relation_circuits_and_their_overlap(moe_circuit):
+    circuit, scores, mask, out = moe_circuit
+    rel = circuit.meta["metrics"]["relations"]
+    per = rel["per_relation"]
+    assert {k: v["n_facts"] for k, v in per.items()} == {"capital_of": 4, "chemical_symbol": 2}
+    files = {p.stem: export.read_json(p) for p in (out / "relations").glob("*.json")}
+    assert set(files) == {"capital_of", "chemical_symbol"}
+    edges = {k: {(e["source"], e["target"], e["port"]) for e in c.edges if e["port"] != "internal"}
+             for k, c in files.items()}
+    mixed = {(e["source"], e["target"], e["port"]) for e in circuit.edges if e["port"] != "internal"}
+    for k, e in edges.items():
+        assert per[k]["n_edges"] == len(e) <= len(mixed) and files[k].meta["relation"] == k
+        assert per[k]["shared_with_mixed"] == len(e & mixed)
+        assert per[k]["jaccard_with_mixed"] == pytest.approx(len(e & mixed) / len(e | mixed))
+        assert all(f["relation"] == k for f in files[k].meta["facts"])
+    (pair,) = rel["overlap"]
+    a, b = edges[pair["a"]], edges[pair["b"]]
+    assert pair["shared"] == len(a & b) and pair["jaccard"] == pytest.approx(len(a & b) / len(a | b))
+    # every fact is in a relation and has a swap: the mixed circuit's faithfulness over the relations
+    # combined is its faithfulness over all facts (other batches: float tolerance)
+    m = circuit.meta["metrics"]
+    assert rel["combined"]["faithfulness_mixed_circuit"] == pytest.approx(m["faithfulness"], rel=1e-3, abs=1e-4)
+    assert rel["combined"]["hit_at_10_mixed_circuit"] == pytest.approx(m["hit_at_10_circuit"])
+
+
+def test_rewriting_outputs_drops_a_previous_runs_relations(moe_circuit, tmp_path):
+    from workbench.circuits.discover import relation_slug
+
+    circuit, scores, mask, _ = moe_circuit
+    (tmp_path / "relations").mkdir()
+    (tmp_path / "relations" / "some_old_relation.json").write_text("{}")
+    write_outputs(circuit, scores, mask, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "relations").iterdir()) == ["capital_of.json", "chemical_symbol.json"]
+    assert relation_slug("The capital of {} is") == "The_capital_of_X_is" and relation_slug("{}") == "X"
+
+
+def test_one_relation_gets_no_per_relation_report(tiny_llama):
+    circuit, scores, _ = find_circuit(tiny_llama, FACTS[:4], CircuitOptions(steps=1, random_seeds=1, top_edges=20))
+    assert "relations" not in circuit.meta["metrics"] and not scores.group_masks
 
 
 def test_json_round_trip(moe_circuit):
@@ -409,9 +466,29 @@ def test_plain_facts_swap_like_annotated_ones(zoo_tokenizer):
     assert all("inferred" in p.record(zoo_tokenizer) for p in inferred if p.fact.subject)
 
 
+def test_partnerless_facts_swap_in_an_entity(zoo_tokenizer):
+    """No partner of the same template: the subject is swapped for another entity of equal token length
+    (the file's subjects first, then the built-in ones); a fact without a subject takes a pool entity its
+    prompt contains, else its capitalised words; with neither it keeps the mean baseline."""
+    facts = [Fact("Big Ben is located in the city of", " London", relation="located_in", subject="Big Ben"),
+             Fact("The tallest tower near the Eiffel Tower is in", " Paris"),
+             Fact("The Great Wall was built in", " China"),
+             Fact("a dog has four", " legs")]
+    prepared = prepare(zoo_tokenizer, facts)
+    assert [p.baseline for p in prepared] == ["entity", "entity", "entity", "mean"]
+    for p in prepared[:3]:
+        assert len(p.corrupted_ids) == len(p.ids) and p.corrupted_prompt != p.fact.prompt
+        assert p.fact.subject not in p.corrupted_prompt and p.extra["swapped_entity"] in p.corrupted_prompt
+    assert prepared[1].fact.subject == "Eiffel Tower" and prepared[1].extra["subject_from"] == "entity list"
+    assert prepared[2].fact.subject == "Great Wall" and prepared[2].extra["subject_from"] == "capitalised words"
+    assert prepared[3].corrupted_ids is None
+    rec = prepared[0].record(zoo_tokenizer)
+    assert rec["baseline"] == "entity" and rec["swapped_entity"] == prepared[0].extra["swapped_entity"]
+
+
 def test_mostly_mean_baselines_warn(tiny_llama):
-    lonely = [Fact("A dog has four", " legs"), Fact("Water boils at one hundred", " degrees"),
-              Fact("The sun rises in the", " east")]
+    lonely = [Fact("a dog has four", " legs"), Fact("water boils at one hundred", " degrees"),
+              Fact("the sun rises in the", " east")]
     with pytest.warns(UserWarning, match="3 of 3 facts found no subject-swap partner"):
         find_circuit(tiny_llama, lonely, CircuitOptions(steps=1, progress=False, random_seeds=1))
 
