@@ -95,6 +95,70 @@ def test_assembly_is_deterministic(smollm2, parts):
         assert torch.equal(a[k], b[k]), k
 
 
+def _random_lora(parts, rank=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"gate_a": (1536, rank), "gate_b": (rank, 576), "up_a": (1536, rank), "up_b": (rank, 576),
+              "down_a": (576, rank), "down_b": (rank, 1536)}
+    return {f"lora.{k}": torch.randn(30, *sh, generator=g) * 0.02 for k, sh in shapes.items()}
+
+
+@pytest.mark.parametrize("layer", [3, 11, 27])
+def test_distillation_trains_what_the_assembled_moe_computes(smollm2, parts, layer):
+    """The build's training forward (exact Qwen2-MoE routing, low-rank corrections) and the assembled
+    checkpoint's block give the same output on real hidden states. Tokens whose k-th and (k+1)-th router
+    probabilities nearly tie may route differently by rounding and are left out."""
+    from moefy_smollm2 import _moe_mlp
+
+    tensors, meta = parts
+    lora = _random_lora(parts)
+    k = 8
+    moe = moefy.assemble(smollm2.model, k, ({**tensors, **lora}, meta))
+    captured = {}
+    h = smollm2.model.model.layers[layer].mlp.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+    ids = smollm2.tokenizer("The capital of France is Paris. def f(x): return x + 1", return_tensors="pt").input_ids
+    try:
+        with torch.no_grad():
+            smollm2.model(ids)
+    finally:
+        h.remove()
+    x = captured["x"][0]
+    router = tensors["router"][layer].float()
+    probs = torch.softmax(x @ router.T, -1).sort(-1, descending=True).values
+    clear = (probs[:, k - 1] - probs[:, k]) > 1e-5 * probs[:, 0]
+    assert clear.sum() >= len(x) // 2
+    train = _moe_mlp(smollm2.model.model.layers[layer].mlp, tensors["perm"][layer].long(), router,
+                     {n: v[layer] for n, v in ((n[5:], v) for n, v in lora.items())}, meta["experts"], meta["shared"],
+                     {"moe": True, "k": k})
+    with torch.no_grad():
+        want, got = train(x)[clear], moe.model.layers[layer].mlp(x[None])[0][clear]
+    scale = float(want.abs().max())
+    assert (got - want).abs().max() <= 1e-4 * scale
+    assert not torch.allclose(got, smollm2.model.model.layers[layer].mlp(x)[clear], rtol=1e-3, atol=1e-3)  # corrected
+
+
+def test_distillation_is_deterministic_for_a_seed(zoo_tokenizer):
+    """Two short distillations of a tiny Llama with the same seed give equal corrections, move them off
+    zero, and leave the model's own MLPs in place."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from moefy_smollm2 import distill
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(zoo_tokenizer), hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    perms = [torch.randperm(96, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    routers = [torch.randn(8, 32, generator=torch.Generator().manual_seed(10 + i)) for i in range(2)]
+    texts = ["The capital of France is Paris and the capital of Spain is Madrid. " * 3, "def f(x):\n    return x + 1\n" * 4]
+    runs = [distill(model, zoo_tokenizer, texts, perms, routers, 8, 16, steps=3, rank=2, batch=2, seq=16, top_ks=(2, 4),
+                    log=lambda m: None)
+            for _ in range(2)]
+    assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 6
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+    assert float(runs[0]["lora.down_a"].abs().max()) > 0 and runs[0]["lora.gate_a"].shape == (2, 96, 2)
+    assert all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)
+
+
 def test_the_build_is_deterministic_for_a_seed():
     """The script's per-layer fit (clustering, router, temperature) on the same activations, twice."""
     from moefy_smollm2 import fit_layer

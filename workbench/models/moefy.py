@@ -2,9 +2,11 @@
 
 MoEfication (Zhang et al. 2022): each layer's 1,536 SwiGLU neurons are partitioned; a set of neurons
 nearly every token needs becomes the Qwen2-MoE *shared expert*, the rest become 16 routed experts of
-equal size, and a linear router per layer picks the experts a token needs. Only the small learned parts
-(the neuron partition and the routers, 1.3 MB, ``zoo_weights/smollm2-moe-parts.safetensors``) are
-committed; ``scripts/moefy_smollm2.py`` rebuilds them. The checkpoint is assembled from SmolLM2's
+equal size, and a linear router per layer picks the experts a token needs; rank-16 corrections to the
+gate, up and down projections, distilled from SmolLM2 through the MoE's own routing, are added before the
+neurons are sliced into experts. Only the small learned parts (the neuron partition, the routers and the
+corrections, 7.4 MB, ``zoo_weights/smollm2-moe-parts.safetensors``) are committed;
+``scripts/moefy_smollm2.py`` rebuilds them. The checkpoint is assembled from SmolLM2's
 weights on first use (seconds) and cached as a plain ``save_pretrained`` Qwen2-MoE folder that
 transformers loads without workbench.
 
@@ -16,7 +18,8 @@ per-layer temperature fitted on training text, so the renormalised weights are c
 the block computes close to the sum of the chosen experts' neurons. The shared expert's gate is a zero
 vector (``sigmoid(0) = 1/2``) and its ``down_proj`` is doubled, so it adds its neurons exactly.
 With ``top_k == num_experts`` (every expert on) and a zero router (equal gates) the block reproduces
-SmolLM2's MLP to float tolerance (``tests/test_smollm2_moe.py``). Quality at each top-k, and why no
+the MLP it was sliced from (SmolLM2's, plus the corrections where the parts have them) to float
+tolerance (``tests/test_smollm2_moe.py``). Quality at each top-k, and why no
 sparse size reaches SmolLM2's perplexity without training the experts: README, ``bench/smollm2_moe_quality.py``.
 """
 
@@ -43,7 +46,7 @@ SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
 DESCRIPTION = ("SmolLM2-135M-Instruct MoEfied: Qwen2-MoE, 16 experts + 1 shared, top-{k}, "
-               "experts carry SmolLM2's pretrained neurons")
+               "experts carry SmolLM2's pretrained neurons (distilled)")
 
 
 def parse_spec(spec: str) -> int:
@@ -100,6 +103,21 @@ def moe_config(dense_config, meta: dict, top_k: int):
     return cfg
 
 
+LORA = ("gate", "up", "down")
+
+
+def distilled_weights(mlp, tensors: dict[str, torch.Tensor], layer: int):
+    """One dense layer's gate, up and down projections with the distillation's low-rank corrections
+    (``lora.X_a @ lora.X_b``, from ``scripts/moefy_smollm2.py``) added, where the parts have them."""
+    out = []
+    for name in LORA:
+        w = getattr(mlp, f"{name}_proj").weight
+        if f"lora.{name}_a" in tensors:
+            w = w + tensors[f"lora.{name}_a"][layer].float() @ tensors[f"lora.{name}_b"][layer].float()
+        out.append(w)
+    return tuple(out)
+
+
 def assemble(dense, top_k: int, parts: tuple[dict, dict] | None = None):
     """A ``Qwen2MoeForCausalLM`` from a dense Llama model (SmolLM2) and the partition + routers."""
     from transformers import Qwen2MoeForCausalLM
@@ -118,7 +136,7 @@ def assemble(dense, top_k: int, parts: tuple[dict, dict] | None = None):
     for i, layer in enumerate(dense.model.layers):
         perm = tensors["perm"][i].long()
         shared, idx = expert_neurons(perm, E, S)
-        g, u, d = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight
+        g, u, d = distilled_weights(layer.mlp, tensors, i)
         p = f"model.layers.{i}.mlp."
         state[p + "gate.weight"] = tensors["router"][i].float().clone()
         state[p + "experts.gate_up_proj"] = torch.stack([torch.cat([g[j], u[j]]) for j in idx])
