@@ -20,6 +20,9 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--facts", default=None,
                    help='JSONL, one {"prompt", "answer", "corrupted_prompt"?, "corrupted_answer"?, "relation"?, '
                         '"subject"?} per line (default: the built-in facts)')
+    c.add_argument("--relation", default=None, metavar="NAME",
+                   help="keep only the facts of this relation (the facts' `relation` field; e.g. located_in of the "
+                        "built-in facts)")
     c.add_argument("--method", choices=["eap-ig-edges", "eap-ig", "eap"], default="eap-ig-edges",
                    help="eap-ig-edges: integrated gradients over the edges, all scaled together from corrupted to "
                         "clean (default); eap-ig: over the input embeddings (Hanna et al.); eap: clean gradient only")
@@ -52,12 +55,29 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
     return c
 
 
+def only_relation(facts, relation: str):
+    """The facts whose ``relation`` (given, else inferred from plain facts' shared template, such as
+    ``"The capital of {} is"``) is ``relation``; a one-line error naming the relations there are."""
+    from workbench.circuits.facts import infer_templates
+    from workbench.errors import WorkbenchError
+
+    inferred = infer_templates(facts)
+    kept = [f for f, g in zip(facts, inferred) if (f.relation or g.relation) == relation]
+    if not kept:
+        known = sorted({g.relation for g in inferred if g.relation}, key=str)
+        raise WorkbenchError(f"no fact has relation {relation!r}; the facts' relations: "
+                             + (", ".join(repr(k) for k in known) if known else "none (plain facts sharing no template)"))
+    return kept
+
+
 def cmd_circuit(args) -> int:
     from workbench.circuits.discover import CircuitOptions, find_circuit, write_outputs
     from workbench.circuits.facts import builtin_facts, read_facts
     from workbench.models.specs import load
 
     facts = read_facts(args.facts) if args.facts else builtin_facts()  # reject bad input before loading a model
+    if args.relation is not None:
+        facts = only_relation(facts, args.relation)
     out = output_dir(args.out)
     clear_stale_temps(out, ["circuit.*", "edges.parquet", "metrics.json"])  # what a killed run left half-written
     lm = load(args.model, device=args.device)

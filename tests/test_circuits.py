@@ -539,6 +539,23 @@ def test_cli_rejects_bad_input_before_loading(tmp_path):
             _parser().parse_args(["circuit", "m", "--out", "o", *bad])
 
 
+def test_relation_filter_keeps_given_or_inferred_relations_and_names_the_others():
+    from workbench.circuits.cli import only_relation
+
+    built = builtin_facts()
+    kept = only_relation(built, "located_in")
+    assert kept and all(f.relation == "located_in" for f in kept)
+    assert len(kept) == sum(f.relation == "located_in" for f in built)
+    plain = [Fact(p, a) for p, a in [("The capital of France is", " Paris"), ("The capital of Japan is", " Tokyo"),
+                                      ("Water is made of", " hydrogen")]]
+    assert [f.prompt for f in only_relation(plain, "The capital of {} is")] == [p.prompt for p in plain[:2]]
+    assert only_relation(plain, "The capital of {} is")[0].subject is None  # the facts as given, inferred again later
+    with pytest.raises(WorkbenchError, match=r"no fact has relation 'capital'; .*'The capital of \{\} is'"):
+        only_relation(plain, "capital")
+    with pytest.raises(WorkbenchError, match="'capital_of', 'chemical_symbol'"):
+        only_relation(built, "capitals")
+
+
 def test_pick_budget_returns_the_smallest_reaching_the_target():
     from workbench.circuits.discover import pick_budget
 
