@@ -98,7 +98,7 @@ def child(args) -> dict:
     return {"method": args.child, "seconds": seconds, "fwd_bwd_seconds": sum(fb),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "threads": torch.get_num_threads(), "edges": scores.graph.n_edges,
-            "baselines": {k: sum(p.baseline == k for p in prepared) for k in ("swap", "given", "mean")}}
+            "baselines": {k: sum(p.baseline == k for p in prepared) for k in ("swap", "given", "entity", "mean")}}
 
 
 def main() -> None:
