@@ -236,8 +236,10 @@ class GraphRunner:
             layer = layers[plan.layer]
             norms = ad.norms(layer)
             if set(norms) != {"input", "post_attention"}:
-                raise WorkbenchError(f"circuits need pre-norm layers (input and post-attention norms); "
-                                     f"layer {plan.layer} has {sorted(norms)}")
+                raise WorkbenchError(f"circuits need plain pre-norm blocks (an input norm feeding attention, a "
+                                     f"post-attention norm feeding the MLP); {ad.name}'s layer {plan.layer} "
+                                     + (f"has only {sorted(norms)}" if norms else "is not one (sandwich norms, post-norm "
+                                        "or parallel attention and MLP; see `workbench check`)"))
             attn = ad.attention(layer)
             self._handles.append(norms["input"].register_forward_hook(self._attn_norm_hook(plan)))
             spec = AttentionSpec(plan.attn_kind, plan.n_heads, plan.n_kv, plan.head_dim)

@@ -50,6 +50,25 @@ def test_modulelist_layout_matches_fused():
     torch.testing.assert_close(listed(ids).logits, fused(ids).logits, rtol=1e-5, atol=1e-6)
 
 
+def test_modulelist_router_site_counts_each_token_once_with_experts_captured():
+    """The ModuleList capture re-runs the router to learn the routing; the router site must not see that call."""
+    from workbench.tracing.reducers import ExpertCounts
+
+    counts = {}
+    for name in ("zoo:qwen3-moe", "zoo:qwen3-moe-modulelist"):
+        lm = load(name)
+        enc, grid = _batch(lm, PROMPTS)
+        sites = all_sites(lm.adapter, lm.model, ["router", "expert"], [0])  # layer 0: the same inputs in both layouts
+        sinks = {s: [ExpertCounts(num_experts=8)] if s.component is Component.ROUTER else [AbsMax()] for s in sites}
+        with Capture(lm.model, lm.adapter, sinks) as cap:
+            cap.begin_batch(grid)
+            lm.model(**enc)
+        router = sinks[Site(0, Component.ROUTER)][0]
+        assert int(router.tokens) == int(enc["attention_mask"].sum()), name
+        counts[name] = router.counts
+    assert torch.equal(counts["zoo:qwen3-moe"], counts["zoo:qwen3-moe-modulelist"])
+
+
 def test_hooked_forward_is_bit_identical(zoo_lm):
     enc, grid = _batch(zoo_lm, PROMPTS)
     plain = zoo_lm.model(**enc).logits

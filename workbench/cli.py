@@ -228,6 +228,12 @@ def cmd_contrast(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from workbench.check import report, run_checks
+
+    return report(args.model, run_checks(_load(args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="workbench", description="Look inside (MoE) language models and change them.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -236,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the built-in model specs")
     m.set_defaults(func=cmd_models)
+
+    ck = sub.add_parser("check", help="does the workbench understand this model? one line per check, non-zero exit on a failure",
+                        description="Load MODEL and run the battery the family coverage test runs: adapter (declared or "
+                                    "read from the module tree), hooks fire and are read-only, dense MLP output, routing "
+                                    "and block rebuilt (MoE), zero interventions exact, attention probabilities, circuit "
+                                    "graph, cost per token.")
+    ck.add_argument("model", help="model spec (see `workbench models`) or a local checkpoint folder")
+    _model_args(ck)
+    ck.set_defaults(func=cmd_check)
 
     t = sub.add_parser("trace", help="run prompts through a model and reduce activations at chosen sites",
                        description="Run prompts through MODEL once, reducing each site's activations with "

@@ -190,9 +190,17 @@ def supported_model_types() -> list[str]:
 
 
 def adapter_for(model_or_type: nn.Module | str) -> Adapter:
-    """The adapter for a model (by ``config.model_type``) or a model_type string."""
+    """The adapter for a model (by ``config.model_type``) or a model_type string.
+
+    A model of an undeclared dense family gets an adapter read from its module tree and verified on
+    one forward (:func:`workbench.adapters.infer.infer_adapter`).
+    """
     _load_builtin_adapters()
     mt = model_or_type if isinstance(model_or_type, str) else getattr(model_or_type.config, "model_type", None)
+    if mt not in Adapter.registry and not isinstance(model_or_type, str):
+        from workbench.adapters.infer import infer_adapter
+
+        return infer_adapter(model_or_type)  # read from the module tree and verified, or a one-line error
     if mt not in Adapter.registry:
         raise WorkbenchError(
             f"unsupported architecture {mt!r}; supported model types: {', '.join(sorted(Adapter.registry))}"

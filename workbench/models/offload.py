@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from workbench.adapters.base import adapter_for, get_path
+from workbench.adapters.base import adapter_for, get_path, supported_model_types
 from workbench.errors import WorkbenchError
 from workbench.models.specs import TOKENIZER_FILES, LoadedModel, _check_model_type, _check_safetensors, _dtype, \
     _tokenizer, resolve_device
@@ -273,6 +273,9 @@ def load_streamed(spec: str, *, device: str = "cpu", dtype: torch.dtype | str | 
     model_type = _check_model_type(path / "config.json")
     if model_type in UNSUPPORTED:
         raise WorkbenchError(f"--offload layers does not support {model_type} ({UNSUPPORTED[model_type]})")
+    if model_type not in supported_model_types():
+        raise WorkbenchError(f"--offload layers needs a declared adapter; {model_type!r} has none (its structure is "
+                             "read from the loaded model: run without --offload)")
     for f in _weight_files(path):
         _check_safetensors(f)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):

@@ -219,10 +219,22 @@ def _check_model_type(config_path: Path) -> str:
     except (OSError, json.JSONDecodeError) as e:
         raise WorkbenchError(f"{config_path} is not valid JSON: {e}") from None
     mt = cfg.get("model_type") if isinstance(cfg, dict) else None
-    if mt not in supported_model_types():
-        raise WorkbenchError(f"unsupported architecture {mt!r} in {config_path}; "
-                             f"supported model types: {', '.join(supported_model_types())}")
+    if not loadable_model_type(mt, bool(cfg.get("auto_map")) if isinstance(cfg, dict) else False):
+        raise WorkbenchError(f"unsupported architecture {mt!r} in {config_path}; {_supported_text()}")
     return mt
+
+
+def loadable_model_type(mt, remote_code: bool = False) -> bool:
+    """Declared families, and any causal-LM family transformers knows (its adapter is read from the
+    module tree after loading, or a one-line error names the part that was not found)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return isinstance(mt, str) and (mt in supported_model_types() or mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or remote_code)
+
+
+def _supported_text() -> str:
+    return (f"supported model types (declared adapters): {', '.join(supported_model_types())}; other decoder-only causal-LM families "
+            "of transformers are read from the module tree (`workbench check MODEL` verifies one)")
 
 
 def _load_dir(path: Path, spec: str, trust_remote_code: bool = False, device_map: str | None = None,
@@ -287,9 +299,8 @@ def _load_hub(spec: str, trust_remote_code: bool = False, device_map: str | None
             "it is not a local directory and could not be fetched from the Hugging Face hub "
             f"({type(e).__name__}; offline?)")
         raise WorkbenchError(f"unknown model spec {spec!r}: {why}; built-in specs: {known}") from None
-    if config.model_type not in supported_model_types():
-        raise WorkbenchError(f"unsupported architecture {config.model_type!r} for {spec}; "
-                             f"supported model types: {', '.join(supported_model_types())}")
+    if not loadable_model_type(config.model_type, bool(getattr(config, "auto_map", None))):
+        raise WorkbenchError(f"unsupported architecture {config.model_type!r} for {spec}; {_supported_text()}")
     model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True, dtype=dtype or torch.float32,
                                                  trust_remote_code=trust_remote_code, device_map=device_map)
     return LoadedModel(model, _tokenizer(spec, trust_remote_code), adapter_for(model), spec)

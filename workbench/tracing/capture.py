@@ -182,6 +182,7 @@ class Capture(HookSet):
         self._valid: torch.Tensor | None = None
         self._keep_idx: torch.Tensor | None = None
         self._tokens: torch.Tensor | None = None
+        self._rerouting = False  # ModuleList experts re-run the router to learn the routing
 
     # ----- batch bookkeeping -------------------------------------------------------------------
     def begin_batch(self, grid: torch.Tensor) -> None:
@@ -250,6 +251,8 @@ class Capture(HookSet):
                 self._emit_routed_rows(site, logits, index)
         else:
             def hook(mod, args, kwargs, out):
+                if self._rerouting:
+                    return
                 logits = _first(out)
                 _, index = self.adapter.select_experts(self.model, logits.reshape(-1, logits.shape[-1]), router)
                 self._emit_routed_rows(site, logits, index)
@@ -288,7 +291,12 @@ class Capture(HookSet):
             def inputs(args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 hidden = hidden.reshape(-1, hidden.shape[-1])
-                return hidden, ad.select_experts(self.model, router(hidden), router)[1]
+                self._rerouting = True  # the router site must not count this second call (interventions still apply)
+                try:
+                    logits = router(hidden)
+                finally:
+                    self._rerouting = False
+                return hidden, ad.select_experts(self.model, logits, router)[1]
 
         def hook(mod, args, kwargs, out):
             hidden, index = inputs(args, kwargs)
