@@ -11,7 +11,7 @@ import pytest
 from workbench.adapters.base import Adapter, adapter_for, register_adapter
 from workbench.check import report, run_checks
 from workbench.errors import WorkbenchError
-from workbench.models.families import DENSE, MOE_UNDECLARED, MOE_ZOO, save_tiny
+from workbench.models.families import DENSE, MOE_DECLARED, MOE_UNDECLARED, MOE_ZOO, save_tiny
 from workbench.models.specs import load
 
 # Plain pre-norm blocks: circuits apply. The others (sandwich norms, post-norm, parallel attention+MLP)
@@ -47,6 +47,16 @@ def test_declared_moe_family_passes_the_check(name):
     assert not [c.line() for c in res.values() if c.ok is False]
     assert res["block rebuilt"].ok is True and res["circuit graph"].ok is True
     assert res["routing"].ok is (None if name.endswith("modulelist") else True)
+
+
+@pytest.mark.parametrize("model_type", MOE_DECLARED)
+def test_declared_moe_family_from_its_config_class_passes_the_check(model_type, tmp_path, zoo_tokenizer):
+    lm = load(str(save_tiny(model_type, tmp_path, zoo_tokenizer)))
+    res = _by_name(run_checks(lm))
+    assert not [c.line() for c in res.values() if c.ok is False]
+    for name in ("routing", "block rebuilt", "zero is exact", "circuit graph"):
+        assert res[name].ok is True, res[name].line()
+    assert "(inferred)" not in lm.adapter.name
 
 
 @pytest.mark.parametrize("model_type", MOE_UNDECLARED)

@@ -1,4 +1,5 @@
-"""DeepSeek-V3: sigmoid group-limited routing, shared experts, the first k layers dense."""
+"""DeepSeek-V3 (sigmoid group-limited routing) and DeepSeek-V2 (softmax, greedy or group-limited): shared
+experts, the first k layers dense."""
 
 from dataclasses import dataclass
 
@@ -35,4 +36,32 @@ class DeepseekAdapter(Adapter):
 DEEPSEEK_V3 = register_adapter(
     DeepseekAdapter(name="deepseek_v3", model_types=("deepseek_v3",), shared_names=("shared_experts",),
                     router_scoring="sigmoid")
+)
+
+
+@dataclass(frozen=True)
+class DeepseekV2Adapter(Adapter):
+    def select_experts(self, model, logits, router=None, exclude=None):
+        """DeepSeek-V2's router: softmax scores, top-k (greedy, or within the best ``topk_group`` groups by
+        their largest score: ``group_limited_greedy``), no renormalisation, times ``routed_scaling_factor``."""
+        if router is None:
+            raise ValueError("DeepSeek-V2 routing needs the router module (its top-k method and group settings)")
+        logits = logits.to(torch.float32)
+        if exclude is not None:
+            logits = logits.masked_fill(exclude, float("-inf"))
+        scores = logits.softmax(dim=-1)
+        n, e = scores.shape
+        if router.topk_method == "group_limited_greedy":
+            group_scores = scores.view(n, router.num_group, e // router.num_group).max(dim=-1).values
+            group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+            score_mask = group_mask.unsqueeze(-1).expand(n, router.num_group, e // router.num_group).reshape(n, e)
+            scores = scores.masked_fill(~score_mask.bool(), 0.0)
+        weights, index = torch.topk(scores, k=router.top_k, dim=-1, sorted=False)
+        return weights * router.routed_scaling_factor, index
+
+
+# The Super-Experts paper's DeepSeek-V2-Lite.
+DEEPSEEK_V2 = register_adapter(
+    DeepseekV2Adapter(name="deepseek_v2", model_types=("deepseek_v2",), shared_names=("shared_experts",))
 )

@@ -18,9 +18,11 @@ DENSE = ("llama", "mistral", "qwen2", "qwen3", "gpt2",
          "hunyuan_v1_dense", "glm", "glm4")
 # MoE families with declared adapters (the zoo builds them with their real routing settings).
 MOE_ZOO = ("qwen2-moe", "qwen3-moe", "olmoe", "mixtral", "deepseek-v3", "qwen3-moe-modulelist")
+# MoE families with declared adapters built here from their own config class (with the overrides below).
+MOE_DECLARED = ("deepseek_v2",)
 # MoE families transformers has and the workbench does not declare yet: refused with a one-line error.
 # (dots1 and dbrx are left out: their configs do not build at these tiny sizes.)
-MOE_UNDECLARED = ("gpt_oss", "deepseek_v2", "qwen3_next", "glm4_moe", "phimoe", "granitemoe", "ernie4_5_moe",
+MOE_UNDECLARED = ("gpt_oss", "qwen3_next", "glm4_moe", "phimoe", "granitemoe", "ernie4_5_moe",
                   "hunyuan_v1_moe", "minimax", "jetmoe", "llama4_text")
 
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -29,14 +31,24 @@ SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              num_experts_per_tok=2)
 
 
+# Per-family fields (multi-head latent attention sizes; group-limited routing over 2 groups of 4 experts).
+OVERRIDES = {
+    "deepseek_v2": dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                        v_head_dim=16, num_experts=8, n_routed_experts=8, n_group=2, topk_group=1,
+                        topk_method="group_limited_greedy", first_k_dense_replace=1, n_shared_experts=1,
+                        routed_scaling_factor=1.0, num_hidden_layers=3),
+}
+
+
 def tiny_config(model_type: str):
     """The family's own config class with tiny sizes (only the fields it has; its own derived fields follow)."""
     from transformers import AutoConfig
 
     base = AutoConfig.for_model(model_type)
     kw = {k: v for k, v in SIZES.items() if hasattr(base, k)}
-    if model_type == "falcon":
-        kw.pop("head_dim", None)  # derived from hidden size and heads
+    if model_type in ("falcon", "deepseek_v2"):
+        kw.pop("head_dim", None)  # derived from other fields
+    kw.update(OVERRIDES.get(model_type, {}))
     return AutoConfig.for_model(model_type, **kw)
 
 
