@@ -1,5 +1,5 @@
 """DeepSeek-V3 (sigmoid group-limited routing) and DeepSeek-V2 (softmax, greedy or group-limited): shared
-experts, the first k layers dense."""
+experts, the first k layers dense; GLM-4.5 and dots.llm1 route as DeepSeek-V3."""
 
 from dataclasses import dataclass
 
@@ -64,4 +64,12 @@ class DeepseekV2Adapter(Adapter):
 # The Super-Experts paper's DeepSeek-V2-Lite.
 DEEPSEEK_V2 = register_adapter(
     DeepseekV2Adapter(name="deepseek_v2", model_types=("deepseek_v2",), shared_names=("shared_experts",))
+)
+
+
+# GLM-4.5 (glm4_moe) and dots.llm1 (dots1) route exactly as DeepSeek-V3 (sigmoid + correction bias, best
+# groups, top-k, optional renormalisation, scaling), with DeepSeek-style shared experts and dense first layers.
+GLM4_MOE = register_adapter(
+    DeepseekAdapter(name="glm4_moe", model_types=("glm4_moe", "dots1"), shared_names=("shared_experts",),
+                    router_scoring="sigmoid")
 )

@@ -19,11 +19,10 @@ DENSE = ("llama", "mistral", "qwen2", "qwen3", "gpt2",
 # MoE families with declared adapters (the zoo builds them with their real routing settings).
 MOE_ZOO = ("qwen2-moe", "qwen3-moe", "olmoe", "mixtral", "deepseek-v3", "qwen3-moe-modulelist")
 # MoE families with declared adapters built here from their own config class (with the overrides below).
-MOE_DECLARED = ("deepseek_v2",)
+MOE_DECLARED = ("deepseek_v2", "glm4_moe", "dots1", "hunyuan_v1_moe", "ernie4_5_moe")
 # MoE families transformers has and the workbench does not declare yet: refused with a one-line error.
-# (dots1 and dbrx are left out: their configs do not build at these tiny sizes.)
-MOE_UNDECLARED = ("gpt_oss", "qwen3_next", "glm4_moe", "phimoe", "granitemoe", "ernie4_5_moe",
-                  "hunyuan_v1_moe", "minimax", "jetmoe", "llama4_text")
+# (dbrx is left out: its config does not build at these tiny sizes.)
+MOE_UNDECLARED = ("gpt_oss", "qwen3_next", "phimoe", "granitemoe", "minimax", "jetmoe", "llama4_text")
 
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=16, vocab_size=49152, pad_token_id=0, bos_token_id=1, eos_token_id=2, n_embd=64, n_layer=2,
@@ -37,6 +36,13 @@ OVERRIDES = {
                         v_head_dim=16, num_experts=8, n_routed_experts=8, n_group=2, topk_group=1,
                         topk_method="group_limited_greedy", first_k_dense_replace=1, n_shared_experts=1,
                         routed_scaling_factor=1.0, num_hidden_layers=3),
+    "glm4_moe": dict(num_experts=8, n_routed_experts=8, num_local_experts=8, n_group=2, topk_group=1,
+                     first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, num_hidden_layers=3),
+    "dots1": dict(num_experts=8, n_routed_experts=8, num_local_experts=8, n_group=2, topk_group=1,
+                  first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                  num_hidden_layers=3),
+    "hunyuan_v1_moe": dict(moe_topk=2),
+    "ernie4_5_moe": dict(num_experts=8, moe_layer_start_index=1, moe_num_shared_experts=1, num_hidden_layers=3),
 }
 
 
