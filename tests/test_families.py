@@ -76,6 +76,10 @@ def test_a_wrong_adapter_fails_the_check_and_exits_non_zero(capsys):
     assert res["routing"].ok is False and "router chose" in res["routing"].detail
     assert report("zoo:qwen3-moe", results) == 1
     assert "check(s) failed" in capsys.readouterr().out
+    lm = load("zoo:qwen2-moe")
+    lm.adapter = replace(lm.adapter, shared_names=())  # forgets the shared expert: the block no longer adds up
+    res = _by_name(run_checks(lm))
+    assert res["block rebuilt"].ok is False and res["routing"].ok is True
 
 
 def test_a_user_adapter_registered_from_user_code_is_used(tmp_path, zoo_tokenizer):

@@ -5,6 +5,7 @@
 * ERNIE-4.5-MoE (``ernie4_5_moe``): softmax probabilities; experts chosen by probability plus a
   correction bias (``gate.moe_statics.e_score_correction_bias``), weighted by their probability
   renormalised with the sum clamped below at ``moe_norm_min``; ungated shared experts; dense first layers.
+* GPT-OSS (``gpt_oss``): top-k of the biased router logits, softmax over the chosen k.
 """
 
 from dataclasses import dataclass
@@ -33,3 +34,19 @@ HUNYUAN_MOE = register_adapter(MixtralAdapter(name="hunyuan_v1_moe", model_types
                                               shared_names=("shared_mlp",), norm_topk_prob_attr=None))
 ERNIE_MOE = register_adapter(ErnieAdapter(name="ernie4_5_moe", model_types=("ernie4_5_moe",),
                                           shared_names=("shared_experts",)))
+
+
+@dataclass(frozen=True)
+class GptOssAdapter(Adapter):
+    def select_experts(self, model, logits, router=None, exclude=None):
+        """GPT-OSS's router: top-k of the (biased) logits, then softmax over the k chosen logits."""
+        if exclude is not None:
+            logits = logits.masked_fill(exclude, float("-inf"))
+        top, index = torch.topk(logits, self.top_k(model), dim=-1)
+        return torch.softmax(top, dim=-1, dtype=top.dtype), index
+
+
+# GPT-OSS: experts stored [E, in, out] with biases and a clamped, interleaved SwiGLU (the capture
+# recomputes them with the module's own gate); attention with learned sinks.
+GPT_OSS = register_adapter(GptOssAdapter(name="gpt_oss", model_types=("gpt_oss",), router_name="router",
+                                         norm_topk_prob_attr=None))

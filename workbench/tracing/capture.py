@@ -40,14 +40,29 @@ def _activate(experts: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return experts.act_fn(gate) * up
 
 
+def _transposed(experts: nn.Module) -> bool:
+    """Weights stored [E, in, out] (GPT-OSS) rather than [E, out, in]: the module says so (``is_transposed``),
+    else the shapes do (gate_up [E, H, 2I] and down [E, I, H] vs gate_up [E, 2I, H] and down [E, H, I])."""
+    flag = getattr(experts, "is_transposed", None)
+    if flag is not None:
+        return bool(flag)
+    return experts.gate_up_proj.shape[-1] != experts.down_proj.shape[-2]
+
+
+def _has_bias(experts: nn.Module) -> bool:
+    flag = getattr(experts, "has_bias", None)
+    if flag is not None:
+        return bool(flag)
+    return getattr(experts, "gate_up_proj_bias", None) is not None and getattr(experts, "down_proj_bias", None) is not None
+
+
 def fused_expert_output(experts: nn.Module, hidden: torch.Tensor, e: int) -> torch.Tensor:
     """One fused expert's down_proj output on ``hidden [n, H]`` (before the routing weight).
 
     The same layouts as :func:`fused_grouped_output` (transposed weights, biases, a custom gate), with
     one ``F.linear`` per projection, as transformers computes it.
     """
-    transposed = bool(getattr(experts, "is_transposed", False))
-    bias = getattr(experts, "has_bias", False)
+    transposed, bias = _transposed(experts), _has_bias(experts)
 
     def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x @ weight if transposed else F.linear(x, weight)
@@ -86,13 +101,13 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
 
 def fused_grouped_output(experts: nn.Module, hidden: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Every fused expert's down_proj output on its rows of ``hidden`` (sorted by expert, ``counts`` each)."""
-    transposed = bool(getattr(experts, "is_transposed", False))
+    transposed = _transposed(experts)
     ids = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
     h = _grouped_linear(hidden, experts.gate_up_proj, counts, transposed)
-    if getattr(experts, "has_bias", False):
+    if _has_bias(experts):
         h = h + experts.gate_up_proj_bias[ids]
     out = _grouped_linear(_activate(experts, h), experts.down_proj, counts, transposed)
-    if getattr(experts, "has_bias", False):
+    if _has_bias(experts):
         out = out + experts.down_proj_bias[ids]
     return out
 
