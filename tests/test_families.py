@@ -36,6 +36,8 @@ def test_dense_family_passes_the_check(model_type, tmp_path, zoo_tokenizer):
         assert res[name].ok is True, res[name].line()
     assert res["routing"].ok is None and res["block rebuilt"].ok is None
     assert (res["circuit graph"].ok is True) == (model_type in PRENORM), res["circuit graph"].line()
+    if model_type in PRENORM:  # elsewhere a post-MLP norm may keep the planted row from the residual (skip, said why)
+        assert res["planted super expert found"].ok is True, res["planted super expert found"].line()
     declared = model_type in ("llama", "mistral", "qwen2", "qwen3", "gpt2")
     assert ("(inferred)" in lm.adapter.name) != declared
 
@@ -46,6 +48,7 @@ def test_declared_moe_family_passes_the_check(name):
     res = _by_name(run_checks(lm))
     assert not [c.line() for c in res.values() if c.ok is False]
     assert res["block rebuilt"].ok is True and res["circuit graph"].ok is True
+    assert res["planted super expert found"].ok is True
     assert res["routing"].ok is (None if name.endswith("modulelist") else True)
 
 
@@ -54,7 +57,7 @@ def test_declared_moe_family_from_its_config_class_passes_the_check(model_type, 
     lm = load(str(save_tiny(model_type, tmp_path, zoo_tokenizer)))
     res = _by_name(run_checks(lm))
     assert not [c.line() for c in res.values() if c.ok is False]
-    for name in ("routing", "block rebuilt", "zero is exact", "circuit graph"):
+    for name in ("routing", "block rebuilt", "zero is exact", "planted super expert found", "circuit graph"):
         assert res[name].ok is True, res[name].line()
     assert "(inferred)" not in lm.adapter.name
 
@@ -106,7 +109,8 @@ def test_cli_check_prints_one_line_per_check(tmp_path, zoo_tokenizer):
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[0].startswith("ok   adapter: gemma2 (inferred)") and "all 7 checks passed, 3 not applicable" in lines[-1]
+    assert lines[0].startswith("ok   adapter: gemma2 (inferred)") and "all 7 checks passed, 4 not applicable" in lines[-1]
+    assert any(l.startswith("skip planted super expert found") and "normed before the residual" in l for l in lines)
 
 
 def test_circuits_refuse_a_block_that_is_not_plain_prenorm(tmp_path, zoo_tokenizer):

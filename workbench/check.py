@@ -17,6 +17,11 @@ The battery, on a few prompts (the same one the family coverage test runs on eve
 * **zero is exact**: zeroing a dense neuron (``zero_neuron``) or a routed expert (``zero``) gives the
   logits of the same model with that neuron's / expert's output weights set to zero (tolerance 1e-4
   of the logits' scale: the two compute the same sums through different kernels);
+* **planted super expert found**: one output row (channel 7) of the most-routed expert of the first MoE
+  layer (a dense model: layer 0's MLP) scaled x5000 (or more, to 1000x the largest expert maximum of
+  the model: layers' output scales differ), the profile of 24 built-in prompts names exactly
+  that expert and channel as a super expert (the profile's default rule), and the unplanted model is
+  restored bit for bit;
 * **attention probabilities**: with eager attention every layer's attention returns probabilities
   whose rows sum to 1 (what the attention-sink statistics read); with learned sinks (GPT-OSS) to at most 1;
 * **circuit graph**: builds, and the instrumented forward equals the model's own (1e-4), or the reason
@@ -77,7 +82,8 @@ def run_checks(lm, prompts: list[str] | None = None) -> list[Check]:
     """The battery on ``lm`` (a :class:`~workbench.models.specs.LoadedModel`); never raises for a failed check."""
     prompts = prompts or PROMPTS
     out: list[Check] = []
-    for fn in (_adapter, _hooks, _dense_mlp, _routing_and_rebuild, _zero_exact, _attention_probs, _circuits, _cost):
+    for fn in (_adapter, _hooks, _dense_mlp, _routing_and_rebuild, _zero_exact, _planted, _attention_probs, _circuits,
+               _cost):
         try:
             out += fn(lm, prompts)
         except Exception as e:  # a check that crashes is a failed check, named
@@ -274,6 +280,77 @@ def _zero_exact(lm, prompts):
     return [Check("zero is exact", ok, f"zeroing {what} = its output weights set to zero (relative difference {err:.1e}; "
                   f"the ablation moved the logits by {moved:.1e}); leaving restores the model"
                   + ("" if torch.equal(plain, restored) else " -- NOT restored"))]
+
+
+def _plant_row(lm, layer: int, expert: int, channel: int):
+    """The weight view whose scaling multiplies ``channel`` of the expert's (or dense MLP's) output."""
+    from workbench.tracing.capture import _transposed
+
+    ad, info = lm.adapter, lm.layer_infos()[layer]
+    block = ad.decoder_layers(lm.model)[layer]
+    if info.kind == "dense":
+        w = ad.dense_down_proj(block).weight
+        return w[channel] if w.shape[0] == int(lm.config.hidden_size) else w[:, channel]
+    experts = ad.experts(block)
+    if info.layout == "modulelist":
+        return ad.shared_down_proj(experts[expert]).weight[channel]
+    return experts.down_proj[expert][:, channel] if _transposed(experts) else experts.down_proj[expert][channel]
+
+
+def _short(kind: str, expert: int) -> str:
+    return {"routed": f"E{expert}", "shared": f"shared{expert}"}.get(kind, "MLP")
+
+
+def _planted(lm, prompts, factor: float = 5000.0, channel: int = 7):
+    """Plant a super expert (x5000, or more: 1000x the model's largest expert maximum) and profile."""
+    from workbench.data import default_prompts
+    from workbench.experts.profile import ProfileOptions, profile
+
+    corpus = default_prompts()[:24]
+    infos = lm.layer_infos()
+    moe = [i.index for i in infos if i.kind == "moe"]
+    early = [i for i in moe if i < round(0.75 * len(infos))]
+    layer = (early or moe or [0])[0]
+    opts = ProfileOptions(sinks=False)
+    with torch.no_grad():
+        before = profile(lm, corpus, opts, progress=False)
+        kind = "routed" if infos[layer].kind == "moe" else "dense"
+        candidates = [e for e in before["experts"] if e["layer"] == layer and e["kind"] == kind]
+        chosen = max(candidates, key=lambda e: e.get("tokens_routed") or 0)
+        expert = chosen["expert"]
+        # Large against every expert of the model, not only against its own layer (layers' scales differ).
+        top = max((e["max_abs"] for e in before["experts"] if e["max_abs"] == e["max_abs"]), default=1.0)
+        factor = max(factor, 1000.0 * top / max(chosen["max_abs"], 1e-12))
+        row = _plant_row(lm, layer, expert, channel)
+        saved = row.clone()
+        try:
+            row.mul_(factor)
+            after = profile(lm, corpus, opts, progress=False)
+        finally:
+            row.copy_(saved)
+    found = [(e["layer"], e["kind"], e["expert"], e["channel"]) for e in after["super_experts"]]
+    want = (layer, kind, expert, channel)
+    ok = want in found
+    mine = next(e for e in after["experts"] if (e["layer"], e["kind"], e["expert"]) == want[:3])
+    why = "" if ok else (f"; the planted one: {mine.get('ratio_to_median', 0):.3g}x the median expert maximum, "
+                         f"{mine.get('ratio_to_next', 0):.3g}x the next, residual "
+                         f"{mine.get('residual_ratio_to_median') or 0:.3g}x its layer median in channel {mine.get('channel')}")
+    where = f"L{layer}.{_short(kind, expert)} channel {channel}"
+    ad = lm.adapter
+    if not ok and mine.get("stands_out") and not (ad.input_norm_name and ad.post_attn_norm_name):
+        from workbench.experts.super_experts import SuperExpertRule, select
+
+        paper, _, _ = select(after["experts"], len(infos), SuperExpertRule(rule="paper"),
+                             after["massive_activations"]["layers"])
+        named = want[:3] in [(e["layer"], e["kind"], e["expert"]) for e in paper]
+        return [Check("planted super expert found", None, f"{where} x{factor:.3g} stands out "
+                      f"({mine['ratio_to_median']:.3g}x the median expert maximum) but its output is normed before "
+                      f"the residual (sandwich or post-norm blocks): it writes only {mine.get('residual_ratio_to_median') or 0:.3g}x "
+                      "the layer median there, not the massive activation the default rule requires (--rule paper "
+                      + ("names it)" if named else "does not name it either)"))]
+    return [Check("planted super expert found", ok, f"{where} x{factor:.3g}: the profile names "
+                  + (", ".join(f"L{l}.{_short(k, x)} ch {c}" for l, k, x, c in found) or "none")
+                  + f" (before planting: {len(before['super_experts'])} super experts){why}")]
 
 
 def _attention_probs(lm, prompts):

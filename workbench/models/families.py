@@ -24,8 +24,8 @@ MOE_DECLARED = ("deepseek_v2", "glm4_moe", "dots1", "hunyuan_v1_moe", "ernie4_5_
 # (dbrx is left out: its config does not build at these tiny sizes.)
 MOE_UNDECLARED = ("qwen3_next", "phimoe", "granitemoe", "minimax", "jetmoe", "llama4_text")
 
-SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=16, vocab_size=49152, pad_token_id=0, bos_token_id=1, eos_token_id=2, n_embd=64, n_layer=2,
+SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, vocab_size=49152, pad_token_id=0, bos_token_id=1, eos_token_id=2, n_embd=64, n_layer=4,
              n_head=4, moe_intermediate_size=32, num_experts=4, n_routed_experts=4, num_local_experts=4,
              num_experts_per_tok=2)
 
