@@ -27,7 +27,7 @@ from workbench.models.gguf import tokenizer_dir  # noqa: E402
 from workbench.models.specs import _tokenizer, load  # noqa: E402
 
 CHECKS = ("hooks fire", "hooks are read-only", "dense MLP output", "routing", "block rebuilt", "zero is exact",
-          "planted super expert found", "attention probabilities", "circuit graph")
+          "planted super expert found", "study runs", "attention probabilities", "circuit graph")
 BEGIN, END = "<!-- family-matrix:begin -->", "<!-- family-matrix:end -->"
 
 

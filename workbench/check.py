@@ -22,6 +22,9 @@ The battery, on a few prompts (the same one the family coverage test runs on eve
   the model: layers' output scales differ), the profile of 24 built-in prompts names exactly
   that expert and channel as a super expert (the profile's default rule), and the unplanted model is
   restored bit for bit;
+* **study runs**: a two-condition ablation study (baseline and the zero above; perplexity and KL on 4
+  built-in texts) gives finite perplexities, KL exactly 0 for the baseline and >= 0 (to rounding) for the
+  ablation (a random model's near-uniform outputs barely move: the values are printed, not judged);
 * **attention probabilities**: with eager attention every layer's attention returns probabilities
   whose rows sum to 1 (what the attention-sink statistics read); with learned sinks (GPT-OSS) to at most 1;
 * **circuit graph**: builds, and the instrumented forward equals the model's own (1e-4), or the reason
@@ -82,8 +85,8 @@ def run_checks(lm, prompts: list[str] | None = None) -> list[Check]:
     """The battery on ``lm`` (a :class:`~workbench.models.specs.LoadedModel`); never raises for a failed check."""
     prompts = prompts or PROMPTS
     out: list[Check] = []
-    for fn in (_adapter, _hooks, _dense_mlp, _routing_and_rebuild, _zero_exact, _planted, _attention_probs, _circuits,
-               _cost):
+    for fn in (_adapter, _hooks, _dense_mlp, _routing_and_rebuild, _zero_exact, _planted, _study, _attention_probs,
+               _circuits, _cost):
         try:
             out += fn(lm, prompts)
         except Exception as e:  # a check that crashes is a failed check, named
@@ -351,6 +354,26 @@ def _planted(lm, prompts, factor: float = 5000.0, channel: int = 7):
     return [Check("planted super expert found", ok, f"{where} x{factor:.3g}: the profile names "
                   + (", ".join(f"L{l}.{_short(k, x)} ch {c}" for l, k, x, c in found) or "none")
                   + f" (before planting: {len(before['super_experts'])} super experts){why}")]
+
+
+def _study(lm, prompts):
+    import math
+
+    from workbench.studies import Study
+
+    infos = lm.layer_infos()
+    moe = next((i for i in infos if i.kind == "moe"), None)
+    iv = ({"op": "zero", "layers": [moe.index], "expert": 0} if moe is not None
+          else {"op": "zero_neuron", "layers": [infos[0].index], "channel": 0})
+    study = Study({"name": "check", "metrics": ["perplexity", "kl"], "num_texts": 4, "seeds": [0],
+                   "conditions": [{"name": "zero", "interventions": [iv]}]}, source="check")
+    df = study.run(lm, None, progress=False)
+    get = {(r.condition, r.metric): r.mean for r in df.itertuples()}
+    ppl = [get[("baseline", "perplexity")], get[("zero", "perplexity")]]
+    kl0, kl1 = get[("baseline", "kl")], get[("zero", "kl")]
+    ok = all(math.isfinite(v) and v > 0 for v in ppl) and kl0 == 0 and math.isfinite(kl1) and kl1 >= -1e-6
+    return [Check("study runs", ok, f"baseline and {iv['op']} on 4 texts: perplexity {ppl[0]:.4g} -> {ppl[1]:.4g}, "
+                  f"KL {kl0:.3g} -> {kl1:.3g}")]
 
 
 def _attention_probs(lm, prompts):
