@@ -160,6 +160,12 @@ def attention_shape(adapter: Adapter, model: nn.Module, layer: nn.Module) -> Att
 def build_graph(model: nn.Module, adapter: Adapter) -> Graph:
     """The EAP graph of ``model`` (see the module docstring)."""
     layers = adapter.decoder_layers(model)
+    mixers = [i for i, layer in enumerate(layers) if not adapter.has_attention(layer)]
+    if mixers:
+        kind = adapter.mixer_kind(layers[mixers[0]])
+        raise WorkbenchError(f"circuits need softmax attention in every layer; {len(mixers)} of {len(layers)} layers of "
+                             f"{type(model).__name__} ({adapter.name}) are {kind} (layers {', '.join(map(str, mixers[:8]))}"
+                             f"{' ...' if len(mixers) > 8 else ''}), whose heads and edges the graph does not model yet")
     infos = adapter.layer_infos(model)
     d = int(model.config.hidden_size)
     nodes = [Node("input", "input", -1)]

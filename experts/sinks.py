@@ -30,7 +30,13 @@ class SinkMeter:
         self._prompts = 0  # prompts with queries in the current batch (set by begin_batch)
 
     def install(self, model: nn.Module, adapter: Adapter) -> None:
+        """Hook every layer's attention; a hybrid model's linear-attention layers have no probabilities and
+        report NaN (``result()["no_attention"]`` lists them)."""
+        self.no_attention = []
         for i, layer in enumerate(adapter.decoder_layers(model)):
+            if not adapter.has_attention(layer):
+                self.no_attention.append(i)
+                continue
             self._handles.append(adapter.attention(layer).register_forward_hook(self._hook(i)))
 
     def remove(self) -> None:
@@ -95,13 +101,22 @@ class SinkMeter:
 
     def result(self) -> dict:
         n = self.prompts.clamp(min=1).to(torch.float64)[:, None]
-        return {
-            "share_pos0": (self.pos0_sum / n).tolist(),  # [layer][head], mean over prompts
-            "share_top": (self.top_sum / n).tolist(),
-            "top_is_pos0": (self.top_is_first / n).tolist(),
+        skip = getattr(self, "no_attention", [])
+
+        def per_layer(x: torch.Tensor) -> list:
+            x = x.clone()
+            x[skip] = float("nan")  # linear-attention layers: no attention probabilities
+            return x.tolist()
+        out = {
+            "share_pos0": per_layer(self.pos0_sum / n),  # [layer][head], mean over prompts
+            "share_top": per_layer(self.top_sum / n),
+            "top_is_pos0": per_layer(self.top_is_first / n),
             "queries": self.queries.tolist(),
             "prompts": self.prompts.tolist(),
         }
+        if skip:
+            out["no_attention"] = list(skip)
+        return out
 
 
 @contextlib.contextmanager

@@ -57,7 +57,7 @@ def install_edit(hooks: HookSet, lm, site: Site, fn: EditFn) -> None:
             return args, {**kwargs, "hidden_states": _whole(fn, kwargs["hidden_states"])}
         hooks._hook(layer, pre, pre=True)
     elif comp in (Component.RESID_POST, Component.ATTN_OUT, Component.MLP_OUT):
-        module = {Component.RESID_POST: layer, Component.ATTN_OUT: ad.attention(layer),
+        module = {Component.RESID_POST: layer, Component.ATTN_OUT: ad.mixer(layer),
                   Component.MLP_OUT: ad.mlp(layer)}[comp]
         hooks._hook(module, post)
     elif comp is Component.SHARED_EXPERT:

@@ -101,6 +101,9 @@ def _adapter(lm, prompts):
     how = "read from the module tree and verified" if ad.name.endswith("(inferred)") else "declared"
     norms = "pre-norm" if ad.input_norm_name and ad.post_attn_norm_name else "not plain pre-norm (sandwich, post-norm or parallel)"
     what = f"{len(infos)} layers at {ad.layers_path}, attention {ad.attn_name!r}, MLP {ad.mlp_name!r}, {norms}"
+    linear = [i for i, layer in enumerate(ad.decoder_layers(lm.model)) if not ad.has_attention(layer)]
+    if linear:
+        what += f"; hybrid: {len(linear)} {ad.mixer_kind(ad.decoder_layers(lm.model)[linear[0]])} layers"
     if moe:
         m = moe[0]
         what += (f"; {len(moe)} MoE layers ({m.layout}), {m.num_experts} experts, top-{m.top_k}, "
@@ -382,7 +385,10 @@ def _attention_probs(lm, prompts):
     enc, _ = _batch(lm, prompts)
     ad, model = lm.adapter, lm.model
     seen, handles = {}, []
+    linear = [i for i, layer in enumerate(ad.decoder_layers(model)) if not ad.has_attention(layer)]
     for i, layer in enumerate(ad.decoder_layers(model)):
+        if i in linear:
+            continue
         handles.append(ad.attention(layer).register_forward_hook(
             lambda m, a, o, i=i: seen.__setitem__(i, o[1] if isinstance(o, tuple) and len(o) > 1 else None)))
     try:
@@ -397,15 +403,18 @@ def _attention_probs(lm, prompts):
                       "eager attention (attention-sink statistics need them)")]
     mask = enc["attention_mask"].bool()
     sums = torch.cat([w.float().sum(-1)[mask[:, None, :].expand(-1, w.shape[1], -1)] for w in seen.values()])
-    if any(getattr(ad.attention(layer), "sinks", None) is not None for layer in ad.decoder_layers(model)):
+    note = (f"; {len(linear)} {ad.mixer_kind(ad.decoder_layers(model)[linear[0]])} layers have none (sink statistics "
+            "skip them)" if linear else "")
+    if any(getattr(ad.attention(layer), "sinks", None) is not None for layer in ad.decoder_layers(model)
+           if ad.has_attention(layer)):
         # Learned attention sinks (GPT-OSS) take part of every row's mass: the returned rows sum to at most 1.
         ok = float(sums.max()) <= 1 + 1e-3 and float(sums.min()) >= 0
         return [Check("attention probabilities", ok, f"{len(seen)} layers return [batch, heads, query, key] "
                       f"probabilities under eager attention; rows sum to {float(sums.min()):.2f}-{float(sums.max()):.2f} "
-                      "(the rest goes to the learned sink)")]
+                      "(the rest goes to the learned sink)" + note)]
     worst = float((sums - 1).abs().max())
     return [Check("attention probabilities", worst <= 1e-3, f"{len(seen)} layers return [batch, heads, query, key] "
-                  f"probabilities under eager attention; rows sum to 1 within {worst:.1e}")]
+                  f"probabilities under eager attention; rows sum to 1 within {worst:.1e}" + note)]
 
 
 def _circuits(lm, prompts):
@@ -418,7 +427,7 @@ def _circuits(lm, prompts):
                       "attention and MLP): circuits patch each receiver's normed input and do not apply")]
     try:
         g = build_graph(lm.model, ad)
-    except WorkbenchError as e:
+    except WorkbenchError as e:  # a layout circuits do not model (the error says which)
         return [Check("circuit graph", None, f"no circuit graph: {e}")]
     ids = torch.randint(10, min(2000, int(lm.config.vocab_size)), (2, 6), generator=torch.Generator().manual_seed(0))
     ids = ids.to(lm.device)

@@ -182,10 +182,12 @@ def cmd_profile(args) -> int:
     if "attention_sinks" in p:
         import numpy as np
 
-        share = np.array(p["attention_sinks"]["share_pos0"])
-        l, h = np.unravel_index(np.argmax(share), share.shape)
-        print(f"attention sinks: mean share on position 0 {share.mean():.2f}; strongest head L{l}.H{h} "
-              f"{share[l, h]:.2f}")
+        share = np.array(p["attention_sinks"]["share_pos0"], dtype=float)
+        l, h = np.unravel_index(np.nanargmax(share), share.shape)
+        skipped = p["attention_sinks"].get("no_attention", [])
+        print(f"attention sinks: mean share on position 0 {np.nanmean(share):.2f}; strongest head L{l}.H{h} "
+              f"{share[l, h]:.2f}" + (f" ({len(skipped)} linear-attention layers have no attention probabilities)"
+                                      if skipped else ""))
     print(f"wrote {out / 'profile.json'}, run.json and {len(files) - 2} tables/plots in {out}")
     return 0
 

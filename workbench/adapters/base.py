@@ -62,6 +62,9 @@ class Adapter:
     final_norm_path: str = "model.norm"
     lm_head_path: str = "lm_head"
     attn_name: str = "self_attn"
+    # Hybrid models: token mixers without attention probabilities (linear attention, state space) in
+    # the layers that have no ``attn_name`` module, e.g. ("linear_attn",) for Qwen3-Next.
+    linear_attn_names: tuple[str, ...] = ()
     mlp_name: str = "mlp"
     input_norm_name: str = "input_layernorm"
     post_attn_norm_name: str = "post_attention_layernorm"
@@ -87,7 +90,33 @@ class Adapter:
         return layers
 
     def attention(self, layer: nn.Module) -> nn.Module:
-        return getattr(layer, self.attn_name)
+        """The layer's softmax attention; a hybrid model's linear-attention layers have none (an error)."""
+        attn = getattr(layer, self.attn_name, None)
+        if attn is None:
+            raise WorkbenchError(f"{self.name} adapter: this layer has no softmax attention '{self.attn_name}' "
+                                 f"(a {self.mixer_kind(layer)} layer)")
+        return attn
+
+    def has_attention(self, layer: nn.Module) -> bool:
+        return getattr(layer, self.attn_name, None) is not None
+
+    def mixer(self, layer: nn.Module) -> nn.Module:
+        """The layer's token mixer: its attention, or a hybrid model's linear attention / state-space module
+        (what the ``attn_out`` site reads: the mixer's contribution to the residual stream)."""
+        for name in (self.attn_name, *self.linear_attn_names):
+            mod = getattr(layer, name, None)
+            if mod is not None:
+                return mod
+        raise WorkbenchError(f"{self.name} adapter: layer has no token mixer among "
+                             f"{', '.join((self.attn_name, *self.linear_attn_names))}")
+
+    def mixer_kind(self, layer: nn.Module) -> str:
+        return "attention" if self.has_attention(layer) else next(
+            (n for n in self.linear_attn_names if getattr(layer, n, None) is not None), "mixer-less")
+
+    def attention_layers(self, model: nn.Module) -> list[int]:
+        """Indices of the layers with softmax attention (all of them, except in hybrid models)."""
+        return [i for i, layer in enumerate(self.decoder_layers(model)) if self.has_attention(layer)]
 
     def mlp(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp_name)

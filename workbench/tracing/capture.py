@@ -241,7 +241,7 @@ class Capture(HookSet):
                 hs = args[0] if args else kwargs["hidden_states"]
                 self._emit(site, *self._rows(hs))
             self._hook(layer, pre, pre=True)
-        simple = {Component.RESID_POST: layer, Component.ATTN_OUT: ad.attention(layer), Component.MLP_OUT: ad.mlp(layer)}
+        simple = {Component.RESID_POST: layer, Component.ATTN_OUT: ad.mixer(layer), Component.MLP_OUT: ad.mlp(layer)}
         for comp, module in simple.items():
             for site in comps.get(comp, []):
                 def post(mod, args, kwargs, out, site=site):
