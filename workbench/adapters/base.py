@@ -65,6 +65,8 @@ class Adapter:
     # Hybrid models: token mixers without attention probabilities (linear attention, state space) in
     # the layers that have no ``attn_name`` module, e.g. ("linear_attn",) for Qwen3-Next.
     linear_attn_names: tuple[str, ...] = ()
+    # ... or an ``attn_name`` module of a linear kind in some layers (MiniMax's lightning attention), by class name.
+    linear_attn_classes: tuple[str, ...] = ()
     mlp_name: str = "mlp"
     input_norm_name: str = "input_layernorm"
     post_attn_norm_name: str = "post_attention_layernorm"
@@ -91,14 +93,14 @@ class Adapter:
 
     def attention(self, layer: nn.Module) -> nn.Module:
         """The layer's softmax attention; a hybrid model's linear-attention layers have none (an error)."""
-        attn = getattr(layer, self.attn_name, None)
-        if attn is None:
+        if not self.has_attention(layer):
             raise WorkbenchError(f"{self.name} adapter: this layer has no softmax attention '{self.attn_name}' "
                                  f"(a {self.mixer_kind(layer)} layer)")
-        return attn
+        return getattr(layer, self.attn_name)
 
     def has_attention(self, layer: nn.Module) -> bool:
-        return getattr(layer, self.attn_name, None) is not None
+        attn = getattr(layer, self.attn_name, None)
+        return attn is not None and not any(c in type(attn).__name__ for c in self.linear_attn_classes)
 
     def mixer(self, layer: nn.Module) -> nn.Module:
         """The layer's token mixer: its attention, or a hybrid model's linear attention / state-space module
@@ -111,8 +113,12 @@ class Adapter:
                              f"{', '.join((self.attn_name, *self.linear_attn_names))}")
 
     def mixer_kind(self, layer: nn.Module) -> str:
-        return "attention" if self.has_attention(layer) else next(
-            (n for n in self.linear_attn_names if getattr(layer, n, None) is not None), "mixer-less")
+        if self.has_attention(layer):
+            return "attention"
+        attn = getattr(layer, self.attn_name, None)
+        if attn is not None:
+            return type(attn).__name__
+        return next((n for n in self.linear_attn_names if getattr(layer, n, None) is not None), "mixer-less")
 
     def attention_layers(self, model: nn.Module) -> list[int]:
         """Indices of the layers with softmax attention (all of them, except in hybrid models)."""

@@ -50,3 +50,13 @@ class GptOssAdapter(Adapter):
 # recomputes them with the module's own gate); attention with learned sinks.
 GPT_OSS = register_adapter(GptOssAdapter(name="gpt_oss", model_types=("gpt_oss",), router_name="router",
                                          norm_topk_prob_attr=None))
+
+
+# Qwen3.5-MoE (text): Qwen3-Next's hybrid layout; the router always renormalises its top-k.
+QWEN3_5_MOE = register_adapter(MixtralAdapter(name="qwen3_5_moe", model_types=("qwen3_5_moe_text",),
+                                              shared_names=("shared_expert",), shared_gate_name="shared_expert_gate",
+                                              linear_attn_names=("linear_attn",), norm_topk_prob_attr=None))
+# MiniMax: softmax top-k, always renormalised; lightning (linear) attention in most layers, softmax attention
+# in the others, both under ``self_attn``.
+MINIMAX = register_adapter(MixtralAdapter(name="minimax", model_types=("minimax",), norm_topk_prob_attr=None,
+                                          linear_attn_classes=("LightningAttention",)))
