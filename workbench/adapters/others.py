@@ -6,6 +6,8 @@
   correction bias (``gate.moe_statics.e_score_correction_bias``), weighted by their probability
   renormalised with the sum clamped below at ``moe_norm_min``; ungated shared experts; dense first layers.
 * GPT-OSS (``gpt_oss``): top-k of the biased router logits, softmax over the chosen k.
+* Qwen3.5-MoE (``qwen3_5_moe_text``) and MiniMax (``minimax``): Mixtral's routing under hybrid attention.
+* Phi-3.5-MoE (``phimoe``): SparseMixer (transformers' own function, eval mode).
 """
 
 from dataclasses import dataclass
@@ -60,3 +62,21 @@ QWEN3_5_MOE = register_adapter(MixtralAdapter(name="qwen3_5_moe", model_types=("
 # in the others, both under ``self_attn``.
 MINIMAX = register_adapter(MixtralAdapter(name="minimax", model_types=("minimax",), norm_topk_prob_attr=None,
                                           linear_attn_classes=("LightningAttention",)))
+
+
+@dataclass(frozen=True)
+class PhimoeAdapter(Adapter):
+    def select_experts(self, model, logits, router=None, exclude=None):
+        """Phi-3.5-MoE's SparseMixer routing in eval mode: transformers' own ``sparsemixer`` (the top expert by
+        logit with its masked softmax weight, then the best remaining one within the jitter threshold)."""
+        from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+        if router is None:
+            raise ValueError("PhiMoE routing needs the router module (its jitter threshold)")
+        if exclude is not None:
+            logits = logits.masked_fill(exclude, float("-inf"))
+        return sparsemixer(logits, jitter_eps=router.router_jitter_noise, training=False, top_k=self.top_k(model))
+
+
+PHIMOE = register_adapter(PhimoeAdapter(name="phimoe", model_types=("phimoe",), router_name="router",
+                                        norm_topk_prob_attr=None))

@@ -20,10 +20,10 @@ DENSE = ("llama", "mistral", "qwen2", "qwen3", "gpt2",
 MOE_ZOO = ("qwen2-moe", "qwen3-moe", "olmoe", "mixtral", "deepseek-v3", "qwen3-moe-modulelist")
 # MoE families with declared adapters built here from their own config class (with the overrides below).
 MOE_DECLARED = ("deepseek_v2", "glm4_moe", "dots1", "hunyuan_v1_moe", "ernie4_5_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe_text",
-                "minimax")
+                "minimax", "phimoe")
 # MoE families transformers has and the workbench does not declare yet: refused with a one-line error.
 # (dbrx is left out: its config does not build at these tiny sizes.)
-MOE_UNDECLARED = ("phimoe", "granitemoe", "jetmoe", "llama4_text")
+MOE_UNDECLARED = ("granitemoe", "jetmoe", "llama4_text")
 
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              head_dim=16, vocab_size=49152, pad_token_id=0, bos_token_id=1, eos_token_id=2, n_embd=64, n_layer=4,
