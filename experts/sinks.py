@@ -127,8 +127,14 @@ def eager_attention(model: nn.Module):
         yield
         return
     model.set_attn_implementation("eager")
+    # Models that refuse the dynamic switch (transformers warns: Falcon) but read the config at forward time.
+    forced = getattr(model.config, "_attn_implementation", None) != "eager"
+    if forced:
+        model.config._attn_implementation = "eager"
     try:
         yield
     finally:
-        if before is not None:
+        if forced:
+            model.config._attn_implementation = before
+        elif before is not None:
             model.set_attn_implementation(before)

@@ -18,8 +18,9 @@ from workbench.models.specs import load
 # are skipped by the circuit check with the reason; phi3's fused qkv_proj has no circuit layout yet.
 PRENORM = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma", "olmo", "granite", "stablelm", "smollm3", "helium",
            "ministral", "seed_oss", "apertus", "arcee", "hunyuan_v1_dense", "glm"}
-# What transformers itself cannot do for a family, so a check fails honestly.
-KNOWN_FAILURES = {"falcon": {"attention probabilities"}}  # Falcon's attention ignores attn_implementation
+# What transformers itself cannot do for a family, so a check fails honestly (none left: Falcon refuses the
+# dynamic attention switch but reads the config at forward time, which the sink pass now sets).
+KNOWN_FAILURES: dict[str, set[str]] = {}
 
 
 def _by_name(results):
