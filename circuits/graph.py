@@ -166,6 +166,11 @@ def build_graph(model: nn.Module, adapter: Adapter) -> Graph:
         raise WorkbenchError(f"circuits need softmax attention in every layer; {len(mixers)} of {len(layers)} layers of "
                              f"{type(model).__name__} ({adapter.name}) are {kind} (layers {', '.join(map(str, mixers[:8]))}"
                              f"{' ...' if len(mixers) > 8 else ''}), whose heads and edges the graph does not model yet")
+    scaled = {a: getattr(model.config, a) for a in ("residual_multiplier", "embedding_multiplier")
+              if getattr(model.config, a, None) not in (None, 1, 1.0)}
+    if scaled:  # Granite: the residual is not the plain sum of the sublayers' outputs the graph's senders are
+        raise WorkbenchError(f"circuits do not model {type(model).__name__}'s residual scaling yet "
+                             f"({', '.join(f'{k} = {v:g}' for k, v in scaled.items())})")
     infos = adapter.layer_infos(model)
     d = int(model.config.hidden_size)
     nodes = [Node("input", "input", -1)]

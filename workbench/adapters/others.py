@@ -80,3 +80,10 @@ class PhimoeAdapter(Adapter):
 
 PHIMOE = register_adapter(PhimoeAdapter(name="phimoe", model_types=("phimoe",), router_name="router",
                                         norm_topk_prob_attr=None))
+
+
+# Granite MoE: GPT-OSS's routing rule (top-k of the logits, softmax over the k) without a bias, under
+# ``block_sparse_moe``. (Granite's residual, embedding and logit multipliers are inside the model's own
+# forward. granitemoeshared keeps its shared MLP beside the MoE block, not in it: not declared.)
+GRANITE_MOE = register_adapter(GptOssAdapter(name="granitemoe", model_types=("granitemoe",), router_name="router",
+                                             mlp_name="block_sparse_moe", norm_topk_prob_attr=None))

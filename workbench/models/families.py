@@ -20,10 +20,10 @@ DENSE = ("llama", "mistral", "qwen2", "qwen3", "gpt2",
 MOE_ZOO = ("qwen2-moe", "qwen3-moe", "olmoe", "mixtral", "deepseek-v3", "qwen3-moe-modulelist")
 # MoE families with declared adapters built here from their own config class (with the overrides below).
 MOE_DECLARED = ("deepseek_v2", "glm4_moe", "dots1", "hunyuan_v1_moe", "ernie4_5_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe_text",
-                "minimax", "phimoe")
+                "minimax", "phimoe", "granitemoe")
 # MoE families transformers has and the workbench does not declare yet: refused with a one-line error.
 # (dbrx is left out: its config does not build at these tiny sizes.)
-MOE_UNDECLARED = ("granitemoe", "jetmoe", "llama4_text")
+MOE_UNDECLARED = ("granitemoeshared", "jetmoe", "llama4_text")
 
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              head_dim=16, vocab_size=49152, pad_token_id=0, bos_token_id=1, eos_token_id=2, n_embd=64, n_layer=4,
@@ -43,6 +43,11 @@ OVERRIDES = {
                   first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                   num_hidden_layers=3),
     "hunyuan_v1_moe": dict(moe_topk=2),
+    # Granite's multipliers away from 1, so the checks see them (real Granite models use such values).
+    "granitemoe": dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
+                       attention_multiplier=0.0156),
+    "granite": dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
+                    attention_multiplier=0.0156),
     "ernie4_5_moe": dict(num_experts=8, moe_layer_start_index=1, moe_num_shared_experts=1, num_hidden_layers=3),
 }
 
