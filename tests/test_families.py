@@ -130,3 +130,12 @@ def test_circuits_refuse_a_block_that_is_not_plain_prenorm(tmp_path, zoo_tokeniz
     lm = load(str(save_tiny("olmo2", tmp_path, zoo_tokenizer)))  # post-norm: no norm feeds the attention
     with pytest.raises(WorkbenchError, match="plain pre-norm blocks.*olmo2 \\(inferred\\)'s layer 0 is not one"):
         find_circuit(lm, builtin_facts()[:2], CircuitOptions(steps=1, evaluate=False))
+
+
+def test_inferred_prenorm_holds_in_bfloat16(tmp_path, zoo_tokenizer):
+    """The pre-norm verification compares a residual sum: in bfloat16 it rounds, and must still be recognised."""
+    import torch
+
+    d = str(save_tiny("gemma", tmp_path, zoo_tokenizer))
+    lm = load(d, dtype=torch.bfloat16)
+    assert lm.adapter.name == "gemma (inferred)" and lm.adapter.input_norm_name == "input_layernorm"
