@@ -28,6 +28,7 @@ class SinkMeter:
         self.prompts = torch.zeros(num_layers, dtype=torch.int64)
         self._handles: list = []
         self._prompts = 0  # prompts with queries in the current batch (set by begin_batch)
+        self.no_attention: list[int] = []  # layers without softmax attention (set by install)
 
     def install(self, model: nn.Module, adapter: Adapter) -> None:
         """Hook every layer's attention; a hybrid model's linear-attention layers have no probabilities and
@@ -101,7 +102,7 @@ class SinkMeter:
 
     def result(self) -> dict:
         n = self.prompts.clamp(min=1).to(torch.float64)[:, None]
-        skip = getattr(self, "no_attention", [])
+        skip = self.no_attention
 
         def per_layer(x: torch.Tensor) -> list:
             x = x.clone()

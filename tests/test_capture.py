@@ -218,17 +218,18 @@ def test_planted_super_expert_is_found(zoo_lm):
     ad, model = zoo_lm.adapter, zoo_lm.model
     info = next(i for i in zoo_lm.layer_infos() if i.kind == "moe")
     layer, expert, channel = info.index, 5, 17
-    experts = ad.experts(ad.decoder_layers(model)[layer])
+    from workbench.check import output_row
+
+    row = output_row(zoo_lm, layer, expert, channel)
     with torch.no_grad():
-        w = experts[expert].down_proj.weight if info.layout == "modulelist" else experts.down_proj[expert]
-        saved = w[channel].clone()
-        w[channel] *= 500.0
+        saved = row.clone()
+        row.mul_(500.0)
     try:
         sites = all_sites(ad, model, ["expert"])
         r = trace(zoo_lm, PROMPTS * 3, sites, ["absmax"], batch_size=4, progress=False)
     finally:
         with torch.no_grad():
-            w[channel] = saved
+            row.copy_(saved)
     best = max(sites, key=lambda s: r[s]["absmax"].result()["max_abs"])
     assert r[best]["absmax"].result()["rows"] > 0
     assert (best.layer, best.expert, r[best]["absmax"].result()["channel"]) == (layer, expert, channel)

@@ -24,18 +24,17 @@ CORPUS = default_prompts()[:24]
 
 
 def plant(lm, layer, expert, channel, factor=500.0):
-    """Scale one output row of one expert's down_proj; returns an undo function."""
-    ad = lm.adapter
-    info = lm.layer_infos()[layer]
-    experts = ad.experts(ad.decoder_layers(lm.model)[layer])
-    w = experts[expert].down_proj.weight if info.layout == "modulelist" else experts.down_proj[expert]
-    saved = w[channel].clone()
+    """Scale one output row of one expert's down_proj (``workbench check``'s own helper); returns an undo function."""
+    from workbench.check import output_row
+
+    row = output_row(lm, layer, expert, channel)
+    saved = row.clone()
     with torch.no_grad():
-        w[channel] *= factor
+        row.mul_(factor)
 
     def undo():
         with torch.no_grad():
-            w[channel] = saved
+            row.copy_(saved)
 
     return undo
 

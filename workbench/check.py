@@ -172,7 +172,7 @@ def _dense_mlp(lm, prompts):
 
 def _routing_and_rebuild(lm, prompts):
     from workbench.tracing.capture import Capture
-    from workbench.tracing.sites import Component, all_sites
+    from workbench.tracing.sites import Component, Site, all_sites
 
     infos = [i for i in lm.layer_infos() if i.kind == "moe"]
     if not infos:
@@ -194,8 +194,6 @@ def _routing_and_rebuild(lm, prompts):
             h.remove()
     valid = grid.reshape(-1) >= 0
     route_bad, worst, checked = [], 0.0, 0
-    from workbench.tracing.sites import Site
-
     for info in infos:
         i = info.index
         layer = ad.decoder_layers(model)[i]
@@ -204,7 +202,7 @@ def _routing_and_rebuild(lm, prompts):
         with torch.no_grad():
             if info.layout == "fused":
                 _, weights, own = ad.router(layer)(mlp_in)
-                w2, mine = ad.select_experts(model, logits.float(), ad.router(layer))
+                _, mine = ad.select_experts(model, logits.float(), ad.router(layer))
                 probs = torch.softmax(logits.float(), -1) if ad.router_scoring == "softmax" else torch.sigmoid(logits.float())
                 for r in range(own.shape[0]):
                     a, b = set(own[r].tolist()), set(mine[r].tolist())
@@ -289,8 +287,10 @@ def _zero_exact(lm, prompts):
                   + ("" if torch.equal(plain, restored) else " -- NOT restored"))]
 
 
-def _plant_row(lm, layer: int, expert: int, channel: int):
-    """The weight view whose scaling multiplies ``channel`` of the expert's (or dense MLP's) output."""
+def output_row(lm, layer: int, expert: int, channel: int) -> torch.Tensor:
+    """The weight view whose scaling multiplies ``channel`` of a routed expert's (or a dense layer's MLP's)
+    output: one row of its down_proj (a column where the weights are stored [in, out]). Planting a super
+    expert scales it."""
     from workbench.tracing.capture import _transposed
 
     ad, info = lm.adapter, lm.layer_infos()[layer]
@@ -329,7 +329,7 @@ def _planted(lm, prompts, factor: float = 5000.0, channel: int = 7):
         # Large against every expert of the model, not only against its own layer (layers' scales differ).
         top = max((e["max_abs"] for e in before["experts"] if e["max_abs"] == e["max_abs"]), default=1.0)
         factor = max(factor, 1000.0 * top / max(chosen["max_abs"], 1e-12))
-        row = _plant_row(lm, layer, expert, channel)
+        row = output_row(lm, layer, expert, channel)
         saved = row.clone()
         want = (layer, kind, expert, channel)
         prenorm = bool(lm.adapter.input_norm_name and lm.adapter.post_attn_norm_name)

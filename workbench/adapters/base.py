@@ -120,10 +120,6 @@ class Adapter:
             return type(attn).__name__
         return next((n for n in self.linear_attn_names if getattr(layer, n, None) is not None), "mixer-less")
 
-    def attention_layers(self, model: nn.Module) -> list[int]:
-        """Indices of the layers with softmax attention (all of them, except in hybrid models)."""
-        return [i for i, layer in enumerate(self.decoder_layers(model)) if self.has_attention(layer)]
-
     def mlp(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp_name)
 

@@ -122,23 +122,21 @@ def _verify(model: nn.Module, adapter: Adapter, mt: str) -> bool:
     handles = []
     layers = adapter.decoder_layers(model)
 
-    def keep(i, key, what):
+    def keep(i, key):  # the module's output under (i, key), its first input under (i, key + ".in")
         def hook(mod, args, kwargs, out):
-            hs = args[0] if args else next(iter(kwargs.values()), None)
-            seen[(i, key)] = hs if what == "in" else out[0] if isinstance(out, tuple) else out
-            if what == "both":
-                seen[(i, key + ".in")] = hs
+            seen[(i, key)] = out[0] if isinstance(out, tuple) else out
+            seen[(i, key + ".in")] = args[0] if args else next(iter(kwargs.values()), None)
         return hook
 
     for i, layer in enumerate(layers):
         mlp = adapter.mlp(layer)
-        handles.append(layer.register_forward_hook(keep(i, "layer", "both"), with_kwargs=True))
-        handles.append(adapter.attention(layer).register_forward_hook(keep(i, "attn", "both"), with_kwargs=True))
-        handles.append(mlp.register_forward_hook(keep(i, "mlp", "both"), with_kwargs=True))
-        handles.append(getattr(mlp, adapter.down_proj_name).register_forward_hook(keep(i, "down", "out"), with_kwargs=True))
+        handles.append(layer.register_forward_hook(keep(i, "layer"), with_kwargs=True))
+        handles.append(adapter.attention(layer).register_forward_hook(keep(i, "attn"), with_kwargs=True))
+        handles.append(mlp.register_forward_hook(keep(i, "mlp"), with_kwargs=True))
+        handles.append(getattr(mlp, adapter.down_proj_name).register_forward_hook(keep(i, "down"), with_kwargs=True))
         for key, name in (("norm1", adapter.input_norm_name), ("norm2", adapter.post_attn_norm_name)):
             if name and getattr(layer, name, None) is not None:
-                handles.append(getattr(layer, name).register_forward_hook(keep(i, key, "both"), with_kwargs=True))
+                handles.append(getattr(layer, name).register_forward_hook(keep(i, key), with_kwargs=True))
     vocab = int(getattr(model.config, "vocab_size", 2) or 2)
     ids = (torch.arange(5) * 7 + 3).remainder(vocab)[None]
     dev = next(model.parameters()).device
