@@ -2,8 +2,14 @@
 stream (so each query head and KV group reads its own receiver copy) and how the output projection
 splits into per-head outputs. Layouts are recognised from the modules, never from model names:
 
-* ``qkv``: ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` linear layers (Llama, Mistral, Qwen,
-  OLMoE, Mixtral ...). GQA is native: a KV group is one node with one k and one v receiver.
+* ``qkv``: ``q_proj`` / ``k_proj`` / ``v_proj`` linear layers and ``o_proj`` (Phi: ``dense``) (Llama,
+  Mistral, Qwen, OLMoE, Mixtral ...). GQA is native: a KV group is one node with one k and one v receiver.
+* ``fused``: one linear layer projects queries, keys and values (``qkv_proj``: Phi-3;
+  ``query_key_value``: GPT-NeoX, Falcon), in one of three row orders: ``blocks`` (all queries, then
+  all keys, then all values: Phi-3, Falcon's multi-query attention), ``interleaved`` (per head its
+  query, key and value: GPT-NeoX, Falcon's classic attention) or ``grouped`` (per KV group its queries,
+  key and value: Falcon's new decoder architecture). The order is read from the module's own
+  attributes and tested against the model's attention (tests/test_circuit_models.py).
 * ``c_attn``: GPT-2's fused ``c_attn`` Conv1D (queries, keys and values in one) and ``c_proj``;
   every head is its own KV group.
 * ``mla``: DeepSeek's multi-head latent attention. Queries per head (``q_proj``, or ``q_a_proj`` ->
@@ -25,7 +31,9 @@ from torch import nn
 
 from workbench.errors import WorkbenchError
 
-KINDS = ("qkv", "c_attn", "mla")
+KINDS = ("qkv", "fused", "c_attn", "mla")
+FUSED_NAMES = ("qkv_proj", "query_key_value")
+OUT_NAMES = ("o_proj", "dense")
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,25 @@ class AttentionSpec:
     n_heads: int
     n_kv: int
     head_dim: int  # per-head width of the output projection's input (the value head size)
+    layout: str = ""  # fused: blocks, interleaved or grouped
+    out_name: str = "o_proj"
+
+
+def fused_slots(spec: AttentionSpec) -> torch.Tensor:
+    """The receiver copy each output row of a fused projection reads (queries 0..H-1, then the KV
+    groups' keys, then their values), in the projection's own row order."""
+    H, K, hd = spec.n_heads, spec.n_kv, spec.head_dim
+    q, k, v = list(range(H)), [H + g for g in range(K)], [H + K + g for g in range(K)]
+    if spec.layout == "blocks":
+        order = q + k + v
+    elif spec.layout == "interleaved":
+        order = [s for h in range(H) for s in (q[h], k[h], v[h])]
+    elif spec.layout == "grouped":
+        G = H // K
+        order = [s for g in range(K) for s in (*q[g * G:(g + 1) * G], k[g], v[g])]
+    else:
+        raise ValueError(spec.layout)
+    return torch.tensor(order).repeat_interleave(hd)
 
 
 def _is_conv1d(m) -> bool:
@@ -51,28 +78,47 @@ def attention_spec(attn: nn.Module, config, where: str) -> AttentionSpec:
         if not q_ok or not v_dim or attn.o_proj.in_features != n_heads * v_dim:
             raise WorkbenchError(f"unexpected multi-head latent attention in {where}")
         return AttentionSpec("mla", n_heads, 1, v_dim)
-    parts = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    if all(isinstance(p, nn.Linear) for p in parts):
+    out_name = next((n for n in OUT_NAMES if isinstance(getattr(attn, n, None), nn.Linear)), None)
+    hd = int(getattr(attn, "head_dim", 0) or getattr(attn, "head_size", 0) or getattr(config, "head_dim", 0)
+             or d // n_heads)
+    parts = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    if out_name and all(isinstance(p, nn.Linear) for p in parts):
         n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-        hd = int(getattr(attn, "head_dim", 0) or getattr(config, "head_dim", 0) or d // n_heads)
-        q, k, v, o = parts
+        q, k, v = parts
+        o = getattr(attn, out_name)
         if q.out_features != n_heads * hd or k.out_features != n_kv * hd or v.out_features != n_kv * hd \
                 or o.in_features != n_heads * hd or n_heads % n_kv:
             raise WorkbenchError(f"unexpected attention shapes in {where}: q {q.out_features}, k {k.out_features}, "
                                  f"v {v.out_features}, o {o.in_features}, heads {n_heads}/{n_kv}")
-        return AttentionSpec("qkv", n_heads, n_kv, hd)
+        return AttentionSpec("qkv", n_heads, n_kv, hd, out_name=out_name)
+    fused = next((n for n in FUSED_NAMES if isinstance(getattr(attn, n, None), nn.Linear)), None)
+    if out_name and fused:
+        if getattr(attn, "new_decoder_architecture", False):  # Falcon's new decoder: per KV group
+            layout, n_kv = "grouped", int(attn.num_kv_heads)
+        elif getattr(attn, "multi_query", False):  # Falcon's multi-query attention
+            layout, n_kv = "blocks", 1
+        elif fused == "qkv_proj":  # Phi-3
+            layout, n_kv = "blocks", int(getattr(config, "num_key_value_heads", None) or n_heads)
+        else:  # GPT-NeoX, Falcon's classic attention: per head
+            layout, n_kv = "interleaved", n_heads
+        proj, o = getattr(attn, fused), getattr(attn, out_name)
+        if proj.out_features != (n_heads + 2 * n_kv) * hd or o.in_features != n_heads * hd or n_heads % n_kv:
+            raise WorkbenchError(f"unexpected fused attention shapes in {where}: {fused} {proj.out_features}, "
+                                 f"{out_name} {o.in_features}, heads {n_heads}/{n_kv} of size {hd}")
+        return AttentionSpec("fused", n_heads, n_kv, hd, layout, out_name)
     c_attn, c_proj = getattr(attn, "c_attn", None), getattr(attn, "c_proj", None)
     if _is_conv1d(c_attn) and _is_conv1d(c_proj) and not getattr(attn, "is_cross_attention", False):
         hd = d // n_heads
         if c_attn.nf != 3 * n_heads * hd or c_proj.weight.shape[0] != n_heads * hd:
             raise WorkbenchError(f"unexpected fused attention shapes in {where}")
         return AttentionSpec("c_attn", n_heads, n_heads, hd)
-    raise WorkbenchError(f"circuits need attention with q_proj/k_proj/v_proj/o_proj linear layers, GPT-2's c_attn/"
-                         f"c_proj or DeepSeek's latent attention; {where} has {type(attn).__name__}")
+    raise WorkbenchError(f"circuits need attention with q_proj/k_proj/v_proj (or a fused qkv_proj/query_key_value) "
+                         f"and o_proj/dense linear layers, GPT-2's c_attn/c_proj or DeepSeek's latent attention; "
+                         f"{where} has {type(attn).__name__} with {', '.join(n for n, _ in attn.named_children())}")
 
 
 def out_proj(attn: nn.Module, spec: AttentionSpec) -> nn.Module:
-    return attn.c_proj if spec.kind == "c_attn" else attn.o_proj
+    return attn.c_proj if spec.kind == "c_attn" else getattr(attn, spec.out_name)
 
 
 def head_outputs(proj: nn.Module, z: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -91,6 +137,9 @@ def install(runner, attn: nn.Module, spec: AttentionSpec, stage: int) -> None:
     if spec.kind == "qkv":
         for name, first, n in (("q_proj", 0, nh), ("k_proj", nh, nkv), ("v_proj", nh + nkv, nkv)):
             runner._swap(attn, name, _HeadProj(getattr(attn, name), runner, stage, first, n, spec.head_dim))
+    elif spec.kind == "fused":
+        name = next(n for n in FUSED_NAMES if isinstance(getattr(attn, n, None), nn.Linear))
+        runner._swap(attn, name, _SlotRows(getattr(attn, name), runner, stage, fused_slots(spec), nh + 2 * nkv))
     elif spec.kind == "c_attn":
         runner._swap(attn, "c_attn", _FusedQKV(attn.c_attn, runner, stage, nh, spec.head_dim))
     else:
@@ -136,6 +185,27 @@ class _HeadProj(_StandIn):
         ys = y[:, :, self.first:self.first + self.n]  # [B, T, n, d]
         w = self.base.weight.view(self.n, self.head_dim, -1)
         out = torch.einsum("btnd,nkd->btnk", ys, w).reshape(*ys.shape[:2], self.n * self.head_dim)
+        if self.base.bias is not None:
+            out = out + self.base.bias
+        return out
+
+
+class _SlotRows(_StandIn):
+    """Stands in for a fused linear projection whose output row j reads receiver copy ``slots[j]``
+    (every copy feeds the same number of rows)."""
+
+    def __init__(self, base: nn.Linear, runner, stage: int, slots: torch.Tensor, n_slots: int):
+        super().__init__(base, runner, stage)
+        self.order = torch.argsort(slots, stable=True)  # rows grouped by copy
+        self.inverse = torch.argsort(self.order)
+        self.n_slots, self.per_slot = n_slots, len(slots) // n_slots
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.copies()
+        if y is None:
+            return self.base(x)
+        w = self.base.weight[self.order.to(x.device)].view(self.n_slots, self.per_slot, -1)
+        out = torch.einsum("btnd,nkd->btnk", y, w).flatten(-2)[..., self.inverse.to(x.device)]
         if self.base.bias is not None:
             out = out + self.base.bias
         return out

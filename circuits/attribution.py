@@ -76,9 +76,21 @@ def ig_alphas(steps: int) -> list[float]:
 
 
 def last_logits(lm, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Logits at each row's last real position ``[B, V]`` (the LM head runs on those rows only)."""
+    """Logits at each row's last real position ``[B, V]`` (the LM head runs on those rows only), as the
+    model's own forward makes them: divided by Granite's ``logits_scaling``, times Cohere's
+    ``logit_scale``, soft-capped by Gemma 2/3's ``final_logit_softcapping`` (``workbench check`` compares
+    them with the model's logits)."""
     h = hidden[torch.arange(hidden.shape[0]), last]
-    return lm.adapter.lm_head(lm.model)(h).float()
+    logits = lm.adapter.lm_head(lm.model)(h).float()
+    cfg = lm.model.config
+    if getattr(cfg, "logits_scaling", None) not in (None, 1, 1.0):
+        logits = logits / cfg.logits_scaling
+    if getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        logits = logits * cfg.logit_scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def metric_values(kind: str, logits: torch.Tensor, batch: Batch, clean_logprobs: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,7 +22,13 @@ upstream of it, before the receiver's layer norm, so edges are every (upstream s
 Receivers are grouped into *stages* that read the residual stream at the same point: stage ``2l`` is
 layer l's attention input, ``2l + 1`` its MLP input, ``2L`` the logits. Every edge into a stage comes
 from a sender written before that point, so the score matrix of a stage is one dense block
-``[senders upstream, receivers of the stage]``.
+``[senders upstream, receivers of the stage]``. In a parallel block (GPT-NeoX, Phi, Cohere, Falcon)
+the MLP reads the layer's input, so the layer's own heads are not upstream of its MLP.
+
+A sender's output is what it adds to the residual stream (``circuits.blocks`` reads each layer's
+wiring): times the block's residual multiplier (Granite), and through the block's output norm
+(Gemma 2/3, OLMo 2) with the norm's per-token scale taken from the whole sublayer's output, so the
+senders of a sublayer still sum to what it adds (they share that scale as experts share a router).
 
 Internal edges (not scored, always present): KV group -> each of its query heads, router -> each
 routed expert of its layer.
@@ -37,6 +43,7 @@ from torch import nn
 
 from workbench.adapters.base import Adapter
 from workbench.circuits.attention import AttentionSpec, attention_spec
+from workbench.circuits.blocks import BlockLayout, block_layouts
 from workbench.errors import WorkbenchError
 
 NODE_KINDS = ("input", "head", "kv", "mlp", "router", "expert", "shared", "logits")
@@ -96,7 +103,9 @@ class LayerPlan:
     attn_stage: int
     mlp_stage: int
     layout: str = "dense"  # dense, fused or modulelist (the MoE experts' layout)
-    attn_kind: str = "qkv"  # qkv, c_attn or mla (circuits.attention)
+    attn_kind: str = "qkv"  # circuits.attention.KINDS
+    block: BlockLayout = BlockLayout("input_layernorm", "", "post_attention_layernorm", "", False)
+    attn_layout: str = ""  # a fused projection's row order (circuits.attention)
 
 
 @dataclass
@@ -109,6 +118,7 @@ class Graph:
     internal: list[tuple[str, str]]  # (from node, to node), always present
     d_model: int
     sender_pos: torch.Tensor = field(repr=False)  # [S] stage index before which the sender is written
+    embed_scale: float = 1.0  # what the embedding is multiplied by before the first layer (Granite)
 
     @property
     def n_senders(self) -> int:
@@ -166,11 +176,7 @@ def build_graph(model: nn.Module, adapter: Adapter) -> Graph:
         raise WorkbenchError(f"circuits need softmax attention in every layer; {len(mixers)} of {len(layers)} layers of "
                              f"{type(model).__name__} ({adapter.name}) are {kind} (layers {', '.join(map(str, mixers[:8]))}"
                              f"{' ...' if len(mixers) > 8 else ''}), whose heads and edges the graph does not model yet")
-    scaled = {a: getattr(model.config, a) for a in ("residual_multiplier", "embedding_multiplier")
-              if getattr(model.config, a, None) not in (None, 1, 1.0)}
-    if scaled:  # Granite: the residual is not the plain sum of the sublayers' outputs the graph's senders are
-        raise WorkbenchError(f"circuits do not model {type(model).__name__}'s residual scaling yet "
-                             f"({', '.join(f'{k} = {v:g}' for k, v in scaled.items())})")
+    blocks, embed_scale = block_layouts(model, adapter)
     infos = adapter.layer_infos(model)
     d = int(model.config.hidden_size)
     nodes = [Node("input", "input", -1)]
@@ -180,7 +186,7 @@ def build_graph(model: nn.Module, adapter: Adapter) -> Graph:
     plans: list[LayerPlan] = []
     internal: list[tuple[str, str]] = []
     n_layers = len(layers)
-    for l, (layer, info) in enumerate(zip(layers, infos)):
+    for l, (layer, info, block) in enumerate(zip(layers, infos, blocks)):
         spec = attention_shape(adapter, model, layer)
         n_heads, n_kv, hd = spec.n_heads, spec.n_kv, spec.head_dim
         group = n_heads // n_kv
@@ -197,7 +203,7 @@ def build_graph(model: nn.Module, adapter: Adapter) -> Graph:
         stages.append(Stage(a_stage, "attn", l, r0, len(receivers), len(senders)))
         head0 = len(senders)
         senders += [n.name for n in heads]
-        sender_pos += [a_stage + 1] * n_heads
+        sender_pos += [a_stage + (2 if block.parallel else 1)] * n_heads
         # MLP stage
         r0 = len(receivers)
         mlp0 = len(senders)
@@ -222,11 +228,11 @@ def build_graph(model: nn.Module, adapter: Adapter) -> Graph:
             receivers += [Receiver(f"{n.name}<in", n.name, "in", m_stage) for n in [router] + experts + shared]
             senders += [n.name for n in experts + shared]
         sender_pos += [m_stage + 1] * (len(senders) - mlp0)
-        stages.append(Stage(m_stage, "mlp", l, r0, len(receivers), mlp0))
+        stages.append(Stage(m_stage, "mlp", l, r0, len(receivers), head0 if block.parallel else mlp0))
         plans.append(LayerPlan(l, info.kind, n_heads, n_kv, hd, head0, mlp0, n_exp, n_sh, a_stage, m_stage, info.layout,
-                               spec.kind))
+                               spec.kind, block, spec.layout))
     nodes.append(Node("logits", "logits", n_layers))
     r0 = len(receivers)
     receivers.append(Receiver("logits<in", "logits", "in", 2 * n_layers))
     stages.append(Stage(2 * n_layers, "logits", n_layers, r0, r0 + 1, len(senders)))
-    return Graph(nodes, senders, receivers, stages, plans, internal, d, torch.tensor(sender_pos))
+    return Graph(nodes, senders, receivers, stages, plans, internal, d, torch.tensor(sender_pos), embed_scale)

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from workbench.circuits import attention
-from workbench.circuits.attention import AttentionSpec, _StandIn
-from workbench.circuits.graph import Graph, LayerPlan
+from workbench.circuits.attention import _StandIn
+from workbench.circuits.graph import Graph, LayerPlan, attention_shape
 from workbench.adapters.base import Adapter, get_path
 from workbench.errors import WorkbenchError
 from workbench.tracing.capture import fused_expert_output
@@ -157,6 +157,9 @@ class _ModuleListMoe(_StandIn):
         return out.view(B, T, d)
 
 
+_IDENTITY = nn.Identity()  # the "norm" of a stage that reads the residual stream directly (post-norm blocks)
+
+
 def _rms_vjp(norm: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Closed-form VJP of ``y = w * x / sqrt(mean(x^2) + eps)`` (Hugging Face RMSNorm), vectorised
     over the receiver dimension of ``g [B, T, R, d]``; ``x [B, T, d]``."""
@@ -193,6 +196,7 @@ class GraphRunner:
         self._frozen: list[tuple[nn.Parameter, bool]] = []
         self._stash: dict = {}  # stage -> receiver copies [B, T, R, d] (and MLA latents by (stage, "v_latent"))
         self._rms_ok: dict[type, bool] = {}
+        self._norm_parts: dict[int, tuple] = {}  # id(output norm) -> (gain, bias, centred, checked)
         self._reset()
 
     def _reset(self) -> None:
@@ -233,25 +237,41 @@ class GraphRunner:
         self._handles.append(final_norm.register_forward_hook(self._final_hook))
         layers = ad.decoder_layers(self.model)
         for plan in g.layers:
-            layer = layers[plan.layer]
-            norms = ad.norms(layer)
-            if set(norms) != {"input", "post_attention"}:
-                raise WorkbenchError(f"circuits need plain pre-norm blocks (an input norm feeding attention, a "
-                                     f"post-attention norm feeding the MLP); {ad.name}'s layer {plan.layer} "
-                                     + (f"has only {sorted(norms)}" if norms else "is not one (sandwich norms, post-norm "
-                                        "or parallel attention and MLP; see `workbench check`)"))
-            attn = ad.attention(layer)
-            self._handles.append(norms["input"].register_forward_hook(self._attn_norm_hook(plan)))
-            spec = AttentionSpec(plan.attn_kind, plan.n_heads, plan.n_kv, plan.head_dim)
+            layer, blk = layers[plan.layer], plan.block
+            attn, mlp = ad.attention(layer), ad.mlp(layer)
+            spec = attention_shape(ad, self.model, layer)
+            out = attention.out_proj(attn, spec)
+            if blk.attn_out and getattr(out, "bias", None) is not None:
+                raise WorkbenchError(f"layer {plan.layer}: the attention's output projection has a bias and its output "
+                                     f"goes through the norm {blk.attn_out!r}; circuits cannot split that across heads")
+            # where each stage reads the residual stream: through its norm, or (post-norm) directly
+            if blk.attn_in and blk.attn_in == blk.mlp_in:  # one norm feeds attention and MLP (Phi, Cohere, Falcon)
+                self._handles.append(getattr(layer, blk.attn_in).register_forward_hook(
+                    self._norm_reader((plan.attn_stage, plan.mlp_stage))))
+            else:
+                for stage, name, consumer in ((plan.attn_stage, blk.attn_in, attn), (plan.mlp_stage, blk.mlp_in, mlp)):
+                    if name:
+                        self._handles.append(getattr(layer, name).register_forward_hook(self._norm_reader((stage,))))
+                    else:
+                        self._handles.append(consumer.register_forward_pre_hook(self._direct_reader(stage),
+                                                                                with_kwargs=True))
             attention.install(self, attn, spec, plan.attn_stage)
-            self._handles.append(attention.out_proj(attn, spec).register_forward_pre_hook(self._o_proj_hook(plan)))
-            self._handles.append(norms["post_attention"].register_forward_hook(self._mlp_norm_hook(plan)))
-            mlp = ad.mlp(layer)
+            self._handles.append(out.register_forward_pre_hook(self._o_proj_hook(plan)))
+            if blk.attn_out:
+                self._handles.append(getattr(layer, blk.attn_out).register_forward_hook(
+                    self._out_norm_hook(plan.head_sender0, plan.n_heads, blk.attn_scale)))
+            n_mlp = 1 if plan.kind == "dense" else plan.n_experts + plan.n_shared
+            if blk.mlp_out:
+                self._handles.append(getattr(layer, blk.mlp_out).register_forward_hook(
+                    self._out_norm_hook(plan.mlp_sender0, n_mlp, blk.mlp_scale)))
             if plan.kind == "dense":
+                self._handles.append(mlp.register_forward_pre_hook(self._dense_input_hook(plan), with_kwargs=True))
                 self._handles.append(mlp.register_forward_hook(self._dense_hook(plan)))
                 continue
             if plan.layout == "modulelist":
-                self._swap(layer, ad.mlp_name, _ModuleListMoe(mlp, self, plan))
+                wrapper = _ModuleListMoe(mlp, self, plan)
+                self._swap(layer, ad.mlp_name, wrapper)
+                self._handles.append(wrapper.register_forward_hook(self._moe_hook(plan)))
                 continue
             self._swap(mlp, ad.router_name, _Slot(ad.router(layer), self, plan.mlp_stage, 0))
             self._swap(mlp, ad.experts_name, _Experts(ad.experts(layer), self, plan))
@@ -386,6 +406,8 @@ class GraphRunner:
 
     def _norm_vjp(self, norm: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``g [B, T, R, d]`` (gradients at the norm's output, one per receiver) -> gradients at its input."""
+        if norm is _IDENTITY:
+            return g
         if self._rms_ok.get(type(norm)) is None:
             self._rms_ok[type(norm)] = _rms_matches(norm, x)
         if self._rms_ok[type(norm)]:
@@ -399,9 +421,10 @@ class GraphRunner:
             out = self._embed
         if self._mode == "grad" and not out.requires_grad:
             out = out.detach().requires_grad_(True)
+        scale = self.graph.embed_scale  # the model multiplies the embedding by it before the first layer (Granite)
         if self._acts is not None:
-            self._acts[0] = out.detach()
-        self._set_live(0, out.unsqueeze(0))
+            self._acts[0] = out.detach() * scale
+        self._set_live(0, (out * scale if scale != 1.0 else out).unsqueeze(0))
         return out
 
     def _final_hook(self, mod, args, out):
@@ -413,54 +436,133 @@ class GraphRunner:
             return None
         return self._receivers(last, mod, x, out)[:, :, 0]
 
-    def _attn_norm_hook(self, plan: LayerPlan):
+    def _norm_reader(self, stages: tuple[int, ...]):
+        """Forward hook on the norm the receivers of ``stages`` read through: records the residual and
+        stashes the receivers' copies (the stand-ins and the dense MLP's input hook take them from there)."""
         def hook(mod, args, out):
             x = args[0]
+            for stage in stages:
+                if self._resid is not None:
+                    self._resid[stage] = x.detach()
+                if self._mode != "plain":
+                    self._stash[stage] = self._receivers(stage, mod, x, out)
+        return hook
+
+    def _direct_reader(self, stage: int):
+        """Forward pre-hook on a module that reads the residual stream with no norm (post-norm blocks)."""
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
             if self._resid is not None:
-                self._resid[plan.attn_stage] = x.detach()
+                self._resid[stage] = x.detach()
             if self._mode != "plain":
-                self._stash[plan.attn_stage] = self._receivers(plan.attn_stage, mod, x, out)
+                self._stash[stage] = self._receivers(stage, _IDENTITY, x, x)
+        return hook
+
+    def _dense_input_hook(self, plan: LayerPlan):
+        """Forward pre-hook on a dense MLP: its input is its receiver's copy."""
+        def hook(mod, args, kwargs):
+            y = self._stash.get(plan.mlp_stage)
+            if y is None:
+                return None
+            if args:
+                return (y[:, :, 0], *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": y[:, :, 0]}
         return hook
 
     def _o_proj_hook(self, plan: LayerPlan):
+        scale = 1.0 if plan.block.attn_out else plan.block.attn_scale  # an output norm's hook scales instead
+
         def hook(mod, args):
             if self._acts is None and self._live is None:
                 return None
             z = args[0] if self._live is not None else args[0].detach()
             heads = attention.head_outputs(mod, z, plan.n_heads, plan.head_dim)
+            if scale != 1.0:
+                heads = heads * scale
             if self._acts is not None:
                 self._acts[plan.head_sender0:plan.head_sender0 + plan.n_heads] = heads.detach()
             self._set_live(plan.head_sender0, heads)
             return None
         return hook
 
-    def _mlp_norm_hook(self, plan: LayerPlan):
+    def _out_norm_hook(self, first: int, n: int, scale: float):
+        """Forward hook on a sublayer's output norm: senders ``[first, first + n)`` (recorded before it, summing
+        to its input) become their share of its output, the norm's per-token scale taken from the whole input."""
         def hook(mod, args, out):
-            x = args[0]
-            if self._resid is not None:
-                self._resid[plan.mlp_stage] = x.detach()
-            if self._mode == "plain":
+            if self._acts is None and self._live is None:
                 return None
-            y = self._receivers(plan.mlp_stage, mod, x, out)
-            if plan.kind == "dense":
-                return y[:, :, 0]
-            self._stash[plan.mlp_stage] = y
+            split = self._norm_split(mod, args[0], out)
+            if self._acts is not None:
+                self._acts[first:first + n] = split(self._acts[first:first + n]) * scale
+            if self._live is not None:
+                self._set_live(first, split(torch.stack([self._live[first + i] for i in range(n)])) * scale)
             return None
         return hook
 
+    def _norm_split(self, norm: nn.Module, z: torch.Tensor, y: torch.Tensor):
+        """``parts [n, ..., d]`` (summing to ``z``) -> their shares of ``y = norm(z)``: ``norm`` is an RMSNorm or
+        LayerNorm, ``y = r(z) g * c(z) + b`` (c centres for a LayerNorm), so each part gets ``r g * c(part)``
+        with the per-token ``r`` of the whole. The gain, bias and centring are read from the norm on probes;
+        the split is checked once per norm against its own output."""
+        key = id(norm)
+        if key not in self._norm_parts:
+            d = z.shape[-1]
+            p = torch.ones(d, device=z.device, dtype=z.dtype)
+            p[1::2] = -1
+            if d % 2:
+                p[-1] = 0
+            with torch.no_grad():
+                up, down, shifted = norm.forward(p[None]), norm.forward(-p[None]), norm.forward(p[None] + 3)
+            bias, gain = ((up + down) / 2)[0].float(), ((up - down) / 2)[0].float() * p.float()
+            centred = bool(torch.allclose(shifted, up, rtol=1e-3, atol=1e-3 * float(up.abs().max())))
+            self._norm_parts[key] = (gain, bias, centred, False)
+        gain, bias, centred, checked = self._norm_parts[key]
+
+        def centre(t):
+            t = t.float()
+            return t - t.mean(-1, keepdim=True) if centred else t
+
+        gz = gain * centre(z)
+        r = ((y.float() - bias) * gz).sum(-1, keepdim=True) / (gz * gz).sum(-1, keepdim=True).clamp(min=1e-30)
+        if not checked:
+            rebuilt = r * gz + bias
+            err = float((rebuilt - y.float()).abs().max() / y.float().abs().max().clamp(min=1e-12))
+            if err > (1e-4 if y.dtype == torch.float32 else 2e-2):
+                raise WorkbenchError(f"circuits cannot split the output norm {type(norm).__name__} across its senders: "
+                                     f"it is not r(z) * gain * z (+ bias) per token (relative error {err:.1e})")
+            self._norm_parts[key] = (gain, bias, centred, True)
+
+        def split(parts: torch.Tensor) -> torch.Tensor:
+            return (r * gain * centre(parts)).to(parts.dtype)
+        return split
+
     def _dense_hook(self, plan: LayerPlan):
+        scale = 1.0 if plan.block.mlp_out else plan.block.mlp_scale
+
         def hook(mod, args, out):
+            out = out * scale if scale != 1.0 else out
             if self._acts is not None:
                 self._acts[plan.mlp_sender0] = out.detach()
-            self._set_live(plan.mlp_sender0, out.unsqueeze(0))
+            if self._live is not None:  # a copy: Falcon adds the attention's output to the MLP's in place
+                self._set_live(plan.mlp_sender0, out.clone().unsqueeze(0))
         return hook
 
     def _moe_hook(self, plan: LayerPlan):
+        scale = 1.0 if plan.block.mlp_out else plan.block.mlp_scale
+        n = plan.n_experts + plan.n_shared
+
         def hook(mod, args, out):
             s0 = plan.mlp_sender0
-            if self._acts is not None and plan.n_shared:
-                self._acts[s0 + plan.n_experts] = out.detach() - self._acts[s0:s0 + plan.n_experts].sum(0)
-            if self._live is not None and plan.n_shared:
-                routed = sum(self._live[s0 + e] for e in range(plan.n_experts))
-                self._set_live(s0 + plan.n_experts, (out.view_as(self._live[s0]) - routed).unsqueeze(0))
+            out = out[0] if isinstance(out, tuple) else out
+            if plan.n_shared and plan.layout != "modulelist":  # the shared expert: what the routed ones leave
+                if self._acts is not None:
+                    self._acts[s0 + plan.n_experts] = out.detach() - self._acts[s0:s0 + plan.n_experts].sum(0)
+                if self._live is not None:
+                    routed = sum(self._live[s0 + e] for e in range(plan.n_experts))
+                    self._set_live(s0 + plan.n_experts, (out.view_as(self._live[s0]) - routed).unsqueeze(0))
+            if scale != 1.0:
+                if self._acts is not None:
+                    self._acts[s0:s0 + n] *= scale
+                if self._live is not None:
+                    self._set_live(s0, torch.stack([self._live[s0 + i] for i in range(n)]) * scale)
         return hook

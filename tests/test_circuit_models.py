@@ -113,6 +113,90 @@ def test_attention_layouts_score_like_brute_force(which, request):
     assert [p.attn_kind for p in g.layers] == [kind] * len(g.layers)
     n_kv = sum(1 for n in g.nodes if n.kind == "kv")
     assert n_kv == (len(g.layers) if kind == "mla" else sum(p.n_heads for p in g.layers))
+    _scores_like_brute_force(lm, g, which)
+
+
+FAMILY_BLOCKS = [("gemma2", "sandwich", "qkv"), ("olmo2", "post-norm", "qkv"), ("gpt_neox", "parallel", "fused"),
+                 ("phi", "parallel", "qkv"), ("granite", "pre-norm", "qkv"), ("falcon", "parallel", "fused"),
+                 ("phi3", "pre-norm", "fused")]
+
+
+@pytest.mark.parametrize("model_type,block,attn", FAMILY_BLOCKS)
+def test_block_kinds_score_as_the_derivative_of_patching(model_type, block, attn, zoo_tokenizer):
+    """Sandwich norms (Gemma 2: each sublayer's output normed before the add), post-norm (OLMo 2: no
+    norm on the way in), parallel blocks (GPT-NeoX: a norm each; Phi: one shared norm; Falcon: fused
+    multi-query attention) and residual multipliers (Granite) are read from the model: the instrumented
+    forward is the model's own, full and empty circuits are the clean and corrupted runs, and every
+    edge's EAP score is the derivative of patching that edge alone (finite differences)."""
+    from workbench.adapters.base import adapter_for
+    from workbench.models.families import tiny_model
+    from workbench.models.specs import LoadedModel
+
+    if model_type == "granite":  # multipliers away from 1 that keep a random model's edge effects above float32 rounding
+        from transformers import AutoModelForCausalLM
+
+        from workbench.models.families import tiny_config
+        cfg = tiny_config("granite")
+        cfg.residual_multiplier, cfg.embedding_multiplier, cfg.logits_scaling = 0.7, 3.0, 0.5
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+    else:
+        model = tiny_model(model_type)
+    lm = LoadedModel(model, zoo_tokenizer, adapter_for(model), model_type)
+    g = build_graph(lm.model, lm.adapter)
+    assert {p.block.kind for p in g.layers} == {block} and {p.attn_kind for p in g.layers} == {attn}
+    if block == "parallel":  # a layer's MLP reads the layer's input: its own heads are not upstream
+        p = g.layers[1]
+        assert g.stages[p.mlp_stage].n_up == p.head_sender0
+    if model_type == "granite":
+        assert g.embed_scale == pytest.approx(3.0) and g.layers[0].block.attn_scale == pytest.approx(0.7)
+    _runs_like_the_model(lm, g)
+    _eap_is_the_derivative_of_edge_patching(lm, g)
+
+
+def _eap_is_the_derivative_of_edge_patching(lm, g):
+    """With the corrupted senders moved only eps of the way, patching one edge changes the metric by
+    eps x its EAP score (first order), for every edge of the graph."""
+    from workbench.circuits.attribution import last_logits, metric_values
+    from workbench.circuits.facts import batches
+    from workbench.circuits.runner import Patch
+
+    prepared = prepare(lm.tokenizer, FACTS[:4])
+    scores = attribute(lm, prepared, method="eap", batch_size=8, graph=g).matrix
+    (b,) = batches(prepared, 8)
+    S, P, d = g.n_senders, len(g.stages), g.d_model
+    B, T = b.ids.shape
+    eps = 1e-2
+    valid = g.valid()
+    s, r = valid.nonzero(as_tuple=True)
+    with GraphRunner(lm.model, lm.adapter, g) as runner:
+        clean, corr = torch.zeros(S, B, T, d), torch.zeros(S, B, T, d)
+        clean_resid, corr_resid = torch.zeros(P, B, T, d), torch.zeros(P, B, T, d)
+        base = metric_values("logit_diff", last_logits(lm, runner.forward(b.ids, acts=clean, resid=clean_resid),
+                                                       b.last), b)
+        runner.forward(b.corrupted_ids, acts=corr, resid=corr_resid)
+        # the senders moved eps of the way; a stage left with no circuit edge reads the matching residual
+        near, near_resid = clean + eps * (corr - clean), clean_resid + eps * (corr_resid - clean_resid)
+        cur = torch.zeros_like(clean)
+        fd = []
+        for i, j in zip(s.tolist(), r.tolist()):
+            m = valid.clone()
+            m[i, j] = False
+            h = runner.forward(b.ids, mode="patch", acts=cur, patch=Patch(m, near, near_resid))
+            fd.append(float((metric_values("logit_diff", last_logits(lm, h, b.last), b) - base).sum()))
+    fd = torch.tensor(fd) / (eps * len(prepared))
+    est = scores[s, r].detach()
+    # float32 rounding of the metric, divided by eps: below this a finite difference is noise
+    floor = 16 * torch.finfo(torch.float32).eps * float(base.abs().sum()) / (eps * len(prepared))
+    big = est.abs() > max(1e-3 * float(est.abs().max()), 10 * floor)
+    assert int(big.sum()) >= 20
+    torch.testing.assert_close(fd[big].float(), est[big], rtol=0.05, atol=2e-3 * float(est.abs().max()) + floor)
+    assert spearman(fd[big], est[big].double()) > 0.99
+
+
+def _runs_like_the_model(lm, g):
+    """Plain and grad forwards are the model's own, what no sender carries is the same for any input,
+    and the full / empty circuits are the clean / corrupted runs."""
     base = getattr(lm.model, lm.model.base_model_prefix)
     S, P, d = g.n_senders, len(g.stages), g.d_model
     resid_minus_senders = []
@@ -134,6 +218,11 @@ def test_attention_layouts_score_like_brute_force(which, request):
     ev = evaluate(lm, prepared, g, {"full": valid, "empty": torch.zeros_like(valid)})
     assert ev["circuits"]["full"]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
     assert ev["circuits"]["empty"]["faithfulness"] == pytest.approx(0.0, abs=1e-4)
+    return prepared, valid
+
+
+def _scores_like_brute_force(lm, g, which):
+    prepared, valid = _runs_like_the_model(lm, g)
     scores = attribute(lm, prepared, method="eap", graph=g).matrix
     s, r = valid.nonzero(as_tuple=True)
     order = scores[s, r].abs().argsort(descending=True)
@@ -145,3 +234,55 @@ def test_attention_layouts_score_like_brute_force(which, request):
         rho = spearman(brute[top], est[top])
         print(f"{which} {method}: Spearman over the 20 largest of {len(pick)} single-edge effects {rho:.3f}")
         assert rho >= 0.9, method
+
+
+@pytest.mark.parametrize("model_type,overrides,layout", [
+    ("gpt_neox", {}, "interleaved"), ("phi3", {}, "blocks"), ("falcon", {}, "blocks"),
+    ("falcon", {"multi_query": False}, "interleaved"),
+    ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}, "grouped")])
+def test_fused_projection_rows_feed_the_heads_the_model_reads(model_type, overrides, layout):
+    """A fused query/key/value projection's row order, read from the module's attributes, is the model's own:
+    perturbing the rows assigned to query head h changes only head h's output (in the model's attention),
+    those of KV group g's key or value only the heads of group g."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.adapters.base import adapter_for
+    from workbench.circuits.attention import FUSED_NAMES, attention_spec, fused_slots, out_proj
+    from workbench.models.families import tiny_config
+
+    cfg = tiny_config(model_type)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ad = adapter_for(model)
+    attn = ad.attention(ad.decoder_layers(model)[0])
+    spec = attention_spec(attn, model.config, model_type)
+    assert spec.kind == "fused" and spec.layout == layout
+    H, K, hd = spec.n_heads, spec.n_kv, spec.head_dim
+    proj = next(getattr(attn, n) for n in FUSED_NAMES if hasattr(attn, n))
+    slots = fused_slots(spec)
+    seen = {}
+    handle = out_proj(attn, spec).register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0].detach().clone()))
+    ids = torch.randint(100, 2000, (1, 6), generator=torch.Generator().manual_seed(0))
+
+    def heads():
+        with torch.no_grad():
+            model(input_ids=ids)
+        return seen["z"].view(1, 6, H, hd)
+
+    try:
+        ref = heads()
+        for slot in range(H + 2 * K):
+            rows = slots == slot
+            keep = proj.weight.detach().clone()
+            with torch.no_grad():
+                proj.weight[rows] += torch.randn(int(rows.sum()), proj.weight.shape[1], generator=torch.Generator().manual_seed(slot))
+            changed = set(((heads() - ref).abs().amax(dim=(0, 1, 3)) > 1e-6).nonzero().flatten().tolist())
+            with torch.no_grad():
+                proj.weight.copy_(keep)
+            group = (slot - H) % K if slot >= H else None
+            want = {slot} if slot < H else {h for h in range(H) if h // (H // K) == group}
+            assert changed == want, (slot, changed, want)
+    finally:
+        handle.remove()

@@ -28,8 +28,11 @@ The battery, on a few prompts (the same one the family coverage test runs on eve
   ablation (a random model's near-uniform outputs barely move: the values are printed, not judged);
 * **attention probabilities**: with eager attention every layer's attention returns probabilities
   whose rows sum to 1 (what the attention-sink statistics read); with learned sinks (GPT-OSS) to at most 1;
-* **circuit graph**: builds, and the instrumented forward equals the model's own (1e-4), or the reason
-  circuits do not apply (no pre-norm blocks, no standard attention layout);
+* **circuit graph**: builds (each block read as pre-norm, sandwich, post-norm or parallel by
+  ``circuits.blocks``), the instrumented forward equals the model's own (1e-4) in plain and gradient
+  mode, so do the logits the metrics read (Granite's scaling, Gemma's soft-capping), each stage's residual is its senders' outputs plus a token-independent term, and patching
+  every edge gives the clean run and patching none the corrupted one (1e-4); or the reason circuits
+  do not apply (no softmax attention, an attention layout they cannot read);
 * **cost**: forward time per token and peak RSS (reported, not checked).
 """
 
@@ -424,27 +427,45 @@ def _attention_probs(lm, prompts):
 
 
 def _circuits(lm, prompts):
+    from workbench.circuits.attribution import last_logits
     from workbench.circuits.graph import build_graph
-    from workbench.circuits.runner import GraphRunner
+    from workbench.circuits.runner import GraphRunner, Patch
 
     ad = lm.adapter
-    if not (ad.input_norm_name and ad.post_attn_norm_name):
-        return [Check("circuit graph", None, "the blocks are not plain pre-norm (sandwich, post-norm or parallel "
-                      "attention and MLP): circuits patch each receiver's normed input and do not apply")]
     try:
         g = build_graph(lm.model, ad)
     except WorkbenchError as e:  # a layout circuits do not model (the error says which)
         return [Check("circuit graph", None, f"no circuit graph: {e}")]
     ids = torch.randint(10, min(2000, int(lm.config.vocab_size)), (2, 6), generator=torch.Generator().manual_seed(0))
     ids = ids.to(lm.device)
+    corr_ids = ids.flip(0)
     body = ad.body(lm.model)
+    S, P, d, dev = g.n_senders, len(g.stages), g.d_model, lm.device
+
+    def rel(a, b):
+        return float((a.detach() - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
     with torch.no_grad():
         ref = body(input_ids=ids, use_cache=False)[0]
-        acts = torch.zeros(g.n_senders, 2, 6, g.d_model, device=lm.device)
-        resid = torch.zeros(len(g.stages), 2, 6, g.d_model, device=lm.device)
+        corr_ref = body(input_ids=corr_ids, use_cache=False)[0]
+        model_logits = lm.model(input_ids=ids, use_cache=False).logits[:, -1].float()
+        logits_err = rel(last_logits(lm, ref, torch.full((2,), 5, device=dev)), model_logits)
+    acts, resid = torch.zeros(S, 2, 6, d, device=dev), torch.zeros(P, 2, 6, d, device=dev)
+    corr_acts, corr_resid = torch.zeros_like(acts), torch.zeros_like(resid)
+    try:
         with GraphRunner(lm.model, ad, g) as runner:
             got = runner.forward(ids, acts=acts, resid=resid)
-    err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+            grad = runner.forward(ids, mode="grad", grads=torch.zeros(g.n_receivers, 2, 6, d, device=dev))
+            runner.forward(corr_ids, acts=corr_acts, resid=corr_resid)
+            valid = g.valid().to(dev)
+            full = runner.forward(ids, mode="patch", acts=torch.zeros_like(acts),
+                                  patch=Patch(valid, corr_acts, corr_resid))
+            empty = runner.forward(ids, mode="patch", acts=torch.zeros_like(acts),
+                                   patch=Patch(torch.zeros_like(valid), corr_acts, corr_resid))
+    except WorkbenchError as e:
+        return [Check("circuit graph", None, f"no circuit graph: {e}")]
+    err = max(rel(got, ref), rel(grad, ref))
+    patched = max(rel(full, ref), rel(empty, corr_ref))
     # Attribution rests on this: every receiver's residual is the sum of the outputs of the senders before it,
     # up to a term no input changes (GPT-2's position embeddings: the same in clean and corrupted runs).
     sums = 0.0
@@ -452,9 +473,11 @@ def _circuits(lm, prompts):
         rest = resid[st.index] - acts[:st.n_up].sum(0)  # [2, T, d]: the two rows hold different tokens
         scale = resid[st.index].abs().max().clamp(min=1e-12)
         sums = max(sums, min(float(rest.abs().max() / scale), float((rest[0] - rest[1]).abs().max() / scale)))
-    return [Check("circuit graph", err <= 1e-4 and sums <= 1e-4,
-                  f"{g.n_edges} edges; the instrumented forward equals the model's own (relative error {err:.1e}) and "
-                  f"each stage's residual is its senders' outputs plus a token-independent term ({sums:.1e})")]
+    kinds = sorted({p.block.kind for p in g.layers})
+    return [Check("circuit graph", err <= 1e-4 and sums <= 1e-4 and patched <= 1e-4 and logits_err <= 1e-4,
+                  f"{g.n_edges} edges over {'/'.join(kinds)} blocks; the instrumented forward and the logits equal the "
+                  f"model's own (relative error {max(err, logits_err):.1e}), each stage's residual is its senders' outputs plus a token-independent "
+                  f"term ({sums:.1e}), and patching all edges / none gives the clean / corrupted run ({patched:.1e})")]
 
 
 def _cost(lm, prompts):

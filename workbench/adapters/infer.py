@@ -10,8 +10,8 @@ the MLP's output, and norms. :func:`infer_adapter` finds those parts on the load
 * the norms are kept only if the layer is a plain pre-norm block: the input norm's output is what
   the attention reads and the post-attention norm's output is what the MLP reads, from the residual
   plus the attention output. Sandwich norms (Gemma 2/3), post-norm blocks (OLMo 2) and parallel
-  blocks (GPT-NeoX, Phi, Cohere) keep no norms: profile, trace, interventions and studies work, and
-  circuits (which patch each receiver's normed input) refuse them with the reason.
+  blocks (GPT-NeoX, Phi, Cohere) keep no norm names here (the names mean something else there);
+  circuits read every block's wiring from the tensors themselves (``circuits.blocks``).
 
 MoE blocks are not inferred: routing arithmetic (softmax or sigmoid, renormalisation, biases,
 scaling) differs by family and cannot be read from the tree, so an undeclared MoE family gets a
