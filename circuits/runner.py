@@ -493,7 +493,7 @@ class GraphRunner:
                 return None
             split = self._norm_split(mod, args[0], out)
             if self._acts is not None:
-                self._acts[first:first + n] = split(self._acts[first:first + n]) * scale
+                self._acts[first:first + n] = split(self._acts[first:first + n]).detach() * scale
             if self._live is not None:
                 self._set_live(first, split(torch.stack([self._live[first + i] for i in range(n)])) * scale)
             return None
@@ -525,8 +525,8 @@ class GraphRunner:
         gz = gain * centre(z)
         r = ((y.float() - bias) * gz).sum(-1, keepdim=True) / (gz * gz).sum(-1, keepdim=True).clamp(min=1e-30)
         if not checked:
-            rebuilt = r * gz + bias
-            err = float((rebuilt - y.float()).abs().max() / y.float().abs().max().clamp(min=1e-12))
+            yd = y.detach().float()
+            err = float(((r.detach() * gz + bias) - yd).abs().max() / yd.abs().max().clamp(min=1e-12))
             if err > (1e-4 if y.dtype == torch.float32 else 2e-2):
                 raise WorkbenchError(f"circuits cannot split the output norm {type(norm).__name__} across its senders: "
                                      f"it is not r(z) * gain * z (+ bias) per token (relative error {err:.1e})")
