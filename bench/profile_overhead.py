@@ -12,6 +12,7 @@ plain, and peak RSS; with --rss-scan it also prints the profile pass's peak RSS 
 
     .venv/bin/python bench/profile_overhead.py --model smollm2-135m --tokens 10000 --rss-scan 100000
     .venv/bin/python bench/profile_overhead.py --model zoo:qwen2-moe --tokens 10000 --variants plain,profile --repeat 3
+    .venv/bin/python bench/profile_overhead.py --model smollm2-135m --tokens 3000 --variants profile,profile-qk --repeat 3
     .venv/bin/python bench/profile_overhead.py --model bench:qwen3-moe-1024x64 --tokens 3000 \
         --variants plain,body,profile,trace,nnsight --repeat 3
 
@@ -122,10 +123,10 @@ def run(args) -> dict:
             for chunk in batches(prompts, args.batch):
                 enc = lm.tokenizer(chunk, return_tensors="pt", padding=True)
                 body(**enc, use_cache=False)
-    elif args.variant == "profile":
+    elif args.variant in ("profile", "profile-qk"):  # profile-qk: with the Q/K/V norms (experts/qk.py, opt-in)
         from workbench.experts.profile import ProfileOptions, profile
 
-        profile(lm, prompts, ProfileOptions(batch_size=args.batch), progress=False)
+        profile(lm, prompts, ProfileOptions(batch_size=args.batch, qk=args.variant == "profile-qk"), progress=False)
     elif args.variant == "trace":  # `workbench trace --components expert` (absmax per expert)
         from workbench.tracing.runner import trace
         from workbench.tracing.sites import all_sites

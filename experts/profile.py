@@ -15,6 +15,7 @@ import torch
 
 from workbench.experts import massive
 from workbench.experts.router import ChangeRate
+from workbench.experts.qk import QKMeter
 from workbench.experts.sinks import SinkMeter, eager_attention
 from workbench.experts.super_experts import SuperExpertRule, kurtosis, select
 from workbench.distributed import Shard
@@ -34,6 +35,9 @@ class ProfileOptions:
     massive_ratio: float = 1000.0  # "massive" when |x| >= this x the layer's median |x| ...
     massive_min: float = 100.0  # ... and at least this large (Sun et al.)
     sinks: bool = True
+    # Massive values in queries, keys and values (experts/qk.py). Opt-in until its cost is under 5 %: measured
+    # +10 % on SmolLM2 and +24 % on a tiny zoo MoE (bench/profile_overhead.py --variants profile-noqk,profile).
+    qk: bool = False
 
 
 def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = ProfileOptions(),
@@ -64,8 +68,13 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     resid_red = {s: massive.make_reducers(options.top_massive) for s in resid_sites}
     extra.update({s: list(resid_red[s].values()) for s in resid_sites})
     meters = []
+    sink_meter = qk_meter = None
     if options.sinks:
-        meters.append(SinkMeter(n_layers, int(lm.config.num_attention_heads)))
+        sink_meter = SinkMeter(n_layers, int(lm.config.num_attention_heads))
+        meters.append(sink_meter)
+    if options.qk:
+        qk_meter = QKMeter(n_layers)
+        meters.append(qk_meter)
     if checkpoint is not None:
         checkpoint.tag = json.dumps({"options": repr(options), "dtype": str(_dtype(lm))})
     start = time.perf_counter()
@@ -126,8 +135,10 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     out["non_finite"] = _non_finite(experts, [resid_red[s]["histogram"] for s in resid_sites], resid_sites)
     out["massive_activations"] = {"criterion": {"ratio_to_median": options.massive_ratio, "min_abs": options.massive_min},
                                   "layers": layers}
-    if meters:
-        out["attention_sinks"] = meters[0].result()
+    if sink_meter is not None:
+        out["attention_sinks"] = sink_meter.result()
+    if qk_meter is not None:
+        out["qk_values"] = qk_meter.result(lm.model)
     out["meta"] = {
         "spec": lm.spec, "architecture": type(lm.model).__name__, "num_layers": n_layers,
         "num_prompts": len(res.prompts), "num_tokens": res.num_tokens, "batch_size": options.batch_size,

@@ -141,7 +141,7 @@ def cmd_profile(args) -> int:
     clear_stale_temps(out, ([ckpt.path.name] if ckpt else []) + (list(OUTPUTS) if main_rank else []))
     lm = _load(args, device)
     opts = ProfileOptions(rule=rule, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                          top_massive=args.top_massive, sinks=not args.no_sinks)
+                          top_massive=args.top_massive, sinks=not args.no_sinks, qk=args.qk)
     p = profile(lm, prompts, opts, progress=not args.quiet and main_rank, checkpoint=ckpt, shard=shard)
     ok = False
     try:
@@ -188,6 +188,14 @@ def cmd_profile(args) -> int:
         print(f"attention sinks: mean share on position 0 {np.nanmean(share):.2f}; strongest head L{l}.H{h} "
               f"{share[l, h]:.2f}" + (f" ({len(skipped)} linear-attention layers have no attention probabilities)"
                                       if skipped else ""))
+    qk = p.get("qk_values")
+    if qk and qk["entries"]:
+        best = {proj: max((e for e in qk["entries"] if e["proj"] == proj), key=lambda e: e["ratio"]) for proj in "qkv"}
+        k = best["k"]
+        where = (f", rotary pair {k['pair']} (wavelength {k['wavelength']:.0f} tokens)"
+                 if k["pair"] is not None else "")
+        print(f"massive values in attention: largest top-dim / median ratio q {best['q']['ratio']:.1f}, "
+              f"k {k['ratio']:.1f} (L{k['layer']}.H{k['head']} dim {k['dim']}{where}), v {best['v']['ratio']:.1f}")
     print(f"wrote {out / 'profile.json'}, run.json and {len(files) - 2} tables/plots in {out}")
     return 0
 
@@ -302,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default rule: residual in the expert's channel >= this x the layer median")
     pr.add_argument("--top-massive", type=COUNT, default=8, help="residual entries kept per layer")
     pr.add_argument("--no-sinks", action="store_true", help="skip attention sinks (keeps the model's attention kernel)")
+    pr.add_argument("--qk", action="store_true",
+                    help="also measure the norm of every query, key and value dimension per head (massive values "
+                         "in attention, Jin et al. 2025): the qk_values section of profile.json")
     pr.add_argument("--no-plots", action="store_true")
     pr.add_argument("--checkpoint-every", type=COUNT_OR_OFF, default=None, metavar="K",
                     help="save the reducer state every K batches to OUT (atomically); rerunning the same command "

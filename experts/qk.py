@@ -1,0 +1,211 @@
+"""Massive values in queries, keys and values: the L2 norm over tokens of every head dimension.
+
+Jin et al. 2025 ("Massive Values in Self-Attention Modules are the Key to Contextual Knowledge
+Understanding", code MingyuJ666/Rope_with_LLM) find that the queries and keys of RoPE models (not the
+values) concentrate large values in a few low-frequency rotary dimensions. Their statistic, per layer,
+projection and head, is ``M[h, d] = ||X[:, h, d]||_2`` over the tokens, with Q and K taken after RoPE
+(a rotary pair's joint norm is RoPE-invariant; a single dimension's is not).
+
+:class:`QKMeter` is a meter of the trace (like the attention-sink meter): it reads the queries, keys
+and values every attention layer hands to its attention function. It registers one attention
+implementation with transformers (``workbench_qk+<the model's>``) that records them and calls the
+implementation the model was using (its own module's eager function, or sdpa), so the forward computes
+exactly what it computed before; the mask function is the original one's. It keeps sums of squares per
+(layer, projection, head, dim), over all real tokens and with each prompt's first token left out (the
+first token is the attention sink): nothing of size tokens x dims, mergeable by addition. Families
+whose attention does not go through transformers' attention interface (Falcon) report no entries and
+are listed under ``unmeasured_layers``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import nn
+
+from workbench.adapters.base import Adapter
+from workbench.tracing.capture import few_threads
+
+PROJ = ("q", "k", "v")
+_ACTIVE: dict[int, tuple["QKMeter", int]] = {}  # id(attention module) -> (meter, layer) while installed
+_REGISTERED: set[str] = set()
+
+
+def _implementation(before: str) -> str:
+    """The name of the recording implementation that delegates to ``before`` (registered once)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = f"workbench_qk+{before}"
+    if name in _REGISTERED:
+        return name
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        hit = _ACTIVE.get(id(module))
+        if hit is not None:
+            hit[0].update(hit[1], query, key, value)
+        if before == "eager":  # the family's own eager function (soft-capping, learned sinks ... included)
+            fn = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            fn = ALL_ATTENTION_FUNCTIONS[before]
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attend)
+    masks = ALL_MASK_ATTENTION_FUNCTIONS
+    AttentionMaskInterface.register(name, masks[before] if before in masks.keys() else masks["eager"])
+    _REGISTERED.add(name)
+    return name
+
+
+def rotary_frequencies(model: nn.Module) -> torch.Tensor | None:
+    """The model's rotary inverse frequencies ``[rot / 2]`` (the first rotary embedding found), or None."""
+    for m in model.modules():
+        f = getattr(m, "inv_freq", None)
+        if isinstance(f, torch.Tensor) and f.ndim == 1:
+            return f.detach().float().cpu()
+    return None
+
+
+class QKMeter:
+    """Per (layer, q|k|v, head, dim): sums of squares over real tokens, and without each prompt's first token."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.sums: dict[str, torch.Tensor] = {}  # f"{layer}.{proj}.{all|no0}" -> [heads, dim] float64
+        self.tokens = torch.zeros(num_layers, 2, dtype=torch.int64)  # [layer, all|no0]
+        self._model: nn.Module | None = None
+        self._before: str | None = None
+        self._forced = False
+        self._attn: dict[int, int] = {}
+        self.layers_without_attention: list[int] = []
+        self.latent = False  # DeepSeek's latent attention: its rotary dims are the last ones of a head
+
+    # ----- install / remove (the trace's meter protocol) --------------------------------------------
+    def install(self, model: nn.Module, adapter: Adapter) -> None:
+        self._model = model
+        for i, layer in enumerate(adapter.decoder_layers(model)):
+            if adapter.has_attention(layer):
+                attn = adapter.attention(layer)
+                _ACTIVE[id(attn)] = (self, i)
+                self._attn[id(attn)] = i
+                self.latent |= hasattr(attn, "qk_rope_head_dim")
+            else:
+                self.layers_without_attention.append(i)
+        before = getattr(model.config, "_attn_implementation", None) or "eager"
+        self._before = before
+        name = _implementation(before)
+        model.set_attn_implementation(name)
+        self._forced = getattr(model.config, "_attn_implementation", None) != name
+        if self._forced:  # models that refuse the dynamic switch but read the config at forward time
+            model.config._attn_implementation = name
+
+    def remove(self) -> None:
+        for key in self._attn:
+            _ACTIVE.pop(key, None)
+        self._attn.clear()
+        if self._model is not None and self._before is not None:
+            if self._forced:
+                self._model.config._attn_implementation = self._before
+            else:
+                self._model.set_attn_implementation(self._before)
+        self._model = None
+
+    def begin_batch(self, grid: torch.Tensor) -> None:
+        """The batch's token grid ``[B, T]`` (-1 at padding)."""
+        valid = grid >= 0
+        no0 = valid.clone()
+        first = valid.to(torch.int8).argmax(-1)  # each prompt's first real token (left or right padding)
+        no0[torch.arange(grid.shape[0]), first] = False
+        self._masks = (valid, no0)
+        self._stacked = torch.stack([valid.flatten(), no0.flatten()]).float()  # [2, B * T]
+        self._counts = (int(valid.sum()), int(no0.sum()))
+
+    # ----- reduction ---------------------------------------------------------------------------------
+    def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``q [B, H, T, d]``, ``k`` and ``v [B, KV, T, d]`` as the attention function gets them (after RoPE)."""
+        if self._masks[0].shape != (q.shape[0], q.shape[2]):  # not the batch's prompt pass (a cached step)
+            return
+        with torch.no_grad(), few_threads(work=q.numel()):
+            masks = self._stacked.to(q.device)
+            for proj, x in zip(PROJ, (q, k, v)):
+                B, H, T, d = x.shape
+                rows = x.transpose(1, 2).reshape(B * T, H * d).float()  # [tokens, H * d]
+                sq = (masks @ rows.square()).view(2, H, d).double().cpu()  # both masks in one matmul
+                for which, s in zip(("all", "no0"), sq):
+                    key = f"{layer}.{proj}.{which}"
+                    self.sums[key] = self.sums[key] + s if key in self.sums else s
+            self.tokens[layer, 0] += self._counts[0]
+            self.tokens[layer, 1] += self._counts[1]
+
+    def merge(self, other: "QKMeter") -> "QKMeter":
+        for key, v in other.sums.items():
+            self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
+        self.tokens += other.tokens
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"tokens": self.tokens.clone(), **{f"sum.{k}": v.clone() for k, v in self.sums.items()}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> "QKMeter":
+        for name, v in state.items():
+            if name == "tokens":
+                if v.shape != self.tokens.shape:
+                    raise ValueError("QKMeter state 'tokens' does not fit")
+                self.tokens = v.clone()
+            elif name.startswith("sum."):
+                self.sums[name[4:]] = v.clone()
+            else:
+                raise ValueError(f"QKMeter state {name!r} does not fit")
+        return self
+
+    def empty(self) -> "QKMeter":
+        return QKMeter(self.num_layers)
+
+    def norms(self, layer: int, proj: str, which: str = "all") -> torch.Tensor | None:
+        """``M [heads, dim]``: the L2 norm over tokens of each head dimension (None if not measured)."""
+        s = self.sums.get(f"{layer}.{proj}.{which}")
+        return None if s is None else s.sqrt()
+
+    def result(self, model: nn.Module | None = None, top: int = 3) -> dict:
+        """``entries``: per (layer, proj, head) its ``top`` dimensions by norm, each with ``ratio`` (its norm
+        over the head's median norm), the same with the first token left out, and (Q and K of rotary
+        attention) the rotary pair and its wavelength in tokens; ``by_layer``: the largest ratio over
+        heads per projection."""
+        freqs = rotary_frequencies(model) if model is not None else None
+        rot = 2 * int(freqs.numel()) if freqs is not None else 0
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        entries, by_layer, unmeasured = [], [], []
+        for layer in range(self.num_layers):
+            row = {"layer": layer}
+            if self.norms(layer, "q") is None:
+                if layer not in self.layers_without_attention:
+                    unmeasured.append(layer)
+                continue
+            for proj in PROJ:
+                M, M0 = self.norms(layer, proj), self.norms(layer, proj, "no0")
+                med = M.median(dim=-1).values.clamp(min=1e-30)
+                med0 = M0.median(dim=-1).values.clamp(min=1e-30)
+                ratios = M.max(dim=-1).values / med
+                row[proj] = float(ratios.max())
+                for h in range(M.shape[0]):
+                    for d in M[h].argsort(descending=True)[:top].tolist():
+                        e = {"layer": layer, "proj": proj, "head": h, "dim": d, "norm": float(M[h, d]),
+                             "ratio": float(M[h, d] / med[h]), "ratio_no_pos0": float(M0[h, d] / med0[h]),
+                             "pair": None, "wavelength": None}
+                        if proj != "v" and d < rot and M.shape[1] >= rot and not self.latent:
+                            pair = d % (rot // 2)
+                            e["pair"], e["wavelength"] = pair, 2 * math.pi / float(freqs[pair])
+                        entries.append(e)
+            by_layer.append(row)
+        out = {"entries": entries, "by_layer": by_layer, "rotary_dims": rot, "context_length": context,
+               "tokens": self.tokens[:, 0].tolist()}
+        if self.latent:
+            out["note"] = "latent attention: the rotary dims are the last qk_rope_head_dim of each head; pairs not given"
+        if unmeasured:
+            out["unmeasured_layers"] = unmeasured  # their attention does not use transformers' attention interface
+        if self.layers_without_attention:
+            out["no_attention"] = list(self.layers_without_attention)
+        return out

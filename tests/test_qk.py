@@ -1,0 +1,145 @@
+"""Massive values in Q, K and V (experts/qk.py): the meter against a brute-force computation, merging,
+the forward left as it was, a planted massive key dimension found where it was put, and the profile's
+``qk_values`` section."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workbench.adapters.base import adapter_for
+from workbench.experts.qk import QKMeter
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tiny(model_type="llama"):
+    from workbench.models.families import tiny_model
+    return tiny_model(model_type)
+
+
+def _measure(model, batches):
+    meter = QKMeter(len(adapter_for(model).decoder_layers(model)))
+    meter.install(model, adapter_for(model))
+    try:
+        with torch.no_grad():
+            for ids, grid in batches:
+                meter.begin_batch(grid)
+                model(input_ids=ids)
+    finally:
+        meter.remove()
+    return meter
+
+
+def _batch(seed, pad_last=False):
+    ids = torch.randint(100, 2000, (2, 7), generator=torch.Generator().manual_seed(seed))
+    grid = ids.clone()
+    if pad_last:
+        grid[1, -2:] = -1  # the meter leaves these positions out
+    return ids, grid
+
+
+def _brute(model, ids, grid, layer):
+    """Q, K (after RoPE) and V of ``layer`` recomputed from the projections, summed over the grid's tokens."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = model.model.layers[layer].self_attn
+    seen = {}
+    hooks = [getattr(attn, n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o.detach()))
+             for n in ("q_proj", "k_proj", "v_proj")]
+    with torch.no_grad():
+        model(input_ids=ids)
+        pos = torch.arange(ids.shape[1])[None]
+        cos, sin = model.model.rotary_emb(seen["q_proj"], pos)
+    for h in hooks:
+        h.remove()
+    hd = attn.head_dim
+    q, k, v = (seen[n].view(*ids.shape, -1, hd).transpose(1, 2) for n in ("q_proj", "k_proj", "v_proj"))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    valid = (grid >= 0).double()[:, None, :, None]
+    no0 = valid.clone()
+    no0[:, :, 0] = 0
+    return {p: ((x.double() ** 2 * valid).sum((0, 2)), (x.double() ** 2 * no0).sum((0, 2)))
+            for p, x in zip("qkv", (q, k, v))}
+
+
+def test_meter_equals_brute_force_and_merges():
+    model = _tiny()
+    b1, b2 = _batch(0, pad_last=True), _batch(1)
+    meter = _measure(model, [b1, b2])
+    for layer in (0, 3):
+        ref1, ref2 = _brute(model, *b1, layer), _brute(model, *b2, layer)
+        for p in "qkv":
+            torch.testing.assert_close(meter.sums[f"{layer}.{p}.all"], ref1[p][0] + ref2[p][0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(meter.sums[f"{layer}.{p}.no0"], ref1[p][1] + ref2[p][1], rtol=1e-5, atol=1e-6)
+    assert meter.tokens[0].tolist() == [14 + 12, 14 + 12 - 4]
+    halves = _measure(model, [b1]).merge(_measure(model, [b2]))
+    for key, v in meter.sums.items():
+        torch.testing.assert_close(halves.sums[key], v, rtol=1e-12, atol=0)
+    restored = QKMeter(4).load_state_dict(meter.state_dict())
+    assert restored.sums.keys() == meter.sums.keys() and torch.equal(restored.tokens, meter.tokens)
+
+
+@pytest.mark.parametrize("before", ["sdpa", "eager"])
+def test_forward_is_unchanged_and_the_implementation_restored(before):
+    """The recording implementation calls the one the model was using: the same kernels on the same buffers,
+    so the logits are bit-equal."""
+    model = _tiny()
+    model.set_attn_implementation(before)
+    ids = _batch(0)[0]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    meter = QKMeter(4)
+    meter.install(model, adapter_for(model))
+    try:
+        meter.begin_batch(ids)
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+    finally:
+        meter.remove()
+    assert torch.equal(got, ref)
+    assert model.config._attn_implementation == before
+
+
+def test_planted_massive_key_dimension_is_found():
+    """Key rows of one rotary pair (dims 5 and 13 of a 16-dim head) of KV head 1 in layer 2 scaled x30: the
+    largest key ratio of the model is that layer, head and pair, with the pair's wavelength."""
+    model = _tiny()
+    k = model.model.layers[2].self_attn.k_proj
+    hd = model.model.layers[2].self_attn.head_dim
+    with torch.no_grad():
+        for d in (5, 5 + hd // 2):
+            k.weight[1 * hd + d] *= 30
+    meter = _measure(model, [_batch(0), _batch(1)])
+    res = meter.result(model)
+    keys = [e for e in res["entries"] if e["proj"] == "k"]
+    best = max(keys, key=lambda e: e["ratio"])
+    assert (best["layer"], best["head"], best["pair"]) == (2, 1, 5) and best["dim"] in (5, 13)
+    assert best["ratio"] > 5 * max(e["ratio"] for e in keys if (e["layer"], e["head"]) != (2, 1))
+    inv = model.model.rotary_emb.inv_freq
+    assert best["wavelength"] == pytest.approx(2 * torch.pi / float(inv[5]))
+    assert res["rotary_dims"] == hd and {r["layer"] for r in res["by_layer"]} == {0, 1, 2, 3}
+    for e in res["entries"]:
+        assert {"layer", "proj", "head", "dim", "ratio"} <= e.keys() and e["proj"] in ("q", "k", "v")
+
+
+def test_no_rope_and_unmeasured_families_say_so():
+    gpt2 = _measure(_tiny("gpt2"), [_batch(0)]).result(_tiny("gpt2"))
+    assert gpt2["rotary_dims"] == 0 and gpt2["entries"] and all(e["pair"] is None for e in gpt2["entries"])
+    falcon = _tiny("falcon")  # its attention does not go through transformers' attention interface
+    res = _measure(falcon, [_batch(0)]).result(falcon)
+    assert res["entries"] == [] and res["unmeasured_layers"] == [0, 1, 2, 3]
+
+
+def test_profile_has_a_qk_values_section():
+    from workbench.experts.profile import ProfileOptions, profile
+    from workbench.models.specs import load
+
+    lm = load("zoo:qwen3-moe")
+    before = lm.model.config._attn_implementation
+    p = profile(lm, ["The capital of France is Paris.", "Once upon a time there was a dog."], ProfileOptions(qk=True),
+                progress=False)
+    q = p["qk_values"]
+    assert len(q["by_layer"]) == 4 and q["entries"] and q["tokens"][0] > 0
+    assert "qk_values" not in profile(lm, ["The capital of France is"], progress=False)  # opt-in
+    assert lm.model.config._attn_implementation == before
