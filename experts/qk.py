@@ -7,10 +7,9 @@ projection and head, is ``M[h, d] = ||X[:, h, d]||_2`` over the tokens, with Q a
 (a rotary pair's joint norm is RoPE-invariant; a single dimension's is not).
 
 :class:`QKMeter` is a meter of the trace (like the attention-sink meter): it reads the queries, keys
-and values every attention layer hands to its attention function. It registers one attention
-implementation with transformers (``workbench_qk+<the model's>``) that records them and calls the
-implementation the model was using (its own module's eager function, or sdpa), so the forward computes
-exactly what it computed before; the mask function is the original one's. It keeps sums of squares per
+and values every attention layer hands to its attention function, through
+:class:`workbench.tracing.attention_tap.AttentionTap` (read-only: the forward computes exactly what it
+computed before). It keeps sums of squares per
 (layer, projection, head, dim), over all real tokens and with each prompt's first token left out (the
 first token is the attention sink): nothing of size tokens x dims, mergeable by addition. Families
 whose attention does not go through transformers' attention interface (Falcon) report no entries and
@@ -20,44 +19,15 @@ are listed under ``unmeasured_layers``.
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 from torch import nn
 
 from workbench.adapters.base import Adapter
+from workbench.tracing.attention_tap import AttentionTap
 from workbench.tracing.capture import few_threads
 
 PROJ = ("q", "k", "v")
-_ACTIVE: dict[int, tuple["QKMeter", int]] = {}  # id(attention module) -> (meter, layer) while installed
-_REGISTERED: set[str] = set()
-
-
-def _implementation(before: str) -> str:
-    """The name of the recording implementation that delegates to ``before`` (registered once)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    name = f"workbench_qk+{before}"
-    if name in _REGISTERED:
-        return name
-
-    def attend(module, query, key, value, attention_mask, **kwargs):
-        hit = _ACTIVE.get(id(module))
-        if hit is not None:
-            hit[0].update(hit[1], query, key, value)
-        if before == "eager":  # the family's own eager function (soft-capping, learned sinks ... included)
-            fn = sys.modules[type(module).__module__].eager_attention_forward
-        else:
-            fn = ALL_ATTENTION_FUNCTIONS[before]
-        return fn(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register(name, attend)
-    masks = ALL_MASK_ATTENTION_FUNCTIONS
-    AttentionMaskInterface.register(name, masks[before] if before in masks.keys() else masks["eager"])
-    _REGISTERED.add(name)
-    return name
 
 
 def rotary_frequencies(model: nn.Module) -> torch.Tensor | None:
@@ -76,42 +46,32 @@ class QKMeter:
         self.num_layers = num_layers
         self.sums: dict[str, torch.Tensor] = {}  # f"{layer}.{proj}.{all|no0}" -> [heads, dim] float64
         self.tokens = torch.zeros(num_layers, 2, dtype=torch.int64)  # [layer, all|no0]
-        self._model: nn.Module | None = None
-        self._before: str | None = None
-        self._forced = False
-        self._attn: dict[int, int] = {}
+        self._tap: AttentionTap | None = None
+        self._attn: dict[int, nn.Module] = {}
         self.layers_without_attention: list[int] = []
         self.latent = False  # DeepSeek's latent attention: its rotary dims are the last ones of a head
 
     # ----- install / remove (the trace's meter protocol) --------------------------------------------
     def install(self, model: nn.Module, adapter: Adapter) -> None:
-        self._model = model
+        self.layers_without_attention = []
         for i, layer in enumerate(adapter.decoder_layers(model)):
             if adapter.has_attention(layer):
-                attn = adapter.attention(layer)
-                _ACTIVE[id(attn)] = (self, i)
-                self._attn[id(attn)] = i
-                self.latent |= hasattr(attn, "qk_rope_head_dim")
+                self._attn[i] = adapter.attention(layer)
+                self.latent |= hasattr(self._attn[i], "qk_rope_head_dim")
             else:
                 self.layers_without_attention.append(i)
-        before = getattr(model.config, "_attn_implementation", None) or "eager"
-        self._before = before
-        name = _implementation(before)
-        model.set_attn_implementation(name)
-        self._forced = getattr(model.config, "_attn_implementation", None) != name
-        if self._forced:  # models that refuse the dynamic switch but read the config at forward time
-            model.config._attn_implementation = name
+
+        def tap(i):
+            def fn(module, q, k, v):
+                self.update(i, q, k, v)
+            return fn
+        self._tap = AttentionTap(model, {m: tap(i) for i, m in self._attn.items()}).install()
 
     def remove(self) -> None:
-        for key in self._attn:
-            _ACTIVE.pop(key, None)
+        if self._tap is not None:
+            self._tap.remove()
+            self._tap = None
         self._attn.clear()
-        if self._model is not None and self._before is not None:
-            if self._forced:
-                self._model.config._attn_implementation = self._before
-            else:
-                self._model.set_attn_implementation(self._before)
-        self._model = None
 
     def begin_batch(self, grid: torch.Tensor) -> None:
         """The batch's token grid ``[B, T]`` (-1 at padding)."""
@@ -182,7 +142,7 @@ class QKMeter:
             row = {"layer": layer}
             if self.norms(layer, "q") is None:
                 if layer not in self.layers_without_attention:
-                    unmeasured.append(layer)
+                    unmeasured.append(layer)  # its attention does not use transformers' attention interface
                 continue
             for proj in PROJ:
                 M, M0 = self.norms(layer, proj), self.norms(layer, proj, "no0")

@@ -143,3 +143,115 @@ def test_profile_has_a_qk_values_section():
     assert len(q["by_layer"]) == 4 and q["entries"] and q["tokens"][0] > 0
     assert "qk_values" not in profile(lm, ["The capital of France is"], progress=False)  # opt-in
     assert lm.model.config._attn_implementation == before
+
+
+# ----- head and Q/K interventions ----------------------------------------------------------------------
+
+def _lm(model_type="llama"):
+    from workbench.models.specs import LoadedModel
+
+    model = _tiny(model_type)
+    return LoadedModel(model, None, adapter_for(model), model_type)
+
+
+def _logits(lm, ids, ivs=(), mask=None):
+    from workbench.interventions import apply
+
+    with torch.no_grad(), apply(lm, list(ivs)):
+        return lm.model(input_ids=ids, attention_mask=mask).logits
+
+
+def test_zero_and_scale_head_equal_the_output_projection_columns_changed():
+    lm = _lm()
+    ids = _batch(0)[0]
+    ref = _logits(lm, ids)
+    o = lm.model.model.layers[1].self_attn.o_proj
+    hd = lm.model.model.layers[1].self_attn.head_dim
+    keep = o.weight.detach().clone()
+    with torch.no_grad():
+        o.weight[:, 2 * hd:3 * hd] *= 0.5
+        want = lm.model(input_ids=ids).logits
+        o.weight.copy_(keep)
+    got = _logits(lm, ids, [{"op": "scale_head", "layers": 1, "head": 2, "factor": 0.5}])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    zero = _logits(lm, ids, [{"op": "zero_head", "layers": [1], "heads": [2], "positions": [-1]}])
+    assert torch.equal(zero[:, :-1], ref[:, :-1]) and not torch.equal(zero[:, -1], ref[:, -1])
+    assert torch.equal(_logits(lm, ids), ref)  # restored on exit
+
+
+def _reference_mean_qk(q, k, dims, heads, proj, keep_first, group):
+    """Loops: the chosen (head, dim) entries at every token become their mean over the tokens."""
+    q, k = q.clone(), k.clone()
+    T = q.shape[2]
+    for name, x in (("q", q), ("k", k)):
+        if name not in proj:
+            continue
+        hs = range(x.shape[1]) if heads is None else sorted({h if name == "q" else h // group for h in heads})
+        for b in range(x.shape[0]):
+            toks = list(range(1 if keep_first else 0, T))
+            for h in hs:
+                for dd in dims:
+                    x[b, h, toks, dd] = x[b, h, toks, dd].mean()
+    return q, k
+
+
+@pytest.mark.parametrize("proj,heads,keep_first", [("qk", None, False), ("k", [3], True), ("q", [0, 2], False)])
+def test_mean_qk_equals_a_hand_written_reference(proj, heads, keep_first):
+    from workbench.tracing.attention_tap import AttentionTap
+
+    lm = _lm()
+    ids = _batch(0)[0]
+    attn = lm.model.model.layers[2].self_attn
+    dims = (1, 9)
+    group = lm.model.config.num_attention_heads // lm.model.config.num_key_value_heads
+
+    def by_hand(module, q, k, v):
+        return (*_reference_mean_qk(q, k, dims, heads, proj, keep_first, group), v)
+    with AttentionTap(lm.model, {attn: by_hand}), torch.no_grad():
+        want = lm.model(input_ids=ids).logits
+    iv = {"op": "mean_qk", "layers": 2, "dims": list(dims), "proj": proj, "keep_first": keep_first}
+    if heads is not None:
+        iv["heads"] = heads
+    got = _logits(lm, ids, [iv])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, _logits(lm, ids))
+
+
+def test_mean_qk_top_picks_the_largest_dims_and_the_cache_keeps_them():
+    """``top: 2`` on a key pair planted x30 changes the model exactly as naming those dims; in generation the
+    prompt's changed keys are what the cache holds."""
+    lm = _lm()
+    attn = lm.model.model.layers[2].self_attn
+    hd = attn.head_dim
+    with torch.no_grad():
+        for d in (5, 5 + hd // 2):
+            attn.k_proj.weight[hd:2 * hd][d] *= 30  # KV head 1
+    ids = _batch(0)[0]
+    top = _logits(lm, ids, [{"op": "mean_qk", "layers": 2, "top": 2, "proj": "k", "heads": [2, 3]}])
+    named = _logits(lm, ids, [{"op": "mean_qk", "layers": 2, "dims": [5, 5 + hd // 2], "proj": "k", "heads": [2, 3]}])
+    torch.testing.assert_close(top, named, rtol=1e-5, atol=1e-6)
+    from workbench.interventions import apply
+
+    with torch.no_grad(), apply(lm, [{"op": "mean_qk", "layers": 2, "dims": [5], "proj": "k"}]):
+        out = lm.model(input_ids=ids, use_cache=True)
+        keys = out.past_key_values.layers[2].keys
+    assert torch.allclose(keys[:, :, :, 5], keys[:, :, :1, 5].expand_as(keys[:, :, :, 5]))
+
+
+def test_bad_head_and_qk_interventions_get_one_line_errors():
+    from workbench.errors import WorkbenchError
+    from workbench.interventions import apply
+
+    lm = _lm()
+    cases = [({"op": "zero_head", "layers": 0, "head": 9}, "head 9 out of range"),
+             ({"op": "zero_head", "layers": 0}, "needs field 'heads'"),
+             ({"op": "mean_qk", "layers": 0, "dims": [16], "proj": "k"}, "dim 16 out of range"),
+             ({"op": "mean_qk", "layers": 0, "top": 2, "dims": [1]}, "exactly one of"),
+             ({"op": "mean_qk", "layers": 0, "top": 2, "proj": "v"}, "'proj' must be")]
+    for iv, msg in cases:
+        with pytest.raises(WorkbenchError, match=msg):
+            apply(lm, [iv])
+    with pytest.raises(WorkbenchError, match="no rotary attention"):
+        apply(_lm("gpt2"), [{"op": "mean_qk", "layers": 0, "top": 1}])
+    with pytest.raises(WorkbenchError, match="does not use"):
+        apply(_lm("falcon"), [{"op": "mean_qk", "layers": 0, "top": 1}])

@@ -15,7 +15,17 @@ Operations (``op``):
 * ``zero_channel`` / ``scale_channel``: a residual-stream channel at the output of ``layers``;
 * ``zero_neuron`` / ``scale_neuron``: a neuron (``channel``) of a dense MLP, at down_proj's input;
 * ``sae_steer``: add ``coef`` x an SAE feature's decoder direction at the SAE's site (``sae``: a folder
-  in SAELens' format, ``feature``, ``coef``, optional ``site``; see :mod:`workbench.sae.steer`).
+  in SAELens' format, ``feature``, ``coef``, optional ``site``; see :mod:`workbench.sae.steer`);
+* ``zero_head`` / ``scale_head``: attention heads' outputs (``heads``: their slices of the output
+  projection's input), by ``factor``;
+* ``mean_qk``: replace chosen dimensions of the queries and/or keys (after RoPE; ``proj``: q, k or
+  qk) by their mean over the prompt's tokens, during the prompt's forward (the changed keys are what
+  the KV cache keeps), as Jin et al. 2025 disrupt massive values. The dimensions: ``dims`` (a list, in
+  the model's own head layout), or ``top: N`` / ``bottom: N`` per head and prompt by their L2 norm over
+  the prompt's tokens. ``heads`` (query heads; a key head is changed when one of its query heads is
+  named) defaults to all. ``keep_first: true`` leaves each prompt's first token as it is and out of the
+  mean (the attention-sink control). Rotary-attention models only; through transformers' attention
+  interface (:mod:`workbench.tracing.attention_tap`).
 
 ``kind`` picks routed (default) or shared experts. ``layers`` is one layer or a list. ``positions``
 restricts the change to token positions (negative counts from the end of each prompt, padding
@@ -41,7 +51,9 @@ from workbench.io import read_structured
 EXPERT_OPS = ("zero", "scale", "drop", "force", "bias")
 CHANNEL_OPS = ("zero_channel", "scale_channel", "zero_neuron", "scale_neuron")
 SAE_OPS = ("sae_steer",)
-OPS = EXPERT_OPS + CHANNEL_OPS + SAE_OPS
+HEAD_OPS = ("zero_head", "scale_head")
+QK_OPS = ("mean_qk",)
+OPS = EXPERT_OPS + CHANNEL_OPS + SAE_OPS + HEAD_OPS + QK_OPS
 
 
 @dataclass(frozen=True)
@@ -61,18 +73,26 @@ class Intervention:
     feature: int | None = None
     coef: float = 0.0
     site: str | None = None
+    heads: tuple[int, ...] | None = None  # head ops, mean_qk (query heads)
+    dims: tuple[int, ...] | None = None  # mean_qk: head dimensions, or ...
+    top: int | None = None  # ... the N largest by norm, or ...
+    bottom: int | None = None  # ... the N smallest
+    proj: str = "qk"  # mean_qk: q, k or qk
+    keep_first: bool = False  # mean_qk: each prompt's first token untouched and out of the mean
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "intervention") -> "Intervention":
         if not isinstance(d, dict):
             raise WorkbenchError(f"{where}: expected a mapping, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)} | {"layer"}
+        known = {f.name for f in dataclasses.fields(cls)} | {"layer", "head"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise WorkbenchError(f"{where}: unknown field {unknown[0]!r}; known: {', '.join(sorted(known))}")
         d = dict(d)
         if "layer" in d:
             d["layers"] = d.pop("layer")
+        if "head" in d:
+            d["heads"] = d.pop("head")
         if "op" not in d or d["op"] not in OPS:
             raise WorkbenchError(f"{where}: field 'op' must be one of {', '.join(OPS)}, got {d.get('op')!r}")
         if d["op"] in SAE_OPS:
@@ -85,7 +105,7 @@ class Intervention:
         if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
             raise WorkbenchError(f"{where}: field 'layers' must be an integer or a list of integers")
         d["layers"] = tuple(layers)
-        for name in ("positions", "prompts"):
+        for name in ("positions", "prompts", "heads", "dims"):
             if d.get(name) is not None:
                 vals = d[name] if isinstance(d[name], (list, tuple)) else [d[name]]
                 if not all(isinstance(x, int) and not isinstance(x, bool) for x in vals):
@@ -94,6 +114,11 @@ class Intervention:
         for name in ("factor", "weight", "value"):
             if name in d and not isinstance(d[name], (int, float)):
                 raise WorkbenchError(f"{where}: field {name!r} must be a number")
+        for name in ("top", "bottom"):
+            if d.get(name) is not None and (not isinstance(d[name], int) or isinstance(d[name], bool) or d[name] < 1):
+                raise WorkbenchError(f"{where}: field {name!r} must be a positive integer")
+        if "keep_first" in d and not isinstance(d["keep_first"], bool):
+            raise WorkbenchError(f"{where}: field 'keep_first' must be true or false")
         iv = cls(**d)
         iv._check_shape(where)
         return iv
@@ -101,6 +126,16 @@ class Intervention:
     def _check_shape(self, where: str) -> None:
         if self.op in SAE_OPS:
             return  # checked against the SAE's cfg.json by workbench.sae.steer.complete
+        if self.op in HEAD_OPS:
+            if not self.heads:
+                raise WorkbenchError(f"{where}: op {self.op!r} needs field 'heads' (or 'head')")
+            return
+        if self.op in QK_OPS:
+            if self.proj not in ("q", "k", "qk"):
+                raise WorkbenchError(f"{where}: field 'proj' must be 'q', 'k' or 'qk', got {self.proj!r}")
+            if sum(x is not None for x in (self.dims, self.top, self.bottom)) != 1:
+                raise WorkbenchError(f"{where}: op 'mean_qk' needs exactly one of 'dims', 'top' and 'bottom'")
+            return
         if self.op in EXPERT_OPS:
             if self.expert is None:
                 raise WorkbenchError(f"{where}: op {self.op!r} needs field 'expert'")
@@ -134,6 +169,9 @@ class Intervention:
             if not 0 <= layer < len(infos):
                 raise WorkbenchError(f"{where}: field 'layers': layer {layer} out of range (model has {len(infos)})")
             info = infos[layer]
+            if self.op in HEAD_OPS + QK_OPS:
+                _attention_layout(lm, layer, self, where)
+                continue
             if self.op in EXPERT_OPS:
                 if info.kind != "moe":
                     raise WorkbenchError(f"{where}: field 'layers': layer {layer} is dense and has no experts")
@@ -150,6 +188,37 @@ class Intervention:
                     raise WorkbenchError(f"{where}: field 'channel': neuron {self.channel} out of range ({size})")
             elif not 0 <= self.channel < hidden:
                 raise WorkbenchError(f"{where}: field 'channel': {self.channel} out of range (hidden size {hidden})")
+
+
+def _attention_layout(lm, layer: int, iv: Intervention, where: str):
+    """Layer ``layer``'s attention module and layout, with ``iv``'s heads and dims checked against it."""
+    from workbench.circuits.attention import attention_spec
+    from workbench.experts.qk import rotary_frequencies
+
+    ad = lm.adapter
+    block = ad.decoder_layers(lm.model)[layer]
+    if not ad.has_attention(block):
+        raise WorkbenchError(f"{where}: field 'layers': layer {layer} has no softmax attention ({ad.mixer_kind(block)})")
+    attn = ad.attention(block)
+    spec = attention_spec(attn, lm.model.config, f"layer {layer}")
+    bad = [h for h in iv.heads or () if not 0 <= h < spec.n_heads]
+    if bad:
+        raise WorkbenchError(f"{where}: field 'heads': head {bad[0]} out of range (layer {layer} has {spec.n_heads})")
+    if iv.op in QK_OPS:
+        if rotary_frequencies(lm.model) is None:
+            raise WorkbenchError(f"{where}: op 'mean_qk' disrupts rotary dimensions; {type(lm.model).__name__} has no "
+                                 "rotary attention")
+        import sys
+        if not hasattr(sys.modules[type(attn).__module__], "eager_attention_forward"):
+            raise WorkbenchError(f"{where}: op 'mean_qk' reads queries and keys through transformers' attention "
+                                 f"interface, which {type(attn).__name__} does not use")
+        qk_dim = int(getattr(attn, "qk_head_dim", 0) or getattr(attn, "head_dim", 0) or spec.head_dim)
+        bad = [x for x in iv.dims or () if not 0 <= x < qk_dim]
+        if bad or (iv.top or iv.bottom or 0) > qk_dim:
+            what = f"dim {bad[0]}" if bad else f"{iv.top or iv.bottom} dims"
+            raise WorkbenchError(f"{where}: field '{'dims' if bad else 'top' if iv.top else 'bottom'}': {what} out of "
+                                 f"range (heads of layer {layer} have {qk_dim})")
+    return attn, spec
 
 
 def parse(items: Any, where: str = "interventions") -> list[Intervention]:
@@ -275,6 +344,10 @@ class Applied(HookSet):
                     from workbench.sae.steer import install
 
                     install(self, iv)
+                elif iv.op in HEAD_OPS:
+                    self._install_heads(idx, iv)
+                elif iv.op in QK_OPS:
+                    self._install_mean_qk(idx, iv)
 
     def _install_routing(self, layer, info, ivs: list[Intervention]) -> None:
         ad, model = self.lm.adapter, self.lm.model
@@ -430,6 +503,81 @@ class Applied(HookSet):
             flat[rows, iv.channel] *= f
             return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "input": x})
         self._hook(down_proj, pre, pre=True)
+
+
+    def _install_heads(self, layer: int, iv: Intervention) -> None:
+        """``zero_head`` / ``scale_head``: the heads' slices of the output projection's input."""
+        from workbench.circuits.attention import out_proj
+
+        attn, spec = _attention_layout(self.lm, layer, iv, "intervention")
+        f = 0.0 if iv.op == "zero_head" else iv.factor
+        cols = torch.cat([torch.arange(h * spec.head_dim, (h + 1) * spec.head_dim) for h in iv.heads])
+
+        def pre(mod, args, kwargs):
+            z = (args[0] if args else kwargs["input"]).clone()
+            flat = z.view(-1, z.shape[-1])
+            scope = self._scope(iv, flat.shape[0])
+            c = cols.to(z.device)
+            if scope is None:
+                flat[:, c] *= f
+            else:
+                rows = scope.nonzero().flatten()
+                flat[rows[:, None], c[None, :]] *= f
+            return ((z, *args[1:]), kwargs) if args else (args, {**kwargs, "input": z})
+        self._hook(out_proj(attn, spec), pre, pre=True)
+
+    def _install_mean_qk(self, layer: int, iv: Intervention) -> None:
+        """``mean_qk``: a tap on the layer's attention call (see :func:`mean_qk`)."""
+        from workbench.tracing.attention_tap import AttentionTap
+
+        attn, _ = _attention_layout(self.lm, layer, iv, "intervention")
+
+        def tap(module, q, k, v):
+            B, T = q.shape[0], q.shape[2]
+            if k.shape[2] != T:  # a cached generation step: the prompt's keys were changed when it ran
+                return None
+            mask = self._tokens.mask
+            valid = (mask[:, -T:].bool() if mask is not None and mask.shape[0] == B and mask.shape[1] >= T
+                     else torch.ones(B, T, dtype=torch.bool, device=q.device)).to(q.device)
+            scope = self._scope(iv, B * T)
+            replace = valid if scope is None else valid & scope.view(B, T).to(q.device)
+            mean_qk(q, k, iv, valid, replace)
+            return q, k, v
+        t = AttentionTap(self.lm.model, {attn: tap})
+        t.install()
+        self._handles.append(t)
+
+
+def mean_qk(q: torch.Tensor, k: torch.Tensor, iv: Intervention, valid: torch.Tensor, replace: torch.Tensor) -> None:
+    """In place: the chosen dims of the chosen heads of ``q [B, H, T, d]`` / ``k [B, KV, T, d]`` at tokens
+    ``replace [B, T]`` become their mean over the tokens ``valid [B, T]`` (each prompt's first real token out
+    of both with ``keep_first``); ``top`` / ``bottom`` pick dims per prompt and head by their L2 norm over
+    those tokens."""
+    B, H, T, d = q.shape
+    use, replace = valid.clone(), replace.clone()
+    if iv.keep_first:
+        first = valid.to(torch.int8).argmax(-1)
+        rows = torch.arange(B, device=valid.device)
+        use[rows, first] = False
+        replace[rows, first] = False
+    group = H // k.shape[1]
+    for name, x in (("q", q), ("k", k)):
+        if name not in iv.proj:
+            continue
+        heads = range(x.shape[1]) if iv.heads is None else sorted({h if name == "q" else h // group for h in iv.heads})
+        hs = torch.tensor(list(heads), device=x.device)
+        xs = x[:, hs]  # [B, h, T, d] (a copy)
+        w = use[:, None, :, None].to(x.dtype)
+        mean = (xs * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp(min=1)
+        sel = torch.zeros(B, len(hs), d, dtype=torch.bool, device=x.device)
+        if iv.dims is not None:
+            sel[:, :, list(iv.dims)] = True
+        else:
+            norms = (xs.float().square() * w.float()).sum(2)  # [B, h, d]
+            n = iv.top or iv.bottom
+            sel.scatter_(-1, norms.topk(n, dim=-1, largest=iv.top is not None).indices, True)
+        m = sel[:, :, None, :] & replace[:, None, :, None]
+        x[:, hs] = torch.where(m, mean.expand_as(xs), xs)
 
 
 def apply(lm, interventions: Iterable[Intervention | dict]) -> Applied:
