@@ -247,7 +247,8 @@ def test_bad_head_and_qk_interventions_get_one_line_errors():
              ({"op": "zero_head", "layers": 0}, "needs field 'heads'"),
              ({"op": "mean_qk", "layers": 0, "dims": [16], "proj": "k"}, "dim 16 out of range"),
              ({"op": "mean_qk", "layers": 0, "top": 2, "dims": [1]}, "exactly one of"),
-             ({"op": "mean_qk", "layers": 0, "top": 2, "proj": "v"}, "'proj' must be")]
+             ({"op": "mean_qk", "layers": 0, "top": 2, "proj": "o"}, "'proj' must be"),
+             ({"op": "mean_qk", "layers": 0, "random": 14}, "random.*3 of them the top ones")]
     for iv, msg in cases:
         with pytest.raises(WorkbenchError, match=msg):
             apply(lm, [iv])
@@ -255,3 +256,25 @@ def test_bad_head_and_qk_interventions_get_one_line_errors():
         apply(_lm("gpt2"), [{"op": "mean_qk", "layers": 0, "top": 1}])
     with pytest.raises(WorkbenchError, match="does not use"):
         apply(_lm("falcon"), [{"op": "mean_qk", "layers": 0, "top": 1}])
+
+
+def test_mean_qk_random_dims_avoid_each_heads_top_three_and_follow_the_seed():
+    from workbench.interventions import Intervention, mean_qk
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 6, 16, generator=g), torch.randn(2, 2, 6, 16, generator=g)
+    k[:, :, :, [3, 7, 11]] *= 50  # each head's 3 largest
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    picked = []
+    for seed in (0, 0, 1):
+        kk = k.clone()
+        mean_qk(q.clone(), kk, Intervention("mean_qk", (0,), random=2, seed=seed, proj="k"), valid, valid)
+        changed = (kk != k).any(2)  # [B, KV, d]
+        assert int(changed.sum(-1).max()) <= 2 and not changed[..., [3, 7, 11]].any()
+        picked.append(changed)
+    assert torch.equal(picked[0], picked[1]) and not torch.equal(picked[0], picked[2])
+    v = torch.randn(2, 2, 6, 16, generator=g)
+    vv = v.clone()
+    mean_qk(q.clone(), k.clone(), Intervention("mean_qk", (0,), dims=(4,), proj="v"), valid, valid, vv)
+    assert torch.allclose(vv[..., 4], v[..., 4].mean(2, keepdim=True).expand_as(v[..., 4]))
+    assert torch.equal(vv[..., :4], v[..., :4])

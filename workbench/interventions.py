@@ -18,11 +18,12 @@ Operations (``op``):
   in SAELens' format, ``feature``, ``coef``, optional ``site``; see :mod:`workbench.sae.steer`);
 * ``zero_head`` / ``scale_head``: attention heads' outputs (``heads``: their slices of the output
   projection's input), by ``factor``;
-* ``mean_qk``: replace chosen dimensions of the queries and/or keys (after RoPE; ``proj``: q, k or
-  qk) by their mean over the prompt's tokens, during the prompt's forward (the changed keys are what
-  the KV cache keeps), as Jin et al. 2025 disrupt massive values. The dimensions: ``dims`` (a list, in
-  the model's own head layout), or ``top: N`` / ``bottom: N`` per head and prompt by their L2 norm over
-  the prompt's tokens. ``heads`` (query heads; a key head is changed when one of its query heads is
+* ``mean_qk``: replace chosen dimensions of the queries and/or keys (after RoPE; ``proj``: q, k, qk,
+  or v for the values) by their mean over the prompt's tokens, during the prompt's forward (the changed
+  keys are what the KV cache keeps), as Jin et al. 2025 disrupt massive values. The dimensions: ``dims``
+  (a list, in the model's own head layout), or ``top: N`` / ``bottom: N`` per head and prompt by their
+  L2 norm over the prompt's tokens, or ``random: N`` per head from the dims outside each head's top 3
+  by norm (drawn with ``seed``: a control of non-massive dims). ``heads`` (query heads; a key head is changed when one of its query heads is
   named) defaults to all. ``keep_first: true`` leaves each prompt's first token as it is and out of the
   mean (the attention-sink control). Rotary-attention models only; through transformers' attention
   interface (:mod:`workbench.tracing.attention_tap`).
@@ -77,7 +78,9 @@ class Intervention:
     dims: tuple[int, ...] | None = None  # mean_qk: head dimensions, or ...
     top: int | None = None  # ... the N largest by norm, or ...
     bottom: int | None = None  # ... the N smallest
-    proj: str = "qk"  # mean_qk: q, k or qk
+    random: int | None = None  # ... or N random ones outside the head's top 3
+    seed: int = 0  # mean_qk random dims
+    proj: str = "qk"  # mean_qk: q, k, qk or v
     keep_first: bool = False  # mean_qk: each prompt's first token untouched and out of the mean
 
     @classmethod
@@ -114,7 +117,7 @@ class Intervention:
         for name in ("factor", "weight", "value"):
             if name in d and not isinstance(d[name], (int, float)):
                 raise WorkbenchError(f"{where}: field {name!r} must be a number")
-        for name in ("top", "bottom"):
+        for name in ("top", "bottom", "random"):
             if d.get(name) is not None and (not isinstance(d[name], int) or isinstance(d[name], bool) or d[name] < 1):
                 raise WorkbenchError(f"{where}: field {name!r} must be a positive integer")
         if "keep_first" in d and not isinstance(d["keep_first"], bool):
@@ -131,10 +134,10 @@ class Intervention:
                 raise WorkbenchError(f"{where}: op {self.op!r} needs field 'heads' (or 'head')")
             return
         if self.op in QK_OPS:
-            if self.proj not in ("q", "k", "qk"):
-                raise WorkbenchError(f"{where}: field 'proj' must be 'q', 'k' or 'qk', got {self.proj!r}")
-            if sum(x is not None for x in (self.dims, self.top, self.bottom)) != 1:
-                raise WorkbenchError(f"{where}: op 'mean_qk' needs exactly one of 'dims', 'top' and 'bottom'")
+            if self.proj not in ("q", "k", "qk", "v"):
+                raise WorkbenchError(f"{where}: field 'proj' must be 'q', 'k', 'qk' or 'v', got {self.proj!r}")
+            if sum(x is not None for x in (self.dims, self.top, self.bottom, self.random)) != 1:
+                raise WorkbenchError(f"{where}: op 'mean_qk' needs exactly one of 'dims', 'top', 'bottom' and 'random'")
             return
         if self.op in EXPERT_OPS:
             if self.expert is None:
@@ -212,12 +215,15 @@ def _attention_layout(lm, layer: int, iv: Intervention, where: str):
         if not hasattr(sys.modules[type(attn).__module__], "eager_attention_forward"):
             raise WorkbenchError(f"{where}: op 'mean_qk' reads queries and keys through transformers' attention "
                                  f"interface, which {type(attn).__name__} does not use")
-        qk_dim = int(getattr(attn, "qk_head_dim", 0) or getattr(attn, "head_dim", 0) or spec.head_dim)
+        qk_dim = spec.head_dim if iv.proj == "v" else int(getattr(attn, "qk_head_dim", 0) or getattr(attn, "head_dim", 0)
+                                                            or spec.head_dim)
         bad = [x for x in iv.dims or () if not 0 <= x < qk_dim]
-        if bad or (iv.top or iv.bottom or 0) > qk_dim:
-            what = f"dim {bad[0]}" if bad else f"{iv.top or iv.bottom} dims"
-            raise WorkbenchError(f"{where}: field '{'dims' if bad else 'top' if iv.top else 'bottom'}': {what} out of "
-                                 f"range (heads of layer {layer} have {qk_dim})")
+        n = iv.top or iv.bottom or (iv.random + 3 if iv.random else 0)
+        if bad or n > qk_dim:
+            field = "dims" if bad else "top" if iv.top else "bottom" if iv.bottom else "random"
+            what = f"dim {bad[0]}" if bad else f"{iv.top or iv.bottom or iv.random} dims"
+            raise WorkbenchError(f"{where}: field '{field}': {what} out of range (heads of layer {layer} have {qk_dim}"
+                                 + (", 3 of them the top ones left out" if field == "random" else "") + ")")
     return attn, spec
 
 
@@ -541,19 +547,20 @@ class Applied(HookSet):
                      else torch.ones(B, T, dtype=torch.bool, device=q.device)).to(q.device)
             scope = self._scope(iv, B * T)
             replace = valid if scope is None else valid & scope.view(B, T).to(q.device)
-            mean_qk(q, k, iv, valid, replace)
+            mean_qk(q, k, iv, valid, replace, v)
             return q, k, v
         t = AttentionTap(self.lm.model, {attn: tap})
         t.install()
         self._handles.append(t)
 
 
-def mean_qk(q: torch.Tensor, k: torch.Tensor, iv: Intervention, valid: torch.Tensor, replace: torch.Tensor) -> None:
+def mean_qk(q: torch.Tensor, k: torch.Tensor, iv: Intervention, valid: torch.Tensor, replace: torch.Tensor,
+            v: torch.Tensor | None = None) -> None:
     """In place: the chosen dims of the chosen heads of ``q [B, H, T, d]`` / ``k [B, KV, T, d]`` at tokens
     ``replace [B, T]`` become their mean over the tokens ``valid [B, T]`` (each prompt's first real token out
     of both with ``keep_first``); ``top`` / ``bottom`` pick dims per prompt and head by their L2 norm over
     those tokens."""
-    B, H, T, d = q.shape
+    B, H, T, _ = q.shape
     use, replace = valid.clone(), replace.clone()
     if iv.keep_first:
         first = valid.to(torch.int8).argmax(-1)
@@ -561,12 +568,13 @@ def mean_qk(q: torch.Tensor, k: torch.Tensor, iv: Intervention, valid: torch.Ten
         use[rows, first] = False
         replace[rows, first] = False
     group = H // k.shape[1]
-    for name, x in (("q", q), ("k", k)):
+    for name, x in (("q", q), ("k", k), ("v", v)):
         if name not in iv.proj:
             continue
         heads = range(x.shape[1]) if iv.heads is None else sorted({h if name == "q" else h // group for h in iv.heads})
         hs = torch.tensor(list(heads), device=x.device)
         xs = x[:, hs]  # [B, h, T, d] (a copy)
+        d = x.shape[-1]
         w = use[:, None, :, None].to(x.dtype)
         mean = (xs * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp(min=1)
         sel = torch.zeros(B, len(hs), d, dtype=torch.bool, device=x.device)
@@ -574,8 +582,14 @@ def mean_qk(q: torch.Tensor, k: torch.Tensor, iv: Intervention, valid: torch.Ten
             sel[:, :, list(iv.dims)] = True
         else:
             norms = (xs.float().square() * w.float()).sum(2)  # [B, h, d]
-            n = iv.top or iv.bottom
-            sel.scatter_(-1, norms.topk(n, dim=-1, largest=iv.top is not None).indices, True)
+            if iv.random is not None:  # N random dims per (prompt, head) outside its 3 largest
+                order = norms.argsort(dim=-1, descending=True)[..., 3:]
+                g = torch.Generator().manual_seed(iv.seed)
+                pick = torch.rand(order.shape, generator=g).argsort(-1)[..., :iv.random].to(order.device)
+                sel.scatter_(-1, order.gather(-1, pick), True)
+            else:
+                n = iv.top or iv.bottom
+                sel.scatter_(-1, norms.topk(n, dim=-1, largest=iv.top is not None).indices, True)
         m = sel[:, :, None, :] & replace[:, None, :, None]
         x[:, hs] = torch.where(m, mean.expand_as(xs), xs)
 
