@@ -7,7 +7,9 @@ mean and a confidence interval over prompts (and seeds).
 * ``sink``: mean share of attention on position 0 (layers x heads x queries >= 1) per text;
 * ``massive``: the largest |residual| at any decoder layer's output per text;
 * ``kl``: mean over positions of KL(baseline || condition) of the next-token distribution;
-* ``generations``: greedy continuations of a few prompts (text, no statistic).
+* ``generations``: greedy continuations of a few prompts (text, no statistic);
+* ``passkey``, ``override``, ``label_copy`` (tasks that read the context) and ``recall`` (stored facts):
+  built-in multiple-choice items scored by log-probability, 1 or 0 per item (:mod:`workbench.tasks`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch.nn.functional as F
 
 from workbench.data import DATA_DIR
 
-METRICS = ("perplexity", "accuracy", "sink", "massive", "kl", "generations")
+METRICS = ("perplexity", "accuracy", "sink", "massive", "kl", "generations", "passkey", "override", "label_copy",
+           "recall")
+DEFAULT_METRICS = METRICS[:6]  # the task metrics are asked for by name (they cost more: passkey reads 1,000 tokens)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 A study file (YAML or JSON)::
 
     name: super-experts
-    metrics: [perplexity, accuracy, sink, massive, kl, generations]   # default: all
+    metrics: [perplexity, accuracy, sink, massive, kl, generations]   # the default; also passkey, override,
+                                                                      # label_copy, recall (workbench.tasks)
     num_texts: 48            # built-in texts (or `texts: FILE`, one per line)
     seeds: [0, 1, 2]         # for generated random controls
     conditions:
@@ -35,6 +36,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from workbench import metrics as M
+from workbench import tasks as T
 from workbench.data import default_prompts, read_prompts
 from workbench.errors import WorkbenchError
 from workbench.interventions import Intervention, apply
@@ -95,7 +97,7 @@ class Study:
         if unknown:
             raise WorkbenchError(f"{source}: unknown field {unknown[0]!r}; known: {', '.join(sorted(TOP_KEYS))}")
         self.name = str(spec.get("name", "study"))
-        self.metrics = list(spec.get("metrics", M.METRICS))
+        self.metrics = list(spec.get("metrics", M.DEFAULT_METRICS))
         bad = [m for m in self.metrics if m not in M.METRICS]
         if bad:
             raise WorkbenchError(f"{source}: field 'metrics': unknown metric {bad[0]!r}; known: {', '.join(M.METRICS)}")
@@ -257,6 +259,9 @@ class Study:
                             values["kl"] = [0.0] * len(texts)
                     if "accuracy" in want:
                         values["accuracy"] = M.cloze_accuracy(lm, cloze)
+                    for task in T.TASKS:
+                        if task in want:
+                            values[task] = T.choice_scores(lm, T.items(task))
                     gens = M.generations(lm, self.generation_prompts, self.max_new_tokens) if "generations" in want else []
                 crow = []
                 for metric in self.metrics:
