@@ -41,6 +41,18 @@ def figures(p: dict) -> dict[str, dict]:
     if "attention_sinks" in p:
         figs["attention_sinks"] = dict(kind="heat", z=np.array(p["attention_sinks"]["share_pos0"]), x="head",
                                        y="layer", title="share of attention on position 0", marks=[])
+    if "qk_values" in p and p["qk_values"]["by_layer"]:
+        q = p["qk_values"]
+        rows = q["by_layer"]
+        figs["qk_concentration"] = dict(kind="lines", x=[r["layer"] for r in rows],
+                                        ys={proj: [r[proj] for r in rows] for proj in ("q", "k", "v")},
+                                        title="largest dim norm / head median, by layer (Q, K after RoPE)")
+        for proj in ("q", "k", "v"):
+            heads = [(l, h, np.asarray(d)) for l, hs in enumerate(q["norms"][proj]) for h, d in enumerate(hs or [])]
+            z = np.stack([d / max(float(np.median(d)), 1e-30) for _, _, d in heads])
+            figs[f"qk_norms_{proj}"] = dict(kind="heat", z=z, x="dim", y="layer x head", marks=[],
+                                            title=f"{proj.upper()}: norm of each head dim / head median "
+                                                  f"(rows: layer-major, {len(q['norms'][proj][0] or [])} heads per layer)")
     return figs
 
 
@@ -62,6 +74,11 @@ def _png(name: str, f: dict, path: Path) -> None:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(f["x"])
         ax.set_ylabel(f["y"])
+    elif f["kind"] == "lines":
+        for label, ys in f["ys"].items():
+            ax.plot(f["x"], ys, marker="o", label=label)
+        ax.legend()
+        ax.set_xlabel("layer")
     else:
         ax.bar(f["x"], f["y"], color="tab:blue")
         ax.plot(f["x"], f["y2"], color="tab:orange", marker="o")
@@ -85,6 +102,9 @@ def _html(name: str, f: dict, path: Path) -> None:
             fig.add_trace(go.Scatter(x=[m[1] for m in f["marks"]], y=[m[0] for m in f["marks"]], mode="markers",
                                      marker=dict(symbol="x", color="red", size=12), name="super expert"))
         fig.update_layout(xaxis_title=f["x"], yaxis_title=f["y"])
+    elif f["kind"] == "lines":
+        fig = go.Figure([go.Scatter(x=f["x"], y=ys, name=label, mode="lines+markers") for label, ys in f["ys"].items()])
+        fig.update_layout(xaxis_title="layer")
     else:
         fig = go.Figure([go.Bar(x=f["x"], y=f["y"], name="max |residual|"),
                          go.Scatter(x=f["x"], y=f["y2"], name="median |residual|")])

@@ -133,21 +133,26 @@ class QKMeter:
         """``entries``: per (layer, proj, head) its ``top`` dimensions by norm, each with ``ratio`` (its norm
         over the head's median norm), the same with the first token left out, and (Q and K of rotary
         attention) the rotary pair and its wavelength in tokens; ``by_layer``: the largest ratio over
-        heads per projection."""
+        heads per projection; ``norms``: every ``M[h, d]``, per projection ``[layer][head][dim]``."""
         freqs = rotary_frequencies(model) if model is not None else None
         rot = 2 * int(freqs.numel()) if freqs is not None else 0
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         entries, by_layer, unmeasured = [], [], []
+        norms: dict[str, list] = {proj: [] for proj in PROJ}  # [layer][head][dim] (None: not measured)
         for layer in range(self.num_layers):
             row = {"layer": layer}
             if self.norms(layer, "q") is None:
                 if layer not in self.layers_without_attention:
                     unmeasured.append(layer)  # its attention does not use transformers' attention interface
+                for proj in PROJ:
+                    norms[proj].append(None)
                 continue
             for proj in PROJ:
                 M, M0 = self.norms(layer, proj), self.norms(layer, proj, "no0")
-                med = M.median(dim=-1).values.clamp(min=1e-30)
-                med0 = M0.median(dim=-1).values.clamp(min=1e-30)
+                norms[proj].append(M.tolist())
+                # the median as numpy has it (the mean of the two middle values for an even head size)
+                med = M.quantile(0.5, dim=-1).clamp(min=1e-30)
+                med0 = M0.quantile(0.5, dim=-1).clamp(min=1e-30)
                 ratios = M.max(dim=-1).values / med
                 row[proj] = float(ratios.max())
                 for h in range(M.shape[0]):
@@ -161,7 +166,7 @@ class QKMeter:
                         entries.append(e)
             by_layer.append(row)
         out = {"entries": entries, "by_layer": by_layer, "rotary_dims": rot, "context_length": context,
-               "tokens": self.tokens[:, 0].tolist()}
+               "tokens": self.tokens[:, 0].tolist(), "latent": self.latent, "norms": norms}
         if self.latent:
             out["note"] = "latent attention: the rotary dims are the last qk_rope_head_dim of each head; pairs not given"
         if unmeasured:

@@ -41,7 +41,25 @@ def tables(p: dict) -> dict[str, pd.DataFrame]:
             [{"layer": l, "head": h, "share_pos0": v, "share_top": s["share_top"][l][h],
               "top_is_pos0": s["top_is_pos0"][l][h]}
              for l, heads in enumerate(s["share_pos0"]) for h, v in enumerate(heads)])
+    if "qk_values" in p:
+        out["qk_values"] = qk_table(p["qk_values"])
     return out
+
+
+def qk_table(q: dict) -> pd.DataFrame:
+    """Every (layer, proj, head, dim) norm of ``qk_values``, its ratio to the head's median, and the rotary pair."""
+    import numpy as np
+
+    rot, rows = q["rotary_dims"], []
+    for proj, layers in q["norms"].items():
+        for layer, heads in enumerate(layers):
+            for head, dims in enumerate(heads or []):
+                med = float(np.median(dims)) or float("nan")
+                for dim, norm in enumerate(dims):
+                    pair = dim % (rot // 2) if proj != "v" and dim < rot and len(dims) >= rot and not q["latent"] else None
+                    rows.append({"layer": layer, "proj": proj, "head": head, "dim": dim, "norm": norm,
+                                 "ratio": norm / med, "pair": pair})
+    return pd.DataFrame(rows, columns=["layer", "proj", "head", "dim", "norm", "ratio", "pair"])
 
 
 OUTPUTS = ("profile.json", "run.json", "*.parquet", "*.png", "*.html")  # what write() may produce

@@ -131,8 +131,11 @@ def test_no_rope_and_unmeasured_families_say_so():
     assert res["entries"] == [] and res["unmeasured_layers"] == [0, 1, 2, 3]
 
 
-def test_profile_has_a_qk_values_section():
+def test_profile_has_a_qk_values_section(tmp_path):
+    import pandas as pd
+
     from workbench.experts.profile import ProfileOptions, profile
+    from workbench.experts.report import write
     from workbench.models.specs import load
 
     lm = load("zoo:qwen3-moe")
@@ -143,6 +146,15 @@ def test_profile_has_a_qk_values_section():
     assert len(q["by_layer"]) == 4 and q["entries"] and q["tokens"][0] > 0
     assert "qk_values" not in profile(lm, ["The capital of France is"], progress=False)  # opt-in
     assert lm.model.config._attn_implementation == before
+    files = {f.name for f in write(p, tmp_path)}
+    assert {"qk_values.parquet", "qk_concentration.png", "qk_norms_k.png", "qk_norms_v.html"} <= files
+    df = pd.read_parquet(tmp_path / "qk_values.parquet")
+    cfg = lm.model.config
+    hd = cfg.head_dim
+    assert len(df) == 4 * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd
+    top = max((e for e in q["entries"] if e["proj"] == "k"), key=lambda e: e["ratio"])
+    row = df[(df.layer == top["layer"]) & (df.proj == "k") & (df["head"] == top["head"]) & (df.dim == top["dim"])]
+    assert float(row.ratio.iloc[0]) == pytest.approx(top["ratio"], rel=1e-6) and int(row.pair.iloc[0]) == top["pair"]
 
 
 # ----- head and Q/K interventions ----------------------------------------------------------------------
