@@ -50,6 +50,8 @@ class QKMeter:
         self._attn: dict[int, nn.Module] = {}
         self.layers_without_attention: list[int] = []
         self.latent = False  # DeepSeek's latent attention: its rotary dims are the last ones of a head
+        self._pending: list = []  # (layer, fused, heads per projection, heads, dim, [2, heads * dim]) of this batch
+        self._seen: list[int] = []  # layers updated in this batch
 
     # ----- install / remove (the trace's meter protocol) --------------------------------------------
     def install(self, model: nn.Module, adapter: Adapter) -> None:
@@ -68,6 +70,7 @@ class QKMeter:
         self._tap = AttentionTap(model, {m: tap(i) for i, m in self._attn.items()}).install()
 
     def remove(self) -> None:
+        self._flush()
         if self._tap is not None:
             self._tap.remove()
             self._tap = None
@@ -75,38 +78,63 @@ class QKMeter:
 
     def begin_batch(self, grid: torch.Tensor) -> None:
         """The batch's token grid ``[B, T]`` (-1 at padding)."""
+        self._flush()
         valid = grid >= 0
         no0 = valid.clone()
         first = valid.to(torch.int8).argmax(-1)  # each prompt's first real token (left or right padding)
         no0[torch.arange(grid.shape[0]), first] = False
-        self._masks = (valid, no0)
+        self._shape = tuple(grid.shape)
         self._stacked = torch.stack([valid.flatten(), no0.flatten()]).float()  # [2, B * T]
         self._counts = (int(valid.sum()), int(no0.sum()))
 
     # ----- reduction ---------------------------------------------------------------------------------
     def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """``q [B, H, T, d]``, ``k`` and ``v [B, KV, T, d]`` as the attention function gets them (after RoPE)."""
-        if self._masks[0].shape != (q.shape[0], q.shape[2]):  # not the batch's prompt pass (a cached step)
+        """``q [B, H, T, d]``, ``k`` and ``v [B, KV, T, d]`` as the attention function gets them (after RoPE).
+
+        Few ops per call (the cost is per call on small models): Q, K and V side by side, both token masks
+        in one matmul, the batch's float32 sums kept on the device until the next batch adds them to the
+        float64 totals."""
+        if getattr(self, "_shape", None) != (q.shape[0], q.shape[2]):  # not the batch's prompt pass (a cached step)
             return
         with torch.no_grad(), few_threads(work=q.numel()):
-            masks = self._stacked.to(q.device)
-            for proj, x in zip(PROJ, (q, k, v)):
+            if self._stacked.device != q.device:
+                self._stacked = self._stacked.to(q.device)
+            same = q.shape[-1] == k.shape[-1] == v.shape[-1]
+            for x in ((torch.cat((q, k, v), dim=1),) if same else (q, k, v)):
                 B, H, T, d = x.shape
-                rows = x.transpose(1, 2).reshape(B * T, H * d).float()  # [tokens, H * d]
-                sq = (masks @ rows.square()).view(2, H, d).double().cpu()  # both masks in one matmul
-                for which, s in zip(("all", "no0"), sq):
+                rows = x.transpose(1, 2).reshape(B * T, H * d).float()
+                self._pending.append((layer, same, (q.shape[1], k.shape[1], v.shape[1]), x.shape[1], d,
+                                      self._stacked @ rows.square()))  # [2, H * d]: all tokens, without the first
+            self._seen.append(layer)
+
+    def _flush(self) -> None:
+        """Add the pending float32 batch sums to the float64 totals."""
+        pending, self._pending = self._pending, []
+        split: dict[int, list] = {}
+        for layer, same, heads, h, d, sq in pending:
+            sq = sq.double().cpu().view(2, h, d)
+            parts = sq.split(list(heads), dim=1) if same else [sq]
+            split.setdefault(layer, []).extend(parts)
+        for layer, parts in split.items():
+            for proj, part in zip(PROJ, parts):
+                for which, t in zip(("all", "no0"), part):
                     key = f"{layer}.{proj}.{which}"
-                    self.sums[key] = self.sums[key] + s if key in self.sums else s
+                    self.sums[key] = self.sums[key] + t if key in self.sums else t.clone()
+        for layer in self._seen:
             self.tokens[layer, 0] += self._counts[0]
             self.tokens[layer, 1] += self._counts[1]
+        self._seen = []
 
     def merge(self, other: "QKMeter") -> "QKMeter":
+        self._flush()
+        other._flush()
         for key, v in other.sums.items():
             self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
         self.tokens += other.tokens
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        self._flush()
         return {"tokens": self.tokens.clone(), **{f"sum.{k}": v.clone() for k, v in self.sums.items()}}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> "QKMeter":
@@ -126,6 +154,7 @@ class QKMeter:
 
     def norms(self, layer: int, proj: str, which: str = "all") -> torch.Tensor | None:
         """``M [heads, dim]``: the L2 norm over tokens of each head dimension (None if not measured)."""
+        self._flush()
         s = self.sums.get(f"{layer}.{proj}.{which}")
         return None if s is None else s.sqrt()
 
