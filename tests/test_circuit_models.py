@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import spearman
+from helpers import eap_is_the_derivative_of_edge_patching, spearman
 from workbench.circuits.attribution import attribute
 from workbench.circuits.evaluate import evaluate, prune, select_top
 from workbench.circuits.facts import Fact, prepare
@@ -151,47 +151,7 @@ def test_block_kinds_score_as_the_derivative_of_patching(model_type, block, attn
     if model_type == "granite":
         assert g.embed_scale == pytest.approx(3.0) and g.layers[0].block.attn_scale == pytest.approx(0.7)
     _runs_like_the_model(lm, g)
-    _eap_is_the_derivative_of_edge_patching(lm, g)
-
-
-def _eap_is_the_derivative_of_edge_patching(lm, g):
-    """With the corrupted senders moved only eps of the way, patching one edge changes the metric by
-    eps x its EAP score (first order), for every edge of the graph."""
-    from workbench.circuits.attribution import last_logits, metric_values
-    from workbench.circuits.facts import batches
-    from workbench.circuits.runner import Patch
-
-    prepared = prepare(lm.tokenizer, FACTS[:4])
-    scores = attribute(lm, prepared, method="eap", batch_size=8, graph=g).matrix
-    (b,) = batches(prepared, 8)
-    S, P, d = g.n_senders, len(g.stages), g.d_model
-    B, T = b.ids.shape
-    eps = 1e-2
-    valid = g.valid()
-    s, r = valid.nonzero(as_tuple=True)
-    with GraphRunner(lm.model, lm.adapter, g) as runner:
-        clean, corr = torch.zeros(S, B, T, d), torch.zeros(S, B, T, d)
-        clean_resid, corr_resid = torch.zeros(P, B, T, d), torch.zeros(P, B, T, d)
-        base = metric_values("logit_diff", last_logits(lm, runner.forward(b.ids, acts=clean, resid=clean_resid),
-                                                       b.last), b)
-        runner.forward(b.corrupted_ids, acts=corr, resid=corr_resid)
-        # the senders moved eps of the way; a stage left with no circuit edge reads the matching residual
-        near, near_resid = clean + eps * (corr - clean), clean_resid + eps * (corr_resid - clean_resid)
-        cur = torch.zeros_like(clean)
-        fd = []
-        for i, j in zip(s.tolist(), r.tolist()):
-            m = valid.clone()
-            m[i, j] = False
-            h = runner.forward(b.ids, mode="patch", acts=cur, patch=Patch(m, near, near_resid))
-            fd.append(float((metric_values("logit_diff", last_logits(lm, h, b.last), b) - base).sum()))
-    fd = torch.tensor(fd) / (eps * len(prepared))
-    est = scores[s, r].detach()
-    # float32 rounding of the metric, divided by eps: below this a finite difference is noise
-    floor = 16 * torch.finfo(torch.float32).eps * float(base.abs().sum()) / (eps * len(prepared))
-    big = est.abs() > max(1e-3 * float(est.abs().max()), 10 * floor)
-    assert int(big.sum()) >= 20
-    torch.testing.assert_close(fd[big].float(), est[big], rtol=0.05, atol=2e-3 * float(est.abs().max()) + floor)
-    assert spearman(fd[big], est[big].double()) > 0.99
+    eap_is_the_derivative_of_edge_patching(lm, g, FACTS[:4])
 
 
 def _runs_like_the_model(lm, g):

@@ -9,7 +9,7 @@ import networkx as nx
 import pytest
 import torch
 
-from helpers import spearman
+from helpers import eap_is_the_derivative_of_edge_patching, spearman
 from workbench.adapters.base import adapter_for
 from workbench.circuits import export
 from workbench.circuits.attribution import attribute
@@ -18,7 +18,7 @@ from workbench.circuits.discover import CircuitOptions, find_circuit, write_outp
 from workbench.circuits.evaluate import evaluate, prune, select_fill, select_greedy, select_random, select_top
 from workbench.circuits.facts import Fact, builtin_facts, parse_facts, prepare, read_facts
 from workbench.circuits.graph import build_graph
-from workbench.circuits.runner import GraphRunner, Patch
+from workbench.circuits.runner import GraphRunner
 from workbench.errors import WorkbenchError
 from workbench.models.specs import LoadedModel
 
@@ -170,35 +170,7 @@ def test_planted_circuit_ranks_first(zoo_tokenizer):
 def test_eap_is_the_derivative_of_edge_patching(tiny_llama):
     """With the corrupted senders moved only eps of the way, patching one edge changes the metric by
     eps x its EAP score (first order): checks the per-receiver gradients exactly."""
-    from workbench.circuits.attribution import last_logits, metric_values
-    from workbench.circuits.facts import batches
-
-    prepared = prepare(tiny_llama.tokenizer, FACTS[:4])
-    g = build_graph(tiny_llama.model, tiny_llama.adapter)
-    scores = attribute(tiny_llama, prepared, method="eap", batch_size=8, graph=g)
-    (b,) = batches(prepared, 8)
-    S, P, d = g.n_senders, len(g.stages), g.d_model
-    B, T = b.ids.shape
-    eps = 1e-2
-    valid = g.valid()
-    s, r = valid.nonzero(as_tuple=True)
-    with GraphRunner(tiny_llama.model, tiny_llama.adapter, g) as runner:
-        clean, corr = torch.zeros(S, B, T, d), torch.zeros(S, B, T, d)
-        base = metric_values("logit_diff", last_logits(tiny_llama, runner.forward(b.ids, acts=clean), b.last), b)
-        runner.forward(b.corrupted_ids, acts=corr)
-        near = clean + eps * (corr - clean)
-        cur = torch.zeros_like(clean)
-        fd = []
-        for i, j in zip(s.tolist(), r.tolist()):
-            m = valid.clone()
-            m[i, j] = False
-            h = runner.forward(b.ids, mode="patch", acts=cur, patch=Patch(m, near, torch.zeros(P, B, T, d)))
-            fd.append(float((metric_values("logit_diff", last_logits(tiny_llama, h, b.last), b) - base).sum()))
-    fd = torch.tensor(fd) / (eps * len(prepared))
-    est = scores.matrix[s, r]
-    big = est.abs() > 1e-3 * est.abs().max()
-    torch.testing.assert_close(fd[big].float(), est[big], rtol=0.05, atol=2e-3 * float(est.abs().max()))
-    assert spearman(fd, est.double()) > 0.99
+    eap_is_the_derivative_of_edge_patching(tiny_llama, build_graph(tiny_llama.model, tiny_llama.adapter), FACTS[:4])
 
 
 def test_edge_ig_is_complete_over_the_graph_and_within_a_circuit(tiny_llama):

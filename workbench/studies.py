@@ -252,7 +252,9 @@ class Study:
                         continue
                 start = time.perf_counter()
                 with apply(lm, c.interventions) as applied:
-                    values, lp = M.text_metrics(lm, texts, want, baseline_lp, self.batch_size, applied)
+                    values, lp = {}, []
+                    if want & {"perplexity", "sink", "massive", "kl"}:  # one pass over the texts for these
+                        values, lp = M.text_metrics(lm, texts, want, baseline_lp, self.batch_size, applied)
                     if c.name == "baseline":
                         baseline_lp = lp
                         if "kl" in want:
