@@ -35,8 +35,8 @@ class ProfileOptions:
     massive_ratio: float = 1000.0  # "massive" when |x| >= this x the layer's median |x| ...
     massive_min: float = 100.0  # ... and at least this large (Sun et al.)
     sinks: bool = True
-    # Massive values in queries, keys and values (experts/qk.py). Opt-in until its cost is under 5 %: measured
-    # +10 % on SmolLM2 and +24 % on a tiny zoo MoE (bench/profile_overhead.py --variants profile-noqk,profile).
+    # Massive values in queries, keys and values (experts/qk.py). Opt-in while its cost on small models is over
+    # 5 %: within noise on SmolLM2, +9 % on a tiny zoo MoE (bench/profile_overhead.py --variants profile,profile-qk).
     qk: bool = False
 
 
