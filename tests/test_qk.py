@@ -290,3 +290,37 @@ def test_mean_qk_random_dims_avoid_each_heads_top_three_and_follow_the_seed():
     mean_qk(q.clone(), k.clone(), Intervention("mean_qk", (0,), dims=(4,), proj="v"), valid, valid, vv)
     assert torch.allclose(vv[..., 4], v[..., 4].mean(2, keepdim=True).expand_as(v[..., 4]))
     assert torch.equal(vv[..., :4], v[..., :4])
+
+
+def test_trace_q_k_v_components_feed_the_reducers():
+    """`trace --components q,k` sites: one row per real token, heads side by side; their sums of squares per
+    column are the QKMeter's per (head, dim), and padding never reaches a reducer."""
+    from transformers import AutoTokenizer
+
+    from workbench.models.gguf import tokenizer_dir
+    from workbench.models.specs import LoadedModel
+    from workbench.tracing.runner import trace
+    from workbench.tracing.sites import Site
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+    model = _tiny()
+    lm = LoadedModel(model, tok, adapter_for(model), "tiny")
+    prompts = ["The capital of France is Paris.", "Once upon a time", "def add(a, b): return a + b"]
+    sites = [Site(1, "q"), Site(1, "k"), Site(2, "v")]
+    res = trace(lm, prompts, sites, ["moments"], batch_size=2, progress=False)
+    meter = QKMeter(4)
+    meter.install(model, adapter_for(model))
+    try:
+        with torch.no_grad():
+            for p in prompts:
+                ids = tok(p, return_tensors="pt").input_ids
+                meter.begin_batch(ids)
+                model(input_ids=ids)
+    finally:
+        meter.remove()
+    n = sum(len(tok(p).input_ids) for p in prompts)
+    for site, proj in zip(sites, ("q", "k", "v")):
+        r = res.reducers[site]["moments"]
+        assert r.result()["count"] == n and r.count.numel() == meter.sums[f"{site.layer}.{proj}.all"].numel()
+        sumsq = r.m2 + r.count * r.mean ** 2  # per column (head-major: head * head_dim + dim)
+        torch.testing.assert_close(sumsq, meter.sums[f"{site.layer}.{proj}.all"].flatten(), rtol=1e-4, atol=1e-6)

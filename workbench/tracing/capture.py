@@ -21,7 +21,7 @@ from torch import nn
 from workbench.adapters.base import Adapter, LayerInfo
 from workbench.hooks import HookSet
 from workbench.tracing.reducers import Payload
-from workbench.tracing.sites import Component, Site, validate
+from workbench.tracing.sites import QKV, Component, Site, validate
 
 
 class Sink(Protocol):
@@ -252,11 +252,29 @@ class Capture(HookSet):
             def shared(mod, args, kwargs, out, site=site):
                 self._emit(site, *self._rows(out))
             self._hook(down, shared)
+        qkv = {c: comps[c] for c in QKV if c in comps}
+        if qkv:
+            self._install_qkv(layer, qkv)
         if Component.ROUTER in comps:
             self._install_router(layer, info, comps[Component.ROUTER][0])
         if Component.EXPERT in comps or Component.EXPERTS in comps:
             grouped = comps[Component.EXPERTS][0] if Component.EXPERTS in comps else None
             self._install_experts(layer, info, {s.expert: s for s in comps.get(Component.EXPERT, [])}, grouped)
+
+    def _install_qkv(self, layer: nn.Module, sites: dict) -> None:
+        """Q (after RoPE), K (after RoPE) and V as the layer hands them to its attention function
+        (:class:`~workbench.tracing.attention_tap.AttentionTap`): one row per token, heads side by side."""
+        from workbench.tracing.attention_tap import AttentionTap
+
+        def tap(module, q, k, v):
+            if self._grid is None or q.shape[0] * q.shape[2] != self._grid.shape[0] or k.shape[2] != q.shape[2]:
+                return None  # a cached generation step: not the batch's tokens
+            for comp, x in zip(QKV, (q, k, v)):
+                for site in sites.get(comp, []):
+                    B, H, T, d = x.shape
+                    self._emit(site, *self._rows(x.transpose(1, 2).reshape(B, T, H * d)))
+            return None
+        self._handles.append(AttentionTap(self.model, {self.adapter.attention(layer): tap}).install())
 
     def _install_router(self, layer: nn.Module, info: LayerInfo, site: Site) -> None:
         router = self.adapter.router(layer)

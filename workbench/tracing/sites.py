@@ -28,6 +28,12 @@ class Component(str, enum.Enum):
     EXPERT = "expert"  # one routed (or dense) expert's down_proj output [routed tokens, d_model]
     EXPERTS = "experts"  # every routed expert of a MoE layer at once [routed (token, expert) pairs, d_model]
     SHARED_EXPERT = "shared_expert"  # one shared expert's down_proj output [tokens, d_model]
+    Q = "q"  # queries after RoPE, as the attention function gets them [tokens, heads * head_dim], head-major
+    K = "k"  # keys after RoPE [tokens, kv_heads * head_dim]
+    V = "v"  # values [tokens, kv_heads * head_dim]
+
+
+QKV = (Component.Q, Component.K, Component.V)
 
 
 _PER_EXPERT = (Component.EXPERT, Component.SHARED_EXPERT)
@@ -99,6 +105,15 @@ def validate(adapter: Adapter, model: nn.Module, sites: Iterable[Site]) -> None:
         if s.component in (Component.ROUTER, Component.EXPERTS) and info.kind != "moe":
             what = "router" if s.component is Component.ROUTER else "routed experts"
             raise WorkbenchError(f"site {s}: layer {s.layer} is dense and has no {what}")
+        if s.component in QKV:
+            layer = adapter.decoder_layers(model)[s.layer]
+            if not adapter.has_attention(layer):
+                raise WorkbenchError(f"site {s}: layer {s.layer} has no softmax attention ({adapter.mixer_kind(layer)})")
+            import sys
+
+            if not hasattr(sys.modules[type(adapter.attention(layer)).__module__], "eager_attention_forward"):
+                raise WorkbenchError(f"site {s}: {type(adapter.attention(layer)).__name__} does not go through "
+                                     "transformers' attention interface, where queries, keys and values are read")
         limit = {Component.EXPERT: info.num_experts, Component.SHARED_EXPERT: info.num_shared}.get(s.component)
         if limit is not None and not 0 <= s.expert < limit:
             raise WorkbenchError(f"site {s}: expert out of range (layer {s.layer} has {limit})")
