@@ -327,3 +327,35 @@ def test_default_model_shows_its_super_expert_in_steer(monkeypatch):
     _edit(at, 1, {5: {"zero": True}})
     _ok(at)
     assert at.session_state["steer_generations"] == (" Paris.<|im_end|>", " France.<|im_end|>")
+
+
+def test_steer_yaml_box_steers_a_dense_model_and_round_trips(tmp_path, monkeypatch, zoo_tokenizer):
+    """A dense model has no expert table; heads, Q/K dims and channels are steered from the YAML box, a bad
+    entry is one error line, and the study it writes loads back into the box."""
+    from workbench.models.families import save_tiny
+
+    folder = save_tiny("llama", tmp_path / "llama", zoo_tokenizer)
+    monkeypatch.setattr(sys, "argv", ["app.py", "--model", str(folder)])
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.sidebar.radio(key="page").set_value("Steer").run()
+    _ok(at)
+    assert any("no MoE layers" in i.value for i in at.info) and len(at.data_editor) == 0
+    base, same = at.session_state["steer_generations"]
+    assert base == same
+    box = "- {op: zero_head, layers: [0, 1, 2, 3], heads: [0, 1, 2, 3]}\n- {op: mean_qk, layers: 1, top: 2}\n"
+    at.text_area(key="steer_extra").input(box).run()
+    _ok(at)
+    assert at.session_state["steer_generations"][1] != base
+    ivs = parse(yaml.safe_load(at.session_state["steer_study_yaml"])["conditions"][0]["interventions"])
+    assert [iv.op for iv in ivs] == ["zero_head", "mean_qk"] and ivs[1].top == 2
+    steered = at.session_state["steer_generations"][1]
+    text = at.session_state["steer_study_yaml"]
+    at.text_area(key="steer_extra").input("- {op: zero_head, layers: 0, heads: [9]}").run()
+    assert not at.exception and any("head 9 out of range" in e.value for e in at.error)
+    fresh = AppTest.from_file(APP, default_timeout=60).run()
+    fresh.sidebar.radio(key="page").set_value("Steer").run()
+    fresh.file_uploader(key="steer_upload").set_value(("ui_study.yaml", text.encode(), "application/x-yaml"))
+    fresh.run()
+    _ok(fresh)
+    assert [iv.op for iv in parse(yaml.safe_load(fresh.text_area(key="steer_extra").value))] == ["zero_head", "mean_qk"]
+    assert fresh.session_state["steer_generations"][1] == steered

@@ -1,6 +1,7 @@
-"""Steer page: edit expert interventions in a table (and, with an SAE, ``sae_steer`` feature rows), compare
-greedy generations and next-token probabilities without and with them, and round-trip the set as a study
-YAML for ``workbench ablate``."""
+"""Steer page: edit expert interventions in a table (and, with an SAE, ``sae_steer`` feature rows; any other
+operation, on any model, as YAML: heads, Q/K dims, residual channels, MLP neurons), compare greedy
+generations and next-token probabilities without and with them, and round-trip the set as a study YAML
+for ``workbench ablate``."""
 
 from __future__ import annotations
 
@@ -27,6 +28,28 @@ SAE_OP = "sae_steer"
 # one row per feature steered: the SAE folder (blank: the sidebar's SAE), the feature, the coefficient of
 # its decoder direction, and the usual position / token scope; a row without a feature or with coef 0 is off
 SAE_COLUMNS = ["sae", "feature", "coef", "positions", "token", "site"]
+TABLE_OPS = ("zero", "drop", "force", "scale", "bias")  # routed-expert ops: the expert table holds them
+EXTRA_HELP = ("A YAML list of any other interventions, e.g.\n"
+              "- {op: zero_head, layers: 3, heads: [0, 5]}\n"
+              "- {op: mean_qk, layers: [0, 1, 2], top: 2, proj: qk}\n"
+              "- {op: zero_channel, layers: 11, channel: 507}\n"
+              "- {op: scale_neuron, layers: 4, channel: 12, factor: 0}")
+
+
+def in_table(iv: Intervention) -> bool:
+    """Whether the expert table (rather than the YAML box) holds ``iv``."""
+    return iv.op in TABLE_OPS and iv.kind == "routed" and not iv.prompts
+
+
+def extra_interventions(text: str) -> list[dict]:
+    """The YAML box's interventions (validated shapes), as dicts; blank: none."""
+    if not text.strip():
+        return []
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise WorkbenchError(f"more interventions: not YAML ({str(exc).splitlines()[0]})") from None
+    return [iv.to_dict() for iv in parse(data if data is not None else [], "more interventions")]
 
 
 def _blank(n_experts: int) -> pd.DataFrame:
@@ -130,11 +153,20 @@ def sae_rows_from_interventions(ivs) -> pd.DataFrame:
 
 
 def describe(d: dict) -> str:
-    """'drop L0.E3 @0,-1 'Paris'' (or 'sae_steer f7 x-4 L1.resid_post') for the caption."""
+    """'drop L0.E3 @0,-1 'Paris'' (or 'sae_steer f7 x-4 L1.resid_post', 'zero_head L0-3.H0,1') for the caption."""
+    layers = d.get("layers") or []
+    where = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}" if len(layers) > 1 else ""
     if d["op"] == SAE_OP:
         s = f"{SAE_OP} f{d['feature']} x{d['coef']:g}" + (f" {d['site']}" if d.get("site") else "")
+    elif "expert" in d:
+        s = f"{d['op']} {where}.E{d['expert']}"
+    elif "heads" in d and d["op"] != "mean_qk":
+        s = f"{d['op']} {where}.H{','.join(map(str, d['heads']))}"
+    elif "channel" in d:
+        s = f"{d['op']} {where}.C{d['channel']}"
     else:
-        s = f"{d['op']} L{d['layers'][0]}.E{d['expert']}"
+        pick = next((f"{k} {d[k]}" for k in ("top", "bottom", "random") if k in d), f"dims {d.get('dims')}")
+        s = f"{d['op']} {where} {d.get('proj', 'qk')} {pick}"
     if d.get("positions"):
         s += " @" + ",".join(str(p) for p in d["positions"])
     if d.get("token"):
@@ -248,6 +280,7 @@ def table_state(lm) -> dict[int, pd.DataFrame]:
         st.session_state["steer_model"] = lm.spec
         st.session_state["steer_tables"] = {layer: _blank(n) for layer, n in infos.items()}
         st.session_state["steer_sae_rows"] = blank_sae_rows()
+        st.session_state["steer_extra"] = ""
         st.session_state["steer_version"] = st.session_state.get("steer_version", 0) + 1
     return st.session_state["steer_tables"]
 
@@ -277,8 +310,10 @@ def _upload(lm) -> None:
         for i, iv in enumerate(ivs):
             iv.validate(lm, f"{up.name}: interventions[{i}]")
         infos = {i.index: i.num_experts for i in lm.layer_infos() if i.kind == "moe"}
-        tables = tables_from_interventions([iv for iv in ivs if iv.op != SAE_OP], infos)
+        tables = tables_from_interventions([iv for iv in ivs if in_table(iv)], infos)
         st.session_state["steer_sae_rows"] = sae_rows_from_interventions([iv for iv in ivs if iv.op == SAE_OP])
+        rest = [iv.to_dict() for iv in ivs if not in_table(iv) and iv.op != SAE_OP]
+        st.session_state["steer_extra"] = yaml.safe_dump(rest, sort_keys=False, default_flow_style=None) if rest else ""
         st.session_state["steer_tables"] = tables
         if split:
             st.session_state["steer_split"] = True
@@ -365,10 +400,8 @@ def render(lm, sae: PickedSAE | None = None) -> None:
     st.header("Steer: expert interventions, live")
     layers = moe_layers(lm)
     if not layers:
-        st.warning(f"{lm.spec} has no MoE layers: the expert table needs a Mixture-of-Experts model"
-                   + (" (SAE feature steering below works on any model)." if sae is not None else "."))
-        if sae is None:
-            return
+        st.info(f"{lm.spec} has no MoE layers, so there is no expert table; heads, Q/K dims, residual channels "
+                "and MLP neurons are steered in the box below" + (", SAE features in their table." if sae else "."))
     table_state(lm)
     with st.expander("Load a study YAML"):
         _upload(lm)
@@ -378,8 +411,11 @@ def render(lm, sae: PickedSAE | None = None) -> None:
     if layers:
         _expert_editor(lm, layers, tables, ver)
     sae_rows = _sae_editor(sae, ver)
+    extra = st.text_area("More interventions (YAML): attention heads, Q/K dims, residual channels, MLP neurons",
+                         key="steer_extra", help=EXTRA_HELP, placeholder="- {op: zero_head, layers: 3, heads: [0, 5]}")
     try:
-        ivs = interventions_from_tables(tables) + interventions_from_sae_rows(sae_rows, sae.path if sae else None)
+        ivs = (interventions_from_tables(tables) + interventions_from_sae_rows(sae_rows, sae.path if sae else None)
+               + extra_interventions(extra))
         for i, d in enumerate(parse(ivs)):
             d.validate(lm, f"interventions[{i}]")
     except WorkbenchError as exc:
@@ -388,8 +424,9 @@ def render(lm, sae: PickedSAE | None = None) -> None:
     if ivs:
         st.caption(f"{len(ivs)} active intervention{'s' * (len(ivs) != 1)}: " + ", ".join(describe(d) for d in ivs))
     else:
-        st.caption("no active interventions: tick zero / drop / force or change scale / bias in the table"
-                   + (", or add a feature row" if sae is not None else ""))
+        st.caption(("no active interventions: tick zero / drop / force or change scale / bias in the table, or "
+                    if layers else "no active interventions: ")
+                   + "write some in the YAML box" + (", or add a feature row" if sae is not None else ""))
     if not prompt.strip():
         st.info("Type a prompt.")
         return
