@@ -50,6 +50,7 @@ class QKMeter:
         self._attn: dict[int, nn.Module] = {}
         self.layers_without_attention: list[int] = []
         self.latent = False  # DeepSeek's latent attention: its rotary dims are the last ones of a head
+        self._rope: tuple[int, int, bool] | None = None  # latent attention: (nope dims, rope dims, interleaved pairs)
         self._pending: list = []  # (layer, fused, heads per projection, heads, dim, [2, heads * dim]) of this batch
         self._seen: list[int] = []  # layers updated in this batch
 
@@ -59,7 +60,16 @@ class QKMeter:
         for i, layer in enumerate(adapter.decoder_layers(model)):
             if adapter.has_attention(layer):
                 self._attn[i] = adapter.attention(layer)
-                self.latent |= hasattr(self._attn[i], "qk_rope_head_dim")
+                a = self._attn[i]
+                if hasattr(a, "qk_rope_head_dim"):
+                    # After RoPE, DeepSeek-V2 (complex rotation) keeps pairs (2i, 2i+1); V3 de-interleaves its
+                    # interleaved weights while rotating, so its output pairs are halves, as rotate_half's
+                    # (both tested against the models' own rotation: tests/test_qk.py)
+                    import sys
+
+                    complex_rope = hasattr(sys.modules[type(a).__module__], "apply_rotary_emb")
+                    self.latent = True
+                    self._rope = (int(a.qk_nope_head_dim), int(a.qk_rope_head_dim), complex_rope)
             else:
                 self.layers_without_attention.append(i)
 
@@ -152,6 +162,18 @@ class QKMeter:
     def empty(self) -> "QKMeter":
         return QKMeter(self.num_layers)
 
+    def pair_of(self, dim: int, head_dim: int, rot: int) -> int | None:
+        """The rotary pair (frequency index) of a query/key dimension, None where it is not rotated. Standard
+        layout: dims ``d`` and ``d + rot / 2`` share pair ``d`` (``rotate_half``, the first ``rot`` dims rotated);
+        latent attention: the last ``rope`` dims, in interleaved pairs or halves."""
+        if self._rope is not None:
+            nope, rope, interleaved = self._rope
+            if dim < nope or dim >= nope + rope:
+                return None
+            j = dim - nope
+            return j // 2 if interleaved else j % (rope // 2)
+        return dim % (rot // 2) if rot and dim < rot <= head_dim else None
+
     def norms(self, layer: int, proj: str, which: str = "all") -> torch.Tensor | None:
         """``M [heads, dim]``: the L2 norm over tokens of each head dimension (None if not measured)."""
         self._flush()
@@ -189,15 +211,15 @@ class QKMeter:
                         e = {"layer": layer, "proj": proj, "head": h, "dim": d, "norm": float(M[h, d]),
                              "ratio": float(M[h, d] / med[h]), "ratio_no_pos0": float(M0[h, d] / med0[h]),
                              "pair": None, "wavelength": None}
-                        if proj != "v" and d < rot and M.shape[1] >= rot and not self.latent:
-                            pair = d % (rot // 2)
+                        pair = self.pair_of(d, M.shape[1], rot) if proj != "v" else None
+                        if pair is not None and pair < rot // 2:
                             e["pair"], e["wavelength"] = pair, 2 * math.pi / float(freqs[pair])
                         entries.append(e)
             by_layer.append(row)
         out = {"entries": entries, "by_layer": by_layer, "rotary_dims": rot, "context_length": context,
                "tokens": self.tokens[:, 0].tolist(), "latent": self.latent, "norms": norms}
-        if self.latent:
-            out["note"] = "latent attention: the rotary dims are the last qk_rope_head_dim of each head; pairs not given"
+        qk_dim = next((len(h[0]) for h in norms["q"] if h), 0)
+        out["pair_of_dim"] = [self.pair_of(d, qk_dim, rot) for d in range(qk_dim)]  # Q and K; V has no rotation
         if unmeasured:
             out["unmeasured_layers"] = unmeasured  # their attention does not use transformers' attention interface
         if self.layers_without_attention:

@@ -50,13 +50,13 @@ def qk_table(q: dict) -> pd.DataFrame:
     """Every (layer, proj, head, dim) norm of ``qk_values``, its ratio to the head's median, and the rotary pair."""
     import numpy as np
 
-    rot, rows = q["rotary_dims"], []
+    pairs, rows = q["pair_of_dim"], []
     for proj, layers in q["norms"].items():
         for layer, heads in enumerate(layers):
             for head, dims in enumerate(heads or []):
                 med = float(np.median(dims)) or float("nan")
                 for dim, norm in enumerate(dims):
-                    pair = dim % (rot // 2) if proj != "v" and dim < rot and len(dims) >= rot and not q["latent"] else None
+                    pair = pairs[dim] if proj != "v" and dim < len(pairs) else None
                     rows.append({"layer": layer, "proj": proj, "head": head, "dim": dim, "norm": norm,
                                  "ratio": norm / med, "pair": pair})
     return pd.DataFrame(rows, columns=["layer", "proj", "head", "dim", "norm", "ratio", "pair"])

@@ -324,3 +324,53 @@ def test_trace_q_k_v_components_feed_the_reducers():
         assert r.result()["count"] == n and r.count.numel() == meter.sums[f"{site.layer}.{proj}.all"].numel()
         sumsq = r.m2 + r.count * r.mean ** 2  # per column (head-major: head * head_dim + dim)
         torch.testing.assert_close(sumsq, meter.sums[f"{site.layer}.{proj}.all"].flatten(), rtol=1e-4, atol=1e-6)
+
+
+def test_latent_attention_pairs_are_its_last_dims():
+    """DeepSeek-V3's latent attention: queries and keys are (no-rope dims, rope dims); only the latter have
+    rotary pairs (halves after its rotation), with their wavelengths."""
+    from workbench.models.specs import load
+
+    lm = load("zoo:deepseek-v3")
+    meter = _measure(lm.model, [_batch(0)])
+    res = meter.result(lm.model)
+    attn = lm.model.model.layers[0].self_attn
+    nope, rope = attn.qk_nope_head_dim, attn.qk_rope_head_dim
+    want = [None] * nope + [j % (rope // 2) for j in range(rope)]  # V3's rotated dims come out as halves
+    assert res["pair_of_dim"] == want
+    inv = next(m.inv_freq for m in lm.model.modules() if hasattr(m, "inv_freq"))
+    for e in res["entries"]:
+        if e["proj"] != "v" and e["dim"] >= nope:
+            assert e["wavelength"] == pytest.approx(2 * torch.pi / float(inv[e["pair"]]))
+        else:
+            assert e["pair"] is None
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "zoo:deepseek-v3", "deepseek_v2"])
+def test_rotary_pairs_are_the_models_own(spec):
+    """In layer 0 a repeated token has the same query before RoPE at every position, so the joint norm of a
+    true rotary pair is the same at every position while its single dims are not: the pairs the meter
+    names (rotate_half halves for Llama, interleaved rope dims for DeepSeek-V3) are the model's."""
+    from workbench.models.specs import load
+    from workbench.tracing.attention_tap import AttentionTap
+
+    model = _tiny() if spec == "tiny-llama" else _tiny(spec) if spec == "deepseek_v2" else load(spec).model
+    meter = _measure(model, [_batch(0)])
+    pairs = meter.result(model)["pair_of_dim"]
+    seen = {}
+    attn = adapter_for(model).attention(adapter_for(model).decoder_layers(model)[0])
+    def keep(module, q, k, v):
+        seen.setdefault("q", q[0, 0].detach().clone())
+    with AttentionTap(model, {attn: keep}), torch.no_grad():
+        model(input_ids=torch.full((1, 6), 500))
+    q = seen["q"]  # [T, d] of head 0
+    groups: dict[int, list[int]] = {}
+    for d, p in enumerate(pairs):
+        if p is not None:
+            groups.setdefault(p, []).append(d)
+    assert groups and all(len(g) == 2 for g in groups.values())
+    for dims in groups.values():
+        joint = q[:, dims].norm(dim=-1)
+        torch.testing.assert_close(joint, joint[:1].expand_as(joint), rtol=1e-4, atol=1e-6)
+    moving = max(float((q[:, d] - q[0, d]).abs().max()) for g in groups.values() for d in g)
+    assert moving > 1e-3  # RoPE did rotate them
