@@ -374,3 +374,25 @@ def test_rotary_pairs_are_the_models_own(spec):
         torch.testing.assert_close(joint, joint[:1].expand_as(joint), rtol=1e-4, atol=1e-6)
     moving = max(float((q[:, d] - q[0, d]).abs().max()) for g in groups.values() for d in g)
     assert moving > 1e-3  # RoPE did rotate them
+
+
+def test_qkv_sites_only_where_the_attention_interface_is_used(tmp_path, zoo_tokenizer):
+    """all_sites leaves out layers whose Q/K/V cannot be read (hybrid linear attention, Falcon's own
+    attention); `trace --components q` on a model with none says why in one line, with a non-zero exit."""
+    import subprocess
+    import sys
+
+    from workbench.models.families import save_tiny
+    from workbench.tracing.sites import all_sites
+
+    nxt = _tiny("qwen3_next")
+    ad = adapter_for(nxt)
+    layers = [i for i, layer in enumerate(ad.decoder_layers(nxt)) if ad.has_attention(layer)]
+    assert [s.layer for s in all_sites(ad, nxt, ["q"])] == layers and len(layers) < 4
+    falcon = _tiny("falcon")
+    assert all_sites(adapter_for(falcon), falcon, ["k", "v"]) == []
+    folder = save_tiny("falcon", tmp_path / "falcon", zoo_tokenizer)
+    r = subprocess.run([sys.executable, "-m", "workbench", "trace", str(folder), "--components", "q", "--text", "x",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: no q sites: FalconAttention")
+    assert not (tmp_path / "out").exists()

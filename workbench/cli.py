@@ -94,6 +94,12 @@ def cmd_trace(args) -> int:
     out = output_dir(args.out)
     lm = _load(args)
     sites = all_sites(lm.adapter, lm.model, args.components, args.layers)
+    for comp in ("q", "k", "v"):  # layers whose Q/K/V cannot be read are left out; none at all says why
+        if comp in args.components and not any(s.component.value == comp for s in sites):
+            from workbench.tracing.sites import qkv_unreadable
+
+            layer = (args.layers or [0])[0]
+            raise WorkbenchError(f"no {comp} sites: {qkv_unreadable(lm.adapter, lm.model, layer) or 'no layer chosen'}")
     result = trace(lm, prompts, sites, args.reducers, batch_size=args.batch_size, max_tokens=args.max_tokens,
                    dump_dir=args.dump, progress=not args.quiet)
     summary = trace_summary(result, lm.tokenizer)

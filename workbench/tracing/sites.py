@@ -91,9 +91,26 @@ def all_sites(adapter: Adapter, model: nn.Module, components: Iterable[Component
             elif comp in (Component.ROUTER, Component.EXPERTS):
                 if info.kind == "moe":
                     out.append(Site(i, comp))
+            elif comp in QKV:  # layers whose attention hands Q, K, V to transformers' attention interface
+                if not qkv_unreadable(adapter, model, i):
+                    out.append(Site(i, comp))
             else:
                 out.append(Site(i, comp))
     return out
+
+
+def qkv_unreadable(adapter: Adapter, model: nn.Module, layer: int) -> str | None:
+    """Why layer ``layer``'s queries, keys and values cannot be read (None: they can)."""
+    import sys
+
+    block = adapter.decoder_layers(model)[layer]
+    if not adapter.has_attention(block):
+        return f"layer {layer} has no softmax attention ({adapter.mixer_kind(block)})"
+    attn = adapter.attention(block)
+    if not hasattr(sys.modules[type(attn).__module__], "eager_attention_forward"):
+        return (f"{type(attn).__name__} does not go through transformers' attention interface, where queries, "
+                "keys and values are read")
+    return None
 
 
 def validate(adapter: Adapter, model: nn.Module, sites: Iterable[Site]) -> None:
@@ -106,14 +123,9 @@ def validate(adapter: Adapter, model: nn.Module, sites: Iterable[Site]) -> None:
             what = "router" if s.component is Component.ROUTER else "routed experts"
             raise WorkbenchError(f"site {s}: layer {s.layer} is dense and has no {what}")
         if s.component in QKV:
-            layer = adapter.decoder_layers(model)[s.layer]
-            if not adapter.has_attention(layer):
-                raise WorkbenchError(f"site {s}: layer {s.layer} has no softmax attention ({adapter.mixer_kind(layer)})")
-            import sys
-
-            if not hasattr(sys.modules[type(adapter.attention(layer)).__module__], "eager_attention_forward"):
-                raise WorkbenchError(f"site {s}: {type(adapter.attention(layer)).__name__} does not go through "
-                                     "transformers' attention interface, where queries, keys and values are read")
+            why = qkv_unreadable(adapter, model, s.layer)
+            if why:
+                raise WorkbenchError(f"site {s}: {why}")
         limit = {Component.EXPERT: info.num_experts, Component.SHARED_EXPERT: info.num_shared}.get(s.component)
         if limit is not None and not 0 <= s.expert < limit:
             raise WorkbenchError(f"site {s}: expert out of range (layer {s.layer} has {limit})")
