@@ -440,23 +440,23 @@ class GraphRunner:
         """Forward hook on the norm the receivers of ``stages`` read through: records the residual and
         stashes the receivers' copies (the stand-ins and the dense MLP's input hook take them from there)."""
         def hook(mod, args, out):
-            x = args[0]
             for stage in stages:
-                if self._resid is not None:
-                    self._resid[stage] = x.detach()
-                if self._mode != "plain":
-                    self._stash[stage] = self._receivers(stage, mod, x, out)
+                self._read(stage, mod, args[0], out)
         return hook
 
     def _direct_reader(self, stage: int):
         """Forward pre-hook on a module that reads the residual stream with no norm (post-norm blocks)."""
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            if self._resid is not None:
-                self._resid[stage] = x.detach()
-            if self._mode != "plain":
-                self._stash[stage] = self._receivers(stage, _IDENTITY, x, x)
+            self._read(stage, _IDENTITY, x, x)
         return hook
+
+    def _read(self, stage: int, norm: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Stage ``stage`` reads residual ``x`` through ``norm`` (output ``y``): record it, stash the receivers' copies."""
+        if self._resid is not None:
+            self._resid[stage] = x.detach()
+        if self._mode != "plain":
+            self._stash[stage] = self._receivers(stage, norm, x, y)
 
     def _dense_input_hook(self, plan: LayerPlan):
         """Forward pre-hook on a dense MLP: its input is its receiver's copy."""
