@@ -10,8 +10,8 @@ splits into per-head outputs. Layouts are recognised from the modules, never fro
   query, key and value: GPT-NeoX, Falcon's classic attention) or ``grouped`` (per KV group its queries,
   key and value: Falcon's new decoder architecture). The order is read from the module's own
   attributes and tested against the model's attention (tests/test_circuit_models.py).
-* ``c_attn``: GPT-2's fused ``c_attn`` Conv1D (queries, keys and values in one) and ``c_proj``;
-  every head is its own KV group.
+* ``c_attn``: GPT-2's fused ``c_attn`` Conv1D (all queries, then keys, then values: the ``blocks``
+  order below) and ``c_proj``; every head is its own KV group.
 * ``mla``: DeepSeek's multi-head latent attention. Queries per head (``q_proj``, or ``q_a_proj`` ->
   ``q_a_layernorm`` -> ``q_b_proj``); keys and values of every head come from one shared latent
   (``kv_a_proj_with_mqa`` -> ``kv_a_layernorm`` -> ``kv_b_proj``, plus the shared rotary key), so the
@@ -42,7 +42,7 @@ class AttentionSpec:
     n_heads: int
     n_kv: int
     head_dim: int  # per-head width of the output projection's input (the value head size)
-    layout: str = ""  # fused: blocks, interleaved or grouped
+    layout: str = ""  # fused and c_attn: the row order (blocks, interleaved or grouped)
     out_name: str = "o_proj"
 
 
@@ -111,7 +111,7 @@ def attention_spec(attn: nn.Module, config, where: str) -> AttentionSpec:
         hd = d // n_heads
         if c_attn.nf != 3 * n_heads * hd or c_proj.weight.shape[0] != n_heads * hd:
             raise WorkbenchError(f"unexpected fused attention shapes in {where}")
-        return AttentionSpec("c_attn", n_heads, n_heads, hd)
+        return AttentionSpec("c_attn", n_heads, n_heads, hd, "blocks")  # all queries, then keys, then values
     raise WorkbenchError(f"circuits need attention with q_proj/k_proj/v_proj (or a fused qkv_proj/query_key_value) "
                          f"and o_proj/dense linear layers, GPT-2's c_attn/c_proj or DeepSeek's latent attention; "
                          f"{where} has {type(attn).__name__} with {', '.join(n for n, _ in attn.named_children())}")
@@ -140,8 +140,8 @@ def install(runner, attn: nn.Module, spec: AttentionSpec, stage: int) -> None:
     elif spec.kind == "fused":
         name = next(n for n in FUSED_NAMES if isinstance(getattr(attn, n, None), nn.Linear))
         runner._swap(attn, name, _SlotRows(getattr(attn, name), runner, stage, fused_slots(spec), nh + 2 * nkv))
-    elif spec.kind == "c_attn":
-        runner._swap(attn, "c_attn", _FusedQKV(attn.c_attn, runner, stage, nh, spec.head_dim))
+    elif spec.kind == "c_attn":  # a Conv1D: weight [in, out]
+        runner._swap(attn, "c_attn", _SlotRows(attn.c_attn, runner, stage, fused_slots(spec), 3 * nh, transposed=True))
     else:
         qk = int(attn.qk_head_dim)
         if isinstance(getattr(attn, "q_proj", None), nn.Linear):
@@ -191,44 +191,26 @@ class _HeadProj(_StandIn):
 
 
 class _SlotRows(_StandIn):
-    """Stands in for a fused linear projection whose output row j reads receiver copy ``slots[j]``
-    (every copy feeds the same number of rows)."""
+    """Stands in for a fused projection (a linear layer, or GPT-2's Conv1D with ``transposed`` weights
+    ``[in, out]``) whose output row j reads receiver copy ``slots[j]`` (every copy feeds as many rows)."""
 
-    def __init__(self, base: nn.Linear, runner, stage: int, slots: torch.Tensor, n_slots: int):
+    def __init__(self, base: nn.Module, runner, stage: int, slots: torch.Tensor, n_slots: int,
+                 transposed: bool = False):
         super().__init__(base, runner, stage)
         self.order = torch.argsort(slots, stable=True)  # rows grouped by copy
         self.inverse = torch.argsort(self.order)
-        self.n_slots, self.per_slot = n_slots, len(slots) // n_slots
+        self.n_slots, self.per_slot, self.transposed = n_slots, len(slots) // n_slots, transposed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.copies()
         if y is None:
             return self.base(x)
-        w = self.base.weight[self.order.to(x.device)].view(self.n_slots, self.per_slot, -1)
+        weight = self.base.weight.T if self.transposed else self.base.weight  # [out, in]
+        w = weight[self.order.to(x.device)].view(self.n_slots, self.per_slot, -1)
         out = torch.einsum("btnd,nkd->btnk", y, w).flatten(-2)[..., self.inverse.to(x.device)]
         if self.base.bias is not None:
             out = out + self.base.bias
         return out
-
-
-class _FusedQKV(_StandIn):
-    """Stands in for GPT-2's c_attn (Conv1D, weight ``[d, 3 H hd]``): queries, keys and values of head i
-    from copies i, H + i and 2H + i."""
-
-    def __init__(self, base: nn.Module, runner, stage: int, n_heads: int, head_dim: int):
-        super().__init__(base, runner, stage)
-        self.n_heads, self.head_dim = n_heads, head_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.copies()
-        if y is None:
-            return self.base(x)
-        B, T, _, d = y.shape
-        H, hd = self.n_heads, self.head_dim
-        w = self.base.weight.view(d, 3, H, hd)
-        parts = [torch.einsum("btnd,dnk->btnk", y[:, :, j * H:(j + 1) * H], w[:, j]).reshape(B, T, H * hd)
-                 for j in range(3)]
-        return torch.cat(parts, dim=-1) + self.base.bias
 
 
 class _PerHeadIn(_StandIn):
