@@ -211,10 +211,11 @@ def _attention_layout(lm, layer: int, iv: Intervention, where: str):
         if rotary_frequencies(lm.model) is None:
             raise WorkbenchError(f"{where}: op 'mean_qk' disrupts rotary dimensions; {type(lm.model).__name__} has no "
                                  "rotary attention")
-        import sys
-        if not hasattr(sys.modules[type(attn).__module__], "eager_attention_forward"):
-            raise WorkbenchError(f"{where}: op 'mean_qk' reads queries and keys through transformers' attention "
-                                 f"interface, which {type(attn).__name__} does not use")
+        from workbench.tracing.attention_tap import untappable
+
+        why = untappable(attn)
+        if why:
+            raise WorkbenchError(f"{where}: op 'mean_qk' reads queries and keys: {why}")
         qk_dim = spec.head_dim if iv.proj == "v" else int(getattr(attn, "qk_head_dim", 0) or getattr(attn, "head_dim", 0)
                                                             or spec.head_dim)
         bad = [x for x in iv.dims or () if not 0 <= x < qk_dim]

@@ -32,6 +32,20 @@ _REGISTERED: set[str] = set()
 PREFIX = "workbench_tap+"
 
 
+def _eager(module: nn.Module):
+    """The eager attention function of ``module``'s own modelling file (None where it has none)."""
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+
+
+def untappable(module: nn.Module) -> str | None:
+    """Why ``module``'s queries, keys and values cannot be tapped (None: they can). Attention written without
+    transformers' attention interface (Falcon) has no eager function beside it."""
+    if _eager(module) is None:
+        return (f"{type(module).__name__} does not use transformers' attention interface, where queries, keys "
+                "and values are read")
+    return None
+
+
 def _implementation(before: str) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -48,7 +62,7 @@ def _implementation(before: str) -> str:
             if new is not None:
                 query, key, value = new
         if before == "eager":  # the family's own eager function
-            fn = sys.modules[type(module).__module__].eager_attention_forward
+            fn = _eager(module)
         else:
             fn = ALL_ATTENTION_FUNCTIONS[before]
         return fn(module, query, key, value, attention_mask, **kwargs)

@@ -101,16 +101,12 @@ def all_sites(adapter: Adapter, model: nn.Module, components: Iterable[Component
 
 def qkv_unreadable(adapter: Adapter, model: nn.Module, layer: int) -> str | None:
     """Why layer ``layer``'s queries, keys and values cannot be read (None: they can)."""
-    import sys
+    from workbench.tracing.attention_tap import untappable
 
     block = adapter.decoder_layers(model)[layer]
     if not adapter.has_attention(block):
         return f"layer {layer} has no softmax attention ({adapter.mixer_kind(block)})"
-    attn = adapter.attention(block)
-    if not hasattr(sys.modules[type(attn).__module__], "eager_attention_forward"):
-        return (f"{type(attn).__name__} does not go through transformers' attention interface, where queries, "
-                "keys and values are read")
-    return None
+    return untappable(adapter.attention(block))
 
 
 def validate(adapter: Adapter, model: nn.Module, sites: Iterable[Site]) -> None:
