@@ -87,13 +87,19 @@ def _others(facts, fact, rng: random.Random, k: int, exclude: set[str] = frozens
     return rng.sample(pool, k)
 
 
+def _sampled_facts(n: int, rng: random.Random):
+    """``n`` built-in facts of relations with at least 5 (so 3 other answers exist), and the facts by relation."""
+    by_relation = _facts()
+    facts = [f for fs in by_relation.values() if len(fs) >= 5 for f in fs]
+    return rng.sample(facts, min(n, len(facts))), by_relation
+
+
 def override_items(n: int = 24, seed: int = 0) -> list[Choice]:
     """Facts restated with a false answer of the same relation; the context's answer is the right option."""
     rng = random.Random(seed)
-    by_relation = _facts()
-    facts = [f for fs in by_relation.values() if len(fs) >= 5 for f in fs]
+    chosen, by_relation = _sampled_facts(n, rng)
     out = []
-    for fact in rng.sample(facts, min(n, len(facts))):
+    for fact in chosen:
         pool = by_relation[fact.relation or ""]
         fake = _others(pool, fact, rng, 1)[0]
         lower = fact.prompt[0].lower() + fact.prompt[1:]
@@ -118,10 +124,9 @@ def label_copy_items(n: int = 24, seed: int = 0, shots: int = 4) -> list[Choice]
 def recall_items(n: int = 24, seed: int = 0) -> list[Choice]:
     """Built-in facts against 3 other answers of the same relation."""
     rng = random.Random(seed)
-    by_relation = _facts()
-    facts = [f for fs in by_relation.values() if len(fs) >= 5 for f in fs]
+    chosen, by_relation = _sampled_facts(n, rng)
     out = []
-    for fact in rng.sample(facts, min(n, len(facts))):
+    for fact in chosen:
         out.append(_shuffled(fact.answer, _others(by_relation[fact.relation or ""], fact, rng, 3), rng, "recall",
                              fact.prompt))
     return out
