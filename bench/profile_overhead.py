@@ -108,20 +108,39 @@ def run(args) -> dict:
     from workbench.models.specs import load
 
     torch.set_num_threads(args.threads)
-    lm = load(args.model)
+    lm = load(args.model, device=args.device)
     prompts = prompts_for(lm.tokenizer, args.tokens)
-    n_layers = len(lm.layer_infos())
+    cuda = lm.device.type == "cuda"
+    if cuda:  # CUDA context, cuBLAS handles and Triton's compilation stay out of the timing
+        work(args, lm, prompts[:args.batch])
+        torch.cuda.synchronize()
     start = time.perf_counter()
+    work(args, lm, prompts)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    n_tokens = sum(len(lm.tokenizer(p).input_ids) for p in prompts)
+    return {"variant": args.variant, "seconds": seconds, "tokens": n_tokens, "prompts": len(prompts),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+
+
+def work(args, lm, prompts) -> None:
+    """One variant over ``prompts``."""
+    import torch
+
+    n_layers = len(lm.layer_infos())
+    dev = lm.device
     if args.variant == "plain":
         with torch.no_grad():
             for chunk in batches(prompts, args.batch):
-                enc = lm.tokenizer(chunk, return_tensors="pt", padding=True)
+                enc = lm.tokenizer(chunk, return_tensors="pt", padding=True).to(dev)
                 lm.model(**enc, use_cache=False)
     elif args.variant == "body":  # the decoder stack alone, without the LM head (what the profile pass runs)
         body = lm.adapter.body(lm.model)
         with torch.no_grad():
             for chunk in batches(prompts, args.batch):
-                enc = lm.tokenizer(chunk, return_tensors="pt", padding=True)
+                enc = lm.tokenizer(chunk, return_tensors="pt", padding=True).to(dev)
                 body(**enc, use_cache=False)
     elif args.variant in ("profile", "profile-qk"):  # profile-qk: with the Q/K/V norms (experts/qk.py, opt-in)
         from workbench.experts.profile import ProfileOptions, profile
@@ -155,7 +174,7 @@ def run(args) -> dict:
                 maxima.append(max(float(b[i].abs().max()) for b in saved))
                 continue
             experts = lm.model.model.layers[i].mlp.experts
-            best = torch.zeros(infos[i].num_experts)
+            best = torch.zeros(infos[i].num_experts, device=dev)
             for b in saved:
                 hidden, index = b[i][0][0], b[i][0][1]
                 for e in range(infos[i].num_experts):
@@ -173,10 +192,6 @@ def run(args) -> dict:
             _, cache = bridge.run_with_cache(chunk, prepend_bos=False, names_filter=lambda n: n in names)
             caches.append(cache)
         maxima = [max(float(c[n].abs().max()) for c in caches) for n in sorted(names)]
-    seconds = time.perf_counter() - start
-    n_tokens = sum(len(lm.tokenizer(p).input_ids) for p in prompts)
-    return {"variant": args.variant, "seconds": seconds, "tokens": n_tokens, "prompts": len(prompts),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def breakdown(args) -> None:
@@ -207,7 +222,7 @@ def breakdown(args) -> None:
 
 def sub(args, variant: str, tokens: int) -> dict:
     cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--tokens", str(tokens),
-           "--batch", str(args.batch), "--threads", str(args.threads)]
+           "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
@@ -224,6 +239,8 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default="plain,body,profile,nnsight,tl")
+    p.add_argument("--device", default="cpu", help="cpu or cuda; on CUDA each variant runs once on one batch "
+                   "before the timed run (context, kernels, Triton compilation) and the clock stops after a sync")
     p.add_argument("--repeat", type=int, default=1, help="run the variants this many times, interleaved; report medians")
     p.add_argument("--rss-scan", default="", help="comma-separated token counts for the profile pass's peak RSS")
     p.add_argument("--breakdown", action="store_true", help="also print the profile pass's time breakdown (cProfile)")
@@ -244,9 +261,11 @@ def main():
         rows.append(ok[(len(ok) - 1) // 2] if ok else runs[v][0])  # the median run
     plain = next((r for r in rows if r["variant"] == "plain" and "error" not in r), None)
     print(f"model {args.model}: {rows[0].get('tokens')} tokens in {rows[0].get('prompts')} prompts, batch "
-          f"{args.batch}, {args.threads} threads; median of {args.repeat} interleaved runs")
+          f"{args.batch}, {args.threads} threads, {args.device}; median of {args.repeat} interleaved runs")
     body = next((r for r in rows if r["variant"] == "body" and "error" not in r), None)
-    print(f"{'variant':<10}{'seconds':>9}{'tokens/s':>10}{'x plain':>9}{'x body':>8}{'peak RSS MB':>13}")
+    gpu = args.device != "cpu"
+    print(f"{'variant':<10}{'seconds':>9}{'tokens/s':>10}{'x plain':>9}{'x body':>8}{'peak RSS MB':>13}"
+          + (f"{'peak GPU MB':>13}" if gpu else ""))
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:<10} failed: {r['error']}")
@@ -254,7 +273,7 @@ def main():
         ratio = r["seconds"] / plain["seconds"] if plain else float("nan")
         headless = r["seconds"] / body["seconds"] if body else float("nan")
         print(f"{r['variant']:<10}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.0f}{ratio:>9.2f}{headless:>8.2f}"
-              f"{r['peak_rss_mb']:>13.0f}")
+              f"{r['peak_rss_mb']:>13.0f}" + (f"{r['peak_gpu_mb'] or 0:>13.0f}" if gpu else ""))
     if args.breakdown:
         breakdown(args)
     for n in [int(x) for x in args.rss_scan.split(",") if x]:

@@ -15,12 +15,13 @@ import os
 import sys
 
 P, I, L = "*{dt}", "i32", "i64"
-# (module, kernel, argument types in order, constexprs): the types a launcher passes for large tensors.
+# (module, kernel, argument types in order, constexprs): the types a launcher passes for large tensors,
+# and the launchers' default block sizes and warps (num_warps, where given, is a launch option).
 KERNELS = [
     ("channel_stats", "_channel_stats_kernel", [P, "*fp32", "*i64", "*fp32", "*fp32", "*i32", "*i32", L, I, L, I, L],
-     dict(BLOCK_N=32, BLOCK_D=128)),
+     dict(BLOCK_N=32, BLOCK_D=128, num_warps=8)),
     ("token_absmax", "_token_absmax_kernel", [P, "*fp32", "*i64", L, I, L, I], dict(BLOCK_N=16, BLOCK_D=256)),
-    ("grouped_absmax", "_grouped_absmax_kernel", [P, "*i64", "*i64", L, I, L, I], dict(BLOCK_N=32, BLOCK_D=64)),
+    ("grouped_absmax", "_grouped_absmax_kernel", [P, "*i64", "*i64", L, I, L, I], dict(BLOCK_N=16, BLOCK_D=256, num_warps=8)),
     ("topk_abs", "_block_max_kernel", [P, "*i32", L], dict(BLOCK=1024)),
     ("topk_abs", "_bits_hist_kernel", [P, "*i32", L, I, I], dict(PREFIX_SHIFT=20, SHIFT=9, NB=2048, BLOCK=1024)),
     ("topk_abs", "_tie_count_kernel", [P, "*i32", L, I], dict(BLOCK=1024)),
@@ -52,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                 if isinstance(v, _LazyKernel):
                     setattr(mod, k, triton.jit(v.fn))
             fn = getattr(mod, name)
+            const = dict(const)
+            warps = const.pop("num_warps", 4)
             sig = dict(zip(fn.arg_names, [t.format(dt=dt) for t in types] + ["constexpr"] * len(const)))
-            kernel = triton.compile(ASTSource(fn, sig, const), target=target, options={"num_warps": 4})
+            kernel = triton.compile(ASTSource(fn, sig, const), target=target, options={"num_warps": warps})
             print(f"{name} {dt} sm_{args.arch}: {len(kernel.asm['cubin'])} B cubin, "
                   f"{kernel.metadata.shared} B shared memory ok")
     return 0

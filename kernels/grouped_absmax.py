@@ -61,17 +61,19 @@ def _decode(key: torch.Tensor) -> GroupedAbsMax:
     return GroupedAbsMax(hi.masked_fill(none, 0.0), torch.where(none, -1, _LOW - (key & _LOW)))
 
 
-def _grouped_absmax_triton(x: torch.Tensor, group_ids: torch.Tensor, num_groups: int, block_n: int = 32,
-                           block_d: int | None = None) -> GroupedAbsMax:
+def _grouped_absmax_triton(x: torch.Tensor, group_ids: torch.Tensor, num_groups: int, block_n: int = 16,
+                           block_d: int | None = None, num_warps: int = 8) -> GroupedAbsMax:
+    # Defaults: bench/kernel_sweep.py on an H200 (2026-12-04): at [65536, 4096], 64 groups, 1.53 ms
+    # bf16 and 1.49 ms fp32 against 2.60 and 2.41 ms for the earlier 32 x 64, 4 warps.
     n, d = x.shape
     if n >= _LOW:
         raise WorkbenchError(f"grouped_absmax (triton) packs row indices in 32 bits: N={n} rows is too many")
     key = torch.zeros(num_groups, d, dtype=torch.int64, device=x.device)
     if n and d and num_groups:
-        block_d = block_d or min(64, next_pow2(d))
+        block_d = block_d or min(256, next_pow2(d))
         grid = (-(-n // block_n), -(-d // block_d))
         _grouped_absmax_kernel[grid](x, group_ids, key, n, d, x.stride(0), x.stride(1),
-                                     BLOCK_N=block_n, BLOCK_D=block_d)
+                                     BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     return _decode(key)
 
 
