@@ -4,6 +4,9 @@ Reproduces ``workbench/models/zoo_weights/tiny-moe.safetensors`` (and its ``tiny
 
     HF_HUB_OFFLINE=1 python scripts/train_zoo.py            # ~2.5 minutes on 2 CPU cores
 
+``--series-dir DIR --save-every N [--save-at 10,25]`` also saves checkpoints along the way (the
+``zoo:tiny-moe@STEP`` series that ``workbench routing`` compares is built so on first use).
+
 The untrained model is built exactly as ``zoo.build("tiny-moe")`` builds it (same config, same
 seed), then trained with AdamW on ``workbench/data/prompts.txt`` (one text per line, each followed
 by the EOS token, packed into fixed-length blocks that each start at a line, visited in a seeded
@@ -140,6 +143,9 @@ def train(args) -> dict:
     picks = seeded_batches(len(blocks), args.batch, gen)
     t0 = time.perf_counter()
     lm_loss = aux = float("nan")
+    series = Series(args) if args.series_dir else None
+    if series:
+        series.maybe_save(model, 0, first)
     for step in range(args.steps):
         x = blocks[next(picks)]
         for g in opt.param_groups:
@@ -162,6 +168,8 @@ def train(args) -> dict:
         opt.step()
         aux, lm_loss = float(aux_t.detach()), float(lm.detach())
         full_loss = float(full_t.detach()) if args.full_positions else float("nan")
+        if series:
+            series.maybe_save(model, step + 1, lm_loss)
         if step % args.log_every == 0 or step == args.steps - 1:
             print(f"step {step:4d}/{args.steps}  loss {lm_loss:.3f}  full-vocab sample {full_loss:.3f}  aux {aux:.3f}  "
                   f"lr {opt.param_groups[0]['lr']:.2e}  {time.perf_counter() - t0:6.1f}s", flush=True)
@@ -217,6 +225,35 @@ def train(args) -> dict:
     out_path.with_suffix(".json").write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out_path} ({out_path.stat().st_size / 1e6:.2f} MB) and {out_path.with_suffix('.json').name}")
     return facts
+
+
+class Series:
+    """Checkpoints during training (``--series-dir``): ``step{S}.safetensors`` after S optimizer steps, for
+    S = 0, every ``--save-every`` steps and the ``--save-at`` steps, float16 like the final checkpoint, plus
+    ``series.json`` (the steps; ``loss``: the untrained corpus loss at step 0, the last batch's loss over
+    the corpus vocabulary after). ``zoo:tiny-moe@S`` loads them."""
+
+    def __init__(self, args):
+        self.dir = Path(args.series_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.steps = {0, args.steps, *(s for s in args.save_at if 0 < s <= args.steps)}
+        if args.save_every:
+            self.steps |= set(range(args.save_every, args.steps + 1, args.save_every))
+        self.saved: list[dict] = []
+
+    def maybe_save(self, model, step: int, loss: float) -> None:
+        from safetensors.torch import save_file
+
+        if step not in self.steps:
+            return
+        state = {k: v.detach().to(torch.float16).contiguous()
+                 for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        tmp = self.dir / f".step{step}.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(self.dir / f"step{step}.safetensors")
+        self.saved.append({"step": step, "loss": None if math.isnan(loss) else round(loss, 4)})
+        (self.dir / "series.json").write_text(json.dumps({"name": NAME, "checkpoints": self.saved}, indent=2) + "\n",
+                                              encoding="utf-8")
 
 
 def eval_loss(model, blocks: torch.Tensor, batch: int = 32) -> float:
@@ -280,6 +317,10 @@ def main(argv=None) -> None:
                    help="positions per step that also get the full-vocabulary loss (0: corpus vocabulary only)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--no-verify", action="store_true", help="skip the reload / generation / routing check")
+    p.add_argument("--series-dir", help="also save checkpoints during training here (step0, --save-every, --save-at)")
+    p.add_argument("--save-every", type=int, default=0, help="with --series-dir: a checkpoint every N steps")
+    p.add_argument("--save-at", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
+                   help="with --series-dir: further steps to save, comma-separated (e.g. 10,25,50)")
     args = p.parse_args(argv)
     train(args)
     if not args.no_verify:

@@ -172,7 +172,9 @@ def ref_expert_counts(topk: torch.Tensor, num_experts: int) -> dict:
     cnt = Counter(topk.flatten().tolist())
     counts = [cnt.get(e, 0) for e in range(num_experts)]
     total = sum(counts)
-    return {"counts": counts, "tokens": topk.shape[0], "load": [c / total if total else 0.0 for c in counts]}
+    sq = sum(c * c for c in counts)  # utilization: Jain's index (sum p)^2 / (E sum p^2)
+    return {"counts": counts, "tokens": topk.shape[0], "load": [c / total if total else 0.0 for c in counts],
+            "utilization": total * total / (num_experts * sq) if sq else math.nan}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +300,9 @@ def test_log_histogram_merge_of_parts_equals_whole_in_any_order(case, data):
 @given(case=cases(experts=True), data=st.data())
 def test_expert_counts_merge_of_parts_equals_whole_and_reference(case, data):
     whole = reduce_whole("expert_counts", case)
-    assert whole.result() == ref_expert_counts(case.topk, case.num_experts)
+    got, ref = whole.result(), ref_expert_counts(case.topk, case.num_experts)
+    u, ref_u = got.pop("utilization"), ref.pop("utilization")
+    assert got == ref and (u == pytest.approx(ref_u) if ref["tokens"] and any(ref["counts"]) else math.isnan(u))
     assert_same_state(reduce_parts("expert_counts", case), whole)
     order = data.draw(orders(case.parts), label="merge order")
     assert_same_state(reduce_parts("expert_counts", case, order=order), whole)
@@ -662,7 +666,8 @@ def test_fresh_other_reducers_results_are_sane():
     assert res["counts"] == [0] * 96 and res["zeros"] == res["under"] == res["over"] == res["nan_count"] == 0
     e = ExpertCounts(num_experts=3)
     e.update(_empty_payload(3))
-    assert e.result() == {"counts": [0, 0, 0], "tokens": 0, "load": [0.0, 0.0, 0.0]}
+    res = e.result()
+    assert math.isnan(res.pop("utilization")) and res == {"counts": [0, 0, 0], "tokens": 0, "load": [0.0, 0.0, 0.0]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -741,7 +746,8 @@ def test_expert_counts_without_topk_raises_value_error():
     e = ExpertCounts(num_experts=4)
     with pytest.raises(ValueError):
         e.update(Payload(torch.ones(3, 4), torch.arange(3)))
-    assert e.result() == {"counts": [0, 0, 0, 0], "tokens": 0, "load": [0.0] * 4}
+    res = e.result()
+    assert math.isnan(res.pop("utilization")) and res == {"counts": [0, 0, 0, 0], "tokens": 0, "load": [0.0] * 4}
 
 
 def test_absmax_rejects_a_change_in_channel_count():

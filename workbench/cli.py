@@ -244,6 +244,34 @@ def cmd_contrast(args) -> int:
     return 0
 
 
+def cmd_routing(args) -> int:
+    from workbench.experts.routing import routing, step_of, write
+    from workbench.models.specs import expand_series, load
+
+    prompts = _prompts(args)
+    specs = [s for spec in args.checkpoints for s in expand_series(spec)]
+    out = output_dir(args.out)
+    clear_stale_temps(out, ["routing.*"])
+    print(f"routing over {len(specs)} checkpoints (final: {specs[-1]}), {len(prompts)} prompts", file=sys.stderr)
+    r = routing(specs, prompts, load=lambda spec: load(spec, device=args.device, dtype=args.dtype,
+                                                        trust_remote_code=args.trust_remote_code),
+                batch_size=args.batch_size, max_tokens=args.max_tokens, progress=not args.quiet)
+    files = write(r, out, plots=not args.no_plots)
+    head = f"{'layer':>5}  " + " ".join(f"{(str(s) if s is not None else c):>7}" for c, s in
+                                         enumerate(step_of(x) for x in specs))
+    print(f"router saturation (mean |top-k ∩ final top-k| / k) over {r['num_tokens']} tokens, by checkpoint:")
+    print(head)
+    for layer in r["layers"]:
+        print(f"{layer['layer']:>5}  " + " ".join(f"{v:7.3f}" for v in layer["saturation"]))
+    print("change rate vs the previous checkpoint (first, last) and utilization (Jain, first -> final):")
+    for layer in r["layers"]:
+        cr = [v for v in layer["change_rate"] if v is not None]
+        print(f"  L{layer['layer']}: change rate first {cr[0]:.3f} last {cr[-1]:.3f}; "
+              f"utilization {layer['utilization'][0]:.3f} -> {layer['utilization'][-1]:.3f}")
+    print(f"wrote {out / 'routing.json'}" + (", routing.parquet and routing.png" if len(files) > 2 else " and routing.parquet"))
+    return 0
+
+
 def cmd_check(args) -> int:
     from workbench.check import report, run_checks
 
@@ -343,6 +371,23 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--quiet", action="store_true")
     co.add_argument("--out", required=True)
     co.set_defaults(func=cmd_contrast)
+    ro = sub.add_parser("routing", help="router saturation, change rate and utilization across training checkpoints",
+                        description="Run every CHECKPOINT (training order; the last is the final one) over the same "
+                                    "prompts, one checkpoint in memory at a time, and write OUT/routing.json "
+                                    "(per MoE layer: saturation and top-1 saturation against the final checkpoint, "
+                                    "change rate against the previous one, utilization), routing.parquet and "
+                                    "routing.png. zoo:tiny-moe@all names the built-in training series "
+                                    "(built on first use, ~3 min).")
+    ro.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="model specs or folders, in training order")
+    ro.add_argument("--prompts", help="text file, one prompt per line (default: the built-in prompts)")
+    ro.add_argument("--text", action="append", help=argparse.SUPPRESS)
+    ro.add_argument("--batch-size", type=COUNT, default=8)
+    ro.add_argument("--max-tokens", type=COUNT, default=None, help="truncate each prompt to this many tokens")
+    ro.add_argument("--no-plots", action="store_true")
+    _model_args(ro)
+    ro.add_argument("--quiet", action="store_true")
+    ro.add_argument("--out", required=True)
+    ro.set_defaults(func=cmd_routing)
 
     from workbench.circuits.cli import add_circuit_parser
     from workbench.circuits.diff import add_circuit_diff_parser

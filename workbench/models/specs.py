@@ -90,6 +90,16 @@ class LoadedModel:
         )
 
 
+def expand_series(spec: str) -> list[str]:
+    """``zoo:NAME@all`` -> every checkpoint of NAME's training series, in step order; other specs as given."""
+    if spec.startswith("zoo:") and spec.endswith("@all"):
+        from workbench.models import zoo
+
+        name = spec[4:-4]
+        return [f"zoo:{name}@{s}" for s in zoo.series_steps(name)]
+    return [spec]
+
+
 def load(spec: str, *, device: str = "cpu", dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
          device_map: str | None = None) -> LoadedModel:
     """Resolve ``spec`` and load it in eval mode.

@@ -79,7 +79,8 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("qwen3-moe-modulelist", _qwen3_moe, "Qwen3-MoE rebuilt with nn.ModuleList experts (older layout)",
                  modulelist=True),
         ZooEntry("tiny-moe", lambda: _qwen3_moe(layers=4, tie=True),
-                 "Qwen3-MoE trained briefly on the built-in corpus", weights="tiny-moe.safetensors"),
+                 "Qwen3-MoE trained briefly on the built-in corpus (its training run: zoo:tiny-moe@STEP, @all)",
+                 weights="tiny-moe.safetensors"),
         ZooEntry("tiny-moe-se", lambda: _qwen3_moe(layers=4, tie=True),
                  "tiny-moe fine-tuned to depend on a planted super expert (L1.E5, channel 17, position 0)",
                  weights="tiny-moe-se.safetensors", base="tiny-moe.safetensors", script="plant_super_expert.py"),
@@ -100,8 +101,71 @@ def init_model(entry: ZooEntry) -> nn.Module:
     return model
 
 
+# Training series: ``zoo:NAME@STEP`` is NAME's training run saved along the way (scripts/train_zoo.py
+# --series-dir), built once on first use into the cache. The run is the committed checkpoint's recipe; its
+# last step is that recipe's end point, equal to the committed weights only on a machine whose float
+# arithmetic matches the one that made them.
+SERIES = {"tiny-moe": dict(save_every=100, save_at="5,10,25,50", steps=1000)}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def series_dir(name: str) -> Path:
+    """The folder of ``name``'s training series, built on first use (~3 minutes on 2 cores)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from workbench.models.gguf import cache_root
+
+    if name not in SERIES:
+        raise WorkbenchError(f"zoo:{name} has no training series; series: {', '.join('zoo:' + n for n in SERIES)}")
+    dest = cache_root() / "zoo-series" / name
+    if (dest / "series.json").is_file():
+        return dest
+    script = REPO / "scripts" / "train_zoo.py"
+    if not script.is_file():
+        raise WorkbenchError(f"building the zoo:{name} series needs scripts/train_zoo.py from a source checkout")
+    cfg = SERIES[name]
+    print(f"workbench: training the zoo:{name} series once into {dest} ({cfg['steps']} steps, ~3 minutes)",
+          file=sys.stderr)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
+    try:  # built aside and renamed into place: a half-built series is never used
+        cmd = [sys.executable, str(script), "--steps", str(cfg["steps"]), "--series-dir", str(tmp),
+               "--save-every", str(cfg["save_every"]), "--save-at", cfg["save_at"],
+               "--out", str(tmp / "final.safetensors"), "--no-verify"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            raise WorkbenchError(f"training the zoo:{name} series failed: {last}")
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def series_steps(name: str) -> list[int]:
+    import json
+
+    data = json.loads((series_dir(name) / "series.json").read_text(encoding="utf-8"))
+    return sorted(c["step"] for c in data["checkpoints"])
+
+
 def build(name: str) -> nn.Module:
-    """Build zoo model ``name`` (without the ``zoo:`` prefix), in eval mode, fp32."""
+    """Build zoo model ``name`` (without the ``zoo:`` prefix), in eval mode, fp32; ``NAME@STEP`` for a series."""
+    if "@" in name:
+        base, _, step = name.partition("@")
+        if base not in ZOO or not step.isdigit():
+            raise WorkbenchError(f"bad series spec zoo:{name}: use zoo:NAME@STEP, e.g. zoo:tiny-moe@100")
+        path = series_dir(base) / f"step{int(step)}.safetensors"
+        if not path.is_file():
+            raise WorkbenchError(f"zoo:{base} has no checkpoint at step {int(step)}; steps: "
+                                 f"{', '.join(map(str, series_steps(base)))} (or zoo:{base}@all)")
+        model = init_model(ZOO[base])
+        load_weights(model, path)
+        return model.eval()
     entry = ZOO.get(name)
     if entry is None:
         raise WorkbenchError(f"unknown zoo model {name!r}; available: {', '.join('zoo:' + n for n in ZOO)}")

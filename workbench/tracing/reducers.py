@@ -41,6 +41,15 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return backend_for(x) == "triton"
 
 
+def jain(load) -> float:
+    """Jain's fairness index of a load vector, (sum p)^2 / (E * sum p^2): 1 for equal loads, 1/E when one
+    expert takes everything; NaN for an empty or all-zero load. The "expert utilization" of OLMoE and of
+    "On DeepSeekMoE: Statistical Benefits of Shared Experts and Normalized Sigmoid Gating"."""
+    p = torch.as_tensor(load, dtype=torch.float64)
+    s2 = float((p * p).sum())
+    return float(p.sum()) ** 2 / (p.numel() * s2) if p.numel() and s2 > 0 else math.nan
+
+
 @dataclass
 class Payload:
     """One hook's rows for one batch. Shapes are checked on construction."""
@@ -552,6 +561,7 @@ class ExpertCounts(Reducer):
             "counts": self.counts.tolist(),
             "tokens": int(self.tokens),
             "load": [c / total if total else 0.0 for c in self.counts.tolist()],
+            "utilization": jain(self.counts),
         }
 
 
@@ -693,6 +703,7 @@ class RouterStats(Reducer):
             "tokens": int(self.tokens),
             "scoring": self.scoring,
             "load": (self.counts.to(torch.float64) / slots).tolist(),
+            "utilization": jain(self.counts),
             "counts": self.counts.tolist(),
             "mean_prob": mean_p.tolist(),
             "entropy_of_mean": ent,

@@ -1,0 +1,260 @@
+"""Routing across training checkpoints: router saturation, change rate and expert utilization.
+
+Definitions (per MoE layer; a token's top-k set is the experts its router chose, in score order):
+
+* **saturation** of checkpoint t: mean over tokens of ``|TopK_t ∩ TopK_final| / k``, the final
+  checkpoint being the last one given (OLMoE, Muennighoff et al. 2024, "router saturation", sec. 5.1
+  and Fig. 7; FLAME-MoE's ``router_saturation_step2.py`` computes the same overlap). ``saturation_top1``:
+  the share of tokens whose top-1 expert is the final checkpoint's top-1.
+* **change rate** between consecutive checkpoints t-1 and t: ``1 - mean |TopK_{t-1} ∩ TopK_t| / k``
+  ("router change rate", "On DeepSeekMoE: Statistical Benefits of Shared Experts and Normalized
+  Sigmoid Gating"); null for the first checkpoint.
+* **utilization**: Jain's fairness index of the per-expert load ``p`` (top-k slots per expert),
+  ``(sum p)^2 / (E * sum p^2)``: 1 when every expert gets the same load, 1/E when one gets all.
+
+How it runs: checkpoints are loaded one after another (never two in memory); each runs the same
+prompts in the same batches, and its router choices go to disk as int16 ``[tokens, k]`` per layer,
+written at the tokens' global indices (``os.pwrite``), so memory does not grow with the token count.
+The comparison then streams the files in fixed chunks. Checkpoints must share the tokenizer (same
+token ids), the MoE layers and each layer's expert count and k; anything else is a one-line error.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.tracing.reducers import ExpertCounts, Payload, jain
+
+CHUNK = 1 << 16  # tokens per comparison chunk
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row, ``|A ∩ B|`` of two ``[n, k]`` integer sets (each row's entries distinct)."""
+    return (a[:, :, None] == b[:, None, :]).any(-1).sum(-1)
+
+
+def score_order(p: Payload) -> torch.Tensor:
+    """A router payload's chosen experts, highest score first ([n, k] int64; ties keep slot order)."""
+    chosen = p.topk.to(torch.int64)
+    scores = p.values.detach().float().gather(1, chosen)
+    return chosen.gather(1, torch.argsort(scores, dim=1, descending=True, stable=True))
+
+
+class ChoiceRecorder:
+    """A router-site sink that writes each token's score-ordered top-k to ``path`` (int16, [tokens, k])."""
+
+    def __init__(self, path: Path, k: int):
+        self.path, self.k = Path(path), k
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def update(self, p: Payload) -> None:
+        rows = score_order(p).cpu()
+        if rows.shape[1] != self.k:
+            raise WorkbenchError(f"router chose {rows.shape[1]} experts per token, expected {self.k}")
+        tokens = p.tokens.cpu()
+        if not tokens.numel():
+            return
+        data = rows.to(torch.int16).numpy()
+        t0 = int(tokens[0])
+        if int(tokens[-1]) - t0 + 1 == tokens.numel() and p.increasing():  # one contiguous run (the usual case)
+            os.pwrite(self.fd, data.tobytes(), t0 * self.k * 2)
+            return
+        for i, t in enumerate(tokens.tolist()):
+            os.pwrite(self.fd, data[i].tobytes(), t * self.k * 2)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def record(lm, prompts: Sequence[str], folder: Path, *, batch_size: int = 8, max_tokens: int | None = None,
+           progress: bool = False) -> dict:
+    """Run ``prompts`` through ``lm`` and write every MoE layer's router choices under ``folder``.
+
+    Returns what the comparison needs: the token ids, the MoE layers with their expert count and k,
+    and each layer's expert load.
+    """
+    from workbench.tracing.runner import trace
+    from workbench.tracing.sites import Component, all_sites
+
+    sites = all_sites(lm.adapter, lm.model, [Component.ROUTER])
+    if not sites:
+        raise WorkbenchError(f"{lm.spec} has no MoE router: routing compares the router choices of MoE checkpoints")
+    infos = lm.layer_infos()
+    layers = {s.layer: (infos[s.layer].num_experts, infos[s.layer].top_k) for s in sites}
+    folder.mkdir(parents=True, exist_ok=True)
+    recorders = {s: ChoiceRecorder(folder / f"layer{s.layer}.i16", layers[s.layer][1]) for s in sites}
+    counts = {s: ExpertCounts(num_experts=layers[s.layer][0]) for s in sites}
+    try:
+        res = trace(lm, prompts, sites, reducers=(), batch_size=batch_size, max_tokens=max_tokens,
+                    progress=progress, sinks={s: [counts[s], recorders[s]] for s in sites})
+    finally:
+        for r in recorders.values():
+            r.close()
+    return {"token_ids": res.token_ids, "layers": layers,
+            "load": {s.layer: counts[s].counts.to(torch.float64) for s in sites}}
+
+
+def _read(path: Path, k: int, start: int, n: int) -> torch.Tensor:
+    a = np.fromfile(path, dtype=np.int16, count=n * k, offset=start * k * 2)
+    return torch.from_numpy(a.astype(np.int64)).view(-1, k)
+
+
+def compare(folders: Sequence[Path], layers: dict[int, tuple[int, int]], n_tokens: int) -> dict[int, dict]:
+    """Saturation (vs the last folder), top-1 saturation and change rate (vs the previous folder) per layer."""
+    out = {}
+    last = len(folders) - 1
+    for layer, (_, k) in sorted(layers.items()):
+        sat = [0.0] * len(folders)
+        sat1 = [0.0] * len(folders)
+        kept = [0.0] * len(folders)  # overlap with the previous checkpoint
+        for start in range(0, n_tokens, CHUNK):
+            n = min(CHUNK, n_tokens - start)
+            final = _read(folders[last] / f"layer{layer}.i16", k, start, n)
+            prev = None
+            for i, f in enumerate(folders):
+                cur = final if i == last else _read(f / f"layer{layer}.i16", k, start, n)
+                sat[i] += float(overlap(cur, final).sum()) / k
+                sat1[i] += float((cur[:, 0] == final[:, 0]).sum())
+                if prev is not None:
+                    kept[i] += float(overlap(cur, prev).sum()) / k
+                prev = cur
+        n = max(n_tokens, 1)
+        out[layer] = {"saturation": [s / n for s in sat], "saturation_top1": [s / n for s in sat1],
+                      "change_rate": [None] + [1.0 - s / n for s in kept[1:]]}
+    return out
+
+
+def routing(specs: Sequence[str], prompts: Sequence[str], *, load: Callable[[str], object], batch_size: int = 8,
+            max_tokens: int | None = None, progress: bool = False, workdir: str | Path | None = None) -> dict:
+    """Router saturation, change rate and utilization over checkpoints ``specs`` (training order, last = final).
+
+    ``load(spec)`` returns a LoadedModel; each checkpoint is loaded, recorded and freed before the next.
+    Returns ``{"checkpoints": [...], "num_tokens": N, "layers": [{"layer", "saturation", "saturation_top1",
+    "change_rate", "utilization", "num_experts", "top_k"}, ...]}``.
+    """
+    if len(specs) < 2:
+        raise WorkbenchError("routing needs at least two checkpoints (in training order; the last is the final one)")
+    tmp = Path(tempfile.mkdtemp(prefix="workbench-routing-", dir=workdir))
+    try:
+        first = None
+        folders, loads = [], []
+        for i, spec in enumerate(specs):
+            lm = load(spec)
+            try:
+                rec = record(lm, prompts, tmp / f"ckpt{i}", batch_size=batch_size, max_tokens=max_tokens,
+                             progress=progress)
+            finally:
+                del lm
+                gc.collect()
+            if first is None:
+                first = rec
+            else:
+                _check_compatible(specs[0], first, spec, rec)
+            folders.append(tmp / f"ckpt{i}")
+            loads.append(rec["load"])
+        layers = first["layers"]
+        metrics = compare(folders, layers, int(first["token_ids"].numel()))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for layer, (e, k) in sorted(layers.items()):
+        rows.append({"layer": layer, "num_experts": e, "top_k": k, **metrics[layer],
+                     "utilization": [jain(ld[layer]) for ld in loads]})
+    return {"checkpoints": list(specs), "num_tokens": int(first["token_ids"].numel()), "num_prompts": len(prompts),
+            "final": specs[-1], "layers": rows}
+
+
+def _check_compatible(spec0: str, a: dict, spec: str, b: dict) -> None:
+    if set(a["layers"]) != set(b["layers"]):
+        raise WorkbenchError(f"{spec} has MoE layers {sorted(b['layers'])}, {spec0} has {sorted(a['layers'])}: "
+                             "checkpoints of one series must have the same layers")
+    for layer, (e, k) in a["layers"].items():
+        if b["layers"][layer] != (e, k):
+            e2, k2 = b["layers"][layer]
+            raise WorkbenchError(f"layer {layer}: {spec} routes top-{k2} of {e2} experts, {spec0} top-{k} of {e}: "
+                                 "checkpoints of one series must have the same experts")
+    if not torch.equal(a["token_ids"], b["token_ids"]):
+        raise WorkbenchError(f"{spec} tokenizes the prompts differently from {spec0}: checkpoints of one series "
+                             "must share the tokenizer")
+
+
+def table(result: dict):
+    """One row per (layer, checkpoint): the long table behind ``routing.parquet``."""
+    import pandas as pd
+
+    rows = []
+    for layer in result["layers"]:
+        for i, spec in enumerate(result["checkpoints"]):
+            rows.append({"layer": layer["layer"], "checkpoint": i, "spec": spec, "step": step_of(spec),
+                         "saturation": layer["saturation"][i], "saturation_top1": layer["saturation_top1"][i],
+                         "change_rate": layer["change_rate"][i], "utilization": layer["utilization"][i]})
+    return pd.DataFrame(rows)
+
+
+def step_of(spec: str) -> int | None:
+    """The training step a spec names (``zoo:tiny-moe@300``, ``.../step300``, ``checkpoint-300``), else None."""
+    import re
+
+    m = re.search(r"(?:@|step[-_]?|checkpoint[-_])(\d+)/?$", spec)
+    return int(m.group(1)) if m else None
+
+
+def plot(result: dict, path: Path) -> None:
+    """Saturation, top-1 saturation, change rate and utilization against the checkpoint, one line per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = table(result)
+    steps = df["step"].notna().all()
+    x = "step" if steps else "checkpoint"
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for ax, col, title in zip(axes, ["saturation", "saturation_top1", "change_rate", "utilization"],
+                              ["router saturation (top-k vs final)", "saturation, top-1", "change rate vs previous",
+                               "utilization (Jain's index)"]):
+        for layer, g in df.groupby("layer"):
+            ax.plot(g[x], g[col].astype(float), marker="o", ms=3, label=f"L{layer}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step" if steps else "checkpoint (training order)")
+        if steps and df["step"].max() > 20 * max(1, df["step"][df["step"] > 0].min()):
+            ax.set_xscale("symlog", linthresh=max(1, int(df["step"][df["step"] > 0].min())))
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict, out_dir: str | Path, plots: bool = True) -> list[Path]:
+    """routing.parquet, routing.png and routing.json (written last: its presence means the run finished)."""
+    from workbench.io import atomic_path, write_json
+
+    out = Path(out_dir)
+    written = []
+    try:
+        with atomic_path(out / "routing.parquet") as tmp:
+            table(result).to_parquet(tmp, index=False)
+        written.append(out / "routing.parquet")
+        if plots:
+            with atomic_path(out / "routing.png") as tmp:
+                plot(result, tmp.with_suffix(".png"))
+                tmp.with_suffix(".png").replace(tmp)
+            written.append(out / "routing.png")
+        written.append(write_json(out / "routing.json", result))
+    except BaseException:
+        for f in written:
+            f.unlink(missing_ok=True)
+        raise
+    return written

@@ -1,0 +1,186 @@
+"""Routing across checkpoints (experts/routing.py, `workbench routing`): each metric against brute force."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.experts import routing as R
+from workbench.models.specs import load
+from workbench.tracing.reducers import ExpertCounts, Payload, RouterStats, jain
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["The capital of France is Paris, and the river is the Seine.", "def add(a, b):\n    return a + b",
+           "Bees collect nectar from flowers in the spring.", "One, two, three, four, five, six."]
+
+
+def random_sets(n: int, e: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+
+
+def test_jain_and_overlap_by_brute_force():
+    for load_ in ([1, 1, 1, 1], [4, 0, 0, 0], [3, 1, 0, 2], [0.5, 0.25, 0.25]):
+        p = [float(x) for x in load_]
+        assert R.jain(p) == pytest.approx(sum(p) ** 2 / (len(p) * sum(x * x for x in p)))
+    assert R.jain([2, 2, 2]) == pytest.approx(1.0) and R.jain([5, 0, 0, 0, 0]) == pytest.approx(0.2)
+    assert np.isnan(jain([0, 0])) and np.isnan(jain([]))
+    a, b = random_sets(200, 8, 3, 0), random_sets(200, 8, 3, 1)
+    want = [len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)]
+    assert R.overlap(a, b).tolist() == want
+    assert R.overlap(a, a).tolist() == [3] * 200
+
+
+def test_score_order_puts_the_highest_score_first():
+    logits = torch.tensor([[0.1, 3.0, 2.0, -1.0], [5.0, 0.0, 4.0, 4.5]])
+    p = Payload(values=logits, tokens=torch.tensor([0, 1]), topk=torch.tensor([[2, 1], [2, 0]]))
+    assert R.score_order(p).tolist() == [[1, 2], [0, 2]]
+
+
+def write_choices(folder: Path, layer: int, rows: torch.Tensor) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows.to(torch.int16).numpy().tofile(folder / f"layer{layer}.i16")
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 16])
+def test_compare_matches_brute_force(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(R, "CHUNK", chunk)  # 7: every chunk boundary case over 50 tokens
+    n, e, k = 50, 8, 3
+    ckpts = [random_sets(n, e, k, s) for s in range(4)]
+    ckpts[2][:20] = ckpts[3][:20]  # part of the third agrees with the final
+    folders = [tmp_path / f"c{i}" for i in range(4)]
+    for f, rows in zip(folders, ckpts):
+        write_choices(f, 5, rows)
+    got = R.compare(folders, {5: (e, k)}, n)[5]
+    final = ckpts[-1]
+    for i, rows in enumerate(ckpts):
+        sat = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(rows, final)) / (n * k)
+        top1 = sum(int(a[0] == b[0]) for a, b in zip(rows, final)) / n
+        assert got["saturation"][i] == pytest.approx(sat) and got["saturation_top1"][i] == pytest.approx(top1)
+        if i:
+            kept = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(rows, ckpts[i - 1])) / (n * k)
+            assert got["change_rate"][i] == pytest.approx(1 - kept)
+    assert got["change_rate"][0] is None and got["saturation"][-1] == 1.0
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return load("zoo:qwen3-moe")
+
+
+def test_a_checkpoint_against_itself(qwen3):
+    r = R.routing(["a", "b"], PROMPTS, load=lambda spec: qwen3)
+    assert r["num_tokens"] > 40 and [l["layer"] for l in r["layers"]] == [0, 1, 2, 3]
+    for layer in r["layers"]:
+        assert layer["saturation"] == [1.0, 1.0] and layer["saturation_top1"] == [1.0, 1.0]
+        assert layer["change_rate"] == [None, 0.0]
+    # Utilization is Jain's index of the same expert load RouterStats reports for the layer.
+    from workbench.tracing.runner import trace
+    from workbench.tracing.sites import Component, all_sites
+
+    sites = all_sites(qwen3.adapter, qwen3.model, [Component.ROUTER])
+    stats = {s: RouterStats(num_experts=8) for s in sites}
+    trace(qwen3, PROMPTS, sites, reducers=(), progress=False, sinks={s: [stats[s]] for s in sites})
+    for s, layer in zip(sites, r["layers"]):
+        u = stats[s].result()["utilization"]
+        assert layer["utilization"] == [pytest.approx(u), pytest.approx(u)] and 1 / 8 <= u <= 1
+
+
+def permuted(lm, perms: dict[int, torch.Tensor]):
+    """A copy of ``lm`` whose experts are relabelled: new expert j is old expert perm[j] (same function)."""
+    import copy
+
+    other = copy.deepcopy(lm)
+    for i, perm in perms.items():
+        mlp = other.model.model.layers[i].mlp
+        with torch.no_grad():
+            mlp.gate.weight.copy_(mlp.gate.weight[perm])
+            mlp.experts.gate_up_proj.copy_(mlp.experts.gate_up_proj[perm])
+            mlp.experts.down_proj.copy_(mlp.experts.down_proj[perm])
+    return other
+
+
+def test_permuted_experts_give_the_saturation_the_permutation_implies(qwen3, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    perms = {i: torch.randperm(8, generator=g) for i in range(4)}
+    perms[2] = torch.arange(8)  # one layer left as it is
+    other = permuted(qwen3, perms)
+    rec = R.record(qwen3, PROMPTS, tmp_path / "orig")
+    n = int(rec["token_ids"].numel())
+    r = R.routing(["permuted", "original"], PROMPTS, load=lambda s: other if s == "permuted" else qwen3)
+    for layer in r["layers"]:
+        i = layer["layer"]
+        final = R._read(tmp_path / "orig" / f"layer{i}.i16", 2, 0, n)
+        inv = torch.argsort(perms[i])  # old expert o is new expert inv[o]
+        implied = R.overlap(inv[final], final).sum().item() / (2 * n)
+        implied1 = (inv[final[:, 0]] == final[:, 0]).float().mean().item()
+        # The same function up to the order of the experts' additions (float rounding): a near-tie may flip.
+        assert layer["saturation"][0] == pytest.approx(implied, abs=0.02)
+        assert layer["saturation_top1"][0] == pytest.approx(implied1, abs=0.03)
+        assert layer["utilization"][0] == pytest.approx(layer["utilization"][1], abs=0.02)
+    assert r["layers"][2]["saturation"][0] > 0.97 and min(l["saturation"][0] for l in r["layers"]) < 0.7
+
+
+def test_incompatible_checkpoints_are_refused(qwen3):
+    dsv3 = load("zoo:deepseek-v3")  # layer 0 is dense
+    with pytest.raises(WorkbenchError, match="same layers"):
+        R.routing(["zoo:qwen3-moe", "zoo:deepseek-v3"], PROMPTS, load=lambda s: qwen3 if "qwen3" in s else dsv3)
+    with pytest.raises(WorkbenchError, match="at least two checkpoints"):
+        R.routing(["zoo:qwen3-moe"], PROMPTS, load=lambda s: qwen3)
+
+
+def test_routing_cli_writes_json_parquet_and_plot(tmp_path, capsys):
+    import pandas as pd
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out"
+    assert main(["routing", "zoo:qwen3-moe", "zoo:olmoe", "zoo:qwen3-moe", "--prompts", str(prompts), "--out", str(out),
+                 "--quiet"]) == 0
+    r = json.loads((out / "routing.json").read_text())
+    assert r["checkpoints"] == ["zoo:qwen3-moe", "zoo:olmoe", "zoo:qwen3-moe"] and len(r["layers"]) == 4
+    for layer in r["layers"]:
+        assert set(layer) >= {"layer", "saturation", "saturation_top1", "change_rate", "utilization"}
+        assert len(layer["saturation"]) == 3 and layer["saturation"][0] == layer["saturation"][2] == 1.0
+        assert layer["change_rate"][0] is None and layer["change_rate"][1] == pytest.approx(1 - layer["saturation"][1])
+    df = pd.read_parquet(out / "routing.parquet")
+    assert len(df) == 12 and (out / "routing.png").stat().st_size > 10_000
+    assert "router saturation" in capsys.readouterr().out
+    assert main(["routing", "zoo:qwen3-moe", "--out", str(tmp_path / "x")]) == 2
+    assert "at least two checkpoints" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_step_of():
+    assert [R.step_of(s) for s in ["zoo:tiny-moe@300", "runs/ckpt/step1200", "out/checkpoint-40/", "zoo:olmoe"]] == \
+        [300, 1200, 40, None]
+
+
+def test_training_series_is_saved_and_loads(tmp_path, monkeypatch):
+    """scripts/train_zoo.py --series-dir saves step0, every N steps and the end; zoo:tiny-moe@STEP loads them."""
+    series = tmp_path / "zoo-series" / "tiny-moe"
+    cmd = [sys.executable, str(REPO / "scripts" / "train_zoo.py"), "--steps", "3", "--series-dir", str(series),
+           "--save-every", "2", "--out", str(tmp_path / "final.safetensors"), "--no-verify", "--full-positions", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in series.glob("step*.safetensors")) == ["step0.safetensors", "step2.safetensors",
+                                                                        "step3.safetensors"]
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    from workbench.models import zoo
+    from workbench.models.specs import expand_series
+
+    assert expand_series("zoo:tiny-moe@all") == ["zoo:tiny-moe@0", "zoo:tiny-moe@2", "zoo:tiny-moe@3"]
+    untrained, last = zoo.build("tiny-moe@0"), zoo.build("tiny-moe@3")
+    ref = zoo.init_model(zoo.ZOO["tiny-moe"])
+    w = "model.layers.0.mlp.gate.weight"
+    torch.testing.assert_close(untrained.state_dict()[w], ref.state_dict()[w].half().float())  # float16 on disk
+    assert not torch.equal(last.state_dict()[w], untrained.state_dict()[w])
+    with pytest.raises(WorkbenchError, match="no checkpoint at step 1; steps: 0, 2, 3"):
+        zoo.build("tiny-moe@1")
+    with pytest.raises(WorkbenchError, match="has no training series"):
+        zoo.series_dir("olmoe")
