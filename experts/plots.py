@@ -33,6 +33,13 @@ def figures(p: dict) -> dict[str, dict]:
         co = np.array(p["router"][0]["coactivation"], dtype=float)
         figs["coactivation_first_moe_layer"] = dict(kind="heat", z=co, x="expert", y="expert", marks=[],
                                                     title=f"co-activation, layer {p['router'][0]['layer']}")
+    if "router" in p and "srp" in p["router"][0]:
+        r = p["router"]
+        segs = list(r[0]["srp"])
+        ys = {f"SRP m={m}": [l["srp"][m]["f1"] for l in r] for m in segs}
+        ys.update({f"SCH m={m}, cache 2k": [l["sch"][m]["cache_2k"] for l in r] for m in segs})
+        figs["local_consistency"] = dict(kind="lines", x=[l["layer"] for l in r], ys=ys,
+                                         title="local routing consistency by layer (SRP: best F1; SCH: hit rate)")
     layers = p["massive_activations"]["layers"]
     figs["massive_activations"] = dict(kind="bar", x=[l["layer"] for l in layers],
                                        y=[l["top"][0]["value"] if l["top"] else 0 for l in layers],

@@ -1,5 +1,5 @@
-"""One streaming pass that profiles a model: super experts, router statistics, massive activations,
-attention sinks. Nothing of size tokens x hidden is kept; every statistic is a mergeable reducer.
+"""One streaming pass that profiles a model: super experts, router statistics (with utilization and
+local routing consistency), massive activations, attention sinks. Nothing of size tokens x hidden is kept; every statistic is a mergeable reducer.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Sequence
 import torch
 
 from workbench.experts import massive
-from workbench.experts.router import ChangeRate
+from workbench.experts.router import ChangeRate, LocalConsistency
 from workbench.experts.qk import QKMeter
 from workbench.experts.sinks import SinkMeter, eager_attention
 from workbench.experts.super_experts import SuperExpertRule, kurtosis, select
 from workbench.distributed import Shard
 from workbench.models.specs import LoadedModel
 from workbench.tracing.reducers import AbsMax, ExpertAbsMax, RouterStats
-from workbench.tracing.runner import trace
+from workbench.tracing.runner import tokenize, trace
 from workbench.tracing.sites import Component, Site, all_sites
 from workbench.tracing.state import Checkpoint
 
@@ -60,10 +60,14 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     router_sites = all_sites(lm.adapter, lm.model, [Component.ROUTER])
     resid_sites = all_sites(lm.adapter, lm.model, [Component.RESID_POST])
     change = ChangeRate([s.layer for s in router_sites])
+    lengths = torch.tensor([len(x) for x in tokenize(lm, prompts, options.max_tokens)]) if router_sites else None
+    starts = torch.cumsum(lengths, 0) - lengths if router_sites else None  # each prompt's first global token
     extra = {s: [AbsMax()] for s in [*dense_sites, *shared_sites]}
     extra.update({s: [ExpertAbsMax(num_experts=infos[s.layer].num_experts)] for s in grouped_sites})
     scoring = lm.adapter.router_scoring
-    extra.update({s: [RouterStats(num_experts=infos[s.layer].num_experts, scoring=scoring), change.sink(s.layer)]
+    extra.update({s: [RouterStats(num_experts=infos[s.layer].num_experts, scoring=scoring), change.sink(s.layer),
+                      LocalConsistency(num_experts=infos[s.layer].num_experts, top_k=infos[s.layer].top_k,
+                                       starts=starts)]
                   for s in router_sites})
     resid_red = {s: massive.make_reducers(options.top_massive) for s in resid_sites}
     extra.update({s: list(resid_red[s].values()) for s in resid_sites})
@@ -114,8 +118,8 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     # ----- router --------------------------------------------------------------------------------
     if router_sites:
         rates = change.result()
-        out["router"] = [{"layer": s.layer, **extra[s][0].result(), "top1_change_rate": rates.get(s.layer, math.nan)}
-                         for s in router_sites]
+        out["router"] = [{"layer": s.layer, **extra[s][0].result(), "top1_change_rate": rates.get(s.layer, math.nan),
+                          **extra[s][2].result()} for s in router_sites]
     # ----- massive activations -------------------------------------------------------------------
     layers = []
     for s in resid_sites:

@@ -29,8 +29,8 @@ def tables(p: dict) -> dict[str, pd.DataFrame]:
                 rows.append({"layer": layer["layer"], "expert": e, "load": load, "mean_prob": prob,
                              "count": layer["counts"][e]})
         out["router_load"] = pd.DataFrame(rows)
-        out["router_layers"] = pd.DataFrame([{k: v for k, v in layer.items()
-                                              if k not in ("load", "mean_prob", "counts", "coactivation")}
+        out["router_layers"] = pd.DataFrame([flat({k: v for k, v in layer.items()
+                                                    if k not in ("load", "mean_prob", "counts", "coactivation")})
                                              for layer in p["router"]])
     out["massive_activations"] = pd.DataFrame(
         [{"layer": l["layer"], "rank": i, "median_abs": l["median_abs"], **t}
@@ -43,6 +43,17 @@ def tables(p: dict) -> dict[str, pd.DataFrame]:
              for l, heads in enumerate(s["share_pos0"]) for h, v in enumerate(heads)])
     if "qk_values" in p:
         out["qk_values"] = qk_table(p["qk_values"])
+    return out
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as one level: {"srp": {"4": {"f1": x}}} -> {"srp_4_f1": x}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}_"))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 

@@ -1,16 +1,27 @@
-"""Router statistics across layers: load, entropy, margin, co-activation, and top-1 change rate."""
+"""Router statistics across layers: load, entropy, margin, co-activation, top-1 change rate, local consistency."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from workbench.tracing.reducers import Payload
+from workbench.tracing.reducers import Payload, Reducer
 
 
 def top1(p: Payload) -> torch.Tensor:
     """The highest-scored chosen expert per token (chosen slots need not be sorted, e.g. DeepSeek)."""
     scores = p.values.gather(1, p.topk.to(torch.int64))
     return p.topk.gather(1, scores.argmax(1, keepdim=True)).squeeze(1).to(torch.int64)
+
+
+def score_order(p: Payload) -> torch.Tensor:
+    """A router payload's chosen experts, highest score first ([n, k] int64; ties keep slot order)."""
+    chosen = p.topk.to(torch.int64)
+    scores = p.values.detach().float().gather(1, chosen)
+    return chosen.gather(1, torch.argsort(scores, dim=1, descending=True, stable=True))
 
 
 class ChangeRate:
@@ -76,3 +87,115 @@ class ChangeRate:
 
     def result(self) -> dict[int, float]:
         return {l: self.changed[l] / self.total[l] if self.total[l] else float("nan") for l in self.changed}
+
+
+SEGMENTS = (4, 16, 64)  # the segment lengths m of Liang et al. (their config also has 256)
+CACHE_RATIOS = (1, 2, 4)  # cache sizes as multiples of k
+
+
+@dataclass
+class LocalConsistency(Reducer):
+    """Local routing consistency (Liang et al. 2025, "Not All Models Suit Expert Offloading: On Local
+    Routing Consistency of MoE Models", code ljcleo/moe-lrc ``src/30_srp_calc.py``, ``src/41_sch_calc.py``).
+
+    Per segment length m, over every window of m consecutive tokens of a prompt (sliding, as their code):
+
+    * **SRP** (segment routing best performance): predict, for all tokens of a window, the experts that
+      serve at least c of its m tokens; F1 of that prediction against the tokens' top-k sets, pooled
+      over windows, maximised over c = 0..m. Kept as ``srp_hist[m][c]``: (window, expert) pairs whose
+      expert serves exactly c of the window's tokens, from which every c's F1 follows.
+    * **SCH** (segment cache best hit rate): before each token, the experts used earlier in the prompt
+      are ranked by how many of the next m tokens (this one included) use them, then by most recent
+      use; a request hits a cache of C experts when its expert ranks < C. An expert not used before
+      in the prompt ranks after the used ones, as in their code. Kept as ``sch_hist[m][r]``: requests
+      whose expert ranked r (``r = E`` collects the rest); SCH at C = share of requests with rank < C.
+
+    Needs each row's prompt: ``starts`` holds the global index of every prompt's first token, and a
+    payload must carry whole prompts (a batch does). State is counts: merge adds them.
+    """
+
+    kind: ClassVar[str] = "local_consistency"
+    num_experts: int = 0
+    top_k: int = 1
+    starts: torch.Tensor | None = None  # [P] int64, increasing
+    srp_hist: torch.Tensor | None = None  # [len(SEGMENTS), max(SEGMENTS) + 1] int64
+    sch_hist: torch.Tensor | None = None  # [len(SEGMENTS), E + 1] int64
+
+    def __post_init__(self):
+        if self.starts is None:
+            self.starts = torch.zeros(1, dtype=torch.int64)
+        if self.srp_hist is None:
+            self.srp_hist = torch.zeros(len(SEGMENTS), max(SEGMENTS) + 1, dtype=torch.int64)
+            self.sch_hist = torch.zeros(len(SEGMENTS), self.num_experts + 1, dtype=torch.int64)
+
+    def update(self, p: Payload) -> None:
+        if p.topk is None:
+            raise ValueError("LocalConsistency needs a router site (payload without top-k indices)")
+        if not p.tokens.numel():
+            return
+        tokens = p.tokens.cpu()
+        order = torch.argsort(tokens)
+        tokens, top = tokens[order], score_order(p).cpu()[order]
+        prompt = torch.searchsorted(self.starts, tokens, right=True) - 1
+        ids, lengths = torch.unique_consecutive(prompt, return_counts=True)
+        pos = tokens - self.starts[prompt]
+        if bool((pos != torch.cat([torch.arange(int(n)) for n in lengths])).any()):
+            raise ValueError("LocalConsistency needs whole prompts in each payload")
+        n_p, t_max, e, k = len(ids), int(lengths.max()), self.num_experts, top.shape[1]
+        row = torch.repeat_interleave(torch.arange(n_p), lengths)
+        chosen = torch.full((n_p, t_max, k), -1, dtype=torch.int64)
+        chosen[row, pos] = top
+        valid = torch.arange(t_max)[None, :] < lengths[:, None]  # [P, T]
+        used = torch.zeros(n_p, t_max, e + 1, dtype=torch.int64)
+        used.scatter_(2, chosen.clamp(min=-1) % (e + 1), 1)  # -1 (padding) lands in the spare column e
+        used = used[..., :e]
+        cs = torch.cat([torch.zeros(n_p, 1, e, dtype=torch.int64), used.cumsum(1)], 1)  # [P, T+1, E]
+        # Last use before each token, as a time i*k + slot (distinct for every request), -1: never.
+        when = torch.full((n_p, t_max, e + 1), -1, dtype=torch.int64)
+        t_idx = torch.arange(t_max)[None, :, None] * k + torch.arange(k)[None, None, :]
+        when.scatter_(2, chosen % (e + 1), t_idx.expand(n_p, -1, -1).clone())
+        when = when[..., :e].cummax(1).values
+        before = torch.cat([torch.full((n_p, 1, e), -1, dtype=torch.int64), when[:, :-1]], 1)  # [P, T, E]
+        seen = before >= 0
+        idx = torch.arange(t_max)
+        for j, m in enumerate(SEGMENTS):
+            # SRP: every full window [i, i + m) of each prompt.
+            if t_max >= m:
+                win = cs[:, m:] - cs[:, :-m]  # [P, T - m + 1, E]
+                ok = (idx[: t_max - m + 1][None, :] + m) <= lengths[:, None]
+                self.srp_hist[j, : m + 1] += torch.bincount(win[ok].flatten(), minlength=m + 1)
+            # SCH: look-ahead window [i, min(i + m, len)).
+            end = torch.minimum(idx[None, :] + m, lengths[:, None]).clamp(max=t_max)  # [P, T]
+            ahead = cs.gather(1, end[..., None].expand(-1, -1, e)) - cs[:, :-1]
+            key = torch.where(seen, ahead * (t_max * k + 1) + before, -1)  # seen experts: unique keys
+            kx = key.gather(2, chosen.clamp(min=0))  # [P, T, k]
+            rank = ((key[:, :, None, :] > kx[..., None]) & seen[:, :, None, :]).sum(-1)
+            new = ~seen.gather(2, chosen.clamp(min=0))
+            rank = torch.where(new, seen.sum(-1, keepdim=True) + new.cumsum(-1) - 1, rank)
+            self.sch_hist[j] += torch.bincount(rank[valid].clamp(max=e).flatten(), minlength=e + 1)
+
+    def merge(self, other: "LocalConsistency") -> "LocalConsistency":
+        self._check_same(other)
+        if other.num_experts != self.num_experts:
+            raise ValueError(f"cannot merge LocalConsistency over {other.num_experts} experts into {self.num_experts}")
+        self.srp_hist += other.srp_hist
+        self.sch_hist += other.sch_hist
+        return self
+
+    def result(self) -> dict:
+        srp, sch = {}, {}
+        for j, m in enumerate(SEGMENTS):
+            h = self.srp_hist[j, : m + 1].to(torch.float64)
+            c = torch.arange(m + 1, dtype=torch.float64)
+            matches = (h * c).flip(0).cumsum(0).flip(0)
+            preds = h.flip(0).cumsum(0).flip(0) * m
+            f1 = 2 * matches / (preds + matches[0]).clamp(min=1)
+            srp[str(m)] = {"f1": float(f1.max()) if float(h.sum()) else math.nan,
+                           "threshold": int(f1.argmax()) / m if float(h.sum()) else math.nan,
+                           "windows": int(h.sum()) // max(self.num_experts, 1)}
+            s = self.sch_hist[j].to(torch.float64)
+            total = float(s.sum())
+            hits = s.cumsum(0)
+            sch[str(m)] = {f"cache_{r}k": float(hits[min(r * self.top_k, self.num_experts) - 1]) / total if total
+                           else math.nan for r in CACHE_RATIOS}
+        return {"srp": srp, "sch": sch}

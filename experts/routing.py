@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.experts.router import score_order
 from workbench.tracing.reducers import ExpertCounts, Payload, jain
 
 CHUNK = 1 << 16  # tokens per comparison chunk
@@ -41,13 +42,6 @@ CHUNK = 1 << 16  # tokens per comparison chunk
 def overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per row, ``|A ∩ B|`` of two ``[n, k]`` integer sets (each row's entries distinct)."""
     return (a[:, :, None] == b[:, None, :]).any(-1).sum(-1)
-
-
-def score_order(p: Payload) -> torch.Tensor:
-    """A router payload's chosen experts, highest score first ([n, k] int64; ties keep slot order)."""
-    chosen = p.topk.to(torch.int64)
-    scores = p.values.detach().float().gather(1, chosen)
-    return chosen.gather(1, torch.argsort(scores, dim=1, descending=True, stable=True))
 
 
 class ChoiceRecorder:

@@ -1,6 +1,7 @@
 """Routing across checkpoints (experts/routing.py, `workbench routing`): each metric against brute force."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.experts import routing as R
+from workbench.experts.router import SEGMENTS, LocalConsistency, score_order
 from workbench.models.specs import load
 from workbench.tracing.reducers import ExpertCounts, Payload, RouterStats, jain
 
@@ -40,7 +42,7 @@ def test_jain_and_overlap_by_brute_force():
 def test_score_order_puts_the_highest_score_first():
     logits = torch.tensor([[0.1, 3.0, 2.0, -1.0], [5.0, 0.0, 4.0, 4.5]])
     p = Payload(values=logits, tokens=torch.tensor([0, 1]), topk=torch.tensor([[2, 1], [2, 0]]))
-    assert R.score_order(p).tolist() == [[1, 2], [0, 2]]
+    assert score_order(p).tolist() == [[1, 2], [0, 2]]
 
 
 def write_choices(folder: Path, layer: int, rows: torch.Tensor) -> None:
@@ -184,3 +186,132 @@ def test_training_series_is_saved_and_loads(tmp_path, monkeypatch):
         zoo.build("tiny-moe@1")
     with pytest.raises(WorkbenchError, match="has no training series"):
         zoo.series_dir("olmoe")
+
+
+# --- local routing consistency (SRP / SCH) ---------------------------------------------------------------------
+
+def brute_srp(seqs: list[list[list[int]]], e: int, m: int) -> float:
+    """Best F1 over c of 'experts serving >= c of a window's m tokens', pooled over every sliding window."""
+    best = 0.0
+    for c in range(m + 1):
+        tp = pred = act = 0
+        for seq in seqs:
+            for i in range(len(seq) - m + 1):
+                win = seq[i:i + m]
+                chosen = {x for x in range(e) if sum(x in t for t in win) >= c}
+                for t in win:
+                    tp += len(chosen & set(t))
+                    pred += len(chosen)
+                    act += len(t)
+        if pred + act:
+            best = max(best, 2 * tp / (pred + act))
+    return best
+
+
+def brute_sch(seqs: list[list[list[int]]], e: int, m: int, cache: int) -> float:
+    """Hit rate: before token i, used experts ranked by uses in tokens [i, i+m), then most recent use."""
+    hits = total = 0
+    for seq in seqs:
+        last: dict[int, int] = {}
+        for i, tok in enumerate(seq):
+            ahead = {x: sum(x in t for t in seq[i:i + m]) for x in last}
+            ranked = sorted(last, key=lambda x: (ahead[x], last[x]), reverse=True)
+            fresh = 0
+            for x in tok:
+                r = ranked.index(x) if x in last else len(ranked) + fresh
+                fresh += x not in last
+                hits += r < cache
+                total += 1
+            for s, x in enumerate(tok):
+                last[x] = i * len(tok) + s
+    return hits / total
+
+
+def payload_of(seqs, start: int, e: int, seed: int):
+    rows = [t for s in seqs for t in s]
+    n, k = len(rows), len(rows[0])
+    topk = torch.tensor(rows)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, e, generator=g)
+    # Scores that put each row's experts in the listed order (the recorder sorts by score).
+    for i, r in enumerate(rows):
+        for s, x in enumerate(r):
+            logits[i, x] = 10.0 - s
+    perm = torch.randperm(n, generator=g)  # rows in any order: the reducer sorts by token index
+    return Payload(values=logits[perm], tokens=torch.arange(start, start + n)[perm], topk=topk[perm])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_local_consistency_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    e, k = 6, 2
+    lens = [1, 3, 20, 70, 5, 17]
+    seqs = []
+    for n in lens:  # sticky routing: each token keeps the previous experts with some probability
+        cur, seq = torch.randperm(e, generator=g)[:k].tolist(), []
+        for _ in range(n):
+            if torch.rand(1, generator=g).item() < 0.4:
+                cur = torch.randperm(e, generator=g)[:k].tolist()
+            seq.append(list(cur))
+        seqs.append(seq)
+    starts = torch.tensor([0] + list(np.cumsum(lens)[:-1]))
+    whole = LocalConsistency(num_experts=e, top_k=k, starts=starts)
+    whole.update(payload_of(seqs, 0, e, seed))
+    parts = [LocalConsistency(num_experts=e, top_k=k, starts=starts) for _ in range(2)]
+    parts[0].update(payload_of(seqs[:3], 0, e, seed))
+    parts[1].update(payload_of(seqs[3:], int(starts[3]), e, seed))
+    merged = parts[0].merge(parts[1])
+    assert torch.equal(merged.srp_hist, whole.srp_hist) and torch.equal(merged.sch_hist, whole.sch_hist)
+    r = whole.result()
+    for m in SEGMENTS:
+        assert r["srp"][str(m)]["f1"] == pytest.approx(brute_srp(seqs, e, m)) or (
+            math.isnan(r["srp"][str(m)]["f1"]) and max(lens) < m)
+        for ratio in (1, 2):
+            assert r["sch"][str(m)][f"cache_{ratio}k"] == pytest.approx(brute_sch(seqs, e, m, ratio * k))
+
+
+def test_local_consistency_known_answers():
+    e, k = 4, 1
+    const = [[[2]] * 32]  # one expert for every token: any window is served by it alone
+    lc = LocalConsistency(num_experts=e, top_k=k, starts=torch.tensor([0]))
+    lc.update(payload_of(const, 0, e, 0))
+    r = lc.result()
+    assert r["srp"]["4"]["f1"] == 1.0 and r["srp"]["16"]["f1"] == 1.0 and math.isnan(r["srp"]["64"]["f1"])
+    assert r["sch"]["4"]["cache_1k"] == 1.0  # the first request finds the empty cache's free slot, as in their code
+    # Round robin over 4 experts: every used expert recurs once in each 4-token look-ahead, so recency decides
+    # and the expert asked for is always the least recent. A 1-expert cache hits only on the first token
+    # (a free slot) and the last (a look-ahead of one token).
+    cyc = [[[i % 4] for i in range(40)]]
+    lc = LocalConsistency(num_experts=e, top_k=k, starts=torch.tensor([0]))
+    lc.update(payload_of(cyc, 0, e, 0))
+    r = lc.result()
+    assert r["sch"]["4"]["cache_4k"] == 1.0 and r["sch"]["4"]["cache_1k"] == pytest.approx(2 / 40)
+    assert r["srp"]["4"]["f1"] == pytest.approx(2 / (4 + 1))  # predicting all 4 experts: precision 1/4, recall 1
+
+
+def test_profile_router_section_has_utilization_and_local_consistency(qwen3, tmp_path):
+    """The profile's router reducers, checked against the same statistics computed from recorded choices."""
+    import pandas as pd
+
+    from workbench.experts.profile import ProfileOptions, profile
+    from workbench.experts.report import write
+
+    p = profile(qwen3, PROMPTS, ProfileOptions(sinks=False), progress=False)
+    rec = R.record(qwen3, PROMPTS, tmp_path / "rec")
+    from workbench.tracing.runner import tokenize
+
+    lengths = [len(x) for x in tokenize(qwen3, PROMPTS)]
+    n = sum(lengths)
+    for layer in p["router"]:
+        i = layer["layer"]
+        choices = R._read(tmp_path / "rec" / f"layer{i}.i16", 2, 0, n).tolist()
+        seqs, at = [], 0
+        for length in lengths:
+            seqs.append(choices[at:at + length])
+            at += length
+        assert layer["utilization"] == pytest.approx(jain(rec["load"][i]))
+        assert layer["srp"]["4"]["f1"] == pytest.approx(brute_srp(seqs, 8, 4))
+        assert layer["sch"]["4"]["cache_2k"] == pytest.approx(brute_sch(seqs, 8, 4, 4))
+    write(p, tmp_path / "out", plots=False)
+    cols = pd.read_parquet(tmp_path / "out" / "router_layers.parquet").columns
+    assert {"utilization", "srp_4_f1", "sch_16_cache_2k"} <= set(cols)

@@ -36,6 +36,9 @@ def figure(f: dict, selectable: bool = False) -> go.Figure:
         fig.update_layout(showlegend=False)  # the title says what the red x marks
         fig.update_yaxes(type="category", title=f["y"], range=[-0.5, z.shape[0] - 0.5])
         fig.update_xaxes(title=f["x"], range=[-0.5, z.shape[1] - 0.5])
+    elif f["kind"] == "lines":
+        fig = go.Figure([go.Scatter(x=f["x"], y=ys, name=label, mode="lines+markers") for label, ys in f["ys"].items()])
+        fig.update_xaxes(title="layer")
     else:
         fig = go.Figure(go.Bar(x=f["x"], y=f["y"], name="largest |residual|"))
         if "y2" in f:

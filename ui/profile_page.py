@@ -12,6 +12,7 @@ import workbench as wb
 from workbench.errors import WorkbenchError
 from workbench.experts.plots import figures
 from workbench.experts.profile import ProfileOptions, profile
+from workbench.experts.report import flat
 from workbench.ui.common import (FEATURE_PROMPTS, FEATURE_TOKENS, FEATURE_TOP, PickedSAE, feature_columns,
                                   feature_prompts, load_model, load_sae, show_error)
 from workbench.ui.plotting import figure
@@ -254,7 +255,7 @@ def render(lm, sae: PickedSAE | None = None) -> None:
         cols[i % 2].plotly_chart(figure(f), key=f"profile_fig_{name}")
     if "router" in p:
         st.subheader("Router statistics per MoE layer")
-        rows = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in p["router"]]
+        rows = [flat({k: v for k, v in r.items() if not isinstance(v, list)}) for r in p["router"]]
         st.dataframe(pd.DataFrame(rows), key="profile_router")
     kurt = p.get("expert_max_kurtosis_by_layer")
     if kurt:
