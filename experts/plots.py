@@ -40,6 +40,12 @@ def figures(p: dict) -> dict[str, dict]:
         ys.update({f"SCH m={m}, cache 2k": [l["sch"][m]["cache_2k"] for l in r] for m in segs})
         figs["local_consistency"] = dict(kind="lines", x=[l["layer"] for l in r], ys=ys,
                                          title="local routing consistency by layer (SRP: best F1; SCH: hit rate)")
+    if "domain_specialization" in p:
+        ds = p["domain_specialization"]
+        for d in ds["domains"]:
+            figs[f"domain_{d}"] = dict(kind="heat", z=np.log2(np.array([l["ratio"][d] for l in ds["layers"]]) + 1e-9),
+                                       x="expert", y="MoE layer #", marks=[], ylabels=[l["layer"] for l in ds["layers"]],
+                                       title=f"domain {d}: log2(share of its tokens routed to the expert / uniform k/E)")
     layers = p["massive_activations"]["layers"]
     figs["massive_activations"] = dict(kind="bar", x=[l["layer"] for l in layers],
                                        y=[l["top"][0]["value"] if l["top"] else 0 for l in layers],

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from workbench.experts import massive
-from workbench.experts.router import ChangeRate, LocalConsistency
+from workbench.experts.router import ChangeRate, LocalConsistency, VocabSpecialization
 from workbench.experts.qk import QKMeter
 from workbench.experts.sinks import SinkMeter, eager_attention
 from workbench.experts.super_experts import SuperExpertRule, kurtosis, select
@@ -38,6 +38,8 @@ class ProfileOptions:
     # Massive values in queries, keys and values (experts/qk.py). Opt-in while its cost on small models is over
     # 5 %: within noise on SmolLM2, +9 % on a tiny zoo MoE (bench/profile_overhead.py --variants profile,profile-qk).
     qk: bool = False
+    # Domain specialization (experts/routing.py): {name: prompts}, each run once more through the routers.
+    domains: dict = field(default_factory=dict)
 
 
 def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = ProfileOptions(),
@@ -60,14 +62,18 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     router_sites = all_sites(lm.adapter, lm.model, [Component.ROUTER])
     resid_sites = all_sites(lm.adapter, lm.model, [Component.RESID_POST])
     change = ChangeRate([s.layer for s in router_sites])
-    lengths = torch.tensor([len(x) for x in tokenize(lm, prompts, options.max_tokens)]) if router_sites else None
-    starts = torch.cumsum(lengths, 0) - lengths if router_sites else None  # each prompt's first global token
+    if router_sites:  # the prompts' boundaries and token ids, for the reducers that read sequences and the vocabulary
+        ids = tokenize(lm, prompts, options.max_tokens)
+        lengths = torch.tensor([len(x) for x in ids])
+        starts = torch.cumsum(lengths, 0) - lengths  # each prompt's first global token
+        token_ids = torch.tensor([t for x in ids for t in x], dtype=torch.int64)
     extra = {s: [AbsMax()] for s in [*dense_sites, *shared_sites]}
     extra.update({s: [ExpertAbsMax(num_experts=infos[s.layer].num_experts)] for s in grouped_sites})
     scoring = lm.adapter.router_scoring
     extra.update({s: [RouterStats(num_experts=infos[s.layer].num_experts, scoring=scoring), change.sink(s.layer),
                       LocalConsistency(num_experts=infos[s.layer].num_experts, top_k=infos[s.layer].top_k,
-                                       starts=starts)]
+                                       starts=starts),
+                      VocabSpecialization(num_experts=infos[s.layer].num_experts, token_ids=token_ids, starts=starts)]
                   for s in router_sites})
     resid_red = {s: massive.make_reducers(options.top_massive) for s in resid_sites}
     extra.update({s: list(resid_red[s].values()) for s in resid_sites})
@@ -119,7 +125,7 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     if router_sites:
         rates = change.result()
         out["router"] = [{"layer": s.layer, **extra[s][0].result(), "top1_change_rate": rates.get(s.layer, math.nan),
-                          **extra[s][2].result()} for s in router_sites]
+                          **extra[s][2].result(), **extra[s][3].result()} for s in router_sites]
     # ----- massive activations -------------------------------------------------------------------
     layers = []
     for s in resid_sites:
@@ -139,6 +145,11 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     out["non_finite"] = _non_finite(experts, [resid_red[s]["histogram"] for s in resid_sites], resid_sites)
     out["massive_activations"] = {"criterion": {"ratio_to_median": options.massive_ratio, "min_abs": options.massive_min},
                                   "layers": layers}
+    if options.domains and router_sites:
+        from workbench.experts.routing import domain_specialization
+
+        out["domain_specialization"] = domain_specialization(lm, options.domains, batch_size=options.batch_size,
+                                                             max_tokens=options.max_tokens)
     if sink_meter is not None:
         out["attention_sinks"] = sink_meter.result()
     if qk_meter is not None:

@@ -43,6 +43,10 @@ def tables(p: dict) -> dict[str, pd.DataFrame]:
              for l, heads in enumerate(s["share_pos0"]) for h, v in enumerate(heads)])
     if "qk_values" in p:
         out["qk_values"] = qk_table(p["qk_values"])
+    if "domain_specialization" in p:
+        out["domain_specialization"] = pd.DataFrame(
+            [{"layer": l["layer"], "domain": d, "expert": e, "share": v, "ratio": l["ratio"][d][e]}
+             for l in p["domain_specialization"]["layers"] for d in l["share"] for e, v in enumerate(l["share"][d])])
     return out
 
 

@@ -199,3 +199,82 @@ class LocalConsistency(Reducer):
             sch[str(m)] = {f"cache_{r}k": float(hits[min(r * self.top_k, self.num_experts) - 1]) / total if total
                            else math.nan for r in CACHE_RATIOS}
         return {"srp": srp, "sch": sch}
+
+
+VOCAB_MIN_COUNT = 10  # token ids seen fewer times are left out (as the issue and moe-lrc's vocab_min_freq do)
+
+
+@dataclass
+class VocabSpecialization(Reducer):
+    """Vocabulary specialization of a MoE layer (OLMoE sec. 5.3; moe-lrc ``src/20_vocab_calc.py``).
+
+    For each token id seen at least ``VOCAB_MIN_COUNT`` times, the share of its occurrences routed to its
+    most frequent top-1 expert, averaged over those ids (1.0: every id always goes to one expert; 1/E:
+    no preference). Counted two ways: by the **input** token at the router, and by the **next** token of
+    the text (the token the model is trained to predict there; moe-lrc's "out"; the last token of a
+    prompt has none). The model's own prediction is not used: the profile skips the LM head.
+
+    State: (token id x E + expert) keys with their counts, sparse (at most one entry per distinct
+    pair seen). Needs ``token_ids`` [N] (every global token's id) and ``starts`` (each prompt's first
+    global token) to find the next token.
+    """
+
+    kind: ClassVar[str] = "vocab_specialization"
+    num_experts: int = 0
+    token_ids: torch.Tensor | None = None  # [N] int64
+    starts: torch.Tensor | None = None  # [P] int64
+    in_keys: torch.Tensor | None = None
+    in_counts: torch.Tensor | None = None
+    next_keys: torch.Tensor | None = None
+    next_counts: torch.Tensor | None = None
+
+    def __post_init__(self):
+        for name in ("token_ids", "starts", "in_keys", "in_counts", "next_keys", "next_counts"):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(0, dtype=torch.int64))
+
+    @staticmethod
+    def _add(keys: torch.Tensor, counts: torch.Tensor, new: torch.Tensor, weight: torch.Tensor | None = None):
+        allk = torch.cat([keys, new])
+        allc = torch.cat([counts, torch.ones_like(new) if weight is None else weight])
+        uniq, inv = torch.unique(allk, return_inverse=True)
+        return uniq, torch.zeros_like(uniq).index_add_(0, inv, allc)
+
+    def update(self, p: Payload) -> None:
+        if p.topk is None:
+            raise ValueError("VocabSpecialization needs a router site (payload without top-k indices)")
+        if not p.tokens.numel():
+            return
+        tokens = p.tokens.cpu()
+        first = score_order(p)[:, 0].cpu()
+        e = self.num_experts
+        self.in_keys, self.in_counts = self._add(self.in_keys, self.in_counts, self.token_ids[tokens] * e + first)
+        nxt = tokens + 1
+        last = torch.searchsorted(self.starts, nxt, right=True) - 1 != torch.searchsorted(self.starts, tokens, right=True) - 1
+        ok = (nxt < self.token_ids.numel()) & ~last
+        if bool(ok.any()):
+            self.next_keys, self.next_counts = self._add(self.next_keys, self.next_counts,
+                                                         self.token_ids[nxt[ok]] * e + first[ok])
+
+    def merge(self, other: "VocabSpecialization") -> "VocabSpecialization":
+        self._check_same(other)
+        if other.num_experts != self.num_experts:
+            raise ValueError(f"cannot merge VocabSpecialization over {other.num_experts} experts into {self.num_experts}")
+        self.in_keys, self.in_counts = self._add(self.in_keys, self.in_counts, other.in_keys, other.in_counts)
+        self.next_keys, self.next_counts = self._add(self.next_keys, self.next_counts, other.next_keys, other.next_counts)
+        return self
+
+    def _score(self, keys: torch.Tensor, counts: torch.Tensor) -> dict:
+        e = max(self.num_experts, 1)
+        ids = keys // e
+        uid, inv = torch.unique(ids, return_inverse=True)
+        total = torch.zeros_like(uid).index_add_(0, inv, counts)
+        best = torch.zeros_like(uid).scatter_reduce_(0, inv, counts, "amax")
+        keep = total >= VOCAB_MIN_COUNT
+        share = best[keep].to(torch.float64) / total[keep]
+        return {"specialization": float(share.mean()) if int(keep.sum()) else math.nan,
+                "token_ids": int(keep.sum()), "tokens": int(total[keep].sum()), "uniform": 1.0 / e}
+
+    def result(self) -> dict:
+        return {"vocab_specialization": {"input": self._score(self.in_keys, self.in_counts),
+                                         "next": self._score(self.next_keys, self.next_counts)}}

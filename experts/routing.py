@@ -252,3 +252,51 @@ def write(result: dict, out_dir: str | Path, plots: bool = True) -> list[Path]:
             f.unlink(missing_ok=True)
         raise
     return written
+
+
+def domain_specialization(lm, domains: dict[str, Sequence[str]], *, batch_size: int = 8,
+                          max_tokens: int | None = None) -> dict:
+    """Domain specialization (OLMoE, Muennighoff et al. 2024, sec. 5.2): for each domain D (a prompt set) and
+    expert e of each MoE layer, the share of D's tokens whose top-k contains e, next to the uniform k/E.
+
+    Returns ``{"domains": [names], "layers": [{"layer", "uniform", "share": {D: [E]}, "ratio": {D: [E]},
+    "max_ratio": {D: float}}]}`` (ratio = share / uniform; 1 everywhere when routing ignores the domain).
+    """
+    from workbench.tracing.runner import trace
+    from workbench.tracing.sites import Component, all_sites
+
+    sites = all_sites(lm.adapter, lm.model, [Component.ROUTER])
+    if not sites:
+        raise WorkbenchError(f"{lm.spec} has no MoE router: domain specialization needs a MoE model")
+    infos = lm.layer_infos()
+    shares: dict[str, dict[int, list[float]]] = {}
+    for name, prompts in domains.items():
+        counts = {s: ExpertCounts(num_experts=infos[s.layer].num_experts) for s in sites}
+        trace(lm, prompts, sites, reducers=(), batch_size=batch_size, max_tokens=max_tokens, progress=False,
+              sinks={s: [counts[s]] for s in sites})
+        shares[name] = {s.layer: (counts[s].counts.to(torch.float64) / max(int(counts[s].tokens), 1)).tolist()
+                        for s in sites}
+    layers = []
+    for s in sites:
+        e, k = infos[s.layer].num_experts, infos[s.layer].top_k
+        uniform = k / e
+        share = {d: shares[d][s.layer] for d in domains}
+        ratio = {d: [v / uniform for v in share[d]] for d in domains}
+        layers.append({"layer": s.layer, "uniform": uniform, "share": share, "ratio": ratio,
+                       "max_ratio": {d: max(ratio[d]) for d in domains}})
+    return {"domains": list(domains), "layers": layers}
+
+
+def parse_domains(items: Sequence[str] | None) -> dict[str, list[str]]:
+    """``NAME=FILE`` arguments -> {name: prompts}; a malformed item or unreadable file is a one-line error."""
+    from workbench.data import read_prompts
+
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise WorkbenchError(f"--domains takes NAME=FILE (a prompts file per domain), got {item!r}")
+        if name.strip() in out:
+            raise WorkbenchError(f"--domains names {name.strip()!r} twice")
+        out[name.strip()] = read_prompts(path.strip())
+    return out

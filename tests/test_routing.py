@@ -296,11 +296,13 @@ def test_profile_router_section_has_utilization_and_local_consistency(qwen3, tmp
     from workbench.experts.profile import ProfileOptions, profile
     from workbench.experts.report import write
 
-    p = profile(qwen3, PROMPTS, ProfileOptions(sinks=False), progress=False)
-    rec = R.record(qwen3, PROMPTS, tmp_path / "rec")
+    prompts = PROMPTS * 3  # token ids seen 10+ times, for the vocabulary specialization
+    p = profile(qwen3, prompts, ProfileOptions(sinks=False), progress=False)
+    rec = R.record(qwen3, prompts, tmp_path / "rec")
     from workbench.tracing.runner import tokenize
 
-    lengths = [len(x) for x in tokenize(qwen3, PROMPTS)]
+    tok_ids = tokenize(qwen3, prompts)
+    lengths = [len(x) for x in tok_ids]
     n = sum(lengths)
     for layer in p["router"]:
         i = layer["layer"]
@@ -312,6 +314,70 @@ def test_profile_router_section_has_utilization_and_local_consistency(qwen3, tmp
         assert layer["utilization"] == pytest.approx(jain(rec["load"][i]))
         assert layer["srp"]["4"]["f1"] == pytest.approx(brute_srp(seqs, 8, 4))
         assert layer["sch"]["4"]["cache_2k"] == pytest.approx(brute_sch(seqs, 8, 4, 4))
+        top1 = [[t[0] for t in s] for s in seqs]
+        v = layer["vocab_specialization"]
+        assert v["input"]["specialization"] == pytest.approx(brute_vocab(tok_ids, top1, nxt=False))
+        assert v["next"]["specialization"] == pytest.approx(brute_vocab(tok_ids, top1, nxt=True))
     write(p, tmp_path / "out", plots=False)
     cols = pd.read_parquet(tmp_path / "out" / "router_layers.parquet").columns
     assert {"utilization", "srp_4_f1", "sch_16_cache_2k"} <= set(cols)
+
+
+def brute_vocab(seqs_ids: list[list[int]], seqs_top1: list[list[int]], nxt: bool) -> float:
+    from collections import Counter, defaultdict
+
+    by_id: dict[int, Counter] = defaultdict(Counter)
+    for ids, top in zip(seqs_ids, seqs_top1):
+        for i, x in enumerate(top):
+            if nxt and i + 1 >= len(ids):
+                continue
+            by_id[ids[i + 1] if nxt else ids[i]][x] += 1
+    shares = [max(c.values()) / sum(c.values()) for c in by_id.values() if sum(c.values()) >= 10]
+    assert shares, "no token id seen 10 times"
+    return sum(shares) / len(shares)
+
+
+def test_vocab_specialization_matches_brute_force():
+    from workbench.experts.router import VocabSpecialization
+
+    g = torch.Generator().manual_seed(0)
+    e, lens = 5, [30, 1, 45, 60]
+    ids = [torch.randint(0, 12, (n,), generator=g).tolist() for n in lens]
+    # Experts that depend on the token id most of the time (a known, strong specialization).
+    top = [[(t * 3 + (torch.rand(1, generator=g).item() < 0.2)) % e for t in s] for s in ids]
+    starts = torch.tensor([0] + list(np.cumsum(lens)[:-1]))
+    flat_ids = torch.tensor([t for s in ids for t in s])
+    rows = [[t, (t + 1) % e] for s in top for t in s]
+    seqs = [rows[int(starts[i]):int(starts[i]) + n] for i, n in enumerate(lens)]
+    whole = VocabSpecialization(num_experts=e, token_ids=flat_ids, starts=starts)
+    whole.update(payload_of(seqs, 0, e, 1))
+    parts = [VocabSpecialization(num_experts=e, token_ids=flat_ids, starts=starts) for _ in range(2)]
+    parts[0].update(payload_of(seqs[:2], 0, e, 1))
+    parts[1].update(payload_of(seqs[2:], int(starts[2]), e, 1))
+    merged = parts[0].merge(parts[1]).result()
+    r = whole.result()["vocab_specialization"]
+    assert merged["vocab_specialization"] == r
+    assert r["input"]["specialization"] == pytest.approx(brute_vocab(ids, top, nxt=False))
+    assert r["next"]["specialization"] == pytest.approx(brute_vocab(ids, top, nxt=True))
+    assert r["input"]["specialization"] > 0.75 > r["next"]["specialization"]
+
+
+def test_domain_specialization_matches_recorded_choices(qwen3, tmp_path, capsys):
+    code = ["def f(x):\n    return x * 2", "for i in range(10):\n    print(i)", "import os\nos.listdir('.')"]
+    domains = {"code": code, "prose": PROMPTS}
+    d = R.domain_specialization(qwen3, domains)
+    assert d["domains"] == ["code", "prose"] and [l["layer"] for l in d["layers"]] == [0, 1, 2, 3]
+    for name, prompts in domains.items():
+        rec = R.record(qwen3, prompts, tmp_path / name)
+        n = int(rec["token_ids"].numel())
+        for l in d["layers"]:
+            choices = R._read(tmp_path / name / f"layer{l['layer']}.i16", 2, 0, n)
+            share = [float((choices == e).any(1).float().mean()) for e in range(8)]
+            assert l["share"][name] == pytest.approx(share) and l["uniform"] == 2 / 8
+            assert l["ratio"][name] == pytest.approx([s * 4 for s in share])
+            assert sum(share) == pytest.approx(2.0)  # every token counts once for each of its k experts
+    bad = tmp_path / "out"
+    assert main(["profile", "zoo:qwen3-moe", "--domains", "code", "--out", str(bad)]) == 2
+    assert "--domains takes NAME=FILE" in capsys.readouterr().err and not bad.exists()
+    assert main(["profile", "zoo:qwen3-moe", "--domains", f"x={tmp_path / 'missing.txt'}", "--out", str(bad)]) == 2
+    assert "missing.txt" in capsys.readouterr().err and not bad.exists()

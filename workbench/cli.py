@@ -126,7 +126,10 @@ def cmd_profile(args) -> int:
     from workbench.models.specs import resolve_device
     from workbench.tracing.state import Checkpoint
 
+    from workbench.experts.routing import parse_domains
+
     prompts = _prompts(args)
+    domains = parse_domains(args.domains)  # read (and reject) every input before loading the model
     try:
         rule = SuperExpertRule(rule=args.rule, quantile=args.quantile, ratio=args.ratio,
                                layer_fraction=args.layer_fraction, median_factor=args.median_factor,
@@ -147,7 +150,7 @@ def cmd_profile(args) -> int:
     clear_stale_temps(out, ([ckpt.path.name] if ckpt else []) + (list(OUTPUTS) if main_rank else []))
     lm = _load(args, device)
     opts = ProfileOptions(rule=rule, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                          top_massive=args.top_massive, sinks=not args.no_sinks, qk=args.qk)
+                          top_massive=args.top_massive, sinks=not args.no_sinks, qk=args.qk, domains=domains)
     p = profile(lm, prompts, opts, progress=not args.quiet and main_rank, checkpoint=ckpt, shard=shard)
     ok = False
     try:
@@ -349,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also measure the norm of every query, key and value dimension per head (massive values "
                          "in attention, Jin et al. 2025): the qk_values section of profile.json")
     pr.add_argument("--no-plots", action="store_true")
+    pr.add_argument("--domains", action="append", metavar="NAME=FILE",
+                    help="domain specialization: a prompts file per domain (repeat the flag); each domain runs "
+                         "once more through the routers")
     pr.add_argument("--checkpoint-every", type=COUNT_OR_OFF, default=None, metavar="K",
                     help="save the reducer state every K batches to OUT (atomically); rerunning the same command "
                          "resumes from it; 0 turns it off (default 25; off with --offload layers, which cannot "
