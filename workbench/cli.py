@@ -397,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from workbench.circuits.cli import add_circuit_parser
     from workbench.circuits.diff import add_circuit_diff_parser
+    from workbench.circuits.evolution import add_evolution_parser
     from workbench.kernels.reduce_dump import add_reduce_parser
     from workbench.sae.cli import add_sae_parser
     from workbench.ui.cli import add_ui_parser
@@ -404,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reduce_parser(sub)
     add_circuit_parser(sub)
     add_circuit_diff_parser(sub)
+    add_evolution_parser(sub)
     add_ui_parser(sub)
     add_sae_parser(sub)
 

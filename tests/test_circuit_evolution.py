@@ -1,0 +1,56 @@
+"""workbench circuit-evolution: each checkpoint's circuit on the same facts, compared with the final one."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from workbench.circuits.discover import CircuitOptions
+from workbench.circuits.evolution import evolution
+from workbench.circuits.facts import builtin_facts
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.models.specs import load
+
+OPTS = CircuitOptions(top_edges=12, steps=2, random_seeds=1, per_relation=False)
+
+
+@pytest.fixture(scope="module")
+def facts():
+    return [f for f in builtin_facts() if f.relation == "capital_of"][:6]
+
+
+def test_same_checkpoint_twice_gives_the_same_circuit(facts):
+    lm = load("zoo:tiny-moe")
+    r, circuits = evolution(["a", "b"], facts, load=lambda s: lm, options=OPTS)
+    a, b = r["rows"]
+    assert a["edge_jaccard_final"] == b["edge_jaccard_final"] == 1.0 and a["node_jaccard_final"] == 1.0
+    assert a["faithfulness"] == b["faithfulness"] and a["composition"] == b["composition"]
+    assert a["n_edges"] == circuits[0].n_edges <= 12 and sum(a["composition"].values()) > 0
+    assert r["n_facts"] == 6 and r["n_edges_total"] == circuits[0].meta["n_edges_total"]
+
+
+def test_different_checkpoints_and_refusals(facts):
+    trained, qwen3, dsv3 = load("zoo:tiny-moe"), load("zoo:qwen3-moe"), load("zoo:deepseek-v3")
+    r, circuits = evolution(["random", "trained"], facts, load=lambda s: qwen3 if s == "random" else trained,
+                            options=OPTS)
+    assert r["rows"][0]["edge_jaccard_final"] < 1.0 and r["rows"][1]["edge_jaccard_final"] == 1.0
+    with pytest.raises(WorkbenchError, match="share the architecture"):
+        evolution(["a", "b"], facts, load=lambda s: qwen3 if s == "a" else dsv3, options=OPTS)
+    with pytest.raises(WorkbenchError, match="at least two checkpoints"):
+        evolution(["a"], facts, load=lambda s: qwen3, options=OPTS)
+
+
+def test_cli_writes_evolution_files(tmp_path, capsys, facts):
+    f = tmp_path / "facts.jsonl"
+    f.write_text("".join(json.dumps({"prompt": x.prompt, "answer": x.answer}) + "\n" for x in facts))
+    out = tmp_path / "out"
+    assert main(["circuit-evolution", "zoo:qwen3-moe", "zoo:tiny-moe", "--facts", str(f), "--top-edges", "10",
+                 "--steps", "2", "--out", str(out), "--quiet"]) == 0
+    r = json.loads((out / "evolution.json").read_text())
+    assert [row["spec"] for row in r["rows"]] == ["zoo:qwen3-moe", "zoo:tiny-moe"]
+    assert len(pd.read_parquet(out / "evolution.parquet")) == 2 and (out / "evolution.png").stat().st_size > 10_000
+    assert sorted(p.name for p in (out / "circuits").iterdir()) == ["ckpt0.json", "ckpt1.json"]
+    assert "Hit@10 full" in capsys.readouterr().out
+    assert main(["circuit-evolution", "zoo:qwen3-moe", "--out", str(tmp_path / "x")]) == 2
+    assert "at least two checkpoints" in capsys.readouterr().err
