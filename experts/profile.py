@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 
 from workbench.experts import massive
-from workbench.experts.router import ChangeRate, LocalConsistency, VocabSpecialization
+from workbench.errors import WorkbenchError
+from workbench.experts.router import ChangeRate, LocalConsistency, Predictions, VocabSpecialization
 from workbench.experts.qk import QKMeter
 from workbench.experts.sinks import SinkMeter, eager_attention
 from workbench.experts.super_experts import SuperExpertRule, kurtosis, select
@@ -40,6 +41,8 @@ class ProfileOptions:
     qk: bool = False
     # Domain specialization (experts/routing.py): {name: prompts}, each run once more through the routers.
     domains: dict = field(default_factory=dict)
+    # Vocabulary specialization by the model's predicted token too (runs the LM head once per token).
+    vocab_predicted: bool = False
 
 
 def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = ProfileOptions(),
@@ -75,9 +78,17 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
                                        starts=starts),
                       VocabSpecialization(num_experts=infos[s.layer].num_experts, token_ids=token_ids, starts=starts)]
                   for s in router_sites})
+    meters = []
+    if options.vocab_predicted and router_sites:
+        if lm.meta.get("streamer") is not None:
+            raise WorkbenchError("--vocab-predicted needs the whole model in one forward; it does not combine with "
+                                 "--offload layers")
+        predictions = Predictions(lm)
+        for s in router_sites:
+            predictions.watch(extra[s][3])
+        meters.append(predictions)
     resid_red = {s: massive.make_reducers(options.top_massive) for s in resid_sites}
     extra.update({s: list(resid_red[s].values()) for s in resid_sites})
-    meters = []
     sink_meter = qk_meter = None
     if options.sinks:
         sink_meter = SinkMeter(n_layers, int(lm.config.num_attention_heads))

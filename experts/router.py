@@ -227,11 +227,25 @@ class VocabSpecialization(Reducer):
     in_counts: torch.Tensor | None = None
     next_keys: torch.Tensor | None = None
     next_counts: torch.Tensor | None = None
+    pred_keys: torch.Tensor | None = None  # by the model's predicted token (with a Predictions meter)
+    pred_counts: torch.Tensor | None = None
 
     def __post_init__(self):
-        for name in ("token_ids", "starts", "in_keys", "in_counts", "next_keys", "next_counts"):
+        for name in ("token_ids", "starts", "in_keys", "in_counts", "next_keys", "next_counts", "pred_keys",
+                     "pred_counts"):
             if getattr(self, name) is None:
                 setattr(self, name, torch.zeros(0, dtype=torch.int64))
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # this batch's (tokens, top-1), until predicted
+        self.predicted = False  # set by Predictions.watch
+
+    def predictions(self, tokens: torch.Tensor, pred: torch.Tensor) -> None:
+        """The model's predicted next token at global ``tokens`` (Predictions calls this after each batch)."""
+        for t, first in self._pending:
+            where = torch.searchsorted(tokens, t)
+            ok = (where < tokens.numel()) & (tokens[where.clamp(max=max(tokens.numel() - 1, 0))] == t)
+            self.pred_keys, self.pred_counts = self._add(self.pred_keys, self.pred_counts,
+                                                         pred[where[ok]] * self.num_experts + first[ok])
+        self._pending.clear()
 
     @staticmethod
     def _add(keys: torch.Tensor, counts: torch.Tensor, new: torch.Tensor, weight: torch.Tensor | None = None):
@@ -255,6 +269,8 @@ class VocabSpecialization(Reducer):
         if bool(ok.any()):
             self.next_keys, self.next_counts = self._add(self.next_keys, self.next_counts,
                                                          self.token_ids[nxt[ok]] * e + first[ok])
+        if self.predicted:
+            self._pending.append((tokens, first))
 
     def merge(self, other: "VocabSpecialization") -> "VocabSpecialization":
         self._check_same(other)
@@ -262,6 +278,7 @@ class VocabSpecialization(Reducer):
             raise ValueError(f"cannot merge VocabSpecialization over {other.num_experts} experts into {self.num_experts}")
         self.in_keys, self.in_counts = self._add(self.in_keys, self.in_counts, other.in_keys, other.in_counts)
         self.next_keys, self.next_counts = self._add(self.next_keys, self.next_counts, other.next_keys, other.next_counts)
+        self.pred_keys, self.pred_counts = self._add(self.pred_keys, self.pred_counts, other.pred_keys, other.pred_counts)
         return self
 
     def _score(self, keys: torch.Tensor, counts: torch.Tensor) -> dict:
@@ -276,5 +293,51 @@ class VocabSpecialization(Reducer):
                 "token_ids": int(keep.sum()), "tokens": int(total[keep].sum()), "uniform": 1.0 / e}
 
     def result(self) -> dict:
-        return {"vocab_specialization": {"input": self._score(self.in_keys, self.in_counts),
-                                         "next": self._score(self.next_keys, self.next_counts)}}
+        out = {"input": self._score(self.in_keys, self.in_counts), "next": self._score(self.next_keys, self.next_counts)}
+        if self.predicted or self.pred_keys.numel():
+            out["predicted"] = self._score(self.pred_keys, self.pred_counts)
+        return {"vocab_specialization": out}
+
+
+class Predictions:
+    """A meter that reads the model's predicted next token (argmax of the LM head on the decoder's last
+    hidden state) after each batch and hands it to the watching VocabSpecialization reducers.
+
+    The profile otherwise skips the LM head; this adds one [tokens, d] x [d, vocab] product per batch, in
+    chunks of 1,024 tokens. The argmax ignores logit scaling and soft-capping (both keep the order).
+    """
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.watchers: list[VocabSpecialization] = []
+        self._handle = None
+        self._grid = None
+
+    def watch(self, r: VocabSpecialization) -> VocabSpecialization:
+        r.predicted = True
+        self.watchers.append(r)
+        return r
+
+    def install(self, model, adapter) -> None:
+        self._handle = adapter.body(model).register_forward_hook(self._hook)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def begin_batch(self, grid: torch.Tensor) -> None:
+        self._grid = grid
+
+    def _hook(self, module, args, output) -> None:
+        h = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
+        ok = self._grid >= 0
+        tokens = self._grid[ok]
+        rows = h[ok]
+        head = self.lm.model.get_output_embeddings()
+        pred = torch.cat([head(rows[i:i + 1024]).argmax(-1) for i in range(0, rows.shape[0], 1024)]) \
+            if rows.shape[0] else torch.zeros(0, dtype=torch.int64)
+        order = torch.argsort(tokens)
+        tokens, pred = tokens[order].cpu(), pred[order].cpu()
+        for r in self.watchers:
+            r.predictions(tokens, pred)

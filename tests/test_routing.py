@@ -381,3 +381,29 @@ def test_domain_specialization_matches_recorded_choices(qwen3, tmp_path, capsys)
     assert "--domains takes NAME=FILE" in capsys.readouterr().err and not bad.exists()
     assert main(["profile", "zoo:qwen3-moe", "--domains", f"x={tmp_path / 'missing.txt'}", "--out", str(bad)]) == 2
     assert "missing.txt" in capsys.readouterr().err and not bad.exists()
+
+
+def test_vocab_specialization_by_the_models_prediction(qwen3, tmp_path):
+    from workbench.experts.profile import ProfileOptions, profile
+    from workbench.tracing.runner import tokenize
+
+    prompts = PROMPTS * 3
+    p = profile(qwen3, prompts, ProfileOptions(sinks=False, vocab_predicted=True), progress=False)
+    ids = tokenize(qwen3, prompts)
+    with torch.no_grad():  # the model's own argmax, one prompt at a time (no padding)
+        preds = [qwen3.model(input_ids=torch.tensor([x])).logits[0].argmax(-1).tolist() for x in ids]
+    rec = R.record(qwen3, prompts, tmp_path / "rec")
+    n = sum(len(x) for x in ids)
+    for layer in p["router"]:
+        choices = R._read(tmp_path / "rec" / f"layer{layer['layer']}.i16", 2, 0, n)[:, 0].tolist()
+        top1, at = [], 0
+        for x in ids:
+            top1.append(choices[at:at + len(x)])
+            at += len(x)
+        # Predictions from batched (padded) forwards vs one prompt at a time: the logits differ by rounding,
+        # so an argmax with a near-tie may flip a token; one flipped token moves the mean by < 0.02 here.
+        assert layer["vocab_specialization"]["predicted"]["specialization"] == pytest.approx(
+            brute_vocab(preds, top1, nxt=False), abs=0.02)
+    plain = profile(qwen3, prompts, ProfileOptions(sinks=False), progress=False)
+    assert "predicted" not in plain["router"][0]["vocab_specialization"]
+    assert plain["router"][0]["vocab_specialization"]["input"] == p["router"][0]["vocab_specialization"]["input"]

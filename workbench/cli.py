@@ -150,7 +150,8 @@ def cmd_profile(args) -> int:
     clear_stale_temps(out, ([ckpt.path.name] if ckpt else []) + (list(OUTPUTS) if main_rank else []))
     lm = _load(args, device)
     opts = ProfileOptions(rule=rule, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                          top_massive=args.top_massive, sinks=not args.no_sinks, qk=args.qk, domains=domains)
+                          top_massive=args.top_massive, sinks=not args.no_sinks, qk=args.qk, domains=domains,
+                          vocab_predicted=args.vocab_predicted)
     p = profile(lm, prompts, opts, progress=not args.quiet and main_rank, checkpoint=ckpt, shard=shard)
     ok = False
     try:
@@ -352,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also measure the norm of every query, key and value dimension per head (massive values "
                          "in attention, Jin et al. 2025): the qk_values section of profile.json")
     pr.add_argument("--no-plots", action="store_true")
+    pr.add_argument("--vocab-predicted", action="store_true",
+                    help="vocabulary specialization by the model's predicted next token too (runs the LM head)")
     pr.add_argument("--domains", action="append", metavar="NAME=FILE",
                     help="domain specialization: a prompts file per domain (repeat the flag); each domain runs "
                          "once more through the routers")
