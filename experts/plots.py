@@ -40,6 +40,14 @@ def figures(p: dict) -> dict[str, dict]:
         ys.update({f"SCH m={m}, cache 2k": [l["sch"][m]["cache_2k"] for l in r] for m in segs})
         figs["local_consistency"] = dict(kind="lines", x=[l["layer"] for l in r], ys=ys,
                                          title="local routing consistency by layer (SRP: best F1; SCH: hit rate)")
+    if "router" in p and "vocab_specialization" in p["router"][0]:
+        r = p["router"]
+        figs["vocab_specialization"] = dict(
+            kind="lines", x=[l["layer"] for l in r],
+            ys={f"by {k} token": [l["vocab_specialization"][k]["specialization"] for l in r]
+                for k in r[0]["vocab_specialization"]},
+            title=f"vocabulary specialization: share of a token id's most frequent top-1 expert (1/E = "
+                  f"{r[0]['vocab_specialization']['input']['uniform']:.3g}: none)")
     if "domain_specialization" in p:
         ds = p["domain_specialization"]
         for d in ds["domains"]:

@@ -180,7 +180,7 @@ def test_profile_page_runs_and_plots(tmp_path):
     p = at.session_state["profile"]
     assert p["meta"]["num_prompts"] == 2
     charts = at.get("plotly_chart")
-    assert len(charts) == 6  # expert max, router load, co-activation, local consistency, massive, sinks
+    assert len(charts) == 7  # expert max, router load, co-activation, local consistency, vocabulary, massive, sinks
     assert len(at.dataframe) >= 2  # super-expert candidates, router statistics
     # a random model: no super expert, and the table says why each of the largest candidates is not one
     assert p["super_experts"] == [] and any(i.value.startswith("no super experts (largest") for i in at.info)
@@ -226,12 +226,12 @@ def test_profile_page_runs_and_plots(tmp_path):
     fresh.text_input(key="profile_path").input(str(tmp_path)).run()
     fresh.button(key="profile_open").click().run()
     _ok(fresh)
-    assert fresh.session_state["profile"]["meta"]["num_prompts"] == 2 and len(fresh.get("plotly_chart")) == 6
+    assert fresh.session_state["profile"]["meta"]["num_prompts"] == 2 and len(fresh.get("plotly_chart")) == 7
     fresh = _app("Profile")
     fresh.file_uploader(key="profile_upload").set_value(("profile.json", saved.read_bytes(), "application/json"))
     fresh.run()
     _ok(fresh)
-    assert len(fresh.get("plotly_chart")) == 6
+    assert len(fresh.get("plotly_chart")) == 7
 
     at.text_input(key="profile_path").input(str(tmp_path / "missing.json")).run()
     at.button(key="profile_open").click().run()
