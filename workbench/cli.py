@@ -207,6 +207,7 @@ def cmd_profile(args) -> int:
         print(f"massive values in attention: largest top-dim / median ratio q {best['q']['ratio']:.1f}, "
               f"k {k['ratio']:.1f} (L{k['layer']}.H{k['head']} dim {k['dim']}{where}), v {best['v']['ratio']:.1f}")
     print(f"wrote {out / 'profile.json'}, run.json and {len(files) - 2} tables/plots in {out}")
+    _report(out)
     return 0
 
 
@@ -227,6 +228,7 @@ def cmd_ablate(args) -> int:
     for c, t in zip(gens.condition, gens.text):
         print(f"  [{c}] {t!r}")
     print(f"wrote {out / 'results.csv'}, results.parquet, results.png and study.resolved.yaml")
+    _report(out)
     return 0
 
 
@@ -273,7 +275,22 @@ def cmd_routing(args) -> int:
         print(f"  L{layer['layer']}: change rate first {cr[0]:.3f} last {cr[-1]:.3f}; "
               f"utilization {layer['utilization'][0]:.3f} -> {layer['utilization'][-1]:.3f}")
     print(f"wrote {out / 'routing.json'}" + (", routing.parquet and routing.png" if len(files) > 2 else " and routing.parquet"))
+    _report(out)
     return 0
+
+
+def cmd_report(args) -> int:
+    from workbench.report import report
+
+    print(f"wrote {report(args.folder, args.out)}")
+    return 0
+
+
+def _report(out) -> None:
+    """Every run that writes a folder ends with its report page (one self-contained HTML file)."""
+    from workbench.report import report
+
+    print(f"report: {report(out)}")
 
 
 def cmd_check(args) -> int:
@@ -397,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--quiet", action="store_true")
     ro.add_argument("--out", required=True)
     ro.set_defaults(func=cmd_routing)
+    rp = sub.add_parser("report", help="one self-contained HTML page for a profile, study, circuit or routing folder",
+                        description="Write FOLDER/report.html: the findings in sentences, the tables and every plot, "
+                                    "one file that opens offline (no server, no script, no network request).")
+    rp.add_argument("folder", help="an output folder of profile, ablate, circuit, routing or circuit-evolution")
+    rp.add_argument("--out", default=None, help="where to write the page (default FOLDER/report.html)")
+    rp.set_defaults(func=cmd_report)
 
     from workbench.circuits.cli import add_circuit_parser
     from workbench.circuits.diff import add_circuit_diff_parser

@@ -1,0 +1,64 @@
+"""`workbench report`: one self-contained HTML page per output folder."""
+
+import json
+import re
+
+import pytest
+
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.report import report
+
+PROMPTS = ["The capital of France is Paris.", "Bees collect nectar from flowers.", "One, two, three, four."]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A profile (planted super expert), a study and a circuit folder, each written by its command."""
+    root = tmp_path_factory.mktemp("runs")
+    prompts = root / "p.txt"
+    prompts.write_text("\n".join(PROMPTS * 4) + "\n")
+    assert main(["profile", "zoo:tiny-moe-se", "--prompts", str(prompts), "--out", str(root / "profile"), "--quiet"]) == 0
+    study = root / "study.yaml"
+    study.write_text("conditions:\n  - name: zero_L1E5\n    interventions: [{op: zero, layers: [1], "
+                     "expert: 5}]\nmetrics: [perplexity]\nnum_texts: 8\n")
+    assert main(["ablate", "zoo:tiny-moe-se", "--study", str(study), "--out", str(root / "study"), "--quiet"]) == 0
+    facts = root / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"prompt": f"The capital of {c} is", "answer": f" {a}"}) + "\n"
+                             for c, a in [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid")]))
+    assert main(["circuit", "zoo:tiny-moe", "--facts", str(facts), "--out", str(root / "circuit"), "--quiet",
+                 "--no-curve", "--random-seeds", "1", "--steps", "2"]) == 0
+    return root
+
+
+def test_each_command_writes_its_report(runs, capsys):
+    for name in ("profile", "study", "circuit"):
+        page = (runs / name / "report.html").read_text()
+        assert page.startswith("<!doctype html>") and "<h2>Findings</h2>" in page
+        assert "<script" not in page and not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing to fetch
+    prof = (runs / "profile" / "report.html").read_text()
+    assert "<b>Super expert</b>: layer 1 expert 5 (routed)" in prof and "channel 17" in prof
+    assert prof.count("data:image/png;base64,") == len(list((runs / "profile").glob("*.png")))
+    study = (runs / "study" / "report.html").read_text()
+    assert "zero_L1E5" in study and "<b>perplexity</b>: baseline" in study
+    circ = (runs / "circuit" / "report.html").read_text()
+    assert "<b>Hit@10</b>" in circ and "<svg" in circ
+
+
+def test_report_command_and_incomplete_folders(runs, tmp_path, capsys):
+    out = tmp_path / "copy.html"
+    assert main(["report", str(runs / "profile"), "--out", str(out)]) == 0
+    assert out.read_text() == (runs / "profile" / "report.html").read_text()
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "run.json").write_text("{}")
+    assert main(["report", str(half)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has run.json but no profile.json" in err and not (half / "report.html").exists()
+    (half / "metrics.json").write_text("{}")
+    with pytest.raises(WorkbenchError, match="has metrics.json but not circuit.json"):
+        report(half)
+    with pytest.raises(WorkbenchError, match="holds no finished run"):
+        report(tmp_path)
+    with pytest.raises(WorkbenchError, match="is not a folder"):
+        report(out)

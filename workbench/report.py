@@ -1,0 +1,246 @@
+"""One self-contained HTML page per output folder: the findings in sentences, the tables, every plot.
+
+``report(folder)`` reads what ``workbench profile``, ``ablate``, ``circuit``, ``routing`` or
+``circuit-evolution`` wrote there and writes ``folder/report.html``: no server, no script, no
+network request (plots are PNG data URIs, the circuit drawing inline SVG), so it opens offline in
+any browser and can be mailed as one file. A folder that holds none of those outputs, or only part of
+one (a killed run), is a one-line error naming what is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.io import write_text
+
+# kind -> (the file whose presence means the run finished, files it needs beside it)
+KINDS = {
+    "profile": ("profile.json", ()),
+    "study": ("results.csv", ("study.resolved.yaml",)),
+    "circuit": ("metrics.json", ("circuit.json",)),
+    "routing": ("routing.json", ()),
+    "evolution": ("evolution.json", ()),
+}
+
+
+def kind_of(folder: Path) -> str:
+    """Which run wrote ``folder``; a one-line error when none finished there."""
+    if not folder.is_dir():
+        raise WorkbenchError(f"{folder} is not a folder: report takes a profile, study or circuit output folder")
+    for kind, (marker, needs) in KINDS.items():
+        if (folder / marker).is_file():
+            missing = [n for n in needs if not (folder / n).is_file()]
+            if missing:
+                raise WorkbenchError(f"{folder} has {marker} but not {', '.join(missing)}: an incomplete {kind} "
+                                     "output (rerun it)")
+            return kind
+    partial = {"run.json": "profile.json", "results.parquet": "results.csv", "study.resolved.yaml": "results.csv",
+               "circuit.json": "metrics.json", "edges.parquet": "metrics.json", "routing.parquet": "routing.json",
+               "evolution.parquet": "evolution.json"}
+    for have, want in partial.items():
+        if (folder / have).is_file():
+            raise WorkbenchError(f"{folder} has {have} but no {want}: the run did not finish (rerun it)")
+    raise WorkbenchError(f"{folder} holds no finished run: expected profile.json (profile), results.csv (ablate), "
+                         "metrics.json (circuit), routing.json or evolution.json")
+
+
+def report(folder: str | Path, out: str | Path | None = None) -> Path:
+    """Write the folder's report page (default ``folder/report.html``) and return its path."""
+    folder = Path(folder)
+    kind = kind_of(folder)
+    body = {"profile": _profile, "study": _study, "circuit": _circuit, "routing": _routing,
+            "evolution": _evolution}[kind](folder)
+    title = f"workbench {kind} report: {folder.resolve().name}"
+    page = (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
+            f"<style>{CSS}</style></head>\n<body>\n<h1>{_e(title)}</h1>\n"
+            f"<p class=\"where\">folder <code>{_e(str(folder.resolve()))}</code></p>\n{body}\n"
+            f"{_plots(folder, kind)}\n</body></html>\n")
+    path = Path(out) if out else folder / "report.html"
+    return write_text(path, page)
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+       "h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}"
+       "table{border-collapse:collapse;font-size:.85em;margin:.6em 0}td,th{border:1px solid #ccc;padding:2px 6px;"
+       "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+       "img,svg{max-width:100%;height:auto}figure{margin:1em 0}figcaption{font-size:.8em;color:#555}"
+       ".where{color:#666;font-size:.85em}li{margin:.2em 0}"
+       ".plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:1em}")
+
+
+def _e(s) -> str:
+    return html.escape(str(s))
+
+
+def _num(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) >= 1e4 or (v and abs(v) < 1e-3) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(rows: list[dict], cols: list[str] | None = None) -> str:
+    if not rows:
+        return "<p>(none)</p>"
+    cols = cols or list(rows[0])
+    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_e(_num(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _sentences(items: list[str]) -> str:
+    return "<ul>" + "".join(f"<li>{s}</li>" for s in items) + "</ul>"
+
+
+def _plots(folder: Path, kind: str) -> str:
+    figs = []
+    for png in sorted(folder.glob("*.png")):
+        data = base64.b64encode(png.read_bytes()).decode()
+        figs.append(f"<figure><img alt=\"{_e(png.stem)}\" src=\"data:image/png;base64,{data}\">"
+                    f"<figcaption>{_e(png.name)}</figcaption></figure>")
+    return ("<h2>Plots</h2>\n<div class=\"plots\">" + "\n".join(figs) + "</div>") if figs else ""
+
+
+# ----- profile ---------------------------------------------------------------------------------------
+
+def _profile(folder: Path) -> str:
+    from workbench.experts.super_experts import no_super_experts
+
+    p = json.loads((folder / "profile.json").read_text(encoding="utf-8"))
+    m = p.get("meta", {})
+    out = [f"<p>{_e(m.get('spec'))} ({_e(m.get('architecture'))}, {m.get('num_layers')} layers): "
+           f"{m.get('num_tokens')} tokens of {m.get('num_prompts')} prompts.</p>", "<h2>Findings</h2>"]
+    facts = []
+    se = p.get("super_experts", [])
+    if se:
+        for e in se[:5]:
+            facts.append(f"<b>Super expert</b>: layer {e['layer']} expert {e['expert']} ({_e(e['kind'])}) writes "
+                         f"{_num(e['max_abs'])} into channel {e['channel']} (prompt {e['prompt_index']}, position "
+                         f"{e['position']}, token {_e(repr(e['token']))}), {_num(e.get('ratio_to_median'), 1)}x the "
+                         "median expert maximum.")
+    else:
+        facts.append(_e(no_super_experts(p)))
+    massive = [l for l in p.get("massive_activations", {}).get("layers", []) if l.get("massive")]
+    if massive:
+        l, t = massive[0], massive[0]["top"][0]
+        facts.append(f"<b>Massive activation</b> from layer {l['layer']} on ({len(massive)} layers): {_num(t['value'])} "
+                     f"({_num(t['ratio_to_median'], 0)}x the layer median) in channel {t['channel']} at position "
+                     f"{t['position']} ({_e(repr(t['token']))}).")
+    else:
+        facts.append("No massive activation (no layer's top |residual| is >= 100 and >= 1000x its median).")
+    sinks = p.get("attention_sinks")
+    if sinks:
+        heads = sorted(((v, l, h) for l, row in enumerate(sinks["share_pos0"]) for h, v in enumerate(row)
+                        if v == v), reverse=True)[:3]
+        mean = sum(v for row in sinks["share_pos0"] for v in row if v == v) / max(
+            1, sum(1 for row in sinks["share_pos0"] for v in row if v == v))
+        facts.append(f"<b>Attention sinks</b>: the mean share of attention on position 0 is {mean:.2f}; the "
+                     "strongest sink heads are " + ", ".join(f"L{l}.H{h} ({v:.2f})" for v, l, h in heads) + ".")
+    router = p.get("router")
+    if router:
+        util = [r.get("utilization") for r in router if r.get("utilization") is not None]
+        facts.append(f"<b>Router</b> ({len(router)} MoE layers): utilization (Jain) {_num(min(util))} to "
+                     f"{_num(max(util))}; mean token entropy {_num(router[0]['mean_token_entropy'])} nats in layer "
+                     f"{router[0]['layer']} (max {_num(router[0]['max_entropy'])}).")
+    out.append(_sentences(facts))
+    experts = sorted(p.get("experts", []), key=lambda e: -(e.get("max_abs") or 0))[:10]
+    out.append("<h2>Largest experts</h2>")
+    out.append(_table(experts, ["layer", "expert", "kind", "max_abs", "channel", "prompt_index", "position",
+                                "tokens_routed"]))
+    if router:
+        out.append("<h2>Router per MoE layer</h2>")
+        out.append(_table([{"layer": r["layer"], **{k: v for k, v in r.items() if not isinstance(v, (list, dict))}}
+                           for r in router]))
+    return "\n".join(out)
+
+
+# ----- study --------------------------------------------------------------------------------------------
+
+def _study(folder: Path) -> str:
+    import pandas as pd
+
+    df = pd.read_csv(folder / "results.csv")
+    num = df[df.metric != "generations"]
+    out = [f"<p>{df.condition.nunique()} conditions, metrics: {_e(', '.join(dict.fromkeys(num.metric)))}.</p>",
+           "<h2>Findings</h2>"]
+    facts = []
+    base = num[num.condition == "baseline"].set_index("metric")["mean"] if "baseline" in set(num.condition) else None
+    if base is not None:
+        for metric in dict.fromkeys(num.metric):
+            d = num[(num.metric == metric) & (num.condition != "baseline")]
+            if d.empty or metric not in base:
+                continue
+            worst = d.iloc[(d["mean"] - base[metric]).abs().argmax()]
+            facts.append(f"<b>{_e(metric)}</b>: baseline {_num(float(base[metric]))}; the largest change is "
+                         f"{_e(worst.condition)}: {_num(float(worst['mean']))} [{_num(float(worst.ci_low))}, "
+                         f"{_num(float(worst.ci_high))}].")
+    out.append(_sentences(facts) if facts else "<p>(no baseline condition to compare against)</p>")
+    out.append("<h2>Results (mean with 95 % interval)</h2>")
+    rows = [{"condition": r.condition, "metric": r.metric, "mean": r.mean, "ci_low": r.ci_low, "ci_high": r.ci_high,
+             "n": r.n} for r in num.itertuples()]
+    out.append(_table(rows))
+    gens = df[df.metric == "generations"]
+    if not gens.empty:
+        out.append("<h2>Generations</h2><ul>" + "".join(f"<li>[{_e(c)}] {_e(t)}</li>"
+                                                          for c, t in zip(gens.condition, gens.text)) + "</ul>")
+    return "\n".join(out)
+
+
+# ----- circuit -------------------------------------------------------------------------------------------
+
+def _circuit(folder: Path) -> str:
+    m = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    c = json.loads((folder / "circuit.json").read_text(encoding="utf-8"))
+    meta = c.get("graph", {}).get("meta", {})
+    kinds: dict[str, int] = {}
+    for n in c.get("nodes", []):
+        kinds[n.get("kind", "?")] = kinds.get(n.get("kind", "?"), 0) + 1
+    facts = [f"<b>{m.get('n_edges')} edges</b> of {m.get('n_edges_total')} ({100 * (m.get('edge_fraction') or 0):.2f} %) "
+             f"on {m.get('n_facts')} facts ({_e(meta.get('method', ''))}): faithfulness {_num(m.get('faithfulness'))} "
+             f"(size-matched random circuits {_num(m.get('faithfulness_random'))}).",
+             f"<b>Hit@10</b>: full model {_num(m.get('hit_at_10_full'))}, circuit {_num(m.get('hit_at_10_circuit'))}, "
+             f"random circuits {_num(m.get('hit_at_10_random'))}, corrupted input {_num(m.get('hit_at_10_corrupted'))}.",
+             "<b>Nodes</b>: " + ", ".join(f"{v} {_e(k)}" for k, v in sorted(kinds.items())) + "."]
+    if "target_faithfulness" in m:
+        facts.append(f"Smallest circuit on the curve reaching faithfulness {m['target_faithfulness']}: this one.")
+    rel = m.get("relations", {}).get("per_relation", {})
+    out = [f"<p>{_e(meta.get('model', ''))}</p>", "<h2>Findings</h2>", _sentences(facts)]
+    if m.get("curve"):
+        out.append("<h2>Faithfulness curve</h2>")
+        out.append(_table(m["curve"]))
+    if rel:
+        out.append("<h2>Relations</h2>")
+        out.append(_table([{"relation": k, **{x: y for x, y in v.items() if not isinstance(y, (list, dict))}}
+                           for k, v in rel.items()]))
+    svg = folder / "circuit.svg"
+    if svg.is_file():
+        text = svg.read_text(encoding="utf-8")
+        text = text[text.find("<svg"):] if "<svg" in text else ""
+        out.append(f"<h2>Circuit</h2><figure>{text}</figure>")
+    return "\n".join(out)
+
+
+def _routing(folder: Path) -> str:
+    r = json.loads((folder / "routing.json").read_text(encoding="utf-8"))
+    rows = [{"layer": l["layer"], "saturation (first)": l["saturation"][0],
+             "saturation (middle)": l["saturation"][len(l["saturation"]) // 2],
+             "top-1 (middle)": l["saturation_top1"][len(l["saturation_top1"]) // 2],
+             "utilization (first)": l["utilization"][0], "utilization (final)": l["utilization"][-1]}
+            for l in r["layers"]]
+    return (f"<p>{len(r['checkpoints'])} checkpoints (final: {_e(r['final'])}), {r['num_tokens']} tokens.</p>"
+            "<h2>Router saturation against the final checkpoint</h2>" + _table(rows))
+
+
+def _evolution(folder: Path) -> str:
+    r = json.loads((folder / "evolution.json").read_text(encoding="utf-8"))
+    rows = [{k: v for k, v in row.items() if k != "composition"} for row in r["rows"]]
+    return (f"<p>{len(r['checkpoints'])} checkpoints, {r['n_facts']} facts.</p><h2>Circuits by checkpoint</h2>"
+            + _table(rows, ["spec", "hit_at_10_full", "hit_at_10_circuit", "gap", "faithfulness",
+                            "edge_jaccard_final", "node_jaccard_final"]))
