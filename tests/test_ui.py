@@ -12,6 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 import workbench as wb
 from workbench.circuits.export import Circuit, write_json
+from workbench.errors import WorkbenchError
 from workbench.interventions import parse
 from workbench.studies import Study
 
@@ -181,6 +182,10 @@ def test_profile_page_runs_and_plots(tmp_path):
     assert p["meta"]["num_prompts"] == 2
     charts = at.get("plotly_chart")
     assert len(charts) == 7  # expert max, router load, co-activation, local consistency, vocabulary, massive, sinks
+    at.button(key="profile_report").click().run()  # the same report page `workbench profile` writes
+    _ok(at)
+    page = at.session_state["profile_report_html"][1].decode()
+    assert page.startswith("<!doctype html>") and "<h2>Findings</h2>" in page and "data:image/png;base64," in page
     assert len(at.dataframe) >= 2  # super-expert candidates, router statistics
     # a random model: no super expert, and the table says why each of the largest candidates is not one
     assert p["super_experts"] == [] and any(i.value.startswith("no super experts (largest") for i in at.info)
@@ -339,7 +344,9 @@ def test_steer_yaml_box_steers_a_dense_model_and_round_trips(tmp_path, monkeypat
     at = AppTest.from_file(APP, default_timeout=60).run()
     at.sidebar.radio(key="page").set_value("Steer").run()
     _ok(at)
-    assert any("no MoE layers" in i.value for i in at.info) and len(at.data_editor) == 0
+    assert any("no MoE layers" in i.value for i in at.info)
+    assert [e.key for e in at.data_editor] == [f"steer_dense_{at.session_state['steer_version']}"]
+    assert at.data_editor[0].value.empty  # no profile of this model yet: nothing pre-filled
     base, same = at.session_state["steer_generations"]
     assert base == same
     box = "- {op: zero_head, layers: [0, 1, 2, 3], heads: [0, 1, 2, 3]}\n- {op: mean_qk, layers: 1, top: 2}\n"
@@ -359,3 +366,51 @@ def test_steer_yaml_box_steers_a_dense_model_and_round_trips(tmp_path, monkeypat
     _ok(fresh)
     assert [iv.op for iv in parse(yaml.safe_load(fresh.text_area(key="steer_extra").value))] == ["zero_head", "mean_qk"]
     assert fresh.session_state["steer_generations"][1] == steered
+
+
+@pytest.mark.slow
+def test_dense_steer_table_from_smollm2s_profile(monkeypatch):
+    """On SmolLM2, the profile fills the Steer page's dense table with its massive-activation channel and sink
+    heads; ticking channel 507 (zeroed from layer 11 on) changes the greedy continuation."""
+    monkeypatch.setattr(sys, "argv", ["app.py", "--model", "smollm2-135m"])
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    at.sidebar.radio(key="page").set_value("Profile").run()
+    at.number_input(key="profile_max_tokens").set_value(16)
+    at.text_area(key="profile_prompts").input("The capital of France is Paris.\nWater boils at 100 degrees.")
+    at.button(key="profile_run").click().run()
+    _ok(at)
+    at.sidebar.radio(key="page").set_value("Steer").run()
+    _ok(at)
+    table = at.data_editor[0].value
+    massive = table[table.op == "zero_channel"]
+    assert massive["index"].tolist()[:1] == [507] and int(massive["layer"].iloc[0]) == 11
+    assert (table.op == "zero_head").sum() == 3 and not table.on.any()
+    base, same = at.session_state["steer_generations"]
+    assert base == same
+    row = int(massive.index[0])
+    key = at.data_editor[0].key
+    at.session_state[key] = {"edited_rows": {row: {"on": True}}, "added_rows": [], "deleted_rows": []}
+    at.run()
+    _ok(at)
+    assert at.session_state["steer_generations"][1] != base
+    ivs = parse(yaml.safe_load(at.session_state["steer_study_yaml"])["conditions"][0]["interventions"])
+    assert [(iv.op, iv.layers, iv.channel) for iv in ivs] == [("zero_channel", (11,), 507)]
+
+
+def test_dense_rows_to_interventions():
+    import pandas as pd
+
+    from workbench.ui.steer_page import blank_dense_rows, interventions_from_dense_rows
+
+    rows = pd.DataFrame([
+        {"on": True, "op": "scale_channel", "layer": 3, "index": 7, "factor": 2.5, "positions": "0, -1", "why": ""},
+        {"on": False, "op": "zero_head", "layer": 1, "index": 2, "factor": None, "positions": None, "why": ""},
+        {"on": True, "op": "zero_head", "layer": 1, "index": 2, "factor": None, "positions": None, "why": ""},
+        {"on": True, "op": "zero_neuron", "layer": 0, "index": 99, "factor": float("nan"), "positions": "", "why": ""}])
+    assert interventions_from_dense_rows(rows) == [
+        {"op": "scale_channel", "layers": [3], "channel": 7, "factor": 2.5, "positions": [0, -1]},
+        {"op": "zero_head", "layers": [1], "heads": [2]}, {"op": "zero_neuron", "layers": [0], "channel": 99}]
+    assert interventions_from_dense_rows(blank_dense_rows()) == []
+    half = pd.DataFrame([{"on": True, "op": None, "layer": 3, "index": None, "factor": None, "positions": "", "why": ""}])
+    with pytest.raises(WorkbenchError, match="dense table row 1: pick an op"):
+        interventions_from_dense_rows(half)

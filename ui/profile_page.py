@@ -261,3 +261,22 @@ def render(lm, sae: PickedSAE | None = None) -> None:
     if kurt:
         by_layer = ", ".join(f"L{i} {_fmt('', k)}" for i, k in enumerate(kurt))
         st.caption(f"kurtosis of experts' maxima by layer: {by_layer}")
+    _report_button(p)
+
+
+def _report_button(p: dict) -> None:
+    """The same one-page report `workbench profile` writes (workbench.report), built on demand, to download."""
+    if st.button("Build the report page (HTML)", key="profile_report"):
+        import tempfile
+
+        from workbench.experts.report import write
+        from workbench.report import report
+
+        with tempfile.TemporaryDirectory() as d:
+            write(p, d)
+            st.session_state["profile_report_html"] = (id(p), report(d).read_bytes())
+    built = st.session_state.get("profile_report_html")
+    if built is not None and built[0] == id(p):
+        st.download_button("Download report.html", built[1], file_name="report.html", mime="text/html",
+                           key="profile_report_download")
+        st.caption("one self-contained page: findings, tables and plots; opens offline (same as `workbench report`)")

@@ -110,6 +110,62 @@ def interventions_from_tables(tables: dict[int, pd.DataFrame]) -> list[dict]:
     return out
 
 
+DENSE_OPS = ("zero_channel", "scale_channel", "zero_head", "scale_head", "zero_neuron", "scale_neuron")
+DENSE_COLUMNS = ["on", "op", "layer", "index", "factor", "positions", "why"]
+
+
+def blank_dense_rows() -> pd.DataFrame:
+    return pd.DataFrame({"on": pd.Series(dtype=bool), "op": pd.Series(dtype=str), "layer": pd.Series(dtype="Int64"),
+                         "index": pd.Series(dtype="Int64"), "factor": pd.Series(dtype=float),
+                         "positions": pd.Series(dtype=str), "why": pd.Series(dtype=str)})
+
+
+def dense_rows_from_profile(p: dict, heads: int = 3) -> pd.DataFrame:
+    """Rows for a dense model's table from its profile, all off: each massive-activation channel, zeroed at
+    the output of the first layer where it is the layer's top entry, and the ``heads`` strongest sink heads."""
+    rows, seen = [], set()
+    for layer in p.get("massive_activations", {}).get("layers", []):
+        if not layer.get("massive") or not layer.get("top"):
+            continue
+        t = layer["top"][0]
+        if t["channel"] in seen:
+            continue
+        seen.add(t["channel"])
+        rows.append({"on": False, "op": "zero_channel", "layer": layer["layer"], "index": t["channel"], "factor": 0.0,
+                     "positions": "", "why": f"massive activation {t['value']:.3g} ({t['ratio_to_median']:.0f}x the "
+                                              f"median) at position {t['position']}, from layer {layer['layer']}"})
+    share = p.get("attention_sinks", {}).get("share_pos0") or []
+    top = sorted(((v, l, h) for l, row in enumerate(share) for h, v in enumerate(row) if v == v), reverse=True)[:heads]
+    for v, l, h in top:
+        rows.append({"on": False, "op": "zero_head", "layer": l, "index": h, "factor": 0.0, "positions": "",
+                     "why": f"sink head: {v:.2f} of its attention on position 0"})
+    df = pd.DataFrame(rows, columns=DENSE_COLUMNS) if rows else blank_dense_rows()
+    return df.astype({"layer": "Int64", "index": "Int64"})
+
+
+def interventions_from_dense_rows(rows: pd.DataFrame) -> list[dict]:
+    """The ticked rows of the dense table as intervention dicts (a half-filled ticked row is an error)."""
+    out = []
+    for i, r in rows.reset_index(drop=True).iterrows():
+        if not bool(r.get("on")) or pd.isna(r.get("on")):
+            continue
+        where = f"dense table row {i + 1}"
+        if r.get("op") not in DENSE_OPS or _blank_cell(r.get("layer")) or _blank_cell(r.get("index")):
+            raise WorkbenchError(f"{where}: pick an op ({', '.join(DENSE_OPS)}), a layer and an index")
+        d = {"op": r["op"], "layers": [int(r["layer"])]}
+        if r["op"].endswith("_head"):
+            d["heads"] = [int(r["index"])]
+        else:
+            d["channel"] = int(r["index"])
+        if r["op"].startswith("scale_"):
+            d["factor"] = 0.0 if _blank_cell(r.get("factor")) else float(r["factor"])
+        pos = parse_positions(_text(r.get("positions")), where)
+        if pos is not None:
+            d["positions"] = pos
+        out.append(d)
+    return out
+
+
 def blank_sae_rows() -> pd.DataFrame:
     return pd.DataFrame({"sae": pd.Series(dtype=object), "feature": pd.Series(dtype="Int64"),
                          "coef": pd.Series(dtype=float), "positions": pd.Series(dtype=object),
@@ -280,6 +336,8 @@ def table_state(lm) -> dict[int, pd.DataFrame]:
         st.session_state["steer_model"] = lm.spec
         st.session_state["steer_tables"] = {layer: _blank(n) for layer, n in infos.items()}
         st.session_state["steer_sae_rows"] = blank_sae_rows()
+        st.session_state["steer_dense_rows"] = blank_dense_rows()
+        st.session_state["steer_dense_from"] = None
         st.session_state["steer_extra"] = ""
         st.session_state["steer_version"] = st.session_state.get("steer_version", 0) + 1
     return st.session_state["steer_tables"]
@@ -365,6 +423,30 @@ def _expert_editor(lm, layers: list[int], tables: dict[int, pd.DataFrame], ver: 
     tables[layer] = edited[COLUMNS].reset_index(drop=True)
 
 
+def _dense_editor(lm, ver: int) -> pd.DataFrame:
+    """A dense model's table: residual channels, heads and MLP neurons, pre-filled from this model's profile."""
+    p = st.session_state.get("profile")
+    if p is not None and p.get("meta", {}).get("spec") == lm.spec and st.session_state.get("steer_dense_from") != id(p):
+        st.session_state["steer_dense_from"] = id(p)
+        st.session_state["steer_dense_rows"] = dense_rows_from_profile(p)
+        ver = st.session_state["steer_version"] = ver + 1
+    st.subheader("Channels, heads and neurons")
+    st.caption("Tick a row to apply it. Rows come from this model's profile (the Profile page): each massive-"
+               "activation channel and the strongest sink heads; add rows for any channel, head or neuron. "
+               "positions: comma-separated, negative from the end (blank: all).")
+    edited = st.data_editor(
+        st.session_state["steer_dense_rows"], key=f"steer_dense_{ver}", num_rows="dynamic", hide_index=True,
+        column_config={"on": st.column_config.CheckboxColumn("on", default=False),
+                       "op": st.column_config.SelectboxColumn("op", options=list(DENSE_OPS)),
+                       "layer": st.column_config.NumberColumn("layer", min_value=0, step=1),
+                       "index": st.column_config.NumberColumn("channel / head / neuron", min_value=0, step=1),
+                       "factor": st.column_config.NumberColumn("factor (scale ops)"),
+                       "positions": st.column_config.TextColumn("positions"),
+                       "why": st.column_config.TextColumn("from the profile", disabled=True)})
+    st.session_state["steer_dense_rows"] = edited
+    return edited
+
+
 def _sae_editor(sae: PickedSAE | None, ver: int) -> pd.DataFrame:
     """The feature-steering rows (``sae_steer``), an editor with added / deleted rows.
 
@@ -400,22 +482,28 @@ def render(lm, sae: PickedSAE | None = None) -> None:
     st.header("Steer: expert interventions, live")
     layers = moe_layers(lm)
     if not layers:
-        st.info(f"{lm.spec} has no MoE layers, so there is no expert table; heads, Q/K dims, residual channels "
-                "and MLP neurons are steered in the box below" + (", SAE features in their table." if sae else "."))
+        st.info(f"{lm.spec} has no MoE layers, so there is no expert table: residual channels, heads and MLP neurons "
+                "are steered in the table below (pre-filled from the model's profile), Q/K dims and anything else in "
+                "the YAML box" + (", SAE features in their table." if sae else "."))
     table_state(lm)
     with st.expander("Load a study YAML"):
         _upload(lm)
     tables = st.session_state["steer_tables"]
     prompt = st.text_area("Prompt", value="The capital of France is", key="steer_prompt")
     ver = st.session_state["steer_version"]
+    dense_rows = None
     if layers:
         _expert_editor(lm, layers, tables, ver)
+    else:
+        dense_rows = _dense_editor(lm, ver)
+        ver = st.session_state["steer_version"]
     sae_rows = _sae_editor(sae, ver)
     extra = st.text_area("More interventions (YAML): attention heads, Q/K dims, residual channels, MLP neurons",
                          key="steer_extra", help=EXTRA_HELP, placeholder="- {op: zero_head, layers: 3, heads: [0, 5]}")
     try:
-        ivs = (interventions_from_tables(tables) + interventions_from_sae_rows(sae_rows, sae.path if sae else None)
-               + extra_interventions(extra))
+        ivs = (interventions_from_tables(tables) + (interventions_from_dense_rows(dense_rows) if dense_rows is not None
+                                                     else [])
+               + interventions_from_sae_rows(sae_rows, sae.path if sae else None) + extra_interventions(extra))
         for i, d in enumerate(parse(ivs)):
             d.validate(lm, f"interventions[{i}]")
     except WorkbenchError as exc:
