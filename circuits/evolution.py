@@ -112,29 +112,15 @@ def write(result: dict, circuits: list, out_dir: str | Path, plots: bool = True)
     import pandas as pd
 
     from workbench.circuits import export
-    from workbench.io import atomic_path, write_json
+    from workbench.io import write_result_set
 
     out = Path(out_dir)
-    written: list[Path] = []
-    try:
-        for i, c in enumerate(circuits):
-            written.append(export.write_json(c, out / "circuits" / f"ckpt{i}.json"))
-        flat = [{**{k: v for k, v in r.items() if k != "composition"},
-                 **{f"nodes_{k}": v for k, v in r["composition"].items()}} for r in result["rows"]]
-        with atomic_path(out / "evolution.parquet") as tmp:
-            pd.DataFrame(flat).to_parquet(tmp, index=False)
-        written.append(out / "evolution.parquet")
-        if plots:
-            with atomic_path(out / "evolution.png") as tmp:
-                plot(result, tmp.with_suffix(".png"))
-                tmp.with_suffix(".png").replace(tmp)
-            written.append(out / "evolution.png")
-        written.append(write_json(out / "evolution.json", result))
-    except BaseException:
-        for f in written:
-            f.unlink(missing_ok=True)
-        raise
-    return written
+    flat = [{**{k: v for k, v in r.items() if k != "composition"},
+             **{f"nodes_{k}": v for k, v in r["composition"].items()}} for r in result["rows"]]
+    return write_result_set(out, "evolution", result, pd.DataFrame(flat),
+                            (lambda path: plot(result, path)) if plots else None,
+                            before=[lambda c=c, i=i: export.write_json(c, out / "circuits" / f"ckpt{i}.json")
+                                    for i, c in enumerate(circuits)])
 
 
 def add_evolution_parser(subparsers) -> None:

@@ -233,25 +233,10 @@ def plot(result: dict, path: Path) -> None:
 
 def write(result: dict, out_dir: str | Path, plots: bool = True) -> list[Path]:
     """routing.parquet, routing.png and routing.json (written last: its presence means the run finished)."""
-    from workbench.io import atomic_path, write_json
+    from workbench.io import write_result_set
 
-    out = Path(out_dir)
-    written = []
-    try:
-        with atomic_path(out / "routing.parquet") as tmp:
-            table(result).to_parquet(tmp, index=False)
-        written.append(out / "routing.parquet")
-        if plots:
-            with atomic_path(out / "routing.png") as tmp:
-                plot(result, tmp.with_suffix(".png"))
-                tmp.with_suffix(".png").replace(tmp)
-            written.append(out / "routing.png")
-        written.append(write_json(out / "routing.json", result))
-    except BaseException:
-        for f in written:
-            f.unlink(missing_ok=True)
-        raise
-    return written
+    return write_result_set(out_dir, "routing", result, table(result),
+                            (lambda path: plot(result, path)) if plots else None)
 
 
 def domain_specialization(lm, domains: dict[str, Sequence[str]], *, batch_size: int = 8,

@@ -8,6 +8,7 @@ with ``WORKBENCH_SCREENSHOTS``); each test prints where it wrote them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -69,14 +70,15 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+@contextlib.contextmanager
+def serve(model: str, tmp_path_factory):
+    """``streamlit run ui/app.py -- --model MODEL`` on a free local port; yields its URL once it answers."""
     _require_browser()
     port = _free_port()
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
            "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-           "--server.fileWatcherType", "none", "--", "--model", MODEL]
+           "--server.fileWatcherType", "none", "--", "--model", model]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -98,6 +100,12 @@ def app_url(tmp_path_factory):
         yield url
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    with serve(MODEL, tmp_path_factory) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -3,49 +3,17 @@ then tick the massive-activation channel row that the profile put in the table; 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
 
-from test_ui_browser import (APP, CHROMIUM, LOAD_TIMEOUT_MS, ROOT, STEP_TIMEOUT_MS, _free_port, _go, _idle,
-                             _require_browser, _shot, _steered, _stop)
+from test_ui_browser import CHROMIUM, LOAD_TIMEOUT_MS, STEP_TIMEOUT_MS, _go, _idle, _shot, _steered, serve
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2_url(tmp_path_factory):
-    _require_browser()
-    port = _free_port()
-    log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.address",
-           "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-           "--server.fileWatcherType", "none", "--", "--model", "smollm2-135m"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not answer /_stcore/health in 180 s:\n{log.read_text()[-2000:]}")
-            time.sleep(0.25)
+    with serve("smollm2-135m", tmp_path_factory) as url:
         yield url
-    finally:
-        _stop(proc)
 
 
 def test_dense_steer_table_on_smollm2_in_browser(smollm2_url):

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from workbench.errors import WorkbenchError
 
@@ -136,3 +136,30 @@ def read_structured(path: str | os.PathLike, what: str = "file") -> tuple[Any, s
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
         raise WorkbenchError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def write_result_set(out: str | os.PathLike, stem: str, result: Any, table, plot: Callable[[Path], None] | None,
+                     before: Iterable[Callable[[], Path]] = ()) -> list[Path]:
+    """``before``'s files, OUT/STEM.parquet (``table``, a DataFrame), OUT/STEM.png (``plot(path)`` draws it;
+    None: no plot) and OUT/STEM.json last: its presence means the run finished. If any step fails, the
+    files this call wrote are removed."""
+    out = Path(out)
+    written: list[Path] = []
+    try:
+        for write in before:
+            written.append(write())
+        with atomic_path(out / f"{stem}.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
+        written.append(out / f"{stem}.parquet")
+        if plot is not None:
+            with atomic_path(out / f"{stem}.png") as tmp:
+                png = tmp.with_suffix(".png")  # matplotlib picks the format from the suffix
+                plot(png)
+                png.replace(tmp)
+            written.append(out / f"{stem}.png")
+        written.append(write_json(out / f"{stem}.json", result))
+    except BaseException:
+        for f in written:
+            f.unlink(missing_ok=True)
+        raise
+    return written
