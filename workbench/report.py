@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.io import write_text
+from workbench.io import clear_stale_temps, write_text
 
 # kind -> (the file whose presence means the run finished, files it needs beside it)
 KINDS = {
@@ -55,13 +55,14 @@ def report(folder: str | Path, out: str | Path | None = None) -> Path:
     kind = kind_of(folder)
     body = {"profile": _profile, "study": _study, "circuit": _circuit, "routing": _routing,
             "evolution": _evolution}[kind](folder)
-    title = f"workbench {kind} report: {folder.resolve().name}"
+    # The page depends only on the folder's files (not on where the folder is): the same run gives the same page.
+    title = f"workbench {kind} report"
     page = (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
-            f"<style>{CSS}</style></head>\n<body>\n<h1>{_e(title)}</h1>\n"
-            f"<p class=\"where\">folder <code>{_e(str(folder.resolve()))}</code></p>\n{body}\n"
+            f"<style>{CSS}</style></head>\n<body>\n<h1>{_e(title)}</h1>\n{body}\n"
             f"{_plots(folder, kind)}\n</body></html>\n")
     path = Path(out) if out else folder / "report.html"
+    clear_stale_temps(path.parent, [path.name])  # what a killed earlier write left
     return write_text(path, page)
 
 
@@ -70,7 +71,7 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;p
        "table{border-collapse:collapse;font-size:.85em;margin:.6em 0}td,th{border:1px solid #ccc;padding:2px 6px;"
        "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
        "img,svg{max-width:100%;height:auto}figure{margin:1em 0}figcaption{font-size:.8em;color:#555}"
-       ".where{color:#666;font-size:.85em}li{margin:.2em 0}"
+       "li{margin:.2em 0}"
        ".plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:1em}")
 
 
