@@ -396,3 +396,48 @@ def test_qkv_sites_only_where_the_attention_interface_is_used(tmp_path, zoo_toke
                         "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: no q sites: FalconAttention")
     assert not (tmp_path / "out").exists()
+
+
+def test_mean_qk_matched_takes_high_frequency_dims_until_the_top_ns_size():
+    """``matched: N``: per prompt and head, rotary dims from the highest frequency down (pair p = dims p and
+    p + rot/2), the top N by norm skipped, until their mean-ablation changes as much as the top N's would."""
+    from workbench.interventions import Intervention, mean_qk
+
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
+    k[:, :, :, [6, 14]] = k[:, :, :, [6, 14]] * 2.5 + 10  # pair 6: the top 2 by norm in every head (an offset)
+    k[1, 1, :, 0] *= 4  # prompt 1, KV head 1: pair 0's first dim varies more than the top 2 together
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    order = torch.tensor([d for p in range(8) for d in (p, p + 8)])
+    kk = k.clone()
+    mean_qk(q.clone(), kk, Intervention("mean_qk", (0,), matched=2, proj="k"), valid, valid, order=order)
+    changed = (kk != k).any(2)  # [B, KV, d]
+    size = (k - k.mean(2, keepdim=True)).square().sum(2)  # [B, KV, d]
+    for b in range(2):
+        for h in range(2):
+            target, taken, want = float(size[b, h, [6, 14]].sum()), 0.0, []
+            for d in order.tolist():  # the rule by hand
+                if d in (6, 14):
+                    continue
+                if taken < target:
+                    want.append(d)
+                    taken += float(size[b, h, d])
+            assert sorted(torch.nonzero(changed[b, h]).flatten().tolist()) == sorted(want)
+            assert (taken >= target or len(want) == 14) and not changed[b, h, [6, 14]].any()
+    assert changed[1, 1].sum() == 1 and changed[1, 1, 0]  # one dim was enough there
+    assert changed[0, 0].sum() > 2  # small high-frequency dims: more of them than the top 2
+
+
+def test_mean_qk_matched_on_a_model():
+    from workbench.errors import WorkbenchError
+    from workbench.interventions import apply
+
+    lm = _lm()
+    ids = _batch(0)[0]
+    base = _logits(lm, ids)
+    got = _logits(lm, ids, [{"op": "mean_qk", "layers": [1, 2], "matched": 2}])
+    assert not torch.allclose(got, base) and torch.equal(_logits(lm, ids), base)
+    with pytest.raises(WorkbenchError, match="values are not rotated"):
+        apply(lm, [{"op": "mean_qk", "layers": 0, "matched": 2, "proj": "v"}])
+    with pytest.raises(WorkbenchError, match="exactly one of"):
+        apply(lm, [{"op": "mean_qk", "layers": 0, "matched": 2, "top": 2}])

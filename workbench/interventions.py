@@ -78,7 +78,8 @@ class Intervention:
     dims: tuple[int, ...] | None = None  # mean_qk: head dimensions, or ...
     top: int | None = None  # ... the N largest by norm, or ...
     bottom: int | None = None  # ... the N smallest
-    random: int | None = None  # ... or N random ones outside the head's top 3
+    random: int | None = None  # ... or N random ones outside the head's top 3, or ...
+    matched: int | None = None  # ... the highest-frequency rotary dims whose mean-ablation changes as much as the top N's
     seed: int = 0  # mean_qk random dims
     proj: str = "qk"  # mean_qk: q, k, qk or v
     keep_first: bool = False  # mean_qk: each prompt's first token untouched and out of the mean
@@ -117,7 +118,7 @@ class Intervention:
         for name in ("factor", "weight", "value"):
             if name in d and not isinstance(d[name], (int, float)):
                 raise WorkbenchError(f"{where}: field {name!r} must be a number")
-        for name in ("top", "bottom", "random"):
+        for name in ("top", "bottom", "random", "matched"):
             if d.get(name) is not None and (not isinstance(d[name], int) or isinstance(d[name], bool) or d[name] < 1):
                 raise WorkbenchError(f"{where}: field {name!r} must be a positive integer")
         if "keep_first" in d and not isinstance(d["keep_first"], bool):
@@ -136,8 +137,11 @@ class Intervention:
         if self.op in QK_OPS:
             if self.proj not in ("q", "k", "qk", "v"):
                 raise WorkbenchError(f"{where}: field 'proj' must be 'q', 'k', 'qk' or 'v', got {self.proj!r}")
-            if sum(x is not None for x in (self.dims, self.top, self.bottom, self.random)) != 1:
-                raise WorkbenchError(f"{where}: op 'mean_qk' needs exactly one of 'dims', 'top', 'bottom' and 'random'")
+            if sum(x is not None for x in (self.dims, self.top, self.bottom, self.random, self.matched)) != 1:
+                raise WorkbenchError(f"{where}: op 'mean_qk' needs exactly one of 'dims', 'top', 'bottom', 'random' and "
+                                     "'matched'")
+            if self.matched is not None and self.proj == "v":
+                raise WorkbenchError(f"{where}: field 'matched' picks rotary dims; values are not rotated (proj v)")
             return
         if self.op in EXPERT_OPS:
             if self.expert is None:
@@ -219,10 +223,13 @@ def _attention_layout(lm, layer: int, iv: Intervention, where: str):
         qk_dim = spec.head_dim if iv.proj == "v" else int(getattr(attn, "qk_head_dim", 0) or getattr(attn, "head_dim", 0)
                                                             or spec.head_dim)
         bad = [x for x in iv.dims or () if not 0 <= x < qk_dim]
-        n = iv.top or iv.bottom or (iv.random + 3 if iv.random else 0)
+        n = iv.top or iv.bottom or iv.matched or (iv.random + 3 if iv.random else 0)
+        if iv.matched is not None and getattr(attn, "qk_rope_head_dim", None):
+            raise WorkbenchError(f"{where}: field 'matched' needs the standard rotary layout (rotate_half over the first "
+                                 "dims); latent attention keeps its rotary dims apart: use 'dims'")
         if bad or n > qk_dim:
-            field = "dims" if bad else "top" if iv.top else "bottom" if iv.bottom else "random"
-            what = f"dim {bad[0]}" if bad else f"{iv.top or iv.bottom or iv.random} dims"
+            field = "dims" if bad else "top" if iv.top else "bottom" if iv.bottom else "matched" if iv.matched else "random"
+            what = f"dim {bad[0]}" if bad else f"{iv.top or iv.bottom or iv.matched or iv.random} dims"
             raise WorkbenchError(f"{where}: field '{field}': {what} out of range (heads of layer {layer} have {qk_dim}"
                                  + (", 3 of them the top ones left out" if field == "random" else "") + ")")
     return attn, spec
@@ -538,6 +545,12 @@ class Applied(HookSet):
         from workbench.tracing.attention_tap import AttentionTap
 
         attn, _ = _attention_layout(self.lm, layer, iv, "intervention")
+        order = None
+        if iv.matched is not None:  # rotary dims from the highest frequency down: pair p is dims p and p + rot / 2
+            from workbench.experts.qk import rotary_frequencies
+
+            half = int(rotary_frequencies(self.lm.model).numel())
+            order = torch.tensor([d for p in range(half) for d in (p, p + half)])
 
         def tap(module, q, k, v):
             B, T = q.shape[0], q.shape[2]
@@ -548,7 +561,7 @@ class Applied(HookSet):
                      else torch.ones(B, T, dtype=torch.bool, device=q.device)).to(q.device)
             scope = self._scope(iv, B * T)
             replace = valid if scope is None else valid & scope.view(B, T).to(q.device)
-            mean_qk(q, k, iv, valid, replace, v)
+            mean_qk(q, k, iv, valid, replace, v, order=order)
             return q, k, v
         t = AttentionTap(self.lm.model, {attn: tap})
         t.install()
@@ -556,11 +569,14 @@ class Applied(HookSet):
 
 
 def mean_qk(q: torch.Tensor, k: torch.Tensor, iv: Intervention, valid: torch.Tensor, replace: torch.Tensor,
-            v: torch.Tensor | None = None) -> None:
+            v: torch.Tensor | None = None, order: torch.Tensor | None = None) -> None:
     """In place: the chosen dims of the chosen heads of ``q [B, H, T, d]`` / ``k [B, KV, T, d]`` at tokens
     ``replace [B, T]`` become their mean over the tokens ``valid [B, T]`` (each prompt's first real token out
     of both with ``keep_first``); ``top`` / ``bottom`` pick dims per prompt and head by their L2 norm over
-    those tokens."""
+    those tokens. ``matched: N`` (a size-matched control): the size of mean-ablating a dim is the squared
+    change it makes, sum over replaced tokens of (x - mean)^2; per prompt and head, dims are taken in
+    ``order`` (rotary dims, highest frequency first), skipping the top N by norm, until their summed size
+    reaches the top N's (all of them if it never does)."""
     B, H, T, _ = q.shape
     use, replace = valid.clone(), replace.clone()
     if iv.keep_first:
@@ -588,6 +604,16 @@ def mean_qk(q: torch.Tensor, k: torch.Tensor, iv: Intervention, valid: torch.Ten
                 g = torch.Generator().manual_seed(iv.seed)
                 pick = torch.rand(order.shape, generator=g).argsort(-1)[..., :iv.random].to(order.device)
                 sel.scatter_(-1, order.gather(-1, pick), True)
+            elif iv.matched is not None:
+                top = torch.zeros_like(sel).scatter_(-1, norms.topk(iv.matched, dim=-1).indices, True)
+                r = replace[:, None, :, None].to(torch.float32)
+                size = ((xs.float() - mean.float()).square() * r).sum(2)  # [B, h, d]
+                target = (size * top).sum(-1, keepdim=True)
+                o = order.to(x.device)
+                cand = size[..., o] * ~top[..., o]  # candidate sizes in frequency order, top dims at 0
+                before = cand.cumsum(-1) - cand  # size taken before each candidate
+                take = (before < target) & ~top[..., o]
+                sel[..., o] = take
             else:
                 n = iv.top or iv.bottom
                 sel.scatter_(-1, norms.topk(n, dim=-1, largest=iv.top is not None).indices, True)
