@@ -7,7 +7,6 @@ and its node composition (attention heads, MLPs, routed and shared experts).
 
 from __future__ import annotations
 
-import argparse
 import gc
 from collections import Counter
 from pathlib import Path

@@ -1,5 +1,6 @@
-"""One streaming pass that profiles a model: super experts, router statistics (with utilization and
-local routing consistency), massive activations, attention sinks. Nothing of size tokens x hidden is kept; every statistic is a mergeable reducer.
+"""One streaming pass that profiles a model: super experts, router statistics (with utilization, local
+routing consistency and vocabulary specialization), massive activations, attention sinks. Nothing of size
+tokens x hidden is kept; every statistic is a mergeable reducer.
 """
 
 from __future__ import annotations

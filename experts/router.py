@@ -210,9 +210,9 @@ class VocabSpecialization(Reducer):
 
     For each token id seen at least ``VOCAB_MIN_COUNT`` times, the share of its occurrences routed to its
     most frequent top-1 expert, averaged over those ids (1.0: every id always goes to one expert; 1/E:
-    no preference). Counted two ways: by the **input** token at the router, and by the **next** token of
-    the text (the token the model is trained to predict there; moe-lrc's "out"; the last token of a
-    prompt has none). The model's own prediction is not used: the profile skips the LM head.
+    no preference). Counted by the **input** token at the router, by the **next** token of the text (the
+    token the model is trained to predict there; moe-lrc's "out"; the last token of a prompt has none)
+    and, when a :class:`Predictions` meter watches it, by the model's **predicted** token.
 
     State: (token id x E + expert) keys with their counts, sparse (at most one entry per distinct
     pair seen). Needs ``token_ids`` [N] (every global token's id) and ``starts`` (each prompt's first
@@ -260,7 +260,7 @@ class VocabSpecialization(Reducer):
         if not p.tokens.numel():
             return
         tokens = p.tokens.cpu()
-        first = score_order(p)[:, 0].cpu()
+        first = top1(p).cpu()
         e = self.num_experts
         self.in_keys, self.in_counts = self._add(self.in_keys, self.in_counts, self.token_ids[tokens] * e + first)
         nxt = tokens + 1

@@ -22,7 +22,6 @@ token ids), the MoE layers and each layer's expert count and k; anything else is
 from __future__ import annotations
 
 import gc
-import math
 import os
 import shutil
 import tempfile

@@ -15,7 +15,7 @@ from workbench.errors import WorkbenchError
 from workbench.experts import routing as R
 from workbench.experts.router import SEGMENTS, LocalConsistency, score_order
 from workbench.models.specs import load
-from workbench.tracing.reducers import ExpertCounts, Payload, RouterStats, jain
+from workbench.tracing.reducers import Payload, RouterStats, jain
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is Paris, and the river is the Seine.", "def add(a, b):\n    return a + b",
@@ -229,7 +229,7 @@ def brute_sch(seqs: list[list[list[int]]], e: int, m: int, cache: int) -> float:
 
 def payload_of(seqs, start: int, e: int, seed: int):
     rows = [t for s in seqs for t in s]
-    n, k = len(rows), len(rows[0])
+    n = len(rows)
     topk = torch.tensor(rows)
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, e, generator=g)
@@ -392,7 +392,7 @@ def test_vocab_specialization_by_the_models_prediction(qwen3, tmp_path):
     ids = tokenize(qwen3, prompts)
     with torch.no_grad():  # the model's own argmax, one prompt at a time (no padding)
         preds = [qwen3.model(input_ids=torch.tensor([x])).logits[0].argmax(-1).tolist() for x in ids]
-    rec = R.record(qwen3, prompts, tmp_path / "rec")
+    R.record(qwen3, prompts, tmp_path / "rec")
     n = sum(len(x) for x in ids)
     for layer in p["router"]:
         choices = R._read(tmp_path / "rec" / f"layer{layer['layer']}.i16", 2, 0, n)[:, 0].tolist()

@@ -221,7 +221,7 @@ def describe(d: dict) -> str:
     elif "channel" in d:
         s = f"{d['op']} {where}.C{d['channel']}"
     else:
-        pick = next((f"{k} {d[k]}" for k in ("top", "bottom", "random") if k in d), f"dims {d.get('dims')}")
+        pick = next((f"{k} {d[k]}" for k in ("top", "bottom", "random", "matched") if k in d), f"dims {d.get('dims')}")
         s = f"{d['op']} {where} {d.get('proj', 'qk')} {pick}"
     if d.get("positions"):
         s += " @" + ",".join(str(p) for p in d["positions"])
