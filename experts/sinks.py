@@ -17,6 +17,12 @@ from workbench.adapters.base import Adapter
 from workbench.tracing.capture import few_threads
 
 
+def strongest_heads(share_pos0: list[list[float]], n: int) -> list[tuple[float, int, int]]:
+    """The ``n`` heads with the largest share of attention on position 0 (``attention_sinks.share_pos0`` of a
+    profile), as (share, layer, head), largest first; heads without a measurement (NaN) are skipped."""
+    return sorted(((v, l, h) for l, row in enumerate(share_pos0) for h, v in enumerate(row) if v == v), reverse=True)[:n]
+
+
 class SinkMeter:
     """Per (layer, head): mean share of attention on key 0, and on each prompt's top key."""
 

@@ -16,7 +16,7 @@ import yaml
 
 from workbench import metrics as M
 from workbench.errors import WorkbenchError
-from workbench.experts.sinks import eager_attention
+from workbench.experts.sinks import eager_attention, strongest_heads
 from workbench.interventions import Intervention, apply, parse
 from workbench.studies import Study
 from workbench.ui.common import PickedSAE, load_model, moe_layers, show_error
@@ -134,9 +134,7 @@ def dense_rows_from_profile(p: dict, heads: int = 3) -> pd.DataFrame:
         rows.append({"on": False, "op": "zero_channel", "layer": layer["layer"], "index": t["channel"], "factor": 0.0,
                      "positions": "", "why": f"massive activation {t['value']:.3g} ({t['ratio_to_median']:.0f}x the "
                                               f"median) at position {t['position']}, from layer {layer['layer']}"})
-    share = p.get("attention_sinks", {}).get("share_pos0") or []
-    top = sorted(((v, l, h) for l, row in enumerate(share) for h, v in enumerate(row) if v == v), reverse=True)[:heads]
-    for v, l, h in top:
+    for v, l, h in strongest_heads(p.get("attention_sinks", {}).get("share_pos0") or [], heads):
         rows.append({"on": False, "op": "zero_head", "layer": l, "index": h, "factor": 0.0, "positions": "",
                      "why": f"sink head: {v:.2f} of its attention on position 0"})
     df = pd.DataFrame(rows, columns=DENSE_COLUMNS) if rows else blank_dense_rows()

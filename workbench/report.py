@@ -112,6 +112,7 @@ def _plots(folder: Path, kind: str) -> str:
 # ----- profile ---------------------------------------------------------------------------------------
 
 def _profile(folder: Path) -> str:
+    from workbench.experts.sinks import strongest_heads
     from workbench.experts.super_experts import no_super_experts
 
     p = json.loads((folder / "profile.json").read_text(encoding="utf-8"))
@@ -138,8 +139,7 @@ def _profile(folder: Path) -> str:
         facts.append("No massive activation (no layer's top |residual| is >= 100 and >= 1000x its median).")
     sinks = p.get("attention_sinks")
     if sinks:
-        heads = sorted(((v, l, h) for l, row in enumerate(sinks["share_pos0"]) for h, v in enumerate(row)
-                        if v == v), reverse=True)[:3]
+        heads = strongest_heads(sinks["share_pos0"], 3)
         mean = sum(v for row in sinks["share_pos0"] for v in row if v == v) / max(
             1, sum(1 for row in sinks["share_pos0"] for v in row if v == v))
         facts.append(f"<b>Attention sinks</b>: the mean share of attention on position 0 is {mean:.2f}; the "
