@@ -109,9 +109,9 @@ def cmd_circuit(args) -> int:
               f"{c['faithfulness_mixed_circuit']:.3f}), Hit@10 {c['hit_at_10_circuits']:.3f} (full {c['hit_at_10_full']:.3f}); "
               f"mean pairwise Jaccard {_mean_jaccard(rel['overlap']):.2f}")
     print("wrote " + ", ".join(str(p) for p in paths))
-    from workbench.cli import _report
+    from workbench.report import announce
 
-    _report(out)
+    announce(out)
     return 0
 
 

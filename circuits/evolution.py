@@ -169,7 +169,7 @@ def cmd_evolution(args) -> int:
               f"{r['edge_jaccard_final']:>9.2f}  {comp}")
     print(f"wrote {out / 'evolution.json'}, evolution.parquet" + ("" if args.no_plots else ", evolution.png")
           + f" and {len(circuits)} circuits in {out / 'circuits'}")
-    from workbench.cli import _report
+    from workbench.report import announce
 
-    _report(out)
+    announce(out)
     return 0

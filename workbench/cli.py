@@ -16,6 +16,7 @@ from pathlib import Path
 from workbench.args import COUNT, COUNT_OR_OFF, Number, NumberList, Parser
 from workbench.errors import WorkbenchError
 from workbench.io import clear_stale_temps, output_dir
+from workbench.report import announce
 
 
 def _csv(text: str) -> list[str]:
@@ -207,7 +208,7 @@ def cmd_profile(args) -> int:
         print(f"massive values in attention: largest top-dim / median ratio q {best['q']['ratio']:.1f}, "
               f"k {k['ratio']:.1f} (L{k['layer']}.H{k['head']} dim {k['dim']}{where}), v {best['v']['ratio']:.1f}")
     print(f"wrote {out / 'profile.json'}, run.json and {len(files) - 2} tables/plots in {out}")
-    _report(out)
+    announce(out)
     return 0
 
 
@@ -228,7 +229,7 @@ def cmd_ablate(args) -> int:
     for c, t in zip(gens.condition, gens.text):
         print(f"  [{c}] {t!r}")
     print(f"wrote {out / 'results.csv'}, results.parquet, results.png and study.resolved.yaml")
-    _report(out)
+    announce(out)
     return 0
 
 
@@ -275,7 +276,7 @@ def cmd_routing(args) -> int:
         print(f"  L{layer['layer']}: change rate first {cr[0]:.3f} last {cr[-1]:.3f}; "
               f"utilization {layer['utilization'][0]:.3f} -> {layer['utilization'][-1]:.3f}")
     print(f"wrote {out / 'routing.json'}" + (", routing.parquet and routing.png" if len(files) > 2 else " and routing.parquet"))
-    _report(out)
+    announce(out)
     return 0
 
 
@@ -284,13 +285,6 @@ def cmd_report(args) -> int:
 
     print(f"wrote {report(args.folder, args.out)}")
     return 0
-
-
-def _report(out) -> None:
-    """Every run that writes a folder ends with its report page (one self-contained HTML file)."""
-    from workbench.report import report
-
-    print(f"report: {report(out)}")
 
 
 def cmd_check(args) -> int:

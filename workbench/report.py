@@ -66,6 +66,11 @@ def report(folder: str | Path, out: str | Path | None = None) -> Path:
     return write_text(path, page)
 
 
+def announce(out: str | Path) -> None:
+    """How every command that writes a folder ends: its report page, and the line that says where it is."""
+    print(f"report: {report(out)}")
+
+
 CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
        "h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}"
        "table{border-collapse:collapse;font-size:.85em;margin:.6em 0}td,th{border:1px solid #ccc;padding:2px 6px;"
