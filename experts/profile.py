@@ -66,8 +66,8 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     router_sites = all_sites(lm.adapter, lm.model, [Component.ROUTER])
     resid_sites = all_sites(lm.adapter, lm.model, [Component.RESID_POST])
     change = ChangeRate([s.layer for s in router_sites])
+    ids = tokenize(lm, prompts, options.max_tokens)  # once, for the trace and the reducers that read sequences
     if router_sites:  # the prompts' boundaries and token ids, for the reducers that read sequences and the vocabulary
-        ids = tokenize(lm, prompts, options.max_tokens)
         lengths = torch.tensor([len(x) for x in ids])
         starts = torch.cumsum(lengths, 0) - lengths  # each prompt's first global token
         token_ids = torch.tensor([t for x in ids for t in x], dtype=torch.int64)
@@ -104,7 +104,8 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     with ctx:
         res = trace(lm, prompts, [*grouped_sites, *dense_sites, *shared_sites, *router_sites, *resid_sites], reducers=(),
                     batch_size=options.batch_size, max_tokens=options.max_tokens, progress=progress,
-                    sinks=extra, meters=meters, stateful={"change_rate": change}, checkpoint=checkpoint, shard=shard)
+                    sinks=extra, meters=meters, stateful={"change_rate": change}, checkpoint=checkpoint, shard=shard,
+                    tokenized=ids)
     seconds = time.perf_counter() - start
     decode = lambda t: lm.tokenizer.decode([t]) if t is not None else None  # noqa: E731
 

@@ -144,6 +144,7 @@ def trace(
     stateful: dict[str, object] | None = None,
     checkpoint: Checkpoint | None = None,
     shard: Shard | None = None,
+    tokenized: list[list[int]] | None = None,
 ) -> TraceResult:
     """Run ``prompts`` once, reducing every site with every reducer; optionally dump everything.
 
@@ -151,7 +152,7 @@ def trace(
     objects with ``install(model, adapter)``, ``begin_batch(grid)`` and ``remove()`` that hook the
     model themselves (e.g. the attention-sink meter). ``stateful`` names further objects whose state
     belongs to the run (``state_dict``/``load_state_dict``/``merge``), e.g. a tracker that several
-    sinks share.
+    sinks share. ``tokenized`` is ``tokenize(lm, prompts, max_tokens)`` when the caller has it already.
 
     ``checkpoint`` saves the state of every reducer, sink and meter (see :mod:`workbench.tracing.state`)
     every ``checkpoint.every`` batches and resumes from a checkpoint of the same run. ``shard`` runs
@@ -171,7 +172,7 @@ def trace(
     factories = {(r if isinstance(r, str) else getattr(r, "__name__", "custom")): (
         reducer_factory(r, lm) if isinstance(r, str) else r) for r in reducers}
     table = {s: {k: f(s) for k, f in factories.items()} for s in sites}
-    ids = tokenize(lm, prompts, max_tokens)
+    ids = tokenized if tokenized is not None else tokenize(lm, prompts, max_tokens)
     lengths = torch.tensor([len(x) for x in ids])
     offsets = torch.cumsum(lengths, 0) - lengths
     token_prompt = torch.repeat_interleave(torch.arange(len(ids)), lengths)
