@@ -134,7 +134,7 @@ def series_dir(name: str) -> Path:
     try:  # built aside and renamed into place: a half-built series is never used
         cmd = [sys.executable, str(script), "--steps", str(cfg["steps"]), "--series-dir", str(tmp),
                "--save-every", str(cfg["save_every"]), "--save-at", cfg["save_at"],
-               "--out", str(tmp / "final.safetensors"), "--no-verify"]
+               "--out", str(tmp / f"step{cfg['steps']}.safetensors"), "--no-verify"]  # the end point is the last step
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
