@@ -41,6 +41,7 @@ from workbench.errors import WorkbenchError
 
 METHODS = ("eap-ig-edges", "eap-ig", "eap")
 METRICS = ("logit_diff", "logprob", "prob", "kl")
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -119,20 +120,25 @@ def sender_means(runner: GraphRunner, bs: list[Batch], S: int, d: int) -> torch.
         runner.forward(b.ids, acts=acts)
         total += acts[:, b.valid].sum(1, dtype=torch.float64)
         count += int(b.valid.sum())
+        del acts
     return (total / max(count, 1)).float()
 
 
 def corrupted_run(runner: GraphRunner, b: Batch, S: int, P: int, d: int, means: torch.Tensor | None,
-                  clean_acts: torch.Tensor | None = None, clean_resid: torch.Tensor | None = None,
-                  want_resid: bool = False):
-    """The corrupted run's senders ``[S, B, T, d]`` (and residuals ``[P, B, T, d]``) and last hidden.
+                  mean_resid: torch.Tensor | None = None, want_resid: bool = False,
+                  dtype: torch.dtype = torch.float32, out: tuple | None = None):
+    """The corrupted run's senders ``[S, B, T, d]`` (and residuals ``[P, B, T, d]``), stored in ``dtype``
+    (or into ``out = (acts, resid)``), and last hidden.
 
-    Mean-baseline rows get the sender means; their residual at stage p is the clean residual plus
-    ``sum over upstream senders (mean - clean)`` (so constant terms such as biases stay as they are).
+    Mean-baseline rows get the sender means and, with ``want_resid``, the residuals
+    :func:`mean_residuals` built for them.
     """
     B, T = b.ids.shape
-    acts = torch.zeros(S, B, T, d)
-    resid = torch.zeros(P, B, T, d) if want_resid else None
+    if out is not None:
+        acts, resid = out
+    else:
+        acts = torch.zeros(S, B, T, d, dtype=dtype)
+        resid = torch.zeros(P, B, T, d, dtype=dtype) if want_resid else None
     hidden = None
     if not bool(b.mean.all()):
         hidden = runner.forward(b.corrupted_ids, acts=acts, resid=resid)
@@ -140,45 +146,109 @@ def corrupted_run(runner: GraphRunner, b: Batch, S: int, P: int, d: int, means: 
         if means is None:
             raise RuntimeError("mean-baseline facts need sender means")
         m = b.mean
-        acts[:, m] = means[:, None, None, :]
+        acts[:, m] = means[:, None, None, :].to(acts.dtype)
         if want_resid:
-            cum = torch.cumsum(means[:, None, None, :] - clean_acts[:, m], dim=0)  # [S, Bm, T, d]
-            for st in runner.graph.stages:
-                resid[st.index, m] = clean_resid[st.index, m] + cum[st.n_up - 1]
+            if mean_resid is None:
+                raise RuntimeError("mean-baseline facts need their residuals (mean_residuals)")
+            resid[:, m] = mean_resid
     return acts, resid, hidden
 
 
-def _edges_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: str, clean_logp, steps: int,
-              scores: torch.Tensor, within: torch.Tensor | None = None) -> None:
-    """Add one batch's ``eap-ig-edges`` scores (summed over its facts) to ``scores``."""
-    S, R, P, d = graph.n_senders, graph.n_receivers, len(graph.stages), graph.d_model
+def mean_residuals(runner: GraphRunner, b: Batch, S: int, P: int, d: int, means: torch.Tensor | None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The corrupted residuals ``[P, Bm, T, d]`` of a batch's mean-baseline rows (None if it has none):
+    at stage p the clean residual plus ``sum over upstream senders (mean - clean)``, so constant terms
+    such as biases stay as they are."""
+    m = b.mean
+    if not bool(m.any()):
+        return None
     B, T = b.ids.shape
-    clean_acts, clean_resid = torch.zeros(S, B, T, d), torch.zeros(P, B, T, d)
-    runner.forward(b.ids, acts=clean_acts, resid=clean_resid)
-    corr_acts, corr_resid, _ = corrupted_run(runner, b, S, P, d, means, clean_acts, clean_resid, want_resid=True)
-    del clean_acts, clean_resid
-    acts, grads = torch.zeros(S, B, T, d), torch.zeros(R, B, T, d)
+    acts, resid = torch.zeros(S, B, T, d, dtype=dtype), torch.zeros(P, B, T, d, dtype=dtype)
+    runner.forward(b.ids, acts=acts, resid=resid)
+    out = torch.zeros(P, int(m.sum()), T, d, dtype=dtype)
+    run, done = torch.zeros(int(m.sum()), T, d), 0
+    for st in runner.graph.stages:  # upstream sets only grow along the stages
+        if st.n_up > done:
+            run += (means[done:st.n_up, None, None, :] - acts[done:st.n_up, m].float()).sum(0)
+            done = st.n_up
+        out[st.index] = (resid[st.index, m].float() + run).to(dtype)
+    return out
+
+
+SENDER_CHUNK = 64  # senders contracted at a time when the stored differences are not fp32
+
+
+def contract(scores: torch.Tensor, delta: torch.Tensor, g: torch.Tensor, st, alpha: float) -> None:
+    """``scores[:n_up, stage] += alpha * delta[:n_up] . g`` summed over batch, positions and channels:
+    ``delta [S, B, T, d]`` the senders' differences (any float dtype), ``g [B, T, n, d]`` the stage's
+    receiver gradients as backward hands them over (then dropped)."""
+    n = st.n_up
+    gt = g.float().permute(0, 1, 3, 2).reshape(-1, g.shape[2])  # [B*T*d, n]
+    out = scores[:n, st.start:st.stop]
+    flat = delta.view(delta.shape[0], -1)
+    if flat.dtype == torch.float32:
+        out.addmm_(flat[:n], gt, alpha=alpha)
+        return
+    for s0 in range(0, n, SENDER_CHUNK):
+        s1 = min(n, s0 + SENDER_CHUNK)
+        out[s0:s1].addmm_(flat[s0:s1].float(), gt, alpha=alpha)
+
+
+def _edges_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: str, clean_logp, steps: int,
+              scores: torch.Tensor, within: torch.Tensor | None = None, store: torch.dtype = torch.float32,
+              lean: bool = False) -> None:
+    """Add one batch's ``eap-ig-edges`` scores (summed over its facts) to ``scores``.
+
+    Kept through the pass: the corrupted senders and residuals, and one buffer that holds this step's
+    senders during the forward and, once it is done, their differences ``corrupted - current`` (in
+    place), which each stage's receiver gradients are contracted with as backward produces them.
+    ``lean`` keeps one sender buffer only: every step reruns the corrupted forward into it and the
+    step's forward subtracts its senders from it as it goes (``GraphRunner.forward(subtract=True)``)."""
+    S, P, d = graph.n_senders, len(graph.stages), graph.d_model
+    B, T = b.ids.shape
+    mean_resid = mean_residuals(runner, b, S, P, d, means, store)
+
+    def loss(hidden):
+        return metric_values(metric, last_logits(lm, hidden, b.last), b, clean_logp).sum()
+
+    if lean and within is None:
+        delta, corr_resid = torch.zeros(S, B, T, d, dtype=store), torch.zeros(P, B, T, d, dtype=store)
+        for t in ig_alphas(steps):
+            corrupted_run(runner, b, S, P, d, means, mean_resid, want_resid=True, out=(delta, corr_resid))
+            runner.forward(b.ids, mode="grad", acts=delta, subtract=True, mix=(t, corr_resid), backward=loss,
+                           on_grad=lambda st, g: contract(scores, delta, g, st, 1.0 / steps))
+        return
+    corr_acts, corr_resid, _ = corrupted_run(runner, b, S, P, d, means, mean_resid, want_resid=True, dtype=store)
+    del mean_resid
+    acts = torch.zeros(S, B, T, d, dtype=store)
+
+    def diff_then_loss(hidden):
+        torch.sub(corr_acts, acts, out=acts)  # the senders' differences, in place
+        return loss(hidden)
+
     for t in ig_alphas(steps):
-        grads.zero_()
-        hidden = runner.forward(b.ids, mode="grad", grads=grads, acts=acts, mix=(t, corr_resid),
-                                within=None if within is None else Patch(within, corr_acts, corr_resid))
-        metric_values(metric, last_logits(lm, hidden, b.last), b, clean_logp).sum().backward()
-        delta = (corr_acts - acts).view(S, -1)
-        g = grads.view(R, -1)
-        for st in graph.stages:
-            scores[:st.n_up, st.start:st.stop].addmm_(delta[:st.n_up], g[st.start:st.stop].T, alpha=1.0 / steps)
+        runner.forward(b.ids, mode="grad", acts=acts, mix=(t, corr_resid), backward=diff_then_loss,
+                       within=None if within is None else Patch(within, corr_acts, corr_resid),
+                       on_grad=lambda st, g: contract(scores, acts, g, st, 1.0 / steps))
 
 
 def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", steps: int = 5, metric: str = "logit_diff",
               batch_size: int = 16, graph: Graph | None = None, progress: bool = False,
-              within: torch.Tensor | None = None, groups: dict[str, list[int]] | None = None) -> Scores:
+              within: torch.Tensor | None = None, groups: dict[str, list[int]] | None = None,
+              lean: bool = False, store: torch.dtype = torch.float32) -> Scores:
     """Score every edge of ``graph`` (default: the model's full graph) on the prepared facts.
 
     ``within`` ([S, R] bool, ``eap-ig-edges`` only): scale only these edges from corrupted to clean and
     keep every other edge corrupted (see the module docstring). ``groups`` (name -> indices into
     ``prepared``, disjoint): batches never mix groups and each group's mean scores are kept in
     ``Scores.by_group`` as well, in the same pass (the matrix is still the mean over every fact; facts
-    in no group are scored as usual)."""
+    in no group are scored as usual).
+
+    Memory (see ``circuits.memory``): ``lean`` keeps each decoder layer's input only and recomputes the
+    layer in backward, and keeps one buffer of sender differences (eap-ig-edges reruns the corrupted
+    forward every step for it): about two more forwards per step; ``store`` is the dtype the senders'
+    corrupted outputs and differences are kept in (bfloat16/float16 halve them; scores and gradients
+    stay float32)."""
     if method not in METHODS:
         raise WorkbenchError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     if within is not None and method != "eap-ig-edges":
@@ -206,7 +276,9 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", ste
             owner.append(name)
     group_scores = {name: torch.zeros(S, R, dtype=torch.float32) for name in parts}
     n_steps = steps if method != "eap" else 1
-    with GraphRunner(model, lm.adapter, graph) as runner:
+    if store not in STORE_DTYPES.values():
+        raise WorkbenchError(f"storage dtype must be one of {', '.join(STORE_DTYPES)}, got {store}")
+    with GraphRunner(model, lm.adapter, graph, checkpoint=lean and within is None) as runner:
         needs_clean = metric == "kl" or any(p.corrupted_answer_id is None for p in prepared)
         means = sender_means(runner, bs, S, d) if any(p.corrupted_ids is None for p in prepared) else None
         for i, b in enumerate(bs):
@@ -220,10 +292,10 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", ste
             B, T = b.ids.shape
             target = group_scores[owner[i]]
             if method == "eap-ig-edges":
-                _edges_ig(lm, runner, b, graph, means, metric, clean_logp, n_steps, target, within)
+                _edges_ig(lm, runner, b, graph, means, metric, clean_logp, n_steps, target, within, store, lean)
             else:
                 _inputs_ig(lm, runner, b, graph, means, metric, clean_logp, n_steps if method == "eap-ig" else 0,
-                           target)
+                           target, store)
             if progress:
                 print(f"  batch {i + 1}/{len(bs)}: {len(b.index)} facts, {T} tokens, "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
@@ -250,26 +322,30 @@ def _partition(n: int, groups: dict[str, list[int]] | None) -> dict[str | None, 
 
 
 def _inputs_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: str, clean_logp, steps: int,
-               scores: torch.Tensor) -> None:
-    """Add one batch's ``eap-ig`` scores (``steps`` > 0) or ``eap`` scores (``steps`` = 0) to ``scores``."""
+               scores: torch.Tensor, store: torch.dtype = torch.float32) -> None:
+    """Add one batch's ``eap-ig`` scores (``steps`` > 0) or ``eap`` scores (``steps`` = 0) to ``scores``.
+    The differences ``corrupted - clean`` are fixed, so every step's receiver gradients are contracted
+    with them as backward produces them."""
     model = lm.model
-    S, R, P, d = graph.n_senders, graph.n_receivers, len(graph.stages), graph.d_model
+    S, P, d = graph.n_senders, len(graph.stages), graph.d_model
     B, T = b.ids.shape
-    corr_acts, _, _ = corrupted_run(runner, b, S, P, d, means)
-    grads = torch.zeros(R, B, T, d)
-    clean_acts = torch.zeros(S, B, T, d)
+    corr_acts, _, _ = corrupted_run(runner, b, S, P, d, means, dtype=store)
+    e_corr = corr_acts[0].to(torch.float32, copy=True)
     e_clean = lm.adapter.embedding(model)(b.ids).detach()
-    e_corr = corr_acts[0]
     alphas = ig_alphas(steps) if steps else [1.0]
+    delta = corr_acts  # becomes corrupted - clean in place once the clean senders are known
     if 1.0 not in alphas:
+        clean_acts = torch.zeros(S, B, T, d, dtype=store)
         runner.forward(b.ids, acts=clean_acts)
+        delta.sub_(clean_acts)
+        del clean_acts
     for a in alphas:
         emb = e_clean if a == 1.0 else e_corr + a * (e_clean - e_corr)
-        hidden = runner.forward(b.ids, mode="grad", grads=grads, embed=emb, acts=clean_acts if a == 1.0 else None)
-        metric_values(metric, last_logits(lm, hidden, b.last), b, clean_logp).sum().backward()
-    if len(alphas) > 1:
-        grads /= len(alphas)
-    delta = corr_acts.sub_(clean_acts).view(S, -1)  # corrupted - clean
-    grads = grads.view(R, -1)
-    for st in graph.stages:
-        scores[:st.n_up, st.start:st.stop] += delta[:st.n_up] @ grads[st.start:st.stop].T
+        box = {"clean": torch.zeros(S, B, T, d, dtype=store)} if a == 1.0 else {}  # EAP: clean senders from this pass
+
+        def loss(hidden):
+            if "clean" in box:
+                delta.sub_(box.pop("clean"))  # and the clean senders are freed before backward
+            return metric_values(metric, last_logits(lm, hidden, b.last), b, clean_logp).sum()
+        runner.forward(b.ids, mode="grad", embed=emb, acts=box.get("clean"), backward=loss,
+                       on_grad=lambda st, g: contract(scores, delta, g, st, 1.0 / len(alphas)))

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from workbench.circuits.attribution import corrupted_run, last_logits, metric_values, sender_means
+from workbench.circuits.attribution import corrupted_run, last_logits, mean_residuals, metric_values, sender_means
 from workbench.circuits.facts import Prepared, batches, fill_runner_up, pad_id
 from workbench.circuits.graph import Graph
 from workbench.circuits.runner import GraphRunner, Patch
@@ -152,9 +152,12 @@ def edge_entropy(matrix: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def evaluate(lm, prepared: list[Prepared], graph: Graph, circuits: dict[str, torch.Tensor], *,
-             batch_size: int = 16) -> dict:
+             batch_size: int = 16, store: torch.dtype = torch.float32, lean: bool = False) -> dict:
     """Faithfulness and Hit@10 of each circuit (name -> [S, R] bool mask), plus the full model's and
-    the corrupted run's. Also per-fact metrics under ``per_fact``."""
+    the corrupted run's. Also per-fact metrics under ``per_fact``. ``store``: the dtype the corrupted
+    and current senders are kept in (see ``attribute``); ``lean``: one sender buffer instead of two,
+    the corrupted forward rerun before every circuit's patched pass (which subtracts its senders from
+    it: ``GraphRunner.forward(subtract=True)``)."""
     if not prepared:
         raise WorkbenchError("no facts to evaluate")
     S, R, P, d = graph.n_senders, graph.n_receivers, len(graph.stages), graph.d_model
@@ -168,29 +171,37 @@ def evaluate(lm, prepared: list[Prepared], graph: Graph, circuits: dict[str, tor
         for b in bs:
             B, T = b.ids.shape
             idx = torch.tensor(b.index)
-            clean_acts, clean_resid = torch.zeros(S, B, T, d), torch.zeros(P, B, T, d)
-            logits = last_logits(lm, runner.forward(b.ids, acts=clean_acts, resid=clean_resid), b.last)
+            mean_resid = mean_residuals(runner, b, S, P, d, means, store)
+            logits = last_logits(lm, runner.forward(b.ids), b.last)
             fill_runner_up(prepared, b.index, logits)
             b.corrupted_answer = torch.tensor([prepared[j].corrupted_answer_id for j in b.index])
             _record(metric, hit, "full", idx, logits, b)
             rank[idx] = (logits > logits[torch.arange(B), b.answer][:, None]).sum(-1)
-            corr_acts, corr_resid, corr_hidden = corrupted_run(runner, b, S, P, d, means, clean_acts, clean_resid,
-                                                               want_resid=True)
-            patch_corr = None
+            corr_acts, corr_resid, corr_hidden = corrupted_run(runner, b, S, P, d, means, mean_resid,
+                                                               want_resid=True, dtype=store)
+            cur = None if lean else torch.zeros_like(corr_acts)
+            state = {"fresh": True}  # lean: whether corr_acts still holds the corrupted senders
+
+            def patched(mask, b=b, mean_resid=mean_resid, cur=cur, corr_acts=corr_acts, corr_resid=corr_resid):
+                if not lean:
+                    return runner.forward(b.ids, mode="patch", acts=cur, patch=Patch(mask, corr_acts, corr_resid))
+                if not state["fresh"]:  # a patched pass turned them into differences: rerun the corrupted forward
+                    corrupted_run(runner, b, S, P, d, means, mean_resid, want_resid=True, out=(corr_acts, corr_resid))
+                state["fresh"] = False
+                return runner.forward(b.ids, mode="patch", acts=corr_acts, subtract=True,
+                                      patch=Patch(mask, None, corr_resid))
+
             if bool(b.mean.any()) or corr_hidden is None:
                 # mean-baseline rows: the corrupted run is the empty circuit
-                patch_corr = Patch(torch.zeros(S, R, dtype=torch.bool), corr_acts, corr_resid)
-                empty = last_logits(lm, runner.forward(b.ids, mode="patch", acts=torch.zeros_like(clean_acts),
-                                                       patch=patch_corr), b.last)
+                empty = last_logits(lm, patched(torch.zeros(S, R, dtype=torch.bool)), b.last)
                 corr_logits = empty if corr_hidden is None else torch.where(
                     b.mean[:, None], empty, last_logits(lm, corr_hidden, b.last))
             else:
                 corr_logits = last_logits(lm, corr_hidden, b.last)
             _record(metric, hit, "corrupted", idx, corr_logits, b)
-            cur = torch.zeros_like(clean_acts)
             for name, mask in circuits.items():
-                hidden = runner.forward(b.ids, mode="patch", acts=cur, patch=Patch(mask, corr_acts, corr_resid))
-                _record(metric, hit, name, idx, last_logits(lm, hidden, b.last), b)
+                _record(metric, hit, name, idx, last_logits(lm, patched(mask), b.last), b)
+            del corr_acts, corr_resid, cur, mean_resid, patched
     full, corr = float(metric["full"].sum()), float(metric["corrupted"].sum())
     out = {"n_facts": n, "metric_full": full / n, "metric_corrupted": corr / n,
            "hit_at_10_full": float(hit["full"].float().mean()), "hit_at_1_full": float((rank == 0).float().mean()),

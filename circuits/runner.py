@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from workbench.circuits import attention
@@ -46,7 +47,7 @@ class Patch:
     """What a patched forward needs: the circuit and the corrupted run's senders and residuals."""
 
     mask: torch.Tensor  # [S, R] bool, edges in the circuit
-    corr_acts: torch.Tensor  # [S, B, T, d]
+    corr_acts: torch.Tensor | None  # [S, B, T, d]; None with forward(subtract=True) (acts holds them)
     corr_resid: torch.Tensor  # [P, B, T, d]
 
 
@@ -90,7 +91,7 @@ class _Experts(_StandIn):
             ye = fused_expert_output(self.base, x, e) * top_k_weights[tok, pos, None]
             out = out.index_add(0, tok, ye.to(out.dtype))
             if acts is not None:
-                acts[e, tok] = ye.detach()
+                acts[e, tok] = ye.detach().to(acts.dtype)
             if r._live is not None:
                 r._live[self.plan.mlp_sender0 + e] = torch.zeros_like(hidden).index_add(0, tok, ye).view(r._live[0].shape)
         if r._live is not None:
@@ -135,7 +136,7 @@ class _ModuleListMoe(_StandIn):
             ye = experts[e](copy(1 + e)[tok]) * weights[tok, pos, None]
             out = out.index_add(0, tok, ye.to(out.dtype))
             if acts is not None:
-                acts[e, tok] = ye.detach()
+                acts[e, tok] = ye.detach().to(acts.dtype)
             if r._live is not None:
                 r._live[plan.mlp_sender0 + e] = torch.zeros_like(flat).index_add(0, tok, ye).view(B, T, d)
         if r._live is not None:
@@ -156,6 +157,85 @@ class _ModuleListMoe(_StandIn):
                 r._live[plan.mlp_sender0 + plan.n_experts] = ys.view(B, T, d)
         return out.view(B, T, d)
 
+
+class _Tap(torch.autograd.Function):
+    """``y [B, T, d]`` expanded to a stage's ``n`` receiver copies ``[B, T, n, d]``. Backward maps each
+    copy's gradient through the norm at its input ``x`` (``vjp(x, g)``) and hands it to ``sink``, then
+    passes the sum on to ``y``. ``x`` is saved like any activation, so a checkpointed layer recomputes
+    it instead of keeping it."""
+
+    @staticmethod
+    def forward(ctx, y, x, vjp, sink, n):
+        ctx.save_for_backward(x)
+        ctx.vjp, ctx.sink = vjp, sink
+        return y.unsqueeze(2).expand(*y.shape[:2], n, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        ctx.sink(ctx.vjp(x.detach(), g))
+        return g.sum(2), None, None, None, None
+
+
+class _Staged:
+    """What the hooks record senders into when ``forward(subtract=True)``: ``target [S, B, T, d]`` holds
+    the corrupted senders and each sender's output of this run is to be subtracted from its row. The
+    senders written since the last stage read sit in a small staging buffer, where hooks read and
+    rewrite them as they would in ``acts`` (an output norm's share, an MoE block's shared expert, a
+    scale); when the next stage reads the residual stream they are final and are subtracted from
+    ``target`` (:meth:`commit`), so ``target`` ends as ``corrupted - current`` with no second buffer."""
+
+    def __init__(self, target: torch.Tensor, graph: Graph):
+        self.target = target
+        self.bounds = [st.n_up for st in graph.stages]  # senders upstream of each stage (non-decreasing)
+        width = max(b - a for a, b in zip([0] + self.bounds[:-1], self.bounds))
+        self.buf = torch.zeros(width, *target.shape[1:], dtype=target.dtype, device=target.device)
+        self.lo, self.hi = 0, self.bounds[0]
+
+    def _local(self, i: int) -> int:
+        if not self.lo <= i < self.hi:
+            raise RuntimeError(f"sender {i} recorded outside the senders of this stage ({self.lo}..{self.hi - 1})")
+        return i - self.lo
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice) and idx.step is None:
+            return self.buf[self._local(idx.start):self._local(idx.stop - 1) + 1]
+        return self.buf[self._local(int(idx))]
+
+    def __setitem__(self, idx, value) -> None:
+        if isinstance(idx, slice) and idx.step is None:
+            self.buf[self._local(idx.start):self._local(idx.stop - 1) + 1] = value
+        else:
+            self.buf[self._local(int(idx))] = value
+
+    def commit(self, stage: int) -> None:
+        """Stage ``stage`` reads the residual stream: subtract the senders upstream of it not yet subtracted."""
+        n = self.bounds[stage]
+        if n > self.lo:
+            self.target[self.lo:n].sub_(self.buf[:n - self.lo])
+            self.buf[:n - self.lo].zero_()
+            self.lo = n
+        # the senders written before the next stage that reads more of them (a parallel block's MLP stage
+        # reads what its attention stage reads: the layer's heads and MLP come before the next layer)
+        self.hi = next((b for b in self.bounds[stage + 1:] if b > self.lo), self.lo)
+
+
+class _Checkpointed(_StandIn):
+    """Stands in for a decoder layer: in grad mode (outside ``within`` re-scoring) the layer runs under
+    activation checkpointing, so backward keeps its input only and recomputes it (the runner's hooks
+    run again then, and record nothing: see ``GraphRunner.forward``)."""
+
+    def __init__(self, base: nn.Module, runner: "GraphRunner"):
+        super().__init__(base, runner, -1)
+
+    def forward(self, *args, **kwargs):
+        r = self.runner
+        if r._mode == "grad" and r._within is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._modules["base"], *args, use_reentrant=False, **kwargs)
+        return self._modules["base"](*args, **kwargs)
+
+
+PATCH_CHUNK = 32  # senders whose differences a patched stage forms at a time
 
 _IDENTITY = nn.Identity()  # the "norm" of a stage that reads the residual stream directly (post-norm blocks)
 
@@ -188,8 +268,9 @@ def _rms_matches(norm: nn.Module, x: torch.Tensor) -> bool:
 class GraphRunner:
     """Context manager: instrument ``model`` as ``graph`` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, graph: Graph):
+    def __init__(self, model: nn.Module, adapter: Adapter, graph: Graph, *, checkpoint: bool = False):
         self.model, self.adapter, self.graph = model, adapter, graph
+        self.checkpoint = checkpoint  # grad mode keeps each decoder layer's input only and recomputes the layer in backward
         self.base = getattr(model, model.base_model_prefix)
         self._handles: list = []
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
@@ -206,6 +287,7 @@ class GraphRunner:
         self._mix: tuple[float, torch.Tensor] | None = None
         self._within: Patch | None = None
         self._live: dict[int, torch.Tensor] | None = None  # sender -> its output, in the autograd graph
+        self._on_grad = None
         self._stash.clear()
 
     # ----- install / remove ------------------------------------------------------------------------
@@ -236,6 +318,10 @@ class GraphRunner:
         self._handles.append(emb.register_forward_hook(self._embed_hook))
         self._handles.append(final_norm.register_forward_hook(self._final_hook))
         layers = ad.decoder_layers(self.model)
+        if self.checkpoint:
+            for i in range(len(layers)):
+                self._swap(layers, str(i), _Checkpointed(layers[i], self))
+            layers = [m.base for m in layers]
         for plan in g.layers:
             layer, blk = layers[plan.layer], plan.block
             attn, mlp = ad.attention(layer), ad.mlp(layer)
@@ -247,14 +333,15 @@ class GraphRunner:
             # where each stage reads the residual stream: through its norm, or (post-norm) directly
             if blk.attn_in and blk.attn_in == blk.mlp_in:  # one norm feeds attention and MLP (Phi, Cohere, Falcon)
                 self._handles.append(getattr(layer, blk.attn_in).register_forward_hook(
-                    self._norm_reader((plan.attn_stage, plan.mlp_stage))))
+                    self._norm_reader((plan.attn_stage, plan.mlp_stage), plan.attn_stage)))
             else:
                 for stage, name, consumer in ((plan.attn_stage, blk.attn_in, attn), (plan.mlp_stage, blk.mlp_in, mlp)):
                     if name:
-                        self._handles.append(getattr(layer, name).register_forward_hook(self._norm_reader((stage,))))
+                        self._handles.append(getattr(layer, name).register_forward_hook(
+                            self._norm_reader((stage,), plan.attn_stage)))
                     else:
-                        self._handles.append(consumer.register_forward_pre_hook(self._direct_reader(stage),
-                                                                                with_kwargs=True))
+                        self._handles.append(consumer.register_forward_pre_hook(
+                            self._direct_reader(stage, plan.attn_stage), with_kwargs=True))
             attention.install(self, attn, spec, plan.attn_stage)
             self._handles.append(out.register_forward_pre_hook(self._o_proj_hook(plan)))
             if blk.attn_out:
@@ -300,11 +387,19 @@ class GraphRunner:
     def forward(self, ids: torch.Tensor, *, mode: str = "plain", acts: torch.Tensor | None = None,
                 resid: torch.Tensor | None = None, grads: torch.Tensor | None = None,
                 embed: torch.Tensor | None = None, patch: Patch | None = None,
-                mix: tuple[float, torch.Tensor] | None = None, within: Patch | None = None) -> torch.Tensor:
+                mix: tuple[float, torch.Tensor] | None = None, within: Patch | None = None,
+                backward=None, on_grad=None, subtract: bool = False) -> torch.Tensor:
         """The final hidden states (after the final norm) ``[B, T, d]``; fills ``acts``/``resid``/``grads``.
 
         In ``grad`` mode the result is part of an autograd graph: call ``backward`` on a metric of it
-        and the receivers' gradients land in ``grads``. ``mix = (t, corr_resid [P, B, T, d])`` (grad
+        and the receivers' gradients land in ``grads``. Or pass ``backward`` (final hidden -> scalar):
+        the runner calls it after the forward (``acts`` are complete then and no longer written) and
+        back-propagates the scalar itself, as it must when layers are checkpointed (their recomputation
+        in backward needs the runner's state). ``on_grad(stage, g)`` instead of ``grads`` receives each
+        stage's receiver gradients ``g [B, T, n, d]`` (at the receivers' residual copies) as backward
+        produces them, to be contracted and dropped. ``subtract``: ``acts`` holds the corrupted
+        senders and each sender's output of this run is subtracted from its row (:class:`_Staged`), so
+        that ``acts`` ends as the differences ``corrupted - current`` without a second buffer. ``mix = (t, corr_resid [P, B, T, d])`` (grad
         mode) has every receiver read ``corr_resid + t (resid - corr_resid)`` instead of the residual
         ``resid`` of this run: every edge scaled by t between its corrupted and its current value.
         """
@@ -318,15 +413,28 @@ class GraphRunner:
             raise ValueError("patch mode needs a Patch (and only patch mode takes one)")
         if mode == "patch" and acts is None:
             raise ValueError("patch mode records the current senders: pass acts")
+        if (backward is not None or on_grad is not None) and mode != "grad":
+            raise ValueError("backward and on_grad are for grad mode")
+        if self.checkpoint and mode == "grad" and backward is None:
+            raise ValueError("with checkpointed layers, pass backward (the runner back-propagates)")
         self._reset()
+        if subtract and acts is None:
+            raise ValueError("subtract needs acts (the corrupted senders)")
+        if subtract:
+            acts = _Staged(acts, self.graph)
         self._mode, self._acts, self._resid, self._grads, self._embed, self._patch = mode, acts, resid, grads, embed, patch
-        self._mix, self._within = mix, within
+        self._mix, self._within, self._on_grad = mix, within, on_grad
+        del acts, resid, grads, embed, patch  # the runner's references only: backward may free what it no longer needs
         if within is not None:
             self._live = {}
         try:
             with torch.set_grad_enabled(mode == "grad"):
                 out = self.base(input_ids=ids, use_cache=False)
-            return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                if backward is not None:
+                    self._acts = self._resid = None  # recomputed layers must not record again
+                    backward(hidden).backward()
+            return hidden
         finally:
             self._reset()
 
@@ -347,29 +455,39 @@ class GraphRunner:
         if self._mode == "grad":
             if self._mix is not None:
                 t, corr = self._mix
-                x = torch.lerp(corr[stage_index], x, t)
+                x = torch.lerp(corr[stage_index].to(x.dtype), x, t)
                 y = norm.forward(x)
-            ys = y.unsqueeze(2).expand(B, T, st.size, d)
-            if self._grads is not None and ys.requires_grad:
-                grads, xd = self._grads[st.start:st.stop], x.detach()
+            if not y.requires_grad or (self._grads is None and self._on_grad is None):
+                return y.unsqueeze(2).expand(B, T, st.size, d)
+            if self._grads is not None:
+                grads = self._grads[st.start:st.stop]
 
-                def keep(g, grads=grads, xd=xd):
-                    grads.add_(self._norm_vjp(norm, xd, g).permute(2, 0, 1, 3))
-                ys.register_hook(keep)
-            return ys
+                def sink(g, grads=grads):
+                    grads.add_(g.permute(2, 0, 1, 3))
+            else:
+                on_grad = self._on_grad
+
+                def sink(g):
+                    on_grad(st, g)
+            return _Tap.apply(y, x, lambda xd, g: self._norm_vjp(norm, xd, g), sink, st.size)
         p = self._patch
         block = p.mask[:st.n_up, st.start:st.stop]
         n_in = int(block.sum())
         if 2 * n_in <= block.numel():  # few circuit edges: start from the corrupted residual
-            base, sign, use = p.corr_resid[stage_index], -1.0, block
+            base, sign, use = p.corr_resid[stage_index].to(x.dtype), -1.0, block
         else:  # few patched edges: start from the current residual
             base, sign, use = x, 1.0, ~block
         rows = use.any(dim=1).nonzero().flatten()
         xs = base.unsqueeze(2).expand(B, T, st.size, d)
         if rows.numel():
-            delta = (p.corr_acts[rows] - self._acts[rows]).reshape(rows.numel(), -1)
-            m = (use[rows].T.to(delta.dtype) @ delta).view(st.size, B, T, d).permute(1, 2, 0, 3)
-            xs = xs + sign * m
+            m = torch.zeros(st.size, B * T * d, dtype=x.dtype, device=x.device)
+            for chunk in rows.split(PATCH_CHUNK):  # the differences of a few senders at a time
+                if isinstance(self._acts, _Staged):  # upstream rows already hold corrupted - current
+                    delta = self._acts.target[chunk].to(x.dtype).reshape(chunk.numel(), -1)
+                else:
+                    delta = (p.corr_acts[chunk].to(x.dtype) - self._acts[chunk].to(x.dtype)).reshape(chunk.numel(), -1)
+                m.addmm_(use[chunk].T.to(x.dtype), delta)
+            xs = xs + sign * m.view(st.size, B, T, d).permute(1, 2, 0, 3)
         elif sign > 0:  # nothing patched: the current normed residual, exactly
             return y.unsqueeze(2).expand(B, T, st.size, d)
         return norm.forward(xs)
@@ -383,7 +501,7 @@ class GraphRunner:
         B, T, d = x.shape
         block = w.mask[:st.n_up, st.start:st.stop]
         rows = block.any(dim=1).nonzero().flatten().tolist()
-        xs = corr[st.index].unsqueeze(2).expand(B, T, st.size, d)
+        xs = corr[st.index].to(x.dtype).unsqueeze(2).expand(B, T, st.size, d)
         if rows:
             live = torch.stack([self._live[i] for i in rows])
             diff = (live - w.corr_acts[rows]).reshape(len(rows), -1)
@@ -397,6 +515,9 @@ class GraphRunner:
             def keep(g, grads=grads):
                 grads.add_(g.permute(2, 0, 1, 3))
             xs.register_hook(keep)
+        elif self._on_grad is not None:
+            on_grad = self._on_grad
+            xs.register_hook(lambda g: on_grad(st, g))
         return norm.forward(xs)
 
     def _set_live(self, first: int, outs: torch.Tensor) -> None:
@@ -432,29 +553,40 @@ class GraphRunner:
         last = len(self.graph.stages) - 1
         if self._resid is not None:
             self._resid[last] = x.detach()
+        if isinstance(self._acts, _Staged):
+            self._acts.commit(last)
         if self._mode == "plain":
             return None
         return self._receivers(last, mod, x, out)[:, :, 0]
 
-    def _norm_reader(self, stages: tuple[int, ...]):
+    def _norm_reader(self, stages: tuple[int, ...], first: int):
         """Forward hook on the norm the receivers of ``stages`` read through: records the residual and
         stashes the receivers' copies (the stand-ins and the dense MLP's input hook take them from there)."""
         def hook(mod, args, out):
+            self._drop_stash(first)
             for stage in stages:
                 self._read(stage, mod, args[0], out)
         return hook
 
-    def _direct_reader(self, stage: int):
+    def _direct_reader(self, stage: int, first: int):
         """Forward pre-hook on a module that reads the residual stream with no norm (post-norm blocks)."""
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
+            self._drop_stash(first)
             self._read(stage, _IDENTITY, x, x)
         return hook
+
+    def _drop_stash(self, stage: int) -> None:
+        """Forget the receiver copies of the stages before ``stage`` (the first of a layer: the earlier layers have run)."""
+        for k in [k for k in self._stash if (k if isinstance(k, int) else k[0]) < stage]:
+            del self._stash[k]
 
     def _read(self, stage: int, norm: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         """Stage ``stage`` reads residual ``x`` through ``norm`` (output ``y``): record it, stash the receivers' copies."""
         if self._resid is not None:
             self._resid[stage] = x.detach()
+        if isinstance(self._acts, _Staged):
+            self._acts.commit(stage)
         if self._mode != "plain":
             self._stash[stage] = self._receivers(stage, norm, x, y)
 
@@ -491,11 +623,14 @@ class GraphRunner:
         def hook(mod, args, out):
             if self._acts is None and self._live is None:
                 return None
-            split = self._norm_split(mod, args[0], out)
-            if self._acts is not None:
-                self._acts[first:first + n] = split(self._acts[first:first + n]).detach() * scale
-            if self._live is not None:
-                self._set_live(first, split(torch.stack([self._live[first + i] for i in range(n)])) * scale)
+            # recording alone builds no autograd graph (a checkpointed layer's recomputation records nothing,
+            # and must save the same tensors as its forward)
+            with torch.set_grad_enabled(self._live is not None and torch.is_grad_enabled()):
+                split = self._norm_split(mod, args[0], out)
+                if self._acts is not None:
+                    self._acts[first:first + n] = split(self._acts[first:first + n]).detach() * scale
+                if self._live is not None:
+                    self._set_live(first, split(torch.stack([self._live[first + i] for i in range(n)])) * scale)
             return None
         return hook
 
