@@ -47,7 +47,18 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
                    help="re-score the best K x N edges with eap-ig-edges within that candidate circuit (every other "
                         "edge corrupted) and keep the best N of them (K >= 2; default 0: off)")
     c.add_argument("--random-seeds", type=COUNT_OR_OFF, default=3, help="size-matched random circuits for the control")
-    c.add_argument("--batch-size", type=COUNT, default=16)
+    c.add_argument("--batch-size", type=COUNT, default=16, help="facts per batch at most (default 16; fewer where "
+                                                                  "the memory budget needs it)")
+    c.add_argument("--max-memory", type=Number(float, 0, open_low=True), default=None, metavar="GB",
+                   help="memory budget of the whole run in GB (default: what the machine has free); the batch size "
+                        "and mode are chosen to fit it, printed at the start, and a run that cannot fit stops before "
+                        "any work")
+    c.add_argument("--lean", action="store_true",
+                   help="lean mode even where fast mode fits: one buffer of sender differences and checkpointed "
+                        "layers (about half the memory per token, about twice the time)")
+    c.add_argument("--store-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype the senders' outputs and differences are kept in (bfloat16/float16 halve the memory "
+                        "per token; scores and gradients stay float32)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--quiet", action="store_true")
     c.add_argument("--out", required=True, help="output folder")
@@ -83,7 +94,8 @@ def cmd_circuit(args) -> int:
     lm = load(args.model, device=args.device)
     opts = CircuitOptions(method=args.method, steps=args.steps, metric=args.metric, top_edges=args.top_edges,
                           threshold=args.threshold, selection=args.selection, refine=args.refine,
-                          batch_size=args.batch_size,
+                          batch_size=args.batch_size, max_memory=args.max_memory, store=args.store_dtype,
+                          lean=True if args.lean else None,
                           random_seeds=args.random_seeds, progress=not args.quiet,
                           curve=not args.no_curve, target_faithfulness=args.target_faithfulness,
                           per_relation=not args.no_per_relation)

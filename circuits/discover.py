@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from workbench.circuits import export
-from workbench.circuits.attribution import Scores, attribute
+from workbench.circuits import export, memory
+from workbench.circuits.attribution import STORE_DTYPES, Scores, attribute
 from workbench.circuits.evaluate import (edge_entropy, evaluate, prune, select_fill, select_greedy, select_random,
                                          select_threshold, select_top)
 from workbench.circuits.export import Circuit
@@ -38,6 +38,9 @@ class CircuitOptions:
     curve: bool = False  # faithfulness and Hit@10 at every budget of CURVE_FRACTIONS (one attribution pass)
     target_faithfulness: float | None = None  # the smallest curve budget reaching it becomes the circuit
     per_relation: bool = True  # facts of >= 2 relations: each relation's own circuit too, and their overlap
+    max_memory: float | None = None  # GB for the whole process (None: what the machine has free); see circuits.memory
+    store: str = "float32"  # the dtype sender outputs and differences are kept in: float32, bfloat16, float16
+    lean: bool | None = None  # None: lean mode only where fast mode does not fit
 
 
 # log-spaced circuit budgets, as fractions of all edges, for the faithfulness curve
@@ -45,6 +48,11 @@ CURVE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
 SELECTIONS = {"top": select_top, "fill": select_fill, "greedy": select_greedy}
+
+
+def _memory_kwargs(o: CircuitOptions) -> dict:
+    """What attribute and evaluate take from the options' memory plan."""
+    return {"lean": bool(o.lean), "store": STORE_DTYPES[o.store]}
 
 
 def default_top_edges(n_edges: int) -> int:
@@ -81,14 +89,27 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
                       "weak mean-ablation baseline; add facts of the same templates, 'subject' or 'corrupted_prompt' "
                       "fields (per-fact baselines: circuit.json)", stacklevel=2)
     groups = relation_groups(prepared) if o.per_relation else {}
+    if o.store not in STORE_DTYPES:
+        raise WorkbenchError(f"unknown storage dtype {o.store!r}; known: {', '.join(STORE_DTYPES)}")
+    mem = memory.plan(lm, graph, prepared, o.batch_size, max_memory=o.max_memory, store=STORE_DTYPES[o.store],
+                      lean=o.lean)
+    if o.progress:
+        print(mem.describe(), flush=True)
+    o = replace(o, batch_size=mem.batch_size, lean=mem.lean)
+    with memory.heap_limited(mem.lean):
+        return _find(lm, o, graph, prepared, groups, mem)
+
+
+def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, mem: memory.Plan):
     t_attr = time.perf_counter()
     scores = attribute(lm, prepared, method=o.method, steps=o.steps, metric=o.metric, batch_size=o.batch_size,
-                       graph=graph, progress=o.progress, groups=groups or None)
+                       graph=graph, progress=o.progress, groups=groups or None, **_memory_kwargs(o))
     matrix = scores.matrix
     curve, curve_seconds = None, 0.0
     if o.curve or o.target_faithfulness is not None:
         t_curve = time.perf_counter()
-        curve = faithfulness_curve(lm, prepared, graph, matrix, SELECTIONS[o.selection], o.batch_size)
+        curve = faithfulness_curve(lm, prepared, graph, matrix, SELECTIONS[o.selection], o.batch_size,
+                                   **_memory_kwargs(o))
         curve_seconds = round(time.perf_counter() - t_curve, 3)
         if o.target_faithfulness is not None:
             n, reached = pick_budget(curve, o.target_faithfulness)
@@ -116,14 +137,14 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
     meta = {"model": lm.spec if hasattr(lm, "spec") else "", "method": o.method, "steps": scores.steps,
             "metric": o.metric, "selection": selection, "n_edges": int(mask.sum()), "n_edges_total": graph.n_edges,
             "graph": graph.summary(), "attribution_seconds": round(time.perf_counter() - t_attr - curve_seconds, 3),
-            "baselines": _count([p.baseline for p in prepared])}
+            "baselines": _count([p.baseline for p in prepared]), "memory": mem.to_dict()}
     if o.evaluate:
         t0 = time.perf_counter()
         circuits = {"circuit": mask}
         k = int(mask.sum())
         for seed in range(o.random_seeds):
             circuits[f"random{seed}"] = select_random(graph, k, seed)
-        ev = evaluate(lm, prepared, graph, circuits, batch_size=o.batch_size)
+        ev = evaluate(lm, prepared, graph, circuits, batch_size=o.batch_size, **_memory_kwargs(o))
         rand = [ev["circuits"][f"random{s}"] for s in range(o.random_seeds)]
         c = ev["circuits"]["circuit"]
         meta["metrics"] = {
@@ -186,7 +207,8 @@ def per_relation(lm, prepared: list[Prepared], graph, scores: Scores, groups: di
     for rel, idx in groups.items():
         m = prune(graph, select(graph, scores.by_group[rel], n))
         masks[rel] = m
-        ev = evaluate(lm, [prepared[i] for i in idx], graph, {"own": m, "mixed": mixed}, batch_size=o.batch_size)
+        ev = evaluate(lm, [prepared[i] for i in idx], graph, {"own": m, "mixed": mixed}, batch_size=o.batch_size,
+                      **_memory_kwargs(o))
         k = len(idx)
         own, mix = ev["circuits"]["own"], ev["circuits"]["mixed"]
         out[rel] = {"n_facts": k, "n_edges": int(m.sum()), "faithfulness": own["faithfulness"],
@@ -221,12 +243,12 @@ def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return int((a & b).sum()) / u if u else 1.0
 
 
-def faithfulness_curve(lm, prepared, graph, matrix: torch.Tensor, select, batch_size: int) -> list[dict]:
+def faithfulness_curve(lm, prepared, graph, matrix: torch.Tensor, select, batch_size: int, **memory_kwargs) -> list[dict]:
     """Faithfulness and Hit@10 of the circuit at each budget of ``CURVE_FRACTIONS``, from one score matrix
     (one attribution pass), all budgets evaluated in one pass over the facts."""
     budgets = sorted({max(1, int(f * graph.n_edges)) for f in CURVE_FRACTIONS})
     masks = {f"edges{n}": prune(graph, select(graph, matrix, n)) for n in budgets}
-    ev = evaluate(lm, prepared, graph, masks, batch_size=batch_size)
+    ev = evaluate(lm, prepared, graph, masks, batch_size=batch_size, **memory_kwargs)
     return [{"budget": n, "fraction": n / graph.n_edges, "n_edges": int(masks[f"edges{n}"].sum()),
              "faithfulness": ev["circuits"][f"edges{n}"]["faithfulness"],
              "hit_at_10": ev["circuits"][f"edges{n}"]["hit_at_10"], "hit_at_10_full": ev["hit_at_10_full"]}
@@ -249,7 +271,7 @@ def refine(lm, prepared, scores: Scores, select, n: int, o: CircuitOptions) -> t
     graph = scores.graph
     candidates = prune(graph, select(graph, scores.matrix, o.refine * n))
     within = attribute(lm, prepared, method="eap-ig-edges", steps=o.steps, metric=o.metric, batch_size=o.batch_size,
-                       graph=graph, progress=o.progress, within=candidates)
+                       graph=graph, progress=o.progress, within=candidates, **_memory_kwargs(o))
     scores.refined = within.matrix.masked_fill(~candidates, float("nan"))
     return within.matrix.masked_fill(~candidates, 0.0)
 
