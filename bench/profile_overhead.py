@@ -42,6 +42,10 @@ BENCH_MODELS = {
                               num_key_value_heads=4, head_dim=64, intermediate_size=3072, moe_intermediate_size=384,
                               num_experts=64, num_experts_per_tok=8, vocab_size=49152, max_position_embeddings=4096,
                               tie_word_embeddings=False),
+    # TinyLlama-1.1B's layer shapes with SmolLM2's vocabulary (49,152 rows instead of 32,000): 1.17B parameters
+    "tinyllama-1.1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0,
+                           vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False),
 }
 
 
