@@ -55,7 +55,7 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
                         "any work")
     c.add_argument("--lean", action="store_true",
                    help="lean mode even where fast mode fits: one buffer of sender differences and checkpointed "
-                        "layers (about half the memory per token, about twice the time)")
+                        "layers (about two thirds of the memory per token, up to twice the time)")
     c.add_argument("--store-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype the senders' outputs and differences are kept in (bfloat16/float16 halve the memory "
                         "per token; scores and gradients stay float32)")

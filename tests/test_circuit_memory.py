@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from test_circuit_models import FACTS as MODEL_FACTS
 from workbench.circuits import memory
 from workbench.circuits.attribution import attribute, ig_alphas, last_logits, metric_values, sender_means
 from workbench.circuits.evaluate import evaluate, select_fill, select_random
@@ -22,14 +23,8 @@ from workbench.circuits.runner import GraphRunner
 from workbench.errors import WorkbenchError
 from workbench.models.specs import load
 
-FACTS = [
-    Fact("The capital of France is", " Paris", relation="capital_of", subject="France"),
-    Fact("The capital of Germany is", " Berlin", relation="capital_of", subject="Germany"),
-    Fact("The capital of Japan is", " Tokyo", relation="capital_of", subject="Japan"),
-    Fact("The chemical symbol for gold is", " Au", relation="chemical_symbol", subject="gold"),
-    Fact("The chemical symbol for iron is", " Fe", relation="chemical_symbol", subject="iron"),
-    Fact("the sky on a clear day is", " blue"),  # no partner, no entity: the mean baseline
-]
+# test_circuit_models' facts, and one with no partner and no entity: the mean baseline
+FACTS = [*MODEL_FACTS, Fact("the sky on a clear day is", " blue")]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

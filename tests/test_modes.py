@@ -92,8 +92,9 @@ def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def read_json(path: Path, drop=("seconds",)) -> dict:
-    """A JSON output without its wall-time fields (any key containing one of ``drop``)."""
+def read_json(path: Path, drop=("seconds", "_gb")) -> dict:
+    """A JSON output without its wall-time fields and the memory plan's readings of the machine (RSS, free
+    memory, the estimate built on them: any key containing one of ``drop``)."""
     def clean(o):
         if isinstance(o, dict):
             return {k: clean(v) for k, v in o.items() if not any(d in k for d in drop)}
