@@ -159,21 +159,17 @@ def plan(lm, graph, prepared, batch_size: int, *, max_memory: float | None = Non
     n_layers = len(graph.layers)
     floor = floor_per_token(graph, store)
     modes = [False, True] if lean is None else [lean]
-    best = None
     for mode in modes:
         per = per_token_bytes(graph, store, mode, autograd, n_layers)
         for b in range(min(batch_size, len(prepared)), 0, -1):
             tokens = batch_tokens(lengths, b)
             p = Plan(b, mode, store, base + tokens * per, base, per, floor, budget, tokens)
-            if best is None:
-                best = p
             if budget is None or p.estimate <= budget:
                 return p
-            best = p  # the smallest so far
-    assert best is not None
-    raise WorkbenchError(f"these facts need ~{best.estimate / GB:.1f} GB even {best.batch_size} at a time in "
-                         f"{'lean' if best.lean else 'fast'} mode (longest prompt {max(lengths)} tokens, "
-                         f"{best.per_token / 2**20:.2f} MB per token with {str(store).replace('torch.', '')} storage); "
+            last = p  # the smallest batch in the leanest mode tried
+    raise WorkbenchError(f"these facts need ~{last.estimate / GB:.1f} GB even {last.batch_size} at a time in "
+                         f"{'lean' if last.lean else 'fast'} mode (longest prompt {max(lengths)} tokens, "
+                         f"{last.per_token / 2**20:.2f} MB per token with {str(store).replace('torch.', '')} storage); "
                          f"the budget is {budget / GB:.2f} GB"
                          + (" (--max-memory)" if max_memory is not None else " (what this machine has free)")
                          + ": use shorter prompts, --store-dtype bfloat16, or a machine with more memory")

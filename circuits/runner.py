@@ -282,7 +282,7 @@ class GraphRunner:
 
     def _reset(self) -> None:
         self._mode = "plain"
-        self._acts = self._resid = self._grads = self._embed = None
+        self._acts = self._resid = self._embed = None
         self._patch: Patch | None = None
         self._mix: tuple[float, torch.Tensor] | None = None
         self._within: Patch | None = None
@@ -402,6 +402,7 @@ class GraphRunner:
         that ``acts`` ends as the differences ``corrupted - current`` without a second buffer. ``mix = (t, corr_resid [P, B, T, d])`` (grad
         mode) has every receiver read ``corr_resid + t (resid - corr_resid)`` instead of the residual
         ``resid`` of this run: every edge scaled by t between its corrupted and its current value.
+        ``grads [R, B, T, d]`` is an ``on_grad`` that adds each stage's gradients into its rows.
         """
         if (mix is not None or within is not None) and mode != "grad":
             raise ValueError("mix and within are for grad mode")
@@ -417,12 +418,17 @@ class GraphRunner:
             raise ValueError("backward and on_grad are for grad mode")
         if self.checkpoint and mode == "grad" and backward is None:
             raise ValueError("with checkpointed layers, pass backward (the runner back-propagates)")
-        self._reset()
         if subtract and acts is None:
             raise ValueError("subtract needs acts (the corrupted senders)")
+        if grads is not None and on_grad is not None:
+            raise ValueError("pass grads or on_grad, not both")
+        if grads is not None:  # a buffer is one way to take the gradients stage by stage
+            def on_grad(st, g, grads=grads):
+                grads[st.start:st.stop].add_(g.permute(2, 0, 1, 3))
+        self._reset()
         if subtract:
             acts = _Staged(acts, self.graph)
-        self._mode, self._acts, self._resid, self._grads, self._embed, self._patch = mode, acts, resid, grads, embed, patch
+        self._mode, self._acts, self._resid, self._embed, self._patch = mode, acts, resid, embed, patch
         self._mix, self._within, self._on_grad = mix, within, on_grad
         del acts, resid, grads, embed, patch  # the runner's references only: backward may free what it no longer needs
         if within is not None:
@@ -457,19 +463,10 @@ class GraphRunner:
                 t, corr = self._mix
                 x = torch.lerp(corr[stage_index].to(x.dtype), x, t)
                 y = norm.forward(x)
-            if not y.requires_grad or (self._grads is None and self._on_grad is None):
+            if not y.requires_grad or self._on_grad is None:
                 return y.unsqueeze(2).expand(B, T, st.size, d)
-            if self._grads is not None:
-                grads = self._grads[st.start:st.stop]
-
-                def sink(g, grads=grads):
-                    grads.add_(g.permute(2, 0, 1, 3))
-            else:
-                on_grad = self._on_grad
-
-                def sink(g):
-                    on_grad(st, g)
-            return _Tap.apply(y, x, lambda xd, g: self._norm_vjp(norm, xd, g), sink, st.size)
+            on_grad = self._on_grad
+            return _Tap.apply(y, x, lambda xd, g: self._norm_vjp(norm, xd, g), lambda g: on_grad(st, g), st.size)
         p = self._patch
         block = p.mask[:st.n_up, st.start:st.stop]
         n_in = int(block.sum())
@@ -509,13 +506,7 @@ class GraphRunner:
             xs = xs + t * m
         if not xs.requires_grad:
             xs = xs.clone().requires_grad_(True)
-        if self._grads is not None:
-            grads = self._grads[st.start:st.stop]
-
-            def keep(g, grads=grads):
-                grads.add_(g.permute(2, 0, 1, 3))
-            xs.register_hook(keep)
-        elif self._on_grad is not None:
+        if self._on_grad is not None:
             on_grad = self._on_grad
             xs.register_hook(lambda g: on_grad(st, g))
         return norm.forward(xs)
@@ -549,15 +540,9 @@ class GraphRunner:
         return out
 
     def _final_hook(self, mod, args, out):
-        x = args[0]
         last = len(self.graph.stages) - 1
-        if self._resid is not None:
-            self._resid[last] = x.detach()
-        if isinstance(self._acts, _Staged):
-            self._acts.commit(last)
-        if self._mode == "plain":
-            return None
-        return self._receivers(last, mod, x, out)[:, :, 0]
+        self._read(last, mod, args[0], out)
+        return None if self._mode == "plain" else self._stash.pop(last)[:, :, 0]
 
     def _norm_reader(self, stages: tuple[int, ...], first: int):
         """Forward hook on the norm the receivers of ``stages`` read through: records the residual and
