@@ -43,6 +43,8 @@ class ChangeRate:
         tracker = self
 
         class _Sink:
+            coalesce = True  # several batches at once: matched between layers by their first token all the same
+
             def update(self, p: Payload) -> None:
                 tracker._update(layer, p)
 
@@ -139,40 +141,35 @@ class LocalConsistency(Reducer):
         prompt = torch.searchsorted(self.starts, tokens, right=True) - 1
         ids, lengths = torch.unique_consecutive(prompt, return_counts=True)
         pos = tokens - self.starts[prompt]
-        if bool((pos != torch.cat([torch.arange(int(n)) for n in lengths])).any()):
+        first = torch.cumsum(lengths, 0) - lengths  # each prompt's first row
+        start = torch.repeat_interleave(first, lengths)  # [N] first row of each row's prompt
+        n, e, k = tokens.numel(), self.num_experts, top.shape[1]
+        row = torch.arange(n)
+        if bool((pos != row - start).any()):
             raise ValueError("LocalConsistency needs whole prompts in each payload")
-        n_p, t_max, e, k = len(ids), int(lengths.max()), self.num_experts, top.shape[1]
-        row = torch.repeat_interleave(torch.arange(n_p), lengths)
-        chosen = torch.full((n_p, t_max, k), -1, dtype=torch.int64)
-        chosen[row, pos] = top
-        valid = torch.arange(t_max)[None, :] < lengths[:, None]  # [P, T]
-        used = torch.zeros(n_p, t_max, e + 1, dtype=torch.int64)
-        used.scatter_(2, chosen.clamp(min=-1) % (e + 1), 1)  # -1 (padding) lands in the spare column e
-        used = used[..., :e]
-        cs = torch.cat([torch.zeros(n_p, 1, e, dtype=torch.int64), used.cumsum(1)], 1)  # [P, T+1, E]
-        # Last use before each token, as a time i*k + slot (distinct for every request), -1: never.
-        when = torch.full((n_p, t_max, e + 1), -1, dtype=torch.int64)
-        t_idx = torch.arange(t_max)[None, :, None] * k + torch.arange(k)[None, None, :]
-        when.scatter_(2, chosen % (e + 1), t_idx.expand(n_p, -1, -1).clone())
-        when = when[..., :e].cummax(1).values
-        before = torch.cat([torch.full((n_p, 1, e), -1, dtype=torch.int64), when[:, :-1]], 1)  # [P, T, E]
-        seen = before >= 0
-        idx = torch.arange(t_max)
+        # Rows stay flat (prompts back to back, no padding): windows and look-aheads stop at each prompt's end.
+        end = start + torch.repeat_interleave(lengths, lengths)  # [N] one past the prompt's last row
+        used = torch.zeros(n, e, dtype=torch.int32).scatter_(1, top, 1)
+        cs = torch.cat([torch.zeros(1, e, dtype=torch.int32), used.cumsum(0, dtype=torch.int32)])  # [N+1, E]
+        # Last use before each row, as a time row*k + slot (distinct for every request); a use before the
+        # prompt's first row (an earlier prompt's) or none at all: not seen.
+        when = torch.full((n, e), -1, dtype=torch.int64).scatter_(1, top, row[:, None] * k + torch.arange(k))
+        before = torch.cat([torch.full((1, e), -1, dtype=torch.int64), when.cummax(0).values[:-1]])  # [N, E]
+        seen = before >= (start * k)[:, None]
+        n_seen = seen.sum(-1, keepdim=True)
+        new = ~seen.gather(1, top)  # [N, k]
+        fresh = n_seen + new.cumsum(-1) - 1  # an expert not used before ranks after the used ones, in slot order
         for j, m in enumerate(SEGMENTS):
             # SRP: every full window [i, i + m) of each prompt.
-            if t_max >= m:
-                win = cs[:, m:] - cs[:, :-m]  # [P, T - m + 1, E]
-                ok = (idx[: t_max - m + 1][None, :] + m) <= lengths[:, None]
-                self.srp_hist[j, : m + 1] += torch.bincount(win[ok].flatten(), minlength=m + 1)
-            # SCH: look-ahead window [i, min(i + m, len)).
-            end = torch.minimum(idx[None, :] + m, lengths[:, None]).clamp(max=t_max)  # [P, T]
-            ahead = cs.gather(1, end[..., None].expand(-1, -1, e)) - cs[:, :-1]
-            key = torch.where(seen, ahead * (t_max * k + 1) + before, -1)  # seen experts: unique keys
-            kx = key.gather(2, chosen.clamp(min=0))  # [P, T, k]
-            rank = ((key[:, :, None, :] > kx[..., None]) & seen[:, :, None, :]).sum(-1)
-            new = ~seen.gather(2, chosen.clamp(min=0))
-            rank = torch.where(new, seen.sum(-1, keepdim=True) + new.cumsum(-1) - 1, rank)
-            self.sch_hist[j] += torch.bincount(rank[valid].clamp(max=e).flatten(), minlength=e + 1)
+            full = (row + m <= end).nonzero().flatten()
+            if full.numel():
+                self.srp_hist[j, : m + 1] += torch.bincount((cs[full + m] - cs[full]).flatten(), minlength=m + 1)
+            # SCH: look-ahead window [i, min(i + m, end)); seen experts ranked by uses ahead, then recency.
+            ahead = (cs[torch.minimum(row + m, end)] - cs[:-1]).to(torch.int64)
+            key = torch.where(seen, ahead * (n * k + 1) + before, -1)  # seen experts: unique keys >= 0
+            kx = key.gather(1, top)  # [N, k]; a used expert's key is >= 0, so only used experts rank above it
+            rank = torch.where(new, fresh, (key[:, None, :] > kx[..., None]).sum(-1))
+            self.sch_hist[j] += torch.bincount(rank.clamp(max=e).flatten(), minlength=e + 1)
 
     def merge(self, other: "LocalConsistency") -> "LocalConsistency":
         self._check_same(other)
@@ -237,6 +234,11 @@ class VocabSpecialization(Reducer):
                 setattr(self, name, torch.zeros(0, dtype=torch.int64))
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # this batch's (tokens, top-1), until predicted
         self.predicted = False  # set by Predictions.watch
+
+    @property
+    def coalesce(self) -> bool:  # type: ignore[override]
+        """Predicted tokens arrive after each batch and are matched to that batch's update: no coalescing."""
+        return not self.predicted
 
     def predictions(self, tokens: torch.Tensor, pred: torch.Tensor) -> None:
         """The model's predicted next token at global ``tokens`` (Predictions calls this after each batch)."""

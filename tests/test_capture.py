@@ -344,3 +344,30 @@ def test_fused_expert_outputs_are_read_from_the_experts_forward_not_recomputed(s
 
 
 _real_grouped = __import__("workbench.tracing.capture", fromlist=["x"]).fused_grouped_output
+
+
+@pytest.mark.parametrize("spec", ["zoo:qwen2-moe", "zoo:deepseek-v3"])
+def test_coalesced_payloads_give_the_profile_of_batch_by_batch_updates(spec, monkeypatch):
+    """trace() holds small payloads and hands several batches at once to the reducers (a reducer update
+    costs the same tens of ops whatever its size). The profile equals the one fed batch by batch: counts,
+    maxima and their tokens exactly, float64 sums to rounding; and the reducers are called fewer times."""
+    from helpers import assert_json_close
+    from workbench.experts.profile import ProfileOptions, profile
+    from workbench.tracing import capture
+    from workbench.tracing.reducers import RouterStats
+
+    lm = load(spec)
+    calls = []
+    update = RouterStats.update
+    monkeypatch.setattr(RouterStats, "update", lambda self, p: (calls.append(p.tokens.numel()), update(self, p)))
+    opts = ProfileOptions(batch_size=2)
+    coalesced = profile(lm, PROMPTS * 3, opts, progress=False)
+    n_coalesced, calls[:] = len(calls), []
+    monkeypatch.setattr(capture, "SMALL_PAYLOAD", 0)  # every payload goes to its sinks as it comes
+    one_by_one = profile(lm, PROMPTS * 3, opts, progress=False)
+    batches = -(-len(PROMPTS * 3) // 2)
+    assert len(calls) == batches * len(coalesced["router"]) and n_coalesced <= len(calls) // 4
+    for p in (coalesced, one_by_one):
+        p.pop("run"), p["meta"].pop("seconds")
+    assert_json_close(coalesced, one_by_one, rtol=1e-9, atol=1e-12)
+    assert [e["max_abs"] for e in coalesced["experts"]] == [e["max_abs"] for e in one_by_one["experts"]]

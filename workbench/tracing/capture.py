@@ -181,14 +181,30 @@ class _Restore:
             del e.post_expert_norm
 
 
+# Coalescing (``Capture(coalesce=True)``): payloads under SMALL_PAYLOAD elements are held, copied, until
+# the held rows of all sites reach HELD_ELEMENTS (or one site's reach SITE_ELEMENTS), then each site's
+# rows go to its sinks as one payload. A reducer update costs tens of small ops whatever its size; on a
+# small model (hidden 64) that fixed cost, paid per layer per batch, was most of the profile's overhead.
+SMALL_PAYLOAD = 1 << 17
+SITE_ELEMENTS = 1 << 19
+HELD_ELEMENTS = 1 << 23  # 32 MB of float32 at most, whatever the model's width and depth
+
+
 class Capture(HookSet):
     """Context manager that installs read-only hooks for ``sinks`` on ``model``.
 
     Call :meth:`begin_batch` with the batch's token grid ``[B, T]`` (global token index, -1 at
     padding) before each forward; rows at padding positions never reach a sink.
+
+    With ``coalesce=True``, small payloads are held and handed over several batches at a time to the
+    sinks that take them (``sink.coalesce`` true: reducers, whose result does not depend on how rows
+    are split into payloads). Held rows go out between forwards (:meth:`begin_batch`), all sites at
+    once in layer order, and at :meth:`flush` (called on leaving the context without an error); read
+    the sinks after that. Tokens keep increasing within a coalesced payload, since batches come in
+    prompt order.
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, sinks: dict[Site, list[Sink]]):
+    def __init__(self, model: nn.Module, adapter: Adapter, sinks: dict[Site, list[Sink]], *, coalesce: bool = False):
         super().__init__()
         self.model, self.adapter = model, adapter
         self.sinks = {s: list(v) for s, v in sinks.items() if v}
@@ -198,9 +214,28 @@ class Capture(HookSet):
         self._keep_idx: torch.Tensor | None = None
         self._tokens: torch.Tensor | None = None
         self._rerouting = False  # ModuleList experts re-run the router to learn the routing
+        self._coalesce = coalesce
+        # per site: the sinks that take coalesced payloads, and the held parts (a list of payloads)
+        self._later = {s: [k for k in v if getattr(k, "coalesce", False)] for s, v in self.sinks.items()} \
+            if coalesce else {}
+        self._held: dict[Site, list[Payload]] = {}
+        self._held_elements: dict[Site, int] = {}
+        self._order = {s: i for i, s in enumerate(self.sinks)}
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.flush()
+        finally:
+            self._held.clear()
+            self._held_elements.clear()
+            super().__exit__(*exc)
 
     # ----- batch bookkeeping -------------------------------------------------------------------
     def begin_batch(self, grid: torch.Tensor) -> None:
+        if self._held and (sum(self._held_elements.values()) >= HELD_ELEMENTS
+                           or max(self._held_elements.values()) >= SITE_ELEMENTS):
+            self.flush()
         flat = grid.reshape(-1)
         self._grid = flat
         self._valid = flat >= 0
@@ -221,9 +256,37 @@ class Capture(HookSet):
 
     def _emit(self, site: Site, values: torch.Tensor, tokens: torch.Tensor, topk: torch.Tensor | None = None):
         p = Payload(values, tokens, topk, ordered=tokens is self._tokens or None)  # the batch's own rows are in order
-        with few_threads(work=values.numel()):
-            for sink in self.sinks[site]:
-                sink.update(p)
+        self._deliver(site, p)
+
+    def _deliver(self, site: Site, p: Payload) -> None:
+        later = self._later.get(site)
+        if later and p.values.numel() < SMALL_PAYLOAD:
+            # copies: the model may reuse or change its tensors in place after the hook returns
+            self._held.setdefault(site, []).append(Payload(
+                p.values.detach().clone(), p.tokens.clone(), None if p.topk is None else p.topk.clone(),
+                None if p.experts is None else p.experts.clone(), ordered=p.ordered))
+            self._held_elements[site] = self._held_elements.get(site, 0) + p.values.numel()
+            now = [k for k in self.sinks[site] if k not in later]
+        else:
+            now = self.sinks[site]
+        if now:
+            with few_threads(work=p.values.numel()):
+                for sink in now:
+                    sink.update(p)
+
+    def flush(self) -> None:
+        """Hand every held payload to its sinks (one payload per site, sites in layer order)."""
+        held, self._held, self._held_elements = self._held, {}, {}
+        for site in sorted(held, key=lambda s: (s.layer, self._order[s])):
+            parts = held[site]
+            p = parts[0] if len(parts) == 1 else Payload(
+                torch.cat([q.values for q in parts]), torch.cat([q.tokens for q in parts]),
+                None if parts[0].topk is None else torch.cat([q.topk for q in parts]),
+                None if parts[0].experts is None else torch.cat([q.experts for q in parts]),
+                ordered=True if all(q.ordered for q in parts) else None)
+            with few_threads(work=p.values.numel()):
+                for sink in self._later[site]:
+                    sink.update(p)
 
     # ----- install ---------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -381,9 +444,7 @@ class Capture(HookSet):
                           tokens: torch.Tensor, num_experts: int, by_expert: bool) -> None:
         """Hand (token, slot) rows of expert outputs to the grouped site and to per-expert sites."""
         if grouped is not None:
-            p = Payload(out, tokens, experts=ids)
-            for sink in self.sinks[grouped]:
-                sink.update(p)
+            self._deliver(grouped, Payload(out, tokens, experts=ids))
         if not wanted:
             return
         if by_expert:

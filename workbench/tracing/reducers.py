@@ -88,6 +88,9 @@ class Reducer:
 
     kind: ClassVar[str]
     registry: ClassVar[dict[str, type["Reducer"]]] = {}
+    # Rows may reach update() in payloads of any split (several batches at once: Capture(coalesce=True));
+    # a reducer whose result depends on the split says False.
+    coalesce: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

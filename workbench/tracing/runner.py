@@ -212,7 +212,10 @@ def trace(
     bar = tqdm(total=int(per_batch[mine.start:mine.stop].sum()) * repeat, initial=int(per_batch[mine.start:first].sum()),
                unit="tok", desc=f"trace {lm.spec}", disable=not progress, file=sys.stderr, leave=False)
     body = lm.adapter.body(lm.model)  # no statistic needs the logits: the LM head is skipped
-    with Capture(lm.model, lm.adapter, sinks) as cap, _installed(meters, lm), torch.no_grad():
+    # Small payloads are coalesced over batches (not when streaming layers: there each layer sees every
+    # batch before the next layer, and the layer-paired ChangeRate needs the same split in every layer).
+    with Capture(lm.model, lm.adapter, sinks, coalesce=streamer is None) as cap, _installed(meters, lm), \
+            torch.no_grad():
         if streamer is not None:
             _run_streamed(streamer, [batch(b) for b in range(first, mine.stop)], cap, meters, bar)
         else:
@@ -224,6 +227,7 @@ def trace(
                 body(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
                 bar.update(int(mask.sum()))
                 if checkpoint is not None and (b + 1 - mine.start) % checkpoint.every == 0 and b + 1 < mine.stop:
+                    cap.flush()
                     checkpoint.save(b + 1, fp, state.flatten(objs))
     bar.close()
     if shard is not None and shard.world > 1:
