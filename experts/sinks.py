@@ -35,6 +35,7 @@ class SinkMeter:
         self._handles: list = []
         self._prompts = 0  # prompts with queries in the current batch (set by begin_batch)
         self.no_attention: list[int] = []  # layers without softmax attention (set by install)
+        self._batch: list[tuple[int, torch.Tensor]] = []  # this batch's (layer, per-key sums), finished together
 
     def install(self, model: nn.Module, adapter: Adapter) -> None:
         """Hook every layer's attention; a hybrid model's linear-attention layers have no probabilities and
@@ -47,12 +48,14 @@ class SinkMeter:
             self._handles.append(adapter.attention(layer).register_forward_hook(self._hook(i)))
 
     def remove(self) -> None:
+        self._finish()
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
     def begin_batch(self, grid: torch.Tensor) -> None:
         """The batch's token grid ``[B, T]`` (-1 at padding); what every layer's update shares is set up once."""
+        self._finish()
         q_ok = grid >= 0
         q_ok[:, 0] = False  # position 0 can only attend to itself
         nq = q_ok.sum(-1)  # [B] queries per prompt
@@ -74,26 +77,37 @@ class SinkMeter:
         """``weights [B, H, Tq, Tk]`` for the current batch (padding rows are dropped here)."""
         if not self._prompts:
             return
-        # Sum over valid queries as one batched matmul in the weights' dtype (float32 accumulation), then
-        # float64 for the per-prompt means: [B, H, Tq, Tk] x [B, Tq] -> [B, H, Tk].
-        summed = torch.einsum("bhqk,bq->bhk", weights, self._q_ok.to(weights.dtype))
-        per_key = summed.index_select(0, self._has).to(torch.float64) / self._nq  # [b, H, Tk]: per-prompt means
+        # Sum over valid queries as one batched matmul in the weights' dtype (float32 accumulation):
+        # [B, H, Tq, Tk] x [B, Tq] -> [B, H, Tk]. The rest waits for the batch's other layers (_finish).
+        self._batch.append((layer, torch.einsum("bhqk,bq->bhk", weights, self._q_ok.to(weights.dtype))))
+
+    def _finish(self) -> None:
+        """The batch's per-prompt means (float64), their top key and position 0: all its layers at once."""
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        layers = torch.tensor([l for l, _ in batch])
+        summed = torch.stack([x for _, x in batch])  # [L, B, H, Tk]
+        per_key = summed.index_select(1, self._has).to(torch.float64) / self._nq  # [L, b, H, Tk]: per-prompt means
         top, pos = per_key.max(-1)
-        self.pos0_sum[layer] += per_key[..., 0].sum(0).cpu()
-        self.top_sum[layer] += top.sum(0).cpu()
-        self.top_is_first[layer] += (pos == 0).sum(0).cpu()
-        self.queries[layer] += self._queries
-        self.prompts[layer] += self._prompts
+        self.pos0_sum.index_add_(0, layers, per_key[..., 0].sum(1).cpu())
+        self.top_sum.index_add_(0, layers, top.sum(1).cpu())
+        self.top_is_first.index_add_(0, layers, (pos == 0).sum(1).cpu())
+        self.queries.index_add_(0, layers, torch.full((len(batch),), self._queries))
+        self.prompts.index_add_(0, layers, torch.full((len(batch),), self._prompts))
 
     STATE = ("pos0_sum", "queries", "top_sum", "top_is_first", "prompts")
 
     def merge(self, other: "SinkMeter") -> "SinkMeter":
+        self._finish()
+        other._finish()
         for name in self.STATE:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of the running sums (for checkpoints and merging ranks)."""
+        self._finish()
         return {name: getattr(self, name).clone() for name in self.STATE}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> "SinkMeter":
@@ -107,6 +121,7 @@ class SinkMeter:
         return SinkMeter(*self.pos0_sum.shape)
 
     def result(self) -> dict:
+        self._finish()
         n = self.prompts.clamp(min=1).to(torch.float64)[:, None]
         skip = self.no_attention
 

@@ -256,15 +256,17 @@ class Capture(HookSet):
 
     def _emit(self, site: Site, values: torch.Tensor, tokens: torch.Tensor, topk: torch.Tensor | None = None):
         p = Payload(values, tokens, topk, ordered=tokens is self._tokens or None)  # the batch's own rows are in order
-        self._deliver(site, p)
+        self._deliver(site, p, owned=self._keep_idx is not None)  # padded batch: _rows copied the rows out
 
-    def _deliver(self, site: Site, p: Payload) -> None:
+    def _deliver(self, site: Site, p: Payload, owned: bool = False) -> None:
+        """Hand ``p`` to the site's sinks now, or hold it for the coalescing ones. ``owned``: the values (and
+        top-k / expert ids) are copies made here, not the model's own tensors; token indices always are ours."""
         later = self._later.get(site)
         if later and p.values.numel() < SMALL_PAYLOAD:
-            # copies: the model may reuse or change its tensors in place after the hook returns
-            self._held.setdefault(site, []).append(Payload(
-                p.values.detach().clone(), p.tokens.clone(), None if p.topk is None else p.topk.clone(),
-                None if p.experts is None else p.experts.clone(), ordered=p.ordered))
+            # the model's own tensors are copied: it may reuse or change them in place after the hook returns
+            keep = (lambda t: t) if owned else (lambda t: None if t is None else t.detach().clone())
+            self._held.setdefault(site, []).append(Payload(keep(p.values), p.tokens, keep(p.topk), keep(p.experts),
+                                                           ordered=p.ordered))
             self._held_elements[site] = self._held_elements.get(site, 0) + p.values.numel()
             now = [k for k in self.sinks[site] if k not in later]
         else:
@@ -435,16 +437,18 @@ class Capture(HookSet):
                 if self._keep_idx is not None:  # padding rows never reach a sink
                     real = (tokens >= 0).nonzero().flatten()
                     out, ids, tokens = out.index_select(0, real), ids[real], tokens[real]
-                self._emit_expert_rows(grouped, wanted, out.detach(), ids, tokens, num_experts, by_expert)
+                self._emit_expert_rows(grouped, wanted, out.detach(), ids, tokens, num_experts, by_expert,
+                                       owned=self._keep_idx is not None)  # padded: the rows were copied out
 
         self._hook(experts, keep_index, pre=True)
         self._handles.append(_Tap.install(experts, emit))
 
     def _emit_expert_rows(self, grouped: Site | None, wanted: dict[int, Site], out: torch.Tensor, ids: torch.Tensor,
-                          tokens: torch.Tensor, num_experts: int, by_expert: bool) -> None:
-        """Hand (token, slot) rows of expert outputs to the grouped site and to per-expert sites."""
+                          tokens: torch.Tensor, num_experts: int, by_expert: bool, owned: bool) -> None:
+        """Hand (token, slot) rows of expert outputs to the grouped site and to per-expert sites (``owned``:
+        ``out`` and ``ids`` are copies made here, not the model's tensors)."""
         if grouped is not None:
-            self._deliver(grouped, Payload(out, tokens, experts=ids))
+            self._deliver(grouped, Payload(out, tokens, experts=ids), owned=owned)
         if not wanted:
             return
         if by_expert:
@@ -469,7 +473,7 @@ class Capture(HookSet):
             rows = rows[perm]
             counts = torch.bincount(ids, minlength=num_experts)
             out = run(self._keep(hidden.reshape(-1, hidden.shape[-1]))[rows], counts)
-            self._emit_expert_rows(site, wanted, out, ids, self._tokens[rows], num_experts, by_expert=True)
+            self._emit_expert_rows(site, wanted, out, ids, self._tokens[rows], num_experts, by_expert=True, owned=True)
 
     def _emit_experts(self, wanted: dict[int, Site], hidden: torch.Tensor, index: torch.Tensor, run) -> None:
         if self._grid is None:

@@ -498,12 +498,24 @@ class ExpertAbsMax(Reducer):
                 t = torch.where(g.argmax >= 0, tok[g.argmax.clamp(min=0)], NO_TOKEN)
                 self.absmax, self.token = _absorb_max(self.absmax, self.token, m.to(torch.float64).cpu(), t.cpu())
                 return
-        # Per (expert, channel): the max in the input's own dtype, then the smallest token reaching it.
+        # Per (expert, channel): the max in the input's own dtype, then the smallest token reaching it. Only
+        # pairs whose max reaches the running max can change (ties included: the token decides); after the
+        # first batches these are few, so the token search runs on their experts' rows and channels only.
         m = _index_reduce(a.new_full((e, a.shape[1]), -1.0), ids, a, "amax")
-        cand = torch.where(a == m.index_select(0, ids), tok[:, None], _BIG)
-        t = _index_reduce(torch.full(m.shape, _BIG, dtype=torch.int64, device=a.device), ids, cand, "amin")
-        t = torch.where(m >= 0, t, NO_TOKEN)
-        self.absmax, self.token = _absorb_max(self.absmax, self.token, m.to(torch.float64).cpu(), t.cpu())
+        md = m.to(torch.float64).cpu()
+        reach = (md >= self.absmax) & (md >= 0)
+        if not bool(reach.any()):
+            return
+        hit_e, hit_c = reach.any(1), torch.nonzero(reach.any(0)).flatten()
+        rows = torch.nonzero(hit_e.to(a.device)[ids]).flatten()
+        sub_ids, cols = ids[rows], hit_c.to(a.device)
+        sub = a[rows][:, cols]
+        cand = torch.where(sub == m.index_select(1, cols).index_select(0, sub_ids), tok[rows][:, None], _BIG)
+        t = _index_reduce(torch.full((e, cols.numel()), _BIG, dtype=torch.int64, device=a.device), sub_ids, cand, "amin")
+        t_full = torch.full((e, a.shape[1]), NO_TOKEN, dtype=torch.int64)
+        t_full[:, hit_c] = torch.where(t == _BIG, NO_TOKEN, t).cpu()
+        m_full = torch.where(reach, md, -1.0)  # pairs that cannot change leave the running state as it is
+        self.absmax, self.token = _absorb_max(self.absmax, self.token, m_full, torch.where(reach, t_full, NO_TOKEN))
 
     def expert(self, e: int) -> AbsMax:
         """Expert ``e``'s state as an :class:`AbsMax` (a copy)."""
