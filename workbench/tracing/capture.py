@@ -185,9 +185,11 @@ class _Restore:
 # the held rows of all sites reach HELD_ELEMENTS (or one site's reach SITE_ELEMENTS), then each site's
 # rows go to its sinks as one payload. A reducer update costs tens of small ops whatever its size; on a
 # small model (hidden 64) that fixed cost, paid per layer per batch, was most of the profile's overhead.
+# The first batch goes out as it comes and measures the small payloads; when one batch's would fill more
+# than a quarter of HELD_ELEMENTS (a wide or deep model, where the ops are not small), nothing is held.
 SMALL_PAYLOAD = 1 << 17
 SITE_ELEMENTS = 1 << 19
-HELD_ELEMENTS = 1 << 23  # 32 MB of float32 at most, whatever the model's width and depth
+HELD_ELEMENTS = 1 << 22  # 16 MB of float32 (plus one batch) at most, whatever the model's width and depth
 
 
 class Capture(HookSet):
@@ -221,6 +223,9 @@ class Capture(HookSet):
         self._held: dict[Site, list[Payload]] = {}
         self._held_elements: dict[Site, int] = {}
         self._order = {s: i for i, s in enumerate(self.sinks)}
+        self._holding = False  # from the second batch on, when the first one's small payloads were small enough
+        self._batches = 0
+        self._first_batch = 0  # elements of the first batch's payloads that could be held
 
     def __exit__(self, *exc) -> None:
         try:
@@ -233,6 +238,9 @@ class Capture(HookSet):
 
     # ----- batch bookkeeping -------------------------------------------------------------------
     def begin_batch(self, grid: torch.Tensor) -> None:
+        self._batches += 1
+        if self._batches == 2 and self._later:  # between forwards: every site switches at the same batch
+            self._holding = 0 < self._first_batch * 4 <= HELD_ELEMENTS
         if self._held and (sum(self._held_elements.values()) >= HELD_ELEMENTS
                            or max(self._held_elements.values()) >= SITE_ELEMENTS):
             self.flush()
@@ -262,6 +270,9 @@ class Capture(HookSet):
         """Hand ``p`` to the site's sinks now, or hold it for the coalescing ones. ``owned``: the values (and
         top-k / expert ids) are copies made here, not the model's own tensors; token indices always are ours."""
         later = self._later.get(site)
+        if later and p.values.numel() < SMALL_PAYLOAD and not self._holding:
+            self._first_batch += p.values.numel() if self._batches <= 1 else 0
+            later = None
         if later and p.values.numel() < SMALL_PAYLOAD:
             # the model's own tensors are copied: it may reuse or change them in place after the hook returns
             keep = (lambda t: t) if owned else (lambda t: None if t is None else t.detach().clone())
