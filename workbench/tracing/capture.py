@@ -216,7 +216,6 @@ class Capture(HookSet):
         self._keep_idx: torch.Tensor | None = None
         self._tokens: torch.Tensor | None = None
         self._rerouting = False  # ModuleList experts re-run the router to learn the routing
-        self._coalesce = coalesce
         # per site: the sinks that take coalesced payloads, and the held parts (a list of payloads)
         self._later = {s: [k for k in v if getattr(k, "coalesce", False)] for s, v in self.sinks.items()} \
             if coalesce else {}
@@ -270,10 +269,12 @@ class Capture(HookSet):
         """Hand ``p`` to the site's sinks now, or hold it for the coalescing ones. ``owned``: the values (and
         top-k / expert ids) are copies made here, not the model's own tensors; token indices always are ours."""
         later = self._later.get(site)
-        if later and p.values.numel() < SMALL_PAYLOAD and not self._holding:
-            self._first_batch += p.values.numel() if self._batches <= 1 else 0
-            later = None
-        if later and p.values.numel() < SMALL_PAYLOAD:
+        hold = bool(later) and p.values.numel() < SMALL_PAYLOAD
+        if hold and not self._holding:
+            if self._batches <= 1:
+                self._first_batch += p.values.numel()
+            hold = False
+        if hold:
             # the model's own tensors are copied: it may reuse or change them in place after the hook returns
             keep = (lambda t: t) if owned else (lambda t: None if t is None else t.detach().clone())
             self._held.setdefault(site, []).append(Payload(keep(p.values), p.tokens, keep(p.topk), keep(p.experts),
