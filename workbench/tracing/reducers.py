@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -123,11 +122,10 @@ class Reducer:
             raise ValueError(f"cannot merge {other.scoring} router statistics into {self.scoring} ones")
 
 
-def _index_reduce(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, how: str) -> torch.Tensor:
-    """``out.index_reduce_(0, index, src, how)`` without torch's one-time "beta" warning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*index_reduce", category=UserWarning)
-        return out.index_reduce_(0, index, src, how)
+def _rows_max(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``out.index_reduce_(0, index, src, "amax")``: row ``i`` of ``src`` into row ``index[i]``, NaN propagating.
+    As a ``scatter_reduce_``, 3x faster on CPU (float32 [13k, 64] rows into 60) and without the beta warning."""
+    return out.scatter_reduce_(0, index[:, None].expand_as(src), src, "amax")
 
 
 def _absorb_max(best: torch.Tensor, token: torch.Tensor, m: torch.Tensor, t: torch.Tensor):
@@ -483,12 +481,19 @@ class ExpertAbsMax(Reducer):
         e = self.num_experts
         self.rows += torch.bincount(ids, minlength=e).cpu()
         a = p.abs()
-        if not bool(torch.isfinite(a.amax(dim=0)).all()):  # rare: per-expert NaN / inf counts, and NaN never wins
+        kernel = _use_kernels(x)
+
+        def maxima(a: torch.Tensor) -> torch.Tensor | None:  # per (expert, channel), in the input's own dtype
+            return None if kernel else _rows_max(a.new_full((e, a.shape[1]), -1.0), ids, a)
+        m = maxima(a)
+        # NaN and inf propagate into the maxima; then (rarely) count them per expert, and NaN never wins
+        if not bool(torch.isfinite(a.amax(dim=0) if m is None else m).all()):
             nan = torch.isnan(a)
             self.nan_count += torch.bincount(ids, weights=nan.sum(1), minlength=e).to(torch.int64).cpu()
             self.inf_count += torch.bincount(ids, weights=torch.isinf(a).sum(1), minlength=e).to(torch.int64).cpu()
             a = a.masked_fill(nan, -1.0)
-        if _use_kernels(x):
+            m = maxima(a)
+        if kernel:
             from workbench.kernels.grouped_absmax import grouped_absmax
 
             g = grouped_absmax(a, ids, e)  # ties -> the smallest row: the smallest token when rows are in order
@@ -498,20 +503,24 @@ class ExpertAbsMax(Reducer):
                 t = torch.where(g.argmax >= 0, tok[g.argmax.clamp(min=0)], NO_TOKEN)
                 self.absmax, self.token = _absorb_max(self.absmax, self.token, m.to(torch.float64).cpu(), t.cpu())
                 return
-        # Per (expert, channel): the max in the input's own dtype, then the smallest token reaching it. Only
-        # pairs whose max reaches the running max can change (ties included: the token decides); after the
-        # first batches these are few, so the token search runs on their experts' rows and channels only.
-        m = _index_reduce(a.new_full((e, a.shape[1]), -1.0), ids, a, "amax")
+        # Per (expert, channel): the max, then the smallest token reaching it. Only pairs whose max reaches
+        # the running max can change (ties included: the token decides); after the first batches these are
+        # few, so the token search runs on their experts' rows and channels only.
         md = m.to(torch.float64).cpu()
         reach = (md >= self.absmax) & (md >= 0)
         if not bool(reach.any()):
             return
         hit_e, hit_c = reach.any(1), torch.nonzero(reach.any(0)).flatten()
         rows = torch.nonzero(hit_e.to(a.device)[ids]).flatten()
-        sub_ids, cols = ids[rows], hit_c.to(a.device)
-        sub = a[rows][:, cols]
-        cand = torch.where(sub == m.index_select(1, cols).index_select(0, sub_ids), tok[rows][:, None], _BIG)
-        t = _index_reduce(torch.full((e, cols.numel()), _BIG, dtype=torch.int64, device=a.device), sub_ids, cand, "amin")
+        cols = hit_c.to(a.device)
+        sub = a if rows.numel() == a.shape[0] else a.index_select(0, rows)
+        sub = sub if cols.numel() == a.shape[1] else sub.index_select(1, cols)
+        sub_ids, sub_tok = (ids, tok) if rows.numel() == a.shape[0] else (ids[rows], tok[rows])
+        # The entries equal to their (expert, channel) max: about one per pair. The smallest token among each
+        # pair's entries is a reduction over those few, not over every row.
+        r, c = torch.nonzero(sub == m.index_select(1, cols).index_select(0, sub_ids), as_tuple=True)
+        t = torch.full((e * cols.numel(),), _BIG, dtype=torch.int64, device=a.device)
+        t = t.scatter_reduce_(0, sub_ids[r] * cols.numel() + c, sub_tok[r].to(torch.int64), "amin").view(e, -1)
         t_full = torch.full((e, a.shape[1]), NO_TOKEN, dtype=torch.int64)
         t_full[:, hit_c] = torch.where(t == _BIG, NO_TOKEN, t).cpu()
         m_full = torch.where(reach, md, -1.0)  # pairs that cannot change leave the running state as it is
