@@ -371,3 +371,29 @@ def test_coalesced_payloads_give_the_profile_of_batch_by_batch_updates(spec, mon
         p.pop("run"), p["meta"].pop("seconds")
     assert_json_close(coalesced, one_by_one, rtol=1e-9, atol=1e-12)
     assert [e["max_abs"] for e in coalesced["experts"]] == [e["max_abs"] for e in one_by_one["experts"]]
+
+
+@pytest.mark.parametrize("spec", ["zoo:olmoe", "zoo:qwen3-moe-modulelist"])
+def test_trace_reduces_every_expert_of_a_layer_as_one_grouped_site(spec, monkeypatch):
+    """With absmax alone over every routed expert of a layer, trace reduces the layer's experts together (one
+    ExpertAbsMax update per batch instead of one AbsMax per expert) and splits the state per expert: the
+    same state as the per-expert path (taken when another reducer is asked for too)."""
+    lm = load(spec)
+    sites = all_sites(lm.adapter, lm.model, [Component.EXPERT])
+    calls = []
+    update = AbsMax.update
+    monkeypatch.setattr(AbsMax, "update", lambda self, p: (calls.append(1), update(self, p)))
+    grouped = trace(lm, PROMPTS * 2, sites, ("absmax",), batch_size=3, progress=False)
+    assert not calls  # no per-expert AbsMax update: the layer's experts went through one grouped reducer
+    monkeypatch.setattr(AbsMax, "update", update)
+    per_expert = trace(lm, PROMPTS * 2, sites, ("absmax", "moments"), batch_size=3, progress=False)
+    assert set(grouped.reducers) == set(sites)
+    routed = 0
+    for s in sites:
+        a, b = grouped[s]["absmax"], per_expert[s]["absmax"]
+        assert type(a) is AbsMax and a.result() == b.result(), s
+        assert torch.equal(a.absmax, b.absmax) and torch.equal(a.token, b.token), s
+        routed += int(a.rows)
+    infos = lm.layer_infos()
+    n_tokens = grouped.num_tokens
+    assert routed == sum(n_tokens * infos[l].top_k for l in {s.layer for s in sites})  # every (token, slot) once
