@@ -497,9 +497,9 @@ class ExpertAbsMax(Reducer):
             from workbench.kernels.grouped_absmax import grouped_absmax
 
             g = grouped_absmax(a, ids, e)  # ties -> the smallest row: the smallest token when rows are in order
+            m = torch.where(g.argmax >= 0, g.absmax.to(a.dtype), -1.0)  # the maxima, in any row order
             in_order = tok.numel() < 2 or bool(((tok[1:] > tok[:-1]) | (ids[1:] != ids[:-1])).all())
             if in_order:
-                m = torch.where(g.argmax >= 0, g.absmax.to(a.dtype), -1.0)
                 t = torch.where(g.argmax >= 0, tok[g.argmax.clamp(min=0)], NO_TOKEN)
                 self.absmax, self.token = _absorb_max(self.absmax, self.token, m.to(torch.float64).cpu(), t.cpu())
                 return
