@@ -216,11 +216,11 @@ class Capture(HookSet):
         self._keep_idx: torch.Tensor | None = None
         self._tokens: torch.Tensor | None = None
         self._rerouting = False  # ModuleList experts re-run the router to learn the routing
-        # per site: the sinks that take coalesced payloads, and the held parts (a list of payloads)
+        # per site: the sinks that take coalesced payloads, the others, and the held parts (a list of payloads)
         self._later = {s: [k for k in v if getattr(k, "coalesce", False)] for s, v in self.sinks.items()} \
             if coalesce else {}
+        self._now = {s: [k for k in v if not getattr(k, "coalesce", False)] for s, v in self.sinks.items()}
         self._held: dict[Site, list[Payload]] = {}
-        self._held_elements: dict[Site, int] = {}
         self._order = {s: i for i, s in enumerate(self.sinks)}
         self._holding = False  # from the second batch on, when the first one's small payloads were small enough
         self._batches = 0
@@ -232,7 +232,6 @@ class Capture(HookSet):
                 self.flush()
         finally:
             self._held.clear()
-            self._held_elements.clear()
             super().__exit__(*exc)
 
     # ----- batch bookkeeping -------------------------------------------------------------------
@@ -240,8 +239,8 @@ class Capture(HookSet):
         self._batches += 1
         if self._batches == 2 and self._later:  # between forwards: every site switches at the same batch
             self._holding = 0 < self._first_batch * 4 <= HELD_ELEMENTS
-        if self._held and (sum(self._held_elements.values()) >= HELD_ELEMENTS
-                           or max(self._held_elements.values()) >= SITE_ELEMENTS):
+        held = [sum(q.values.numel() for q in parts) for parts in self._held.values()]
+        if held and (sum(held) >= HELD_ELEMENTS or max(held) >= SITE_ELEMENTS):
             self.flush()
         flat = grid.reshape(-1)
         self._grid = flat
@@ -279,8 +278,7 @@ class Capture(HookSet):
             keep = (lambda t: t) if owned else (lambda t: None if t is None else t.detach().clone())
             self._held.setdefault(site, []).append(Payload(keep(p.values), p.tokens, keep(p.topk), keep(p.experts),
                                                            ordered=p.ordered))
-            self._held_elements[site] = self._held_elements.get(site, 0) + p.values.numel()
-            now = [k for k in self.sinks[site] if k not in later]
+            now = self._now[site]
         else:
             now = self.sinks[site]
         if now:
@@ -290,7 +288,7 @@ class Capture(HookSet):
 
     def flush(self) -> None:
         """Hand every held payload to its sinks (one payload per site, sites in layer order)."""
-        held, self._held, self._held_elements = self._held, {}, {}
+        held, self._held = self._held, {}
         for site in sorted(held, key=lambda s: (s.layer, self._order[s])):
             parts = held[site]
             p = parts[0] if len(parts) == 1 else Payload(

@@ -481,19 +481,12 @@ class ExpertAbsMax(Reducer):
         e = self.num_experts
         self.rows += torch.bincount(ids, minlength=e).cpu()
         a = p.abs()
-        kernel = _use_kernels(x)
-
-        def maxima(a: torch.Tensor) -> torch.Tensor | None:  # per (expert, channel), in the input's own dtype
-            return None if kernel else _rows_max(a.new_full((e, a.shape[1]), -1.0), ids, a)
-        m = maxima(a)
-        # NaN and inf propagate into the maxima; then (rarely) count them per expert, and NaN never wins
-        if not bool(torch.isfinite(a.amax(dim=0) if m is None else m).all()):
+        if not bool(torch.isfinite(a.amax(dim=0)).all()):  # rare: per-expert NaN / inf counts, and NaN never wins
             nan = torch.isnan(a)
             self.nan_count += torch.bincount(ids, weights=nan.sum(1), minlength=e).to(torch.int64).cpu()
             self.inf_count += torch.bincount(ids, weights=torch.isinf(a).sum(1), minlength=e).to(torch.int64).cpu()
             a = a.masked_fill(nan, -1.0)
-            m = maxima(a)
-        if kernel:
+        if _use_kernels(x):
             from workbench.kernels.grouped_absmax import grouped_absmax
 
             g = grouped_absmax(a, ids, e)  # ties -> the smallest row: the smallest token when rows are in order
@@ -503,6 +496,8 @@ class ExpertAbsMax(Reducer):
                 t = torch.where(g.argmax >= 0, tok[g.argmax.clamp(min=0)], NO_TOKEN)
                 self.absmax, self.token = _absorb_max(self.absmax, self.token, m.to(torch.float64).cpu(), t.cpu())
                 return
+        else:  # per (expert, channel), in the input's own dtype
+            m = _rows_max(a.new_full((e, a.shape[1]), -1.0), ids, a)
         # Per (expert, channel): the max, then the smallest token reaching it. Only pairs whose max reaches
         # the running max can change (ties included: the token decides); after the first batches these are
         # few, so the token search runs on their experts' rows and channels only.
