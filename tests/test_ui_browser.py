@@ -168,14 +168,31 @@ def _go(pg, name: str) -> None:
 
 def _toggle(pg, row: int, column: int) -> None:
     """Flip a checkbox cell of the intervention table. The grid is a canvas: click the row's first
-    cell (expert, read-only) to focus the grid, move right to the column, press Space."""
+    cell (expert, read-only) to focus the grid, move right to the column, press Space.
+
+    Each move waits until the grid's accessible table (cells ``glide-cell-COL-ROW``, which mirror the
+    canvas's selection; not its values, which it shows as they were) has the cell selected and focused:
+    a click's focus lands a frame or more later, and a key pressed before it goes to whatever had the
+    focus, such as the sidebar's page radio, which an arrow key moves to another page."""
     grid = pg.get_by_test_id("stDataFrame").get_by_test_id("data-grid-canvas").first
     box = grid.bounding_box()
     row_height = 35  # Streamlit's data editor: header and rows are 35 px
     pg.mouse.click(box["x"] + 30, box["y"] + row_height * (row + 1.5))
-    for _ in range(column):
+    _focused(pg, 0, row)
+    for col in range(1, column + 1):
         pg.keyboard.press("ArrowRight")
+        _focused(pg, col, row)
     pg.keyboard.press("Space")
+
+
+def _focused(pg, column: int, row: int) -> None:
+    """Wait until cell (column, row) of the first grid is selected and has the keyboard focus. The cell is
+    looked up anew at each poll, as React re-renders the table (a handle taken once goes stale)."""
+    pg.wait_for_function(
+        f"""() => {{
+          const el = document.querySelector('[data-testid="stDataFrame"] [data-testid="glide-cell-{column}-{row}"]');
+          return el !== null && el.getAttribute('aria-selected') === 'true' && el.contains(document.activeElement);
+        }}""", timeout=STEP_TIMEOUT_MS, polling=50)
 
 
 def _hover_cell(pg, chart, layer: int, expert: int, n_layers: int, n_experts: int) -> tuple[float, float]:
@@ -234,10 +251,10 @@ def _timed_toggle(pg, row: int, column: int, caption: str) -> tuple[float, float
     before = _steered(pg).inner_text()
     pg.evaluate(_WATCH)
     _toggle(pg, row, column)
-    pg.wait_for_function("window.__wb.t1 !== null", timeout=STEP_TIMEOUT_MS, polling="raf")
+    expect(pg.get_by_text(caption)).to_be_visible()  # the app took the toggle (it shows before it generates)
+    pg.wait_for_function("window.__wb.t1 !== null", timeout=STEP_TIMEOUT_MS, polling=50)
     latency = pg.evaluate("(window.__wb.t1 - window.__wb.t0) / 1000")
     expect(_steered(pg)).not_to_have_text(before)
-    expect(pg.get_by_text(caption)).to_be_visible()
     _idle(pg)
     generate = re.search(r"generated in ([0-9.]+) s", pg.get_by_text("generated in").inner_text())
     return latency, float(generate.group(1))
