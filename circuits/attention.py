@@ -4,9 +4,9 @@ splits into per-head outputs. Layouts are recognised from the modules, never fro
 
 * ``qkv``: ``q_proj`` / ``k_proj`` / ``v_proj`` linear layers and ``o_proj`` (Phi: ``dense``) (Llama,
   Mistral, Qwen, OLMoE, Mixtral ...). GQA is native: a KV group is one node with one k and one v receiver.
-* ``fused``: one linear layer projects queries, keys and values (``qkv_proj``: Phi-3;
-  ``query_key_value``: GPT-NeoX, Falcon), in one of three row orders: ``blocks`` (all queries, then
-  all keys, then all values: Phi-3, Falcon's multi-query attention), ``interleaved`` (per head its
+* ``fused``: one linear layer projects queries, keys and values (``qkv_proj``: Phi-3; ``Wqkv``: DBRX,
+  whose attention clips the projection itself; ``query_key_value``: GPT-NeoX, Falcon), in one of three row
+  orders: ``blocks`` (all queries, then all keys, then all values: Phi-3, DBRX, Falcon's multi-query attention), ``interleaved`` (per head its
   query, key and value: GPT-NeoX, Falcon's classic attention) or ``grouped`` (per KV group its queries,
   key and value: Falcon's new decoder architecture). The order is read from the module's own
   attributes and tested against the model's attention (tests/test_circuit_models.py).
@@ -32,8 +32,8 @@ from torch import nn
 from workbench.errors import WorkbenchError
 
 KINDS = ("qkv", "fused", "c_attn", "mla")
-FUSED_NAMES = ("qkv_proj", "query_key_value")
-OUT_NAMES = ("o_proj", "dense")
+FUSED_NAMES = ("qkv_proj", "query_key_value", "Wqkv")
+OUT_NAMES = ("o_proj", "dense", "out_proj")
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,9 @@ def attention_spec(attn: nn.Module, config, where: str) -> AttentionSpec:
             layout, n_kv = "grouped", int(attn.num_kv_heads)
         elif getattr(attn, "multi_query", False):  # Falcon's multi-query attention
             layout, n_kv = "blocks", 1
-        elif fused == "qkv_proj":  # Phi-3
-            layout, n_kv = "blocks", int(getattr(config, "num_key_value_heads", None) or n_heads)
+        elif fused in ("qkv_proj", "Wqkv"):  # Phi-3, DBRX
+            layout, n_kv = "blocks", int(getattr(attn, "num_key_value_heads", None)
+                                         or getattr(config, "num_key_value_heads", None) or n_heads)
         else:  # GPT-NeoX, Falcon's classic attention: per head
             layout, n_kv = "interleaved", n_heads
         proj, o = getattr(attn, fused), getattr(attn, out_name)

@@ -13,7 +13,7 @@ which norm, if any) and how their outputs get back into it. Decoder families dif
 
 :func:`block_layouts` does not trust module names for this (Gemma 2's ``post_attention_layernorm``
 is an output norm; Llama's is the MLP's input norm): it runs 5 tokens with hooks on the layer, its
-attention, its MLP and every other direct child, and matches tensors. Each layer must then satisfy
+attention, its MLP and every other module of the layer outside them, and matches tensors. Each layer must then satisfy
 ``out = x + a * A + m * M`` (A, M the sublayer outputs after their output norms, a and m constants)
 or circuits refuse it, naming the layer and what did not match.
 """
@@ -31,7 +31,7 @@ from workbench.errors import WorkbenchError
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """One decoder layer's residual-stream wiring (module names are the layer's direct children; "" for none)."""
+    """One decoder layer's residual-stream wiring (modules by dotted path from the layer; "" for none)."""
 
     attn_in: str  # the norm the attention reads through ("" : it reads the residual itself)
     attn_out: str  # the norm on the attention's output before the add
@@ -97,9 +97,8 @@ def block_layouts(model: nn.Module, adapter: Adapter) -> tuple[list[BlockLayout]
         handles.append(layer.register_forward_hook(keep(i, "layer"), with_kwargs=True))
         handles.append(attn.register_forward_hook(keep(i, "attn"), with_kwargs=True))
         handles.append(mlp.register_forward_hook(keep(i, "mlp"), with_kwargs=True))
-        for name, child in layer.named_children():
-            if child is not attn and child is not mlp and not isinstance(child, nn.Dropout):
-                handles.append(child.register_forward_hook(keep(i, "." + name), with_kwargs=True))
+        for name, child in _norm_candidates(layer, attn, mlp):
+            handles.append(child.register_forward_hook(keep(i, "." + name), with_kwargs=True))
     handles.append(emb.register_forward_hook(keep(-1, "embed"), with_kwargs=True))
     vocab = int(getattr(model.config, "vocab_size", 2) or 2)
     ids = (torch.arange(5) * 7 + 3).remainder(vocab)[None].to(next(model.parameters()).device)
@@ -116,6 +115,16 @@ def block_layouts(model: nn.Module, adapter: Adapter) -> tuple[list[BlockLayout]
     scale = _rounded(_fit(x0, e)) if e.shape == x0.shape else 1.0
     scale = scale if e.shape == x0.shape and _close(x0, scale * e) else 1.0
     return [_match(i, {k[1]: v for k, v in seen.items() if k[0] == i}, where) for i in range(len(layers))], scale
+
+
+def _norm_candidates(layer: nn.Module, attn: nn.Module, mlp: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layer's modules that may sit between the residual stream and a sublayer (its norms): every
+    module outside the attention and the MLP that holds neither (DBRX nests its norms with the attention
+    in ``norm_attn_norm``), by dotted path, dropouts left out."""
+    inside = {id(m) for part in (attn, mlp) for m in part.modules()}
+    holders = {id(m) for m in layer.modules() if any(c is attn or c is mlp for c in m.modules())}
+    return [(name, m) for name, m in layer.named_modules()
+            if name and id(m) not in inside and id(m) not in holders and not isinstance(m, nn.Dropout)]
 
 
 def _match(i: int, s: dict, where: str) -> BlockLayout:

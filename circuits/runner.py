@@ -332,12 +332,12 @@ class GraphRunner:
                                      f"goes through the norm {blk.attn_out!r}; circuits cannot split that across heads")
             # where each stage reads the residual stream: through its norm, or (post-norm) directly
             if blk.attn_in and blk.attn_in == blk.mlp_in:  # one norm feeds attention and MLP (Phi, Cohere, Falcon)
-                self._handles.append(getattr(layer, blk.attn_in).register_forward_hook(
+                self._handles.append(get_path(layer, blk.attn_in).register_forward_hook(
                     self._norm_reader((plan.attn_stage, plan.mlp_stage), plan.attn_stage)))
             else:
                 for stage, name, consumer in ((plan.attn_stage, blk.attn_in, attn), (plan.mlp_stage, blk.mlp_in, mlp)):
                     if name:
-                        self._handles.append(getattr(layer, name).register_forward_hook(
+                        self._handles.append(get_path(layer, name).register_forward_hook(
                             self._norm_reader((stage,), plan.attn_stage)))
                     else:
                         self._handles.append(consumer.register_forward_pre_hook(
@@ -345,11 +345,11 @@ class GraphRunner:
             attention.install(self, attn, spec, plan.attn_stage)
             self._handles.append(out.register_forward_pre_hook(self._o_proj_hook(plan)))
             if blk.attn_out:
-                self._handles.append(getattr(layer, blk.attn_out).register_forward_hook(
+                self._handles.append(get_path(layer, blk.attn_out).register_forward_hook(
                     self._out_norm_hook(plan.head_sender0, plan.n_heads, blk.attn_scale)))
             n_mlp = 1 if plan.kind == "dense" else plan.n_experts + plan.n_shared
             if blk.mlp_out:
-                self._handles.append(getattr(layer, blk.mlp_out).register_forward_hook(
+                self._handles.append(get_path(layer, blk.mlp_out).register_forward_hook(
                     self._out_norm_hook(plan.mlp_sender0, n_mlp, blk.mlp_scale)))
             if plan.kind == "dense":
                 self._handles.append(mlp.register_forward_pre_hook(self._dense_input_hook(plan), with_kwargs=True))

@@ -84,6 +84,17 @@ class Adapter:
 
     registry: ClassVar[dict[str, "Adapter"]] = {}
 
+    def prepare(self, model: nn.Module) -> None:
+        """Bring a loaded model to the contract the workbench reads (module docstring), in place; called
+        by :func:`adapter_for` on every model it serves, so it must be idempotent. The default does nothing.
+
+        A family whose MoE block computes what the contract describes but splits it differently (DBRX: the
+        routing inside the block, the experts' weights stored per row) swaps its modules' classes for
+        subclasses that keep every parameter (so ``state_dict`` and ``save_pretrained`` are unchanged) and
+        compute the same numbers through the contract's calls; the family coverage test checks it
+        (hooked == plain, routing, block rebuilt).
+        """
+
     # ----- structure -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         layers = get_path(model, self.layers_path)
@@ -96,17 +107,17 @@ class Adapter:
         if not self.has_attention(layer):
             raise WorkbenchError(f"{self.name} adapter: this layer has no softmax attention '{self.attn_name}' "
                                  f"(a {self.mixer_kind(layer)} layer)")
-        return getattr(layer, self.attn_name)
+        return get_path(layer, self.attn_name)
 
     def has_attention(self, layer: nn.Module) -> bool:
-        attn = getattr(layer, self.attn_name, None)
+        attn = get_path(layer, self.attn_name)
         return attn is not None and not any(c in type(attn).__name__ for c in self.linear_attn_classes)
 
     def mixer(self, layer: nn.Module) -> nn.Module:
         """The layer's token mixer: its attention, or a hybrid model's linear attention / state-space module
         (what the ``attn_out`` site reads: the mixer's contribution to the residual stream)."""
         for name in (self.attn_name, *self.linear_attn_names):
-            mod = getattr(layer, name, None)
+            mod = get_path(layer, name)
             if mod is not None:
                 return mod
         raise WorkbenchError(f"{self.name} adapter: layer has no token mixer among "
@@ -115,7 +126,7 @@ class Adapter:
     def mixer_kind(self, layer: nn.Module) -> str:
         if self.has_attention(layer):
             return "attention"
-        attn = getattr(layer, self.attn_name, None)
+        attn = get_path(layer, self.attn_name)
         if attn is not None:
             return type(attn).__name__
         return next((n for n in self.linear_attn_names if getattr(layer, n, None) is not None), "mixer-less")
@@ -126,7 +137,7 @@ class Adapter:
     def norms(self, layer: nn.Module) -> dict[str, nn.Module]:
         out = {}
         for key, name in (("input", self.input_norm_name), ("post_attention", self.post_attn_norm_name)):
-            mod = getattr(layer, name, None)
+            mod = get_path(layer, name)
             if mod is not None:
                 out[key] = mod
         return out
@@ -236,7 +247,10 @@ def adapter_for(model_or_type: nn.Module | str) -> Adapter:
         raise WorkbenchError(
             f"unsupported architecture {mt!r}; supported model types: {', '.join(sorted(Adapter.registry))}"
         )
-    return Adapter.registry[mt]
+    adapter = Adapter.registry[mt]
+    if not isinstance(model_or_type, str):
+        adapter.prepare(model_or_type)
+    return adapter
 
 
 _LOADED = False

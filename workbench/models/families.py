@@ -20,9 +20,8 @@ DENSE = ("llama", "mistral", "qwen2", "qwen3", "gpt2",
 MOE_ZOO = ("qwen2-moe", "qwen3-moe", "olmoe", "mixtral", "deepseek-v3", "qwen3-moe-modulelist")
 # MoE families with declared adapters built here from their own config class (with the overrides below).
 MOE_DECLARED = ("deepseek_v2", "glm4_moe", "dots1", "hunyuan_v1_moe", "ernie4_5_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe_text",
-                "minimax", "phimoe", "granitemoe")
+                "minimax", "phimoe", "granitemoe", "dbrx")
 # MoE families transformers has and the workbench does not declare yet: refused with a one-line error.
-# (dbrx is left out: its config does not build at these tiny sizes.)
 MOE_UNDECLARED = ("granitemoeshared", "jetmoe", "llama4_text")
 
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -48,6 +47,11 @@ OVERRIDES = {
                        attention_multiplier=0.0156),
     "granite": dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
                     attention_multiplier=0.0156),
+    # DBRX keeps its sizes in nested configs (d_model, n_heads, n_layers above come from SIZES' aliases);
+    # real DBRX clips q/k/v at 8, keeps rope_theta in attn_config (its modeling code reads it there, and the
+    # attention config class has no default) and normalises the top-4 weights by their 1-norm.
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=4, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=500000.0),
+                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=1.0)),
     "ernie4_5_moe": dict(num_experts=8, moe_layer_start_index=1, moe_num_shared_experts=1, num_hidden_layers=3),
 }
 
