@@ -101,7 +101,8 @@ def circuit_writers(circuit) -> dict[str, Writer]:
 
 
 class HeadOutputs(HookSet):
-    """Read-only hooks: each chosen head's output (its o_proj slice) per valid token, for the current batch."""
+    """Read-only hooks: each chosen head's output (its slice of the output projection) per valid token, for the
+    current batch."""
 
     def __init__(self, lm, heads: dict[int, list[int]]):
         super().__init__()
@@ -114,20 +115,22 @@ class HeadOutputs(HookSet):
         self.out.clear()
 
     def _install(self) -> None:
-        layers = self.lm.adapter.decoder_layers(self.lm.model)
-        n_heads = int(self.lm.config.num_attention_heads)
-        for layer, heads in self.heads.items():
-            o_proj = getattr(self.lm.adapter.attention(layers[layer]), "o_proj", None)
-            if o_proj is None or not hasattr(o_proj, "weight"):
-                raise WorkbenchError(f"layer {layer}: attention has no o_proj linear layer; head outputs unavailable")
-            dh = o_proj.weight.shape[1] // n_heads
+        from workbench.circuits.attention import attention_spec, out_proj
 
-            def pre(mod, args, kwargs, layer=layer, heads=heads, dh=dh):
+        layers = self.lm.adapter.decoder_layers(self.lm.model)
+        for layer, heads in self.heads.items():
+            attn = self.lm.adapter.attention(layers[layer])
+            spec = attention_spec(attn, self.lm.config, f"layer {layer}")
+            proj, dh = out_proj(attn, spec), spec.head_dim  # o_proj, dense, out_proj or GPT-2's c_proj
+            linear = isinstance(proj, torch.nn.Linear)  # else GPT-2's Conv1D, weight [in, out]
+
+            def pre(mod, args, kwargs, layer=layer, heads=heads, dh=dh, linear=linear):
                 z = (args[0] if args else kwargs["input"]).detach()
                 z = z.reshape(-1, z.shape[-1])[self._valid]
                 for h in heads:
-                    self.out[(layer, h)] = z[:, h * dh:(h + 1) * dh] @ mod.weight[:, h * dh:(h + 1) * dh].T
-            self._hook(o_proj, pre, pre=True)
+                    cols = slice(h * dh, (h + 1) * dh)
+                    self.out[(layer, h)] = z[:, cols] @ (mod.weight[:, cols].T if linear else mod.weight[cols])
+            self._hook(proj, pre, pre=True)
 
 
 class TopTokens:

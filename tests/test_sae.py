@@ -207,6 +207,25 @@ def test_circuit_node_features(planted, planted_sae, tmp_path):
             torch.testing.assert_close(total, buf.take().values, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "dbrx"])
+def test_head_outputs_of_other_output_projections_add_up(model_type, tmp_path, zoo_tokenizer):
+    """GPT-2's Conv1D ``c_proj`` (weight [in, out], with a bias) and DBRX's ``out_proj``: the heads' slices
+    plus the projection's bias are the attention output."""
+    from workbench.models.families import save_tiny
+    from workbench.sae.features import HeadOutputs
+    from workbench.sae.stream import Buffer, Tokens, forward_batches
+
+    lm = load(str(save_tiny(model_type, tmp_path, zoo_tokenizer)))
+    tokens = Tokens.of(lm, TEXTS[:4], None)
+    buf, heads = Buffer(), HeadOutputs(lm, {1: [0, 1, 2, 3]})
+    attn = lm.adapter.attention(lm.adapter.decoder_layers(lm.model)[1])
+    bias = getattr(getattr(attn, "c_proj", None) or attn.out_proj, "bias", None)
+    with heads:
+        for _ in forward_batches(lm, tokens, {Site(1, Component.ATTN_OUT): [buf]}, batch_size=4, meters=[heads]):
+            total = sum(heads.out[(1, h)] for h in range(4)) + (0 if bias is None else bias)
+            torch.testing.assert_close(total, buf.take().values, rtol=1e-5, atol=1e-5)
+
+
 # ----- steering ------------------------------------------------------------------------------------
 def test_sae_steer_adds_the_decoder_direction(planted, planted_sae, direction):
     spec = {"op": "sae_steer", "sae": str(planted_sae), "feature": FEATURE, "coef": 3.0, "positions": [-1]}
