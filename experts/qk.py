@@ -94,27 +94,28 @@ class QKMeter:
         first = valid.to(torch.int8).argmax(-1)  # each prompt's first real token (left or right padding)
         no0[torch.arange(grid.shape[0]), first] = False
         self._shape = tuple(grid.shape)
-        self._stacked = torch.stack([valid.flatten(), no0.flatten()]).float()  # [2, B * T]
+        self._masks = torch.stack([valid, no0], dim=1).float()[:, None]  # [B, 1, 2, T]: all tokens, without the first
         self._counts = (int(valid.sum()), int(no0.sum()))
 
     # ----- reduction ---------------------------------------------------------------------------------
     def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """``q [B, H, T, d]``, ``k`` and ``v [B, KV, T, d]`` as the attention function gets them (after RoPE).
 
-        Few ops per call (the cost is per call on small models): Q, K and V side by side, both token masks
-        in one matmul, the batch's float32 sums kept on the device until the next batch adds them to the
-        float64 totals."""
+        Few ops per call (the cost is per call on small models): Q, K and V side by side, squared in place,
+        both token masks in one batched matmul over the [B, H, T, d] layout (no transposed copy), the batch's
+        float32 sums kept on the device until the next batch adds them to the float64 totals."""
         if getattr(self, "_shape", None) != (q.shape[0], q.shape[2]):  # not the batch's prompt pass (a cached step)
             return
         with torch.no_grad(), few_threads(work=q.numel()):
-            if self._stacked.device != q.device:
-                self._stacked = self._stacked.to(q.device)
+            if self._masks.device != q.device:
+                self._masks = self._masks.to(q.device)
             same = q.shape[-1] == k.shape[-1] == v.shape[-1]
             for x in ((torch.cat((q, k, v), dim=1),) if same else (q, k, v)):
-                B, H, T, d = x.shape
-                rows = x.transpose(1, 2).reshape(B * T, H * d).float()
-                self._pending.append((layer, same, (q.shape[1], k.shape[1], v.shape[1]), x.shape[1], d,
-                                      self._stacked @ rows.square()))  # [2, H * d]: all tokens, without the first
+                sq = x.float()
+                sq = sq.square_() if same or sq is not x else sq.square()  # in place where it is our own copy
+                # [B, 1, 2, T] @ [B, H, T, d] -> [B, H, 2, d], summed over prompts: both masks, no transposed copy
+                self._pending.append((layer, same, (q.shape[1], k.shape[1], v.shape[1]), x.shape[1], x.shape[-1],
+                                      torch.matmul(self._masks, sq).sum(0)))  # [H, 2, d]
             self._seen.append(layer)
 
     def _flush(self) -> None:
@@ -122,7 +123,7 @@ class QKMeter:
         pending, self._pending = self._pending, []
         split: dict[int, list] = {}
         for layer, same, heads, h, d, sq in pending:
-            sq = sq.double().cpu().view(2, h, d)
+            sq = sq.double().cpu().transpose(0, 1).contiguous()  # [2, H, d]
             parts = sq.split(list(heads), dim=1) if same else [sq]
             split.setdefault(layer, []).extend(parts)
         for layer, parts in split.items():
