@@ -273,7 +273,7 @@ class GraphRunner:
         self.checkpoint = checkpoint  # grad mode keeps each decoder layer's input only and recomputes the layer in backward
         self.base = getattr(model, model.base_model_prefix)
         self._handles: list = []
-        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        self._swapped: list[tuple[nn.Module, str, nn.Module, bool]] = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
         self._stash: dict = {}  # stage -> receiver copies [B, T, R, d] (and MLA latents by (stage, "v_latent"))
         self._rms_ok: dict[type, bool] = {}
@@ -303,8 +303,15 @@ class GraphRunner:
         self._remove()
 
     def _swap(self, parent: nn.Module, name: str, new: nn.Module) -> None:
-        self._swapped.append((parent, name, getattr(parent, name)))
-        setattr(parent, name, new)
+        """Put ``new`` where ``parent.name`` is. A module held as a plain attribute (Granite-MoE-Shared's block
+        holds the layer's shared MLP so) stays a plain attribute, swapped and restored in ``__dict__``: a
+        ``setattr`` would register it as a child and change the model's ``state_dict``."""
+        plain = name in parent.__dict__
+        self._swapped.append((parent, name, getattr(parent, name), plain))
+        if plain:
+            parent.__dict__[name] = new
+        else:
+            setattr(parent, name, new)
 
     def _install(self) -> None:
         ad, g = self.adapter, self.graph
@@ -375,8 +382,11 @@ class GraphRunner:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for parent, name, old in reversed(self._swapped):
-            setattr(parent, name, old)
+        for parent, name, old, plain in reversed(self._swapped):
+            if plain:
+                parent.__dict__[name] = old
+            else:
+                setattr(parent, name, old)
         self._swapped.clear()
         for p, flag in self._frozen:
             p.requires_grad_(flag)

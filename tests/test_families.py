@@ -144,35 +144,61 @@ def test_inferred_prenorm_holds_in_bfloat16(tmp_path, zoo_tokenizer):
     assert lm.adapter.name == "gemma (inferred)" and lm.adapter.input_norm_name == "input_layernorm"
 
 
-def test_dbrx_contract_modules_compute_what_transformers_computes(tmp_path):
-    """DBRX's adapter swaps its router, block and experts for contract subclasses (router -> logits, weights,
-    indices; experts with gate_up_proj / down_proj): the same parameters (state_dict equal; save_pretrained
-    loads in plain transformers) and the same logits. The very same kernels run on the same buffers in both,
-    but the block hands the experts flattened rows, so logits are compared to float32 rounding, not bits."""
+@pytest.mark.parametrize("model_type", ["dbrx", "granitemoeshared"])
+def test_prepared_modules_compute_what_transformers_computes(model_type, tmp_path):
+    """Adapters that bring a family to the contract by swapping module classes (DBRX: router, block and
+    experts; Granite-MoE-Shared: the layer's shared-MLP call moved into the block) keep the parameters
+    (state_dict equal, also after a circuit run; save_pretrained loads in plain transformers) and the logits.
+    The same kernels run in both, but on differently shaped inputs in places (DBRX's block hands the experts
+    flattened rows), so logits are compared to float32 rounding, not bits."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from workbench.circuits.graph import build_graph
+    from workbench.circuits.runner import GraphRunner
     from workbench.models.families import tiny_model
 
-    plain, model = tiny_model("dbrx"), tiny_model("dbrx")
-    ffn = model.transformer.blocks[0].ffn
-    assert adapter_for(model).name == "dbrx" and type(ffn).__name__ == "ContractFFN"
+    plain, model = tiny_model(model_type), tiny_model(model_type)
+    ad = adapter_for(model)
+    assert ad.name == model_type and type(ad.mlp(ad.decoder_layers(model)[0])).__name__.startswith("Contract")
     adapter_for(model)  # a second call changes nothing
-    assert type(ffn).__bases__[0].__name__ == "DbrxFFN" and type(ffn.router).__name__ == "ContractRouter"
-    a, b = plain.state_dict(), model.state_dict()
-    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    a = plain.state_dict()
+
+    def same_parameters(m):
+        b = m.state_dict()
+        return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same_parameters(model)
     ids = torch.tensor([[3, 17, 4051, 99, 12, 7, 2048, 5]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-6)
+    g = build_graph(model, ad)
+    with GraphRunner(model, ad, g) as runner:  # stand-ins swapped in and out
+        acts, resid = torch.zeros(g.n_senders, 1, 8, g.d_model), torch.zeros(len(g.stages), 1, 8, g.d_model)
+        runner.forward(ids, acts=acts, resid=resid)
+    assert acts.abs().sum() > 0
+    assert same_parameters(model)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not type(ad.mlp(ad.decoder_layers(again)[0])).__name__.startswith("Contract")  # plain transformers
+    assert same_parameters(again)
+
+
+def test_dbrx_contract_router_and_expert_weights():
+    """DBRX's contract router returns (logits, weights, indices) with its p-norm routing, and down_proj is a
+    view of w2: writing an expert's output row writes the model's own weight."""
+    import torch
+
+    from workbench.models.families import tiny_model
+
+    model = tiny_model("dbrx")
+    adapter_for(model)
+    ffn = model.transformer.blocks[0].ffn
+    with torch.no_grad():
         logits, weights, index = ffn.router(torch.randn(6, 64))
     assert logits.shape == (6, 4) and index.shape == (6, 2)
     torch.testing.assert_close(weights.sum(-1), torch.ones(6))  # 1-normalised, as the config says
-    # down_proj is a view of w2: writing an expert's output row writes the model's own weight
     experts, (E, I, H) = ffn.experts, (4, 32, 64)
     with torch.no_grad():
         experts.down_proj[1, 3].zero_()
     assert not experts.mlp.w2.view(E, I, H)[1, :, 3].any() and experts.mlp.w2.view(E, I, H)[0, :, 3].any()
-    model.save_pretrained(tmp_path)
-    again = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert type(again.transformer.blocks[0].ffn).__name__ == "DbrxFFN"  # plain transformers, nothing of ours
-    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())

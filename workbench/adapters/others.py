@@ -8,6 +8,7 @@
 * GPT-OSS (``gpt_oss``): top-k of the biased router logits, softmax over the chosen k.
 * Qwen3.5-MoE (``qwen3_5_moe_text``) and MiniMax (``minimax``): Mixtral's routing under hybrid attention.
 * Phi-3.5-MoE (``phimoe``): SparseMixer (transformers' own function, eval mode).
+* Granite MoE (``granitemoe``) and Granite-MoE-Shared (``granitemoeshared``: a shared MLP beside the block).
 """
 
 from dataclasses import dataclass
@@ -84,6 +85,53 @@ PHIMOE = register_adapter(PhimoeAdapter(name="phimoe", model_types=("phimoe",), 
 
 # Granite MoE: GPT-OSS's routing rule (top-k of the logits, softmax over the k) without a bias, under
 # ``block_sparse_moe``. (Granite's residual, embedding and logit multipliers are inside the model's own
-# forward. granitemoeshared keeps its shared MLP beside the MoE block, not in it: not declared.)
+# forward.)
 GRANITE_MOE = register_adapter(GptOssAdapter(name="granitemoe", model_types=("granitemoe",), router_name="router",
                                              mlp_name="block_sparse_moe", norm_topk_prob_attr=None))
+
+_GRANITE_SHARED = None
+
+
+def _granite_shared_classes():
+    """Contract subclasses of Granite-MoE-Shared's MoE block and decoder layer (built once, on first use)."""
+    global _GRANITE_SHARED
+    if _GRANITE_SHARED is None:
+        from transformers.models.granitemoeshared import modeling_granitemoeshared as mg
+
+        class ContractMoE(mg.GraniteMoeSharedMoE):
+            def forward(self, layer_input):
+                out = super().forward(layer_input)
+                # the layer's shared MLP, held as a plain attribute (not a child: state_dict unchanged)
+                shared = self.__dict__.get("shared_mlp")
+                return out if shared is None else out + shared(layer_input)
+
+        class ContractLayer(mg.GraniteMoeSharedDecoderLayer):
+            # The layer's forward takes its no-shared-MLP path (``if self.shared_mlp is None``); the module stays
+            # registered (``_modules``), and the MoE block adds its output, in the same order (moe + shared).
+            shared_mlp = property(lambda self: None)
+
+        _GRANITE_SHARED = (ContractMoE, ContractLayer)
+    return _GRANITE_SHARED
+
+
+@dataclass(frozen=True)
+class GraniteSharedAdapter(GptOssAdapter):
+    """Granite-MoE-Shared: Granite MoE plus an ungated shared MLP that the decoder layer calls beside the MoE
+    block (``moe(h) + shared_mlp(h)``), not inside it. :meth:`prepare` moves that call into the block, so the
+    block's output is routed + shared as everywhere else, keeping every parameter where it was: the block holds
+    the shared MLP as a plain attribute ``shared_mlp`` (what ``shared_names`` reads), not as a child module."""
+
+    def prepare(self, model):
+        moe_cls, layer_cls = _granite_shared_classes()
+        for layer in self.decoder_layers(model):
+            shared = layer._modules.get("shared_mlp")
+            if type(layer) is not layer_cls.__bases__[0] or shared is None:
+                continue  # prepared already, not transformers' module, or no shared MLP (the plain layer is right)
+            moe = self.mlp(layer)
+            moe.__class__, layer.__class__ = moe_cls, layer_cls
+            moe.__dict__["shared_mlp"] = shared
+
+
+GRANITE_MOE_SHARED = register_adapter(GraniteSharedAdapter(
+    name="granitemoeshared", model_types=("granitemoeshared",), router_name="router", mlp_name="block_sparse_moe",
+    shared_names=("shared_mlp",), down_proj_name="output_linear", norm_topk_prob_attr=None))

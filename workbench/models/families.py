@@ -20,9 +20,9 @@ DENSE = ("llama", "mistral", "qwen2", "qwen3", "gpt2",
 MOE_ZOO = ("qwen2-moe", "qwen3-moe", "olmoe", "mixtral", "deepseek-v3", "qwen3-moe-modulelist")
 # MoE families with declared adapters built here from their own config class (with the overrides below).
 MOE_DECLARED = ("deepseek_v2", "glm4_moe", "dots1", "hunyuan_v1_moe", "ernie4_5_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe_text",
-                "minimax", "phimoe", "granitemoe", "dbrx")
+                "minimax", "phimoe", "granitemoe", "granitemoeshared", "dbrx")
 # MoE families transformers has and the workbench does not declare yet: refused with a one-line error.
-MOE_UNDECLARED = ("granitemoeshared", "jetmoe", "llama4_text")
+MOE_UNDECLARED = ("jetmoe", "llama4_text")
 
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              head_dim=16, vocab_size=49152, pad_token_id=0, bos_token_id=1, eos_token_id=2, n_embd=64, n_layer=4,
@@ -45,6 +45,8 @@ OVERRIDES = {
     # Granite's multipliers away from 1, so the checks see them (real Granite models use such values).
     "granitemoe": dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
                        attention_multiplier=0.0156),
+    "granitemoeshared": dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
+                             attention_multiplier=0.0156, shared_intermediate_size=48),
     "granite": dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
                     attention_multiplier=0.0156),
     # DBRX keeps its sizes in nested configs (d_model, n_heads, n_layers above come from SIZES' aliases);
