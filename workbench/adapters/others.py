@@ -89,45 +89,58 @@ PHIMOE = register_adapter(PhimoeAdapter(name="phimoe", model_types=("phimoe",), 
 GRANITE_MOE = register_adapter(GptOssAdapter(name="granitemoe", model_types=("granitemoe",), router_name="router",
                                              mlp_name="block_sparse_moe", norm_topk_prob_attr=None))
 
-_GRANITE_SHARED = None
+_GRANITE_CLASSES: dict[str, tuple[type, type]] = {}
 
 
-def _granite_shared_classes():
-    """Contract subclasses of Granite-MoE-Shared's MoE block and decoder layer (built once, on first use)."""
-    global _GRANITE_SHARED
-    if _GRANITE_SHARED is None:
-        from transformers.models.granitemoeshared import modeling_granitemoeshared as mg
+def _granite_classes(model_type: str) -> tuple[type, type]:
+    """Contract subclasses of a Granite family's MoE block and decoder layer (built once per family)."""
+    if model_type not in _GRANITE_CLASSES:
+        if model_type == "granitemoeshared":
+            from transformers.models.granitemoeshared import modeling_granitemoeshared as mg
 
-        class ContractMoE(mg.GraniteMoeSharedMoE):
+            moe_base, layer_base = mg.GraniteMoeSharedMoE, mg.GraniteMoeSharedDecoderLayer
+        else:
+            from transformers.models.granitemoehybrid import modeling_granitemoehybrid as mg
+
+            moe_base, layer_base = mg.GraniteMoeHybridMoE, mg.GraniteMoeHybridDecoderLayer
+
+        class ContractMoE(moe_base):
             def forward(self, layer_input):
                 out = super().forward(layer_input)
                 # the layer's shared MLP, held as a plain attribute (not a child: state_dict unchanged)
                 shared = self.__dict__.get("shared_mlp")
                 return out if shared is None else out + shared(layer_input)
 
-        class ContractLayer(mg.GraniteMoeSharedDecoderLayer):
-            # The layer's forward takes its no-shared-MLP path (``if self.shared_mlp is None``); the module stays
-            # registered (``_modules``), and the MoE block adds its output, in the same order (moe + shared).
-            shared_mlp = property(lambda self: None)
+        if model_type == "granitemoeshared":
+            class ContractLayer(layer_base):
+                # The layer's forward takes its no-shared-MLP path (``if self.shared_mlp is None``); the module
+                # stays registered (``_modules``), and the MoE block adds its output, in the same order (moe + shared).
+                shared_mlp = property(lambda self: None)
+        else:
+            class ContractLayer(layer_base):
+                # The layer's forward takes its no-experts path (``self.shared_mlp(h)``), which reaches the MoE
+                # block, and the block adds the shared MLP's output: moe + shared, as the experts path computes it.
+                has_experts = property(lambda self: False)
+                shared_mlp = property(lambda self: self._modules["block_sparse_moe"])
 
-        _GRANITE_SHARED = (ContractMoE, ContractLayer)
-    return _GRANITE_SHARED
+        _GRANITE_CLASSES[model_type] = (ContractMoE, ContractLayer)
+    return _GRANITE_CLASSES[model_type]
 
 
 @dataclass(frozen=True)
 class GraniteSharedAdapter(GptOssAdapter):
-    """Granite-MoE-Shared: Granite MoE plus an ungated shared MLP that the decoder layer calls beside the MoE
-    block (``moe(h) + shared_mlp(h)``), not inside it. :meth:`prepare` moves that call into the block, so the
-    block's output is routed + shared as everywhere else, keeping every parameter where it was: the block holds
-    the shared MLP as a plain attribute ``shared_mlp`` (what ``shared_names`` reads), not as a child module."""
+    """Granite-MoE-Shared and Granite-MoE-Hybrid: Granite MoE plus an ungated shared MLP that the decoder layer
+    calls beside the MoE block (``moe(h) + shared_mlp(h)``), not inside it. :meth:`prepare` moves that call into
+    the block, so the block's output is routed + shared as everywhere else, keeping every parameter where it
+    was: the block holds the shared MLP as a plain attribute ``shared_mlp`` (what ``shared_names`` reads), not
+    as a child module. (Hybrid: Mamba-2 layers in place of attention in some layers.)"""
 
     def prepare(self, model):
-        moe_cls, layer_cls = _granite_shared_classes()
+        moe_cls, layer_cls = _granite_classes(self.model_types[0])
         for layer in self.decoder_layers(model):
-            shared = layer._modules.get("shared_mlp")
-            if type(layer) is not layer_cls.__bases__[0] or shared is None:
-                continue  # prepared already, not transformers' module, or no shared MLP (the plain layer is right)
-            moe = self.mlp(layer)
+            shared, moe = layer._modules.get("shared_mlp"), layer._modules.get(self.mlp_name)
+            if type(layer) is not layer_cls.__bases__[0] or shared is None or moe is None:
+                continue  # prepared already, not transformers' module, or no shared MLP / no experts: left as is
             moe.__class__, layer.__class__ = moe_cls, layer_cls
             moe.__dict__["shared_mlp"] = shared
 
@@ -135,3 +148,7 @@ class GraniteSharedAdapter(GptOssAdapter):
 GRANITE_MOE_SHARED = register_adapter(GraniteSharedAdapter(
     name="granitemoeshared", model_types=("granitemoeshared",), router_name="router", mlp_name="block_sparse_moe",
     shared_names=("shared_mlp",), down_proj_name="output_linear", norm_topk_prob_attr=None))
+GRANITE_MOE_HYBRID = register_adapter(GraniteSharedAdapter(
+    name="granitemoehybrid", model_types=("granitemoehybrid",), router_name="router", mlp_name="block_sparse_moe",
+    shared_names=("shared_mlp",), down_proj_name="output_linear", norm_topk_prob_attr=None,
+    linear_attn_names=("mamba",)))
