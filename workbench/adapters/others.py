@@ -8,7 +8,8 @@
 * GPT-OSS (``gpt_oss``): top-k of the biased router logits, softmax over the chosen k.
 * Qwen3.5-MoE (``qwen3_5_moe_text``) and MiniMax (``minimax``): Mixtral's routing under hybrid attention.
 * Phi-3.5-MoE (``phimoe``): SparseMixer (transformers' own function, eval mode).
-* Granite MoE (``granitemoe``) and Granite-MoE-Shared (``granitemoeshared``: a shared MLP beside the block).
+* Granite MoE (``granitemoe``), Granite-MoE-Shared and -Hybrid (a shared MLP beside the block).
+* Jamba (``jamba``): Mamba and attention layers, MoE and dense MLPs.
 """
 
 from dataclasses import dataclass
@@ -152,3 +153,9 @@ GRANITE_MOE_HYBRID = register_adapter(GraniteSharedAdapter(
     name="granitemoehybrid", model_types=("granitemoehybrid",), router_name="router", mlp_name="block_sparse_moe",
     shared_names=("shared_mlp",), down_proj_name="output_linear", norm_topk_prob_attr=None,
     linear_attn_names=("mamba",)))
+
+# Jamba: Mamba layers and attention layers, MoE blocks (transformers' fused experts; softmax top-k, not
+# renormalised) in some layers and dense MLPs in the others, all under ``feed_forward``; the MLP reads the
+# ``pre_ff_layernorm``.
+JAMBA = register_adapter(Adapter(name="jamba", model_types=("jamba",), mlp_name="feed_forward", router_name="router",
+                                 post_attn_norm_name="pre_ff_layernorm", linear_attn_names=("mamba",)))

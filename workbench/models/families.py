@@ -20,7 +20,7 @@ DENSE = ("llama", "mistral", "qwen2", "qwen3", "gpt2",
 MOE_ZOO = ("qwen2-moe", "qwen3-moe", "olmoe", "mixtral", "deepseek-v3", "qwen3-moe-modulelist")
 # MoE families with declared adapters built here from their own config class (with the overrides below).
 MOE_DECLARED = ("deepseek_v2", "glm4_moe", "dots1", "hunyuan_v1_moe", "ernie4_5_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe_text",
-                "minimax", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid", "dbrx")
+                "minimax", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid", "jamba", "dbrx")
 # MoE families transformers has and the workbench does not declare yet: refused with a one-line error.
 MOE_UNDECLARED = ("jetmoe", "llama4_text")
 
@@ -53,6 +53,9 @@ OVERRIDES = {
                              layers_block_type=["linear_attention", "attention", "linear_attention", "attention"],
                              mamba_d_state=16, mamba_n_heads=8, mamba_d_head=16, mamba_expand=2, mamba_n_groups=1,
                              mamba_chunk_size=16),
+    # Jamba: attention in layers 1 and 3 (Mamba in 0 and 2), MoE in layers 0 and 2 (dense MLPs in 1 and 3).
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0,
+                  mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
     "granite": dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
                     attention_multiplier=0.0156),
     # DBRX keeps its sizes in nested configs (d_model, n_heads, n_layers above come from SIZES' aliases);
