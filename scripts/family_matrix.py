@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from workbench.check import run_checks  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.models.families import DENSE, MOE_DECLARED, MOE_UNDECLARED, MOE_ZOO, save_tiny  # noqa: E402
+from workbench.models.families import DENSE, MOE_DECLARED, MOE_INFERRED, MOE_UNDECLARED, MOE_ZOO, save_tiny  # noqa: E402
 from workbench.models.gguf import tokenizer_dir  # noqa: E402
 from workbench.models.specs import _tokenizer, load  # noqa: E402
 
@@ -45,7 +45,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     tok = _tokenizer(tokenizer_dir())
     lines = ["| family | adapter | " + " | ".join(CHECKS) + " |", "| --- | --- | " + " | ".join("---" for _ in CHECKS) + " |"]
-    for mt in DENSE + MOE_DECLARED:
+    for mt in DENSE + MOE_DECLARED + MOE_INFERRED:
         with tempfile.TemporaryDirectory() as d:
             lines.append(_row(mt, run_checks(load(str(save_tiny(mt, d, tok))))))
     for name in MOE_ZOO:

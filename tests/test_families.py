@@ -10,8 +10,9 @@ import pytest
 
 from workbench.adapters.base import Adapter, adapter_for, register_adapter
 from workbench.check import report, run_checks
+from workbench.adapters.infer import ROUTING_RULES
 from workbench.errors import WorkbenchError
-from workbench.models.families import DENSE, MOE_DECLARED, MOE_UNDECLARED, MOE_ZOO, save_tiny
+from workbench.models.families import DENSE, MOE_DECLARED, MOE_INFERRED, MOE_UNDECLARED, MOE_ZOO, save_tiny
 from workbench.models.specs import load
 
 # Plain pre-norm blocks; every other dense family is sandwich, post-norm or parallel (circuits.blocks reads
@@ -70,6 +71,46 @@ def test_declared_moe_family_from_its_config_class_passes_the_check(model_type, 
     else:
         assert res["circuit graph"].ok is True, res["circuit graph"].line()
     assert "(inferred)" not in lm.adapter.name
+
+
+@pytest.mark.parametrize("model_type", MOE_INFERRED)
+def test_inferred_moe_family_passes_the_check(model_type, tmp_path, zoo_tokenizer):
+    """No declared adapter: the MoE structure and routing rule are read from the model and verified."""
+    lm = load(str(save_tiny(model_type, tmp_path, zoo_tokenizer)))
+    assert lm.adapter.name == f"{model_type} (inferred)" and lm.adapter.routing in ROUTING_RULES
+    res = _by_name(run_checks(lm))
+    assert not [c.line() for c in res.values() if c.ok is False]
+    for name in ("routing", "block rebuilt", "zero is exact", "planted super expert found", "study runs"):
+        assert res[name].ok is True, res[name].line()
+
+
+def test_moe_routing_inference_refuses_what_no_rule_reproduces(tmp_path, zoo_tokenizer):
+    """A router whose choice no known rule reproduces (here: the model's own router with its weights
+    renormalised away from what it returns) is refused in one line, naming the rules tried."""
+    import torch
+
+    from workbench.adapters.infer import infer_adapter
+    from workbench.models.families import tiny_model
+
+    model = tiny_model("flex_olmo")  # softmax top-k, not renormalised
+    router = model.model.layers[0].mlp.gate
+    plain = router.forward
+
+    def squared(hidden):
+        logits, weights, index = plain(hidden)
+        return logits, weights ** 2, index  # no rule gives these weights
+    router.forward = squared
+    with pytest.raises(WorkbenchError, match="no known routing rule") as e:
+        infer_adapter(model)
+    assert "\n" not in str(e.value)
+    router.forward = plain
+    assert infer_adapter(model).routing == "softmax-topk"
+    with torch.no_grad():  # the inferred rule re-routes with an expert excluded, as drop does
+        logits = torch.randn(5, router.weight.shape[0])
+        exclude = torch.zeros_like(logits, dtype=torch.bool)
+        exclude[:, 0] = True
+        _, index = infer_adapter(model).select_experts(model, logits, router, exclude)
+    assert not (index == 0).any()
 
 
 @pytest.mark.parametrize("model_type", MOE_UNDECLARED)
