@@ -196,12 +196,15 @@ def _verify_routing(model: nn.Module, adapter: InferredMoeAdapter, mt: str) -> I
         hidden = args[0] if args else kwargs["hidden_states"]
         index = args[1] if len(args) > 1 else kwargs["top_k_index"]
         weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
-        with torch.no_grad():
-            rebuilt = torch.zeros_like(out, dtype=torch.float32)
-            for e in index.unique().tolist():
-                rows, slot = (index == e).nonzero(as_tuple=True)
-                rebuilt.index_add_(0, rows, fused_expert_output(experts, hidden[rows], e).float()
-                                   * weights[rows, slot, None].float())
+        try:
+            with torch.no_grad():
+                rebuilt = torch.zeros_like(out, dtype=torch.float32)
+                for e in index.unique().tolist():
+                    rows, slot = (index == e).nonzero(as_tuple=True)
+                    rebuilt.index_add_(0, rows, fused_expert_output(experts, hidden[rows], e).float()
+                                       * weights[rows, slot, None].float())
+        except (RuntimeError, IndexError, AttributeError) as e:  # shapes or weights other than the contract's
+            raise fail(f"layer {i}'s experts could not be recomputed one by one ({type(e).__name__}: {e})") from None
         block = seen[(i, "mlp")][2]
         block = (block[0] if isinstance(block, tuple) else block).reshape(-1, out.shape[-1]).float()
         total = rebuilt
