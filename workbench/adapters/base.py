@@ -129,7 +129,7 @@ class Adapter:
         attn = get_path(layer, self.attn_name)
         if attn is not None:
             return type(attn).__name__
-        return next((n for n in self.linear_attn_names if getattr(layer, n, None) is not None), "mixer-less")
+        return next((n for n in self.linear_attn_names if get_path(layer, n) is not None), "mixer-less")
 
     def mlp(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp_name)

@@ -12,6 +12,7 @@ copy of ``w1`` and ``v1``) and ``down_proj [E, H, I]`` (a view of ``w2``, so wri
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,48 +31,43 @@ def dbrx_route(logits: torch.Tensor, top_k: int, p: float | None) -> tuple[torch
     return weights, index
 
 
+@functools.cache
 def _classes():
     """The contract subclasses of transformers' DBRX modules (built once, on first use)."""
-    global _CLASSES
-    if _CLASSES is None:
-        from transformers.models.dbrx import modeling_dbrx as md
+    from transformers.models.dbrx import modeling_dbrx as md
 
-        class ContractRouter(md.DbrxRouter):
-            def forward(self, hidden_states):
-                logits = super().forward(hidden_states)
-                weights, index = dbrx_route(logits, self.top_k, self.moe_normalize_expert_weights)
-                return logits, weights, index
+    class ContractRouter(md.DbrxRouter):
+        def forward(self, hidden_states):
+            logits = super().forward(hidden_states)
+            weights, index = dbrx_route(logits, self.top_k, self.moe_normalize_expert_weights)
+            return logits, weights, index
 
-        class ContractFFN(md.DbrxFFN):
-            def forward(self, hidden_states):
-                flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # the experts get [tokens, H], as elsewhere
-                _, weights, index = self.router(flat)
-                return self.experts(flat, index, weights).view(hidden_states.shape)
+    class ContractFFN(md.DbrxFFN):
+        def forward(self, hidden_states):
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # the experts get [tokens, H], as elsewhere
+            _, weights, index = self.router(flat)
+            return self.experts(flat, index, weights).view(hidden_states.shape)
 
-        class ContractExperts(md.DbrxExperts):
-            is_transposed = False
-            has_bias = False
+    class ContractExperts(md.DbrxExperts):
+        is_transposed = False
+        has_bias = False
 
-            def _blocks(self, w: torch.Tensor) -> torch.Tensor:
-                return w.view(self.num_experts, self.ffn_hidden_size, self.hidden_size)
+        def _blocks(self, w: torch.Tensor) -> torch.Tensor:
+            return w.view(self.num_experts, self.ffn_hidden_size, self.hidden_size)
 
-            @property
-            def gate_up_proj(self) -> torch.Tensor:
-                return torch.cat([self._blocks(self.mlp.w1), self._blocks(self.mlp.v1)], dim=1)
+        @property
+        def gate_up_proj(self) -> torch.Tensor:
+            return torch.cat([self._blocks(self.mlp.w1), self._blocks(self.mlp.v1)], dim=1)
 
-            @property
-            def down_proj(self) -> torch.Tensor:
-                return self._blocks(self.mlp.w2).transpose(1, 2)
+        @property
+        def down_proj(self) -> torch.Tensor:
+            return self._blocks(self.mlp.w2).transpose(1, 2)
 
-            @property
-            def act_fn(self):
-                return self.mlp.activation_fn
+        @property
+        def act_fn(self):
+            return self.mlp.activation_fn
 
-        _CLASSES = (ContractRouter, ContractFFN, ContractExperts)
-    return _CLASSES
-
-
-_CLASSES = None
+    return ContractRouter, ContractFFN, ContractExperts
 
 
 @dataclass(frozen=True)

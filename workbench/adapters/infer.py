@@ -263,29 +263,35 @@ def infer_adapter(model: nn.Module) -> Adapter:
         children = ", ".join(f"{k} ({type(v).__name__})" for k, v in first.named_children())
         raise WorkbenchError(f"unsupported architecture {mt!r}: layer 0 of {layers_path} has no {missing[0]}; its "
                              f"parts: {children}. Declare an adapter (README, 'Your own architecture')")
-    moe: dict[int, tuple[str, str]] = {}  # layer -> (router name, experts name)
+    moe: list[int] = []  # MoE layers; their router and experts are named as the first one's
+    router = experts = None
     down_name = None
     for i, layer in enumerate(layers):
         mlp = getattr(layer, mlp_name)
-        router, experts = _child(mlp, ROUTER_NAMES), _child(mlp, EXPERT_NAMES)
-        if router or experts:
-            found = getattr(mlp, experts, None) if experts else None
-            if not (router and experts and hasattr(found, "gate_up_proj") and hasattr(found, "down_proj")):
+        r, e = _child(mlp, ROUTER_NAMES), _child(mlp, EXPERT_NAMES)
+        if r or e:
+            found = getattr(mlp, e, None) if e else None
+            if moe and (r, e) != (router, experts):
+                raise WorkbenchError(f"unsupported architecture {mt!r}: layer {i}'s router and experts ({r!r}, {e!r}) "
+                                     f"are named unlike layer {moe[0]}'s ({router!r}, {experts!r}); declare an adapter")
+            if not (r and e and hasattr(found, "gate_up_proj") and hasattr(found, "down_proj")):
                 raise WorkbenchError(
                     f"unsupported architecture {mt!r}: layer {i}'s {mlp_name} ({type(mlp).__name__}) is a mixture of "
-                    f"experts (router {router!r}, experts {experts!r}) without transformers' fused experts module and "
+                    f"experts (router {r!r}, experts {e!r}) without transformers' fused experts module and "
                     "router, so its routing cannot be read and verified; it needs a declared adapter (README, "
                     "'Your own architecture')")
-            moe[i] = (router, experts)
+            moe.append(i)
+            router, experts = r, e
             continue
         if _child(mlp, DOWN_NAMES) is None:
             raise WorkbenchError(f"unsupported architecture {mt!r}: layer {i}'s {mlp_name} ({type(mlp).__name__}) has no "
                                  f"output projection (one of {', '.join(DOWN_NAMES)})")
         down_name = down_name or _child(mlp, DOWN_NAMES)
     if moe:
-        i = next(iter(moe))
-        shared = tuple(n for n in SHARED_NAMES if isinstance(getattr(getattr(layers[i], mlp_name), n, None), nn.Module))
-        shared_down = _child(getattr(getattr(layers[i], mlp_name), shared[0]), DOWN_NAMES) if shared else None
+        block = getattr(layers[moe[0]], mlp_name)
+        shared = tuple(n for n in SHARED_NAMES if isinstance(getattr(block, n, None), nn.Module))
+        gate = next((n for n in SHARED_GATE_NAMES if isinstance(getattr(block, n, None), nn.Module)), None)
+        shared_down = _child(getattr(block, shared[0]), DOWN_NAMES) if shared else None
         down_name = down_name or shared_down or "down_proj"
         if shared_down and shared_down != down_name:
             raise WorkbenchError(f"unsupported architecture {mt!r}: the shared expert's output projection "
@@ -306,9 +312,6 @@ def infer_adapter(model: nn.Module) -> Adapter:
                       final_norm_path=final_norm_path, lm_head_path=head_path, attn_name=attn_name, mlp_name=mlp_name,
                       input_norm_name=input_norm or "", post_attn_norm_name=post_norm or "", down_proj_name=down_name)
     if moe:
-        router, experts = next(iter(moe.values()))
-        gate = next((n for n in SHARED_GATE_NAMES if isinstance(getattr(getattr(layers[next(iter(moe))], mlp_name), n, None),
-                                                                   nn.Module)), None)
         base = {f.name: getattr(adapter, f.name) for f in fields(Adapter)}
         base.update(router_name=router, experts_name=experts, shared_names=shared, shared_gate_name=gate)
         adapter = InferredMoeAdapter(**base)

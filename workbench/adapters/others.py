@@ -12,6 +12,7 @@
 * Jamba (``jamba``): Mamba and attention layers, MoE and dense MLPs.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -90,42 +91,38 @@ PHIMOE = register_adapter(PhimoeAdapter(name="phimoe", model_types=("phimoe",), 
 GRANITE_MOE = register_adapter(GptOssAdapter(name="granitemoe", model_types=("granitemoe",), router_name="router",
                                              mlp_name="block_sparse_moe", norm_topk_prob_attr=None))
 
-_GRANITE_CLASSES: dict[str, tuple[type, type]] = {}
-
-
+@functools.cache
 def _granite_classes(model_type: str) -> tuple[type, type]:
     """Contract subclasses of a Granite family's MoE block and decoder layer (built once per family)."""
-    if model_type not in _GRANITE_CLASSES:
-        if model_type == "granitemoeshared":
-            from transformers.models.granitemoeshared import modeling_granitemoeshared as mg
+    if model_type == "granitemoeshared":
+        from transformers.models.granitemoeshared import modeling_granitemoeshared as mg
 
-            moe_base, layer_base = mg.GraniteMoeSharedMoE, mg.GraniteMoeSharedDecoderLayer
-        else:
-            from transformers.models.granitemoehybrid import modeling_granitemoehybrid as mg
+        moe_base, layer_base = mg.GraniteMoeSharedMoE, mg.GraniteMoeSharedDecoderLayer
+    else:
+        from transformers.models.granitemoehybrid import modeling_granitemoehybrid as mg
 
-            moe_base, layer_base = mg.GraniteMoeHybridMoE, mg.GraniteMoeHybridDecoderLayer
+        moe_base, layer_base = mg.GraniteMoeHybridMoE, mg.GraniteMoeHybridDecoderLayer
 
-        class ContractMoE(moe_base):
-            def forward(self, layer_input):
-                out = super().forward(layer_input)
-                # the layer's shared MLP, held as a plain attribute (not a child: state_dict unchanged)
-                shared = self.__dict__.get("shared_mlp")
-                return out if shared is None else out + shared(layer_input)
+    class ContractMoE(moe_base):
+        def forward(self, layer_input):
+            out = super().forward(layer_input)
+            # the layer's shared MLP, held as a plain attribute (not a child: state_dict unchanged)
+            shared = self.__dict__.get("shared_mlp")
+            return out if shared is None else out + shared(layer_input)
 
-        if model_type == "granitemoeshared":
-            class ContractLayer(layer_base):
-                # The layer's forward takes its no-shared-MLP path (``if self.shared_mlp is None``); the module
-                # stays registered (``_modules``), and the MoE block adds its output, in the same order (moe + shared).
-                shared_mlp = property(lambda self: None)
-        else:
-            class ContractLayer(layer_base):
-                # The layer's forward takes its no-experts path (``self.shared_mlp(h)``), which reaches the MoE
-                # block, and the block adds the shared MLP's output: moe + shared, as the experts path computes it.
-                has_experts = property(lambda self: False)
-                shared_mlp = property(lambda self: self._modules["block_sparse_moe"])
+    if model_type == "granitemoeshared":
+        class ContractLayer(layer_base):
+            # The layer's forward takes its no-shared-MLP path (``if self.shared_mlp is None``); the module
+            # stays registered (``_modules``), and the MoE block adds its output, in the same order (moe + shared).
+            shared_mlp = property(lambda self: None)
+    else:
+        class ContractLayer(layer_base):
+            # The layer's forward takes its no-experts path (``self.shared_mlp(h)``), which reaches the MoE
+            # block, and the block adds the shared MLP's output: moe + shared, as the experts path computes it.
+            has_experts = property(lambda self: False)
+            shared_mlp = property(lambda self: self._modules["block_sparse_moe"])
 
-        _GRANITE_CLASSES[model_type] = (ContractMoE, ContractLayer)
-    return _GRANITE_CLASSES[model_type]
+    return ContractMoE, ContractLayer
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_atte
              num_experts_per_tok=2)
 
 
+# Granite's multipliers away from 1, so the checks see them (real Granite models use such values).
+GRANITE_MULTIPLIERS = dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
+                           attention_multiplier=0.0156)
+
 # Per-family fields (multi-head latent attention sizes; group-limited routing over 2 groups of 4 experts).
 OVERRIDES = {
     "deepseek_v2": dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
@@ -49,22 +53,17 @@ OVERRIDES = {
                   first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                   num_hidden_layers=3),
     "hunyuan_v1_moe": dict(moe_topk=2),
-    # Granite's multipliers away from 1, so the checks see them (real Granite models use such values).
-    "granitemoe": dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
-                       attention_multiplier=0.0156),
-    "granitemoeshared": dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
-                             attention_multiplier=0.0156, shared_intermediate_size=48),
+    "granitemoe": GRANITE_MULTIPLIERS,
+    "granitemoeshared": dict(GRANITE_MULTIPLIERS, shared_intermediate_size=48),
     # Mamba-2 layers in the first and third layer, attention in the others.
-    "granitemoehybrid": dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
-                             attention_multiplier=0.0156, shared_intermediate_size=48,
+    "granitemoehybrid": dict(GRANITE_MULTIPLIERS, shared_intermediate_size=48,
                              layers_block_type=["linear_attention", "attention", "linear_attention", "attention"],
                              mamba_d_state=16, mamba_n_heads=8, mamba_d_head=16, mamba_expand=2, mamba_n_groups=1,
                              mamba_chunk_size=16),
     # Jamba: attention in layers 1 and 3 (Mamba in 0 and 2), MoE in layers 0 and 2 (dense MLPs in 1 and 3).
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0,
                   mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
-    "granite": dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
-                    attention_multiplier=0.0156),
+    "granite": GRANITE_MULTIPLIERS,
     # DBRX keeps its sizes in nested configs (d_model, n_heads, n_layers above come from SIZES' aliases);
     # real DBRX clips q/k/v at 8, keeps rope_theta in attn_config (its modeling code reads it there, and the
     # attention config class has no default) and normalises the top-4 weights by their 1-norm.
