@@ -3,7 +3,9 @@
 Variants (each in its own subprocess, so peak RSS is its own):
   plain    model forward only (batches of --batch prompts, right-padded)
   body     the same forward without the LM head (the profile pass skips it: no statistic needs logits)
-  profile  workbench's full profile pass (super experts, router, massive activations, sinks)
+  profile  workbench's full profile pass, as `workbench profile` runs it by default (super experts, router,
+           massive activations, sinks, Q/K/V norms)
+  profile-noqk  the same without the Q/K/V norms (`--no-qk`): with `profile`, what they cost
   nnsight  nnsight trace that .save()s every down_proj output, reduced (absmax) after the run
   tl       TransformerLens TransformerBridge run_with_cache on the same down_proj sites, reduced after
 
@@ -12,7 +14,7 @@ plain, and peak RSS; with --rss-scan it also prints the profile pass's peak RSS 
 
     .venv/bin/python bench/profile_overhead.py --model smollm2-135m --tokens 10000 --rss-scan 100000
     .venv/bin/python bench/profile_overhead.py --model zoo:qwen2-moe --tokens 10000 --variants plain,profile --repeat 3
-    .venv/bin/python bench/profile_overhead.py --model smollm2-135m --tokens 3000 --variants profile,profile-qk --repeat 3
+    .venv/bin/python bench/profile_overhead.py --model smollm2-135m --tokens 3000 --variants profile,profile-noqk --repeat 11
     .venv/bin/python bench/profile_overhead.py --model bench:qwen3-moe-1024x64 --tokens 3000 \
         --variants plain,body,profile,trace,nnsight --repeat 3
 
@@ -134,7 +136,7 @@ def _imports(variant: str) -> None:
     """Import what ``variant`` uses (each variant imports it again inside ``work``; then it is cached)."""
     import importlib
 
-    mods = {"profile": ["workbench.experts.profile"], "profile-qk": ["workbench.experts.profile"],
+    mods = {"profile": ["workbench.experts.profile"], "profile-noqk": ["workbench.experts.profile"],
             "trace": ["workbench.tracing.runner", "workbench.tracing.sites"],
             "nnsight": ["nnsight", "workbench.tracing.capture"], "tl": ["transformer_lens"]}.get(variant, [])
     for m in mods:
@@ -161,10 +163,10 @@ def work(args, lm, prompts) -> None:
             for chunk in batches(prompts, args.batch):
                 enc = lm.tokenizer(chunk, return_tensors="pt", padding=True).to(dev)
                 body(**enc, use_cache=False)
-    elif args.variant in ("profile", "profile-qk"):  # profile-qk: with the Q/K/V norms (experts/qk.py, opt-in)
+    elif args.variant in ("profile", "profile-noqk"):  # profile-noqk: without the Q/K/V norms (experts/qk.py)
         from workbench.experts.profile import ProfileOptions, profile
 
-        profile(lm, prompts, ProfileOptions(batch_size=args.batch, qk=args.variant == "profile-qk"), progress=False)
+        profile(lm, prompts, ProfileOptions(batch_size=args.batch, qk=args.variant == "profile"), progress=False)
     elif args.variant == "trace":  # `workbench trace --components expert` (absmax per expert)
         from workbench.tracing.runner import trace
         from workbench.tracing.sites import all_sites

@@ -37,9 +37,9 @@ class ProfileOptions:
     massive_ratio: float = 1000.0  # "massive" when |x| >= this x the layer's median |x| ...
     massive_min: float = 100.0  # ... and at least this large (Sun et al.)
     sinks: bool = True
-    # Massive values in queries, keys and values (experts/qk.py). Opt-in while its cost on small models is over
-    # 5 %: within noise on SmolLM2, +9 % on a tiny zoo MoE (bench/profile_overhead.py --variants profile,profile-qk).
-    qk: bool = False
+    # Massive values in queries, keys and values (experts/qk.py): a few % of the pass on SmolLM2 and the tiny zoo
+    # (bench/profile_overhead.py --variants profile,profile-qk; README).
+    qk: bool = True
     # Domain specialization (experts/routing.py): {name: prompts}, each run once more through the routers.
     domains: dict = field(default_factory=dict)
     # Vocabulary specialization by the model's predicted token too (runs the LM head once per token).

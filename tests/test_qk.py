@@ -63,7 +63,11 @@ def _brute(model, ids, grid, layer):
             for p, x in zip("qkv", (q, k, v))}
 
 
-def test_meter_equals_brute_force_and_merges():
+@pytest.mark.parametrize("hold", [True, False], ids=["held", "at-once"])
+def test_meter_equals_brute_force_and_merges(hold, monkeypatch):
+    """Small calls are held and reduced together; large ones (SMALL_PAYLOAD 0 here) at once: both equal brute force."""
+    if not hold:
+        monkeypatch.setattr("workbench.experts.qk.SMALL_PAYLOAD", 0)
     model = _tiny()
     b1, b2 = _batch(0, pad_last=True), _batch(1)
     meter = _measure(model, [b1, b2])
@@ -73,11 +77,17 @@ def test_meter_equals_brute_force_and_merges():
             torch.testing.assert_close(meter.sums[f"{layer}.{p}.all"], ref1[p][0] + ref2[p][0], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(meter.sums[f"{layer}.{p}.no0"], ref1[p][1] + ref2[p][1], rtol=1e-5, atol=1e-6)
     assert meter.tokens[0].tolist() == [14 + 12, 14 + 12 - 4]
-    halves = _measure(model, [b1]).merge(_measure(model, [b2]))
+    first, second = _measure(model, [b1]), _measure(model, [b2])
+    want = {key: first.sums[key] + second.sums[key] for key in first.sums}
+    halves = first.merge(second)
+    assert halves.sums.keys() == meter.sums.keys() and torch.equal(halves.tokens, meter.tokens)
     for key, v in meter.sums.items():
+        assert torch.equal(halves.sums[key], want[key])  # merging adds the float64 totals, nothing else
+        # one product per call and batch either way (held or not): the same float32 sums, added in float64
         torch.testing.assert_close(halves.sums[key], v, rtol=1e-12, atol=0)
     restored = QKMeter(4).load_state_dict(meter.state_dict())
     assert restored.sums.keys() == meter.sums.keys() and torch.equal(restored.tokens, meter.tokens)
+    assert all(torch.equal(restored.sums[key], v) for key, v in meter.sums.items())
 
 
 @pytest.mark.parametrize("before", ["sdpa", "eager"])
@@ -140,11 +150,10 @@ def test_profile_has_a_qk_values_section(tmp_path):
 
     lm = load("zoo:qwen3-moe")
     before = lm.model.config._attn_implementation
-    p = profile(lm, ["The capital of France is Paris.", "Once upon a time there was a dog."], ProfileOptions(qk=True),
-                progress=False)
+    p = profile(lm, ["The capital of France is Paris.", "Once upon a time there was a dog."], progress=False)
     q = p["qk_values"]
     assert len(q["by_layer"]) == 4 and q["entries"] and q["tokens"][0] > 0
-    assert "qk_values" not in profile(lm, ["The capital of France is"], progress=False)  # opt-in
+    assert "qk_values" not in profile(lm, ["The capital of France is"], ProfileOptions(qk=False), progress=False)
     assert lm.model.config._attn_implementation == before
     files = {f.name for f in write(p, tmp_path)}
     assert {"qk_values.parquet", "qk_concentration.png", "qk_norms_k.png", "qk_norms_v.html"} <= files
@@ -344,6 +353,42 @@ def test_latent_attention_pairs_are_its_last_dims():
             assert e["wavelength"] == pytest.approx(2 * torch.pi / float(inv[e["pair"]]))
         else:
             assert e["pair"] is None
+
+
+def test_meter_keeps_projections_of_other_head_dims_apart():
+    """Latent attention can hand V a head dim other than Q's and K's: then the meter keeps one total per
+    projection; each equals the masked sum of squares, and merging and a state round trip keep them apart."""
+    g = torch.Generator().manual_seed(0)
+
+    def run(batches):
+        meter = QKMeter(2)
+        for q, k, v, grid in batches:
+            meter.begin_batch(grid)
+            meter.update(1, q, k, v)
+        return meter
+
+    batches = []
+    for _ in range(2):
+        q, k, v = torch.randn(2, 4, 5, 24, generator=g), torch.randn(2, 1, 5, 24, generator=g), torch.randn(2, 1, 5, 16, generator=g)
+        grid = torch.arange(10).view(2, 5)
+        grid[1, :2] = -1  # left padding: the second prompt's first real token is at position 2
+        batches.append((q, k, v, grid))
+    both = run(batches)
+    for proj, i in zip("qkv", range(3)):
+        want_all = sum((b[i][0] ** 2).sum(1) + (b[i][1, :, 2:] ** 2).sum(1) for b in batches).double()
+        want_no0 = sum((b[i][0, :, 1:] ** 2).sum(1) + (b[i][1, :, 3:] ** 2).sum(1) for b in batches).double()
+        torch.testing.assert_close(both.sums[f"1.{proj}.all"], want_all, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(both.sums[f"1.{proj}.no0"], want_no0, rtol=1e-5, atol=1e-6)
+    assert both.tokens[1].tolist() == [16, 12] and both.tokens[0].tolist() == [0, 0]
+    merged = run(batches[:1]).merge(run(batches[1:]))
+    restored = QKMeter(2).load_state_dict(merged.state_dict())
+    for key, v in both.sums.items():
+        torch.testing.assert_close(merged.sums[key], v, rtol=1e-12, atol=0)
+        torch.testing.assert_close(restored.sums[key], v, rtol=1e-12, atol=0)
+    assert torch.equal(restored.tokens, both.tokens)
+    assert restored.result()["entries"] == merged.result()["entries"]
+    with pytest.raises(ValueError, match="incomplete"):
+        QKMeter(2).load_state_dict({k: v for k, v in merged.state_dict().items() if not k.endswith(".v.no0")})
 
 
 @pytest.mark.parametrize("spec", ["tiny-llama", "zoo:deepseek-v3", "deepseek_v2"])

@@ -181,7 +181,11 @@ def test_profile_page_runs_and_plots(tmp_path):
     p = at.session_state["profile"]
     assert p["meta"]["num_prompts"] == 2
     charts = at.get("plotly_chart")
-    assert len(charts) == 7  # expert max, router load, co-activation, local consistency, vocabulary, massive, sinks
+    # expert max, router load, co-activation, local consistency, vocabulary, massive, sinks, and the Q/K/V norms
+    # (concentration by layer, one heatmap per projection)
+    assert len(charts) == 11
+    assert {"profile_fig_qk_concentration", "profile_fig_qk_norms_q", "profile_fig_qk_norms_k",
+            "profile_fig_qk_norms_v"} <= {c.key for c in charts}
     at.button(key="profile_report").click().run()  # the same report page `workbench profile` writes
     _ok(at)
     page = at.session_state["profile_report_html"][1].decode()
@@ -231,12 +235,12 @@ def test_profile_page_runs_and_plots(tmp_path):
     fresh.text_input(key="profile_path").input(str(tmp_path)).run()
     fresh.button(key="profile_open").click().run()
     _ok(fresh)
-    assert fresh.session_state["profile"]["meta"]["num_prompts"] == 2 and len(fresh.get("plotly_chart")) == 7
+    assert fresh.session_state["profile"]["meta"]["num_prompts"] == 2 and len(fresh.get("plotly_chart")) == 11
     fresh = _app("Profile")
     fresh.file_uploader(key="profile_upload").set_value(("profile.json", saved.read_bytes(), "application/json"))
     fresh.run()
     _ok(fresh)
-    assert len(fresh.get("plotly_chart")) == 7
+    assert len(fresh.get("plotly_chart")) == 11
 
     at.text_input(key="profile_path").input(str(tmp_path / "missing.json")).run()
     at.button(key="profile_open").click().run()

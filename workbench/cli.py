@@ -360,9 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default rule: residual in the expert's channel >= this x the layer median")
     pr.add_argument("--top-massive", type=COUNT, default=8, help="residual entries kept per layer")
     pr.add_argument("--no-sinks", action="store_true", help="skip attention sinks (keeps the model's attention kernel)")
-    pr.add_argument("--qk", action="store_true",
-                    help="also measure the norm of every query, key and value dimension per head (massive values "
-                         "in attention, Jin et al. 2025): the qk_values section of profile.json")
+    pr.add_argument("--qk", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure the norm of every query, key and value dimension per head (massive values in "
+                         "attention, Jin et al. 2025): the qk_values section of profile.json (on by default; "
+                         "--no-qk skips it)")
     pr.add_argument("--no-plots", action="store_true")
     pr.add_argument("--vocab-predicted", action="store_true",
                     help="vocabulary specialization by the model's predicted next token too (runs the LM head)")

@@ -171,7 +171,7 @@ class Study:
     def _super_experts(self, lm, progress: bool) -> list[dict]:
         from workbench.experts.profile import ProfileOptions, profile
 
-        p = profile(lm, self.texts(), ProfileOptions(sinks=False, batch_size=self.batch_size), progress=progress)
+        p = profile(lm, self.texts(), ProfileOptions(sinks=False, qk=False, batch_size=self.batch_size), progress=progress)
         if not p["super_experts"]:
             from workbench.experts.super_experts import no_super_experts
 
