@@ -163,9 +163,9 @@ class QKMeter:
         self._count(layer, n, n0)
         with few_threads(work=q.numel()):
             for x, total in zip(xs, self._acc[layer][1]):
-                own = same or not x.is_contiguous() or x.dtype != torch.float32
                 sq = x.reshape(-1, x.shape[2] * x.shape[3]).float()  # [B * T, heads * d]
-                sq = sq.square_() if own else sq.square()  # in place where it is our own copy
+                # in place only on our own copy: reshape and float return the model's tensor where they can
+                sq = sq.square_() if same or sq.data_ptr() != x.data_ptr() else sq.square()
                 total.add_(torch.mm(masks.to(sq.device), sq))  # [2, B * T] @ [B * T, heads * d]
 
     def _count(self, layer: int, n: int, n0: int) -> None:

@@ -486,3 +486,23 @@ def test_mean_qk_matched_on_a_model():
         apply(lm, [{"op": "mean_qk", "layers": 0, "matched": 2, "proj": "v"}])
     with pytest.raises(WorkbenchError, match="exactly one of"):
         apply(lm, [{"op": "mean_qk", "layers": 0, "matched": 2, "top": 2}])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 3)], ids=["one-token", "one-prompt", "two-prompts"])
+def test_meter_never_writes_the_models_tensors(shape, monkeypatch):
+    """Calls reduced at once (SMALL_PAYLOAD 0), projections of other head dims (one per projection): where a
+    strided view (a slice of a wider buffer, one head) is not contiguous yet reshapes without a copy, the
+    meter squares a copy, never the tensors the attention goes on to use."""
+    monkeypatch.setattr("workbench.experts.qk.SMALL_PAYLOAD", 0)
+    B, T = shape
+    g = torch.Generator().manual_seed(1)
+    meter = QKMeter(1)
+    meter.begin_batch(torch.arange(B * T).view(B, T))
+    # token-major buffers handed over as [B, heads, T, d] views, as the projections produce them
+    q, k = (torch.randn(B, T, 1, 8, generator=g).transpose(1, 2) for _ in range(2))
+    v = torch.randn(B, T, 1, 6, generator=g)[..., :4].transpose(1, 2)  # a slice: rows of 6, 4 used
+    before = [x.clone() for x in (q, k, v)]
+    meter.update(0, q, k, v)
+    assert all(torch.equal(x, y) for x, y in zip((q, k, v), before))
+    for proj, x in zip("qkv", before):
+        torch.testing.assert_close(meter.sums[f"0.{proj}.all"], (x.double() ** 2).sum((0, 2)), rtol=1e-5, atol=1e-6)
