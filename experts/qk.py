@@ -51,6 +51,7 @@ class QKMeter:
         self._n = [[0, 0] for _ in range(num_layers)]  # per layer: tokens counted (all, without the first)
         self._held: list = []  # (layer, [B, T, heads, d] rows of ours, the batch's grid) not reduced yet
         self._held_elements = 0
+        self._last_masks: tuple = (None,)  # (grid, masks, count, count without the first): see _masks
         self._tap: AttentionTap | None = None
         self._attn: dict[int, nn.Module] = {}
         self.layers_without_attention: list[int] = []
@@ -117,14 +118,16 @@ class QKMeter:
         self._grid = grid
         self._shape = tuple(grid.shape)
 
-    @staticmethod
-    def _masks(grid: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """``[2, B * T]`` float32 masks (all real tokens; without each prompt's first) and their token counts."""
-        valid = grid.detach().cpu().numpy() >= 0
-        no0 = valid.copy()
-        no0[np.arange(valid.shape[0]), valid.argmax(-1)] = False  # each prompt's first real token (left or right padding)
-        return (torch.from_numpy(np.stack([valid.ravel(), no0.ravel()]).astype(np.float32)),
-                int(valid.sum()), int(no0.sum()))
+    def _masks(self, grid: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """``[2, B * T]`` float32 masks (all real tokens; without each prompt's first) and their token counts, made
+        once per batch (the last grid's are kept: every layer, held or not, comes to the same batch in turn)."""
+        if self._last_masks[0] is not grid:
+            valid = grid.detach().cpu().numpy() >= 0
+            no0 = valid.copy()
+            no0[np.arange(valid.shape[0]), valid.argmax(-1)] = False  # each prompt's first real token (either padding)
+            self._last_masks = (grid, torch.from_numpy(np.stack([valid.ravel(), no0.ravel()]).astype(np.float32)),
+                                int(valid.sum()), int(no0.sum()))
+        return self._last_masks[1:]
 
     # ----- reduction ---------------------------------------------------------------------------------
     def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -133,8 +136,9 @@ class QKMeter:
         The cost is per call on small models, so a call does little: Q, K and V side by side in their
         token-major layout (one copy, ours), held with the batch's grid while the held rows are few (the
         trace's coalescing budgets: ``SMALL_PAYLOAD`` per call, ``SITE_ELEMENTS`` in all; a larger budget
-        measured slower, its rows no longer in cache); then each layer's held rows are squared and reduced
-        against both token masks in one matrix product, into the layer's float64 totals. Large calls (wide
+        measured slower, its rows no longer in cache); then each layer's held rows are squared together and
+        each call's reduced against both token masks by its own small product (as if reduced at once, so the
+        sums do not depend on what was held together), into the layer's float64 totals. Large calls (wide
         models) are reduced at once, holding nothing."""
         if getattr(self, "_shape", None) != (q.shape[0], q.shape[2]):  # not the batch's prompt pass (a cached step)
             return
@@ -157,9 +161,7 @@ class QKMeter:
             if self._held_elements >= SITE_ELEMENTS:
                 self._flush()
             return
-        if getattr(self, "_grid_masks", (None,))[0] is not self._grid:
-            self._grid_masks = (self._grid, *self._masks(self._grid))  # once per batch
-        _, masks, n, n0 = self._grid_masks
+        masks, n, n0 = self._masks(self._grid)
         self._count(layer, n, n0)
         with few_threads(work=q.numel()):
             for x, total in zip(xs, self._acc[layer][1]):
@@ -177,12 +179,9 @@ class QKMeter:
         held, self._held, self._held_elements = self._held, [], 0
         if not held:
             return
-        masks: dict[int, tuple] = {}  # id(grid) -> (masks, counts), once per batch
         by_layer: dict[int, list] = {}
         for layer, x, grid in held:
-            if id(grid) not in masks:
-                masks[id(grid)] = self._masks(grid)
-            m, n, n0 = masks[id(grid)]
+            m, n, n0 = self._masks(grid)
             self._count(layer, n, n0)
             by_layer.setdefault(layer, []).append((x, m))
         with torch.no_grad(), few_threads(work=max(sum(x.numel() for x, _ in v) for v in by_layer.values())):
