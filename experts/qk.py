@@ -49,8 +49,13 @@ class QKMeter:
         # with Q, K and V heads side by side where their head dims agree, else one part per projection
         self._acc: dict[int, tuple[tuple[tuple[int, ...], ...], list[torch.Tensor]]] = {}
         self._n = [[0, 0] for _ in range(num_layers)]  # per layer: tokens counted (all, without the first)
-        self._held: list = []  # (layer, [B, T, heads, d] rows of ours, the batch's grid) not reduced yet
+        self._held: list = []  # (layer, rows of ours, the batch's grid, head-major?) not reduced yet: [B, T | heads, heads | T, d]
         self._held_elements = 0
+        self._batch_elements = 0  # held elements of the current batch
+        # [layers, 2, H * d] float64 totals per width (Q, K and V of one head dim side by side): a layer's part is a view
+        # of its row, so a batch's reduced calls (its layers in order) are added by one op (_flush)
+        self._pool: dict[int, torch.Tensor] = {}
+        self._pooled: set[int] = set()  # layers whose totals are rows of a pool
         self._last_masks: tuple = (None,)  # (grid, masks, count, count without the first): see _masks
         self._tap: AttentionTap | None = None
         self._attn: dict[int, nn.Module] = {}
@@ -115,6 +120,9 @@ class QKMeter:
     def begin_batch(self, grid: torch.Tensor) -> None:
         """The batch's token grid ``[B, T]`` (-1 at padding), kept as it is: its masks are made when its rows are
         reduced (between forwards, every op costs several times what it costs in a tight loop)."""
+        if self._held_elements >= SITE_ELEMENTS:  # only whole batches are held past here
+            self._flush()
+        self._batch_elements = 0
         self._grid = grid
         self._shape = tuple(grid.shape)
 
@@ -123,44 +131,47 @@ class QKMeter:
         once per batch (the last grid's are kept: every layer, held or not, comes to the same batch in turn)."""
         if self._last_masks[0] is not grid:
             valid = grid.detach().cpu().numpy() >= 0
-            no0 = valid.copy()
-            no0[np.arange(valid.shape[0]), valid.argmax(-1)] = False  # each prompt's first real token (either padding)
-            self._last_masks = (grid, torch.from_numpy(np.stack([valid.ravel(), no0.ravel()]).astype(np.float32)),
-                                int(valid.sum()), int(no0.sum()))
+            B, T = valid.shape
+            masks = np.empty((2, B, T), dtype=np.float32)
+            masks[0] = masks[1] = valid
+            masks[1, np.arange(B), valid.argmax(-1)] = 0  # each prompt's first real token (either padding)
+            n = int(np.count_nonzero(valid))
+            self._last_masks = (grid, torch.from_numpy(masks.reshape(2, B * T)), n,
+                                n - int(np.count_nonzero(valid.any(-1))))
         return self._last_masks[1:]
 
     # ----- reduction ---------------------------------------------------------------------------------
     def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """``q [B, H, T, d]``, ``k`` and ``v [B, KV, T, d]`` as the attention function gets them (after RoPE).
 
-        The cost is per call on small models, so a call does little: Q, K and V side by side in their
-        token-major layout (one copy, ours), held with the batch's grid while the held rows are few (the
-        trace's coalescing budgets: ``SMALL_PAYLOAD`` per call, ``SITE_ELEMENTS`` in all; a larger budget
-        measured slower, its rows no longer in cache); then each layer's held rows are squared together and
-        each call's reduced against both token masks by its own small product (as if reduced at once, so the
-        sums do not depend on what was held together), into the layer's float64 totals. Large calls (wide
-        models) are reduced at once, holding nothing."""
+        The cost is per call on small models, so a call does nothing but keep Q, K and V (the tensors themselves:
+        the attention has used them, nothing writes them after) with the batch's grid. The held calls are reduced
+        a batch at a time (see ``_flush``), and only whole batches are held past a batch's start (``SITE_ELEMENTS``
+        in all, the trace's coalescing budget), so what is reduced together does not depend on where a checkpoint
+        flushed. Large calls (``SMALL_PAYLOAD``, wide models) are reduced at once."""
         if getattr(self, "_shape", None) != (q.shape[0], q.shape[2]):  # not the batch's prompt pass (a cached step)
             return
         if torch.is_grad_enabled():  # (the profile runs without; a context costs microseconds per call)
             with torch.no_grad():
                 return self.update(layer, q, k, v)
         same = q.shape[-1] == k.shape[-1] == v.shape[-1]
-        # token-major [B, T, heads, d]: the projections' own layout (q, k, v arrive as transposed views of it)
+        if layer not in self._acc:
+            if same:
+                self._acc[layer] = ((q.shape[1], k.shape[1], v.shape[1]),), \
+                    [self._pool_row(layer, (q.shape[1] + k.shape[1] + v.shape[1]) * q.shape[3], q.device)]
+            else:
+                self._acc[layer] = ((q.shape[1],), (k.shape[1],), (v.shape[1],)), \
+                    [torch.zeros(2, x.shape[1] * x.shape[3], dtype=torch.float64, device=x.device) for x in (q, k, v)]
+        if same and (size := q.numel() + k.numel() + v.numel()) < SMALL_PAYLOAD:
+            self._held.append((layer, q, k, v, self._grid))
+            self._held_elements += size
+            self._batch_elements += size
+            if self._batch_elements >= SITE_ELEMENTS:  # a large batch: reduced in parts fixed by the batch alone
+                self._flush()
+            return
         xs = [x.transpose(1, 2) for x in (q, k, v)]
         if same:
             xs = [torch.cat(xs, dim=2)]
-        if layer not in self._acc:
-            heads = (((q.shape[1], k.shape[1], v.shape[1]),) if same
-                     else ((q.shape[1],), (k.shape[1],), (v.shape[1],)))
-            self._acc[layer] = (heads, [torch.zeros(2, x.shape[2] * x.shape[3], dtype=torch.float64,
-                                                    device=x.device) for x in xs])
-        if same and xs[0].numel() < SMALL_PAYLOAD:  # our own copy: hold it
-            self._held.append((layer, xs[0], self._grid))
-            self._held_elements += xs[0].numel()
-            if self._held_elements >= SITE_ELEMENTS:
-                self._flush()
-            return
         masks, n, n0 = self._masks(self._grid)
         self._count(layer, n, n0)
         with few_threads(work=q.numel()):
@@ -170,33 +181,52 @@ class QKMeter:
                 sq = sq.square_() if same or sq.data_ptr() != x.data_ptr() else sq.square()
                 total.add_(torch.mm(masks.to(sq.device), sq))  # [2, B * T] @ [B * T, heads * d]
 
+    def _pool_row(self, layer: int, width: int, device: torch.device) -> torch.Tensor:
+        """Layer ``layer``'s ``[2, width]`` float64 totals (zeros): a row of the width's pool."""
+        pool = self._pool.get(width)
+        if pool is None or pool.device != torch.device(device):
+            pool = self._pool[width] = torch.zeros(self.num_layers, 2, width, dtype=torch.float64, device=device)
+            self._pooled -= {layer for layer in self._pooled if self._acc[layer][1][0].shape[1] == width}
+        self._pooled.add(layer)
+        return pool[layer]
+
     def _count(self, layer: int, n: int, n0: int) -> None:
         self._n[layer][0] += n
         self._n[layer][1] += n0
 
     def _flush(self) -> None:
-        """Reduce the held rows: per layer, its held calls' rows squared together, then one small product per call."""
-        held, self._held, self._held_elements = self._held, [], 0
+        """Reduce the held calls a batch at a time: every held call of the batch side by side, token-major, in one
+        copy (one ``cat``: the gather from DeepSeek's head-major queries included), squared, and reduced against
+        both token masks by one product, into the layers' float64 totals: a few ops per batch, not per call
+        (between forwards each op costs several times what it costs in a tight loop)."""
+        held, self._held, self._held_elements, self._batch_elements = self._held, [], 0, 0
         if not held:
             return
-        by_layer: dict[int, list] = {}
-        for layer, x, grid in held:
-            m, n, n0 = self._masks(grid)
-            self._count(layer, n, n0)
-            by_layer.setdefault(layer, []).append((x, m))
-        with torch.no_grad(), few_threads(work=max(sum(x.numel() for x, _ in v) for v in by_layer.values())):
-            for layer, parts in by_layer.items():
-                total = self._acc[layer][1][0]
-                rows = torch.cat([x.reshape(-1, total.shape[1]) for x, _ in parts]).float().square_()
-                # one product per held call, each on its own rows as an unheld call would compute it, so the float32
-                # sums do not depend on which calls were held together (a checkpoint reduces at other points);
-                # in a tight loop here they cost a fraction of what they cost between forwards
-                sums, start = [], 0
-                for x, m in parts:
-                    n = m.shape[1]
-                    sums.append(torch.mm(m.to(rows.device), rows[start:start + n]))  # [2, B * T] @ [B * T, heads * d]
-                    start += n
-                total.add_(torch.stack(sums).double().sum(0))
+        groups: dict[tuple, list] = {}  # (batch, head dim, dtype) -> [grid, (layer, q, k, v) ...] in call order
+        for layer, q, k, v, grid in held:
+            groups.setdefault((id(grid), q.shape[-1], q.dtype), [grid]).append((layer, q, k, v))
+        with torch.no_grad(), few_threads(work=sum(x.numel() for _, *qkv in held for x in qkv[:3])):
+            for grid, *calls in groups.values():
+                m, n, n0 = self._masks(grid)
+                # [B, T, every call's Q, K and V heads, d] -> [B * T, columns]: ours, squared in place
+                rows = torch.cat([x.transpose(1, 2) for _, *qkv in calls for x in qkv], dim=2)
+                rows = rows.view(m.shape[1], -1).float().square_()
+                sums = torch.mm(m.to(rows.device), rows).double()  # [2, B * T] @ [B * T, columns]
+                layers = [layer for layer, *_ in calls]
+                for layer in layers:
+                    self._count(layer, n, n0)
+                first, width = layers[0], sums.shape[1] // len(layers)
+                pool = self._pool.get(width)
+                if layers == list(range(first, first + len(layers))) and self._pooled.issuperset(layers) \
+                        and all(q.shape[1] + k.shape[1] + v.shape[1] == calls[0][1].shape[1] + calls[0][2].shape[1]
+                                + calls[0][3].shape[1] for _, q, k, v in calls) and pool.device == sums.device:
+                    pool[first:first + len(layers)].add_(sums.view(2, len(layers), width).transpose(0, 1))
+                else:
+                    start = 0
+                    for layer, *_ in calls:
+                        total = self._acc[layer][1][0]
+                        total.add_(sums[:, start:start + total.shape[1]])
+                        start += total.shape[1]
 
     def merge(self, other: "QKMeter") -> "QKMeter":
         self._flush()
@@ -207,6 +237,8 @@ class QKMeter:
                     total.add_(part.to(total.device))
             elif layer in self._acc:
                 raise ValueError(f"QKMeter: layer {layer}'s heads differ between the meters merged")
+            elif len(parts) == 1:
+                self._acc[layer] = (heads, [self._pool_row(layer, parts[0].shape[1], parts[0].device).copy_(parts[0])])
             else:
                 self._acc[layer] = (heads, [p.clone() for p in parts])
         for mine, theirs in zip(self._n, other._n):
@@ -230,14 +262,15 @@ class QKMeter:
                 sums.setdefault(int(parts[0]), {}).setdefault(parts[1], [None, None])[parts[2] == "no0"] = v
             else:
                 raise ValueError(f"QKMeter state {name!r} does not fit")
-        self._acc = {}
+        self._acc, self._pool, self._pooled = {}, {}, set()
         for layer, by_proj in sums.items():
             if set(by_proj) != set(PROJ) or any(t is None for pair in by_proj.values() for t in pair):
                 raise ValueError(f"QKMeter state of layer {layer} is incomplete")
             parts = [torch.stack(by_proj[p]).double() for p in PROJ]  # [2, H, d] each
             heads = tuple(p.shape[1] for p in parts)
             if len({p.shape[-1] for p in parts}) == 1:
-                self._acc[layer] = (heads,), [torch.cat(parts, dim=1).flatten(1)]
+                flat = torch.cat(parts, dim=1).flatten(1)
+                self._acc[layer] = (heads,), [self._pool_row(layer, flat.shape[1], flat.device).copy_(flat)]
             else:
                 self._acc[layer] = tuple((h,) for h in heads), [p.flatten(1) for p in parts]
         return self

@@ -506,3 +506,32 @@ def test_meter_never_writes_the_models_tensors(shape, monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip((q, k, v), before))
     for proj, x in zip("qkv", before):
         torch.testing.assert_close(meter.sums[f"0.{proj}.all"], (x.double() ** 2).sum((0, 2)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [(0, 1, 2), (0, 2)], ids=["consecutive", "gap"])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3)], ids=["one-token", "two-prompts"])
+def test_held_calls_equal_brute_force_whatever_their_layout(shape, layers):
+    """Held calls (the tensors themselves, reduced a batch at a time): head-major Q (DeepSeek concatenates its
+    queries), token-major K, a strided slice for V; layers in order (one add into the shared totals) or not.
+    The model's tensors are never written, and the sums equal brute force over the real tokens."""
+    B, T = shape
+    g = torch.Generator().manual_seed(2)
+    meter = QKMeter(3)
+    grid = torch.arange(B * T).view(B, T)
+    if B > 1:
+        grid[1, -1] = -1  # padding
+    meter.begin_batch(grid)
+    calls = {}
+    for layer in layers:
+        q = torch.randn(B, 2, T, 4, generator=g)  # head-major, contiguous
+        k = torch.randn(B, T, 1, 4, generator=g).transpose(1, 2)
+        v = torch.randn(B, T, 1, 7, generator=g)[..., 2:6].transpose(1, 2)
+        calls[layer] = (q, k, v, [x.clone() for x in (q, k, v)])
+        meter.update(layer, q, k, v)
+    valid = (grid >= 0).double()[:, None, :, None]
+    for layer, (q, k, v, before) in calls.items():
+        for proj, x, y in zip("qkv", (q, k, v), before):
+            assert torch.equal(x, y)
+            torch.testing.assert_close(meter.sums[f"{layer}.{proj}.all"], (y.double() ** 2 * valid).sum((0, 2)),
+                                       rtol=1e-5, atol=1e-6)
+    assert meter.tokens[layers[0]].tolist() == [int((grid >= 0).sum()), int((grid >= 0).sum()) - B]
