@@ -1,7 +1,7 @@
 """Do knowledge circuits hold on facts nobody tuned for? ``find_circuit`` with the CLI's defaults
 (EAP-IG over edges, 5 steps, fill selection, curve on, per-relation circuits on) on fact sets, one table.
 
-    .venv/bin/python bench/circuit_generalisation.py [--sets builtin,plain,heldout] [--facts FILE ...]
+    .venv/bin/python bench/circuit_generalisation.py [--sets builtin,plain,heldout] [--facts FILE ...] [--selection signed]
 
 Sets: ``builtin``: each built-in relation on its own (annotated, as shipped); ``plain``:
 ``examples/plain_facts.jsonl`` (12 plain facts, 4 relations, written for issue 19's first check);
@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workbench.circuits.discover import CircuitOptions, find_circuit  # noqa: E402
+from workbench.circuits.discover import SELECTIONS, CircuitOptions, find_circuit  # noqa: E402
 from workbench.circuits.facts import builtin_facts, read_facts  # noqa: E402
 from workbench.models.specs import load  # noqa: E402
 
@@ -36,11 +36,11 @@ def _at(curve: list[dict], fraction: float) -> dict:
     return min(curve, key=lambda c: abs(c["fraction"] - fraction))
 
 
-def row(lm, name: str, facts) -> str:
+def row(lm, name: str, facts, selection: str = "fill") -> str:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        circuit, _, _ = find_circuit(lm, facts, CircuitOptions(curve=True))
+        circuit, _, _ = find_circuit(lm, facts, CircuitOptions(curve=True, selection=selection))
     m = circuit.meta["metrics"]
     c1, c2 = _at(m["curve"], 0.01), _at(m["curve"], 0.02)
     reach = next((c for c in sorted(m["curve"], key=lambda c: c["budget"]) if c["faithfulness"] >= 0.85), None)
@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--sets", default="builtin,plain,heldout")
     ap.add_argument("--facts", nargs="*", default=[])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--selection", default="fill", choices=sorted(SELECTIONS),
+                    help="the circuit selection rule (default fill, the CLI's; signed: answer-carrying edges only)")
     args = ap.parse_args()
     torch.manual_seed(0)
     lm = load(args.model)
@@ -78,7 +80,7 @@ def main() -> None:
           "| smallest reaching 0.85 | per-relation 1 % circuits: faithfulness / Hit@10 | time |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, facts in sets:
-        print(row(lm, name, facts), flush=True)
+        print(row(lm, name, facts, args.selection), flush=True)
 
 
 if __name__ == "__main__":

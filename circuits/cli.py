@@ -40,9 +40,11 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--no-per-relation", action="store_true",
                    help="with facts of several relations (given or inferred), skip each relation's own circuit "
                         "(OUT/relations/*.json) and the overlap report")
-    c.add_argument("--selection", choices=["fill", "top", "greedy"], default="fill",
+    c.add_argument("--selection", choices=["fill", "top", "greedy", "signed"], default="fill",
                    help="fill: the smallest top-|score| set whose pruned circuit has N edges (default); top: the N "
-                        "highest |score| edges, then pruned to input->logits paths; greedy: grown backward from the logits")
+                        "highest |score| edges, then pruned to input->logits paths; greedy: grown backward from the "
+                        "logits; signed: fill over the edges that carry the answer only (no edge that works against "
+                        "it; faithfulness can exceed 1)")
     c.add_argument("--refine", type=Number(int, 2, off=0), default=0, metavar="K",
                    help="re-score the best K x N edges with eap-ig-edges within that candidate circuit (every other "
                         "edge corrupted) and keep the best N of them (K >= 2; default 0: off)")

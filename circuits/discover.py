@@ -14,7 +14,7 @@ import torch
 from workbench.circuits import export, memory
 from workbench.circuits.attribution import STORE_DTYPES, Scores, attribute
 from workbench.circuits.evaluate import (edge_entropy, evaluate, prune, select_fill, select_greedy, select_random,
-                                         select_threshold, select_top)
+                                         select_signed, select_threshold, select_top)
 from workbench.circuits.export import Circuit
 from workbench.circuits.facts import Fact, Prepared, prepare
 from workbench.circuits.graph import build_graph
@@ -29,7 +29,8 @@ class CircuitOptions:
     metric: str = "logit_diff"
     top_edges: int | None = None  # default (neither this nor threshold): 1 % of the edges
     threshold: float | None = None
-    selection: str = "fill"  # fill: pruned circuit of N edges; top: top-N then prune; greedy: grown from logits
+    selection: str = "fill"  # fill: pruned circuit of N edges; top: top-N then prune; greedy: grown from logits;
+    # signed: fill over the edges that carry the answer only (can exceed the full model: faithfulness > 1)
     refine: int = 0  # K >= 2: re-score the best K x N edges within themselves, then keep N (0: off)
     batch_size: int = 16
     random_seeds: int = 3  # size-matched random circuits, the control
@@ -47,7 +48,7 @@ class CircuitOptions:
 CURVE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
-SELECTIONS = {"top": select_top, "fill": select_fill, "greedy": select_greedy}
+SELECTIONS = {"top": select_top, "fill": select_fill, "greedy": select_greedy, "signed": select_signed}
 
 
 def _memory_kwargs(o: CircuitOptions) -> dict:

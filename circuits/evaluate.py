@@ -95,6 +95,15 @@ def select_fill(graph: Graph, matrix: torch.Tensor, n: int) -> torch.Tensor:
     return prune(graph, select_top(graph, matrix, lo))
 
 
+def select_signed(graph: Graph, matrix: torch.Tensor, n: int) -> torch.Tensor:
+    """[S, R] bool: :func:`select_fill` over the edges that carry the answer only. A score is the metric's
+    first-order change when the edge is corrupted (``(corrupted - clean) . gradient``), so the edges with the
+    most negative scores are kept, and edges that work against the answer never are (Hanna et al.'s
+    ``absolute=False``). Such a circuit can beat the full model's logit difference (faithfulness above 1):
+    it leaves out what the model does against its own answer."""
+    return select_fill(graph, (-matrix).clamp(min=0), n)
+
+
 def select_threshold(graph: Graph, matrix: torch.Tensor, threshold: float) -> torch.Tensor:
     return graph.valid() & (matrix.abs() >= threshold)
 

@@ -15,7 +15,8 @@ from workbench.circuits import export
 from workbench.circuits.attribution import attribute
 from workbench.circuits.cli import add_circuit_parser
 from workbench.circuits.discover import CircuitOptions, find_circuit, write_outputs
-from workbench.circuits.evaluate import evaluate, prune, select_fill, select_greedy, select_random, select_top
+from workbench.circuits.evaluate import (evaluate, prune, select_fill, select_greedy, select_random, select_signed,
+                                         select_top)
 from workbench.circuits.facts import Fact, builtin_facts, parse_facts, prepare, read_facts
 from workbench.circuits.graph import build_graph
 from workbench.circuits.runner import GraphRunner
@@ -250,6 +251,12 @@ def test_selection_and_pruning(tiny_llama):
     assert bool((prune(g, select_top(g, m, 30)) <= fill).all())  # at least as many top edges as top-30
     greedy = select_greedy(g, m, 30)
     assert int(greedy.sum()) == 30
+    # signed: only edges that carry the answer (negative scores: corrupting them lowers the metric), as many
+    # of the most negative as fill would take of the largest |score|; never an edge that works against it
+    signed = select_signed(g, m, 30)
+    assert 25 <= int(signed.sum()) <= 30 and prune(g, signed).equal(signed)
+    assert bool((m[signed] < 0).all())
+    assert not signed.equal(fill)
     assert int(select_random(g, 25, 0).sum()) == 25 and select_random(g, 25, 0).equal(select_random(g, 25, 0))
 
 
