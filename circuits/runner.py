@@ -231,7 +231,14 @@ class _Checkpointed(_StandIn):
     def forward(self, *args, **kwargs):
         r = self.runner
         if r._mode == "grad" and r._within is None and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._modules["base"], *args, use_reentrant=False, **kwargs)
+            base = self._modules["base"]
+
+            def layer(*a):
+                try:
+                    return base(*a, **kwargs)
+                finally:  # the receivers' copies are the layer's own: a recomputation in backward leaves none behind
+                    r._stash.clear()
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
         return self._modules["base"](*args, **kwargs)
 
 
