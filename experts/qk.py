@@ -49,7 +49,7 @@ class QKMeter:
         # with Q, K and V heads side by side where their head dims agree, else one part per projection
         self._acc: dict[int, tuple[tuple[tuple[int, ...], ...], list[torch.Tensor]]] = {}
         self._n = [[0, 0] for _ in range(num_layers)]  # per layer: tokens counted (all, without the first)
-        self._held: list = []  # (layer, rows of ours, the batch's grid, head-major?) not reduced yet: [B, T | heads, heads | T, d]
+        self._held: list = []  # (layer, q, k, v, the batch's grid): calls not reduced yet
         self._held_elements = 0
         self._batch_elements = 0  # held elements of the current batch
         # [layers, 2, H * d] float64 totals per width (Q, K and V of one head dim side by side): a layer's part is a view
@@ -144,8 +144,9 @@ class QKMeter:
     def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """``q [B, H, T, d]``, ``k`` and ``v [B, KV, T, d]`` as the attention function gets them (after RoPE).
 
-        The cost is per call on small models, so a call does nothing but keep Q, K and V (the tensors themselves:
-        the attention has used them, nothing writes them after) with the batch's grid. The held calls are reduced
+        The cost is per call on small models, so a call does nothing but keep Q, K and V (the tensors themselves,
+        not copies: the model does not write them after its attention; a tap installed after this one that
+        changes them in place, as ``mean_qk`` does, is then recorded as the attention used it) with the batch's grid. The held calls are reduced
         a batch at a time (see ``_flush``), and only whole batches are held past a batch's start (``SITE_ELEMENTS``
         in all, the trace's coalescing budget), so what is reduced together does not depend on where a checkpoint
         flushed. Large calls (``SMALL_PAYLOAD``, wide models) are reduced at once."""
@@ -186,7 +187,7 @@ class QKMeter:
         pool = self._pool.get(width)
         if pool is None or pool.device != torch.device(device):
             pool = self._pool[width] = torch.zeros(self.num_layers, 2, width, dtype=torch.float64, device=device)
-            self._pooled -= {layer for layer in self._pooled if self._acc[layer][1][0].shape[1] == width}
+            self._pooled -= {other for other in self._pooled if self._acc[other][1][0].shape[1] == width}
         self._pooled.add(layer)
         return pool[layer]
 
