@@ -14,8 +14,12 @@ dtype (``floor_per_token``). Per token of the batch in flight a run keeps, besid
   The heap is kept from fragmenting (glibc's mmap threshold is fixed at 64 KB), which costs time too.
 
 The backward's transients (each stage's receiver gradients, mapped through the norm and laid out for
-the contraction, and autograd's own) are ``TRANSIENT x`` the largest stage's receivers x d x 4 bytes:
-a constant measured on SmolLM2-135M with 8 prompts of 165 tokens. ``bench/circuit_scale.py`` prints a
+the contraction, and autograd's own) are ``TRANSIENT x`` the largest stage's receivers x d x 4 bytes in
+fast mode (a constant measured on SmolLM2-135M with 8 prompts of 165 tokens) and ``TRANSIENT_LEAN x``
+in lean mode, where only one checkpointed layer's backward is in flight: fitted, on 8 prompts of 161
+tokens at batch 8, to SmolLM2-135M (1.13 MB per token measured above the plan's base, 2.9 units) and the
+hidden-1,024 64-expert Qwen3-MoE of ``bench/profile_overhead.py`` (2.98 MB, 4.6 units), rounded up, so
+the lean estimate is 7 % and 4 % above those runs' peaks (it was 31 % and 72 % above with 12). ``bench/circuit_scale.py`` prints a
 run's estimate beside its measured peak (TinyLlama-shaped 1.1B, 512 tokens: 14.9 GB estimated, 13.4 GB
 peak RSS; SmolLM2, the same 8 prompts, fast mode: 5.0 GB estimated, 4.98 GB peak).
 """
@@ -33,6 +37,7 @@ import torch
 from workbench.errors import WorkbenchError
 
 TRANSIENT = 12  # backward transients, in units of (largest stage's receivers x d x 4 bytes) per token
+TRANSIENT_LEAN = 5  # the same in lean mode (one checkpointed layer's backward at a time)
 SLACK = 1.15  # allocator overhead and what the constants miss
 PROBE_TOKENS = 256  # the autograd probe runs on at most this many tokens of the longest prompt
 GB = 2**30
@@ -120,7 +125,7 @@ def per_token_bytes(graph, store: torch.dtype, lean: bool, autograd: float, n_la
     S, P, d = graph.n_senders, len(graph.stages), graph.d_model
     isz = torch.empty(0, dtype=store).element_size()
     widest = max(st.size for st in graph.stages)
-    transient = TRANSIENT * widest * d * 4
+    transient = (TRANSIENT_LEAN if lean else TRANSIENT) * widest * d * 4
     senders = (1 if lean else 2) * S * d * isz
     resid = P * d * isz
     if lean:  # layer inputs kept, one layer's activations recomputed at a time
