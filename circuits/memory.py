@@ -19,7 +19,8 @@ fast mode (a constant measured on SmolLM2-135M with 8 prompts of 165 tokens) and
 in lean mode, where only one checkpointed layer's backward is in flight: fitted, on 8 prompts of 161
 tokens at batch 8, to SmolLM2-135M (1.13 MB per token measured above the plan's base, 2.9 units) and the
 hidden-1,024 64-expert Qwen3-MoE of ``bench/profile_overhead.py`` (2.98 MB, 4.6 units), rounded up, so
-the lean estimate is 7 % and 4 % above those runs' peaks (it was 31 % and 72 % above with 12). ``bench/circuit_scale.py`` prints a
+the lean per-token estimate is 7 % and 4 % above those runs' (it was 31 % and 72 % above with 12) and
+8 % above the peak of a held-out run (8 prompts of 350 tokens). ``bench/circuit_scale.py`` prints a
 run's estimate beside its measured peak (TinyLlama-shaped 1.1B, 512 tokens: 14.9 GB estimated, 13.4 GB
 peak RSS; SmolLM2, the same 8 prompts, fast mode: 5.0 GB estimated, 4.98 GB peak).
 """
