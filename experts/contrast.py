@@ -55,12 +55,24 @@ def routing_by_prompt(lm, prompts: Sequence[str], batch_size: int = 8, progress:
 
 
 def _welch(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Welch's t and two-sided p, in float64; a group whose values are all equal has variance exactly 0.
+
+    Written out rather than ``scipy.stats.ttest_ind``, which warns ("catastrophic cancellation") whenever a
+    group is constant, and experts routed on every token of every prompt are common at large top-k.
+    """
     from scipy import stats
 
-    if a.numel() < 2 or b.numel() < 2 or (a.std() == 0 and b.std() == 0):
+    a, b = a.double(), b.double()
+    if a.numel() < 2 or b.numel() < 2:
         return (math.inf if a.mean() != b.mean() else 0.0), (0.0 if a.mean() != b.mean() else 1.0)
-    t, p = stats.ttest_ind(a.numpy(), b.numpy(), equal_var=False)
-    return float(t), float(p)
+    va = 0.0 if a.max() == a.min() else float(a.var()) / a.numel()
+    vb = 0.0 if b.max() == b.min() else float(b.var()) / b.numel()
+    diff = float(a.mean() - b.mean())
+    if va + vb == 0.0:
+        return (math.copysign(math.inf, diff) if diff else 0.0), (0.0 if diff else 1.0)
+    t = diff / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (a.numel() - 1) + vb ** 2 / (b.numel() - 1))
+    return t, float(2 * stats.t.sf(abs(t), df))
 
 
 def contrast(lm, positive: Sequence[str], negative: Sequence[str], batch_size: int = 8,

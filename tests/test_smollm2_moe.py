@@ -251,6 +251,6 @@ def test_bad_size_on_the_command_line_is_one_line(tmp_path):
                         "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert [l for l in r.stderr.splitlines() if l.startswith("error:")] == [
-        "error: bad model spec 'smollm2-moe:top99': use smollm2-moe (top-14) or smollm2-moe:topK with K from 1 to 16, "
+        "error: bad model spec 'smollm2-moe:top99': use smollm2-moe (top-15) or smollm2-moe:topK with K from 1 to 16, "
         "e.g. smollm2-moe:top8"]
     assert not (tmp_path / "p").exists()

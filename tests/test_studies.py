@@ -146,6 +146,30 @@ def test_study_rejects_duplicate_and_baseline_names():
         Study({"conditions": [{"name": "baseline"}]})
 
 
+def test_welch_matches_scipy_and_handles_constant_groups():
+    """Welch's t-test as scipy computes it (float64, to 1e-9), and no warning or NaN when a group is constant
+    (an expert routed on every token of every prompt, common at large top-k)."""
+    import math
+    import warnings
+
+    import torch
+    from scipy import stats
+
+    from workbench.experts.contrast import _welch
+
+    g = torch.Generator().manual_seed(0)
+    for n, m in ((38, 38), (12, 30), (5, 3)):
+        a, b = torch.rand(n, generator=g), torch.rand(m, generator=g) * 0.5 + 0.2
+        t, p = stats.ttest_ind(a.double().numpy(), b.double().numpy(), equal_var=False)
+        assert _welch(a, b) == pytest.approx((float(t), float(p)), rel=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t, p = _welch(torch.full((38,), 0.9), torch.rand(38, generator=g))  # 0.9 is inexact in float32
+        assert math.isfinite(t) and t > 0 and 0.0 < p < 1e-6
+        assert _welch(torch.full((9,), 0.9), torch.full((7,), 0.9)) == (0.0, 1.0)
+        assert _welch(torch.full((9,), 0.4), torch.full((7,), 0.9)) == (-math.inf, 0.0)
+
+
 def test_contrast_finds_a_planted_behaviour_expert(tmp_path):
     """The same prompts, with expert 6 of layer 1 forced on ' zebra' tokens in the positive run only:
     the ranking must put (1, 6) first, significantly."""

@@ -37,7 +37,7 @@ from workbench.errors import WorkbenchError
 
 PARTS = Path(__file__).parent / "zoo_weights" / "smollm2-moe-parts.safetensors"
 SCRIPT = "scripts/moefy_smollm2.py"
-DEFAULT_TOP_K = 14
+DEFAULT_TOP_K = 15
 SPEC = "smollm2-moe"
 # SmolLM2-135M-Instruct's config (as the GGUF conversion writes it), so listing needs no weights.
 SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
