@@ -2,6 +2,7 @@
 (EAP-IG over edges, 5 steps, fill selection, curve on, per-relation circuits on) on fact sets, one table.
 
     .venv/bin/python bench/circuit_generalisation.py [--sets builtin,plain,heldout] [--facts FILE ...] [--selection signed]
+    .venv/bin/python bench/circuit_generalisation.py --swaps 3     # the 2 % circuit with and without --swaps
 
 Sets: ``builtin``: each built-in relation on its own (annotated, as shipped); ``plain``:
 ``examples/plain_facts.jsonl`` (12 plain facts, 4 relations, written for issue 19's first check);
@@ -12,6 +13,11 @@ Per set: facts, baselines used, faithfulness and Hit@10 (circuit / full model) a
 edges (from the curve, one attribution pass), the smallest curve budget reaching 0.85, and, where the
 facts mix relations, faithfulness and Hit@10 with every fact patched through its own relation's 1 %
 circuit and the mean pairwise Jaccard of those circuits.
+
+``--swaps N`` prints another table instead: per set, the 2 % circuit as selected (fill) and after up to N
+rounds of ``--swaps``, faithfulness and Hit@10 on the facts it was found on, and, since the search
+optimises on those facts, the same two circuits found on the even-numbered facts only and evaluated on
+the odd-numbered ones (each half prepared on its own, so a half can have fewer swap partners).
 """
 
 from __future__ import annotations
@@ -55,6 +61,37 @@ def row(lm, name: str, facts, selection: str = "fill") -> str:
             f"| {per} | {time.perf_counter() - t0:.0f} s |")
 
 
+def swap_row(lm, name: str, facts, rounds: int) -> str:
+    from workbench.circuits.evaluate import evaluate
+    from workbench.circuits.facts import prepare
+    from workbench.circuits.graph import build_graph
+
+    t0 = time.perf_counter()
+    graph = build_graph(lm.model, lm.adapter)
+    n = graph.n_edges // 50  # 2 %
+
+    def find(fs, swaps):
+        o = CircuitOptions(top_edges=n, swaps=swaps, per_relation=False, random_seeds=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return find_circuit(lm, fs, o)
+
+    cells = []
+    for fs, other in ((facts, None), (facts[0::2], facts[1::2])):
+        got = [find(fs, k) for k in (0, rounds)]
+        if other is None:
+            ms = [c.meta["metrics"] for c, _, _ in got]
+            kept = len(got[1][0].meta["selection"]["swaps"]["accepted"])
+            cells += [f"{m['faithfulness']:.3f} / {m['hit_at_10_circuit']:.2f}" for m in ms]
+            cells.append(f"{got[1][0].meta['n_edges']} ({kept} kept)")
+        else:
+            ev = evaluate(lm, prepare(lm.tokenizer, other), graph, {"fill": got[0][2], "swaps": got[1][2]})
+            cells += [f"{ev['circuits'][k]['faithfulness']:.3f} / {ev['circuits'][k]['hit_at_10']:.2f}"
+                      for k in ("fill", "swaps")]
+            cells.append(f"{ev['hit_at_10_full']:.2f}")
+    return f"| {name} | {len(facts)} | " + " | ".join(cells) + f" | {time.perf_counter() - t0:.0f} s |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default="builtin,plain,heldout")
@@ -62,6 +99,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--selection", default="fill", choices=sorted(SELECTIONS),
                     help="the circuit selection rule (default fill, the CLI's; signed: answer-carrying edges only)")
+    ap.add_argument("--swaps", type=int, default=0, help="compare the 2 %% circuit with and without this many "
+                                                         "rounds of --swaps (in sample and on held-out halves)")
     args = ap.parse_args()
     torch.manual_seed(0)
     lm = load(args.model)
@@ -76,6 +115,13 @@ def main() -> None:
     if "heldout" in wanted:
         sets.append(("examples/heldout_facts.jsonl", read_facts(ROOT / "examples" / "heldout_facts.jsonl")))
     sets += [(f, read_facts(f)) for f in args.facts]
+    if args.swaps:
+        print(f"| facts | n | fill: faithfulness / Hit@10 | --swaps {args.swaps} | edges (rounds kept) | found on even "
+              "facts, on odd: fill | swaps | Hit@10 full (odd) | time |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name, facts in sets:
+            print(swap_row(lm, name, facts, args.swaps), flush=True)
+        return
     print("| facts | n | baselines | faithfulness 1 % | Hit@10 1 % circuit / full | faithfulness 2 % | Hit@10 2 % "
           "| smallest reaching 0.85 | per-relation 1 % circuits: faithfulness / Hit@10 | time |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

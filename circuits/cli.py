@@ -48,6 +48,10 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--refine", type=Number(int, 2, off=0), default=0, metavar="K",
                    help="re-score the best K x N edges with eap-ig-edges within that candidate circuit (every other "
                         "edge corrupted) and keep the best N of them (K >= 2; default 0: off)")
+    c.add_argument("--swaps", type=Number(int, 1, off=0), default=0, metavar="ROUNDS",
+                   help="after selection, up to ROUNDS rounds of edge swaps chosen by the gradient at the circuit "
+                        "itself (every other edge corrupted), each kept only if it brings every fact's logit difference "
+                        "closer to the full model's (squared error) without lowering Hit@10; same budget (default 0: off)")
     c.add_argument("--random-seeds", type=COUNT_OR_OFF, default=3, help="size-matched random circuits for the control")
     c.add_argument("--batch-size", type=COUNT, default=16, help="facts per batch at most (default 16; fewer where "
                                                                   "the memory budget needs it)")
@@ -95,7 +99,7 @@ def cmd_circuit(args) -> int:
     clear_stale_temps(out, ["circuit.*", "edges.parquet", "metrics.json"])  # what a killed run left half-written
     lm = load(args.model, device=args.device)
     opts = CircuitOptions(method=args.method, steps=args.steps, metric=args.metric, top_edges=args.top_edges,
-                          threshold=args.threshold, selection=args.selection, refine=args.refine,
+                          threshold=args.threshold, selection=args.selection, refine=args.refine, swaps=args.swaps,
                           batch_size=args.batch_size, max_memory=args.max_memory, store=args.store_dtype,
                           lean=True if args.lean else None,
                           random_seeds=args.random_seeds, progress=not args.quiet,
@@ -106,6 +110,11 @@ def cmd_circuit(args) -> int:
     m = circuit.meta.get("metrics", {})
     print(f"{args.method} on {len(facts)} facts: {circuit.n_edges} of {circuit.meta['n_edges_total']} edges "
           f"({circuit.meta['attribution_seconds']:.1f} s)")
+    if "swaps" in circuit.meta["selection"]:
+        sw = circuit.meta["selection"]["swaps"]
+        print(f"swaps: {len(sw['accepted'])} of {sw['rounds']} rounds kept, faithfulness {sw['faithfulness_start']:.3f} "
+              f"-> {sw['faithfulness_end']:.3f}, Hit@10 {sw['hit_at_10_start']:.3f} -> {sw['hit_at_10_end']:.3f} "
+              f"({sw['seconds']:.1f} s)")
     if m:
         print(f"faithfulness {m['faithfulness']:.3f} (random {m['faithfulness_random']:.3f}); Hit@10 full "
               f"{m['hit_at_10_full']:.3f}, circuit {m['hit_at_10_circuit']:.3f}, random {m['hit_at_10_random']:.3f}")

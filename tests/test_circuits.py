@@ -260,6 +260,40 @@ def test_selection_and_pruning(tiny_llama):
     assert int(select_random(g, 25, 0).sum()) == 25 and select_random(g, 25, 0).equal(select_random(g, 25, 0))
 
 
+def test_swaps_only_keep_improvements_within_the_budget(tiny_llama):
+    """--swaps: every kept round lowers the squared error between each fact's logit difference through the
+    circuit and the full model's without lowering Hit@10, the circuit stays pruned and within the budget, the logged end value is
+    what an independent evaluation of the returned circuit gives, and no rounds is the plain selection."""
+    from workbench.circuits.discover import swap_search
+
+    n = 20  # at 40 and more edges the plain circuit is already near the full model here
+    base = CircuitOptions(method="eap-ig-edges", steps=2, top_edges=n, random_seeds=0, batch_size=4,
+                          per_relation=False)
+    plain, scores, plain_mask = find_circuit(tiny_llama, FACTS, base)
+    assert "swaps" not in plain.meta["selection"]
+    circuit, _, mask = find_circuit(tiny_llama, FACTS, CircuitOptions(**{**base.__dict__, "swaps": 4}))
+    log = circuit.meta["selection"]["swaps"]
+    values = [log["start"]] + [a["objective"] for a in log["accepted"]]
+    assert log["accepted"], "no swap helped on this model: the test would not check the search"
+    assert all(b > a for a, b in zip(values, values[1:])) and log["end"] == values[-1] and values[-1] <= 0
+    assert 0 < int(mask.sum()) <= n and prune(scores.graph, mask).equal(mask) and not mask.equal(plain_mask)
+    prepared = prepare(tiny_llama.tokenizer, FACTS)
+    ev = evaluate(tiny_llama, prepared, scores.graph, {"c": mask}, batch_size=4)
+    error = torch.tensor(ev["per_fact"]["metric_c"]) - torch.tensor(ev["per_fact"]["metric_full"])
+    assert -float((error ** 2).sum()) == pytest.approx(log["end"], rel=1e-5, abs=1e-5)
+    assert ev["circuits"]["c"]["faithfulness"] == pytest.approx(log["faithfulness_end"], rel=1e-6)
+    hits = [log["hit_at_10_start"]] + [a["hit_at_10"] for a in log["accepted"]]
+    assert hits == sorted(hits) and ev["circuits"]["c"]["hit_at_10"] == log["hit_at_10_end"]
+    # the same search from the outside, one round: the same first kept swap
+    again, one = swap_search(tiny_llama, prepare(tiny_llama.tokenizer, FACTS), scores.graph, plain_mask, n,
+                             CircuitOptions(**{**base.__dict__, "swaps": 1}))
+    assert one["accepted"][0]["objective"] == pytest.approx(log["accepted"][0]["objective"], rel=1e-5)
+    with pytest.raises(WorkbenchError, match="--swaps keeps the circuit's size"):
+        find_circuit(tiny_llama, FACTS, CircuitOptions(threshold=0.1, swaps=2))
+    with pytest.raises(WorkbenchError, match="--swaps must be >= 0"):
+        find_circuit(tiny_llama, FACTS, CircuitOptions(swaps=-1))
+
+
 # ----- export --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
