@@ -50,8 +50,9 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
                         "edge corrupted) and keep the best N of them (K >= 2; default 0: off)")
     c.add_argument("--swaps", type=Number(int, 1, off=0), default=0, metavar="ROUNDS",
                    help="after selection, up to ROUNDS rounds of edge swaps chosen by the gradient at the circuit "
-                        "itself (every other edge corrupted), each kept only if it brings every fact's logit difference "
-                        "closer to the full model's (squared error) without lowering Hit@10; same budget (default 0: off)")
+                        "itself (every other edge corrupted), each kept only if it brings the facts' logit differences "
+                        "closer to the full model's (summed squared error) without lowering Hit@10; same budget "
+                        "(default 0: off)")
     c.add_argument("--random-seeds", type=COUNT_OR_OFF, default=3, help="size-matched random circuits for the control")
     c.add_argument("--batch-size", type=COUNT, default=16, help="facts per batch at most (default 16; fewer where "
                                                                   "the memory budget needs it)")
