@@ -240,10 +240,10 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", ste
 
     ``within`` ([S, R] bool, ``eap-ig-edges`` only): scale only these edges from corrupted to clean and
     keep every other edge corrupted (see the module docstring). A float ``within`` weights each edge: at
-    interpolation point t receiver v reads ``corrupted + t sum_u within[u, v] (u - corrupted u)``. ``groups`` (name -> indices into
-    ``prepared``, disjoint): batches never mix groups and each group's mean scores are kept in
-    ``Scores.by_group`` as well, in the same pass (the matrix is still the mean over every fact; facts
-    in no group are scored as usual).
+    interpolation point t receiver v reads ``corrupted + t sum_u within[u, v] (u - corrupted u)``.
+    ``groups`` (name -> indices into ``prepared``, disjoint): batches never mix groups and each group's
+    mean scores are kept in ``Scores.by_group`` as well, in the same pass (the matrix is still the mean
+    over every fact; facts in no group are scored as usual).
 
     Memory (see ``circuits.memory``): ``lean`` keeps each decoder layer's input only and recomputes the
     layer in backward, and keeps one buffer of sender differences (eap-ig-edges reruns the corrupted

@@ -113,8 +113,9 @@ def cmd_circuit(args) -> int:
           f"({circuit.meta['attribution_seconds']:.1f} s)")
     if "swaps" in circuit.meta["selection"]:
         sw = circuit.meta["selection"]["swaps"]
-        print(f"swaps: {len(sw['accepted'])} of {sw['rounds']} rounds kept, faithfulness {sw['faithfulness_start']:.3f} "
-              f"-> {sw['faithfulness_end']:.3f}, Hit@10 {sw['hit_at_10_start']:.3f} -> {sw['hit_at_10_end']:.3f} "
+        print(f"swaps: {len(sw['accepted'])} of {sw['rounds']} rounds kept, faithfulness "
+              f"{sw['faithfulness_start']:.3f} -> {sw['faithfulness_end']:.3f}, "
+              f"Hit@10 {sw['hit_at_10_start']:.3f} -> {sw['hit_at_10_end']:.3f} "
               f"({sw['seconds']:.1f} s)")
     if m:
         print(f"faithfulness {m['faithfulness']:.3f} (random {m['faithfulness_random']:.3f}); Hit@10 full "

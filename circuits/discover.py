@@ -147,7 +147,8 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
         swap_seconds = selection["swaps"]["seconds"] = round(time.perf_counter() - t_swap, 3)
     meta = {"model": lm.spec if hasattr(lm, "spec") else "", "method": o.method, "steps": scores.steps,
             "metric": o.metric, "selection": selection, "n_edges": int(mask.sum()), "n_edges_total": graph.n_edges,
-            "graph": graph.summary(), "attribution_seconds": round(time.perf_counter() - t_attr - curve_seconds - swap_seconds, 3),
+            "graph": graph.summary(),
+            "attribution_seconds": round(time.perf_counter() - t_attr - curve_seconds - swap_seconds, 3),
             "baselines": _count([p.baseline for p in prepared]), "memory": mem.to_dict()}
     if o.evaluate:
         t0 = time.perf_counter()
@@ -298,8 +299,9 @@ def swap_search(lm, prepared, graph, mask: torch.Tensor, n: int, o: CircuitOptio
     some facts has left out what works against the answer). A round swaps the ``k`` outside edges that would
     raise the objective most for the ``k`` inside edges that would cost least (``k`` = 1 % of ``n``, halved
     until a swap helps), prunes, evaluates (path patching, as the circuit's metrics), and keeps the result
-    only if the objective rose and Hit@10 did not fall; it stops after ``o.swaps`` rounds or when no swap helps. The circuit never
-    grows past ``n``. It optimises on the facts it is given: see the README for what carries to other facts.
+    only if the objective rose and Hit@10 did not fall; it stops after ``o.swaps`` rounds or when no swap
+    helps. The circuit never grows past ``n``. It optimises on the facts it is given: see the README for
+    what carries to other facts.
     """
     mem = _memory_kwargs(o)
     valid = graph.valid()

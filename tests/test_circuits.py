@@ -262,8 +262,9 @@ def test_selection_and_pruning(tiny_llama):
 
 def test_swaps_only_keep_improvements_within_the_budget(tiny_llama):
     """--swaps: every kept round lowers the squared error between each fact's logit difference through the
-    circuit and the full model's without lowering Hit@10, the circuit stays pruned and within the budget, the logged end value is
-    what an independent evaluation of the returned circuit gives, and no rounds is the plain selection."""
+    circuit and the full model's without lowering Hit@10, the circuit stays pruned and within the budget, the
+    logged end value is what an independent evaluation of the returned circuit gives, and no rounds is the
+    plain selection."""
     from workbench.circuits.discover import swap_search
 
     n = 20  # at 40 and more edges the plain circuit is already near the full model here
@@ -285,7 +286,7 @@ def test_swaps_only_keep_improvements_within_the_budget(tiny_llama):
     hits = [log["hit_at_10_start"]] + [a["hit_at_10"] for a in log["accepted"]]
     assert hits == sorted(hits) and ev["circuits"]["c"]["hit_at_10"] == log["hit_at_10_end"]
     # the same search from the outside, one round: the same first kept swap
-    again, one = swap_search(tiny_llama, prepare(tiny_llama.tokenizer, FACTS), scores.graph, plain_mask, n,
+    _, one = swap_search(tiny_llama, prepare(tiny_llama.tokenizer, FACTS), scores.graph, plain_mask, n,
                              CircuitOptions(**{**base.__dict__, "swaps": 1}))
     assert one["accepted"][0]["objective"] == pytest.approx(log["accepted"][0]["objective"], rel=1e-5)
     with pytest.raises(WorkbenchError, match="--swaps keeps the circuit's size"):
