@@ -363,6 +363,25 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_good_one(run, tmp_path, mo
     assert json.loads((out / "run.json").read_text())["resumed_at_batch"] == 1
 
 
+def test_safetensors_writes_leave_nothing_behind_when_killed(tmp_path):
+    """safetensors writes through a ``.tmpXXXXXX`` file of its own; a kill mid-write must not leave it in --out."""
+    from safetensors.torch import load_file
+
+    from workbench.io import clear_stale_temps, save_safetensors
+
+    target = tmp_path / "profile.checkpoint.safetensors"
+    save_safetensors(target, {"x": torch.arange(6.0)}, {"cursor": "3"})
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    assert torch.equal(load_file(target)["x"], torch.arange(6.0))
+    assert target.stat().st_mode & 0o644 == 0o644  # readable by others, as every other output
+    # What a SIGKILL inside safetensors' own write leaves: our private folder holding its temporary.
+    killed = tmp_path / f".{target.name}.k1ll3d.tmp"
+    killed.mkdir()
+    (killed / ".tmpAbC123").write_bytes(b"half")
+    clear_stale_temps(tmp_path, [target.name])
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
 def test_device_flags(run, tmp_path):
     if not torch.cuda.is_available():
         one_error(*run("profile", "zoo:qwen3-moe", "--text", "hi", "--device", "cuda", "--out", str(tmp_path / "o"))[::2],

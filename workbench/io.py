@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -39,6 +40,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, OSError) and e.errno is not None:  # disk full, quota, I/O error: a user-facing failure
             raise WorkbenchError(f"cannot write {path}: {e.strerror or e}") from e
         raise
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` to a .safetensors file atomically, leaving nothing behind in ``path``'s folder if killed.
+
+    safetensors writes through a temporary file of its own (``.tmpXXXXXX``) beside the target, which a killed
+    process leaves behind; it is made inside a private folder named like :func:`atomic_path`'s temporaries, so
+    :func:`clear_stale_temps` removes it with the rest.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise WorkbenchError(f"cannot write to {path.parent}: {e.strerror or e}") from e
+    tmp = private / path.name
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors' temporary file is 0600; outputs get the usual permissions
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise WorkbenchError(f"cannot write {path}: {e.strerror or e}") from e
+    except Exception as e:  # safetensors reports write failures as its own error type
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WorkbenchError(f"cannot write {path}: {why}") from None
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return path
 
 
 def _umask() -> int:
@@ -93,14 +126,17 @@ def output_dir(path: str | os.PathLike) -> Path:
 
 
 def clear_stale_temps(folder: str | os.PathLike, names: Iterable[str]) -> None:
-    """Remove temporary files :func:`atomic_path` left for ``names`` (globs) when a process was killed."""
+    """Remove temporaries :func:`atomic_path` and :func:`save_safetensors` left for ``names`` (globs) when killed."""
     folder = Path(folder)
     if not folder.is_dir():
         return
     for name in names:
         for f in folder.glob(f".{name}.*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                f.unlink()
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
 
 
 def read_text(path: str | os.PathLike, what: str = "file") -> str:

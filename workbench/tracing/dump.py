@@ -16,9 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from workbench.io import atomic_path, write_json
+from workbench.io import save_safetensors, write_json
 from workbench.tracing.reducers import Payload
 from workbench.tracing.sites import Site
 
@@ -58,15 +57,14 @@ class DumpWriter:
         name = f"{site.key}/shard-{len(self._shards[site]):05d}.safetensors"
         tensors = {"values": torch.cat([q.values for q in parts]).contiguous(),
                    "tokens": torch.cat([q.tokens for q in parts]).to(torch.int64).contiguous()}
-        with atomic_path(self.dir / name) as tmp:
-            save_file(tensors, str(tmp))
+        save_safetensors(self.dir / name, tensors)
         self._shards[site].append(name)
 
     def close(self, token_prompt: torch.Tensor, token_position: torch.Tensor, meta: dict) -> Path:
         for site in list(self._buf):
             self._flush(site)
-        with atomic_path(self.dir / "tokens.safetensors") as tmp:
-            save_file({"prompt": token_prompt.contiguous(), "position": token_position.contiguous()}, str(tmp))
+        save_safetensors(self.dir / "tokens.safetensors",
+                         {"prompt": token_prompt.contiguous(), "position": token_position.contiguous()})
         index = {"format": "workbench-dump-1", "sites": {s.key: self._shards[s] for s in sorted(self._shards)},
                  "tokens": "tokens.safetensors", **meta}
         return write_json(self.dir / "index.json", index)

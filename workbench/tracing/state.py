@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.io import atomic_path
+from workbench.io import save_safetensors
 
 SEP = "::"
 FORMAT = "workbench-trace-state/1"
@@ -143,16 +143,7 @@ class Checkpoint:
         return int(meta["cursor"]), flat
 
     def save(self, cursor: int, fp: str, flat: Mapping[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        try:
-            with atomic_path(self.path) as tmp:
-                save_file(dict(flat), str(tmp), metadata={"format": FORMAT, "fingerprint": fp, "cursor": str(cursor)})
-        except WorkbenchError:
-            raise
-        except Exception as e:  # safetensors reports write failures as its own error type
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise WorkbenchError(f"cannot write {self.path}: {why}") from None
+        save_safetensors(self.path, dict(flat), {"format": FORMAT, "fingerprint": fp, "cursor": str(cursor)})
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
