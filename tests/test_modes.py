@@ -102,8 +102,10 @@ def read_json(path: Path, drop=("seconds", "_gb")) -> dict:
     return clean(json.loads(path.read_text()))
 
 
-def is_temporary(p: Path) -> bool:
-    return p.name.startswith(".") and p.name.endswith(".tmp")  # workbench.io.atomic_path's temporary files
+def is_temporary(p: Path, folder: Path) -> bool:
+    """An atomic writer's temporary: ``atomic_path``'s ``.NAME.XXXX.tmp`` file, or anything inside the private
+    ``.NAME.XXXX.tmp`` folder ``save_safetensors`` makes (safetensors' own ``.tmpXXXXXX`` file included)."""
+    return any(part.startswith(".") and part.endswith(".tmp") for part in p.relative_to(folder).parts)
 
 
 def assert_complete_or_absent(folder: Path) -> dict[str, Path]:
@@ -114,7 +116,7 @@ def assert_complete_or_absent(folder: Path) -> dict[str, Path]:
 
     left = {}
     for p in sorted(folder.rglob("*")) if folder.exists() else []:
-        if not p.is_file() or is_temporary(p):
+        if not p.is_file() or is_temporary(p, folder):
             continue
         left[str(p.relative_to(folder))] = p
         data = p.read_bytes()
