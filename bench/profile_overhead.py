@@ -24,8 +24,9 @@ plain, and peak RSS; with --rss-scan it also prints the profile pass's peak RSS 
   qwen3-moe-1024x64   Qwen3-MoE with OLMoE-like layers: hidden 1,024, 16 heads (4 KV, head dim 64),
                       64 experts of width 384, top-8, 4 layers, SmolLM2's tokenizer; 363M parameters
 
-``--breakdown`` runs the profile pass once more in this process under cProfile and prints where its
-time goes (the functions with the most own time, and the forward's share).
+``--breakdown`` runs the profile pass again in this process (warm) and prints each part's own wall time
+(every reducer by class, the attention-sink and Q/K/V meters, the capture's bookkeeping; the rest is the
+forward itself) against a headless forward of the same process, then the same pass under cProfile.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def work(args, lm, prompts) -> None:
 
 
 def breakdown(args) -> None:
-    """The profile pass under cProfile, in this process: where its time goes."""
+    """Where the profile pass's time goes, in this process: each part's own wall time, then cProfile."""
     import cProfile
     import pstats
 
@@ -228,17 +229,103 @@ def breakdown(args) -> None:
     torch.set_num_threads(args.threads)
     lm = load(args.model)
     prompts = prompts_for(lm.tokenizer, args.tokens)
+    options = ProfileOptions(batch_size=args.batch)
+    profile(lm, prompts, options, progress=False)  # warm: first-call costs are not a part's
+    body = lm.adapter.body(lm.model)
+    with torch.no_grad():
+        t = time.perf_counter()
+        for chunk in batches(prompts, args.batch):
+            body(**lm.tokenizer(chunk, return_tensors="pt", padding=True).to(lm.device), use_cache=False)
+        headless = time.perf_counter() - t
+    with Parts() as parts:
+        t = time.perf_counter()
+        profile(lm, prompts, options, progress=False)
+        total = time.perf_counter() - t
+    print(f"\nprofile pass {total:.3f} s = {total / headless:.2f}x this process's headless forward ({headless:.3f} s); "
+          "own wall time of each part (exclusive of the parts it calls):")
+    for name, (sec, calls) in sorted(parts.own.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {sec * 1000:8.1f} ms {100 * sec / total:5.1f} % {calls:>7} calls  {name}")
+    outside = total - parts.traced
+    print(f"  {outside * 1000:8.1f} ms {100 * outside / total:5.1f} %           the profile's set-up and summary, "
+          "outside the traced forward")
+    rest = parts.traced - sum(sec for sec, _ in parts.own.values())
+    print(f"  {rest * 1000:8.1f} ms {100 * rest / total:5.1f} %           the rest of the traced forward: the model "
+          f"(eager attention), hook dispatch, tokenising ({rest / headless:.2f}x the headless forward)")
     prof = cProfile.Profile()
     prof.enable()
-    profile(lm, prompts, ProfileOptions(batch_size=args.batch), progress=False)
+    profile(lm, prompts, options, progress=False)
     prof.disable()
     st = pstats.Stats(prof)
-    total = st.total_tt
-    print(f"\nprofile pass under cProfile: {total:.2f} s (cProfile adds its own overhead); most own time:")
+    print(f"\nprofile pass under cProfile: {st.total_tt:.2f} s (cProfile adds its own overhead); most own time:")
     rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:25]
     for (path, line, fn), (_, calls, tottime, cumtime, _) in rows:
         where = f"{os.path.basename(path)}:{line}({fn})" if line else fn
         print(f"  {tottime:8.2f} s own {cumtime:8.2f} s cum {calls:>8} calls  {where}")
+
+
+class Parts:
+    """Times the profile pass's parts while installed: every reducer's ``update`` (by class), the sink and
+    Q/K/V meters, the capture's hook-side bookkeeping and the summary after the pass, each exclusive of
+    the timed parts it calls."""
+
+    def __init__(self):
+        self.own: dict[str, list] = {}
+        self._stack: list[list[float]] = []
+        self._undo: list = []
+
+    def _wrap(self, cls, method: str, name: str) -> None:
+        import functools
+
+        f = cls.__dict__[method]
+
+        @functools.wraps(f)
+        def timed(*a, **k):
+            self._stack.append([0.0])
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent = time.perf_counter() - t
+                inner = self._stack.pop()[0]
+                if self._stack:
+                    self._stack[-1][0] += spent
+                entry = self.own.setdefault(name, [0.0, 0])
+                entry[0] += spent - inner
+                entry[1] += 1
+        setattr(cls, method, timed)
+        self._undo.append((cls, method, f))
+
+    def __enter__(self) -> "Parts":
+        from workbench.experts import massive, qk, router, sinks
+        from workbench.experts import profile as prof
+        from workbench.tracing import capture, reducers
+
+        for mod in (reducers, router, massive):
+            for cls in vars(mod).values():
+                if isinstance(cls, type) and cls.__module__ == mod.__name__ and "update" in cls.__dict__:
+                    self._wrap(cls, "update", f"reducer {cls.__name__}")
+        for method in ("update", "_finish", "begin_batch"):
+            self._wrap(sinks.SinkMeter, method, "attention-sink meter")
+        for method in ("update", "_flush", "begin_batch", "result"):
+            self._wrap(qk.QKMeter, method, "Q/K/V meter")
+        for method in ("begin_batch", "_rows", "_emit", "_deliver", "flush", "_emit_expert_rows"):
+            self._wrap(capture.Capture, method, "capture bookkeeping (rows, holding, coalescing)")
+        real_trace = prof.trace
+
+        def trace(*a, **k):  # the pass itself; the profile's set-up and summary are what is outside it
+            t = time.perf_counter()
+            try:
+                return real_trace(*a, **k)
+            finally:
+                self.traced += time.perf_counter() - t
+        self.traced = 0.0
+        prof.trace = trace
+        self._undo.append((prof, "trace", real_trace))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, f in reversed(self._undo):
+            setattr(owner, name, f)
 
 
 def sub(args, variant: str, tokens: int) -> dict:
@@ -264,7 +351,8 @@ def main():
                    "before the timed run (context, kernels, Triton compilation) and the clock stops after a sync")
     p.add_argument("--repeat", type=int, default=1, help="run the variants this many times, interleaved; report medians")
     p.add_argument("--rss-scan", default="", help="comma-separated token counts for the profile pass's peak RSS")
-    p.add_argument("--breakdown", action="store_true", help="also print the profile pass's time breakdown (cProfile)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also print where the profile pass's time goes (each part's own time, then cProfile)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.model = bench_model(args.model)
