@@ -216,8 +216,14 @@ class VocabSpecialization(Reducer):
 
     State: (token id x E + expert) keys with their counts, sparse (at most one entry per distinct
     pair seen). Needs ``token_ids`` [N] (every global token's id) and ``starts`` (each prompt's first
-    global token) to find the next token.
+    global token) to find the next token. An update only appends its keys; they are folded into the sorted
+    state (one ``unique`` over state and pending keys) once they outnumber it (at least ``PENDING_MIN``), and
+    before the state is read, so an update costs its own size, not the state's (which grows with the
+    corpus: 300k pairs after 800k tokens of random top-8-of-64 routing, where re-sorting it on every update
+    took 12 ms per layer and batch).
     """
+
+    PENDING_MIN: ClassVar[int] = 1 << 16
 
     kind: ClassVar[str] = "vocab_specialization"
     num_experts: int = 0
@@ -237,6 +243,35 @@ class VocabSpecialization(Reducer):
                 setattr(self, name, torch.zeros(0, dtype=torch.int64))
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # this batch's (tokens, top-1), until predicted
         self.predicted = False  # set by Predictions.watch
+        self._new: dict[str, list[torch.Tensor]] = {"in": [], "next": []}  # keys not folded into the state yet
+        self._new_count = 0
+
+    def _fold(self) -> None:
+        """Fold the pending keys into the sorted state (the same state whenever this happens: counts add)."""
+        if not self._new_count:
+            return
+        for name, keys in self._new.items():
+            if keys:
+                have_k, have_c = getattr(self, f"{name}_keys"), getattr(self, f"{name}_counts")
+                k, c = self._add(have_k, have_c, torch.cat(keys))
+                setattr(self, f"{name}_keys", k)
+                setattr(self, f"{name}_counts", c)
+                keys.clear()
+        self._new_count = 0
+
+    def _append(self, name: str, keys: torch.Tensor) -> None:
+        self._new[name].append(keys)
+        self._new_count += keys.numel()
+        if self._new_count >= max(self.PENDING_MIN, self.in_keys.numel() + self.next_keys.numel()):
+            self._fold()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        self._fold()
+        return super().state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> "VocabSpecialization":
+        self._new, self._new_count = {"in": [], "next": []}, 0
+        return super().load_state_dict(state)
 
     @property
     def coalesce(self) -> bool:  # type: ignore[override]
@@ -267,13 +302,12 @@ class VocabSpecialization(Reducer):
         tokens = p.tokens.cpu()
         first = top1(p).cpu()
         e = self.num_experts
-        self.in_keys, self.in_counts = self._add(self.in_keys, self.in_counts, self.token_ids[tokens] * e + first)
+        self._append("in", self.token_ids[tokens] * e + first)
         nxt = tokens + 1
         last = torch.searchsorted(self.starts, nxt, right=True) - 1 != torch.searchsorted(self.starts, tokens, right=True) - 1
         ok = (nxt < self.token_ids.numel()) & ~last
         if bool(ok.any()):
-            self.next_keys, self.next_counts = self._add(self.next_keys, self.next_counts,
-                                                         self.token_ids[nxt[ok]] * e + first[ok])
+            self._append("next", self.token_ids[nxt[ok]] * e + first[ok])
         if self.predicted:
             self._pending.append((tokens, first))
 
@@ -281,6 +315,8 @@ class VocabSpecialization(Reducer):
         self._check_same(other)
         if other.num_experts != self.num_experts:
             raise ValueError(f"cannot merge VocabSpecialization over {other.num_experts} experts into {self.num_experts}")
+        self._fold()
+        other._fold()
         self.in_keys, self.in_counts = self._add(self.in_keys, self.in_counts, other.in_keys, other.in_counts)
         self.next_keys, self.next_counts = self._add(self.next_keys, self.next_counts, other.next_keys, other.next_counts)
         self.pred_keys, self.pred_counts = self._add(self.pred_keys, self.pred_counts, other.pred_keys, other.pred_counts)
@@ -298,6 +334,7 @@ class VocabSpecialization(Reducer):
                 "token_ids": int(keep.sum()), "tokens": int(total[keep].sum()), "uniform": 1.0 / e}
 
     def result(self) -> dict:
+        self._fold()
         out = {"input": self._score(self.in_keys, self.in_counts), "next": self._score(self.next_keys, self.next_counts)}
         if self.predicted or self.pred_keys.numel():
             out["predicted"] = self._score(self.pred_keys, self.pred_counts)

@@ -362,6 +362,33 @@ def test_vocab_specialization_matches_brute_force():
     assert r["input"]["specialization"] > 0.75 > r["next"]["specialization"]
 
 
+def test_vocab_specialization_state_does_not_depend_on_when_pending_keys_fold(monkeypatch):
+    """Updates append their keys and fold them into the sorted state later; the state (what checkpoints save)
+    is the same however the rows were split and whenever the folds happened, a saved state included."""
+    from workbench.experts.router import VocabSpecialization
+
+    g = torch.Generator().manual_seed(3)
+    e, lens = 6, [40, 7, 55, 33, 61]
+    starts = torch.tensor([0] + list(np.cumsum(lens)[:-1]))
+    flat_ids = torch.randint(0, 20, (sum(lens),), generator=g)
+    seqs = [[torch.randperm(e, generator=g)[:2].tolist() for _ in range(n)] for n in lens]
+
+    def make():
+        return VocabSpecialization(num_experts=e, token_ids=flat_ids, starts=starts)
+    whole = make()
+    whole.update(payload_of(seqs, 0, e, 2))
+    want = whole.state_dict()
+    monkeypatch.setattr(VocabSpecialization, "PENDING_MIN", 8)  # fold every few updates
+    split = make()
+    for i, seq in enumerate(seqs):
+        split.update(payload_of([seq], int(starts[i]), e, 2))
+        if i == 2:  # a checkpoint in the middle: saved, loaded into a fresh reducer, continued there
+            split = make().load_state_dict(split.state_dict())
+    got = split.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert split.result() == whole.result()
+
+
 def test_domain_specialization_matches_recorded_choices(qwen3, tmp_path, capsys):
     code = ["def f(x):\n    return x * 2", "for i in range(10):\n    print(i)", "import os\nos.listdir('.')"]
     domains = {"code": code, "prose": PROMPTS}
