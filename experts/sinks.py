@@ -78,8 +78,9 @@ class SinkMeter:
         if not self._prompts:
             return
         # Sum over valid queries as one batched matmul in the weights' dtype (float32 accumulation):
-        # [B, H, Tq, Tk] x [B, Tq] -> [B, H, Tk]. The rest waits for the batch's other layers (_finish).
-        self._batch.append((layer, torch.einsum("bhqk,bq->bhk", weights, self._q_ok.to(weights.dtype))))
+        # [B, 1, 1, Tq] @ [B, H, Tq, Tk] -> [B, H, Tk] (2.5-7x faster on CPU than the same einsum, which copies
+        # the weights to contract over Tq). The rest waits for the batch's other layers (_finish).
+        self._batch.append((layer, torch.matmul(self._q_ok.to(weights.dtype)[:, None, None, :], weights).squeeze(2)))
 
     def _finish(self) -> None:
         """The batch's per-prompt means (float64), their top key and position 0: all its layers at once."""
