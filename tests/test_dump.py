@@ -36,6 +36,21 @@ def test_dump_round_trip_equals_reducers(tmp_path):
     assert sorted(toks.tolist()) == list(range(r.num_tokens))
 
 
+def test_a_killed_dumps_temporaries_are_cleared_by_the_next_dump(tmp_path):
+    """A dump killed mid-write leaves save_safetensors' private folder (holding safetensors' own .tmpXXXXXX);
+    the next dump into the same folder removes it."""
+    lm = load("zoo:qwen2-moe")
+    sites = all_sites(lm.adapter, lm.model, ["resid_post"], [1])
+    left = [tmp_path / "d" / ".tokens.safetensors.k1ll3d.tmp",
+            tmp_path / "d" / "L1.resid_post" / ".shard-00000.safetensors.x.tmp"]
+    for d in left:
+        d.mkdir(parents=True)
+        (d / ".tmpAbC123").write_bytes(b"half")
+    trace(lm, PROMPTS, sites, ["absmax"], dump_dir=tmp_path / "d", progress=False)
+    assert not [p for p in (tmp_path / "d").rglob(".*")], sorted(map(str, (tmp_path / "d").rglob(".*")))
+    assert sum(v.shape[0] for v, _ in read_site(tmp_path / "d", sites[0])) > 0
+
+
 def test_no_dump_by_default(tmp_path):
     lm = load("zoo:olmoe")
     r = trace(lm, PROMPTS, all_sites(lm.adapter, lm.model, ["expert"]), progress=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.io import save_safetensors, write_json
+from workbench.io import clear_stale_temps, save_safetensors, write_json
 from workbench.tracing.reducers import Payload
 from workbench.tracing.sites import Site
 
@@ -33,6 +33,11 @@ class _SiteSink:
 class DumpWriter:
     def __init__(self, directory: str | Path, shard_rows: int = 65536, dtype: torch.dtype | None = None):
         self.dir = Path(directory)
+        # what a killed earlier dump into this folder left half-written (its finished shards are overwritten)
+        clear_stale_temps(self.dir, ["tokens.safetensors", "index.json"])
+        for sub in (self.dir.iterdir() if self.dir.is_dir() else []):
+            if sub.is_dir() and not sub.name.startswith("."):
+                clear_stale_temps(sub, ["shard-*.safetensors"])
         self.shard_rows = shard_rows
         self.dtype = dtype
         self._buf: dict[Site, list[Payload]] = defaultdict(list)
