@@ -272,6 +272,7 @@ class Parts:
         self.own: dict[str, list] = {}
         self._stack: list[list[float]] = []
         self._undo: list = []
+        self.traced = 0.0  # seconds inside trace(): the pass without the profile's set-up and summary
 
     def _wrap(self, cls, method: str, name: str) -> None:
         import functools
@@ -318,7 +319,6 @@ class Parts:
                 return real_trace(*a, **k)
             finally:
                 self.traced += time.perf_counter() - t
-        self.traced = 0.0
         prof.trace = trace
         self._undo.append((prof, "trace", real_trace))
         return self

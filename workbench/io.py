@@ -14,64 +14,60 @@ from workbench.errors import WorkbenchError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds.
 
     The temporary file is fsynced before the rename, so a crash leaves either the old file or
-    the new one, never a half-written one.
+    the new one, never a half-written one. ``folder``: the temporary path is inside a private hidden
+    folder instead, for writers that make temporaries of their own beside their target (safetensors'
+    ``.tmpXXXXXX``), so what a killed writer leaves is in that folder, which :func:`clear_stale_temps`
+    removes like any other temporary.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if folder:
+            private = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            tmp_path = private / path.name
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp_path = Path(tmp)
     except OSError as e:
         raise WorkbenchError(f"cannot write to {path.parent}: {e.strerror or e}") from e
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield tmp_path
+        # temporary files are made 0600 (mkstemp, safetensors); outputs get the usual permissions
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        if not folder:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
         if isinstance(e, OSError) and e.errno is not None:  # disk full, quota, I/O error: a user-facing failure
             raise WorkbenchError(f"cannot write {path}: {e.strerror or e}") from e
         raise
+    finally:
+        if folder:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``tensors`` to a .safetensors file atomically, leaving nothing behind in ``path``'s folder if killed.
-
-    safetensors writes through a temporary file of its own (``.tmpXXXXXX``) beside the target, which a killed
-    process leaves behind; it is made inside a private folder named like :func:`atomic_path`'s temporaries, so
-    :func:`clear_stale_temps` removes it with the rest.
-    """
+    """Write ``tensors`` to a .safetensors file atomically, leaving nothing behind in ``path``'s folder if killed
+    (through :func:`atomic_path`'s private folder: safetensors writes via a ``.tmpXXXXXX`` file of its own)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        private = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as e:
-        raise WorkbenchError(f"cannot write to {path.parent}: {e.strerror or e}") from e
-    tmp = private / path.name
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors' temporary file is 0600; outputs get the usual permissions
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise WorkbenchError(f"cannot write {path}: {e.strerror or e}") from e
+        with atomic_path(path, folder=True) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except WorkbenchError:
+        raise
     except Exception as e:  # safetensors reports write failures as its own error type
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WorkbenchError(f"cannot write {path}: {why}") from None
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
-    return path
+    return Path(path)
 
 
 def _umask() -> int:
