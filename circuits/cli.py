@@ -7,6 +7,12 @@ import argparse
 from workbench.args import COUNT, COUNT_OR_OFF, Number
 from workbench.io import clear_stale_temps, output_dir
 
+# the default circuit: the smallest curve budget up to DEFAULT_MAX_FRACTION of the edges with faithfulness >=
+# DEFAULT_TARGET, else that largest circuit sharpened by up to DEFAULT_SWAPS rounds of swaps (issue 19)
+DEFAULT_TARGET = 0.85
+DEFAULT_MAX_FRACTION = 0.02
+DEFAULT_SWAPS = 6
+
 
 def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
     c = subparsers.add_parser(
@@ -31,12 +37,19 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
                    help="what the gradients are taken of (faithfulness is always on the logit difference)")
     sel = c.add_mutually_exclusive_group()
     sel.add_argument("--top-edges", type=COUNT, default=None, help="keep the N edges with the largest |score| "
-                                                                 "(default: 1%% of all edges)")
+                                                                 "(a fixed budget instead of the default target)")
     sel.add_argument("--threshold", type=Number(float, 0), default=None, help="keep edges with |score| >= T")
     sel.add_argument("--target-faithfulness", type=Number(float, 0, 1), default=None, metavar="F",
-                     help="the smallest circuit on the faithfulness curve (0.1%% to 20%% of the edges) reaching F")
+                     help=f"the smallest circuit on the faithfulness curve (0.1%% up to --max-fraction of the edges) "
+                          f"reaching F; where none does, the --max-fraction circuit sharpened by --swaps rounds until "
+                          f"it does (the default, with F = {DEFAULT_TARGET:g}, unless --top-edges or --threshold is "
+                          "given)")
+    c.add_argument("--max-fraction", type=Number(float, 0, 1, open_low=True), default=None, metavar="P",
+                   help="the largest circuit the target may pick, as a fraction of all edges (default "
+                        f"{DEFAULT_MAX_FRACTION:g})")
     c.add_argument("--no-curve", action="store_true",
-                   help="skip the faithfulness curve (faithfulness and Hit@10 at 0.1%%-20%% of the edges; on by default)")
+                   help="skip the faithfulness curve (faithfulness and Hit@10 at 0.1%%-20%% of the edges; on by "
+                        "default); without a size flag the circuit is then 1%% of the edges")
     c.add_argument("--no-per-relation", action="store_true",
                    help="with facts of several relations (given or inferred), skip each relation's own circuit "
                         "(OUT/relations/*.json) and the overlap report")
@@ -48,11 +61,12 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--refine", type=Number(int, 2, off=0), default=0, metavar="K",
                    help="re-score the best K x N edges with eap-ig-edges within that candidate circuit (every other "
                         "edge corrupted) and keep the best N of them (K >= 2; default 0: off)")
-    c.add_argument("--swaps", type=Number(int, 1, off=0), default=0, metavar="ROUNDS",
+    c.add_argument("--swaps", type=Number(int, 1, off=0), default=None, metavar="ROUNDS",
                    help="after selection, up to ROUNDS rounds of edge swaps chosen by the gradient at the circuit "
                         "itself (every other edge corrupted), each kept only if it brings the facts' logit differences "
-                        "closer to the full model's (summed squared error) without lowering Hit@10; same budget "
-                        "(default 0: off)")
+                        "closer to the full model's (summed squared error) without lowering Hit@10; same budget; with "
+                        f"a target, only where the curve does not reach it, and stopped once it is reached (default "
+                        f"{DEFAULT_SWAPS} with a target, 0: off with --top-edges or --threshold)")
     c.add_argument("--random-seeds", type=COUNT_OR_OFF, default=3, help="size-matched random circuits for the control")
     c.add_argument("--batch-size", type=COUNT, default=16, help="facts per batch at most (default 16; fewer where "
                                                                   "the memory budget needs it)")
@@ -91,20 +105,28 @@ def only_relation(facts, relation: str):
 def cmd_circuit(args) -> int:
     from workbench.circuits.discover import CircuitOptions, find_circuit, write_outputs
     from workbench.circuits.facts import builtin_facts, read_facts
+    from workbench.errors import WorkbenchError
     from workbench.models.specs import load
 
     facts = read_facts(args.facts) if args.facts else builtin_facts()  # reject bad input before loading a model
     if args.relation is not None:
         facts = only_relation(facts, args.relation)
+    target = args.target_faithfulness
+    if target is None and args.top_edges is None and args.threshold is None and not args.no_curve:
+        target = DEFAULT_TARGET  # the default circuit size: the answer of the curve (without it: 1 % of the edges)
+    if args.max_fraction is not None and target is None:
+        raise WorkbenchError("--max-fraction bounds the target's circuit: give it without --top-edges or --threshold")
+    swaps = args.swaps if args.swaps is not None else (DEFAULT_SWAPS if target is not None else 0)
     out = output_dir(args.out)
     clear_stale_temps(out, ["circuit.*", "edges.parquet", "metrics.json"])  # what a killed run left half-written
     lm = load(args.model, device=args.device)
     opts = CircuitOptions(method=args.method, steps=args.steps, metric=args.metric, top_edges=args.top_edges,
-                          threshold=args.threshold, selection=args.selection, refine=args.refine, swaps=args.swaps,
+                          threshold=args.threshold, selection=args.selection, refine=args.refine, swaps=swaps,
                           batch_size=args.batch_size, max_memory=args.max_memory, store=args.store_dtype,
                           lean=True if args.lean else None,
                           random_seeds=args.random_seeds, progress=not args.quiet,
-                          curve=not args.no_curve, target_faithfulness=args.target_faithfulness,
+                          curve=not args.no_curve, target_faithfulness=target,
+                          max_fraction=args.max_fraction or DEFAULT_MAX_FRACTION,
                           per_relation=not args.no_per_relation)
     circuit, scores, mask = find_circuit(lm, facts, opts)
     paths = write_outputs(circuit, scores, mask, out)
@@ -122,7 +144,7 @@ def cmd_circuit(args) -> int:
               f"{m['hit_at_10_full']:.3f}, circuit {m['hit_at_10_circuit']:.3f}, random {m['hit_at_10_random']:.3f}")
     if m.get("curve"):
         print("faithfulness curve: " + ", ".join(f"{c['fraction']:.1%} {c['faithfulness']:.2f}" for c in m["curve"])
-              + (f"; smallest reaching {m['target_faithfulness']:g}: {circuit.n_edges} edges" if "target_faithfulness" in m else ""))
+              + (_target_line(circuit.meta["selection"]["target"]) if "target" in circuit.meta["selection"] else ""))
     if m.get("relations"):
         rel = m["relations"]
         for name, r in rel["per_relation"].items():
@@ -138,6 +160,13 @@ def cmd_circuit(args) -> int:
 
     announce(out)
     return 0
+
+
+def _target_line(t: dict) -> str:
+    if t["reached_on_curve"]:
+        return f"; smallest reaching {t['faithfulness']:g}: {t['budget']} edges"
+    return (f"; none up to {t['max_fraction']:.1%} reaches {t['faithfulness']:g}: the {t['budget']}-edge circuit, "
+            "sharpened by swaps (above)")
 
 
 def _mean_jaccard(overlap: list[dict]) -> float:

@@ -22,6 +22,13 @@ from workbench.errors import WorkbenchError
 from workbench.io import write_json
 
 
+# log-spaced circuit budgets, as fractions of all edges, for the faithfulness curve
+CURVE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+CURVE_FRACTIONS_MAX = CURVE_FRACTIONS[-1]
+# swap sizes a round of swap_search tries, as multiples of 1 % of the budget (and a single edge)
+SWAP_SIZES = (4, 2, 1, 0.5, 0.25)
+
+
 @dataclass
 class CircuitOptions:
     method: str = "eap-ig-edges"
@@ -39,14 +46,12 @@ class CircuitOptions:
     progress: bool = False
     curve: bool = False  # faithfulness and Hit@10 at every budget of CURVE_FRACTIONS (one attribution pass)
     target_faithfulness: float | None = None  # the smallest curve budget reaching it becomes the circuit
+    max_fraction: float = CURVE_FRACTIONS_MAX  # the largest circuit a target may pick (fraction of all edges); where
+    # none up to it reaches the target, the circuit of that size gets up to ``swaps`` rounds, stopped at the target
     per_relation: bool = True  # facts of >= 2 relations: each relation's own circuit too, and their overlap
     max_memory: float | None = None  # GB for the whole process (None: what the machine has free); see circuits.memory
     store: str = "float32"  # the dtype sender outputs and differences are kept in: float32, bfloat16, float16
     lean: bool | None = None  # None: lean mode only where fast mode does not fit
-
-
-# log-spaced circuit budgets, as fractions of all edges, for the faithfulness curve
-CURVE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
 SELECTIONS = {"top": select_top, "fill": select_fill, "greedy": select_greedy, "signed": select_signed}
@@ -82,6 +87,8 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
         raise WorkbenchError("a target faithfulness chooses the circuit size: give it without a threshold or top-edges")
     if o.refine < 0 or o.refine == 1:
         raise WorkbenchError(f"--refine must be 0 (off) or >= 2, got {o.refine}")
+    if not 0 < o.max_fraction <= 1:
+        raise WorkbenchError(f"--max-fraction must be in (0, 1], got {o.max_fraction:g}")
     if o.swaps < 0:
         raise WorkbenchError(f"--swaps must be >= 0, got {o.swaps}")
     if o.swaps and o.threshold is not None:
@@ -112,18 +119,24 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
                        graph=graph, progress=o.progress, groups=groups or None, **_memory_kwargs(o))
     matrix = scores.matrix
     curve, curve_seconds = None, 0.0
-    if o.curve or o.target_faithfulness is not None:
+    target, cap = o.target_faithfulness, max(1, int(o.max_fraction * graph.n_edges))
+    target_log = None
+    if o.curve or target is not None:
         t_curve = time.perf_counter()
         curve = faithfulness_curve(lm, prepared, graph, matrix, SELECTIONS[o.selection], o.batch_size,
-                                   **_memory_kwargs(o))
+                                   extra=[cap] if target is not None else (), **_memory_kwargs(o))
         curve_seconds = round(time.perf_counter() - t_curve, 3)
-        if o.target_faithfulness is not None:
-            n, reached = pick_budget(curve, o.target_faithfulness)
-            if not reached:
-                warnings.warn(f"no budget up to {CURVE_FRACTIONS[-1]:.0%} of the edges reaches faithfulness "
-                              f"{o.target_faithfulness:g} (best {max(c['faithfulness'] for c in curve):.3f}); "
-                              f"using the largest, {n} edges", stacklevel=2)
+        if target is not None:
+            n, reached = pick_budget([c for c in curve if c["budget"] <= cap], target)
+            if reached:  # the circuit the curve picked is faithful enough: nothing to sharpen
+                o = replace(o, swaps=0)
+            elif not o.swaps:
+                warnings.warn(f"no budget up to {o.max_fraction:.1%} of the edges reaches faithfulness {target:g} "
+                              f"(best {max(c['faithfulness'] for c in curve if c['budget'] <= cap):.3f}); using the "
+                              f"largest, {n} edges", stacklevel=2)
             o = replace(o, top_edges=n)
+            target_log = {"faithfulness": target, "max_fraction": o.max_fraction, "budget": n,
+                          "reached_on_curve": reached}
     if o.threshold is not None:
         chosen = select_threshold(graph, scores.matrix, o.threshold)
         selection = {"rule": "threshold", "threshold": o.threshold}
@@ -131,6 +144,8 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
         n = o.top_edges if o.top_edges is not None else default_top_edges(graph.n_edges)
         select = SELECTIONS[o.selection]
         selection = {"rule": o.selection, "top_edges": int(n)}
+        if target_log is not None:
+            selection["target"] = target_log
         if o.refine > 1 and o.refine * n < graph.n_edges:
             matrix = refine(lm, prepared, scores, select, n, o)
             selection["refine"] = {"candidates": int((~scores.refined.isnan()).sum()), "factor": o.refine,
@@ -143,8 +158,12 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
     swap_seconds = 0.0
     if o.swaps and o.threshold is None:
         t_swap = time.perf_counter()
-        mask, selection["swaps"] = swap_search(lm, prepared, graph, mask, n, o)
+        mask, selection["swaps"] = swap_search(lm, prepared, graph, mask, n, o, stop_at=target)
         swap_seconds = selection["swaps"]["seconds"] = round(time.perf_counter() - t_swap, 3)
+        if target is not None and selection["swaps"]["faithfulness_end"] < target:
+            warnings.warn(f"no circuit of at most {o.max_fraction:.1%} of the edges reaches faithfulness {target:g}: "
+                          f"{selection['swaps']['faithfulness_end']:.3f} after {len(selection['swaps']['accepted'])} "
+                          f"swap round(s); a larger --max-fraction allows a bigger circuit", stacklevel=2)
     meta = {"model": lm.spec if hasattr(lm, "spec") else "", "method": o.method, "steps": scores.steps,
             "metric": o.metric, "selection": selection, "n_edges": int(mask.sum()), "n_edges_total": graph.n_edges,
             "graph": graph.summary(),
@@ -255,10 +274,11 @@ def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return int((a & b).sum()) / u if u else 1.0
 
 
-def faithfulness_curve(lm, prepared, graph, matrix: torch.Tensor, select, batch_size: int, **memory_kwargs) -> list[dict]:
-    """Faithfulness and Hit@10 of the circuit at each budget of ``CURVE_FRACTIONS``, from one score matrix
-    (one attribution pass), all budgets evaluated in one pass over the facts."""
-    budgets = sorted({max(1, int(f * graph.n_edges)) for f in CURVE_FRACTIONS})
+def faithfulness_curve(lm, prepared, graph, matrix: torch.Tensor, select, batch_size: int, extra=(),
+                       **memory_kwargs) -> list[dict]:
+    """Faithfulness and Hit@10 of the circuit at each budget of ``CURVE_FRACTIONS`` (and the ``extra`` edge counts),
+    from one score matrix (one attribution pass), all budgets evaluated in one pass over the facts."""
+    budgets = sorted({max(1, int(f * graph.n_edges)) for f in CURVE_FRACTIONS} | set(extra))
     masks = {f"edges{n}": prune(graph, select(graph, matrix, n)) for n in budgets}
     ev = evaluate(lm, prepared, graph, masks, batch_size=batch_size, **memory_kwargs)
     return [{"budget": n, "fraction": n / graph.n_edges, "n_edges": int(masks[f"edges{n}"].sum()),
@@ -288,7 +308,8 @@ def refine(lm, prepared, scores: Scores, select, n: int, o: CircuitOptions) -> t
     return within.matrix.masked_fill(~candidates, 0.0)
 
 
-def swap_search(lm, prepared, graph, mask: torch.Tensor, n: int, o: CircuitOptions) -> tuple[torch.Tensor, dict]:
+def swap_search(lm, prepared, graph, mask: torch.Tensor, n: int, o: CircuitOptions,
+                stop_at: float | None = None) -> tuple[torch.Tensor, dict]:
     """Improve a circuit of at most ``n`` edges by rounds of edge swaps chosen at the circuit itself.
 
     Attribution scores are gradients along a path from the corrupted run to the full model, far from the
@@ -296,52 +317,64 @@ def swap_search(lm, prepared, graph, mask: torch.Tensor, n: int, o: CircuitOptio
     every edge outside it corrupted), per fact: the first-order change of each fact's logit difference when
     an edge is added or removed there. The objective is to match the full model fact by fact,
     ``-sum_f (M_f(circuit) - M_f(full))^2``: no credit for overshooting (a circuit that beats the model on
-    some facts has left out what works against the answer). A round swaps the ``k`` outside edges that would
-    raise the objective most for the ``k`` inside edges that would cost least (``k`` = 1 % of ``n``, halved
-    until a swap helps), prunes, evaluates (path patching, as the circuit's metrics), and keeps the result
-    only if the objective rose and Hit@10 did not fall; it stops after ``o.swaps`` rounds or when no swap
-    helps. The circuit never grows past ``n``. It optimises on the facts it is given: see the README for
-    what carries to other facts.
+    some facts has left out what works against the answer). A round makes one candidate per swap size ``k``
+    (``SWAP_SIZES`` times 1 % of ``n``, and 1): the ``k`` outside edges that would raise the objective most
+    swapped for the ``k`` inside edges that would cost least, pruned. All candidates are evaluated in one pass
+    (path patching, as the circuit's metrics; the full and corrupted runs are shared) and the best one whose
+    objective rose, Hit@10 did not fall and size stays within ``n`` is kept; the search stops after ``o.swaps``
+    rounds, when no candidate is kept, or (``stop_at``) once faithfulness reaches that value. It optimises on the
+    facts it is given: see the README for what carries to other facts.
     """
     mem = _memory_kwargs(o)
     valid = graph.valid()
     per_fact = {str(i): [i] for i in range(len(prepared))}
 
-    def objective(m):
-        ev = evaluate(lm, prepared, graph, {"c": m}, batch_size=o.batch_size, **mem)
+    def scored(masks: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        ev = evaluate(lm, prepared, graph, masks, batch_size=o.batch_size, **mem)
         full = torch.tensor(ev["per_fact"]["metric_full"])
-        got = torch.tensor(ev["per_fact"]["metric_c"])
-        c = ev["circuits"]["c"]
-        return -float(((got - full) ** 2).sum()), (full - got).tolist(), c["faithfulness"], c["hit_at_10"]
+        out = {}
+        for name in masks:
+            got = torch.tensor(ev["per_fact"][f"metric_{name}"])
+            c = ev["circuits"][name]
+            out[name] = -float(((got - full) ** 2).sum()), (full - got).tolist(), c["faithfulness"], c["hit_at_10"]
+        return out
 
-    best, short, faith, hit = objective(mask)
+    best, short, faith, hit = scored({"c": mask})["c"]
     log = {"rounds": o.swaps, "objective": "-sum (logit diff circuit - full)^2", "start": best,
            "faithfulness_start": faith, "hit_at_10_start": hit, "accepted": []}
+    if stop_at is not None:
+        log["stop_at"] = stop_at
     k0 = max(1, n // 100)
+    sizes = sorted({max(1, int(k0 * f)) for f in SWAP_SIZES} | {1}, reverse=True)
     for round_ in range(o.swaps):
+        if stop_at is not None and faith >= stop_at:
+            break
         sc = attribute(lm, prepared, method="eap-ig-edges", steps=1, metric="logit_diff", batch_size=o.batch_size,
                        graph=graph, within=mask.float() * 2, groups=per_fact, **mem)  # one step, t = 1/2: 2 x mask
         # by_group[f] = -(d M_f / d edge); the objective's gradient is -2 sum_f (F_f - M_f) by_group[f]
         g = sum(w * sc.by_group[str(i)] for i, w in enumerate(short))
         gain_add = torch.where(valid & ~mask, -g, float("-inf")).flatten()
         gain_drop = torch.where(mask, g, float("-inf")).flatten()
-        k, kept = k0, False
-        while k >= 1 and not kept:
+        candidates = {}
+        for k in sizes:
             new = mask.clone().flatten()
             new[gain_drop.topk(min(k, int(mask.sum()))).indices] = False
             new[gain_add.topk(k).indices] = True
             new = prune(graph, new.view_as(mask))
-            value, new_short, new_faith, new_hit = objective(new)
-            if value > best and new_hit >= hit and int(new.sum()) <= n:
-                mask, best, short, faith, hit, kept = new, value, new_short, new_faith, new_hit, True
-                log["accepted"].append({"round": round_, "swapped": k, "objective": value, "faithfulness": faith,
-                                        "hit_at_10": hit, "edges": int(new.sum())})
-            k //= 2
+            if int(new.sum()) <= n and not new.equal(mask):
+                candidates[f"k{k}"] = new
+        results = scored(candidates) if candidates else {}
+        kept = [name for name, (value, _, _, h) in results.items() if value > best and h >= hit]
         if not kept:
             break
+        name = max(kept, key=lambda c: results[c][0])
+        mask = candidates[name]
+        best, short, faith, hit = results[name]
+        log["accepted"].append({"round": round_, "swapped": int(name[1:]), "objective": best, "faithfulness": faith,
+                                "hit_at_10": hit, "edges": int(mask.sum())})
         if o.progress:
-            print(f"  swap round {round_ + 1}: {log['accepted'][-1]['swapped']} edges swapped, squared error "
-                  f"{-best:.2f}, faithfulness {faith:.3f}", flush=True)
+            print(f"  swap round {round_ + 1}: {name[1:]} edges swapped, squared error {-best:.2f}, "
+                  f"faithfulness {faith:.3f}", flush=True)
     log["end"], log["faithfulness_end"], log["hit_at_10_end"] = best, faith, hit
     return mask, log
 

@@ -289,6 +289,14 @@ def test_swaps_only_keep_improvements_within_the_budget(tiny_llama):
     _, one = swap_search(tiny_llama, prepare(tiny_llama.tokenizer, FACTS), scores.graph, plain_mask, n,
                              CircuitOptions(**{**base.__dict__, "swaps": 1}))
     assert one["accepted"][0]["objective"] == pytest.approx(log["accepted"][0]["objective"], rel=1e-5)
+    # stop_at: no round once the circuit is faithful enough, and none after the round that makes it so
+    four = CircuitOptions(**{**base.__dict__, "swaps": 4})
+    _, none = swap_search(tiny_llama, prepared, scores.graph, plain_mask, n, four, stop_at=log["faithfulness_start"])
+    assert none["accepted"] == [] and none["faithfulness_end"] == log["faithfulness_start"]
+    first = log["accepted"][0]["faithfulness"]
+    assert first > log["faithfulness_start"], "the first kept round did not raise faithfulness: nothing to stop at"
+    _, stopped = swap_search(tiny_llama, prepared, scores.graph, plain_mask, n, four, stop_at=first)
+    assert len(stopped["accepted"]) == 1 and stopped["faithfulness_end"] == pytest.approx(first, rel=1e-6)
     with pytest.raises(WorkbenchError, match="--swaps keeps the circuit's size"):
         find_circuit(tiny_llama, FACTS, CircuitOptions(threshold=0.1, swaps=2))
     with pytest.raises(WorkbenchError, match="--swaps must be >= 0"):
@@ -590,11 +598,71 @@ def test_curve_grows_to_the_full_graph_and_target_picks_from_it(tiny_llama, monk
     assert curve[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)  # every edge kept: the full model
     target = (curve[1]["faithfulness"] + curve[-1]["faithfulness"]) / 2
     want, reached = D.pick_budget(curve, target)
-    picked, _, mask = find_circuit(tiny_llama, FACTS, CircuitOptions(steps=1, random_seeds=1, target_faithfulness=target))
+    options = CircuitOptions(steps=1, random_seeds=1, target_faithfulness=target, max_fraction=1.0)
+    picked, _, mask = find_circuit(tiny_llama, FACTS, options)
     assert reached and picked.meta["selection"]["top_edges"] == want
     assert picked.meta["metrics"]["faithfulness"] >= target - 1e-6
     with pytest.raises(WorkbenchError, match="target faithfulness"):
         find_circuit(tiny_llama, FACTS, CircuitOptions(target_faithfulness=0.5, top_edges=10))
+
+
+def test_target_within_a_cap_takes_the_curve_else_sharpens_the_largest_circuit(tiny_llama):
+    """A target is looked up on the curve up to ``max_fraction`` of the edges (that budget itself included);
+    where the curve reaches it there are no swaps, where it does not the largest circuit gets the swap rounds,
+    stays within the cap, and a warning says the target was not reached."""
+    base = dict(steps=1, random_seeds=0, batch_size=4, per_relation=False)
+    n_total = build_graph(tiny_llama.model, tiny_llama.adapter).n_edges
+    cap = 20
+    fraction = cap / n_total
+    at_cap, _, _ = find_circuit(tiny_llama, FACTS, CircuitOptions(**base, top_edges=cap))
+    reached, _, _ = find_circuit(tiny_llama, FACTS, CircuitOptions(**base, swaps=3, max_fraction=fraction,
+                                                                   target_faithfulness=-1.0))
+    sel = reached.meta["selection"]
+    smallest = min(c["budget"] for c in reached.meta["metrics"]["curve"])
+    assert sel["target"]["reached_on_curve"] and "swaps" not in sel and sel["top_edges"] == smallest
+    with pytest.warns(UserWarning, match="no circuit of at most"):
+        sharpened, _, mask = find_circuit(tiny_llama, FACTS, CircuitOptions(**base, swaps=3, max_fraction=fraction,
+                                                                            target_faithfulness=0.999999))
+    sel = sharpened.meta["selection"]
+    assert not sel["target"]["reached_on_curve"] and sel["top_edges"] == cap and 0 < int(mask.sum()) <= cap
+    assert [c["budget"] for c in sharpened.meta["metrics"]["curve"]].count(cap) == 1  # the cap is on the curve
+    assert sel["swaps"]["faithfulness_start"] == pytest.approx(at_cap.meta["metrics"]["faithfulness"], rel=1e-6)
+    assert sel["swaps"]["accepted"] and sharpened.meta["metrics"]["faithfulness"] > sel["swaps"]["faithfulness_start"]
+    with pytest.raises(WorkbenchError, match="--max-fraction must be in"):
+        find_circuit(tiny_llama, FACTS, CircuitOptions(target_faithfulness=0.5, max_fraction=0))
+
+
+def test_cli_default_is_the_target_within_two_percent(tmp_path, monkeypatch):
+    """No size flag: target 0.85 within 2 % of the edges, 6 swap rounds where the curve falls short; a fixed
+    budget turns swaps off unless asked; --no-curve keeps the 1 % budget; --max-fraction needs the target."""
+    import workbench.circuits.discover as D
+    import workbench.models.specs as specs
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(lm, facts, options):
+        seen.append(options)
+        raise Stop
+
+    monkeypatch.setattr(D, "find_circuit", capture)
+    monkeypatch.setattr(specs, "load", lambda *a, **k: None)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"prompt": "The capital of France is", "answer": " Paris"}\n')
+    for extra in ([], ["--top-edges", "30"], ["--no-curve"], ["--target-faithfulness", "0.9", "--max-fraction", "0.05"],
+                  ["--top-edges", "30", "--swaps", "2"]):
+        args = _parser().parse_args(["circuit", "m", "--facts", str(facts), "--out", str(tmp_path / "o"), *extra])
+        with pytest.raises(Stop):
+            args.func(args)
+    got = [(o.target_faithfulness, o.max_fraction, o.swaps, o.top_edges) for o in seen]
+    assert got == [(0.85, 0.02, 6, None), (None, 0.02, 0, 30), (None, 0.02, 0, None), (0.9, 0.05, 6, None),
+                   (None, 0.02, 2, 30)]
+    args = _parser().parse_args(["circuit", "m", "--facts", str(facts), "--out", str(tmp_path / "o"), "--top-edges",
+                                 "30", "--max-fraction", "0.05"])
+    with pytest.raises(WorkbenchError, match="--max-fraction bounds the target"):
+        args.func(args)
 
 
 # ----- the real model --------------------------------------------------------------------------------
