@@ -209,7 +209,7 @@ def _edges_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: st
     mean_resid = mean_residuals(runner, b, S, P, d, means, store)
 
     def loss(hidden):
-        return metric_values(metric, last_logits(lm, hidden, b.last), b, clean_logp).sum()
+        return b.weighted(metric_values(metric, last_logits(lm, hidden, b.last), b, clean_logp))
 
     if lean and within is None:
         delta, corr_resid = torch.zeros(S, B, T, d, dtype=store), torch.zeros(P, B, T, d, dtype=store)
@@ -235,7 +235,7 @@ def _edges_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: st
 def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", steps: int = 5, metric: str = "logit_diff",
               batch_size: int = 16, graph: Graph | None = None, progress: bool = False,
               within: torch.Tensor | None = None, groups: dict[str, list[int]] | None = None,
-              lean: bool = False, store: torch.dtype = torch.float32) -> Scores:
+              weights: torch.Tensor | None = None, lean: bool = False, store: torch.dtype = torch.float32) -> Scores:
     """Score every edge of ``graph`` (default: the model's full graph) on the prepared facts.
 
     ``within`` ([S, R] bool, ``eap-ig-edges`` only): scale only these edges from corrupted to clean and
@@ -244,6 +244,8 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", ste
     ``groups`` (name -> indices into ``prepared``, disjoint): batches never mix groups and each group's
     mean scores are kept in ``Scores.by_group`` as well, in the same pass (the matrix is still the mean
     over every fact; facts in no group are scored as usual).
+    ``weights`` ([n facts]): the metric each fact contributes is multiplied by its weight, so the matrix is
+    the mean over facts of weight x scores (what a weighted sum of per-fact groups gives, in full batches).
 
     Memory (see ``circuits.memory``): ``lean`` keeps each decoder layer's input only and recomputes the
     layer in backward, and keeps one buffer of sender differences (eap-ig-edges reruns the corrupted
@@ -260,6 +262,10 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", ste
         raise WorkbenchError(f"--steps must be >= 1, got {steps}")
     if not prepared:
         raise WorkbenchError("no facts to attribute")
+    if weights is not None:
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if tuple(weights.shape) != (len(prepared),):
+            raise WorkbenchError(f"weights: one per fact ({len(prepared)}), got shape {tuple(weights.shape)}")
     t0 = time.perf_counter()
     model = lm.model
     graph = graph or build_graph(model, lm.adapter)
@@ -273,6 +279,8 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", ste
     for name, idx in parts.items():
         for b in batches([prepared[i] for i in idx], batch_size, pad_id(lm.tokenizer)):
             b.index = [idx[i] for i in b.index]
+            if weights is not None:
+                b.weight = weights[b.index]
             bs.append(b)
             owner.append(name)
     group_scores = {name: torch.zeros(S, R, dtype=torch.float32) for name in parts}
@@ -347,6 +355,6 @@ def _inputs_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: s
         def loss(hidden):
             if "clean" in box:
                 delta.sub_(box.pop("clean"))  # and the clean senders are freed before backward
-            return metric_values(metric, last_logits(lm, hidden, b.last), b, clean_logp).sum()
+            return b.weighted(metric_values(metric, last_logits(lm, hidden, b.last), b, clean_logp))
         runner.forward(b.ids, mode="grad", embed=emb, acts=box.get("clean"), backward=loss,
                        on_grad=lambda st, g: contract(scores, delta, g, st, 1.0 / len(alphas)))

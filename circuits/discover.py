@@ -332,7 +332,6 @@ def swap_search(lm, prepared, graph, mask: torch.Tensor, n: int, o: CircuitOptio
     """
     mem = _memory_kwargs(o)
     valid = graph.valid()
-    per_fact = {str(i): [i] for i in range(len(prepared))}
 
     def scored(masks: dict[str, torch.Tensor]) -> dict[str, tuple]:
         ev = evaluate(lm, prepared, graph, masks, batch_size=o.batch_size, **mem)
@@ -354,10 +353,12 @@ def swap_search(lm, prepared, graph, mask: torch.Tensor, n: int, o: CircuitOptio
     for round_ in range(o.swaps):
         if stop_at is not None and faith >= stop_at:
             break
+        # one step, t = 1/2 of 2 x mask: the gradient at the circuit; each fact's metric weighted by its shortfall
         sc = attribute(lm, prepared, method="eap-ig-edges", steps=1, metric="logit_diff", batch_size=o.batch_size,
-                       graph=graph, within=mask.float() * 2, groups=per_fact, **mem)  # one step, t = 1/2: 2 x mask
-        # by_group[f] = -(d M_f / d edge); the objective's gradient is -2 sum_f (F_f - M_f) by_group[f]
-        g = sum(w * sc.by_group[str(i)] for i, w in enumerate(short))
+                       graph=graph, within=mask.float() * 2, weights=torch.tensor(short), **mem)
+        # a fact's scores are -(d M_f / d edge); the objective's gradient is -2 sum_f (F_f - M_f) x those, and the
+        # matrix is the mean over facts of shortfall x scores
+        g = sc.matrix * len(prepared)
         gain_add = torch.where(valid & ~mask, -g, float("-inf")).flatten()
         gain_drop = torch.where(mask, g, float("-inf")).flatten()
         candidates = {}

@@ -301,6 +301,11 @@ class Batch:
     corrupted_answer: torch.Tensor  # [B]
     mean: torch.Tensor  # [B] bool, mean-ablation baseline
     valid: torch.Tensor  # [B, T] bool, real tokens
+    weight: torch.Tensor | None = None  # [B]: each fact's weight in the attributed metric (None: 1 each)
+
+    def weighted(self, values: torch.Tensor) -> torch.Tensor:
+        """The metric ``values [B]`` summed over the batch's facts, each times its weight."""
+        return (values if self.weight is None else values * self.weight.to(values.dtype)).sum()
 
 
 def batches(prepared: list[Prepared], batch_size: int, pad_id: int = 0) -> list[Batch]:

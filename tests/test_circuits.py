@@ -260,6 +260,23 @@ def test_selection_and_pruning(tiny_llama):
     assert int(select_random(g, 25, 0).sum()) == 25 and select_random(g, 25, 0).equal(select_random(g, 25, 0))
 
 
+@pytest.mark.parametrize("method", ["eap-ig-edges", "eap"])
+def test_weighted_attribution_is_the_weighted_sum_of_per_fact_scores(tiny_llama, method):
+    """``weights`` (what the swap search takes its gradient with, in full batches): the matrix equals the mean over
+    facts of each fact's own scores (batches of one) times its weight; bad weights get one error."""
+    prepared = prepare(tiny_llama.tokenizer, FACTS)
+    g = build_graph(tiny_llama.model, tiny_llama.adapter)
+    w = torch.linspace(-1.5, 2.0, len(prepared))
+    per_fact = attribute(tiny_llama, prepared, method=method, steps=2, graph=g, batch_size=4,
+                         groups={str(i): [i] for i in range(len(prepared))})
+    want = sum(float(w[i]) * per_fact.by_group[str(i)] for i in range(len(prepared))) / len(prepared)
+    got = attribute(tiny_llama, prepared, method=method, steps=2, graph=g, batch_size=4, weights=w).matrix
+    # the same sums over other batch shapes: float32 rounding, relative to the largest score
+    assert torch.allclose(got, want, rtol=0, atol=1e-4 * float(want.abs().max())) and float(want.abs().max()) > 0
+    with pytest.raises(WorkbenchError, match="one per fact"):
+        attribute(tiny_llama, prepared, method=method, steps=1, graph=g, weights=w[:-1])
+
+
 def test_swaps_only_keep_improvements_within_the_budget(tiny_llama):
     """--swaps: every kept round lowers the squared error between each fact's logit difference through the
     circuit and the full model's without lowering Hit@10, the circuit stays pruned and within the budget, the
