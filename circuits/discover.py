@@ -319,10 +319,11 @@ def swap_search(lm, prepared, graph, mask: torch.Tensor, n: int, o: CircuitOptio
 
     Attribution scores are gradients along a path from the corrupted run to the full model, far from the
     small circuit that is kept. Here the gradient is taken at the circuit (``eap-ig-edges`` with one step,
-    every edge outside it corrupted), per fact: the first-order change of each fact's logit difference when
-    an edge is added or removed there. The objective is to match the full model fact by fact,
+    every edge outside it corrupted): the first-order change of the objective when an edge is added or
+    removed there. The objective is to match the full model fact by fact,
     ``-sum_f (M_f(circuit) - M_f(full))^2``: no credit for overshooting (a circuit that beats the model on
-    some facts has left out what works against the answer). A round makes one candidate per swap size ``k``
+    some facts has left out what works against the answer); its gradient is one attribution step in full
+    batches with each fact's logit difference weighted by its shortfall. A round makes one candidate per swap size ``k``
     (``SWAP_SIZES`` times 1 % of ``n``, and 1): the ``k`` outside edges that would raise the objective most
     swapped for the ``k`` inside edges that would cost least, pruned. All candidates are evaluated in one pass
     (path patching, as the circuit's metrics; the full and corrupted runs are shared) and the best one whose
