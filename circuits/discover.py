@@ -132,13 +132,14 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
                                    extra=[cap] if target is not None else (), **_memory_kwargs(o))
         curve_seconds = round(time.perf_counter() - t_curve, 3)
         if target is not None:
-            n, reached = pick_budget([c for c in curve if c["budget"] <= cap], target)
+            allowed = [c for c in curve if c["budget"] <= cap]
+            n, reached = pick_budget(allowed, target)
             if reached:  # the circuit the curve picked is faithful enough: nothing to sharpen
                 o = replace(o, swaps=0)
             elif not o.swaps:
                 warnings.warn(f"no budget up to {o.max_fraction:.1%} of the edges reaches faithfulness {target:g} "
-                              f"(best {max(c['faithfulness'] for c in curve if c['budget'] <= cap):.3f}); using the "
-                              f"largest, {n} edges", stacklevel=2)
+                              f"(best {max(c['faithfulness'] for c in allowed):.3f}); using the largest, {n} edges",
+                              stacklevel=2)
             o = replace(o, top_edges=n)
             target_log = {"faithfulness": target, "max_fraction": o.max_fraction, "budget": n,
                           "reached_on_curve": reached}
