@@ -113,15 +113,35 @@ def metric_values(kind: str, logits: torch.Tensor, batch: Batch, clean_logprobs:
 
 
 def sender_means(runner: GraphRunner, bs: list[Batch], S: int, d: int) -> torch.Tensor:
-    """Mean output ``[S, d]`` of every sender over all real tokens of the clean prompts."""
-    total, count = torch.zeros(S, d, dtype=torch.float64), 0
+    """Mean output ``[S, 2, d]`` of every sender over the clean prompts: ``[:, 0]`` over each prompt's first
+    token, ``[:, 1]`` over all its other real tokens (prompts are right-padded: the first token is at position 0).
+
+    The first token is the attention sink: models with massive activations (SmolLM2's layer-11 MLP writes
+    ~3e4 into one channel there) would otherwise lend every mean-ablated position a share of them, and take
+    them from the sink; so the first position is ablated to the mean of first positions and the others to
+    the mean of the others (where no prompt has a second token, to the first token's mean)."""
+    total, count = torch.zeros(S, 2, d, dtype=torch.float64), [0, 0]
     for b in bs:
         acts = torch.zeros(S, *b.ids.shape, d)
         runner.forward(b.ids, acts=acts)
-        total += acts[:, b.valid].sum(1, dtype=torch.float64)
-        count += int(b.valid.sum())
+        rest = b.valid.clone()
+        rest[:, 0] = False
+        total[:, 0] += acts[:, b.valid[:, 0], 0].sum(1, dtype=torch.float64)
+        total[:, 1] += acts[:, rest].sum(1, dtype=torch.float64)
+        count[0] += int(b.valid[:, 0].sum())
+        count[1] += int(rest.sum())
         del acts
-    return (total / max(count, 1)).float()
+    means = total / torch.tensor([max(count[0], 1), max(count[1], 1)], dtype=torch.float64)[:, None]
+    if not count[1]:
+        means[:, 1] = means[:, 0]
+    return means.float()
+
+
+def mean_grid(means: torch.Tensor, T: int) -> torch.Tensor:
+    """``[S, 1, T, d]``: the sender means of :func:`sender_means` at each of ``T`` positions (first, then the rest)."""
+    grid = means[:, 1, None, :].expand(-1, T, -1).clone()
+    grid[:, 0] = means[:, 0]
+    return grid.unsqueeze(1)
 
 
 def corrupted_run(runner: GraphRunner, b: Batch, S: int, P: int, d: int, means: torch.Tensor | None,
@@ -146,7 +166,7 @@ def corrupted_run(runner: GraphRunner, b: Batch, S: int, P: int, d: int, means: 
         if means is None:
             raise RuntimeError("mean-baseline facts need sender means")
         m = b.mean
-        acts[:, m] = means[:, None, None, :].to(acts.dtype)
+        acts[:, m] = mean_grid(means, T).to(acts.dtype)
         if want_resid:
             if mean_resid is None:
                 raise RuntimeError("mean-baseline facts need their residuals (mean_residuals)")
@@ -167,9 +187,10 @@ def mean_residuals(runner: GraphRunner, b: Batch, S: int, P: int, d: int, means:
     runner.forward(b.ids, acts=acts, resid=resid)
     out = torch.zeros(P, int(m.sum()), T, d, dtype=dtype)
     run, done = torch.zeros(int(m.sum()), T, d), 0
+    grid = mean_grid(means, T)
     for st in runner.graph.stages:  # upstream sets only grow along the stages
         if st.n_up > done:
-            run += (means[done:st.n_up, None, None, :] - acts[done:st.n_up, m].float()).sum(0)
+            run += (grid[done:st.n_up] - acts[done:st.n_up, m].float()).sum(0)
             done = st.n_up
         out[st.index] = (resid[st.index, m].float() + run).to(dtype)
     return out

@@ -15,7 +15,7 @@ import torch
 
 from test_circuit_models import FACTS as MODEL_FACTS
 from workbench.circuits import memory
-from workbench.circuits.attribution import attribute, ig_alphas, last_logits, metric_values, sender_means
+from workbench.circuits.attribution import attribute, ig_alphas, last_logits, mean_grid, metric_values, sender_means
 from workbench.circuits.evaluate import evaluate, select_fill, select_random
 from workbench.circuits.facts import Fact, batches, fill_runner_up, pad_id, prepare
 from workbench.circuits.graph import build_graph
@@ -50,8 +50,9 @@ def reference_edges_ig(lm, prepared, graph, steps: int, batch_size: int, metric:
                 runner.forward(b.corrupted_ids, acts=corr_acts, resid=corr_resid)
             m = b.mean
             if bool(m.any()):
-                corr_acts[:, m] = means[:, None, None, :]
-                cum = torch.cumsum(means[:, None, None, :] - clean_acts[:, m], dim=0)
+                grid = mean_grid(means, T)  # [S, 1, T, d]: the first position's mean, then the others'
+                corr_acts[:, m] = grid
+                cum = torch.cumsum(grid - clean_acts[:, m], dim=0)
                 for st in graph.stages:
                     corr_resid[st.index, m] = clean_resid[st.index, m] + cum[st.n_up - 1]
             acts, grads = torch.zeros(S, B, T, d), torch.zeros(R, B, T, d)

@@ -229,6 +229,42 @@ def test_mean_baseline_full_and_empty(tiny_llama):
     assert all(p.corrupted_answer_source == "runner_up" for p in prepared)
 
 
+
+def test_mean_baseline_keeps_the_first_position_apart(tiny_llama):
+    """Mean ablation: the first position takes the mean of first positions, every other position the mean of the
+    other real tokens (padding excluded), so a sink's massive output is neither spread over the prompt nor taken
+    from the sink. Brute force: each sender's outputs prompt by prompt, unbatched."""
+    from workbench.circuits.attribution import corrupted_run, mean_grid, sender_means
+    from workbench.circuits.facts import batches, pad_id
+
+    facts = [Fact("two plus two is", " four"), Fact("a dog has four", " legs"), Fact("the sky is", " blue"),
+             Fact("yes", " no")]  # one token: the others pad past it
+    prepared = prepare(tiny_llama.tokenizer, facts)
+    assert [p.baseline for p in prepared] == ["mean"] * 4
+    g = build_graph(tiny_llama.model, tiny_llama.adapter)
+    S, d = g.n_senders, g.d_model
+    bs = batches(prepared, 4, pad_id(tiny_llama.tokenizer))
+    with GraphRunner(tiny_llama.model, tiny_llama.adapter, g) as runner:
+        means = sender_means(runner, bs, S, d)
+        outs = []
+        for p in prepared:
+            acts = torch.zeros(S, 1, len(p.ids), d)
+            runner.forward(torch.tensor([p.ids]), acts=acts)
+            outs.append(acts[:, 0].double())
+        b = bs[0]
+        B, T = b.ids.shape
+        corr, _, _ = corrupted_run(runner, b, S, len(g.stages), d, means)
+    first = torch.stack([o[:, 0] for o in outs], 1).mean(1)
+    rest = torch.cat([o[:, 1:] for o in outs], 1).mean(1)
+    assert means.shape == (S, 2, d)
+    assert torch.allclose(means[:, 0].double(), first, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(means[:, 1].double(), rest, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(means[:, 0], means[:, 1], atol=1e-3)  # the two really differ
+    grid = mean_grid(means, T)
+    assert torch.equal(corr[:, :, 0], grid[:, :, 0].expand(S, B, d))
+    assert torch.equal(corr[:, :, 1:], grid[:, :, 1:].expand(S, B, T - 1, d))
+    assert torch.equal(grid[:, 0, 0], means[:, 0]) and torch.equal(grid[:, 0, -1], means[:, 1])
+
 def test_selection_and_pruning(tiny_llama):
     g = build_graph(tiny_llama.model, tiny_llama.adapter)
     m = torch.randn(g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(1))
