@@ -10,6 +10,7 @@ from workbench.io import clear_stale_temps, output_dir
 # the default circuit: the smallest curve budget up to DEFAULT_MAX_FRACTION of the edges with faithfulness >=
 # DEFAULT_TARGET, else that largest circuit sharpened by up to DEFAULT_SWAPS rounds of swaps (issue 19)
 DEFAULT_TARGET = 0.85
+DEFAULT_HIT_SHARE = 0.8  # ... with Hit@10 at least this share of the full model's
 DEFAULT_MAX_FRACTION = 0.02
 DEFAULT_SWAPS = 6
 
@@ -44,6 +45,9 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
                           f"reaching F; where none does, the --max-fraction circuit sharpened by --swaps rounds until "
                           f"it does (the default, with F = {DEFAULT_TARGET:g}, unless --top-edges or --threshold is "
                           "given)")
+    c.add_argument("--target-hit-share", type=Number(float, 0, 1), default=None, metavar="S",
+                   help="with a target faithfulness, the circuit must also keep Hit@10 at >= S x the full model's "
+                        f"(default {DEFAULT_HIT_SHARE:g}; 0: faithfulness alone)")
     c.add_argument("--max-fraction", type=Number(float, 0, 1, open_low=True), default=None, metavar="P",
                    help="the largest circuit the target may pick, as a fraction of all edges (default "
                         f"{DEFAULT_MAX_FRACTION:g})")
@@ -116,7 +120,10 @@ def cmd_circuit(args) -> int:
         target = DEFAULT_TARGET  # the default circuit size: the answer of the curve (without it: 1 % of the edges)
     if args.max_fraction is not None and target is None:
         raise WorkbenchError("--max-fraction bounds the target's circuit: give it without --top-edges or --threshold")
+    if args.target_hit_share is not None and target is None:
+        raise WorkbenchError("--target-hit-share is part of the target: give it without --top-edges or --threshold")
     swaps = args.swaps if args.swaps is not None else (DEFAULT_SWAPS if target is not None else 0)
+    hit_share = DEFAULT_HIT_SHARE if args.target_hit_share is None else args.target_hit_share
     out = output_dir(args.out)
     clear_stale_temps(out, ["circuit.*", "edges.parquet", "metrics.json"])  # what a killed run left half-written
     lm = load(args.model, device=args.device)
@@ -125,7 +132,7 @@ def cmd_circuit(args) -> int:
                           batch_size=args.batch_size, max_memory=args.max_memory, store=args.store_dtype,
                           lean=True if args.lean else None,
                           random_seeds=args.random_seeds, progress=not args.quiet,
-                          curve=not args.no_curve, target_faithfulness=target,
+                          curve=not args.no_curve, target_faithfulness=target, target_hit_share=hit_share,
                           max_fraction=args.max_fraction or DEFAULT_MAX_FRACTION,
                           per_relation=not args.no_per_relation)
     circuit, scores, mask = find_circuit(lm, facts, opts)
@@ -163,10 +170,11 @@ def cmd_circuit(args) -> int:
 
 
 def _target_line(t: dict) -> str:
+    goal = f"{t['faithfulness']:g}" + (f" (Hit@10 >= {t['hit_share']:g} x full)" if t.get("hit_share") else "")
     if t["reached_on_curve"]:
-        return f"; smallest reaching {t['faithfulness']:g}: {t['budget']} edges"
-    return (f"; none up to {t['max_fraction']:.1%} reaches {t['faithfulness']:g}: the {t['budget']}-edge circuit, "
-            "sharpened by swaps (above)")
+        return f"; smallest reaching {goal}: {t['budget']} edges"
+    return (f"; none up to {t['max_fraction']:.1%} reaches {goal}: the {t['budget']}-edge circuit, sharpened by "
+            "swaps (above)")
 
 
 def _mean_jaccard(overlap: list[dict]) -> float:

@@ -313,7 +313,7 @@ def test_weighted_attribution_is_the_weighted_sum_of_per_fact_scores(tiny_llama,
         attribute(tiny_llama, prepared, method=method, steps=1, graph=g, weights=w[:-1])
 
 
-def test_swaps_only_keep_improvements_within_the_budget(tiny_llama):
+def test_swaps_only_keep_improvements_within_the_budget(tiny_llama, monkeypatch):
     """--swaps: every kept round lowers the squared error between each fact's logit difference through the
     circuit and the full model's without lowering Hit@10, the circuit stays pruned and within the budget, the
     logged end value is what an independent evaluation of the returned circuit gives, and no rounds is the
@@ -350,6 +350,18 @@ def test_swaps_only_keep_improvements_within_the_budget(tiny_llama):
     assert first > log["faithfulness_start"], "the first kept round did not raise faithfulness: nothing to stop at"
     _, stopped = swap_search(tiny_llama, prepared, scores.graph, plain_mask, n, four, stop_at=first)
     assert len(stopped["accepted"]) == 1 and stopped["faithfulness_end"] == pytest.approx(first, rel=1e-6)
+    assert stopped["reached"] and not log["reached"]  # (no target: never reached)
+    assert {a["drops"] for a in log["accepted"]} <= {"gain", "least"}
+    # the target includes Hit@10: faithful enough but short of the full model's Hit@10 keeps searching (this random
+    # model ranks no answer in its top 10, so the full model's Hit@10 is made 1 here)
+    import workbench.circuits.discover as D
+
+    real = D.evaluate
+    monkeypatch.setattr(D, "evaluate", lambda *a, **k: {**real(*a, **k), "hit_at_10_full": 1.0})
+    _, more = swap_search(tiny_llama, prepared, scores.graph, plain_mask, n, four, stop_at=log["faithfulness_start"],
+                          stop_hit_share=0.5)
+    assert more["accepted"] and more["accepted"][0]["objective"] == pytest.approx(log["accepted"][0]["objective"])
+    assert not more["reached"] and more["hit_at_10_full"] == 1.0
     with pytest.raises(WorkbenchError, match="--swaps keeps the circuit's size"):
         find_circuit(tiny_llama, FACTS, CircuitOptions(threshold=0.1, swaps=2))
     with pytest.raises(WorkbenchError, match="--swaps must be >= 0"):
@@ -634,10 +646,15 @@ def test_relation_filter_keeps_given_or_inferred_relations_and_names_the_others(
 def test_pick_budget_returns_the_smallest_reaching_the_target():
     from workbench.circuits.discover import pick_budget
 
-    curve = [{"budget": b, "faithfulness": f} for b, f in [(70, 0.4), (7, 0.1), (700, 0.9), (140, 0.86), (350, 0.8)]]
+    curve = [{"budget": b, "faithfulness": f, "hit_at_10": h, "hit_at_10_full": 0.9375}
+             for b, f, h in [(70, 0.4, 0.5), (7, 0.1, 0.0), (700, 0.9, 0.875), (140, 0.86, 0.6875), (350, 0.8, 0.75)]]
     assert pick_budget(curve, 0.85) == (140, True)  # not 700, although faithfulness dips at 350
     assert pick_budget(curve, 0.1) == (7, True)
     assert pick_budget(curve, 0.95) == (700, False)
+    # with Hit@10 at >= 80 % of the full model's (0.75 of 0.9375: equal counts, whatever the float rounding)
+    assert pick_budget(curve, 0.85, 0.8) == (700, True)  # 140 edges are faithful enough but keep 73 % of Hit@10
+    assert pick_budget(curve, 0.3, 0.8) == (350, True)
+    assert pick_budget(curve, 0.95, 0.8) == (700, False)
 
 
 def test_curve_grows_to_the_full_graph_and_target_picks_from_it(tiny_llama, monkeypatch):
@@ -650,8 +667,8 @@ def test_curve_grows_to_the_full_graph_and_target_picks_from_it(tiny_llama, monk
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
     assert curve[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)  # every edge kept: the full model
     target = (curve[1]["faithfulness"] + curve[-1]["faithfulness"]) / 2
-    want, reached = D.pick_budget(curve, target)
     options = CircuitOptions(steps=1, random_seeds=1, target_faithfulness=target, max_fraction=1.0)
+    want, reached = D.pick_budget(curve, target, options.target_hit_share)
     picked, _, mask = find_circuit(tiny_llama, FACTS, options)
     assert reached and picked.meta["selection"]["top_edges"] == want
     assert picked.meta["metrics"]["faithfulness"] >= target - 1e-6
@@ -659,28 +676,37 @@ def test_curve_grows_to_the_full_graph_and_target_picks_from_it(tiny_llama, monk
         find_circuit(tiny_llama, FACTS, CircuitOptions(target_faithfulness=0.5, top_edges=10))
 
 
-def test_target_within_a_cap_takes_the_curve_else_sharpens_the_largest_circuit(tiny_llama):
+def test_target_within_a_cap_takes_the_curve_else_sharpens_the_largest_circuit(tiny_llama, tmp_path):
     """A target is looked up on the curve up to ``max_fraction`` of the edges (that budget itself included);
     where the curve reaches it there are no swaps, where it does not the largest circuit gets the swap rounds,
-    stays within the cap, and a warning says the target was not reached."""
+    stays within the cap, and a warning (and the report page) says the target was not reached."""
+    from workbench.report import report
+
     base = dict(steps=1, random_seeds=0, batch_size=4, per_relation=False)
     n_total = build_graph(tiny_llama.model, tiny_llama.adapter).n_edges
     cap = 20
     fraction = cap / n_total
     at_cap, _, _ = find_circuit(tiny_llama, FACTS, CircuitOptions(**base, top_edges=cap))
-    reached, _, _ = find_circuit(tiny_llama, FACTS, CircuitOptions(**base, swaps=3, max_fraction=fraction,
-                                                                   target_faithfulness=-1.0))
+    reached, r_scores, r_mask = find_circuit(tiny_llama, FACTS, CircuitOptions(**base, swaps=3, max_fraction=fraction,
+                                                                               target_faithfulness=-1.0))
+    write_outputs(reached, r_scores, r_mask, tmp_path / "reached")
+    assert "The smallest circuit on the curve reaching faithfulness -1 with Hit@10 at least 0.8" in \
+        report(tmp_path / "reached").read_text()
     sel = reached.meta["selection"]
     smallest = min(c["budget"] for c in reached.meta["metrics"]["curve"])
     assert sel["target"]["reached_on_curve"] and "swaps" not in sel and sel["top_edges"] == smallest
     with pytest.warns(UserWarning, match="no circuit of at most"):
-        sharpened, _, mask = find_circuit(tiny_llama, FACTS, CircuitOptions(**base, swaps=3, max_fraction=fraction,
-                                                                            target_faithfulness=0.999999))
+        sharpened, s_scores, mask = find_circuit(
+            tiny_llama, FACTS, CircuitOptions(**base, swaps=3, max_fraction=fraction, target_faithfulness=0.999999))
     sel = sharpened.meta["selection"]
     assert not sel["target"]["reached_on_curve"] and sel["top_edges"] == cap and 0 < int(mask.sum()) <= cap
     assert [c["budget"] for c in sharpened.meta["metrics"]["curve"]].count(cap) == 1  # the cap is on the curve
     assert sel["swaps"]["faithfulness_start"] == pytest.approx(at_cap.meta["metrics"]["faithfulness"], rel=1e-6)
     assert sel["swaps"]["accepted"] and sharpened.meta["metrics"]["faithfulness"] > sel["swaps"]["faithfulness_start"]
+    assert not sel["swaps"]["reached"] and sel["target"]["hit_share"] == 0.8
+    write_outputs(sharpened, s_scores, mask, tmp_path / "sharpened")
+    page = report(tmp_path / "sharpened").read_text()
+    assert f"after {len(sel['swaps']['accepted'])} swap round(s), which <b>do not reach it</b>" in page
     with pytest.raises(WorkbenchError, match="--max-fraction must be in"):
         find_circuit(tiny_llama, FACTS, CircuitOptions(target_faithfulness=0.5, max_fraction=0))
 
@@ -709,9 +735,18 @@ def test_cli_default_is_the_target_within_two_percent(tmp_path, monkeypatch):
         args = _parser().parse_args(["circuit", "m", "--facts", str(facts), "--out", str(tmp_path / "o"), *extra])
         with pytest.raises(Stop):
             args.func(args)
-    got = [(o.target_faithfulness, o.max_fraction, o.swaps, o.top_edges) for o in seen]
-    assert got == [(0.85, 0.02, 6, None), (None, 0.02, 0, 30), (None, 0.02, 0, None), (0.9, 0.05, 6, None),
-                   (None, 0.02, 2, 30)]
+    got = [(o.target_faithfulness, o.max_fraction, o.swaps, o.top_edges, o.target_hit_share) for o in seen]
+    assert got == [(0.85, 0.02, 6, None, 0.8), (None, 0.02, 0, 30, 0.8), (None, 0.02, 0, None, 0.8),
+                   (0.9, 0.05, 6, None, 0.8), (None, 0.02, 2, 30, 0.8)]
+    args = _parser().parse_args(["circuit", "m", "--facts", str(facts), "--out", str(tmp_path / "o"),
+                                 "--target-hit-share", "0.5"])
+    with pytest.raises(Stop):
+        args.func(args)
+    assert seen[-1].target_faithfulness == 0.85 and seen[-1].target_hit_share == 0.5
+    args = _parser().parse_args(["circuit", "m", "--facts", str(facts), "--out", str(tmp_path / "o"), "--top-edges",
+                                 "30", "--target-hit-share", "0.5"])
+    with pytest.raises(WorkbenchError, match="--target-hit-share is part of the target"):
+        args.func(args)
     args = _parser().parse_args(["circuit", "m", "--facts", str(facts), "--out", str(tmp_path / "o"), "--top-edges",
                                  "30", "--max-fraction", "0.05"])
     with pytest.raises(WorkbenchError, match="--max-fraction bounds the target"):

@@ -214,7 +214,18 @@ def _circuit(folder: Path) -> str:
              f"<b>Hit@10</b>: full model {_num(m.get('hit_at_10_full'))}, circuit {_num(m.get('hit_at_10_circuit'))}, "
              f"random circuits {_num(m.get('hit_at_10_random'))}, corrupted input {_num(m.get('hit_at_10_corrupted'))}.",
              "<b>Nodes</b>: " + ", ".join(f"{v} {_e(k)}" for k, v in sorted(kinds.items())) + "."]
-    if "target_faithfulness" in m:
+    target = meta.get("selection", {}).get("target")
+    if target:
+        goal = f"faithfulness {target['faithfulness']:g}" + (
+            f" with Hit@10 at least {target['hit_share']:g} x the full model's" if target.get("hit_share") else "")
+        if target.get("reached_on_curve"):
+            facts.append(f"The smallest circuit on the curve reaching {goal}: this one.")
+        else:
+            sw = meta["selection"].get("swaps", {})
+            facts.append(f"No circuit on the curve up to {100 * target['max_fraction']:g} % of the edges reaches "
+                         f"{goal}; this is that largest one after {len(sw.get('accepted', []))} swap round(s), which "
+                         + ("reach it." if sw.get("reached") else "<b>do not reach it</b>."))
+    elif "target_faithfulness" in m:
         facts.append(f"Smallest circuit on the curve reaching faithfulness {m['target_faithfulness']}: this one.")
     rel = m.get("relations", {}).get("per_relation", {})
     out = [f"<p>{_e(meta.get('model', ''))}</p>", "<h2>Findings</h2>", _sentences(facts)]
