@@ -93,6 +93,8 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
         raise WorkbenchError("a target faithfulness chooses the circuit size: give it without a threshold or top-edges")
     if o.refine < 0 or o.refine == 1:
         raise WorkbenchError(f"--refine must be 0 (off) or >= 2, got {o.refine}")
+    if not 0 <= o.target_hit_share <= 1:
+        raise WorkbenchError(f"--target-hit-share must be in [0, 1], got {o.target_hit_share:g}")
     if not 0 < o.max_fraction <= 1:
         raise WorkbenchError(f"--max-fraction must be in (0, 1], got {o.max_fraction:g}")
     if o.swaps < 0:

@@ -709,6 +709,8 @@ def test_target_within_a_cap_takes_the_curve_else_sharpens_the_largest_circuit(t
     assert f"after {len(sel['swaps']['accepted'])} swap round(s), which <b>do not reach it</b>" in page
     with pytest.raises(WorkbenchError, match="--max-fraction must be in"):
         find_circuit(tiny_llama, FACTS, CircuitOptions(target_faithfulness=0.5, max_fraction=0))
+    with pytest.raises(WorkbenchError, match=r"--target-hit-share must be in \[0, 1\], got 1.5"):
+        find_circuit(tiny_llama, FACTS, CircuitOptions(target_faithfulness=0.5, target_hit_share=1.5))
 
 
 def test_cli_default_is_the_target_within_two_percent(tmp_path, monkeypatch):
