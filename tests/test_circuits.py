@@ -356,12 +356,19 @@ def test_swaps_only_keep_improvements_within_the_budget(tiny_llama, monkeypatch)
     # model ranks no answer in its top 10, so the full model's Hit@10 is made 1 here)
     import workbench.circuits.discover as D
 
-    real = D.evaluate
-    monkeypatch.setattr(D, "evaluate", lambda *a, **k: {**real(*a, **k), "hit_at_10_full": 1.0})
+    real, names = D.evaluate, []
+
+    def patched(lm, prepared, graph, masks, **kw):
+        names.extend(masks)
+        return {**real(lm, prepared, graph, masks, **kw), "hit_at_10_full": 1.0}
+
+    monkeypatch.setattr(D, "evaluate", patched)
     _, more = swap_search(tiny_llama, prepared, scores.graph, plain_mask, n, four, stop_at=log["faithfulness_start"],
                           stop_hit_share=0.5)
     assert more["accepted"] and more["accepted"][0]["objective"] == pytest.approx(log["accepted"][0]["objective"])
     assert not more["reached"] and more["hit_at_10_full"] == 1.0
+    # each round evaluates both kinds of drop (what the first-order gain picks, and what it says matters least)
+    assert any(x.startswith("gain:") for x in names) and any(x.startswith("least:") for x in names)
     with pytest.raises(WorkbenchError, match="--swaps keeps the circuit's size"):
         find_circuit(tiny_llama, FACTS, CircuitOptions(threshold=0.1, swaps=2))
     with pytest.raises(WorkbenchError, match="--swaps must be >= 0"):
