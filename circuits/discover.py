@@ -13,6 +13,7 @@ import torch
 
 from workbench.circuits import export, memory
 from workbench.circuits.attribution import STORE_DTYPES, Scores, attribute
+from workbench.circuits.cli import DEFAULT_HIT_SHARE
 from workbench.circuits.evaluate import (edge_entropy, evaluate, prune, select_fill, select_greedy, select_random,
                                          select_signed, select_threshold, select_top)
 from workbench.circuits.export import Circuit
@@ -46,7 +47,7 @@ class CircuitOptions:
     progress: bool = False
     curve: bool = False  # faithfulness and Hit@10 at every budget of CURVE_FRACTIONS (one attribution pass)
     target_faithfulness: float | None = None  # the smallest curve budget reaching it becomes the circuit
-    target_hit_share: float = 0.8  # ... with Hit@10 at least this share of the full model's (with a target only)
+    target_hit_share: float = DEFAULT_HIT_SHARE  # ... with Hit@10 at least this share of the full model's (with a target only)
     max_fraction: float = CURVE_FRACTIONS_MAX  # the largest circuit a target may pick (fraction of all edges); where
     # none up to it reaches the target, the circuit of that size gets up to ``swaps`` rounds, stopped at the target
     per_relation: bool = True  # facts of >= 2 relations: each relation's own circuit too, and their overlap
@@ -146,8 +147,7 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
                               stacklevel=2)
             o = replace(o, top_edges=n)
             target_log = {"faithfulness": target, "hit_share": o.target_hit_share, "max_fraction": o.max_fraction,
-                          "budget": n,
-                          "reached_on_curve": reached}
+                          "budget": n, "reached_on_curve": reached}
     if o.threshold is not None:
         chosen = select_threshold(graph, scores.matrix, o.threshold)
         selection = {"rule": "threshold", "threshold": o.threshold}
@@ -170,7 +170,7 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
     if o.swaps and o.threshold is None:
         t_swap = time.perf_counter()
         mask, selection["swaps"] = swap_search(lm, prepared, graph, mask, n, o, stop_at=target,
-                                               stop_hit_share=o.target_hit_share if target is not None else 0.0)
+                                               stop_hit_share=o.target_hit_share)
         swap_seconds = selection["swaps"]["seconds"] = round(time.perf_counter() - t_swap, 3)
         sw = selection["swaps"]
         if target is not None and not sw["reached"]:
@@ -356,12 +356,13 @@ def swap_search(lm, prepared, graph, mask: torch.Tensor, n: int, o: CircuitOptio
     mem = _memory_kwargs(o)
     valid = graph.valid()
 
-    hit_full = [0.0]
+    hit_full = 0.0  # the full model's Hit@10, as the evaluations report it
 
     def scored(masks: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        nonlocal hit_full
         ev = evaluate(lm, prepared, graph, masks, batch_size=o.batch_size, **mem)
         full = torch.tensor(ev["per_fact"]["metric_full"])
-        hit_full[0] = ev["hit_at_10_full"]
+        hit_full = ev["hit_at_10_full"]
         out = {}
         for name in masks:
             got = torch.tensor(ev["per_fact"][f"metric_{name}"])
@@ -371,12 +372,12 @@ def swap_search(lm, prepared, graph, mask: torch.Tensor, n: int, o: CircuitOptio
 
     best, short, faith, hit = scored({"c": mask})["c"]
     log = {"rounds": o.swaps, "objective": "-sum (logit diff circuit - full)^2", "start": best,
-           "faithfulness_start": faith, "hit_at_10_start": hit, "hit_at_10_full": hit_full[0], "accepted": []}
+           "faithfulness_start": faith, "hit_at_10_start": hit, "hit_at_10_full": hit_full, "accepted": []}
     if stop_at is not None:
         log["stop_at"] = {"faithfulness": stop_at, "hit_share": stop_hit_share}
 
     def done() -> bool:
-        return stop_at is not None and reaches(faith, hit, hit_full[0], stop_at, stop_hit_share)
+        return stop_at is not None and reaches(faith, hit, hit_full, stop_at, stop_hit_share)
 
     k0 = max(1, n // 100)
     sizes = sorted({max(1, int(k0 * f)) for f in SWAP_SIZES} | {1}, reverse=True)
