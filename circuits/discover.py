@@ -47,7 +47,7 @@ class CircuitOptions:
     progress: bool = False
     curve: bool = False  # faithfulness and Hit@10 at every budget of CURVE_FRACTIONS (one attribution pass)
     target_faithfulness: float | None = None  # the smallest curve budget reaching it becomes the circuit
-    target_hit_share: float = DEFAULT_HIT_SHARE  # ... with Hit@10 at least this share of the full model's (with a target only)
+    target_hit_share: float = DEFAULT_HIT_SHARE  # ... with Hit@10 >= this share of the full model's (target only)
     max_fraction: float = CURVE_FRACTIONS_MAX  # the largest circuit a target may pick (fraction of all edges); where
     # none up to it reaches the target, the circuit of that size gets up to ``swaps`` rounds, stopped at the target
     per_relation: bool = True  # facts of >= 2 relations: each relation's own circuit too, and their overlap
