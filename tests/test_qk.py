@@ -508,30 +508,41 @@ def test_meter_never_writes_the_models_tensors(shape, monkeypatch):
         torch.testing.assert_close(meter.sums[f"0.{proj}.all"], (x.double() ** 2).sum((0, 2)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("padding", ["right", "left", "a whole row"])
+@pytest.mark.parametrize("k_layout", ["token-major", "head-major"])
 @pytest.mark.parametrize("layers", [(0, 1, 2), (0, 2)], ids=["consecutive", "gap"])
-@pytest.mark.parametrize("shape", [(1, 1), (2, 3)], ids=["one-token", "two-prompts"])
-def test_held_calls_equal_brute_force_whatever_their_layout(shape, layers):
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3)], ids=["one-token", "three-prompts"])
+def test_held_calls_equal_brute_force_whatever_their_layout(shape, layers, k_layout, padding):
     """Held calls (the tensors themselves, reduced a batch at a time): head-major Q (DeepSeek concatenates its
-    queries), token-major K, a strided slice for V; layers in order (one add into the shared totals) or not.
-    The model's tensors are never written, and the sums equal brute force over the real tokens."""
+    queries), K token-major or head-major (then most of the batch is head-major), a strided slice for V; layers
+    in order (one add into the shared totals) or not; padding on either side, or a prompt of padding only (it has
+    no first token). The model's tensors are never written, and the sums equal brute force over the real tokens,
+    with and without each prompt's first."""
     B, T = shape
     g = torch.Generator().manual_seed(2)
     meter = QKMeter(3)
     grid = torch.arange(B * T).view(B, T)
     if B > 1:
-        grid[1, -1] = -1  # padding
+        grid[1, {"right": [-1], "left": [0, 1], "a whole row": [0, 1, 2]}[padding]] = -1
     meter.begin_batch(grid)
     calls = {}
     for layer in layers:
         q = torch.randn(B, 2, T, 4, generator=g)  # head-major, contiguous
-        k = torch.randn(B, T, 1, 4, generator=g).transpose(1, 2)
+        k = torch.randn(B, T, 1, 4, generator=g).transpose(1, 2) if k_layout == "token-major" \
+            else torch.randn(B, 1, T, 4, generator=g)
         v = torch.randn(B, T, 1, 7, generator=g)[..., 2:6].transpose(1, 2)
         calls[layer] = (q, k, v, [x.clone() for x in (q, k, v)])
         meter.update(layer, q, k, v)
-    valid = (grid >= 0).double()[:, None, :, None]
+    valid = (grid >= 0).double()
+    no0 = valid.clone()
+    for b in range(B):
+        if valid[b].any():
+            no0[b, int(valid[b].argmax())] = 0
     for layer, (q, k, v, before) in calls.items():
         for proj, x, y in zip("qkv", (q, k, v), before):
             assert torch.equal(x, y)
-            torch.testing.assert_close(meter.sums[f"{layer}.{proj}.all"], (y.double() ** 2 * valid).sum((0, 2)),
-                                       rtol=1e-5, atol=1e-6)
-    assert meter.tokens[layers[0]].tolist() == [int((grid >= 0).sum()), int((grid >= 0).sum()) - B]
+            for which, mask in (("all", valid), ("no0", no0)):
+                torch.testing.assert_close(meter.sums[f"{layer}.{proj}.{which}"],
+                                           (y.double() ** 2 * mask[:, None, :, None]).sum((0, 2)), rtol=1e-5, atol=1e-6)
+    real = int((grid >= 0).sum())
+    assert meter.tokens[layers[0]].tolist() == [real, real - int((grid >= 0).any(-1).sum())]
