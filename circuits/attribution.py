@@ -81,7 +81,7 @@ def last_logits(lm, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     model's own forward makes them: divided by Granite's ``logits_scaling``, times Cohere's
     ``logit_scale``, soft-capped by Gemma 2/3's ``final_logit_softcapping`` (``workbench check`` compares
     them with the model's logits)."""
-    h = hidden[torch.arange(hidden.shape[0]), last]
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     logits = lm.adapter.lm_head(lm.model)(h).float()
     cfg = lm.model.config
     if getattr(cfg, "logits_scaling", None) not in (None, 1, 1.0):
@@ -97,7 +97,7 @@ def last_logits(lm, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
 def metric_values(kind: str, logits: torch.Tensor, batch: Batch, clean_logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """Per-fact metric ``[B]``: logit difference answer - corrupted answer, log-probability or
     probability of the answer, or minus the KL divergence from the clean distribution."""
-    rows = torch.arange(logits.shape[0])
+    rows = torch.arange(logits.shape[0], device=logits.device)
     if kind == "logit_diff":
         return logits[rows, batch.answer] - logits[rows, batch.corrupted_answer]
     logp = torch.log_softmax(logits, dim=-1)
@@ -120,9 +120,10 @@ def sender_means(runner: GraphRunner, bs: list[Batch], S: int, d: int) -> torch.
     ~3e4 into one channel there) would otherwise lend every mean-ablated position a share of them, and take
     them from the sink; so the first position is ablated to the mean of first positions and the others to
     the mean of the others (where no prompt has a second token, to the first token's mean)."""
-    total, count = torch.zeros(S, 2, d, dtype=torch.float64), [0, 0]
+    dev = bs[0].ids.device if bs else None
+    total, count = torch.zeros(S, 2, d, dtype=torch.float64, device=dev), [0, 0]
     for b in bs:
-        acts = torch.zeros(S, *b.ids.shape, d)
+        acts = torch.zeros(S, *b.ids.shape, d, device=dev)
         runner.forward(b.ids, acts=acts)
         rest = b.valid.clone()
         rest[:, 0] = False
@@ -131,7 +132,7 @@ def sender_means(runner: GraphRunner, bs: list[Batch], S: int, d: int) -> torch.
         count[0] += int(b.valid[:, 0].sum())
         count[1] += int(rest.sum())
         del acts
-    means = total / torch.tensor([max(count[0], 1), max(count[1], 1)], dtype=torch.float64)[:, None]
+    means = total / torch.tensor([max(count[0], 1), max(count[1], 1)], dtype=torch.float64, device=dev)[:, None]
     if not count[1]:
         means[:, 1] = means[:, 0]
     return means.float()
@@ -157,8 +158,8 @@ def corrupted_run(runner: GraphRunner, b: Batch, S: int, P: int, d: int, means: 
     if out is not None:
         acts, resid = out
     else:
-        acts = torch.zeros(S, B, T, d, dtype=dtype)
-        resid = torch.zeros(P, B, T, d, dtype=dtype) if want_resid else None
+        acts = torch.zeros(S, B, T, d, dtype=dtype, device=b.ids.device)
+        resid = torch.zeros(P, B, T, d, dtype=dtype, device=b.ids.device) if want_resid else None
     hidden = None
     if not bool(b.mean.all()):
         hidden = runner.forward(b.corrupted_ids, acts=acts, resid=resid)
@@ -183,10 +184,11 @@ def mean_residuals(runner: GraphRunner, b: Batch, S: int, P: int, d: int, means:
     if not bool(m.any()):
         return None
     B, T = b.ids.shape
-    acts, resid = torch.zeros(S, B, T, d, dtype=dtype), torch.zeros(P, B, T, d, dtype=dtype)
+    dev = b.ids.device
+    acts, resid = torch.zeros(S, B, T, d, dtype=dtype, device=dev), torch.zeros(P, B, T, d, dtype=dtype, device=dev)
     runner.forward(b.ids, acts=acts, resid=resid)
-    out = torch.zeros(P, int(m.sum()), T, d, dtype=dtype)
-    run, done = torch.zeros(int(m.sum()), T, d), 0
+    out = torch.zeros(P, int(m.sum()), T, d, dtype=dtype, device=dev)
+    run, done = torch.zeros(int(m.sum()), T, d, device=dev), 0
     grid = mean_grid(means, T)
     for st in runner.graph.stages:  # upstream sets only grow along the stages
         if st.n_up > done:
@@ -233,7 +235,8 @@ def _edges_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: st
         return b.weighted(metric_values(metric, last_logits(lm, hidden, b.last), b, clean_logp))
 
     if lean and within is None:
-        delta, corr_resid = torch.zeros(S, B, T, d, dtype=store), torch.zeros(P, B, T, d, dtype=store)
+        delta = torch.zeros(S, B, T, d, dtype=store, device=b.ids.device)
+        corr_resid = torch.zeros(P, B, T, d, dtype=store, device=b.ids.device)
         for t in ig_alphas(steps):
             corrupted_run(runner, b, S, P, d, means, mean_resid, want_resid=True, out=(delta, corr_resid))
             runner.forward(b.ids, mode="grad", acts=delta, subtract=True, mix=(t, corr_resid), backward=loss,
@@ -241,7 +244,7 @@ def _edges_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: st
         return
     corr_acts, corr_resid, _ = corrupted_run(runner, b, S, P, d, means, mean_resid, want_resid=True, dtype=store)
     del mean_resid
-    acts = torch.zeros(S, B, T, d, dtype=store)
+    acts = torch.zeros(S, B, T, d, dtype=store, device=b.ids.device)
 
     def diff_then_loss(hidden):
         torch.sub(corr_acts, acts, out=acts)  # the senders' differences, in place
@@ -294,17 +297,18 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", ste
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:
         raise WorkbenchError(f"circuits run in fp32; the model is {dtype} (load it with dtype=float32)")
-    scores = torch.zeros(S, R, dtype=torch.float32)
+    scores = torch.zeros(S, R, dtype=torch.float32)  # on the CPU, as every caller reads it
     parts = _partition(len(prepared), groups)
     bs, owner = [], []  # batches, and the group each one's scores go to
     for name, idx in parts.items():
-        for b in batches([prepared[i] for i in idx], batch_size, pad_id(lm.tokenizer)):
+        for b in batches([prepared[i] for i in idx], batch_size, pad_id(lm.tokenizer), lm.device):
             b.index = [idx[i] for i in b.index]
             if weights is not None:
-                b.weight = weights[b.index]
+                b.weight = weights[b.index].to(lm.device)
             bs.append(b)
             owner.append(name)
-    group_scores = {name: torch.zeros(S, R, dtype=torch.float32) for name in parts}
+    # summed where the batches are (the model's device)
+    group_scores = {name: torch.zeros(S, R, dtype=torch.float32, device=lm.device) for name in parts}
     n_steps = steps if method != "eap" else 1
     if store not in STORE_DTYPES.values():
         raise WorkbenchError(f"storage dtype must be one of {', '.join(STORE_DTYPES)}, got {store}")
@@ -317,7 +321,7 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", ste
                 with torch.no_grad():
                     logits = last_logits(lm, runner.forward(b.ids), b.last)
                 fill_runner_up(prepared, b.index, logits)
-                b.corrupted_answer = torch.tensor([prepared[j].corrupted_answer_id for j in b.index])
+                b.corrupted_answer = torch.tensor([prepared[j].corrupted_answer_id for j in b.index], device=lm.device)
                 clean_logp = torch.log_softmax(logits, -1)
             B, T = b.ids.shape
             target = group_scores[owner[i]]
@@ -330,9 +334,9 @@ def attribute(lm, prepared: list[Prepared], *, method: str = "eap-ig-edges", ste
                 print(f"  batch {i + 1}/{len(bs)}: {len(b.index)} facts, {T} tokens, "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
     for g in group_scores.values():
-        scores += g
+        scores += g.cpu()
     scores /= len(prepared)
-    by_group = {name: group_scores[name] / len(idx) for name, idx in parts.items() if name is not None}
+    by_group = {name: group_scores[name].cpu() / len(idx) for name, idx in parts.items() if name is not None}
     return Scores(graph, scores, method, metric, n_steps, len(prepared), time.perf_counter() - t0,
                   [p.record(lm.tokenizer) for p in prepared], by_group=by_group)
 
@@ -365,13 +369,14 @@ def _inputs_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: s
     alphas = ig_alphas(steps) if steps else [1.0]
     delta = corr_acts  # becomes corrupted - clean in place once the clean senders are known
     if 1.0 not in alphas:
-        clean_acts = torch.zeros(S, B, T, d, dtype=store)
+        clean_acts = torch.zeros(S, B, T, d, dtype=store, device=b.ids.device)
         runner.forward(b.ids, acts=clean_acts)
         delta.sub_(clean_acts)
         del clean_acts
     for a in alphas:
         emb = e_clean if a == 1.0 else e_corr + a * (e_clean - e_corr)
-        box = {"clean": torch.zeros(S, B, T, d, dtype=store)} if a == 1.0 else {}  # EAP: clean senders from this pass
+        # EAP: the clean senders come from this pass
+        box = {"clean": torch.zeros(S, B, T, d, dtype=store, device=b.ids.device)} if a == 1.0 else {}
 
         def loss(hidden):
             if "clean" in box:

@@ -75,16 +75,17 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=COUNT, default=16, help="facts per batch at most (default 16; fewer where "
                                                                   "the memory budget needs it)")
     c.add_argument("--max-memory", type=Number(float, 0, open_low=True), default=None, metavar="GB",
-                   help="memory budget of the whole run in GB (default: what the machine has free); the batch size "
-                        "and mode are chosen to fit it, printed at the start, and a run that cannot fit stops before "
-                        "any work")
+                   help="memory budget of the whole run in GB (default: what the machine has free; with --device "
+                        "cuda, GB on the GPU and what it has free); the batch size and mode are chosen to fit it, "
+                        "printed at the start, and a run that cannot fit stops before any work")
     c.add_argument("--lean", action="store_true",
                    help="lean mode even where fast mode fits: one buffer of sender differences and checkpointed "
                         "layers (about two thirds of the memory per token, up to twice the time)")
     c.add_argument("--store-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype the senders' outputs and differences are kept in (bfloat16/float16 halve the memory "
                         "per token; scores and gradients stay float32)")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA where there is one): where the "
+                                                   "model and the attribution's buffers live")
     c.add_argument("--quiet", action="store_true")
     c.add_argument("--out", required=True, help="output folder")
     c.set_defaults(func=cmd_circuit)

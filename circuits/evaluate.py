@@ -170,7 +170,7 @@ def evaluate(lm, prepared: list[Prepared], graph: Graph, circuits: dict[str, tor
     if not prepared:
         raise WorkbenchError("no facts to evaluate")
     S, R, P, d = graph.n_senders, graph.n_receivers, len(graph.stages), graph.d_model
-    bs = batches(prepared, batch_size, pad_id(lm.tokenizer))
+    bs = batches(prepared, batch_size, pad_id(lm.tokenizer), lm.device)
     n = len(prepared)
     metric = {k: torch.zeros(n, dtype=torch.float64) for k in ["full", "corrupted", *circuits]}
     hit = {k: torch.zeros(n, dtype=torch.bool) for k in metric}
@@ -183,9 +183,9 @@ def evaluate(lm, prepared: list[Prepared], graph: Graph, circuits: dict[str, tor
             mean_resid = mean_residuals(runner, b, S, P, d, means, store)
             logits = last_logits(lm, runner.forward(b.ids), b.last)
             fill_runner_up(prepared, b.index, logits)
-            b.corrupted_answer = torch.tensor([prepared[j].corrupted_answer_id for j in b.index])
+            b.corrupted_answer = torch.tensor([prepared[j].corrupted_answer_id for j in b.index], device=lm.device)
             _record(metric, hit, "full", idx, logits, b)
-            rank[idx] = (logits > logits[torch.arange(B), b.answer][:, None]).sum(-1)
+            rank[idx] = (logits > logits[torch.arange(B, device=logits.device), b.answer][:, None]).sum(-1).cpu()
             corr_acts, corr_resid, corr_hidden = corrupted_run(runner, b, S, P, d, means, mean_resid,
                                                                want_resid=True, dtype=store)
             cur = None if lean else torch.zeros_like(corr_acts)
@@ -230,6 +230,6 @@ def evaluate(lm, prepared: list[Prepared], graph: Graph, circuits: dict[str, tor
 
 
 def _record(metric, hit, key, idx, logits, b) -> None:
-    metric[key][idx] = metric_values("logit_diff", logits, b).double()
+    metric[key][idx] = metric_values("logit_diff", logits, b).double().cpu()
     top = torch.topk(logits, 10, dim=-1).indices
-    hit[key][idx] = (top == b.answer[:, None]).any(-1)
+    hit[key][idx] = (top == b.answer[:, None]).any(-1).cpu()

@@ -308,9 +308,10 @@ class Batch:
         return (values if self.weight is None else values * self.weight.to(values.dtype)).sum()
 
 
-def batches(prepared: list[Prepared], batch_size: int, pad_id: int = 0) -> list[Batch]:
-    """Batches of similar length (sorted by length, stable), right-padded. Causal attention means
-    padding after the last real token changes nothing at or before it."""
+def batches(prepared: list[Prepared], batch_size: int, pad_id: int = 0,
+            device: torch.device | str | None = None) -> list[Batch]:
+    """Batches of similar length (sorted by length, stable), right-padded, on ``device`` (the model's; None: the
+    CPU). Causal attention means padding after the last real token changes nothing at or before it."""
     if batch_size < 1:
         raise WorkbenchError(f"batch size must be >= 1, got {batch_size}")
     order = sorted(range(len(prepared)), key=lambda i: len(prepared[i].ids))
@@ -327,13 +328,12 @@ def batches(prepared: list[Prepared], batch_size: int, pad_id: int = 0) -> list[
             ids[b, :n] = torch.tensor(p.ids)
             cids[b, :n] = torch.tensor(p.corrupted_ids if p.corrupted_ids is not None else p.ids)
             valid[b, :n] = True
-        out.append(Batch(
-            idx, ids, cids, torch.tensor([len(prepared[i].ids) - 1 for i in idx]),
-            torch.tensor([prepared[i].answer_id for i in idx]),
-            torch.tensor([prepared[i].corrupted_answer_id if prepared[i].corrupted_answer_id is not None else -1
-                          for i in idx]),
-            torch.tensor([prepared[i].corrupted_ids is None for i in idx]), valid,
-        ))
+        tensors = (ids, cids, torch.tensor([len(prepared[i].ids) - 1 for i in idx]),
+                   torch.tensor([prepared[i].answer_id for i in idx]),
+                   torch.tensor([prepared[i].corrupted_answer_id if prepared[i].corrupted_answer_id is not None else -1
+                                 for i in idx]),
+                   torch.tensor([prepared[i].corrupted_ids is None for i in idx]), valid)
+        out.append(Batch(idx, *(t.to(device) for t in tensors) if device is not None else tensors))
     return out
 
 

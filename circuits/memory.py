@@ -23,6 +23,10 @@ the lean per-token estimate is 7 % and 4 % above those runs' (it was 31 % and 72
 8 % above the peak of a held-out run (8 prompts of 350 tokens). ``bench/circuit_scale.py`` prints a
 run's estimate beside its measured peak (TinyLlama-shaped 1.1B, 512 tokens: 14.9 GB estimated, 13.4 GB
 peak RSS; SmolLM2, the same 8 prompts, fast mode: 5.0 GB estimated, 4.98 GB peak).
+
+On a GPU (``--device cuda``) the buffers, the model and its activations live on the device, so the plan's
+base is what the process has allocated there and the budget what the device has free (:func:`in_use`); the
+per-token figures are the same (the autograd probe counts bytes, wherever they are).
 """
 
 from __future__ import annotations
@@ -55,11 +59,13 @@ class Plan:
     floor_per_token: int
     budget: int | None  # bytes, or None (no limit)
     tokens: int  # the largest batch's padded token count
+    device: str = "cpu"  # where the run's buffers live: the CPU (figures are the process's RSS) or a GPU
 
     def describe(self) -> str:
         budget = f"; budget {self.budget / GB:.1f} GB" if self.budget else ""
-        return (f"memory: ~{self.estimate / GB:.1f} GB for these facts (batch {self.batch_size} of up to {self.tokens} "
-                f"padded tokens, {'lean' if self.lean else 'fast'} mode, {str(self.store).replace('torch.', '')} "
+        where = "" if self.device == "cpu" else f" on {self.device}"
+        return (f"memory: ~{self.estimate / GB:.1f} GB{where} for these facts (batch {self.batch_size} of up to "
+                f"{self.tokens} padded tokens, {'lean' if self.lean else 'fast'} mode, {str(self.store).replace('torch.', '')} "
                 f"storage: {self.per_token / 2**20:.2f} MB per token, {self.per_token / self.floor_per_token:.1f}x the "
                 f"floor of {self.floor_per_token / 2**20:.2f} MB{budget})")
 
@@ -69,7 +75,7 @@ class Plan:
                 "per_token_mb": round(self.per_token / 2**20, 4),
                 "floor_per_token_mb": round(self.floor_per_token / 2**20, 4),
                 "budget_gb": None if self.budget is None else round(self.budget / GB, 3), "max_batch_tokens": self.tokens,
-                "base_gb": round(self.base / GB, 3)}
+                "base_gb": round(self.base / GB, 3), "device": self.device}
 
 
 def rss() -> int:
@@ -91,6 +97,17 @@ def available() -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def in_use(device: torch.device) -> tuple[int, int | None]:
+    """``(bytes in use, bytes still free)`` where a run on ``device`` keeps its buffers: on a CUDA device the
+    caching allocator's allocated bytes (its cache emptied first) and the device's free memory; elsewhere this
+    process's RSS (the heap trimmed first) and what the system has available (None where unknown)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated(device), torch.cuda.mem_get_info(device)[0]
+    trim_heap()
+    return rss(), available()
 
 
 def floor_per_token(graph, store: torch.dtype) -> int:
@@ -147,7 +164,8 @@ def batch_tokens(lengths: list[int], batch_size: int) -> int:
 def plan(lm, graph, prepared, batch_size: int, *, max_memory: float | None = None, store: torch.dtype = torch.float32,
          lean: bool | None = None) -> Plan:
     """The batch size (at most ``batch_size``) and mode for these facts within ``max_memory`` GB (None:
-    what the system has available now plus what this process holds). Fast mode at the largest batch
+    what the system has available now plus what this process holds; on a GPU, the device's memory: what it
+    has free plus what this process has allocated there). Fast mode at the largest batch
     that fits, else lean mode at the largest batch that fits (``lean`` True/False forces a mode); a
     WorkbenchError, before any work, when even one fact at a time cannot fit."""
     if max_memory is not None and not (max_memory > 0 and math.isfinite(max_memory)):
@@ -155,12 +173,11 @@ def plan(lm, graph, prepared, batch_size: int, *, max_memory: float | None = Non
     lengths = [len(p.ids) for p in prepared]
     longest = max(range(len(prepared)), key=lambda i: lengths[i])
     autograd = autograd_per_token(lm, graph, prepared[longest].ids)
-    trim_heap()  # what the probe freed goes back to the system
-    base = rss()
+    device = torch.device(lm.device)
+    base, avail = in_use(device)  # (what the probe freed goes back first)
     if max_memory is not None:
         budget = int(max_memory * GB)
     else:
-        avail = available()
         budget = None if avail is None else base + int(0.9 * avail)
     n_layers = len(graph.layers)
     floor = floor_per_token(graph, store)
@@ -169,7 +186,7 @@ def plan(lm, graph, prepared, batch_size: int, *, max_memory: float | None = Non
         per = per_token_bytes(graph, store, mode, autograd, n_layers)
         for b in range(min(batch_size, len(prepared)), 0, -1):
             tokens = batch_tokens(lengths, b)
-            p = Plan(b, mode, store, base + tokens * per, base, per, floor, budget, tokens)
+            p = Plan(b, mode, store, base + tokens * per, base, per, floor, budget, tokens, str(device))
             if budget is None or p.estimate <= budget:
                 return p
             last = p  # the smallest batch in the leanest mode tried
@@ -177,7 +194,8 @@ def plan(lm, graph, prepared, batch_size: int, *, max_memory: float | None = Non
                          f"{'lean' if last.lean else 'fast'} mode (longest prompt {max(lengths)} tokens, "
                          f"{last.per_token / 2**20:.2f} MB per token with {str(store).replace('torch.', '')} storage); "
                          f"the budget is {budget / GB:.2f} GB"
-                         + (" (--max-memory)" if max_memory is not None else " (what this machine has free)")
+                         + (" (--max-memory)" if max_memory is not None else
+                            " (what this machine has free)" if device.type != "cuda" else f" (what {device} has free)")
                          + ": use shorter prompts, --store-dtype bfloat16, or a machine with more memory")
 
 

@@ -28,7 +28,7 @@ gradients only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.utils.checkpoint
@@ -266,6 +266,7 @@ def _rms_matches(norm: nn.Module, x: torch.Tensor) -> bool:
         return False
     xs = x[:1, :2].detach().clone().requires_grad_(True)
     g = torch.randn(*xs.shape[:2], 2, xs.shape[-1], generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    g = g.to(x.device)
     with torch.enable_grad():
         y = norm.forward(xs)
         ref = torch.stack([torch.autograd.grad(y, xs, g[:, :, i], retain_graph=True)[0] for i in range(2)], dim=2)
@@ -439,6 +440,11 @@ class GraphRunner:
             raise ValueError("subtract needs acts (the corrupted senders)")
         if grads is not None and on_grad is not None:
             raise ValueError("pass grads or on_grad, not both")
+        # the circuit's mask where the model is (callers keep theirs on the CPU)
+        if patch is not None and patch.mask.device != ids.device:
+            patch = replace(patch, mask=patch.mask.to(ids.device))
+        if within is not None and within.mask.device != ids.device:
+            within = replace(within, mask=within.mask.to(ids.device))
         if grads is not None:  # a buffer is one way to take the gradients stage by stage
             def on_grad(st, g, grads=grads):
                 grads[st.start:st.stop].add_(g.permute(2, 0, 1, 3))
