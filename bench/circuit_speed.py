@@ -3,14 +3,17 @@ passes, and the faithfulness of the circuits they give.
 
     .venv/bin/python bench/circuit_speed.py [--facts 32] [--batch-size 32] [--steps 5] [--threads N]
         [--relation capital_of|other|located_in|...] [--methods eap,eap-ig,eap-ig-edges,refine]
-        [--context TOKENS] [--lean] [--store-dtype float32|bfloat16|float16]
+        [--context TOKENS] [--lean] [--store-dtype float32|bfloat16|float16] [--device cpu|cuda]
 
 Memory: each child samples its RSS while ``attribute`` runs and reports the peak above the RSS it
 started from per token of the largest batch (``MB/token``), and that against the floor, every sender's
 output difference at every position (senders x d x bytes of the storage dtype: ``x floor``).
 ``--context N`` puts about N tokens of a neutral paragraph before each prompt ("She said that the
 capital of X is"), the long prompts of issue 24; ``--lean`` and ``--store-dtype`` are the circuit
-command's memory options, used by the children and the parent's evaluation alike.
+command's memory options, used by the children and the parent's evaluation alike. With ``--device cuda``
+the model and the attribution run on the GPU, and memory is the GPU's: the peak the caching allocator had
+allocated (``torch.cuda.max_memory_allocated``) above what it held when the attribution started, per token,
+against the same floor; ``peak RSS GB`` is then the GPU's peak allocation, model included.
 
 For each method a fresh child process loads the model, times one forward+backward on the same batch
 (the model's own forward on the facts' clean prompts, log-probability of the answer at the last
@@ -120,11 +123,17 @@ def child(args) -> dict:
 
     if args.lean:  # as the CLI's lean mode, from the start (a heap grown by the timing below stays fragmented)
         memory.limit_heap_growth()
-    lm = load("smollm2-135m")
+    lm = load("smollm2-135m", device=args.device)
+    cuda = lm.device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(lm.device)
+
     prepared = prepare(lm.tokenizer, with_context(_facts(args.facts, args.relation), args.context))
     # one forward+backward of the plain model on the same batches
     fb = []
-    for b in batches(prepared, args.batch_size, pad_id(lm.tokenizer)):
+    for b in batches(prepared, args.batch_size, pad_id(lm.tokenizer), lm.device):
         for p in lm.model.parameters():
             p.requires_grad_(False)
         times = []
@@ -132,8 +141,9 @@ def child(args) -> dict:
             t0 = time.perf_counter()
             emb = lm.model.model.embed_tokens(b.ids).detach().requires_grad_(True)
             out = lm.model(inputs_embeds=emb, logits_to_keep=0).logits
-            logits = out[torch.arange(len(b.last)), b.last]
+            logits = out[torch.arange(len(b.last), device=lm.device), b.last]
             metric_values("logprob", logits, b).sum().backward()
+            sync()
             times.append(time.perf_counter() - t0)
         fb.append(min(times))
         for p in lm.model.parameters():
@@ -146,13 +156,20 @@ def child(args) -> dict:
     # a one-fact, one-step warm-up: the base below then holds the one-time costs (weights paged in on first
     # use, library workspaces), so the peak above it is what grows with the batch's tokens
     attribute(lm, prepared[:1], method=method, steps=1, batch_size=1, lean=args.lean, store=store)
-    memory.trim_heap()
-    sampler = PeakRSS()
-    base = sampler.start()
+    if cuda:  # the GPU's memory: what the caching allocator hands out, sampled by the allocator itself
+        sync()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(lm.device)
+        base = torch.cuda.memory_allocated(lm.device)
+    else:
+        memory.trim_heap()
+        sampler = PeakRSS()
+        base = sampler.start()
     t0 = time.perf_counter()
     scores = attribute(lm, prepared, method=method, steps=args.steps, batch_size=args.batch_size, lean=args.lean,
                        store=store)
-    peak = sampler.stop()
+    sync()
+    peak = torch.cuda.max_memory_allocated(lm.device) if cuda else sampler.stop()
     tokens = max(b.ids.numel() for b in make_batches(prepared, args.batch_size))
     floor = memory.floor_per_token(scores.graph, store)
     matrices = {"scores": scores.matrix}
@@ -161,13 +178,15 @@ def child(args) -> dict:
         n1 = default_top_edges(scores.graph.n_edges)
         refine(lm, prepared, scores, SELECTIONS[opts.selection], n1, opts)
         matrices["refined"] = scores.refined  # NaN outside the candidates
+    sync()
     seconds = time.perf_counter() - t0
     if args.child == "refine":  # the same at the reference's edge count (not timed)
         refine(lm, prepared, scores, SELECTIONS[opts.selection], REFERENCE_EDGES, opts)
         matrices["refined_ref"] = scores.refined
     torch.save(matrices, args.scores)
     return {"method": args.child, "seconds": seconds, "fwd_bwd_seconds": sum(fb),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_rss_gb": peak / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "device": str(lm.device),
             "mb_per_token": (peak - base) / tokens / 2**20, "x_floor": (peak - base) / tokens / floor,
             "floor_mb": floor / 2**20, "tokens": tokens,
             "threads": torch.get_num_threads(), "edges": scores.graph.n_edges,
@@ -188,6 +207,8 @@ def main() -> None:
                     help="about this many tokens of a neutral paragraph before each prompt (issue 24's long prompts)")
     ap.add_argument("--lean", action="store_true", help="lean mode: one sender buffer, checkpointed layers")
     ap.add_argument("--store-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the model and the attribution run "
+                                                    "(memory is then the GPU's; see above)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scores", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -206,6 +227,13 @@ def main() -> None:
     from workbench.circuits.evaluate import evaluate, prune, select_fill, select_random, select_top
     from workbench.models.specs import load
 
+    from workbench.errors import WorkbenchError
+    from workbench.models.specs import resolve_device
+
+    try:
+        args.device = resolve_device(args.device)
+    except WorkbenchError as e:
+        ap.error(str(e))
     methods = [m for m in args.methods.split(",") if m]
     if not set(methods) <= set(METHODS):
         ap.error(f"--methods: choose from {', '.join(METHODS)}")
@@ -216,13 +244,13 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", method, "--scores", path, "--facts", str(args.facts),
                    "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads),
                    "--relation", args.relation, "--context", str(args.context), "--store-dtype", args.store_dtype,
-                   *(["--lean"] if args.lean else [])]
+                   "--device", args.device, *(["--lean"] if args.lean else [])]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs[method] = json.loads(out.strip().splitlines()[-1])
             matrices[method] = torch.load(path, weights_only=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load("smollm2-135m")
+    lm = load("smollm2-135m", device=args.device)
     prepared = prepare(lm.tokenizer, with_context(_facts(args.facts, args.relation), args.context))
     graph = build_graph(lm.model, lm.adapter)
     n1 = default_top_edges(graph.n_edges)
@@ -248,15 +276,16 @@ def main() -> None:
     rand_f = sum(c[f"random{s}"]["faithfulness"] for s in range(3)) / 3
     rand_h = sum(c[f"random{s}"]["hit_at_10"] for s in range(3)) / 3
     first = runs[methods[0]]
+    gpu = first["device"].startswith("cuda")
     print(f"SmolLM2-135M, {len(prepared)} {args.relation} facts of {min(len(p.ids) for p in prepared)}-"
           f"{max(len(p.ids) for p in prepared)} tokens, batch {args.batch_size}, {'lean' if args.lean else 'fast'} mode, "
           f"{args.store_dtype} storage, graph {graph.n_senders} senders x "
           f"{graph.n_receivers} receivers = {graph.n_edges} edges (GQA native), 1 % = {n1} edges; "
-          f"baselines {first['baselines']}; {first['threads']} threads")
+          f"baselines {first['baselines']}; {first['threads']} threads; device {first['device']}")
     print(f"full model: Hit@10 {ev['hit_at_10_full']:.3f}, Hit@1 {ev['hit_at_1_full']:.3f}; corrupted Hit@10 "
           f"{ev['hit_at_10_corrupted']:.3f}")
     print(f"{'method':<22} {'seconds':>8} {'ref s':>6} {'x ref':>6} {'fwd+bwd s':>9} {'x fwd+bwd':>9} "
-          f"{'peak RSS GB':>11} {'MB/token':>8} {'x floor':>7} {'faith top':>9} {'(edges)':>7} {'faith 1%':>8} {'(edges)':>7} {'Hit@10 1%':>9} "
+          f"{'peak GPU GB' if gpu else 'peak RSS GB':>11} {'MB/token':>8} {'x floor':>7} {'faith top':>9} {'(edges)':>7} {'faith 1%':>8} {'(edges)':>7} {'Hit@10 1%':>9} "
           f"{f'faith {REFERENCE_EDGES}':>10} {'ref faith':>9}")
     for method in methods:
         r = runs[method]
@@ -272,7 +301,8 @@ def main() -> None:
               f"{fill['hit_at_10']:>9.3f} {at_ref['faithfulness']:>10.3f} {ref['faithfulness']:>9.3f}")
     print(f"faith top: top-{n1} by |score| then pruned (edges left in brackets); faith 1%: at most {n1} edges "
           f"after pruning (fill, the default selection; for +refine chosen among 2 x {n1} re-scored candidates)")
-    print(f"MB/token: the attribution's peak RSS above the RSS it started from (after a one-fact warm-up run), "
+    print(f"MB/token: the attribution's peak {'GPU allocation' if gpu else 'RSS'} above "
+          f"{'the allocation' if gpu else 'the RSS'} it started from (after a one-fact warm-up run), "
           f"per token of the largest batch "
           f"({first['tokens']} padded tokens; MB = 2^20 bytes); x floor: against senders x d x bytes = "
           f"{first['floor_mb']:.2f} MB per token")

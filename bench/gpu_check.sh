@@ -6,8 +6,10 @@
 #   2. bench/kernels.py: ours vs torch baselines, x the one-read floor, bf16 and fp32;
 #   3. the planted super-expert model profiled on the GPU and on the CPU: same findings (bench/profile_diff.py);
 #   4. bench/profile_overhead.py on the real-shape MoE (bench:qwen3-moe-1024x64) on the GPU;
-#   5. bench/kernel_sweep.py: launch configurations of channel_stats and grouped_absmax.
-# SECTIONS picks which (default 1234; e.g. SECTIONS=513).
+#   5. bench/kernel_sweep.py: launch configurations of channel_stats and grouped_absmax;
+#   6. knowledge circuits on the GPU: tests/test_circuit_device.py (scores and evaluations equal the CPU's),
+#      then bench/circuit_speed.py's GPU memory per token against the floor, short and long prompts (issue 24).
+# SECTIONS picks which (default 1234; e.g. SECTIONS=513; 6 needs SmolLM2's GGUF converted: WORKBENCH_CACHE).
 #
 # Run from the repository root with the package importable from somewhere other than the checkout
 # (the top-level folders only become workbench.* once installed), e.g. on a bare GPU machine:
@@ -55,4 +57,15 @@ if [[ $SECTIONS == *4* ]]; then
 echo "== 4. profile cost on the GPU, real MoE shape (at ${SECONDS} s)"
 timeout 300 $PY "$REPO/bench/profile_overhead.py" --model bench:qwen3-moe-1024x64 --device cuda --tokens 100000 \
     --batch 64 --variants plain,body,profile,trace --repeat 2 2>&1 | grep -v "tok/s" | tee "$OUT/profile-overhead.txt"
+fi
+if [[ $SECTIONS == *6* ]]; then
+echo "== 6. knowledge circuits on the GPU (at ${SECONDS} s)"
+timeout 300 $PY -m pytest -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+    "$REPO/tests/test_circuit_device.py" -k cuda 2>&1 | tee "$OUT/circuit-device.log" | tail -5
+timeout 300 $PY "$REPO/bench/circuit_speed.py" --device cuda --methods eap,eap-ig,eap-ig-edges 2>&1 \
+    | grep -v "Loading weights" | tee "$OUT/circuit-speed-short.txt"
+timeout 300 $PY "$REPO/bench/circuit_speed.py" --device cuda --facts 8 --batch-size 8 --context 180 \
+    --methods eap-ig-edges 2>&1 | grep -v "Loading weights" | tee "$OUT/circuit-speed-long.txt"
+timeout 300 $PY "$REPO/bench/circuit_speed.py" --device cuda --facts 8 --batch-size 8 --context 180 --lean \
+    --methods eap-ig-edges 2>&1 | grep -v "Loading weights" | tee -a "$OUT/circuit-speed-long.txt"
 fi

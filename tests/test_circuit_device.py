@@ -1,13 +1,15 @@
 """Circuits on an accelerator: every buffer where the model is, the same scores and evaluations as on the CPU.
 
-No GPU here, so the device is :mod:`fake_device`'s stand-in: tensors that report another device while their
-data stays on the CPU, and an error wherever one meets a CPU tensor in an op, as on CUDA. The values are
-computed by the same CPU kernels except where PyTorch picks a kernel by device (attention takes the math
-path off the CPU), hence comparisons to float32 rounding rather than bit-equality.
-(``tests/test_kernels_cuda.py``-style checks on a real GPU: ``bench/gpu_check.sh`` section 6.)
+Each test runs on two devices: :mod:`fake_device`'s stand-in (tensors that report another device while their
+data stays on the CPU, and an error wherever one meets a CPU tensor in an op, as on CUDA), everywhere; and a
+real CUDA device where there is one (``bench/gpu_check.sh`` section 6 runs them there). On the stand-in the
+values come from the same CPU kernels except where PyTorch picks a kernel by device (attention takes the math
+path off the CPU); on a GPU every kernel differs. Hence comparisons to float32 rounding, not bit-equality.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -32,6 +34,16 @@ FACTS = [
 ]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(params=["stand-in", "cuda"])
+def device(request):
+    """``(context, move)``: inside ``context``, ``move(model)`` puts the model on the device."""
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        return contextlib.nullcontext(torch.device("cuda")), lambda model: model.to("cuda")
+    return fake_device(), to_fake_device
 
 
 def _model(spec: str, tokenizer) -> LoadedModel:
@@ -70,7 +82,7 @@ def test_the_stand_in_device_refuses_what_cuda_refuses():
 
 @pytest.mark.parametrize("spec", ["tiny-llama", "zoo:qwen3-moe", "zoo:deepseek-v3", "zoo:qwen2-moe"],
                          ids=["dense-gqa", "fused-experts", "latent-attention", "shared-experts"])
-def test_attribution_and_evaluation_on_a_device_equal_the_cpus(spec, zoo_tokenizer):
+def test_attribution_and_evaluation_on_a_device_equal_the_cpus(spec, device, zoo_tokenizer):
     """eap-ig-edges scores (swap and mean baselines) and the evaluation of the same circuits are the CPU's;
     before, the first batch's token ids were made on the CPU and the forward stopped there."""
     lm = _model(spec, zoo_tokenizer)
@@ -80,8 +92,9 @@ def test_attribution_and_evaluation_on_a_device_equal_the_cpus(spec, zoo_tokeniz
     n = max(8, graph.n_edges // 50)
     circuits = {"fill": select_fill(graph, ref.matrix, n), "random": select_random(graph, n, 0)}
     ref_ev = evaluate(lm, prepared, graph, circuits, batch_size=4)
-    with fake_device():
-        to_fake_device(lm.model)
+    context, move = device
+    with context:
+        move(lm.model)
         got = attribute(lm, prepared, steps=2, batch_size=4, graph=graph)
         ev = evaluate(lm, prepared, graph, circuits, batch_size=4)
     assert got.matrix.device.type == "cpu"  # what callers read stays on the CPU
@@ -95,27 +108,29 @@ def test_attribution_and_evaluation_on_a_device_equal_the_cpus(spec, zoo_tokeniz
 
 @pytest.mark.parametrize("kw", [{"method": "eap"}, {"method": "eap-ig"}, {"lean": True, "store": torch.bfloat16}],
                          ids=["eap", "eap-ig", "lean-bf16"])
-def test_every_method_and_memory_mode_runs_on_a_device(kw, zoo_tokenizer):
+def test_every_method_and_memory_mode_runs_on_a_device(kw, device, zoo_tokenizer):
     lm = _model("tiny-llama", zoo_tokenizer)
     prepared = prepare(lm.tokenizer, FACTS)
     ref = attribute(lm, prepared, steps=2, batch_size=4, **kw)
-    with fake_device():
-        to_fake_device(lm.model)
+    context, move = device
+    with context:
+        move(lm.model)
         got = attribute(lm, prepared, steps=2, batch_size=4, **kw)
     _close(got.matrix, ref.matrix)
 
 
-def test_find_circuit_on_a_device_with_every_step(zoo_tokenizer):
+def test_find_circuit_on_a_device_with_every_step(device, zoo_tokenizer):
     """The whole search on the device: the memory plan, the curve and its target, swap rounds, refinement and
     per-relation circuits; the same sizes and faithfulness as on the CPU."""
     lm = _model("tiny-llama", zoo_tokenizer)
     opts = CircuitOptions(steps=2, random_seeds=1, batch_size=4, curve=True, target_faithfulness=0.8, swaps=1,
                           refine=2)
     ref, _, ref_mask = find_circuit(lm, FACTS, opts)
-    with fake_device() as dev:
-        to_fake_device(lm.model)
+    context, move = device
+    with context as dev:
+        move(lm.model)
         circuit, _, mask = find_circuit(lm, FACTS, opts)
-    assert circuit.meta["memory"]["device"] == str(dev)
+    assert torch.device(circuit.meta["memory"]["device"]).type == dev.type
     assert int(mask.sum()) == int(ref_mask.sum())
     got, want = circuit.meta["metrics"], ref.meta["metrics"]
     assert np.isfinite(got["faithfulness"])
