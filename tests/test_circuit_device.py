@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fake_device import DeviceMismatch, fake_device, to_fake_device
+from test_circuit_models import FACTS as MODEL_FACTS
 from workbench.adapters.base import adapter_for
 from workbench.circuits.attribution import attribute
 from workbench.circuits.discover import CircuitOptions, find_circuit
@@ -24,14 +25,7 @@ from workbench.circuits.facts import Fact, prepare
 from workbench.circuits.graph import build_graph
 from workbench.models.specs import LoadedModel, load
 
-FACTS = [
-    Fact("The capital of France is", " Paris", relation="capital_of", subject="France"),
-    Fact("The capital of Germany is", " Berlin", relation="capital_of", subject="Germany"),
-    Fact("The capital of Japan is", " Tokyo", relation="capital_of", subject="Japan"),
-    Fact("The chemical symbol for gold is", " Au", relation="chemical_symbol", subject="gold"),
-    Fact("The chemical symbol for iron is", " Fe", relation="chemical_symbol", subject="iron"),
-    Fact("Ice is", " cold", relation="other"),  # no partner to swap with: the mean baseline
-]
+FACTS = [*MODEL_FACTS, Fact("Ice is", " cold", relation="other")]  # no partner to swap with: the mean baseline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
