@@ -333,7 +333,9 @@ def batches(prepared: list[Prepared], batch_size: int, pad_id: int = 0,
                    torch.tensor([prepared[i].corrupted_answer_id if prepared[i].corrupted_answer_id is not None else -1
                                  for i in idx]),
                    torch.tensor([prepared[i].corrupted_ids is None for i in idx]), valid)
-        out.append(Batch(idx, *(t.to(device) for t in tensors) if device is not None else tensors))
+        if device is not None:
+            tensors = tuple(t.to(device) for t in tensors)
+        out.append(Batch(idx, *tensors))
     return out
 
 

@@ -64,9 +64,10 @@ class Plan:
     def describe(self) -> str:
         budget = f"; budget {self.budget / GB:.1f} GB" if self.budget else ""
         where = "" if self.device == "cpu" else f" on {self.device}"
+        store = str(self.store).replace("torch.", "")
         return (f"memory: ~{self.estimate / GB:.1f} GB{where} for these facts (batch {self.batch_size} of up to "
-                f"{self.tokens} padded tokens, {'lean' if self.lean else 'fast'} mode, {str(self.store).replace('torch.', '')} "
-                f"storage: {self.per_token / 2**20:.2f} MB per token, {self.per_token / self.floor_per_token:.1f}x the "
+                f"{self.tokens} padded tokens, {'lean' if self.lean else 'fast'} mode, {store} storage: "
+                f"{self.per_token / 2**20:.2f} MB per token, {self.per_token / self.floor_per_token:.1f}x the "
                 f"floor of {self.floor_per_token / 2**20:.2f} MB{budget})")
 
     def to_dict(self) -> dict:
