@@ -44,6 +44,8 @@ class ProfileOptions:
     domains: dict = field(default_factory=dict)
     # Vocabulary specialization by the model's predicted token too (runs the LM head once per token).
     vocab_predicted: bool = False
+    # Prompts of similar length share a batch (less padding; workbench.tracing.runner.batch_members).
+    by_length: bool = True
 
 
 def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = ProfileOptions(),
@@ -105,7 +107,7 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         res = trace(lm, prompts, [*grouped_sites, *dense_sites, *shared_sites, *router_sites, *resid_sites], reducers=(),
                     batch_size=options.batch_size, max_tokens=options.max_tokens, progress=progress,
                     sinks=extra, meters=meters, stateful={"change_rate": change}, checkpoint=checkpoint, shard=shard,
-                    tokenized=ids)
+                    tokenized=ids, by_length=options.by_length)
     seconds = time.perf_counter() - start
     decode = lambda t: lm.tokenizer.decode([t]) if t is not None else None  # noqa: E731
 
@@ -170,12 +172,14 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     out["meta"] = {
         "spec": lm.spec, "architecture": type(lm.model).__name__, "num_layers": n_layers,
         "num_prompts": len(res.prompts), "num_tokens": res.num_tokens, "batch_size": options.batch_size,
-        "max_tokens": options.max_tokens, "seconds": round(seconds, 3), "layout": lm.summary()["layout"],
+        "max_tokens": options.max_tokens, "batch_order": "length" if options.by_length else "given",
+        "seconds": round(seconds, 3), "layout": lm.summary()["layout"],
         "versions": _versions(), "attention": "eager (for attention probabilities)" if options.sinks else "model default",
         "dtype": str(_dtype(lm)).replace("torch.", ""),
     }
     out["run"] = {"seconds": round(seconds, 3), "device": str(lm.device), "world_size": shard.world if shard else 1,
                   "batches": res.meta.get("batches"), "resumed_at_batch": res.meta.get("resumed_at_batch"),
+                  "positions": res.meta.get("positions"),
                   **lm.meta.get("run", {})}
     return out
 

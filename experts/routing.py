@@ -58,12 +58,11 @@ class ChoiceRecorder:
         if not tokens.numel():
             return
         data = rows.to(torch.int16).numpy()
-        t0 = int(tokens[0])
-        if int(tokens[-1]) - t0 + 1 == tokens.numel() and p.increasing():  # one contiguous run (the usual case)
-            os.pwrite(self.fd, data.tobytes(), t0 * self.k * 2)
-            return
-        for i, t in enumerate(tokens.tolist()):
-            os.pwrite(self.fd, data[i].tobytes(), t * self.k * 2)
+        t = tokens.to(torch.int64).numpy()
+        # one write per run of consecutive tokens: a batch's prompts, or the whole payload when they follow on
+        cuts = [0, *(np.flatnonzero(t[1:] != t[:-1] + 1) + 1).tolist(), len(t)]
+        for a, b in zip(cuts, cuts[1:]):
+            os.pwrite(self.fd, data[a:b].tobytes(), int(t[a]) * self.k * 2)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -18,6 +18,10 @@ from workbench.errors import WorkbenchError
 from workbench.io import clear_stale_temps, output_dir
 from workbench.report import announce
 
+BATCH_ORDER_HELP = ("length (default): prompts of similar length share a batch (sorted within windows of 64 "
+                    "batches), so less of each forward is padding; given: batches in the prompts' order. Results "
+                    "are the same up to float rounding")
+
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -102,7 +106,7 @@ def cmd_trace(args) -> int:
             layer = (args.layers or [0])[0]
             raise WorkbenchError(f"no {comp} sites: {qkv_unreadable(lm.adapter, lm.model, layer) or 'no layer chosen'}")
     result = trace(lm, prompts, sites, args.reducers, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                   dump_dir=args.dump, progress=not args.quiet)
+                   dump_dir=args.dump, progress=not args.quiet, by_length=args.batch_order == "length")
     summary = trace_summary(result, lm.tokenizer)
     summary["meta"].update(components=args.components, reducers=args.reducers, seconds=round(result.seconds, 3))
     path = write_json(out / "trace.json", summary)
@@ -152,7 +156,7 @@ def cmd_profile(args) -> int:
     lm = _load(args, device)
     opts = ProfileOptions(rule=rule, batch_size=args.batch_size, max_tokens=args.max_tokens,
                           top_massive=args.top_massive, sinks=not args.no_sinks, qk=args.qk, domains=domains,
-                          vocab_predicted=args.vocab_predicted)
+                          vocab_predicted=args.vocab_predicted, by_length=args.batch_order == "length")
     p = profile(lm, prompts, opts, progress=not args.quiet and main_rank, checkpoint=ckpt, shard=shard)
     ok = False
     try:
@@ -326,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reducers", type=_csv, default=["absmax"],
                    help="comma-separated: absmax, moments, log_histogram, expert_counts (default: absmax)")
     t.add_argument("--batch-size", type=COUNT, default=8)
+    t.add_argument("--batch-order", choices=("length", "given"), default="length",
+                   help=BATCH_ORDER_HELP + " (--dump keeps the given order)")
     t.add_argument("--max-tokens", type=COUNT, default=None, help="truncate each prompt to this many tokens")
     t.add_argument("--dump", default=None, help="also stream full activations to safetensors shards in this folder")
     _model_args(t, placement=True)
@@ -346,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text", action="append", help="a prompt (repeatable)")
     pr.add_argument("--max-tokens", type=COUNT, default=None, help="truncate each prompt to this many tokens")
     pr.add_argument("--batch-size", type=COUNT, default=8)
+    pr.add_argument("--batch-order", choices=("length", "given"), default="length", help=BATCH_ORDER_HELP)
     pr.add_argument("--quantile", type=Number(float, 0, 100, open_low=True), default=99.5)
     pr.add_argument("--ratio", type=Number(float, 0, 1), default=0.1)
     pr.add_argument("--layer-fraction", type=Number(float, 0, 1, open_low=True), default=0.75)

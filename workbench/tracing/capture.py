@@ -202,11 +202,13 @@ class Capture(HookSet):
     sinks that take them (``sink.coalesce`` true: reducers, whose result does not depend on how rows
     are split into payloads). Held rows go out between forwards (:meth:`begin_batch`), all sites at
     once in layer order, and at :meth:`flush` (called on leaving the context without an error); read
-    the sinks after that. Tokens keep increasing within a coalesced payload, since batches come in
-    prompt order.
+    the sinks after that. ``in_order``: the batches come in prompt order (each batch's tokens after the
+    last one's), so tokens keep increasing within a coalesced payload; otherwise its order is checked
+    where a sink needs it (``Payload.increasing``).
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, sinks: dict[Site, list[Sink]], *, coalesce: bool = False):
+    def __init__(self, model: nn.Module, adapter: Adapter, sinks: dict[Site, list[Sink]], *, coalesce: bool = False,
+                 in_order: bool = True):
         super().__init__()
         self.model, self.adapter = model, adapter
         self.sinks = {s: list(v) for s, v in sinks.items() if v}
@@ -222,6 +224,7 @@ class Capture(HookSet):
         self._now = {s: [k for k in v if not getattr(k, "coalesce", False)] for s, v in self.sinks.items()}
         self._held: dict[Site, list[Payload]] = {}
         self._order = {s: i for i, s in enumerate(self.sinks)}
+        self._in_order = in_order
         self._holding = False  # from the second batch on, when the first one's small payloads were small enough
         self._batches = 0
         self._first_batch = 0  # elements of the first batch's payloads that could be held
@@ -295,7 +298,7 @@ class Capture(HookSet):
                 torch.cat([q.values for q in parts]), torch.cat([q.tokens for q in parts]),
                 None if parts[0].topk is None else torch.cat([q.topk for q in parts]),
                 None if parts[0].experts is None else torch.cat([q.experts for q in parts]),
-                ordered=True if all(q.ordered for q in parts) else None)
+                ordered=True if self._in_order and all(q.ordered for q in parts) else None)
             with few_threads(work=p.values.numel()):
                 for sink in self._later[site]:
                     sink.update(p)

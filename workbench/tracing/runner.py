@@ -1,8 +1,9 @@
 """Run prompts through a model with a capture plan: tokenise, batch, pad, reduce.
 
 Global token indices follow prompt order (prompt 0's tokens first), not batch order, so results do
-not depend on batch size. Each prompt is tokenised on its own with the tokenizer's default special
-tokens and right-padded; padding never reaches a reducer.
+not depend on batch size or on which prompts share a batch. Each prompt is tokenised on its own with the
+tokenizer's default special tokens and right-padded; padding never reaches a reducer. By default prompts
+of similar length share a batch (:func:`batch_members`), so less of each forward is padding.
 """
 
 from __future__ import annotations
@@ -128,6 +129,33 @@ def tokenize(lm: LoadedModel, prompts: Sequence[str], max_tokens: int | None = N
     return out
 
 
+# Prompts are grouped by length within windows of this many batches: nearly all of a global sort's saving in
+# padding, while batches stay near their prompts' place in the corpus (ranks get similar work, progress and
+# checkpoints move through the corpus in order).
+LENGTH_WINDOW = 64
+
+
+def batch_members(lengths: torch.Tensor, batch_size: int, by_length: bool = True,
+                  window: int = LENGTH_WINDOW) -> list[torch.Tensor]:
+    """The prompt indices of each batch, each batch's in increasing order.
+
+    ``by_length``: within every window of ``window`` batches' worth of prompts, the prompts are sorted by
+    length (stable: equal lengths keep their order, so prompts of one length give the plain batches) and cut
+    into batches, shortest first. Otherwise batch ``b`` holds prompts ``b * batch_size`` onwards. Either way
+    there are ``ceil(len(lengths) / batch_size)`` batches.
+    """
+    n = lengths.numel()
+    if not by_length:
+        return [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    out = []
+    span = window * batch_size
+    for w in range(0, n, span):
+        idx = torch.arange(w, min(w + span, n))
+        idx = idx[torch.argsort(lengths[idx], stable=True)]
+        out += [idx[s:s + batch_size].sort().values for s in range(0, idx.numel(), batch_size)]
+    return out
+
+
 def _group_experts(lm: LoadedModel, sites: list[Site], factories: dict, extra: dict, dump, table: dict,
                    sinks: dict) -> dict[Site, list[Site]]:
     """Every routed expert of a MoE layer reduced by ``absmax`` alone: one grouped site per layer with an
@@ -173,6 +201,7 @@ def trace(
     checkpoint: Checkpoint | None = None,
     shard: Shard | None = None,
     tokenized: list[list[int]] | None = None,
+    by_length: bool = True,
 ) -> TraceResult:
     """Run ``prompts`` once, reducing every site with every reducer; optionally dump everything.
 
@@ -186,6 +215,10 @@ def trace(
     every ``checkpoint.every`` batches and resumes from a checkpoint of the same run. ``shard`` runs
     only this rank's contiguous block of batches (global token indices stay in prompt order) and
     merges every rank's state into rank 0's reducers, in rank order.
+
+    ``by_length`` lets prompts of similar length share a batch (:func:`batch_members`): less padding, the
+    same results up to the order of float sums. A dump keeps the plain batches, so its rows stay in
+    token order.
     """
     sites = list(dict.fromkeys(sites))
     if not sites:
@@ -212,24 +245,26 @@ def trace(
     grouped = _group_experts(lm, sites, factories, extra, dump, table, sinks)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     device = lm.device
-    starts = list(range(0, len(ids), batch_size))  # batch b holds prompts starts[b] .. starts[b] + batch_size
-    mine = shard.batches(len(starts)) if shard is not None else range(len(starts))
+    in_batch = batch_members(lengths, batch_size, by_length and dump is None)  # the prompts of each batch
+    # batches in prompt order: each batch's tokens follow the last one's (what coalesced payloads can rely on)
+    in_order = all(int(a[-1]) < int(b[0]) for a, b in zip(in_batch, in_batch[1:]))
+    mine = shard.batches(len(in_batch)) if shard is not None else range(len(in_batch))
     objs = state.collect(table, extra, meters, stateful) if (checkpoint is not None or shard is not None) else {}
     first = mine.start
     fp = None
     if checkpoint is not None:
         fp = state.fingerprint(spec=lm.spec, model=type(lm.model).__name__, token_ids=token_ids, lengths=lengths,
                                batch_size=batch_size, objects=list(objs), shard=shard and (shard.rank, shard.world),
-                               tag=checkpoint.tag)
+                               tag=checkpoint.tag, **({} if in_order else {"batches": torch.cat(in_batch)}))
         got = checkpoint.load(fp)
         if got is not None and mine.start <= got[0] <= mine.stop:
             first = got[0]
             state.load(objs, got[1])
-    per_batch = torch.zeros(len(starts), dtype=torch.int64).index_add_(0, torch.arange(len(ids)) // batch_size, lengths)
+    per_batch = torch.stack([lengths[m].sum() for m in in_batch]) if in_batch else torch.zeros(0, dtype=torch.int64)
 
     def batch(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batch ``b``: token grid (global index, -1 at padding), input ids and attention mask, [B, T] each."""
-        chunk = torch.arange(starts[b], min(starts[b] + batch_size, len(ids)))
+        chunk = in_batch[b]
         n = lengths[chunk]
         cols = torch.arange(int(n.max()))
         real = cols[None, :] < n[:, None]  # [B, T], right padding
@@ -243,7 +278,7 @@ def trace(
     body = lm.adapter.body(lm.model)  # no statistic needs the logits: the LM head is skipped
     # Small payloads are coalesced over batches (not when streaming layers: there each layer sees every
     # batch before the next layer, and the layer-paired ChangeRate needs the same split in every layer).
-    with Capture(lm.model, lm.adapter, sinks, coalesce=streamer is None) as cap, _installed(meters, lm), \
+    with Capture(lm.model, lm.adapter, sinks, coalesce=streamer is None, in_order=in_order) as cap, _installed(meters, lm), \
             torch.no_grad():
         if streamer is not None:
             _run_streamed(streamer, [batch(b) for b in range(first, mine.stop)], cap, meters, bar)
@@ -266,7 +301,10 @@ def trace(
             table[site]["absmax"] = table[g]["absmax"].expert(site.expert)
         del table[g]
     seconds = time.perf_counter() - start
-    meta = {"spec": lm.spec, "num_prompts": len(ids), "num_tokens": int(lengths.sum()), "batch_size": batch_size}
+    meta = {"spec": lm.spec, "num_prompts": len(ids), "num_tokens": int(lengths.sum()), "batch_size": batch_size,
+            "batch_order": "given" if in_order else "length",
+            # what this rank's forwards computed, padding included
+            "positions": sum(in_batch[b].numel() * int(lengths[in_batch[b]].max()) for b in mine)}
     if checkpoint is not None or shard is not None:
         meta.update(batches=[mine.start, mine.stop], resumed_at_batch=first if first != mine.start else None)
     if dump:
