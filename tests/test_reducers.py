@@ -830,3 +830,43 @@ def test_absmax_ties_with_sorted_tokens_pick_the_first_row():
     slow.update(Payload(values.flip(0), torch.tensor([13, 12, 11, 10])))
     assert fast.token.tolist() == slow.token.tolist() == [11, 10, 10]
     assert torch.equal(fast.absmax, slow.absmax)
+
+
+@pytest.mark.parametrize("scoring, e, k", [("softmax", 8, 2), ("softmax", 64, 8), ("softmax", 96, 6), ("sigmoid", 16, 4)])
+def test_router_stats_match_brute_force(scoring, e, k):
+    """Per-token routing distribution (softmax of the logits, or normalised sigmoid scores), its entropy and top-k
+    margin, expert counts and co-activation, against plain-Python loops; merged halves equal the whole. The
+    logits include a -inf (a masked expert: probability 0, entropy term 0)."""
+    from workbench.tracing.reducers import RouterStats
+
+    g = torch.Generator().manual_seed(e)
+    n = 50
+    logits = torch.randn(n, e, generator=g) * 3
+    if scoring == "softmax":
+        logits[3, 1] = float("-inf")
+    topk = torch.topk(logits, k, dim=-1).indices
+    whole = RouterStats(num_experts=e, scoring=scoring)
+    whole.update(Payload(logits, torch.arange(n), topk))
+    a, b = RouterStats(num_experts=e, scoring=scoring), RouterStats(num_experts=e, scoring=scoring)
+    a.update(Payload(logits[:20], torch.arange(20), topk[:20]))
+    b.update(Payload(logits[20:], torch.arange(20, n), topk[20:]))
+    merged = a.merge(b).result()
+    probs, ent, margin = [], 0.0, 0.0
+    for row in logits.double().tolist():
+        if scoring == "softmax":
+            w = [math.exp(x - max(row)) for x in row]
+        else:
+            w = [1 / (1 + math.exp(-x)) for x in row]
+        p = [x / math.fsum(w) for x in w]
+        probs.append(p)
+        ent += math.fsum(-x * math.log(x) for x in p if x > 0)
+        s = sorted(p, reverse=True)
+        margin += s[k - 1] - s[k]
+    counts = Counter(int(i) for i in topk.flatten())
+    co = [[sum(1 for r in topk.tolist() if i in r and j in r) for j in range(e)] for i in range(e)]
+    for got in (whole.result(), merged):
+        assert got["tokens"] == n and got["counts"] == [counts[i] for i in range(e)]
+        assert got["mean_prob"] == pytest.approx([math.fsum(p[i] for p in probs) / n for i in range(e)], rel=1e-12)
+        assert got["mean_token_entropy"] == pytest.approx(ent / n, rel=1e-12)
+        assert got["mean_topk_margin"] == pytest.approx(margin / n, rel=1e-12)
+        assert whole.coactivation.tolist() == co

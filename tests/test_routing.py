@@ -43,6 +43,13 @@ def test_score_order_puts_the_highest_score_first():
     logits = torch.tensor([[0.1, 3.0, 2.0, -1.0], [5.0, 0.0, 4.0, 4.5]])
     p = Payload(values=logits, tokens=torch.tensor([0, 1]), topk=torch.tensor([[2, 1], [2, 0]]))
     assert score_order(p).tolist() == [[1, 2], [0, 2]]
+    ordered = Payload(values=logits, tokens=torch.tensor([0, 1]), topk=torch.tensor([[1, 2], [0, 3]]))
+    assert score_order(ordered).tolist() == [[1, 2], [0, 3]]  # already highest first (the router's own order)
+    tied = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 3.0]])  # equal scores keep their slot order, sorted or not
+    p = Payload(values=tied, tokens=torch.tensor([0, 1]), topk=torch.tensor([[1, 0], [1, 0]]))
+    assert score_order(p).tolist() == [[1, 0], [1, 0]]
+    p = Payload(values=tied, tokens=torch.tensor([0, 1]), topk=torch.tensor([[1, 0], [0, 2]]))
+    assert score_order(p).tolist() == [[1, 0], [2, 0]]
 
 
 def write_choices(folder: Path, layer: int, rows: torch.Tensor) -> None:
