@@ -3,9 +3,13 @@
 Variants (each in its own subprocess, so peak RSS is its own):
   plain    model forward only (batches of --batch prompts, right-padded)
   body     the same forward without the LM head (the profile pass skips it: no statistic needs logits)
+  body-length  the same headless forward over the batches the profile pass runs: prompts of similar length
+           together (workbench.tracing.runner.batch_members), so less padding; against it, `profile` shows
+           what the hooks and reducers cost, without the padding the grouping saves
   profile  workbench's full profile pass, as `workbench profile` runs it by default (super experts, router,
-           massive activations, sinks, Q/K/V norms)
+           massive activations, sinks, Q/K/V norms; prompts of similar length batched together)
   profile-noqk  the same without the Q/K/V norms (`--no-qk`): with `profile`, what they cost
+  profile-given  the profile pass over the batches in the prompts' order (`--batch-order given`), as `body`
   nnsight  nnsight trace that .save()s every down_proj output, reduced (absmax) after the run
   tl       TransformerLens TransformerBridge run_with_cache on the same down_proj sites, reduced after
 
@@ -119,6 +123,11 @@ def run(args) -> dict:
     prompts = prompts_for(lm.tokenizer, args.tokens)
     cuda = lm.device.type == "cuda"
     _imports(args.variant)  # module imports are a process's one-time cost, not the pass's: outside the timing
+    if args.variant == "body-length":  # the pass's own batches, worked out before the clock starts
+        from workbench.tracing.runner import batch_members, tokenize
+
+        lengths = torch.tensor([len(x) for x in tokenize(lm, prompts)])
+        args.groups = [[prompts[i] for i in m.tolist()] for m in batch_members(lengths, args.batch)]
     if cuda:  # CUDA context, cuBLAS handles and Triton's compilation stay out of the timing
         work(args, lm, prompts[:args.batch])
         torch.cuda.synchronize()
@@ -138,6 +147,7 @@ def _imports(variant: str) -> None:
     import importlib
 
     mods = {"profile": ["workbench.experts.profile"], "profile-noqk": ["workbench.experts.profile"],
+            "profile-given": ["workbench.experts.profile"],
             "trace": ["workbench.tracing.runner", "workbench.tracing.sites"],
             "nnsight": ["nnsight", "workbench.tracing.capture"], "tl": ["transformer_lens"]}.get(variant, [])
     for m in mods:
@@ -158,16 +168,18 @@ def work(args, lm, prompts) -> None:
             for chunk in batches(prompts, args.batch):
                 enc = lm.tokenizer(chunk, return_tensors="pt", padding=True).to(dev)
                 lm.model(**enc, use_cache=False)
-    elif args.variant == "body":  # the decoder stack alone, without the LM head (what the profile pass runs)
+    elif args.variant in ("body", "body-length"):  # the decoder stack alone, without the LM head (as the pass)
         body = lm.adapter.body(lm.model)
+        groups = getattr(args, "groups", None) if len(prompts) > args.batch else None  # (not the CUDA warm-up)
         with torch.no_grad():
-            for chunk in batches(prompts, args.batch):
+            for chunk in groups or batches(prompts, args.batch):
                 enc = lm.tokenizer(chunk, return_tensors="pt", padding=True).to(dev)
                 body(**enc, use_cache=False)
-    elif args.variant in ("profile", "profile-noqk"):  # profile-noqk: without the Q/K/V norms (experts/qk.py)
+    elif args.variant in ("profile", "profile-noqk", "profile-given"):  # noqk: without the Q/K/V norms (experts/qk.py)
         from workbench.experts.profile import ProfileOptions, profile
 
-        profile(lm, prompts, ProfileOptions(batch_size=args.batch, qk=args.variant == "profile"), progress=False)
+        profile(lm, prompts, ProfileOptions(batch_size=args.batch, qk=args.variant != "profile-noqk",
+                                            by_length=args.variant != "profile-given"), progress=False)
     elif args.variant == "trace":  # `workbench trace --components expert` (absmax per expert)
         from workbench.tracing.runner import trace
         from workbench.tracing.sites import all_sites
@@ -230,19 +242,27 @@ def breakdown(args) -> None:
     lm = load(args.model)
     prompts = prompts_for(lm.tokenizer, args.tokens)
     options = ProfileOptions(batch_size=args.batch)
+    from workbench.tracing.runner import batch_members, tokenize
+
     profile(lm, prompts, options, progress=False)  # warm: first-call costs are not a part's
     body = lm.adapter.body(lm.model)
-    with torch.no_grad():
-        t = time.perf_counter()
-        for chunk in batches(prompts, args.batch):
-            body(**lm.tokenizer(chunk, return_tensors="pt", padding=True).to(lm.device), use_cache=False)
-        headless = time.perf_counter() - t
+    lengths = torch.tensor([len(x) for x in tokenize(lm, prompts)])
+    grouped = [[prompts[i] for i in m.tolist()] for m in batch_members(lengths, args.batch)]
+
+    def forward(groups) -> float:
+        with torch.no_grad():
+            t = time.perf_counter()
+            for chunk in groups:
+                body(**lm.tokenizer(chunk, return_tensors="pt", padding=True).to(lm.device), use_cache=False)
+            return time.perf_counter() - t
+    headless, headless_len = forward(batches(prompts, args.batch)), forward(grouped)
     with Parts() as parts:
         t = time.perf_counter()
         profile(lm, prompts, options, progress=False)
         total = time.perf_counter() - t
-    print(f"\nprofile pass {total:.3f} s = {total / headless:.2f}x this process's headless forward ({headless:.3f} s); "
-          "own wall time of each part (exclusive of the parts it calls):")
+    print(f"\nprofile pass {total:.3f} s = {total / headless:.2f}x this process's headless forward ({headless:.3f} s; "
+          f"{total / headless_len:.2f}x the same over the pass's batches, {headless_len:.3f} s); own wall time of "
+          "each part (exclusive of the parts it calls):")
     for name, (sec, calls) in sorted(parts.own.items(), key=lambda kv: -kv[1][0]):
         print(f"  {sec * 1000:8.1f} ms {100 * sec / total:5.1f} % {calls:>7} calls  {name}")
     outside = total - parts.traced
@@ -250,7 +270,8 @@ def breakdown(args) -> None:
           "outside the traced forward")
     rest = parts.traced - sum(sec for sec, _ in parts.own.values())
     print(f"  {rest * 1000:8.1f} ms {100 * rest / total:5.1f} %           the rest of the traced forward: the model "
-          f"(eager attention), hook dispatch, tokenising ({rest / headless:.2f}x the headless forward)")
+          f"(eager attention), hook dispatch, tokenising ({rest / headless_len:.2f}x the headless forward over the "
+          "same batches)")
     prof = cProfile.Profile()
     prof.enable()
     profile(lm, prompts, options, progress=False)
@@ -372,17 +393,20 @@ def main():
     print(f"model {args.model}: {rows[0].get('tokens')} tokens in {rows[0].get('prompts')} prompts, batch "
           f"{args.batch}, {args.threads} threads, {args.device}; median of {args.repeat} interleaved runs")
     body = next((r for r in rows if r["variant"] == "body" and "error" not in r), None)
+    body_len = next((r for r in rows if r["variant"] == "body-length" and "error" not in r), None)
     gpu = args.device != "cpu"
-    print(f"{'variant':<10}{'seconds':>9}{'tokens/s':>10}{'x plain':>9}{'x body':>8}{'peak RSS MB':>13}"
+    print(f"{'variant':<14}{'seconds':>9}{'tokens/s':>10}{'x plain':>9}{'x body':>8}"
+          + (f"{'x body-length':>15}" if body_len else "") + f"{'peak RSS MB':>13}"
           + (f"{'peak GPU MB':>13}" if gpu else ""))
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:<10} failed: {r['error']}")
+            print(f"{r['variant']:<14} failed: {r['error']}")
             continue
         ratio = r["seconds"] / plain["seconds"] if plain else float("nan")
         headless = r["seconds"] / body["seconds"] if body else float("nan")
-        print(f"{r['variant']:<10}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.0f}{ratio:>9.2f}{headless:>8.2f}"
-              f"{r['peak_rss_mb']:>13.0f}" + (f"{r['peak_gpu_mb'] or 0:>13.0f}" if gpu else ""))
+        print(f"{r['variant']:<14}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.0f}{ratio:>9.2f}{headless:>8.2f}"
+              + (f"{r['seconds'] / body_len['seconds']:>15.2f}" if body_len else "")
+              + f"{r['peak_rss_mb']:>13.0f}" + (f"{r['peak_gpu_mb'] or 0:>13.0f}" if gpu else ""))
     if args.breakdown:
         breakdown(args)
     for n in [int(x) for x in args.rss_scan.split(",") if x]:

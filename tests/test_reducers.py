@@ -832,7 +832,8 @@ def test_absmax_ties_with_sorted_tokens_pick_the_first_row():
     assert torch.equal(fast.absmax, slow.absmax)
 
 
-@pytest.mark.parametrize("scoring, e, k", [("softmax", 8, 2), ("softmax", 64, 8), ("softmax", 96, 6), ("sigmoid", 16, 4)])
+@pytest.mark.parametrize("scoring, e, k",
+                         [("softmax", 8, 2), ("softmax", 64, 8), ("softmax", 96, 6), ("sigmoid", 16, 4)])
 def test_router_stats_match_brute_force(scoring, e, k):
     """Per-token routing distribution (softmax of the logits, or normalised sigmoid scores), its entropy and top-k
     margin, expert counts and co-activation, against plain-Python loops; merged halves equal the whole. The

@@ -278,7 +278,8 @@ def trace(
     body = lm.adapter.body(lm.model)  # no statistic needs the logits: the LM head is skipped
     # Small payloads are coalesced over batches (not when streaming layers: there each layer sees every
     # batch before the next layer, and the layer-paired ChangeRate needs the same split in every layer).
-    with Capture(lm.model, lm.adapter, sinks, coalesce=streamer is None, in_order=in_order) as cap, _installed(meters, lm), \
+    with Capture(lm.model, lm.adapter, sinks, coalesce=streamer is None, in_order=in_order) as cap, \
+            _installed(meters, lm), \
             torch.no_grad():
         if streamer is not None:
             _run_streamed(streamer, [batch(b) for b in range(first, mine.stop)], cap, meters, bar)
