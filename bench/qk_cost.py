@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--batch-order", choices=("length", "given"), default="length",
+                   help="the pass's batches: prompts of similar length together (the default) or in prompt order")
     args = p.parse_args()
 
     import torch
@@ -59,7 +61,7 @@ def main() -> None:
 
     for name in ("install", "begin_batch", "update", "remove", "result", "merge", "state_dict"):
         timed(name)
-    options = ProfileOptions(batch_size=args.batch)
+    options = ProfileOptions(batch_size=args.batch, by_length=args.batch_order == "length")
     assert options.qk, "the default profile measures Q/K/V"
     profile(lm, prompts[:4 * args.batch], options, progress=False)  # warm-up
     shares = []
@@ -70,7 +72,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         shares.append(spent["total"] / (seconds - spent["total"]))
         print(f"  pass {seconds:.3f} s, meter {spent['total'] * 1e3:.1f} ms: {shares[-1]:.1%}")
-    print(f"{args.model}: {args.tokens} tokens, batch {args.batch}, {args.threads} threads: Q/K/V meter time over "
+    print(f"{args.model}: {args.tokens} tokens, batch {args.batch} ({args.batch_order} order), {args.threads} threads: "
+          "Q/K/V meter time over "
           f"the rest of the pass, median of {args.repeat}: {statistics.median(shares):.1%} "
           f"(range {min(shares):.1%} .. {max(shares):.1%})")
 
