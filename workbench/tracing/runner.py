@@ -260,7 +260,11 @@ def trace(
         if got is not None and mine.start <= got[0] <= mine.stop:
             first = got[0]
             state.load(objs, got[1])
-    per_batch = torch.stack([lengths[m].sum() for m in in_batch]) if in_batch else torch.zeros(0, dtype=torch.int64)
+    sizes = torch.tensor([m.numel() for m in in_batch], dtype=torch.int64)
+    member_len = lengths[torch.cat(in_batch)] if in_batch else lengths
+    which = torch.repeat_interleave(torch.arange(len(in_batch)), sizes)  # each member's batch
+    per_batch = torch.zeros(len(in_batch), dtype=torch.int64).index_add_(0, which, member_len)  # tokens
+    widths = torch.zeros(len(in_batch), dtype=torch.int64).scatter_reduce_(0, which, member_len, "amax")
 
     def batch(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batch ``b``: token grid (global index, -1 at padding), input ids and attention mask, [B, T] each."""
@@ -305,7 +309,7 @@ def trace(
     meta = {"spec": lm.spec, "num_prompts": len(ids), "num_tokens": int(lengths.sum()), "batch_size": batch_size,
             "batch_order": "given" if in_order else "length",
             # what this rank's forwards computed, padding included
-            "positions": sum(in_batch[b].numel() * int(lengths[in_batch[b]].max()) for b in mine)}
+            "positions": int((sizes * widths)[mine.start:mine.stop].sum())}
     if checkpoint is not None or shard is not None:
         meta.update(batches=[mine.start, mine.stop], resumed_at_batch=first if first != mine.start else None)
     if dump:
