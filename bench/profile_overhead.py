@@ -113,6 +113,16 @@ def batches(prompts, size):
         yield prompts[i:i + size]
 
 
+def length_batches(lm, prompts, size) -> list[list[str]]:
+    """The prompts of each batch the profile pass runs (prompts of similar length together)."""
+    import torch
+
+    from workbench.tracing.runner import batch_members, tokenize
+
+    lengths = torch.tensor([len(x) for x in tokenize(lm, prompts)])
+    return [[prompts[i] for i in m.tolist()] for m in batch_members(lengths, size)]
+
+
 def run(args) -> dict:
     import torch
 
@@ -124,10 +134,7 @@ def run(args) -> dict:
     cuda = lm.device.type == "cuda"
     _imports(args.variant)  # module imports are a process's one-time cost, not the pass's: outside the timing
     if args.variant == "body-length":  # the pass's own batches, worked out before the clock starts
-        from workbench.tracing.runner import batch_members, tokenize
-
-        lengths = torch.tensor([len(x) for x in tokenize(lm, prompts)])
-        args.groups = [[prompts[i] for i in m.tolist()] for m in batch_members(lengths, args.batch)]
+        args.groups = length_batches(lm, prompts, args.batch)
     if cuda:  # CUDA context, cuBLAS handles and Triton's compilation stay out of the timing
         work(args, lm, prompts[:args.batch])
         torch.cuda.synchronize()
@@ -242,12 +249,9 @@ def breakdown(args) -> None:
     lm = load(args.model)
     prompts = prompts_for(lm.tokenizer, args.tokens)
     options = ProfileOptions(batch_size=args.batch)
-    from workbench.tracing.runner import batch_members, tokenize
-
     profile(lm, prompts, options, progress=False)  # warm: first-call costs are not a part's
     body = lm.adapter.body(lm.model)
-    lengths = torch.tensor([len(x) for x in tokenize(lm, prompts)])
-    grouped = [[prompts[i] for i in m.tolist()] for m in batch_members(lengths, args.batch)]
+    grouped = length_batches(lm, prompts, args.batch)
 
     def forward(groups) -> float:
         with torch.no_grad():

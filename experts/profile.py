@@ -172,7 +172,7 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     out["meta"] = {
         "spec": lm.spec, "architecture": type(lm.model).__name__, "num_layers": n_layers,
         "num_prompts": len(res.prompts), "num_tokens": res.num_tokens, "batch_size": options.batch_size,
-        "max_tokens": options.max_tokens, "batch_order": "length" if options.by_length else "given",
+        "max_tokens": options.max_tokens, "batch_order": res.meta["batch_order"],
         "seconds": round(seconds, 3), "layout": lm.summary()["layout"],
         "versions": _versions(), "attention": "eager (for attention probabilities)" if options.sinks else "model default",
         "dtype": str(_dtype(lm)).replace("torch.", ""),

@@ -246,8 +246,9 @@ def trace(
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     device = lm.device
     in_batch = batch_members(lengths, batch_size, by_length and dump is None)  # the prompts of each batch
+    order = torch.cat(in_batch) if in_batch else torch.zeros(0, dtype=torch.int64)  # every prompt, batch after batch
     # batches in prompt order: each batch's tokens follow the last one's (what coalesced payloads can rely on)
-    in_order = all(int(a[-1]) < int(b[0]) for a, b in zip(in_batch, in_batch[1:]))
+    in_order = bool((order[1:] > order[:-1]).all())
     mine = shard.batches(len(in_batch)) if shard is not None else range(len(in_batch))
     objs = state.collect(table, extra, meters, stateful) if (checkpoint is not None or shard is not None) else {}
     first = mine.start
@@ -255,22 +256,21 @@ def trace(
     if checkpoint is not None:
         fp = state.fingerprint(spec=lm.spec, model=type(lm.model).__name__, token_ids=token_ids, lengths=lengths,
                                batch_size=batch_size, objects=list(objs), shard=shard and (shard.rank, shard.world),
-                               tag=checkpoint.tag, **({} if in_order else {"batches": torch.cat(in_batch)}))
+                               tag=checkpoint.tag, **({} if in_order else {"batches": order}))
         got = checkpoint.load(fp)
         if got is not None and mine.start <= got[0] <= mine.stop:
             first = got[0]
             state.load(objs, got[1])
     sizes = torch.tensor([m.numel() for m in in_batch], dtype=torch.int64)
-    member_len = lengths[torch.cat(in_batch)] if in_batch else lengths
     which = torch.repeat_interleave(torch.arange(len(in_batch)), sizes)  # each member's batch
-    per_batch = torch.zeros(len(in_batch), dtype=torch.int64).index_add_(0, which, member_len)  # tokens
-    widths = torch.zeros(len(in_batch), dtype=torch.int64).scatter_reduce_(0, which, member_len, "amax")
+    per_batch = torch.zeros(len(in_batch), dtype=torch.int64).index_add_(0, which, lengths[order])  # tokens
+    widths = torch.zeros(len(in_batch), dtype=torch.int64).scatter_reduce_(0, which, lengths[order], "amax")
 
     def batch(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batch ``b``: token grid (global index, -1 at padding), input ids and attention mask, [B, T] each."""
         chunk = in_batch[b]
         n = lengths[chunk]
-        cols = torch.arange(int(n.max()))
+        cols = torch.arange(int(widths[b]))
         real = cols[None, :] < n[:, None]  # [B, T], right padding
         grid = torch.where(real, offsets[chunk][:, None] + cols[None, :], -1)
         return grid, torch.where(real, token_ids[grid.clamp(min=0)], pad), real.to(torch.int64)
