@@ -74,7 +74,9 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         starts = torch.cumsum(lengths, 0) - lengths  # each prompt's first global token
         token_ids = torch.tensor([t for x in ids for t in x], dtype=torch.int64)
     extra = {s: [AbsMax()] for s in [*dense_sites, *shared_sites]}
-    extra.update({s: [ExpertAbsMax(num_experts=infos[s.layer].num_experts)] for s in grouped_sites})
+    # The profile reports each expert's peak: its token only, not every (expert, channel) maximum's (far less work)
+    extra.update({s: [ExpertAbsMax(num_experts=infos[s.layer].num_experts, channel_tokens=False)]
+                  for s in grouped_sites})
     scoring = lm.adapter.router_scoring
     extra.update({s: [RouterStats(num_experts=infos[s.layer].num_experts, scoring=scoring), change.sink(s.layer),
                       LocalConsistency(num_experts=infos[s.layer].num_experts, top_k=infos[s.layer].top_k,
@@ -100,7 +102,7 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         qk_meter = QKMeter(n_layers)
         meters.append(qk_meter)
     if checkpoint is not None:
-        checkpoint.tag = json.dumps({"options": repr(options), "dtype": str(_dtype(lm))})
+        checkpoint.tag = json.dumps({"options": repr(options), "dtype": str(_dtype(lm)), "expert_tokens": "peak"})
     start = time.perf_counter()
     ctx = eager_attention(lm.model) if options.sinks else _null()
     with ctx:
@@ -116,20 +118,23 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         return {"prompt_index": loc["prompt_index"], "position": loc["position"], "token": decode(loc["token_id"])}
 
     # ----- experts -------------------------------------------------------------------------------
-    reduced: list[tuple[int, int, str, AbsMax]] = []  # (layer, expert, kind, state), in layer order
+    # (layer, expert, kind, result, per-channel maxima), in layer order
+    reduced: list[tuple[int, int, str, dict, torch.Tensor | None]] = []
     for i in range(n_layers):
         if i in moe_layers:
             g: ExpertAbsMax = extra[Site(i, Component.EXPERTS)][0]
-            reduced += [(i, e, "routed", g.expert(e)) for e in range(infos[i].num_experts)]
+            reduced += [(i, e, "routed", r, None if g.absmax is None else g.absmax[e])
+                        for e, r in enumerate(g.results())]
         else:
-            reduced.append((i, 0, "dense", extra[Site(i, Component.EXPERT, 0)][0]))
-        reduced += [(i, s.expert, "shared", extra[s][0]) for s in shared_sites if s.layer == i]
+            a = extra[Site(i, Component.EXPERT, 0)][0]
+            reduced.append((i, 0, "dense", a.result(), a.absmax))
+        reduced += [(i, s.expert, "shared", extra[s][0].result(), extra[s][0].absmax)
+                    for s in shared_sites if s.layer == i]
     experts = []
-    for layer, e, kind, a in reduced:
-        r = a.result()
+    for layer, e, kind, r, absmax in reduced:
         experts.append({"layer": layer, "expert": e, "kind": kind, "max_abs": r["max_abs"],
                         "channel": r["channel"], "tokens_routed": r["rows"],
-                        "channel_kurtosis": kurtosis(a.absmax) if a.absmax is not None else math.nan,
+                        "channel_kurtosis": kurtosis(absmax) if absmax is not None else math.nan,
                         "nan_count": r["nan_count"], "inf_count": r["inf_count"], **where(r["token"])})
     layer_kurt = {}
     for i in range(n_layers):

@@ -150,25 +150,57 @@ def expert_parts(case: Case, ids: torch.Tensor) -> list[Payload]:
 
 
 @SETTINGS
-@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
-def test_expert_absmax_equals_one_absmax_per_expert(data, dtype):
+@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+       channel_tokens=st.booleans())
+def test_expert_absmax_equals_one_absmax_per_expert(data, dtype, channel_tokens):
+    """Both modes: with every (expert, channel) token, and with each expert's peak token only (the profile's)."""
     case, e, ids = data.draw(expert_cases(dtype))
     order = data.draw(orders(case.parts), label="order")
-    merged, streamed = feed(lambda: ExpertAbsMax(num_experts=e), expert_parts(case, ids), order)
+    merged, streamed = feed(lambda: ExpertAbsMax(num_experts=e, channel_tokens=channel_tokens),
+                            expert_parts(case, ids), order)
     assert_same_state(merged, streamed)
+    results = merged.results()
+    assert merged.result() == {"experts": results} or any(math.isnan(r["max_abs"]) for r in results)
     for ex in range(e):
         sel = ids == ex
         ref = ref_absmax(case.values[sel], case.tokens[sel])
-        got = merged.expert(ex)
-        res = got.result()
+        res = results[ex]
         for key in ("channel", "token", "rows", "nan_count", "inf_count"):
             assert res[key] == ref[key], (ex, key, res, ref)
         assert (math.isnan(res["max_abs"]) and math.isnan(ref["max_abs"])) or res["max_abs"] == ref["max_abs"]
+        if merged.absmax is not None and int(sel.sum()):
+            assert merged.absmax[ex].tolist() == ref["absmax"]
+        if not channel_tokens:
+            continue
+        got = merged.expert(ex)
+        assert got.result() == res or math.isnan(res["max_abs"])
         if got.absmax is not None and int(sel.sum()):
             assert got.absmax.tolist() == ref["absmax"] and got.token.tolist() == ref["token_per_channel"]
         single = AbsMax()
         single.update(Payload(case.values[sel], case.tokens[sel]))
         assert single.result().keys() == res.keys()
+
+
+def test_expert_absmax_peak_tokens_only():
+    """Without per-channel tokens: ties across channels and tokens go to the smallest (token, channel), a later
+    larger value takes over, states round-trip and merge, and the per-channel view is refused."""
+    r = ExpertAbsMax(num_experts=2, channel_tokens=False)
+    #            token: 7            5            9
+    values = torch.tensor([[1.0, -3.0], [3.0, 3.0], [0.5, 2.0]])
+    r.update(Payload(values, torch.tensor([7, 5, 9]), experts=torch.tensor([0, 0, 1])))
+    assert [(x["max_abs"], x["token"], x["channel"]) for x in r.results()] == [(3.0, 5, 0), (2.0, 9, 1)]
+    r.update(Payload(torch.tensor([[0.0, -3.0], [0.0, 2.5]]), torch.tensor([2, 3]), experts=torch.tensor([0, 1])))
+    assert [(x["max_abs"], x["token"], x["channel"]) for x in r.results()] == [(3.0, 2, 1), (2.5, 3, 1)]
+    assert r.state_dict().keys() == {"absmax", "peak_token", "peak_channel", "nan_count", "inf_count", "rows"}
+    copy = ExpertAbsMax(num_experts=2, channel_tokens=False).load_state_dict(r.state_dict())
+    later = ExpertAbsMax(num_experts=2, channel_tokens=False)
+    later.update(Payload(torch.tensor([[9.0, 0.0]]), torch.tensor([1]), experts=torch.tensor([1])))
+    assert [(x["max_abs"], x["token"], x["channel"]) for x in copy.merge(later).results()] == [(3.0, 2, 1),
+                                                                                                (9.0, 1, 0)]
+    with pytest.raises(ValueError, match="use results"):
+        r.expert(0)
+    with pytest.raises(ValueError, match="per-channel tokens"):
+        r.merge(ExpertAbsMax(num_experts=2))
 
 
 def test_expert_absmax_rejects_bad_payloads():

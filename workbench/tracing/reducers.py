@@ -445,27 +445,40 @@ class ExpertAbsMax(Reducer):
     returns one expert's :class:`AbsMax` (equal to reducing that expert's rows alone, ties to the
     smallest token, in any row order). On CUDA the ``grouped_absmax`` Triton kernel does the
     reduction when rows come in increasing token order within each expert (as the capture emits them).
+
+    ``channel_tokens=False`` keeps every (expert, channel) maximum but the token of each expert's peak
+    only: its largest value, the smallest token reaching it, then the smallest channel, which is what
+    :meth:`results` reports either way (the profile needs no more). The token search then runs only
+    on the experts whose peak can change, not on every (expert, channel) whose maximum can; :meth:`expert`
+    is not available.
     """
 
     kind: ClassVar[str] = "expert_absmax"
     num_experts: int = 0
+    channel_tokens: bool = True
     absmax: torch.Tensor | None = None  # [E, C] float64, -1 where nothing seen
-    token: torch.Tensor | None = None  # [E, C] int64
+    token: torch.Tensor | None = None  # [E, C] int64 (channel_tokens)
+    peak_token: torch.Tensor | None = None  # [E] int64, NO_TOKEN before any value (not channel_tokens)
+    peak_channel: torch.Tensor | None = None  # [E] int64, -1 before any value (not channel_tokens)
     nan_count: torch.Tensor | None = None  # [E]
     inf_count: torch.Tensor | None = None  # [E]
     rows: torch.Tensor | None = None  # [E]
 
     def __post_init__(self):
+        e = self.num_experts
         if self.rows is None:
-            e = self.num_experts
             self.nan_count = torch.zeros(e, dtype=torch.int64)
             self.inf_count = torch.zeros(e, dtype=torch.int64)
             self.rows = torch.zeros(e, dtype=torch.int64)
+        if not self.channel_tokens and self.peak_token is None:
+            self.peak_token = torch.full((e,), NO_TOKEN, dtype=torch.int64)
+            self.peak_channel = torch.full((e,), -1, dtype=torch.int64)
 
     def _init(self, channels: int) -> None:
         if self.absmax is None:
             self.absmax = torch.full((self.num_experts, channels), -1.0, dtype=torch.float64)
-            self.token = torch.full((self.num_experts, channels), NO_TOKEN, dtype=torch.int64)
+            if self.channel_tokens:
+                self.token = torch.full((self.num_experts, channels), NO_TOKEN, dtype=torch.int64)
         elif self.absmax.shape[1] != channels:
             raise ValueError(f"ExpertAbsMax saw {channels} channels after {self.absmax.shape[1]}")
 
@@ -492,12 +505,15 @@ class ExpertAbsMax(Reducer):
             g = grouped_absmax(a, ids, e)  # ties -> the smallest row: the smallest token when rows are in order
             m = torch.where(g.argmax >= 0, g.absmax.to(a.dtype), -1.0)  # the maxima, in any row order
             in_order = tok.numel() < 2 or bool(((tok[1:] > tok[:-1]) | (ids[1:] != ids[:-1])).all())
-            if in_order:
+            if in_order and self.channel_tokens:
                 t = torch.where(g.argmax >= 0, tok[g.argmax.clamp(min=0)], NO_TOKEN)
                 self.absmax, self.token = _absorb_max(self.absmax, self.token, m.to(torch.float64).cpu(), t.cpu())
                 return
         else:  # per (expert, channel), in the input's own dtype
             m = _rows_max(a.new_full((e, a.shape[1]), -1.0), ids, a)
+        if not self.channel_tokens:
+            self._update_peaks(a, ids, tok, m)
+            return
         # Per (expert, channel): the max, then the smallest token reaching it. Only pairs whose max reaches
         # the running max can change (ties included: the token decides); after the first batches these are
         # few, so the token search runs on their experts' rows and channels only.
@@ -521,8 +537,40 @@ class ExpertAbsMax(Reducer):
         m_full = torch.where(reach, md, -1.0)  # pairs that cannot change leave the running state as it is
         self.absmax, self.token = _absorb_max(self.absmax, self.token, m_full, torch.where(reach, t_full, NO_TOKEN))
 
+    def _update_peaks(self, a: torch.Tensor, ids: torch.Tensor, tok: torch.Tensor, m: torch.Tensor) -> None:
+        """``channel_tokens=False``: every (expert, channel) maximum, and the (token, channel) of each expert whose
+        payload peak (``m``'s row max) reaches its running peak, searched on those experts' rows only."""
+        peak = m.amax(1)  # [E], in the rows' own dtype: the entries equal to it are exactly the peak's
+        md, pd = m.to(torch.float64).cpu(), peak.to(torch.float64).cpu()
+        reach = (pd >= self.absmax.max(1).values) & (pd >= 0)
+        if bool(reach.any()):
+            rows = torch.nonzero(reach.to(a.device)[ids]).flatten()
+            sub, sub_ids, sub_tok = a, ids, tok
+            if rows.numel() < a.shape[0]:
+                sub, sub_ids, sub_tok = a.index_select(0, rows), ids[rows], tok[rows]
+            r, c = torch.nonzero(sub == peak.index_select(0, sub_ids)[:, None], as_tuple=True)
+            channels = a.shape[1]
+            key = torch.full((self.num_experts,), _BIG, dtype=torch.int64, device=a.device)
+            key = key.scatter_reduce_(0, sub_ids[r], sub_tok[r] * channels + c, "amin").cpu()  # (token, channel)
+            self._absorb_peaks(torch.where(reach, pd, -1.0), key // channels, key % channels)
+        self.absmax = torch.maximum(self.absmax, md)
+
+    def _absorb_peaks(self, value: torch.Tensor, token: torch.Tensor, channel: torch.Tensor) -> None:
+        """Each expert's (token, channel) where its ``value`` beats the running peak, or equals it with a smaller
+        (token, channel); called before ``self.absmax`` takes the values in."""
+        channels = self.absmax.shape[1]
+        peak = self.absmax.max(1).values
+        mine = torch.where(self.peak_token == NO_TOKEN, _BIG, self.peak_token * channels + self.peak_channel)
+        theirs = torch.where(token == NO_TOKEN, _BIG, token * channels + channel)
+        take = (value >= 0) & ((value > peak) | ((value == peak) & (theirs < mine)))
+        self.peak_token = torch.where(take, token, self.peak_token)
+        self.peak_channel = torch.where(take, channel, self.peak_channel)
+
     def expert(self, e: int) -> AbsMax:
         """Expert ``e``'s state as an :class:`AbsMax` (a copy)."""
+        if not self.channel_tokens:
+            raise ValueError("this ExpertAbsMax keeps the token of each expert's peak only (channel_tokens=False): "
+                             "use results()")
         a = AbsMax(nan_count=self.nan_count[e].clone(), inf_count=self.inf_count[e].clone(), rows=self.rows[e].clone())
         if self.absmax is not None:
             a.absmax, a.token = self.absmax[e].clone(), self.token[e].clone()
@@ -532,16 +580,47 @@ class ExpertAbsMax(Reducer):
         self._check_same(other)
         if other.num_experts != self.num_experts:
             raise ValueError(f"cannot merge ExpertAbsMax over {other.num_experts} experts into {self.num_experts}")
+        if other.channel_tokens != self.channel_tokens:
+            raise ValueError("cannot merge ExpertAbsMax states with and without per-channel tokens")
         if other.absmax is not None:
             self._init(other.absmax.shape[1])
-            self.absmax, self.token = _absorb_max(self.absmax, self.token, other.absmax, other.token)
+            if self.channel_tokens:
+                self.absmax, self.token = _absorb_max(self.absmax, self.token, other.absmax, other.token)
+            else:
+                self._absorb_peaks(other.absmax.max(1).values, other.peak_token, other.peak_channel)
+                self.absmax = torch.maximum(self.absmax, other.absmax)
         self.nan_count += other.nan_count
         self.inf_count += other.inf_count
         self.rows += other.rows
         return self
 
+    def results(self) -> list[dict]:
+        """Each expert's :meth:`AbsMax.result`: its peak (largest value; among equal values the smallest token,
+        then the smallest channel), rows and NaN / inf counts, for all experts at once."""
+        e = self.num_experts
+        rows, nans, infs = self.rows.tolist(), self.nan_count.tolist(), self.inf_count.tolist()
+        if self.absmax is None:
+            peak, token, channel = [-1.0] * e, [NO_TOKEN] * e, [-1] * e
+        else:
+            top = self.absmax.max(1).values
+            if self.channel_tokens:
+                channels = self.absmax.shape[1]
+                at_peak = self.absmax == top[:, None]
+                key = torch.where(at_peak, self.token * channels + torch.arange(channels), _BIG).amin(1)
+                tok_t, ch_t = key // channels, key % channels
+            else:
+                tok_t, ch_t = self.peak_token, self.peak_channel
+            peak, token, channel = top.tolist(), tok_t.tolist(), ch_t.tolist()
+        out = []
+        for i in range(e):
+            seen = peak[i] >= 0
+            out.append({"max_abs": peak[i] if seen else math.nan, "channel": channel[i] if seen else -1,
+                        "token": token[i] if seen else NO_TOKEN, "rows": rows[i], "nan_count": nans[i],
+                        "inf_count": infs[i]})
+        return out
+
     def result(self) -> dict:
-        return {"experts": [self.expert(e).result() for e in range(self.num_experts)]}
+        return {"experts": self.results()}
 
 
 @dataclass
