@@ -19,7 +19,7 @@ from workbench.errors import WorkbenchError
 from workbench.experts.router import ChangeRate, LocalConsistency, Predictions, VocabSpecialization
 from workbench.experts.qk import QKMeter
 from workbench.experts.sinks import SinkMeter, eager_attention
-from workbench.experts.super_experts import SuperExpertRule, kurtosis, select
+from workbench.experts.super_experts import SuperExpertRule, kurtosis, kurtosis_rows, select
 from workbench.distributed import Shard
 from workbench.models.specs import LoadedModel
 from workbench.tracing.reducers import AbsMax, ExpertAbsMax, RouterStats
@@ -118,23 +118,24 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         return {"prompt_index": loc["prompt_index"], "position": loc["position"], "token": decode(loc["token_id"])}
 
     # ----- experts -------------------------------------------------------------------------------
-    # (layer, expert, kind, result, per-channel maxima), in layer order
-    reduced: list[tuple[int, int, str, dict, torch.Tensor | None]] = []
+    _kurtosis = lambda absmax: kurtosis(absmax) if absmax is not None else math.nan  # noqa: E731
+    # (layer, expert, kind, result, kurtosis of the channel maxima), in layer order
+    reduced: list[tuple[int, int, str, dict, float]] = []
     for i in range(n_layers):
         if i in moe_layers:
             g: ExpertAbsMax = extra[Site(i, Component.EXPERTS)][0]
-            reduced += [(i, e, "routed", r, None if g.absmax is None else g.absmax[e])
-                        for e, r in enumerate(g.results())]
+            kurt = [math.nan] * infos[i].num_experts if g.absmax is None else \
+                [k if k == k else math.nan for k in kurtosis_rows(g.absmax).tolist()]  # NaN as kurtosis() gives it
+            reduced += [(i, e, "routed", r, kurt[e]) for e, r in enumerate(g.results())]
         else:
             a = extra[Site(i, Component.EXPERT, 0)][0]
-            reduced.append((i, 0, "dense", a.result(), a.absmax))
-        reduced += [(i, s.expert, "shared", extra[s][0].result(), extra[s][0].absmax)
+            reduced.append((i, 0, "dense", a.result(), _kurtosis(a.absmax)))
+        reduced += [(i, s.expert, "shared", extra[s][0].result(), _kurtosis(extra[s][0].absmax))
                     for s in shared_sites if s.layer == i]
     experts = []
-    for layer, e, kind, r, absmax in reduced:
+    for layer, e, kind, r, kurt in reduced:
         experts.append({"layer": layer, "expert": e, "kind": kind, "max_abs": r["max_abs"],
-                        "channel": r["channel"], "tokens_routed": r["rows"],
-                        "channel_kurtosis": kurtosis(absmax) if absmax is not None else math.nan,
+                        "channel": r["channel"], "tokens_routed": r["rows"], "channel_kurtosis": kurt,
                         "nan_count": r["nan_count"], "inf_count": r["inf_count"], **where(r["token"])})
     layer_kurt = {}
     for i in range(n_layers):

@@ -209,11 +209,20 @@ def _key(e: dict) -> tuple:
     return e["layer"], e["kind"], e["expert"]
 
 
+def kurtosis_rows(x: torch.Tensor) -> torch.Tensor:
+    """:func:`kurtosis` of each row of ``x [R, C]`` at once (float64 ``[R]``), over each row's finite values."""
+    x = x.to(torch.float64)
+    finite = torch.isfinite(x)
+    n = finite.sum(-1)
+    x = torch.where(finite, x, 0.0)
+    d = torch.where(finite, x - x.sum(-1, keepdim=True) / n.clamp(min=1)[..., None], 0.0)
+    d2 = d * d
+    var = d2.sum(-1) / n.clamp(min=1)
+    k = (d2 * d2).sum(-1) / n.clamp(min=1) / (var * var)
+    return torch.where((n >= 2) & (var > 0), k, math.nan)
+
+
 def kurtosis(x: torch.Tensor) -> float:
     """Pearson kurtosis (normal = 3) of a 1-D tensor; NaN for fewer than 2 finite values or zero spread."""
-    x = x[torch.isfinite(x)].to(torch.float64)
-    if x.numel() < 2:
-        return math.nan
-    d = x - x.mean()
-    var = (d * d).mean()
-    return float((d ** 4).mean() / (var * var)) if var > 0 else math.nan
+    k = float(kurtosis_rows(x.reshape(1, -1))[0])
+    return k if k == k else math.nan  # math.nan itself: equal profiles compare equal (NaN is only equal to itself)

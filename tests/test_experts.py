@@ -14,7 +14,7 @@ from helpers import PROMPTS, ZOO_SPECS, assert_json_close
 from workbench.data import default_prompts
 from workbench.experts.massive import histogram_median
 from workbench.experts.profile import ProfileOptions, profile
-from workbench.experts.super_experts import SuperExpertRule, explain, select, shown
+from workbench.experts.super_experts import SuperExpertRule, explain, kurtosis, kurtosis_rows, select, shown
 from workbench.experts.report import split
 from workbench.io import dumps_json
 from workbench.models.specs import load
@@ -60,6 +60,33 @@ def paper_selection(p: dict) -> list[tuple]:
     chosen, _, _ = select(p["experts"], p["meta"]["num_layers"], SuperExpertRule(rule="paper"),
                           p["massive_activations"]["layers"])
     return [(e["layer"], e["expert"], e["kind"]) for e in chosen]
+
+
+def test_kurtosis_rows_match_plain_python():
+    """The profile's kurtosis of channel maxima, all experts of a layer at once: each row's finite values only,
+    NaN for fewer than two or no spread; equal to a plain-Python reference to rounding."""
+    def ref(row):
+        xs = [v for v in row if math.isfinite(v)]
+        if len(xs) < 2:
+            return math.nan
+        mean = math.fsum(xs) / len(xs)
+        var = math.fsum((v - mean) ** 2 for v in xs) / len(xs)
+        return math.fsum((v - mean) ** 4 for v in xs) / len(xs) / var ** 2 if var > 0 else math.nan
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 50, generator=g, dtype=torch.float64).abs()
+    x[0, 3] = 40.0  # one outlier channel: large kurtosis
+    x[1, :10] = math.inf
+    x[2, 5] = math.nan
+    x[3] = 2.0  # no spread
+    x[4, 1:] = math.nan  # one finite value
+    x[5, :] = -1.0  # nothing seen
+    x[5, 7] = 3.0
+    got = kurtosis_rows(x).tolist()
+    for i, row in enumerate(x.tolist()):
+        want = ref(row)
+        assert (math.isnan(got[i]) and math.isnan(want)) or got[i] == pytest.approx(want, rel=1e-12), (i, got[i], want)
+        assert kurtosis(x[i]) == got[i] or (math.isnan(got[i]) and math.isnan(kurtosis(x[i])))
+    assert got[0] > 30 and math.isnan(got[3]) and math.isnan(got[4])
 
 
 @pytest.mark.parametrize("spec", ZOO_SPECS)
