@@ -544,10 +544,9 @@ class ExpertAbsMax(Reducer):
         md, pd = m.to(torch.float64).cpu(), peak.to(torch.float64).cpu()
         reach = (pd >= self.absmax.max(1).values) & (pd >= 0)
         if bool(reach.any()):
-            rows = torch.nonzero(reach.to(a.device)[ids]).flatten()
-            sub, sub_ids, sub_tok = a, ids, tok
-            if rows.numel() < a.shape[0]:
-                sub, sub_ids, sub_tok = a.index_select(0, rows), ids[rows], tok[rows]
+            # The rows holding their expert's peak (a row max, one pass), then the peak's channels in those few
+            rows = torch.nonzero(reach.to(a.device)[ids] & (a.amax(1) == peak.index_select(0, ids))).flatten()
+            sub, sub_ids, sub_tok = a.index_select(0, rows), ids[rows], tok[rows]
             r, c = torch.nonzero(sub == peak.index_select(0, sub_ids)[:, None], as_tuple=True)
             channels = a.shape[1]
             key = torch.full((self.num_experts,), _BIG, dtype=torch.int64, device=a.device)
