@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -411,6 +412,14 @@ def main():
         print(f"{r['variant']:<14}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.0f}{ratio:>9.2f}{headless:>8.2f}"
               + (f"{r['seconds'] / body_len['seconds']:>15.2f}" if body_len else "")
               + f"{r['peak_rss_mb']:>13.0f}" + (f"{r['peak_gpu_mb'] or 0:>13.0f}" if gpu else ""))
+    base = "body-length" if body_len else "body" if body else None
+    if args.repeat > 1 and base:  # paired: each run against the baseline's run of the same round (load hits both)
+        print(f"each round's ratio to that round's {base} run, and their median:")
+        for v in names:
+            pairs = [r["seconds"] / b["seconds"] for r, b in zip(runs[v], runs[base])
+                     if "error" not in r and "error" not in b]
+            if v != base and pairs:
+                print(f"  {v:<14}" + " ".join(f"{x:5.2f}" for x in pairs) + f"   median {statistics.median(pairs):.2f}")
     if args.breakdown:
         breakdown(args)
     for n in [int(x) for x in args.rss_scan.split(",") if x]:
