@@ -11,8 +11,21 @@ lm = wb.load('zoo:qwen3-moe')
 sites = wb.all_sites(lm, ['expert', 'resid_post'])
 prompts = wb.default_prompts()[:10]
 r = wb.trace(lm, prompts, sites, ['absmax'], batch_size=4, progress=False)
-print(json.dumps({s.key: [r[s]['absmax'].absmax.tolist(), r[s]['absmax'].token.tolist(),
-                          int(r[s]['absmax'].nan_count), int(r[s]['absmax'].inf_count)] for s in sites}))
+out = {s.key: [r[s]['absmax'].absmax.tolist(), r[s]['absmax'].token.tolist(),
+               int(r[s]['absmax'].nan_count), int(r[s]['absmax'].inf_count)] for s in sites}
+# The profile's ExpertAbsMax (each expert's peak token only) beside the per-channel one, on rows out of token order
+# with a tie across tokens: the kernel's maxima feed the same peak search
+import torch
+from workbench.tracing.reducers import ExpertAbsMax, Payload
+g = torch.Generator().manual_seed(0)
+x, ids, tok = torch.randn(60, 16, generator=g), torch.randint(0, 4, (60,), generator=g), torch.randperm(60, generator=g)
+x[7], ids[7] = x[3], ids[3]
+for ct in (True, False):
+    e = ExpertAbsMax(num_experts=4, channel_tokens=ct)
+    for part in (slice(0, 25), slice(25, 60)):
+        e.update(Payload(x[part], tok[part], experts=ids[part]))
+    out[f"experts channel_tokens={ct}"] = [e.absmax.tolist(), e.results()]
+print(json.dumps(out))
 """
 
 
@@ -28,6 +41,7 @@ def test_absmax_through_triton_interpreter_equals_torch():
     assert torch_res.keys() == triton_res.keys()
     for key in torch_res:
         assert torch_res[key] == triton_res[key], key
+    assert torch_res["experts channel_tokens=True"] == torch_res["experts channel_tokens=False"]
 
 
 def test_explicit_triton_on_cpu_without_interpreter_is_refused():
