@@ -138,6 +138,22 @@ def _absorb_max(best: torch.Tensor, token: torch.Tensor, m: torch.Tensor, t: tor
     return torch.from_numpy(np.where(take, mn, b)), torch.from_numpy(np.where(take, tn, tk))
 
 
+def _peaks(absmax: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's peak of per-channel ``absmax`` / ``token`` [R, C]: the largest value; among equal values the
+    smallest token, then the smallest channel. Returns (value, token, channel), [R] each."""
+    channels = absmax.shape[1]
+    top = absmax.max(1).values
+    key = torch.where(absmax == top[:, None], token * channels + torch.arange(channels), _BIG).amin(1)
+    return top, key // channels, key % channels
+
+
+def _peak_result(peak: float, token: int, channel: int, rows: int, nan_count: int, inf_count: int) -> dict:
+    """:meth:`AbsMax.result` of a peak (``peak < 0``: nothing seen)."""
+    seen = peak >= 0
+    return {"max_abs": peak if seen else math.nan, "channel": channel if seen else -1,
+            "token": token if seen else NO_TOKEN, "rows": rows, "nan_count": nan_count, "inf_count": inf_count}
+
+
 @dataclass
 class AbsMax(Reducer):
     """Per-channel max |x| with the token where it occurred; ``result()`` adds the overall peak."""
@@ -220,22 +236,9 @@ class AbsMax(Reducer):
         return self
 
     def result(self) -> dict:
-        if self.absmax is None or not (self.absmax >= 0).any():
-            return {"max_abs": math.nan, "channel": -1, "token": NO_TOKEN, "rows": int(self.rows),
-                    "nan_count": int(self.nan_count), "inf_count": int(self.inf_count)}
-        # Overall peak: largest value; among equal values the smallest token, then smallest channel.
-        peak = self.absmax.max()
-        chans = torch.nonzero(self.absmax == peak).flatten()
-        toks = self.token[chans]
-        best = chans[torch.argmin(toks)]  # argmin returns the first (smallest channel) among ties
-        return {
-            "max_abs": float(peak),
-            "channel": int(best),
-            "token": int(self.token[best]),
-            "rows": int(self.rows),
-            "nan_count": int(self.nan_count),
-            "inf_count": int(self.inf_count),
-        }
+        peak, token, channel = (-1.0, NO_TOKEN, -1) if self.absmax is None else \
+            (x.item() for x in _peaks(self.absmax[None], self.token[None]))
+        return _peak_result(peak, token, channel, int(self.rows), int(self.nan_count), int(self.inf_count))
 
 
 @dataclass
@@ -542,23 +545,25 @@ class ExpertAbsMax(Reducer):
         payload peak (``m``'s row max) reaches its running peak, searched on those experts' rows only."""
         peak = m.amax(1)  # [E], in the rows' own dtype: the entries equal to it are exactly the peak's
         md, pd = m.to(torch.float64).cpu(), peak.to(torch.float64).cpu()
-        reach = (pd >= self.absmax.max(1).values) & (pd >= 0)
+        running = self.absmax.max(1).values
+        reach = (pd >= running) & (pd >= 0)
         if bool(reach.any()):
             # The rows holding their expert's peak (a row max, one pass), then the peak's channels in those few
-            rows = torch.nonzero(reach.to(a.device)[ids] & (a.amax(1) == peak.index_select(0, ids))).flatten()
+            row_peak = peak.index_select(0, ids)
+            rows = torch.nonzero(reach.to(a.device)[ids] & (a.amax(1) == row_peak)).flatten()
             sub, sub_ids, sub_tok = a.index_select(0, rows), ids[rows], tok[rows]
-            r, c = torch.nonzero(sub == peak.index_select(0, sub_ids)[:, None], as_tuple=True)
+            r, c = torch.nonzero(sub == row_peak[rows, None], as_tuple=True)
             channels = a.shape[1]
             key = torch.full((self.num_experts,), _BIG, dtype=torch.int64, device=a.device)
             key = key.scatter_reduce_(0, sub_ids[r], sub_tok[r] * channels + c, "amin").cpu()  # (token, channel)
-            self._absorb_peaks(torch.where(reach, pd, -1.0), key // channels, key % channels)
+            self._absorb_peaks(running, torch.where(reach, pd, -1.0), key // channels, key % channels)
         self.absmax = torch.maximum(self.absmax, md)
 
-    def _absorb_peaks(self, value: torch.Tensor, token: torch.Tensor, channel: torch.Tensor) -> None:
-        """Each expert's (token, channel) where its ``value`` beats the running peak, or equals it with a smaller
-        (token, channel); called before ``self.absmax`` takes the values in."""
+    def _absorb_peaks(self, peak: torch.Tensor, value: torch.Tensor, token: torch.Tensor,
+                      channel: torch.Tensor) -> None:
+        """Each expert's (token, channel) where its ``value`` beats the running ``peak`` (``self.absmax``'s row max
+        before it takes the values in), or equals it with a smaller (token, channel)."""
         channels = self.absmax.shape[1]
-        peak = self.absmax.max(1).values
         mine = torch.where(self.peak_token == NO_TOKEN, _BIG, self.peak_token * channels + self.peak_channel)
         theirs = torch.where(token == NO_TOKEN, _BIG, token * channels + channel)
         take = (value >= 0) & ((value > peak) | ((value == peak) & (theirs < mine)))
@@ -586,7 +591,8 @@ class ExpertAbsMax(Reducer):
             if self.channel_tokens:
                 self.absmax, self.token = _absorb_max(self.absmax, self.token, other.absmax, other.token)
             else:
-                self._absorb_peaks(other.absmax.max(1).values, other.peak_token, other.peak_channel)
+                self._absorb_peaks(self.absmax.max(1).values, other.absmax.max(1).values, other.peak_token,
+                                   other.peak_channel)
                 self.absmax = torch.maximum(self.absmax, other.absmax)
         self.nan_count += other.nan_count
         self.inf_count += other.inf_count
@@ -594,29 +600,17 @@ class ExpertAbsMax(Reducer):
         return self
 
     def results(self) -> list[dict]:
-        """Each expert's :meth:`AbsMax.result`: its peak (largest value; among equal values the smallest token,
-        then the smallest channel), rows and NaN / inf counts, for all experts at once."""
+        """Each expert's :meth:`AbsMax.result` (its peak, rows and NaN / inf counts), for all experts at once."""
         e = self.num_experts
-        rows, nans, infs = self.rows.tolist(), self.nan_count.tolist(), self.inf_count.tolist()
         if self.absmax is None:
             peak, token, channel = [-1.0] * e, [NO_TOKEN] * e, [-1] * e
+        elif self.channel_tokens:
+            peak, token, channel = (x.tolist() for x in _peaks(self.absmax, self.token))
         else:
-            top = self.absmax.max(1).values
-            if self.channel_tokens:
-                channels = self.absmax.shape[1]
-                at_peak = self.absmax == top[:, None]
-                key = torch.where(at_peak, self.token * channels + torch.arange(channels), _BIG).amin(1)
-                tok_t, ch_t = key // channels, key % channels
-            else:
-                tok_t, ch_t = self.peak_token, self.peak_channel
-            peak, token, channel = top.tolist(), tok_t.tolist(), ch_t.tolist()
-        out = []
-        for i in range(e):
-            seen = peak[i] >= 0
-            out.append({"max_abs": peak[i] if seen else math.nan, "channel": channel[i] if seen else -1,
-                        "token": token[i] if seen else NO_TOKEN, "rows": rows[i], "nan_count": nans[i],
-                        "inf_count": infs[i]})
-        return out
+            peak, token, channel = self.absmax.max(1).values.tolist(), self.peak_token.tolist(), \
+                self.peak_channel.tolist()
+        return [_peak_result(*row) for row in zip(peak, token, channel, self.rows.tolist(), self.nan_count.tolist(),
+                                                   self.inf_count.tolist())]
 
     def result(self) -> dict:
         return {"experts": self.results()}
