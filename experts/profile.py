@@ -124,8 +124,7 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     for i in range(n_layers):
         if i in moe_layers:
             g: ExpertAbsMax = extra[Site(i, Component.EXPERTS)][0]
-            kurt = [math.nan] * infos[i].num_experts if g.absmax is None else \
-                [k if k == k else math.nan for k in kurtosis_rows(g.absmax).tolist()]  # NaN as kurtosis() gives it
+            kurt = [math.nan] * infos[i].num_experts if g.absmax is None else kurtosis_rows(g.absmax)
             reduced += [(i, e, "routed", r, kurt[e]) for e, r in enumerate(g.results())]
         else:
             a = extra[Site(i, Component.EXPERT, 0)][0]

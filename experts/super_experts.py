@@ -209,8 +209,9 @@ def _key(e: dict) -> tuple:
     return e["layer"], e["kind"], e["expert"]
 
 
-def kurtosis_rows(x: torch.Tensor) -> torch.Tensor:
-    """:func:`kurtosis` of each row of ``x [R, C]`` at once (float64 ``[R]``), over each row's finite values."""
+def kurtosis_rows(x: torch.Tensor) -> list[float]:
+    """:func:`kurtosis` of each row of ``x [R, C]`` at once, over each row's finite values. NaN is ``math.nan``
+    itself: equal profiles compare equal (NaN is only equal to itself)."""
     x = x.to(torch.float64)
     finite = torch.isfinite(x)
     n = finite.sum(-1)
@@ -219,10 +220,9 @@ def kurtosis_rows(x: torch.Tensor) -> torch.Tensor:
     d2 = d * d
     var = d2.sum(-1) / n.clamp(min=1)
     k = (d2 * d2).sum(-1) / n.clamp(min=1) / (var * var)
-    return torch.where((n >= 2) & (var > 0), k, math.nan)
+    return [v if v == v else math.nan for v in torch.where((n >= 2) & (var > 0), k, math.nan).tolist()]
 
 
 def kurtosis(x: torch.Tensor) -> float:
     """Pearson kurtosis (normal = 3) of a 1-D tensor; NaN for fewer than 2 finite values or zero spread."""
-    k = float(kurtosis_rows(x.reshape(1, -1))[0])
-    return k if k == k else math.nan  # math.nan itself: equal profiles compare equal (NaN is only equal to itself)
+    return kurtosis_rows(x.reshape(1, -1))[0]
