@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from test_reducers import NAN, SETTINGS, Case, assert_same_state, cases, orders, ref_absmax
-from workbench.tracing.reducers import AbsMax, ExpertAbsMax, Log2Histogram, Payload, TopK
+from workbench.tracing.reducers import AbsMax, ExpertAbsMax, Log2Histogram, Payload, Scratch, TopK
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
@@ -151,13 +151,22 @@ def expert_parts(case: Case, ids: torch.Tensor) -> list[Payload]:
 
 @SETTINGS
 @given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
-       channel_tokens=st.booleans())
-def test_expert_absmax_equals_one_absmax_per_expert(data, dtype, channel_tokens):
-    """Both modes: with every (expert, channel) token, and with each expert's peak token only (the profile's)."""
+       channel_tokens=st.booleans(), shared=st.booleans(), wide=st.booleans())
+def test_expert_absmax_equals_one_absmax_per_expert(data, dtype, channel_tokens, shared, wide):
+    """Both modes: with every (expert, channel) token, and with each expert's peak token only (the profile's).
+    ``shared``: every payload uses one Scratch, as the capture's do (each payload is reduced twice here, after
+    others have used the buffers). ``wide``: the later half of the tokens moved 2^25 on, so a payload's tokens can
+    span more than float32 ranks hold exactly (the token search then ranks in float64)."""
     case, e, ids = data.draw(expert_cases(dtype))
+    if wide and case.tokens.numel():
+        case.tokens = case.tokens + (case.tokens >= case.tokens.median()) * 2**25
     order = data.draw(orders(case.parts), label="order")
-    merged, streamed = feed(lambda: ExpertAbsMax(num_experts=e, channel_tokens=channel_tokens),
-                            expert_parts(case, ids), order)
+    payloads = expert_parts(case, ids)
+    if shared:
+        buffers = Scratch()
+        for p in payloads:
+            p.scratch = buffers
+    merged, streamed = feed(lambda: ExpertAbsMax(num_experts=e, channel_tokens=channel_tokens), payloads, order)
     assert_same_state(merged, streamed)
     results = merged.results()
     assert merged.result() == {"experts": results} or any(math.isnan(r["max_abs"]) for r in results)

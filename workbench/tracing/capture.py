@@ -20,7 +20,7 @@ from torch import nn
 
 from workbench.adapters.base import Adapter, LayerInfo
 from workbench.hooks import HookSet
-from workbench.tracing.reducers import Payload
+from workbench.tracing.reducers import Payload, Scratch
 from workbench.tracing.sites import QKV, Component, Site, validate
 
 
@@ -228,6 +228,7 @@ class Capture(HookSet):
         self._holding = False  # from the second batch on, when the first one's small payloads were small enough
         self._batches = 0
         self._first_batch = 0  # elements of the first batch's payloads that could be held
+        self._scratch = Scratch()  # reducers' payload-sized temporaries, kept between updates (reducers.Scratch)
 
     def __exit__(self, *exc) -> None:
         try:
@@ -235,6 +236,7 @@ class Capture(HookSet):
                 self.flush()
         finally:
             self._held.clear()
+            self._scratch = Scratch()  # the buffers go with the trace
             super().__exit__(*exc)
 
     # ----- batch bookkeeping -------------------------------------------------------------------
@@ -285,6 +287,7 @@ class Capture(HookSet):
         else:
             now = self.sinks[site]
         if now:
+            p.scratch = self._scratch
             with few_threads(work=p.values.numel()):
                 for sink in now:
                     sink.update(p)
@@ -299,6 +302,7 @@ class Capture(HookSet):
                 None if parts[0].topk is None else torch.cat([q.topk for q in parts]),
                 None if parts[0].experts is None else torch.cat([q.experts for q in parts]),
                 ordered=True if self._in_order and all(q.ordered for q in parts) else None)
+            p.scratch = self._scratch
             with few_threads(work=p.values.numel()):
                 for sink in self._later[site]:
                     sink.update(p)
