@@ -168,13 +168,15 @@ class LocalConsistency(Reducer):
             # SRP: every full window [i, i + m) of each prompt.
             full = (row + m <= end).nonzero().flatten()
             if full.numel():
-                self.srp_hist[j, : m + 1] += torch.bincount((cs[full + m] - cs[full]).flatten(), minlength=m + 1)
+                uses = cs.index_select(0, full + m) - cs.index_select(0, full)  # [windows, E]
+                self.srp_hist[j, : m + 1] += torch.bincount(uses.flatten(), minlength=m + 1)
             # SCH: look-ahead window [i, min(i + m, end)); seen experts ranked by uses ahead, then recency.
-            ahead = (cs[torch.minimum(row + m, end)] - cs[:-1]).to(it)
+            ahead = (cs.index_select(0, torch.minimum(row + m, end)) - cs[:-1]).to(it)
             key = torch.where(seen, ahead * (n * k + 1) + before, -1)  # seen experts: unique keys >= 0
             kx = key.gather(1, top)  # [N, k]; a used expert's key is >= 0, so only used experts rank above it
-            # one [N, E] comparison per slot: 1.1-2.8x faster than one [N, k, E] broadcast on CPU
-            above = torch.stack([(key > kx[:, slot, None]).sum(1, dtype=torch.int64) for slot in range(k)], 1)
+            # one [N, E] comparison per slot, counted without an int64 copy: 1.5-1.8x faster than one [N, k, E]
+            # broadcast on CPU, 3.5x faster than sorting each row and searching it
+            above = torch.stack([torch.count_nonzero(key > kx[:, slot, None], dim=1) for slot in range(k)], 1)
             rank = torch.where(new, fresh, above)
             self.sch_hist[j] += torch.bincount(rank.clamp(max=e).flatten(), minlength=e + 1)
 
