@@ -151,12 +151,14 @@ def expert_parts(case: Case, ids: torch.Tensor) -> list[Payload]:
 
 @SETTINGS
 @given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
-       channel_tokens=st.booleans(), shared=st.booleans(), wide=st.booleans())
-def test_expert_absmax_equals_one_absmax_per_expert(data, dtype, channel_tokens, shared, wide):
+       channel_tokens=st.booleans(), shared=st.booleans(), wide=st.booleans(),
+       sparse_share=st.sampled_from([0.0, ExpertAbsMax.sparse_share, math.inf]))
+def test_expert_absmax_equals_one_absmax_per_expert(data, dtype, channel_tokens, shared, wide, sparse_share):
     """Both modes: with every (expert, channel) token, and with each expert's peak token only (the profile's).
     ``shared``: every payload uses one Scratch, as the capture's do (each payload is reduced twice here, after
     others have used the buffers). ``wide``: the later half of the tokens moved 2^25 on, so a payload's tokens can
-    span more than float32 ranks hold exactly (the token search then ranks in float64)."""
+    span more than float32 ranks hold exactly (the token search then ranks in float64). ``sparse_share``: per-channel
+    tokens searched over every entry at once (0), pair by pair whenever a pair can change (inf), or as configured."""
     case, e, ids = data.draw(expert_cases(dtype))
     if wide and case.tokens.numel():
         case.tokens = case.tokens + (case.tokens >= case.tokens.median()) * 2**25
@@ -166,7 +168,11 @@ def test_expert_absmax_equals_one_absmax_per_expert(data, dtype, channel_tokens,
         buffers = Scratch()
         for p in payloads:
             p.scratch = buffers
-    merged, streamed = feed(lambda: ExpertAbsMax(num_experts=e, channel_tokens=channel_tokens), payloads, order)
+    def make():
+        r = ExpertAbsMax(num_experts=e, channel_tokens=channel_tokens)
+        r.sparse_share = sparse_share
+        return r
+    merged, streamed = feed(make, payloads, order)
     assert_same_state(merged, streamed)
     results = merged.results()
     assert merged.result() == {"experts": results} or any(math.isnan(r["max_abs"]) for r in results)
