@@ -263,23 +263,38 @@ def test_deepseek_router_statistics_use_its_sigmoid_scores():
 
 
 def test_attention_sinks_match_eager_attentions():
+    """Every statistic of the sink meter (batched, padded prompts) against each prompt's own eager attention: the
+    mean over prompts of each head's per-prompt mean attention on key 0 and on its top key, how often the top key
+    is key 0, and the counts."""
     lm = load("zoo:qwen3-moe")
     p = profile(lm, PROMPTS, ProfileOptions(batch_size=4), progress=False)
     assert lm.model.config._attn_implementation != "eager"  # restored after the pass
     lm.model.set_attn_implementation("eager")
     try:
-        total, prompts = 0, 0
+        pos0, top, sure, maybe, prompts, queries = 0, 0, 0, 0, 0, 0
         for text in PROMPTS:
             ids = lm.tokenizer(text, return_tensors="pt").input_ids
             if ids.shape[1] < 2:
                 continue
             att = lm.model(ids, output_attentions=True).attentions  # per layer [1, H, T, T]
-            total = total + torch.stack([a[0, :, 1:, 0].double().mean(-1) for a in att])
+            per_key = torch.stack([a[0, :, 1:, :].double().mean(1) for a in att])  # [L, H, T]: mean over queries
+            pos0 = pos0 + per_key[..., 0]
+            top = top + per_key.max(-1).values
+            # key 0 on top, tie-aware: the meter sums in another order, so a near-tie may go either way
+            rest = per_key[..., 1:].max(-1).values if per_key.shape[-1] > 1 else torch.full_like(per_key[..., 0], -1)
+            sure = sure + (per_key[..., 0] > rest + 1e-9).double()
+            maybe = maybe + (per_key[..., 0] >= rest - 1e-9).double()
             prompts += 1
+            queries += ids.shape[1] - 1
     finally:
         lm.model.set_attn_implementation("sdpa")
-    ref = (total / prompts).detach().numpy()
-    np.testing.assert_allclose(np.array(p["attention_sinks"]["share_pos0"]), ref, rtol=1e-5, atol=1e-7)
+    sinks = p["attention_sinks"]
+    np.testing.assert_allclose(np.array(sinks["share_pos0"]), (pos0 / prompts).detach().numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.array(sinks["share_top"]), (top / prompts).detach().numpy(), rtol=1e-5, atol=1e-7)
+    got = torch.tensor(sinks["top_is_pos0"], dtype=torch.float64)
+    assert bool(((sure / prompts <= got + 1e-12) & (got <= maybe / prompts + 1e-12)).all()) and bool((sure > 0).any())
+    layers = len(sinks["prompts"])
+    assert sinks["prompts"] == [prompts] * layers and sinks["queries"] == [queries] * layers
 
 
 def test_massive_activation_top_entries_and_median():
