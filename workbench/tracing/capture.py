@@ -14,6 +14,7 @@ import contextlib
 from collections import defaultdict
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -249,8 +250,13 @@ class Capture(HookSet):
             self.flush()
         flat = grid.reshape(-1)
         self._grid = flat
-        self._valid = flat >= 0
-        self._keep_idx = None if bool(self._valid.all()) else self._valid.nonzero().flatten()
+        if flat.device.type == "cpu":  # numpy: a few small ops per batch, each several times cheaper than torch's
+            valid = flat.numpy() >= 0
+            self._valid = torch.from_numpy(valid)
+            self._keep_idx = None if valid.all() else torch.from_numpy(np.flatnonzero(valid))
+        else:
+            self._valid = flat >= 0
+            self._keep_idx = None if bool(self._valid.all()) else self._valid.nonzero().flatten()
         self._tokens = self._keep(flat)
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
