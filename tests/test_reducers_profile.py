@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from test_reducers import NAN, SETTINGS, Case, assert_same_state, cases, orders, ref_absmax
-from workbench.tracing.reducers import AbsMax, ExpertAbsMax, Log2Histogram, Payload, Scratch, TopK
+from workbench.tracing.reducers import AbsMax, ExpertAbsMax, Log2Histogram, Payload, Scratch, TopK, scratch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
@@ -216,6 +216,20 @@ def test_expert_absmax_peak_tokens_only():
         r.expert(0)
     with pytest.raises(ValueError, match="per-channel tokens"):
         r.merge(ExpertAbsMax(num_experts=2))
+
+
+def test_scratch_reuses_cpu_buffers_and_recomputes_a_stale_abs():
+    s = Scratch()
+    a = scratch(s, "x", (4, 3), torch.float32, "cpu")
+    assert scratch(s, "x", (2, 5), torch.float32, "cpu").data_ptr() == a.data_ptr()  # one buffer per role
+    assert scratch(s, "y", (2, 5), torch.float32, "cpu").data_ptr() != a.data_ptr()
+    assert scratch(s, "x", (4, 3), torch.float32, "meta").device.type == "meta"  # off the CPU: a new tensor ...
+    assert scratch(s, "x", (4, 3), torch.float32, "cpu").data_ptr() == a.data_ptr()  # ... and the buffer stays
+    p = Payload(torch.tensor([[-1.0, 2.0]]), torch.tensor([0]))
+    q = Payload(torch.tensor([[3.0, -4.0]]), torch.tensor([1]))
+    p.scratch = q.scratch = s
+    assert p.abs().tolist() == [[1.0, 2.0]] and q.abs().tolist() == [[3.0, 4.0]]
+    assert p.abs().tolist() == [[1.0, 2.0]]  # q has taken the buffer since: p's |x| is computed again
 
 
 def test_expert_absmax_rejects_bad_payloads():

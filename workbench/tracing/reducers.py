@@ -53,11 +53,12 @@ class Scratch:
     """Buffers kept for reducers' payload-sized temporaries, one per role, owned by whoever hands the payloads
     out (the capture: they go when the trace ends).
 
-    On CPU a fresh payload-sized result can cost several times the op itself: ``|x|`` of a [1592, 1024] float32
-    expert payload took 0.4-0.6 ms into a new tensor against 0.08 ms into a kept one (the allocator gives such
-    blocks back to the system and takes them again). A buffer is valid until its role is asked for again: a
-    reducer uses it within one update. A payload's ``|x|`` (role ``abs``, shared by the site's reducers) is kept
-    while no other payload has taken the buffer (:meth:`Payload.abs` checks, and computes it again if one has).
+    Used on the CPU only (see :func:`scratch`). There a fresh payload-sized result can cost several times the op
+    itself: ``|x|`` of a [1592, 1024] float32 expert payload took 0.4-0.6 ms into a new tensor against 0.08 ms
+    into a kept one (the allocator gives such blocks back to the system and takes them again). A buffer is valid
+    until its role is asked for again: a reducer uses it within one update. A payload's ``|x|`` (role ``abs``,
+    shared by the site's reducers) is kept while no other payload has taken the buffer (:meth:`Payload.abs`
+    checks, and computes it again if one has).
     """
 
     def __init__(self):
@@ -80,8 +81,10 @@ class Scratch:
 
 def scratch(s: Scratch | None, role: str, shape, dtype: torch.dtype, device: torch.device,
             owner: object = None) -> torch.Tensor:
-    """``s``'s buffer for ``role`` (uninitialised), or a new tensor when there is no scratch."""
-    if s is None:
+    """``s``'s buffer for ``role`` (uninitialised); a new tensor without a scratch, or off the CPU: there the
+    caching allocator already makes allocation cheap, and buffers kept between updates would hold memory that
+    the forward needs."""
+    if s is None or torch.device(device).type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     return s.get(role, tuple(shape), dtype, device, owner)
 
@@ -97,6 +100,7 @@ class Payload:
     ordered: bool | None = None  # tokens strictly increasing (None: not known, checked when needed)
     scratch: Scratch | None = field(default=None, repr=False, compare=False)  # buffers for reducers' temporaries
     _abs: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _abs_kept: bool = field(default=False, init=False, repr=False, compare=False)  # ``_abs`` is a Scratch buffer
 
     def __post_init__(self):
         if self.values.dim() != 2 or self.tokens.shape != self.values.shape[:1]:
@@ -108,9 +112,10 @@ class Payload:
 
     def abs(self) -> torch.Tensor:
         """``|values|``, computed once and shared by every reducer of the site."""
-        if self._abs is None or (self.scratch is not None and not self.scratch.holds("abs", self)):
+        if self._abs is None or (self._abs_kept and not self.scratch.holds("abs", self)):
             v = self.values.detach()
             self._abs = torch.abs(v, out=scratch(self.scratch, "abs", v.shape, v.dtype, v.device, owner=self))
+            self._abs_kept = self.scratch is not None and v.device.type == "cpu"
         return self._abs
 
     def increasing(self) -> bool:
