@@ -100,8 +100,8 @@ class SinkMeter:
         self.pos0_sum.index_add_(0, layers, per_key[..., 0].sum(1).cpu())
         self.top_sum.index_add_(0, layers, top.sum(1).cpu())
         self.top_is_first.index_add_(0, layers, (pos == 0).sum(1).cpu())
-        self.queries[layers] += self._queries
-        self.prompts[layers] += self._prompts
+        self.queries.index_add_(0, layers, torch.full((len(batch),), self._queries))  # a layer run twice counts twice
+        self.prompts.index_add_(0, layers, torch.full((len(batch),), self._prompts))
 
     STATE = ("pos0_sum", "queries", "top_sum", "top_is_first", "prompts")
 
