@@ -545,8 +545,9 @@ class ExpertAbsMax(Reducer):
         if ids.min() < 0 or ids.max() >= self.num_experts:
             raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {int(ids.max())}")
         e = self.num_experts
-        counts = torch.bincount(ids, minlength=e)
-        self.rows += counts.cpu()
+        counts = torch.bincount(ids, minlength=e)  # rows per expert, on the rows' device
+        counts_cpu = counts.cpu()
+        self.rows += counts_cpu
         a = p.abs()
         if not bool(torch.isfinite(a.amax(dim=0)).all()):  # rare: per-expert NaN / inf counts, and NaN never wins
             nan = torch.isnan(a)
@@ -575,7 +576,7 @@ class ExpertAbsMax(Reducer):
         if not bool(reach.any()):
             return
         pe, pc = torch.nonzero(reach, as_tuple=True)
-        lengths = counts.cpu()[pe]  # rows searched per reaching pair
+        lengths = counts_cpu[pe]  # rows searched per reaching pair
         if int(lengths.sum()) <= self.sparse_share * a.numel():
             t = torch.full((e, a.shape[1]), NO_TOKEN, dtype=torch.int64)
             t[pe, pc] = self._pair_tokens(a, ids, tok, m, counts, pe.to(a.device), pc.to(a.device),
