@@ -29,28 +29,96 @@ def test_items_are_fixed_by_the_seed_and_well_formed(task, zoo_tokenizer):
         assert all(any(o.strip() not in x.prompt for o in x.options) for x in a)
 
 
-def test_cached_scoring_equals_full_sequences(zoo_tokenizer):
-    from workbench.adapters.base import adapter_for
-    from workbench.models.families import tiny_model
-    from workbench.models.specs import LoadedModel
-
-    model = tiny_model("llama")
-    lm = LoadedModel(model, zoo_tokenizer, adapter_for(model), "tiny")
-    items = T.label_copy_items(6) + T.passkey_items(2, lengths=(60,))
-    got = T.choice_scores(lm, items)
-    want = []
+def _alone(lm, items) -> list[list[float]]:
+    """Each option's summed log-probability from one unpadded forward of its prompt and option (no cache)."""
+    tok, out = lm.tokenizer, []
     with torch.no_grad():
         for c in items:
-            p = zoo_tokenizer(c.prompt).input_ids
+            p = tok(c.prompt).input_ids
             sums = []
             for opt in c.options:
-                o = zoo_tokenizer(opt, add_special_tokens=False).input_ids
-                lp = torch.log_softmax(model(input_ids=torch.tensor([p + o])).logits[0].float(), -1)
+                o = tok(opt, add_special_tokens=False).input_ids
+                lp = torch.log_softmax(lm.model(input_ids=torch.tensor([p + o])).logits[0].float(), -1)
                 sums.append(float(sum(lp[len(p) + i - 1, t] for i, t in enumerate(o))))
-            top = max(sums)
-            assert sorted(sums)[-2] < top - 1e-4  # no near-tie: the comparison below is meaningful
-            want.append(1.0 if sums.index(top) == c.answer else 0.0)
-    assert got == want
+            out.append(sums)
+    return out
+
+
+def _mixed_items():
+    """Prompts of many lengths in one batch (padding between a prompt and its options) and options of one to
+    several tokens."""
+    return (T.label_copy_items(5) + T.passkey_items(3, lengths=(40, 90, 150)) + T.recall_items(4)
+            + [T.Choice("The capital of France is", (" Paris", " the city of Paris", " Lyon, or so they say"), 0, "")])
+
+
+def test_cached_scoring_equals_full_sequences(zoo_tokenizer):
+    lm = _tiny("llama", zoo_tokenizer)
+    items = T.label_copy_items(6) + T.passkey_items(2, lengths=(60,))
+    want = []
+    for c, sums in zip(items, _alone(lm, items)):
+        top = max(sums)
+        assert sorted(sums)[-2] < top - 1e-4  # no near-tie: the comparison below is meaningful
+        want.append(1.0 if sums.index(top) == c.answer else 0.0)
+    assert T.choice_scores(lm, items) == want
+
+
+@pytest.mark.parametrize("spec", ["llama", "zoo:deepseek-v3", "zoo:qwen2-moe"])
+def test_batched_option_logprobs_equal_each_option_alone(spec, zoo_tokenizer):
+    """Batched prompts (right-padded) and every option continuing its own prompt's cache rows, at the positions
+    it has without the padding: the sums equal one unpadded forward per option, to float32 matmul error (the
+    batch changes the matmuls' blocking: 1e-4 on sums of a few log-probabilities of order 10)."""
+    lm = _tiny(spec, zoo_tokenizer)
+    items = _mixed_items()
+    want = _alone(lm, items)
+    for bs in (1, 3, 8):
+        got = T.option_logprobs(lm, items, batch_size=bs)
+        assert [len(g) for g in got] == [len(c.options) for c in items]
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, abs=1e-4)
+
+
+def _tiny(spec, zoo_tokenizer):
+    from workbench.adapters.base import adapter_for
+    from workbench.models.families import tiny_model
+    from workbench.models.specs import LoadedModel, load
+
+    if spec.startswith("zoo:"):
+        return load(spec)
+    model = tiny_model(spec)
+    return LoadedModel(model, zoo_tokenizer, adapter_for(model), "tiny")
+
+
+@pytest.mark.parametrize("iv", [
+    dict(op="zero_channel", layers=0, channel=5, positions=[1, -1]),  # options' tokens counted after their prompt's
+    dict(op="scale_channel", layers=1, channel=3, factor=5.0, positions=[-2]),
+    dict(op="mean_qk", layers=0, top=2),  # the prompt's forward only, each prompt's own tokens
+])
+def test_batched_scoring_sees_interventions_as_each_prompt_alone(iv, zoo_tokenizer):
+    """Scoped interventions count a token's position among its own sequence's real tokens, so padding between a
+    batched prompt and its options changes nothing: batches of 8 equal batches of 1 (no padding at all)."""
+    from workbench.interventions import apply
+
+    lm = _tiny("llama", zoo_tokenizer)
+    items = _mixed_items()
+    with apply(lm, [iv]):
+        alone = T.option_logprobs(lm, items, batch_size=1)
+        batched = T.option_logprobs(lm, items, batch_size=8)
+    plain = T.option_logprobs(lm, items, batch_size=1)
+    assert any(abs(a - p) > 1e-3 for x, y in zip(alone, plain) for a, p in zip(x, y))  # the intervention bites
+    for a, b in zip(alone, batched):
+        assert b == pytest.approx(a, abs=1e-4)
+
+
+def test_choice_items_that_tokenize_to_nothing_are_rejected(zoo_tokenizer):
+    from workbench.errors import WorkbenchError
+
+    lm = _tiny("llama", zoo_tokenizer)
+    with pytest.raises(WorkbenchError, match="option '' tokenizes to nothing"):
+        T.choice_scores(lm, [T.Choice("The capital of France is", (" Paris", ""), 0, "")])
+    with pytest.raises(WorkbenchError, match="no options"):
+        T.choice_scores(lm, [T.Choice("The capital of France is", (), 0, "")])
+    with pytest.raises(WorkbenchError, match="batch size"):
+        T.choice_scores(lm, [T.Choice("x", (" y",), 0, "")], batch_size=0)
 
 
 def test_study_reports_task_metrics(tmp_path, zoo_tokenizer):

@@ -297,8 +297,10 @@ class Applied(HookSet):
         full = full.bool()
         keep = full[:, -t:].clone()  # the current tokens are the last t columns
         if iv.positions is not None:
-            lengths = full.sum(-1, keepdim=True)  # right padding: real tokens first
-            pos = torch.arange(full.shape[1] - t, full.shape[1], device=ids.device).expand(b, t)
+            lengths = full.sum(-1, keepdim=True)
+            # a token's position counts the real tokens before it: padding may sit between a cached prompt and
+            # the tokens that continue it (workbench.tasks.option_logprobs), not only at the end
+            pos = (full.cumsum(-1) - 1)[:, -t:]
             hit = torch.zeros_like(keep)
             for p in iv.positions:
                 hit |= pos == (p if p >= 0 else lengths + p)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.data import DATA_DIR
+from workbench.tasks import choice_scores
 
 METRICS = ("perplexity", "accuracy", "sink", "massive", "kl", "generations", "passkey", "override", "label_copy",
            "recall")
@@ -108,21 +109,10 @@ def _collect(out, logprobs, want, input_ids, mask, res, layer_peaks, keep_logpro
             logprobs.append(lp[r, :n].cpu())
 
 
-@torch.no_grad()
-def cloze_accuracy(lm, items: Sequence[ClozeItem]) -> list[float]:
-    scores = []
-    for item in items:
-        prompt = lm.tokenizer(item.prompt)["input_ids"]
-        best, best_i = -math.inf, -1
-        for i, opt in enumerate(item.options):
-            full = lm.tokenizer(item.prompt + opt)["input_ids"]
-            ids = torch.tensor([full], device=lm.device)
-            lp = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits[0].float(), -1)
-            s = float(sum(lp[t - 1, full[t]] for t in range(len(prompt), len(full))))
-            if s > best:
-                best, best_i = s, i
-        scores.append(1.0 if best_i == item.answer else 0.0)
-    return scores
+def cloze_accuracy(lm, items: Sequence[ClozeItem], batch_size: int = 8) -> list[float]:
+    """1 or 0 per item: whether the right option has the highest summed log-probability after the prompt
+    (:func:`workbench.tasks.choice_scores`: each prompt runs once, its options continue from its KV cache)."""
+    return choice_scores(lm, items, batch_size)
 
 
 @torch.no_grad()

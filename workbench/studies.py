@@ -260,10 +260,10 @@ class Study:
                         if "kl" in want:
                             values["kl"] = [0.0] * len(texts)
                     if "accuracy" in want:
-                        values["accuracy"] = M.cloze_accuracy(lm, cloze)
+                        values["accuracy"] = M.cloze_accuracy(lm, cloze, self.batch_size)
                     for task in T.TASKS:
                         if task in want:
-                            values[task] = T.choice_scores(lm, T.items(task))
+                            values[task] = T.choice_scores(lm, T.items(task), self.batch_size)
                     gens = M.generations(lm, self.generation_prompts, self.max_new_tokens) if "generations" in want else []
                 crow = []
                 for metric in self.metrics:

@@ -16,7 +16,8 @@ highest summed log-probability wins; 1 or 0 per item, so studies report accuracy
 
 Items are generated from fixed seeds, so every condition and run sees the same ones. The prompt runs
 once (its KV cache kept, so an intervention on the prompt's forward is what the options see), then
-each option continues from it.
+each option continues from it (:func:`option_logprobs`: prompts of similar length batched, and all their
+options in one more forward).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from workbench.errors import WorkbenchError
 
 CONTEXT_TASKS = ("passkey", "override", "label_copy")
 TASKS = CONTEXT_TASKS + ("recall",)
@@ -137,25 +140,102 @@ def items(task: str, seed: int = 0) -> list[Choice]:
             "recall": recall_items}[task](seed=seed)
 
 
+def choice_scores(lm, choices: Sequence[Choice], batch_size: int = 8) -> list[float]:
+    """1.0 where the right option has the highest summed log-probability, else 0.0 (one per item; a tie goes to
+    the first of the tied options)."""
+    out = []
+    for c, sums in zip(choices, option_logprobs(lm, choices, batch_size)):
+        out.append(1.0 if sums.index(max(sums)) == c.answer else 0.0)
+    return out
+
+
+# Logits held at once by option_logprobs, in elements (float32: 256 MB; SmolLM2's vocabulary is 49,152 wide).
+LOGIT_ELEMENTS = 1 << 26
+PROMPT_TOKENS = 4096  # padded prompt tokens per forward
+
+
 @torch.no_grad()
-def choice_scores(lm, choices: Sequence[Choice]) -> list[float]:
-    """1.0 where the right option has the highest summed log-probability, else 0.0 (one per item)."""
-    scores = []
-    for c in choices:
-        ids = lm.tokenizer(c.prompt, return_tensors="pt").input_ids.to(lm.device)
-        out = lm.model(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
-        first = torch.log_softmax(out.logits[0, -1].float(), -1)
-        best, best_i = -math.inf, -1
-        for i, opt in enumerate(c.options):
-            o = lm.tokenizer(opt, add_special_tokens=False).input_ids
-            s = float(first[o[0]])
-            if len(o) > 1:
-                more = lm.model(input_ids=torch.tensor([o[:-1]], device=lm.device), past_key_values=cache, use_cache=True)
-                lp = torch.log_softmax(more.logits[0].float(), -1)
-                s += float(lp[torch.arange(len(o) - 1, device=lp.device), torch.tensor(o[1:], device=lp.device)].sum())
-                cache.crop(-(len(o) - 1))  # back to the prompt alone
-            if s > best:
-                best, best_i = s, i
-        scores.append(1.0 if best_i == c.answer else 0.0)
-    return scores
+def option_logprobs(lm, choices: Sequence, batch_size: int = 8) -> list[list[float]]:
+    """Each option's summed log-probability after its item's prompt (``choices``: anything with ``prompt`` and
+    ``options``), the option tokenised on its own.
+
+    Every prompt runs once and keeps its KV cache, so an intervention on the prompt's forward is what the options
+    see; every option then continues from it. Prompts of similar length run together (up to ``batch_size``,
+    right-padded); the options of a batch's prompts run together in one more forward, each after its own
+    prompt's cache, at the positions it would have without the padding. Equal to scoring each prompt and option
+    alone up to the float differences of batched matmuls (``tests/test_tasks.py``).
+    """
+    tok = lm.tokenizer
+    if batch_size < 1:
+        raise WorkbenchError("batch size must be at least 1")
+    prompts = [tok(c.prompt)["input_ids"] for c in choices]
+    options = [[tok(o, add_special_tokens=False)["input_ids"] for o in c.options] for c in choices]
+    for i, (c, p, opts) in enumerate(zip(choices, prompts, options)):
+        if not p:
+            raise WorkbenchError(f"choice item {i}: its prompt {c.prompt!r} tokenizes to nothing")
+        if not opts:
+            raise WorkbenchError(f"choice item {i}: no options")
+        for o, ids in zip(c.options, opts):
+            if not ids:
+                raise WorkbenchError(f"choice item {i}: option {o!r} tokenizes to nothing")
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    out: list[list[float]] = [[] for _ in choices]
+    order = sorted(range(len(choices)), key=lambda i: len(prompts[i]))
+    i = 0
+    while i < len(order):
+        batch = [order[i]]
+        while i + len(batch) < len(order) and len(batch) < batch_size:
+            nxt = order[i + len(batch)]
+            rows = len(batch) + 1
+            width = len(prompts[nxt])  # the longest so far (sorted by length)
+            opts = sum(len(options[j]) for j in [*batch, nxt])
+            longest = max(len(o) for j in [*batch, nxt] for o in options[j])
+            if rows * width > PROMPT_TOKENS or max(rows, opts * longest) * vocab > LOGIT_ELEMENTS:
+                break
+            batch.append(nxt)
+        for j, sums in zip(batch, _score_batch(lm, [prompts[j] for j in batch], [options[j] for j in batch])):
+            out[j] = sums
+        i += len(batch)
+    return out
+
+
+def _score_batch(lm, prompts: list[list[int]], options: list[list[list[int]]]) -> list[list[float]]:
+    device, pad = lm.device, lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    lengths = [len(p) for p in prompts]
+    B, W = len(prompts), max(lengths)
+    ids = torch.full((B, W), pad, dtype=torch.int64)
+    mask = torch.zeros((B, W), dtype=torch.int64)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)] = torch.tensor(p)
+        mask[r, :len(p)] = 1
+    last = sorted(set(n - 1 for n in lengths))  # the positions whose logits score the options' first tokens
+    out = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                   logits_to_keep=torch.tensor(last, device=device))
+    col = {n: c for c, n in enumerate(last)}
+    first = out.logits[torch.arange(B), torch.tensor([col[n - 1] for n in lengths])].float().log_softmax(-1).cpu()
+    sums = [[float(first[r, o[0]]) for o in opts] for r, opts in enumerate(options)]
+    more = [(r, j) for r, opts in enumerate(options) for j, o in enumerate(opts) if len(o) > 1]
+    if not more:
+        return sums
+    # Every option with more tokens continues from its own prompt's cache: rows of the cache repeated, the
+    # option's tokens after the prompt's (padding masked), at the positions they would have without the padding.
+    L = max(len(options[r][j]) - 1 for r, j in more)
+    R = len(more)
+    x = torch.full((R, L), pad, dtype=torch.int64)
+    m = torch.zeros((R, W + L), dtype=torch.int64)
+    rows = torch.tensor([r for r, _ in more])
+    m[:, :W] = mask[rows]
+    for k, (r, j) in enumerate(more):
+        o = options[r][j][:-1]
+        x[k, :len(o)] = torch.tensor(o)
+        m[k, W:W + len(o)] = 1
+    positions = torch.tensor(lengths)[rows, None] + torch.arange(L)
+    cache = out.past_key_values
+    cache.batch_select_indices(rows.to(device))
+    res = lm.model(input_ids=x.to(device), attention_mask=m.to(device), position_ids=positions.to(device),
+                   past_key_values=cache, use_cache=True)
+    lp = res.logits.float().log_softmax(-1).cpu()
+    for k, (r, j) in enumerate(more):
+        t = options[r][j][1:]
+        sums[r][j] += float(lp[k, torch.arange(len(t)), torch.tensor(t)].sum())
+    return sums
