@@ -30,7 +30,7 @@ from workbench.models.specs import LoadedModel, load  # noqa: E402
 @torch.no_grad()
 def perplexity(lm, texts) -> float:
     nll, n = 0.0, 0
-    for ids, mask in _batches(lm, texts, 16):
+    for _, ids, mask in _batches(lm, texts, 16):
         lp = torch.log_softmax(lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
         tok_lp = lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
         m = mask[:, 1:].bool()

@@ -200,3 +200,36 @@ def test_contrast_finds_a_planted_behaviour_expert(tmp_path):
                             str(tmp_path / "p.txt"), "--negative", str(tmp_path / "n.txt"), "--out", str(tmp_path / "d")],
                            capture_output=True, text=True, timeout=300)
     assert dense.returncode == 2 and "dense model" in dense.stderr
+
+
+def test_text_metrics_in_length_batches_equal_each_text_alone(planted):
+    """Texts run in batches of similar length, not in the given order; every value still lands on its own text
+    and equals the text run alone (to float32 error: the batch changes the matmuls' blocking), and prompt-scoped
+    interventions see each text's own index."""
+    import torch
+
+    from workbench.experts.sinks import eager_attention
+    from workbench.interventions import apply
+
+    texts = ["The capital of France is Paris, and the capital of Italy is Rome.", "Hello.",
+             "One two three four five six seven eight nine ten eleven twelve.", "A cat sat.",
+             "Water boils at one hundred degrees.", "Yes", "The quick brown fox jumps over the lazy dog again and again.",
+             "Seven is a number."]
+    want = {"perplexity", "sink", "massive", "kl"}
+    with eager_attention(planted.model):
+        base, base_lp = M.text_metrics(planted, texts, want, None, batch_size=3)
+        alone = [M.text_metrics(planted, [t], want, None, batch_size=1) for t in texts]
+        for k in ("perplexity", "sink", "massive"):
+            assert base[k] == pytest.approx([a[0][k][0] for a in alone], rel=1e-4, abs=1e-6, nan_ok=True)
+        for lp, (_, a_lp) in zip(base_lp, alone):
+            assert lp.shape == a_lp[0].shape and torch.allclose(lp, a_lp[0], atol=1e-4)
+        iv = [dict(op="zero_channel", layers=0, channel=17, prompts=[4])]  # the planted channel, text 4 only
+        with apply(planted, iv) as applied:
+            cond, _ = M.text_metrics(planted, texts, want, base_lp, batch_size=3, applied=applied)
+    changed = [i for i, v in enumerate(cond["kl"]) if v > 1e-6]
+    assert changed == [4]
+    others = [i for i in range(len(texts)) if i != 4]
+    assert [cond["perplexity"][i] for i in others] == pytest.approx([base["perplexity"][i] for i in others], rel=1e-5,
+                                                                     nan_ok=True)
+    with pytest.raises(WorkbenchError, match="text 1 .* tokenizes to nothing"):
+        M.text_metrics(planted, ["Hello.", ""], {"perplexity"})

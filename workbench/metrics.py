@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from workbench.data import DATA_DIR
+from workbench.errors import WorkbenchError
 from workbench.tasks import choice_scores
+from workbench.tracing.runner import batch_members
 
 METRICS = ("perplexity", "accuracy", "sink", "massive", "kl", "generations", "passkey", "override", "label_copy",
            "recall")
@@ -47,25 +49,33 @@ def default_cloze() -> list[ClozeItem]:
 
 
 def _batches(lm, texts: Sequence[str], size: int):
-    for i in range(0, len(texts), size):
-        chunk = list(texts[i:i + size])
-        ids = [lm.tokenizer(t)["input_ids"] for t in chunk]
-        width = max(len(x) for x in ids)
-        pad = lm.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.int64)
-        mask = torch.zeros((len(ids), width), dtype=torch.int64)
-        for r, x in enumerate(ids):
-            input_ids[r, :len(x)] = torch.tensor(x)
-            mask[r, :len(x)] = 1
-        yield input_ids.to(lm.device), mask.to(lm.device)
+    """Texts of similar length batched together (:func:`~workbench.tracing.runner.batch_members`: less padding):
+    each batch's text indices, its input ids and attention mask, right-padded."""
+    ids = [lm.tokenizer(t)["input_ids"] for t in texts]
+    for i, x in enumerate(ids):
+        if not x:
+            raise WorkbenchError(f"text {i} ({texts[i]!r}) tokenizes to nothing")
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    for members in batch_members(torch.tensor([len(x) for x in ids], dtype=torch.int64), size):
+        rows = members.tolist()
+        width = max(len(ids[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.int64)
+        mask = torch.zeros((len(rows), width), dtype=torch.int64)
+        for r, i in enumerate(rows):
+            input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
+            mask[r, :len(ids[i])] = 1
+        yield rows, input_ids.to(lm.device), mask.to(lm.device)
 
 
 @torch.no_grad()
 def text_metrics(lm, texts: Sequence[str], want: set[str], baseline_logprobs: list | None = None,
                  batch_size: int = 8, applied=None) -> tuple[dict[str, list[float]], list[torch.Tensor]]:
-    """Per-text perplexity / sink / massive / kl in one pass; also returns per-text log-probs (for KL)."""
-    out: dict[str, list[float]] = {k: [] for k in ("perplexity", "sink", "massive", "kl") if k in want}
-    logprobs: list[torch.Tensor] = []
+    """Per-text perplexity / sink / massive / kl in one pass; also returns per-text log-probs (for KL), in the
+    texts' order (they run in batches of similar length)."""
+    n = len(texts)
+    out: dict[str, list[float]] = {k: [math.nan] * n for k in ("perplexity", "sink", "massive", "kl") if k in want}
+    keep = "kl" in want or baseline_logprobs is None
+    logprobs: list = [None] * n if keep else []
     need_att = "sink" in want
     peaks: list[torch.Tensor] = []  # per decoder layer of the current batch: max |residual| per prompt
 
@@ -76,37 +86,39 @@ def text_metrics(lm, texts: Sequence[str], want: set[str], baseline_logprobs: li
     layers = lm.adapter.decoder_layers(lm.model)
     handles = [layer.register_forward_hook(keep_peak) for layer in layers] if "massive" in want else []
     try:
-        for b, (input_ids, mask) in enumerate(_batches(lm, texts, batch_size)):
+        for rows, input_ids, mask in _batches(lm, texts, batch_size):
             if applied is not None:  # number the texts, for prompt-scoped interventions
-                applied.set_prompts(range(b * batch_size, b * batch_size + input_ids.shape[0]))
+                applied.set_prompts(rows)
             peaks.clear()
             res = lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False, output_attentions=need_att)
-            _collect(out, logprobs, want, input_ids, mask, res, peaks, baseline_logprobs is None)
+            _collect(out, logprobs if keep else None, rows, input_ids, mask, res, peaks)
     finally:
         for h in handles:
             h.remove()
         if applied is not None:
             applied.set_prompts(None)
-    if "kl" in out and baseline_logprobs is not None:
-        for base, cond in zip(baseline_logprobs, logprobs):
-            out["kl"].append(float(F.kl_div(cond, base, log_target=True, reduction="none").sum(-1).mean()))
+    if "kl" in out:
+        out["kl"] = []
+        if baseline_logprobs is not None:
+            for base, cond in zip(baseline_logprobs, logprobs):
+                out["kl"].append(float(F.kl_div(cond, base, log_target=True, reduction="none").sum(-1).mean()))
     return out, logprobs
 
 
-def _collect(out, logprobs, want, input_ids, mask, res, layer_peaks, keep_logprobs: bool) -> None:
+def _collect(out, logprobs, rows, input_ids, mask, res, layer_peaks) -> None:
     lp = torch.log_softmax(res.logits.float(), -1)
-    for r in range(input_ids.shape[0]):
+    for r, i in enumerate(rows):
         n = int(mask[r].sum())
         if "perplexity" in out:
             nll = -lp[r, : n - 1].gather(1, input_ids[r, 1:n, None]).mean() if n > 1 else torch.tensor(math.nan)
-            out["perplexity"].append(float(torch.exp(nll)))
+            out["perplexity"][i] = float(torch.exp(nll))
         if "sink" in out:
             shares = [a[r, :, 1:n, 0].double().mean() for a in res.attentions] if n > 1 else []
-            out["sink"].append(float(torch.stack(shares).mean()) if shares else math.nan)
+            out["sink"][i] = float(torch.stack(shares).mean()) if shares else math.nan
         if "massive" in out:
-            out["massive"].append(float(max(p[r, :n].max() for p in layer_peaks)))
-        if "kl" in want or keep_logprobs:
-            logprobs.append(lp[r, :n].cpu())
+            out["massive"][i] = float(max(p[r, :n].max() for p in layer_peaks))
+        if logprobs is not None:
+            logprobs[i] = lp[r, :n].cpu()
 
 
 def cloze_accuracy(lm, items: Sequence[ClozeItem], batch_size: int = 8) -> list[float]:
