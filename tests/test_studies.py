@@ -213,8 +213,8 @@ def test_text_metrics_in_length_batches_equal_each_text_alone(planted):
 
     texts = ["The capital of France is Paris, and the capital of Italy is Rome.", "Hello.",
              "One two three four five six seven eight nine ten eleven twelve.", "A cat sat.",
-             "Water boils at one hundred degrees.", "Yes", "The quick brown fox jumps over the lazy dog again and again.",
-             "Seven is a number."]
+             "Water boils at one hundred degrees.", "Yes",
+             "The quick brown fox jumps over the lazy dog again and again.", "Seven is a number."]
     want = {"perplexity", "sink", "massive", "kl"}
     with eager_attention(planted.model):
         base, base_lp = M.text_metrics(planted, texts, want, None, batch_size=3)
