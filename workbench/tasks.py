@@ -22,6 +22,7 @@ options in one more forward).
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import dataclass
@@ -162,8 +163,10 @@ def option_logprobs(lm, choices: Sequence, batch_size: int = 8) -> list[list[flo
     Every prompt runs once and keeps its KV cache, so an intervention on the prompt's forward is what the options
     see; every option then continues from it. Prompts of similar length run together (up to ``batch_size``,
     right-padded); the options of a batch's prompts run together in one more forward, each after its own
-    prompt's cache, at the positions it would have without the padding. Equal to scoring each prompt and option
-    alone up to the float differences of batched matmuls (``tests/test_tasks.py``).
+    prompt's cache, at the positions it would have without the padding. A model whose cache rows cannot be picked
+    that way (sliding-window layers, recurrent or linear-attention states: :func:`_selectable`) runs one prompt at
+    a time, each option from a copy of its cache. Equal to scoring each prompt and option alone up to the float
+    differences of batched matmuls (``tests/test_tasks.py``, every kind of cache).
     """
     tok = lm.tokenizer
     if batch_size < 1:
@@ -193,13 +196,27 @@ def option_logprobs(lm, choices: Sequence, batch_size: int = 8) -> list[list[flo
             if rows * width > PROMPT_TOKENS or max(rows, opts * longest) * vocab > LOGIT_ELEMENTS:
                 break
             batch.append(nxt)
-        for j, sums in zip(batch, _score_batch(lm, [prompts[j] for j in batch], [options[j] for j in batch])):
+        got = _score_batch(lm, [prompts[j] for j in batch], [options[j] for j in batch])
+        if got is None:  # a cache whose rows cannot be picked (sliding windows, recurrent states): one prompt a time
+            batch_size = 1
+            continue
+        for j, sums in zip(batch, got):
             out[j] = sums
         i += len(batch)
     return out
 
 
-def _score_batch(lm, prompts: list[list[int]], options: list[list[list[int]]]) -> list[list[float]]:
+def _selectable(cache) -> bool:
+    """Whether ``cache`` is plain key/value rows for every token (rows can be picked and repeated per option, and
+    padding between a prompt and its options is only masked): not a sliding window's or a recurrent state's."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _score_batch(lm, prompts: list[list[int]], options: list[list[list[int]]]) -> list[list[float]] | None:
+    """Each option's summed log-probability after its prompt; None where several prompts cannot share the batch
+    (see :func:`_selectable`)."""
     device, pad = lm.device, lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     lengths = [len(p) for p in prompts]
     B, W = len(prompts), max(lengths)
@@ -211,11 +228,23 @@ def _score_batch(lm, prompts: list[list[int]], options: list[list[list[int]]]) -
     last = sorted(set(n - 1 for n in lengths))  # the positions whose logits score the options' first tokens
     out = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
                    logits_to_keep=torch.tensor(last, device=device))
+    cache = out.past_key_values
+    selectable = _selectable(cache)
+    if B > 1 and not selectable:
+        return None
     col = {n: c for c, n in enumerate(last)}
     first = out.logits[torch.arange(B), torch.tensor([col[n - 1] for n in lengths])].float().log_softmax(-1).cpu()
     sums = [[float(first[r, o[0]]) for o in opts] for r, opts in enumerate(options)]
     more = [(r, j) for r, opts in enumerate(options) for j, o in enumerate(opts) if len(o) > 1]
     if not more:
+        return sums
+    if not selectable:  # one prompt: each option continues from a copy of its cache
+        for r, j in more:
+            o = options[r][j]
+            res = lm.model(input_ids=torch.tensor([o[:-1]], device=device), past_key_values=copy.deepcopy(cache),
+                           use_cache=True)
+            lp = res.logits[0].float().log_softmax(-1).cpu()
+            sums[r][j] += float(lp[torch.arange(len(o) - 1), torch.tensor(o[1:])].sum())
         return sums
     # Every option with more tokens continues from its own prompt's cache: rows of the cache repeated, the
     # option's tokens after the prompt's (padding masked), at the positions they would have without the padding.
@@ -230,7 +259,6 @@ def _score_batch(lm, prompts: list[list[int]], options: list[list[list[int]]]) -
         x[k, :len(o)] = torch.tensor(o)
         m[k, W:W + len(o)] = 1
     positions = torch.tensor(lengths)[rows, None] + torch.arange(L)
-    cache = out.past_key_values
     cache.batch_select_indices(rows.to(device))
     res = lm.model(input_ids=x.to(device), attention_mask=m.to(device), position_ids=positions.to(device),
                    past_key_values=cache, use_cache=True)
