@@ -23,7 +23,6 @@ options in one more forward).
 from __future__ import annotations
 
 import copy
-import math
 import random
 from dataclasses import dataclass
 from typing import Sequence
