@@ -233,3 +233,36 @@ def test_text_metrics_in_length_batches_equal_each_text_alone(planted):
                                                                      nan_ok=True)
     with pytest.raises(WorkbenchError, match="text 1 .* tokenizes to nothing"):
         M.text_metrics(planted, ["Hello.", ""], {"perplexity"})
+
+
+@pytest.mark.parametrize("spec", ["zoo:qwen3-moe", "zoo:deepseek-v3"])
+def test_batched_generations_equal_each_prompt_alone(spec):
+    """Prompts of different lengths generated together, padded on the left, continue as each does alone, with a
+    position-scoped intervention too (positions count real tokens). Each greedy step of the runs alone has a clear
+    winner (top-2 logit gap checked), so equal text is what batching must give."""
+    import torch
+
+    from workbench.interventions import apply
+
+    lm = load(spec)
+    prompts = ["The capital of France is", "Once upon a time, in a land far away, there lived a", "Hi",
+               "Seven plus five equals", "A list of colours: red, green, blue, yellow, purple, orange, and"]
+
+    def alone():
+        out = []
+        for p in prompts:
+            ids = lm.tokenizer(p, return_tensors="pt").input_ids
+            g = lm.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
+                                  output_scores=True, return_dict_in_generate=True)
+            for s in g.scores:
+                top = s[0].float().topk(2).values
+                assert float(top[0] - top[1]) > 1e-4  # no near-tie: equal text is a meaningful check
+            out.append(lm.tokenizer.decode(g.sequences[0, ids.shape[1]:], skip_special_tokens=True))
+        return out
+
+    with torch.no_grad():
+        for ivs in ([], [dict(op="zero_channel", layers=1, channel=5, factor=0.0, positions=[0, -1])]):
+            with apply(lm, ivs):
+                assert M.generations(lm, prompts, 8, batch_size=3) == alone()
+    with pytest.raises(WorkbenchError, match="generation prompt 1 .* tokenizes to nothing"):
+        M.generations(lm, ["Hi", ""])

@@ -264,7 +264,8 @@ class Study:
                     for task in T.TASKS:
                         if task in want:
                             values[task] = T.choice_scores(lm, T.items(task), self.batch_size)
-                    gens = M.generations(lm, self.generation_prompts, self.max_new_tokens) if "generations" in want else []
+                    gens = M.generations(lm, self.generation_prompts, self.max_new_tokens, self.batch_size) \
+                        if "generations" in want else []
                 crow = []
                 for metric in self.metrics:
                     if metric == "generations":
