@@ -49,6 +49,11 @@ def _model(spec: str, tokenizer) -> LoadedModel:
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
         model = LlamaForCausalLM(cfg).eval()
         return LoadedModel(model, tokenizer, adapter_for(model), spec)
+    if not spec.startswith("zoo:"):  # a tiny model of a transformers family
+        from workbench.models.families import tiny_model
+
+        model = tiny_model(spec)
+        return LoadedModel(model, tokenizer, adapter_for(model), spec)
     return load(spec)
 
 
@@ -74,8 +79,9 @@ def test_the_stand_in_device_refuses_what_cuda_refuses():
         assert float(x.sum()) == 15.0 and x.cpu().device.type == "cpu"
 
 
-@pytest.mark.parametrize("spec", ["tiny-llama", "zoo:qwen3-moe", "zoo:deepseek-v3", "zoo:qwen2-moe"],
-                         ids=["dense-gqa", "fused-experts", "latent-attention", "shared-experts"])
+@pytest.mark.parametrize("spec", ["tiny-llama", "zoo:qwen3-moe", "zoo:deepseek-v3", "zoo:qwen2-moe", "falcon"],
+                         ids=["dense-gqa", "fused-experts", "latent-attention", "shared-experts",
+                              "parallel-fused-qkv"])
 def test_attribution_and_evaluation_on_a_device_equal_the_cpus(spec, device, zoo_tokenizer):
     """eap-ig-edges scores (swap and mean baselines) and the evaluation of the same circuits are the CPU's;
     before, the first batch's token ids were made on the CPU and the forward stopped there."""
