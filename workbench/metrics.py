@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from workbench.data import DATA_DIR
 from workbench.errors import WorkbenchError
 from workbench.tasks import choice_scores
-from workbench.tracing.runner import batch_members
+from workbench.tracing.runner import batch_members, padded
 
 METRICS = ("perplexity", "accuracy", "sink", "massive", "kl", "generations", "passkey", "override", "label_copy",
            "recall")
@@ -58,12 +58,7 @@ def _batches(lm, texts: Sequence[str], size: int):
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     for members in batch_members(torch.tensor([len(x) for x in ids], dtype=torch.int64), size):
         rows = members.tolist()
-        width = max(len(ids[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.int64)
-        mask = torch.zeros((len(rows), width), dtype=torch.int64)
-        for r, i in enumerate(rows):
-            input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
-            mask[r, :len(ids[i])] = 1
+        input_ids, mask = padded([ids[i] for i in rows], pad)
         yield rows, input_ids.to(lm.device), mask.to(lm.device)
 
 
@@ -142,16 +137,11 @@ def generations(lm, prompts: Sequence[str], max_new_tokens: int = 20, batch_size
     out: list[str] = [""] * len(prompts)
     for members in batch_members(torch.tensor([len(x) for x in ids], dtype=torch.int64), batch_size):
         rows = members.tolist()
-        width = max(len(ids[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.int64)
-        mask = torch.zeros((len(rows), width), dtype=torch.int64)
-        for r, i in enumerate(rows):
-            input_ids[r, width - len(ids[i]):] = torch.tensor(ids[i])
-            mask[r, width - len(ids[i]):] = 1
+        input_ids, mask = padded([ids[i] for i in rows], pad if pad is not None else 0, left=True)
         gen = lm.model.generate(input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device),
                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         for r, i in enumerate(rows):
-            out[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
+            out[i] = tok.decode(gen[r, input_ids.shape[1]:], skip_special_tokens=True)
     return out
 
 

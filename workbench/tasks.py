@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.tracing.runner import padded
 
 CONTEXT_TASKS = ("passkey", "override", "label_copy")
 TASKS = CONTEXT_TASKS + ("recall",)
@@ -218,12 +219,8 @@ def _score_batch(lm, prompts: list[list[int]], options: list[list[list[int]]]) -
     (see :func:`_selectable`)."""
     device, pad = lm.device, lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     lengths = [len(p) for p in prompts]
-    B, W = len(prompts), max(lengths)
-    ids = torch.full((B, W), pad, dtype=torch.int64)
-    mask = torch.zeros((B, W), dtype=torch.int64)
-    for r, p in enumerate(prompts):
-        ids[r, :len(p)] = torch.tensor(p)
-        mask[r, :len(p)] = 1
+    ids, mask = padded(prompts, pad)
+    B = ids.shape[0]
     last = sorted(set(n - 1 for n in lengths))  # the positions whose logits score the options' first tokens
     out = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
                    logits_to_keep=torch.tensor(last, device=device))
@@ -247,17 +244,10 @@ def _score_batch(lm, prompts: list[list[int]], options: list[list[list[int]]]) -
         return sums
     # Every option with more tokens continues from its own prompt's cache: rows of the cache repeated, the
     # option's tokens after the prompt's (padding masked), at the positions they would have without the padding.
-    L = max(len(options[r][j]) - 1 for r, j in more)
-    R = len(more)
-    x = torch.full((R, L), pad, dtype=torch.int64)
-    m = torch.zeros((R, W + L), dtype=torch.int64)
+    x, option_mask = padded([options[r][j][:-1] for r, j in more], pad)
     rows = torch.tensor([r for r, _ in more])
-    m[:, :W] = mask[rows]
-    for k, (r, j) in enumerate(more):
-        o = options[r][j][:-1]
-        x[k, :len(o)] = torch.tensor(o)
-        m[k, W:W + len(o)] = 1
-    positions = torch.tensor(lengths)[rows, None] + torch.arange(L)
+    m = torch.cat([mask[rows], option_mask], dim=1)
+    positions = torch.tensor(lengths)[rows, None] + torch.arange(x.shape[1])
     cache.batch_select_indices(rows.to(device))
     res = lm.model(input_ids=x.to(device), attention_mask=m.to(device), position_ids=positions.to(device),
                    past_key_values=cache, use_cache=True)

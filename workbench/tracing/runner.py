@@ -157,6 +157,19 @@ def batch_members(lengths: torch.Tensor, batch_size: int, by_length: bool = True
     return out
 
 
+def padded(seqs: Sequence[Sequence[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one ``[B, T]`` batch and its attention mask, padded with ``pad`` on the right (or on the
+    left, as generation wants: every row's last token in the last column)."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.int64)
+    mask = torch.zeros((len(seqs), width), dtype=torch.int64)
+    for r, x in enumerate(seqs):
+        cols = slice(width - len(x), width) if left else slice(0, len(x))
+        ids[r, cols] = torch.tensor(x, dtype=torch.int64)
+        mask[r, cols] = 1
+    return ids, mask
+
+
 def _group_experts(lm: LoadedModel, sites: list[Site], factories: dict, extra: dict, dump, table: dict,
                    sinks: dict) -> dict[Site, list[Site]]:
     """Every routed expert of a MoE layer reduced by ``absmax`` alone: one grouped site per layer with an
