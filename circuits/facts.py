@@ -35,6 +35,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.io import read_text
+from workbench.tracing.runner import padded
 
 FIELDS = ("prompt", "answer", "corrupted_prompt", "corrupted_answer", "relation", "subject")
 REQUIRED = ("prompt", "answer")
@@ -318,21 +319,14 @@ def batches(prepared: list[Prepared], batch_size: int, pad_id: int = 0,
     out = []
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        T = max(len(prepared[i].ids) for i in idx)
-        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
-        cids = ids.clone()
-        valid = torch.zeros((len(idx), T), dtype=torch.bool)
-        for b, i in enumerate(idx):
-            p = prepared[i]
-            n = len(p.ids)
-            ids[b, :n] = torch.tensor(p.ids)
-            cids[b, :n] = torch.tensor(p.corrupted_ids if p.corrupted_ids is not None else p.ids)
-            valid[b, :n] = True
+        ids, valid = padded([prepared[i].ids for i in idx], pad_id)
+        cids, _ = padded([prepared[i].corrupted_ids if prepared[i].corrupted_ids is not None else prepared[i].ids
+                          for i in idx], pad_id)
         tensors = (ids, cids, torch.tensor([len(prepared[i].ids) - 1 for i in idx]),
                    torch.tensor([prepared[i].answer_id for i in idx]),
                    torch.tensor([prepared[i].corrupted_answer_id if prepared[i].corrupted_answer_id is not None else -1
                                  for i in idx]),
-                   torch.tensor([prepared[i].corrupted_ids is None for i in idx]), valid)
+                   torch.tensor([prepared[i].corrupted_ids is None for i in idx]), valid.bool())
         if device is not None:
             tensors = tuple(t.to(device) for t in tensors)
         out.append(Batch(idx, *tensors))
