@@ -50,7 +50,8 @@ def main() -> None:
             sums = []
             for opt in c.options:
                 o = tok(opt, add_special_tokens=False)["input_ids"]
-                lp = torch.log_softmax(lm.model(input_ids=torch.tensor([prompt + o], device=lm.device)).logits[0].float(), -1)
+                logits = lm.model(input_ids=torch.tensor([prompt + o], device=lm.device)).logits[0]
+                lp = torch.log_softmax(logits.float(), -1)
                 sums.append(float(sum(lp[len(prompt) + i - 1, t] for i, t in enumerate(o))))
             out.append(sums)
         return out
@@ -80,7 +81,8 @@ def main() -> None:
         a, b = loop(), batched()  # warm, and the results compared
         times = {"loop": [], "batched": []}
         for r in range(args.repeat):
-            for key, fn in (("loop", loop), ("batched", batched)) if r % 2 == 0 else (("batched", batched), ("loop", loop)):
+            order = (("loop", loop), ("batched", batched))
+            for key, fn in order if r % 2 == 0 else order[::-1]:
                 t = time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - t)
