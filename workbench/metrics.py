@@ -48,17 +48,19 @@ def default_cloze() -> list[ClozeItem]:
     return items
 
 
-def _batches(lm, texts: Sequence[str], size: int):
+def _batches(lm, texts: Sequence[str], size: int, pad: int | None = None, left: bool = False, what: str = "text"):
     """Texts of similar length batched together (:func:`~workbench.tracing.runner.batch_members`: less padding):
-    each batch's text indices, its input ids and attention mask, right-padded."""
+    each batch's text indices, its input ids and attention mask, padded with ``pad`` (default: the tokenizer's pad
+    id, else 0) on the right, or on the ``left``. A text that tokenizes to nothing is refused, named as ``what``."""
     ids = [lm.tokenizer(t)["input_ids"] for t in texts]
     for i, x in enumerate(ids):
         if not x:
-            raise WorkbenchError(f"text {i} ({texts[i]!r}) tokenizes to nothing")
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+            raise WorkbenchError(f"{what} {i} ({texts[i]!r}) tokenizes to nothing")
+    if pad is None:
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     for members in batch_members(torch.tensor([len(x) for x in ids], dtype=torch.int64), size):
         rows = members.tolist()
-        input_ids, mask = padded([ids[i] for i in rows], pad)
+        input_ids, mask = padded([ids[i] for i in rows], pad, left=left)
         yield rows, input_ids.to(lm.device), mask.to(lm.device)
 
 
@@ -129,17 +131,12 @@ def generations(lm, prompts: Sequence[str], max_new_tokens: int = 20, batch_size
     so a continuation is the prompt's own up to float error in the batched matmuls: on a near-tie between the top
     two tokens (below ~1e-5 of a logit) a batch may take the other one."""
     tok = lm.tokenizer
-    ids = [tok(p)["input_ids"] for p in prompts]
-    for i, x in enumerate(ids):
-        if not x:
-            raise WorkbenchError(f"generation prompt {i} ({prompts[i]!r}) tokenizes to nothing")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[str] = [""] * len(prompts)
-    for members in batch_members(torch.tensor([len(x) for x in ids], dtype=torch.int64), batch_size):
-        rows = members.tolist()
-        input_ids, mask = padded([ids[i] for i in rows], pad if pad is not None else 0, left=True)
-        gen = lm.model.generate(input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device),
-                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    for rows, input_ids, mask in _batches(lm, prompts, batch_size, pad if pad is not None else 0, left=True,
+                                          what="generation prompt"):
+        gen = lm.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=pad)
         for r, i in enumerate(rows):
             out[i] = tok.decode(gen[r, input_ids.shape[1]:], skip_special_tokens=True)
     return out
