@@ -35,7 +35,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.io import read_text
-from workbench.tracing.runner import padded
+from workbench.tracing.runner import continuation_ids, padded
 
 FIELDS = ("prompt", "answer", "corrupted_prompt", "corrupted_answer", "relation", "subject")
 REQUIRED = ("prompt", "answer")
@@ -122,8 +122,10 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def _first_token(tokenizer, text: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+def _first_token(tokenizer, prompt: str, text: str) -> int:
+    """The first token of the answer ``text`` as it follows ``prompt`` (``runner.continuation_ids``: a SentencePiece
+    tokenizer would make a lone word marker the first token of every answer tokenised on its own)."""
+    ids = continuation_ids(tokenizer, prompt, [text])[0]
     if not ids:
         raise WorkbenchError(f"answer {text!r} has no tokens")
     return int(ids[0])
@@ -237,8 +239,9 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
         ids = _encode(tokenizer, f.prompt)
         if not ids:
             raise WorkbenchError(f"fact {i}: the prompt has no tokens")
-        answer = _first_token(tokenizer, f.answer)
-        corr_ans = _first_token(tokenizer, f.corrupted_answer) if f.corrupted_answer else None
+        answer = _first_token(tokenizer, f.prompt, f.answer)
+        corr_ans = (_first_token(tokenizer, f.corrupted_prompt or f.prompt, f.corrupted_answer)
+                    if f.corrupted_answer else None)
         source = "given" if corr_ans is not None else None
         if f.corrupted_prompt:
             cids = _encode(tokenizer, f.corrupted_prompt)
@@ -266,7 +269,7 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
             continue
         cprompt, cids, other = swap
         if corr_ans is None:
-            corr_ans, source = _first_token(tokenizer, facts[other].answer), "swap"
+            corr_ans, source = _first_token(tokenizer, cprompt, facts[other].answer), "swap"
         out.append(Prepared(f, ids, cids, answer, corr_ans, "swap", cprompt, source))
     for p, flag in zip(out, flags):
         if flag:
@@ -283,7 +286,7 @@ def _swap(tokenizer, facts: list[Fact], i: int, ids: list[int], answer: int):
         g = facts[(i + k) % n]
         if g.relation != f.relation or not g.subject or g.subject == f.subject:
             continue
-        if _first_token(tokenizer, g.answer) == answer:
+        if _first_token(tokenizer, g.prompt, g.answer) == answer:
             continue
         cprompt = f.prompt.replace(f.subject, g.subject)
         cids = _encode(tokenizer, cprompt)

@@ -48,3 +48,25 @@ def zoo_tokenizer():
 
     return _tokenizer(tokenizer_dir())
 
+
+
+@pytest.fixture(scope="session")
+def marker_tokenizer():
+    """A SentencePiece-style tokenizer as Llama-2's, Mistral's and Mixtral's ``tokenizer.json`` define it (a word
+    marker prepended to the text, spaces made markers, pieces split before each marker), its vocabulary trained
+    on the built-in facts and task items. " Paris" alone is ``['▁', '▁Paris']``; after a prompt it is ``'▁Paris'``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from workbench import tasks
+    from workbench.circuits.facts import builtin_facts
+
+    texts = [f.prompt + f.answer for f in builtin_facts()]
+    texts += [c.prompt + o for t in tasks.TASKS for c in tasks.items(t) for o in c.options]
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>"]))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")

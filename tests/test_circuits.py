@@ -527,6 +527,29 @@ def test_builtin_facts_parse_and_mostly_swap(zoo_tokenizer):
     assert sum(p.baseline == "swap" for p in prepared) >= 0.9 * len(prepared)
 
 
+def test_answers_are_the_tokens_that_follow_the_prompt(marker_tokenizer, zoo_tokenizer):
+    """The answer token is the first token of the answer after its prompt. A tokenizer that prepends a word
+    marker (Llama-2's, Mistral's) makes a lone marker the first token of every answer tokenised on its own: then
+    every fact would share one answer, no subject swap would have a different answer, and Hit@10 would score the
+    marker."""
+    facts = builtin_facts()
+    tok = marker_tokenizer
+    marker = tok.convert_tokens_to_ids("\u2581")
+    assert {tok(f.answer, add_special_tokens=False).input_ids[0] for f in facts} == {marker}
+    prepared = prepare(tok, facts)
+    for p in prepared:
+        whole = tok(p.fact.prompt + p.fact.answer).input_ids
+        assert p.ids == whole[:len(p.ids)] and p.answer_id == whole[len(p.ids)]
+        if p.baseline == "swap":  # the swapped-in fact's answer, as it follows the corrupted prompt
+            assert p.corrupted_answer_id != p.answer_id
+            assert tok.decode([p.corrupted_answer_id]).strip() and p.corrupted_answer_id != marker
+    assert sum(p.baseline == "swap" for p in prepared) >= 0.9 * len(prepared)
+    assert len({p.answer_id for p in prepared}) >= 0.5 * len(prepared)
+    # the built-in models' byte-level BPE: the same token as the answer alone
+    assert [p.answer_id for p in prepare(zoo_tokenizer, facts)] == \
+        [zoo_tokenizer(f.answer, add_special_tokens=False).input_ids[0] for f in facts]
+
+
 def test_plain_facts_get_templates_and_subjects_inferred():
     from workbench.circuits.facts import infer_templates
 

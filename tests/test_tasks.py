@@ -116,6 +116,37 @@ def test_batched_scoring_sees_interventions_as_each_prompt_alone(iv, zoo_tokeniz
         assert b == pytest.approx(a, abs=1e-4)
 
 
+def test_options_are_scored_in_the_tokens_they_have_after_the_prompt(marker_tokenizer, zoo_tokenizer):
+    """With a tokenizer that prepends a word marker (Llama-2's, Mistral's), an option tokenised on its own starts
+    with a lone marker that never follows a prompt. The scorer takes the option's tokens from ``prompt + option``:
+    its sums equal one forward over that whole sequence. With the byte-level BPE of the built-in models, the
+    tokens in context are those of the option alone."""
+    from workbench.tracing.runner import continuation_ids
+
+    tok = marker_tokenizer
+    items = T.recall_items(6) + T.label_copy_items(4) + T.passkey_items(2, lengths=(40,))
+    alone = [tok(o, add_special_tokens=False).input_ids for c in items for o in c.options]
+    assert all(tok.convert_ids_to_tokens(ids[:1]) == ["▁"] for ids in alone)  # the pitfall is there
+    lm = _tiny("llama", tok)
+    want = []
+    with torch.no_grad():
+        for c in items:
+            p, sums = tok(c.prompt).input_ids, []
+            for opt in c.options:
+                whole = tok(c.prompt + opt).input_ids
+                assert whole[:len(p)] == p and tok.convert_ids_to_tokens(whole[len(p)])[0] == "▁" != \
+                    tok.convert_ids_to_tokens(whole[len(p)])
+                lp = torch.log_softmax(lm.model(input_ids=torch.tensor([whole])).logits[0].float(), -1)
+                sums.append(float(sum(lp[i - 1, whole[i]] for i in range(len(p), len(whole)))))
+            want.append(sums)
+    for bs in (1, 8):
+        for g, w in zip(T.option_logprobs(lm, items, batch_size=bs), want):
+            assert g == pytest.approx(w, abs=1e-4)
+    for c in items:  # the built-in models' tokenizer: in context as alone
+        assert continuation_ids(zoo_tokenizer, c.prompt, c.options) == \
+            [zoo_tokenizer(o, add_special_tokens=False).input_ids for o in c.options]
+
+
 def test_choice_items_that_tokenize_to_nothing_are_rejected(zoo_tokenizer):
     from workbench.errors import WorkbenchError
 

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.tracing.runner import padded
+from workbench.tracing.runner import continuation_ids, padded
 
 CONTEXT_TASKS = ("passkey", "override", "label_copy")
 TASKS = CONTEXT_TASKS + ("recall",)
@@ -158,7 +158,7 @@ PROMPT_TOKENS = 4096  # padded prompt tokens per forward
 @torch.no_grad()
 def option_logprobs(lm, choices: Sequence, batch_size: int = 8) -> list[list[float]]:
     """Each option's summed log-probability after its item's prompt (``choices``: anything with ``prompt`` and
-    ``options``), the option tokenised on its own.
+    ``options``), the option in the tokens it has after the prompt (:func:`~workbench.tracing.runner.continuation_ids`).
 
     Every prompt runs once and keeps its KV cache, so an intervention on the prompt's forward is what the options
     see; every option then continues from it. Prompts of similar length run together (up to ``batch_size``,
@@ -172,7 +172,7 @@ def option_logprobs(lm, choices: Sequence, batch_size: int = 8) -> list[list[flo
     if batch_size < 1:
         raise WorkbenchError("batch size must be at least 1")
     prompts = [tok(c.prompt)["input_ids"] for c in choices]
-    options = [[tok(o, add_special_tokens=False)["input_ids"] for o in c.options] for c in choices]
+    options = [continuation_ids(tok, c.prompt, c.options) for c in choices]
     for i, (c, p, opts) in enumerate(zip(choices, prompts, options)):
         if not p:
             raise WorkbenchError(f"choice item {i}: its prompt {c.prompt!r} tokenizes to nothing")

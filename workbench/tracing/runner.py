@@ -130,6 +130,28 @@ def tokenize(lm: LoadedModel, prompts: Sequence[str], max_tokens: int | None = N
     return out
 
 
+def continuation_ids(tokenizer, prompt: str, texts: Sequence[str]) -> list[list[int]]:
+    """Each of ``texts`` in token ids as it follows ``prompt`` (an answer, an option): the tokens of
+    ``prompt + text`` after those of ``prompt``.
+
+    Tokenised on its own, a text can differ from the same text in context. SentencePiece tokenizers that
+    prepend a word marker (Llama-2's, Mistral's and Mixtral's) turn " Paris" alone into ``['▁', '▁Paris']``,
+    and ``'▁'`` is the first token of every answer with a leading space. Where the prompt's tokens are not a
+    prefix of the whole's (a merge across the boundary, a tokenizer that appends a token), or the text adds
+    no token after them, the text is tokenised on its own.
+    """
+    head = list(tokenizer(prompt)["input_ids"])
+    wholes = tokenizer([prompt + t for t in texts])["input_ids"] if texts else []
+    out = []
+    for text, whole in zip(texts, wholes):
+        whole = list(whole)
+        if len(whole) > len(head) and whole[:len(head)] == head:
+            out.append(whole[len(head):])
+        else:
+            out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return out
+
+
 # Prompts are grouped by length within windows of this many batches: nearly all of a global sort's saving in
 # padding, while batches stay near their prompts' place in the corpus (ranks get similar work, progress and
 # checkpoints move through the corpus in order).
