@@ -93,6 +93,63 @@ def assert_json_close(a, b, rtol: float = 1e-5, atol: float = 1e-6, path: str = 
         assert a == b, f"{path}: {a!r} vs {b!r}"
 
 
+def routing_ties(lm, prompts, rel: float = 1e-5, draws: int = 8) -> list[tuple[int, int, list[int]]]:
+    """Where ``prompts`` sit on a routing near-tie: (prompt, layer, tokens).
+
+    Counts, loads, change rates and which rows reach an expert are integers, but they come from a top-k: a
+    token whose k-th and (k+1)-th scores lie within rounding of each other can go either way. Each prompt runs
+    alone; every MoE router's logits are moved by uniform noise of ``rel`` x their row's largest magnitude,
+    ``draws`` times, and the family's own rule (``adapter.select_experts``) must choose the same experts, in the
+    same order, each time; the tokens where it does not are returned.
+    """
+    ad, model = lm.adapter, lm.model
+    layers = ad.decoder_layers(model)
+    routers = {i.index: ad.router(layers[i.index]) for i in lm.layer_infos() if i.kind == "moe"}
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [r.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, (out[0] if isinstance(out, tuple)
+                                                                                  else out).detach()))
+             for i, r in routers.items()]
+    gen, found = torch.Generator().manual_seed(0), []
+    try:
+        for p, text in enumerate(prompts):
+            ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
+            seen.clear()
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+                for i, logits in sorted(seen.items()):
+                    logits = logits.reshape(-1, logits.shape[-1]).float()
+                    chosen = ad.select_experts(model, logits, routers[i])[1]
+                    scale = rel * logits.abs().amax(-1, keepdim=True)
+                    bad = torch.zeros(logits.shape[0], dtype=torch.bool)
+                    for _ in range(draws):
+                        noise = (torch.rand(logits.shape, generator=gen) * 2 - 1).to(logits.device) * scale
+                        bad |= (ad.select_experts(model, logits + noise, routers[i])[1] != chosen).any(-1).cpu()
+                    if bad.any():
+                        found.append((p, i, bad.nonzero().flatten().tolist()))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def assert_clear_routing(lm, prompts, rel: float = 1e-5, what: str = "") -> None:
+    """No token of ``prompts`` sits on a routing near-tie (:func:`routing_ties`; ``rel`` 1e-5 is about 100x float32
+    rounding), so routing compared exactly between two float32 computations that differ by rounding (another
+    batch shape, buffer, expert kernel or CPU) cannot differ. A test that calls this first holds on every machine,
+    or fails here on every machine alike when its prompts hold a tie."""
+    ties = routing_ties(lm, prompts, rel)
+    assert not ties, (f"{what}: routing near-ties (prompt, layer, tokens) {ties[:3]}: rounding could route them "
+                      "either way; pick other prompts")
+
+
+def clear_prompts(lm, candidates, n: int, rel: float) -> list[str]:
+    """The first ``n`` of ``candidates`` without a routing near-tie at ``rel`` (:func:`routing_ties`)."""
+    tied = {p for p, _, _ in routing_ties(lm, candidates, rel)}
+    out = [c for i, c in enumerate(candidates) if i not in tied][:n]
+    assert len(out) == n, f"only {len(out)} of {len(candidates)} prompts route clear of ties at {rel}"
+    return out
+
+
 def assert_reducers_close(a, b, dtype: torch.dtype = torch.float32, msg: str = ""):
     """Two reducers of one kind fed by computations that differ by rounding agree, field by field.
 

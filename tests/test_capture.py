@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import PROMPTS, ZOO_SPECS, assert_argmax_tie_aware, assert_close
+from helpers import PROMPTS, ZOO_SPECS, assert_argmax_tie_aware, assert_clear_routing, assert_close
 from workbench.models.specs import load
 from workbench.tracing.capture import Capture
 from workbench.tracing.reducers import NO_TOKEN, AbsMax, Payload
@@ -181,6 +181,7 @@ def test_padding_never_reaches_reducers(zoo_lm):
     channel's maximum within tolerance (a near-tie may be broken the other way; seen on L3.E6).
     """
     sites = all_sites(zoo_lm.adapter, zoo_lm.model, ["expert", "resid_post", "router"])
+    assert_clear_routing(zoo_lm, PROMPTS, what=zoo_lm.spec)  # each expert gets the same tokens in both runs
     a = trace(zoo_lm, PROMPTS, sites, ["absmax"], batch_size=4, progress=False)
     b = trace(zoo_lm, PROMPTS, sites, ["absmax"], batch_size=1, progress=False)
     n_tokens = sum(len(zoo_lm.tokenizer(p).input_ids) for p in PROMPTS)
@@ -199,6 +200,7 @@ def test_padding_never_reaches_reducers(zoo_lm):
 
 def test_router_counts_match_router_outputs():
     lm = load("zoo:qwen3-moe")
+    assert_clear_routing(lm, PROMPTS, what=lm.spec)  # padded batches vs one prompt: the same top-k, not a tie apart
     sites = all_sites(lm.adapter, lm.model, ["router"])
     r = trace(lm, PROMPTS, sites, ["expert_counts"], batch_size=2, progress=False)
     # Independent count from output_router_logits=True, one prompt at a time (no padding).
@@ -305,6 +307,7 @@ def test_fused_expert_outputs_are_read_from_the_experts_forward_not_recomputed(s
     import workbench.tracing.capture as capture
 
     lm = load(spec)
+    assert_clear_routing(lm, PROMPTS, what=spec)  # the three kernels' rounding routes every later layer alike
     enc, grid = _batch(lm, PROMPTS)
     ad, model = lm.adapter, lm.model
     moe = [i.index for i in lm.layer_infos() if i.kind == "moe"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import helpers
-from helpers import PROMPTS, assert_json_close, assert_reducers_close
+from helpers import PROMPTS, assert_clear_routing, assert_json_close, assert_reducers_close
 from workbench.data import default_prompts
 from workbench.errors import WorkbenchError
 from workbench.experts.profile import ProfileOptions, profile
@@ -45,6 +45,7 @@ def test_streamed_profile_equals_in_memory(tmp_path, spec):
     assert all(p.device.type == "meta" for p in streamed.model.parameters())
     # Streamed (and reloaded) weights live in other buffers than the zoo model's, where MKL may take
     # another GEMM path: the profiles agree to fp32 tolerance, tie-aware (helpers.assert_json_close).
+    assert_clear_routing(zoo, prompts, what=spec)  # router counts compared exactly: no token on a tie
     want = profile_json(zoo, prompts)
     assert_json_close(profile_json(streamed, prompts), want)
     assert_json_close(profile_json(load(str(d)), prompts), want)  # and the folder loaded in memory
@@ -53,6 +54,7 @@ def test_streamed_profile_equals_in_memory(tmp_path, spec):
 
 def test_streamed_trace_of_every_component_equals_in_memory(tmp_path):
     zoo, d = saved(tmp_path, "zoo:qwen2-moe")  # shared experts too
+    assert_clear_routing(zoo, PROMPTS, what="zoo:qwen2-moe")  # each expert sees the same tokens in both runs
     comps = ["resid_pre", "resid_post", "attn_out", "mlp_out", "router", "expert", "shared_expert"]
     results = []
     for lm in (zoo, load_streamed(str(d))):
@@ -81,6 +83,7 @@ def test_sharded_checkpoint(tmp_path):
     zoo, d = saved(tmp_path, "zoo:olmoe", max_shard_size="300KB")
     assert (d / "model.safetensors.index.json").is_file() and len(list(d.glob("*.safetensors"))) > 3
     prompts = PROMPTS * 2
+    assert_clear_routing(zoo, PROMPTS, what="zoo:olmoe")
     assert_json_close(profile_json(load_streamed(str(d)), prompts), profile_json(zoo, prompts))  # other buffers
     next(d.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(WorkbenchError, match="missing"):
@@ -101,7 +104,8 @@ def test_offload_errors(tmp_path):
 def test_offload_cli_writes_the_in_memory_profile(tmp_path):
     from workbench.cli import main
 
-    _, d = saved(tmp_path, "zoo:deepseek-v3")
+    zoo, d = saved(tmp_path, "zoo:deepseek-v3")
+    assert_clear_routing(zoo, PROMPTS[:2], what="zoo:deepseek-v3")
     args = ["profile", str(d), "--text", PROMPTS[0], "--text", PROMPTS[1], "--no-plots", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "mem")]) == 0
     assert main([*args, "--offload", "layers", "--out", str(tmp_path / "off")]) == 0

@@ -57,7 +57,7 @@ def test_cached_scoring_equals_full_sequences(zoo_tokenizer):
     want = []
     for c, sums in zip(items, _alone(lm, items)):
         top = max(sums)
-        assert sorted(sums)[-2] < top - 1e-4  # no near-tie: the comparison below is meaningful
+        assert sorted(sums)[-2] < top - 3e-4  # no near-tie: each sum may move by 1e-4 (below), a gap by 2e-4
         want.append(1.0 if sums.index(top) == c.answer else 0.0)
     assert T.choice_scores(lm, items) == want
 
