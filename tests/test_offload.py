@@ -75,6 +75,9 @@ def test_streamed_bfloat16_equals_in_memory(tmp_path, spec):
     # Same bf16 weights in other buffers: fp32-accumulated matmuls that may block differently, then one
     # bf16 rounding of each activation; a rounding flip is one bf16 step (2^-8 relative), hence bf16's
     # rtol; the absolute floor is fp32's, since this tiny model's activations are ~1e-2, not ~1.
+    # Router counts are compared exactly, and here that holds only while both runs are bit-identical, as they
+    # were on the CPUs the suite has passed on: at bf16's rounding most prompts hold a routing near-tie
+    # (helpers.routing_ties(..., rel=1e-2) finds one in 40 of the first 40 built-in prompts on olmoe, 32 on deepseek).
     rtol = helpers.TOLERANCES[torch.bfloat16]["rtol"]
     assert_json_close(bf, profile_json(load(str(d), dtype="bfloat16"), PROMPTS * 2), rtol=rtol, atol=1e-6)
 
