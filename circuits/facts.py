@@ -235,11 +235,12 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
     pool = None
     flags = [a is not b for a, b in zip(facts, inferred)]
     facts = inferred
+    answers = [_first_token(tokenizer, f.prompt, f.answer) for f in facts]  # each once: the swap search reads them
     for i, f in enumerate(facts):
         ids = _encode(tokenizer, f.prompt)
         if not ids:
             raise WorkbenchError(f"fact {i}: the prompt has no tokens")
-        answer = _first_token(tokenizer, f.prompt, f.answer)
+        answer = answers[i]
         corr_ans = (_first_token(tokenizer, f.corrupted_prompt or f.prompt, f.corrupted_answer)
                     if f.corrupted_answer else None)
         source = "given" if corr_ans is not None else None
@@ -250,7 +251,7 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
                                      f"the prompt {len(ids)}; they must be equally long")
             out.append(Prepared(f, ids, cids, answer, corr_ans, "given", f.corrupted_prompt, source))
             continue
-        swap = _swap(tokenizer, facts, i, ids, answer)
+        swap = _swap(tokenizer, facts, i, ids, answers)
         if swap is None:
             pool = entity_pool(facts) if pool is None else pool
             extra = {}
@@ -277,7 +278,7 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
     return out
 
 
-def _swap(tokenizer, facts: list[Fact], i: int, ids: list[int], answer: int):
+def _swap(tokenizer, facts: list[Fact], i: int, ids: list[int], answers: list[int]):
     f = facts[i]
     if not (f.subject and f.relation):
         return None
@@ -286,7 +287,7 @@ def _swap(tokenizer, facts: list[Fact], i: int, ids: list[int], answer: int):
         g = facts[(i + k) % n]
         if g.relation != f.relation or not g.subject or g.subject == f.subject:
             continue
-        if _first_token(tokenizer, g.prompt, g.answer) == answer:
+        if answers[(i + k) % n] == answers[i]:
             continue
         cprompt = f.prompt.replace(f.subject, g.subject)
         cids = _encode(tokenizer, cprompt)
