@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PROMPTS, assert_json_close
+from helpers import PROMPTS, assert_clear_routing, assert_json_close
 from interrupt import EVENTS, Moments, killed_by_sigkill, run_killed
 from workbench.cli import main
 from workbench.data import default_prompts
@@ -66,7 +66,10 @@ def work(tmp_path_factory, zoo_tokenizer):
             model = GPT2LMHeadModel(GPT2Config(vocab_size=len(zoo_tokenizer), n_embd=64, n_head=4, n_layer=3,
                                                n_positions=128, bos_token_id=0, eos_token_id=0))
         else:
-            model = load(f"zoo:{kind}").model
+            lm = load(f"zoo:{kind}")
+            # runs are compared exactly on router counts (other buffers, streaming, ranks): no token on a tie
+            assert_clear_routing(lm, default_prompts()[:8] + PROMPTS, what=kind)
+            model = lm.model
         model.save_pretrained(d)
         zoo_tokenizer.save_pretrained(d)
     w = {"root": root, "dirs": dirs, "prompts": prompts, "counts": {}}
