@@ -54,8 +54,9 @@ def zoo_tokenizer():
 def marker_tokenizer():
     """A SentencePiece-style tokenizer as Llama-2's, Mistral's and Mixtral's ``tokenizer.json`` define it (a word
     marker prepended to the text, spaces made markers, pieces split before each marker), its vocabulary trained
-    on the built-in facts and task items. " Paris" alone is ``['▁', '▁Paris']``; after a prompt it is ``'▁Paris'``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    on the built-in facts and task items. " Paris" alone is ``['▁', '▁Paris']``; after a prompt it is ``'▁Paris'``,
+    which decodes on its own to "Paris" (their decoder strips the leading space of a text)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from workbench import tasks
@@ -68,5 +69,6 @@ def marker_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>"]))
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>")

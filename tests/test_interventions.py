@@ -259,3 +259,33 @@ def test_prompt_scope_touches_only_the_numbered_prompts():
     for i in (0, 2):
         assert_close(after[i], before[i], msg=f"prompt {i}")
     assert (after[1] - before[1]).abs().max() > 1e-4
+
+
+def test_token_scope_reads_each_token_with_its_leading_space(marker_tokenizer, zoo_tokenizer):
+    """A ``token`` scope matches a token's text as it reads inside a text. Decoded alone, a SentencePiece token
+    (Llama-2's, Mistral's) loses its leading space, and ``token: " Paris"`` would match nothing."""
+    from workbench.adapters.base import adapter_for
+    from workbench.interventions import token_text
+    from workbench.models.families import tiny_model
+    from workbench.models.specs import LoadedModel
+
+    tok = marker_tokenizer
+    model = tiny_model("llama")
+    lm = LoadedModel(model, tok, adapter_for(model), "tiny")
+    enc = tok(["The capital of France is Paris", "Paris is the capital of France"], return_tensors="pt", padding=True)
+    paris = enc.input_ids == tok.convert_tokens_to_ids("\u2581Paris")
+    assert paris.sum() == 2 and tok.decode([tok.convert_tokens_to_ids("\u2581Paris")]) == "Paris"  # alone: no space
+    out = {}
+    layer = lm.adapter.decoder_layers(model)[0]
+    for scope in (" Paris", "Paris"):
+        with apply(lm, [dict(op="zero_channel", layers=0, channel=3, token=scope)]):
+            h = layer.register_forward_hook(lambda m, a, o: out.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+            try:
+                logits(lm, enc)
+            finally:
+                h.remove()
+        hit = out["h"][..., 3] == 0
+        assert torch.equal(hit & enc.attention_mask.bool(), paris), scope
+    # the built-in byte-level BPE: every token of the built-in prompts reads as it decodes alone
+    ids = {int(t) for p in PROMPTS for t in zoo_tokenizer(p).input_ids}
+    assert all(token_text(zoo_tokenizer, t) == zoo_tokenizer.decode([t]) for t in ids)

@@ -57,6 +57,18 @@ QK_OPS = ("mean_qk",)
 OPS = EXPERT_OPS + CHANNEL_OPS + SAE_OPS + HEAD_OPS + QK_OPS
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    """A token's text as it reads inside a text, its leading space included: the decode of an anchor token and
+    it, less the anchor's. Decoded alone, a SentencePiece token loses its leading space (the decoders of Llama-2,
+    Mistral and Mixtral strip a text's first space), so a ``token: " Paris"`` scope would match nothing there."""
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1:]
+    if not anchor:
+        return tokenizer.decode([token_id])
+    head = tokenizer.decode(anchor)
+    both = tokenizer.decode(anchor + [token_id])
+    return both[len(head):] if both.startswith(head) else tokenizer.decode([token_id])
+
+
 @dataclass(frozen=True)
 class Intervention:
     op: str
@@ -312,10 +324,9 @@ class Applied(HookSet):
                 chosen = torch.isin(self._prompts, torch.tensor(iv.prompts)).to(keep.device)
                 keep &= chosen[:, None]
         if iv.token is not None:
-            tok = self.lm.tokenizer
             for v in ids.unique().tolist():
                 if v not in self._decoded:
-                    self._decoded[v] = tok.decode([v])
+                    self._decoded[v] = token_text(self.lm.tokenizer, v)
             match = torch.tensor([iv.token in self._decoded[v] for v in ids.flatten().tolist()], device=ids.device)
             keep &= match.view(b, t)
         return keep.reshape(-1)
