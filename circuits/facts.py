@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
@@ -224,13 +225,41 @@ def _entity_swap(tokenizer, f: Fact, ids: list[int], pool: list[tuple[str, set[s
     return None
 
 
+def _spaced(prompt: str | None, answer: str | None) -> str | None:
+    if answer and prompt and prompt[-1].isascii() and prompt[-1].isalnum() and answer[0].isascii() \
+            and answer[0].isalnum():
+        return " " + answer
+    return answer
+
+
+def with_spaces(facts: list[Fact]) -> list[Fact]:
+    """Facts whose answer follows a word with no space between them get the space: "The capital of Canada is" and
+    "Ottawa" mean " Ottawa", the token the model predicts there, not "Ottawa" glued to "is" (the same convention
+    as lm-evaluation-harness's target delimiter). Only ASCII letters and digits count as a word's end and start,
+    so "2+2=" and "4", or a Japanese prompt and answer, are left as written. Warns how many were changed."""
+    out = []
+    for f in facts:
+        answer = _spaced(f.prompt, f.answer)
+        corrupted = _spaced(f.corrupted_prompt or f.prompt, f.corrupted_answer)
+        out.append(f if (answer, corrupted) == (f.answer, f.corrupted_answer)
+                   else replace(f, answer=answer, corrupted_answer=corrupted))
+    changed = [f for f, g in zip(facts, out) if f is not g]
+    if changed:
+        warnings.warn(f"{len(changed)} of {len(facts)} facts have an answer with no space before it after a prompt "
+                      f"that ends in a word (e.g. {changed[0].answer!r} after {changed[0].prompt!r}); read with the "
+                      "space, as the model would predict it", stacklevel=3)
+    return out
+
+
 def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
     """Tokenise facts and choose each one's corrupted prompt (given, swapped subject, swapped entity, or mean
     baseline).
 
-    Facts without a subject first get one (and a relation) from :func:`infer_templates`.
+    Facts without a subject first get one (and a relation) from :func:`infer_templates`. An answer written
+    without the space before it, after a prompt that ends in a word, is read with it (:func:`with_spaces`).
     """
     out = []
+    facts = with_spaces(facts)
     inferred = infer_templates(facts)
     pool = None
     flags = [a is not b for a, b in zip(facts, inferred)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 import networkx as nx
 import pytest
@@ -548,6 +549,24 @@ def test_answers_are_the_tokens_that_follow_the_prompt(marker_tokenizer, zoo_tok
     # the built-in models' byte-level BPE: the same token as the answer alone
     assert [p.answer_id for p in prepare(zoo_tokenizer, facts)] == \
         [zoo_tokenizer(f.answer, add_special_tokens=False).input_ids[0] for f in facts]
+
+
+def test_answers_written_without_their_space_are_read_with_it(zoo_tokenizer):
+    """ "Ottawa" after "The capital of Canada is" means the token " Ottawa" (what the model predicts there), with a
+    warning; an answer after a prompt that ends in a non-word character, or in a script without spaces, stays."""
+    spaced = [Fact("The capital of Canada is", " Ottawa"), Fact("The capital of Kenya is", " Nairobi"),
+              Fact("2+2=", "4"), Fact("日本の首都は", "東京")]
+    bare = [Fact("The capital of Canada is", "Ottawa"), Fact("The capital of Kenya is", "Nairobi", None, "Ottawa"),
+            Fact("2+2=", "4"), Fact("日本の首都は", "東京")]
+    with pytest.warns(UserWarning, match="2 of 4 facts have an answer with no space before it"):
+        got = prepare(zoo_tokenizer, bare)
+    want = prepare(zoo_tokenizer, spaced)
+    assert [p.answer_id for p in got] == [p.answer_id for p in want]
+    assert zoo_tokenizer.decode([got[0].answer_id]) == " Ottawa" and got[1].fact.corrupted_answer == " Ottawa"
+    assert [p.fact.answer for p in got[2:]] == ["4", "東京"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare(zoo_tokenizer, spaced)  # written with the space: no warning
 
 
 def test_plain_facts_get_templates_and_subjects_inferred():
