@@ -156,3 +156,24 @@ def test_hub_id_from_local_cache(tmp_path, saved_dir):
     missing = subprocess.run([PY, "-m", "workbench", "trace", "acme/other", "--text", "x", "--out", str(tmp_path / "o")],
                              capture_output=True, text=True, env=env, timeout=300)
     expect_error(missing, "unknown model spec 'acme/other'", "offline")
+
+
+def test_text_files_written_with_a_byte_order_mark_read_as_without(tmp_path):
+    """Windows editors may start a UTF-8 file with a byte-order mark: it must not become part of the first prompt,
+    fact or study line."""
+    from workbench.circuits.facts import read_facts
+    from workbench.data import read_prompts
+
+    (tmp_path / "p.txt").write_text("Hello there\nSecond\n", encoding="utf-8-sig")
+    assert read_prompts(tmp_path / "p.txt") == ["Hello there", "Second"]
+    (tmp_path / "f.jsonl").write_text('{"prompt": "The capital of France is", "answer": " Paris"}\n',
+                                      encoding="utf-8-sig")
+    assert read_facts(tmp_path / "f.jsonl")[0].prompt == "The capital of France is"
+    from workbench.io import read_structured
+
+    for name, text in (("s.json", '{"name": "x"}'), ("s.yaml", "name: x\n")):
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+        assert read_structured(tmp_path / name)[0] == {"name": "x"}
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(WorkbenchError, match="is not UTF-8 text"):
+        read_structured(tmp_path / "latin1.yaml", "study file")

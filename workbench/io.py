@@ -136,10 +136,12 @@ def clear_stale_temps(folder: str | os.PathLike, names: Iterable[str]) -> None:
 
 
 def read_text(path: str | os.PathLike, what: str = "file") -> str:
-    """A UTF-8 text file's contents; a missing, undecodable or unreadable file is a one-line error naming it."""
+    """A UTF-8 text file's contents, without the byte-order mark some editors write first (it would otherwise start the
+    first prompt or break the first JSON line); a missing, undecodable or unreadable file is a one-line error naming
+    it."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise WorkbenchError(f"{what} {path} does not exist") from None
     except UnicodeDecodeError:
@@ -156,10 +158,7 @@ def read_structured(path: str | os.PathLike, what: str = "file") -> tuple[Any, s
     import yaml
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise WorkbenchError(f"cannot read {what} {path}: {e.strerror}") from None
+    text = read_text(path, what)
     try:
         return (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)), text
     except json.JSONDecodeError as e:
