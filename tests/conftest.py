@@ -49,7 +49,6 @@ def zoo_tokenizer():
     return _tokenizer(tokenizer_dir())
 
 
-
 @pytest.fixture(scope="session")
 def marker_tokenizer():
     """A SentencePiece-style tokenizer as Llama-2's, Mistral's and Mixtral's ``tokenizer.json`` define it (a word

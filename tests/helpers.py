@@ -142,14 +142,6 @@ def assert_clear_routing(lm, prompts, rel: float = 1e-5, what: str = "") -> None
                       "either way; pick other prompts")
 
 
-def clear_prompts(lm, candidates, n: int, rel: float) -> list[str]:
-    """The first ``n`` of ``candidates`` without a routing near-tie at ``rel`` (:func:`routing_ties`)."""
-    tied = {p for p, _, _ in routing_ties(lm, candidates, rel)}
-    out = [c for i, c in enumerate(candidates) if i not in tied][:n]
-    assert len(out) == n, f"only {len(out)} of {len(candidates)} prompts route clear of ties at {rel}"
-    return out
-
-
 def assert_reducers_close(a, b, dtype: torch.dtype = torch.float32, msg: str = ""):
     """Two reducers of one kind fed by computations that differ by rounding agree, field by field.
 
