@@ -233,20 +233,40 @@ def _spaced(prompt: str | None, answer: str | None) -> str | None:
 
 
 def with_spaces(facts: list[Fact]) -> list[Fact]:
-    """Facts whose answer follows a word with no space between them get the space: "The capital of Canada is" and
-    "Ottawa" mean " Ottawa", the token the model predicts there, not "Ottawa" glued to "is" (the same convention
-    as lm-evaluation-harness's target delimiter). Only ASCII letters and digits count as a word's end and start,
-    so "2+2=" and "4", or a Japanese prompt and answer, are left as written. Warns how many were changed."""
-    out = []
+    """Facts in the form the model reads them, the space between prompt and answer at the start of the answer.
+
+    * A prompt that ends in spaces loses them to its answer ("The capital of France is " and "Paris" become
+      "... is" and " Paris"): a tokenizer makes the trailing space a token of its own, after which the model
+      rarely sees a word (lm-evaluation-harness moves it the same way). A given corrupted prompt too.
+    * An answer that follows a word with no space between them gets the space: "The capital of Canada is" and
+      "Ottawa" mean " Ottawa", the token the model predicts there, not "Ottawa" glued to "is" (the same
+      convention as lm-evaluation-harness's target delimiter). Only ASCII letters and digits count as a word's
+      end and start, so "2+2=" and "4", or a Japanese prompt and answer, are left as written.
+
+    Warns how many facts each rule changed.
+    """
+    out, moved, spaced = [], [], []
     for f in facts:
-        answer = _spaced(f.prompt, f.answer)
-        corrupted = _spaced(f.corrupted_prompt or f.prompt, f.corrupted_answer)
-        out.append(f if (answer, corrupted) == (f.answer, f.corrupted_answer)
-                   else replace(f, answer=answer, corrupted_answer=corrupted))
-    changed = [f for f, g in zip(facts, out) if f is not g]
-    if changed:
-        warnings.warn(f"{len(changed)} of {len(facts)} facts have an answer with no space before it after a prompt "
-                      f"that ends in a word (e.g. {changed[0].answer!r} after {changed[0].prompt!r}); read with the "
+        g = f
+        if f.prompt.endswith(" ") and f.prompt.strip():
+            trim = lambda a: a if not a or not a.strip() else " " + a.lstrip(" ")  # noqa: E731
+            g = replace(g, prompt=f.prompt.rstrip(" "), answer=trim(f.answer),
+                        corrupted_prompt=f.corrupted_prompt.rstrip(" ") if f.corrupted_prompt else f.corrupted_prompt,
+                        corrupted_answer=trim(f.corrupted_answer))
+            moved.append(f)
+        answer = _spaced(g.prompt, g.answer)
+        corrupted = _spaced(g.corrupted_prompt or g.prompt, g.corrupted_answer)
+        if (answer, corrupted) != (g.answer, g.corrupted_answer):
+            g = replace(g, answer=answer, corrupted_answer=corrupted)
+            spaced.append(f)
+        out.append(g)
+    if moved:
+        warnings.warn(f"{len(moved)} of {len(facts)} facts have a prompt that ends in a space (e.g. "
+                      f"{moved[0].prompt!r}); the space is read as the start of the answer, as the model would "
+                      "predict it", stacklevel=3)
+    if spaced:
+        warnings.warn(f"{len(spaced)} of {len(facts)} facts have an answer with no space before it after a prompt "
+                      f"that ends in a word (e.g. {spaced[0].answer!r} after {spaced[0].prompt!r}); read with the "
                       "space, as the model would predict it", stacklevel=3)
     return out
 
@@ -255,8 +275,8 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
     """Tokenise facts and choose each one's corrupted prompt (given, swapped subject, swapped entity, or mean
     baseline).
 
-    Facts without a subject first get one (and a relation) from :func:`infer_templates`. An answer written
-    without the space before it, after a prompt that ends in a word, is read with it (:func:`with_spaces`).
+    Facts without a subject first get one (and a relation) from :func:`infer_templates`. The space between a
+    prompt and its answer is read as the start of the answer (:func:`with_spaces`).
     """
     out = []
     facts = with_spaces(facts)

@@ -551,9 +551,10 @@ def test_answers_are_the_tokens_that_follow_the_prompt(marker_tokenizer, zoo_tok
         [zoo_tokenizer(f.answer, add_special_tokens=False).input_ids[0] for f in facts]
 
 
-def test_answers_written_without_their_space_are_read_with_it(zoo_tokenizer):
+def test_the_space_between_prompt_and_answer_starts_the_answer(zoo_tokenizer):
     """ "Ottawa" after "The capital of Canada is" means the token " Ottawa" (what the model predicts there), with a
-    warning; an answer after a prompt that ends in a non-word character, or in a script without spaces, stays."""
+    warning; an answer after a prompt that ends in a non-word character, or in a script without spaces, stays. A
+    prompt's trailing space moves to its answer."""
     spaced = [Fact("The capital of Canada is", " Ottawa"), Fact("The capital of Kenya is", " Nairobi"),
               Fact("2+2=", "4"), Fact("日本の首都は", "東京")]
     bare = [Fact("The capital of Canada is", "Ottawa"), Fact("The capital of Kenya is", "Nairobi", None, "Ottawa"),
@@ -567,6 +568,14 @@ def test_answers_written_without_their_space_are_read_with_it(zoo_tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare(zoo_tokenizer, spaced)  # written with the space: no warning
+    # a prompt that ends in a space gives it to the answer (it would otherwise be a token of its own)
+    trailing = [Fact("The capital of Canada is ", "Ottawa"), Fact("The capital of Kenya is  ", " Nairobi"),
+                Fact("2+2= ", "4")]
+    with pytest.warns(UserWarning, match="3 of 3 facts have a prompt that ends in a space"):
+        got = prepare(zoo_tokenizer, trailing)
+    assert [(p.fact.prompt, p.fact.answer) for p in got] == [("The capital of Canada is", " Ottawa"),
+                                                             ("The capital of Kenya is", " Nairobi"), ("2+2=", " 4")]
+    assert [p.ids for p in got[:2]] == [p.ids for p in want[:2]] and got[0].answer_id == want[0].answer_id
 
 
 def test_plain_facts_get_templates_and_subjects_inferred():
