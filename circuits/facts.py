@@ -123,10 +123,11 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def _first_token(tokenizer, prompt: str, text: str) -> int:
+def _first_token(tokenizer, prompt: str, text: str, head: list[int] | None = None) -> int:
     """The first token of the answer ``text`` as it follows ``prompt`` (``runner.continuation_ids``: a SentencePiece
-    tokenizer would make a lone word marker the first token of every answer tokenised on its own)."""
-    ids = continuation_ids(tokenizer, prompt, [text])[0]
+    tokenizer would make a lone word marker the first token of every answer tokenised on its own); ``head``: the
+    prompt's ids, where known."""
+    ids = continuation_ids(tokenizer, prompt, [text], head)[0]
     if not ids:
         raise WorkbenchError(f"answer {text!r} has no tokens")
     return int(ids[0])
@@ -232,6 +233,11 @@ def _spaced(prompt: str | None, answer: str | None) -> str | None:
     return answer
 
 
+def _leading_space(answer: str | None) -> str | None:
+    """``answer`` starting with exactly one space (an empty or all-space answer as it is)."""
+    return answer if not answer or not answer.strip() else " " + answer.lstrip(" ")
+
+
 def with_spaces(facts: list[Fact]) -> list[Fact]:
     """Facts in the form the model reads them, the space between prompt and answer at the start of the answer.
 
@@ -249,10 +255,9 @@ def with_spaces(facts: list[Fact]) -> list[Fact]:
     for f in facts:
         g = f
         if f.prompt.endswith(" ") and f.prompt.strip():
-            trim = lambda a: a if not a or not a.strip() else " " + a.lstrip(" ")  # noqa: E731
-            g = replace(g, prompt=f.prompt.rstrip(" "), answer=trim(f.answer),
+            g = replace(g, prompt=f.prompt.rstrip(" "), answer=_leading_space(f.answer),
                         corrupted_prompt=f.corrupted_prompt.rstrip(" ") if f.corrupted_prompt else f.corrupted_prompt,
-                        corrupted_answer=trim(f.corrupted_answer))
+                        corrupted_answer=_leading_space(f.corrupted_answer))
             moved.append(f)
         answer = _spaced(g.prompt, g.answer)
         corrupted = _spaced(g.corrupted_prompt or g.prompt, g.corrupted_answer)
@@ -284,9 +289,11 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
     pool = None
     flags = [a is not b for a, b in zip(facts, inferred)]
     facts = inferred
-    answers = [_first_token(tokenizer, f.prompt, f.answer) for f in facts]  # each once: the swap search reads them
+    prompts = [_encode(tokenizer, f.prompt) for f in facts]
+    # each answer once: the swap search reads them
+    answers = [_first_token(tokenizer, f.prompt, f.answer, ids) for f, ids in zip(facts, prompts)]
     for i, f in enumerate(facts):
-        ids = _encode(tokenizer, f.prompt)
+        ids = prompts[i]
         if not ids:
             raise WorkbenchError(f"fact {i}: the prompt has no tokens")
         answer = answers[i]

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from workbench.tracing.capture import Capture
 from workbench.tracing.reducers import Payload
-from workbench.tracing.runner import tokenize
+from workbench.tracing.runner import pad_token, tokenize
 from workbench.tracing.sites import Site
 
 
@@ -66,7 +66,7 @@ def forward_batches(lm, tokens: Tokens, sinks: dict[Site, list], *, batch_size: 
                     prompt_order: Sequence[int] | None = None, meters: Sequence = (), progress: bool = False,
                     desc: str = "") -> Iterator[torch.Tensor]:
     """Run the prompts (in ``prompt_order``, default all) with capture installed; yield each batch's grid [B, T]."""
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad = pad_token(lm.tokenizer)
     order = list(range(len(tokens.ids))) if prompt_order is None else list(prompt_order)
     offsets = tokens.offsets.tolist()
     device = lm.device

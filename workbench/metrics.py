@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from workbench.data import DATA_DIR
 from workbench.errors import WorkbenchError
 from workbench.tasks import choice_scores
-from workbench.tracing.runner import batch_members, padded
+from workbench.tracing.runner import batch_members, pad_token, padded
 
 METRICS = ("perplexity", "accuracy", "sink", "massive", "kl", "generations", "passkey", "override", "label_copy",
            "recall")
@@ -57,7 +57,7 @@ def _batches(lm, texts: Sequence[str], size: int, pad: int | None = None, left: 
         if not x:
             raise WorkbenchError(f"{what} {i} ({texts[i]!r}) tokenizes to nothing")
     if pad is None:
-        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        pad = pad_token(lm.tokenizer)
     for members in batch_members(torch.tensor([len(x) for x in ids], dtype=torch.int64), size):
         rows = members.tolist()
         input_ids, mask = padded([ids[i] for i in rows], pad, left=left)

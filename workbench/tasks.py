@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.tracing.runner import continuation_ids, padded
+from workbench.tracing.runner import continuation_ids, pad_token, padded
 
 CONTEXT_TASKS = ("passkey", "override", "label_copy")
 TASKS = CONTEXT_TASKS + ("recall",)
@@ -172,7 +172,7 @@ def option_logprobs(lm, choices: Sequence, batch_size: int = 8) -> list[list[flo
     if batch_size < 1:
         raise WorkbenchError("batch size must be at least 1")
     prompts = [tok(c.prompt)["input_ids"] for c in choices]
-    options = [continuation_ids(tok, c.prompt, c.options) for c in choices]
+    options = [continuation_ids(tok, c.prompt, c.options, head=p) for c, p in zip(choices, prompts)]
     for i, (c, p, opts) in enumerate(zip(choices, prompts, options)):
         if not p:
             raise WorkbenchError(f"choice item {i}: its prompt {c.prompt!r} tokenizes to nothing")
@@ -217,7 +217,7 @@ def _selectable(cache) -> bool:
 def _score_batch(lm, prompts: list[list[int]], options: list[list[list[int]]]) -> list[list[float]] | None:
     """Each option's summed log-probability after its prompt; None where several prompts cannot share the batch
     (see :func:`_selectable`)."""
-    device, pad = lm.device, lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    device, pad = lm.device, pad_token(lm.tokenizer)
     lengths = [len(p) for p in prompts]
     ids, mask = padded(prompts, pad)
     B = ids.shape[0]

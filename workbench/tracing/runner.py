@@ -130,7 +130,8 @@ def tokenize(lm: LoadedModel, prompts: Sequence[str], max_tokens: int | None = N
     return out
 
 
-def continuation_ids(tokenizer, prompt: str, texts: Sequence[str]) -> list[list[int]]:
+def continuation_ids(tokenizer, prompt: str, texts: Sequence[str],
+                     head: Sequence[int] | None = None) -> list[list[int]]:
     """Each of ``texts`` in token ids as it follows ``prompt`` (an answer, an option): the tokens of
     ``prompt + text`` after those of ``prompt``.
 
@@ -138,9 +139,10 @@ def continuation_ids(tokenizer, prompt: str, texts: Sequence[str]) -> list[list[
     prepend a word marker (Llama-2's, Mistral's and Mixtral's) turn " Paris" alone into ``['▁', '▁Paris']``,
     and ``'▁'`` is the first token of every answer with a leading space. Where the prompt's tokens are not a
     prefix of the whole's (a merge across the boundary, a tokenizer that appends a token), or the text adds
-    no token after them, the text is tokenised on its own.
+    no token after them, the text is tokenised on its own. ``head``: the prompt's token ids, where the caller
+    has them already.
     """
-    head = list(tokenizer(prompt)["input_ids"])
+    head = list(tokenizer(prompt)["input_ids"] if head is None else head)
     wholes = tokenizer([prompt + t for t in texts])["input_ids"] if texts else []
     out = []
     for text, whole in zip(texts, wholes):
@@ -177,6 +179,11 @@ def batch_members(lengths: torch.Tensor, batch_size: int, by_length: bool = True
         idx = idx[torch.argsort(lengths[idx], stable=True)]
         out += [idx[s:s + batch_size].sort().values for s in range(0, idx.numel(), batch_size)]
     return out
+
+
+def pad_token(tokenizer) -> int:
+    """The id that fills padded positions (masked, never read): the tokenizer's pad token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def padded(seqs: Sequence[Sequence[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,7 +286,7 @@ def trace(
     extra = sinks or {}
     sinks = {s: [*table[s].values(), *extra.get(s, []), *([dump.sink(s)] if dump else [])] for s in sites}
     grouped = _group_experts(lm, sites, factories, extra, dump, table, sinks)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad = pad_token(lm.tokenizer)
     device = lm.device
     in_batch = batch_members(lengths, batch_size, by_length and dump is None)  # the prompts of each batch
     order = torch.cat(in_batch) if in_batch else torch.zeros(0, dtype=torch.int64)  # every prompt, batch after batch
