@@ -206,9 +206,11 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
             "metric_full": ev["metric_full"], "metric_corrupted": ev["metric_corrupted"], "metric_circuit": c["metric"],
             "evaluation_seconds": round(time.perf_counter() - t0, 3),
         }
-        for p, m_full, m_circ, rank in zip(prepared, ev["per_fact"]["metric_full"], ev["per_fact"]["metric_circuit"],
-                                           ev["per_fact"]["rank_full"]):
-            p.extra.update(logit_diff_full=m_full, logit_diff_circuit=m_circ, answer_rank_full=rank)
+        per = ev["per_fact"]
+        for p, m_full, m_circ, r_full, r_circ in zip(prepared, per["metric_full"], per["metric_circuit"],
+                                                     per["rank_full"], per["rank_circuit"]):
+            p.extra.update(logit_diff_full=m_full, logit_diff_circuit=m_circ, answer_rank_full=r_full,
+                           answer_rank_circuit=r_circ)
     if groups and o.evaluate:
         t0 = time.perf_counter()
         relations = per_relation(lm, prepared, graph, scores, groups, mask, SELECTIONS[o.selection], o)

@@ -173,19 +173,16 @@ def evaluate(lm, prepared: list[Prepared], graph: Graph, circuits: dict[str, tor
     bs = batches(prepared, batch_size, pad_id(lm.tokenizer), lm.device)
     n = len(prepared)
     metric = {k: torch.zeros(n, dtype=torch.float64) for k in ["full", "corrupted", *circuits]}
-    hit = {k: torch.zeros(n, dtype=torch.bool) for k in metric}
-    rank = torch.zeros(n, dtype=torch.long)
+    rank = {k: torch.zeros(n, dtype=torch.long) for k in metric}  # the answer's rank (0: the top logit)
     with GraphRunner(lm.model, lm.adapter, graph) as runner:
         means = sender_means(runner, bs, S, d) if any(p.corrupted_ids is None for p in prepared) else None
         for b in bs:
-            B, T = b.ids.shape
             idx = torch.tensor(b.index)
             mean_resid = mean_residuals(runner, b, S, P, d, means, store)
             logits = last_logits(lm, runner.forward(b.ids), b.last)
             fill_runner_up(prepared, b.index, logits)
             b.corrupted_answer = torch.tensor([prepared[j].corrupted_answer_id for j in b.index], device=lm.device)
-            _record(metric, hit, "full", idx, logits, b)
-            rank[idx] = (logits > logits[torch.arange(B, device=logits.device), b.answer][:, None]).sum(-1).cpu()
+            _record(metric, rank, "full", idx, logits, b)
             corr_acts, corr_resid, corr_hidden = corrupted_run(runner, b, S, P, d, means, mean_resid,
                                                                want_resid=True, dtype=store)
             cur = None if lean else torch.zeros_like(corr_acts)
@@ -207,29 +204,30 @@ def evaluate(lm, prepared: list[Prepared], graph: Graph, circuits: dict[str, tor
                     b.mean[:, None], empty, last_logits(lm, corr_hidden, b.last))
             else:
                 corr_logits = last_logits(lm, corr_hidden, b.last)
-            _record(metric, hit, "corrupted", idx, corr_logits, b)
+            _record(metric, rank, "corrupted", idx, corr_logits, b)
             for name, mask in circuits.items():
-                _record(metric, hit, name, idx, last_logits(lm, patched(mask), b.last), b)
+                _record(metric, rank, name, idx, last_logits(lm, patched(mask), b.last), b)
             del corr_acts, corr_resid, cur, mean_resid, patched
     full, corr = float(metric["full"].sum()), float(metric["corrupted"].sum())
+    hit = {k: float((r < 10).double().mean()) for k, r in rank.items()}
     out = {"n_facts": n, "metric_full": full / n, "metric_corrupted": corr / n,
-           "hit_at_10_full": float(hit["full"].float().mean()), "hit_at_1_full": float((rank == 0).float().mean()),
-           "hit_at_10_corrupted": float(hit["corrupted"].float().mean()), "circuits": {}}
+           "hit_at_10_full": hit["full"], "hit_at_1_full": float((rank["full"] == 0).double().mean()),
+           "hit_at_10_corrupted": hit["corrupted"], "circuits": {}}
     for name in circuits:
         m = float(metric[name].sum())
         out["circuits"][name] = {
             "n_edges": int(circuits[name].sum()),
             "metric": m / n,
             "faithfulness": (m - corr) / (full - corr) if full != corr else math.nan,
-            "hit_at_10": float(hit[name].float().mean()),
+            "hit_at_10": hit[name],
         }
-    out["per_fact"] = {"metric_full": metric["full"].tolist(), "metric_corrupted": metric["corrupted"].tolist(),
-                       "rank_full": rank.tolist(),
-                       **{f"metric_{k}": metric[k].tolist() for k in circuits}}
+    out["per_fact"] = {**{f"metric_{k}": metric[k].tolist() for k in metric},
+                       **{f"rank_{k}": rank[k].tolist() for k in rank}}
     return out
 
 
-def _record(metric, hit, key, idx, logits, b) -> None:
+def _record(metric, rank, key, idx, logits, b) -> None:
+    """A run's logit differences and the answer's rank (how many logits exceed its own; Hit@10: rank < 10)."""
     metric[key][idx] = metric_values("logit_diff", logits, b).double().cpu()
-    top = torch.topk(logits, 10, dim=-1).indices
-    hit[key][idx] = (top == b.answer[:, None]).any(-1).cpu()
+    answer = logits.gather(-1, b.answer[:, None])
+    rank[key][idx] = (logits > answer).sum(-1).cpu()

@@ -214,6 +214,29 @@ def test_full_circuit_is_faithful_and_empty_circuit_is_the_corrupted_run(which, 
     assert ev["circuits"]["empty"]["hit_at_10"] == ev["hit_at_10_corrupted"]
 
 
+def test_each_facts_rank_is_its_answers_rank_in_that_run(tiny_llama):
+    """Per fact, the answer's rank (how many logits exceed it) in the full model, the corrupted run and each
+    circuit; Hit@10 is the share of ranks under 10. The full model's ranks are an unhooked forward's (tie-aware:
+    the graph runner's logits agree to 1e-4)."""
+    prepared = prepare(tiny_llama.tokenizer, FACTS)
+    g = build_graph(tiny_llama.model, tiny_llama.adapter)
+    valid = g.valid()
+    circuits = {"full": valid, "empty": torch.zeros_like(valid), "random": select_random(g, 40, seed=0)}
+    ev = evaluate(tiny_llama, prepared, g, circuits, batch_size=4)
+    per = ev["per_fact"]
+    for name in ["full", "corrupted", *circuits]:
+        ranks = per[f"rank_{name}"]
+        assert len(ranks) == len(FACTS) and all(isinstance(r, int) and r >= 0 for r in ranks)
+        hit = ev[f"hit_at_10_{name}"] if name in ("full", "corrupted") else ev["circuits"][name]["hit_at_10"]
+        assert hit == sum(r < 10 for r in ranks) / len(ranks)
+    assert len(set(per["rank_random"])) > 1 or len(set(per["rank_full"])) > 1  # not one constant
+    with torch.no_grad():
+        for p, rank in zip(prepared, per["rank_full"]):
+            logits = tiny_llama.model(torch.tensor([p.ids])).logits[0, -1]
+            answer = logits[p.answer_id]
+            assert int((logits > answer + 1e-4).sum()) <= rank <= int((logits > answer - 1e-4).sum())
+
+
 def test_mean_baseline_full_and_empty(tiny_llama):
     """Facts with no swap partner and no entity to swap in fall back to mean ablation; full/empty still
     bracket it."""
