@@ -11,7 +11,8 @@ line up. Where none is given, one is built by KC's rule: replace the ``subject``
 another fact of the same ``relation`` (with a different answer token) such that the token count is
 unchanged, trying the later facts of the file first. Plain facts (no ``subject``) get their subject and
 relation inferred from the other facts' prompts (:func:`infer_templates`: prompts sharing a template
-differ in one span). Where no such fact exists, the subject is swapped for another **entity** of the
+differ in one span). Where no such fact exists but a built-in fact shares the prompt's template, that fact is
+the partner (:func:`_builtin_swap`). Where none does either, the subject is swapped for another **entity** of the
 same token length: first the subjects of the other facts, then the built-in facts' subjects
 (:func:`entity_pool`); a fact with no subject at all takes the longest pool entity its prompt contains
 as its subject, else its longest run of capitalised words. Only where that fails too does the fact fall back to the **mean-ablation baseline**:
@@ -286,7 +287,7 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
     out = []
     facts = with_spaces(facts)
     inferred = infer_templates(facts)
-    pool = None
+    pool = builtin = None
     flags = [a is not b for a, b in zip(facts, inferred)]
     facts = inferred
     prompts = [_encode(tokenizer, f.prompt) for f in facts]
@@ -309,6 +310,15 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
             continue
         swap = _swap(tokenizer, facts, i, ids, answers)
         if swap is None:
+            builtin = builtin_facts() if builtin is None else builtin
+            borrowed = _builtin_swap(tokenizer, f, ids, answer, builtin)
+            if borrowed is not None:
+                cprompt, cids, ans, template = borrowed
+                if corr_ans is None:
+                    corr_ans, source = ans, "swap"
+                out.append(Prepared(f, ids, cids, answer, corr_ans, "swap", cprompt, source,
+                                    extra={"partner": "built-in", "template": template}))
+                continue
             pool = entity_pool(facts) if pool is None else pool
             extra = {}
             if not f.subject:
@@ -332,6 +342,25 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
         if flag:
             p.extra["inferred"] = {"relation": p.fact.relation, "subject": p.fact.subject}
     return out
+
+
+def _builtin_swap(tokenizer, f: Fact, ids: list[int], answer: int, builtin: list[Fact]):
+    """A swap partner among the built-in facts, for a fact with none among its own: the first whose prompt
+    shares a template with ``f``'s (differs in one span, :func:`_span`'s rule: "The chemical symbol for calcium
+    is" and "... for gold is"), has as many tokens and another answer token. (Its prompt, ids, answer id and
+    the template), or None. The entity swap takes a subject from them too, but keeps no answer to contrast."""
+    words = _WORD.findall(f.prompt)
+    for g in builtin:
+        hit = _span(words, _WORD.findall(g.prompt))
+        if hit is None:
+            continue
+        cids = _encode(tokenizer, g.prompt)
+        if len(cids) != len(ids):
+            continue
+        corrupted = _first_token(tokenizer, g.prompt, g.answer, cids)
+        if corrupted != answer:
+            return g.prompt, cids, corrupted, hit[0]
+    return None
 
 
 def _swap(tokenizer, facts: list[Fact], i: int, ids: list[int], answers: list[int]):
