@@ -150,6 +150,9 @@ def cmd_circuit(args) -> int:
     if m:
         print(f"faithfulness {m['faithfulness']:.3f} (random {m['faithfulness_random']:.3f}); Hit@10 full "
               f"{m['hit_at_10_full']:.3f}, circuit {m['hit_at_10_circuit']:.3f}, random {m['hit_at_10_random']:.3f}")
+        lost = _lost_line(circuit.meta.get("facts", []))
+        if lost:
+            print(lost)
     if m.get("curve"):
         print("faithfulness curve: " + ", ".join(f"{c['fraction']:.1%} {c['faithfulness']:.2f}" for c in m["curve"])
               + (_target_line(circuit.meta["selection"]["target"]) if "target" in circuit.meta["selection"] else ""))
@@ -176,6 +179,19 @@ def _target_line(t: dict) -> str:
         return f"; smallest reaching {goal}: {t['budget']} edges"
     return (f"; none up to {t['max_fraction']:.1%} reaches {goal}: the {t['budget']}-edge circuit, sharpened by "
             "swaps (above)")
+
+
+def _lost_line(facts: list[dict], show: int = 5) -> str:
+    """The facts whose answer the full model ranks in its top 10 and the circuit does not (from each fact's
+    ``answer_rank_full`` and ``answer_rank_circuit``), the first ``show`` of them named; "" when there are none."""
+    lost = [f for f in facts if "answer_rank_circuit" in f and f["answer_rank_full"] < 10 <= f["answer_rank_circuit"]]
+    if not lost:
+        return ""
+    named = "; ".join(f"{f['prompt']!r} -> {f['answer']!r} (rank {f['answer_rank_full']} -> {f['answer_rank_circuit']})"
+                      for f in lost[:show])
+    more = f"; and {len(lost) - show} more" if len(lost) > show else ""
+    return (f"the circuit loses {len(lost)} fact(s) the model has in its top 10 (answer rank full -> circuit): "
+            f"{named}{more}")
 
 
 def _mean_jaccard(overlap: list[dict]) -> float:

@@ -720,6 +720,21 @@ def test_cli_writes_outputs(tmp_path, capsys):
     assert "faithfulness" in capsys.readouterr().out
 
 
+def test_cli_names_the_facts_the_circuit_loses():
+    """The CLI names the facts the full model ranks in its top 10 and the circuit does not, from their ranks."""
+    from workbench.circuits.cli import _lost_line
+
+    def fact(prompt, full, circ):
+        return {"prompt": prompt, "answer": " x", "answer_rank_full": full, "answer_rank_circuit": circ}
+    facts = [fact("kept", 0, 3), fact("lost", 1, 942), fact("never had", 19, 4028), fact("edge", 9, 10)]
+    line = _lost_line(facts)
+    assert line.startswith("the circuit loses 2 fact(s)")
+    assert "'lost' -> ' x' (rank 1 -> 942)" in line and "'edge' -> ' x' (rank 9 -> 10)" in line
+    assert "kept" not in line and "never had" not in line
+    assert _lost_line(facts[:1]) == "" and _lost_line([{"prompt": "p", "answer": " a"}]) == ""
+    assert _lost_line([fact(f"f{i}", 0, 50) for i in range(8)], show=5).endswith("and 3 more")
+
+
 def test_cli_rejects_bad_input_before_loading(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answer": " b"}\nnot json\n')
