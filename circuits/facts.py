@@ -186,11 +186,12 @@ def infer_templates(facts: list[Fact]) -> list[Fact]:
     return out
 
 
-def entity_pool(facts: list[Fact]) -> list[tuple[str, set[str]]]:
+def entity_pool(facts: list[Fact], builtin: list[Fact] | None = None) -> list[tuple[str, set[str]]]:
     """Subjects to swap in where a fact has no partner, each with the answers its facts have: the facts'
-    own subjects, then the built-in facts' (countries, cities, landmarks, elements), in order."""
+    own subjects, then the built-in facts' (countries, cities, landmarks, elements), in order. ``builtin``: the
+    built-in facts, where the caller has read them already."""
     pool: dict[str, tuple[str, set[str]]] = {}
-    for f in [*facts, *builtin_facts()]:
+    for f in [*facts, *(builtin_facts() if builtin is None else builtin)]:
         if f.subject:
             pool.setdefault(f.subject.lower(), (f.subject, set()))[1].add(f.answer.strip().lower())
     return list(pool.values())
@@ -319,7 +320,7 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
                 out.append(Prepared(f, ids, cids, answer, corr_ans, "swap", cprompt, source,
                                     extra={"partner": "built-in", "template": template}))
                 continue
-            pool = entity_pool(facts) if pool is None else pool
+            pool = entity_pool(facts, builtin) if pool is None else pool
             extra = {}
             if not f.subject:
                 found, how = _find_subject(f.prompt, pool), "entity list"

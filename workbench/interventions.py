@@ -57,16 +57,19 @@ QK_OPS = ("mean_qk",)
 OPS = EXPERT_OPS + CHANNEL_OPS + SAE_OPS + HEAD_OPS + QK_OPS
 
 
-def token_text(tokenizer, token_id: int) -> str:
-    """A token's text as it reads inside a text, its leading space included: the decode of an anchor token and
+def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
+    """Each token's text as it reads inside a text, its leading space included: the decode of an anchor token and
     it, less the anchor's. Decoded alone, a SentencePiece token loses its leading space (the decoders of Llama-2,
     Mistral and Mixtral strip a text's first space), so a ``token: " Paris"`` scope would match nothing there."""
-    anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1:]
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1:] if token_ids else []
     if not anchor:
-        return tokenizer.decode([token_id])
+        return [tokenizer.decode([t]) for t in token_ids]
     head = tokenizer.decode(anchor)
-    both = tokenizer.decode(anchor + [token_id])
-    return both[len(head):] if both.startswith(head) else tokenizer.decode([token_id])
+    out = []
+    for t in token_ids:
+        both = tokenizer.decode(anchor + [t])
+        out.append(both[len(head):] if both.startswith(head) else tokenizer.decode([t]))
+    return out
 
 
 @dataclass(frozen=True)
@@ -324,9 +327,8 @@ class Applied(HookSet):
                 chosen = torch.isin(self._prompts, torch.tensor(iv.prompts)).to(keep.device)
                 keep &= chosen[:, None]
         if iv.token is not None:
-            for v in ids.unique().tolist():
-                if v not in self._decoded:
-                    self._decoded[v] = token_text(self.lm.tokenizer, v)
+            new = [v for v in ids.unique().tolist() if v not in self._decoded]
+            self._decoded.update(zip(new, token_texts(self.lm.tokenizer, new)))
             match = torch.tensor([iv.token in self._decoded[v] for v in ids.flatten().tolist()], device=ids.device)
             keep &= match.view(b, t)
         return keep.reshape(-1)
