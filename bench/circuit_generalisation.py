@@ -10,11 +10,12 @@ circuits on) on fact sets, one table.
 Sets: ``builtin``: each built-in relation on its own (annotated, as shipped); ``plain``:
 ``examples/plain_facts.jsonl`` (12 plain facts, 4 relations, written for issue 19's first check);
 ``heldout``: ``examples/heldout_facts.jsonl`` (16 plain facts, 4 relations + 3 loners, written before
-any circuit was run on them and not tuned on afterwards); ``more``: ``examples/heldout_facts_{b,c,d,e,f}.jsonl`` (16
+any circuit was run on them and not tuned on afterwards); ``more``: ``examples/heldout_facts_{b,...,g}.jsonl`` (16
 plain facts each, b-e written on 2026-12-05 while the mean baseline and the swap search were changed: b and c were
 run on the code before those changes, c and d were the sets those changes were diagnosed on, e was written after
-them and run once; f written on 2026-12-06 and run on the code of that day before any change); ``--facts`` adds
-any JSONL file.
+them and run once; f written on 2026-12-06 and run on the code of that day before any change, then the set the
+built-in partners and the neighbour swap were diagnosed on; g written on 2026-12-06 before the neighbour swap,
+run once before it and once after); ``--facts`` adds any JSONL file.
 
 Per set: facts, baselines used, faithfulness and Hit@10 (circuit / full model) at 1 % and 2 % of the
 edges (from the curve, one attribution pass), the smallest curve budget reaching 0.85 with Hit@10 at >= 80 % of
@@ -92,7 +93,7 @@ def row(lm, name: str, facts, selection: str = "fill") -> str:
                                                                      random_seeds=0))
     graph = scores.graph
     plain = prune(graph, SELECTIONS[selection](graph, scores.matrix, half.meta["selection"]["top_edges"]))
-    ev = evaluate(lm, prepare(lm.tokenizer, odd), graph, {"default": mask, "plain": plain})
+    ev = evaluate(lm, prepare(lm.tokenizer, odd, lm.model), graph, {"default": mask, "plain": plain})
     carried = " / ".join(f"{ev['circuits'][k]['faithfulness']:.3f}, {ev['circuits'][k]['hit_at_10']:.2f}"
                          for k in ("default", "plain"))
     return (f"| {name} | {len(facts)} | {base} | {c1['faithfulness']:.3f} | {c1['hit_at_10']:.2f} / {c1['hit_at_10_full']:.2f} "
@@ -124,7 +125,7 @@ def swap_row(lm, name: str, facts, rounds: int) -> str:
             cells += [f"{m['faithfulness']:.3f} / {m['hit_at_10_circuit']:.2f}" for m in ms]
             cells.append(f"{got[1][0].meta['n_edges']} ({kept} kept)")
         else:
-            ev = evaluate(lm, prepare(lm.tokenizer, other), graph, {"fill": got[0][2], "swaps": got[1][2]})
+            ev = evaluate(lm, prepare(lm.tokenizer, other, lm.model), graph, {"fill": got[0][2], "swaps": got[1][2]})
             cells += [f"{ev['circuits'][k]['faithfulness']:.3f} / {ev['circuits'][k]['hit_at_10']:.2f}"
                       for k in ("fill", "swaps")]
             cells.append(f"{ev['hit_at_10_full']:.2f}")
@@ -155,7 +156,7 @@ def main() -> None:
         sets.append(("examples/heldout_facts.jsonl", read_facts(ROOT / "examples" / "heldout_facts.jsonl")))
     if "more" in wanted:
         sets += [(f"examples/heldout_facts_{x}.jsonl", read_facts(ROOT / "examples" / f"heldout_facts_{x}.jsonl"))
-                 for x in "bcdef"]
+                 for x in "bcdefg"]
     sets += [(f, read_facts(f)) for f in args.facts]
     if args.swaps:
         print(f"| facts | n | fill: faithfulness / Hit@10 | --swaps {args.swaps} | edges (rounds kept) | found on even "

@@ -103,13 +103,14 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
     if o.swaps and o.threshold is not None:
         raise WorkbenchError("--swaps keeps the circuit's size: give it with a budget (--top-edges), not --threshold")
     graph = build_graph(lm.model, lm.adapter)
-    prepared = prepare(lm.tokenizer, facts)
+    prepared = prepare(lm.tokenizer, facts, lm.model)
     weak = sum(p.baseline == "mean" for p in prepared)
     if weak * 2 > len(prepared):
         warnings.warn(f"{weak} of {len(prepared)} facts found no subject-swap partner (no other fact shares their "
-                      "prompt template with a different answer) and no subject to swap an entity into, and use the "
-                      "weak mean-ablation baseline; add facts of the same templates, 'subject' or 'corrupted_prompt' "
-                      "fields (per-fact baselines: circuit.json)", stacklevel=2)
+                      "prompt template with a different answer), no word whose neighbour changes the prediction and "
+                      "no subject to swap an entity into, and use the weak mean-ablation baseline; add facts of the "
+                      "same templates, 'subject' or 'corrupted_prompt' fields (per-fact baselines: circuit.json)",
+                      stacklevel=2)
     groups = relation_groups(prepared) if o.per_relation else {}
     if o.store not in STORE_DTYPES:
         raise WorkbenchError(f"unknown storage dtype {o.store!r}; known: {', '.join(STORE_DTYPES)}")

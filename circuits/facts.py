@@ -15,11 +15,17 @@ differ in one span). Where no such fact exists but a built-in fact shares the pr
 the partner (:func:`_builtin_swap`). Where none does either, the subject is swapped for another **entity** of the
 same token length: first the subjects of the other facts, then the built-in facts' subjects
 (:func:`entity_pool`); a fact with no subject at all takes the longest pool entity its prompt contains
-as its subject, else its longest run of capitalised words. Only where that fails too does the fact fall back to the **mean-ablation baseline**:
-every sender's corrupted output is its mean over all tokens of all facts' clean prompts. Each prepared
-fact records which (``baseline``: given, swap, entity or mean).
+as its subject. Given the model, a fact that has found no subject so far swaps one word for its nearest
+neighbour in the model's embeddings that changes the model's prediction (:func:`neighbour_swap`; "The plural
+of foot is" -> "... finger is"): a country put in for a capitalised word ("Iran have four" for "Dogs have
+four") or the mean baseline would read as nonsense. Without the model, or where no neighbour changes the
+prediction, the subject is the prompt's longest run of capitalised words, swapped for a pool entity. Only
+where that fails too does the fact fall back to the **mean-ablation baseline**: every sender's corrupted
+output is its mean over all tokens of all facts' clean prompts. Each prepared fact records which
+(``baseline``: given, swap, neighbour, entity or mean).
 
-Where no corrupted answer is given (and none comes from a swap), it is the clean model's highest
+Where no corrupted answer is given (and none comes from a swap or a neighbour swap: the corrupted prompt's
+top token), it is the clean model's highest
 ranked token other than the answer (the strongest competitor), filled in by
 :func:`fill_runner_up`.
 """
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from torch import nn
 
 from workbench.errors import WorkbenchError
 from workbench.io import read_text
@@ -108,9 +115,9 @@ class Prepared:
     corrupted_ids: list[int] | None  # None: mean baseline
     answer_id: int
     corrupted_answer_id: int | None  # None until fill_runner_up
-    baseline: str  # given, swap or mean
+    baseline: str  # given, swap, neighbour, entity or mean
     corrupted_prompt: str | None = None
-    corrupted_answer_source: str | None = None  # given, swap or runner_up
+    corrupted_answer_source: str | None = None  # given, swap, neighbour or runner_up
     extra: dict = field(default_factory=dict)
 
     def record(self, tokenizer) -> dict:
@@ -278,12 +285,13 @@ def with_spaces(facts: list[Fact]) -> list[Fact]:
     return out
 
 
-def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
-    """Tokenise facts and choose each one's corrupted prompt (given, swapped subject, swapped entity, or mean
-    baseline).
+def prepare(tokenizer, facts: list[Fact], model: nn.Module | None = None) -> list[Prepared]:
+    """Tokenise facts and choose each one's corrupted prompt (given, swapped subject, a word swapped for its
+    neighbour, swapped entity, or mean baseline).
 
     Facts without a subject first get one (and a relation) from :func:`infer_templates`. The space between a
-    prompt and its answer is read as the start of the answer (:func:`with_spaces`).
+    prompt and its answer is read as the start of the answer (:func:`with_spaces`). ``model`` (the causal LM
+    the facts are for) enables the neighbour swap (:func:`neighbour_swap`).
     """
     out = []
     facts = with_spaces(facts)
@@ -324,6 +332,14 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
             extra = {}
             if not f.subject:
                 found, how = _find_subject(f.prompt, pool), "entity list"
+                near = neighbour_swap(model, tokenizer, ids, answer) \
+                    if model is not None and not found and corr_ans is None else None
+                if near is not None:
+                    cids, corr_ans, was, now, sim = near
+                    out.append(Prepared(f, ids, cids, answer, corr_ans, "neighbour",
+                                        tokenizer.decode(cids, skip_special_tokens=True),
+                                        "neighbour", extra={"swapped_word": [was, now], "similarity": round(sim, 3)}))
+                    continue
                 if not found:
                     found, how = _guess_subject(f.prompt), "capitalised words"
                 if found:
@@ -343,6 +359,85 @@ def prepare(tokenizer, facts: list[Fact]) -> list[Prepared]:
         if flag:
             p.extra["inferred"] = {"relation": p.fact.relation, "subject": p.fact.subject}
     return out
+
+
+# Function words (NLTK's English stop words, less the contractions, and "us"): a neighbour swap changes a content word,
+# and a function word is no counterfactual answer ("The capital of Moroccan is" -> " the").
+STOPWORDS = frozenset("""a about above after again against all am an and any are as at be because been before being
+below between both but by can did do does doing don down during each few for from further had has have having he her
+here hers herself him himself his how i if in into is it its itself just me more most my myself no nor not now of
+off on once only or other our ours ourselves out over own same she should so some such than that the their theirs
+them themselves then there these they this those through to too under until up very was we were what when where
+which while who whom why will with you your yours yourself yourselves us""".split())
+_ALPHA_WORD = re.compile(r" ?[A-Za-z]{2,}")
+NEIGHBOURS = 16  # candidate replacements per word, nearest first
+
+
+def _word(text: str) -> bool:
+    """A token text that is a content word (letters only, its leading space allowed, no stop word)."""
+    return bool(_ALPHA_WORD.fullmatch(text)) and text.strip().lower() not in STOPWORDS
+
+
+@torch.no_grad()
+def neighbour_swap(model: nn.Module, tokenizer, ids: list[int], answer: int, neighbours: int = NEIGHBOURS,
+                   batch_size: int = 64):
+    """A corrupted prompt for a fact with no partner: one of its words swapped for a neighbour that changes what
+    the model predicts (symmetric token replacement, with the replacement chosen by the model).
+
+    Candidates: each whole-word content token of the prompt (a token that starts and ends a word, no stop word)
+    replaced by its ``neighbours`` nearest tokens by cosine similarity of the model's input embeddings (same
+    leading space and capitalisation, letters only: "foot" -> "hand", "finger"; "Thursday" -> "Monday"). One
+    forward of the prompt and all candidates; the chosen one is the most similar replacement after which the
+    model's top token ``c`` is a content word other than the answer (another spelling of it included) that starts
+    a word where the answer does (not the rest of a swapped-in word piece: "zero deg" -> "rees"), which the clean
+    prompt ranks below the answer: the two runs disagree on the pair (answer, ``c``), and ``c`` is the
+    corrupted answer. Returns (corrupted ids, ``c``, the word, its replacement, their similarity), or None.
+    """
+    from workbench.interventions import token_texts
+
+    texts = token_texts(tokenizer, ids)
+    embed = model.get_input_embeddings().weight
+    norms = torch.linalg.vector_norm(embed, dim=-1, dtype=torch.float32).clamp(min=1e-12)
+    rows, meta = [], []
+    for p, (t, text) in enumerate(zip(ids, texts)):
+        starts = p == 0 or text.startswith(" ") or not texts[p - 1][-1:].isalnum()
+        ends = p == len(ids) - 1 or not texts[p + 1][:1].isalnum()
+        if not (_word(text) and starts and ends):
+            continue
+        sims = (embed @ embed[t]).float() / (norms * norms[t])  # cosine, in the embeddings' dtype (no float copy)
+        sims[t] = -2
+        order = sims.topk(min(neighbours * 8, sims.numel())).indices.tolist()
+        kept = 0
+        for n, ntext in zip(order, token_texts(tokenizer, order)):
+            if (ntext[:1] == " ") != (text[:1] == " ") or not _word(ntext) or ntext.strip().lower() == \
+                    text.strip().lower() or ntext.strip()[0].isupper() != text.strip()[0].isupper():
+                continue
+            rows.append(ids[:p] + [n] + ids[p + 1:])
+            meta.append((float(sims[n]), text.strip(), ntext.strip()))
+            kept += 1
+            if kept == neighbours:
+                break
+    if not rows:
+        return None
+    device = embed.device
+    grid = [ids] + rows
+    logits = torch.cat([model(input_ids=torch.tensor(grid[i:i + batch_size], device=device)).logits[:, -1].float()
+                        for i in range(0, len(grid), batch_size)]).cpu()
+    clean, tops = logits[0], logits[1:].argmax(-1).tolist()
+    answer_text = token_texts(tokenizer, [answer])[0]
+    best = None
+    for r, top in enumerate(tops):
+        if top == answer or clean[top] >= clean[answer] or (best is not None and meta[r][0] <= meta[best[0]][0]):
+            continue
+        text = token_texts(tokenizer, [top])[0]
+        if _word(text) and text.strip().lower() != answer_text.strip().lower() and \
+                (text[:1] == " ") == (answer_text[:1] == " "):
+            best = (r, top)
+    if best is None:
+        return None
+    r, top = best
+    sim, was, now = meta[r]
+    return rows[r], top, was, now, sim
 
 
 def _builtin_swap(tokenizer, f: Fact, ids: list[int], answer: int, builtin: list[Fact]):

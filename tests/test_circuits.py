@@ -685,9 +685,93 @@ def test_a_fact_without_a_partner_borrows_a_builtin_one(zoo_tokenizer):
     assert "partner" not in prepared[3].extra and prepared[4].corrupted_ids is None
 
 
+class _Planted(torch.nn.Module):
+    """Input embeddings and last-position logits planted for the neighbour swap. Nearest to " foot" (cosine):
+    " hand" 0.95, " singular" 0.9 (and 0.9 to " plural"), " finger" 0.85, " toe" 0.75; every other token is a
+    random direction (|cos| < 0.35 in 256 dimensions). The last position's logits are the clean ones (" feet"
+    10, " fingers" ``fingers``, " toes" 5, " the" 1) unless the row holds a planted word: " hand" keeps " feet" on
+    top, " singular" puts " the" there, " finger" " fingers", " toe" " toes"."""
+
+    def __init__(self, tokenizer, fingers: float = 5.0):
+        super().__init__()
+        self.id = {w: tokenizer(w, add_special_tokens=False)["input_ids"][0]
+                   for w in (" foot", " hand", " singular", " plural", " finger", " toe", " feet", " fingers", " toes",
+                             " the")}
+        g = torch.Generator().manual_seed(0)
+        e = torch.nn.functional.normalize(torch.randn(len(tokenizer), 256, generator=g), dim=-1)
+        for word, cos, of in ((" hand", 0.95, " foot"), (" finger", 0.85, " foot"), (" toe", 0.75, " foot"),
+                              (" singular", 0.9, " foot"), (" plural", 0.9, " singular")):
+            a, b = e[self.id[of]], e[self.id[word]]
+            b = torch.nn.functional.normalize(b - (a @ b) * a, dim=0)  # orthogonal to a: the cosine is exact
+            e[self.id[word]] = cos * a + (1 - cos ** 2) ** 0.5 * b
+        self.embed = torch.nn.Embedding.from_pretrained(e)
+        self.clean = torch.zeros(len(tokenizer))
+        for word, v in ((" feet", 10.0), (" fingers", fingers), (" toes", 5.0), (" the", 1.0)):
+            self.clean[self.id[word]] = v
+        self.rule = {" hand": " feet", " singular": " the", " finger": " fingers", " toe": " toes"}
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids):
+        out = self.clean.repeat(input_ids.shape[0], input_ids.shape[1], 1)
+        for b, row in enumerate(input_ids.tolist()):
+            for word, top in self.rule.items():
+                if self.id[word] in row:
+                    out[b, -1, self.id[top]] = 20.0
+        return type("Out", (), {"logits": out})()
+
+
+def test_a_loner_swaps_a_word_for_its_nearest_neighbour_that_changes_the_prediction(zoo_tokenizer):
+    """A fact with no partner, no pool entity and no name (it took the mean baseline) swaps one word for the most
+    similar token after which the model predicts another content word, one the clean prompt ranks below the answer:
+    " finger" (0.85), not " hand" (0.95, the model still says " feet") nor " singular" (0.9, the model then says
+    " the", a stop word). Where the clean prompt already prefers " fingers", the next one (" toe") is taken; where
+    no neighbour qualifies, or without the model, the fact keeps the mean baseline."""
+    fact = Fact("The plural of foot is", " feet")
+    model = _Planted(zoo_tokenizer)
+    ids = list(zoo_tokenizer(fact.prompt)["input_ids"])
+    (p,) = prepare(zoo_tokenizer, [fact], model)
+    foot = ids.index(model.id[" foot"])
+    assert p.baseline == "neighbour" and p.corrupted_answer_source == "neighbour"
+    assert p.corrupted_ids == ids[:foot] + [model.id[" finger"]] + ids[foot + 1:]
+    assert p.corrupted_answer_id == model.id[" fingers"] and p.corrupted_prompt == "The plural of finger is"
+    rec = p.record(zoo_tokenizer)
+    assert rec["swapped_word"] == ["foot", "finger"] and rec["similarity"] == pytest.approx(0.85, abs=0.02)
+    assert rec["corrupted_answer"] == " fingers"
+    (p,) = prepare(zoo_tokenizer, [fact], _Planted(zoo_tokenizer, fingers=11.0))
+    assert p.extra["swapped_word"] == ["foot", "toe"] and p.corrupted_answer_id == model.id[" toes"]
+    stuck = _Planted(zoo_tokenizer)
+    stuck.rule = {" hand": " feet", " singular": " the", " finger": " the", " toe": " feet"}
+    assert prepare(zoo_tokenizer, [fact], stuck)[0].baseline == "mean"
+    assert prepare(zoo_tokenizer, [fact])[0].baseline == "mean"
+    given = Fact("The plural of foot is", " feet", corrupted_answer=" toes")  # a given contrast is not replaced
+    assert prepare(zoo_tokenizer, [given], model)[0].baseline == "mean"
+
+
+def test_smollm2_neighbour_swaps_are_counterfactuals(smollm2):
+    """On the real model, whatever neighbour is chosen: the corrupted prompt differs from the prompt in one token,
+    the model's top token after it is the corrupted answer (tie-aware, unbatched forward), and the clean prompt
+    ranks the answer above the corrupted answer."""
+    facts = [Fact("The plural of foot is", " feet"), Fact("A baby sheep is called a", " lamb"),
+             Fact("Spiders have eight", " legs")]
+    prepared = prepare(smollm2.tokenizer, facts, smollm2.model)
+    assert [p.baseline for p in prepared].count("neighbour") >= 2
+    with torch.no_grad():
+        for p in prepared:
+            if p.baseline != "neighbour":
+                continue
+            assert sum(a != b for a, b in zip(p.ids, p.corrupted_ids)) == 1 and len(p.ids) == len(p.corrupted_ids)
+            corrupted = smollm2.model(torch.tensor([p.corrupted_ids])).logits[0, -1]
+            clean = smollm2.model(torch.tensor([p.ids])).logits[0, -1]
+            assert corrupted[p.corrupted_answer_id] >= corrupted.max() - 1e-4
+            assert clean[p.answer_id] > clean[p.corrupted_answer_id] + 1e-4
+            assert p.extra["swapped_word"][0] in p.fact.prompt and p.extra["swapped_word"][1] in p.corrupted_prompt
+
+
 def test_mostly_mean_baselines_warn(tiny_llama):
-    lonely = [Fact("a dog has four", " legs"), Fact("water boils at one hundred", " degrees"),
-              Fact("the sun rises in the", " east")]
+    """Loners with no word to swap (digits and signs: no template, no name, no neighbour) keep the mean baseline."""
+    lonely = [Fact("1 2 3", " 4"), Fact("10 20 30", " 40"), Fact("2 + 2 =", " 4")]
     with pytest.warns(UserWarning, match="3 of 3 facts found no subject-swap partner"):
         find_circuit(tiny_llama, lonely, CircuitOptions(steps=1, progress=False, random_seeds=1))
 
