@@ -190,7 +190,8 @@ def child(args) -> dict:
             "mb_per_token": (peak - base) / tokens / 2**20, "x_floor": (peak - base) / tokens / floor,
             "floor_mb": floor / 2**20, "tokens": tokens,
             "threads": torch.get_num_threads(), "edges": scores.graph.n_edges,
-            "baselines": {k: sum(p.baseline == k for p in prepared) for k in ("swap", "given", "entity", "mean")}}
+            "baselines": {k: sum(p.baseline == k for p in prepared)
+                          for k in ("swap", "given", "neighbour", "entity", "mean")}}
 
 
 def main() -> None:

@@ -686,29 +686,29 @@ def test_a_fact_without_a_partner_borrows_a_builtin_one(zoo_tokenizer):
 
 
 class _Planted(torch.nn.Module):
-    """Input embeddings and last-position logits planted for the neighbour swap. Nearest to " foot" (cosine):
-    " hand" 0.95, " singular" 0.9 (and 0.9 to " plural"), " finger" 0.85, " toe" 0.75; every other token is a
-    random direction (|cos| < 0.35 in 256 dimensions). The last position's logits are the clean ones (" feet"
-    10, " fingers" ``fingers``, " toes" 5, " the" 1) unless the row holds a planted word: " hand" keeps " feet" on
-    top, " singular" puts " the" there, " finger" " fingers", " toe" " toes"."""
+    """Input embeddings and last-position logits planted for the neighbour swap. Nearest to " gold" (cosine):
+    " silver" 0.95, " copper" 0.9 (and 0.9 to " symbol"), " iron" 0.85, " tin" 0.75; every other token is a random
+    direction (|cos| < 0.35 in 256 dimensions). The last position's logits are the clean ones (" Au" 10, " Fe"
+    ``fe``, " Sn" 5, " the" 1) unless the row holds a planted word: " silver" keeps " Au" on top, " copper" puts
+    " the" there, " iron" " Fe", " tin" " Sn"."""
 
-    def __init__(self, tokenizer, fingers: float = 5.0):
+    def __init__(self, tokenizer, fe: float = 5.0):
         super().__init__()
-        self.id = {w: tokenizer(w, add_special_tokens=False)["input_ids"][0]
-                   for w in (" foot", " hand", " singular", " plural", " finger", " toe", " feet", " fingers", " toes",
-                             " the")}
+        words = (" gold", " silver", " copper", " symbol", " iron", " tin", " Au", " Fe", " Sn", " the")
+        # the last id: a SentencePiece-style tokenizer reads " gold" alone as "▁", "▁gold"
+        self.id = {w: tokenizer(w, add_special_tokens=False)["input_ids"][-1] for w in words}
         g = torch.Generator().manual_seed(0)
         e = torch.nn.functional.normalize(torch.randn(len(tokenizer), 256, generator=g), dim=-1)
-        for word, cos, of in ((" hand", 0.95, " foot"), (" finger", 0.85, " foot"), (" toe", 0.75, " foot"),
-                              (" singular", 0.9, " foot"), (" plural", 0.9, " singular")):
+        for word, cos, of in ((" silver", 0.95, " gold"), (" iron", 0.85, " gold"), (" tin", 0.75, " gold"),
+                              (" copper", 0.9, " gold"), (" symbol", 0.9, " copper")):
             a, b = e[self.id[of]], e[self.id[word]]
             b = torch.nn.functional.normalize(b - (a @ b) * a, dim=0)  # orthogonal to a: the cosine is exact
             e[self.id[word]] = cos * a + (1 - cos ** 2) ** 0.5 * b
         self.embed = torch.nn.Embedding.from_pretrained(e)
         self.clean = torch.zeros(len(tokenizer))
-        for word, v in ((" feet", 10.0), (" fingers", fingers), (" toes", 5.0), (" the", 1.0)):
+        for word, v in ((" Au", 10.0), (" Fe", fe), (" Sn", 5.0), (" the", 1.0)):
             self.clean[self.id[word]] = v
-        self.rule = {" hand": " feet", " singular": " the", " finger": " fingers", " toe": " toes"}
+        self.rule = {" silver": " Au", " copper": " the", " iron": " Fe", " tin": " Sn"}
 
     def get_input_embeddings(self):
         return self.embed
@@ -722,31 +722,37 @@ class _Planted(torch.nn.Module):
         return type("Out", (), {"logits": out})()
 
 
-def test_a_loner_swaps_a_word_for_its_nearest_neighbour_that_changes_the_prediction(zoo_tokenizer):
+@pytest.mark.parametrize("tok", ["zoo_tokenizer", "marker_tokenizer"])
+def test_a_loner_swaps_a_word_for_its_nearest_neighbour_that_changes_the_prediction(tok, request):
     """A fact with no partner, no pool entity and no name (it took the mean baseline) swaps one word for the most
     similar token after which the model predicts another content word, one the clean prompt ranks below the answer:
-    " finger" (0.85), not " hand" (0.95, the model still says " feet") nor " singular" (0.9, the model then says
-    " the", a stop word). Where the clean prompt already prefers " fingers", the next one (" toe") is taken; where
-    no neighbour qualifies, or without the model, the fact keeps the mean baseline."""
-    fact = Fact("The plural of foot is", " feet")
-    model = _Planted(zoo_tokenizer)
-    ids = list(zoo_tokenizer(fact.prompt)["input_ids"])
-    (p,) = prepare(zoo_tokenizer, [fact], model)
-    foot = ids.index(model.id[" foot"])
-    assert p.baseline == "neighbour" and p.corrupted_answer_source == "neighbour"
-    assert p.corrupted_ids == ids[:foot] + [model.id[" finger"]] + ids[foot + 1:]
-    assert p.corrupted_answer_id == model.id[" fingers"] and p.corrupted_prompt == "The plural of finger is"
-    rec = p.record(zoo_tokenizer)
-    assert rec["swapped_word"] == ["foot", "finger"] and rec["similarity"] == pytest.approx(0.85, abs=0.02)
-    assert rec["corrupted_answer"] == " fingers"
-    (p,) = prepare(zoo_tokenizer, [fact], _Planted(zoo_tokenizer, fingers=11.0))
-    assert p.extra["swapped_word"] == ["foot", "toe"] and p.corrupted_answer_id == model.id[" toes"]
-    stuck = _Planted(zoo_tokenizer)
-    stuck.rule = {" hand": " feet", " singular": " the", " finger": " the", " toe": " feet"}
-    assert prepare(zoo_tokenizer, [fact], stuck)[0].baseline == "mean"
-    assert prepare(zoo_tokenizer, [fact])[0].baseline == "mean"
-    given = Fact("The plural of foot is", " feet", corrupted_answer=" toes")  # a given contrast is not replaced
-    assert prepare(zoo_tokenizer, [given], model)[0].baseline == "mean"
+    " iron" (0.85), not " silver" (0.95, the model still says " Au") nor " copper" (0.9, the model then says
+    " the", a stop word). Where the clean prompt already prefers " Fe", the next one (" tin") is taken; where no
+    neighbour qualifies, or without the model, the fact keeps the mean baseline. Byte-level BPE (SmolLM2's) and a
+    SentencePiece-style tokenizer (word markers, a BOS token) alike."""
+    tokenizer = request.getfixturevalue(tok)
+    fact = Fact("The chemical symbol for gold is", " Au")  # plain: no partner among one fact, none built in below
+    model = _Planted(tokenizer)
+    ids = list(tokenizer(fact.prompt)["input_ids"])
+    builtin = "workbench.circuits.facts.builtin_facts"
+    with pytest.MonkeyPatch.context() as mp:  # without the built-in chemical symbols, which would be its partners
+        mp.setattr(builtin, lambda: [])
+        (p,) = prepare(tokenizer, [fact], model)
+        gold = ids.index(model.id[" gold"])
+        assert p.baseline == "neighbour" and p.corrupted_answer_source == "neighbour"
+        assert p.corrupted_ids == ids[:gold] + [model.id[" iron"]] + ids[gold + 1:]
+        assert p.corrupted_answer_id == model.id[" Fe"] and p.corrupted_prompt == "The chemical symbol for iron is"
+        rec = p.record(tokenizer)
+        assert rec["swapped_word"] == ["gold", "iron"] and rec["similarity"] == pytest.approx(0.85, abs=0.01)
+        assert rec["corrupted_answer"].strip() == "Fe"
+        (p,) = prepare(tokenizer, [fact], _Planted(tokenizer, fe=11.0))
+        assert p.extra["swapped_word"] == ["gold", "tin"] and p.corrupted_answer_id == model.id[" Sn"]
+        stuck = _Planted(tokenizer)
+        stuck.rule = {" silver": " Au", " copper": " the", " iron": " the", " tin": " Au"}
+        assert prepare(tokenizer, [fact], stuck)[0].baseline == "mean"
+        assert prepare(tokenizer, [fact])[0].baseline == "mean"
+        given = Fact(fact.prompt, fact.answer, corrupted_answer=" Sn")  # a given contrast is not replaced
+        assert prepare(tokenizer, [given], model)[0].baseline == "mean"
 
 
 def test_smollm2_neighbour_swaps_are_counterfactuals(smollm2):
