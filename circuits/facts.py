@@ -424,12 +424,14 @@ def neighbour_swap(model: nn.Module, tokenizer, ids: list[int], answer: int, nei
     logits = torch.cat([model(input_ids=torch.tensor(grid[i:i + batch_size], device=device)).logits[:, -1].float()
                         for i in range(0, len(grid), batch_size)]).cpu()
     clean, tops = logits[0], logits[1:].argmax(-1).tolist()
-    answer_text = token_texts(tokenizer, [answer])[0]
+    distinct = sorted({answer, *tops})
+    read = dict(zip(distinct, token_texts(tokenizer, distinct)))
+    answer_text = read[answer]
     best = None
     for r, top in enumerate(tops):
         if top == answer or clean[top] >= clean[answer] or (best is not None and meta[r][0] <= meta[best[0]][0]):
             continue
-        text = token_texts(tokenizer, [top])[0]
+        text = read[top]
         if _word(text) and text.strip().lower() != answer_text.strip().lower() and \
                 (text[:1] == " ") == (answer_text[:1] == " "):
             best = (r, top)
