@@ -419,27 +419,20 @@ def neighbour_swap(model: nn.Module, tokenizer, ids: list[int], answer: int, nei
                 break
     if not rows:
         return None
-    device = embed.device
     grid = [ids] + rows
-    logits = torch.cat([model(input_ids=torch.tensor(grid[i:i + batch_size], device=device)).logits[:, -1].float()
-                        for i in range(0, len(grid), batch_size)]).cpu()
+    logits = torch.cat([model(input_ids=torch.tensor(grid[i:i + batch_size], device=embed.device)).logits[:, -1]
+                        .float() for i in range(0, len(grid), batch_size)]).cpu()
     clean, tops = logits[0], logits[1:].argmax(-1).tolist()
     distinct = sorted({answer, *tops})
     read = dict(zip(distinct, token_texts(tokenizer, distinct)))
     answer_text = read[answer]
-    best = None
-    for r, top in enumerate(tops):
-        if top == answer or clean[top] >= clean[answer] or (best is not None and meta[r][0] <= meta[best[0]][0]):
-            continue
-        text = read[top]
-        if _word(text) and text.strip().lower() != answer_text.strip().lower() and \
-                (text[:1] == " ") == (answer_text[:1] == " "):
-            best = (r, top)
-    if best is None:
-        return None
-    r, top = best
-    sim, was, now = meta[r]
-    return rows[r], top, was, now, sim
+    for r in sorted(range(len(rows)), key=lambda r: -meta[r][0]):  # the most similar first (ties: candidate order)
+        top, text = tops[r], read[tops[r]]
+        if top != answer and clean[top] < clean[answer] and _word(text) and \
+                text.strip().lower() != answer_text.strip().lower() and (text[:1] == " ") == (answer_text[:1] == " "):
+            sim, was, now = meta[r]
+            return rows[r], top, was, now, sim
+    return None
 
 
 def _builtin_swap(tokenizer, f: Fact, ids: list[int], answer: int, builtin: list[Fact]):
