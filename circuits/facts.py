@@ -297,6 +297,7 @@ def prepare(tokenizer, facts: list[Fact], model: nn.Module | None = None) -> lis
     facts = with_spaces(facts)
     inferred = infer_templates(facts)
     pool = builtin = None
+    encoded: dict[str, list[int]] = {}  # built-in prompts tokenised once, for every fact that looks for a partner
     flags = [a is not b for a, b in zip(facts, inferred)]
     facts = inferred
     prompts = [_encode(tokenizer, f.prompt) for f in facts]
@@ -320,7 +321,7 @@ def prepare(tokenizer, facts: list[Fact], model: nn.Module | None = None) -> lis
         swap = _swap(tokenizer, facts, i, ids, answers)
         if swap is None:
             builtin = builtin_facts() if builtin is None else builtin
-            borrowed = _builtin_swap(tokenizer, f, ids, answer, builtin)
+            borrowed = _builtin_swap(tokenizer, f, ids, answer, builtin, encoded)
             if borrowed is not None:
                 cprompt, cids, ans, template = borrowed
                 if corr_ans is None:
@@ -435,22 +436,27 @@ def neighbour_swap(model: nn.Module, tokenizer, ids: list[int], answer: int, nei
     return None
 
 
-def _builtin_swap(tokenizer, f: Fact, ids: list[int], answer: int, builtin: list[Fact]):
+def _builtin_swap(tokenizer, f: Fact, ids: list[int], answer: int, builtin: list[Fact],
+                  encoded: dict[str, list[int]] | None = None):
     """A swap partner among the built-in facts, for a fact with none among its own: the first whose prompt
     shares a template with ``f``'s (differs in one span, :func:`_span`'s rule: "The chemical symbol for calcium
     is" and "... for gold is"), has as many tokens and another answer token. (Its prompt, ids, answer id and
-    the template), or None. The entity swap takes a subject from them too, but keeps no answer to contrast."""
+    the template), or None. The entity swap takes a subject from them too, but keeps no answer to contrast.
+    ``encoded``: built-in prompts' ids already known (filled in here), shared across the facts of one call."""
+    encoded = {} if encoded is None else encoded
     words = _WORD.findall(f.prompt)
     for g in builtin:
         hit = _span(words, _WORD.findall(g.prompt))
         if hit is None:
             continue
-        cids = _encode(tokenizer, g.prompt)
+        if g.prompt not in encoded:
+            encoded[g.prompt] = _encode(tokenizer, g.prompt)
+        cids = encoded[g.prompt]
         if len(cids) != len(ids):
             continue
         corrupted = _first_token(tokenizer, g.prompt, g.answer, cids)
         if corrupted != answer:
-            return g.prompt, cids, corrupted, hit[0]
+            return g.prompt, list(cids), corrupted, hit[0]  # (a copy: the cache keeps its own)
     return None
 
 
