@@ -6,6 +6,8 @@ Variants (each in its own subprocess, so peak RSS is its own):
   body-length  the same headless forward over the batches the profile pass runs: prompts of similar length
            together (workbench.tracing.runner.batch_members), so less padding; against it, `profile` shows
            what the hooks and reducers cost, without the padding the grouping saves
+  body-inference  the headless forward under torch.inference_mode instead of no_grad, as the pass runs (ops are
+           cheaper there); against it, `profile` shows what the hooks and reducers cost without that gain
   profile  workbench's full profile pass, as `workbench profile` runs it by default (super experts, router,
            massive activations, sinks, Q/K/V norms; prompts of similar length batched together)
   profile-noqk  the same without the Q/K/V norms (`--no-qk`): with `profile`, what they cost
@@ -176,10 +178,10 @@ def work(args, lm, prompts) -> None:
             for chunk in batches(prompts, args.batch):
                 enc = lm.tokenizer(chunk, return_tensors="pt", padding=True).to(dev)
                 lm.model(**enc, use_cache=False)
-    elif args.variant in ("body", "body-length"):  # the decoder stack alone, without the LM head (as the pass)
+    elif args.variant in ("body", "body-length", "body-inference"):  # the decoder stack alone, without the LM head
         body = lm.adapter.body(lm.model)
         groups = getattr(args, "groups", None) if len(prompts) > args.batch else None  # (not the CUDA warm-up)
-        with torch.no_grad():
+        with torch.inference_mode() if args.variant == "body-inference" else torch.no_grad():
             for chunk in groups or batches(prompts, args.batch):
                 enc = lm.tokenizer(chunk, return_tensors="pt", padding=True).to(dev)
                 body(**enc, use_cache=False)
@@ -399,18 +401,21 @@ def main():
           f"{args.batch}, {args.threads} threads, {args.device}; median of {args.repeat} interleaved runs")
     body = next((r for r in rows if r["variant"] == "body" and "error" not in r), None)
     body_len = next((r for r in rows if r["variant"] == "body-length" and "error" not in r), None)
+    body_inf = next((r for r in rows if r["variant"] == "body-inference" and "error" not in r), None)
     gpu = args.device != "cpu"
-    print(f"{'variant':<14}{'seconds':>9}{'tokens/s':>10}{'x plain':>9}{'x body':>8}"
-          + (f"{'x body-length':>15}" if body_len else "") + f"{'peak RSS MB':>13}"
+    print(f"{'variant':<16}{'seconds':>9}{'tokens/s':>10}{'x plain':>9}{'x body':>8}"
+          + (f"{'x body-length':>15}" if body_len else "") + (f"{'x body-inference':>18}" if body_inf else "")
+          + f"{'peak RSS MB':>13}"
           + (f"{'peak GPU MB':>13}" if gpu else ""))
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:<14} failed: {r['error']}")
+            print(f"{r['variant']:<16} failed: {r['error']}")
             continue
         ratio = r["seconds"] / plain["seconds"] if plain else float("nan")
         headless = r["seconds"] / body["seconds"] if body else float("nan")
-        print(f"{r['variant']:<14}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.0f}{ratio:>9.2f}{headless:>8.2f}"
+        print(f"{r['variant']:<16}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.0f}{ratio:>9.2f}{headless:>8.2f}"
               + (f"{r['seconds'] / body_len['seconds']:>15.2f}" if body_len else "")
+              + (f"{r['seconds'] / body_inf['seconds']:>18.2f}" if body_inf else "")
               + f"{r['peak_rss_mb']:>13.0f}" + (f"{r['peak_gpu_mb'] or 0:>13.0f}" if gpu else ""))
     base = "body-length" if body_len else "body" if body else None
     if args.repeat > 1 and base:  # paired: each run against the baseline's run of the same round (load hits both)
@@ -419,7 +424,7 @@ def main():
             pairs = [r["seconds"] / b["seconds"] for r, b in zip(runs[v], runs[base])
                      if "error" not in r and "error" not in b]
             if v != base and pairs:
-                print(f"  {v:<14}" + " ".join(f"{x:5.2f}" for x in pairs) + f"   median {statistics.median(pairs):.2f}")
+                print(f"  {v:<16}" + " ".join(f"{x:5.2f}" for x in pairs) + f"   median {statistics.median(pairs):.2f}")
     if args.breakdown:
         breakdown(args)
     for n in [int(x) for x in args.rss_scan.split(",") if x]:

@@ -400,3 +400,58 @@ def test_trace_reduces_every_expert_of_a_layer_as_one_grouped_site(spec, monkeyp
     infos = lm.layer_infos()
     n_tokens = grouped.num_tokens
     assert routed == sum(n_tokens * infos[l].top_k for l in {s.layer for s in sites})  # every (token, slot) once
+
+
+def test_a_trace_runs_in_inference_mode_and_leaves_normal_tensors(tmp_path, zoo_tokenizer):
+    """trace() runs under torch.inference_mode (every op cheaper than under no_grad), so what the pass builds
+    from the model's outputs starts as inference tensors, which cannot be updated in place outside that mode.
+    After the pass every reducer, sink and meter can be merged in place, and a tensor a module caches during
+    its forward (Phi-3's long-RoPE frequencies, a plain attribute) is a normal tensor again."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.experts.qk import QKMeter
+    from workbench.experts.sinks import SinkMeter, eager_attention
+    from workbench.models.families import tiny_config
+    from workbench.tracing import state
+    from workbench.tracing.reducers import RouterStats
+
+    modes = []
+
+    class Watch:  # an extra sink: sees whether the pass runs in inference mode
+        coalesce = False
+
+        def update(self, p):
+            modes.append(torch.is_inference_mode_enabled())
+
+    lm = load("zoo:qwen2-moe")
+    n_layers = len(lm.layer_infos())
+    sites = all_sites(lm.adapter, lm.model, ALL)
+    routers = [s for s in sites if s.component is Component.ROUTER]
+    extra = {s: [RouterStats(num_experts=8)] for s in routers}
+    extra[sites[0]] = [Watch()]
+    meters = [SinkMeter(n_layers, int(lm.config.num_attention_heads)), QKMeter(n_layers)]
+    with eager_attention(lm.model):
+        res = trace(lm, PROMPTS, sites, ("absmax", "moments", "log_histogram"), batch_size=3, progress=False,
+                    sinks=extra, meters=meters)
+    assert modes and all(modes)
+    objs = [*(r for s in sites for r in res[s].values()), *(r for s in routers for r in extra[s]), *meters]
+    for o in objs:
+        assert not any(v.is_inference() for v in o.state_dict().values()), type(o).__name__
+        o.merge(state.fresh(o).load_state_dict(o.state_dict()))  # in place: raises on an inference tensor
+
+    config = tiny_config("phi3")
+    half = config.hidden_size // config.num_attention_heads // 2
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+                              "short_factor": [1.0] * half, "long_factor": [2.0] * half,
+                              "original_max_position_embeddings": 4}  # prompts longer than 4 tokens: long factors
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    zoo_tokenizer.save_pretrained(tmp_path)
+    phi = load(str(tmp_path))
+    rope = phi.model.model.rotary_emb
+    vars(rope).pop("long_inv_freq", None)  # (loading ran a forward): the trace is the first to compute them
+    trace(phi, PROMPTS, all_sites(phi.adapter, phi.model, ["resid_post"]), ("absmax",), progress=False)
+    assert rope.long_inv_freq.is_inference() is False
+    rope.long_inv_freq.mul_(1.0)
+    assert not any(t.is_inference() for m in phi.model.modules() for t in [*m.buffers(recurse=False),
+                                                                             *m.parameters(recurse=False)])

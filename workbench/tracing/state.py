@@ -21,7 +21,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -92,6 +92,52 @@ def merge(objs: Mapping[str, Any], flat: Mapping[str, torch.Tensor]) -> None:
     parts = _split(flat)
     for name, o in objs.items():
         o.merge(fresh(o).load_state_dict(parts.get(name, {})))
+
+
+def outside_inference(objs: Iterable[Any], model: torch.nn.Module | None = None) -> None:
+    """Swap the inference tensors that ``objs`` and ``model``'s modules hold for normal copies (same values).
+
+    A trace runs under ``torch.inference_mode`` (cheaper per op than ``no_grad``), so the state its reducers,
+    sinks and meters build from the model's outputs is made of inference tensors, and so is any buffer the
+    model sets during its forward (dynamic RoPE's ``inv_freq``). Those cannot be updated in place or saved
+    for backward outside inference mode: after this, merging results and gradients through the model work.
+    Looks into each object's attributes, their lists, tuples and dicts, and objects with a ``state_dict``
+    among them (a reducer inside a sink); not into modules or other objects (a meter's model).
+    """
+    seen: set[int] = set()
+
+    def normal(v: Any, depth: int) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.clone() if v.is_inference() else v
+        if depth > 4 or isinstance(v, torch.nn.Module):
+            return v
+        if isinstance(v, list):
+            v[:] = [normal(x, depth + 1) for x in v]
+        elif isinstance(v, tuple) and not hasattr(v, "_fields"):
+            return tuple(normal(x, depth + 1) for x in v)
+        elif isinstance(v, dict):
+            for k in list(v):
+                v[k] = normal(v[k], depth + 1)
+        elif hasattr(v, "__dict__") and (depth == 0 or hasattr(v, "state_dict")) and id(v) not in seen:
+            seen.add(id(v))
+            for k, x in list(vars(v).items()):
+                y = normal(x, depth + 1)
+                if y is not x:
+                    setattr(v, k, y)
+        return v
+
+    for o in objs:
+        normal(o, 0)
+    if model is not None:
+        for m in model.modules():
+            for k, x in list(vars(m).items()):
+                if isinstance(x, torch.Tensor) and x.is_inference():
+                    setattr(m, k, x.clone())
+            for store in (m._buffers, m._parameters):
+                for k, x in store.items():
+                    if x is not None and x.is_inference():
+                        store[k] = x.clone() if store is m._buffers else torch.nn.Parameter(
+                            x.clone(), requires_grad=x.requires_grad)
 
 
 def fingerprint(**parts: Any) -> str:
