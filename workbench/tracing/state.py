@@ -98,9 +98,9 @@ def outside_inference(objs: Iterable[Any], model: torch.nn.Module | None = None)
     """Swap the inference tensors that ``objs`` and ``model``'s modules hold for normal copies (same values).
 
     A trace runs under ``torch.inference_mode`` (cheaper per op than ``no_grad``), so the state its reducers,
-    sinks and meters build from the model's outputs is made of inference tensors, and so is any buffer the
-    model sets during its forward (dynamic RoPE's ``inv_freq``). Those cannot be updated in place or saved
-    for backward outside inference mode: after this, merging results and gradients through the model work.
+    sinks and meters build from the model's outputs is made of inference tensors, and so is any tensor a
+    module caches during its forward (Phi-3's long-RoPE frequencies, a plain attribute). Those cannot be
+    updated in place outside inference mode: after this, merging results in place works again.
     Looks into each object's attributes, their lists, tuples and dicts, and objects with a ``state_dict``
     among them (a reducer inside a sink); not into modules or other objects (a meter's model).
     """
