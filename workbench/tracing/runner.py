@@ -350,8 +350,8 @@ def trace(
                     cap.flush()
                     checkpoint.save(b + 1, fp, state.flatten(objs))
     bar.close()
-    state.outside_inference([*state.collect(table, extra, meters, stateful).values(), *meters,
-                             *(s for v in extra.values() for s in v)], lm.model)
+    state.outside_inference([*(r for reds in table.values() for r in reds.values()),
+                             *(s for v in extra.values() for s in v), *meters, *(stateful or {}).values()], lm.model)
     if shard is not None and shard.world > 1:
         shard.combine(objs)  # every rank's state, merged into rank 0's objects in rank order
     for g, members in grouped.items():  # each expert's AbsMax, from its layer's grouped reduction
