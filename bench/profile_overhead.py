@@ -15,12 +15,15 @@ Variants (each in its own subprocess, so peak RSS is its own):
   nnsight  nnsight trace that .save()s every down_proj output, reduced (absmax) after the run
   tl       TransformerLens TransformerBridge run_with_cache on the same down_proj sites, reduced after
 
-The prompt set is the built-in prompts repeated until --tokens tokens. Prints tokens/s, the ratio to
-plain, and peak RSS; with --rss-scan it also prints the profile pass's peak RSS at other sizes.
+The prompt set is the built-in prompts repeated until --tokens tokens (6-37 tokens each, so the pass's length
+batching saves padding); --prompt-length N cuts their text into prompts of N tokens instead (one length, as
+chunks of a corpus: no padding to save). Prints tokens/s, the ratio to plain, and peak RSS; with --rss-scan it
+also prints the profile pass's peak RSS at other sizes.
 
     .venv/bin/python bench/profile_overhead.py --model smollm2-135m --tokens 10000 --rss-scan 100000
     .venv/bin/python bench/profile_overhead.py --model zoo:qwen2-moe --tokens 10000 --variants plain,profile --repeat 3
     .venv/bin/python bench/profile_overhead.py --model smollm2-135m --tokens 3000 --variants profile,profile-noqk --repeat 11
+    .venv/bin/python bench/profile_overhead.py --model zoo:olmoe --prompt-length 32 --variants body,profile --repeat 5
     .venv/bin/python bench/profile_overhead.py --model bench:qwen3-moe-1024x64 --tokens 3000 \
         --variants plain,body,profile,trace,nnsight --repeat 3
 
@@ -98,10 +101,18 @@ def bench_model(spec: str) -> str:
     return str(final)
 
 
-def prompts_for(tokenizer, tokens: int) -> list[str]:
+def prompts_for(tokenizer, tokens: int, length: int = 0) -> list[str]:
+    """The built-in prompts repeated until ``tokens`` tokens; with ``length``, their text cut into prompts of
+    ``length`` tokens instead (decoded again, so a prompt may tokenise to a token more or less): every prompt has
+    about one length, as chunks of a corpus do, so grouping prompts by length saves nothing."""
     from workbench.data import default_prompts
 
     base = default_prompts()
+    if length:
+        ids = tokenizer(" ".join(base)).input_ids
+        while len(ids) < tokens:
+            ids = ids + ids
+        return [tokenizer.decode(ids[i:i + length]) for i in range(0, tokens, length)]
     out, n, i = [], 0, 0
     while n < tokens:
         p = base[i % len(base)]
@@ -133,7 +144,7 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     lm = load(args.model, device=args.device)
-    prompts = prompts_for(lm.tokenizer, args.tokens)
+    prompts = prompts_for(lm.tokenizer, args.tokens, args.prompt_length)
     cuda = lm.device.type == "cuda"
     _imports(args.variant)  # module imports are a process's one-time cost, not the pass's: outside the timing
     if args.variant == "body-length":  # the pass's own batches, worked out before the clock starts
@@ -250,7 +261,7 @@ def breakdown(args) -> None:
 
     torch.set_num_threads(args.threads)
     lm = load(args.model)
-    prompts = prompts_for(lm.tokenizer, args.tokens)
+    prompts = prompts_for(lm.tokenizer, args.tokens, args.prompt_length)
     options = ProfileOptions(batch_size=args.batch)
     profile(lm, prompts, options, progress=False)  # warm: first-call costs are not a part's
     body = lm.adapter.body(lm.model)
@@ -358,6 +369,7 @@ class Parts:
 
 def sub(args, variant: str, tokens: int) -> dict:
     cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--tokens", str(tokens),
+           "--prompt-length", str(args.prompt_length),
            "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -372,6 +384,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tokens", type=int, default=10000)
+    p.add_argument("--prompt-length", type=int, default=0, metavar="N",
+                   help="prompts of N tokens each (the built-in prompts' text in N-token pieces) instead of the "
+                   "built-in prompts (6-37 tokens): one length, so the pass's length batching saves nothing")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default="plain,body,profile,nnsight,tl")
@@ -397,7 +412,8 @@ def main():
         ok = sorted((r for r in runs[v] if "error" not in r), key=lambda r: r["seconds"])
         rows.append(ok[(len(ok) - 1) // 2] if ok else runs[v][0])  # the median run
     plain = next((r for r in rows if r["variant"] == "plain" and "error" not in r), None)
-    print(f"model {args.model}: {rows[0].get('tokens')} tokens in {rows[0].get('prompts')} prompts, batch "
+    print(f"model {args.model}: {rows[0].get('tokens')} tokens in {rows[0].get('prompts')} prompts"
+          + (f" of ~{args.prompt_length} tokens" if args.prompt_length else "") + ", batch "
           f"{args.batch}, {args.threads} threads, {args.device}; median of {args.repeat} interleaved runs")
     body = next((r for r in rows if r["variant"] == "body" and "error" not in r), None)
     body_len = next((r for r in rows if r["variant"] == "body-length" and "error" not in r), None)
