@@ -156,14 +156,18 @@ class LocalConsistency(Reducer):
         cs = torch.cat([torch.zeros(1, e, dtype=torch.int32), used.cumsum(0, dtype=torch.int32)])  # [N+1, E]
         # Last use before each row, as a time row*k + slot (distinct for every request); a use before the
         # prompt's first row (an earlier prompt's) or none at all: not seen.
-        # keys below (uses ahead x (N*k + 1) + time) in int32 whenever they fit: half the memory traffic
-        it = torch.int32 if (max(SEGMENTS) + 1) * (n * k + 1) < 2 ** 31 else torch.int64
+        # keys below (uses ahead x (N*k + 1) + time, |key| <= big) in int32 whenever they fit: half the memory traffic
+        big = (max(SEGMENTS) + 1) * (n * k + 1)
+        it = torch.int32 if big < 2 ** 31 else torch.int64
         when = torch.full((n, e), -1, dtype=it).scatter_(1, top, (row[:, None] * k + torch.arange(k)).to(it))
         before = torch.cat([torch.full((1, e), -1, dtype=it), when.cummax(0).values[:-1]])  # [N, E]
         seen = before >= (start * k)[:, None]
         n_seen = seen.sum(-1, keepdim=True)
         new = ~seen.gather(1, top)  # [N, k]
         fresh = n_seen + new.cumsum(-1) - 1  # an expert not used before ranks after the used ones, in slot order
+        # Keys below: uses ahead x (N*k + 1) + last use for a seen expert (>= 0, unique), < 0 for the others (their
+        # last use replaced by -big, below any uses-ahead term), so only seen experts can rank above a request.
+        base = torch.where(seen, before, -big)
         for j, m in enumerate(SEGMENTS):
             # SRP: every full window [i, i + m) of each prompt.
             full = (row + m <= end).nonzero().flatten()
@@ -172,11 +176,11 @@ class LocalConsistency(Reducer):
                 self.srp_hist[j, : m + 1] += torch.bincount(uses.flatten(), minlength=m + 1)
             # SCH: look-ahead window [i, min(i + m, end)); seen experts ranked by uses ahead, then recency.
             ahead = (cs.index_select(0, torch.minimum(row + m, end)) - cs[:-1]).to(it)
-            key = torch.where(seen, ahead * (n * k + 1) + before, -1)  # seen experts: unique keys >= 0
-            kx = key.gather(1, top)  # [N, k]; a used expert's key is >= 0, so only used experts rank above it
-            # one [N, E] comparison per slot, counted without an int64 copy: 1.5-1.8x faster than one [N, k, E]
-            # broadcast on CPU, 3.5x faster than sorting each row and searching it
-            above = torch.stack([torch.count_nonzero(key > kx[:, slot, None], dim=1) for slot in range(k)], 1)
+            key = torch.add(base, ahead, alpha=n * k + 1)
+            kx = key.gather(1, top)  # [N, k]; a seen expert's key is >= 0, so only seen experts rank above it
+            # one [N, E] comparison per slot, counted in int32: 1.5-1.8x faster than one [N, k, E] broadcast on CPU,
+            # 3.5x faster than sorting each row and searching it
+            above = torch.stack([(key > kx[:, slot, None]).sum(1, dtype=torch.int32) for slot in range(k)], 1)
             rank = torch.where(new, fresh, above)
             self.sch_hist[j] += torch.bincount(rank.clamp(max=e).flatten(), minlength=e + 1)
 
