@@ -197,7 +197,8 @@ class Adapter:
         return [self.layer_info(model, i) for i in range(len(self.decoder_layers(model)))]
 
     def top_k(self, model: nn.Module) -> int:
-        return int(getattr(model.config, self.top_k_attr, 1) or 1)
+        k = getattr(model.config, self.top_k_attr, None)
+        return 1 if k is None else int(k)  # 0 stays 0: the model routes nothing, and load() refuses it
 
     # ----- routing ------------------------------------------------------------------------------
     def select_experts(self, model: nn.Module, logits: torch.Tensor, router: nn.Module | None = None,

@@ -12,9 +12,11 @@ Accepted everywhere (CLI, Python, UI):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,10 @@ def load(spec: str, *, device: str = "cpu", dtype: torch.dtype | str | None = No
         lm = _load_hub(spec, **kw)
     if torch_dtype is not None and spec.startswith("zoo:"):  # checkpoints were loaded in this dtype already
         _cast(lm.model, torch_dtype)
+    for i, info in enumerate(lm.layer_infos()):  # a config that routes to no expert or to more than exist
+        if info.kind == "moe" and not 1 <= info.top_k <= info.num_experts:
+            raise WorkbenchError(f"{spec}: layer {i} routes each token to {info.top_k} of its {info.num_experts} "
+                                 "experts (config num_experts_per_tok); it must be 1..num_experts")
     if device_map is None:
         lm.model.to(device)
     lm.model.eval()
@@ -261,11 +267,18 @@ def _load_dir(path: Path, spec: str, trust_remote_code: bool = False, device_map
         raise WorkbenchError(f"{spec}: no *.safetensors weights in the directory (pickled .bin weights are not loaded)")
     for w in weights:
         _check_safetensors(w)
+    def load(**kw):
+        with _quiet_transformers():  # its load report goes to stderr; what matters in it is raised below, in one line
+            return AutoModelForCausalLM.from_pretrained(
+                path, use_safetensors=True, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+                device_map=device_map, output_loading_info=True, **kw)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype or torch.float32,
-                                                     trust_remote_code=trust_remote_code, device_map=device_map)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise WorkbenchError(f"{spec}: could not load the checkpoint: {str(e).splitlines()[0]}") from None
+        model, info = load()
+    except Exception as e:  # transformers and huggingface_hub raise many types for a checkpoint they cannot load
+        if "ignore_mismatched_sizes" not in str(e):
+            raise WorkbenchError(f"{spec}: could not load the checkpoint: {_first_line(e)}") from None
+        _, info = load(ignore_mismatched_sizes=True)  # only to name the weights whose shapes do not fit
+    _check_loading_info(spec, info)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise WorkbenchError(f"{spec}: no tokenizer in the directory (none of {', '.join(TOKENIZER_FILES)}); "
                              "save it with tokenizer.save_pretrained(dir)")
@@ -274,6 +287,46 @@ def _load_dir(path: Path, spec: str, trust_remote_code: bool = False, device_map
     except (OSError, ValueError, TypeError) as e:
         raise WorkbenchError(f"{spec}: no usable tokenizer in the directory: {str(e).splitlines()[0]}") from None
     return LoadedModel(model, tok, adapter_for(model), spec)
+
+
+def _first_line(e: Exception) -> str:
+    """An exception's message in one line: its first line, and the next where the first only introduces it."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def _check_loading_info(spec: str, info: dict) -> None:
+    """A checkpoint whose weights do not cover its config would run with randomly initialised parts: refuse it.
+    Weights the config does not use (a checkpoint cut to fewer layers) are left out with a one-line warning."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise WorkbenchError(f"{spec}: the checkpoint has no weights for {len(missing)} parameter(s) its config declares "
+                             f"(first: {missing[0]}); they would be random. Does config.json match the weights?")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        first = mismatched[0]
+        name, shapes = (first[0], f": {tuple(first[1])} on disk, {tuple(first[2])} in the config") \
+            if isinstance(first, (tuple, list)) and len(first) == 3 else (first, "")
+        raise WorkbenchError(f"{spec}: {len(mismatched)} weight(s) do not fit the shapes config.json declares (first: "
+                             f"{name}{shapes})")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        warnings.warn(f"{spec}: {len(unexpected)} weight(s) in the checkpoint are not used by its config and were left "
+                      f"out (first: {unexpected[0]})", stacklevel=3)
 
 
 def _check_safetensors(path: Path) -> None:
@@ -311,6 +364,9 @@ def _load_hub(spec: str, trust_remote_code: bool = False, device_map: str | None
         raise WorkbenchError(f"unknown model spec {spec!r}: {why}; built-in specs: {known}") from None
     if not loadable_model_type(config.model_type, bool(getattr(config, "auto_map", None))):
         raise WorkbenchError(f"unsupported architecture {config.model_type!r} for {spec}; {_supported_text()}")
-    model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True, dtype=dtype or torch.float32,
-                                                 trust_remote_code=trust_remote_code, device_map=device_map)
+    with _quiet_transformers():
+        model, info = AutoModelForCausalLM.from_pretrained(
+            spec, use_safetensors=True, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+            device_map=device_map, output_loading_info=True)
+    _check_loading_info(spec, info)
     return LoadedModel(model, _tokenizer(spec, trust_remote_code), adapter_for(model), spec)
