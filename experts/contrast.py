@@ -55,7 +55,8 @@ def routing_by_prompt(lm, prompts: Sequence[str], batch_size: int = 8, progress:
 
 
 def _welch(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """Welch's t and two-sided p, in float64; a group whose values are all equal has variance exactly 0.
+    """Welch's t and two-sided p, in float64; a group whose values are all equal has variance exactly 0, a group
+    of one value has no variance estimate (NaN, NaN).
 
     Written out rather than ``scipy.stats.ttest_ind``, which warns ("catastrophic cancellation") whenever a
     group is constant, and experts routed on every token of every prompt are common at large top-k.
@@ -63,8 +64,8 @@ def _welch(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     from scipy import stats
 
     a, b = a.double(), b.double()
-    if a.numel() < 2 or b.numel() < 2:
-        return (math.inf if a.mean() != b.mean() else 0.0), (0.0 if a.mean() != b.mean() else 1.0)
+    if a.numel() < 2 or b.numel() < 2:  # no variance to estimate from one prompt: no test
+        return math.nan, math.nan
     va = 0.0 if a.max() == a.min() else float(a.var()) / a.numel()
     vb = 0.0 if b.max() == b.min() else float(b.var()) / b.numel()
     diff = float(a.mean() - b.mean())

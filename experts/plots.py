@@ -141,4 +141,6 @@ def write_all(p: dict, out: Path) -> list[Path]:
         _png(name, f, out / f"{name}.png")
         _html(name, f, out / f"{name}.html")
         written += [out / f"{name}.png", out / f"{name}.html"]
+    if (out / "plotly.min.js").is_file() and written:  # the HTML plots' script, written beside them
+        written.append(out / "plotly.min.js")
     return written

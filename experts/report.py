@@ -9,6 +9,7 @@ runs and rank counts); wall time and how the run was executed go to ``run.json``
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -95,6 +96,7 @@ def write(p: dict, out_dir: str | Path, plots: bool = True) -> list[Path]:
     det = round_floats(det)  # tables and plots show exactly the numbers of profile.json
     existed = out.exists()
     before = _snapshot(out)
+    stale = _listed_outputs(out)  # what the last profile written here produced
     written: list[Path] = []
     try:
         for name, df in tables(det).items():
@@ -105,6 +107,8 @@ def write(p: dict, out_dir: str | Path, plots: bool = True) -> list[Path]:
             from workbench.experts import plots as P
 
             written += P.write_all(det, out)
+        # run.json lists the outputs, so a later profile into this folder removes those it does not write again
+        run = {**run, "outputs": sorted([f.name for f in written] + ["run.json", "profile.json"])}
         written.append(write_json(out / "run.json", run))
         written.append(write_json(out / "profile.json", det))  # last: its presence means the run finished
     except BaseException:
@@ -114,7 +118,19 @@ def write(p: dict, out_dir: str | Path, plots: bool = True) -> list[Path]:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+    for name in stale - {f.name for f in written}:  # the previous run's plots and tables that this one has not
+        (out / name).unlink(missing_ok=True)        # (a report would show them as this run's)
     return written
+
+
+def _listed_outputs(out: Path) -> set[str]:
+    """File names the profile last written to ``out`` listed in its run.json (none when there is none)."""
+    try:
+        names = json.loads((out / "run.json").read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    # plain names of this folder only: a hand-edited list cannot reach elsewhere
+    return {n for n in names if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")}
 
 
 def _snapshot(out: Path) -> dict[Path, int]:

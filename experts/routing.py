@@ -281,5 +281,8 @@ def parse_domains(items: Sequence[str] | None) -> dict[str, list[str]]:
             raise WorkbenchError(f"--domains takes NAME=FILE (a prompts file per domain), got {item!r}")
         if name.strip() in out:
             raise WorkbenchError(f"--domains names {name.strip()!r} twice")
+        if any(c in name for c in "/\\") or name.strip().startswith(".") or not name.strip().isprintable():
+            raise WorkbenchError(f"--domains name {name.strip()!r} names a plot file (domain_NAME.png): use no path "
+                                 "separators, no leading dot")
         out[name.strip()] = read_prompts(path.strip())
     return out

@@ -131,10 +131,12 @@ class SinkMeter:
         self._finish()
         n = self.prompts.clamp(min=1).to(torch.float64)[:, None]
         skip = self.no_attention
+        unmeasured = self.prompts == 0  # no prompt of 2+ tokens reached the layer: nothing was measured there
 
         def per_layer(x: torch.Tensor) -> list:
-            x = x.clone()
+            x = x.clone().to(torch.float64)
             x[skip] = float("nan")  # linear-attention layers: no attention probabilities
+            x[unmeasured] = float("nan")
             return x.tolist()
         out = {
             "share_pos0": per_layer(self.pos0_sum / n),  # [layer][head], mean over prompts

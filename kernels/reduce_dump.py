@@ -163,7 +163,10 @@ def reduce_dump(dump_dir: str | Path, out_path: str | Path, progress: bool = Tru
 
 
 def cmd_reduce(args) -> int:
-    summary = reduce_dump(args.dump_dir, args.out, progress=not args.quiet, top=args.top, device=args.device)
+    from workbench.models.specs import resolve_device
+
+    device = resolve_device(args.device) if args.device is not None else None  # one-line error for a bad name
+    summary = reduce_dump(args.dump_dir, args.out, progress=not args.quiet, top=args.top, device=device)
     rows = sum(s["rows"] for s in summary["sites"].values())
     print(f"reduced {len(summary['sites'])} sites ({rows} rows) of {args.dump_dir} with the {summary['backend']} "
           f"backend on {summary['device']}; wrote {args.out}")
@@ -179,6 +182,6 @@ def add_reduce_parser(subparsers) -> None:
     r.add_argument("dump_dir", help="dump directory (with index.json)")
     r.add_argument("--out", required=True, help="output JSON file, e.g. stats.json")
     r.add_argument("--top", type=COUNT, default=16, help="tokens kept per site by max |x| (default 16)")
-    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_reduce)

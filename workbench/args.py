@@ -74,7 +74,8 @@ class NumberList:
     def __call__(self, text: str) -> list:
         parts = [t.strip() for t in text.split(",") if t.strip()]
         if not parts:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {self.item.describe()}s, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, each {self.item.describe()}; got "
+                                             f"{text!r}")
         try:
             return [self.item(t) for t in parts]
         except argparse.ArgumentTypeError:

@@ -93,6 +93,11 @@ def cmd_trace(args) -> int:
     from workbench.tracing.sites import Component, all_sites
 
     prompts = _prompts(args)  # read (and reject) input before loading any model
+    if not args.reducers and not args.dump:
+        raise WorkbenchError("--reducers names no reducer; known: absmax, moments, log_histogram, expert_counts")
+    args.components, args.reducers = list(dict.fromkeys(args.components)), list(dict.fromkeys(args.reducers))
+    if args.layers is not None:
+        args.layers = list(dict.fromkeys(args.layers))  # a layer named twice is one layer's sites
     for c in args.components:
         if c not in {x.value for x in Component}:
             raise WorkbenchError(f"unknown component {c!r}; known: {', '.join(x.value for x in Component)}")
@@ -105,6 +110,14 @@ def cmd_trace(args) -> int:
 
             layer = (args.layers or [0])[0]
             raise WorkbenchError(f"no {comp} sites: {qkv_unreadable(lm.adapter, lm.model, layer) or 'no layer chosen'}")
+    scope = f"layers {','.join(map(str, args.layers))} of {args.model}" if args.layers else args.model
+    dense = all(i.kind != "moe" for i in lm.layer_infos())
+    for comp, lacks in (("router", "no MoE layer"), ("experts", "no MoE layer"), ("shared_expert", "no shared expert")):
+        if comp in args.components and not any(s.component.value == comp for s in sites):
+            why = f"no {comp} sites: {scope} has {lacks}" + (" (a dense model)" if dense else "")
+            if not sites:
+                raise WorkbenchError(why)
+            print(f"warning: {why}; tracing the other components", file=sys.stderr)  # (one command for many models)
     result = trace(lm, prompts, sites, args.reducers, batch_size=args.batch_size, max_tokens=args.max_tokens,
                    dump_dir=args.dump, progress=not args.quiet, by_length=args.batch_order == "length")
     summary = trace_summary(result, lm.tokenizer)
@@ -198,11 +211,15 @@ def cmd_profile(args) -> int:
         import numpy as np
 
         share = np.array(p["attention_sinks"]["share_pos0"], dtype=float)
-        l, h = np.unravel_index(np.nanargmax(share), share.shape)
         skipped = p["attention_sinks"].get("no_attention", [])
-        print(f"attention sinks: mean share on position 0 {np.nanmean(share):.2f}; strongest head L{l}.H{h} "
-              f"{share[l, h]:.2f}" + (f" ({len(skipped)} linear-attention layers have no attention probabilities)"
-                                      if skipped else ""))
+        if np.isnan(share).all():
+            print("attention sinks: not measured (" + ("no layer has softmax attention" if len(skipped) == len(share)
+                                                       else "no prompt has 2 tokens or more") + ")")
+        else:
+            l, h = np.unravel_index(np.nanargmax(share), share.shape)
+            print(f"attention sinks: mean share on position 0 {np.nanmean(share):.2f}; strongest head L{l}.H{h} "
+                  f"{share[l, h]:.2f}" + (f" ({len(skipped)} linear-attention layers have no attention probabilities)"
+                                          if skipped else ""))
     qk = p.get("qk_values")
     if qk and qk["entries"]:
         best = {proj: max((e for e in qk["entries"] if e["proj"] == proj), key=lambda e: e["ratio"]) for proj in "qkv"}
@@ -211,7 +228,7 @@ def cmd_profile(args) -> int:
                  if k["pair"] is not None else "")
         print(f"massive values in attention: largest top-dim / median ratio q {best['q']['ratio']:.1f}, "
               f"k {k['ratio']:.1f} (L{k['layer']}.H{k['head']} dim {k['dim']}{where}), v {best['v']['ratio']:.1f}")
-    print(f"wrote {out / 'profile.json'}, run.json and {len(files) - 2} tables/plots in {out}")
+    print(f"wrote {out / 'profile.json'}, run.json and {sum(f.suffix in ('.parquet', '.png', '.html') for f in files)} tables/plots in {out}")
     announce(out)
     return 0
 
@@ -247,6 +264,12 @@ def cmd_contrast(args) -> int:
     if not any(i.kind == "moe" for i in lm.layer_infos()):
         raise WorkbenchError(f"{args.model} is a dense model: contrast ranks routed experts and needs an MoE model")
     df = contrast(lm, positive, negative, batch_size=args.batch_size, progress=not args.quiet)
+    if min(len(positive), len(negative)) < 2:
+        print(f"warning: Welch's test needs at least 2 prompts on each side ({len(positive)} positive, "
+              f"{len(negative)} negative): p-values are NaN", file=sys.stderr)
+    if not (df.freq_diff > 0).any():
+        print(f"warning: no expert is routed more on the positive prompts; interventions.yaml still lists the top "
+              f"{args.top} by frequency difference", file=sys.stderr)
     write(df, out, args.top, args.op)
     cols = ["rank", "layer", "expert", "freq_pos", "freq_neg", "freq_diff", "p_value"]
     print(df[cols].head(args.top).to_string(index=False, float_format=lambda v: f"{v:.4g}"))

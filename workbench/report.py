@@ -49,6 +49,27 @@ def kind_of(folder: Path) -> str:
                          "metrics.json (circuit), routing.json or evolution.json")
 
 
+def _corrupt(path: Path, e: Exception) -> WorkbenchError:
+    why = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    return WorkbenchError(f"{path} is corrupt or incomplete ({why}); rerun the command that wrote it")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise _corrupt(path, e) from None
+
+
+def _read_csv(path: Path):
+    import pandas as pd  # (imported where needed: the other reports do without it)
+
+    try:
+        return pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError, pd.errors.EmptyDataError, pd.errors.ParserError) as e:
+        raise _corrupt(path, e) from None
+
+
 def report(folder: str | Path, out: str | Path | None = None) -> Path:
     """Write the folder's report page (default ``folder/report.html``) and return its path."""
     folder = Path(folder)
@@ -120,7 +141,7 @@ def _profile(folder: Path) -> str:
     from workbench.experts.sinks import strongest_heads
     from workbench.experts.super_experts import no_super_experts
 
-    p = json.loads((folder / "profile.json").read_text(encoding="utf-8"))
+    p = _read_json(folder / "profile.json")
     m = p.get("meta", {})
     out = [f"<p>{_e(m.get('spec'))} ({_e(m.get('architecture'))}, {m.get('num_layers')} layers): "
            f"{m.get('num_tokens')} tokens of {m.get('num_prompts')} prompts.</p>", "<h2>Findings</h2>"]
@@ -143,7 +164,10 @@ def _profile(folder: Path) -> str:
     else:
         facts.append("No massive activation (no layer's top |residual| is >= 100 and >= 1000x its median).")
     sinks = p.get("attention_sinks")
-    if sinks:
+    if sinks and not strongest_heads(sinks["share_pos0"], 1):
+        facts.append("<b>Attention sinks</b>: not measured (no prompt has 2 tokens or more, or no layer has softmax "
+                     "attention).")
+    elif sinks:
         heads = strongest_heads(sinks["share_pos0"], 3)
         mean = sum(v for row in sinks["share_pos0"] for v in row if v == v) / max(
             1, sum(1 for row in sinks["share_pos0"] for v in row if v == v))
@@ -172,7 +196,10 @@ def _profile(folder: Path) -> str:
 def _study(folder: Path) -> str:
     import pandas as pd
 
-    df = pd.read_csv(folder / "results.csv")
+    df = _read_csv(folder / "results.csv")
+    lacking = [c for c in ("condition", "metric", "mean", "ci_low", "ci_high") if c not in df.columns]
+    if lacking:
+        raise _corrupt(folder / "results.csv", ValueError(f"no column {lacking[0]!r}"))
     num = df[df.metric != "generations"]
     out = [f"<p>{df.condition.nunique()} conditions, metrics: {_e(', '.join(dict.fromkeys(num.metric)))}.</p>",
            "<h2>Findings</h2>"]
@@ -202,8 +229,8 @@ def _study(folder: Path) -> str:
 # ----- circuit -------------------------------------------------------------------------------------------
 
 def _circuit(folder: Path) -> str:
-    m = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    c = json.loads((folder / "circuit.json").read_text(encoding="utf-8"))
+    m = _read_json(folder / "metrics.json")
+    c = _read_json(folder / "circuit.json")
     meta = c.get("graph", {}).get("meta", {})
     kinds: dict[str, int] = {}
     for n in c.get("nodes", []):
@@ -245,7 +272,7 @@ def _circuit(folder: Path) -> str:
 
 
 def _routing(folder: Path) -> str:
-    r = json.loads((folder / "routing.json").read_text(encoding="utf-8"))
+    r = _read_json(folder / "routing.json")
     rows = [{"layer": l["layer"], "saturation (first)": l["saturation"][0],
              "saturation (middle)": l["saturation"][len(l["saturation"]) // 2],
              "top-1 (middle)": l["saturation_top1"][len(l["saturation_top1"]) // 2],
@@ -256,7 +283,7 @@ def _routing(folder: Path) -> str:
 
 
 def _evolution(folder: Path) -> str:
-    r = json.loads((folder / "evolution.json").read_text(encoding="utf-8"))
+    r = _read_json(folder / "evolution.json")
     rows = [{k: v for k, v in row.items() if k != "composition"} for row in r["rows"]]
     return (f"<p>{len(r['checkpoints'])} checkpoints, {r['n_facts']} facts.</p><h2>Circuits by checkpoint</h2>"
             + _table(rows, ["spec", "hit_at_10_full", "hit_at_10_circuit", "gap", "faithfulness",

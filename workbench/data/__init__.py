@@ -16,11 +16,14 @@ def default_prompts() -> list[str]:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line; blank lines are skipped. An empty file is an error."""
+    """One prompt per line (\\n or \\r\\n; a form feed or U+2028 inside a line stays in its prompt); blank lines are
+    skipped. A file without a prompt is an error."""
     path = Path(path)
-    prompts = [line for line in read_text(path, "prompts file").splitlines() if line.strip()]
+    text = read_text(path, "prompts file")
+    prompts = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
     if not prompts:
-        raise WorkbenchError(f"prompts file {path} has no prompts (it is empty)")
+        raise WorkbenchError(f"prompts file {path} has no prompts ("
+                             + ("it is empty)" if not text else "only blank lines)"))
     return prompts
 
 

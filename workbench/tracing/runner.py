@@ -31,7 +31,7 @@ from workbench.tracing.reducers import AbsMax, ExpertAbsMax, ExpertCounts, LogHi
 from workbench.tracing.sites import Component, Site
 from workbench.tracing.state import Checkpoint
 
-ReducerFactory = Callable[[Site], Reducer]
+ReducerFactory = Callable[[Site], Reducer | None]  # None: the reducer does not apply to that site
 
 
 def reducer_factory(kind: str, lm: LoadedModel) -> ReducerFactory:
@@ -39,9 +39,9 @@ def reducer_factory(kind: str, lm: LoadedModel) -> ReducerFactory:
     if kind == "expert_counts":
         infos = lm.layer_infos()
 
-        def make(site: Site) -> Reducer:
+        def make(site: Site) -> Reducer | None:  # None: not for this site (trace applies it to the router sites)
             if site.component is not Component.ROUTER:
-                raise WorkbenchError(f"reducer expert_counts needs a router site, not {site}")
+                return None
             return ExpertCounts(num_experts=infos[site.layer].num_experts)
 
         return make
@@ -275,7 +275,13 @@ def trace(
         raise WorkbenchError("--offload layers runs without checkpoints and without --dump")
     factories = {(r if isinstance(r, str) else getattr(r, "__name__", "custom")): (
         reducer_factory(r, lm) if isinstance(r, str) else r) for r in reducers}
-    table = {s: {k: f(s) for k, f in factories.items()} for s in sites}
+    # each reducer at every site it applies to (a factory returns None for the others: expert_counts needs a router)
+    table = {s: {k: r for k, f in factories.items() if (r := f(s)) is not None} for s in sites}
+    unused = [k for k in factories if not any(k in t for t in table.values())]
+    if unused:
+        raise WorkbenchError(f"reducer {unused[0]} applies to none of the selected sites"
+                             + (" (it needs a router site: add --components router)" if unused[0] == "expert_counts"
+                                else ""))
     ids = tokenized if tokenized is not None else tokenize(lm, prompts, max_tokens)
     lengths = torch.tensor([len(x) for x in ids])
     offsets = torch.cumsum(lengths, 0) - lengths

@@ -1,0 +1,209 @@
+"""Inputs nobody picked, from a newcomer's sweep of the CLI: checkpoints whose config does not match their weights,
+reruns into an old output folder, options that select nothing, prompts a model cannot measure. Each must give one
+line naming the problem (or just work), never a traceback, random weights or another run's files."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.models.specs import load
+
+
+@pytest.fixture
+def run(capsys):
+    """``run(*argv)`` -> (exit status, stdout, stderr) of the CLI in this process."""
+    def go(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return go
+
+
+def one_error(code: int, err: str, *needles: str) -> str:
+    assert code != 0, err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def edited(saved_dir, tmp_path, **changes):
+    """A copy of the saved zoo:qwen2-moe folder with config.json fields changed (None removes one)."""
+    d = tmp_path / "edited"
+    shutil.copytree(saved_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+# ----- checkpoints whose config does not match their weights ---------------------------------------------------
+
+def test_a_config_with_more_layers_than_the_weights_is_refused_not_filled_with_random_layers(saved_dir, tmp_path):
+    cfg = json.loads((saved_dir / "config.json").read_text())
+    d = edited(saved_dir, tmp_path, num_hidden_layers=cfg["num_hidden_layers"] + 2, layer_types=None)
+    with pytest.raises(WorkbenchError, match=rf"no weights for \d+ parameter.*model\.layers\.{cfg['num_hidden_layers']}\."):
+        load(str(d))
+
+
+def test_a_config_whose_shapes_do_not_fit_the_weights_names_the_first_weight(saved_dir, tmp_path, capsys):
+    cfg = json.loads((saved_dir / "config.json").read_text())
+    d = edited(saved_dir, tmp_path, hidden_size=2 * cfg["hidden_size"])
+    with pytest.raises(WorkbenchError, match=r"do not fit the shapes config\.json declares \(first: .*on disk"):
+        load(str(d))
+    assert "MISMATCH" not in capsys.readouterr().err  # transformers' load table stays out of the one-line error
+
+
+@pytest.mark.parametrize("k", [0, 9])
+def test_a_top_k_outside_the_experts_is_refused(saved_dir, tmp_path, k):
+    cfg = json.loads((saved_dir / "config.json").read_text())
+    assert cfg["num_experts"] == 8  # (9 is one more than there are)
+    d = edited(saved_dir, tmp_path, num_experts_per_tok=k)
+    with pytest.raises(WorkbenchError, match=f"routes each token to {k} of its 8 experts"):
+        load(str(d))
+
+
+# ----- reruns into an old folder -------------------------------------------------------------------------------
+
+def test_a_profile_rerun_removes_the_old_runs_plots_and_tables(run, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The capital of France is\nHello there, how are you\n")
+    out = tmp_path / "prof"
+    code, _, err = run("profile", "zoo:qwen2-moe", "--prompts", prompts, "--out", out, "--quiet")
+    assert code == 0, err
+    assert (out / "attention_sinks.png").is_file() and (out / "attention_sinks.parquet").is_file()
+    (out / "notes.png").write_bytes(b"mine")  # not the profile's: stays
+    code, _, err = run("profile", "zoo:qwen2-moe", "--prompts", prompts, "--out", out, "--quiet", "--no-sinks",
+                       "--no-plots")
+    assert code == 0, err
+    listed = set(json.loads((out / "run.json").read_text())["outputs"])
+    left = {p.name for p in out.iterdir()} - {"report.html"}
+    assert left == listed | {"notes.png"}, left ^ listed
+    assert not (out / "attention_sinks.png").exists() and not (out / "attention_sinks.parquet").exists()
+    assert "attention_sinks" not in (out / "report.html").read_text()
+
+
+# ----- options that select nothing, or something the model lacks ----------------------------------------------
+
+def test_trace_applies_expert_counts_to_the_router_sites_only(run, tmp_path):
+    """The README's example: expert_counts beside absmax and moments over experts, shared experts and routers."""
+    out = tmp_path / "t"
+    code, _, err = run("trace", "zoo:qwen2-moe", "--text", "hello there", "--components",
+                       "expert,shared_expert,router", "--reducers", "absmax,moments,expert_counts", "--out", out,
+                       "--quiet")
+    assert code == 0, err
+    sites = json.loads((out / "trace.json").read_text())["sites"]
+    for key, reds in sites.items():
+        assert ("expert_counts" in reds) == (".router" in key), key
+        assert {"absmax", "moments"} <= set(reds), key
+    code, _, err = run("trace", "zoo:qwen2-moe", "--text", "hi", "--components", "expert", "--reducers",
+                       "expert_counts", "--out", tmp_path / "t2")
+    one_error(code, err, "expert_counts applies to none of the selected sites", "--components router")
+    assert not (tmp_path / "t2").exists()
+
+
+def test_trace_names_what_a_dense_model_lacks_and_an_empty_reducer_list(run, tmp_path):
+    code, _, err = run("trace", "smollm2-135m", "--text", "hi", "--components", "router", "--out", tmp_path / "o")
+    one_error(code, err, "no router sites", "no MoE layer", "dense")
+    code, _, err = run("trace", "smollm2-135m", "--text", "hi", "--components", "mlp_out,router", "--out",
+                       tmp_path / "o2", "--quiet")  # one command over many models: the others are traced, with a word
+    assert code == 0 and "warning: no router sites: smollm2-135m has no MoE layer (a dense model)" in err, err
+    code, _, err = run("trace", "zoo:mixtral", "--text", "hi", "--components", "shared_expert", "--out",
+                       tmp_path / "o")
+    one_error(code, err, "no shared_expert sites", "no shared expert")
+    code, _, err = run("trace", "zoo:qwen2-moe", "--text", "hi", "--reducers", "", "--out", tmp_path / "o")
+    one_error(code, err, "--reducers names no reducer")
+    assert not (tmp_path / "o").exists()
+    assert json.loads((tmp_path / "o2" / "trace.json").read_text())["sites"]
+
+
+def test_reduce_rejects_an_unknown_or_missing_device_in_one_line(run, tmp_path):
+    for device, needle in (("banana", "unknown device 'banana'"),) + (
+            () if torch.cuda.is_available() else (("cuda", "CUDA is not available"),)):
+        code, _, err = run("reduce", tmp_path, "--out", tmp_path / "r.json", "--device", device)
+        one_error(code, err, needle)
+
+
+def test_report_names_a_corrupt_file(run, tmp_path):
+    prof = tmp_path / "prof"
+    prof.mkdir()
+    (prof / "profile.json").write_text('{"experts": [{"layer": 0, ')
+    code, _, err = run("report", prof)
+    one_error(code, err, "profile.json is corrupt or incomplete")
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.resolved.yaml").write_text("name: s\nconditions: []\n")
+    (study / "results.csv").write_text("")
+    code, _, err = run("report", study)
+    one_error(code, err, "results.csv is corrupt or incomplete")
+    (study / "results.csv").write_text("a,b\n1,2\n")
+    code, _, err = run("report", study)
+    one_error(code, err, "results.csv is corrupt or incomplete", "no column 'condition'")
+
+
+def test_a_domain_name_cannot_name_a_path(run, tmp_path):
+    f = tmp_path / "d.txt"
+    f.write_text("hello\n")
+    for name in ("a/b", "../up", ".hidden"):
+        code, _, err = run("profile", "zoo:olmoe", "--prompts", f, "--domains", f"{name}={f}", "--out", tmp_path / "o")
+        one_error(code, err, "--domains name", "path separators")
+    assert not (tmp_path / "o").exists()
+
+
+# ----- prompts the model cannot measure -------------------------------------------------------------------------
+
+def test_welch_has_no_test_for_one_prompt_a_side():
+    from workbench.experts.contrast import _welch
+
+    t, p = _welch(torch.tensor([0.5]), torch.tensor([0.1, 0.2, 0.3]))
+    assert math.isnan(t) and math.isnan(p)
+    t, p = _welch(torch.tensor([0.5, 0.7]), torch.tensor([0.1, 0.2, 0.3]))
+    assert math.isfinite(t) and 0 < p < 1
+
+
+def test_contrast_with_one_prompt_a_side_says_its_p_values_are_nan(run, tmp_path):
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("a\n")
+    neg.write_text("def\n")
+    code, out, err = run("contrast", "zoo:qwen2-moe", "--positive", pos, "--negative", neg, "--out", tmp_path / "c",
+                         "--quiet")
+    assert code == 0, err
+    assert "p-values are NaN" in err
+    import pandas as pd
+
+    assert pd.read_csv(tmp_path / "c" / "contrast.csv").p_value.isna().all()
+
+
+def test_attention_sinks_of_single_token_prompts_are_not_measured(run, tmp_path):
+    f = tmp_path / "one.txt"
+    f.write_text("a\nb\n")
+    code, out, err = run("profile", "zoo:qwen2-moe", "--prompts", f, "--out", tmp_path / "p", "--quiet")
+    assert code == 0, err
+    assert "attention sinks: not measured (no prompt has 2 tokens or more)" in out
+    sinks = json.loads((tmp_path / "p" / "profile.json").read_text(), parse_constant=lambda c: c)["attention_sinks"]
+    assert sinks["queries"] == [0] * len(sinks["queries"])
+    assert all(v == "NaN" for row in sinks["share_pos0"] for v in row)  # not 0.0: nothing was measured
+    assert "not measured" in (tmp_path / "p" / "report.html").read_text()
+
+
+def test_a_prompts_file_splits_at_newlines_only(tmp_path):
+    from workbench.data import read_prompts
+
+    f = tmp_path / "p.txt"
+    f.write_bytes("one\x0cpage\r\ntwo\u2028lines\n\n  \nthree".encode())
+    assert read_prompts(f) == ["one\x0cpage", "two\u2028lines", "three"]
+    f.write_text("\n  \n")
+    with pytest.raises(WorkbenchError, match="only blank lines"):
+        read_prompts(f)
