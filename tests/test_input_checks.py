@@ -207,3 +207,25 @@ def test_a_prompts_file_splits_at_newlines_only(tmp_path):
     f.write_text("\n  \n")
     with pytest.raises(WorkbenchError, match="only blank lines"):
         read_prompts(f)
+
+
+def test_a_jsonl_prompts_file_reads_its_prompt_fields(tmp_path):
+    from workbench.data import read_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "The capital of France is"}\n\n"a plain string"\n{"text": "two\\nlines", "id": 3}\n')
+    assert read_prompts(f) == ["The capital of France is", "a plain string", "two\nlines"]
+    f.write_text('{"prompt": "ok"}\n{"answer": " Paris"}\n')
+    with pytest.raises(WorkbenchError, match=r"p\.jsonl line 2: expected a string or an object"):
+        read_prompts(f)
+    f.write_text('{"prompt": "ok"\n')
+    with pytest.raises(WorkbenchError, match=r"p\.jsonl line 1: not JSON"):
+        read_prompts(f)
+
+
+def test_a_quantile_given_as_a_fraction_is_flagged(run, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("hello there\n")
+    code, _, err = run("profile", "zoo:qwen2-moe", "--prompts", f, "--quantile", "0.995", "--no-sinks", "--no-plots",
+                       "--out", tmp_path / "p", "--quiet")
+    assert code == 0 and "--quantile is a percentile (0-100]: 0.995 is the 0.995th percentile, not the 99.5th" in err

@@ -154,6 +154,9 @@ def cmd_profile(args) -> int:
                                next_factor=args.next_factor, residual_factor=args.residual_factor)
     except ValueError as e:
         raise WorkbenchError(f"bad super-expert rule: {e}") from None
+    if args.quantile <= 1:
+        print(f"warning: --quantile is a percentile (0-100]: {args.quantile:g} is the {args.quantile:g}th percentile, "
+              f"not the {100 * args.quantile:g}th", file=sys.stderr)
     out = output_dir(args.out)
     shard, device = distributed.from_env(resolve_device(args.device))
     main_rank = shard is None or shard.is_main
@@ -376,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-tokens", type=COUNT, default=None, help="truncate each prompt to this many tokens")
     pr.add_argument("--batch-size", type=COUNT, default=8)
     pr.add_argument("--batch-order", choices=("length", "given"), default="length", help=BATCH_ORDER_HELP)
-    pr.add_argument("--quantile", type=Number(float, 0, 100, open_low=True), default=99.5)
-    pr.add_argument("--ratio", type=Number(float, 0, 1), default=0.1)
+    pr.add_argument("--quantile", type=Number(float, 0, 100, open_low=True), default=99.5,
+                    help="a super expert's max must exceed this percentile (0-100] of all expert maxima (default 99.5)")
+    pr.add_argument("--ratio", type=Number(float, 0, 1), default=0.1,
+                    help="... and this fraction of the largest expert maximum (default 0.1)")
     pr.add_argument("--layer-fraction", type=Number(float, 0, 1, open_low=True), default=0.75)
     pr.add_argument("--rule", choices=("default", "paper"), default="default",
                     help="super-expert rule: paper (the reference script's selection) or default (paper + stands "
