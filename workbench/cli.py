@@ -231,7 +231,8 @@ def cmd_profile(args) -> int:
                  if k["pair"] is not None else "")
         print(f"massive values in attention: largest top-dim / median ratio q {best['q']['ratio']:.1f}, "
               f"k {k['ratio']:.1f} (L{k['layer']}.H{k['head']} dim {k['dim']}{where}), v {best['v']['ratio']:.1f}")
-    print(f"wrote {out / 'profile.json'}, run.json and {sum(f.suffix in ('.parquet', '.png', '.html') for f in files)} tables/plots in {out}")
+    shown = sum(f.suffix in (".parquet", ".png", ".html") for f in files)
+    print(f"wrote {out / 'profile.json'}, run.json and {shown} tables/plots in {out}")
     announce(out)
     return 0
 

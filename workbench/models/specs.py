@@ -314,8 +314,9 @@ def _check_loading_info(spec: str, info: dict) -> None:
     Weights the config does not use (a checkpoint cut to fewer layers) are left out with a one-line warning."""
     missing = sorted(info.get("missing_keys") or ())
     if missing:
-        raise WorkbenchError(f"{spec}: the checkpoint has no weights for {len(missing)} parameter(s) its config declares "
-                             f"(first: {missing[0]}); they would be random. Does config.json match the weights?")
+        raise WorkbenchError(f"{spec}: the checkpoint has no weights for {len(missing)} parameter(s) its config "
+                             f"declares (first: {missing[0]}); they would be random: does config.json match the "
+                             "weights?")
     mismatched = sorted(info.get("mismatched_keys") or ())
     if mismatched:
         first = mismatched[0]
