@@ -5,24 +5,25 @@ A facts file is JSON Lines, one object per line::
     {"prompt": "The capital of France is", "answer": " Paris", "relation": "capital_of", "subject": "France",
      "corrupted_prompt": "...", "corrupted_answer": " Berlin"}
 
-``prompt`` and ``answer`` are required; the rest is optional. The answer (and the corrupted answer) is
-scored by its first token. The corrupted prompt must have as many tokens as the prompt, so positions
-line up. Where none is given, one is built by KC's rule: replace the ``subject`` with the subject of
-another fact of the same ``relation`` (with a different answer token) such that the token count is
-unchanged, trying the later facts of the file first. Plain facts (no ``subject``) get their subject and
-relation inferred from the other facts' prompts (:func:`infer_templates`: prompts sharing a template
-differ in one span). Where no such fact exists but a built-in fact shares the prompt's template, that fact is
-the partner (:func:`_builtin_swap`). Where none does either, the subject is swapped for another **entity** of the
-same token length: first the subjects of the other facts, then the built-in facts' subjects
-(:func:`entity_pool`); a fact with no subject at all takes the longest pool entity its prompt contains
-as its subject. Given the model, a fact that has found no subject so far swaps one word for its nearest
-neighbour in the model's embeddings that changes the model's prediction (:func:`neighbour_swap`; "The plural
-of foot is" -> "... finger is"): a country put in for a capitalised word ("Iran have four" for "Dogs have
-four") or the mean baseline would read as nonsense. Without the model, or where no neighbour changes the
-prediction, the subject is the prompt's longest run of capitalised words, swapped for a pool entity. Only
-where that fails too does the fact fall back to the **mean-ablation baseline**: every sender's corrupted
-output is its mean over all tokens of all facts' clean prompts. Each prepared fact records which
-(``baseline``: given, swap, neighbour, entity or mean).
+``prompt`` and ``answer`` are required; the rest is optional. The answer (and the corrupted answer) is scored by its
+first token, so a given corrupted answer must start with another token than the answer (" New Delhi" against " New
+York" would compare " New" with itself). The corrupted prompt must have as many tokens as the prompt, so positions
+line up, and the prompt must fit the model's context (it is not truncated: that would cut off the subject or the
+last position). Where no corrupted prompt is given, one is built by KC's rule: replace the ``subject`` with the
+subject of another fact of the same ``relation`` (with a different answer token, as it follows the swapped prompt)
+such that the token count is unchanged, trying the later facts of the file first. Plain facts (no ``subject``) get
+their subject and relation inferred from the other facts' prompts (:func:`infer_templates`: prompts sharing a
+template differ in one span). Where no such fact exists but a built-in fact shares the prompt's template, that fact
+is the partner (:func:`_builtin_swap`). Where none does either, the subject is swapped for another **entity** of the
+same token length: first the subjects of the other facts, then the built-in facts' subjects (:func:`entity_pool`); a
+fact with no subject at all takes the longest pool entity its prompt contains as its subject. Given the model, a
+fact that has found no subject so far swaps one word for its nearest neighbour in the model's embeddings that
+changes the model's prediction (:func:`neighbour_swap`; "The plural of foot is" -> "... finger is"): a country put
+in for a capitalised word ("Iran have four" for "Dogs have four") or the mean baseline would read as nonsense.
+Without the model, or where no neighbour changes the prediction, the subject is the prompt's longest run of
+capitalised words, swapped for a pool entity. Only where that fails too does the fact fall back to the
+**mean-ablation baseline**: every sender's corrupted output is its mean over all tokens of all facts' clean prompts.
+Each prepared fact records which (``baseline``: given, swap, neighbour, entity or mean).
 
 Where no corrupted answer is given (and none comes from a swap or a neighbour swap: the corrupted prompt's
 top token), it is the clean model's highest
@@ -58,9 +59,10 @@ class Fact:
     corrupted_answer: str | None = None
     relation: str | None = None
     subject: str | None = None
+    origin: str | None = field(default=None, compare=False, repr=False)  # where it was read: "facts file F line 3"
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "origin"}
 
 
 def parse_facts(lines: Iterable[str], source: str = "facts") -> list[Fact]:
@@ -88,7 +90,7 @@ def parse_facts(lines: Iterable[str], source: str = "facts") -> list[Fact]:
                 raise WorkbenchError(f"{source} line {n}: {key!r} must be a non-empty string")
         if obj.get("subject") and obj["subject"] not in obj["prompt"]:
             raise WorkbenchError(f"{source} line {n}: subject {obj['subject']!r} does not occur in the prompt")
-        facts.append(Fact(**obj))
+        facts.append(Fact(**obj, origin=f"{source} line {n}"))
     if not facts:
         raise WorkbenchError(f"{source} has no facts (it is empty)")
     return facts
@@ -129,6 +131,19 @@ class Prepared:
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
+
+
+def _named(f: Fact, i: int) -> str:
+    """How an error names fact ``i``: where it was read (file and line), else its index; and its prompt's start."""
+    prompt = f.prompt if len(f.prompt) <= 60 else f.prompt[:57] + "..."
+    return f"{f.origin or f'fact {i}'} ({prompt!r})"
+
+
+def context_length(model: nn.Module | None) -> int | None:
+    """The most positions ``model`` reads (its config's ``max_position_embeddings``, GPT-2's ``n_positions``), as
+    ``tracing.runner.tokenize`` reads it; None where unknown."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
 def _first_token(tokenizer, prompt: str, text: str, head: list[int] | None = None) -> int:
@@ -291,7 +306,13 @@ def prepare(tokenizer, facts: list[Fact], model: nn.Module | None = None) -> lis
 
     Facts without a subject first get one (and a relation) from :func:`infer_templates`. The space between a
     prompt and its answer is read as the start of the answer (:func:`with_spaces`). ``model`` (the causal LM
-    the facts are for) enables the neighbour swap (:func:`neighbour_swap`).
+    the facts are for) enables the neighbour swap (:func:`neighbour_swap`) and the check that every prompt fits
+    its context.
+
+    Every fact is checked before any is run: a prompt that gives no tokens or does not fit the context, a
+    corrupted prompt of another length than the prompt or of the same tokens, and a given corrupted answer that
+    starts with the answer's token (their logit difference would be 0 in every run) are one-line errors naming the
+    fact. A corrupted answer chosen here (swap partner, neighbour, runner-up) never starts with the answer's token.
     """
     out = []
     facts = with_spaces(facts)
@@ -301,22 +322,24 @@ def prepare(tokenizer, facts: list[Fact], model: nn.Module | None = None) -> lis
     flags = [a is not b for a, b in zip(facts, inferred)]
     facts = inferred
     prompts = [_encode(tokenizer, f.prompt) for f in facts]
+    given = _check_prompts(tokenizer, facts, prompts, context_length(model))
     # each answer once: the swap search reads them
     answers = [_first_token(tokenizer, f.prompt, f.answer, ids) for f, ids in zip(facts, prompts)]
+    given_answers = [_first_token(tokenizer, f.corrupted_prompt or f.prompt, f.corrupted_answer)
+                     if f.corrupted_answer else None for f in facts]
+    for i, (f, c) in enumerate(zip(facts, given_answers)):
+        if c == answers[i]:
+            raise WorkbenchError(f"{_named(f, i)}: the answer {f.answer!r} and the corrupted answer "
+                                 f"{f.corrupted_answer!r} start with the same token {tokenizer.decode([c])!r}, and "
+                                 "facts are scored by that first token (their logit difference would always be 0); "
+                                 "give a corrupted answer that starts differently")
     for i, f in enumerate(facts):
         ids = prompts[i]
-        if not ids:
-            raise WorkbenchError(f"fact {i}: the prompt has no tokens")
         answer = answers[i]
-        corr_ans = (_first_token(tokenizer, f.corrupted_prompt or f.prompt, f.corrupted_answer)
-                    if f.corrupted_answer else None)
+        corr_ans = given_answers[i]
         source = "given" if corr_ans is not None else None
         if f.corrupted_prompt:
-            cids = _encode(tokenizer, f.corrupted_prompt)
-            if len(cids) != len(ids):
-                raise WorkbenchError(f"fact {i} ({f.prompt!r}): the corrupted prompt has {len(cids)} tokens, "
-                                     f"the prompt {len(ids)}; they must be equally long")
-            out.append(Prepared(f, ids, cids, answer, corr_ans, "given", f.corrupted_prompt, source))
+            out.append(Prepared(f, ids, given[i], answer, corr_ans, "given", f.corrupted_prompt, source))
             continue
         swap = _swap(tokenizer, facts, i, ids, answers)
         if swap is None:
@@ -352,13 +375,35 @@ def prepare(tokenizer, facts: list[Fact], model: nn.Module | None = None) -> lis
                 out.append(Prepared(f, ids, ent[1], answer, corr_ans, "entity", ent[0], source,
                                     extra={**extra, "swapped_entity": ent[2]}))
             continue
-        cprompt, cids, other = swap
+        cprompt, cids, swapped = swap
         if corr_ans is None:
-            corr_ans, source = _first_token(tokenizer, cprompt, facts[other].answer), "swap"
+            corr_ans, source = swapped, "swap"
         out.append(Prepared(f, ids, cids, answer, corr_ans, "swap", cprompt, source))
     for p, flag in zip(out, flags):
         if flag:
             p.extra["inferred"] = {"relation": p.fact.relation, "subject": p.fact.subject}
+    return out
+
+
+def _check_prompts(tokenizer, facts: list[Fact], prompts: list[list[int]], limit: int | None) -> list[list[int] | None]:
+    """Each fact's given corrupted prompt in token ids (None where there is none), after checking every fact's
+    prompts: tokens there, within the model's context ``limit``, the corrupted prompt as long as the prompt and not
+    the same tokens. A one-line error names the first fact that fails."""
+    out = []
+    for i, (f, ids) in enumerate(zip(facts, prompts)):
+        if not ids:
+            raise WorkbenchError(f"{_named(f, i)}: the prompt has no tokens")
+        if limit is not None and len(ids) > limit:
+            raise WorkbenchError(f"{_named(f, i)}: the prompt has {len(ids)} tokens, more than the model's context of "
+                                 f"{limit}; shorten it (a fact is not truncated: that would cut off its subject)")
+        cids = _encode(tokenizer, f.corrupted_prompt) if f.corrupted_prompt else None
+        if cids is not None and len(cids) != len(ids):
+            raise WorkbenchError(f"{_named(f, i)}: the corrupted prompt has {len(cids)} tokens, the prompt "
+                                 f"{len(ids)}; they must be equally long")
+        if cids is not None and cids == ids:
+            raise WorkbenchError(f"{_named(f, i)}: the corrupted prompt is the prompt (the same tokens): nothing is "
+                                 "corrupted")
+        out.append(cids)
     return out
 
 
@@ -461,6 +506,10 @@ def _builtin_swap(tokenizer, f: Fact, ids: list[int], answer: int, builtin: list
 
 
 def _swap(tokenizer, facts: list[Fact], i: int, ids: list[int], answers: list[int]):
+    """A swap partner among the facts: the first later fact (then earlier, wrapping) of ``f``'s relation with
+    another subject whose subject in ``f``'s prompt keeps the token count and whose answer, as it follows that
+    corrupted prompt, starts with another token than ``f``'s. (The corrupted prompt, its ids and that answer token),
+    or None."""
     f = facts[i]
     if not (f.subject and f.relation):
         return None
@@ -473,8 +522,11 @@ def _swap(tokenizer, facts: list[Fact], i: int, ids: list[int], answers: list[in
             continue
         cprompt = f.prompt.replace(f.subject, g.subject)
         cids = _encode(tokenizer, cprompt)
-        if len(cids) == len(ids):
-            return cprompt, cids, (i + k) % n
+        if len(cids) != len(ids):
+            continue
+        corrupted = _first_token(tokenizer, cprompt, g.answer, cids)  # in context: a tokenizer may merge differently
+        if corrupted != answers[i]:
+            return cprompt, cids, corrupted
     return None
 
 

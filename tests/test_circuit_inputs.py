@@ -1,0 +1,138 @@
+"""Facts that no circuit can be found for are refused up front, in one line naming the fact: a corrupted answer that
+starts with the answer's token (the logit difference would be 0 in every run, faithfulness NaN), a corrupted prompt
+that is the prompt, and a prompt longer than the model's context."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from workbench.circuits.discover import CircuitOptions, find_circuit
+from workbench.circuits.facts import Fact, builtin_facts, prepare, read_facts
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
+
+OK = {"prompt": "The capital of France is", "answer": " Paris", "corrupted_prompt": "The capital of Spain is",
+      "corrupted_answer": " Madrid"}
+
+
+def _write(path, *facts) -> str:
+    path.write_text("".join(json.dumps(f) + "\n" if f else "\n" for f in facts))
+    return str(path)
+
+
+def _one_error(code: int, err: str, *needles: str) -> str:
+    assert code != 0, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.filterwarnings("ignore:.* no space before it:UserWarning")  # "Rome" after "... is": read as " Rome"
+@pytest.mark.parametrize("answer,corrupted,shared", [(" New Delhi", " New York", " New"), (" Rome", " Rome", " Rome"),
+                                                      ("Rome", " Rome", " Rome")])
+def test_a_corrupted_answer_that_starts_with_the_answers_token_names_the_line(zoo_tokenizer, tmp_path, answer,
+                                                                               corrupted, shared):
+    """Facts are scored by their answers' first tokens: " New Delhi" against " New York" is " New" against itself.
+    ("Rome" after "... is" reads as " Rome".) The error names the file, the line (blank lines counted), both answers
+    and the token."""
+    bad = {"prompt": "The capital of India is", "answer": answer, "corrupted_prompt": "The capital of Spain is",
+           "corrupted_answer": corrupted}
+    path = _write(tmp_path / "facts.jsonl", OK, None, bad)
+    facts = read_facts(path)
+    with pytest.raises(WorkbenchError) as e:
+        prepare(zoo_tokenizer, facts)
+    msg = str(e.value)
+    assert msg.startswith(f"facts file {path} line 3 ('The capital of India is'): ") and "\n" not in msg
+    assert f"{corrupted!r}" in msg and f"same token {shared!r}" in msg
+    # without a corrupted prompt (a subject swap builds it) the given corrupted answer is checked all the same
+    bare = {"prompt": bad["prompt"], "answer": answer, "corrupted_answer": corrupted}
+    with pytest.raises(WorkbenchError, match=f"line 1 .*same token {shared!r}"):
+        prepare(zoo_tokenizer, read_facts(_write(tmp_path / "bare.jsonl", bare)))
+    # facts made in Python are named by their index
+    with pytest.raises(WorkbenchError, match=r"^fact 1 \('The capital of India is'\): .*same token"):
+        prepare(zoo_tokenizer, [Fact(**OK), Fact(**bad)])
+    assert facts[0] == Fact(**OK) and facts[0].to_dict() == OK  # where a fact was read is no part of it
+
+
+def test_cli_refuses_a_shared_first_token_before_any_work(tmp_path, capsys):
+    facts = _write(tmp_path / "facts.jsonl", {"prompt": "The capital of India is", "answer": " New Delhi",
+                                              "corrupted_prompt": "The capital of Spain is",
+                                              "corrupted_answer": " New York"})
+    code = main(["circuit", "zoo:qwen2-moe", "--facts", facts, "--out", str(tmp_path / "o")])
+    _one_error(code, capsys.readouterr().err, f"{facts} line 1", "' New Delhi'", "' New York'", "same token ' New'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_corrupted_prompt_that_is_the_prompt_is_refused(zoo_tokenizer):
+    same = Fact("The capital of France is", " Paris", "The capital of France is", " Berlin")
+    with pytest.raises(WorkbenchError, match=r"^fact 0 .*the corrupted prompt is the prompt"):
+        prepare(zoo_tokenizer, [same])
+
+
+def test_chosen_corrupted_answers_never_start_with_the_answers_token(zoo_tokenizer):
+    """Where the facts give no corrupted answer, the swap partner's answer is the corrupted one: a partner whose
+    answer starts with the same token (" New York" for " New Delhi") is passed over for the next one."""
+    facts = [Fact("The capital of India is", " New Delhi", relation="capital", subject="India"),
+             Fact("The capital of Iraq is", " New York", relation="capital", subject="Iraq"),  # (wrong, on purpose)
+             Fact("The capital of Peru is", " Lima", relation="capital", subject="Peru"), *builtin_facts()]
+    prepared = prepare(zoo_tokenizer, facts)
+    assert prepared[0].baseline == "swap" and prepared[0].corrupted_prompt == "The capital of Peru is"
+    assert prepared[1].corrupted_prompt == "The capital of Peru is"
+    assert all(p.corrupted_answer_id != p.answer_id for p in prepared)
+
+
+# ----- the model's context ------------------------------------------------------------------------------------
+
+CONTEXT = 32
+
+
+@pytest.fixture(scope="module")
+def short_gpt2(tmp_path_factory, zoo_tokenizer):
+    """A random 2-layer GPT-2 of 32 positions (learned position embeddings: position 32 does not exist), saved
+    with the zoo's tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("gpt2") / "short-gpt2"
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=CONTEXT, vocab_size=len(zoo_tokenizer))
+    GPT2LMHeadModel(cfg).save_pretrained(d)
+    zoo_tokenizer.save_pretrained(d)
+    return d
+
+
+def _long(country: str, words: int) -> str:
+    return "word " * words + f"The capital of {country} is"
+
+
+def test_a_fact_longer_than_the_context_names_the_fact_and_the_lengths(short_gpt2, zoo_tokenizer, tmp_path, capsys):
+    facts = _write(tmp_path / "facts.jsonl", *({"prompt": _long("Italy", 60), "answer": " Rome",
+                                                "corrupted_prompt": _long("France", 60), "corrupted_answer": " Paris"}
+                                               for _ in range(2)))
+    n = len(zoo_tokenizer(_long("Italy", 60)).input_ids)
+    code = main(["circuit", str(short_gpt2), "--facts", facts, "--top-edges", "20", "--no-curve",
+                 "--out", str(tmp_path / "o")])
+    _one_error(code, capsys.readouterr().err, f"{facts} line 1", f"{n} tokens", f"context of {CONTEXT}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_fact_that_fills_the_context_exactly_runs(short_gpt2, zoo_tokenizer):
+    from workbench.models.specs import load
+
+    lm = load(str(short_gpt2))
+    words = next(w for w in range(40) if len(zoo_tokenizer(_long("Italy", w)).input_ids) == CONTEXT)
+    facts = [Fact(_long("Italy", words), " Rome", _long("France", words), " Paris"),
+             Fact("The capital of Japan is", " Tokyo", "The capital of Spain is", " Madrid")]
+    circuit, _, _ = find_circuit(lm, facts, CircuitOptions(method="eap", top_edges=20, random_seeds=1))
+    assert [f["n_tokens"] for f in circuit.meta["facts"]] == [CONTEXT, 5]
+    m = circuit.meta["metrics"]
+    assert m["metric_full"] == m["metric_full"] and m["metric_full"] != m["metric_corrupted"]
+    with pytest.raises(WorkbenchError, match=rf"^fact 0 .*{CONTEXT + 1} tokens, more than the model's context of "
+                                             rf"{CONTEXT}"):
+        prepare(lm.tokenizer, [Fact(_long("Italy", words + 1), " Rome")], lm.model)
