@@ -128,6 +128,14 @@ BAD = [
     ("conditions:\n  - name: a\n    interventions: [{op: zero, layers: [1\n", "line 4: not valid YAML"),
     ("conditions:\n  - generate: every_expert\n", "line 2: conditions[0]: field 'generate'"),
     ("colour: red\nconditions: []\n", "unknown field 'colour'"),
+    ("num_texts: 0\nconditions: []\n", "line 1: field 'num_texts' must be an integer >= 1, got 0"),
+    ("conditions: []\nseeds: 3\n", "line 2: field 'seeds' must be a list of integers"),
+    ("batch_size: -2\nconditions: []\n", "field 'batch_size' must be an integer >= 1, got -2"),
+    ("max_new_tokens: -1\nconditions: []\n", "field 'max_new_tokens' must be an integer >= 1, got -1"),
+    ("conditions:\n  - name: a\n    interventions: [{op: scale, layers: 1, expert: 1}]\n",
+     "line 3: conditions[0].interventions[0]: op 'scale' needs field 'factor'"),
+    ("conditions:\n  - name: a\n    interventions: [{op: scale, layers: 1, expert: 1, factor: .nan}]\n",
+     "field 'factor' must be a finite number, got nan"),
 ]
 
 

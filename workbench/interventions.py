@@ -6,7 +6,8 @@ An :class:`Intervention` is a small serialisable record (dict / JSON / YAML) say
 Operations (``op``):
 
 * ``zero``   an expert's output (the router still sends tokens to it: the paper's pruning);
-* ``scale``  an expert's output by ``factor`` (for routed experts: its routing weight, equivalently);
+* ``scale``  an expert's output by ``factor`` (for routed experts: its routing weight, equivalently; every scale op
+  needs its ``factor``, and ``factor``, ``weight``, ``value`` and ``coef`` must be finite);
 * ``drop``   an expert from routing: it cannot be chosen, top-k is re-picked and renormalised as the
   architecture does;
 * ``force``  an expert into every token's top-k with routing weight ``weight`` (it replaces the
@@ -38,6 +39,7 @@ texts). Outside such a runner a prompt-scoped intervention touches nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -55,6 +57,7 @@ SAE_OPS = ("sae_steer",)
 HEAD_OPS = ("zero_head", "scale_head")
 QK_OPS = ("mean_qk",)
 OPS = EXPERT_OPS + CHANNEL_OPS + SAE_OPS + HEAD_OPS + QK_OPS
+SCALE_OPS = ("scale", "scale_channel", "scale_neuron", "scale_head")  # need a factor (0.0 would silently zero)
 
 
 def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
@@ -114,10 +117,16 @@ class Intervention:
             d["heads"] = d.pop("head")
         if "op" not in d or d["op"] not in OPS:
             raise WorkbenchError(f"{where}: field 'op' must be one of {', '.join(OPS)}, got {d.get('op')!r}")
+        if d["op"] in SCALE_OPS and "factor" not in d:
+            raise WorkbenchError(f"{where}: op {d['op']!r} needs field 'factor' (0 zeroes, 1 leaves as is)")
         if d["op"] in SAE_OPS:
             from workbench.sae.steer import complete
 
             d = complete(d, where)
+        for name in ("factor", "weight", "value", "coef"):
+            x = d.get(name)
+            if name in d and (not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x)):
+                raise WorkbenchError(f"{where}: field {name!r} must be a finite number, got {x!r}")
         if "layers" not in d:
             raise WorkbenchError(f"{where}: field 'layers' is required")
         layers = d["layers"] if isinstance(d["layers"], (list, tuple)) else [d["layers"]]
@@ -130,9 +139,6 @@ class Intervention:
                 if not all(isinstance(x, int) and not isinstance(x, bool) for x in vals):
                     raise WorkbenchError(f"{where}: field {name!r} must be integers")
                 d[name] = tuple(vals)
-        for name in ("factor", "weight", "value"):
-            if name in d and not isinstance(d[name], (int, float)):
-                raise WorkbenchError(f"{where}: field {name!r} must be a number")
         for name in ("top", "bottom", "random", "matched"):
             if d.get(name) is not None and (not isinstance(d[name], int) or isinstance(d[name], bool) or d[name] < 1):
                 raise WorkbenchError(f"{where}: field {name!r} must be a positive integer")
@@ -175,7 +181,7 @@ class Intervention:
             if f.name in ("op", "layers"):
                 continue
             v = getattr(self, f.name)
-            if v != getattr(defaults, f.name):
+            if v != getattr(defaults, f.name) or (f.name == "factor" and self.op in SCALE_OPS):  # required: written
                 out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 

@@ -48,14 +48,37 @@ def default_cloze() -> list[ClozeItem]:
     return items
 
 
-def _batches(lm, texts: Sequence[str], size: int, pad: int | None = None, left: bool = False, what: str = "text"):
-    """Texts of similar length batched together (:func:`~workbench.tracing.runner.batch_members`: less padding):
-    each batch's text indices, its input ids and attention mask, padded with ``pad`` (default: the tokenizer's pad
-    id, else 0) on the right, or on the ``left``. A text that tokenizes to nothing is refused, named as ``what``."""
+def context_length(lm) -> int | None:
+    """The most positions the model takes (its config's ``max_position_embeddings``, as traces and profiles cut
+    prompts to); None where the config names none."""
+    n = getattr(lm.config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def token_ids(lm, texts: Sequence[str], what: str = "text", room: int = 0) -> tuple[list[list[int]], int]:
+    """Each text's token ids, cut to the model's context less ``room`` positions (the tokens generated after it),
+    and how many were cut (the caller warns: a study does, once). A text that tokenizes to nothing is refused,
+    named as ``what``."""
     ids = [lm.tokenizer(t)["input_ids"] for t in texts]
     for i, x in enumerate(ids):
         if not x:
             raise WorkbenchError(f"{what} {i} ({texts[i]!r}) tokenizes to nothing")
+    limit = context_length(lm)
+    if limit is None:
+        return ids, 0
+    if limit - room < 1:
+        raise WorkbenchError(f"{room} new tokens leave no room for a {what} in the model's context of {limit} "
+                             "positions")
+    return [x[: limit - room] for x in ids], sum(len(x) > limit - room for x in ids)
+
+
+def _batches(lm, texts: Sequence[str], size: int, pad: int | None = None, left: bool = False, what: str = "text",
+             room: int = 0):
+    """Texts of similar length batched together (:func:`~workbench.tracing.runner.batch_members`: less padding):
+    each batch's text indices, its input ids and attention mask, padded with ``pad`` (default: the tokenizer's pad
+    id, else 0) on the right, or on the ``left``; the texts cut to the model's context less ``room``
+    (:func:`token_ids`)."""
+    ids, _ = token_ids(lm, texts, what, room)
     if pad is None:
         pad = pad_token(lm.tokenizer)
     for members in batch_members(torch.tensor([len(x) for x in ids], dtype=torch.int64), size):
@@ -68,7 +91,7 @@ def _batches(lm, texts: Sequence[str], size: int, pad: int | None = None, left: 
 def text_metrics(lm, texts: Sequence[str], want: set[str], baseline_logprobs: list | None = None,
                  batch_size: int = 8, applied=None) -> tuple[dict[str, list[float]], list[torch.Tensor]]:
     """Per-text perplexity / sink / massive / kl in one pass; also returns per-text log-probs (for KL), in the
-    texts' order (they run in batches of similar length)."""
+    texts' order (they run in batches of similar length). A text longer than the model's context is cut to it."""
     n = len(texts)
     out: dict[str, list[float]] = {k: [math.nan] * n for k in ("perplexity", "sink", "massive", "kl") if k in want}
     keep = "kl" in want or baseline_logprobs is None
@@ -129,12 +152,13 @@ def generations(lm, prompts: Sequence[str], max_new_tokens: int = 20, batch_size
     """Greedy continuations, in the prompts' order. Prompts of similar length are generated together, padded on
     the left (each token at the position it has alone; a scoped intervention counts positions among real tokens),
     so a continuation is the prompt's own up to float error in the batched matmuls: on a near-tie between the top
-    two tokens (below ~1e-5 of a logit) a batch may take the other one."""
+    two tokens (below ~1e-5 of a logit) a batch may take the other one. A prompt is cut to leave room for the new
+    tokens in the model's context."""
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[str] = [""] * len(prompts)
     for rows, input_ids, mask in _batches(lm, prompts, batch_size, pad if pad is not None else 0, left=True,
-                                          what="generation prompt"):
+                                          what="generation prompt", room=max_new_tokens):
         gen = lm.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=pad)
         for r, i in enumerate(rows):

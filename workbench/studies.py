@@ -5,8 +5,11 @@ A study file (YAML or JSON)::
     name: super-experts
     metrics: [perplexity, accuracy, sink, massive, kl, generations]   # the default; also passkey, override,
                                                                       # label_copy, recall (workbench.tasks)
-    num_texts: 48            # built-in texts (or `texts: FILE`, one per line)
-    seeds: [0, 1, 2]         # for generated random controls
+    num_texts: 48            # built-in texts (or `texts: FILE`, one per line, or a list); cut to the model's context
+    seeds: [0, 1, 2]         # for generated random controls (a list: `seeds: 3` is refused, not guessed at)
+    batch_size: 8
+    generation_prompts: ["The capital of France is"]   # for `generations`, with
+    max_new_tokens: 20
     conditions:
       - name: drop-L1-E3
         interventions: [{op: drop, layers: 1, expert: 3}]
@@ -17,11 +20,17 @@ A study file (YAML or JSON)::
 
 A baseline condition (no intervention) is always run first. Every generated condition is spelled
 out in ``study.resolved.yaml``, which ``workbench ablate`` runs unchanged; each finished condition is saved under ``conditions/`` at once, so an
-interrupted run keeps them and a re-run resumes.
+interrupted run keeps them and a re-run resumes. A saved condition records what its numbers depend on (model, dtype,
+texts, batch size, generation prompts, cloze and task items); one computed for another run is computed again.
+
+Every field is checked when the study is read (counts are integers >= 1), and what needs the model (layer and expert
+indices, ``prompts`` within the texts, ``positions`` within reach, new tokens within the context) before anything is
+written. Texts, prompts and items longer than the model's context are cut to it, with one warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -45,6 +54,7 @@ from workbench.io import atomic_path, read_structured, write_text
 GENERATORS = ("each_super_expert", "all_super_experts", "random_experts")
 TOP_KEYS = {"name", "metrics", "texts", "num_texts", "seeds", "conditions", "generation_prompts", "max_new_tokens",
             "batch_size", "model"}  # model: recorded in study.resolved.yaml, for the reader (the CLI names the model)
+TEXT_METRICS = ("perplexity", "sink", "massive", "kl")  # one pass over the study's texts, which number its prompts
 COLUMNS = ["condition", "group", "seed", "metric", "mean", "ci_low", "ci_high", "n", "text", "seconds"]
 DEFAULT_GENERATION_PROMPTS = ["The capital of France is", "Once upon a time,", "Seven plus five equals"]
 
@@ -66,7 +76,8 @@ class Condition:
 
 
 def _lines(text: str) -> dict[tuple, int]:
-    """Line numbers (1-based) of the condition mappings and their interventions, from the YAML node tree."""
+    """Line numbers (1-based) of the top-level fields (keyed by name), the condition mappings and their
+    interventions (by index), from the YAML node tree."""
     out: dict[tuple, int] = {}
     try:
         root = yaml.compose(text)
@@ -75,6 +86,8 @@ def _lines(text: str) -> dict[tuple, int]:
     if not isinstance(root, yaml.MappingNode):
         return out
     for k, v in root.value:
+        if isinstance(k, yaml.ScalarNode):
+            out[(k.value,)] = k.start_mark.line + 1  # a top-level field
         if k.value == "conditions" and isinstance(v, yaml.SequenceNode):
             for i, c in enumerate(v.value):
                 out[(i,)] = c.start_mark.line + 1
@@ -97,16 +110,40 @@ class Study:
         if unknown:
             raise WorkbenchError(f"{source}: unknown field {unknown[0]!r}; known: {', '.join(sorted(TOP_KEYS))}")
         self.name = str(spec.get("name", "study"))
-        self.metrics = list(spec.get("metrics", M.DEFAULT_METRICS))
-        bad = [m for m in self.metrics if m not in M.METRICS]
+        metrics = spec.get("metrics", list(M.DEFAULT_METRICS))
+        metrics = [metrics] if isinstance(metrics, str) else metrics
+        if not isinstance(metrics, list) or not metrics:
+            raise WorkbenchError(f"{self._at('metrics')}: field 'metrics' must be a list of metric names; known: "
+                                 f"{', '.join(M.METRICS)}")
+        bad = [m for m in metrics if m not in M.METRICS]
         if bad:
-            raise WorkbenchError(f"{source}: field 'metrics': unknown metric {bad[0]!r}; known: {', '.join(M.METRICS)}")
-        self.texts_file = spec.get("texts")
-        self.num_texts = int(spec.get("num_texts", 48))
-        self.seeds = [int(s) for s in spec.get("seeds", [0, 1, 2])]
-        self.generation_prompts = list(spec.get("generation_prompts", DEFAULT_GENERATION_PROMPTS))
-        self.max_new_tokens = int(spec.get("max_new_tokens", 20))
-        self.batch_size = int(spec.get("batch_size", 8))
+            raise WorkbenchError(f"{self._at('metrics')}: field 'metrics': unknown metric {bad[0]!r}; known: "
+                                 f"{', '.join(M.METRICS)}")
+        self.metrics = metrics
+        self.texts_file = spec.get("texts")  # a file's path, or the texts themselves (a list)
+        t = self.texts_file
+        if t is not None and not (isinstance(t, str) and t.strip() or isinstance(t, list) and t
+                                  and all(isinstance(x, str) and x.strip() for x in t)):
+            raise WorkbenchError(f"{self._at('texts')}: field 'texts' must be the path of a text file (one text a "
+                                 f"line) or a list of non-empty texts, got {t!r}")
+        self.num_texts = self._count(spec, "num_texts", 48)
+        self.batch_size = self._count(spec, "batch_size", 8)
+        self.max_new_tokens = self._count(spec, "max_new_tokens", 20)
+        self.seeds = spec.get("seeds", [0, 1, 2])
+        if not isinstance(self.seeds, list) or not all(_is_int(x) for x in self.seeds):
+            raise WorkbenchError(f"{self._at('seeds')}: field 'seeds' must be a list of integers, e.g. [0, 1, 2], got "
+                                 f"{self.seeds!r}")
+        twice = sorted({x for x in self.seeds if self.seeds.count(x) > 1})
+        if twice:
+            raise WorkbenchError(f"{self._at('seeds')}: field 'seeds': seed {twice[0]} is listed twice")
+        self.generation_prompts = spec.get("generation_prompts", DEFAULT_GENERATION_PROMPTS)
+        gp = self.generation_prompts
+        if not isinstance(gp, list) or not all(isinstance(x, str) and x.strip() for x in gp) \
+                or (not gp and "generations" in self.metrics):
+            raise WorkbenchError(f"{self._at('generation_prompts')}: field 'generation_prompts' must be a list of "
+                                 f"non-empty strings" + (", at least one for metric 'generations'" if gp == [] else "")
+                                 + f", got {gp!r}")
+        self.generation_prompts = list(gp)
         conds = spec.get("conditions", [])
         if not isinstance(conds, list):
             raise WorkbenchError(f"{source}: field 'conditions' must be a list")
@@ -124,6 +161,12 @@ class Study:
                                          f"(with optional k, op, layers)" + (f"; unknown field {extra[0]!r}" if extra else ""))
                 if c.get("op", "zero") not in ("zero", "drop"):
                     raise WorkbenchError(f"{where}: field 'op' of a generated condition must be 'zero' or 'drop'")
+                if "k" in c and (not _is_int(c["k"]) or c["k"] < 1):
+                    raise WorkbenchError(f"{where}: field 'k' must be an integer >= 1, got {c['k']!r}")
+                layers = c.get("layers")
+                if layers is not None and not (_is_int(layers) or isinstance(layers, list) and layers
+                                               and all(_is_int(x) for x in layers)):
+                    raise WorkbenchError(f"{where}: field 'layers' must be an integer or a list of integers")
                 self.generated.append(dict(c))
                 continue
             unknown = sorted(set(c) - {"name", "interventions", "group", "seed"})
@@ -136,11 +179,23 @@ class Study:
                 w = (f"{source} line {self.lines[(i, j)]}" if (i, j) in self.lines else source)
                 ivs.append(Intervention.from_dict(d, f"{w}: conditions[{i}].interventions[{j}]"))
             seed = c.get("seed")
+            if seed is not None and not _is_int(seed):
+                raise WorkbenchError(f"{where}: field 'seed' must be an integer, got {seed!r}")
             self.explicit.append(Condition(str(c["name"]), ivs, str(c.get("group") or ""), None if seed is None else int(seed)))
         names = [c.name for c in self.explicit]
         dup = {n for n in names if names.count(n) > 1} | ({"baseline"} & set(names))
         if dup:
             raise WorkbenchError(f"{source}: condition name {sorted(dup)[0]!r} is used twice (baseline is implicit)")
+
+    def _at(self, key: str) -> str:
+        """Where top-level field ``key`` is: the source, and its line where known."""
+        return f"{self.source} line {self.lines[(key,)]}" if (key,) in self.lines else self.source
+
+    def _count(self, spec: dict, key: str, default: int) -> int:
+        v = spec.get(key, default)
+        if not _is_int(v) or v < 1:
+            raise WorkbenchError(f"{self._at(key)}: field {key!r} must be an integer >= 1, got {v!r}")
+        return v
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Study":
@@ -149,14 +204,28 @@ class Study:
 
     # ----- resolution -----------------------------------------------------------------------------
     def texts(self) -> list[str]:
-        texts = read_prompts(self.texts_file) if self.texts_file else default_prompts()
+        t = self.texts_file
+        texts = list(t) if isinstance(t, list) else read_prompts(t) if t else default_prompts()
         return texts[: self.num_texts]
 
     def resolve(self, lm, progress: bool = False) -> list[Condition]:
         """All conditions, generated ones spelled out, validated against the model (before any study run)."""
         out = [Condition("baseline")] + list(self.explicit)
+        limit = M.context_length(lm)
+        if "generations" in self.metrics and self.generation_prompts and limit and self.max_new_tokens >= limit:
+            raise WorkbenchError(f"{self._at('max_new_tokens')}: field 'max_new_tokens': {self.max_new_tokens} new "
+                                 f"tokens leave no room for a generation prompt in the model's context of {limit} "
+                                 "positions")
         self._validate(lm, out)  # explicit conditions: before any forward pass
         if self.generated:
+            n = len(lm.layer_infos())
+            for g in self.generated:  # before the profile, as explicit conditions are
+                layers = g.get("layers")
+                bad = [x for x in (layers if isinstance(layers, list) else [layers] if layers is not None else [])
+                       if not 0 <= x < n]
+                if bad:
+                    raise WorkbenchError(f"{self.source}: generated condition {g['generate']!r}: field 'layers': layer "
+                                         f"{bad[0]} out of range (model has {n})")
             supers = self._super_experts(lm, progress)
             generated = [c for g in self.generated for c in self._generate(lm, g, supers)]
             self._validate(lm, generated)
@@ -164,9 +233,75 @@ class Study:
         return out
 
     def _validate(self, lm, conditions: list[Condition]) -> None:
+        """Each intervention against the model, and its ``prompts`` and ``positions`` against what the study runs
+        (a scope that touches no token would make a condition silently equal to the baseline)."""
+        texts = extent = None
         for c in conditions:
             for i, iv in enumerate(c.interventions):
-                iv.validate(lm, f"{self.source}: condition {c.name!r} intervention {i}")
+                where = f"{self.source}: condition {c.name!r} intervention {i}"
+                iv.validate(lm, where)
+                if iv.prompts is not None:
+                    if not set(self.metrics) & set(TEXT_METRICS):
+                        raise WorkbenchError(f"{where}: field 'prompts' picks texts, which only the metrics "
+                                             f"{', '.join(TEXT_METRICS)} run; the study has none of them")
+                    texts = self.texts() if texts is None else texts
+                    bad = [p for p in iv.prompts if not 0 <= p < len(texts)]
+                    if bad:
+                        raise WorkbenchError(f"{where}: field 'prompts': text {bad[0]} out of range (the study has "
+                                             f"{len(texts)} texts)")
+                if iv.positions is not None:
+                    texts = self.texts() if texts is None else texts
+                    extent = self._extent(lm, texts) if extent is None else extent
+                    lengths, other, _ = extent
+                    picked = [lengths[p] for p in iv.prompts] if iv.prompts is not None else [*lengths, other]
+                    longest = max(picked, default=0)
+                    if not any(p < longest if p >= 0 else -p <= longest for p in iv.positions):
+                        what = "text it picks" if iv.prompts is not None else "input"
+                        raise WorkbenchError(f"{where}: field 'positions': {list(iv.positions)} touch no token (the "
+                                             f"longest {what} of the study has {longest} tokens; positions count "
+                                             "from 0, negative from the end)")
+
+    def _extent(self, lm, texts: list[str]) -> tuple[list[int], int, list[str]]:
+        """As the study runs them: each text's token count (0 where no text metric runs), the longest of its other
+        inputs (a generation prompt with its new tokens, a cloze or task prompt with an option), and what was cut to
+        the model's context, a phrase a kind."""
+        want, limit = set(self.metrics), M.context_length(lm)
+        lengths, other, cut = [0] * len(texts), 0, []
+        if want & set(TEXT_METRICS):
+            ids, n = M.token_ids(lm, texts)
+            lengths = [len(x) for x in ids]
+            if n:
+                cut.append(f"{n} of {len(texts)} texts to {limit} tokens")
+        if "generations" in want and self.generation_prompts:
+            new = self.max_new_tokens
+            ids, n = M.token_ids(lm, self.generation_prompts, "generation prompt", new)
+            other = max(len(x) for x in ids) + new
+            if n:
+                cut.append(f"{n} of {len(ids)} generation prompts to {limit - new} tokens (room for max_new_tokens)")
+        sets = ([("cloze", M.default_cloze())] if "accuracy" in want else []) + [(t, T.items(t)) for t in T.TASKS
+                                                                                if t in want]
+        for name, items in sets:
+            prompts, options, n = T.tokenized(lm, items)
+            other = max([other, *(len(p) + max(map(len, opts)) for p, opts in zip(prompts, options))])
+            if n:
+                cut.append(f"{n} of {len(items)} {name} prompts to their last {max(map(len, prompts))} tokens (room "
+                           f"for the options)")
+        return lengths, other, cut
+
+    def _inputs(self, lm, texts: list[str], cloze: list) -> dict:
+        """What a condition's numbers depend on besides its interventions and the metrics; saved with each finished
+        condition, which a re-run reuses only where all of it is the same."""
+        want = set(self.metrics)
+        out = {"model": lm.spec, "dtype": str(getattr(lm.model, "dtype", "")), "batch_size": self.batch_size,
+               "texts": len(texts), "texts_sha256": _sha256(texts)}
+        if "accuracy" in want:
+            out["cloze_sha256"] = _sha256([[c.prompt, *c.options, c.answer] for c in cloze])
+        tasks = [t for t in T.TASKS if t in want]
+        if tasks:
+            out["tasks_sha256"] = _sha256([[t, c.prompt, *c.options, c.answer] for t in tasks for c in T.items(t)])
+        if "generations" in want:
+            out.update(generation_prompts=self.generation_prompts, max_new_tokens=self.max_new_tokens)
+        return out
 
     def _super_experts(self, lm, progress: bool) -> list[dict]:
         from workbench.experts.profile import ProfileOptions, profile
@@ -225,7 +360,13 @@ class Study:
 
         conditions = self.resolve(lm, progress)
         texts, cloze = self.texts(), M.default_cloze()
+        _, _, cut = self._extent(lm, texts)  # before anything is written: a text that tokenizes to nothing fails here
+        if cut:
+            warnings.warn(f"{self.source}: longer than the model's context of {M.context_length(lm)} positions, cut: "
+                          + "; ".join(cut), stacklevel=2)
+        inputs = self._inputs(lm, texts, cloze)
         out = Path(out_dir) if out_dir else None
+        reuse = self._saved(out, conditions, inputs) if out else {}
         if out:
             # Runs unchanged with `workbench ablate` (the baseline is implicit, so it is not listed).
             write_text(out / "study.resolved.yaml", yaml.safe_dump(
@@ -243,17 +384,15 @@ class Study:
             for c in bar:
                 bar.set_postfix_str(c.name)
                 saved = out / "conditions" / f"{_slug(c.name)}.json" if out else None
-                if saved and saved.is_file():
-                    done = json.loads(saved.read_text())
-                    if done.get("condition") == c.to_dict() and done.get("metrics") == self.metrics:
-                        rows += done["rows"]
-                        if c.name == "baseline" and "kl" in want:
-                            _, baseline_lp = M.text_metrics(lm, texts, {"kl"}, None, self.batch_size)
-                        continue
+                if c.name in reuse:
+                    rows += reuse[c.name]
+                    if c.name == "baseline" and "kl" in want:
+                        _, baseline_lp = M.text_metrics(lm, texts, {"kl"}, None, self.batch_size)
+                    continue
                 start = time.perf_counter()
                 with apply(lm, c.interventions) as applied:
                     values, lp = {}, []
-                    if want & {"perplexity", "sink", "massive", "kl"}:  # one pass over the texts for these
+                    if want & set(TEXT_METRICS):  # one pass over the texts for these
                         values, lp = M.text_metrics(lm, texts, want, baseline_lp, self.batch_size, applied)
                     if c.name == "baseline":
                         baseline_lp = lp
@@ -277,11 +416,49 @@ class Study:
                     r["seconds"] = round(time.perf_counter() - start, 3)
                 rows += crow
                 if saved:  # full float precision, so a resumed run equals an uninterrupted one
-                    write_text(saved, json.dumps({"condition": c.to_dict(), "metrics": self.metrics, "rows": crow}))
+                    write_text(saved, json.dumps({"condition": c.to_dict(), "metrics": self.metrics, "inputs": inputs,
+                                                  "rows": crow}))
         df = pd.DataFrame(rows, columns=COLUMNS)
         if out:
             write_results(df, out)
         return df
+
+    def _saved(self, out: Path, conditions: list[Condition], inputs: dict) -> dict[str, list[dict]]:
+        """The rows of the conditions saved under ``out/conditions`` by a run of this very study (same condition,
+        metrics and inputs: :meth:`_inputs`), by name; the others are computed again, said once."""
+        reuse, stale = {}, []
+        for c in conditions:
+            f = out / "conditions" / f"{_slug(c.name)}.json"
+            if not f.is_file():
+                continue
+            try:
+                done = json.loads(f.read_text())
+            except (OSError, ValueError):
+                done = None
+            if not isinstance(done, dict) or not isinstance(done.get("rows"), list):
+                stale.append((f, ["unreadable"]))
+                continue
+            was = done.get("inputs")
+            if not isinstance(was, dict):
+                why = ["no record of the model and texts it was computed on"]
+            else:
+                keys = [k for k in dict.fromkeys([*inputs, *was]) if was.get(k) != inputs.get(k)]
+                why = [_differs(k, was.get(k), inputs.get(k)) for k in keys
+                       if not (k.endswith("_sha256") and k[:-len("_sha256")] in keys)]  # "texts 4, now 2" says it
+            if done.get("condition") != c.to_dict():
+                why.append("other interventions")
+            if done.get("metrics") != self.metrics:
+                why.append(_differs("metrics", done.get("metrics"), self.metrics))
+            if why:
+                stale.append((f, why))
+            else:
+                reuse[c.name] = done["rows"]
+        if stale:
+            f, why = stale[0]
+            more = f" and {len(stale) - 1} more" if len(stale) > 1 else ""
+            warnings.warn(f"{f.parent.name}/{f.name}{more} {'were' if more else 'was'} computed for another run "
+                          f"({', '.join(why)}): recomputing", stacklevel=3)
+        return reuse
 
 
 class _Null:
@@ -290,6 +467,21 @@ class _Null:
 
     def __exit__(self, *a):
         return False
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()
+
+
+def _differs(key: str, was, now) -> str:
+    """A phrase for an input that differs from a saved condition's (``was``; None: one of the two has none)."""
+    if key.endswith("_sha256"):
+        return f"other {key[:-len('_sha256')]}"
+    return f"{key} {was!r}, now {now!r}"
 
 
 def _slug(name: str) -> str:

@@ -155,6 +155,39 @@ LOGIT_ELEMENTS = 1 << 26
 PROMPT_TOKENS = 4096  # padded prompt tokens per forward
 
 
+def tokenized(lm, choices: Sequence) -> tuple[list[list[int]], list[list[list[int]]], int]:
+    """Each item's prompt and options in token ids, and how many prompts were cut to the model's context (the caller
+    warns: a study does, once). A cut prompt keeps its leading special tokens (a BOS) and its last tokens, which the
+    options continue, leaving room for the longest option of all items (a batch pads its options to that)."""
+    from workbench.metrics import context_length
+
+    tok = lm.tokenizer
+    prompts = [tok(c.prompt)["input_ids"] for c in choices]
+    options = [continuation_ids(tok, c.prompt, c.options, head=p) for c, p in zip(choices, prompts)]
+    for i, (c, p, opts) in enumerate(zip(choices, prompts, options)):
+        if not p:
+            raise WorkbenchError(f"choice item {i}: its prompt {c.prompt!r} tokenizes to nothing")
+        if not opts:
+            raise WorkbenchError(f"choice item {i}: no options")
+        for o, ids in zip(c.options, opts):
+            if not ids:
+                raise WorkbenchError(f"choice item {i}: option {o!r} tokenizes to nothing")
+    limit = context_length(lm)
+    if limit is None or not choices:
+        return prompts, options, 0
+    keep = limit - (max(len(o) for opts in options for o in opts) - 1)  # an option's last token is not fed
+    special, cut = set(tok.all_special_ids), 0
+    for i, p in enumerate(prompts):
+        if len(p) <= keep:
+            continue
+        head = next((j for j, t in enumerate(p) if t not in special), len(p))
+        if keep - head < 1:
+            raise WorkbenchError(f"choice item {i}: the longest option ({limit - keep + 1} tokens) leaves no room "
+                                 f"for its prompt in the model's context of {limit} positions")
+        prompts[i], cut = p[:head] + p[len(p) - (keep - head):], cut + 1
+    return prompts, options, cut
+
+
 @torch.no_grad()
 def option_logprobs(lm, choices: Sequence, batch_size: int = 8) -> list[list[float]]:
     """Each option's summed log-probability after its item's prompt (``choices``: anything with ``prompt`` and
@@ -166,21 +199,12 @@ def option_logprobs(lm, choices: Sequence, batch_size: int = 8) -> list[list[flo
     prompt's cache, at the positions it would have without the padding. A model whose cache rows cannot be picked
     that way (sliding-window layers, recurrent or linear-attention states: :func:`_selectable`) runs one prompt at
     a time, each option from a copy of its cache. Equal to scoring each prompt and option alone up to the float
-    differences of batched matmuls (``tests/test_tasks.py``, every kind of cache).
+    differences of batched matmuls (``tests/test_tasks.py``, every kind of cache). A prompt longer than the model's
+    context allows is cut from the front (:func:`tokenized`).
     """
-    tok = lm.tokenizer
     if batch_size < 1:
         raise WorkbenchError("batch size must be at least 1")
-    prompts = [tok(c.prompt)["input_ids"] for c in choices]
-    options = [continuation_ids(tok, c.prompt, c.options, head=p) for c, p in zip(choices, prompts)]
-    for i, (c, p, opts) in enumerate(zip(choices, prompts, options)):
-        if not p:
-            raise WorkbenchError(f"choice item {i}: its prompt {c.prompt!r} tokenizes to nothing")
-        if not opts:
-            raise WorkbenchError(f"choice item {i}: no options")
-        for o, ids in zip(c.options, opts):
-            if not ids:
-                raise WorkbenchError(f"choice item {i}: option {o!r} tokenizes to nothing")
+    prompts, options, _ = tokenized(lm, choices)
     vocab = int(lm.model.get_output_embeddings().weight.shape[0])
     out: list[list[float]] = [[] for _ in choices]
     order = sorted(range(len(choices)), key=lambda i: len(prompts[i]))

@@ -1,0 +1,231 @@
+"""Study inputs: saved conditions reused only for the same run, fields checked when read, scopes that touch
+nothing refused, texts longer than the model's context cut to it."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from workbench.errors import WorkbenchError
+from workbench.interventions import Intervention
+from workbench.models.specs import load
+from workbench.studies import Study
+
+TINY = {"name": "ok", "metrics": ["perplexity", "kl"], "num_texts": 4,
+        "conditions": [{"name": "drop-L1-E3", "interventions": [{"op": "drop", "layers": 1, "expert": 3}]}]}
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    return load("zoo:qwen2-moe")
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return load("zoo:mixtral")
+
+
+def _run(spec, lm, out):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        df = Study(spec).run(lm, out, progress=False)
+    return df.drop(columns="seconds"), [str(w.message) for w in seen]
+
+
+# ----- saved conditions: reused only for the same model, texts and settings ----------------------------------------
+
+def test_saved_conditions_of_another_model_or_other_texts_are_recomputed(qwen2, mixtral, tmp_path):
+    out = tmp_path / "a6"
+    _run(TINY, qwen2, out)
+    df, said = _run(TINY, mixtral, out)
+    fresh, _ = _run(TINY, mixtral, tmp_path / "fresh")
+    pd.testing.assert_frame_equal(df, fresh)
+    assert [m for m in said if "computed for another run" in m] == [
+        "conditions/baseline.json and 1 more were computed for another run (model 'zoo:qwen2-moe', now "
+        "'zoo:mixtral'): recomputing"]
+    fewer = dict(TINY, num_texts=2)
+    df, said = _run(fewer, mixtral, out)
+    fresh, _ = _run(fewer, mixtral, tmp_path / "fresh2")
+    pd.testing.assert_frame_equal(df, fresh)
+    assert (df.n == 2).all() and (pd.read_csv(out / "results.csv").n == 2).all()
+    assert any("(texts 4, now 2)" in m for m in said)
+
+
+def test_saved_conditions_of_this_run_are_reused_and_old_records_recomputed(qwen2, tmp_path):
+    out = tmp_path / "o"
+    first, _ = _run(TINY, qwen2, out)
+    saved = out / "conditions" / "drop-L1-E3.json"
+    done = json.loads(saved.read_text())
+    done["rows"][0].update(mean=1234.5, ci_low=1234.5, ci_high=1234.5)  # a mark: reused rows are read back as saved
+    saved.write_text(json.dumps(done))
+    again, said = _run(TINY, qwen2, out)
+    assert again[again.condition == "drop-L1-E3"]["mean"].iloc[0] == 1234.5
+    assert not [m for m in said if "another run" in m]
+    del done["inputs"]  # as an older version saved it: no record of what it was computed on
+    saved.write_text(json.dumps(done))
+    again, said = _run(TINY, qwen2, out)
+    pd.testing.assert_frame_equal(again, first)
+    assert any("drop-L1-E3.json was computed for another run (no record" in m for m in said)
+
+
+# ----- fields checked when the study is read ------------------------------------------------------------------------
+
+BAD_FIELDS = [
+    ({"num_texts": 0}, "field 'num_texts' must be an integer >= 1, got 0"),
+    ({"num_texts": -3}, "field 'num_texts' must be an integer >= 1, got -3"),
+    ({"num_texts": 2.5}, "field 'num_texts' must be an integer >= 1, got 2.5"),
+    ({"num_texts": "abc"}, "field 'num_texts' must be an integer >= 1, got 'abc'"),
+    ({"num_texts": True}, "field 'num_texts' must be an integer >= 1, got True"),
+    ({"batch_size": 0}, "field 'batch_size' must be an integer >= 1"),
+    ({"max_new_tokens": -1}, "field 'max_new_tokens' must be an integer >= 1"),
+    ({"seeds": 3}, "field 'seeds' must be a list of integers, e.g. [0, 1, 2], got 3"),
+    ({"seeds": [0, "x"]}, "field 'seeds' must be a list of integers"),
+    ({"seeds": [1, 1]}, "field 'seeds': seed 1 is listed twice"),
+    ({"generation_prompts": "Hello"}, "field 'generation_prompts' must be a list of non-empty strings"),
+    ({"generation_prompts": ["Hi", " "]}, "field 'generation_prompts' must be a list of non-empty strings"),
+    ({"generation_prompts": [], "metrics": ["generations"]}, "at least one for metric 'generations'"),
+    ({"texts": 5}, "field 'texts' must be the path of a text file"),
+    ({"texts": ["a", ""]}, "field 'texts' must be the path of a text file (one text a line) or a list"),
+    ({"metrics": []}, "field 'metrics' must be a list of metric names"),
+    ({"conditions": [{"name": "a", "seed": "x"}]}, "conditions[0]: field 'seed' must be an integer"),
+    ({"conditions": [{"generate": "random_experts", "k": 0}]}, "conditions[0]: field 'k' must be an integer >= 1"),
+    ({"conditions": [{"generate": "random_experts", "layers": "1"}]}, "field 'layers' must be an integer or a list"),
+]
+
+
+@pytest.mark.parametrize("change,msg", BAD_FIELDS)
+def test_bad_top_level_fields_fail_when_read(change, msg):
+    with pytest.raises(WorkbenchError, match="^study: .*" + re.escape(msg)):
+        Study(dict(TINY, **change))
+
+
+def test_a_field_error_names_its_line(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("name: s\nmetrics: [perplexity]\nnum_texts: 0\nconditions: []\n")
+    with pytest.raises(WorkbenchError, match=f"^{f} line 3: field 'num_texts'"):
+        Study.from_file(f)
+
+
+def test_unusual_but_valid_fields_work():
+    s = Study(dict(TINY, metrics="perplexity", seeds=[], generation_prompts=[], texts=["One text.", "Two."]))
+    assert s.metrics == ["perplexity"] and s.seeds == [] and s.generation_prompts == []
+    assert s.texts() == ["One text.", "Two."]
+
+
+# ----- interventions: required factors, finite numbers, scopes that touch something ---------------------------------
+
+def test_scale_ops_need_a_factor_and_write_it_back():
+    for op, where in (("scale", dict(expert=1)), ("scale_channel", dict(channel=1)), ("scale_neuron", dict(channel=1)),
+                      ("scale_head", dict(heads=[0]))):
+        with pytest.raises(WorkbenchError, match=f"op '{op}' needs field 'factor'"):
+            Intervention.from_dict(dict(op=op, layers=1, **where))
+        iv = Intervention.from_dict(dict(op=op, layers=1, factor=0, **where))
+        assert iv.to_dict()["factor"] == 0 and Intervention.from_dict(iv.to_dict()) == iv
+    # study.resolved.yaml spells the factor out, and reads back the same
+    spec = {"conditions": [{"name": "s", "interventions": [{"op": "scale", "layers": 1, "expert": 1, "factor": 0.0}]}]}
+    dumped = yaml.safe_dump({"conditions": [c.to_dict() for c in Study(spec).explicit]})
+    assert "factor: 0.0" in dumped
+    assert [c.to_dict() for c in Study(yaml.safe_load(dumped)).explicit] == [c.to_dict() for c in Study(spec).explicit]
+
+
+@pytest.mark.parametrize("field,value", [("factor", math.nan), ("factor", math.inf), ("weight", -math.inf),
+                                         ("value", math.nan), ("factor", True), ("weight", "1")])
+def test_numbers_must_be_finite(field, value):
+    op = {"factor": "scale", "weight": "force", "value": "bias"}[field]
+    with pytest.raises(WorkbenchError, match=f"field '{field}' must be a finite number"):
+        Intervention.from_dict({"op": op, "layers": 1, "expert": 1, "factor": 1.0, field: value})
+
+
+@pytest.mark.parametrize("iv,metrics,msg", [
+    ({"prompts": [99]}, ["perplexity", "kl"], "condition 'c' intervention 0: field 'prompts': text 99 out of range "
+                                              "(the study has 4 texts)"),
+    ({"prompts": [-1]}, ["perplexity"], "field 'prompts': text -1 out of range"),
+    ({"prompts": [0]}, ["accuracy"], "field 'prompts' picks texts, which only the metrics"),
+    ({"positions": [1000]}, ["perplexity", "kl"], "field 'positions': [1000] touch no token"),
+    ({"positions": [-1000]}, ["perplexity"], "field 'positions': [-1000] touch no token"),
+])
+def test_scopes_that_touch_nothing_fail_before_anything_is_written(qwen2, tmp_path, iv, metrics, msg):
+    spec = dict(TINY, metrics=metrics, conditions=[
+        {"name": "c", "interventions": [{"op": "zero", "layers": 1, "expert": 3, **iv}]}])
+    with pytest.raises(WorkbenchError, match=re.escape(msg)):
+        Study(spec).run(qwen2, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_scopes_that_touch_some_text_run(qwen2):
+    spec = dict(TINY, conditions=[{"name": "c", "interventions": [
+        {"op": "zero", "layers": 1, "expert": 3, "prompts": [3], "positions": [2, -1000]}]}])
+    assert [c.name for c in Study(spec).resolve(qwen2)] == ["baseline", "c"]
+
+
+# ----- texts longer than the model's context ------------------------------------------------------------------------
+
+CONTEXT = 32
+
+
+@pytest.fixture(scope="module")
+def short_gpt2(tmp_path_factory, zoo_tokenizer):
+    """A random 2-layer GPT-2 of 32 positions (learned position embeddings: position 32 does not exist)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("gpt2") / "short-gpt2"
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=CONTEXT, vocab_size=49152)
+    GPT2LMHeadModel(cfg).save_pretrained(d)
+    zoo_tokenizer.save_pretrained(d)
+    return d
+
+
+def test_texts_longer_than_the_context_are_cut_with_one_warning(short_gpt2, zoo_tokenizer, tmp_path):
+    long = " ".join(f"word{i}" for i in range(100))
+    (tmp_path / "texts.txt").write_text(long + "\nA short text.\n")
+    spec = {"name": "long", "texts": str(tmp_path / "texts.txt"), "max_new_tokens": 8,
+            "metrics": ["perplexity", "kl", "massive", "sink", "accuracy", "generations", "passkey"],
+            "generation_prompts": [long, "Hello there"],
+            "conditions": [{"name": "z", "interventions": [{"op": "zero_channel", "layers": 0, "channel": 3}]}]}
+    lm = load(str(short_gpt2))
+    df, said = _run(spec, lm, tmp_path / "o")
+    cut = [m for m in said if "longer than the model's context" in m]
+    assert len(cut) == 1, said
+    assert f"context of {CONTEXT} positions" in cut[0] and f"1 of 2 texts to {CONTEXT} tokens" in cut[0]
+    assert f"1 of 2 generation prompts to {CONTEXT - 8} tokens" in cut[0] and "12 of 12 passkey prompts" in cut[0]
+    num = df[df.metric != "generations"]
+    assert num["mean"].map(math.isfinite).all() and (num[num.metric == "perplexity"].n == 2).all()
+    # the long text's perplexity is that of its first 32 tokens
+    ids = torch.tensor(zoo_tokenizer(long).input_ids[:CONTEXT])
+    with torch.no_grad():
+        lp = torch.log_softmax(lm.model(ids[None]).logits[0, :-1].float(), -1)
+    ppl = float(torch.exp(-lp.gather(1, ids[1:, None]).mean()))
+    base = df[(df.condition == "baseline") & (df.metric == "perplexity")]["mean"].iloc[0]
+    assert base == pytest.approx((ppl + _short_ppl(lm, zoo_tokenizer)) / 2, rel=1e-5)
+    with pytest.raises(WorkbenchError, match=f"field 'max_new_tokens': {CONTEXT} new tokens leave no room"):
+        Study(dict(spec, max_new_tokens=CONTEXT)).run(lm, tmp_path / "p", progress=False)
+    assert not (tmp_path / "p").exists()
+
+
+def _short_ppl(lm, tok) -> float:
+    ids = torch.tensor(tok("A short text.").input_ids)
+    with torch.no_grad():
+        lp = torch.log_softmax(lm.model(ids[None]).logits[0, :-1].float(), -1)
+    return float(torch.exp(-lp.gather(1, ids[1:, None]).mean()))
+
+
+def test_ablate_cuts_a_long_text_from_the_command_line(short_gpt2, tmp_path):
+    (tmp_path / "texts.txt").write_text(" ".join(["word"] * 100) + "\n")
+    (tmp_path / "s.yaml").write_text(f"name: long\ntexts: {tmp_path / 'texts.txt'}\nmetrics: [perplexity]\n"
+                                     "conditions: []\n")
+    r = subprocess.run([sys.executable, "-m", "workbench", "ablate", str(short_gpt2), "--study",
+                        str(tmp_path / "s.yaml"), "--quiet", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("warning:") and "context" in x]
+    assert lines == [f"warning: {tmp_path / 's.yaml'}: longer than the model's context of {CONTEXT} positions, cut: "
+                     f"1 of 1 texts to {CONTEXT} tokens"], r.stderr
+    assert (tmp_path / "o" / "results.csv").is_file()
