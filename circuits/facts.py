@@ -45,6 +45,7 @@ from torch import nn
 
 from workbench.errors import WorkbenchError
 from workbench.io import read_text
+from workbench.models.specs import context_length
 from workbench.tracing.runner import continuation_ids, padded
 
 FIELDS = ("prompt", "answer", "corrupted_prompt", "corrupted_answer", "relation", "subject")
@@ -137,13 +138,6 @@ def _named(f: Fact, i: int) -> str:
     """How an error names fact ``i``: where it was read (file and line), else its index; and its prompt's start."""
     prompt = f.prompt if len(f.prompt) <= 60 else f.prompt[:57] + "..."
     return f"{f.origin or f'fact {i}'} ({prompt!r})"
-
-
-def context_length(model: nn.Module | None) -> int | None:
-    """The most positions ``model`` reads (its config's ``max_position_embeddings``, GPT-2's ``n_positions``), as
-    ``tracing.runner.tokenize`` reads it; None where unknown."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
 def _first_token(tokenizer, prompt: str, text: str, head: list[int] | None = None) -> int:
@@ -322,7 +316,7 @@ def prepare(tokenizer, facts: list[Fact], model: nn.Module | None = None) -> lis
     flags = [a is not b for a, b in zip(facts, inferred)]
     facts = inferred
     prompts = [_encode(tokenizer, f.prompt) for f in facts]
-    given = _check_prompts(tokenizer, facts, prompts, context_length(model))
+    given = _check_prompts(tokenizer, facts, prompts, context_length(getattr(model, "config", None)))
     # each answer once: the swap search reads them
     answers = [_first_token(tokenizer, f.prompt, f.answer, ids) for f, ids in zip(facts, prompts)]
     given_answers = [_first_token(tokenizer, f.corrupted_prompt or f.prompt, f.corrupted_answer)

@@ -8,6 +8,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture
+def run(capsys):
+    """``run(*argv)`` -> (exit status, stdout, stderr) of the CLI in this process (arguments str()-ed)."""
+    from workbench.cli import main
+
+    def go(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return go
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny-tensor tests (restored after).

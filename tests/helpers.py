@@ -207,3 +207,13 @@ def eap_is_the_derivative_of_edge_patching(lm, g, facts) -> None:
     assert int(big.sum()) >= 20
     torch.testing.assert_close(fd[big].float(), est[big], rtol=0.05, atol=2e-3 * float(est.abs().max()) + floor)
     assert spearman(fd[big], est[big].double()) > 0.99
+
+
+def one_error(code: int, err: str, *needles: str) -> str:
+    """The CLI failed with exactly one ``error:`` line holding every needle, and no traceback; that line."""
+    assert code != 0, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

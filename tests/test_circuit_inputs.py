@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from helpers import one_error
 from workbench.circuits.discover import CircuitOptions, find_circuit
 from workbench.circuits.facts import Fact, builtin_facts, prepare, read_facts
 from workbench.cli import main
@@ -23,15 +24,6 @@ OK = {"prompt": "The capital of France is", "answer": " Paris", "corrupted_promp
 def _write(path, *facts) -> str:
     path.write_text("".join(json.dumps(f) + "\n" if f else "\n" for f in facts))
     return str(path)
-
-
-def _one_error(code: int, err: str, *needles: str) -> str:
-    assert code != 0, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.filterwarnings("ignore:.* no space before it:UserWarning")  # "Rome" after "... is": read as " Rome"
@@ -66,7 +58,7 @@ def test_cli_refuses_a_shared_first_token_before_any_work(tmp_path, capsys):
                                               "corrupted_prompt": "The capital of Spain is",
                                               "corrupted_answer": " New York"})
     code = main(["circuit", "zoo:qwen2-moe", "--facts", facts, "--out", str(tmp_path / "o")])
-    _one_error(code, capsys.readouterr().err, f"{facts} line 1", "' New Delhi'", "' New York'", "same token ' New'")
+    one_error(code, capsys.readouterr().err, f"{facts} line 1", "' New Delhi'", "' New York'", "same token ' New'")
     assert not (tmp_path / "o").exists()
 
 
@@ -118,7 +110,7 @@ def test_a_fact_longer_than_the_context_names_the_fact_and_the_lengths(short_gpt
     n = len(zoo_tokenizer(_long("Italy", 60)).input_ids)
     code = main(["circuit", str(short_gpt2), "--facts", facts, "--top-edges", "20", "--no-curve",
                  "--out", str(tmp_path / "o")])
-    _one_error(code, capsys.readouterr().err, f"{facts} line 1", f"{n} tokens", f"context of {CONTEXT}")
+    one_error(code, capsys.readouterr().err, f"{facts} line 1", f"{n} tokens", f"context of {CONTEXT}")
     assert not (tmp_path / "o").exists()
 
 

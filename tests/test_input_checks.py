@@ -11,28 +11,9 @@ import shutil
 import pytest
 import torch
 
-from workbench.cli import main
+from helpers import one_error
 from workbench.errors import WorkbenchError
 from workbench.models.specs import load
-
-
-@pytest.fixture
-def run(capsys):
-    """``run(*argv)`` -> (exit status, stdout, stderr) of the CLI in this process."""
-    def go(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return go
-
-
-def one_error(code: int, err: str, *needles: str) -> str:
-    assert code != 0, err
-    lines = [l for l in err.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def edited(saved_dir, tmp_path, **changes):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import PROMPTS, assert_json_close
+from helpers import PROMPTS, assert_json_close, one_error
 from workbench.cli import main
 from workbench.data import DATA_DIR
 from workbench.models.specs import load
@@ -35,26 +35,6 @@ def cli(*args, timeout=600, **kw):
 
 def files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-@pytest.fixture
-def run(capsys):
-    """``run(*argv)`` -> (exit status, stdout, stderr) of the CLI in this process."""
-    def go(*argv):
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-    return go
-
-
-def one_error(code: int, err: str, *needles: str) -> str:
-    assert code != 0, err
-    lines = [l for l in err.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def checkpoint_cursor(path: Path) -> int | None:

@@ -48,13 +48,6 @@ def default_cloze() -> list[ClozeItem]:
     return items
 
 
-def context_length(lm) -> int | None:
-    """The most positions the model takes (its config's ``max_position_embeddings``, as traces and profiles cut
-    prompts to); None where the config names none."""
-    n = getattr(lm.config, "max_position_embeddings", None)
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
-
-
 def token_ids(lm, texts: Sequence[str], what: str = "text", room: int = 0) -> tuple[list[list[int]], int]:
     """Each text's token ids, cut to the model's context less ``room`` positions (the tokens generated after it),
     and how many were cut (the caller warns: a study does, once). A text that tokenizes to nothing is refused,
@@ -63,7 +56,7 @@ def token_ids(lm, texts: Sequence[str], what: str = "text", room: int = 0) -> tu
     for i, x in enumerate(ids):
         if not x:
             raise WorkbenchError(f"{what} {i} ({texts[i]!r}) tokenizes to nothing")
-    limit = context_length(lm)
+    limit = lm.context_length
     if limit is None:
         return ids, 0
     if limit - room < 1:

@@ -211,7 +211,7 @@ class Study:
     def resolve(self, lm, progress: bool = False) -> list[Condition]:
         """All conditions, generated ones spelled out, validated against the model (before any study run)."""
         out = [Condition("baseline")] + list(self.explicit)
-        limit = M.context_length(lm)
+        limit = lm.context_length
         if "generations" in self.metrics and self.generation_prompts and limit and self.max_new_tokens >= limit:
             raise WorkbenchError(f"{self._at('max_new_tokens')}: field 'max_new_tokens': {self.max_new_tokens} new "
                                  f"tokens leave no room for a generation prompt in the model's context of {limit} "
@@ -265,7 +265,7 @@ class Study:
         """As the study runs them: each text's token count (0 where no text metric runs), the longest of its other
         inputs (a generation prompt with its new tokens, a cloze or task prompt with an option), and what was cut to
         the model's context, a phrase a kind."""
-        want, limit = set(self.metrics), M.context_length(lm)
+        want, limit = set(self.metrics), lm.context_length
         lengths, other, cut = [0] * len(texts), 0, []
         if want & set(TEXT_METRICS):
             ids, n = M.token_ids(lm, texts)
@@ -362,7 +362,7 @@ class Study:
         texts, cloze = self.texts(), M.default_cloze()
         _, _, cut = self._extent(lm, texts)  # before anything is written: a text that tokenizes to nothing fails here
         if cut:
-            warnings.warn(f"{self.source}: longer than the model's context of {M.context_length(lm)} positions, cut: "
+            warnings.warn(f"{self.source}: longer than the model's context of {lm.context_length} positions, cut: "
                           + "; ".join(cut), stacklevel=2)
         inputs = self._inputs(lm, texts, cloze)
         out = Path(out_dir) if out_dir else None

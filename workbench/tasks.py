@@ -159,8 +159,6 @@ def tokenized(lm, choices: Sequence) -> tuple[list[list[int]], list[list[list[in
     """Each item's prompt and options in token ids, and how many prompts were cut to the model's context (the caller
     warns: a study does, once). A cut prompt keeps its leading special tokens (a BOS) and its last tokens, which the
     options continue, leaving room for the longest option of all items (a batch pads its options to that)."""
-    from workbench.metrics import context_length
-
     tok = lm.tokenizer
     prompts = [tok(c.prompt)["input_ids"] for c in choices]
     options = [continuation_ids(tok, c.prompt, c.options, head=p) for c, p in zip(choices, prompts)]
@@ -172,7 +170,7 @@ def tokenized(lm, choices: Sequence) -> tuple[list[list[int]], list[list[list[in
         for o, ids in zip(c.options, opts):
             if not ids:
                 raise WorkbenchError(f"choice item {i}: option {o!r} tokenizes to nothing")
-    limit = context_length(lm)
+    limit = lm.context_length
     if limit is None or not choices:
         return prompts, options, 0
     keep = limit - (max(len(o) for opts in options for o in opts) - 1)  # an option's last token is not fed

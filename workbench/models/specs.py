@@ -32,6 +32,13 @@ BUILTIN = {"smollm2-135m": "SmolLM2-135M-Instruct (real, pretrained; Llama archi
            "smollm2-moe": "SmolLM2-135M MoEfied into a Qwen2-MoE (pretrained neurons as experts; :topK for other sizes)"}
 
 
+def context_length(config) -> int | None:
+    """The most positions a model takes: its config's ``max_position_embeddings`` (GPT-2's ``n_positions``, through
+    the config's alias); None where the config names none."""
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 @dataclass
 class LoadedModel:
     """A plain Hugging Face causal LM with its tokenizer and architecture adapter."""
@@ -45,6 +52,11 @@ class LoadedModel:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the model takes (:func:`context_length`)."""
+        return context_length(self.config)
 
     @property
     def device(self) -> torch.device:

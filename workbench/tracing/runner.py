@@ -115,7 +115,7 @@ def tokenize(lm: LoadedModel, prompts: Sequence[str], max_tokens: int | None = N
     prompts = check_prompts(prompts)
     if max_tokens is not None and max_tokens < 1:
         raise WorkbenchError(f"max_tokens must be at least 1, got {max_tokens}")
-    limit = getattr(lm.config, "max_position_embeddings", None)
+    limit = lm.context_length
     cap = min(x for x in (max_tokens, limit) if x) if (max_tokens or limit) else None
     out, truncated = [], 0
     encoded = [ids for b in range(0, len(prompts), 1024) for ids in lm.tokenizer(list(prompts[b:b + 1024]))["input_ids"]]
