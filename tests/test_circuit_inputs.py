@@ -128,3 +128,22 @@ def test_a_fact_that_fills_the_context_exactly_runs(short_gpt2, zoo_tokenizer):
     with pytest.raises(WorkbenchError, match=rf"^fact 0 .*{CONTEXT + 1} tokens, more than the model's context of "
                                              rf"{CONTEXT}"):
         prepare(lm.tokenizer, [Fact(_long("Italy", words + 1), " Rome")], lm.model)
+
+
+def test_a_corruption_that_changes_nothing_is_named_not_blamed_on_the_circuits_size(monkeypatch):
+    """One one-token fact on the mean baseline: the mean over all clean tokens is that token, so the corrupted run is
+    the clean one and faithfulness is 0/0 at every budget. The warning says so instead of "no budget reaches it"."""
+    import warnings
+
+    from workbench.circuits import facts as F
+    from workbench.models.specs import load
+
+    monkeypatch.setattr(F, "neighbour_swap", lambda *a, **k: None)  # no neighbour: the mean baseline
+    lm = load("zoo:qwen2-moe")
+    fact = Fact(prompt="hello", answer=" world")
+    assert [p.baseline for p in prepare(lm.tokenizer, [fact], lm.model)] == ["mean"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        find_circuit(lm, [fact], CircuitOptions(target_faithfulness=0.85, random_seeds=1))
+    said = [str(w.message) for w in seen if "faithfulness" in str(w.message)]
+    assert said and all("undefined (NaN) at every budget" in m and "no budget up to" not in m for m in said), said

@@ -211,3 +211,14 @@ def test_a_quantile_given_as_a_fraction_is_flagged(run, tmp_path):
     code, _, err = run("profile", "zoo:qwen2-moe", "--prompts", f, "--quantile", "0.995", "--no-sinks", "--no-plots",
                        "--out", tmp_path / "p", "--quiet")
     assert code == 0 and "--quantile is a percentile (0-100]: 0.995 is the 0.995th percentile, not the 99.5th" in err
+
+
+def test_ablate_reads_the_studys_texts_file_before_loading_the_model(run, tmp_path, monkeypatch):
+    import workbench.cli as cli
+
+    study = tmp_path / "s.yaml"
+    study.write_text(f"name: s\nmetrics: [perplexity]\ntexts: {tmp_path / 'missing.txt'}\nconditions: []\n")
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before the texts were read"))
+    code, _, err = run("ablate", "zoo:qwen2-moe", "--study", study, "--out", tmp_path / "o")
+    one_error(code, err, "missing.txt")
+    assert not (tmp_path / "o").exists()

@@ -241,6 +241,7 @@ def cmd_ablate(args) -> int:
     from workbench.studies import Study, summarise
 
     study = Study.from_file(args.study)  # a malformed study fails here, before any model work
+    study.texts()  # and a missing or empty texts file
     out = output_dir(args.out)
     clear_stale_temps(out, ["results.*", "study.resolved.yaml"])  # what a killed run left half-written
     clear_stale_temps(out / "conditions", ["*.json"])
