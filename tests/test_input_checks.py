@@ -222,3 +222,16 @@ def test_ablate_reads_the_studys_texts_file_before_loading_the_model(run, tmp_pa
     code, _, err = run("ablate", "zoo:qwen2-moe", "--study", study, "--out", tmp_path / "o")
     one_error(code, err, "missing.txt")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_share_gets_wilsons_interval_within_0_and_1():
+    from workbench.metrics import mean_ci
+
+    m, lo, hi, n = mean_ci([1, 1, 1, 0])  # 3 of 4: Wilson's 95 % interval is [0.3006, 0.9544]
+    assert (m, n) == (0.75, 4) and lo == pytest.approx(0.30064, abs=1e-5) and hi == pytest.approx(0.95441, abs=1e-5)
+    assert mean_ci([0] * 10)[1:3] == (0.0, pytest.approx(0.27754, abs=1e-5))  # never below 0 (normal: [0, 0])
+    assert mean_ci([1] * 12)[1:3] == (pytest.approx(0.75750, abs=1e-5), 1.0)
+    _, lo, hi, _ = mean_ci([1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1])  # 11 of 12: the normal interval passes 1
+    assert 0 < lo < hi < 1
+    m, lo, hi, _ = mean_ci([2.0, 4.0])  # not a share: the normal approximation, as before
+    assert (m, lo, hi) == (3.0, pytest.approx(3.0 - 1.96 * 2 ** 0.5 / 2 ** 0.5), pytest.approx(3.0 + 1.96))

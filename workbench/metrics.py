@@ -160,12 +160,17 @@ def generations(lm, prompts: Sequence[str], max_new_tokens: int = 20, batch_size
 
 
 def mean_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float, float, int]:
-    """Mean and a normal-approximation 95 % interval over the finite values."""
+    """Mean and a 95 % interval over the finite values: normal-approximation, or Wilson's score interval where every
+    value is 0 or 1 (a share: accuracy, task scores), which stays within [0, 1] and is not a point for n = 1."""
     v = torch.tensor([x for x in values if x == x and math.isfinite(x)], dtype=torch.float64)
     n = int(v.numel())
     if n == 0:
         return math.nan, math.nan, math.nan, 0
     m = float(v.mean())
+    if bool(((v == 0) | (v == 1)).all()):
+        c, zz = 1 + z * z / n, z * z / n
+        mid, half = (m + zz / 2) / c, z * math.sqrt(m * (1 - m) / n + zz / (4 * n)) / c
+        return m, max(0.0, mid - half), min(1.0, mid + half), n
     if n == 1:
         return m, m, m, 1
     half = z * float(v.std(unbiased=True)) / math.sqrt(n)
