@@ -114,7 +114,9 @@ def text_metrics(lm, texts: Sequence[str], want: set[str], baseline_logprobs: li
         out["kl"] = []
         if baseline_logprobs is not None:
             for base, cond in zip(baseline_logprobs, logprobs):
-                out["kl"].append(float(F.kl_div(cond, base, log_target=True, reduction="none").sum(-1).mean()))
+                # per position >= 0 (a KL is; an unchanged distribution gave -5e-8 from rounding)
+                kl = F.kl_div(cond, base, log_target=True, reduction="none").sum(-1).clamp_min(0)
+                out["kl"].append(float(kl.mean()))
     return out, logprobs
 
 
