@@ -4,6 +4,7 @@ nodes, Jaccard overlaps, and the rank correlation of the shared edges' scores.""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 from workbench.circuits.export import Circuit, read_json
@@ -58,7 +59,20 @@ def add_circuit_diff_parser(subparsers) -> None:
 def cmd_circuit_diff(args) -> int:
     from workbench.io import write_json
 
-    r = diff_files(args.a, args.b)
+    from workbench.errors import WorkbenchError
+
+    if args.out:  # before the work: a bad --out fails here, not after the comparison is printed
+        out = Path(args.out)
+        if out.is_dir():
+            raise WorkbenchError(f"--out {out} is a folder; give a file name (e.g. {out / 'diff.json'})")
+        if any(p.exists() and not p.is_dir() for p in out.parents):
+            raise WorkbenchError(f"cannot write to {out}: {next(p for p in out.parents if p.exists())} is a file")
+    a, b = read_json(args.a), read_json(args.b)
+    sizes = [c.meta.get("n_edges_total") for c in (a, b)]
+    if None not in sizes and sizes[0] != sizes[1]:  # another architecture: edges are matched by name only
+        print(f"warning: the circuits come from graphs of {sizes[0]} and {sizes[1]} edges ({a.meta.get('model')} and "
+              f"{b.meta.get('model')}): another architecture, so edges are matched by name only", file=sys.stderr)
+    r = diff(a, b)
     e, n = r["edges"], r["nodes"]
     print(f"edges: {e['a']} -> {e['b']}, shared {e['shared']}, added {e['added']}, removed {e['removed']}, "
           f"Jaccard {e['jaccard']:.3f}")

@@ -18,7 +18,7 @@ import networkx as nx
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.io import atomic_path, write_text
+from workbench.io import atomic_path, read_text, write_text
 
 
 @dataclass
@@ -60,15 +60,33 @@ class Circuit:
         return data
 
     @classmethod
-    def from_json_obj(cls, data: dict) -> "Circuit":
-        try:
-            nodes = {n["id"]: {k: v for k, v in n.items() if k != "id"} for n in data["nodes"]}
-            edges = [{"source": e["source"], "target": e["target"], "port": e["port"], "score": e["score"]}
-                     for e in data["edges"]]
-            meta = data.get("graph", {}).get("meta", {})
-        except (KeyError, TypeError) as exc:
-            raise WorkbenchError(f"not a circuit JSON (node-link with nodes/edges): missing {exc}") from None
-        return cls(nodes, _canonical(nodes, edges), meta)
+    def from_json_obj(cls, data: dict, source: str = "circuit JSON") -> "Circuit":
+        """The circuit a :meth:`to_json_obj` wrote; anything else is a one-line error naming ``source`` and what is
+        wrong in it."""
+        def bad(what: str) -> WorkbenchError:
+            return WorkbenchError(f"{source}: not a circuit (node-link JSON with nodes and edges): {what}")
+        if not isinstance(data, dict):
+            raise bad(f"the top level is a {type(data).__name__}, not an object")
+        for key in ("nodes", "edges"):
+            if not isinstance(data.get(key), list):
+                raise bad(f"no {key!r} list")
+        nodes = {}
+        for i, n in enumerate(data["nodes"]):
+            if not isinstance(n, dict) or not isinstance(n.get("id"), str):
+                raise bad(f"node {i} has no string 'id'")
+            nodes[n["id"]] = {k: v for k, v in n.items() if k != "id"}
+        edges = []
+        for i, e in enumerate(data["edges"]):
+            if not isinstance(e, dict) or any(k not in e for k in ("source", "target", "port", "score")):
+                raise bad(f"edge {i} lacks one of 'source', 'target', 'port', 'score'")
+            if e["source"] not in nodes or e["target"] not in nodes:
+                raise bad(f"edge {i} ({e['source']} -> {e['target']}) names a node the circuit does not have")
+            if not isinstance(e["score"], (int, float)) or isinstance(e["score"], bool):
+                raise bad(f"edge {i} ({e['source']} -> {e['target']}) has a non-numeric score {e['score']!r}")
+            edges.append({"source": e["source"], "target": e["target"], "port": e["port"], "score": e["score"]})
+        graph = data.get("graph", {})
+        meta = graph.get("meta", {}) if isinstance(graph, dict) else {}
+        return cls(nodes, _canonical(nodes, edges), meta if isinstance(meta, dict) else {})
 
 
 def _canonical(nodes: dict[str, dict], edges: list[dict]) -> list[dict]:
@@ -96,13 +114,14 @@ def write_json(circuit: Circuit, path: str | Path) -> Path:
 
 def read_json(path: str | Path) -> Circuit:
     path = Path(path)
+    if path.is_dir():
+        raise WorkbenchError(f"circuit file {path} is a folder" + (f" (give {path / 'circuit.json'})"
+                                                                  if (path / "circuit.json").is_file() else ""))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WorkbenchError(f"circuit file {path} does not exist") from None
+        data = json.loads(read_text(path, "circuit file"))
     except json.JSONDecodeError as e:
         raise WorkbenchError(f"circuit file {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    return Circuit.from_json_obj(data)
+    return Circuit.from_json_obj(data, f"circuit file {path}")
 
 
 def write_graphml(circuit: Circuit, path: str | Path) -> Path:

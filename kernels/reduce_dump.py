@@ -44,6 +44,13 @@ def _read_index(dump_dir: Path) -> dict:
     sites = index.get("sites") if isinstance(index, dict) else None
     if not isinstance(sites, dict) or not all(isinstance(v, list) for v in sites.values()):
         raise WorkbenchError(f"{path} has no valid 'sites' table (expected {{site: [shard paths]}})")
+    if not sites:
+        raise WorkbenchError(f"{path} lists no sites: the dump holds nothing to reduce")
+    root = dump_dir.resolve()
+    for key, names in sites.items():  # shards live inside the dump: an edited index cannot point elsewhere
+        for name in names:
+            if not isinstance(name, str) or not (dump_dir / name).resolve().is_relative_to(root):
+                raise WorkbenchError(f"{path}: site {key} lists a shard outside the dump folder: {name!r}")
     return index
 
 

@@ -83,3 +83,19 @@ def marker_tokenizer():
     tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def short_gpt2(tmp_path_factory, zoo_tokenizer):
+    """A random 2-layer GPT-2 of ``helpers.SHORT_CONTEXT`` (32) positions (learned position embeddings: position 32
+    does not exist), saved with the zoo's tokenizer: a model whose context a text can overrun."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from helpers import SHORT_CONTEXT
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("gpt2") / "short-gpt2"
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=SHORT_CONTEXT, vocab_size=len(zoo_tokenizer))
+    GPT2LMHeadModel(cfg).save_pretrained(d)
+    zoo_tokenizer.save_pretrained(d)
+    return d

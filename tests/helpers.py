@@ -6,6 +6,8 @@ import torch
 ZOO_SPECS = ["zoo:qwen2-moe", "zoo:qwen3-moe", "zoo:olmoe", "zoo:mixtral", "zoo:deepseek-v3",
              "zoo:qwen3-moe-modulelist"]
 
+SHORT_CONTEXT = 32  # positions of the conftest's short_gpt2
+
 PROMPTS = ["The capital of France is Paris.", "def add(a, b): return a + b", "Seven plus five equals twelve.",
            "Hello"]
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from helpers import one_error
+from helpers import SHORT_CONTEXT, one_error
 from workbench.circuits.discover import CircuitOptions, find_circuit
 from workbench.circuits.facts import Fact, builtin_facts, prepare, read_facts
 from workbench.cli import main
@@ -82,21 +82,7 @@ def test_chosen_corrupted_answers_never_start_with_the_answers_token(zoo_tokeniz
 
 # ----- the model's context ------------------------------------------------------------------------------------
 
-CONTEXT = 32
-
-
-@pytest.fixture(scope="module")
-def short_gpt2(tmp_path_factory, zoo_tokenizer):
-    """A random 2-layer GPT-2 of 32 positions (learned position embeddings: position 32 does not exist), saved
-    with the zoo's tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("gpt2") / "short-gpt2"
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=CONTEXT, vocab_size=len(zoo_tokenizer))
-    GPT2LMHeadModel(cfg).save_pretrained(d)
-    zoo_tokenizer.save_pretrained(d)
-    return d
+CONTEXT = SHORT_CONTEXT  # the conftest's short_gpt2
 
 
 def _long(country: str, words: int) -> str:

@@ -235,3 +235,43 @@ def test_a_share_gets_wilsons_interval_within_0_and_1():
     assert 0 < lo < hi < 1
     m, lo, hi, _ = mean_ci([2.0, 4.0])  # not a share: the normal approximation, as before
     assert (m, lo, hi) == (3.0, pytest.approx(3.0 - 1.96 * 2 ** 0.5 / 2 ** 0.5), pytest.approx(3.0 + 1.96))
+
+
+def _circuit_file(path, n_edges_total=10, model="zoo:a", score=1.0):
+    path.write_text(json.dumps({"nodes": [{"id": "input"}, {"id": "logits"}],
+                                "edges": [{"source": "input", "target": "logits", "port": "x", "score": score}],
+                                "graph": {"meta": {"model": model, "n_edges_total": n_edges_total}}}))
+    return path
+
+
+def test_circuit_diff_names_what_is_wrong_with_a_file(run, tmp_path):
+    a = _circuit_file(tmp_path / "a.json")
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "list.json").write_text("[1, 2, 3]")
+    (tmp_path / "folder").mkdir()
+    _circuit_file(tmp_path / "folder" / "circuit.json")
+    cases = [(tmp_path / "bin.json", "is not UTF-8 text"), (tmp_path / "folder", "is a folder (give "),
+             (tmp_path / "list.json", "the top level is a list, not an object"),
+             (_circuit_file(tmp_path / "s.json", score="high"), "has a non-numeric score 'high'"),
+             (_circuit_file(tmp_path / "n.json", score=None), "has a non-numeric score None")]
+    for path, needle in cases:
+        code, _, err = run("circuit-diff", a, path)
+        one_error(code, err, path.name, needle)
+    code, _, err = run("circuit-diff", a, a, "--out", a / "x.json")
+    one_error(code, err, "a.json is a file")
+
+
+def test_circuit_diff_warns_when_the_graphs_differ(run, tmp_path):
+    a, b = _circuit_file(tmp_path / "a.json"), _circuit_file(tmp_path / "b.json", n_edges_total=12, model="zoo:b")
+    code, out, err = run("circuit-diff", a, b)
+    assert code == 0 and "Jaccard 1.000" in out
+    assert "warning: the circuits come from graphs of 10 and 12 edges (zoo:a and zoo:b)" in err
+    code, _, err = run("circuit-diff", a, _circuit_file(tmp_path / "c.json", model="zoo:a@3"))  # a checkpoint series
+    assert code == 0 and "warning" not in err
+
+
+def test_check_does_not_fail_the_planted_expert_of_a_two_layer_model(short_gpt2):
+    from workbench.check import PROMPTS, _planted
+
+    (check,) = _planted(load(str(short_gpt2)), PROMPTS)
+    assert check.ok is None and "2 experts (MLPs) in all" in check.detail, check

@@ -438,6 +438,15 @@ def test_reduce_dump_errors(traced_dump, tmp_path):
     with pytest.raises(WorkbenchError, match="cannot read a shard of site L1.resid_post") as e:
         reduce_dump(tmp_path / "empty", tmp_path / "s.json", progress=False)
     assert "\n" not in str(e.value) and not (tmp_path / "s.json").exists()
+    (tmp_path / "outside.safetensors").write_bytes(b"")  # an edited index pointing out of the dump is refused
+    for shard in ("../outside.safetensors", str(tmp_path / "outside.safetensors")):
+        (tmp_path / "empty" / "index.json").write_text(json.dumps({"sites": {"L1.resid_post": [shard]}}))
+        with pytest.raises(WorkbenchError, match="lists a shard outside the dump folder"):
+            reduce_dump(tmp_path / "empty", tmp_path / "s.json", progress=False)
+    (tmp_path / "empty" / "index.json").write_text(json.dumps({"format": "workbench-dump-1", "sites": {}}))
+    with pytest.raises(WorkbenchError, match="lists no sites"):
+        reduce_dump(tmp_path / "empty", tmp_path / "s.json", progress=False)
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_reduce_subcommand(traced_dump, tmp_path, capsys):

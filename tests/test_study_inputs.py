@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import SHORT_CONTEXT
 from workbench.errors import WorkbenchError
 from workbench.interventions import Intervention
 from workbench.models.specs import load
@@ -167,20 +168,7 @@ def test_scopes_that_touch_some_text_run(qwen2):
 
 # ----- texts longer than the model's context ------------------------------------------------------------------------
 
-CONTEXT = 32
-
-
-@pytest.fixture(scope="module")
-def short_gpt2(tmp_path_factory, zoo_tokenizer):
-    """A random 2-layer GPT-2 of 32 positions (learned position embeddings: position 32 does not exist)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("gpt2") / "short-gpt2"
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=CONTEXT, vocab_size=49152)
-    GPT2LMHeadModel(cfg).save_pretrained(d)
-    zoo_tokenizer.save_pretrained(d)
-    return d
+CONTEXT = SHORT_CONTEXT  # the conftest's short_gpt2
 
 
 def test_texts_longer_than_the_context_are_cut_with_one_warning(short_gpt2, zoo_tokenizer, tmp_path):

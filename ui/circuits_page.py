@@ -35,7 +35,7 @@ def _open() -> None:
                 data = json.loads(up.getvalue().decode("utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise WorkbenchError(f"{up.name}: not valid JSON ({exc})") from None
-            st.session_state["circuit"] = Circuit.from_json_obj(data)
+            st.session_state["circuit"] = Circuit.from_json_obj(data, up.name)
         else:
             p = Path(path.strip()).expanduser()
             st.session_state["circuit"] = read_json(p / "circuit.json" if p.is_dir() else p)

@@ -325,6 +325,10 @@ def _planted(lm, prompts, factor: float = 5000.0, channel: int = 7):
     opts = ProfileOptions(sinks=False)
     with torch.no_grad():
         before = profile(lm, corpus, opts, progress=False)
+        n = sum(e["kind"] != "shared" for e in before["experts"])
+        if n < 3:  # the median of two maxima is their mean: a planted one is never 10x it
+            return [Check("planted super expert found", None, f"{n} experts (MLPs) in all: the default rule's median "
+                          "expert maximum needs 3 or more to stand out from")]
         kind = "routed" if infos[layer].kind == "moe" else "dense"
         candidates = [e for e in before["experts"] if e["layer"] == layer and e["kind"] == kind]
         chosen = max(candidates, key=lambda e: e.get("tokens_routed") or 0)

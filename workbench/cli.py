@@ -291,7 +291,8 @@ def cmd_routing(args) -> int:
     specs = [s for spec in args.checkpoints for s in expand_series(spec)]
     out = output_dir(args.out)
     clear_stale_temps(out, ["routing.*"])
-    print(f"routing over {len(specs)} checkpoints (final: {specs[-1]}), {len(prompts)} prompts", file=sys.stderr)
+    if not args.quiet:
+        print(f"routing over {len(specs)} checkpoints (final: {specs[-1]}), {len(prompts)} prompts", file=sys.stderr)
     r = routing(specs, prompts, load=lambda spec: load(spec, device=args.device, dtype=args.dtype,
                                                         trust_remote_code=args.trust_remote_code),
                 batch_size=args.batch_size, max_tokens=args.max_tokens, progress=not args.quiet)
