@@ -144,8 +144,8 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
             elif all(c["faithfulness"] != c["faithfulness"] for c in allowed):  # NaN everywhere: no circuit's fault
                 warnings.warn("faithfulness is undefined (NaN) at every budget: the corrupted run scores the same as "
                               "the full model, so the corruptions change nothing the metric reads (a corrupted "
-                              f"prompt or baseline that leaves the answer's logit difference as it is); using {n} edges",
-                              stacklevel=2)
+                              "prompt or baseline that leaves the answer's logit difference as it is); using "
+                              f"{n} edges", stacklevel=2)
             elif not o.swaps:
                 warnings.warn(f"no budget up to {o.max_fraction:.1%} of the edges reaches faithfulness {target:g} "
                               f"with Hit@10 >= {o.target_hit_share:g} x the full model's (best faithfulness "
