@@ -57,16 +57,14 @@ def add_circuit_diff_parser(subparsers) -> None:
 
 
 def cmd_circuit_diff(args) -> int:
-    from workbench.io import write_json
-
     from workbench.errors import WorkbenchError
+    from workbench.io import output_dir, write_json
 
     if args.out:  # before the work: a bad --out fails here, not after the comparison is printed
         out = Path(args.out)
         if out.is_dir():
             raise WorkbenchError(f"--out {out} is a folder; give a file name (e.g. {out / 'diff.json'})")
-        if any(p.exists() and not p.is_dir() for p in out.parents):
-            raise WorkbenchError(f"cannot write to {out}: {next(p for p in out.parents if p.exists())} is a file")
+        output_dir(out.parent)  # the folder it goes in: not a file, not below one, writable
     a, b = read_json(args.a), read_json(args.b)
     sizes = [c.meta.get("n_edges_total") for c in (a, b)]
     if None not in sizes and sizes[0] != sizes[1]:  # another architecture: edges are matched by name only

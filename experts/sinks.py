@@ -134,7 +134,7 @@ class SinkMeter:
         unmeasured = self.prompts == 0  # no prompt of 2+ tokens reached the layer: nothing was measured there
 
         def per_layer(x: torch.Tensor) -> list:
-            x = x.clone().to(torch.float64)
+            x = x.clone()
             x[skip] = float("nan")  # linear-attention layers: no attention probabilities
             x[unmeasured] = float("nan")
             return x.tolist()

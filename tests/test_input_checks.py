@@ -258,7 +258,7 @@ def test_circuit_diff_names_what_is_wrong_with_a_file(run, tmp_path):
         code, _, err = run("circuit-diff", a, path)
         one_error(code, err, path.name, needle)
     code, _, err = run("circuit-diff", a, a, "--out", a / "x.json")
-    one_error(code, err, "a.json is a file")
+    one_error(code, err, "a.json exists and is not a directory")
 
 
 def test_circuit_diff_warns_when_the_graphs_differ(run, tmp_path):

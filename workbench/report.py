@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.io import clear_stale_temps, write_text
+from workbench.io import clear_stale_temps, read_text, write_text
 
 # kind -> (the file whose presence means the run finished, files it needs beside it)
 KINDS = {
@@ -55,9 +55,10 @@ def _corrupt(path: Path, e: Exception) -> WorkbenchError:
 
 
 def _read_json(path: Path):
+    text = read_text(path, "file")  # a missing, unreadable or non-UTF-8 file: its own one-line error
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError
         raise _corrupt(path, e) from None
 
 
@@ -66,7 +67,7 @@ def _read_csv(path: Path):
 
     try:
         return pd.read_csv(path)
-    except (ValueError, UnicodeDecodeError, pd.errors.EmptyDataError, pd.errors.ParserError) as e:
+    except ValueError as e:  # EmptyDataError, ParserError, UnicodeDecodeError: all ValueErrors
         raise _corrupt(path, e) from None
 
 

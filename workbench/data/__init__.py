@@ -21,9 +21,10 @@ def read_prompts(path: str | Path) -> list[str]:
     prompt may then hold newlines). A file without a prompt is an error."""
     path = Path(path)
     text = read_text(path, "prompts file")
-    prompts = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
     if path.suffix.lower() == ".jsonl":  # one JSON value per line: a string, or an object with "prompt" or "text"
         prompts = [_jsonl_prompt(line, path, i) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+    else:
+        prompts = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
     if not prompts:
         raise WorkbenchError(f"prompts file {path} has no prompts ("
                              + ("it is empty)" if not text else "only blank lines)"))
