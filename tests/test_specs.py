@@ -133,6 +133,10 @@ def test_models_lists_builtins():
                  "zoo:tiny-moe"]:
         assert spec in r.stdout
     assert "modulelist" in r.stdout
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["spec", "architecture", "params", "layers", "experts", "shared", "top_k", "layout",
+                                "description"]
+    assert all(line == line.rstrip() for line in lines)  # no padding after the last column
 
 
 def test_help_on_every_subcommand():

@@ -70,9 +70,8 @@ def cmd_models(args) -> int:
     cols = ["spec", "architecture", "params", "layers", "experts", "shared", "top_k", "layout", "description"]
     table = [[str(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for t in table:
-        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+    for t in [cols, *table]:  # the last column unpadded: no trailing blanks
+        print("  ".join(v.ljust(w) for v, w in zip(t[:-1], widths)) + "  " + t[-1])
     return 0
 
 
