@@ -102,7 +102,7 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         qk_meter = QKMeter(n_layers)
         meters.append(qk_meter)
     if checkpoint is not None:
-        checkpoint.tag = json.dumps({"options": repr(options), "dtype": str(_dtype(lm)), "expert_tokens": "peak"})
+        checkpoint.tag = json.dumps({"options": repr(options), "dtype": str(lm.dtype), "expert_tokens": "peak"})
     start = time.perf_counter()
     ctx = eager_attention(lm.model) if options.sinks else _null()
     with ctx:
@@ -180,7 +180,7 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         "max_tokens": options.max_tokens, "batch_order": res.meta["batch_order"],
         "seconds": round(seconds, 3), "layout": lm.summary()["layout"],
         "versions": _versions(), "attention": "eager (for attention probabilities)" if options.sinks else "model default",
-        "dtype": str(_dtype(lm)).replace("torch.", ""),
+        "dtype": str(lm.dtype).replace("torch.", ""),
     }
     out["run"] = {"seconds": round(seconds, 3), "device": str(lm.device), "world_size": shard.world if shard else 1,
                   "batches": res.meta.get("batches"), "resumed_at_batch": res.meta.get("resumed_at_batch"),
@@ -198,11 +198,6 @@ def _non_finite(experts: list[dict], hists: list, resid_sites: list[Site]) -> di
             "experts_affected": len(bad_experts),
             "residual_nan": sum(int(h.nan_count) for h in hists), "residual_inf": sum(int(h.inf_count) for h in hists),
             "first_layer": min(layers) if layers else None}
-
-
-def _dtype(lm: LoadedModel) -> torch.dtype:
-    p = next(lm.model.parameters(), None)
-    return p.dtype if p is not None else torch.float32
 
 
 def _versions() -> dict:

@@ -176,3 +176,14 @@ def test_a_checkpoint_of_other_batches_is_not_resumed(tmp_path):
     interrupted(same, False, ck)
     res = trace(lm, same, sites, ("expert_counts",), batch_size=2, progress=False, checkpoint=ck)
     assert res.meta["resumed_at_batch"] == 1
+
+
+def test_the_recorded_batch_order_is_the_rule_applied(tmp_path):
+    """``batch_order`` names the rule the run used, also where length batching leaves the prompts in their order
+    (one batch); a dump always batches in the given order and says so."""
+    lm = load("zoo:olmoe")
+    sites = all_sites(lm.adapter, lm.model, ["router"])
+    run = lambda **kw: trace(lm, PROMPTS[:2], sites, ["absmax"], batch_size=8, progress=False, **kw).meta  # noqa: E731
+    assert run()["batch_order"] == "length"
+    assert run(by_length=False)["batch_order"] == "given"
+    assert run(dump_dir=tmp_path / "d")["batch_order"] == "given"

@@ -376,6 +376,7 @@ def test_device_flags(run, tmp_path):
     code, _, err = run("trace", "zoo:qwen3-moe", "--text", "hi there", "--device", "auto", "--dtype", "bfloat16",
                        "--quiet", "--out", str(tmp_path / "o"))
     assert code == 0, err
+    assert json.loads((tmp_path / "o" / "trace.json").read_text())["meta"]["dtype"] == "bfloat16"
     code, _, err = run("profile", "zoo:qwen3-moe", "--text", "hi there", "--dtype", "bf16", "--no-plots", "--quiet",
                        "--out", str(tmp_path / "p"))
     assert code == 0, err

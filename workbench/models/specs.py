@@ -59,6 +59,12 @@ class LoadedModel:
         return context_length(self.config)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype (the first parameter's; float32 for a model without any)."""
+        p = next(self.model.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    @property
     def device(self) -> torch.device:
         if "streamer" in self.meta:  # layer streaming: parameters live on the meta device between layers
             return self.meta["streamer"].device

@@ -365,8 +365,10 @@ def trace(
             table[site]["absmax"] = table[g]["absmax"].expert(site.expert)
         del table[g]
     seconds = time.perf_counter() - start
-    meta = {"spec": lm.spec, "num_prompts": len(ids), "num_tokens": int(lengths.sum()), "batch_size": batch_size,
-            "batch_order": "given" if in_order else "length",
+    meta = {"spec": lm.spec, "dtype": str(lm.dtype).replace("torch.", ""), "num_prompts": len(ids),
+            "num_tokens": int(lengths.sum()), "batch_size": batch_size,
+            # the rule asked for and applied (a dump keeps the given order), even where it changes nothing
+            "batch_order": "length" if by_length and dump is None else "given",
             # what this rank's forwards computed, padding included
             "positions": int((sizes * widths)[mine.start:mine.stop].sum())}
     if checkpoint is not None or shard is not None:
