@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 
 from workbench.args import COUNT, COUNT_OR_OFF, SEED, Number
 from workbench.errors import WorkbenchError
@@ -126,20 +127,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_features(args) -> int:
-    from workbench.sae.features import annotate_circuit, expert_features, node_features, profile_experts, write_report
-    from workbench.sae.loading import load_sae, read_config
+    from workbench.sae.features import (annotate_circuit, expert_features, node_features, profile_experts, reaching,
+                                        write_report)
+    from workbench.sae.loading import load_sae, read_config, resolve_site
     from workbench.tracing.sites import Site
 
     prompts, _ = _prompts(args)
     read_config(args.sae)
     site = Site.from_key(args.site) if args.site else None
-    circuit = experts = None
+    circuit = experts = ranked = None
     if args.circuit:
         from workbench.circuits.export import read_json
 
         circuit = read_json(args.circuit)
     elif args.profile:
-        experts = profile_experts(args.profile, args.top_experts)
+        ranked = profile_experts(args.profile)  # read (and reject) before loading the model; chosen below
     else:
         experts = args.experts
     out = output_dir(args.out)
@@ -147,6 +149,17 @@ def cmd_features(args) -> int:
 
     lm = load(args.model, device=args.device)
     sae = load_sae(args.sae, device=args.device)
+    if ranked is not None:  # the profile's top experts among those that write into the SAE's site
+        into = resolve_site(lm, sae, site)
+        experts = reaching(ranked, into)[:args.top_experts]
+        if not experts:
+            raise WorkbenchError(f"none of the {len(ranked)} experts of {args.profile} writes into site {into} "
+                                 "directly (an expert reaches resid_post of its layer and later residual sites)")
+        passed = [f"L{l}.E{e}" for l, e in ranked[:args.top_experts] if (l, e) not in experts]
+        if passed and not args.quiet:
+            print(f"note: {len(passed)} of the profile's top {args.top_experts} experts do not write into {into} "
+                  f"directly ({', '.join(passed[:3])}{', ...' if len(passed) > 3 else ''}); the next ones that do "
+                  "take their places", file=sys.stderr)
     kw = dict(site=site, top=args.top, top_tokens=args.top_tokens, batch_size=args.batch_size,
               max_tokens=args.max_tokens, skip_first=not args.keep_first, progress=not args.quiet)
     if circuit is not None:

@@ -80,8 +80,9 @@ def expert_writers(lm, experts: Sequence[tuple[int, int]] | None = None) -> list
     return out
 
 
-def profile_experts(path: str | Path, top: int) -> list[tuple[int, int]]:
-    """The top experts of a ``profile.json``: its super experts, then the rest by max |output| (routed/dense only)."""
+def profile_experts(path: str | Path, top: int | None = None) -> list[tuple[int, int]]:
+    """The top experts of a ``profile.json`` (all of them ranked when ``top`` is None): its super experts, then the
+    rest by max |output| (routed/dense only)."""
     from workbench.io import read_structured
 
     data, _ = read_structured(path, "profile")
@@ -91,6 +92,11 @@ def profile_experts(path: str | Path, top: int) -> list[tuple[int, int]]:
     supers = [(e["layer"], e["expert"]) for e in data.get("super_experts", []) if e.get("kind") in ("routed", "dense")]
     rest = [(e["layer"], e["expert"]) for e in sorted(rows, key=lambda e: -e["max_abs"])]
     return list(dict.fromkeys(supers + rest))[:top]
+
+
+def reaching(experts: Sequence[tuple[int, int]], site: Site) -> list[tuple[int, int]]:
+    """The ``(layer, expert)`` pairs whose direct output reaches ``site`` (:meth:`Writer.feeds`), in their order."""
+    return [(layer, e) for layer, e in experts if Writer(f"L{layer}.E{e}", "expert", layer, e).feeds(site)]
 
 
 def circuit_writers(circuit) -> dict[str, Writer]:

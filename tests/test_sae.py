@@ -9,7 +9,7 @@ from workbench.interventions import Intervention, apply
 from workbench.models.specs import load
 from workbench.tracing.sites import Component, Site
 
-from helpers import PROMPTS
+from helpers import PROMPTS, one_error
 
 sae_lens = pytest.importorskip("sae_lens")
 from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
@@ -174,6 +174,31 @@ def test_cli_features_from_profile_and_circuit(planted_sae, tmp_path, capsys):
     graphml = __import__("networkx").read_graphml(tmp_path / "b" / "circuit.graphml")
     assert graphml.nodes["m1.e3"]["sae_features"] == annotated.nodes["m1.e3"]["sae_features"]
     assert "writers into L1.resid_post" in capsys.readouterr().out
+
+
+def test_cli_features_from_a_profile_skip_experts_after_the_site(planted_sae, tmp_path, capsys):
+    """A profile of the whole 4-layer model ranks experts of layers 2-3 first; they cannot write into the SAE's
+    site (L1.resid_post), so the next experts that can take their places, with a note; none at all is an error."""
+    import json
+
+    import pandas as pd
+
+    from workbench.cli import main
+
+    experts = [{"layer": l, "expert": e, "kind": "routed", "max_abs": float(10 * l + e)} for l in range(4) for e in range(8)]
+    supers = [{"layer": 3, "expert": 1, "kind": "routed"}, {"layer": 0, "expert": 2, "kind": "routed"}]
+    (tmp_path / "profile.json").write_text(json.dumps({"experts": experts, "super_experts": supers}))
+    args = ["sae", "features", "zoo:qwen3-moe", "--sae", str(planted_sae), "--max-tokens", "16", "--top-experts", "3",
+            "--text", "The capital of France is Paris.", "--text", "Water boils at one hundred degrees."]
+    assert main(args + ["--profile", str(tmp_path / "profile.json"), "--out", str(tmp_path / "a")]) == 0
+    assert set(pd.read_parquet(tmp_path / "a" / "expert_features.parquet").writer) <= {"L0.E2", "L1.E7", "L1.E6"}
+    out, err = capsys.readouterr()
+    assert "3 writers into L1.resid_post" in out  # (an expert routed no token gets no row)
+    assert "note: 2 of the profile's top 3 experts do not write into L1.resid_post directly (L3.E1, L3.E7)" in err
+    late = [e for e in experts if e["layer"] >= 2]
+    (tmp_path / "late.json").write_text(json.dumps({"experts": late, "super_experts": supers[:1]}))
+    one_error(main(args + ["--profile", str(tmp_path / "late.json"), "--out", str(tmp_path / "b")]),
+              capsys.readouterr().err, "none of the 16 experts of", "writes into site L1.resid_post")
 
 
 # ----- circuit nodes -----------------------------------------------------------------------------
