@@ -114,11 +114,13 @@ def cmd_train(args) -> int:
     out = output_dir(args.out)
     lm = load(args.model, device=args.device)
     _, m = train_sae(lm, site, prompts, opts, out, source)
+    corpus = (f"{m['passes']:.3g} passes over {m['corpus_tokens']} tokens, the norm estimate's included"
+              if m["passes"] is not None else "less than one pass over the tokens")
     print(f"trained a {m['architecture']} SAE ({m['d_in']} -> {m['d_sae']} features) at {m['site']} of {m['model']} "
-          f"on {m['tokens_trained']} activations ({m['epochs']} passes over {m['corpus_tokens']} tokens of "
-          f"{m['train_prompts']} prompts), {m['steps']} steps in {m['seconds_train']:.1f} s "
+          f"on {m['tokens_trained']} activations ({corpus} of {m['train_prompts']} prompts), "
+          f"{m['steps']} steps in {m['seconds_train']:.1f} s "
           f"({m['seconds_total']:.1f} s in all, {m['threads']} threads)")
-    print(f"explained variance {m['explained_variance']:.4f} on {m['eval_tokens']} {m['eval_split']} tokens "
+    print(f"explained variance {m['explained_variance']:.4f} on {m['eval_tokens']} tokens of {m['eval_split']} "
           f"(training tokens: {m['train_explained_variance']:.4f}); L0 {m['l0']:.2f}; "
           f"dead features {m['dead_features']}/{m['d_sae']} (SAELens: silent for the last "
           f"{m['trainer']['dead_feature_window']} steps); training MSE (normalised units) {m['mse_first']:.4g} -> {m['mse_last']:.4g}")

@@ -33,6 +33,7 @@ from workbench.sae.stream import Buffer, Tokens, forward_batches
 from workbench.tracing.sites import Site
 
 ARCHITECTURES = ("topk", "standard")
+SAMPLE_ROWS = 65536  # training rows kept to measure the trained SAE on (train_explained_variance)
 
 
 @dataclass
@@ -62,6 +63,9 @@ class TrainOptions:
             raise WorkbenchError(f"--d-sae must be at least 1, got {self.d_sae}")
         if self.tokens < self.batch_size:
             raise WorkbenchError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
+        if self.holdout_every == 1:
+            raise WorkbenchError("--holdout-every 1 holds out every prompt, leaving none to train on; use 2 or more, "
+                                 "or 0 to evaluate on the training prompts")
 
 
 class ActivationStream:
@@ -72,8 +76,11 @@ class ActivationStream:
         self._gen = torch.Generator().manual_seed(opts.seed)
         self._cache: list[torch.Tensor] | None = []
         self._cache_complete = False
-        self.epochs = 0
-        self.rows_per_epoch = 0
+        self._sample: list[torch.Tensor] = []  # the first rows streamed, kept to measure the fit on training rows
+        self._sampled = 0
+        self.epochs = 0  # passes completed
+        self.rows_per_epoch = 0  # once the first pass completed
+        self.drawn = 0  # rows handed to the trainer (its norm estimate's batches included)
 
     def one_pass(self, prompts: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
         """The site's rows, batch of prompts by batch of prompts (first tokens dropped if ``skip_first``)."""
@@ -97,6 +104,9 @@ class ActivationStream:
         kept = 0
         for rows in self.one_pass():
             kept += rows.shape[0]
+            if self._sampled < SAMPLE_ROWS:
+                self._sample.append(rows[:SAMPLE_ROWS - self._sampled])
+                self._sampled += self._sample[-1].shape[0]
             if self._cache is not None:
                 if kept <= self.opts.cache_rows:
                     self._cache.append(rows)
@@ -107,9 +117,14 @@ class ActivationStream:
         if self._cache is not None and self._cache:
             self._cache, self._cache_complete = [torch.cat(self._cache)], True
 
-    def training_sample(self, rows: int = 65536) -> torch.Tensor | None:
-        """Up to ``rows`` kept training activations (None when epochs are not kept)."""
-        return self._cache[0][:rows] if self._cache_complete else None
+    def training_sample(self) -> torch.Tensor | None:
+        """The first (up to ``SAMPLE_ROWS``) training rows streamed: rows the trainer read when a pass
+        completed; otherwise some of them may not have reached it (None before any row)."""
+        return torch.cat(self._sample) if self._sample else None
+
+    def passes(self) -> float | None:
+        """Passes over the training rows the trainer drew (None while the first pass is not complete)."""
+        return self.drawn / self.rows_per_epoch if self.rows_per_epoch else None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         bs, pool_rows = self.opts.batch_size, 8 * self.opts.batch_size
@@ -123,6 +138,7 @@ class ActivationStream:
                     pool = pool[torch.randperm(pool.shape[0], generator=self._gen)]
                     n = pool.shape[0] // bs
                     for i in range(n):
+                        self.drawn += bs
                         yield pool[i * bs:(i + 1) * bs]
                     pool = pool[n * bs:]
             if not got:
@@ -132,6 +148,7 @@ class ActivationStream:
                 pool = pool[torch.randperm(pool.shape[0], generator=self._gen)]
                 n = pool.shape[0] // bs
                 for i in range(n):
+                    self.drawn += bs
                     yield pool[i * bs:(i + 1) * bs]
                 pool = pool[n * bs:]
 
@@ -221,10 +238,18 @@ def train_sae(lm, site: Site | str, prompts: Sequence[str], opts: TrainOptions =
                            n_batches_for_norm_estimate=min(20, max(1, steps)),
                            logger=LoggingConfig(log_to_wandb=False))
     sae = _build_sae(lm, site, d_in, opts, source)
-    trainer = _trainer_class()(cfg=cfg, sae=sae, data_provider=iter(stream))
+    if not train:
+        raise WorkbenchError(f"no prompt left to train on ({len(held)} held out by --holdout-every {every})")
+    provider = iter(stream)
+    trainer = _trainer_class()(cfg=cfg, sae=sae, data_provider=provider)
     trainer.history = []
     t0 = time.perf_counter()
-    sae = trainer.fit()
+    try:
+        sae = trainer.fit()
+    finally:
+        # a pass stopped part-way keeps its forward's hooks installed until its generator is closed; a later
+        # forward (the evaluation's) would meet them
+        provider.close()
     train_seconds = time.perf_counter() - t0
     sae.eval()
     eval_rows = list(stream.one_pass(held)) if held else list(stream.one_pass(train))
@@ -244,7 +269,8 @@ def train_sae(lm, site: Site | str, prompts: Sequence[str], opts: TrainOptions =
         "mse_first": _mean(h[1] for h in head), "mse_last": _mean(h[1] for h in tail),
         "step_explained_variance_first": _mean(h[2] for h in head), "step_explained_variance_last": _mean(h[2] for h in tail),
         "steps": trainer.n_training_steps, "tokens_trained": trainer.n_training_samples,
-        "epochs": stream.epochs, "corpus_tokens": stream.rows_per_epoch, "train_prompts": len(train),
+        "passes": None if stream.passes() is None else round(stream.passes(), 3),
+        "corpus_tokens": stream.rows_per_epoch or None, "train_prompts": len(train),
         "heldout_prompts": len(held), "seconds_train": round(train_seconds, 2),
         "seconds_total": round(time.perf_counter() - start, 2), "threads": torch.get_num_threads(),
         "model": lm.spec, "site": site.key, "hook_name": hook_name(site), "d_in": d_in, "d_sae": sae.cfg.d_sae,

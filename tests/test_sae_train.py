@@ -41,3 +41,26 @@ def test_small_training_run_learns_and_round_trips(tmp_path, capsys):
                               TrainOptions(batch_size=256))
     again = evaluate(sae, torch.cat(list(stream.one_pass())))
     assert again["explained_variance"] == pytest.approx(m["explained_variance"], abs=1e-4)
+
+
+def test_a_run_shorter_than_one_pass_evaluates_and_counts_passes(tmp_path, capsys):
+    """Training that stops part-way through the first pass (a corpus larger than --tokens) leaves its forward
+    suspended; the held-out evaluation after it must run (it met the suspended pass's hooks: 'captured 592 rows
+    but the batch has 384 tokens'). Passes are counted from the rows the trainer drew; a held-out share that
+    leaves nothing to train on is refused before anything is written."""
+    from workbench.cli import main
+
+    common = ["sae", "train", "zoo:tiny-moe", "--site", "L1.resid_post", "--batch-size", "256", "--k", "8"]
+    assert main(common + ["--tokens", "512", "--out", str(tmp_path / "a")]) == 0
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert m["passes"] is None and m["corpus_tokens"] is None and m["eval_split"] == "held-out prompts"
+    assert m["train_explained_variance"] == m["train_explained_variance"]  # measured on the rows streamed (not NaN)
+    assert "less than one pass" in capsys.readouterr().out
+    texts = ["--text", "The capital of France is Paris.", "--text", "Water boils at one hundred degrees."]
+    assert main(common + texts + ["--tokens", "1024", "--holdout-every", "0", "--out", str(tmp_path / "b")]) == 0
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    drawn = m["tokens_trained"] + min(20, m["steps"]) * 256  # SAELens' norm estimate draws its batches first
+    assert m["passes"] == pytest.approx(drawn / m["corpus_tokens"], rel=1e-3) and m["corpus_tokens"] == 12
+    assert main(common + ["--holdout-every", "1", "--out", str(tmp_path / "c")]) == 2
+    assert "--holdout-every 1 holds out every prompt" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
