@@ -161,7 +161,9 @@ def cmd_evolution(args) -> int:
     say = None if args.quiet else (lambda s: print(s, file=sys.stderr))
     result, circuits = evolution(specs, facts, load=lambda s: load(s, device=args.device), options=opts, progress=say)
     write(result, circuits, out, plots=not args.no_plots)
-    print(f"{len(facts)} facts, {result['rows'][0]['n_edges']}-edge circuits of {result['n_edges_total']} edges:")
+    sizes = sorted({r["n_edges"] for r in result["rows"]})  # one size, unless a checkpoint scores fewer edges
+    size = f"{sizes[0]}-edge" if len(sizes) == 1 else f"{sizes[0]}- to {sizes[-1]}-edge"
+    print(f"{len(facts)} facts, {size} circuits of {result['n_edges_total']} edges:")
     print(f"{'checkpoint':<22}{'Hit@10 full':>12}{'circuit':>9}{'gap':>8}{'faithful':>10}{'Jaccard':>9}  nodes")
     for r in result["rows"]:
         comp = " ".join(f"{k} {v}" for k, v in r["composition"].items())

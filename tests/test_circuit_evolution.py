@@ -51,6 +51,9 @@ def test_cli_writes_evolution_files(tmp_path, capsys, facts):
     assert [row["spec"] for row in r["rows"]] == ["zoo:qwen3-moe", "zoo:tiny-moe"]
     assert len(pd.read_parquet(out / "evolution.parquet")) == 2 and (out / "evolution.png").stat().st_size > 10_000
     assert sorted(p.name for p in (out / "circuits").iterdir()) == ["ckpt0.json", "ckpt1.json"]
-    assert "Hit@10 full" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Hit@10 full" in printed
+    sizes = sorted({row["n_edges"] for row in r["rows"]})  # the header gives every checkpoint's size
+    assert (f"{sizes[0]}-edge circuits" if len(sizes) == 1 else f"{sizes[0]}- to {sizes[-1]}-edge circuits") in printed
     assert main(["circuit-evolution", "zoo:qwen3-moe", "--out", str(tmp_path / "x")]) == 2
     assert "at least two checkpoints" in capsys.readouterr().err
