@@ -69,6 +69,11 @@ def test_saved_conditions_of_this_run_are_reused_and_old_records_recomputed(qwen
     again, said = _run(TINY, qwen2, out)
     assert again[again.condition == "drop-L1-E3"]["mean"].iloc[0] == 1234.5
     assert not [m for m in said if "another run" in m]
+    done["inputs"]["device"] = "cuda"  # computed on a GPU: other kernels, numbers that differ by rounding
+    saved.write_text(json.dumps(done))
+    again, said = _run(TINY, qwen2, out)
+    pd.testing.assert_frame_equal(again, first)
+    assert any("drop-L1-E3.json was computed for another run (device 'cuda', now 'cpu')" in m for m in said), said
     del done["inputs"]  # as an older version saved it: no record of what it was computed on
     saved.write_text(json.dumps(done))
     again, said = _run(TINY, qwen2, out)

@@ -21,7 +21,7 @@ A study file (YAML or JSON)::
 A baseline condition (no intervention) is always run first. Every generated condition is spelled
 out in ``study.resolved.yaml``, which ``workbench ablate`` runs unchanged; each finished condition is saved under ``conditions/`` at once, so an
 interrupted run keeps them and a re-run resumes. A saved condition records what its numbers depend on (model, dtype,
-texts, batch size, generation prompts, cloze and task items); one computed for another run is computed again.
+device kind, texts, batch size, generation prompts, cloze and task items); one computed for another run is computed again.
 
 Every field is checked when the study is read (counts are integers >= 1), and what needs the model (layer and expert
 indices, ``prompts`` within the texts, ``positions`` within reach, new tokens within the context) before anything is
@@ -292,7 +292,9 @@ class Study:
         """What a condition's numbers depend on besides its interventions and the metrics; saved with each finished
         condition, which a re-run reuses only where all of it is the same."""
         want = set(self.metrics)
-        out = {"model": lm.spec, "dtype": str(getattr(lm.model, "dtype", "")), "batch_size": self.batch_size,
+        # the device's kind: another kind runs other kernels (numbers differ by rounding); cuda:0 and cuda:1 do not
+        out = {"model": lm.spec, "dtype": str(getattr(lm.model, "dtype", "")), "device": lm.device.type,
+               "batch_size": self.batch_size,
                "texts": len(texts), "texts_sha256": _sha256(texts)}
         if "accuracy" in want:
             out["cloze_sha256"] = _sha256([[c.prompt, *c.options, c.answer] for c in cloze])
