@@ -99,3 +99,14 @@ def short_gpt2(tmp_path_factory, zoo_tokenizer):
     GPT2LMHeadModel(cfg).save_pretrained(d)
     zoo_tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def ui_model_argv(monkeypatch):
+    """The app starts on the AppTest modules' model (the app's own default is zoo:tiny-moe-se); they opt in with
+    ``pytestmark = pytest.mark.usefixtures("ui_model_argv")``."""
+    import sys
+
+    from helpers import UI_MODEL
+
+    monkeypatch.setattr(sys, "argv", ["app.py", "--model", UI_MODEL])

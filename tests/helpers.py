@@ -1,5 +1,7 @@
 """Constants and small helpers shared by the tests."""
 
+from pathlib import Path
+
 import torch
 
 # Every architecture family in the zoo, both expert layouts.
@@ -219,3 +221,21 @@ def one_error(code: int, err: str, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+# --- The app, driven headless with Streamlit's AppTest ------------------------------------------------
+APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
+UI_MODEL = "zoo:qwen3-moe"  # hidden size 64, 4 layers x 8 experts: what the AppTest modules start the app on
+
+
+def ui_ok(at) -> None:
+    """No exception and no error line on the page."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def ui_edit(at, layer: int, rows: dict) -> None:
+    """Edit the Steer page's expert table of ``layer`` as a user would ({row: {column: value}}), then rerun."""
+    key = f"steer_editor_{layer}_{at.session_state['steer_version']}"
+    at.session_state[key] = {"edited_rows": rows, "added_rows": [], "deleted_rows": []}
+    at.run()

@@ -11,41 +11,26 @@ import yaml
 from streamlit.testing.v1 import AppTest
 
 import workbench as wb
+from helpers import APP, UI_MODEL, ui_edit, ui_ok
 from workbench.circuits.export import Circuit, write_json
 from workbench.errors import WorkbenchError
 from workbench.interventions import parse
 from workbench.studies import Study
 
-APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
-MODEL = "zoo:qwen3-moe"
 # dropping half the experts of layer 0 re-routes every token: the greedy continuation changes (checked)
 DROP = {i: {"drop": True} for i in range(4)}
 
 
-@pytest.fixture(autouse=True)
-def _model_argv(monkeypatch):
-    """The app starts on this module's model (the app's own default is zoo:tiny-moe-se)."""
-    monkeypatch.setattr(sys, "argv", ["app.py", "--model", MODEL])
+pytestmark = pytest.mark.usefixtures("ui_model_argv")
 
 
 def _app(page: str) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
-    assert at.sidebar.selectbox(key="model_choice").value == MODEL
+    assert at.sidebar.selectbox(key="model_choice").value == UI_MODEL
     at.sidebar.radio(key="page").set_value(page).run()
-    _ok(at)
+    ui_ok(at)
     return at
-
-
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def _edit(at: AppTest, layer: int, rows: dict) -> None:
-    key = f"steer_editor_{layer}_{at.session_state['steer_version']}"
-    at.session_state[key] = {"edited_rows": rows, "added_rows": [], "deleted_rows": []}
-    at.run()
 
 
 def test_ui_package_import_is_light():
@@ -65,9 +50,9 @@ def test_steer_toggle_changes_generation_and_study_round_trips():
     base, same = at.session_state["steer_generations"]
     assert base == same
     start = time.perf_counter()
-    _edit(at, 0, DROP)
+    ui_edit(at, 0, DROP)
     latency = time.perf_counter() - start
-    _ok(at)
+    ui_ok(at)
     print(f"toggle -> 20-token generation: {latency:.2f} s")
     base2, steered = at.session_state["steer_generations"]
     assert base2 == base and steered != base
@@ -84,7 +69,7 @@ def test_steer_toggle_changes_generation_and_study_round_trips():
     study = Study(spec, "ui_study.yaml")
     ivs = study.explicit[0].interventions
     assert [(iv.op, iv.layers, iv.expert) for iv in ivs] == [("drop", (0,), e) for e in range(4)]
-    lm = wb.load(MODEL)
+    lm = wb.load(UI_MODEL)
     for iv in ivs:
         iv.validate(lm)
 
@@ -94,7 +79,7 @@ def test_steer_toggle_changes_generation_and_study_round_trips():
     fresh.file_uploader(key="steer_upload").set_value(("ui_study.yaml", text.encode(), "application/x-yaml"))
     fresh.run()
     fresh.run()  # the table is rebuilt from the upload on the run after it
-    _ok(fresh)
+    ui_ok(fresh)
     assert list(fresh.session_state["steer_tables"][0]["drop"]) == [True] * 4 + [False] * 4
     assert fresh.session_state["steer_generations"][1] == steered
 
@@ -102,16 +87,16 @@ def test_steer_toggle_changes_generation_and_study_round_trips():
 def test_steer_scale_bias_force_build_valid_interventions():
     at = _app("Steer")
     at.selectbox(key="steer_layer").set_value(1).run()
-    _edit(at, 1, {2: {"zero": True, "scale": 0.5}, 5: {"force": True, "force_weight": 0.4, "bias": 2.0}})
-    _ok(at)
+    ui_edit(at, 1, {2: {"zero": True, "scale": 0.5}, 5: {"force": True, "force_weight": 0.4, "bias": 2.0}})
+    ui_ok(at)
     spec = yaml.safe_load(at.session_state["steer_study_yaml"])
     ivs = parse(spec["conditions"][0]["interventions"])
     assert {(iv.op, iv.expert) for iv in ivs} == {("zero", 2), ("scale", 2), ("force", 5), ("bias", 5)}
     assert next(iv for iv in ivs if iv.op == "force").weight == pytest.approx(0.4)
     # edits of a layer survive showing another layer
     at.selectbox(key="steer_layer").set_value(0).run()
-    _edit(at, 0, {1: {"zero": True}})
-    _ok(at)
+    ui_edit(at, 0, {1: {"zero": True}})
+    ui_ok(at)
     ivs = parse(yaml.safe_load(at.session_state["steer_study_yaml"])["conditions"][0]["interventions"])
     assert {(iv.op, iv.layers[0], iv.expert) for iv in ivs} == {("zero", 0, 1), ("zero", 1, 2), ("scale", 1, 2),
                                                                ("force", 1, 5), ("bias", 1, 5)}
@@ -119,13 +104,13 @@ def test_steer_scale_bias_force_build_valid_interventions():
 
 def test_steer_scoped_ops_reach_the_study_and_round_trip(tmp_path):
     at = _app("Steer")
-    _edit(at, 0, {1: {"zero": True, "positions": "0, -1"}, 3: {"drop": True, "token": " capital"},
+    ui_edit(at, 0, {1: {"zero": True, "positions": "0, -1"}, 3: {"drop": True, "token": " capital"},
                   5: {"scale": 0.5, "positions": "2", "token": "France"}})
-    _ok(at)
+    ui_ok(at)
     path = tmp_path / "ui_study.yaml"
     path.write_text(at.session_state["steer_study_yaml"])
-    study = Study.from_file(path)  # what `workbench ablate MODEL --study ui_study.yaml` reads
-    conditions = study.resolve(wb.load(MODEL))  # and validates against the model before any run
+    study = Study.from_file(path)  # what `workbench ablate UI_MODEL --study ui_study.yaml` reads
+    conditions = study.resolve(wb.load(UI_MODEL))  # and validates against the model before any run
     assert [c.name for c in conditions] == ["baseline", "ui"]
     got = {(iv.op, iv.expert): (iv.positions, iv.token) for iv in conditions[1].interventions}
     assert got == {("zero", 1): ((0, -1), None), ("drop", 3): (None, " capital"), ("scale", 5): ((2,), "France")}
@@ -137,14 +122,14 @@ def test_steer_scoped_ops_reach_the_study_and_round_trip(tmp_path):
     fresh.file_uploader(key="steer_upload").set_value(("ui_study.yaml", path.read_bytes(), "application/x-yaml"))
     fresh.run()
     fresh.run()
-    _ok(fresh)
+    ui_ok(fresh)
     table = fresh.session_state["steer_tables"][0]
     assert list(table.loc[[1, 3, 5], "positions"]) == ["0, -1", "", "2"]
     assert list(table.loc[[1, 3, 5], "token"]) == ["", " capital", "France"]
     assert fresh.session_state["steer_generations"][1] == steered
 
     # a malformed positions cell is a message, not a crash
-    _edit(at, 0, {1: {"zero": True, "positions": "first"}})
+    ui_edit(at, 0, {1: {"zero": True, "positions": "first"}})
     assert not at.exception
     assert any("positions 'first'" in e.value for e in at.error)
 
@@ -155,14 +140,14 @@ def test_bad_model_path_shows_error_and_app_keeps_running():
     at.sidebar.text_input(key="model_path").input("/nonexistent/model-dir").run()
     assert not at.exception
     assert any("does not exist" in e.value for e in at.error)
-    at.sidebar.selectbox(key="model_choice").set_value(MODEL).run()
-    _ok(at)
+    at.sidebar.selectbox(key="model_choice").set_value(UI_MODEL).run()
+    ui_ok(at)
 
 
 def test_model_from_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["app.py", "--model", "zoo:olmoe"])
     at = AppTest.from_file(APP, default_timeout=60).run()
-    _ok(at)
+    ui_ok(at)
     assert at.sidebar.selectbox(key="model_choice").value == "zoo:olmoe"
     monkeypatch.setattr(sys, "argv", ["app.py", "--model", "./no/such/checkpoint"])
     at = AppTest.from_file(APP, default_timeout=60).run()
@@ -177,7 +162,7 @@ def test_profile_page_runs_and_plots(tmp_path):
     at.number_input(key="profile_max_tokens").set_value(16)
     at.text_area(key="profile_prompts").input("The capital of France is Paris.\nWater boils at 100 degrees.")
     at.button(key="profile_run").click().run()
-    _ok(at)
+    ui_ok(at)
     p = at.session_state["profile"]
     assert p["meta"]["num_prompts"] == 2
     charts = at.get("plotly_chart")
@@ -187,7 +172,7 @@ def test_profile_page_runs_and_plots(tmp_path):
     assert {"profile_fig_qk_concentration", "profile_fig_qk_norms_q", "profile_fig_qk_norms_k",
             "profile_fig_qk_norms_v"} <= {c.key for c in charts}
     at.button(key="profile_report").click().run()  # the same report page `workbench profile` writes
-    _ok(at)
+    ui_ok(at)
     page = at.session_state["profile_report_html"][1].decode()
     assert page.startswith("<!doctype html>") and "<h2>Findings</h2>" in page and "data:image/png;base64," in page
     assert len(at.dataframe) >= 2  # super-expert candidates, router statistics
@@ -204,7 +189,7 @@ def test_profile_page_runs_and_plots(tmp_path):
     # picking an expert (what a click on the heatmap does) shows its details; the button ticks it for steering
     at.selectbox(key="profile_pick_layer").set_value(1).run()
     at.selectbox(key="profile_pick_expert").set_value(2).run()
-    _ok(at)
+    ui_ok(at)
     table = next(d.value for d in at.dataframe if list(d.value.columns) == ["", "value"])  # dataframes have no key here
     details = dict(table.itertuples(index=False))
     e = next(e for e in p["experts"] if (e["layer"], e["expert"]) == (1, 2))
@@ -213,12 +198,12 @@ def test_profile_page_runs_and_plots(tmp_path):
     assert "kurtosis of its channel maxima" in details
     at.selectbox(key="profile_pick_op").set_value("drop")
     at.button(key="profile_pick_add").click().run()
-    _ok(at)
+    ui_ok(at)
     assert bool(at.session_state["steer_tables"][1].loc[2, "drop"])
 
     # the steer table then shows each expert's load and max|out| from this profile
     at.sidebar.radio(key="page").set_value("Steer").run()
-    _ok(at)
+    ui_ok(at)
     table = at.data_editor[0].value
     assert {"load", "max_abs"} <= set(table.columns)
     assert table["load"].sum() == pytest.approx(1.0)
@@ -234,12 +219,12 @@ def test_profile_page_runs_and_plots(tmp_path):
     fresh = _app("Profile")
     fresh.text_input(key="profile_path").input(str(tmp_path)).run()
     fresh.button(key="profile_open").click().run()
-    _ok(fresh)
+    ui_ok(fresh)
     assert fresh.session_state["profile"]["meta"]["num_prompts"] == 2 and len(fresh.get("plotly_chart")) == 11
     fresh = _app("Profile")
     fresh.file_uploader(key="profile_upload").set_value(("profile.json", saved.read_bytes(), "application/json"))
     fresh.run()
-    _ok(fresh)
+    ui_ok(fresh)
     assert len(fresh.get("plotly_chart")) == 11
 
     at.text_input(key="profile_path").input(str(tmp_path / "missing.json")).run()
@@ -259,7 +244,7 @@ def _circuit(path: Path) -> Path:
              {"source": "a0.h0", "target": "m0.e3", "port": "in", "score": 1.5},
              {"source": "m0.e3", "target": "logits", "port": "in", "score": 2.0},
              {"source": "m0.router", "target": "m0.e3", "port": "internal", "score": 0.0}]
-    meta = {"model": MODEL, "method": "eap-ig", "metrics": {"faithfulness": 0.91, "hit_at_10": 0.8}}
+    meta = {"model": UI_MODEL, "method": "eap-ig", "metrics": {"faithfulness": 0.91, "hit_at_10": 0.8}}
     return write_json(Circuit(nodes, edges, meta), path / "circuit.json")
 
 
@@ -270,12 +255,12 @@ def test_circuits_page_draws_graph_and_metrics(tmp_path):
     at.text_input(key="circuit_path").input(str(tmp_path / "nope.json")).run()
     assert not at.exception and any("does not exist" in e.value for e in at.error)
     at.text_input(key="circuit_path").input(str(_circuit(tmp_path))).run()
-    _ok(at)
+    ui_ok(at)
     assert at.slider(key="circuit_edges").value == 4
     assert len(at.get("plotly_chart")) == 1
     assert {m.label for m in at.metric} == {"faithfulness", "hit_at_10"}
     at.slider(key="circuit_edges").set_value(2).run()
-    _ok(at)
+    ui_ok(at)
     assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 2
     assert len(at.get("download_button")) == 4  # JSON, GraphML, DOT, SVG
     svg = svg_download(at.session_state["circuit"], 2)()  # what the SVG button sends when clicked
@@ -299,7 +284,7 @@ def test_circuits_page_runs_discovery():
     at.selectbox(key="circuit_method").set_value("eap")
     at.number_input(key="circuit_top").set_value(30)
     at.button(key="circuit_run").click().run()
-    _ok(at)
+    ui_ok(at)
     circuit = at.session_state["circuit"]
     assert circuit.meta["metrics"]["n_facts"] == 4 and circuit.n_edges > 0
     assert at.slider(key="circuit_edges").value == min(circuit.n_edges, 100)
@@ -313,14 +298,14 @@ def test_cli_ui_command():
 
     p = argparse.ArgumentParser()
     add_ui_parser(p.add_subparsers(dest="command"))
-    args = p.parse_args(["ui", "--model", MODEL, "--port", "8765", "--threads", "1"])
+    args = p.parse_args(["ui", "--model", UI_MODEL, "--port", "8765", "--threads", "1"])
     cmd = command(args.model, args.port, args.threads)
     assert Path(CLI_APP) == Path(APP)
     assert cmd[1:4] == ["-m", "streamlit", "run"]
     for flag, value in [("--server.headless", "true"), ("--server.address", "127.0.0.1"),
                         ("--server.port", "8765"), ("--browser.gatherUsageStats", "false")]:
         assert cmd[cmd.index(flag) + 1] == value
-    assert cmd[-5:] == ["--", "--model", MODEL, "--threads", "1"]
+    assert cmd[-5:] == ["--", "--model", UI_MODEL, "--threads", "1"]
     assert command(None, 8501)[-1] == "false"  # no app arguments, no "--"
 
 
@@ -333,8 +318,8 @@ def test_default_model_shows_its_super_expert_in_steer(monkeypatch):
     at.sidebar.radio(key="page").set_value("Steer").run()
     assert at.session_state["steer_generations"] == (" Paris.<|im_end|>", " Paris.<|im_end|>")
     at.selectbox(key="steer_layer").set_value("1").run()
-    _edit(at, 1, {5: {"zero": True}})
-    _ok(at)
+    ui_edit(at, 1, {5: {"zero": True}})
+    ui_ok(at)
     assert at.session_state["steer_generations"] == (" Paris.<|im_end|>", " France.<|im_end|>")
 
 
@@ -347,7 +332,7 @@ def test_steer_yaml_box_steers_a_dense_model_and_round_trips(tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", ["app.py", "--model", str(folder)])
     at = AppTest.from_file(APP, default_timeout=60).run()
     at.sidebar.radio(key="page").set_value("Steer").run()
-    _ok(at)
+    ui_ok(at)
     assert any("no MoE layers" in i.value for i in at.info)
     assert [e.key for e in at.data_editor] == [f"steer_dense_{at.session_state['steer_version']}"]
     assert at.data_editor[0].value.empty  # no profile of this model yet: nothing pre-filled
@@ -355,7 +340,7 @@ def test_steer_yaml_box_steers_a_dense_model_and_round_trips(tmp_path, monkeypat
     assert base == same
     box = "- {op: zero_head, layers: [0, 1, 2, 3], heads: [0, 1, 2, 3]}\n- {op: mean_qk, layers: 1, top: 2}\n"
     at.text_area(key="steer_extra").input(box).run()
-    _ok(at)
+    ui_ok(at)
     assert at.session_state["steer_generations"][1] != base
     ivs = parse(yaml.safe_load(at.session_state["steer_study_yaml"])["conditions"][0]["interventions"])
     assert [iv.op for iv in ivs] == ["zero_head", "mean_qk"] and ivs[1].top == 2
@@ -367,7 +352,7 @@ def test_steer_yaml_box_steers_a_dense_model_and_round_trips(tmp_path, monkeypat
     fresh.sidebar.radio(key="page").set_value("Steer").run()
     fresh.file_uploader(key="steer_upload").set_value(("ui_study.yaml", text.encode(), "application/x-yaml"))
     fresh.run()
-    _ok(fresh)
+    ui_ok(fresh)
     assert [iv.op for iv in parse(yaml.safe_load(fresh.text_area(key="steer_extra").value))] == ["zero_head", "mean_qk"]
     assert fresh.session_state["steer_generations"][1] == steered
 
@@ -382,9 +367,9 @@ def test_dense_steer_table_from_smollm2s_profile(monkeypatch):
     at.number_input(key="profile_max_tokens").set_value(16)
     at.text_area(key="profile_prompts").input("The capital of France is Paris.\nWater boils at 100 degrees.")
     at.button(key="profile_run").click().run()
-    _ok(at)
+    ui_ok(at)
     at.sidebar.radio(key="page").set_value("Steer").run()
-    _ok(at)
+    ui_ok(at)
     table = at.data_editor[0].value
     massive = table[table.op == "zero_channel"]
     assert massive["index"].tolist()[:1] == [507] and int(massive["layer"].iloc[0]) == 11
@@ -395,7 +380,7 @@ def test_dense_steer_table_from_smollm2s_profile(monkeypatch):
     key = at.data_editor[0].key
     at.session_state[key] = {"edited_rows": {row: {"on": True}}, "added_rows": [], "deleted_rows": []}
     at.run()
-    _ok(at)
+    ui_ok(at)
     assert at.session_state["steer_generations"][1] != base
     ivs = parse(yaml.safe_load(at.session_state["steer_study_yaml"])["conditions"][0]["interventions"])
     assert [(iv.op, iv.layers, iv.channel) for iv in ivs] == [("zero_channel", (11,), 507)]

@@ -2,7 +2,6 @@
 folder, SAE features in the Profile page's expert detail and on circuit nodes (and in the downloads), and
 ``sae_steer`` rows in the Steer page's study YAML."""
 
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import yaml
 from streamlit.testing.v1 import AppTest
 
 import workbench as wb
+from helpers import APP, UI_MODEL, ui_ok
 from workbench.circuits.export import Circuit, read_json, write_graphml, write_json
 from workbench.studies import Study
 
@@ -20,15 +20,10 @@ pytest.importorskip("sae_lens")
 from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 from sae_lens.saes.sae import SAEMetadata  # noqa: E402
 
-APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
-MODEL = "zoo:qwen3-moe"  # hidden size 64, 4 layers x 8 experts
 FEATURES_SHOWN = "top activating tokens"  # a column of the SAE feature tables
 
 
-@pytest.fixture(autouse=True)
-def _model_argv(monkeypatch):
-    """The app starts on this module's model (the app's own default is zoo:tiny-moe-se)."""
-    monkeypatch.setattr(sys, "argv", ["app.py", "--model", MODEL])
+pytestmark = pytest.mark.usefixtures("ui_model_argv")
 
 
 def make_sae(path: Path, d_in: int = 64, d_sae: int = 32, hook: str = "blocks.1.hook_resid_post") -> Path:
@@ -44,17 +39,12 @@ def sae_dir(tmp_path_factory) -> Path:
     return make_sae(tmp_path_factory.mktemp("sae") / "L1")
 
 
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
 def _app(page: str, sae: Path | None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=120).run()
     if sae is not None:
         at.sidebar.text_input(key="sae_path").input(str(sae)).run()
     at.sidebar.radio(key="page").set_value(page).run()
-    _ok(at)
+    ui_ok(at)
     return at
 
 
@@ -80,7 +70,7 @@ def test_bad_sae_folder_shows_error_and_app_keeps_running(sae_dir, tmp_path):
     at.sidebar.text_input(key="sae_path").input(str(late)).run()
     assert not at.exception and any("out of range" in e.value for e in at.error)
     at.sidebar.text_input(key="sae_path").input(str(sae_dir)).run()
-    _ok(at)
+    ui_ok(at)
     assert any("32 features at L1.resid_post" in c.value for c in at.sidebar.caption)
     assert any("SAE feature steering" in m.value for m in at.markdown)
 
@@ -93,17 +83,17 @@ def test_profile_expert_detail_shows_sae_features(sae_dir):
     at.number_input(key="profile_max_tokens").set_value(16)
     at.text_area(key="profile_prompts").input("The capital of France is Paris.\nWater boils at 100 degrees.")
     at.button(key="profile_run").click().run()
-    _ok(at)
+    ui_ok(at)
     start = time.perf_counter()
     at.selectbox(key="profile_pick_layer").set_value(1).run()  # what a click on a heatmap cell does
     at.selectbox(key="profile_pick_expert").set_value(2).run()
     print(f"pick an expert, SAE features from the cache: {time.perf_counter() - start:.2f} s")
-    _ok(at)
+    ui_ok(at)
     shown = _feature_table(at)
     assert list(shown.columns[:3]) == ["rank", "feature", "score"] and len(shown) >= 1
     assert (shown.score > 0).all() and shown[FEATURES_SHOWN].str.len().gt(0).all()
     # the same numbers as the API on the same prompts
-    lm = wb.load(MODEL)
+    lm = wb.load(UI_MODEL)
     report = expert_features(lm, load_sae(sae_dir), feature_prompts(), experts=[(1, 2)], top=FEATURE_TOP,
                              top_tokens=5, max_tokens=FEATURE_TOKENS)
     assert list(shown.feature) == list(report.table.feature)
@@ -112,10 +102,10 @@ def test_profile_expert_detail_shows_sae_features(sae_dir):
     start = time.perf_counter()
     at.selectbox(key="profile_pick_expert").set_value(5).run()  # from the cache
     print(f"another expert: {time.perf_counter() - start:.2f} s")
-    _ok(at)
+    ui_ok(at)
     assert len(_feature_table(at)) >= 1
     at.selectbox(key="profile_pick_layer").set_value(3).run()  # writes after the SAE's site
-    _ok(at)
+    ui_ok(at)
     assert any("does not write into the SAE's site L1.resid_post" in i.value for i in at.info)
     assert not [d for d in at.dataframe if FEATURES_SHOWN in d.value.columns]
 
@@ -134,7 +124,7 @@ def _circuit(path: Path) -> Path:
              {"source": "a1.h0", "target": "m1.e2", "port": "in", "score": -0.4},
              {"source": "m1.e2", "target": "m2.e0", "port": "in", "score": 0.3},
              {"source": "m2.e0", "target": "logits", "port": "in", "score": 2.0}]
-    return write_json(Circuit(nodes, edges, {"model": MODEL, "method": "eap"}), path / "circuit.json")
+    return write_json(Circuit(nodes, edges, {"model": UI_MODEL, "method": "eap"}), path / "circuit.json")
 
 
 def test_circuit_node_features_shown_and_exported(sae_dir, tmp_path):
@@ -142,15 +132,15 @@ def test_circuit_node_features_shown_and_exported(sae_dir, tmp_path):
 
     at = _app("Circuits", sae_dir)
     at.text_input(key="circuit_path").input(str(_circuit(tmp_path))).run()
-    _ok(at)
+    ui_ok(at)
     assert at.selectbox(key="circuit_node").value == "a0.h1"  # the first head / MLP / expert
     assert len(_feature_table(at)) >= 1
     at.selectbox(key="circuit_node").set_value("m1.e2").run()  # what a click on the node does
-    _ok(at)
+    ui_ok(at)
     shown = _feature_table(at)
     assert any("Top SAE features of m1.e2" in m.value for m in at.markdown)
     at.selectbox(key="circuit_node").set_value("m2.e0").run()
-    _ok(at)
+    ui_ok(at)
     assert any("m2.e0: no SAE features" in i.value for i in at.info)
 
     # the downloads carry every reading node's features as node attributes
@@ -171,7 +161,7 @@ def test_circuit_node_features_shown_and_exported(sae_dir, tmp_path):
 
     # without an SAE: no features, plain downloads
     at.sidebar.text_input(key="sae_path").input("").run()
-    _ok(at)
+    ui_ok(at)
     assert not [d for d in at.dataframe if FEATURES_SHOWN in d.value.columns]
     assert "sae_features" not in at.session_state["circuit_export"].nodes["m1.e2"]
 
@@ -189,7 +179,7 @@ def test_steer_sae_row_reaches_study_yaml_and_round_trips(sae_dir, tmp_path):
     at.session_state[key] = {"edited_rows": {1: {"drop": True}}, "added_rows": [], "deleted_rows": []}
     at.run()
     _edit_sae_rows(at, [{"feature": 3, "coef": 40.0, "positions": "-1"}])
-    _ok(at)
+    ui_ok(at)
     assert any("drop L0.E1, sae_steer f3 x40 @-1" in c.value for c in at.caption)
     steered = at.session_state["steer_generations"][1]
     assert steered != base
@@ -203,7 +193,7 @@ def test_steer_sae_row_reaches_study_yaml_and_round_trips(sae_dir, tmp_path):
     assert spec["conditions"][1]["interventions"] == [
         {"op": "sae_steer", "sae": str(sae_dir.resolve()), "feature": 3, "coef": 40.0, "positions": [-1]}]
     study = Study.from_file(path)
-    lm = wb.load(MODEL)
+    lm = wb.load(UI_MODEL)
     conditions = study.resolve(lm)
     assert [c.name for c in conditions] == ["baseline", "ui experts", "ui features"]
     steer = conditions[2].interventions[0]
@@ -218,7 +208,7 @@ def test_steer_sae_row_reaches_study_yaml_and_round_trips(sae_dir, tmp_path):
     assert [c["name"] for c in yaml.safe_load(at.session_state["steer_study_yaml"])["conditions"]] == ["ui"]
     at.sidebar.radio(key="page").set_value("Profile").run()
     at.sidebar.radio(key="page").set_value("Steer").run()
-    _ok(at)
+    ui_ok(at)
     assert at.session_state["steer_generations"][1] == steered
     assert list(at.session_state["steer_sae_rows"].feature) == [3]
 
@@ -227,7 +217,7 @@ def test_steer_sae_row_reaches_study_yaml_and_round_trips(sae_dir, tmp_path):
     fresh.file_uploader(key="steer_upload").set_value(("ui_study.yaml", path.read_bytes(), "application/x-yaml"))
     fresh.run()
     fresh.run()
-    _ok(fresh)
+    ui_ok(fresh)
     rows = fresh.session_state["steer_sae_rows"]
     assert (list(rows.feature), list(rows.coef), list(rows.positions)) == ([3], [40.0], ["-1"])
     assert list(fresh.session_state["steer_tables"][0]["drop"]) == [False, True] + [False] * 6
@@ -251,9 +241,9 @@ def test_sae_from_argv_and_cli(sae_dir, monkeypatch):
 
     from workbench.ui.cli import command
 
-    assert command(MODEL, 8501, sae=str(sae_dir))[-4:] == ["--model", MODEL, "--sae", str(sae_dir)]
-    monkeypatch.setattr(sys, "argv", ["app.py", "--model", MODEL, "--sae", str(sae_dir)])
+    assert command(UI_MODEL, 8501, sae=str(sae_dir))[-4:] == ["--model", UI_MODEL, "--sae", str(sae_dir)]
+    monkeypatch.setattr(sys, "argv", ["app.py", "--model", UI_MODEL, "--sae", str(sae_dir)])
     at = AppTest.from_file(APP, default_timeout=120).run()
-    _ok(at)
+    ui_ok(at)
     assert at.sidebar.text_input(key="sae_path").value == str(sae_dir)
     assert any("32 features at L1.resid_post" in c.value for c in at.sidebar.caption)
