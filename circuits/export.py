@@ -74,11 +74,17 @@ class Circuit:
         for i, n in enumerate(data["nodes"]):
             if not isinstance(n, dict) or not isinstance(n.get("id"), str):
                 raise bad(f"node {i} has no string 'id'")
+            if n["id"] in nodes:
+                raise bad(f"node {i} repeats the id {n['id']!r}")
+            if what := _bad_node(n):
+                raise bad(f"node {i} ({n['id']}) {what}")
             nodes[n["id"]] = {k: v for k, v in n.items() if k != "id"}
         edges = []
         for i, e in enumerate(data["edges"]):
             if not isinstance(e, dict) or any(k not in e for k in ("source", "target", "port", "score")):
                 raise bad(f"edge {i} lacks one of 'source', 'target', 'port', 'score'")
+            if not all(isinstance(e[k], str) for k in ("source", "target", "port")):
+                raise bad(f"edge {i} has a 'source', 'target' or 'port' that is not a string")
             if e["source"] not in nodes or e["target"] not in nodes:
                 raise bad(f"edge {i} ({e['source']} -> {e['target']}) names a node the circuit does not have")
             if not isinstance(e["score"], (int, float)) or isinstance(e["score"], bool):
@@ -87,6 +93,22 @@ class Circuit:
         graph = data.get("graph", {})
         meta = graph.get("meta", {}) if isinstance(graph, dict) else {}
         return cls(nodes, _canonical(nodes, edges), meta if isinstance(meta, dict) else {})
+
+
+def _bad_node(n: dict) -> str:
+    """What a node-link node lacks to be a circuit node (``Node.attrs``: kind, integer layer and index, every
+    attribute a string, number or boolean, so GraphML can carry it); empty when nothing."""
+    from workbench.circuits.graph import NODE_KINDS
+
+    if n.get("kind") not in NODE_KINDS:
+        return (f"has kind {n['kind']!r}" if "kind" in n else "has no 'kind'") + f"; kinds: {', '.join(NODE_KINDS)}"
+    for key in ("layer", "index"):
+        if key not in n:
+            return f"has no {key!r}"
+        if not isinstance(n[key], int) or isinstance(n[key], bool):
+            return f"has {key} {n[key]!r}, not an integer"
+    odd = next((k for k, v in n.items() if not isinstance(v, (str, int, float, bool))), None)
+    return f"has attribute {odd!r} = {n[odd]!r}, not a string, number or boolean" if odd else ""
 
 
 def _canonical(nodes: dict[str, dict], edges: list[dict]) -> list[dict]:

@@ -14,7 +14,66 @@ from pathlib import Path
 
 import pandas as pd
 
+from workbench.errors import WorkbenchError
 from workbench.io import atomic_path, round_floats, write_json
+
+
+# What the app's Profile page and the reports (:func:`write`, ``workbench report``) read from every profile;
+# router, sinks, Q/K values and domain specialization are optional sections (what experts.profile.profile writes
+# depends on the model and options).
+SECTIONS = {"experts": list, "meta": dict, "super_experts": list, "super_expert_rule": dict,
+            "massive_activations": dict}
+ENTRY_KEYS = {"experts": ("layer", "expert", "kind", "max_abs", "channel", "position"),
+              "super_experts": ("layer", "expert", "kind"),
+              "massive_activations.layers": ("layer", "median_abs", "top")}
+
+
+def _entries(items, name: str) -> str | None:
+    """What is wrong with a list whose entries must each be an object with ``ENTRY_KEYS[name]``, or None."""
+    if not isinstance(items, list):
+        return f"no '{name}' list"
+    for i, e in enumerate(items):
+        if not isinstance(e, dict):
+            return f"{name}[{i}] is not an object"
+        missing = [k for k in ENTRY_KEYS[name] if k not in e]
+        if missing:
+            return f"{name}[{i}] has no {', '.join(missing)}"
+    return None
+
+
+def _problem(p) -> str | None:
+    """The first thing the page or the report builder would miss in ``p``, or None."""
+    if not isinstance(p, dict):
+        return f"a JSON {type(p).__name__}, not an object"
+    missing = [k for k in SECTIONS if k not in p]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for k, t in SECTIONS.items():
+        if not isinstance(p[k], t):
+            return f"'{k}' is not a JSON {'object' if t is dict else 'list'}"
+    for name in ENTRY_KEYS:
+        top, _, sub = name.partition(".")
+        bad = _entries(p[top].get(sub) if sub else p[top], name)
+        if bad:
+            return bad
+    n = p["meta"].get("num_layers")
+    if not isinstance(n, int):
+        return "meta has no num_layers" if n is None else "meta.num_layers is not an integer"
+    if not any(e["kind"] != "shared" for e in p["experts"]):
+        return "'experts' holds no routed or dense expert"
+    for i, e in enumerate(p["experts"]):
+        if not (isinstance(e["layer"], int) and 0 <= e["layer"] < n and isinstance(e["expert"], int)
+                and e["expert"] >= 0):
+            return f"experts[{i}] is layer {e['layer']!r}, expert {e['expert']!r}; meta.num_layers is {n}"
+    return None
+
+
+def check_profile(p, where: str) -> dict:
+    """``p`` if it holds everything the app and the reports read, else a WorkbenchError naming what is missing."""
+    problem = _problem(p)
+    if problem is not None:
+        raise WorkbenchError(f"{where}: not a profile.json ({problem})")
+    return p
 
 
 def tables(p: dict) -> dict[str, pd.DataFrame]:

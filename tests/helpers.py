@@ -228,6 +228,18 @@ APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
 UI_MODEL = "zoo:qwen3-moe"  # hidden size 64, 4 layers x 8 experts: what the AppTest modules start the app on
 
 
+def ui_app(page: str):
+    """The app (on UI_MODEL: the ``ui_model_argv`` fixture) opened on ``page``, with no error."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert at.sidebar.selectbox(key="model_choice").value == UI_MODEL
+    at.sidebar.radio(key="page").set_value(page).run()
+    ui_ok(at)
+    return at
+
+
 def ui_ok(at) -> None:
     """No exception and no error line on the page."""
     assert not at.exception, [e.value for e in at.exception]
@@ -239,3 +251,14 @@ def ui_edit(at, layer: int, rows: dict) -> None:
     key = f"steer_editor_{layer}_{at.session_state['steer_version']}"
     at.session_state[key] = {"edited_rows": rows, "added_rows": [], "deleted_rows": []}
     at.run()
+
+
+def ui_one_error(at, *needles: str) -> str:
+    """Exactly one error line on the page, a user's error (``error: ...``, not "internal error (...)") holding every
+    needle, and no exception; that line."""
+    assert not at.exception, [e.value for e in at.exception]
+    lines = [e.value for e in at.error]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "\n" not in lines[0], lines
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

@@ -133,3 +133,53 @@ def test_a_corruption_that_changes_nothing_is_named_not_blamed_on_the_circuits_s
         find_circuit(lm, [fact], CircuitOptions(target_faithfulness=0.85, random_seeds=1))
     said = [str(w.message) for w in seen if "faithfulness" in str(w.message)]
     assert said and all("undefined (NaN) at every budget" in m and "no budget up to" not in m for m in said), said
+
+
+# ----- circuit files ------------------------------------------------------------------------------------------
+
+def _node(name: str, **attrs) -> dict:
+    return {"id": name, "kind": "mlp", "layer": 0, "index": -1, **attrs}
+
+
+@pytest.mark.parametrize("nodes,edges,needle", [
+    ([{"id": "a"}, _node("b")], None, "node 0 (a) has no 'kind'; kinds: input, head, kv, mlp, router, expert, shared"),
+    ([_node("a"), {"id": "b", "kind": "mlp", "index": 0}], None, "node 1 (b) has no 'layer'"),
+    ([_node("a"), {"id": "b", "kind": "mlp", "layer": 1}], None, "node 1 (b) has no 'index'"),
+    ([_node("a", layer="zero"), _node("b")], None, "node 0 (a) has layer 'zero', not an integer"),
+    ([_node("a", index=1.5), _node("b")], None, "node 0 (a) has index 1.5, not an integer"),
+    ([_node("a", layer=True), _node("b")], None, "node 0 (a) has layer True, not an integer"),
+    ([_node("a", tags=["x"]), _node("b")], None, "node 0 (a) has attribute 'tags' = ['x'], not a string, number"),
+    ([_node("a"), _node("a")], None, "node 1 repeats the id 'a'"),
+    ([_node("a"), _node("b")], [{"source": ["a"], "target": "b", "port": "in", "score": 1.0}],
+     "edge 0 has a 'source', 'target' or 'port' that is not a string"),
+])
+def test_a_circuit_file_without_what_every_circuit_has_names_the_file_and_the_node(tmp_path, capsys, nodes, edges,
+                                                                                    needle):
+    """Every node ``workbench circuit`` writes has a kind, an integer layer and an integer index (``Node.attrs``),
+    and scalar attributes (GraphML carries no others); ``read_json`` (circuit-diff, sae features, the app) refuses a
+    file without them in one line naming the file and the first bad node or edge, before any work."""
+    from workbench.circuits.export import Circuit, write_json
+
+    good = write_json(Circuit({"a": _node("a"), "b": _node("b")}, [{"source": "a", "target": "b", "port": "in",
+                                                                    "score": 1.0}]), tmp_path / "good.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"nodes": nodes, "edges": edges or [{"source": "a", "target": "b", "port": "in",
+                                                                   "score": 1.0}]}))
+    one_error(main(["circuit-diff", str(good), str(bad)]), capsys.readouterr().err,
+              f"circuit file {bad}: not a circuit", needle)
+    assert main(["circuit-diff", str(good), str(good)]) == 0
+
+
+def test_a_nan_edge_score_is_read_as_written():
+    """``write_json`` allows NaN (a score is NaN where the attribution was); reading keeps it, and the app leaves such
+    an edge out of the drawing with a warning (tests/test_ui_circuit_inputs.py)."""
+    import math
+
+    from workbench.circuits.export import Circuit
+
+    data = {"nodes": [_node("a"), _node("b")],
+            "edges": [{"source": "a", "target": "b", "port": "in", "score": math.nan}]}
+    c = Circuit.from_json_obj(json.loads(json.dumps(data)))
+    assert math.isnan(c.edges[0]["score"])
+    back = Circuit.from_json_obj(c.to_json_obj())
+    assert back.nodes == c.nodes and math.isnan(back.edges[0]["score"])

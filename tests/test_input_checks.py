@@ -238,7 +238,8 @@ def test_a_share_gets_wilsons_interval_within_0_and_1():
 
 
 def _circuit_file(path, n_edges_total=10, model="zoo:a", score=1.0):
-    path.write_text(json.dumps({"nodes": [{"id": "input"}, {"id": "logits"}],
+    path.write_text(json.dumps({"nodes": [{"id": "input", "kind": "input", "layer": -1, "index": -1},
+                                          {"id": "logits", "kind": "logits", "layer": 1, "index": -1}],
                                 "edges": [{"source": "input", "target": "logits", "port": "x", "score": score}],
                                 "graph": {"meta": {"model": model, "n_edges_total": n_edges_total}}}))
     return path

@@ -171,6 +171,31 @@ def test_drop_on_deepseek_never_picks_the_expert():
     assert not ((got["index"] == 0) | (got["index"] == 1)).any()
 
 
+@pytest.mark.parametrize("spec", ZOO_SPECS)
+def test_drops_that_leave_a_layer_no_expert_are_refused(spec, tmp_path):
+    """Dropping every routed expert of a layer masks all its router scores (NaN outputs); one left is fine, and
+    so are drops in scopes that never meet. A study is refused before its first forward."""
+    from workbench.studies import Study
+
+    lm = load(spec)
+    n = lm.layer_infos()[1].num_experts
+    drop = lambda e, **scope: dict(op="drop", layers=1, expert=e, **scope)  # noqa: E731
+    with pytest.raises(WorkbenchError, match=f"drop removes all {n} routed experts of layer 1"):
+        apply(lm, [drop(e) for e in range(n)])
+    with pytest.raises(WorkbenchError, match="drop removes all"):  # an unscoped drop counts in every scope
+        apply(lm, [drop(0)] + [drop(e, positions=[0]) for e in range(1, n)])
+    enc = batch(lm)
+    for ivs in ([drop(e) for e in range(n - 1)], [drop(e, positions=[0]) for e in range(n // 2)]
+                + [drop(e, positions=[1]) for e in range(n // 2, n)]):
+        with apply(lm, ivs):
+            assert torch.isfinite(logits(lm, enc)).all()
+    study = {"name": "s", "num_texts": 2, "metrics": ["perplexity"],
+             "conditions": [{"name": "all", "interventions": [drop(e) for e in range(n)]}]}
+    with pytest.raises(WorkbenchError, match="condition 'all': drop removes all"):
+        Study(study, "s.yaml").run(lm, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o" / "conditions").exists()
+
+
 def test_channel_scope_by_position_and_token():
     lm = load("zoo:qwen3-moe")
     enc = batch(lm)

@@ -62,3 +62,14 @@ def test_report_command_and_incomplete_folders(runs, tmp_path, capsys):
         report(tmp_path)
     with pytest.raises(WorkbenchError, match="is not a folder"):
         report(out)
+
+
+def test_a_profile_json_missing_sections_is_one_error(tmp_path, capsys):
+    """A profile.json cut down by hand (or by another tool) names what it lacks instead of a KeyError."""
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "profile.json").write_text('{"experts": [], "meta": {}}')
+    assert main(["report", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a profile.json (missing super_experts, super_expert_rule" in err, err
+    assert not (folder / "report.html").exists()

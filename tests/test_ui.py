@@ -11,7 +11,7 @@ import yaml
 from streamlit.testing.v1 import AppTest
 
 import workbench as wb
-from helpers import APP, UI_MODEL, ui_edit, ui_ok
+from helpers import APP, UI_MODEL, ui_app, ui_edit, ui_ok
 from workbench.circuits.export import Circuit, write_json
 from workbench.errors import WorkbenchError
 from workbench.interventions import parse
@@ -24,15 +24,6 @@ DROP = {i: {"drop": True} for i in range(4)}
 pytestmark = pytest.mark.usefixtures("ui_model_argv")
 
 
-def _app(page: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.run()
-    assert at.sidebar.selectbox(key="model_choice").value == UI_MODEL
-    at.sidebar.radio(key="page").set_value(page).run()
-    ui_ok(at)
-    return at
-
-
 def test_ui_package_import_is_light():
     import subprocess
     import sys
@@ -43,7 +34,7 @@ def test_ui_package_import_is_light():
 
 
 def test_steer_toggle_changes_generation_and_study_round_trips():
-    at = _app("Steer")
+    at = ui_app("Steer")
     assert at.text_area(key="steer_prompt").value
     assert at.selectbox(key="steer_layer").options == ["0", "1", "2", "3"]
     assert len(at.data_editor) == 1
@@ -74,7 +65,7 @@ def test_steer_toggle_changes_generation_and_study_round_trips():
         iv.validate(lm)
 
     # uploading it into a fresh app restores the table and the steered generation
-    fresh = _app("Steer")
+    fresh = ui_app("Steer")
     assert fresh.session_state["steer_generations"][1] == base
     fresh.file_uploader(key="steer_upload").set_value(("ui_study.yaml", text.encode(), "application/x-yaml"))
     fresh.run()
@@ -85,7 +76,7 @@ def test_steer_toggle_changes_generation_and_study_round_trips():
 
 
 def test_steer_scale_bias_force_build_valid_interventions():
-    at = _app("Steer")
+    at = ui_app("Steer")
     at.selectbox(key="steer_layer").set_value(1).run()
     ui_edit(at, 1, {2: {"zero": True, "scale": 0.5}, 5: {"force": True, "force_weight": 0.4, "bias": 2.0}})
     ui_ok(at)
@@ -103,7 +94,7 @@ def test_steer_scale_bias_force_build_valid_interventions():
 
 
 def test_steer_scoped_ops_reach_the_study_and_round_trip(tmp_path):
-    at = _app("Steer")
+    at = ui_app("Steer")
     ui_edit(at, 0, {1: {"zero": True, "positions": "0, -1"}, 3: {"drop": True, "token": " capital"},
                   5: {"scale": 0.5, "positions": "2", "token": "France"}})
     ui_ok(at)
@@ -118,7 +109,7 @@ def test_steer_scoped_ops_reach_the_study_and_round_trip(tmp_path):
     steered = at.session_state["steer_generations"][1]
 
     # the scopes come back into the table from the uploaded file
-    fresh = _app("Steer")
+    fresh = ui_app("Steer")
     fresh.file_uploader(key="steer_upload").set_value(("ui_study.yaml", path.read_bytes(), "application/x-yaml"))
     fresh.run()
     fresh.run()
@@ -157,7 +148,7 @@ def test_model_from_argv(monkeypatch):
 
 
 def test_profile_page_runs_and_plots(tmp_path):
-    at = _app("Profile")
+    at = ui_app("Profile")
     assert at.text_area(key="profile_prompts").value
     at.number_input(key="profile_max_tokens").set_value(16)
     at.text_area(key="profile_prompts").input("The capital of France is Paris.\nWater boils at 100 degrees.")
@@ -216,12 +207,12 @@ def test_profile_page_runs_and_plots(tmp_path):
     # a saved profile.json opens by path and by upload
     saved = tmp_path / "profile.json"
     saved.write_text(json.dumps(p))
-    fresh = _app("Profile")
+    fresh = ui_app("Profile")
     fresh.text_input(key="profile_path").input(str(tmp_path)).run()
     fresh.button(key="profile_open").click().run()
     ui_ok(fresh)
     assert fresh.session_state["profile"]["meta"]["num_prompts"] == 2 and len(fresh.get("plotly_chart")) == 11
-    fresh = _app("Profile")
+    fresh = ui_app("Profile")
     fresh.file_uploader(key="profile_upload").set_value(("profile.json", saved.read_bytes(), "application/json"))
     fresh.run()
     ui_ok(fresh)
@@ -251,7 +242,7 @@ def _circuit(path: Path) -> Path:
 def test_circuits_page_draws_graph_and_metrics(tmp_path):
     from workbench.ui.circuits_page import svg_download
 
-    at = _app("Circuits")
+    at = ui_app("Circuits")
     at.text_input(key="circuit_path").input(str(tmp_path / "nope.json")).run()
     assert not at.exception and any("does not exist" in e.value for e in at.error)
     at.text_input(key="circuit_path").input(str(_circuit(tmp_path))).run()
@@ -279,7 +270,7 @@ def test_heatmap_click_points_pick_an_expert():
 
 
 def test_circuits_page_runs_discovery():
-    at = _app("Circuits")
+    at = ui_app("Circuits")
     at.number_input(key="circuit_n_facts").set_value(4)
     at.selectbox(key="circuit_method").set_value("eap")
     at.number_input(key="circuit_top").set_value(30)

@@ -19,6 +19,7 @@ from workbench.ui.common import load_model, pick_sae, show_error
 DEFAULT_MODEL = "zoo:tiny-moe-se"  # trained: readable continuations, one planted super expert to find
 CUSTOM = "(local path or hub id)"
 PAGES = {"Profile": profile_page.render, "Steer": steer_page.render, "Circuits": circuits_page.render}
+NEEDS_MODEL = {"Steer"}  # Profile and Circuits open a saved profile.json / circuit.json without a model
 
 
 def _argv() -> argparse.Namespace:
@@ -66,9 +67,10 @@ def main() -> None:
     lm = _pick_model()
     page = st.sidebar.radio("Page", list(PAGES), key="page")
     sae = pick_sae(lm, _argv().sae or "")
-    if lm is None:
-        if page != "Circuits":
-            return
+    if lm is None and page in NEEDS_MODEL:
+        st.header(page)
+        st.info(f"The {page} page needs a model: pick one in the sidebar (none is loaded).")
+        return
     try:
         PAGES[page](lm, sae)
     except Exception as exc:

@@ -4,6 +4,7 @@ loaded, a selected node's top SAE features (``workbench.sae.node_features``), ca
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -60,9 +61,12 @@ def _discover(lm) -> None:
     if st.button("Find circuit", key="circuit_run", disabled=lm is None):
         try:
             if prompt.strip():
-                if not answer:
+                if not answer.strip():
                     raise WorkbenchError("a typed fact needs its answer")
                 facts = [Fact(prompt=prompt, answer=answer)]
+            elif answer.strip():
+                raise WorkbenchError("an answer needs its fact prompt: type the prompt, or clear the answer to run "
+                                     "the built-in facts")
             else:
                 facts = builtin_facts()[: int(n_facts)]
             with st.spinner(f"scoring edges on {len(facts)} facts ..."):
@@ -78,7 +82,8 @@ def svg_download(circuit: Circuit, n_edges: int):
     return lambda: circuit_svg(circuit, max_edges=n_edges)
 
 
-def _downloads(circuit: Circuit, n_edges: int) -> None:
+def _downloads(circuit: Circuit, n_edges: int, shown: Circuit) -> None:
+    """JSON / GraphML / DOT of ``circuit`` (as saved, SAE attributes added), the SVG of the edges ``shown``."""
     c1, c2, c3, c4 = st.columns(4)
     c1.download_button("circuit.json", json.dumps(circuit.to_json_obj(), indent=1), file_name="circuit.json",
                        key="circuit_download", on_click="ignore")
@@ -88,7 +93,7 @@ def _downloads(circuit: Circuit, n_edges: int) -> None:
     c2.download_button("circuit.graphml", graphml, file_name="circuit.graphml", key="circuit_download_graphml",
                        on_click="ignore")
     c3.download_button("circuit.dot", dot, file_name="circuit.dot", key="circuit_download_dot", on_click="ignore")
-    c4.download_button(f"circuit.svg ({n_edges} edges)", svg_download(circuit, n_edges), file_name="circuit.svg",
+    c4.download_button(f"circuit.svg ({n_edges} edges)", svg_download(shown, n_edges), file_name="circuit.svg",
                        mime="image/svg+xml", key="circuit_download_svg", on_click="ignore")
 
 
@@ -165,8 +170,31 @@ def _node_panel(lm, circuit: Circuit, sae: PickedSAE | None) -> Circuit:
     return annotate_circuit(circuit, features)
 
 
+def finite_edges(circuit: Circuit) -> Circuit:
+    """The circuit without its scored edges whose score is NaN or infinite (they have no size or rank to draw)."""
+    edges = [e for e in circuit.edges if e["port"] == "internal" or math.isfinite(e["score"])]
+    return circuit if len(edges) == len(circuit.edges) else Circuit(circuit.nodes, edges, circuit.meta)
+
+
+def why_empty(meta: dict) -> str:
+    """Why a circuit that ``find_circuit`` wrote has no edges: pruning keeps only edges on input -> logits paths."""
+    sel = meta.get("selection")
+    if not isinstance(sel, dict):
+        return ""
+    if sel.get("rule") == "threshold":
+        budget = f"through edges with |score| >= {sel.get('threshold')}"
+    elif isinstance(sel.get("top_edges"), int):
+        budget = f"within the top {sel['top_edges']} edges ({sel.get('rule')} selection)"
+    else:
+        return ""
+    return (f": a circuit keeps only edges on a path from the input to the logits (pruning drops the rest), and no "
+            f"such path was found {budget}; raise top edges")
+
+
 def _metrics(meta: dict) -> None:
     metrics = meta.get("metrics") or {}
+    if not isinstance(metrics, dict):  # not what `workbench circuit` writes: shown as it is
+        metrics = {"metrics": metrics}
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
     if flat:
         cols = st.columns(min(len(flat), 4))
@@ -192,10 +220,23 @@ def render(lm, sae: PickedSAE | None = None) -> None:
         return
     total = circuit.n_edges
     if total == 0:
-        st.warning("the circuit has no scored edges")
+        st.warning("the circuit has no scored edges" + why_empty(circuit.meta))
         return
-    n = st.slider("edges shown (largest |score| first)", 1, total, min(total, 100), key="circuit_edges")
-    st.plotly_chart(circuit_figure(circuit, n, selectable=True), key=GRAPH, on_select=_on_pick,
+    shown = finite_edges(circuit)
+    if shown.n_edges == 0:
+        st.warning(f"none of the {total} scored edges has a finite score (NaN or infinite): nothing to draw")
+        return
+    if shown.n_edges < total:
+        k = total - shown.n_edges
+        st.warning(f"{k} of the {total} scored edges {'has' if k == 1 else 'have'} no finite score (NaN or infinite): "
+                   "not drawn or listed (the JSON / GraphML / DOT downloads carry them)")
+    if shown.n_edges == 1:  # a slider needs two ends
+        n = 1
+        st.caption("1 scored edge")
+    else:
+        n = st.slider("edges shown (largest |score| first)", 1, shown.n_edges, min(shown.n_edges, 100),
+                      key="circuit_edges")
+    st.plotly_chart(circuit_figure(shown, n, selectable=True), key=GRAPH, on_select=_on_pick,
                     selection_mode="points")
     try:
         download = _node_panel(lm, circuit, sae)
@@ -205,7 +246,7 @@ def render(lm, sae: PickedSAE | None = None) -> None:
     st.session_state["circuit_export"] = download  # what the JSON / GraphML / DOT buttons carry
     st.subheader("Metrics (for the circuit as saved)")
     _metrics(circuit.meta)
-    edges = pd.DataFrame([e for e in circuit.edges if e["port"] != "internal"])
+    edges = pd.DataFrame([e for e in shown.edges if e["port"] != "internal"])
     edges = edges.reindex(edges["score"].abs().sort_values(ascending=False).index).head(n)
     st.dataframe(edges, hide_index=True, key="circuit_edges_table")
-    _downloads(download, n)
+    _downloads(download, n, shown)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +12,8 @@ import workbench as wb
 from workbench.errors import WorkbenchError
 from workbench.experts.plots import figures
 from workbench.experts.profile import ProfileOptions, profile
-from workbench.experts.report import flat
+from workbench.experts.report import check_profile, flat
+from workbench.io import read_upload
 from workbench.ui.common import (FEATURE_PROMPTS, FEATURE_TOKENS, FEATURE_TOP, PickedSAE, feature_columns,
                                   feature_prompts, load_model, load_sae, show_error)
 from workbench.ui.plotting import figure
@@ -21,17 +22,30 @@ from workbench.ui.steer_page import TOGGLES, add_to_table
 PICK_CHART = "profile_fig_expert_maxabs"  # the max|down_proj| heatmap; a click on a cell picks that expert
 
 
-def _read(text: str, where: str) -> dict:
+def _read(data: bytes, where: str) -> dict:
+    """A profile.json's bytes as a checked profile; a WorkbenchError (one line, naming ``where``) otherwise."""
+    return check_profile(read_upload(data, where, is_json=True), where)
+
+
+def _open_path(path: str) -> dict:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "profile.json"
+    if not p.is_file():
+        raise WorkbenchError(f"profile file {p} does not exist")
     try:
-        p = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise WorkbenchError(f"{where}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(p, dict) or "experts" not in p or "meta" not in p:
-        raise WorkbenchError(f"{where}: not a profile.json (no 'experts' / 'meta')")
-    return p
+        data = p.read_bytes()
+    except OSError as e:
+        raise WorkbenchError(f"cannot read {p}: {e.strerror or e}") from None
+    return _read(data, str(p))
 
 
 def _source(lm) -> None:
+    """Where the shown profile comes from: the latest of a run, an upload (when a new file arrives) and an open.
+
+    Each action stores its profile in ``session_state["profile"]`` on the rerun it happens in; a file that sits in
+    the uploader is parsed once (its content hash is remembered), so a later run or open is not overwritten by it
+    on the next rerun. An invalid profile is never stored: its error shows, the last good profile stays."""
     tab_run, tab_open = st.tabs(["Run on prompts", "Open profile.json"])
     with tab_run:
         default = "\n".join(wb.default_prompts()[:8])
@@ -47,21 +61,28 @@ def _source(lm) -> None:
                         lm, prompts, ProfileOptions(max_tokens=int(max_tokens), sinks=sinks), progress=False)
             except Exception as exc:
                 show_error(exc)
+        if lm is None:
+            st.caption("No model is loaded: pick one in the sidebar to run a profile (a saved profile.json opens "
+                       "without one).")
     with tab_open:
         path = st.text_input("Path to profile.json", key="profile_path")
         up = st.file_uploader("... or upload it", type=["json"], key="profile_upload")
         try:
-            if up is not None:
-                st.session_state["profile"] = _read(up.getvalue().decode("utf-8"), up.name)
-            elif path.strip() and st.button("Open", key="profile_open"):
-                p = Path(path.strip()).expanduser()
-                if p.is_dir():
-                    p = p / "profile.json"
-                if not p.is_file():
-                    raise WorkbenchError(f"profile file {p} does not exist")
-                st.session_state["profile"] = _read(p.read_text(encoding="utf-8"), str(p))
+            if up is None:
+                st.session_state.pop("profile_upload_hash", None)  # the same file uploaded again is new again
+            else:
+                data = up.getvalue()
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != st.session_state.get("profile_upload_hash"):
+                    st.session_state["profile"] = _read(data, up.name)
+                    st.session_state["profile_upload_hash"] = digest  # only a good file; a bad one errs each rerun
         except Exception as exc:
             show_error(exc)
+        if path.strip() and st.button("Open", key="profile_open"):
+            try:
+                st.session_state["profile"] = _open_path(path.strip())
+            except Exception as exc:
+                show_error(exc)
 
 
 def picked_expert(points) -> tuple[int, int] | None:

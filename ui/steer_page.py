@@ -5,7 +5,9 @@ for ``workbench ablate``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 import time
 
@@ -17,7 +19,8 @@ import yaml
 from workbench import metrics as M
 from workbench.errors import WorkbenchError
 from workbench.experts.sinks import eager_attention, strongest_heads
-from workbench.interventions import Intervention, apply, parse
+from workbench.io import read_upload
+from workbench.interventions import Intervention, apply, parse, token_texts
 from workbench.studies import Study
 from workbench.ui.common import PickedSAE, load_model, moe_layers, show_error
 
@@ -69,11 +72,10 @@ def _text(v) -> str:
 def parse_positions(text: str, where: str) -> list[int] | None:
     """'0, -1' -> [0, -1]; blank -> None (every position)."""
     parts = [t for t in re.split(r"[\s,;]+", text.strip()) if t]
-    try:
-        return [int(t) for t in parts] or None
-    except ValueError:
+    if not all(re.fullmatch(r"[+-]?[0-9]+", t) for t in parts):  # (int() also reads other scripts' digits)
         raise WorkbenchError(f"{where}: positions {text.strip()!r}: write integers separated by commas, "
-                             "e.g. 0, -1 (negative counts from the end)") from None
+                             "e.g. 0, -1 (negative counts from the end)")
+    return [int(t) for t in parts] or None
 
 
 def _row_scope(r, layer: int) -> dict:
@@ -179,6 +181,8 @@ def interventions_from_sae_rows(rows: pd.DataFrame, default_sae: str | None) -> 
         sae = _text(r.sae).strip() or default_sae
         if not sae:
             raise WorkbenchError(f"feature row {i + 1}: no SAE: type its folder in the row or load one in the sidebar")
+        if not float(r.feature).is_integer():
+            raise WorkbenchError(f"feature row {i + 1}: feature {r.feature}: a feature index is a whole number")
         d = {"op": SAE_OP, "sae": sae, "feature": int(r.feature), "coef": float(r.coef)}
         if _text(r.site).strip():
             d["site"] = _text(r.site).strip()
@@ -225,6 +229,8 @@ def describe(d: dict) -> str:
         s += " @" + ",".join(str(p) for p in d["positions"])
     if d.get("token"):
         s += f" {d['token']!r}"
+    if d.get("prompts") is not None:
+        s += " prompts " + ",".join(str(p) for p in d["prompts"])
     return s
 
 
@@ -232,6 +238,7 @@ def tables_from_interventions(ivs, n_experts: dict[int, int]) -> dict[int, pd.Da
     """The inverse, for an uploaded study: routed expert ops, one position/token scope per expert row."""
     tables = {layer: _blank(n) for layer, n in n_experts.items()}
     scopes: dict[tuple[int, int], tuple] = {}
+    ops: set[tuple[int, int, str]] = set()
     for iv in ivs:
         if iv.kind != "routed" or iv.prompts:
             raise WorkbenchError(f"intervention {iv.to_dict()}: the table holds routed-expert ops without "
@@ -241,6 +248,10 @@ def tables_from_interventions(ivs, n_experts: dict[int, int]) -> dict[int, pd.Da
             if scopes.setdefault((layer, iv.expert), scope) != scope:
                 raise WorkbenchError(f"intervention {iv.to_dict()}: layer {layer} expert {iv.expert} already has "
                                      "another position/token scope (the table holds one per expert)")
+            if (layer, iv.expert, iv.op) in ops:  # the table has one cell per op: a second would be lost
+                raise WorkbenchError(f"intervention {iv.to_dict()}: layer {layer} expert {iv.expert} already has a "
+                                     f"{iv.op!r} op (the table holds one of each per expert; combine them into one)")
+            ops.add((layer, iv.expert, iv.op))
             t = tables[layer]
             t.loc[iv.expert, "positions"] = ", ".join(str(p) for p in scope[0])
             t.loc[iv.expert, "token"] = scope[1]
@@ -284,15 +295,18 @@ def study_interventions(study: Study, where: str) -> tuple[list, bool]:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def generate(spec: str, prompt: str, ivs_json: str) -> tuple[str, list[float], float, int]:
-    """Greedy continuation of ``prompt`` under the interventions (up to NEW_TOKENS, stopping at the end
-    of text), the next-token probabilities, seconds, and the number of new tokens."""
+def generate(spec: str, prompt: str, ivs_json: str,
+             new_tokens: int = NEW_TOKENS) -> tuple[str, list[float], float, int]:
+    """Greedy continuation of ``prompt`` under the interventions (up to ``new_tokens``, stopping at the end
+    of text), the next-token probabilities, seconds, and the number of new tokens. The prompt is prompt 0
+    of ``prompts`` scopes, as in :func:`prompt_metrics` (``workbench.metrics`` numbers its texts)."""
     lm = load_model(spec)
     ivs = json.loads(ivs_json)
     enc = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
     start = time.perf_counter()
-    with torch.no_grad(), apply(lm, ivs):
-        out = lm.model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+    with torch.no_grad(), apply(lm, ivs) as applied:
+        applied.set_prompts([0])
+        out = lm.model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
                                 return_dict_in_generate=True, pad_token_id=lm.tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
     new = out.sequences[0, enc["input_ids"].shape[1]:]
@@ -357,11 +371,12 @@ def add_to_table(lm, layer: int, expert: int, op: str) -> None:
 
 def _upload(lm) -> None:
     up = st.file_uploader("Study YAML (one condition) into the table", type=["yaml", "yml", "json"], key="steer_upload")
-    if up is None or st.session_state.get("steer_loaded") == (up.name, up.size):
+    data = up.getvalue() if up is not None else b""
+    digest = hashlib.sha256(data).hexdigest()
+    if up is None or st.session_state.get("steer_loaded") == (up.name, digest):  # an edited file is loaded again
         return
     try:
-        spec = yaml.safe_load(up.getvalue().decode("utf-8"))
-        study = Study(spec, up.name)
+        study = Study(read_upload(data, up.name), up.name)
         ivs, split = study_interventions(study, up.name)
         for i, iv in enumerate(ivs):
             iv.validate(lm, f"{up.name}: interventions[{i}]")
@@ -374,10 +389,23 @@ def _upload(lm) -> None:
         if split:
             st.session_state["steer_split"] = True
         st.session_state["steer_version"] += 1
-        st.session_state["steer_loaded"] = (up.name, up.size)
+        st.session_state["steer_loaded"] = (up.name, digest)
         st.success(f"loaded {len(ivs)} interventions from {up.name}")
     except Exception as exc:
         show_error(exc)
+
+
+def _touches_nothing(lm, d: dict, ids: list[int], longest: int, text: str) -> str | None:
+    """Why intervention ``d``'s scope touches no token of the live comparison (the prompt ``ids``, runs of up to
+    ``longest`` tokens while generating, the steered ``text``), or None when it may touch some."""
+    if d.get("prompts") is not None and 0 not in d["prompts"]:
+        return f"prompts {d['prompts']} leave out the page's prompt (prompt 0; the study numbers its texts)"
+    if d.get("positions") and not any(-longest <= p < longest for p in d["positions"]):
+        return f"positions {d['positions']} are beyond the prompt ({len(ids)} tokens) and its generation"
+    token = d.get("token")
+    if token and token not in text and not any(token in t for t in token_texts(lm.tokenizer, ids)):
+        return f"token {token!r} is in no token of the prompt and of the steered generation"
+    return None
 
 
 def _delta(d: float, fmt: str) -> str | None:
@@ -415,7 +443,8 @@ def _expert_editor(lm, layers: list[int], tables: dict[int, pd.DataFrame], ver: 
                        "bias": st.column_config.NumberColumn("bias", help="added to the router logit"),
                        "positions": st.column_config.TextColumn(
                            "positions", help="restrict this row's ops to token positions, e.g. 0, -1 "
-                                             "(negative counts from the end); blank: all"),
+                                             "(negative counts from the end: while generating, from the end of "
+                                             "the text so far, so -1 is each new token); blank: all"),
                        "token": st.column_config.TextColumn(
                            "token", help="restrict this row's ops to tokens whose text contains this; blank: all")})
     tables[layer] = edited[COLUMNS].reset_index(drop=True)
@@ -516,19 +545,33 @@ def render(lm, sae: PickedSAE | None = None) -> None:
     if not prompt.strip():
         st.info("Type a prompt.")
         return
+    ids = lm.tokenizer(prompt)["input_ids"]
+    limit = lm.context_length
+    if limit is not None and len(ids) >= limit:
+        show_error(WorkbenchError(f"the prompt has {len(ids)} tokens; {lm.spec} reads at most {limit} (its context) "
+                                  "and needs room for the new tokens"))
+        return
+    new_tokens = NEW_TOKENS if limit is None else min(NEW_TOKENS, limit - len(ids))
     try:
-        base_text, base_p, _, _ = generate(lm.spec, prompt, "[]")
-        text, probs, seconds, n_new = generate(lm.spec, prompt, json.dumps(ivs, sort_keys=True))
+        base_text, base_p, _, _ = generate(lm.spec, prompt, "[]", new_tokens)
+        text, probs, seconds, n_new = generate(lm.spec, prompt, json.dumps(ivs, sort_keys=True), new_tokens)
     except Exception as exc:
         show_error(exc)
         return
+    if not all(math.isfinite(p) for p in probs):
+        st.warning("With the interventions the model's outputs are not finite (NaN or inf): the steered text and "
+                   "numbers below mean nothing. An intervention pushes values out of range (a huge scale, bias or "
+                   "coefficient?).")
+    for d in ivs:
+        if why := _touches_nothing(lm, d, ids, len(ids) + new_tokens - 1, prompt + text):
+            st.warning(f"{describe(d)}: {why}, so it changes nothing here")
     c1, c2 = st.columns(2)
     c1.markdown("**Without interventions**")
     c1.code(prompt + base_text, language=None, wrap_lines=True)
     c2.markdown("**With interventions**")
     c2.code(prompt + text, language=None, wrap_lines=True)
     st.session_state["steer_generations"] = (base_text, text)
-    st.caption(f"greedy, up to {NEW_TOKENS} new tokens (stops at the end of text); the steered one has {n_new}, "
+    st.caption(f"greedy, up to {new_tokens} new tokens (stops at the end of text); the steered one has {n_new}, "
                f"generated in {seconds:.2f} s")
     try:
         before = prompt_metrics(lm.spec, prompt, "[]")

@@ -218,6 +218,26 @@ class Intervention:
                 raise WorkbenchError(f"{where}: field 'channel': {self.channel} out of range (hidden size {hidden})")
 
 
+def check_set(lm, interventions: Sequence[Intervention], where: str = "interventions") -> None:
+    """What no single intervention shows: ``drop`` ops that together leave a layer no routed expert to route to
+    (the router's scores would all be masked and the block's output NaN), per scope (unscoped drops count in every
+    scope)."""
+    groups: dict[tuple, dict[int, set[int]]] = {}
+    for iv in interventions:
+        if iv.op == "drop" and iv.kind == "routed":
+            scope = (iv.positions, iv.token, iv.prompts)
+            for layer in iv.layers:
+                groups.setdefault(scope, {}).setdefault(layer, set()).add(iv.expert)
+    everywhere = groups.get((None, None, None), {})
+    infos = lm.layer_infos()
+    for scope, layers in groups.items():
+        for layer, experts in layers.items():
+            n = infos[layer].num_experts
+            if len(experts | everywhere.get(layer, set())) >= n:
+                raise WorkbenchError(f"{where}: drop removes all {n} routed experts of layer {layer}, so no expert is "
+                                     "left to route to (zero silences experts without re-routing)")
+
+
 def _attention_layout(lm, layer: int, iv: Intervention, where: str):
     """Layer ``layer``'s attention module and layout, with ``iv``'s heads and dims checked against it."""
     from workbench.circuits.attention import attention_spec
@@ -291,6 +311,7 @@ class Applied(HookSet):
         self.interventions = list(interventions)
         for i, iv in enumerate(self.interventions):
             iv.validate(lm, f"intervention {i}")
+        check_set(lm, self.interventions)
         self._tokens = _Tokens()
         self._decoded: dict[int, str] = {}
         self._prompts: torch.Tensor | None = None

@@ -155,18 +155,36 @@ def read_structured(path: str | os.PathLike, what: str = "file") -> tuple[Any, s
 
     Errors are one line naming the file and, where the parser knows it, the line.
     """
-    import yaml
-
     path = Path(path)
     text = read_text(path, what)
+    return parse_structured(text, str(path), path.suffix == ".json"), text
+
+
+def parse_structured(text: str, source: str, is_json: bool) -> Any:
+    """``text`` parsed as JSON or YAML; an error is one line naming ``source`` and, where the parser knows it,
+    the line."""
+    import yaml
+
     try:
-        return (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)), text
+        return json.loads(text) if is_json else yaml.safe_load(text)
     except json.JSONDecodeError as e:
-        raise WorkbenchError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+        raise WorkbenchError(f"{source} line {e.lineno}: not valid JSON ({e.msg})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
-        raise WorkbenchError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise WorkbenchError(f"{source}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except RecursionError:  # (json's C parser on thousands of nested brackets)
+        raise WorkbenchError(f"{source}: nested too deeply to read") from None
+
+
+def read_upload(data: bytes, name: str, is_json: bool | None = None) -> Any:
+    """A file's bytes (the app's file boxes) parsed as :func:`read_structured` parses a file: JSON for a ``.json``
+    name (or ``is_json``), YAML otherwise; text that is not UTF-8 or does not parse is a one-line error naming it."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise WorkbenchError(f"{name} is not UTF-8 text") from None
+    return parse_structured(text, name, name.lower().endswith(".json") if is_json is None else is_json)
 
 
 def write_result_set(out: str | os.PathLike, stem: str, result: Any, table, plot: Callable[[Path], None] | None,

@@ -142,7 +142,9 @@ def _profile(folder: Path) -> str:
     from workbench.experts.sinks import strongest_heads
     from workbench.experts.super_experts import no_super_experts
 
-    p = _read_json(folder / "profile.json")
+    from workbench.experts.report import check_profile
+
+    p = check_profile(_read_json(folder / "profile.json"), str(folder / "profile.json"))
     m = p.get("meta", {})
     out = [f"<p>{_e(m.get('spec'))} ({_e(m.get('architecture'))}, {m.get('num_layers')} layers): "
            f"{m.get('num_tokens')} tokens of {m.get('num_prompts')} prompts.</p>", "<h2>Findings</h2>"]

@@ -48,7 +48,7 @@ from workbench import metrics as M
 from workbench import tasks as T
 from workbench.data import default_prompts, read_prompts
 from workbench.errors import WorkbenchError
-from workbench.interventions import Intervention, apply
+from workbench.interventions import Intervention, apply, check_set
 from workbench.io import atomic_path, read_structured, write_text
 
 GENERATORS = ("each_super_expert", "all_super_experts", "random_experts")
@@ -260,6 +260,7 @@ class Study:
                         raise WorkbenchError(f"{where}: field 'positions': {list(iv.positions)} touch no token (the "
                                              f"longest {what} of the study has {longest} tokens; positions count "
                                              "from 0, negative from the end)")
+            check_set(lm, c.interventions, f"{self.source}: condition {c.name!r}")
 
     def _extent(self, lm, texts: list[str]) -> tuple[list[int], int, list[str]]:
         """As the study runs them: each text's token count (0 where no text metric runs), the longest of its other
