@@ -144,3 +144,20 @@ def test_profile_page_opens_a_saved_profile_without_a_model(saved):
     at.sidebar.radio(key="page").set_value("Circuits").run()
     assert [e.value for e in at.error] == [load_error] and not at.exception
     assert [h.value for h in at.header] == ["Circuits"]
+
+
+def test_a_built_report_goes_with_its_own_profile(saved, tmp_path):
+    """The report built for one profile is not offered for the next one (matched by a serial number: a new
+    profile's id() can be the freed last one's)."""
+    path, p = saved
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**p, "meta": {**p["meta"], "num_prompts": 1}}))
+    at = ui_app("Profile")
+    at.text_input(key="profile_path").input(str(path)).run()
+    at.button(key="profile_open").click().run()
+    at.button(key="profile_report").click().run()
+    ui_ok(at)
+    assert [b.proto.label for b in at.get("download_button")] == ["Download report.html"]
+    at.text_input(key="profile_path").input(str(other)).run()
+    at.button(key="profile_open").click().run()
+    assert _shown(at) == 1 and not at.get("download_button")  # built again on request only

@@ -40,6 +40,13 @@ def _open_path(path: str) -> dict:
     return _read(data, str(p))
 
 
+def _show(p: dict) -> None:
+    """Make ``p`` the profile the pages show; ``profile_serial`` tells a new profile from the last (an ``id`` can
+    be the freed last one's)."""
+    st.session_state["profile"] = p
+    st.session_state["profile_serial"] = st.session_state.get("profile_serial", 0) + 1
+
+
 def _source(lm) -> None:
     """Where the shown profile comes from: the latest of a run, an upload (when a new file arrives) and an open.
 
@@ -57,8 +64,8 @@ def _source(lm) -> None:
             prompts = [l for l in text.splitlines() if l.strip()]
             try:
                 with st.spinner(f"profiling {len(prompts)} prompts ..."):
-                    st.session_state["profile"] = profile(
-                        lm, prompts, ProfileOptions(max_tokens=int(max_tokens), sinks=sinks), progress=False)
+                    _show(profile(
+                        lm, prompts, ProfileOptions(max_tokens=int(max_tokens), sinks=sinks), progress=False))
             except Exception as exc:
                 show_error(exc)
         if lm is None:
@@ -74,13 +81,13 @@ def _source(lm) -> None:
                 data = up.getvalue()
                 digest = hashlib.sha256(data).hexdigest()
                 if digest != st.session_state.get("profile_upload_hash"):
-                    st.session_state["profile"] = _read(data, up.name)
+                    _show(_read(data, up.name))
                     st.session_state["profile_upload_hash"] = digest  # only a good file; a bad one errs each rerun
         except Exception as exc:
             show_error(exc)
         if path.strip() and st.button("Open", key="profile_open"):
             try:
-                st.session_state["profile"] = _open_path(path.strip())
+                _show(_open_path(path.strip()))
             except Exception as exc:
                 show_error(exc)
 
@@ -295,9 +302,10 @@ def _report_button(p: dict) -> None:
 
         with tempfile.TemporaryDirectory() as d:
             write(p, d)
-            st.session_state["profile_report_html"] = (id(p), report(d).read_bytes())
+            st.session_state["profile_report_html"] = (st.session_state.get("profile_serial"),
+                                                       report(d).read_bytes())
     built = st.session_state.get("profile_report_html")
-    if built is not None and built[0] == id(p):
+    if built is not None and built[0] == st.session_state.get("profile_serial"):
         st.download_button("Download report.html", built[1], file_name="report.html", mime="text/html",
                            key="profile_report_download")
         st.caption("one self-contained page: findings, tables and plots; opens offline (same as `workbench report`)")

@@ -453,8 +453,10 @@ def _expert_editor(lm, layers: list[int], tables: dict[int, pd.DataFrame], ver: 
 def _dense_editor(lm, ver: int) -> pd.DataFrame:
     """A dense model's table: residual channels, heads and MLP neurons, pre-filled from this model's profile."""
     p = st.session_state.get("profile")
-    if p is not None and p.get("meta", {}).get("spec") == lm.spec and st.session_state.get("steer_dense_from") != id(p):
-        st.session_state["steer_dense_from"] = id(p)
+    serial = st.session_state.get("profile_serial")  # (not id(p): a new profile can get the freed last one's id)
+    mine = p is not None and p.get("meta", {}).get("spec") == lm.spec
+    if mine and st.session_state.get("steer_dense_from") != serial:
+        st.session_state["steer_dense_from"] = serial
         st.session_state["steer_dense_rows"] = dense_rows_from_profile(p)
         ver = st.session_state["steer_version"] = ver + 1
     st.subheader("Channels, heads and neurons")
