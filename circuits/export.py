@@ -11,6 +11,7 @@ always-present KV group -> head and router -> expert links. GraphML carries stan
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def write_dot(circuit: Circuit, path: str | Path) -> Path:
         return '"' + str(s).replace('"', r'\"') + '"'
     colors = {"input": "gray", "head": "lightblue", "kv": "lightcyan", "mlp": "lightsalmon", "router": "khaki",
               "expert": "orange", "shared": "gold", "logits": "gray"}
-    top = max((abs(e["score"]) for e in circuit.edges), default=1.0) or 1.0
+    top = max((abs(e["score"]) for e in circuit.edges if math.isfinite(e["score"])), default=1.0) or 1.0
     lines = ["digraph circuit {", "  rankdir=BT;", "  node [shape=box, style=filled, fontsize=10];"]
     by_layer: dict[int, list[str]] = {}
     for name, a in circuit.nodes.items():
@@ -174,6 +175,9 @@ def write_dot(circuit: Circuit, path: str | Path) -> Path:
     for e in circuit.edges:
         if e["port"] == "internal":
             lines.append(f"  {q(e['source'])} -> {q(e['target'])} [style=dotted];")
+        elif not math.isfinite(e["score"]):  # no width or sign to draw: dashed, its score in the label
+            label = q(f"{e['port']} {e['score']}")
+            lines.append(f"  {q(e['source'])} -> {q(e['target'])} [label={label}, style=dashed, color=gray];")
         else:
             w = 0.5 + 3 * abs(e["score"]) / top
             color = "blue" if e["score"] >= 0 else "red"

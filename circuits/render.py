@@ -33,8 +33,10 @@ _MLP_KINDS = ("mlp", "router", "expert", "shared")
 
 
 def _shown(circuit: Circuit, max_edges: int | None) -> tuple[list[dict], list[dict], list[str]]:
-    """(scored edges, strongest first, capped at max_edges; internal edges among their nodes; node names)."""
-    scored = sorted((e for e in circuit.edges if e["port"] != "internal"), key=lambda e: -abs(float(e["score"])))
+    """(scored edges, strongest first, capped at max_edges; internal edges among their nodes; node names). Edges
+    whose score is NaN or infinite have no width or rank: they are not drawn."""
+    scored = sorted((e for e in circuit.edges if e["port"] != "internal" and math.isfinite(float(e["score"]))),
+                    key=lambda e: -abs(float(e["score"])))
     if max_edges is not None:
         if max_edges < 0:
             raise ValueError(f"max_edges must be >= 0, got {max_edges}")
@@ -53,8 +55,11 @@ def _row(a: dict) -> tuple[int, int]:
 
 def _group_size(circuit: Circuit) -> int:
     """Query heads per KV group, from the graph summary (1 where unknown)."""
-    kinds = (circuit.meta.get("graph") or {}).get("node_kinds") or {}
-    heads, kvs = int(kinds.get("head", 0) or 0), int(kinds.get("kv", 0) or 0)
+    graph = circuit.meta.get("graph")
+    kinds = graph.get("node_kinds") if isinstance(graph, dict) else None
+    kinds = kinds if isinstance(kinds, dict) else {}  # (a hand-made file may hold anything there)
+    heads, kvs = kinds.get("head", 0), kinds.get("kv", 0)
+    heads, kvs = (v if isinstance(v, int) and not isinstance(v, bool) else 0 for v in (heads, kvs))
     return heads // kvs if heads and kvs and heads % kvs == 0 else 1
 
 

@@ -183,3 +183,21 @@ def test_a_nan_edge_score_is_read_as_written():
     assert math.isnan(c.edges[0]["score"])
     back = Circuit.from_json_obj(c.to_json_obj())
     assert back.nodes == c.nodes and math.isnan(back.edges[0]["score"])
+
+
+def test_nan_scores_and_odd_graph_summaries_still_export(tmp_path):
+    """A NaN edge is drawn dashed in DOT (no ``penwidth=nan``, and it does not set the width scale); an SVG of a
+    file whose graph summary is not a mapping is drawn with one head per KV group."""
+    import math
+
+    from workbench.circuits.export import Circuit, write_dot
+    from workbench.circuits.render import circuit_svg
+
+    c = Circuit.from_json_obj({"nodes": [_node("a"), _node("b"), _node("c")],
+                               "edges": [{"source": "a", "target": "b", "port": "in", "score": math.nan},
+                                         {"source": "b", "target": "c", "port": "in", "score": 2.0}],
+                               "graph": {"meta": {"graph": ["not", "a", "summary"]}}})
+    dot = write_dot(c, tmp_path / "c.dot").read_text()
+    assert "nan," not in dot and 'label="in nan", style=dashed' in dot and "penwidth=3.50" in dot
+    svg = circuit_svg(c)
+    assert svg.rstrip().endswith("</svg>") and 'id="edge-0"' in svg and 'id="edge-1"' not in svg  # the finite one
