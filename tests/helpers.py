@@ -262,3 +262,14 @@ def ui_one_error(at, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+def ui_discover(n_facts: int, top: int, method: str = "eap"):
+    """The Circuits page after a discovery run on the first ``n_facts`` built-in facts, ``top`` edges, no error."""
+    at = ui_app("Circuits")
+    at.number_input(key="circuit_n_facts").set_value(n_facts)
+    at.selectbox(key="circuit_method").set_value(method)
+    at.number_input(key="circuit_top").set_value(top)
+    at.button(key="circuit_run").click().run()
+    ui_ok(at)
+    return at

@@ -11,7 +11,7 @@ import yaml
 from streamlit.testing.v1 import AppTest
 
 import workbench as wb
-from helpers import APP, UI_MODEL, ui_app, ui_edit, ui_ok
+from helpers import APP, UI_MODEL, ui_app, ui_discover, ui_edit, ui_ok
 from workbench.circuits.export import Circuit, write_json
 from workbench.errors import WorkbenchError
 from workbench.interventions import parse
@@ -270,12 +270,7 @@ def test_heatmap_click_points_pick_an_expert():
 
 
 def test_circuits_page_runs_discovery():
-    at = ui_app("Circuits")
-    at.number_input(key="circuit_n_facts").set_value(4)
-    at.selectbox(key="circuit_method").set_value("eap")
-    at.number_input(key="circuit_top").set_value(30)
-    at.button(key="circuit_run").click().run()
-    ui_ok(at)
+    at = ui_discover(4, 30)
     circuit = at.session_state["circuit"]
     assert circuit.meta["metrics"]["n_facts"] == 4 and circuit.n_edges > 0
     assert at.slider(key="circuit_edges").value == min(circuit.n_edges, 100)

@@ -8,7 +8,7 @@ import math
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from helpers import UI_MODEL, ui_app, ui_ok, ui_one_error
+from helpers import UI_MODEL, ui_app, ui_discover, ui_ok, ui_one_error
 
 pytestmark = pytest.mark.usefixtures("ui_model_argv")
 
@@ -106,12 +106,7 @@ def test_a_half_typed_fact_is_an_error_not_another_run(prompt, answer, needle):
 def test_a_circuit_that_pruning_empties_says_why():
     """One top edge: no path from the input to the logits fits, and pruning drops what is off such paths, so the
     circuit is empty; the page says so instead of only "the circuit has no scored edges"."""
-    at = ui_app("Circuits")
-    at.number_input(key="circuit_n_facts").set_value(1)
-    at.selectbox(key="circuit_method").set_value("eap")
-    at.number_input(key="circuit_top").set_value(1)
-    at.button(key="circuit_run").click().run()
-    ui_ok(at)
+    at = ui_discover(1, 1)
     assert at.session_state["circuit"].n_edges == 0
     msg = at.warning[0].value
     assert msg.startswith("the circuit has no scored edges: a circuit keeps only edges on a path from the input to "
