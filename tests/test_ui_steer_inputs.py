@@ -107,3 +107,15 @@ def test_two_ops_of_one_kind_on_one_expert_are_refused():
                                  {"op": "scale", "layers": 0, "expert": 1, "factor": 3}))
     ui_one_error(at, "layer 0 expert 1 already has a 'scale' op")
     assert float(at.session_state["steer_tables"][0].loc[1, "scale"]) == 1.0  # nothing loaded
+
+
+def test_switching_model_says_the_tables_start_empty():
+    at = ui_app("Steer")
+    ui_edit(at, 0, {1: {"drop": True}})
+    at.sidebar.selectbox(key="model_choice").set_value("zoo:olmoe").run()
+    ui_ok(at)
+    assert any("held interventions for zoo:qwen3-moe; they start empty for zoo:olmoe" in i.value for i in at.info)
+    at.run()  # said once
+    assert not any("held interventions" in i.value for i in at.info)
+    at.sidebar.selectbox(key="model_choice").set_value("zoo:qwen3-moe").run()  # nothing held: nothing to say
+    assert not any("held interventions" in i.value for i in at.info)

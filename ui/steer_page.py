@@ -340,11 +340,26 @@ def _profile_columns(lm, layer: int, n: int) -> pd.DataFrame | None:
     return cols
 
 
+def _holds_any() -> bool:
+    """Whether the Steer page's tables or YAML box hold any intervention (ticked, changed or written)."""
+    ss = st.session_state
+    for t in (ss.get("steer_tables") or {}).values():
+        if t[list(TOGGLES)].to_numpy().any() or (t["scale"] != 1.0).any() or (t["bias"] != 0.0).any():
+            return True
+    dense = ss.get("steer_dense_rows")
+    return bool(str(ss.get("steer_extra") or "").strip()) or not ss.get("steer_sae_rows", blank_sae_rows()).empty \
+        or (dense is not None and bool(dense["on"].fillna(False).astype(bool).any()))
+
+
 def table_state(lm) -> dict[int, pd.DataFrame]:
     """The intervention table of ``lm`` (one DataFrame per MoE layer), kept in the session (with the
     feature-steering rows, ``steer_sae_rows``)."""
     infos = {i.index: i.num_experts for i in lm.layer_infos() if i.kind == "moe"}
-    if st.session_state.get("steer_model") != lm.spec:
+    before = st.session_state.get("steer_model")
+    if before != lm.spec:
+        if before is not None and _holds_any():  # said on the Steer page (render), once
+            st.session_state["steer_reset_note"] = (f"The tables and the YAML box held interventions for {before}; "
+                                                    f"they start empty for {lm.spec}.")
         st.session_state["steer_model"] = lm.spec
         st.session_state["steer_tables"] = {layer: _blank(n) for layer, n in infos.items()}
         st.session_state["steer_sae_rows"] = blank_sae_rows()
@@ -515,6 +530,8 @@ def render(lm, sae: PickedSAE | None = None) -> None:
                 "are steered in the table below (pre-filled from the model's profile), Q/K dims and anything else in "
                 "the YAML box" + (", SAE features in their table." if sae else "."))
     table_state(lm)
+    if note := st.session_state.pop("steer_reset_note", None):
+        st.info(note)
     with st.expander("Load a study YAML"):
         _upload(lm)
     tables = st.session_state["steer_tables"]
