@@ -48,8 +48,15 @@ def test_nnsight_on_a_zoo_moe():
 
 
 def test_transformer_lens_bridge_sees_the_same_logits(smollm2):
-    bridge = smollm2.to_transformer_lens()
+    """The bridge gives the model's logits (another module tree over copied weights: to float tolerance), and
+    leaves the loaded model as it was: the same forward bit for bit, no hook left on it."""
     prompt = "Leonardo da"
     ids = smollm2.tokenizer(prompt, return_tensors="pt").input_ids
+    before = smollm2.model(ids).logits
+    bridge = smollm2.to_transformer_lens()
     tl_logits = bridge(prompt, prepend_bos=False)
-    torch.testing.assert_close(tl_logits, smollm2.model(ids).logits, rtol=1e-5, atol=1e-5)
+    # other buffers (MKL may take another GEMM path) through 30 layers: seen 3.3e-5 on logits of magnitude ~20,
+    # ~1e-6 of their scale; 1e-4 absolute leaves 3x room and still catches any real change (>= 1e-3 relative)
+    torch.testing.assert_close(tl_logits, before, rtol=1e-5, atol=1e-4)
+    assert torch.equal(smollm2.model(ids).logits, before)  # the same kernels on the same buffers
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in smollm2.model.modules())

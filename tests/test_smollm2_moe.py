@@ -23,8 +23,8 @@ def parts():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    """A fresh SmolLM2 of this module's own: the session fixture's model may have been wrapped in place by
-    other tests (``to_transformer_lens`` replaces its modules with TransformerLens bridges)."""
+    """A fresh SmolLM2 of this module's own: nothing another module did to the session's model reaches the
+    exactness checks here."""
     from workbench.models.specs import load
 
     return load("smollm2-135m")

@@ -96,18 +96,25 @@ class LoadedModel:
 
         return TransformersModel(self.model, task="text-generation", tokenizer=self.tokenizer)
 
-    def to_transformer_lens(self, name: str | None = None):
-        """A TransformerLens ``TransformerBridge`` over this model.
+    def to_transformer_lens(self, name: str | None = None, copy: bool = True):
+        """A TransformerLens ``TransformerBridge`` over this model's weights.
+
+        The bridge replaces the model's modules with its own wrappers and leaves hooks on its norms, so by
+        default it gets a copy of the model (as much memory again) and ``self`` stays as it was: bit-identical
+        forwards, no hooks left. ``copy=False`` hands over this very model instead (no second copy; ``self``
+        should then be used through the bridge only).
 
         TransformerLens prepends a BOS token by default and Hugging Face (and SmolLM2's tokenizer)
         does not: pass ``prepend_bos=False`` to the bridge's calls to get the same numbers.
         """
+        import copy as _copy
+
         from transformer_lens.model_bridge import TransformerBridge
 
-        self.model.config.architectures = [type(self.model).__name__]
-        return TransformerBridge.boot_transformers(
-            name or self.spec, hf_model=self.model, tokenizer=self.tokenizer, device=str(self.device)
-        )
+        model = _copy.deepcopy(self.model) if copy else self.model
+        model.config.architectures = [type(model).__name__]
+        return TransformerBridge.boot_transformers(name or self.spec, hf_model=model, tokenizer=self.tokenizer,
+                                                   device=str(self.device))
 
 
 def expand_series(spec: str) -> list[str]:
