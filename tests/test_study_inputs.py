@@ -119,6 +119,22 @@ def test_a_field_error_names_its_line(tmp_path):
         Study.from_file(f)
 
 
+@pytest.mark.parametrize("names,msg", [
+    (["baseline"], "condition name 'baseline' is used twice (baseline is implicit)"),
+    (["a", "a"], "condition name 'a' is used twice"),
+    (["baseline "], "'baseline ' and 'baseline' would share the file conditions/baseline.json"),
+    (["Baseline"], "'Baseline' and 'baseline' would share the file conditions/Baseline.json"),
+    (["drop a", "drop_a"], "'drop_a' and 'drop a' would share the file conditions/drop_a.json"),
+])
+def test_condition_names_that_would_share_a_file_are_refused(names, msg):
+    """Each condition is saved as conditions/<name>.json: two names that map to one file (or to the baseline's, or
+    to one on a case-insensitive file system) would overwrite each other's rows."""
+    iv = [{"op": "zero", "layers": 1, "expert": 3}]
+    with pytest.raises(WorkbenchError, match=re.escape(msg)):
+        Study({**TINY, "conditions": [{"name": n, "interventions": iv} for n in names]}, "s.yaml")
+    Study({**TINY, "conditions": [{"name": n, "interventions": iv} for n in ("drop a", "drop b")]}, "s.yaml")
+
+
 def test_unusual_but_valid_fields_work():
     s = Study(dict(TINY, metrics="perplexity", seeds=[], generation_prompts=[], texts=["One text.", "Two."]))
     assert s.metrics == ["perplexity"] and s.seeds == [] and s.generation_prompts == []
@@ -163,6 +179,21 @@ def test_scopes_that_touch_nothing_fail_before_anything_is_written(qwen2, tmp_pa
     with pytest.raises(WorkbenchError, match=re.escape(msg)):
         Study(spec).run(qwen2, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("metrics", [["perplexity"], ["accuracy"]])
+def test_a_token_scope_in_no_input_is_flagged(qwen2, metrics):
+    """A ``token`` the study's inputs never hold (its texts, or the cloze prompts and options) leaves the condition
+    equal to the baseline: said when the study is resolved; a token they hold is not flagged."""
+    def resolve(token):
+        spec = dict(TINY, metrics=metrics, conditions=[
+            {"name": "c", "interventions": [{"op": "zero", "layers": 1, "expert": 3, "token": token}]}])
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            Study(spec, "s.yaml").resolve(qwen2)
+        return [str(w.message) for w in seen]
+    assert any("field 'token': 'zzqqxx' is in none of the study's inputs" in m for m in resolve("zzqqxx"))
+    assert not any("field 'token'" in m for m in resolve("capital"))
 
 
 def test_scopes_that_touch_some_text_run(qwen2):

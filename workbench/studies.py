@@ -182,10 +182,7 @@ class Study:
             if seed is not None and not _is_int(seed):
                 raise WorkbenchError(f"{where}: field 'seed' must be an integer, got {seed!r}")
             self.explicit.append(Condition(str(c["name"]), ivs, str(c.get("group") or ""), None if seed is None else int(seed)))
-        names = [c.name for c in self.explicit]
-        dup = {n for n in names if names.count(n) > 1} | ({"baseline"} & set(names))
-        if dup:
-            raise WorkbenchError(f"{source}: condition name {sorted(dup)[0]!r} is used twice (baseline is implicit)")
+        _check_names(["baseline", *(c.name for c in self.explicit)], source)
 
     def _at(self, key: str) -> str:
         """Where top-level field ``key`` is: the source, and its line where known."""
@@ -230,6 +227,7 @@ class Study:
             generated = [c for g in self.generated for c in self._generate(lm, g, supers)]
             self._validate(lm, generated)
             out += generated
+            _check_names([c.name for c in out], self.source)
         return out
 
     def _validate(self, lm, conditions: list[Condition]) -> None:
@@ -260,7 +258,19 @@ class Study:
                         raise WorkbenchError(f"{where}: field 'positions': {list(iv.positions)} touch no token (the "
                                              f"longest {what} of the study has {longest} tokens; positions count "
                                              "from 0, negative from the end)")
+                if iv.token is not None and "generations" not in self.metrics:  # (new tokens may hold it)
+                    texts = self.texts() if texts is None else texts
+                    if not any(iv.token in t for t in self._all_inputs(texts)):
+                        warnings.warn(f"{where}: field 'token': {iv.token!r} is in none of the study's inputs, so "
+                                      "it touches no token and the condition equals the baseline", stacklevel=3)
             check_set(lm, c.interventions, f"{self.source}: condition {c.name!r}")
+
+    def _all_inputs(self, texts: list[str]) -> list[str]:
+        """Every text the study's metrics run: its texts, and the cloze and task prompts with their options."""
+        want = set(self.metrics)
+        items = ([*M.default_cloze()] if "accuracy" in want else []) + [c for t in T.TASKS if t in want
+                                                                          for c in T.items(t)]
+        return (texts if want & set(TEXT_METRICS) else []) + [p for c in items for p in (c.prompt, *c.options)]
 
     def _extent(self, lm, texts: list[str]) -> tuple[list[int], int, list[str]]:
         """As the study runs them: each text's token count (0 where no text metric runs), the longest of its other
@@ -489,6 +499,20 @@ def _differs(key: str, was, now) -> str:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "condition"
+
+
+def _check_names(names: list[str], source: str) -> None:
+    """Every condition has its own name and its own ``conditions/*.json`` file: names that differ only in case,
+    spaces or punctuation would share one (and case-insensitive file systems fold case)."""
+    seen: dict[str, str] = {}
+    for n in names:
+        key = _slug(n).lower()
+        if key in seen:
+            why = ("is used twice" if seen[key] == n else
+                   f"and {seen[key]!r} would share the file conditions/{_slug(n)}.json (they differ only in case, "
+                   "spaces or punctuation)")
+            raise WorkbenchError(f"{source}: condition name {n!r} {why} (baseline is implicit)")
+        seen[key] = n
 
 
 def _row(c: Condition, metric: str, values: list[float], text: str = "") -> dict:
