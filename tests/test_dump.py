@@ -2,11 +2,12 @@
 
 import json
 
+import pytest
 import torch
 
 from helpers import PROMPTS
 from workbench.models.specs import load
-from workbench.tracing.dump import read_site
+from workbench.tracing.dump import DumpWriter, read_site
 from workbench.tracing.reducers import AbsMax, Payload
 from workbench.tracing.runner import trace
 from workbench.tracing.sites import Component, Site, all_sites
@@ -55,3 +56,34 @@ def test_no_dump_by_default(tmp_path):
     lm = load("zoo:olmoe")
     r = trace(lm, PROMPTS, all_sites(lm.adapter, lm.model, ["expert"]), progress=False)
     assert r.dump_dir is None
+
+
+def test_a_rerun_into_a_dump_folder_never_mixes_two_dumps(tmp_path):
+    """A rerun removes the old index first: killed part-way (here: after its first shard), it leaves a folder
+    without an index, which reading refuses, not the old index over a mix of old and new shards. Finished, it
+    removes the old dump's shards and site folders that it did not write again."""
+    lm = load("zoo:qwen2-moe")
+    resid = all_sites(lm.adapter, lm.model, ["resid_post"], [0, 1])
+    trace(lm, PROMPTS * 4, resid, ["absmax"], dump_dir=tmp_path / "d", dump_shard_rows=16, progress=False)
+    assert len(list((tmp_path / "d" / "L1.resid_post").iterdir())) > 1
+
+    class Killed(Exception):
+        pass
+
+    real = DumpWriter._flush
+
+    def flush_then_die(self, site):
+        real(self, site)
+        raise Killed
+    DumpWriter._flush = flush_then_die
+    try:
+        with pytest.raises(Killed):
+            trace(lm, PROMPTS[::-1] * 4, resid, ["absmax"], dump_dir=tmp_path / "d", dump_shard_rows=16,
+                  progress=False)
+    finally:
+        DumpWriter._flush = real
+    assert not (tmp_path / "d" / "index.json").exists()
+    r = trace(lm, PROMPTS, resid[1:], ["absmax"], dump_dir=tmp_path / "d", progress=False)  # fewer sites, rows
+    assert not (tmp_path / "d" / "L0.resid_post").exists()
+    assert sorted(p.name for p in (tmp_path / "d" / "L1.resid_post").iterdir()) == ["shard-00000.safetensors"]
+    assert sum(v.shape[0] for v, _ in read_site(tmp_path / "d", resid[1])) == r.num_tokens

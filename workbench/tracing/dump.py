@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.errors import WorkbenchError
 from workbench.io import clear_stale_temps, save_safetensors, write_json
 from workbench.tracing.reducers import Payload
 from workbench.tracing.sites import Site
@@ -38,6 +39,10 @@ class DumpWriter:
         for sub in (self.dir.iterdir() if self.dir.is_dir() else []):
             if sub.is_dir() and not sub.name.startswith("."):
                 clear_stale_temps(sub, ["shard-*.safetensors"])
+        # An earlier dump's index goes first: until this one's is written the folder is incomplete (a killed rerun
+        # must not leave the old index over a mix of old and new shards); earlier dumps' shards that this one does
+        # not write again are removed when it closes.
+        (self.dir / "index.json").unlink(missing_ok=True)
         self.shard_rows = shard_rows
         self.dtype = dtype
         self._buf: dict[Site, list[Payload]] = defaultdict(list)
@@ -72,7 +77,25 @@ class DumpWriter:
                          {"prompt": token_prompt.contiguous(), "position": token_position.contiguous()})
         index = {"format": "workbench-dump-1", "sites": {s.key: self._shards[s] for s in sorted(self._shards)},
                  "tokens": "tokens.safetensors", **meta}
-        return write_json(self.dir / "index.json", index)
+        path = write_json(self.dir / "index.json", index)
+        mine = {n for names in self._shards.values() for n in names}
+        for sub in self.dir.iterdir():  # earlier dumps' shards: in site folders, named as this writer names them
+            if not sub.is_dir() or not _is_site_key(sub.name):
+                continue
+            for f in sub.glob("shard-*.safetensors"):
+                if f"{sub.name}/{f.name}" not in mine:
+                    f.unlink()
+            if not any(sub.iterdir()):
+                sub.rmdir()
+        return path
+
+
+def _is_site_key(name: str) -> bool:
+    try:
+        Site.from_key(name)
+    except (WorkbenchError, ValueError):
+        return False
+    return True
 
 
 def read_site(directory: str | Path, site: Site | str):
