@@ -8,6 +8,7 @@ and its node composition (attention heads, MLPs, routed and shared experts).
 from __future__ import annotations
 
 import gc
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
@@ -114,6 +115,9 @@ def write(result: dict, circuits: list, out_dir: str | Path, plots: bool = True)
     from workbench.io import write_result_set
 
     out = Path(out_dir)
+    for old in (out / "circuits").glob("ckpt*.json"):  # an earlier run's checkpoints beyond this run's count
+        if re.fullmatch(r"ckpt\d+\.json", old.name) and int(old.stem[4:]) >= len(circuits):
+            old.unlink()
     flat = [{**{k: v for k, v in r.items() if k != "composition"},
              **{f"nodes_{k}": v for k, v in r["composition"].items()}} for r in result["rows"]]
     return write_result_set(out, "evolution", result, pd.DataFrame(flat),

@@ -7,6 +7,7 @@ import pytest
 
 from workbench.circuits.discover import CircuitOptions
 from workbench.circuits.evolution import evolution
+from workbench.circuits.export import Circuit
 from workbench.circuits.facts import builtin_facts
 from workbench.cli import main
 from workbench.errors import WorkbenchError
@@ -57,3 +58,20 @@ def test_cli_writes_evolution_files(tmp_path, capsys, facts):
     assert (f"{sizes[0]}-edge circuits" if len(sizes) == 1 else f"{sizes[0]}- to {sizes[-1]}-edge circuits") in printed
     assert main(["circuit-evolution", "zoo:qwen3-moe", "--out", str(tmp_path / "x")]) == 2
     assert "at least two checkpoints" in capsys.readouterr().err
+
+
+def test_a_rerun_into_the_folder_leaves_nothing_of_the_last_run(tmp_path):
+    """Fewer checkpoints and no plot this time: the last run's ckpt2.json and evolution.png are not left to pass
+    for this run's (report.html shows every PNG of the folder)."""
+    from workbench.circuits.evolution import write
+
+    c = Circuit({"a": {"kind": "input", "layer": -1, "index": -1}, "b": {"kind": "logits", "layer": 1, "index": -1}},
+                [{"source": "a", "target": "b", "port": "in", "score": 1.0}], {})
+    result = {"rows": [{"spec": f"ck{i}", "n_edges": 1, "composition": {"head": 0}} for i in range(2)]}
+    (tmp_path / "circuits").mkdir()
+    for old in ("ckpt2.json", "evolution.png"):  # what a 3-checkpoint run with plots left
+        (tmp_path / ("circuits" if old.startswith("ckpt") else ".") / old).write_text("old")
+    (tmp_path / "circuits" / "mine.json").write_text("{}")  # a file of the user's stays
+    write(result, [c, c], tmp_path, plots=False)
+    assert sorted(p.name for p in (tmp_path / "circuits").iterdir()) == ["ckpt0.json", "ckpt1.json", "mine.json"]
+    assert not (tmp_path / "evolution.png").exists()

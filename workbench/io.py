@@ -190,10 +190,12 @@ def read_upload(data: bytes, name: str, is_json: bool | None = None) -> Any:
 def write_result_set(out: str | os.PathLike, stem: str, result: Any, table, plot: Callable[[Path], None] | None,
                      before: Iterable[Callable[[], Path]] = ()) -> list[Path]:
     """``before``'s files, OUT/STEM.parquet (``table``, a DataFrame), OUT/STEM.png (``plot(path)`` draws it;
-    None: no plot) and OUT/STEM.json last: its presence means the run finished. If any step fails, the
-    files this call wrote are removed."""
+    None: no plot, and an earlier one is removed) and OUT/STEM.json last: its presence means the run finished. If
+    any step fails, the files this call wrote are removed."""
     out = Path(out)
     written: list[Path] = []
+    if plot is None:  # no plot this time: an earlier run's would pass for this one's (and report.html shows it)
+        (out / f"{stem}.png").unlink(missing_ok=True)
     try:
         for write in before:
             written.append(write())
