@@ -253,3 +253,15 @@ def test_ablate_cuts_a_long_text_from_the_command_line(short_gpt2, tmp_path):
     assert lines == [f"warning: {tmp_path / 's.yaml'}: longer than the model's context of {CONTEXT} positions, cut: "
                      f"1 of 1 texts to {CONTEXT} tokens"], r.stderr
     assert (tmp_path / "o" / "results.csv").is_file()
+
+
+def test_a_texts_file_is_used_whole_unless_num_texts_says_otherwise(tmp_path):
+    """A study's own texts were cut to the built-in default's 48 without a word; now all of them run, and
+    ``num_texts`` still picks the first N (of the file, or of the built-in texts, 48 by default)."""
+    f = tmp_path / "texts.txt"
+    f.write_text("".join(f"Text number {i} is here.\n" for i in range(60)))
+    bare = {k: v for k, v in TINY.items() if k != "num_texts"}
+    assert len(Study({**bare, "texts": str(f)}, "s.yaml").texts()) == 60
+    assert len(Study({**bare, "texts": [f"Text {i}." for i in range(50)]}, "s.yaml").texts()) == 50
+    assert len(Study({**bare, "texts": str(f), "num_texts": 5}, "s.yaml").texts()) == 5
+    assert len(Study(bare, "s.yaml").texts()) == 48

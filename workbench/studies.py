@@ -5,7 +5,8 @@ A study file (YAML or JSON)::
     name: super-experts
     metrics: [perplexity, accuracy, sink, massive, kl, generations]   # the default; also passkey, override,
                                                                       # label_copy, recall (workbench.tasks)
-    num_texts: 48            # built-in texts (or `texts: FILE`, one per line, or a list); cut to the model's context
+    num_texts: 48            # the first N texts: built-in ones (48 by default), or of `texts: FILE` (one per line)
+                             # or a list, all of them by default; each cut to the model's context
     seeds: [0, 1, 2]         # for generated random controls (a list: `seeds: 3` is refused, not guessed at)
     batch_size: 8
     generation_prompts: ["The capital of France is"]   # for `generations`, with
@@ -126,7 +127,8 @@ class Study:
                                   and all(isinstance(x, str) and x.strip() for x in t)):
             raise WorkbenchError(f"{self._at('texts')}: field 'texts' must be the path of a text file (one text a "
                                  f"line) or a list of non-empty texts, got {t!r}")
-        self.num_texts = self._count(spec, "num_texts", 48)
+        # the first 48 built-in texts by default; a given file or list is used whole unless num_texts says otherwise
+        self.num_texts = self._count(spec, "num_texts", 48) if "num_texts" in spec or t is None else None
         self.batch_size = self._count(spec, "batch_size", 8)
         self.max_new_tokens = self._count(spec, "max_new_tokens", 20)
         self.seeds = spec.get("seeds", [0, 1, 2])
