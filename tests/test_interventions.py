@@ -314,3 +314,110 @@ def test_token_scope_reads_each_token_with_its_leading_space(marker_tokenizer, z
     # the built-in byte-level BPE: every token of the built-in prompts reads as it decodes alone
     ids = {int(t) for p in PROMPTS for t in zoo_tokenizer(p).input_ids}
     assert token_texts(zoo_tokenizer, sorted(ids)) == [zoo_tokenizer.decode([t]) for t in sorted(ids)]
+
+
+NESTED = [("drop", "drop"), ("bias", "drop"), ("force", "drop"), ("drop", "bias"), ("force", "force"),
+          ("zero_scoped", "drop"), ("drop", "zero_channel")]
+
+
+@pytest.mark.parametrize("spec", ZOO_SPECS)
+def test_nested_apply_equals_the_combined_list(spec):
+    """A set applied inside another on the same model runs as the one list ``outer + inner``: bit for bit, on every
+    layout (an inner re-routing once dropped the outer set's drop/bias/force); leaving the inner set restores the
+    outer's effect, and drops of two sets that together empty a layer are refused."""
+    lm = load(spec)
+    enc = batch(lm)
+    L, n = moe_layer(lm), lm.layer_infos()[moe_layer(lm)].num_experts
+    make = {"drop": lambda e: dict(op="drop", layers=L, expert=e), "bias": lambda e: dict(op="bias", layers=L,
+                                                                                          expert=e, value=3.0),
+            "force": lambda e: dict(op="force", layers=L, expert=e, weight=0.4),
+            "zero_scoped": lambda e: dict(op="zero", layers=L, expert=e, positions=[0, -1]),
+            "zero_channel": lambda e: dict(op="zero_channel", layers=0, channel=e)}
+    for outer, inner in NESTED:
+        a, b = [make[outer](1)], [make[inner](2)]
+        with apply(lm, a + b):
+            combined = logits(lm, enc)
+        with apply(lm, a):
+            alone = logits(lm, enc)
+            with apply(lm, b):
+                nested = logits(lm, enc)
+            assert torch.equal(logits(lm, enc), alone), (outer, inner)
+        assert torch.equal(nested, combined), (outer, inner)
+        assert not torch.equal(nested, alone), (outer, inner)
+    with apply(lm, [make["drop"](e) for e in range(n - 1)]):
+        with pytest.raises(WorkbenchError, match=f"enclosing apply's.*drop removes all {n} routed experts of layer"):
+            with apply(lm, [make["drop"](n - 1)]):
+                pass
+        assert torch.isfinite(logits(lm, enc)).all()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
+
+
+def test_reentering_an_applied_set_is_refused():
+    lm = load("zoo:qwen3-moe")
+    enc = batch(lm)
+    ap = apply(lm, [dict(op="drop", layers=1, expert=1)])
+    with ap:
+        expected = logits(lm, enc)
+        with pytest.raises(WorkbenchError, match="already active"):
+            with ap:
+                pass
+        assert torch.equal(logits(lm, enc), expected)  # the outer block keeps its intervention
+    with ap:  # once left, it can be entered again
+        assert torch.equal(logits(lm, enc), expected)
+
+
+def test_a_layer_listed_twice_is_refused():
+    for d in (dict(op="scale", layers=[1, 1], expert=1, factor=2.0),
+              dict(op="scale_channel", layers=[0, 2, 0], channel=3, factor=2.0)):
+        with pytest.raises(WorkbenchError, match=r"field 'layers': layer \d is listed twice"):
+            Intervention.from_dict(d)
+    with pytest.raises(WorkbenchError, match="layer 1 is listed twice"):
+        Intervention("zero", (1, 1), expert=0)
+
+
+def test_field_types_are_checked_when_read():
+    """A wrong type is a one-line error naming the field, when the intervention is read (not an IndexError or a
+    TypeError at forward time); integers are ints as in ``layers`` (a float such as 1.0 is refused, NumPy ints
+    are taken), and an empty ``token`` (which every token contains) is refused."""
+    import numpy as np
+
+    bad = [(dict(op="drop", layers=1, expert=1.0), "field 'expert' must be an integer"),
+           (dict(op="zero", layers=1, expert="1"), "field 'expert' must be an integer"),
+           (dict(op="zero", layers=1, expert=True), "field 'expert' must be an integer"),
+           (dict(op="zero_channel", layers=1, channel=3.0), "field 'channel' must be an integer"),
+           (dict(op="zero_channel", layers=1, channel="3"), "field 'channel' must be an integer"),
+           (dict(op="zero_channel", layers=1, channel=3, token=5), "field 'token' must be a non-empty string"),
+           (dict(op="zero_channel", layers=1, channel=3, token=""), "field 'token' must be a non-empty string"),
+           (dict(op="zero", layers=1.0, expert=1), "field 'layers'")]
+    for d, msg in bad:
+        with pytest.raises(WorkbenchError, match=msg):
+            Intervention.from_dict(d)
+    iv = Intervention.from_dict(dict(op="zero", layers=[np.int64(1)], expert=np.int64(2), positions=np.int64(0)))
+    assert iv == Intervention("zero", (1,), expert=2, positions=(0,)) and type(iv.expert) is int
+
+
+def test_the_constructor_checks_like_from_dict():
+    bad = [(dict(op="scale", layers=(1,), expert=1), "op 'scale' needs field 'factor'"),
+           (dict(op="zap", layers=(1,), expert=1), "field 'op' must be one of"),
+           (dict(op="zero", layers=(1,)), "needs field 'expert'"),
+           (dict(op="zero", layers=(1,), expert=1.0), "field 'expert' must be an integer")]
+    for d, msg in bad:
+        with pytest.raises(WorkbenchError, match=msg):
+            Intervention(**d)
+    iv = Intervention("scale", 1, expert=1, factor=2.0)  # one layer, as from_dict takes it
+    assert iv.layers == (1,) and Intervention.from_dict(iv.to_dict()) == iv
+    assert iv.to_dict() == {"op": "scale", "layers": [1], "expert": 1, "factor": 2.0}
+    assert Intervention("zero", [0, 2], expert=3).to_dict() == {"op": "zero", "layers": [0, 2], "expert": 3}
+
+
+def test_apply_takes_one_intervention():
+    lm = load("zoo:qwen3-moe")
+    enc = batch(lm)
+    d = dict(op="drop", layers=1, expert=1)
+    with apply(lm, [d]):
+        expected = logits(lm, enc)
+    for one in (d, Intervention.from_dict(d)):
+        with apply(lm, one):
+            assert torch.equal(logits(lm, enc), expected)
+    with pytest.raises(WorkbenchError, match="expected a list of interventions, got str"):
+        apply(lm, "drop")

@@ -40,10 +40,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,7 +85,7 @@ class Intervention:
     expert: int | None = None
     channel: int | None = None
     kind: str = "routed"  # routed | shared (expert ops)
-    factor: float = 0.0  # scale ops
+    factor: float | None = None  # scale ops (required there: 0.0 would silently zero)
     weight: float = 1.0  # force
     value: float = 0.0  # bias
     positions: tuple[int, ...] | None = None
@@ -102,6 +105,11 @@ class Intervention:
     proj: str = "qk"  # mean_qk: q, k, qk or v
     keep_first: bool = False  # mean_qk: each prompt's first token untouched and out of the mean
 
+    def __post_init__(self) -> None:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, v in _checked(fields, "intervention").items():
+            object.__setattr__(self, name, v)
+
     @classmethod
     def from_dict(cls, d: dict, where: str = "intervention") -> "Intervention":
         if not isinstance(d, dict):
@@ -117,71 +125,22 @@ class Intervention:
             d["heads"] = d.pop("head")
         if "op" not in d or d["op"] not in OPS:
             raise WorkbenchError(f"{where}: field 'op' must be one of {', '.join(OPS)}, got {d.get('op')!r}")
-        if d["op"] in SCALE_OPS and "factor" not in d:
-            raise WorkbenchError(f"{where}: op {d['op']!r} needs field 'factor' (0 zeroes, 1 leaves as is)")
         if d["op"] in SAE_OPS:
             from workbench.sae.steer import complete
 
             d = complete(d, where)
-        for name in ("factor", "weight", "value", "coef"):
-            x = d.get(name)
-            if name in d and (not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x)):
-                raise WorkbenchError(f"{where}: field {name!r} must be a finite number, got {x!r}")
         if "layers" not in d:
             raise WorkbenchError(f"{where}: field 'layers' is required")
-        layers = d["layers"] if isinstance(d["layers"], (list, tuple)) else [d["layers"]]
-        if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-            raise WorkbenchError(f"{where}: field 'layers' must be an integer or a list of integers")
-        d["layers"] = tuple(layers)
-        for name in ("positions", "prompts", "heads", "dims"):
-            if d.get(name) is not None:
-                vals = d[name] if isinstance(d[name], (list, tuple)) else [d[name]]
-                if not all(isinstance(x, int) and not isinstance(x, bool) for x in vals):
-                    raise WorkbenchError(f"{where}: field {name!r} must be integers")
-                d[name] = tuple(vals)
-        for name in ("top", "bottom", "random", "matched"):
-            if d.get(name) is not None and (not isinstance(d[name], int) or isinstance(d[name], bool) or d[name] < 1):
-                raise WorkbenchError(f"{where}: field {name!r} must be a positive integer")
-        if "keep_first" in d and not isinstance(d["keep_first"], bool):
-            raise WorkbenchError(f"{where}: field 'keep_first' must be true or false")
-        iv = cls(**d)
-        iv._check_shape(where)
-        return iv
-
-    def _check_shape(self, where: str) -> None:
-        if self.op in SAE_OPS:
-            return  # checked against the SAE's cfg.json by workbench.sae.steer.complete
-        if self.op in HEAD_OPS:
-            if not self.heads:
-                raise WorkbenchError(f"{where}: op {self.op!r} needs field 'heads' (or 'head')")
-            return
-        if self.op in QK_OPS:
-            if self.proj not in ("q", "k", "qk", "v"):
-                raise WorkbenchError(f"{where}: field 'proj' must be 'q', 'k', 'qk' or 'v', got {self.proj!r}")
-            if sum(x is not None for x in (self.dims, self.top, self.bottom, self.random, self.matched)) != 1:
-                raise WorkbenchError(f"{where}: op 'mean_qk' needs exactly one of 'dims', 'top', 'bottom', 'random' and "
-                                     "'matched'")
-            if self.matched is not None and self.proj == "v":
-                raise WorkbenchError(f"{where}: field 'matched' picks rotary dims; values are not rotated (proj v)")
-            return
-        if self.op in EXPERT_OPS:
-            if self.expert is None:
-                raise WorkbenchError(f"{where}: op {self.op!r} needs field 'expert'")
-            if self.kind not in ("routed", "shared"):
-                raise WorkbenchError(f"{where}: field 'kind' must be 'routed' or 'shared'")
-            if self.kind == "shared" and self.op not in ("zero", "scale"):
-                raise WorkbenchError(f"{where}: shared experts support only 'zero' and 'scale'")
-        elif self.channel is None:
-            raise WorkbenchError(f"{where}: op {self.op!r} needs field 'channel'")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        return cls(**_checked({**defaults, **d}, where))
 
     def to_dict(self) -> dict:
         out = {"op": self.op, "layers": list(self.layers)}
-        defaults = Intervention(op="zero", layers=(0,))
         for f in dataclasses.fields(self):
             if f.name in ("op", "layers"):
                 continue
             v = getattr(self, f.name)
-            if v != getattr(defaults, f.name) or (f.name == "factor" and self.op in SCALE_OPS):  # required: written
+            if v != f.default or (f.name == "factor" and self.op in SCALE_OPS):  # required: written
                 out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
@@ -216,6 +175,90 @@ class Intervention:
                     raise WorkbenchError(f"{where}: field 'channel': neuron {self.channel} out of range ({size})")
             elif not 0 <= self.channel < hidden:
                 raise WorkbenchError(f"{where}: field 'channel': {self.channel} out of range (hidden size {hidden})")
+
+
+def _is_int(x) -> bool:
+    """An integer, as ``layers`` has always taken them: Python or NumPy ints, not bools and not floats (``1.0``)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _checked(d: dict, where: str) -> dict:
+    """Every field of an :class:`Intervention` (``d``: all of them, defaults included) checked and normalised
+    (integer lists to tuples of ints); a one-line error naming the field."""
+    d = dict(d)
+    if d["op"] not in OPS:
+        raise WorkbenchError(f"{where}: field 'op' must be one of {', '.join(OPS)}, got {d['op']!r}")
+    op = d["op"]
+    if op in SCALE_OPS and d["factor"] is None:
+        raise WorkbenchError(f"{where}: op {op!r} needs field 'factor' (0 zeroes, 1 leaves as is)")
+    for name in ("factor", "weight", "value", "coef"):
+        x = d[name]
+        if (x is not None or name != "factor") and (not isinstance(x, numbers.Real) or isinstance(x, (bool, np.bool_))
+                                                     or not math.isfinite(x)):
+            raise WorkbenchError(f"{where}: field {name!r} must be a finite number, got {x!r}")
+        d[name] = x.item() if isinstance(x, np.generic) else x  # a NumPy float (a table's cell) as a Python one
+    layers = d["layers"] if isinstance(d["layers"], (list, tuple)) else [d["layers"]]
+    if not layers or not all(_is_int(x) for x in layers):
+        raise WorkbenchError(f"{where}: field 'layers' must be an integer or a list of integers")
+    twice = next((x for i, x in enumerate(layers) if x in layers[:i]), None)
+    if twice is not None:  # each layer would get the op twice (a scale by 2 would scale by 4)
+        raise WorkbenchError(f"{where}: field 'layers': layer {twice} is listed twice")
+    d["layers"] = tuple(int(x) for x in layers)
+    for name in ("positions", "prompts", "heads", "dims"):
+        if d[name] is not None:
+            vals = d[name] if isinstance(d[name], (list, tuple)) else [d[name]]
+            if not all(_is_int(x) for x in vals):
+                raise WorkbenchError(f"{where}: field {name!r} must be integers")
+            d[name] = tuple(int(x) for x in vals)
+    for name in ("expert", "channel", "feature"):
+        if d[name] is not None and not _is_int(d[name]):
+            raise WorkbenchError(f"{where}: field {name!r} must be an integer, got {d[name]!r}")
+        d[name] = None if d[name] is None else int(d[name])
+    for name in ("top", "bottom", "random", "matched"):
+        if d[name] is not None and (not _is_int(d[name]) or d[name] < 1):
+            raise WorkbenchError(f"{where}: field {name!r} must be a positive integer")
+    if not _is_int(d["seed"]):
+        raise WorkbenchError(f"{where}: field 'seed' must be an integer, got {d['seed']!r}")
+    if d["token"] is not None and (not isinstance(d["token"], str) or not d["token"]):
+        raise WorkbenchError(f"{where}: field 'token' must be a non-empty string (the text a token contains), got "
+                             f"{d['token']!r}")
+    for name in ("kind", "proj", "sae", "site"):
+        if d[name] is not None and not isinstance(d[name], str):
+            raise WorkbenchError(f"{where}: field {name!r} must be a string, got {d[name]!r}")
+    if not isinstance(d["keep_first"], (bool, np.bool_)):
+        raise WorkbenchError(f"{where}: field 'keep_first' must be true or false")
+    _check_shape(op, d, where)
+    return d
+
+
+def _check_shape(op: str, d: dict, where: str) -> None:
+    """The fields ``op`` needs, and the values they may take."""
+    if op in SAE_OPS:  # the rest is checked against the SAE's cfg.json by workbench.sae.steer.complete
+        if not d["sae"] or d["feature"] is None:
+            raise WorkbenchError(f"{where}: op {op!r} needs fields 'sae' and 'feature'")
+        return
+    if op in HEAD_OPS:
+        if not d["heads"]:
+            raise WorkbenchError(f"{where}: op {op!r} needs field 'heads' (or 'head')")
+        return
+    if op in QK_OPS:
+        if d["proj"] not in ("q", "k", "qk", "v"):
+            raise WorkbenchError(f"{where}: field 'proj' must be 'q', 'k', 'qk' or 'v', got {d['proj']!r}")
+        if sum(d[x] is not None for x in ("dims", "top", "bottom", "random", "matched")) != 1:
+            raise WorkbenchError(f"{where}: op 'mean_qk' needs exactly one of 'dims', 'top', 'bottom', 'random' and "
+                                 "'matched'")
+        if d["matched"] is not None and d["proj"] == "v":
+            raise WorkbenchError(f"{where}: field 'matched' picks rotary dims; values are not rotated (proj v)")
+        return
+    if op in EXPERT_OPS:
+        if d["expert"] is None:
+            raise WorkbenchError(f"{where}: op {op!r} needs field 'expert'")
+        if d["kind"] not in ("routed", "shared"):
+            raise WorkbenchError(f"{where}: field 'kind' must be 'routed' or 'shared'")
+        if d["kind"] == "shared" and op not in ("zero", "scale"):
+            raise WorkbenchError(f"{where}: shared experts support only 'zero' and 'scale'")
+    elif d["channel"] is None:
+        raise WorkbenchError(f"{where}: op {op!r} needs field 'channel'")
 
 
 def check_set(lm, interventions: Sequence[Intervention], where: str = "interventions") -> None:
@@ -302,8 +345,16 @@ class _Tokens:
         self.mask: torch.Tensor | None = None
 
 
+# The sets applied to each model now, outermost first. Nested sets compose exactly as one list, outer set first:
+# where one set's hooks would undo another's (re-routing from the router's own logits drops an outer set's
+# drop/bias/force; a ModuleList block's correction is computed from one routing), the first set that hooks the
+# stage computes it for every active set (see Applied._lead); the other hooks compose by stacking.
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class Applied(HookSet):
-    """Hooks for a set of interventions; use as a context manager (see :func:`apply`)."""
+    """Hooks for a set of interventions; use as a context manager (see :func:`apply`). Nested in another set on the
+    same model, it applies as the combined list (the outer set's interventions first)."""
 
     def __init__(self, lm, interventions: Sequence[Intervention]):
         super().__init__()
@@ -315,6 +366,7 @@ class Applied(HookSet):
         self._tokens = _Tokens()
         self._decoded: dict[int, str] = {}
         self._prompts: torch.Tensor | None = None
+        self._stages: set[tuple[str, int]] = set()  # (stage, layer) hooked here that compute for every active set
 
     def set_prompts(self, indices: Sequence[int] | None) -> None:
         """The prompt index of each row of the coming batches (None: not a numbered pass)."""
@@ -360,9 +412,30 @@ class Applied(HookSet):
             keep &= match.view(b, t)
         return keep.reshape(-1)
 
+    def remove(self) -> None:
+        super().remove()
+        active = _ACTIVE.get(self.lm.model, [])
+        if self in active:
+            active.remove(self)
+
+    def _lead(self, stage: str, layer: int, want) -> list[tuple["Applied", Intervention]] | None:
+        """None unless this set is the first active one that hooks ``stage`` at ``layer`` (the others' hooks of the
+        stage pass); then the interventions ``want`` picks at ``layer`` of every active set, outer sets first, each
+        with its set (whose tokens and prompts scope it)."""
+        active = _ACTIVE.get(self.lm.model, [])
+        if next((a for a in active if (stage, layer) in a._stages), None) is not self:
+            return None
+        return [(a, iv) for a in active for iv in a.interventions if layer in iv.layers and want(iv)]
+
     # ----- install -------------------------------------------------------------------------------
     def _install(self) -> None:
         ad, model = self.lm.adapter, self.lm.model
+        active = _ACTIVE.setdefault(model, [])
+        if active:  # what no set shows alone: drops of nested sets that together empty a layer
+            check_set(self.lm, [iv for a in active for iv in a.interventions] + self.interventions,
+                      "interventions (with the enclosing apply's)")
+        active.append(self)
+        self._stages.clear()
 
         def read_ids(mod, args, kwargs):
             self._tokens.ids = args[0] if args else kwargs.get("input_ids")
@@ -381,12 +454,12 @@ class Applied(HookSet):
             routing = [iv for iv in ivs if iv.op in ("drop", "force", "bias")]
             weighting = [iv for iv in ivs if iv.op in ("zero", "scale") and iv.kind == "routed"]
             if routing:
-                self._install_routing(layer, info, routing)
+                self._install_routing(idx, layer, info, routing)
             if info.layout == "modulelist":  # force and scoped zero/scale: a correction of the block's output
                 delta = [iv for iv in ivs if iv.op == "force" or (iv in weighting and self._scoped(iv))]
                 weighting = [iv for iv in weighting if iv not in delta]
                 if delta:
-                    self._install_modulelist_delta(layer, delta)
+                    self._install_modulelist_delta(idx, layer)
             if weighting:
                 self._install_weighting(layer, info, weighting)
             for iv in ivs:
@@ -405,67 +478,32 @@ class Applied(HookSet):
                 elif iv.op in QK_OPS:
                     self._install_mean_qk(idx, iv)
 
-    def _install_routing(self, layer, info, ivs: list[Intervention]) -> None:
+    def _install_routing(self, idx: int, layer, info, ivs: list[Intervention]) -> None:
         ad, model = self.lm.adapter, self.lm.model
         router = ad.router(layer)
 
-        def adjust_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            logits = logits.clone()
-            exclude = None
-            for iv in ivs:
-                scope = self._scope(iv, logits.shape[0])
-                rows = slice(None) if scope is None else scope
-                if iv.op == "bias":
-                    logits[rows, iv.expert] += iv.value
-                elif iv.op == "drop":
-                    if exclude is None:
-                        exclude = torch.zeros_like(logits, dtype=torch.bool)
-                    exclude[rows, iv.expert] = True
-            return logits, exclude
-
         if info.layout == "fused":
+            self._stages.add(("route", idx))
+
             def hook(mod, args, kwargs, out):
+                pairs = self._lead("route", idx, lambda iv: iv.op in ("drop", "force", "bias"))
+                if pairs is None:
+                    return None
                 logits = out[0]
-                new_logits, exclude = adjust_logits(logits)
-                if exclude is None and not any(iv.op == "bias" for iv in ivs):
+                new_logits, exclude = _adjust_logits(pairs, logits)
+                if exclude is None and not any(iv.op == "bias" for _, iv in pairs):
                     weights, index = out[1], out[2]
                 else:
                     weights, index = ad.select_experts(model, new_logits, router, exclude=exclude)
-                weights, index = self._force(ivs, weights, index)
+                weights, index = _force(pairs, weights, index)
                 return (logits, weights.to(out[1].dtype), index)
-        else:  # ModuleList: the block routes from the gate's logits itself
+        else:  # ModuleList: the block routes from the gate's logits itself (nested sets' masks and biases stack)
             def hook(mod, args, kwargs, out):
-                logits, exclude = adjust_logits(out)
+                logits, exclude = _adjust_logits([(self, iv) for iv in ivs], out)
                 return logits if exclude is None else logits.masked_fill(exclude, float("-inf"))
         self._hook(router, hook)
 
-    def _force(self, ivs: list[Intervention], weights: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Put each ``force`` expert in the top-k with its weight (in place of the lowest-weighted choice)."""
-        for iv in ivs:
-            if iv.op != "force":
-                continue
-            weights, index = weights.clone(), index.clone()
-            scope = self._scope(iv, index.shape[0])
-            chosen = (index == iv.expert).any(-1)
-            last = weights.argmin(-1)  # the lowest-weighted choice makes room
-            rows = torch.arange(index.shape[0], device=index.device)
-            slot = torch.where(chosen, (index == iv.expert).int().argmax(-1), last)
-            apply = torch.ones_like(chosen) if scope is None else scope
-            index[rows[apply], slot[apply]] = iv.expert
-            weights[rows[apply], slot[apply]] = iv.weight
-        return weights, index
-
-    def _reweight(self, ivs: list[Intervention], weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Routing weights after ``zero`` / ``scale`` of routed experts (within each one's scope)."""
-        for iv in ivs:
-            scope = self._scope(iv, index.shape[0])
-            hit = index == iv.expert
-            if scope is not None:
-                hit &= scope[:, None]
-            weights = torch.where(hit, weights * (0.0 if iv.op == "zero" else iv.factor), weights)
-        return weights
-
-    def _install_modulelist_delta(self, layer, ivs: list[Intervention]) -> None:
+    def _install_modulelist_delta(self, idx: int, layer) -> None:
         """``force`` and scoped ``zero``/``scale`` on a ModuleList block, which routes inside its forward.
 
         The block runs unchanged; its output is then corrected by the (token, slot) pairs whose expert
@@ -476,21 +514,29 @@ class Applied(HookSet):
         ad, model = self.lm.adapter, self.lm.model
         block, router, experts = ad.mlp(layer), ad.router(layer), ad.experts(layer)
         seen: dict[str, torch.Tensor] = {}
+        self._stages.add(("delta", idx))
 
-        def record(mod, args, kwargs, out):  # the logits the block routes from (after any drop/bias hook)
+        def record(mod, args, kwargs, out):  # the gate's own logits, before any set's drop/bias hook
             seen["logits"] = out[0] if isinstance(out, tuple) else out
-        self._hook(router, record)
-        forces = [iv for iv in ivs if iv.op == "force"]
-        weighting = [iv for iv in ivs if iv.op in ("zero", "scale")]
+        self._hook(router, record, prepend=True)
 
         def hook(mod, args, kwargs, out):
+            raw = seen.pop("logits")
+            pairs = self._lead("delta", idx, lambda iv: iv.op == "force" or (
+                iv.op in ("zero", "scale") and iv.kind == "routed" and self._scoped(iv)))
+            if pairs is None:
+                return None
             hs = out[0] if isinstance(out, tuple) else out
             x = args[0] if args else kwargs["hidden_states"]
             x = x.reshape(-1, x.shape[-1])
-            logits = seen.pop("logits")
+            # the logits the block routed from: every active set's drop/bias, as their gate hooks applied them
+            routing = [(a, iv) for a in _ACTIVE.get(model, []) for iv in a.interventions
+                       if idx in iv.layers and iv.op in ("drop", "bias")]
+            logits, exclude = _adjust_logits(routing, raw)
+            logits = logits if exclude is None else logits.masked_fill(exclude, float("-inf"))
             weights, index = ad.select_experts(model, logits.reshape(-1, logits.shape[-1]), router)
-            new_w, new_i = self._force(forces, weights, index)
-            new_w = self._reweight(weighting, new_w, new_i)
+            new_w, new_i = _force([p for p in pairs if p[1].op == "force"], weights, index)
+            new_w = _reweight([p for p in pairs if p[1].op != "force"], new_w, new_i)
             tok, slot = torch.nonzero((new_i != index) | (new_w != weights), as_tuple=True)
             if tok.numel() == 0:
                 return out
@@ -513,7 +559,7 @@ class Applied(HookSet):
                 args, kwargs = list(args), dict(kwargs)
                 get = lambda i, k: args[i] if len(args) > i else kwargs[k]  # noqa: E731
                 index = get(1, "top_k_index")
-                weights = self._reweight(ivs, get(2, "top_k_weights"), index)
+                weights = _reweight([(self, iv) for iv in ivs], get(2, "top_k_weights"), index)
                 if len(args) > 2:
                     args[2] = weights
                 else:
@@ -610,6 +656,53 @@ class Applied(HookSet):
         self._handles.append(t)
 
 
+def _adjust_logits(pairs: list[tuple[Applied, Intervention]], logits: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Router logits after the ``bias`` ops of ``pairs`` (each scoped by its set), and the mask of the ``drop`` ops
+    (None: none)."""
+    logits = logits.clone()
+    exclude = None
+    for owner, iv in pairs:
+        scope = owner._scope(iv, logits.shape[0])
+        rows = slice(None) if scope is None else scope
+        if iv.op == "bias":
+            logits[rows, iv.expert] += iv.value
+        elif iv.op == "drop":
+            if exclude is None:
+                exclude = torch.zeros_like(logits, dtype=torch.bool)
+            exclude[rows, iv.expert] = True
+    return logits, exclude
+
+
+def _force(pairs: list[tuple[Applied, Intervention]], weights: torch.Tensor, index: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put each ``force`` expert in the top-k with its weight (in place of the lowest-weighted choice)."""
+    for owner, iv in pairs:
+        if iv.op != "force":
+            continue
+        weights, index = weights.clone(), index.clone()
+        scope = owner._scope(iv, index.shape[0])
+        chosen = (index == iv.expert).any(-1)
+        last = weights.argmin(-1)  # the lowest-weighted choice makes room
+        rows = torch.arange(index.shape[0], device=index.device)
+        slot = torch.where(chosen, (index == iv.expert).int().argmax(-1), last)
+        on = torch.ones_like(chosen) if scope is None else scope
+        index[rows[on], slot[on]] = iv.expert
+        weights[rows[on], slot[on]] = iv.weight
+    return weights, index
+
+
+def _reweight(pairs: list[tuple[Applied, Intervention]], weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Routing weights after ``zero`` / ``scale`` of routed experts (within each one's scope)."""
+    for owner, iv in pairs:
+        scope = owner._scope(iv, index.shape[0])
+        hit = index == iv.expert
+        if scope is not None:
+            hit &= scope[:, None]
+        weights = torch.where(hit, weights * (0.0 if iv.op == "zero" else iv.factor), weights)
+    return weights
+
+
 def mean_qk(q: torch.Tensor, k: torch.Tensor, iv: Intervention, valid: torch.Tensor, replace: torch.Tensor,
             v: torch.Tensor | None = None, order: torch.Tensor | None = None) -> None:
     """In place: the chosen dims of the chosen heads of ``q [B, H, T, d]`` / ``k [B, KV, T, d]`` at tokens
@@ -663,7 +756,13 @@ def mean_qk(q: torch.Tensor, k: torch.Tensor, iv: Intervention, valid: torch.Ten
         x[:, hs] = torch.where(m, mean.expand_as(xs), xs)
 
 
-def apply(lm, interventions: Iterable[Intervention | dict]) -> Applied:
-    """``with apply(lm, [...]):`` run the model with the interventions; leaving restores it exactly."""
-    ivs = [iv if isinstance(iv, Intervention) else Intervention.from_dict(iv) for iv in interventions]
+def apply(lm, interventions: Iterable[Intervention | dict] | Intervention | dict) -> Applied:
+    """``with apply(lm, [...]):`` run the model with the interventions (a list, or one of them); leaving restores it
+    exactly. Nested in another ``apply`` on the same model, it runs the two as one list, the outer's first."""
+    if isinstance(interventions, (dict, Intervention)):
+        interventions = [interventions]
+    if isinstance(interventions, (str, bytes)) or not isinstance(interventions, Iterable):
+        raise WorkbenchError(f"interventions: expected a list of interventions, got {type(interventions).__name__}")
+    ivs = [iv if isinstance(iv, Intervention) else Intervention.from_dict(iv, f"intervention {i}")
+           for i, iv in enumerate(interventions)]
     return Applied(lm, ivs)
