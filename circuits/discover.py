@@ -17,10 +17,12 @@ from workbench.circuits.cli import DEFAULT_HIT_SHARE
 from workbench.circuits.evaluate import (edge_entropy, evaluate, prune, select_fill, select_greedy, select_random,
                                          select_signed, select_threshold, select_top)
 from workbench.circuits.export import Circuit
-from workbench.circuits.facts import Fact, Prepared, prepare
+from workbench.circuits.facts import Fact, Prepared, check_facts, prepare
 from workbench.circuits.graph import build_graph
+from workbench.args import COUNT, COUNT_OR_OFF
 from workbench.errors import WorkbenchError
 from workbench.io import write_json
+from workbench.tracing.runner import check_number
 
 
 # log-spaced circuit budgets, as fractions of all edges, for the faithfulness curve
@@ -84,6 +86,12 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
     circuit mask.
     """
     o = options or CircuitOptions()
+    if not isinstance(o, CircuitOptions):
+        raise WorkbenchError(f"options must be a CircuitOptions, not {type(o).__name__}"
+                             + (": CircuitOptions(**options)" if isinstance(o, dict) else ""))
+    facts = check_facts(facts)  # before the graph is built: a wrong argument fails at once
+    for name, number in (("batch_size", COUNT), ("steps", COUNT), ("random_seeds", COUNT_OR_OFF)):
+        check_number(name, getattr(o, name), number)
     if o.top_edges is not None and o.threshold is not None:
         raise WorkbenchError("give --top-edges or --threshold, not both")
     if o.top_edges is not None and o.top_edges < 1:

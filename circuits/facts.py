@@ -294,6 +294,25 @@ def with_spaces(facts: list[Fact]) -> list[Fact]:
     return out
 
 
+def check_facts(facts) -> list[Fact]:
+    """``facts`` as a non-empty list of :class:`Fact` (a generator is read here, once); one Fact in place of a
+    list, a dict (a fact's JSON object) or anything else is a one-line error naming it."""
+    if isinstance(facts, Fact):
+        raise WorkbenchError("facts must be a list of Fact, not one Fact: wrap it in a list")
+    if isinstance(facts, (str, dict)) or not isinstance(facts, Iterable):
+        raise WorkbenchError(f"facts must be a list of Fact, not {type(facts).__name__}"
+                             + (" (parse_facts reads JSON Lines)" if isinstance(facts, str) else ""))
+    facts = list(facts)
+    if not facts:
+        raise WorkbenchError("no facts given (the fact list is empty)")
+    for i, f in enumerate(facts):
+        if not isinstance(f, Fact):
+            raise WorkbenchError(f"fact {i} is a {type(f).__name__}, not a Fact"
+                                 + (": build it with Fact(**d), or read a file with read_facts"
+                                    if isinstance(f, dict) else ""))
+    return facts
+
+
 def prepare(tokenizer, facts: list[Fact], model: nn.Module | None = None) -> list[Prepared]:
     """Tokenise facts and choose each one's corrupted prompt (given, swapped subject, a word swapped for its
     neighbour, swapped entity, or mean baseline).
@@ -309,7 +328,7 @@ def prepare(tokenizer, facts: list[Fact], model: nn.Module | None = None) -> lis
     fact. A corrupted answer chosen here (swap partner, neighbour, runner-up) never starts with the answer's token.
     """
     out = []
-    facts = with_spaces(facts)
+    facts = with_spaces(check_facts(facts))
     inferred = infer_templates(facts)
     pool = builtin = None
     encoded: dict[str, list[int]] = {}  # built-in prompts tokenised once, for every fact that looks for a partner

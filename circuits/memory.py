@@ -171,6 +171,11 @@ def plan(lm, graph, prepared, batch_size: int, *, max_memory: float | None = Non
     WorkbenchError, before any work, when even one fact at a time cannot fit."""
     if max_memory is not None and not (max_memory > 0 and math.isfinite(max_memory)):
         raise WorkbenchError(f"--max-memory must be a positive number of GB, got {max_memory}")
+    if not prepared:
+        raise WorkbenchError("no facts to plan a circuit run for")
+    from workbench.tracing.runner import check_number
+
+    check_number("batch_size", batch_size)
     lengths = [len(p.ids) for p in prepared]
     longest = max(range(len(prepared)), key=lambda i: lengths[i])
     autograd = autograd_per_token(lm, graph, prepared[longest].ids)

@@ -14,16 +14,19 @@ from typing import Sequence
 
 import torch
 
+from workbench.args import Number
+from workbench.data import check_prompts
 from workbench.experts import massive
 from workbench.errors import WorkbenchError
 from workbench.experts.router import ChangeRate, LocalConsistency, Predictions, VocabSpecialization
 from workbench.experts.qk import QKMeter
+from workbench.experts.routing import check_domains
 from workbench.experts.sinks import SinkMeter, eager_attention
 from workbench.experts.super_experts import SuperExpertRule, kurtosis, kurtosis_rows, select
 from workbench.distributed import Shard
 from workbench.models.specs import LoadedModel
 from workbench.tracing.reducers import AbsMax, ExpertAbsMax, RouterStats
-from workbench.tracing.runner import tokenize, trace
+from workbench.tracing.runner import check_number, tokenize, trace
 from workbench.tracing.sites import Component, Site, all_sites
 from workbench.tracing.state import Checkpoint
 
@@ -47,6 +50,21 @@ class ProfileOptions:
     # Prompts of similar length share a batch (less padding; workbench.tracing.runner.batch_members).
     by_length: bool = True
 
+    def __post_init__(self):
+        """Every option checked where it is set, each a one-line error naming it (as the CLI's flags are)."""
+        if not isinstance(self.rule, SuperExpertRule):
+            raise WorkbenchError(f"rule must be a SuperExpertRule, not {type(self.rule).__name__}")
+        check_number("batch_size", self.batch_size)
+        if self.max_tokens is not None:
+            check_number("max_tokens", self.max_tokens)
+        check_number("top_massive", self.top_massive)
+        for name in ("massive_ratio", "massive_min"):
+            check_number(name, getattr(self, name), Number(float, 0))
+        for name in ("sinks", "qk", "vocab_predicted", "by_length"):
+            if not isinstance(getattr(self, name), bool):
+                raise WorkbenchError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        object.__setattr__(self, "domains", check_domains(self.domains))
+
 
 def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = ProfileOptions(),
             progress: bool = True, *, checkpoint: Checkpoint | None = None, shard: Shard | None = None) -> dict:
@@ -57,6 +75,10 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     ``checkpoint`` makes the pass resumable; ``shard`` runs one rank of a data-parallel pass (the
     result is complete on rank 0 only).
     """
+    if not isinstance(options, ProfileOptions):
+        raise WorkbenchError(f"options must be a ProfileOptions, not {type(options).__name__}"
+                             + (": ProfileOptions(**options)" if isinstance(options, dict) else ""))
+    prompts = check_prompts(prompts)  # a generator is read once, here (the trace and its count read the list)
     infos = lm.layer_infos()
     n_layers = len(infos)
     # Routed experts of a MoE layer are reduced together (one grouped site per layer); a dense layer's

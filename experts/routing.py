@@ -134,6 +134,12 @@ def routing(specs: Sequence[str], prompts: Sequence[str], *, load: Callable[[str
     Returns ``{"checkpoints": [...], "num_tokens": N, "layers": [{"layer", "saturation", "saturation_top1",
     "change_rate", "utilization", "num_experts", "top_k"}, ...]}``.
     """
+    from workbench.data import check_prompts
+
+    if isinstance(specs, str):
+        raise WorkbenchError("specs must be a list of checkpoint specs, not one string: wrap them in a list")
+    specs = list(specs)
+    prompts = check_prompts(prompts)  # read once: every checkpoint runs the same prompts
     if len(specs) < 2:
         raise WorkbenchError("routing needs at least two checkpoints (in training order; the last is the final one)")
     tmp = Path(tempfile.mkdtemp(prefix="workbench-routing-", dir=workdir))
@@ -248,6 +254,9 @@ def domain_specialization(lm, domains: dict[str, Sequence[str]], *, batch_size: 
     from workbench.tracing.runner import trace
     from workbench.tracing.sites import Component, all_sites
 
+    domains = check_domains(domains)
+    if not domains:
+        raise WorkbenchError("no domains given: domain specialization compares at least one prompt set")
     sites = all_sites(lm.adapter, lm.model, [Component.ROUTER])
     if not sites:
         raise WorkbenchError(f"{lm.spec} has no MoE router: domain specialization needs a MoE model")
@@ -268,6 +277,19 @@ def domain_specialization(lm, domains: dict[str, Sequence[str]], *, batch_size: 
         layers.append({"layer": s.layer, "uniform": uniform, "share": share, "ratio": ratio,
                        "max_ratio": {d: max(ratio[d]) for d in domains}})
     return {"domains": list(domains), "layers": layers}
+
+
+def check_domains(domains) -> dict[str, list[str]]:
+    """``{name: prompts}`` with every name a non-empty string and every prompt set a list of prompts
+    (:func:`~workbench.data.check_prompts`: a generator is read here, once); anything else is a one-line error."""
+    from workbench.data import check_prompts
+
+    if not isinstance(domains, dict):
+        raise WorkbenchError(f"domains must be a dict {{name: list of prompts}}, not {type(domains).__name__}")
+    for name in domains:
+        if not isinstance(name, str) or not name.strip():
+            raise WorkbenchError(f"domains: every name must be a non-empty string, got {name!r}")
+    return {name: check_prompts(prompts, f"domain {name!r}") for name, prompts in domains.items()}
 
 
 def parse_domains(items: Sequence[str] | None) -> dict[str, list[str]]:

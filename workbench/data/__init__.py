@@ -46,12 +46,28 @@ def _jsonl_prompt(line: str, path: Path, number: int) -> str:
     return v
 
 
-def check_prompts(prompts) -> list[str]:
-    """Reject an empty list and empty prompts, naming the first bad one."""
-    prompts = list(prompts)
+def check_prompts(prompts, where: str = "") -> list[str]:
+    """``prompts`` as a list (a generator is read once, here), each a non-empty string; an empty list, one string
+    in place of a list, a non-string item or an empty prompt is a one-line error naming the first bad one.
+    ``where`` prefixes the message (e.g. ``domain 'code'``)."""
+    at = f"{where}: " if where else ""
+    if isinstance(prompts, str):
+        raise WorkbenchError(f"{at}prompts must be a list of strings, not one string: wrap it in a list")
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise WorkbenchError(f"{at}prompts must be a list of strings, not "
+                             + ("None" if prompts is None else _a(type(prompts).__name__))) from None
     if not prompts:
-        raise WorkbenchError("no prompts given (the prompt list is empty)")
+        raise WorkbenchError(f"{at}no prompts given (the prompt list is empty)")
     for i, text in enumerate(prompts):
-        if not isinstance(text, str) or not text.strip():
-            raise WorkbenchError(f"prompt {i} is empty")
+        if not isinstance(text, str):
+            raise WorkbenchError(f"{at}prompt {i} is {_a(type(text).__name__)}, not a string")
+        if not text.strip():
+            raise WorkbenchError(f"{at}prompt {i} is empty")
     return prompts
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "an int", "a list"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"

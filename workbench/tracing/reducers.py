@@ -134,6 +134,12 @@ class Reducer:
     # Rows may reach update() in payloads of any split (several batches at once: Capture(coalesce=True));
     # a reducer whose result depends on the split says False.
     coalesce: ClassVar[bool] = True
+    # The state tensors that hold global token indices (NO_TOKEN where none): what :meth:`shift_tokens` moves. A
+    # subclass whose state holds token indices names them here, or merging traces of further prompts misplaces them.
+    token_fields: ClassVar[tuple[str, ...]] = ()
+    # Settings that the state tensors do not show (a histogram's edges, TopK's k): a state holds them as 0-d
+    # tensors, so that it is not loaded into a reducer set up otherwise.
+    settings: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -149,17 +155,49 @@ class Reducer:
     def result(self) -> dict:
         raise NotImplementedError
 
+    def _config(self) -> dict[str, int | float]:
+        return {name: getattr(self, name) for name in self.settings}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Copies of the state tensors (later updates do not change a saved state)."""
-        return {f.name: getattr(self, f.name).clone() for f in fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)}
+        """Copies of the state tensors (later updates do not change a saved state), and the :attr:`settings` as
+        0-d tensors."""
+        out = {k: torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else None)
+               for k, v in self._config().items()}
+        out.update({f.name: getattr(self, f.name).clone() for f in fields(self)
+                    if isinstance(getattr(self, f.name), torch.Tensor)})
+        return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> "Reducer":
+        """Load a :meth:`state_dict` (settings it lacks are not checked: states saved before they were kept). A
+        key that is no state field, or a setting other than this reducer's, is refused, naming it."""
+        config = self._config()
+        names = {f.name for f in fields(self)}
         for k, v in state.items():
-            setattr(self, k, v.clone())
+            if k not in names:
+                raise ValueError(f"{type(self).__name__} state has unknown key {k!r}; known: "
+                                 f"{', '.join(sorted(names))}")
+            if k in config:
+                saved = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+                if saved != config[k]:
+                    raise ValueError(f"{type(self).__name__} state was saved with {k}={saved!r}, this one has "
+                                     f"{k}={config[k]!r}")
+        for k, v in state.items():
+            if k not in config:
+                setattr(self, k, v.clone())
+        return self
+
+    def shift_tokens(self, offset: int) -> "Reducer":
+        """Number this state's tokens ``offset`` later, in place (NO_TOKEN stays): the same rows as tokens of a
+        run that follows ``offset`` tokens (:meth:`TraceResult.merge <workbench.tracing.runner.TraceResult.merge>`)."""
+        for name in self.token_fields:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, torch.where(t == NO_TOKEN, t, t + offset))
         return self
 
     def _check_same(self, other: "Reducer") -> None:
+        if other is self:
+            raise ValueError(f"cannot merge a {type(self).__name__} into itself (its rows would count twice)")
         if type(other) is not type(self):
             raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
         if getattr(other, "scoring", None) != getattr(self, "scoring", None):
@@ -203,6 +241,7 @@ class AbsMax(Reducer):
     """Per-channel max |x| with the token where it occurred; ``result()`` adds the overall peak."""
 
     kind: ClassVar[str] = "absmax"
+    token_fields: ClassVar[tuple[str, ...]] = ("token",)
     absmax: torch.Tensor | None = None  # [C] float64; -1 where nothing (non-NaN) has been seen
     token: torch.Tensor | None = None  # [C] int64; NO_TOKEN where nothing has been seen
     nan_count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
@@ -364,6 +403,7 @@ class LogHistogram(Reducer):
     """
 
     kind: ClassVar[str] = "log_histogram"
+    settings: ClassVar[tuple[str, ...]] = ("lo", "hi", "num_bins")
     lo: float = -6.0
     hi: float = 6.0
     num_bins: int = 96
@@ -507,6 +547,7 @@ class ExpertAbsMax(Reducer):
     # ... 0.11 over a layer's first 9 batches. Replaying them 24 times (noised) gave 2.4 ms per update at 0.1,
     # 2.9 at 0.05, 2.6 at 0.2, 4.1 never pair by pair (replayed payloads; the share changes only the speed).
     sparse_share: ClassVar[float] = 0.1
+    token_fields: ClassVar[tuple[str, ...]] = ("token", "peak_token")
     num_experts: int = 0
     channel_tokens: bool = True
     absmax: torch.Tensor | None = None  # [E, C] float64, -1 where nothing seen
@@ -745,11 +786,17 @@ class TopK(Reducer):
     """
 
     kind: ClassVar[str] = "topk"
+    token_fields: ClassVar[tuple[str, ...]] = ("tokens",)
+    settings: ClassVar[tuple[str, ...]] = ("k",)
     k: int = 16
     values: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     channels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     nan_count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"TopK keeps k >= 1 entries, got k={self.k!r}")
 
     def update(self, p: Payload) -> None:
         x = p.values.detach()

@@ -9,6 +9,7 @@ of similar length share a batch (:func:`batch_members`), so less of each forward
 from __future__ import annotations
 
 import contextlib
+import numbers
 import sys
 import time
 import warnings
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from workbench.args import COUNT, Number
 from workbench.data import check_prompts
 from workbench.errors import WorkbenchError
 from workbench.models.specs import LoadedModel
@@ -28,10 +30,19 @@ from workbench.tracing import state
 from workbench.tracing.capture import Capture
 from workbench.tracing.dump import DumpWriter
 from workbench.tracing.reducers import AbsMax, ExpertAbsMax, ExpertCounts, LogHistogram, Moments, Reducer
-from workbench.tracing.sites import Component, Site
+from workbench.tracing.sites import Component, Site, validate
 from workbench.tracing.state import Checkpoint
 
 ReducerFactory = Callable[[Site], Reducer | None]  # None: the reducer does not apply to that site
+
+
+def check_number(name: str, value, number: Number = COUNT):
+    """``value`` of API argument ``name`` within ``number``'s range (the CLI flags' :class:`~workbench.args.Number`),
+    else a one-line error naming it: a notebook's ``batch_size=2.5`` is refused as ``--batch-size 2.5`` is."""
+    kind = numbers.Integral if number.kind is int else numbers.Real
+    if not isinstance(value, kind) or isinstance(value, bool) or not number.allows(value):
+        raise WorkbenchError(f"{name} must be {number.describe()}, got {value!r}")
+    return number.kind(value)
 
 
 def reducer_factory(kind: str, lm: LoadedModel) -> ReducerFactory:
@@ -77,10 +88,45 @@ class TraceResult:
                 "token_id": int(self.token_ids[token])}
 
     def merge(self, other: "TraceResult") -> "TraceResult":
-        """Merge reducer state of another run over the same sites (e.g. another shard of prompts)."""
+        """Add another run over further prompts (e.g. the next shard of a corpus), traced with the same model, sites
+        and reducers: the result is one trace of this run's prompts followed by ``other``'s (bit-equal for absmax,
+        histograms and counts; moments to rounding). ``other``'s tokens are numbered after this run's: its reducers'
+        global token indices (:attr:`Reducer.token_fields`) move up by this run's token count, on copies made as a
+        distributed run's rank states are (:func:`workbench.tracing.state.fresh`); ``other`` is not changed.
+        Returns ``self``. Runs with a dump are refused (each dump holds its own run's rows)."""
+        if not isinstance(other, TraceResult):
+            raise WorkbenchError(f"can only merge a TraceResult into a TraceResult, not {type(other).__name__}")
+        if other is self:
+            raise WorkbenchError("cannot merge a trace result into itself (its prompts would count twice)")
+        if self.dump_dir is not None or other.dump_dir is not None:
+            raise WorkbenchError("cannot merge traces with a dump (each dump holds its own run's rows): read the "
+                                 "dumps separately")
+        if self.meta.get("spec") != other.meta.get("spec"):
+            raise WorkbenchError(f"cannot merge a trace of {other.meta.get('spec')} into one of "
+                                 f"{self.meta.get('spec')}")
+        for a, b, what in ((self, other, "the other"), (other, self, "this")):
+            missing = [s for s in a.reducers if s not in b.reducers]
+            if missing:
+                raise WorkbenchError(f"cannot merge traces of different sites: {what} one lacks site {missing[0]} "
+                                     "(merge runs over the same sites and reducers)")
+        for site, reds in self.reducers.items():
+            if set(reds) != set(other.reducers[site]):
+                raise WorkbenchError(f"cannot merge traces with different reducers: site {site} has "
+                                     f"{sorted(reds) or 'none'} here, {sorted(other.reducers[site]) or 'none'} there")
+        offset = self.num_tokens
         for site, reds in other.reducers.items():
             for kind, r in reds.items():
-                self.reducers[site][kind].merge(r)
+                if not hasattr(r, "state_dict"):
+                    raise WorkbenchError(f"cannot merge reducer {kind} of site {site}: it has no state_dict to copy")
+                self.reducers[site][kind].merge(state.fresh(r).load_state_dict(r.state_dict()).shift_tokens(offset))
+        self.token_prompt = torch.cat([self.token_prompt, other.token_prompt + len(self.prompts)])
+        self.token_position = torch.cat([self.token_position, other.token_position])
+        self.token_ids = torch.cat([self.token_ids, other.token_ids])
+        self.prompts = [*self.prompts, *other.prompts]
+        self.seconds += other.seconds
+        self.meta.update(num_prompts=len(self.prompts), num_tokens=self.num_tokens)
+        if "positions" in self.meta and "positions" in other.meta:
+            self.meta["positions"] += other.meta["positions"]
         return self
 
 
@@ -113,8 +159,8 @@ def _run_streamed(streamer, batches: list[tuple[torch.Tensor, torch.Tensor, torc
 
 def tokenize(lm: LoadedModel, prompts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
     prompts = check_prompts(prompts)
-    if max_tokens is not None and max_tokens < 1:
-        raise WorkbenchError(f"max_tokens must be at least 1, got {max_tokens}")
+    if max_tokens is not None:
+        max_tokens = check_number("max_tokens", max_tokens)
     limit = lm.context_length
     cap = min(x for x in (max_tokens, limit) if x) if (max_tokens or limit) else None
     out, truncated = [], 0
@@ -227,6 +273,23 @@ def _group_experts(lm: LoadedModel, sites: list[Site], factories: dict, extra: d
     return out
 
 
+def _site_list(sites) -> list[Site]:
+    """``sites`` as a list of distinct :class:`Site` (one Site, a string or None is a one-line error)."""
+    if isinstance(sites, Site):
+        raise WorkbenchError("sites must be a list of Site, not one Site: wrap it in a list")
+    if isinstance(sites, str) or not isinstance(sites, Iterable):
+        hint = " (Site.from_key reads a key such as 'L0.resid_post')" if isinstance(sites, str) else ""
+        raise WorkbenchError(f"sites must be a list of Site, not {type(sites).__name__}{hint}")
+    sites = list(dict.fromkeys(sites))
+    odd = next((s for s in sites if not isinstance(s, Site)), None)
+    if odd is not None:
+        raise WorkbenchError(f"sites must be a list of Site, got {odd!r} among them"
+                             + (" (Site.from_key reads a key such as 'L0.resid_post')" if isinstance(odd, str) else ""))
+    if not sites:
+        raise WorkbenchError("no capture sites selected")
+    return sites
+
+
 def trace(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -263,11 +326,25 @@ def trace(
     same results up to the order of float sums. A dump keeps the plain batches, so its rows stay in
     token order.
     """
-    sites = list(dict.fromkeys(sites))
-    if not sites:
-        raise WorkbenchError("no capture sites selected")
-    if batch_size < 1:
-        raise WorkbenchError("batch size must be at least 1")
+    prompts = check_prompts(prompts)  # a generator is read once, here (tokenize and the result read the list)
+    sites = _site_list(sites)
+    validate(lm.adapter, lm.model, sites)  # before anything below indexes the model's layers by a site
+    batch_size = check_number("batch_size", batch_size)
+    max_tokens = None if max_tokens is None else check_number("max_tokens", max_tokens)
+    dump_shard_rows = check_number("dump_shard_rows", dump_shard_rows)
+    if isinstance(reducers, str) or not isinstance(reducers, Iterable):
+        raise WorkbenchError("reducers must be a list of reducer names or factories, not "
+                             + ("one string: wrap it in a list" if isinstance(reducers, str)
+                                else f"{type(reducers).__name__}"))
+    reducers = list(reducers)
+    odd = next((r for r in reducers if not isinstance(r, str) and not callable(r)), None)
+    if odd is not None:
+        raise WorkbenchError(f"reducers must be names or factories (site -> reducer), got {odd!r}")
+    if not reducers and dump_dir is None and not any((sinks or {}).values()) and not meters:
+        raise WorkbenchError("nothing to compute: no reducers, and no dump, sinks or meters (give reducers such as "
+                             "['absmax'])")
+    if tokenized is not None and len(tokenized) != len(prompts):
+        raise WorkbenchError(f"tokenized holds {len(tokenized)} prompts' tokens for {len(prompts)} prompts")
     if dump_dir is not None and (checkpoint is not None or (shard is not None and shard.world > 1)):
         raise WorkbenchError("--dump cannot be combined with checkpoints or several ranks")
     streamer = lm.meta.get("streamer")  # layer streaming (workbench.models.offload): all batches, one layer at a time

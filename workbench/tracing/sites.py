@@ -9,6 +9,7 @@ token) and tagged with their expert, so one reducer update covers a whole layer.
 from __future__ import annotations
 
 import enum
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -36,6 +37,15 @@ class Component(str, enum.Enum):
 QKV = (Component.Q, Component.K, Component.V)
 
 
+def component(c: Component | str, where: str = "site") -> Component:
+    """``c`` as a :class:`Component`; an unknown name is a one-line error listing the known ones."""
+    try:
+        return Component(c)
+    except ValueError:
+        raise WorkbenchError(f"{where}: unknown component {c!r}; known: {', '.join(x.value for x in Component)}") \
+            from None
+
+
 _PER_EXPERT = (Component.EXPERT, Component.SHARED_EXPERT)
 _KEY = re.compile(r"^L(\d+)\.([a-z_]+)(?:\.E(\d+))?$")
 
@@ -47,7 +57,14 @@ class Site:
     expert: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "component", Component(self.component))
+        object.__setattr__(self, "component", component(self.component, f"site L{self.layer}"))
+        for name in ("layer", "expert"):
+            v = getattr(self, name)
+            if v is None and name == "expert":
+                continue
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+                raise WorkbenchError(f"site {self.component.value}: {name} must be an integer, got {v!r}")
+            object.__setattr__(self, name, int(v))
         if (self.component in _PER_EXPERT) != (self.expert is not None):
             raise WorkbenchError(f"site {self.component.value}: expert index is required exactly for expert sites")
 
@@ -76,10 +93,14 @@ class Site:
 
 def all_sites(adapter: Adapter, model: nn.Module, components: Iterable[Component | str], layers: Iterable[int] | None = None) -> list[Site]:
     """Every site of the given components over ``layers`` (default: all), experts expanded."""
+    if isinstance(components, (str, Component)):
+        raise WorkbenchError("components must be a list of components, not one: wrap it in a list")
+    if isinstance(layers, numbers.Integral):
+        raise WorkbenchError("layers must be a list of layer indices, not one: wrap it in a list")
     infos = adapter.layer_infos(model)
     chosen = range(len(infos)) if layers is None else list(layers)
     out: list[Site] = []
-    for comp in map(Component, components):
+    for comp in [component(c, "all_sites") for c in components]:
         for i in chosen:
             if not 0 <= i < len(infos):
                 raise WorkbenchError(f"layer {i} out of range: model has {len(infos)} layers (0..{len(infos) - 1})")
