@@ -466,6 +466,8 @@ def write_outputs(circuit: Circuit, scores: Scores, mask: torch.Tensor, out: str
         paths.append(write_json(out / "metrics.json", circuit.meta["metrics"]))
         if "curve" in circuit.meta["metrics"]:
             paths.append(render.write_curve(circuit.meta["metrics"]["curve"], out / "curve.png"))
+    if out / "curve.png" not in paths:  # no curve this time: a previous run's would pass for this one's
+        (out / "curve.png").unlink(missing_ok=True)
     return paths
 
 

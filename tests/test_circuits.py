@@ -410,6 +410,16 @@ def moe_circuit(qwen3_moe, tmp_path_factory):
     return circuit, scores, mask, out
 
 
+def test_a_rerun_without_a_curve_removes_the_last_runs(moe_circuit, tmp_path):
+    """A circuit found with a fixed budget has no faithfulness curve: a curve.png left by an earlier run into the
+    folder would pass for this run's (report.html shows every PNG)."""
+    circuit, scores, mask, _ = moe_circuit
+    assert "curve" not in circuit.meta["metrics"]
+    (tmp_path / "curve.png").write_bytes(b"an earlier run's")
+    write_outputs(circuit, scores, mask, tmp_path)
+    assert not (tmp_path / "curve.png").exists() and (tmp_path / "circuit.png").exists()
+
+
 def test_find_circuit_on_moe_writes_metrics(moe_circuit):
     circuit, scores, mask, out = moe_circuit
     metrics = json.loads((out / "metrics.json").read_text())
