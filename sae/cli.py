@@ -177,7 +177,7 @@ def cmd_features(args) -> int:
         files = write_report(report, out)
     t = report.table
     print(f"{report.meta['writers']} writers into {report.meta['site']} of {lm.spec}, "
-          f"{report.meta['num_tokens']} tokens{' (first tokens left out)' if not args.keep_first else ''}; "
+          f"{report.meta['scored_tokens']} tokens{' (first tokens left out)' if not args.keep_first else ''}; "
           "top feature per writer (mean activation raised):")
     for w, d in list(t.groupby("writer", sort=False))[:20]:
         r = d.iloc[0]

@@ -260,7 +260,9 @@ def writer_features(lm, sae, writers: Sequence[Writer], prompts: Sequence[str], 
                          "feature": f, "score": score, "delta_pre": float(mean[1, f]),
                          "frac_raised": float(mean[2, f]), "tokens": n, "top_tokens": _summary(token_table, f)})
     meta = {"model": lm.spec, "site": site.key, "d_sae": d_sae, "num_prompts": len(tokens.ids),
-            "num_tokens": int(tokens.token_id.numel()), "writers": len(use), "top": top, "skip_first": skip_first,
+            "num_tokens": int(tokens.token_id.numel()),  # all of the prompts' tokens; scored_tokens: those read
+            "scored_tokens": int((tokens.position > 0).sum()) if skip_first else int(tokens.token_id.numel()),
+            "writers": len(use), "top": top, "skip_first": skip_first,
             "method": "mean over the writer's tokens of act_f(x) - act_f(x - c), c = direct contribution",
             "writers_without_tokens": [w.name for w in use if counts[w] == 0]}
     return FeatureReport(pd.DataFrame(rows, columns=COLUMNS), token_table, meta)

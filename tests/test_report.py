@@ -73,3 +73,11 @@ def test_a_profile_json_missing_sections_is_one_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a profile.json (missing super_experts, super_expert_rule" in err, err
     assert not (folder / "report.html").exists()
+
+
+def test_an_sae_folder_is_named_as_such(tmp_path):
+    """An ``sae train`` folder holds a metrics.json too: it is not "an incomplete circuit output"."""
+    for name in ("cfg.json", "sae_weights.safetensors", "metrics.json"):
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(WorkbenchError, match="holds an SAE .sae train.*which report does not cover"):
+        report(tmp_path)

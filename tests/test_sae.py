@@ -194,6 +194,11 @@ def test_cli_features_from_a_profile_skip_experts_after_the_site(planted_sae, tm
     assert set(pd.read_parquet(tmp_path / "a" / "expert_features.parquet").writer) <= {"L0.E2", "L1.E7", "L1.E6"}
     out, err = capsys.readouterr()
     assert "3 writers into L1.resid_post" in out  # (an expert routed no token gets no row)
+    from workbench.models.specs import load
+
+    tok = load("zoo:qwen3-moe").tokenizer
+    n = sum(min(16, len(tok(t).input_ids)) - 1 for t in args[args.index("--text") + 1::2])  # the tokens scored
+    assert f"of zoo:qwen3-moe, {n} tokens (first tokens left out)" in out, out
     assert "note: 2 of the profile's top 3 experts do not write into L1.resid_post directly (L3.E1, L3.E7)" in err
     late = [e for e in experts if e["layer"] >= 2]
     (tmp_path / "late.json").write_text(json.dumps({"experts": late, "super_experts": supers[:1]}))

@@ -32,6 +32,9 @@ def kind_of(folder: Path) -> str:
     """Which run wrote ``folder``; a one-line error when none finished there."""
     if not folder.is_dir():
         raise WorkbenchError(f"{folder} is not a folder: report takes a profile, study or circuit output folder")
+    if (folder / "cfg.json").is_file() and (folder / "sae_weights.safetensors").is_file():
+        raise WorkbenchError(f"{folder} holds an SAE (sae train: cfg.json, sae_weights.safetensors, metrics.json), "
+                             "which report does not cover: its numbers are in metrics.json")
     for kind, (marker, needs) in KINDS.items():
         if (folder / marker).is_file():
             missing = [n for n in needs if not (folder / n).is_file()]
