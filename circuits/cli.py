@@ -154,7 +154,7 @@ def cmd_circuit(args) -> int:
         if lost:
             print(lost)
     if m.get("curve"):
-        print("faithfulness curve: " + ", ".join(f"{c['fraction']:.1%} {c['faithfulness']:.2f}" for c in m["curve"])
+        print(curve_line(m["curve"])
               + (_target_line(circuit.meta["selection"]["target"]) if "target" in circuit.meta["selection"] else ""))
     if m.get("relations"):
         rel = m["relations"]
@@ -171,6 +171,12 @@ def cmd_circuit(args) -> int:
 
     announce(out)
     return 0
+
+
+def curve_line(curve: list[dict]) -> str:
+    """'faithfulness curve: 0.1% 0.52, ...': each budget's share of the edges to two significant digits, so the
+    small budgets of a small graph stay apart (1 and 2 of 1,485 edges: 0.067 % and 0.13 %, both '0.1%' at .1%)."""
+    return "faithfulness curve: " + ", ".join(f"{100 * c['fraction']:.2g}% {c['faithfulness']:.2f}" for c in curve)
 
 
 def _target_line(t: dict) -> str:

@@ -162,6 +162,9 @@ def cmd_evolution(args) -> int:
     clear_stale_temps(out, ["evolution.*"])
     opts = CircuitOptions(steps=args.steps, top_edges=args.top_edges, batch_size=args.batch_size, random_seeds=1,
                           per_relation=False)
+    from workbench.cli import quiet_loading
+
+    quiet_loading(args)  # (each checkpoint is loaded here, not through the CLI's _load)
     say = None if args.quiet else (lambda s: print(s, file=sys.stderr))
     result, circuits = evolution(specs, facts, load=lambda s: load(s, device=args.device), options=opts, progress=say)
     write(result, circuits, out, plots=not args.no_plots)

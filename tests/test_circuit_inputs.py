@@ -201,3 +201,10 @@ def test_nan_scores_and_odd_graph_summaries_still_export(tmp_path):
     assert "nan," not in dot and 'label="in nan", style=dashed' in dot and "penwidth=3.50" in dot
     svg = circuit_svg(c)
     assert svg.rstrip().endswith("</svg>") and 'id="edge-0"' in svg and 'id="edge-1"' not in svg  # the finite one
+
+
+def test_the_curve_line_keeps_small_budgets_apart():
+    from workbench.circuits.cli import curve_line
+
+    curve = [{"fraction": n / 1485, "faithfulness": f} for n, f in ((1, 0.1), (2, 0.2), (14, 0.5), (297, 0.9))]
+    assert curve_line(curve) == "faithfulness curve: 0.067% 0.10, 0.13% 0.20, 0.94% 0.50, 20% 0.90"

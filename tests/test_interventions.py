@@ -388,7 +388,9 @@ def test_field_types_are_checked_when_read():
            (dict(op="zero_channel", layers=1, channel="3"), "field 'channel' must be an integer"),
            (dict(op="zero_channel", layers=1, channel=3, token=5), "field 'token' must be a non-empty string"),
            (dict(op="zero_channel", layers=1, channel=3, token=""), "field 'token' must be a non-empty string"),
-           (dict(op="zero", layers=1.0, expert=1), "field 'layers'")]
+           (dict(op="zero", layers=1.0, expert=1), "field 'layers'"),
+           (dict(op="zero", layers=1, expert=1, positions=[]), "field 'positions' is empty: leave it out"),
+           (dict(op="zero", layers=1, expert=1, prompts=[]), "field 'prompts' is empty")]
     for d, msg in bad:
         with pytest.raises(WorkbenchError, match=msg):
             Intervention.from_dict(d)

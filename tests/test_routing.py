@@ -150,8 +150,16 @@ def test_routing_cli_writes_json_parquet_and_plot(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "out"
-    assert main(["routing", "zoo:qwen3-moe", "zoo:olmoe", "zoo:qwen3-moe", "--prompts", str(prompts), "--out", str(out),
-                 "--quiet"]) == 0
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        assert main(["routing", "zoo:qwen3-moe", "zoo:olmoe", "zoo:qwen3-moe", "--prompts", str(prompts), "--out",
+                     str(out), "--quiet"]) == 0
+        assert not hf_logging.is_progress_bar_enabled()  # --quiet: no weight-loading bar per checkpoint either
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
     r = json.loads((out / "routing.json").read_text())
     assert r["checkpoints"] == ["zoo:qwen3-moe", "zoo:olmoe", "zoo:qwen3-moe"] and len(r["layers"]) == 4
     for layer in r["layers"]:

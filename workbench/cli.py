@@ -45,13 +45,18 @@ def _model_args(p: argparse.ArgumentParser, placement: bool = False) -> None:
                             "and smollm2-135m")
 
 
-def _load(args, device: str | None = None):
-    from workbench.models.specs import load
-
+def quiet_loading(args) -> None:
+    """With ``--quiet``, transformers' weight-loading bar stays off too."""
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+def _load(args, device: str | None = None):
+    from workbench.models.specs import load
+
+    quiet_loading(args)
     if getattr(args, "offload", None):
         if getattr(args, "device_map", None):
             raise WorkbenchError("--offload layers and --device-map auto do not combine")
@@ -290,6 +295,7 @@ def cmd_routing(args) -> int:
     specs = [s for spec in args.checkpoints for s in expand_series(spec)]
     out = output_dir(args.out)
     clear_stale_temps(out, ["routing.*"])
+    quiet_loading(args)  # (each checkpoint is loaded here, not through _load)
     if not args.quiet:
         print(f"routing over {len(specs)} checkpoints (final: {specs[-1]}), {len(prompts)} prompts", file=sys.stderr)
     r = routing(specs, prompts, load=lambda spec: load(spec, device=args.device, dtype=args.dtype,

@@ -209,6 +209,8 @@ def _checked(d: dict, where: str) -> dict:
             vals = d[name] if isinstance(d[name], (list, tuple)) else [d[name]]
             if not all(_is_int(x) for x in vals):
                 raise WorkbenchError(f"{where}: field {name!r} must be integers")
+            if not vals and name in ("positions", "prompts"):  # a scope of nothing would touch no token
+                raise WorkbenchError(f"{where}: field {name!r} is empty: leave it out to touch every {name[:-1]}")
             d[name] = tuple(int(x) for x in vals)
     for name in ("expert", "channel", "feature"):
         if d[name] is not None and not _is_int(d[name]):
