@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from helpers import SHORT_CONTEXT, one_error
 from workbench.circuits.discover import CircuitOptions, find_circuit
