@@ -423,3 +423,17 @@ def test_apply_takes_one_intervention():
             assert torch.equal(logits(lm, enc), expected)
     with pytest.raises(WorkbenchError, match="expected a list of interventions, got str"):
         apply(lm, "drop")
+
+
+def test_a_field_the_op_does_not_read_is_said():
+    """``{op: zero, factor: 2}`` zeroes: the factor is ignored, and a warning says so (not an error: a redundant
+    ``factor: 0`` on ``zero_channel`` is harmless, and older files may hold such fields)."""
+    with pytest.warns(UserWarning, match="field 'factor' does not apply to op 'zero' and is ignored"):
+        iv = Intervention.from_dict(dict(op="zero", layers=1, expert=1, factor=2.0))
+    assert iv.factor is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Intervention.from_dict(dict(op="scale", layers=1, expert=1, factor=2.0, positions=[0], token="a"))
+        Intervention.from_dict(dict(op="force", layers=1, expert=1, weight=0.5, kind="routed"))

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,12 @@ class Intervention:
             d = complete(d, where)
         if "layers" not in d:
             raise WorkbenchError(f"{where}: field 'layers' is required")
+        unused = sorted(set(d) - _uses(d["op"]))
+        if unused:  # a field the op never reads (`{op: zero, factor: 2}` zeroes): maybe a slip, so said (a warning:
+            # `{op: zero_channel, factor: 0}` is harmless and old files may hold such fields)
+            warnings.warn(f"{where}: field {unused[0]!r} does not apply to op {d['op']!r} and is ignored (it reads "
+                          f"{', '.join(sorted(_uses(d['op']) - {'op', 'layers'}))})", stacklevel=2)
+            d = {k: v for k, v in d.items() if k not in unused}
         defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
         return cls(**_checked({**defaults, **d}, where))
 
@@ -175,6 +182,15 @@ class Intervention:
                     raise WorkbenchError(f"{where}: field 'channel': neuron {self.channel} out of range ({size})")
             elif not 0 <= self.channel < hidden:
                 raise WorkbenchError(f"{where}: field 'channel': {self.channel} out of range (hidden size {hidden})")
+
+
+def _uses(op: str) -> set[str]:
+    """The fields ``op`` reads: op, layers, the scopes, and its own."""
+    own = (("expert", "kind") if op in EXPERT_OPS else ("channel",) if op in CHANNEL_OPS else ("heads",)
+           if op in HEAD_OPS else ("heads", "dims", "top", "bottom", "random", "matched", "seed", "proj", "keep_first")
+           if op in QK_OPS else ("sae", "feature", "coef", "site"))
+    extra = {"force": ("weight",), "bias": ("value",)}.get(op, ("factor",) if op in SCALE_OPS else ())
+    return {"op", "layers", "positions", "token", "prompts", *own, *extra}
 
 
 def _is_int(x) -> bool:
