@@ -32,10 +32,16 @@ POSITIVE, NEGATIVE, INTERNAL = "#2166ac", "#d6604d", "#969696"
 _MLP_KINDS = ("mlp", "router", "expert", "shared")
 
 
+def finite_edges(circuit: Circuit) -> Circuit:
+    """The circuit without its scored edges whose score is NaN or infinite (they have no size or rank to draw)."""
+    edges = [e for e in circuit.edges if e["port"] == "internal" or math.isfinite(float(e["score"]))]
+    return circuit if len(edges) == len(circuit.edges) else Circuit(circuit.nodes, edges, circuit.meta)
+
+
 def _shown(circuit: Circuit, max_edges: int | None) -> tuple[list[dict], list[dict], list[str]]:
     """(scored edges, strongest first, capped at max_edges; internal edges among their nodes; node names). Edges
     whose score is NaN or infinite have no width or rank: they are not drawn."""
-    scored = sorted((e for e in circuit.edges if e["port"] != "internal" and math.isfinite(float(e["score"]))),
+    scored = sorted((e for e in finite_edges(circuit).edges if e["port"] != "internal"),
                     key=lambda e: -abs(float(e["score"])))
     if max_edges is not None:
         if max_edges < 0:

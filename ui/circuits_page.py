@@ -4,7 +4,6 @@ loaded, a selected node's top SAE features (``workbench.sae.node_features``), ca
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from workbench.circuits.export import Circuit, read_json, write_dot, write_graphml
-from workbench.circuits.render import circuit_svg
+from workbench.circuits.render import circuit_svg, finite_edges
 from workbench.errors import WorkbenchError
 from workbench.ui.common import (FEATURE_PROMPTS, FEATURE_TOKENS, FEATURE_TOP, PickedSAE, feature_columns,
                                   feature_prompts, load_model, load_sae, show_error)
@@ -168,12 +167,6 @@ def _node_panel(lm, circuit: Circuit, sae: PickedSAE | None) -> Circuit:
     from workbench.sae import annotate_circuit
 
     return annotate_circuit(circuit, features)
-
-
-def finite_edges(circuit: Circuit) -> Circuit:
-    """The circuit without its scored edges whose score is NaN or infinite (they have no size or rank to draw)."""
-    edges = [e for e in circuit.edges if e["port"] == "internal" or math.isfinite(e["score"])]
-    return circuit if len(edges) == len(circuit.edges) else Circuit(circuit.nodes, edges, circuit.meta)
 
 
 def why_empty(meta: dict) -> str:

@@ -20,7 +20,7 @@ from workbench import metrics as M
 from workbench.errors import WorkbenchError
 from workbench.experts.sinks import eager_attention, strongest_heads
 from workbench.io import read_upload
-from workbench.interventions import Intervention, apply, parse, token_texts
+from workbench.interventions import Intervention, apply, parse, reaches, token_texts
 from workbench.studies import Study
 from workbench.ui.common import PickedSAE, load_model, moe_layers, show_error
 
@@ -415,7 +415,7 @@ def _touches_nothing(lm, d: dict, ids: list[int], longest: int, text: str) -> st
     ``longest`` tokens while generating, the steered ``text``), or None when it may touch some."""
     if d.get("prompts") is not None and 0 not in d["prompts"]:
         return f"prompts {d['prompts']} leave out the page's prompt (prompt 0; the study numbers its texts)"
-    if d.get("positions") and not any(-longest <= p < longest for p in d["positions"]):
+    if d.get("positions") and not reaches(d["positions"], longest):
         return f"positions {d['positions']} are beyond the prompt ({len(ids)} tokens) and its generation"
     token = d.get("token")
     if token and token not in text and not any(token in t for t in token_texts(lm.tokenizer, ids)):

@@ -279,6 +279,11 @@ def _check_shape(op: str, d: dict, where: str) -> None:
         raise WorkbenchError(f"{where}: op {op!r} needs field 'channel'")
 
 
+def reaches(positions: Sequence[int], length: int) -> bool:
+    """Whether a ``positions`` scope (negative counts from the end) touches any token of a ``length``-token input."""
+    return any(-length <= p < length for p in positions)
+
+
 def check_set(lm, interventions: Sequence[Intervention], where: str = "interventions") -> None:
     """What no single intervention shows: ``drop`` ops that together leave a layer no routed expert to route to
     (the router's scores would all be masked and the block's output NaN), per scope (unscoped drops count in every

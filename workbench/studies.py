@@ -49,7 +49,7 @@ from workbench import metrics as M
 from workbench import tasks as T
 from workbench.data import default_prompts, read_prompts
 from workbench.errors import WorkbenchError
-from workbench.interventions import Intervention, apply, check_set
+from workbench.interventions import Intervention, apply, check_set, reaches
 from workbench.io import atomic_path, read_structured, write_text
 
 GENERATORS = ("each_super_expert", "all_super_experts", "random_experts")
@@ -255,7 +255,7 @@ class Study:
                     lengths, other, _ = extent
                     picked = [lengths[p] for p in iv.prompts] if iv.prompts is not None else [*lengths, other]
                     longest = max(picked, default=0)
-                    if not any(p < longest if p >= 0 else -p <= longest for p in iv.positions):
+                    if not reaches(iv.positions, longest):
                         what = "text it picks" if iv.prompts is not None else "input"
                         raise WorkbenchError(f"{where}: field 'positions': {list(iv.positions)} touch no token (the "
                                              f"longest {what} of the study has {longest} tokens; positions count "
@@ -267,12 +267,16 @@ class Study:
                                       "it touches no token and the condition equals the baseline", stacklevel=3)
             check_set(lm, c.interventions, f"{self.source}: condition {c.name!r}")
 
+    def _item_sets(self) -> list[tuple[str, list]]:
+        """The cloze and task items the study's metrics run, by name ("cloze" or the task's)."""
+        want = set(self.metrics)
+        return ([("cloze", M.default_cloze())] if "accuracy" in want else []) + [(t, T.items(t)) for t in T.TASKS
+                                                                                if t in want]
+
     def _all_inputs(self, texts: list[str]) -> list[str]:
         """Every text the study's metrics run: its texts, and the cloze and task prompts with their options."""
-        want = set(self.metrics)
-        items = ([*M.default_cloze()] if "accuracy" in want else []) + [c for t in T.TASKS if t in want
-                                                                          for c in T.items(t)]
-        return (texts if want & set(TEXT_METRICS) else []) + [p for c in items for p in (c.prompt, *c.options)]
+        return ((texts if set(self.metrics) & set(TEXT_METRICS) else [])
+                + [p for _, items in self._item_sets() for c in items for p in (c.prompt, *c.options)])
 
     def _extent(self, lm, texts: list[str]) -> tuple[list[int], int, list[str]]:
         """As the study runs them: each text's token count (0 where no text metric runs), the longest of its other
@@ -291,9 +295,7 @@ class Study:
             other = max(len(x) for x in ids) + new
             if n:
                 cut.append(f"{n} of {len(ids)} generation prompts to {limit - new} tokens (room for max_new_tokens)")
-        sets = ([("cloze", M.default_cloze())] if "accuracy" in want else []) + [(t, T.items(t)) for t in T.TASKS
-                                                                                if t in want]
-        for name, items in sets:
+        for name, items in self._item_sets():
             prompts, options, n = T.tokenized(lm, items)
             other = max([other, *(len(p) + max(map(len, opts)) for p, opts in zip(prompts, options))])
             if n:
