@@ -78,7 +78,6 @@ class ActivationStream:
         self._cache_complete = False
         self._sample: list[torch.Tensor] = []  # the first rows streamed, kept to measure the fit on training rows
         self._sampled = 0
-        self.epochs = 0  # passes completed
         self.rows_per_epoch = 0  # once the first pass completed
         self.drawn = 0  # rows handed to the trainer (its norm estimate's batches included)
 
@@ -135,22 +134,21 @@ class ActivationStream:
                 got = True
                 pool = rows if pool.numel() == 0 else torch.cat([pool, rows])
                 if pool.shape[0] >= pool_rows:
-                    pool = pool[torch.randperm(pool.shape[0], generator=self._gen)]
-                    n = pool.shape[0] // bs
-                    for i in range(n):
-                        self.drawn += bs
-                        yield pool[i * bs:(i + 1) * bs]
-                    pool = pool[n * bs:]
+                    pool = yield from self._deal(pool)
             if not got:
                 raise WorkbenchError(f"no activations at {self.site} for training (all prompts too short?)")
-            self.epochs += 1
             if pool.shape[0] >= bs:  # epoch boundary: flush what is there, keep the remainder
-                pool = pool[torch.randperm(pool.shape[0], generator=self._gen)]
-                n = pool.shape[0] // bs
-                for i in range(n):
-                    self.drawn += bs
-                    yield pool[i * bs:(i + 1) * bs]
-                pool = pool[n * bs:]
+                pool = yield from self._deal(pool)
+
+    def _deal(self, pool: torch.Tensor):
+        """Shuffle ``pool``, hand out its whole batches (counted in ``drawn``); return the rest."""
+        bs = self.opts.batch_size
+        pool = pool[torch.randperm(pool.shape[0], generator=self._gen)]
+        n = pool.shape[0] // bs
+        for i in range(n):
+            self.drawn += bs
+            yield pool[i * bs:(i + 1) * bs]
+        return pool[n * bs:]
 
 
 @torch.no_grad()
@@ -238,8 +236,6 @@ def train_sae(lm, site: Site | str, prompts: Sequence[str], opts: TrainOptions =
                            n_batches_for_norm_estimate=min(20, max(1, steps)),
                            logger=LoggingConfig(log_to_wandb=False))
     sae = _build_sae(lm, site, d_in, opts, source)
-    if not train:
-        raise WorkbenchError(f"no prompt left to train on ({len(held)} held out by --holdout-every {every})")
     provider = iter(stream)
     trainer = _trainer_class()(cfg=cfg, sae=sae, data_provider=provider)
     trainer.history = []
