@@ -112,3 +112,36 @@ def test_a_circuit_that_pruning_empties_says_why():
     assert msg.startswith("the circuit has no scored edges: a circuit keeps only edges on a path from the input to "
                           "the logits") and "within the top 1 edges (fill selection)" in msg, msg
     assert msg.endswith("raise top edges")
+
+
+def _clear(at: AppTest) -> None:
+    at.file_uploader(key="circuit_upload").set_value(None).run()
+
+
+def test_an_upload_is_taken_by_its_content_and_again_after_clearing():
+    """The page once told uploads apart by name and size: an edited file of the same size was not read, and the same
+    file uploaded again after clearing did not replace a circuit discovered meanwhile."""
+    nodes = [_node("a", 0), _node("b", 1), _node("c", 2)]
+    at = _upload(ui_discover(1, 50), "c.json", {"nodes": nodes, "edges": THREE})
+    assert at.session_state["circuit"].n_edges == 2
+    edited = [_edge("a", "b", 3.0), _edge("b", "c", -2.0)]  # "3.0" for "1.0": same name, same size
+    _upload(at, "c.json", {"nodes": nodes, "edges": edited})
+    assert [e["score"] for e in at.session_state["circuit"].edges] == [3.0, -2.0]
+    at.button(key="circuit_run").click().run()  # a discovery replaces it while the file sits in the uploader
+    ui_ok(at)
+    discovered = at.session_state["circuit"]
+    at.run()
+    assert at.session_state["circuit"] is discovered
+    _clear(at)
+    _upload(at, "c.json", {"nodes": nodes, "edges": edited})  # the same file again: shown again
+    assert [e["score"] for e in at.session_state["circuit"].edges] == [3.0, -2.0]
+
+
+def test_a_bad_upload_errs_on_each_rerun_and_keeps_the_last_good_circuit():
+    nodes = [_node("a", 0), _node("b", 1), _node("c", 2)]
+    at = _upload(ui_app("Circuits"), "good.json", {"nodes": nodes, "edges": THREE})
+    at.file_uploader(key="circuit_upload").set_value(("bad.json", b'{"nodes": [', "application/json")).run()
+    for _ in range(2):
+        ui_one_error(at, "bad.json line 1: not valid JSON")
+        assert at.session_state["circuit"].n_edges == 2
+        at.run()

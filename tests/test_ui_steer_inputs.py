@@ -119,3 +119,16 @@ def test_switching_model_says_the_tables_start_empty():
     assert not any("held interventions" in i.value for i in at.info)
     at.sidebar.selectbox(key="model_choice").set_value("zoo:qwen3-moe").run()  # nothing held: nothing to say
     assert not any("held interventions" in i.value for i in at.info)
+
+
+def test_the_same_file_uploaded_again_after_clearing_is_loaded_again():
+    """Uploads are told apart by content, and clearing the uploader forgets the file (as on the Profile and Circuits
+    pages): the page once ignored a re-upload of the file it had loaded, so an edited table stayed."""
+    at = ui_app("Steer")
+    _upload(at, "s.yaml", _study({"op": "drop", "layers": 0, "expert": 1}))
+    ui_edit(at, 0, {1: {"drop": False}, 3: {"drop": True}})
+    assert bool(at.session_state["steer_tables"][0].loc[3, "drop"])
+    at.file_uploader(key="steer_upload").set_value(None).run()
+    _upload(at, "s.yaml", _study({"op": "drop", "layers": 0, "expert": 1}))
+    table = at.session_state["steer_tables"][0]
+    assert bool(table.loc[1, "drop"]) and not bool(table.loc[3, "drop"])

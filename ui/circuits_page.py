@@ -13,8 +13,10 @@ import streamlit as st
 from workbench.circuits.export import Circuit, read_json, write_dot, write_graphml
 from workbench.circuits.render import circuit_svg, finite_edges
 from workbench.errors import WorkbenchError
+from workbench.io import read_upload
 from workbench.ui.common import (FEATURE_PROMPTS, FEATURE_TOKENS, FEATURE_TOP, PickedSAE, feature_columns,
-                                  feature_prompts, load_model, load_sae, show_error)
+                                  feature_prompts, load_model, load_sae, new_upload, show_error,
+                                  took_upload)
 from workbench.ui.plotting import circuit_figure
 
 GRAPH = "circuit_graph"
@@ -22,26 +24,24 @@ WRITER_KINDS = ("head", "mlp", "expert")  # the nodes workbench.sae.node_feature
 
 
 def _open() -> None:
-    """Load the typed path or the upload when it changes (so a discovered circuit is not overwritten)."""
+    """Load a new upload, or the typed path when it changes (so a discovered circuit is not overwritten). A bad file
+    is never stored: its error shows (an upload's on each rerun, until it is replaced) and the last good circuit stays."""
     path = st.text_input("Path to circuit.json (or its folder)", key="circuit_path")
     up = st.file_uploader("... or upload it", type=["json"], key="circuit_upload")
-    source = ("upload", up.name, up.size) if up is not None else ("path", path.strip()) if path.strip() else None
-    if source is None or source == st.session_state.get("circuit_source"):
+    data = new_upload(up, "circuit_upload")
+    source = "upload" if up is not None else ("path", path.strip()) if path.strip() else None
+    if (source is None or source == st.session_state.get("circuit_source")) and data is None:
         return
     st.session_state["circuit_source"] = source
     try:
         if up is not None:
-            try:
-                data = json.loads(up.getvalue().decode("utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise WorkbenchError(f"{up.name}: not valid JSON ({exc})") from None
-            st.session_state["circuit"] = Circuit.from_json_obj(data, up.name)
+            st.session_state["circuit"] = Circuit.from_json_obj(read_upload(data, up.name, is_json=True), up.name)
+            took_upload(up, "circuit_upload", data)
         else:
             p = Path(path.strip()).expanduser()
             st.session_state["circuit"] = read_json(p / "circuit.json" if p.is_dir() else p)
     except Exception as exc:
         show_error(exc)
-        st.session_state.pop("circuit", None)
 
 
 def _discover(lm) -> None:

@@ -5,6 +5,7 @@ Only calls the workbench API; nothing here analyses a model.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,24 @@ def pick_sae(lm, start: str = "") -> PickedSAE | None:
     picked = PickedSAE(str(path), _version(path), site.key, int(sae.cfg.d_in), int(sae.cfg.d_sae), sae)
     st.sidebar.caption(f"SAE: {picked.d_in} -> {picked.d_sae} features at {picked.site}")
     return picked
+
+
+def new_upload(up, key: str) -> bytes | None:
+    """The bytes of the file in uploader ``up`` (its widget ``key``) when the page has not taken them yet, else None.
+
+    A file is new until :func:`took_upload` records it; its name and content count (an edited file of the same
+    size is new), and an emptied uploader forgets it, so the same file uploaded again after clearing is new again.
+    Pages record only a file they could use, so a bad one errs on each rerun until it is replaced."""
+    if up is None:
+        st.session_state.pop(f"{key}_taken", None)
+        return None
+    data = up.getvalue()
+    return None if st.session_state.get(f"{key}_taken") == (up.name, hashlib.sha256(data).hexdigest()) else data
+
+
+def took_upload(up, key: str, data: bytes) -> None:
+    """Record that the page has used ``data``, the file in uploader ``key`` (see :func:`new_upload`)."""
+    st.session_state[f"{key}_taken"] = (up.name, hashlib.sha256(data).hexdigest())
 
 
 def show_error(exc: Exception) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +14,8 @@ from workbench.experts.profile import ProfileOptions, profile
 from workbench.experts.report import check_profile, flat
 from workbench.io import read_upload
 from workbench.ui.common import (FEATURE_PROMPTS, FEATURE_TOKENS, FEATURE_TOP, PickedSAE, feature_columns,
-                                  feature_prompts, load_model, load_sae, show_error)
+                                  feature_prompts, load_model, load_sae, new_upload, show_error,
+                                  took_upload)
 from workbench.ui.plotting import figure
 from workbench.ui.steer_page import TOGGLES, add_to_table
 
@@ -75,14 +75,10 @@ def _source(lm) -> None:
         path = st.text_input("Path to profile.json", key="profile_path")
         up = st.file_uploader("... or upload it", type=["json"], key="profile_upload")
         try:
-            if up is None:
-                st.session_state.pop("profile_upload_hash", None)  # the same file uploaded again is new again
-            else:
-                data = up.getvalue()
-                digest = hashlib.sha256(data).hexdigest()
-                if digest != st.session_state.get("profile_upload_hash"):
-                    _show(_read(data, up.name))
-                    st.session_state["profile_upload_hash"] = digest  # only a good file; a bad one errs each rerun
+            data = new_upload(up, "profile_upload")
+            if data is not None:
+                _show(_read(data, up.name))
+                took_upload(up, "profile_upload", data)
         except Exception as exc:
             show_error(exc)
         if path.strip() and st.button("Open", key="profile_open"):

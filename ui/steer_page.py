@@ -5,7 +5,6 @@ for ``workbench ablate``."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -22,7 +21,7 @@ from workbench.experts.sinks import eager_attention, strongest_heads
 from workbench.io import read_upload
 from workbench.interventions import Intervention, apply, parse, reaches, token_texts
 from workbench.studies import Study
-from workbench.ui.common import PickedSAE, load_model, moe_layers, show_error
+from workbench.ui.common import PickedSAE, load_model, moe_layers, new_upload, show_error, took_upload
 
 COLUMNS = ["expert", "zero", "drop", "force", "force_weight", "scale", "bias", "positions", "token"]
 TOGGLES = ("zero", "drop", "force")
@@ -386,9 +385,8 @@ def add_to_table(lm, layer: int, expert: int, op: str) -> None:
 
 def _upload(lm) -> None:
     up = st.file_uploader("Study YAML (one condition) into the table", type=["yaml", "yml", "json"], key="steer_upload")
-    data = up.getvalue() if up is not None else b""
-    digest = hashlib.sha256(data).hexdigest()
-    if up is None or st.session_state.get("steer_loaded") == (up.name, digest):  # an edited file is loaded again
+    data = new_upload(up, "steer_upload")
+    if data is None:
         return
     try:
         study = Study(read_upload(data, up.name), up.name)
@@ -404,7 +402,7 @@ def _upload(lm) -> None:
         if split:
             st.session_state["steer_split"] = True
         st.session_state["steer_version"] += 1
-        st.session_state["steer_loaded"] = (up.name, digest)
+        took_upload(up, "steer_upload", data)
         st.success(f"loaded {len(ivs)} interventions from {up.name}")
     except Exception as exc:
         show_error(exc)
