@@ -24,8 +24,10 @@ WRITER_KINDS = ("head", "mlp", "expert")  # the nodes workbench.sae.node_feature
 
 
 def _open() -> None:
-    """Load a new upload, or the typed path when it changes (so a discovered circuit is not overwritten). A bad file
-    is never stored: its error shows (an upload's on each rerun, until it is replaced) and the last good circuit stays."""
+    """Load a new upload, or the typed path when it changes (so a discovered circuit is not overwritten).
+
+    A bad file is never stored: its error shows (an upload's on each rerun, until it is replaced) and the last
+    good circuit stays."""
     path = st.text_input("Path to circuit.json (or its folder)", key="circuit_path")
     up = st.file_uploader("... or upload it", type=["json"], key="circuit_upload")
     data = new_upload(up, "circuit_upload")
