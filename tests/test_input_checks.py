@@ -227,14 +227,30 @@ def test_ablate_reads_the_studys_texts_file_before_loading_the_model(run, tmp_pa
 def test_a_share_gets_wilsons_interval_within_0_and_1():
     from workbench.metrics import mean_ci
 
-    m, lo, hi, n = mean_ci([1, 1, 1, 0])  # 3 of 4: Wilson's 95 % interval is [0.3006, 0.9544]
+    m, lo, hi, n = mean_ci([1, 1, 1, 0], share=True)  # 3 of 4: Wilson's 95 % interval is [0.3006, 0.9544]
     assert (m, n) == (0.75, 4) and lo == pytest.approx(0.30064, abs=1e-5) and hi == pytest.approx(0.95441, abs=1e-5)
-    assert mean_ci([0] * 10)[1:3] == (0.0, pytest.approx(0.27754, abs=1e-5))  # never below 0 (normal: [0, 0])
-    assert mean_ci([1] * 12)[1:3] == (pytest.approx(0.75750, abs=1e-5), 1.0)
-    _, lo, hi, _ = mean_ci([1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1])  # 11 of 12: the normal interval passes 1
+    assert mean_ci([0] * 10, share=True)[1:3] == (0.0, pytest.approx(0.27754, abs=1e-5))  # never below 0
+    assert mean_ci([1] * 12, share=True)[1:3] == (pytest.approx(0.75750, abs=1e-5), 1.0)
+    _, lo, hi, _ = mean_ci([1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], share=True)  # 11 of 12: the normal interval passes 1
     assert 0 < lo < hi < 1
     m, lo, hi, _ = mean_ci([2.0, 4.0])  # not a share: the normal approximation, as before
     assert (m, lo, hi) == (3.0, pytest.approx(3.0 - 1.96 * 2 ** 0.5 / 2 ** 0.5), pytest.approx(3.0 + 1.96))
+    with pytest.raises(ValueError, match="0 or 1"):
+        mean_ci([0.5, 1.0], share=True)
+
+
+def test_values_that_happen_to_be_0_or_1_are_no_share():
+    """The baseline's KL is exactly 0 on every text; it once got Wilson's interval ([0, 0.138] over 24 texts, wider
+    than a real condition's), as would any metric whose values all came out 0 or 1. Whether a metric is a share is
+    the metric's own property."""
+    from workbench.metrics import SHARE_METRICS, mean_ci
+    from workbench.studies import Condition, _row
+
+    assert mean_ci([0.0] * 24)[1:] == (0.0, 0.0, 24) and mean_ci([1.0])[1:] == (1.0, 1.0, 1)
+    row = _row(Condition("baseline", []), "kl", [0.0] * 24)
+    assert (row["mean"], row["ci_low"], row["ci_high"]) == (0.0, 0.0, 0.0)
+    assert _row(Condition("c", []), "accuracy", [0.0] * 24)["ci_high"] == pytest.approx(0.13798, abs=1e-5)
+    assert set(SHARE_METRICS) == {"accuracy", "passkey", "override", "label_copy", "recall"}
 
 
 def _circuit_file(path, n_edges_total=10, model="zoo:a", score=1.0):

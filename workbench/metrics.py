@@ -29,6 +29,7 @@ from workbench.tracing.runner import batch_members, pad_token, padded
 
 METRICS = ("perplexity", "accuracy", "sink", "massive", "kl", "generations", "passkey", "override", "label_copy",
            "recall")
+SHARE_METRICS = ("accuracy", "passkey", "override", "label_copy", "recall")  # 1 or 0 per item: Wilson intervals
 DEFAULT_METRICS = METRICS[:6]  # the task metrics are asked for by name (they cost more: passkey reads 1,000 tokens)
 
 
@@ -161,15 +162,18 @@ def generations(lm, prompts: Sequence[str], max_new_tokens: int = 20, batch_size
     return out
 
 
-def mean_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float, float, int]:
-    """Mean and a 95 % interval over the finite values: normal-approximation, or Wilson's score interval where every
-    value is 0 or 1 (a share: accuracy, task scores), which stays within [0, 1] and is not a point for n = 1."""
+def mean_ci(values: Sequence[float], z: float = 1.96, share: bool = False) -> tuple[float, float, float, int]:
+    """Mean and a 95 % interval over the finite values: normal-approximation, or for a ``share`` (values 0 or 1 per
+    item: accuracy, task scores) Wilson's score interval, which stays within [0, 1] and is not a point for n = 1.
+    Which one is the metric's (:data:`SHARE_METRICS`), not the values': a KL of exact zeros is no share."""
     v = torch.tensor([x for x in values if x == x and math.isfinite(x)], dtype=torch.float64)
     n = int(v.numel())
     if n == 0:
         return math.nan, math.nan, math.nan, 0
     m = float(v.mean())
-    if bool(((v == 0) | (v == 1)).all()):
+    if share:
+        if not bool(((v == 0) | (v == 1)).all()):
+            raise ValueError("a share's values are 0 or 1")
         c, zz = 1 + z * z / n, z * z / n
         mid, half = (m + zz / 2) / c, z * math.sqrt(m * (1 - m) / n + zz / (4 * n)) / c
         return m, max(0.0, mid - half), min(1.0, mid + half), n
