@@ -77,6 +77,43 @@ def test_interrupted_study_resumes(planted, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(df.drop(columns="seconds"), fresh.drop(columns="seconds"))
 
 
+def test_a_rerun_into_an_old_folder_leaves_nothing_of_the_old_run(planted, tmp_path, monkeypatch):
+    """Another study run into a finished study's folder once kept its results.png (generations only: nothing
+    plotted; the report showed the old plot), its conditions' files, and while it ran (or after it was killed) its
+    complete results beside the new study.resolved.yaml."""
+    from workbench.report import report
+
+    two = dict(SMALL, metrics=["perplexity", "kl"], seeds=[0], conditions=SMALL["conditions"][:1] + [
+        {"name": "zero L2 E1", "interventions": [{"op": "zero", "layers": 2, "expert": 1}]}])
+    Study(two).run(planted, tmp_path, progress=False)
+    assert (tmp_path / "results.png").exists() and (tmp_path / "conditions" / "zero_L2_E1.json").exists()
+    gens = dict(SMALL, metrics=["generations"], conditions=SMALL["conditions"][:1])
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(M, "generations", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Study(gens).run(planted, tmp_path, progress=False)
+    assert not list(tmp_path.glob("results.*"))  # nothing passes for this run's results
+    monkeypatch.undo()
+    Study(gens).run(planted, tmp_path, progress=False)
+    assert not (tmp_path / "results.png").exists()
+    assert sorted(p.name for p in (tmp_path / "conditions").iterdir()) == ["baseline.json", "drop_L1_E3.json"]
+    page = report(tmp_path).read_text()
+    assert "metrics: generations." in page and "no baseline" not in page and "<img" not in page
+
+
+def test_a_generations_only_study_prints_no_empty_table(run, tmp_path):
+    study = tmp_path / "g.yaml"
+    study.write_text(yaml.safe_dump({"metrics": ["generations"], "max_new_tokens": 2, "generation_prompts": ["Hi"],
+                                     "conditions": [{"name": "z", "interventions": [{"op": "zero", "layers": 1,
+                                                                                      "expert": 1}]}]}))
+    code, out, err = run("ablate", "zoo:qwen3-moe", "--study", study, "--quiet", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "Empty DataFrame" not in out and "[z] 'Hi -> " in out
+    assert f"wrote {tmp_path / 'o' / 'results.csv'}, results.parquet and study.resolved.yaml" in out
+
+
 def test_planted_super_expert_ablation_beats_random_controls(planted):
     df = Study(dict(SMALL, metrics=["perplexity", "kl", "massive"], seeds=[0, 1, 2], conditions=[
         {"generate": "each_super_expert"}, {"generate": "random_experts", "k": 1}])).run(planted, progress=False)

@@ -253,12 +253,15 @@ def cmd_ablate(args) -> int:
     df = study.run(lm, out, progress=not args.quiet)
     import pandas as pd
 
-    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 4):
-        print(summarise(df))
+    table = summarise(df)
+    if not table.empty:  # generations only: no numbers to tabulate
+        with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 4):
+            print(table)
     gens = df[df.metric == "generations"]
     for c, t in zip(gens.condition, gens.text):
         print(f"  [{c}] {t!r}")
-    print(f"wrote {out / 'results.csv'}, results.parquet, results.png and study.resolved.yaml")
+    plot = ", results.png" if (out / "results.png").exists() else ""
+    print(f"wrote {out / 'results.csv'}, results.parquet{plot} and study.resolved.yaml")
     announce(out)
     return 0
 

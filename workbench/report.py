@@ -207,7 +207,7 @@ def _study(folder: Path) -> str:
     if lacking:
         raise _corrupt(folder / "results.csv", ValueError(f"no column {lacking[0]!r}"))
     num = df[df.metric != "generations"]
-    out = [f"<p>{df.condition.nunique()} conditions, metrics: {_e(', '.join(dict.fromkeys(num.metric)))}.</p>",
+    out = [f"<p>{df.condition.nunique()} conditions, metrics: {_e(', '.join(dict.fromkeys(df.metric)))}.</p>",
            "<h2>Findings</h2>"]
     facts = []
     base = num[num.condition == "baseline"].set_index("metric")["mean"] if "baseline" in set(num.condition) else None
@@ -220,11 +220,17 @@ def _study(folder: Path) -> str:
             facts.append(f"<b>{_e(metric)}</b>: baseline {_num(float(base[metric]))}; the largest change is "
                          f"{_e(worst.condition)}: {_num(float(worst['mean']))} [{_num(float(worst.ci_low))}, "
                          f"{_num(float(worst.ci_high))}].")
-    out.append(_sentences(facts) if facts else "<p>(no baseline condition to compare against)</p>")
-    out.append("<h2>Results (mean with 95 % interval)</h2>")
-    rows = [{"condition": r.condition, "metric": r.metric, "mean": r.mean, "ci_low": r.ci_low, "ci_high": r.ci_high,
-             "n": r.n} for r in num.itertuples()]
-    out.append(_table(rows))
+    if facts:
+        out.append(_sentences(facts))
+    elif num.empty:
+        out.append("<p>(generations only: no metric to compare with the baseline)</p>")
+    else:
+        out.append("<p>(no baseline condition to compare against)</p>")
+    if not num.empty:
+        out.append("<h2>Results (mean with 95 % interval)</h2>")
+        rows = [{"condition": r.condition, "metric": r.metric, "mean": r.mean, "ci_low": r.ci_low,
+                 "ci_high": r.ci_high, "n": r.n} for r in num.itertuples()]
+        out.append(_table(rows))
     gens = df[df.metric == "generations"]
     if not gens.empty:
         out.append("<h2>Generations</h2><ul>" + "".join(f"<li>[{_e(c)}] {_e(t)}</li>"

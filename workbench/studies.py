@@ -385,6 +385,9 @@ class Study:
         out = Path(out_dir) if out_dir else None
         reuse = self._saved(out, conditions, inputs) if out else {}
         if out:
+            # An earlier run's results would pass for this one's beside its study file until this run ends.
+            for name in ("results.csv", "results.parquet", "results.png"):
+                (out / name).unlink(missing_ok=True)
             # Runs unchanged with `workbench ablate` (the baseline is implicit, so it is not listed).
             write_text(out / "study.resolved.yaml", yaml.safe_dump(
                 {"name": self.name, "model": lm.spec, "metrics": self.metrics, "num_texts": len(texts),
@@ -438,6 +441,10 @@ class Study:
         df = pd.DataFrame(rows, columns=COLUMNS)
         if out:
             write_results(df, out)
+            mine = {f"{_slug(c.name)}.json" for c in conditions}  # other studies' conditions: not this run's results
+            for f in (out / "conditions").glob("*.json"):
+                if f.name not in mine:
+                    f.unlink()
         return df
 
     def _saved(self, out: Path, conditions: list[Condition], inputs: dict) -> dict[str, list[dict]]:
@@ -544,7 +551,8 @@ def write_results(df: pd.DataFrame, out: Path) -> None:
 
     num = df[df.metric != "generations"]
     metrics = list(dict.fromkeys(num.metric))
-    if not metrics:
+    if not metrics:  # generations only: nothing to plot
+        (out / "results.png").unlink(missing_ok=True)
         return
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 4), dpi=100, squeeze=False)
     for ax, m in zip(axes[0], metrics):
