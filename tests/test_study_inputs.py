@@ -265,3 +265,77 @@ def test_a_texts_file_is_used_whole_unless_num_texts_says_otherwise(tmp_path):
     assert len(Study({**bare, "texts": [f"Text {i}." for i in range(50)]}, "s.yaml").texts()) == 50
     assert len(Study({**bare, "texts": str(f), "num_texts": 5}, "s.yaml").texts()) == 5
     assert len(Study(bare, "s.yaml").texts()) == 48
+
+
+@pytest.fixture(scope="module")
+def shared_super():
+    """zoo:qwen2-moe with a planted super expert in layer 1's shared expert (channel 17)."""
+    lm = load("zoo:qwen2-moe")
+    with torch.no_grad():
+        lm.adapter.decoder_layers(lm.model)[1].mlp.shared_expert.down_proj.weight[17] *= 300.0
+    return lm
+
+
+def _resolve(spec, lm):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        conds = Study({"num_texts": 8, "metrics": ["perplexity"], "seeds": [0], **spec}).resolve(lm)
+    return {c.name: [iv.to_dict() for iv in c.interventions] for c in conds[1:]}, [str(w.message) for w in seen]
+
+
+def test_drop_of_a_shared_super_expert_zeroes_it_and_says_so(shared_super):
+    """A generated drop of a shared super expert once dropped the routed expert of the same number (named
+    'super L1.S0', it equalled dropping L1.R0); a shared expert is never routed, so it is zeroed, with a warning."""
+    conds, said = _resolve({"conditions": [{"generate": "each_super_expert", "op": "drop"}]}, shared_super)
+    assert conds["super L1.S0 drop"] == [{"op": "zero", "layers": [1], "expert": 0, "kind": "shared"}]
+    assert any("L1.S0: a shared expert is never routed, so it is zeroed" in w for w in said), said
+
+
+def test_generators_take_layers_and_name_what_they_generate(shared_super):
+    """Generators' names once left out their layers and op (two random controls of other layers were one name,
+    refused after the profile), k beyond the experts was cut without a word, and layers did nothing to the super
+    expert generators."""
+    conds, said = _resolve({"conditions": [
+        {"generate": "random_experts", "k": 1, "layers": 1}, {"generate": "random_experts", "k": 1, "layers": [2]},
+        {"generate": "random_experts", "k": 50, "layers": 3},
+        {"generate": "all_super_experts", "layers": [2, 3]}, {"generate": "each_super_expert", "layers": 1}]},
+        shared_super)
+    # two random controls in other layers were refused as one name ('random x1 seed 0') after the profile
+    assert list(conds) == ["random x1 in L1 seed 0", "random x1 in L2 seed 0", "random x8 in L3 seed 0",
+                           "super L1.S0"]  # no super expert in layers 2 and 3: all_super_experts generates nothing
+    assert len(conds["random x8 in L3 seed 0"]) == 8  # k=50 of 8 experts: all 8, said, and named so
+    assert any("k=50, but layers [3] have 8 experts" in w for w in said), said
+    assert any("no super expert in layers [2, 3]: no condition" in w for w in said), said
+
+
+@pytest.mark.parametrize("conds,msg", [
+    ([{"generate": "random_experts", "k": 1}, {"generate": "random_experts", "k": 1, "op": "zero"}],
+     "conditions[1]: generates what conditions[0] generates"),
+    ([{"generate": "random_experts", "k": 1, "op": "drop"}, {"generate": "random_experts", "k": 1, "op": "drop",
+                                                              "layers": [1, 1]}, {"generate": "random_experts",
+                                                                                   "k": 1, "op": "drop", "layers": 1}],
+     "conditions[2]: generates what conditions[1] generates"),
+    ([{"generate": "each_super_expert", "k": 2}], "field 'k' is random_experts'"),
+    ([{"name": "a", "interventions": {"op": "zero", "layers": 1, "expert": 1}}],
+     "conditions[0]: field 'interventions' must be a list of interventions"),
+    ([{"name": None, "interventions": []}], "conditions[0]: field 'name' is required (a non-empty name), got None"),
+    ([{"name": " ", "interventions": []}], "field 'name' is required"),
+])
+def test_generators_and_conditions_that_cannot_mean_what_they_say_are_refused_when_read(conds, msg):
+    with pytest.raises(WorkbenchError) as e:
+        Study({"conditions": conds})
+    assert msg in str(e.value)
+
+
+def test_a_relative_texts_path_is_read_beside_the_study_file(tmp_path, monkeypatch):
+    """It was read from the current folder: a study beside its texts failed when run from elsewhere, and so did
+    its study.resolved.yaml."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "t.txt").write_text("one text\nanother text\n")
+    (tmp_path / "sub" / "s.yaml").write_text("metrics: [perplexity]\ntexts: t.txt\nconditions: []\n")
+    monkeypatch.chdir(tmp_path)
+    study = Study.from_file("sub/s.yaml")
+    assert study.texts() == ["one text", "another text"] and study.texts_file == str(tmp_path / "sub" / "t.txt")
+    (tmp_path / "t2.txt").write_text("from the current folder\n")  # still found there when not beside the study
+    (tmp_path / "sub" / "s2.yaml").write_text("texts: t2.txt\nconditions: []\n")
+    assert Study.from_file("sub/s2.yaml").texts() == ["from the current folder"]

@@ -5,8 +5,9 @@ A study file (YAML or JSON)::
     name: super-experts
     metrics: [perplexity, accuracy, sink, massive, kl, generations]   # the default; also passkey, override,
                                                                       # label_copy, recall (workbench.tasks)
-    num_texts: 48            # the first N texts: built-in ones (48 by default), or of `texts: FILE` (one per line)
-                             # or a list, all of them by default; each cut to the model's context
+    num_texts: 48            # the first N texts: built-in ones (48 by default), or of `texts: FILE` (one per line;
+                             # a relative path is read beside the study file, else in the current folder) or a
+                             # list, all of them by default; each cut to the model's context
     seeds: [0, 1, 2]         # for generated random controls (a list: `seeds: 3` is refused, not guessed at)
     batch_size: 8
     generation_prompts: ["The capital of France is"]   # for `generations`, with
@@ -18,6 +19,8 @@ A study file (YAML or JSON)::
       - generate: all_super_experts
       - generate: random_experts         # k random routed experts in the super experts' layers, per seed
         k: 2
+      # each generator also takes `op: drop` (routed super experts re-routed; a shared one is zeroed, with a
+      # warning) and `layers: [..]` (the super experts of those layers; random_experts: the layers to draw from)
 
 A baseline condition (no intervention) is always run first. Every generated condition is spelled
 out in ``study.resolved.yaml``, which ``workbench ablate`` runs unchanged; each finished condition is saved under ``conditions/`` at once, so an
@@ -150,7 +153,7 @@ class Study:
         if not isinstance(conds, list):
             raise WorkbenchError(f"{source}: field 'conditions' must be a list")
         self.explicit: list[Condition] = []
-        self.generated: list[dict] = []
+        self.generated: list[tuple[int, dict]] = []  # (index in conditions, the generator)
         for i, c in enumerate(conds):
             where = f"{source} line {self.lines[(i,)]}" if (i,) in self.lines else source
             where += f": conditions[{i}]"
@@ -163,19 +166,33 @@ class Study:
                                          f"(with optional k, op, layers)" + (f"; unknown field {extra[0]!r}" if extra else ""))
                 if c.get("op", "zero") not in ("zero", "drop"):
                     raise WorkbenchError(f"{where}: field 'op' of a generated condition must be 'zero' or 'drop'")
+                if "k" in c and c["generate"] != "random_experts":
+                    raise WorkbenchError(f"{where}: field 'k' is random_experts' (how many experts); "
+                                         f"{c['generate']} takes every super expert (of 'layers', when given)")
                 if "k" in c and (not _is_int(c["k"]) or c["k"] < 1):
                     raise WorkbenchError(f"{where}: field 'k' must be an integer >= 1, got {c['k']!r}")
                 layers = c.get("layers")
                 if layers is not None and not (_is_int(layers) or isinstance(layers, list) and layers
                                                and all(_is_int(x) for x in layers)):
                     raise WorkbenchError(f"{where}: field 'layers' must be an integer or a list of integers")
-                self.generated.append(dict(c))
+                layers = None if layers is None else sorted({int(x) for x in layers}) if isinstance(layers, list) \
+                    else [int(layers)]
+                g = dict(c, op=c.get("op", "zero"), layers=layers)
+                same = next((j for j, h in self.generated if h == g), None)
+                if same is not None:  # their conditions would be the same ones, under the same names
+                    raise WorkbenchError(f"{where}: generates what conditions[{same}] generates (the same generator, "
+                                         "op, k and layers)")
+                self.generated.append((i, g))
                 continue
             unknown = sorted(set(c) - {"name", "interventions", "group", "seed"})
             if unknown:
                 raise WorkbenchError(f"{where}: unknown field {unknown[0]!r}; known: name, interventions, group, seed, generate")
-            if "name" not in c:
-                raise WorkbenchError(f"{where}: field 'name' is required")
+            if not isinstance(c.get("name"), (str, int)) or not str(c["name"]).strip():
+                raise WorkbenchError(f"{where}: field 'name' is required (a non-empty name)"
+                                     + (f", got {c['name']!r}" if "name" in c else ""))
+            if not isinstance(c.get("interventions") or [], list):
+                raise WorkbenchError(f"{where}: field 'interventions' must be a list of interventions (each a mapping: "
+                                     f"'- {{op: ..., layers: ...}}'), got a {type(c['interventions']).__name__}")
             ivs = []
             for j, d in enumerate(c.get("interventions") or []):
                 w = (f"{source} line {self.lines[(i, j)]}" if (i, j) in self.lines else source)
@@ -199,7 +216,15 @@ class Study:
     @classmethod
     def from_file(cls, path: str | Path) -> "Study":
         spec, text = read_structured(path, "study")
-        return cls(spec, str(path), _lines(text))
+        study = cls(spec, str(path), _lines(text))
+        t = study.texts_file
+        if isinstance(t, str):  # a relative path is the study file's neighbour (else the current folder's file)
+            found = Path(path).parent / Path(t).expanduser()
+            if not found.exists() and Path(t).expanduser().exists():
+                found = Path(t).expanduser()
+            # absolute: study.resolved.yaml, in another folder, runs from anywhere
+            study.texts_file = str(found.resolve()) if found.exists() else str(found)
+        return study
 
     # ----- resolution -----------------------------------------------------------------------------
     def texts(self) -> list[str]:
@@ -218,15 +243,13 @@ class Study:
         self._validate(lm, out)  # explicit conditions: before any forward pass
         if self.generated:
             n = len(lm.layer_infos())
-            for g in self.generated:  # before the profile, as explicit conditions are
-                layers = g.get("layers")
-                bad = [x for x in (layers if isinstance(layers, list) else [layers] if layers is not None else [])
-                       if not 0 <= x < n]
+            for i, g in self.generated:  # before the profile, as explicit conditions are
+                bad = [x for x in g["layers"] or () if not 0 <= x < n]
                 if bad:
-                    raise WorkbenchError(f"{self.source}: generated condition {g['generate']!r}: field 'layers': layer "
+                    raise WorkbenchError(f"{self.source}: conditions[{i}] ({g['generate']}): field 'layers': layer "
                                          f"{bad[0]} out of range (model has {n})")
             supers = self._super_experts(lm, progress)
-            generated = [c for g in self.generated for c in self._generate(lm, g, supers)]
+            generated = [c for i, g in self.generated for c in self._generate(lm, g, supers, f"conditions[{i}]")]
             self._validate(lm, generated)
             out += generated
             _check_names([c.name for c in out], self.source)
@@ -332,43 +355,66 @@ class Study:
                           "only with its own layers and k", stacklevel=2)
         return p["super_experts"]
 
-    def _generate(self, lm, g: dict, supers: list[dict]) -> list[Condition]:
+    def _generate(self, lm, g: dict, supers: list[dict], where: str) -> list[Condition]:
         op = g.get("op", "zero")
+        where = f"{self.source}: {where} ({g['generate']}{', op ' + op if op != 'zero' else ''})"
+        shared = []
 
         def ablate(e: dict) -> Intervention:
             if e["kind"] == "dense":  # a dense "expert" is an MLP: remove its outlier channel from the stream
                 return Intervention("zero_channel", (e["layer"],), channel=e["channel"])
-            return Intervention(op, (e["layer"],), expert=e["expert"], kind=e["kind"] if op == "zero" else "routed")
+            if e["kind"] == "shared" and op == "drop":  # always on, never routed: zeroing is its removal
+                shared.append(label(e))
+                return Intervention("zero", (e["layer"],), expert=e["expert"], kind="shared")
+            return Intervention(op, (e["layer"],), expert=e["expert"], kind=e["kind"])
 
         def label(e: dict) -> str:
             return f"L{e['layer']}.C{e['channel']}" if e["kind"] == "dense" else f"L{e['layer']}.{e['kind'][0].upper()}{e['expert']}"
 
-        kind = g["generate"]
+        kind, layers = g["generate"], g["layers"]
+        # what tells these conditions apart from another generator's (each_super_expert's labels name the layer)
+        tag = ("" if op == "zero" else f" {op}") + ("" if layers is None or kind == "each_super_expert" else
+                                                   f" in L{','.join(map(str, layers))}")
+        if layers is not None and kind != "random_experts":
+            supers = [e for e in supers if e["layer"] in layers]
         if not supers and kind != "random_experts":
+            if layers is not None:
+                warnings.warn(f"{where}: no super expert in layers {layers}: no condition", stacklevel=3)
             return []  # no super experts (warned): nothing to ablate, and no empty stand-in for the baseline
         if kind == "each_super_expert":
-            return [Condition(f"super {label(e)}", [ablate(e)], group="each_super_expert") for e in supers]
-        if kind == "all_super_experts":
-            return [Condition("all super experts", [ablate(e) for e in supers], group="all_super_experts")]
-        # random controls: k random experts (or channels, for dense layers) from the same layers
+            out = [Condition(f"super {label(e)}{tag}", [ablate(e)], group="each_super_expert") for e in supers]
+        elif kind == "all_super_experts":
+            out = [Condition(f"all super experts{tag}", [ablate(e) for e in supers], group="all_super_experts")]
+        else:
+            out = self._random(lm, g, supers, tag, where)
+        if shared:
+            warnings.warn(f"{where}: {', '.join(dict.fromkeys(shared))}: a shared expert is never routed, so it is "
+                          "zeroed (op drop removes routed experts only)", stacklevel=3)
+        return out
+
+    def _random(self, lm, g: dict, supers: list[dict], tag: str, where: str) -> list[Condition]:
+        """random_experts: k random experts (or channels, for dense layers) of the layers, per seed."""
+        op = g.get("op", "zero")
         k = int(g.get("k", len(supers)))
-        layers = g.get("layers") or sorted({e["layer"] for e in supers})
-        layers = layers if isinstance(layers, list) else [layers]
+        layers = g["layers"] or sorted({e["layer"] for e in supers})
         if k < 1 or not layers:  # no super experts to size or place the control (warned)
             return []
         infos = lm.layer_infos()
         taken = {(e["layer"], e["expert"] if e["kind"] != "dense" else e["channel"]) for e in supers}
+        pool = []
+        for L in layers:
+            n = infos[L].num_experts if infos[L].kind == "moe" else int(lm.config.hidden_size)
+            pool += [(L, x) for x in range(n) if (L, x) not in taken]
+        if k > len(pool):
+            warnings.warn(f"{where}: k={k}, but layers {layers} have {len(pool)} experts (or channels) besides the "
+                          f"super experts: each condition takes those {len(pool)}", stacklevel=3)
+            k = len(pool)
         out = []
         for seed in self.seeds:
-            rng = random.Random(seed)
-            pool = []
-            for L in layers:
-                n = infos[L].num_experts if infos[L].kind == "moe" else int(lm.config.hidden_size)
-                pool += [(L, x) for x in range(n) if (L, x) not in taken]
-            picks = rng.sample(pool, min(k, len(pool)))
+            picks = random.Random(seed).sample(pool, k)
             ivs = [Intervention(op, (L, ), expert=x) if infos[L].kind == "moe" else
                    Intervention("zero_channel", (L,), channel=x) for L, x in sorted(picks)]
-            out.append(Condition(f"random x{k} seed {seed}", ivs, group="random_experts", seed=seed))
+            out.append(Condition(f"random x{k}{tag} seed {seed}", ivs, group="random_experts", seed=seed))
         return out
 
     # ----- running ------------------------------------------------------------------------------
