@@ -229,3 +229,21 @@ def test_a_reducer_is_not_merged_into_itself():
 def test_topk_needs_k_of_at_least_one():
     with pytest.raises(ValueError, match="k >= 1"):
         TopK(k=0)
+
+
+def test_a_transformer_lens_bridge_that_computes_other_logits_is_refused(lm):
+    """TransformerLens's bridge runs its own forward for some families: on DeepSeek-V3 it gave logits off by 0.35-0.6
+    (of ~1) without a word, while the README promised the model's numbers. It is checked on a few tokens first."""
+    ids = lm.tokenizer("Leonardo da", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(lm.to_transformer_lens()(ids), lm.model(ids).logits, rtol=1e-5, atol=1e-5)
+    deepseek = load("zoo:deepseek-v3")
+    with pytest.raises(WorkbenchError) as e:
+        deepseek.to_transformer_lens()
+    assert one_line(e).startswith("TransformerLens's bridge computes other logits than zoo:deepseek-v3 "
+                                  "(DeepseekV3ForCausalLM): max |difference| ")
+    with torch.no_grad():  # taken anyway when asked for, and the loaded model is as it was
+        ids = deepseek.tokenizer("Leonardo da", return_tensors="pt").input_ids
+        before = deepseek.model(ids).logits
+        assert not torch.allclose(deepseek.to_transformer_lens(verify=False)(ids), before, atol=1e-2)
+        assert torch.equal(deepseek.model(ids).logits, before)

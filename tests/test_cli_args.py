@@ -108,3 +108,13 @@ def test_issue_example_and_the_api(tmp_path, capsys):
         main(["trace", "zoo:qwen3-moe"])
     assert capsys.readouterr().err == ("error: the following arguments are required: --out "
                                        "(see `workbench trace --help`)\n")
+
+
+def test_debug_works_after_the_command_too(run, tmp_path):
+    """The README says "add `--debug`"; after the command it was an unrecognised argument (exit 2, no traceback)."""
+    for argv in (["--debug", "trace", "zoo:nope"], ["trace", "zoo:nope", "--debug"]):
+        code, _, err = run(*argv, "--out", tmp_path / "o")
+        assert code == 2 and "Traceback (most recent call last)" in err
+        assert err.rstrip().splitlines()[-1].startswith("error: unknown zoo model 'nope'")
+    code, _, err = run("trace", "zoo:nope", "--out", tmp_path / "o")
+    assert code == 2 and "Traceback" not in err

@@ -292,3 +292,18 @@ def test_check_does_not_fail_the_planted_expert_of_a_two_layer_model(short_gpt2)
 
     (check,) = _planted(load(str(short_gpt2)), PROMPTS)
     assert check.ok is None and "2 experts (MLPs) in all" in check.detail, check
+
+
+@pytest.mark.parametrize("kl,ok", [(-4.61e-8, True), (2.41e-8, True), (-1e-3, False), (float("nan"), False)])
+def test_check_judges_the_study_kl_to_float_rounding(monkeypatch, kl, ok):
+    """A zero that barely moves the model gives a KL of ~1e-8 of either sign (the README's own sample printed
+    -4.61e-08); `check` required >= 0 exactly, so it could fail on a machine whose rounding went the other way."""
+    import pandas as pd
+
+    from workbench import studies
+    from workbench.check import _study
+
+    rows = [("baseline", "perplexity", 10.0), ("zero", "perplexity", 10.0), ("baseline", "kl", 0.0), ("zero", "kl", kl)]
+    monkeypatch.setattr(studies.Study, "run", lambda *a, **k: pd.DataFrame(rows, columns=["condition", "metric", "mean"]))
+    (check,) = _study(load("zoo:qwen2-moe"), None)
+    assert check.ok is ok, check

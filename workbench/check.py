@@ -25,7 +25,8 @@ The battery, on a few prompts (the same one the family coverage test runs on eve
   restored bit for bit;
 * **study runs**: a two-condition ablation study (baseline and the zero above; perplexity and KL on 4
   built-in texts) gives finite perplexities, KL exactly 0 for the baseline and >= 0 for the
-  ablation (a random model's near-uniform outputs barely move: the values are printed, not judged);
+  ablation, to float32 rounding (>= -1e-6: a zero that barely moves the model gives ~1e-8 of either sign;
+  a random model's near-uniform outputs barely move: the values are printed, not judged);
 * **attention probabilities**: with eager attention every layer's attention returns probabilities
   whose rows sum to 1 (what the attention-sink statistics read); with learned sinks (GPT-OSS) to at most 1;
 * **circuit graph**: builds (each block read as pre-norm, sandwich, post-norm or parallel by
@@ -369,7 +370,15 @@ def _planted(lm, prompts, factor: float = 5000.0, channel: int = 7):
                       + ("names it)" if named else "does not name it either)"))]
     return [Check("planted super expert found", ok, f"{where} x{factor:.3g}: the profile names "
                   + (", ".join(f"L{l}.{_short(k, x)} ch {c}" for l, k, x, c in found) or "none")
-                  + f" (before planting: {len(before['super_experts'])} super experts){why}")]
+                  + f" (before planting: {_count(len(before['super_experts']), 'super expert')}){why}")]
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+# How far below 0 float32 rounding takes the KL of a condition that barely changes the model (seen: -4.6e-8).
+KL_ROUNDING = 1e-6
 
 
 def _study(lm, prompts):
@@ -387,7 +396,8 @@ def _study(lm, prompts):
     get = {(r.condition, r.metric): r.mean for r in df.itertuples()}
     ppl = [get[("baseline", "perplexity")], get[("zero", "perplexity")]]
     kl0, kl1 = get[("baseline", "kl")], get[("zero", "kl")]
-    ok = all(math.isfinite(v) and v > 0 for v in ppl) and kl0 == 0 and math.isfinite(kl1) and kl1 >= 0
+    # KL >= 0 up to float32 rounding: a zero with almost no effect gives KLs of ~1e-8 of either sign
+    ok = all(math.isfinite(v) and v > 0 for v in ppl) and kl0 == 0 and math.isfinite(kl1) and kl1 >= -KL_ROUNDING
     return [Check("study runs", ok, f"baseline and {iv['op']} on 4 texts: perplexity {ppl[0]:.4g} -> {ppl[1]:.4g}, "
                   f"KL {kl0:.3g} -> {kl1:.3g}")]
 

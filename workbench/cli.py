@@ -486,7 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--quiet", action="store_true", help="no progress bar")
     ab.add_argument("--out", required=True, help="output folder")
     ab.set_defaults(func=cmd_ablate)
+    _debug_everywhere(p)
     return p
+
+
+def _debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after the command too (``workbench trace ... --debug``), not only before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                   help="show tracebacks on errors")
+                _debug_everywhere(child)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -96,13 +96,18 @@ class LoadedModel:
 
         return TransformersModel(self.model, task="text-generation", tokenizer=self.tokenizer)
 
-    def to_transformer_lens(self, name: str | None = None, copy: bool = True):
+    def to_transformer_lens(self, name: str | None = None, copy: bool = True, verify: bool = True):
         """A TransformerLens ``TransformerBridge`` over this model's weights.
 
         The bridge replaces the model's modules with its own wrappers and leaves hooks on its norms, so by
         default it gets a copy of the model (as much memory again) and ``self`` stays as it was: bit-identical
         forwards, no hooks left. ``copy=False`` hands over this very model instead (no second copy; ``self``
         should then be used through the bridge only).
+
+        Some of the bridge's wrappers compute their own forward, and for some families another one
+        (DeepSeek-V3: the zoo model's logits off by 0.35 of 0.99, from the first layer on), so the bridge is checked
+        on a few tokens against the model's own logits and refused when they differ by more than 1e-3 of the
+        logits' scale (float reordering gives ~1e-6); ``verify=False`` hands it over unchecked.
 
         TransformerLens prepends a BOS token by default and Hugging Face (and SmolLM2's tokenizer)
         does not: pass ``prepend_bos=False`` to the bridge's calls to get the same numbers.
@@ -111,10 +116,29 @@ class LoadedModel:
 
         from transformer_lens.model_bridge import TransformerBridge
 
+        probe = self.tokenizer(VERIFY_TEXT, return_tensors="pt").input_ids[:, : self.context_length or None]
+        probe = probe.to(self.device)
+        if verify:
+            with torch.no_grad():
+                want = self.model(probe).logits
         model = _copy.deepcopy(self.model) if copy else self.model
         model.config.architectures = [type(model).__name__]
-        return TransformerBridge.boot_transformers(name or self.spec, hf_model=model, tokenizer=self.tokenizer,
-                                                   device=str(self.device))
+        bridge = TransformerBridge.boot_transformers(name or self.spec, hf_model=model, tokenizer=self.tokenizer,
+                                                    device=str(self.device))
+        if verify:
+            with torch.no_grad():
+                got = bridge(probe)
+            diff, scale = float((got.float() - want.float()).abs().max()), float(want.float().abs().max())
+            if not diff <= 1e-3 * max(scale, 1.0):  # NaN fails too
+                raise WorkbenchError(
+                    f"TransformerLens's bridge computes other logits than {self.spec} ({type(self.model).__name__}): "
+                    f"max |difference| {diff:.3g} on logits up to {scale:.3g} over {probe.shape[1]} tokens; use "
+                    "lm.to_nnsight() or the workbench's hooks, or to_transformer_lens(verify=False) to take it anyway")
+        return bridge
+
+
+# What to_transformer_lens runs through the model and the bridge to compare their logits.
+VERIFY_TEXT = "The capital of France is Paris, and the capital of Italy is"
 
 
 def expand_series(spec: str) -> list[str]:
