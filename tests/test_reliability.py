@@ -137,6 +137,20 @@ def test_checkpoint_restores_every_stateful_object(tmp_path):
     with pytest.warns(UserWarning, match="different run"):
         other = profile(lm, prompts, ProfileOptions(batch_size=3), progress=False, checkpoint=ck)
     assert other["run"]["resumed_at_batch"] is None
+    # and so is one of other weights under the same spec (another checkpoint copied to the same path, a planted
+    # row): it was resumed, mixing two models' statistics in one profile.json
+    with pytest.raises(Stop):
+        Checkpoint.save = save_then_die
+        try:
+            profile(lm, prompts, opts, progress=False, checkpoint=ck)
+        finally:
+            Checkpoint.save = real_save
+    experts = lm.adapter.experts(lm.adapter.decoder_layers(lm.model)[1])
+    with torch.no_grad():
+        experts.down_proj[3][5] *= 300.0
+    with pytest.warns(UserWarning, match="model or its weights"):
+        planted = profile(lm, prompts, opts, progress=False, checkpoint=ck)
+    assert planted["run"]["resumed_at_batch"] is None
 
 
 def test_state_dicts_of_sink_meter_and_change_rate():

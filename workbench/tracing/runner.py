@@ -380,7 +380,8 @@ def trace(
     first = mine.start
     fp = None
     if checkpoint is not None:
-        fp = state.fingerprint(spec=lm.spec, model=type(lm.model).__name__, token_ids=token_ids, lengths=lengths,
+        fp = state.fingerprint(spec=lm.spec, model=type(lm.model).__name__, weights=state.weights_signature(lm.model),
+                               token_ids=token_ids, lengths=lengths,
                                batch_size=batch_size, objects=list(objs), shard=shard and (shard.rank, shard.world),
                                tag=checkpoint.tag, **({} if in_order else {"batches": order}))
         got = checkpoint.load(fp)

@@ -140,6 +140,19 @@ def outside_inference(objs: Iterable[Any], model: torch.nn.Module | None = None)
                             x.clone(), requires_grad=x.requires_grad)
 
 
+def weights_signature(model: torch.nn.Module) -> list:
+    """What tells one model's weights from another's: each parameter's and buffer's name, shape, dtype and float64
+    sum (12 digits: the same on the same machine, and any real change, a row scaled or another checkpoint at the
+    same path, moves it). Costs one read of the weights (~0.1 s per GB); meta tensors (layer streaming) count by
+    name and shape only."""
+    out = []
+    with torch.no_grad():
+        for name, t in (*model.named_parameters(), *model.named_buffers()):
+            total = "meta" if t.is_meta else f"{float(t.detach().sum(dtype=torch.float64)):.12g}"
+            out.append([name, list(t.shape), str(t.dtype), total])
+    return out
+
+
 def fingerprint(**parts: Any) -> str:
     """A short hash of what defines a run (model, token ids, batching, sites, options)."""
     h = hashlib.sha256()
@@ -183,8 +196,8 @@ class Checkpoint:
                           stacklevel=2)
             return None
         if meta.get("format") != FORMAT or meta.get("fingerprint") != fp:
-            warnings.warn(f"ignoring checkpoint {self.path}: it belongs to a different run (model, prompts or "
-                          "options changed); starting over", stacklevel=2)
+            warnings.warn(f"ignoring checkpoint {self.path}: it belongs to a different run (model or its weights, "
+                          "prompts or options changed); starting over", stacklevel=2)
             return None
         return int(meta["cursor"]), flat
 
