@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 
 from workbench.args import COUNT
 from workbench.errors import WorkbenchError
-from workbench.io import write_json
+from workbench.io import output_file, write_json
 from workbench.kernels.channel_stats import ChannelStats, channel_stats, merge_channel_stats
 from workbench.kernels.dispatch import FLOAT_DTYPES, backend_for
 from workbench.kernels.log_histogram import log_histogram, merge_log_histograms
 from workbench.kernels.token_absmax import token_absmax
-from workbench.tracing.dump import read_site
+from workbench.tracing.dump import FORMAT as DUMP_FORMAT, read_site
+from workbench.tracing.sites import Site
 
 
 def _read_index(dump_dir: Path) -> dict:
@@ -46,6 +47,16 @@ def _read_index(dump_dir: Path) -> dict:
         raise WorkbenchError(f"{path} has no valid 'sites' table (expected {{site: [shard paths]}})")
     if not sites:
         raise WorkbenchError(f"{path} lists no sites: the dump holds nothing to reduce")
+    if index.get("format") != DUMP_FORMAT:
+        raise WorkbenchError(f"{path}: format {index.get('format')!r}, not {DUMP_FORMAT!r} (what `trace --dump` writes)")
+    n = index.get("num_tokens")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise WorkbenchError(f"{path}: 'num_tokens' must be a count of tokens, got {n!r}")
+    for key in sites:
+        try:
+            Site.from_key(key)
+        except (WorkbenchError, ValueError):
+            raise WorkbenchError(f"{path}: {key!r} is not a site key (e.g. L0.resid_post, L1.expert.E3)") from None
     root = dump_dir.resolve()
     for key, names in sites.items():  # shards live inside the dump: an edited index cannot point elsewhere
         for name in names:
@@ -74,8 +85,9 @@ def _top_rows(vals, toks, chans, top: int):
 
 
 class _SiteState:
-    def __init__(self, top: int, bins: int, lo: float, hi: float, backend: str | None):
+    def __init__(self, top: int, bins: int, lo: float, hi: float, backend: str | None, num_tokens: int):
         self.top, self.bins, self.lo, self.hi, self.backend = top, bins, lo, hi, backend
+        self.num_tokens = num_tokens
         self.stats: ChannelStats | None = None
         self.hist = None
         self.rows, self.shards, self.channels = 0, 0, None
@@ -96,6 +108,9 @@ class _SiteState:
         self.channels, self.shards, self.rows = values.shape[1], self.shards + 1, self.rows + values.shape[0]
         if values.shape[0] == 0:  # e.g. an expert no token was routed to in that batch
             return
+        if not bool(((tokens >= 0) & (tokens < self.num_tokens)).all()):  # a shard of another dump
+            raise WorkbenchError(f"site {key}: a shard holds tokens outside the dump's 0..{self.num_tokens - 1} (tokens "
+                                 f"{int(tokens.min())}..{int(tokens.max())}): it belongs to another dump")
         values, tokens = values.to(device), tokens.to(device, torch.int64)
         if tokens.numel() > 1 and not bool((tokens[1:] > tokens[:-1]).all()):
             order = torch.argsort(tokens, stable=True)  # rows in token order: smallest row == smallest token
@@ -155,7 +170,7 @@ def reduce_dump(dump_dir: str | Path, out_path: str | Path, progress: bool = Tru
                disable=not progress, file=sys.stderr, leave=False)
     results = {}
     for key in sorted(sites):
-        state = _SiteState(top, bins, lo, hi, backend)
+        state = _SiteState(top, bins, lo, hi, backend, index["num_tokens"])
         for values, tokens in _shards(dump_dir, key):
             state.update(key, values, tokens, dev)
             bar.update(1)
@@ -173,6 +188,7 @@ def cmd_reduce(args) -> int:
     from workbench.models.specs import resolve_device
 
     device = resolve_device(args.device) if args.device is not None else None  # one-line error for a bad name
+    output_file(args.out)  # before reducing every shard
     summary = reduce_dump(args.dump_dir, args.out, progress=not args.quiet, top=args.top, device=device)
     rows = sum(s["rows"] for s in summary["sites"].values())
     print(f"reduced {len(summary['sites'])} sites ({rows} rows) of {args.dump_dir} with the {summary['backend']} "

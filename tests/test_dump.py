@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import PROMPTS
+from helpers import PROMPTS, one_error
 from workbench.models.specs import load
 from workbench.tracing.dump import DumpWriter, read_site
 from workbench.tracing.reducers import AbsMax, Payload
@@ -87,3 +87,49 @@ def test_a_rerun_into_a_dump_folder_never_mixes_two_dumps(tmp_path):
     assert not (tmp_path / "d" / "L0.resid_post").exists()
     assert sorted(p.name for p in (tmp_path / "d" / "L1.resid_post").iterdir()) == ["shard-00000.safetensors"]
     assert sum(v.shape[0] for v, _ in read_site(tmp_path / "d", resid[1])) == r.num_tokens
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(run, tmp_path, monkeypatch):
+    """A sweep's `trace --out` into a folder holding a trace.json folder (or /proc) ran the whole pass and wrote a
+    complete dump before failing; `--dump FILE` was an internal error; `reduce --out` was checked after every shard
+    was reduced, and a dump into a folder with another tool's index.json deleted it."""
+    import workbench.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before the outputs were checked"))
+    (tmp_path / "o" / "trace.json").mkdir(parents=True)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "index.json").write_text('{"pages": 3}')
+    for argv, needle in [
+        (["--out", tmp_path / "o"], f"cannot write {tmp_path / 'o' / 'trace.json'}: a folder of that name is there"),
+        (["--out", tmp_path / "new", "--dump", tmp_path / "afile"], f"--dump {tmp_path / 'afile'} exists and is not a"),
+        (["--out", tmp_path / "new", "--dump", tmp_path / "afile" / "d"], "afile is not a directory"),
+        (["--out", tmp_path / "new", "--dump", tmp_path / "other"], "holds an index.json that is not a dump's"),
+        (["--out", "/proc/wb-out"], "cannot write to /proc/wb-out: /proc takes no file"),
+    ]:
+        code, _, err = run("trace", "zoo:olmoe", "--text", "hello", "--quiet", *argv)
+        one_error(code, err, needle)
+    assert (tmp_path / "other" / "index.json").read_text() == '{"pages": 3}' and not (tmp_path / "new").exists()
+    import sys
+
+    rd = sys.modules["workbench.kernels.reduce_dump"]  # (the package exports the function under the module's name)
+    monkeypatch.setattr(rd, "reduce_dump", lambda *a, **k: pytest.fail("reduced before the output was checked"))
+    for out, needle in [(tmp_path / "afile" / "x.json", f"--out {tmp_path / 'afile' / 'x.json'}: {tmp_path / 'afile'}"
+                                                         " exists and is not a directory"),
+                        (tmp_path / "o", f"--out {tmp_path / 'o'} is a directory; give the file to write"),
+                        ("/proc/x.json", "cannot write to /proc: /proc takes no file")]:
+        code, _, err = run("reduce", tmp_path / "whatever", "--quiet", "--out", out)
+        one_error(code, err, needle)
+
+
+@pytest.mark.parametrize("env,needle", [({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE='abc' is not an"),
+                                        ({"WORLD_SIZE": "2", "RANK": "0", "WORKBENCH_DIST_TIMEOUT": "abc"},
+                                         "WORKBENCH_DIST_TIMEOUT='abc' is not an integer"),
+                                        ({"WORLD_SIZE": "2", "RANK": "5"}, "rank 5 outside a world of 2")])
+def test_distributed_environment_values_are_checked_before_joining(run, tmp_path, monkeypatch, env, needle):
+    """They were internal errors (ValueError), and a rank outside the world waited for the others until the
+    rendezvous timed out, then printed torch's C++ stack."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    code, _, err = run("profile", "zoo:olmoe", "--text", "hi", "--no-plots", "--quiet", "--out", tmp_path / "o")
+    one_error(code, err, needle)

@@ -7,6 +7,7 @@ The kernels are jitted on their first launch (``dispatch.triton_jit``), so setti
 
 import importlib
 import json
+import re
 import math
 import os
 import subprocess
@@ -434,19 +435,40 @@ def test_reduce_dump_errors(traced_dump, tmp_path):
     (tmp_path / "empty" / "index.json").write_text("{not json")
     with pytest.raises(WorkbenchError, match="cannot read"):
         reduce_dump(tmp_path / "empty", tmp_path / "s.json", progress=False)
-    (tmp_path / "empty" / "index.json").write_text(json.dumps({"sites": {"L1.resid_post": ["missing.safetensors"]}}))
+    head = {"format": "workbench-dump-1", "num_tokens": 1}
+    (tmp_path / "empty" / "index.json").write_text(json.dumps({**head, "sites": {"L1.resid_post": ["missing.safetensors"]}}))
     with pytest.raises(WorkbenchError, match="cannot read a shard of site L1.resid_post") as e:
         reduce_dump(tmp_path / "empty", tmp_path / "s.json", progress=False)
     assert "\n" not in str(e.value) and not (tmp_path / "s.json").exists()
     (tmp_path / "outside.safetensors").write_bytes(b"")  # an edited index pointing out of the dump is refused
     for shard in ("../outside.safetensors", str(tmp_path / "outside.safetensors")):
-        (tmp_path / "empty" / "index.json").write_text(json.dumps({"sites": {"L1.resid_post": [shard]}}))
+        (tmp_path / "empty" / "index.json").write_text(json.dumps({**head, "sites": {"L1.resid_post": [shard]}}))
         with pytest.raises(WorkbenchError, match="lists a shard outside the dump folder"):
             reduce_dump(tmp_path / "empty", tmp_path / "s.json", progress=False)
     (tmp_path / "empty" / "index.json").write_text(json.dumps({"format": "workbench-dump-1", "sites": {}}))
     with pytest.raises(WorkbenchError, match="lists no sites"):
         reduce_dump(tmp_path / "empty", tmp_path / "s.json", progress=False)
     assert not (tmp_path / "s.json").exists()
+
+
+def test_reduce_refuses_an_index_or_shard_that_is_not_this_dumps(traced_dump, tmp_path):
+    """An edited or mixed dump was reduced without a word: another format, a key that is no site, a shard copied
+    in from another dump (a sweep's run: 196 rows of a 1-token dump, its peak at token 166)."""
+    import shutil
+
+    d, _, _ = traced_dump
+    index = json.loads((d / "index.json").read_text())
+    key = sorted(index["sites"])[0]
+    for change, needle in [({"format": "other-9"}, "format 'other-9', not 'workbench-dump-1'"),
+                           ({"num_tokens": "7"}, "'num_tokens' must be a count of tokens"),
+                           ({"sites": {**index["sites"], "bogus site": []}}, "'bogus site' is not a site key"),
+                           ({"num_tokens": 3}, f"site {key}: a shard holds tokens outside the dump's 0..2")]:
+        shutil.rmtree(tmp_path / "d", ignore_errors=True)
+        shutil.copytree(d, tmp_path / "d")
+        (tmp_path / "d" / "index.json").write_text(json.dumps({**index, **change}))
+        with pytest.raises(WorkbenchError, match=re.escape(needle)):
+            reduce_dump(tmp_path / "d", tmp_path / "s.json", progress=False)
+        assert not (tmp_path / "s.json").exists()
 
 
 def test_reduce_subcommand(traced_dump, tmp_path, capsys):

@@ -105,7 +105,9 @@ def cmd_trace(args) -> int:
     for c in args.components:
         if c not in {x.value for x in Component}:
             raise WorkbenchError(f"unknown component {c!r}; known: {', '.join(x.value for x in Component)}")
-    out = output_dir(args.out)
+    out = output_dir(args.out, files=["trace.json"])
+    if args.dump:
+        _check_dump_dir(args.dump)
     lm = _load(args)
     sites = all_sites(lm.adapter, lm.model, args.components, args.layers)
     for comp in ("q", "k", "v"):  # layers whose Q/K/V cannot be read are left out; none at all says why
@@ -138,6 +140,24 @@ def cmd_trace(args) -> int:
     if args.dump:
         print(f"wrote dump {Path(args.dump) / 'index.json'}")
     return 0
+
+
+def _check_dump_dir(path: str) -> None:
+    """``--dump DIR`` before any work: a folder that is writable and, if it has an index.json, an earlier dump's (a
+    dump replaces its index)."""
+    import json
+
+    from workbench.tracing.dump import FORMAT as DUMP_FORMAT
+
+    index = output_dir(path, "--dump") / "index.json"
+    if index.is_file():
+        try:
+            fmt = json.loads(index.read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        if fmt != DUMP_FORMAT:
+            raise WorkbenchError(f"--dump {path} holds an index.json that is not a dump's: give an empty or new folder "
+                                 "(a dump replaces its index.json)")
 
 
 def cmd_profile(args) -> int:
@@ -510,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and args.command != "profile":
+        from workbench.distributed import env_int
+
+        if env_int("WORLD_SIZE", 1) > 1 and args.command != "profile":
             raise WorkbenchError(f"only `workbench profile` runs under torchrun (several ranks), not {args.command}")
         return args.func(args)
     except WorkbenchError as e:

@@ -67,6 +67,20 @@ class Shard:
         return bool(box[0])
 
 
+def env_int(name: str, default: int, low: int = 0) -> int:
+    """The integer environment variable ``name`` (``default`` when unset or empty), at least ``low``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise WorkbenchError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value < low:
+        raise WorkbenchError(f"environment variable {name}={value} must be at least {low}")
+    return value
+
+
 def from_env(device: str = "cpu") -> tuple[Shard | None, str]:
     """Join the process group torchrun describes, if any; return ``(shard, this rank's device)``.
 
@@ -74,15 +88,17 @@ def from_env(device: str = "cpu") -> tuple[Shard | None, str]:
     CPU runs use gloo; CUDA runs use NCCL for the default group, one GPU per local rank, and a gloo
     group for gathering reducer state (which lives on the CPU).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = env_int("WORLD_SIZE", 1)
     if world <= 1:
         return None, device
     import torch.distributed as dist
 
-    try:
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
-    except (KeyError, ValueError):
-        raise WorkbenchError("WORLD_SIZE is set but RANK is not: start distributed runs with torchrun") from None
+    if "RANK" not in os.environ:
+        raise WorkbenchError("WORLD_SIZE is set but RANK is not: start distributed runs with torchrun")
+    rank = env_int("RANK", 0)
+    local = env_int("LOCAL_RANK", rank)
+    Shard(rank, world)  # a rank outside the world, before waiting for the others
+    timeout = timedelta(seconds=env_int("WORKBENCH_DIST_TIMEOUT", 1800, low=1))
     cuda = device.startswith("cuda")
     if cuda:
         if torch.cuda.device_count() <= local:
@@ -90,7 +106,6 @@ def from_env(device: str = "cpu") -> tuple[Shard | None, str]:
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        timeout = timedelta(seconds=int(os.environ.get("WORKBENCH_DIST_TIMEOUT", "1800")))
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
     group = dist.new_group(backend="gloo") if cuda else None
     return Shard(rank, world, group), device

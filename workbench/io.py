@@ -102,15 +102,16 @@ def round_floats(obj: Any) -> Any:
     return obj
 
 
-def output_dir(path: str | os.PathLike) -> Path:
-    """An output folder argument, checked before any model work and without creating anything.
+def output_dir(path: str | os.PathLike, flag: str = "--out", files: Iterable[str] = ()) -> Path:
+    """An output folder argument (given as ``flag``), checked before any model work and without leaving anything.
 
-    Refused: a path that exists as a file, one below a file, or one whose nearest existing folder
-    is not writable.
+    Refused: a path that exists as a file, one below a file, one whose nearest existing folder is not
+    writable (or refuses a file there: root passes every permission check, and some file systems take no file
+    whatever the permissions say), and one holding a folder where an output file of ``files`` goes.
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"--out {out} exists and is not a directory")
+        raise WorkbenchError(f"{flag} {out} exists and is not a directory")
     base = out.absolute()
     while not base.exists() and base != base.parent:
         base = base.parent
@@ -118,6 +119,25 @@ def output_dir(path: str | os.PathLike) -> Path:
         raise WorkbenchError(f"cannot write to {out}: {base} is not a directory")
     if not os.access(base, os.W_OK | os.X_OK):
         raise WorkbenchError(f"cannot write to {out}: {base} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=base):  # unnamed where the OS allows: nothing is left behind
+            pass
+    except OSError as e:
+        raise WorkbenchError(f"cannot write to {out}: {base} takes no file ({e.strerror})") from None
+    for name in files:
+        if (out / name).is_dir():
+            raise WorkbenchError(f"cannot write {out / name}: a folder of that name is there")
+    return out
+
+
+def output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output file argument, checked as :func:`output_dir` checks its folder, before any work."""
+    out = Path(path)
+    if out.is_dir():
+        raise WorkbenchError(f"{flag} {out} is a directory; give the file to write, e.g. {out / 'stats.json'}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise WorkbenchError(f"{flag} {out}: {out.parent} exists and is not a directory")
+    output_dir(out.parent, flag)
     return out
 
 

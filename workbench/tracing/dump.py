@@ -23,6 +23,9 @@ from workbench.tracing.reducers import Payload
 from workbench.tracing.sites import Site
 
 
+FORMAT = "workbench-dump-1"  # index.json's "format"
+
+
 class _SiteSink:
     def __init__(self, writer: "DumpWriter", site: Site):
         self.writer, self.site = writer, site
@@ -75,7 +78,7 @@ class DumpWriter:
             self._flush(site)
         save_safetensors(self.dir / "tokens.safetensors",
                          {"prompt": token_prompt.contiguous(), "position": token_position.contiguous()})
-        index = {"format": "workbench-dump-1", "sites": {s.key: self._shards[s] for s in sorted(self._shards)},
+        index = {"format": FORMAT, "sites": {s.key: self._shards[s] for s in sorted(self._shards)},
                  "tokens": "tokens.safetensors", **meta}
         path = write_json(self.dir / "index.json", index)
         mine = {n for names in self._shards.values() for n in names}
