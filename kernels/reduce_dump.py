@@ -48,7 +48,8 @@ def _read_index(dump_dir: Path) -> dict:
     if not sites:
         raise WorkbenchError(f"{path} lists no sites: the dump holds nothing to reduce")
     if index.get("format") != DUMP_FORMAT:
-        raise WorkbenchError(f"{path}: format {index.get('format')!r}, not {DUMP_FORMAT!r} (what `trace --dump` writes)")
+        raise WorkbenchError(f"{path}: format {index.get('format')!r}, not {DUMP_FORMAT!r} (what `trace --dump` "
+                             "writes)")
     n = index.get("num_tokens")
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise WorkbenchError(f"{path}: 'num_tokens' must be a count of tokens, got {n!r}")
@@ -109,8 +110,8 @@ class _SiteState:
         if values.shape[0] == 0:  # e.g. an expert no token was routed to in that batch
             return
         if not bool(((tokens >= 0) & (tokens < self.num_tokens)).all()):  # a shard of another dump
-            raise WorkbenchError(f"site {key}: a shard holds tokens outside the dump's 0..{self.num_tokens - 1} (tokens "
-                                 f"{int(tokens.min())}..{int(tokens.max())}): it belongs to another dump")
+            raise WorkbenchError(f"site {key}: a shard holds tokens outside the dump's 0..{self.num_tokens - 1} "
+                                 f"(tokens {int(tokens.min())}..{int(tokens.max())}): it belongs to another dump")
         values, tokens = values.to(device), tokens.to(device, torch.int64)
         if tokens.numel() > 1 and not bool((tokens[1:] > tokens[:-1]).all()):
             order = torch.argsort(tokens, stable=True)  # rows in token order: smallest row == smallest token

@@ -95,7 +95,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(run, tmp_pat
     was reduced, and a dump into a folder with another tool's index.json deleted it."""
     import workbench.cli as cli
 
-    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before the outputs were checked"))
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before the outputs were "
+                                                                  "checked"))
     (tmp_path / "o" / "trace.json").mkdir(parents=True)
     (tmp_path / "afile").write_text("x")
     (tmp_path / "other").mkdir()

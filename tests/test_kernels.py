@@ -436,7 +436,8 @@ def test_reduce_dump_errors(traced_dump, tmp_path):
     with pytest.raises(WorkbenchError, match="cannot read"):
         reduce_dump(tmp_path / "empty", tmp_path / "s.json", progress=False)
     head = {"format": "workbench-dump-1", "num_tokens": 1}
-    (tmp_path / "empty" / "index.json").write_text(json.dumps({**head, "sites": {"L1.resid_post": ["missing.safetensors"]}}))
+    missing = {**head, "sites": {"L1.resid_post": ["missing.safetensors"]}}
+    (tmp_path / "empty" / "index.json").write_text(json.dumps(missing))
     with pytest.raises(WorkbenchError, match="cannot read a shard of site L1.resid_post") as e:
         reduce_dump(tmp_path / "empty", tmp_path / "s.json", progress=False)
     assert "\n" not in str(e.value) and not (tmp_path / "s.json").exists()
