@@ -96,3 +96,20 @@ def test_profile_alone_runs_under_torchrun(monkeypatch, capsys, tmp_path):
     assert "error: WORLD_SIZE is set but RANK is not" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert torch.distributed.is_available()
+
+
+def test_checkpoints_of_another_rank_count_go_when_the_outputs_are_written(run, tmp_path):
+    """A killed 2-rank run's checkpoints stayed beside the outputs of a single-process rerun (and the other way
+    round), and so did a checkpoint when the rerun had checkpoints off."""
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ("profile.checkpoint.rank0of2.safetensors", "profile.checkpoint.rank1of2.safetensors"):
+        (out / name).write_bytes(b"x")
+    code, _, err = run("profile", "zoo:olmoe", "--text", "hello there", "--no-plots", "--quiet", "--out", out)
+    assert code == 0, err
+    assert "removed 2 checkpoint file(s) of an earlier run (profile.checkpoint.rank0of2.safetensors, " in err
+    assert not list(out.glob("profile.checkpoint*"))
+    (out / "profile.checkpoint.safetensors").write_bytes(b"x")
+    code, _, err = run("profile", "zoo:olmoe", "--text", "hello there", "--no-plots", "--quiet", "--checkpoint-every",
+                       "0", "--out", out)
+    assert code == 0 and not list(out.glob("profile.checkpoint*")), err

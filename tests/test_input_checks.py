@@ -105,6 +105,11 @@ def test_trace_names_what_a_dense_model_lacks_and_an_empty_reducer_list(run, tmp
     code, _, err = run("trace", "zoo:mixtral", "--text", "hi", "--components", "shared_expert", "--out",
                        tmp_path / "o")
     one_error(code, err, "no shared_expert sites", "no shared expert")
+    for layers, said in (("1,3", "layers 1,3 of zoo:qwen3-moe have no shared expert"),
+                         ("2", "layer 2 of zoo:qwen3-moe has no shared expert")):
+        code, _, err = run("trace", "zoo:qwen3-moe", "--text", "hi", "--components", "shared_expert,router",
+                           "--layers", layers, "--quiet", "--out", tmp_path / "o3")
+        assert code == 0 and f"warning: no shared_expert sites: {said}" in err, err
     code, _, err = run("trace", "zoo:qwen2-moe", "--text", "hi", "--reducers", "", "--out", tmp_path / "o")
     one_error(code, err, "--reducers names no reducer")
     assert not (tmp_path / "o").exists()

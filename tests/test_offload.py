@@ -17,6 +17,7 @@ from workbench.io import dumps_json
 from workbench.models.offload import load_streamed
 from workbench.models.specs import load
 from workbench.tracing.runner import trace
+from workbench.tracing.state import Checkpoint
 from workbench.tracing.sites import all_sites
 
 SPECS = ["zoo:qwen2-moe", "zoo:qwen3-moe", "zoo:olmoe", "zoo:mixtral", "zoo:deepseek-v3", "zoo:tiny-moe"]
@@ -102,6 +103,14 @@ def test_offload_errors(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(d)
     with pytest.raises(WorkbenchError, match="does not support gpt2"):
         load_streamed(str(d))
+    # each refusal names what applies: trace has no checkpoints, and the README's table lists both
+    _, d = saved(tmp_path, "zoo:olmoe")
+    lm = load_streamed(str(d))
+    with pytest.raises(WorkbenchError, match=r"^--offload layers does not combine with --dump \(a streamed pass"):
+        trace(lm, PROMPTS, all_sites(lm.adapter, lm.model, ["resid_post"]), ["absmax"], dump_dir=tmp_path / "dump")
+    with pytest.raises(WorkbenchError, match=r"^--offload layers runs without checkpoints \(a streamed pass has no"):
+        trace(lm, PROMPTS, all_sites(lm.adapter, lm.model, ["resid_post"]), ["absmax"],
+              checkpoint=Checkpoint(tmp_path / "c.safetensors", 1))
 
 
 def test_offload_cli_writes_the_in_memory_profile(tmp_path):

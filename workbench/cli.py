@@ -116,11 +116,13 @@ def cmd_trace(args) -> int:
 
             layer = (args.layers or [0])[0]
             raise WorkbenchError(f"no {comp} sites: {qkv_unreadable(lm.adapter, lm.model, layer) or 'no layer chosen'}")
-    scope = f"layers {','.join(map(str, args.layers))} of {args.model}" if args.layers else args.model
+    many = args.layers is not None and len(args.layers) > 1
+    scope = (f"layer{'s' if many else ''} {','.join(map(str, args.layers))} of {args.model} "
+             f"{'have' if many else 'has'}") if args.layers else f"{args.model} has"
     dense = all(i.kind != "moe" for i in lm.layer_infos())
     for comp, lacks in (("router", "no MoE layer"), ("experts", "no MoE layer"), ("shared_expert", "no shared expert")):
         if comp in args.components and not any(s.component.value == comp for s in sites):
-            why = f"no {comp} sites: {scope} has {lacks}" + (" (a dense model)" if dense else "")
+            why = f"no {comp} sites: {scope} {lacks}" + (" (a dense model)" if dense else "")
             if not sites:
                 raise WorkbenchError(why)
             print(f"warning: {why}; tracing the other components", file=sys.stderr)  # (one command for many models)
@@ -213,6 +215,16 @@ def cmd_profile(args) -> int:
         ckpt.discard()
     if not main_rank:
         return 0
+    # an earlier run's checkpoints of another layout (other rank count, or checkpoints off now) resume nothing here
+    world = shard.world if shard is not None else 1
+    mine = {f"profile.checkpoint.rank{r}of{world}.safetensors" for r in range(world)} if world > 1 else \
+        {"profile.checkpoint.safetensors"}
+    old = [f for f in out.glob("profile.checkpoint*.safetensors") if not (ckpt is not None and f.name in mine)]
+    for f in old:
+        f.unlink(missing_ok=True)
+    if old:
+        print(f"removed {len(old)} checkpoint file(s) of an earlier run ({', '.join(sorted(f.name for f in old))})",
+              file=sys.stderr)
     m = p["meta"]
     print(f"profiled {m['spec']}: {m['num_tokens']} tokens of {m['num_prompts']} prompts in {m['seconds']:.1f} s")
     if p["super_experts"]:

@@ -348,8 +348,11 @@ def trace(
     if dump_dir is not None and (checkpoint is not None or (shard is not None and shard.world > 1)):
         raise WorkbenchError("--dump cannot be combined with checkpoints or several ranks")
     streamer = lm.meta.get("streamer")  # layer streaming (workbench.models.offload): all batches, one layer at a time
-    if streamer is not None and (checkpoint is not None or dump_dir is not None):
-        raise WorkbenchError("--offload layers runs without checkpoints and without --dump")
+    if streamer is not None and dump_dir is not None:
+        raise WorkbenchError("--offload layers does not combine with --dump (a streamed pass holds every batch of one "
+                             "layer at a time, where a dump writes each batch's sites as it goes)")
+    if streamer is not None and checkpoint is not None:
+        raise WorkbenchError("--offload layers runs without checkpoints (a streamed pass has no batch cursor)")
     factories = {(r if isinstance(r, str) else getattr(r, "__name__", "custom")): (
         reducer_factory(r, lm) if isinstance(r, str) else r) for r in reducers}
     # each reducer at every site it applies to (a factory returns None for the others: expert_counts needs a router)
