@@ -9,6 +9,7 @@ figure. The top of the list is a ready intervention set.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -100,7 +101,25 @@ def rank(pos: dict, neg: dict) -> pd.DataFrame:
 
 
 def top_interventions(df: pd.DataFrame, k: int, op: str = "drop") -> list[Intervention]:
-    return [Intervention(op, (int(r.layer),), expert=int(r.expert)) for r in df.head(k).itertuples()]
+    """The top ``k`` rows of the ranking ``df`` (every routed expert) as ``op`` interventions. ``drop`` leaves each
+    layer one expert to route to (dropping all is refused): a layer's last expert in the top k is left out, said."""
+    rows = df.head(k)
+    if k > len(df):
+        warnings.warn(f"--top {k}: the model has {len(df)} routed experts; the set takes all of them", stacklevel=2)
+    if op == "drop":
+        left = df.groupby("layer").size().to_dict()
+        keep, skipped = [], []
+        for r in rows.itertuples():
+            if left[r.layer] == 1:
+                skipped.append(f"L{r.layer} E{r.expert}")
+                continue
+            left[r.layer] -= 1
+            keep.append(r)
+        if skipped:
+            warnings.warn(f"drop leaves a layer one expert to route to: {', '.join(skipped)} left out of the set "
+                          "(--op zero silences every expert)", stacklevel=2)
+        rows = pd.DataFrame(keep)
+    return [Intervention(op, (int(r.layer),), expert=int(r.expert)) for r in rows.itertuples()]
 
 
 def write(df: pd.DataFrame, out: Path, k: int, op: str) -> list[Path]:
@@ -112,8 +131,9 @@ def write(df: pd.DataFrame, out: Path, k: int, op: str) -> list[Path]:
         df.to_parquet(tmp, index=False)
     with atomic_path(out / "contrast.csv") as tmp:
         df.to_csv(tmp, index=False)
+    ivs = top_interventions(df, k, op)
     study = {"name": "contrast-top-experts", "conditions": [
-        {"name": f"{op} top {k} contrast experts", "interventions": [iv.to_dict() for iv in top_interventions(df, k, op)]}]}
+        {"name": f"{op} top {len(ivs)} contrast experts", "interventions": [iv.to_dict() for iv in ivs]}]}
     write_text(out / "interventions.yaml", yaml.safe_dump(study, sort_keys=False))
     import matplotlib
 

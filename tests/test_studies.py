@@ -232,6 +232,14 @@ def test_contrast_finds_a_planted_behaviour_expert(tmp_path):
     assert top.freq_diff > 5 * df.freq_diff.iloc[1]  # later layers shift a little, far less
     ivs = top_interventions(df, 3)
     assert ivs[0].op == "drop" and ivs[0].layers == (1,) and ivs[0].expert == 6
+    # more than there are: every expert, said; drop keeps one expert per layer (dropping all is refused), said
+    with pytest.warns(UserWarning) as said:
+        every = top_interventions(df, 1000)
+    assert len(every) == len(df) - 4 and {(iv.layers[0]) for iv in every} == {0, 1, 2, 3}  # 4 MoE layers
+    assert "--top 1000: the model has 32 routed experts" in str(said[0].message)
+    assert "drop leaves a layer one expert to route to: " in str(said[1].message)
+    assert len(top_interventions(df, 1000, "zero")) == len(df)
+    Study({"conditions": [{"name": "c", "interventions": [iv.to_dict() for iv in every]}]}).resolve(lm)  # it runs
     # the CLI writes the table and a study that `workbench ablate` accepts
     (tmp_path / "p.txt").write_text("\n".join(positive))
     (tmp_path / "n.txt").write_text("\n".join(negative))
