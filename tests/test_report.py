@@ -81,3 +81,22 @@ def test_an_sae_folder_is_named_as_such(tmp_path):
         (tmp_path / name).write_text("{}")
     with pytest.raises(WorkbenchError, match="holds an SAE .sae train.*which report does not cover"):
         report(tmp_path)
+
+
+def test_the_routing_report_names_its_checkpoints_and_shows_every_measure(tmp_path):
+    """Its table showed a 'middle' checkpoint nobody named (with two checkpoints: the final one, so always 1.000), no
+    change rate and no findings."""
+    layer = {"layer": 0, "num_experts": 8, "top_k": 2, "saturation": [0.3, 0.95, 1.0],
+             "saturation_top1": [0.1, 0.8, 1.0], "change_rate": [None, 0.4, 0.05], "utilization": [0.9, 0.95, 0.97]}
+    (tmp_path / "routing.json").write_text(json.dumps({
+        "checkpoints": ["zoo:tiny-moe@0", "zoo:tiny-moe@100", "zoo:tiny-moe@300"], "final": "zoo:tiny-moe@300",
+        "num_tokens": 1, "num_prompts": 1, "layers": [layer, {**layer, "layer": 1, "saturation": [0.2, 0.5, 1.0]}]}))
+    page = report(tmp_path).read_text()
+    text = re.sub(r"<[^>]+>", "", page)
+    assert "3 checkpoints (final: zoo:tiny-moe@300), 1 token;" in text
+    assert "layer 0: saturation 0.300 at step 0, first 0.9 or more at step 100; top-1 saturation 0.100 -> 0.800; " \
+           "change rate vs the previous checkpoint 0.400 first, 0.050 last; utilization (Jain) 0.900 -> 0.970." in text
+    assert "layer 1: saturation 0.200 at step 0, 0.500 at step 100, below 0.9 until the final one" in text
+    for title in ("Router saturation against the final checkpoint", "Change rate against the previous checkpoint"):
+        assert f"<h2>{title}" in page
+    assert "middle" not in page and "step 300" in text

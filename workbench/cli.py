@@ -339,7 +339,8 @@ def cmd_routing(args) -> int:
     files = write(r, out, plots=not args.no_plots)
     head = f"{'layer':>5}  " + " ".join(f"{(str(s) if s is not None else c):>7}" for c, s in
                                          enumerate(step_of(x) for x in specs))
-    print(f"router saturation (mean |top-k ∩ final top-k| / k) over {r['num_tokens']} tokens, by checkpoint:")
+    print(f"router saturation (mean |top-k ∩ final top-k| / k) over {r['num_tokens']} "
+          f"token{'s' if r['num_tokens'] != 1 else ''}, by checkpoint:")
     print(head)
     for layer in r["layers"]:
         print(f"{layer['layer']:>5}  " + " ".join(f"{v:7.3f}" for v in layer["saturation"]))

@@ -284,14 +284,36 @@ def _circuit(folder: Path) -> str:
 
 
 def _routing(folder: Path) -> str:
+    from workbench.experts.routing import step_of
+
     r = _read_json(folder / "routing.json")
-    rows = [{"layer": l["layer"], "saturation (first)": l["saturation"][0],
-             "saturation (middle)": l["saturation"][len(l["saturation"]) // 2],
-             "top-1 (middle)": l["saturation_top1"][len(l["saturation_top1"]) // 2],
-             "utilization (first)": l["utilization"][0], "utilization (final)": l["utilization"][-1]}
-            for l in r["layers"]]
-    return (f"<p>{len(r['checkpoints'])} checkpoints (final: {_e(r['final'])}), {r['num_tokens']} tokens.</p>"
-            "<h2>Router saturation against the final checkpoint</h2>" + _table(rows))
+    names = [str(c) for c in r["checkpoints"]]
+    steps = [step_of(c) for c in names]
+    labels = [f"step {s}" if s is not None else c for c, s in zip(names, steps)]
+    facts = []
+    for layer in r["layers"]:
+        sat, top1 = layer["saturation"], layer["saturation_top1"]
+        at = next((labels[i] for i, v in enumerate(sat[:-1]) if v is not None and v >= 0.9), None)
+        change = [v for v in layer.get("change_rate", []) if v is not None]
+        before = len(sat) > 2  # a checkpoint between the first and the final one
+        facts.append(f"<b>layer {layer['layer']}</b>: saturation {_num(sat[0])} at {_e(labels[0])}, "
+                     + (f"first 0.9 or more at {_e(at)}" if at else
+                        (f"{_num(sat[-2])} at {_e(labels[-2])}, " if before else "") + "below 0.9 until the final one")
+                     + f"; top-1 saturation {_num(top1[0])}" + (f" -> {_num(top1[-2])}" if before else "")
+                     + (f"; change rate vs the previous checkpoint {_num(change[0])}"
+                        + (f" first, {_num(change[-1])} last" if len(change) > 1 else "") if change else "")
+                     + f"; utilization (Jain) {_num(layer['utilization'][0])} -> {_num(layer['utilization'][-1])}.")
+    tokens = r["num_tokens"]
+    out = [f"<p>{len(names)} checkpoints (final: {_e(str(r['final']))}), {tokens} token{'s' if tokens != 1 else ''}; "
+           "saturation: mean |top-k ∩ final top-k| / k.</p>", "<h2>Findings</h2>", _sentences(facts)]
+    for key, title in (("saturation", "Router saturation against the final checkpoint"),
+                       ("saturation_top1", "Top-1 saturation (share of tokens whose top-1 is the final one's)"),
+                       ("change_rate", "Change rate against the previous checkpoint (1 - top-k overlap)"),
+                       ("utilization", "Expert utilization (Jain's index over routed tokens)")):
+        rows = [{"checkpoint": lab, **{f"layer {l['layer']}": (l.get(key) or [None] * len(names))[i]
+                                       for l in r["layers"]}} for i, lab in enumerate(labels)]
+        out += [f"<h2>{title}</h2>", _table(rows)]
+    return "\n".join(out)
 
 
 def _evolution(folder: Path) -> str:
