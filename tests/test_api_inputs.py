@@ -247,3 +247,29 @@ def test_a_transformer_lens_bridge_that_computes_other_logits_is_refused(lm):
         before = deepseek.model(ids).logits
         assert not torch.allclose(deepseek.to_transformer_lens(verify=False)(ids), before, atol=1e-2)
         assert torch.equal(deepseek.model(ids).logits, before)
+
+
+@pytest.mark.parametrize("model_type,needle", [
+    ("phimoe", None),  # TransformerLens spells it PhiMoEForCausalLM: found
+    ("dbrx", "TransformerLens has no bridge for DbrxForCausalLM (model type dbrx); use lm.to_nnsight()"),
+    ("granitemoehybrid", "TransformerLens cannot bridge "),  # its bridge fails on a forward
+])
+def test_transformer_lens_bridges_of_other_families_work_or_say_why_in_one_line(tmp_path, zoo_tokenizer, model_type,
+                                                                               needle):
+    """phimoe was refused for want of TransformerLens' spelling of its class; dbrx raised TransformerLens' own
+    ValueError listing ~150 architectures; granitemoehybrid an AttributeError from inside the bridge (the adapter's
+    prepared layer answered shared_mlp with the MoE block: the bridge now gets transformers' own modules)."""
+    from workbench.models.families import save_tiny
+
+    lm = load(str(save_tiny(model_type, tmp_path / model_type, zoo_tokenizer)))
+    ids = lm.tokenizer("Leonardo da", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = lm.model(ids).logits
+    if needle is None:
+        lm.to_transformer_lens()  # checked against the model's logits inside
+    else:
+        with pytest.raises(WorkbenchError) as e:
+            lm.to_transformer_lens()
+        assert needle in one_line(e) and len(str(e.value)) < 400
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, before)  # the loaded model (prepared, as the workbench reads it)

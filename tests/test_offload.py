@@ -53,6 +53,19 @@ def test_streamed_profile_equals_in_memory(tmp_path, spec):
     assert all(p.device.type == "meta" for p in streamed.model.parameters())  # every layer freed again
 
 
+@pytest.mark.parametrize("model_type", ["granitemoe", "granitemoeshared", "granitemoehybrid"])
+def test_streamed_granite_equals_in_memory(tmp_path, zoo_tokenizer, model_type):
+    """Each streamed layer after the first took its input through the base model's inputs_embeds, which Granite
+    multiplies by its embedding_multiplier (12): the residual grew 12x per layer (last layer's massive activations
+    1215 against 0.70), silently. Granite-MoE-Shared and -Hybrid, whose layers the adapter prepares, were internal
+    errors (the weight loader found the prepared layer's shared_mlp attribute pointing elsewhere)."""
+    from workbench.models.families import save_tiny
+
+    d = save_tiny(model_type, tmp_path / model_type, zoo_tokenizer)
+    want = profile_json(load(str(d)), PROMPTS)
+    assert_json_close(profile_json(load_streamed(str(d)), PROMPTS), want)
+
+
 def test_streamed_trace_of_every_component_equals_in_memory(tmp_path):
     zoo, d = saved(tmp_path, "zoo:qwen2-moe")  # shared experts too
     assert_clear_routing(zoo, PROMPTS, what="zoo:qwen2-moe")  # each expert sees the same tokens in both runs

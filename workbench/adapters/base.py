@@ -18,6 +18,8 @@ Dense models are adapters too: each layer's MLP is one expert of kind ``"dense"`
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -92,8 +94,26 @@ class Adapter:
         routing inside the block, the experts' weights stored per row) swaps its modules' classes for
         subclasses that keep every parameter (so ``state_dict`` and ``save_pretrained`` are unchanged) and
         compute the same numbers through the contract's calls; the family coverage test checks it
-        (hooked == plain, routing, block rebuilt).
+        (hooked == plain, routing, block rebuilt). Such a subclass sets ``_contract = True`` so that
+        :meth:`unprepare` can undo it.
         """
+
+    def unprepare(self, model: nn.Module) -> None:
+        """Undo :meth:`prepare`, in place: every module of a contract subclass (``_contract``) gets its class back.
+        For code that walks the module tree by attribute and expects transformers' own modules (its weight
+        loader, TransformerLens' bridge): a contract layer may answer an attribute with another module."""
+        for m in model.modules():
+            if type(m).__dict__.get("_contract"):
+                m.__class__ = type(m).__bases__[0]
+
+    @contextlib.contextmanager
+    def unprepared(self, model: nn.Module):
+        """:meth:`unprepare` for the block, :meth:`prepare` after it."""
+        self.unprepare(model)
+        try:
+            yield model
+        finally:
+            self.prepare(model)
 
     # ----- structure -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

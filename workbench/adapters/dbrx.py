@@ -37,18 +37,24 @@ def _classes():
     from transformers.models.dbrx import modeling_dbrx as md
 
     class ContractRouter(md.DbrxRouter):
+        _contract = True
+
         def forward(self, hidden_states):
             logits = super().forward(hidden_states)
             weights, index = dbrx_route(logits, self.top_k, self.moe_normalize_expert_weights)
             return logits, weights, index
 
     class ContractFFN(md.DbrxFFN):
+        _contract = True
+
         def forward(self, hidden_states):
             flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # the experts get [tokens, H], as elsewhere
             _, weights, index = self.router(flat)
             return self.experts(flat, index, weights).view(hidden_states.shape)
 
     class ContractExperts(md.DbrxExperts):
+        _contract = True
+
         is_transposed = False
         has_bias = False
 

@@ -104,6 +104,8 @@ def _granite_classes(model_type: str) -> tuple[type, type]:
         moe_base, layer_base = mg.GraniteMoeHybridMoE, mg.GraniteMoeHybridDecoderLayer
 
     class ContractMoE(moe_base):
+        _contract = True
+
         def forward(self, layer_input):
             out = super().forward(layer_input)
             # the layer's shared MLP, held as a plain attribute (not a child: state_dict unchanged)
@@ -112,11 +114,13 @@ def _granite_classes(model_type: str) -> tuple[type, type]:
 
     if model_type == "granitemoeshared":
         class ContractLayer(layer_base):
+            _contract = True
             # The layer's forward takes its no-shared-MLP path (``if self.shared_mlp is None``); the module
             # stays registered (``_modules``), and the MoE block adds its output, in the same order (moe + shared).
             shared_mlp = property(lambda self: None)
     else:
         class ContractLayer(layer_base):
+            _contract = True
             # The layer's forward takes its no-experts path (``self.shared_mlp(h)``), which reaches the MoE
             # block, and the block adds the shared MLP's output: moe + shared, as the experts path computes it.
             has_experts = property(lambda self: False)

@@ -124,7 +124,8 @@ class LayerStreamer:
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+            with self.adapter.unprepared(self.model):  # the loader finds modules by attribute: transformers' own
+                info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
@@ -193,18 +194,29 @@ class LayerStreamer:
             out.append(output[0] if isinstance(output, (tuple, list)) else output)
             raise _LayerDone
 
+        current: list[torch.Tensor] = []  # the hidden states layer i > 0 takes, as they are
+
+        def feed(mod, args, kwargs):
+            # The base model may change inputs_embeds before its first layer (Granite's embedding_multiplier,
+            # Gemma's sqrt(hidden)): right for the embeddings fed to layer 0, wrong for a later layer's input.
+            if args:
+                return (current[0], *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": current[0]}
+
         for i, layer in enumerate(layers):
             self._load(f"layer{i}", layer, self.layer_prefixes[i])
             setattr(parent, attr, nn.ModuleList([layer if j == i else _Skip() for j in range(len(layers))]))
             handle = layer.register_forward_hook(grab)  # after capture's hooks on the layer: runs last
+            # before capture's pre-hooks, which read the layer's input
+            fed = layer.register_forward_pre_hook(feed, with_kwargs=True, prepend=True) if i else None
             try:
                 with torch.no_grad():
                     for b, mask in enumerate(masks):
                         before_batch(b)
                         out.clear()
+                        current[:] = [hidden[b].to(self.device)]
                         try:
-                            base(inputs_embeds=hidden[b].to(self.device), attention_mask=mask.to(self.device),
-                                 use_cache=False)
+                            base(inputs_embeds=current[0], attention_mask=mask.to(self.device), use_cache=False)
                         except _LayerDone:
                             pass
                         if len(out) != 1:
@@ -214,6 +226,8 @@ class LayerStreamer:
                             progress(i, b)
             finally:
                 handle.remove()
+                if fed is not None:
+                    fed.remove()
                 setattr(parent, attr, layers)
                 self._free(layer)
 

@@ -121,13 +121,22 @@ class LoadedModel:
         if verify:
             with torch.no_grad():
                 want = self.model(probe).logits
+        architecture = _bridge_architecture(self.model)  # before copying: a family it has no bridge for
         model = _copy.deepcopy(self.model) if copy else self.model
-        model.config.architectures = [type(model).__name__]
-        bridge = TransformerBridge.boot_transformers(name or self.spec, hf_model=model, tokenizer=self.tokenizer,
-                                                    device=str(self.device))
+        self.adapter.unprepare(model)  # the bridge wraps transformers' own modules, found by attribute
+        model.config.architectures = [architecture]
+        try:
+            bridge = TransformerBridge.boot_transformers(name or self.spec, hf_model=model, tokenizer=self.tokenizer,
+                                                        device=str(self.device))
+            if verify:
+                with torch.no_grad():
+                    got = bridge(probe)
+        except Exception as e:  # TransformerLens' own errors run to thousands of characters
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise WorkbenchError(f"TransformerLens cannot bridge {self.spec} ({type(model).__name__}): "
+                                 f"{type(e).__name__}: {first[:200]}{'...' if len(first) > 200 else ''}; use "
+                                 "lm.to_nnsight() or the workbench's hooks") from None
         if verify:
-            with torch.no_grad():
-                got = bridge(probe)
             diff, scale = float((got.float() - want.float()).abs().max()), float(want.float().abs().max())
             if not diff <= 1e-3 * max(scale, 1.0):  # NaN fails too
                 raise WorkbenchError(
@@ -135,6 +144,21 @@ class LoadedModel:
                     f"max |difference| {diff:.3g} on logits up to {scale:.3g} over {probe.shape[1]} tokens; use "
                     "lm.to_nnsight() or the workbench's hooks, or to_transformer_lens(verify=False) to take it anyway")
         return bridge
+
+
+def _bridge_architecture(model) -> str:
+    """The architecture name TransformerLens knows ``model`` by: its class name, or the registry's spelling of it
+    (``PhiMoEForCausalLM`` for transformers' ``PhimoeForCausalLM``); a one-line error when it has none."""
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    name = type(model).__name__
+    if name in SUPPORTED_ARCHITECTURES:
+        return name
+    same = [a for a in SUPPORTED_ARCHITECTURES if a.lower() == name.lower()]
+    if same:
+        return same[0]
+    raise WorkbenchError(f"TransformerLens has no bridge for {name} (model type "
+                         f"{getattr(model.config, 'model_type', '?')}); use lm.to_nnsight() or the workbench's hooks")
 
 
 # What to_transformer_lens runs through the model and the bridge to compare their logits.
