@@ -93,6 +93,14 @@ def test_trace_applies_expert_counts_to_the_router_sites_only(run, tmp_path):
     code, _, err = run("trace", "zoo:qwen2-moe", "--text", "hi", "--components", "expert", "--reducers",
                        "expert_counts", "--out", tmp_path / "t2")
     one_error(code, err, "expert_counts applies to none of the selected sites", "--components router")
+    # where adding the router cannot help, the hint says why (it told a dense model's user to add it)
+    for argv, why in ((["smollm2-135m", "--components", "resid_pre,router"], "the model is dense"),
+                      (["zoo:deepseek-v3", "--components", "resid_pre,router", "--layers", "0"],
+                       "the selected layers have none: dense layers")):
+        code, _, err = run("trace", *argv, "--text", "hi", "--reducers", "absmax,expert_counts", "--quiet", "--out",
+                           tmp_path / "t3")
+        one_error(code, err, "expert_counts applies to none of the selected sites (it needs a router site", why)
+        assert "add --components" not in err
     assert not (tmp_path / "t2").exists()
 
 
@@ -105,6 +113,9 @@ def test_trace_names_what_a_dense_model_lacks_and_an_empty_reducer_list(run, tmp
     code, _, err = run("trace", "zoo:mixtral", "--text", "hi", "--components", "shared_expert", "--out",
                        tmp_path / "o")
     one_error(code, err, "no shared_expert sites", "no shared expert")
+    code, _, err = run("trace", "zoo:deepseek-v3", "--text", "hi", "--components", "router", "--layers", "0", "--out",
+                       tmp_path / "o")  # the model has MoE layers; this one is dense
+    one_error(code, err, "no router sites: layer 0 of zoo:deepseek-v3 has no MoE block (dense)")
     for layers, said in (("1,3", "layers 1,3 of zoo:qwen3-moe have no shared expert"),
                          ("2", "layer 2 of zoo:qwen3-moe has no shared expert")):
         code, _, err = run("trace", "zoo:qwen3-moe", "--text", "hi", "--components", "shared_expert,router",
@@ -312,3 +323,15 @@ def test_check_judges_the_study_kl_to_float_rounding(monkeypatch, kl, ok):
     monkeypatch.setattr(studies.Study, "run", lambda *a, **k: pd.DataFrame(rows, columns=["condition", "metric", "mean"]))
     (check,) = _study(load("zoo:qwen2-moe"), None)
     assert check.ok is ok, check
+
+
+def test_profile_says_over_how_many_layers_the_sink_share_is(run, tmp_path, zoo_tokenizer):
+    """Jamba's Mamba layers were called "linear-attention layers" in the summary line, beside a mean over the
+    others that did not say it was one."""
+    from workbench.models.families import save_tiny
+
+    d = save_tiny("jamba", tmp_path / "jamba", zoo_tokenizer)
+    code, out, err = run("profile", d, "--text", "The capital of France is Paris.", "--no-plots", "--quiet", "--out",
+                         tmp_path / "p")
+    assert code == 0, err
+    assert "(over 2 of 4 layers: 2 have no softmax attention)" in out and "linear-attention" not in out

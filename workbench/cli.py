@@ -120,7 +120,8 @@ def cmd_trace(args) -> int:
     scope = (f"layer{'s' if many else ''} {','.join(map(str, args.layers))} of {args.model} "
              f"{'have' if many else 'has'}") if args.layers else f"{args.model} has"
     dense = all(i.kind != "moe" for i in lm.layer_infos())
-    for comp, lacks in (("router", "no MoE layer"), ("experts", "no MoE layer"), ("shared_expert", "no shared expert")):
+    no_moe = "no MoE layer" if not args.layers else "no MoE block (dense)"
+    for comp, lacks in (("router", no_moe), ("experts", no_moe), ("shared_expert", "no shared expert")):
         if comp in args.components and not any(s.component.value == comp for s in sites):
             why = f"no {comp} sites: {scope} {lacks}" + (" (a dense model)" if dense else "")
             if not sites:
@@ -257,8 +258,8 @@ def cmd_profile(args) -> int:
         else:
             l, h = np.unravel_index(np.nanargmax(share), share.shape)
             print(f"attention sinks: mean share on position 0 {np.nanmean(share):.2f}; strongest head L{l}.H{h} "
-                  f"{share[l, h]:.2f}" + (f" ({len(skipped)} linear-attention layers have no attention probabilities)"
-                                          if skipped else ""))
+                  f"{share[l, h]:.2f}" + (f" (over {len(share) - len(skipped)} of {len(share)} layers: "
+                                          f"{len(skipped)} have no softmax attention)" if skipped else ""))
     qk = p.get("qk_values")
     if qk and qk["entries"]:
         best = {proj: max((e for e in qk["entries"] if e["proj"] == proj), key=lambda e: e["ratio"]) for proj in "qkv"}

@@ -359,9 +359,14 @@ def trace(
     table = {s: {k: r for k, f in factories.items() if (r := f(s)) is not None} for s in sites}
     unused = [k for k in factories if not any(k in t for t in table.values())]
     if unused:
-        raise WorkbenchError(f"reducer {unused[0]} applies to none of the selected sites"
-                             + (" (it needs a router site: add --components router)" if unused[0] == "expert_counts"
-                                else ""))
+        hint = ""
+        if unused[0] == "expert_counts":  # a router site: there is none to add in a dense model or dense layers
+            routed = {i for i, layer in enumerate(lm.adapter.decoder_layers(lm.model))
+                      if lm.adapter.router(layer) is not None}
+            hint = (" (it needs a router site: add --components router)" if routed & {s.layer for s in sites} else
+                    " (it needs a router site, and the selected layers have none: dense layers)" if routed else
+                    " (it needs a router site; the model is dense)")
+        raise WorkbenchError(f"reducer {unused[0]} applies to none of the selected sites{hint}")
     ids = tokenized if tokenized is not None else tokenize(lm, prompts, max_tokens)
     lengths = torch.tensor([len(x) for x in ids])
     offsets = torch.cumsum(lengths, 0) - lengths
