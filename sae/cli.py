@@ -114,10 +114,11 @@ def cmd_train(args) -> int:
     out = output_dir(args.out)
     lm = load(args.model, device=args.device)
     _, m = train_sae(lm, site, prompts, opts, out, source)
-    corpus = (f"{m['passes']:.3g} passes over {m['corpus_tokens']} tokens, the norm estimate's included"
-              if m["passes"] is not None else "less than one pass over the tokens")
+    corpus = (f"{m['passes']:.3g} passes over the {m['corpus_tokens']} tokens of {m['train_prompts']} prompts, the "
+              "norm estimate's included" if m["passes"] is not None else
+              f"less than one pass over the tokens of {m['train_prompts']} prompts")
     print(f"trained a {m['architecture']} SAE ({m['d_in']} -> {m['d_sae']} features) at {m['site']} of {m['model']} "
-          f"on {m['tokens_trained']} activations ({corpus} of {m['train_prompts']} prompts), "
+          f"on {m['tokens_trained']} activations ({corpus}), "
           f"{m['steps']} steps in {m['seconds_train']:.1f} s "
           f"({m['seconds_total']:.1f} s in all, {m['threads']} threads)")
     print(f"explained variance {m['explained_variance']:.4f} on {m['eval_tokens']} tokens of {m['eval_split']} "

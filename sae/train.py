@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -136,7 +137,9 @@ class ActivationStream:
                 if pool.shape[0] >= pool_rows:
                     pool = yield from self._deal(pool)
             if not got:
-                raise WorkbenchError(f"no activations at {self.site} for training (all prompts too short?)")
+                raise WorkbenchError(f"no activations at {self.site} in the training prompts ("
+                                     + ("no token of them is routed to this expert; more or other prompts"
+                                        if self.site.component.value == "expert" else "all prompts too short?") + ")")
             if pool.shape[0] >= bs:  # epoch boundary: flush what is there, keep the remainder
                 pool = yield from self._deal(pool)
 
@@ -248,7 +251,13 @@ def train_sae(lm, site: Site | str, prompts: Sequence[str], opts: TrainOptions =
         provider.close()
     train_seconds = time.perf_counter() - t0
     sae.eval()
-    eval_rows = list(stream.one_pass(held)) if held else list(stream.one_pass(train))
+    eval_rows = list(stream.one_pass(held)) if held else []
+    split = "held-out prompts"
+    if not eval_rows:  # an expert the held-out prompts route no token to: measured on the training rows, said
+        if held:
+            warnings.warn(f"no held-out token reaches {site} (no held-out prompt routes one to it): the fit is "
+                          "measured on the training prompts", stacklevel=2)
+        eval_rows, split = list(stream.one_pass(train)), "training prompts"
     metrics = evaluate(sae, torch.cat(eval_rows))
     train_sample = stream.training_sample()
     hist = trainer.history
@@ -258,7 +267,7 @@ def train_sae(lm, site: Site | str, prompts: Sequence[str], opts: TrainOptions =
         "explained_variance": metrics["explained_variance"], "l0": metrics["l0"], "mse": metrics["mse"],
         "dead_features": int(sae.cfg.metadata.get("num_dead_features", -1)),
         "silent_on_eval": metrics["dead_features"], "eval_tokens": metrics["tokens"],
-        "eval_split": "held-out prompts" if held else "training prompts",
+        "eval_split": split,
         "train_explained_variance": evaluate(sae, train_sample)["explained_variance"] if train_sample is not None
         else float("nan"),
         "loss_first": _mean(h[0] for h in head), "loss_last": _mean(h[0] for h in tail),

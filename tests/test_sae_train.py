@@ -64,3 +64,18 @@ def test_a_run_shorter_than_one_pass_evaluates_and_counts_passes(tmp_path, capsy
     assert main(common + ["--holdout-every", "1", "--out", str(tmp_path / "c")]) == 2
     assert "--holdout-every 1 holds out every prompt" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_an_expert_the_held_out_prompts_never_reach(tmp_path, capsys):
+    """Training at an expert site whose held-out prompts route it no token crashed after training (torch.cat of no
+    rows, an internal error); an expert no training prompt reaches was blamed on prompts being too short."""
+    from workbench.cli import main
+
+    argv = ["sae", "train", "zoo:tiny-moe", "--tokens", "200", "--batch-size", "32", "--holdout-every", "2",
+            "--text", "The cat sat on the mat.", "--text", "Hi there"]
+    with pytest.warns(UserWarning, match="no held-out token reaches L2.expert.E1"):
+        assert main([*argv, "--site", "L2.expert.E1", "--out", str(tmp_path / "e1")]) == 0
+    assert "of training prompts" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e1" / "metrics.json").read_text())["eval_split"] == "training prompts"
+    assert main([*argv, "--site", "L2.expert.E5", "--out", str(tmp_path / "e5")]) == 2
+    assert "no token of them is routed to this expert" in capsys.readouterr().err
