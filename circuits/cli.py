@@ -125,7 +125,7 @@ def cmd_circuit(args) -> int:
         raise WorkbenchError("--target-hit-share is part of the target: give it without --top-edges or --threshold")
     swaps = args.swaps if args.swaps is not None else (DEFAULT_SWAPS if target is not None else 0)
     hit_share = DEFAULT_HIT_SHARE if args.target_hit_share is None else args.target_hit_share
-    out = output_dir(args.out)
+    out = output_dir(args.out, command="circuit")
     clear_stale_temps(out, ["circuit.*", "edges.parquet", "metrics.json"])  # what a killed run left half-written
     lm = load(args.model, device=args.device)
     opts = CircuitOptions(method=args.method, steps=args.steps, metric=args.metric, top_edges=args.top_edges,

@@ -158,7 +158,7 @@ def cmd_evolution(args) -> int:
     if args.relation is not None:
         facts = only_relation(facts, args.relation)
     specs = [s for spec in args.checkpoints for s in expand_series(spec)]
-    out = output_dir(args.out)
+    out = output_dir(args.out, command="circuit-evolution")
     clear_stale_temps(out, ["evolution.*"])
     opts = CircuitOptions(steps=args.steps, top_edges=args.top_edges, batch_size=args.batch_size, random_seeds=1,
                           per_relation=False)

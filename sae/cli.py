@@ -111,7 +111,7 @@ def cmd_train(args) -> int:
                         prompt_batch=args.prompt_batch, max_tokens=args.max_tokens, holdout_every=args.holdout_every,
                         skip_first=not args.keep_first, seed=args.seed)
     opts.check()
-    out = output_dir(args.out)
+    out = output_dir(args.out, command="sae train")
     lm = load(args.model, device=args.device)
     _, m = train_sae(lm, site, prompts, opts, out, source)
     corpus = (f"{m['passes']:.3g} passes over the {m['corpus_tokens']} tokens of {m['train_prompts']} prompts, the "

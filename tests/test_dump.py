@@ -134,3 +134,27 @@ def test_distributed_environment_values_are_checked_before_joining(run, tmp_path
         monkeypatch.setenv(k, v)
     code, _, err = run("profile", "zoo:olmoe", "--text", "hi", "--no-plots", "--quiet", "--out", tmp_path / "o")
     one_error(code, err, needle)
+
+
+def test_a_folder_holding_another_commands_outputs_is_refused(run, tmp_path, monkeypatch):
+    """`circuit` into an SAE folder overwrote its metrics.json (then refused to report it), `sae train` into a circuit
+    folder the circuit's, `circuit` into a profile folder rebuilt report.html as a profile's with no circuit."""
+    import workbench.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded a model for a refused folder"))
+    sae, circuit, prof = tmp_path / "sae", tmp_path / "circuit", tmp_path / "profile"
+    for d, f in ((sae, "sae_weights.safetensors"), (circuit, "circuit.json"), (prof, "profile.json")):
+        d.mkdir()
+        (d / f).write_text("{}")
+        (d / "metrics.json").write_text('{"mine": 1}')
+    facts = tmp_path / "f.jsonl"
+    facts.write_text('{"prompt": "The capital of France is", "answer": " Paris"}\n')
+    for argv, needle in [
+        (["circuit", "zoo:tiny-moe", "--facts", facts, "--out", sae], "holds the outputs of `workbench sae train`"),
+        (["sae", "train", "zoo:tiny-moe", "--site", "L1.resid_post", "--text", "a b c", "--out", circuit],
+         "holds the outputs of `workbench circuit` (circuit.json); give `workbench sae train` a folder of its own"),
+        (["circuit", "zoo:tiny-moe", "--facts", facts, "--out", prof], "holds the outputs of `workbench profile`"),
+        (["trace", "zoo:tiny-moe", "--text", "hi", "--out", prof], "holds the outputs of `workbench profile`"),
+    ]:
+        one_error(*run(*argv)[::2], needle)
+    assert all(json.loads((d / "metrics.json").read_text()) == {"mine": 1} for d in (sae, circuit, prof))

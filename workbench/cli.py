@@ -105,7 +105,7 @@ def cmd_trace(args) -> int:
     for c in args.components:
         if c not in {x.value for x in Component}:
             raise WorkbenchError(f"unknown component {c!r}; known: {', '.join(x.value for x in Component)}")
-    out = output_dir(args.out, files=["trace.json"])
+    out = output_dir(args.out, files=["trace.json"], command="trace")
     if args.dump:
         _check_dump_dir(args.dump)
     lm = _load(args)
@@ -184,7 +184,7 @@ def cmd_profile(args) -> int:
     if args.quantile <= 1:
         print(f"warning: --quantile is a percentile (0-100]: {args.quantile:g} is the {args.quantile:g}th percentile, "
               f"not the {100 * args.quantile:g}th", file=sys.stderr)
-    out = output_dir(args.out)
+    out = output_dir(args.out, command="profile")
     shard, device = distributed.from_env(resolve_device(args.device))
     main_rank = shard is None or shard.is_main
     if args.offload and args.checkpoint_every:
@@ -279,7 +279,7 @@ def cmd_ablate(args) -> int:
 
     study = Study.from_file(args.study)  # a malformed study fails here, before any model work
     study.texts()  # and a missing or empty texts file
-    out = output_dir(args.out)
+    out = output_dir(args.out, command="ablate")
     clear_stale_temps(out, ["results.*", "study.resolved.yaml"])  # what a killed run left half-written
     clear_stale_temps(out / "conditions", ["*.json"])
     lm = _load(args)
@@ -304,7 +304,7 @@ def cmd_contrast(args) -> int:
     from workbench.experts.contrast import contrast, write
 
     positive, negative = read_prompts(args.positive), read_prompts(args.negative)
-    out = output_dir(args.out)
+    out = output_dir(args.out, command="contrast")
     lm = _load(args)
     if not any(i.kind == "moe" for i in lm.layer_infos()):
         raise WorkbenchError(f"{args.model} is a dense model: contrast ranks routed experts and needs an MoE model")
@@ -329,7 +329,7 @@ def cmd_routing(args) -> int:
 
     prompts = _prompts(args)
     specs = [s for spec in args.checkpoints for s in expand_series(spec)]
-    out = output_dir(args.out)
+    out = output_dir(args.out, command="routing")
     clear_stale_temps(out, ["routing.*"])
     quiet_loading(args)  # (each checkpoint is loaded here, not through _load)
     if not args.quiet:

@@ -102,12 +102,20 @@ def round_floats(obj: Any) -> Any:
     return obj
 
 
-def output_dir(path: str | os.PathLike, flag: str = "--out", files: Iterable[str] = ()) -> Path:
+# A file only that command writes: a folder holding one holds that command's outputs.
+WRITTEN_BY = {"profile": "profile.json", "ablate": "study.resolved.yaml", "trace": "trace.json",
+              "contrast": "contrast.csv", "routing": "routing.json", "circuit": "circuit.json",
+              "circuit-evolution": "evolution.json", "sae train": "sae_weights.safetensors"}
+
+
+def output_dir(path: str | os.PathLike, flag: str = "--out", files: Iterable[str] = (),
+               command: str | None = None) -> Path:
     """An output folder argument (given as ``flag``), checked before any model work and without leaving anything.
 
     Refused: a path that exists as a file, one below a file, one whose nearest existing folder is not
     writable (or refuses a file there: root passes every permission check, and some file systems take no file
-    whatever the permissions say), and one holding a folder where an output file of ``files`` goes.
+    whatever the permissions say), one holding a folder where an output file of ``files`` goes, and, for a
+    ``command``, a folder holding another command's outputs (:data:`WRITTEN_BY`).
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -127,6 +135,10 @@ def output_dir(path: str | os.PathLike, flag: str = "--out", files: Iterable[str
     for name in files:
         if (out / name).is_dir():
             raise WorkbenchError(f"cannot write {out / name}: a folder of that name is there")
+    other = next((c for c, f in WRITTEN_BY.items() if c != command and (out / f).is_file()), None) if command else None
+    if other is not None:  # their metrics.json, report.html ... would be overwritten, their report broken
+        raise WorkbenchError(f"{flag} {out} holds the outputs of `workbench {other}` ({WRITTEN_BY[other]}); give "
+                             f"`workbench {command}` a folder of its own")
     return out
 
 
