@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,12 @@ def resolve_site(lm, sae_or_cfg, site: Site | str | None = None, where: str = "S
     """The checked site for an SAE (a loaded SAELens SAE or its cfg dict): ``site`` if given, else its own."""
     cfg = sae_or_cfg if isinstance(sae_or_cfg, dict) else sae_or_cfg.cfg.to_dict()
     chosen = site if site is not None else site_from_config(cfg, where)
-    return check_fit(lm, chosen, int(cfg["d_in"]), where)
+    checked = check_fit(lm, chosen, int(cfg["d_in"]), where)
+    trained_on = _metadata(cfg).get("model_name")
+    if trained_on and str(trained_on) != lm.spec:  # the width fits, the features may still mean nothing here
+        warnings.warn(f"{where}: trained on {trained_on}, read here on {lm.spec} (the width fits; its features are "
+                      "that model's)", stacklevel=2)
+    return checked
 
 
 def load_sae(path: str | Path, device: str = "cpu"):

@@ -315,3 +315,20 @@ def test_study_compares_expert_ablation_with_feature_steering(planted, planted_s
     assert steer.op == "sae_steer" and steer.feature == FEATURE and steer.coef == -4.0 and steer.layers == (LAYER,)
     again = resolved.run(planted, tmp_path / "again", progress=False)
     assert again[again.metric == "kl"].set_index("condition")["mean"].equals(kl)
+
+
+def test_an_sae_of_another_model_is_flagged():
+    """The width was all that was checked: an SAE trained on zoo:tiny-moe read (and steered) zoo:qwen2-moe without a
+    word."""
+    import warnings as w
+
+    from workbench.models.specs import load
+    from workbench.sae import resolve_site
+
+    lm = load("zoo:qwen2-moe")
+    cfg = {"d_in": 64, "d_sae": 128, "metadata": {"model_name": "zoo:tiny-moe", "workbench_site": "L1.resid_post"}}
+    with pytest.warns(UserWarning, match="SAE: trained on zoo:tiny-moe, read here on zoo:qwen2-moe"):
+        resolve_site(lm, cfg)
+    with w.catch_warnings():
+        w.simplefilter("error")
+        resolve_site(lm, {**cfg, "metadata": {**cfg["metadata"], "model_name": "zoo:qwen2-moe"}})
