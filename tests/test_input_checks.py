@@ -320,7 +320,8 @@ def test_check_judges_the_study_kl_to_float_rounding(monkeypatch, kl, ok):
     from workbench.check import _study
 
     rows = [("baseline", "perplexity", 10.0), ("zero", "perplexity", 10.0), ("baseline", "kl", 0.0), ("zero", "kl", kl)]
-    monkeypatch.setattr(studies.Study, "run", lambda *a, **k: pd.DataFrame(rows, columns=["condition", "metric", "mean"]))
+    table = pd.DataFrame(rows, columns=["condition", "metric", "mean"])
+    monkeypatch.setattr(studies.Study, "run", lambda *a, **k: table)
     (check,) = _study(load("zoo:qwen2-moe"), None)
     assert check.ok is ok, check
 
