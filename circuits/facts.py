@@ -94,6 +94,16 @@ def parse_facts(lines: Iterable[str], source: str = "facts") -> list[Fact]:
         facts.append(Fact(**obj, origin=f"{source} line {n}"))
     if not facts:
         raise WorkbenchError(f"{source} has no facts (it is empty)")
+    first: dict[tuple[str, str], str] = {}
+    again = []
+    for f in facts:
+        key = (f.prompt, f.answer)
+        if key in first:
+            again.append((f.origin, first[key]))
+        first.setdefault(key, f.origin)
+    if again:  # kept (a weighting may be meant), but every score and the lost-fact list count them again
+        warnings.warn(f"{source}: {len(again)} fact(s) repeat an earlier one's prompt and answer ({again[0][0]} "
+                      f"repeats {again[0][1]}); each counts again in every score", stacklevel=2)
     return facts
 
 

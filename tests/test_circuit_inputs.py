@@ -207,3 +207,15 @@ def test_the_curve_line_keeps_small_budgets_apart():
 
     curve = [{"fraction": n / 1485, "faithfulness": f} for n, f in ((1, 0.1), (2, 0.2), (14, 0.5), (297, 0.9))]
     assert curve_line(curve) == "faithfulness curve: 0.067% 0.10, 0.13% 0.20, 0.94% 0.50, 20% 0.90"
+
+
+def test_repeated_facts_are_said():
+    """A 200-line file of 48 distinct facts ran as 200 without a word (the lost-fact list named one fact three
+    times); repeats are kept, with a warning naming the first."""
+    from workbench.circuits.facts import parse_facts
+
+    line = '{"prompt": "The capital of Japan is", "answer": " Tokyo"}'
+    other = '{"prompt": "The capital of Italy is", "answer": " Rome"}'
+    with pytest.warns(UserWarning, match=r"facts: 2 fact\(s\) repeat an earlier one's prompt and answer \(facts line 3 "
+                                         r"repeats facts line 1\)"):
+        assert len(parse_facts([line, other, line, line])) == 4
