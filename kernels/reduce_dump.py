@@ -28,8 +28,7 @@ from workbench.kernels.channel_stats import ChannelStats, channel_stats, merge_c
 from workbench.kernels.dispatch import FLOAT_DTYPES, backend_for
 from workbench.kernels.log_histogram import log_histogram, merge_log_histograms
 from workbench.kernels.token_absmax import token_absmax
-from workbench.tracing.dump import FORMAT as DUMP_FORMAT, read_site
-from workbench.tracing.sites import Site
+from workbench.tracing.dump import FORMAT as DUMP_FORMAT, is_site_key, read_site
 
 
 def _read_index(dump_dir: Path) -> dict:
@@ -53,11 +52,9 @@ def _read_index(dump_dir: Path) -> dict:
     n = index.get("num_tokens")
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise WorkbenchError(f"{path}: 'num_tokens' must be a count of tokens, got {n!r}")
-    for key in sites:
-        try:
-            Site.from_key(key)
-        except (WorkbenchError, ValueError):
-            raise WorkbenchError(f"{path}: {key!r} is not a site key (e.g. L0.resid_post, L1.expert.E3)") from None
+    bad = next((key for key in sites if not is_site_key(key)), None)
+    if bad is not None:
+        raise WorkbenchError(f"{path}: {bad!r} is not a site key (e.g. L0.resid_post, L1.expert.E3)")
     root = dump_dir.resolve()
     for key, names in sites.items():  # shards live inside the dump: an edited index cannot point elsewhere
         for name in names:

@@ -105,7 +105,7 @@ def cmd_trace(args) -> int:
     for c in args.components:
         if c not in {x.value for x in Component}:
             raise WorkbenchError(f"unknown component {c!r}; known: {', '.join(x.value for x in Component)}")
-    out = output_dir(args.out, files=["trace.json"], command="trace")
+    out = output_dir(args.out, command="trace")
     if args.dump:
         _check_dump_dir(args.dump)
     lm = _load(args)

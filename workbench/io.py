@@ -108,14 +108,13 @@ WRITTEN_BY = {"profile": "profile.json", "ablate": "study.resolved.yaml", "trace
               "circuit-evolution": "evolution.json", "sae train": "sae_weights.safetensors"}
 
 
-def output_dir(path: str | os.PathLike, flag: str = "--out", files: Iterable[str] = (),
-               command: str | None = None) -> Path:
+def output_dir(path: str | os.PathLike, flag: str = "--out", command: str | None = None) -> Path:
     """An output folder argument (given as ``flag``), checked before any model work and without leaving anything.
 
     Refused: a path that exists as a file, one below a file, one whose nearest existing folder is not
     writable (or refuses a file there: root passes every permission check, and some file systems take no file
-    whatever the permissions say), one holding a folder where an output file of ``files`` goes, and, for a
-    ``command``, a folder holding another command's outputs (:data:`WRITTEN_BY`).
+    whatever the permissions say), and, for a ``command``, one holding a folder where its own output file goes
+    or holding another command's outputs (:data:`WRITTEN_BY`).
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -132,9 +131,8 @@ def output_dir(path: str | os.PathLike, flag: str = "--out", files: Iterable[str
             pass
     except OSError as e:
         raise WorkbenchError(f"cannot write to {out}: {base} takes no file ({e.strerror})") from None
-    for name in files:
-        if (out / name).is_dir():
-            raise WorkbenchError(f"cannot write {out / name}: a folder of that name is there")
+    if command and (out / WRITTEN_BY[command]).is_dir():
+        raise WorkbenchError(f"cannot write {out / WRITTEN_BY[command]}: a folder of that name is there")
     other = next((c for c, f in WRITTEN_BY.items() if c != command and (out / f).is_file()), None) if command else None
     if other is not None:  # their metrics.json, report.html ... would be overwritten, their report broken
         raise WorkbenchError(f"{flag} {out} holds the outputs of `workbench {other}` ({WRITTEN_BY[other]}); give "

@@ -116,9 +116,9 @@ class LoadedModel:
 
         from transformer_lens.model_bridge import TransformerBridge
 
-        probe = self.tokenizer(VERIFY_TEXT, return_tensors="pt").input_ids[:, : self.context_length or None]
-        probe = probe.to(self.device)
         if verify:
+            probe = self.tokenizer(VERIFY_TEXT, return_tensors="pt").input_ids[:, : self.context_length or None]
+            probe = probe.to(self.device)
             with torch.no_grad():
                 want = self.model(probe).logits
         architecture = _bridge_architecture(self.model)  # before copying: a family it has no bridge for

@@ -83,7 +83,7 @@ class DumpWriter:
         path = write_json(self.dir / "index.json", index)
         mine = {n for names in self._shards.values() for n in names}
         for sub in self.dir.iterdir():  # earlier dumps' shards: in site folders, named as this writer names them
-            if not sub.is_dir() or not _is_site_key(sub.name):
+            if not sub.is_dir() or not is_site_key(sub.name):
                 continue
             for f in sub.glob("shard-*.safetensors"):
                 if f"{sub.name}/{f.name}" not in mine:
@@ -93,7 +93,7 @@ class DumpWriter:
         return path
 
 
-def _is_site_key(name: str) -> bool:
+def is_site_key(name: str) -> bool:
     try:
         Site.from_key(name)
     except (WorkbenchError, ValueError):
