@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from workbench.args import COUNT, COUNT_OR_OFF, Number
 from workbench.io import clear_stale_temps, output_dir
@@ -136,11 +137,15 @@ def cmd_circuit(args) -> int:
                           curve=not args.no_curve, target_faithfulness=target, target_hit_share=hit_share,
                           max_fraction=args.max_fraction or DEFAULT_MAX_FRACTION,
                           per_relation=not args.no_per_relation)
-    circuit, scores, mask = find_circuit(lm, facts, opts)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the circuit is empty")  # the error below says it
+        circuit, scores, mask = find_circuit(lm, facts, opts)
+    if "empty" in circuit.meta["selection"]:
+        raise WorkbenchError(f"the circuit is empty: {circuit.meta['selection']['empty']}; nothing written")
     paths = write_outputs(circuit, scores, mask, out)
     m = circuit.meta.get("metrics", {})
     print(f"{args.method} on {len(facts)} facts: {circuit.n_edges} of {circuit.meta['n_edges_total']} edges "
-          f"({circuit.meta['attribution_seconds']:.1f} s)")
+          f"({circuit.meta['attribution_seconds']:.1f} s){_short_line(circuit.meta['selection'])}")
     if "swaps" in circuit.meta["selection"]:
         sw = circuit.meta["selection"]["swaps"]
         print(f"swaps: {len(sw['accepted'])} of {sw['rounds']} rounds kept, faithfulness "
@@ -177,6 +182,16 @@ def curve_line(curve: list[dict]) -> str:
     """'faithfulness curve: 0.1% 0.52, ...': each budget's share of the edges to two significant digits, so the
     small budgets of a small graph stay apart (1 and 2 of 1,485 edges: 0.067 % and 0.13 %, both '0.1%' at .1%)."""
     return "faithfulness curve: " + ", ".join(f"{100 * c['fraction']:.2g}% {c['faithfulness']:.2f}" for c in curve)
+
+
+def _short_line(sel: dict) -> str:
+    """"" or, where the circuit has fewer edges than its budget, how many were asked and why fewer are kept."""
+    asked, kept = sel.get("top_edges"), sel.get("after_pruning")
+    if asked is None or kept is None or kept >= asked:
+        return ""
+    why = ("a larger top-|score| set would have gone over it once pruned" if sel["rule"] in ("fill", "signed") else
+           f"{sel['selected']} selected, {kept} of them on input->logits paths")
+    return f"; budget {asked}: {why}"
 
 
 def _target_line(t: dict) -> str:

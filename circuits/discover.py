@@ -14,8 +14,8 @@ import torch
 from workbench.circuits import export, memory
 from workbench.circuits.attribution import STORE_DTYPES, Scores, attribute
 from workbench.circuits.cli import DEFAULT_HIT_SHARE
-from workbench.circuits.evaluate import (edge_entropy, evaluate, prune, select_fill, select_greedy, select_random,
-                                         select_signed, select_threshold, select_top)
+from workbench.circuits.evaluate import (UNSTABLE_GAP_Z, edge_entropy, evaluate, prune, select_fill, select_greedy,
+                                         select_random, select_signed, select_threshold, select_top)
 from workbench.circuits.export import Circuit
 from workbench.circuits.facts import Fact, Prepared, check_facts, prepare
 from workbench.circuits.graph import build_graph
@@ -171,6 +171,11 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
         selection = {"rule": o.selection, "top_edges": int(n)}
         if target_log is not None:
             selection["target"] = target_log
+        if o.refine > 1 and o.refine * n >= graph.n_edges:
+            warnings.warn(f"--refine {o.refine}: its {o.refine} x {n} candidates would be every one of the "
+                          f"{graph.n_edges} edges, so there is nothing to re-score within; the circuit is the plain "
+                          "selection", stacklevel=2)
+            selection["refine"] = {"skipped": "candidates cover every edge", "factor": o.refine}
         if o.refine > 1 and o.refine * n < graph.n_edges:
             matrix = refine(lm, prepared, scores, select, n, o)
             selection["refine"] = {"candidates": int((~scores.refined.isnan()).sum()), "factor": o.refine,
@@ -180,6 +185,9 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
             chosen = select(graph, matrix, n)
     mask = prune(graph, chosen)
     selection.update(selected=int(chosen.sum()), after_pruning=int(mask.sum()))
+    if not mask.any():  # said here; `workbench circuit` refuses to write it (a circuit of nothing)
+        selection["empty"] = _empty_circuit(graph, scores.matrix, o, int(chosen.sum()), selection.get("top_edges"))
+        warnings.warn(f"the circuit is empty: {selection['empty']}", stacklevel=2)
     swap_seconds = 0.0
     if o.swaps and o.threshold is None:
         t_swap = time.perf_counter()
@@ -218,6 +226,7 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
             "random_seeds": o.random_seeds,
             "edge_entropy": edge_entropy(scores.matrix, mask),
             "metric_full": ev["metric_full"], "metric_corrupted": ev["metric_corrupted"], "metric_circuit": c["metric"],
+            "gap_z": ev["gap_z"],
             "evaluation_seconds": round(time.perf_counter() - t0, 3),
         }
         per = ev["per_fact"]
@@ -225,11 +234,18 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
                                                      per["rank_full"], per["rank_circuit"]):
             p.extra.update(logit_diff_full=m_full, logit_diff_circuit=m_circ, answer_rank_full=r_full,
                            answer_rank_circuit=r_circ)
+        if ev["gap_z"] < UNSTABLE_GAP_Z:
+            warnings.warn(_unstable_gap(ev, c["faithfulness"], "the facts"), stacklevel=2)
     if groups and o.evaluate:
         t0 = time.perf_counter()
         relations = per_relation(lm, prepared, graph, scores, groups, mask, SELECTIONS[o.selection], o)
         meta.setdefault("metrics", {})["relations"] = relations
         meta["metrics"]["relations_seconds"] = round(time.perf_counter() - t0, 3)
+        shaky = [r for r, v in relations["per_relation"].items() if v["gap_z"] < UNSTABLE_GAP_Z]
+        if shaky and meta["metrics"]["gap_z"] >= UNSTABLE_GAP_Z:
+            warnings.warn(f"relation(s) {', '.join(repr(r) for r in shaky)}: the corruption moves the answer's logit "
+                          "difference by less than twice its standard error over the relation's facts, so their own "
+                          "faithfulness figures are noise (gap_z in metrics.json)", stacklevel=2)
     if curve is not None:
         meta.setdefault("metrics", {})["curve"] = curve
         meta["metrics"]["curve_seconds"] = curve_seconds
@@ -274,7 +290,7 @@ def per_relation(lm, prepared: list[Prepared], graph, scores: Scores, groups: di
                       **_memory_kwargs(o))
         k = len(idx)
         own, mix = ev["circuits"]["own"], ev["circuits"]["mixed"]
-        out[rel] = {"n_facts": k, "n_edges": int(m.sum()), "faithfulness": own["faithfulness"],
+        out[rel] = {"n_facts": k, "n_edges": int(m.sum()), "faithfulness": own["faithfulness"], "gap_z": ev["gap_z"],
                     "hit_at_10_circuit": own["hit_at_10"], "hit_at_10_full": ev["hit_at_10_full"],
                     "faithfulness_mixed_circuit": mix["faithfulness"], "hit_at_10_mixed_circuit": mix["hit_at_10"],
                     "shared_with_mixed": int((m & mixed).sum()), "jaccard_with_mixed": _jaccard(m, mixed)}
@@ -299,6 +315,27 @@ def per_relation(lm, prepared: list[Prepared], graph, scores: Scores, groups: di
                          "faithfulness_mixed_circuit": (sums["mixed"] - sums["corrupted"]) / span if span else math.nan,
                          "hit_at_10_circuits": hits["own"] / total, "hit_at_10_mixed_circuit": hits["mixed"] / total,
                          "hit_at_10_full": hits["full"] / total, "edges_in_union": int(union.sum())}}
+
+
+def _unstable_gap(ev: dict, faithfulness: float, whose: str) -> str:
+    """The warning for an evaluation whose full-vs-corrupted gap is within the facts' spread (``gap_z``)."""
+    gap = ev["metric_full"] - ev["metric_corrupted"]
+    return (f"the corruption moves the answer's logit difference by {gap:+.3g} on average (full "
+            f"{ev['metric_full']:.3g}, corrupted {ev['metric_corrupted']:.3g}), less than twice its standard error "
+            f"over {whose} (gap_z {ev['gap_z']:.2f}): faithfulness, a ratio over that gap, is noise here "
+            f"({faithfulness:.3g}); corruptions that change the answer, or more facts, give a firm one")
+
+
+def _empty_circuit(graph, matrix: torch.Tensor, o: CircuitOptions, selected: int, budget: int | None) -> str:
+    """Why the selection left no edge on an input -> logits path (a circuit of nothing is refused)."""
+    if o.threshold is not None:
+        top = float(matrix.abs().masked_fill(~graph.valid(), 0).max())
+        if not selected:
+            return f"no edge reaches --threshold {o.threshold:g} (the largest |score| is {top:.3g})"
+        return (f"the {selected} edge(s) with |score| >= {o.threshold:g} lie on no input->logits path; a lower "
+                f"--threshold (the largest |score| is {top:.3g}) keeps more")
+    return (f"the {o.selection!r} selection of {budget} edge(s) lies on no input->logits path; a larger budget keeps "
+            "more")
 
 
 def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -462,10 +499,14 @@ def write_outputs(circuit: Circuit, scores: Scores, mask: torch.Tensor, out: str
     for old in (out / "relations").glob("*.json"):  # a previous run's relations, not this one's
         if old.stem not in used:
             old.unlink()
+    if not used and (out / "relations").is_dir() and not any((out / "relations").iterdir()):
+        (out / "relations").rmdir()
     if "metrics" in circuit.meta:
         paths.append(write_json(out / "metrics.json", circuit.meta["metrics"]))
         if "curve" in circuit.meta["metrics"]:
             paths.append(render.write_curve(circuit.meta["metrics"]["curve"], out / "curve.png"))
+    else:  # not evaluated this time: a previous run's metrics would pass for this circuit's
+        (out / "metrics.json").unlink(missing_ok=True)
     if out / "curve.png" not in paths:  # no curve this time: a previous run's would pass for this one's
         (out / "curve.png").unlink(missing_ok=True)
     return paths

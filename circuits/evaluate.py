@@ -221,9 +221,26 @@ def evaluate(lm, prepared: list[Prepared], graph: Graph, circuits: dict[str, tor
             "faithfulness": (m - corr) / (full - corr) if full != corr else math.nan,
             "hit_at_10": hit[name],
         }
+    out["gap_z"] = gap_z(metric["full"] - metric["corrupted"])
     out["per_fact"] = {**{f"metric_{k}": metric[k].tolist() for k in metric},
                        **{f"rank_{k}": rank[k].tolist() for k in rank}}
     return out
+
+
+UNSTABLE_GAP_Z = 2.0  # below this, the facts do not agree on the corruption's effect (see gap_z)
+
+
+def gap_z(gaps: torch.Tensor) -> float:
+    """How firmly the facts agree that the corruption moves the metric: the mean of the per-fact gaps (full minus
+    corrupted logit difference) over its standard error. Faithfulness is a ratio over the summed gap; under
+    ``UNSTABLE_GAP_Z`` the gap is within the facts' own spread of zero and the ratio is noise (values far above 1 or
+    below 0 from a circuit of a few edges). inf where every fact moves by the same amount, NaN for one fact."""
+    n = gaps.numel()
+    if n < 2:
+        return math.nan
+    sd = float(gaps.double().std())
+    mean = float(gaps.double().mean())
+    return abs(mean) / (sd / math.sqrt(n)) if sd > 0 else (math.inf if mean else 0.0)
 
 
 def _record(metric, rank, key, idx, logits, b) -> None:

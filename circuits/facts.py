@@ -34,6 +34,7 @@ ranked token other than the answer (the strongest competitor), filled in by
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -134,9 +135,13 @@ class Prepared:
     extra: dict = field(default_factory=dict)
 
     def record(self, tokenizer) -> dict:
+        """What circuit.json keeps of the fact. The token ids are the scored tokens themselves: a token of part of a
+        character (the first of a non-ASCII answer's bytes) decodes alone to "\ufffd"."""
+        cid = self.corrupted_answer_id
         return {"prompt": self.fact.prompt, "answer": self.fact.answer, "relation": self.fact.relation,
                 "baseline": self.baseline, "corrupted_prompt": self.corrupted_prompt,
-                "corrupted_answer": None if self.corrupted_answer_id is None else tokenizer.decode([self.corrupted_answer_id]),
+                "answer_id": int(self.answer_id), "corrupted_answer_id": None if cid is None else int(cid),
+                "corrupted_answer": None if cid is None else tokenizer.decode([cid]),
                 "corrupted_answer_source": self.corrupted_answer_source, "n_tokens": len(self.ids), **self.extra}
 
 
@@ -182,8 +187,14 @@ def _span(a: list[str], b: list[str]) -> tuple[str, str, str] | None:
     lead = ma[0][:len(ma[0]) - len(ma[0].lstrip())]  # the space before the subject stays in the template
     if mb[0][:len(mb[0]) - len(mb[0].lstrip())] != lead:
         return None
-    template = "".join(a[:p]) + lead + "{}" + "".join(a[len(a) - s:])
-    return template, "".join(ma).strip(), "".join(mb).strip()
+    sa, sb = "".join(ma).strip(), "".join(mb).strip()
+    # punctuation both spans open or close with ("France," and "Spain,") belongs to the template, not the subject
+    head = len(re.match(r"[^\w\s]*", os.path.commonprefix([sa, sb])).group(0))
+    tail = len(re.match(r"[^\w\s]*", os.path.commonprefix([sa[::-1], sb[::-1]])).group(0))
+    if head + tail >= min(len(sa), len(sb)):
+        head = tail = 0
+    template = "".join(a[:p]) + lead + sa[:head] + "{}" + sa[len(sa) - tail:] + "".join(a[len(a) - s:])
+    return template, sa[head:len(sa) - tail], sb[head:len(sb) - tail]
 
 
 def infer_templates(facts: list[Fact]) -> list[Fact]:

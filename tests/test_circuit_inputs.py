@@ -219,3 +219,88 @@ def test_repeated_facts_are_said():
     with pytest.warns(UserWarning, match=r"facts: 2 fact\(s\) repeat an earlier one's prompt and answer \(facts line 3 "
                                          r"repeats facts line 1\)"):
         assert len(parse_facts([line, other, line, line])) == 4
+
+
+# ----- circuits that say what they are --------------------------------------------------------------------------
+
+def test_gap_z_is_the_mean_gap_over_its_standard_error():
+    import math
+
+    import torch
+
+    from workbench.circuits.evaluate import gap_z
+
+    gaps = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    mean, sd = 3.0, math.sqrt(sum((g - 3.0) ** 2 for g in (1, 2, 3, 6)) / 3)
+    assert gap_z(gaps) == pytest.approx(mean / (sd / 2))
+    assert gap_z(torch.tensor([-2.0, -2.0])) == math.inf and gap_z(torch.tensor([0.0, 0.0])) == 0.0
+    assert math.isnan(gap_z(torch.tensor([5.0])))
+
+
+@pytest.fixture(scope="module")
+def zoo_lm():
+    from workbench.models.specs import load
+
+    return load("zoo:qwen2-moe")
+
+
+def test_a_gap_within_the_facts_spread_is_said_with_the_faithfulness_it_makes(zoo_lm):
+    """On the random-weight zoo model the corruption moves the logit difference by +0.014 over 12 facts whose own gaps
+    scatter around it (gap_z 0.75): the circuit's faithfulness (1.57 there) is a ratio over noise, and is flagged.
+    (On SmolLM2 the same facts give a gap of 16 logits, gap_z 13.8: no warning.)"""
+    from workbench.circuits.facts import builtin_facts
+
+    with pytest.warns(UserWarning, match=r"the corruption moves the answer's logit difference by .* less than twice "
+                                         r"its standard error over the facts \(gap_z 0\.\d\d\): faithfulness, a ratio "
+                                         r"over that gap, is noise here"):
+        c, _, _ = find_circuit(zoo_lm, builtin_facts()[:12], CircuitOptions(method="eap", top_edges=20,
+                                                                            random_seeds=0, per_relation=False))
+    assert c.meta["metrics"]["gap_z"] < 2
+
+
+@pytest.mark.filterwarnings("ignore:the corruption moves")
+def test_an_empty_circuit_is_said_naming_the_largest_score_and_the_cli_writes_none(zoo_lm, tmp_path, capsys):
+    """`--threshold 1e9` wrote a circuit of 0 edges (and its evaluation) without a word."""
+    with pytest.warns(UserWarning, match=r"^the circuit is empty: no edge reaches --threshold 1e\+09 \(the largest "
+                                         r"\|score\| is \d"):
+        c, _, _ = find_circuit(zoo_lm, builtin_facts_few(), CircuitOptions(method="eap", threshold=1e9,
+                                                                           random_seeds=0, per_relation=False))
+    assert c.n_edges == 0 and c.meta["selection"]["empty"]
+    facts = tmp_path / "f.jsonl"
+    facts.write_text("".join(json.dumps({"prompt": f.prompt, "answer": f.answer}) + "\n" for f in builtin_facts_few()))
+    code = main(["circuit", "zoo:qwen2-moe", "--facts", str(facts), "--threshold", "1e9", "--method", "eap",
+                 "--random-seeds", "0", "--out", str(tmp_path / "out"), "--quiet"])
+    msg = one_error(code, capsys.readouterr().err, "nothing written")
+    assert msg.startswith("error: the circuit is empty: no edge reaches --threshold 1e+09")
+    assert not (tmp_path / "out" / "circuit.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore:the corruption moves")
+def test_a_refine_whose_candidates_are_every_edge_is_said(zoo_lm):
+    from workbench.circuits.graph import build_graph
+
+    total = build_graph(zoo_lm.model, zoo_lm.adapter).n_edges
+    n = total // 2 + 1
+    with pytest.warns(UserWarning, match=rf"--refine 2: its 2 x {n} candidates would be every one of the {total} "
+                                         "edges, so there is nothing to re-score within"):
+        c, _, _ = find_circuit(zoo_lm, builtin_facts_few(), CircuitOptions(method="eap", top_edges=n, refine=2,
+                                                                           random_seeds=0, per_relation=False,
+                                                                           evaluate=False))
+    assert c.meta["selection"]["refine"]["skipped"]
+
+
+def test_a_circuit_short_of_its_budget_says_why():
+    from workbench.circuits.cli import _short_line
+
+    assert _short_line({"rule": "top", "top_edges": 30, "selected": 30, "after_pruning": 4}) == (
+        "; budget 30: 30 selected, 4 of them on input->logits paths")
+    assert "would have gone over it" in _short_line({"rule": "fill", "top_edges": 30, "selected": 27,
+                                                     "after_pruning": 27})
+    assert _short_line({"rule": "fill", "top_edges": 30, "selected": 30, "after_pruning": 30}) == ""
+    assert _short_line({"rule": "threshold", "threshold": 0.1, "selected": 3, "after_pruning": 2}) == ""
+
+
+def builtin_facts_few():
+    from workbench.circuits.facts import builtin_facts
+
+    return builtin_facts()[:4]

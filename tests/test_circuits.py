@@ -499,9 +499,19 @@ def test_rewriting_outputs_drops_a_previous_runs_relations(moe_circuit, tmp_path
     assert relation_slug("The capital of {} is") == "The_capital_of_X_is" and relation_slug("{}") == "X"
 
 
-def test_one_relation_gets_no_per_relation_report(tiny_llama):
-    circuit, scores, _ = find_circuit(tiny_llama, FACTS[:4], CircuitOptions(steps=1, random_seeds=1, top_edges=20))
+def test_one_relation_gets_no_per_relation_report(tiny_llama, tmp_path):
+    circuit, scores, mask = find_circuit(tiny_llama, FACTS[:4], CircuitOptions(steps=1, random_seeds=1, top_edges=20))
     assert "relations" not in circuit.meta["metrics"] and not scores.group_masks
+    # a rerun into a folder of a mixed run: its relations go, the folder with them; unevaluated, its metrics too
+    (tmp_path / "relations").mkdir()
+    (tmp_path / "relations" / "capital_of.json").write_text("{}")
+    (tmp_path / "metrics.json").write_text("{}")
+    write_outputs(circuit, scores, mask, tmp_path)
+    assert not (tmp_path / "relations").exists() and (tmp_path / "metrics.json").read_text() != "{}"
+    unevaluated = export.Circuit.from_mask(scores.graph, scores.matrix, mask,
+                                           {k: v for k, v in circuit.meta.items() if k != "metrics"})
+    write_outputs(unevaluated, scores, mask, tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_json_round_trip(moe_circuit):
@@ -629,6 +639,13 @@ def test_plain_facts_get_templates_and_subjects_inferred():
                    ("The capital of {} is", "Japan"), (None, None), (None, None)]
     annotated = Fact("The capital of Peru is", " Lima", relation="capital_of", subject="Peru")
     assert infer_templates([annotated, plain[0]]) == [annotated, plain[0]]  # annotations are kept as given
+    # punctuation both subjects carry is the template's ("France," was the subject, "In {} people speak" the relation)
+    punct = [Fact("In France, people speak", " French"), Fact("In Spain, people speak", " Spanish"),
+             Fact('The word "Paris" has', " five"), Fact('The word "Rome" has', " four"),
+             Fact("Count: 1, 2,", " 3"), Fact("Count: 7, 8,", " 9")]
+    assert [(f.relation, f.subject) for f in infer_templates(punct)] == [
+        ("In {}, people speak", "France"), ("In {}, people speak", "Spain"),
+        ('The word "{}" has', "Paris"), ('The word "{}" has', "Rome"), (None, None), (None, None)]  # two spans differ
 
 
 def test_plain_facts_swap_like_annotated_ones(zoo_tokenizer):
@@ -662,6 +679,11 @@ def test_partnerless_facts_swap_in_an_entity(zoo_tokenizer):
     assert prepared[3].corrupted_ids is None
     rec = prepared[0].record(zoo_tokenizer)
     assert rec["baseline"] == "entity" and rec["swapped_entity"] == prepared[0].extra["swapped_entity"]
+    # the scored token's id: a non-ASCII answer's first token (part of a character) read "\ufffd" and nothing more
+    umlaut = prepare(zoo_tokenizer, [Fact("The city of", " Zürich", "The town of", " Paris")])[0]
+    rec = umlaut.record(zoo_tokenizer)
+    assert rec["answer_id"] == umlaut.answer_id and zoo_tokenizer.decode([rec["answer_id"]]) != ""
+    assert rec["corrupted_answer_id"] == umlaut.corrupted_answer_id
 
 
 def test_a_fact_without_a_partner_borrows_a_builtin_one(zoo_tokenizer):
