@@ -50,7 +50,9 @@ class ChannelStats(NamedTuple):
 
     @property
     def var(self) -> torch.Tensor:
-        """Population variance of the finite entries from the fp32 sums (float64, clamped at 0)."""
+        """Population variance of the finite entries from the fp32 sums (float64, clamped at 0). One pass, so it
+        loses precision where |mean| >> std (a channel of 1000 +- 0.1 reads a std of 0.32); ``workbench reduce``
+        reports the std of float64 moments instead (the ``moments`` reducer)."""
         c = self.count.to(torch.float64).clamp(min=1)
         v = self.sumsq.to(torch.float64) / c - self.mean ** 2
         return v.clamp(min=0.0)

@@ -19,6 +19,7 @@ first rows of a group, most elements issue none. Key 0 means "nothing seen".
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import NamedTuple
 
@@ -105,8 +106,8 @@ def grouped_absmax(x: torch.Tensor, group_ids: torch.Tensor, num_groups: int,
     if not isinstance(group_ids, torch.Tensor) or group_ids.shape != x.shape[:1] or group_ids.is_floating_point():
         shape = tuple(group_ids.shape) if isinstance(group_ids, torch.Tensor) else type(group_ids).__name__
         raise WorkbenchError(f"group_ids must be an integer tensor [N={x.shape[0]}], got {shape}")
-    if int(num_groups) < 0:
-        raise WorkbenchError(f"num_groups must be >= 0, got {num_groups}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 0:
+        raise WorkbenchError(f"num_groups must be an integer >= 0, got {num_groups!r}")
     num_groups = int(num_groups)
     group_ids = group_ids.to(x.device, torch.int64)
     if group_ids.numel() and (int(group_ids.min()) < 0 or int(group_ids.max()) >= num_groups):

@@ -14,8 +14,10 @@
 float64 and rounded up to float32, so "|x| >= edge" is the same test in fp32 and fp64. Binning
 compares the fp32 bit pattern of |x| with the edges' bit patterns (exact integer compares that
 order like the values), so kernel and reference agree bit for bit; the Triton kernel guesses the
-bin from a fp32 log2 and corrects it with two compares each way. 1 <= bins <= 4092 and
--37 <= lo < hi <= 38 (edges are normal fp32 numbers). Counts from disjoint parts add up exactly.
+bin from a fp32 log2 and corrects it with two compares each way. 1 <= bins <= 4092,
+-37 <= lo < hi <= 38 (edges are normal fp32 numbers) and bins at least ``MIN_BIN_WIDTH`` (1e-5) decades wide:
+the guess's fp32 error (~4e-6 decades near 1e38) must stay within the corrections; [3, 3.0004) in 4092 bins put
+values in the wrong bins. Counts from disjoint parts add up exactly.
 
 Triton: a fixed grid of programs, each streaming a contiguous range of blocks and keeping one
 ``tl.histogram`` in registers; per-program partials [programs, bins + 4] are summed on the host.
@@ -24,6 +26,7 @@ Triton: a fixed grid of programs, each streaming a contiguous range of blocks an
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -33,6 +36,7 @@ from workbench.kernels.dispatch import backend_for, check_matrix, next_pow2, num
 
 tl = None  # triton.language, bound on the first launch (dispatch.triton_jit)
 MAX_BINS = 4092
+MIN_BIN_WIDTH = 1e-5  # decades: (hi - lo) / bins at least this (see the module doc)
 _CHUNK = 1 << 22  # elements per reference chunk
 
 
@@ -128,8 +132,15 @@ def log_histogram(x: torch.Tensor, bins: int, lo: float = -6.0, hi: float = 6.0,
     x = check_matrix(x)
     if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS:
         raise WorkbenchError(f"bins must be an int in [1, {MAX_BINS}], got {bins!r}")
+    for name, v in (("lo", lo), ("hi", hi)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise WorkbenchError(f"log_histogram's {name} must be a number (a power of 10), got {v!r}")
     if not (-37.0 <= lo < hi <= 38.0):
         raise WorkbenchError(f"log_histogram needs -37 <= lo < hi <= 38 (normal fp32 edges), got lo={lo}, hi={hi}")
+    if (hi - lo) / bins < MIN_BIN_WIDTH * (1 - 1e-9):  # (38 - 37.99) / 1000 rounds just below
+        raise WorkbenchError(f"log_histogram bins of {(hi - lo) / bins:.3g} decades ({bins} over [{lo:g}, {hi:g})) are "
+                             f"narrower than {MIN_BIN_WIDTH:g}: fp32 cannot place values that finely; use fewer bins "
+                             "or a wider range")
     if backend_for(x, backend) == "triton":
         return _log_histogram_triton(x, bins, float(lo), float(hi))
     return _log_histogram_torch(x, bins, float(lo), float(hi))

@@ -7,7 +7,9 @@ shard by shard (memory bounded by one shard plus O(C) state) and reduced with
 * ``channel_stats``, merged across shards, its argmax reported as the **global token index**
   (ties: the smallest token, as the ``absmax`` reducer does);
 * ``token_absmax``: the ``top`` tokens with the largest |x| (larger first, then smaller token);
-* ``log_histogram`` of log10|x| (``bins`` over [lo, hi), plus zero/under/over/NaN counts).
+* ``log_histogram`` of log10|x| (``bins`` over [lo, hi), plus zero/under/over/NaN counts);
+* per-channel mean and std of the finite entries as ``trace``'s ``moments`` reducer has them (float64, merged
+  across shards; the kernel's fp32 ``sum`` / ``sumsq``, also written, lose the std where |mean| >> std).
 
 ``stats.json`` is written atomically. Shard values in float64 are reduced as float32.
 """
@@ -15,6 +17,7 @@ shard by shard (memory bounded by one shard plus O(C) state) and reduced with
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -24,11 +27,14 @@ from tqdm.auto import tqdm
 from workbench.args import COUNT
 from workbench.errors import WorkbenchError
 from workbench.io import output_file, write_json
-from workbench.kernels.channel_stats import ChannelStats, channel_stats, merge_channel_stats
+from workbench.kernels.channel_stats import ChannelStats, channel_stats, empty_channel_stats, merge_channel_stats
 from workbench.kernels.dispatch import FLOAT_DTYPES, backend_for
 from workbench.kernels.log_histogram import log_histogram, merge_log_histograms
 from workbench.kernels.token_absmax import token_absmax
 from workbench.tracing.dump import FORMAT as DUMP_FORMAT, is_site_key, read_site
+from workbench.tracing.reducers import Moments, Payload
+
+_MOMENT_CHUNK = 1 << 22  # elements of a shard converted to float64 at once for the moments
 
 
 def _read_index(dump_dir: Path) -> dict:
@@ -88,6 +94,9 @@ class _SiteState:
         self.num_tokens = num_tokens
         self.stats: ChannelStats | None = None
         self.hist = None
+        # mean and std as trace's `moments` reducer has them (float64, per shard then merged): the kernel's fp32
+        # sum and sum of squares lose a channel's std where |mean| >> std (a massive channel of 1000 +- 0.1: 0.32)
+        self.moments = Moments()
         self.rows, self.shards, self.channels = 0, 0, None
         self.topv = torch.zeros(0, dtype=torch.float32)
         self.topt = torch.zeros(0, dtype=torch.int64)
@@ -113,6 +122,9 @@ class _SiteState:
         if tokens.numel() > 1 and not bool((tokens[1:] > tokens[:-1]).all()):
             order = torch.argsort(tokens, stable=True)  # rows in token order: smallest row == smallest token
             values, tokens = values[order], tokens[order]
+        step = max(1, _MOMENT_CHUNK // values.shape[1])  # float64 copies of a bounded row chunk at a time
+        for r0 in range(0, values.shape[0], step):
+            self.moments.update(Payload(values[r0:r0 + step], tokens[r0:r0 + step]))
         s = channel_stats(values, self.backend)
         s = s._replace(argmax=torch.where(s.argmax >= 0, tokens[s.argmax.clamp(min=0)], -1))
         self.stats = s if self.stats is None else merge_channel_stats(self.stats, s)
@@ -126,22 +138,26 @@ class _SiteState:
 
     def result(self) -> dict:
         out = {"rows": self.rows, "shards": self.shards, "channels": self.channels or 0}
-        if self.stats is None:  # no shard, or only empty ones
-            return {**out, "peak": {"max_abs": float("nan"), "channel": -1, "token": -1}}
-        s = ChannelStats(*(v.cpu() for v in self.stats))
+        m = self.moments
+        if self.stats is None:  # no shard, or only empty ones: every key a site with rows has, with nothing in it
+            s = empty_channel_stats(self.channels or 0)
+            m.update(Payload(torch.zeros(0, self.channels or 0), torch.zeros(0, dtype=torch.int64)))
+            h = [torch.zeros(self.bins, dtype=torch.int64), 0, 0, 0, 0]
+        else:
+            s, h = ChannelStats(*(v.cpu() for v in self.stats)), [v.cpu() for v in self.hist]
         seen = s.argmax >= 0
         peak = {"max_abs": float("nan"), "channel": -1, "token": -1}
         if bool(seen.any()):
-            m = s.absmax[seen].max()
-            chans = torch.nonzero(seen & (s.absmax == m)).flatten()
+            top = s.absmax[seen].max()
+            chans = torch.nonzero(seen & (s.absmax == top)).flatten()
             best = int(chans[torch.argmin(s.argmax[chans])])  # smallest token, then smallest channel
-            peak = {"max_abs": float(m), "channel": best, "token": int(s.argmax[best])}
-        h = [v.cpu() for v in self.hist]
+            peak = {"max_abs": float(top), "channel": best, "token": int(s.argmax[best])}
         nan = int(s.nan.sum())
         return {
-            **out, "peak": peak, "nan_count": nan, "inf_count": self.rows * self.channels - int(s.count.sum()) - nan,
-            "channel": {"absmax": s.absmax.tolist(), "argmax_token": s.argmax.tolist(), "mean": s.mean.tolist(),
-                        "std": s.var.sqrt().tolist(), "sum": s.sum.tolist(), "sumsq": s.sumsq.tolist(),
+            **out, "peak": peak, "nan_count": nan, "inf_count": self.rows * out["channels"] - int(s.count.sum()) - nan,
+            "channel": {"absmax": s.absmax.tolist(), "argmax_token": s.argmax.tolist(),
+                        "mean": torch.where(m.count > 0, m.mean, math.nan).tolist(), "std": m.var.sqrt().tolist(),
+                        "sum": s.sum.tolist(), "sumsq": s.sumsq.tolist(),
                         "count": s.count.tolist(), "nan": s.nan.tolist()},
             "top_tokens": [{"token": int(t), "max_abs": float(v), "channel": int(c)}
                            for v, t, c in zip(self.topv.tolist(), self.topt.tolist(), self.topc.tolist())],

@@ -20,11 +20,14 @@ from workbench.tracing.reducers import ExpertAbsMax, Payload
 g = torch.Generator().manual_seed(0)
 x, ids, tok = torch.randn(60, 16, generator=g), torch.randint(0, 4, (60,), generator=g), torch.randperm(60, generator=g)
 x[7], ids[7] = x[3], ids[3]
+# NaN never wins (a NaN beside smaller values, a cell of NaN only), inf is a value: the kernel path counted NaN as 1
+x[ids == 2, 5] = float("nan")
+x[11, 1], x[13, 4], x[20, 0] = float("nan"), float("inf"), float("-inf")
 for ct in (True, False):
     e = ExpertAbsMax(num_experts=4, channel_tokens=ct)
     for part in (slice(0, 25), slice(25, 60)):
         e.update(Payload(x[part], tok[part], experts=ids[part]))
-    out[f"experts channel_tokens={ct}"] = [e.absmax.tolist(), e.results()]
+    out[f"experts channel_tokens={ct}"] = [e.absmax.tolist(), e.results(), e.nan_count.tolist(), e.inf_count.tolist()]
 print(json.dumps(out))
 """
 

@@ -196,6 +196,21 @@ def test_log_histogram_kernel_matches_reference(dtype, shape):
         assert int(sum(v.sum() for v in got)) == x.numel()
 
 
+def test_log_histogram_bins_as_narrow_as_allowed_match_the_reference():
+    """4092 bins over [3, 3.0004) (1e-7 decades each) put values in the wrong bins through the kernel, whose fp32
+    guess then missed by more than its corrections: such bins are refused, and the narrowest allowed, where fp32 is
+    coarsest (near 1e38), bin alike through both backends."""
+    g = torch.Generator().manual_seed(1)
+    for lo in (37.98, -37.0, 0.3):
+        hi = lo + 0.01  # 1,000 bins of 1e-5 decades
+        x = (10 ** (lo + (hi - lo) * torch.rand(1, 4000, generator=g, dtype=torch.float64))).float()
+        got, ref = log_histogram(x, 1000, lo, hi, backend="triton"), log_histogram(x, 1000, lo, hi, backend="torch")
+        assert all(torch.equal(u, v) for u, v in zip(got, ref)) and int(ref.counts.sum()) > 3900
+    with pytest.raises(WorkbenchError, match=r"^log_histogram bins of 9\.78e-08 decades \(4092 over \[3, 3\.0004\)\) "
+                                             r"are narrower than 1e-05"):
+        log_histogram(x, 4092, 3.0, 3.0004, backend="torch")
+
+
 def test_log_histogram_edges_are_exact():
     edges = log_histogram_edges(96).float()
     below = torch.nextafter(edges, torch.tensor(0.0))
@@ -263,6 +278,13 @@ def test_bad_arguments(backend):
         topk_abs(x, -1, backend=backend)
     with pytest.raises(WorkbenchError, match="bins"):
         log_histogram(x, 0, backend=backend)
+    # raw TypeErrors, and 2.7 groups read as 2, before
+    with pytest.raises(WorkbenchError, match=r"^num_groups must be an integer >= 0, got 2\.7$"):
+        grouped_absmax(x, torch.tensor([0, 1, 1, 0]), 2.7, backend=backend)
+    with pytest.raises(WorkbenchError, match=r"^num_groups must be an integer >= 0, got None$"):
+        grouped_absmax(x, torch.tensor([0, 1, 1, 0]), None, backend=backend)
+    with pytest.raises(WorkbenchError, match=r"^log_histogram's lo must be a number \(a power of 10\), got 'a'$"):
+        log_histogram(x, 8, "a", 1.0, backend=backend)
 
 
 def test_references_match_brute_force():
@@ -481,3 +503,39 @@ def test_reduce_subcommand(traced_dump, tmp_path, capsys):
     args = parser.parse_args(["reduce", str(d), "--out", str(tmp_path / "stats.json"), "--quiet"])
     assert args.func(args) == 0
     assert "wrote" in capsys.readouterr().out and (tmp_path / "stats.json").is_file()
+
+
+def test_reduce_dump_std_holds_on_an_offset_channel(tmp_path):
+    """The std came from the kernel's fp32 sum and sum of squares: a massive channel of 1000 +- 0.1 read 0.32, one of
+    50 +- 0.01 over 100k rows 0, a one-row expert 1e-7. It is now trace's float64 moments, merged across shards."""
+    from workbench.tracing.dump import DumpWriter
+    from workbench.tracing.reducers import Moments, Payload
+    from workbench.tracing.sites import Component, Site
+
+    g = torch.Generator().manual_seed(0)
+    n = 4096
+    x = torch.stack([1000 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64),
+                     50 + 0.01 * torch.randn(n, generator=g, dtype=torch.float64),
+                     torch.randn(n, generator=g, dtype=torch.float64)], 1).float()
+    x[5, 2] = float("nan")
+    site, one, idle = (Site(i, Component.RESID_POST) for i in range(3))
+    w = DumpWriter(tmp_path / "d", shard_rows=1000)
+    for r0 in range(0, n, 700):  # several shards per site
+        w.sink(site).update(Payload(x[r0:r0 + 700], torch.arange(r0, min(n, r0 + 700))))
+    w.sink(one).update(Payload(torch.tensor([[1e-3, -7.5]]), torch.tensor([3])))
+    w.sink(idle).update(Payload(torch.zeros(0, 2), torch.zeros(0, dtype=torch.int64)))
+    w.close(torch.zeros(n, dtype=torch.int64), torch.arange(n), {"num_tokens": n})
+    got = reduce_dump(tmp_path / "d", tmp_path / "stats.json", progress=False)["sites"]
+    finite = x.double().clone()
+    want_std = [float(finite[:, 0].std(unbiased=False)), float(finite[:, 1].std(unbiased=False)),
+                float(torch.cat([finite[:5, 2], finite[6:, 2]]).std(unbiased=False))]
+    assert got[site.key]["channel"]["std"] == pytest.approx(want_std, rel=1e-9)
+    moments = Moments()
+    moments.update(Payload(x, torch.arange(n)))
+    assert got[site.key]["channel"]["mean"] == pytest.approx(moments.mean.tolist(), rel=1e-12)
+    assert got[one.key]["channel"]["std"] == [0.0, 0.0] and got[one.key]["channel"]["count"] == [1, 1]
+    # an empty site has every key a site with rows has (code reading nan_count or top_tokens raised KeyError)
+    assert got[idle.key].keys() == got[site.key].keys()
+    assert got[idle.key]["channel"].keys() == got[site.key]["channel"].keys()
+    assert got[idle.key]["rows"] == 0 and got[idle.key]["top_tokens"] == []
+    assert all(v != v for v in got[idle.key]["channel"]["std"] + got[idle.key]["channel"]["mean"])  # NaN: no value

@@ -700,6 +700,35 @@ def test_state_dict_holds_only_tensors_and_survives_torch_save(tmp_path):
     assert_same_state(loaded, r)
 
 
+@pytest.mark.parametrize("saved,into,needle", [
+    (dict(kind="router_stats", num_experts=2), dict(num_experts=8), "num_experts=2, this one has num_experts=8"),
+    (dict(kind="router_stats", num_experts=2, scoring="sigmoid"), dict(num_experts=2), "sigmoid=True, this one has "
+                                                                                        "sigmoid=False"),
+    (dict(kind="expert_counts", num_experts=2), dict(num_experts=8), "num_experts=2, this one has num_experts=8"),
+    (dict(kind="expert_absmax", num_experts=2), dict(num_experts=8), "num_experts=2, this one has num_experts=8"),
+    (dict(kind="expert_absmax", num_experts=2, channel_tokens=False), dict(num_experts=2),
+     "channel_tokens=False, this one has channel_tokens=True")])
+def test_a_state_of_a_reducer_set_up_otherwise_is_refused(saved, into, needle):
+    """A RouterStats state of 2 experts loaded into one of 8 reported a 2-expert load against log 8's entropy; a
+    sigmoid router's state loaded into a softmax one, an ExpertAbsMax state without per-channel tokens into one with
+    them: all taken without a word. A merge of RouterStats over other experts broadcast (1 into 4: load 0.25 each)."""
+    from workbench.tracing.reducers import Reducer
+
+    cls = Reducer.registry[saved.pop("kind")]
+    with pytest.raises(ValueError, match=needle):
+        cls(**into).load_state_dict(cls(**saved).state_dict())
+    assert cls(**into).load_state_dict(cls(**into).state_dict())  # the same setup loads
+
+
+def test_router_stats_over_other_experts_do_not_merge():
+    from workbench.tracing.reducers import RouterStats
+
+    one = RouterStats(num_experts=1)
+    one.update(Payload(torch.randn(5, 1), torch.arange(5), topk=torch.zeros(5, 1, dtype=torch.long)))
+    with pytest.raises(ValueError, match="cannot merge RouterStats over 1 experts into 4"):
+        RouterStats(num_experts=4).merge(one)
+
+
 # ----------------------------------------------------------------------------------------------
 # rejected merges / updates / payloads
 # ----------------------------------------------------------------------------------------------

@@ -125,6 +125,10 @@ def test_log2_histogram_special_values():
     assert h.quantile(0.5) == pytest.approx(1.0, rel=0.006)
     assert h.quantile(1.0) == math.inf
     assert math.isnan(Log2Histogram().median())
+    # float64 beyond float32's range rounds to inf, and is counted as inf (it was counted as NaN)
+    big = Log2Histogram()
+    big.update(Payload(torch.tensor([[1e300, -1e39, 2.0, math.inf]], dtype=torch.float64), torch.tensor([0])))
+    assert (int(big.inf_count), int(big.nan_count), int(big.counts.sum())) == (3, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,7 +210,8 @@ def test_expert_absmax_peak_tokens_only():
     assert [(x["max_abs"], x["token"], x["channel"]) for x in r.results()] == [(3.0, 5, 0), (2.0, 9, 1)]
     r.update(Payload(torch.tensor([[0.0, -3.0], [0.0, 2.5]]), torch.tensor([2, 3]), experts=torch.tensor([0, 1])))
     assert [(x["max_abs"], x["token"], x["channel"]) for x in r.results()] == [(3.0, 2, 1), (2.5, 3, 1)]
-    assert r.state_dict().keys() == {"absmax", "peak_token", "peak_channel", "nan_count", "inf_count", "rows"}
+    assert r.state_dict().keys() == {"absmax", "peak_token", "peak_channel", "nan_count", "inf_count", "rows",
+                                     "num_experts", "channel_tokens"}  # the settings a state is loaded against
     copy = ExpertAbsMax(num_experts=2, channel_tokens=False).load_state_dict(r.state_dict())
     later = ExpertAbsMax(num_experts=2, channel_tokens=False)
     later.update(Payload(torch.tensor([[9.0, 0.0]]), torch.tensor([1]), experts=torch.tensor([1])))

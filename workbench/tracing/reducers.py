@@ -171,7 +171,7 @@ class Reducer:
         """Load a :meth:`state_dict` (settings it lacks are not checked: states saved before they were kept). A
         key that is no state field, or a setting other than this reducer's, is refused, naming it."""
         config = self._config()
-        names = {f.name for f in fields(self)}
+        names = {f.name for f in fields(self)} | set(config)
         for k, v in state.items():
             if k not in names:
                 raise ValueError(f"{type(self).__name__} state has unknown key {k!r}; known: "
@@ -460,8 +460,8 @@ class Log2Histogram(Reducer):
     exponent and 7 mantissa bits, i.e. the bfloat16 value) is a log2-spaced bin code: bin width is
     a factor of 2**(1/128) (0.54 %), over the whole float32 range. Updating is one shift and one
     bincount; histograms merge exactly. Values are binned as float32 (float64 input is rounded to
-    float32 first). ``counts[0]`` holds zeros (and denormals below 9.2e-41); ``inf`` is counted in
-    ``inf_count``, NaN in ``nan_count``; neither is in ``counts``.
+    float32 first, so |x| beyond 3.4e38 counts as inf). ``counts[0]`` holds zeros (and denormals below 9.2e-41);
+    ``inf`` is counted in ``inf_count``, NaN in ``nan_count``; neither is in ``counts``.
     """
 
     kind: ClassVar[str] = "log2_histogram"
@@ -478,7 +478,8 @@ class Log2Histogram(Reducer):
         if a.dtype == torch.bfloat16:
             codes = a.flatten().view(torch.int16)  # a bfloat16 is the top half of its float32
         else:
-            codes = torch.bitwise_right_shift(a.flatten().to(torch.float32).view(torch.int32), 16)
+            a = a.to(torch.float32)  # float64 beyond float32's range rounds to inf here, and is counted as inf
+            codes = torch.bitwise_right_shift(a.flatten().view(torch.int32), 16)
         n = torch.bincount(codes, minlength=self.CODES).cpu()
         self.counts += n[: self.INF]
         special = int(n[self.INF:].sum())
@@ -548,6 +549,7 @@ class ExpertAbsMax(Reducer):
     # 2.9 at 0.05, 2.6 at 0.2, 4.1 never pair by pair (replayed payloads; the share changes only the speed).
     sparse_share: ClassVar[float] = 0.1
     token_fields: ClassVar[tuple[str, ...]] = ("token", "peak_token")
+    settings: ClassVar[tuple[str, ...]] = ("num_experts", "channel_tokens")
     num_experts: int = 0
     channel_tokens: bool = True
     absmax: torch.Tensor | None = None  # [E, C] float64, -1 where nothing seen
@@ -589,7 +591,7 @@ class ExpertAbsMax(Reducer):
         counts = torch.bincount(ids, minlength=e)  # rows per expert, on the rows' device
         counts_cpu = counts.cpu()
         self.rows += counts_cpu
-        a = p.abs()
+        a = raw = p.abs()
         if not bool(torch.isfinite(a.amax(dim=0)).all()):  # rare: per-expert NaN / inf counts, and NaN never wins
             nan = torch.isnan(a)
             self.nan_count += torch.bincount(ids, weights=nan.sum(1), minlength=e).to(torch.int64).cpu()
@@ -598,7 +600,8 @@ class ExpertAbsMax(Reducer):
         if _use_kernels(x):
             from workbench.kernels.grouped_absmax import grouped_absmax
 
-            g = grouped_absmax(a, ids, e)  # ties -> the smallest row: the smallest token when rows are in order
+            # the kernel takes |x| itself and skips NaN: given the -1 fill, a NaN would be a value of 1
+            g = grouped_absmax(raw, ids, e)  # ties -> the smallest row: the smallest token when rows are in order
             m = torch.where(g.argmax >= 0, g.absmax.to(a.dtype), -1.0)  # the maxima, in any row order
             in_order = tok.numel() < 2 or bool(((tok[1:] > tok[:-1]) | (ids[1:] != ids[:-1])).all())
             if in_order and self.channel_tokens:
@@ -742,6 +745,7 @@ class ExpertCounts(Reducer):
     """Token-slot assignments per expert, from a router site's chosen top-k indices."""
 
     kind: ClassVar[str] = "expert_counts"
+    settings: ClassVar[tuple[str, ...]] = ("num_experts",)
     num_experts: int = 0
     counts: torch.Tensor | None = None  # [E] int64
     tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
@@ -864,6 +868,7 @@ class RouterStats(Reducer):
     """
 
     kind: ClassVar[str] = "router_stats"
+    settings: ClassVar[tuple[str, ...]] = ("num_experts", "sigmoid")
     num_experts: int = 0
     scoring: str = "softmax"
     prob_sum: torch.Tensor | None = None  # [E] float64
@@ -910,8 +915,15 @@ class RouterStats(Reducer):
         self.coactivation += (onehot.T @ onehot).round().to(torch.int64).cpu()  # exact: counts < 2**24 per batch
         self.tokens += n
 
+    @property
+    def sigmoid(self) -> bool:
+        """The scoring as a setting a state can hold (a 0-d tensor; strings cannot be)."""
+        return self.scoring == "sigmoid"
+
     def merge(self, other: "RouterStats") -> "RouterStats":
         self._check_same(other)
+        if other.num_experts != self.num_experts:
+            raise ValueError(f"cannot merge RouterStats over {other.num_experts} experts into {self.num_experts}")
         for name in ("prob_sum", "counts", "coactivation", "entropy_sum", "margin_sum", "tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
