@@ -244,3 +244,27 @@ def test_dbrx_contract_router_and_expert_weights():
     with torch.no_grad():
         experts.down_proj[1, 3].zero_()
     assert not experts.mlp.w2.view(E, I, H)[1, :, 3].any() and experts.mlp.w2.view(E, I, H)[0, :, 3].any()
+
+
+def test_a_study_sink_share_is_over_softmax_layers_only(tmp_path, zoo_tokenizer):
+    """MiniMax's lightning layers hand out a [B, H, T, T] "attentions" tensor that is no probability (rows sum to
+    ~0.03): averaged in, the study's sink metric was half the share eager attention gives over its softmax layers
+    (0.122 against 0.240 on the sweep's texts); `profile` had it right."""
+    import torch
+
+    from workbench.experts.sinks import eager_attention
+    from workbench.metrics import text_metrics
+
+    lm = load(str(save_tiny("minimax", tmp_path, zoo_tokenizer)))
+    texts = ["Once upon a time there was a cat", "Water boils at one hundred degrees"]
+    softmax = [i for i, layer in enumerate(lm.adapter.decoder_layers(lm.model)) if lm.adapter.has_attention(layer)]
+    assert 0 < len(softmax) < len(lm.adapter.decoder_layers(lm.model))
+    with eager_attention(lm.model):  # as a study runs it
+        got, _ = text_metrics(lm, texts, {"sink"}, batch_size=1)
+        for text, share in zip(texts, got["sink"]):
+            ids = lm.tokenizer(text, return_tensors="pt").input_ids
+            with torch.no_grad():
+                att = lm.model(ids, output_attentions=True).attentions
+            assert len(att) == len(lm.adapter.decoder_layers(lm.model))
+            want = torch.stack([att[i][0, :, 1:, 0].double().mean() for i in softmax]).mean()
+            assert share == pytest.approx(float(want), rel=1e-5)

@@ -157,6 +157,70 @@ def test_force_puts_the_expert_in_every_tokens_top_k():
     assert torch.allclose(got["weights"][hit], torch.tensor(0.25))
 
 
+@pytest.mark.parametrize("first,second", [((0, 0.4), (1, 0.6)), ((1, 0.6), (0, 0.4))])
+def test_two_forces_keep_both_experts_in_either_order(first, second):
+    """The second force took the lowest-weighted slot, which could be the one the first had just set: with
+    [e0 0.4, e1 0.6], e0 stayed in 2 of 16 tokens on zoo:qwen3-moe (16 with the list reversed). More forces than
+    the layer's top-k are refused."""
+    lm = load("zoo:qwen3-moe")
+    layer = lm.adapter.decoder_layers(lm.model)[1]
+    got = {}
+    h = lm.adapter.experts(layer).register_forward_pre_hook(lambda m, a: got.update(index=a[1].clone(),
+                                                                                     weights=a[2].clone()))
+    try:
+        with apply(lm, [dict(op="force", layers=1, expert=e, weight=w) for e, w in (first, second)]):
+            logits(lm, batch(lm))
+    finally:
+        h.remove()
+    for e, w in (first, second):
+        hit = got["index"] == e
+        assert hit.sum(-1).eq(1).all() and torch.allclose(got["weights"][hit], torch.tensor(w)), e
+    k = lm.layer_infos()[1].top_k
+    with pytest.raises(WorkbenchError, match=rf"force puts {k + 1} experts \(0, 1, 2\) in layer 1, which routes each "
+                                             rf"token to {k}: they cannot all be chosen"):
+        apply(lm, [dict(op="force", layers=1, expert=e, weight=0.3) for e in range(k + 1)])
+
+
+def test_drops_beyond_the_top_k_give_the_empty_slots_no_weight():
+    """DeepSeek-V3's routing gathered a slot's weight from the unmasked scores: with 6 of 8 experts dropped (top-2 of
+    one of 2 groups) every token went to a dropped expert at ~0.5. PhiMoE's SparseMixer gave NaN weights (and NaN
+    logits) once fewer experts than slots were left. Such slots now weigh nothing, and the drop is said."""
+    from types import SimpleNamespace
+
+    lm = load("zoo:deepseek-v3")
+    layer = lm.adapter.decoder_layers(lm.model)[1]
+    got = {}
+    h = lm.adapter.experts(layer).register_forward_pre_hook(lambda m, a: got.update(index=a[1].clone(),
+                                                                                     weights=a[2].clone()))
+    dropped = [1, 2, 3, 4, 5, 6]
+    try:
+        with apply(lm, [dict(op="drop", layers=1, expert=e) for e in dropped]):
+            out = logits(lm, batch(lm))
+    finally:
+        h.remove()
+    assert torch.isfinite(out).all()
+    assert (got["weights"][torch.isin(got["index"], torch.tensor(dropped))] == 0).all()
+    assert (got["weights"].sum(-1) > 0).all()  # each token keeps a kept expert
+    with pytest.warns(UserWarning, match=r"drop leaves layer 1 1 routed expert\(s\), fewer than the 2 each token is "
+                                         r"routed to: the other slot\(s\) weigh nothing"):
+        apply(lm, [dict(op="drop", layers=1, expert=e) for e in range(7)])
+
+    from workbench.adapters.base import adapter_for
+
+    phimoe = adapter_for("phimoe")
+    model = SimpleNamespace(config=SimpleNamespace(num_experts_per_tok=2))
+    logits_ = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    exclude = torch.zeros(16, 4, dtype=torch.bool)
+    exclude[:, :3] = True
+    w, idx = phimoe.select_experts(model, logits_, SimpleNamespace(router_jitter_noise=0.01), exclude)
+    assert torch.isfinite(w).all() and (idx[:, 0] == 3).all() and (w[:, 1] == 0).all()
+    w0, idx0 = phimoe.select_experts(model, logits_, SimpleNamespace(router_jitter_noise=0.01))  # unchanged without
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    ref = sparsemixer(logits_, jitter_eps=0.01, training=False, top_k=2)
+    assert torch.equal(w0, ref[0]) and torch.equal(idx0, ref[1])
+
+
 def test_drop_on_deepseek_never_picks_the_expert():
     lm = load("zoo:deepseek-v3")
     enc = batch(lm)
@@ -437,3 +501,65 @@ def test_a_field_the_op_does_not_read_is_said():
         warnings.simplefilter("error")
         Intervention.from_dict(dict(op="scale", layers=1, expert=1, factor=2.0, positions=[0], token="a"))
         Intervention.from_dict(dict(op="force", layers=1, expert=1, weight=0.5, kind="routed"))
+
+
+def test_a_scope_that_takes_no_token_is_said():
+    """A `token` no prompt contains ran without a word: its condition's metrics equal the baseline's, which the table
+    does not explain. Each scoped intervention that took no token in any pass is named on leaving; one that took a
+    token, an unscoped one, and a block left by an error are not."""
+    import warnings
+
+    lm = load("zoo:qwen2-moe")
+    enc = batch(lm)
+    with pytest.warns(UserWarning, match=r"intervention 1 \(zero_channel at layers \[1\]\): its scope \(token "
+                                         r"'zqzqzq'\) took no token in this run, so it changed nothing"):
+        with apply(lm, [dict(op="zero_channel", layers=0, channel=3, token="capital"),
+                        dict(op="zero_channel", layers=1, channel=3, token="zqzqzq"),
+                        dict(op="zero_channel", layers=1, channel=4)]):
+            logits(lm, enc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with apply(lm, [dict(op="zero_channel", layers=0, channel=3, token="capital")]):
+            logits(lm, enc)
+        with apply(lm, [dict(op="zero_channel", layers=1, channel=3, token="zqzqzq")]):
+            pass  # no pass ran: nothing to say
+        with pytest.raises(ValueError), apply(lm, [dict(op="zero_channel", layers=1, channel=3, token="zqzqzq")]):
+            logits(lm, enc)
+            raise ValueError("the caller's own error")
+
+
+def test_a_cached_step_without_a_mask_counts_positions_after_the_cache():
+    """A hand-written decoding loop (`model(ids[:, -1:], past_key_values=...)`, no attention mask) counted the new
+    token as position 0: `positions: [0]` hit it (last-token logits 1.8e-2 off the full forward on granitemoeshared)."""
+    lm = load("zoo:qwen3-moe")
+    ids = lm.tokenizer(["The capital of France is Paris"], return_tensors="pt").input_ids
+    iv = [dict(op="zero_channel", layers=1, channel=3, positions=[0])]
+    with torch.no_grad(), apply(lm, iv):
+        full = lm.model(ids).logits[0, -1]
+        past = lm.model(ids[:, :-1], use_cache=True).past_key_values
+        step = lm.model(ids[:, -1:], past_key_values=past, use_cache=True).logits[0, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+
+
+def test_odd_setups_get_one_line_errors():
+    """`kind: shared` on a model without shared experts said "shared expert 0 out of range (layer 0 has 0)"; a
+    `prompts` scope fed a wrong number of prompt indices did nothing; head ops on Qwen3-Next's gated attention said
+    only "unexpected attention shapes in layer 3"."""
+    from workbench.adapters.base import adapter_for
+    from workbench.interventions import Applied
+    from workbench.models.families import tiny_model
+    from workbench.models.specs import LoadedModel
+
+    with pytest.raises(WorkbenchError, match=r"^intervention 0: field 'kind': layer 0 has no shared experts$"):
+        apply(load("zoo:mixtral"), [dict(op="zero", layers=0, expert=0, kind="shared")])
+    lm = load("zoo:qwen3-moe")
+    with pytest.raises(WorkbenchError, match=r"^set_prompts gave 3 prompt indices for a batch of 4 rows$"), \
+            apply(lm, [dict(op="zero_channel", layers=1, channel=3, prompts=[0])]) as applied:
+        applied.set_prompts([0, 1, 2])
+        logits(lm, batch(lm))
+    model = tiny_model("qwen3_next")
+    gated = LoadedModel(model, None, adapter_for(model), "tiny qwen3_next")
+    layer = next(i for i, b in enumerate(gated.adapter.decoder_layers(model)) if gated.adapter.has_attention(b))
+    with pytest.raises(WorkbenchError, match=rf"^intervention 0: op 'zero_head' reads attention heads, and layer "
+                                             rf"{layer}'s attention is not of a layout it knows \(unexpected"):
+        Applied(gated, [Intervention.from_dict(dict(op="zero_head", layers=layer, heads=[0]))])

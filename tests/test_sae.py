@@ -317,6 +317,26 @@ def test_study_compares_expert_ablation_with_feature_steering(planted, planted_s
     assert again[again.metric == "kl"].set_index("condition")["mean"].equals(kl)
 
 
+def test_a_relative_sae_path_in_a_study_is_read_beside_the_study_file(planted_sae, tmp_path, monkeypatch):
+    """It was read from the current folder (a study's texts were already read beside the study file): a study
+    beside its SAE failed when run from elsewhere."""
+    import shutil
+
+    from workbench.studies import Study
+
+    (tmp_path / "sub").mkdir()
+    shutil.copytree(planted_sae, tmp_path / "sub" / "my-sae")
+    steer = {"op": "sae_steer", "sae": "my-sae", "feature": FEATURE, "coef": 2.0}
+    (tmp_path / "sub" / "s.yaml").write_text(yaml.safe_dump({"conditions": [{"name": "s", "interventions": [steer]}]}))
+    monkeypatch.chdir(tmp_path)
+    iv = Study.from_file("sub/s.yaml").explicit[0].interventions[0]
+    assert iv.sae == str(tmp_path / "sub" / "my-sae")  # absolute: study.resolved.yaml runs from anywhere
+    shutil.copytree(planted_sae, tmp_path / "cwd-sae")  # still found in the current folder when not beside the study
+    (tmp_path / "sub" / "s2.yaml").write_text(yaml.safe_dump(
+        {"conditions": [{"name": "s", "interventions": [dict(steer, sae="cwd-sae")]}]}))
+    assert Study.from_file("sub/s2.yaml").explicit[0].interventions[0].sae == str(tmp_path / "cwd-sae")
+
+
 def test_an_sae_of_another_model_is_flagged():
     """The width was all that was checked: an SAE trained on zoo:tiny-moe read (and steered) zoo:qwen2-moe without a
     word."""

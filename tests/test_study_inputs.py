@@ -17,7 +17,7 @@ from helpers import SHORT_CONTEXT
 from workbench.errors import WorkbenchError
 from workbench.interventions import Intervention
 from workbench.models.specs import load
-from workbench.studies import Study
+from workbench.studies import Study, summarise
 
 TINY = {"name": "ok", "metrics": ["perplexity", "kl"], "num_texts": 4,
         "conditions": [{"name": "drop-L1-E3", "interventions": [{"op": "drop", "layers": 1, "expert": 3}]}]}
@@ -339,3 +339,22 @@ def test_a_relative_texts_path_is_read_beside_the_study_file(tmp_path, monkeypat
     (tmp_path / "t2.txt").write_text("from the current folder\n")  # still found there when not beside the study
     (tmp_path / "sub" / "s2.yaml").write_text("texts: t2.txt\nconditions: []\n")
     assert Study.from_file("sub/s2.yaml").texts() == ["from the current folder"]
+
+
+def test_a_condition_whose_outputs_are_not_finite_is_said_and_not_scored_right(tmp_path):
+    """A channel scaled by 1e38 makes the outputs NaN: cloze accuracy read 1.00 (max over NaN log-probabilities
+    returned the first option, the right one for a quarter of the items), without a word, and the report then
+    failed (argmax over NaN changes). The NaN items are left out, said, and the report renders."""
+    from workbench.report import report
+
+    lm = load("zoo:qwen3-moe")
+    huge = [{"op": "scale_channel", "layers": layer, "channel": 3, "factor": 1e38} for layer in (0, 1)]
+    study = Study({"name": "s", "num_texts": 4, "metrics": ["perplexity", "accuracy"],
+                   "conditions": [{"name": "huge", "interventions": huge}]})
+    with pytest.warns(UserWarning, match=r"condition 'huge': perplexity is NaN on 4 of 4, accuracy is NaN on 24 of 24 "
+                                         r"\(the model's outputs are not finite there\)"):
+        df = study.run(lm, tmp_path / "o", progress=False)
+    huge_rows = df[df.condition == "huge"].set_index("metric")
+    assert huge_rows.loc["accuracy", "n"] == 0 and math.isnan(huge_rows.loc["accuracy", "mean"])
+    assert "huge" in summarise(df).index  # the CLI's table kept only the baseline
+    assert report(tmp_path / "o").exists()

@@ -170,6 +170,8 @@ class Intervention:
                 if info.kind != "moe":
                     raise WorkbenchError(f"{where}: field 'layers': layer {layer} is dense and has no experts")
                 limit = info.num_experts if self.kind == "routed" else info.num_shared
+                if not limit:
+                    raise WorkbenchError(f"{where}: field 'kind': layer {layer} has no shared experts")
                 if not 0 <= self.expert < limit:
                     raise WorkbenchError(f"{where}: field 'expert': {self.kind} expert {self.expert} out of range "
                                          f"(layer {layer} has {limit})")
@@ -288,20 +290,28 @@ def check_set(lm, interventions: Sequence[Intervention], where: str = "intervent
     """What no single intervention shows: ``drop`` ops that together leave a layer no routed expert to route to
     (the router's scores would all be masked and the block's output NaN), per scope (unscoped drops count in every
     scope)."""
-    groups: dict[tuple, dict[int, set[int]]] = {}
-    for iv in interventions:
-        if iv.op == "drop" and iv.kind == "routed":
-            scope = (iv.positions, iv.token, iv.prompts)
-            for layer in iv.layers:
-                groups.setdefault(scope, {}).setdefault(layer, set()).add(iv.expert)
-    everywhere = groups.get((None, None, None), {})
     infos = lm.layer_infos()
-    for scope, layers in groups.items():
-        for layer, experts in layers.items():
-            n = infos[layer].num_experts
-            if len(experts | everywhere.get(layer, set())) >= n:
-                raise WorkbenchError(f"{where}: drop removes all {n} routed experts of layer {layer}, so no expert is "
-                                     "left to route to (zero silences experts without re-routing)")
+    for op in ("drop", "force"):
+        groups: dict[tuple, dict[int, set[int]]] = {}
+        for iv in interventions:
+            if iv.op == op and iv.kind == "routed":
+                scope = (iv.positions, iv.token, iv.prompts)
+                for layer in iv.layers:
+                    groups.setdefault(scope, {}).setdefault(layer, set()).add(iv.expert)
+        everywhere = groups.get((None, None, None), {})
+        for scope, layers in groups.items():
+            for layer, experts in layers.items():
+                n, k, experts = infos[layer].num_experts, infos[layer].top_k, experts | everywhere.get(layer, set())
+                if op == "drop" and len(experts) >= n:
+                    raise WorkbenchError(f"{where}: drop removes all {n} routed experts of layer {layer}, so no expert "
+                                         "is left to route to (zero silences experts without re-routing)")
+                if op == "drop" and n - len(experts) < k and scope == (None, None, None):
+                    warnings.warn(f"{where}: drop leaves layer {layer} {n - len(experts)} routed expert(s), fewer than "
+                                  f"the {k} each token is routed to: the other slot(s) weigh nothing", stacklevel=3)
+                if op == "force" and len(experts) > k:
+                    listed = ", ".join(map(str, sorted(experts)))
+                    raise WorkbenchError(f"{where}: force puts {len(experts)} experts ({listed}) in layer {layer}, "
+                                         f"which routes each token to {k}: they cannot all be chosen")
 
 
 def _attention_layout(lm, layer: int, iv: Intervention, where: str):
@@ -314,7 +324,11 @@ def _attention_layout(lm, layer: int, iv: Intervention, where: str):
     if not ad.has_attention(block):
         raise WorkbenchError(f"{where}: field 'layers': layer {layer} has no softmax attention ({ad.mixer_kind(block)})")
     attn = ad.attention(block)
-    spec = attention_spec(attn, lm.model.config, f"layer {layer}")
+    try:
+        spec = attention_spec(attn, lm.model.config, f"layer {layer}")
+    except WorkbenchError as e:  # e.g. Qwen3-Next's gated attention (q_proj twice the heads' width)
+        raise WorkbenchError(f"{where}: op {iv.op!r} reads attention heads, and layer {layer}'s attention is not of a "
+                             f"layout it knows ({e})") from None
     bad = [h for h in iv.heads or () if not 0 <= h < spec.n_heads]
     if bad:
         raise WorkbenchError(f"{where}: field 'heads': head {bad[0]} out of range (layer {layer} has {spec.n_heads})")
@@ -390,6 +404,7 @@ class Applied(HookSet):
         self._decoded: dict[int, str] = {}
         self._prompts: torch.Tensor | None = None
         self._stages: set[tuple[str, int]] = set()  # (stage, layer) hooked here that compute for every active set
+        self._touched: dict[int, bool] = {}  # id of a scoped intervention -> whether its scope took any token yet
 
     def set_prompts(self, indices: Sequence[int] | None) -> None:
         """The prompt index of each row of the coming batches (None: not a numbered pass)."""
@@ -423,7 +438,9 @@ class Applied(HookSet):
                 hit |= pos == (p if p >= 0 else lengths + p)
             keep &= hit
         if iv.prompts is not None:
-            if self._prompts is None or self._prompts.numel() != b:
+            if self._prompts is not None and self._prompts.numel() != b:
+                raise WorkbenchError(f"set_prompts gave {self._prompts.numel()} prompt indices for a batch of {b} rows")
+            if self._prompts is None:
                 keep &= False
             else:
                 chosen = torch.isin(self._prompts, torch.tensor(iv.prompts)).to(keep.device)
@@ -433,7 +450,26 @@ class Applied(HookSet):
             self._decoded.update(zip(new, token_texts(self.lm.tokenizer, new)))
             match = torch.tensor([iv.token in self._decoded[v] for v in ids.flatten().tolist()], device=ids.device)
             keep &= match.view(b, t)
+        if not self._touched.get(id(iv)):
+            self._touched[id(iv)] = bool(keep.any())
         return keep.reshape(-1)
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if exc[0] is None:
+            self._say_untouched()
+
+    def _say_untouched(self) -> None:
+        """Warn of each scoped intervention whose scope took no token in any pass it was asked about (a ``token``
+        no prompt contains, a ``prompts`` list of other prompts): it changed nothing, which a table of metrics
+        equal to the baseline's would not say."""
+        for i, iv in enumerate(self.interventions):
+            if self._touched.get(id(iv)) is False:
+                scope = ", ".join(f"{k} {getattr(iv, k)!r}" for k in ("token", "positions", "prompts")
+                                  if getattr(iv, k) is not None)
+                warnings.warn(f"intervention {i} ({iv.op} at layers {list(iv.layers)}): its scope ({scope}) took no "
+                              "token in this run, so it changed nothing", stacklevel=3)
+        self._touched.clear()
 
     def remove(self) -> None:
         super().remove()
@@ -461,8 +497,16 @@ class Applied(HookSet):
         self._stages.clear()
 
         def read_ids(mod, args, kwargs):
-            self._tokens.ids = args[0] if args else kwargs.get("input_ids")
-            self._tokens.mask = kwargs.get("attention_mask")
+            ids = self._tokens.ids = args[0] if args else kwargs.get("input_ids")
+            mask = kwargs.get("attention_mask")
+            past = kwargs.get("past_key_values")
+            if mask is None and past is not None and isinstance(ids, torch.Tensor) and hasattr(past, "get_seq_length"):
+                # a cached step without a mask (a hand-written decoding loop): its tokens follow the cached ones,
+                # all real; positions counted the new token as position 0
+                seen = int(past.get_seq_length())
+                if seen:
+                    mask = torch.ones(ids.shape[0], seen + ids.shape[1], dtype=torch.long, device=ids.device)
+            self._tokens.mask = mask
         self._hook(model, read_ids, pre=True)
         body = ad.body(model)
         if body is not model:  # passes that skip the LM head (traces, profiles) call the body
@@ -656,15 +700,29 @@ class Applied(HookSet):
         from workbench.tracing.attention_tap import AttentionTap
 
         attn, _ = _attention_layout(self.lm, layer, iv, "intervention")
-        order = None
+        order = rec = None
         if iv.matched is not None:  # rotary dims from the highest frequency down: pair p is dims p and p + rot / 2
             from workbench.experts.qk import rotary_frequencies
+            from workbench.experts.rope import RopeRecorder
 
             half = int(rotary_frequencies(self.lm.model).numel())
             order = torch.tensor([d for p in range(half) for d in (p, p + half)])
+            # ... in rotate_half's layout; the layer's own rotation, read as it runs (interleaved pairs in GLM,
+            # Cohere, Helium, ERNIE; none in a NoPE layer), replaces that guess where it is read
+            rec = RopeRecorder(self.lm.model, {layer: attn}).install()
+            self._handles.append(rec)
 
         def tap(module, q, k, v):
+            nonlocal order
             B, T = q.shape[0], q.shape[2]
+            if rec is not None:
+                rec.attention_ran(layer, q.shape[-1])
+                lay = rec.layouts.get(layer)
+                if lay is not None and not lay.rotated:
+                    raise WorkbenchError(f"intervention: op 'mean_qk' with 'matched' picks rotary dims; layer {layer} "
+                                         "is not rotated (a NoPE layer): use 'dims', 'top' or 'random'")
+                if lay is not None:
+                    order = torch.tensor(lay.by_frequency())
             if k.shape[2] != T:  # a cached generation step: the prompt's keys were changed when it ran
                 return None
             mask = self._tokens.mask
@@ -699,19 +757,23 @@ def _adjust_logits(pairs: list[tuple[Applied, Intervention]], logits: torch.Tens
 
 def _force(pairs: list[tuple[Applied, Intervention]], weights: torch.Tensor, index: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Put each ``force`` expert in the top-k with its weight (in place of the lowest-weighted choice)."""
+    """Put each ``force`` expert in the top-k with its weight (in place of the lowest-weighted choice that no earlier
+    force holds: two forces keep both experts, in either order)."""
+    held = None  # [tokens, k] slots an earlier force set
     for owner, iv in pairs:
         if iv.op != "force":
             continue
         weights, index = weights.clone(), index.clone()
+        held = torch.zeros_like(index, dtype=torch.bool) if held is None else held
         scope = owner._scope(iv, index.shape[0])
         chosen = (index == iv.expert).any(-1)
-        last = weights.argmin(-1)  # the lowest-weighted choice makes room
+        last = weights.masked_fill(held, float("inf")).argmin(-1)  # the lowest-weighted free choice makes room
         rows = torch.arange(index.shape[0], device=index.device)
         slot = torch.where(chosen, (index == iv.expert).int().argmax(-1), last)
         on = torch.ones_like(chosen) if scope is None else scope
         index[rows[on], slot[on]] = iv.expert
         weights[rows[on], slot[on]] = iv.weight
+        held[rows[on], slot[on]] = True
     return weights, index
 
 

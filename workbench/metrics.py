@@ -98,6 +98,9 @@ def text_metrics(lm, texts: Sequence[str], want: set[str], baseline_logprobs: li
         peaks.append(hs.detach().abs().amax(-1))  # [B, T]; read after any intervention hook on the layer
 
     layers = lm.adapter.decoder_layers(lm.model)
+    # the layers whose "attentions" are softmax probabilities: MiniMax's lightning layers hand out a [B, H, T, T]
+    # tensor of another kind (rows summing to ~0.03), which halved the sink share averaged in
+    softmax = [i for i, layer in enumerate(layers) if lm.adapter.has_attention(layer)]
     handles = [layer.register_forward_hook(keep_peak) for layer in layers] if "massive" in want else []
     try:
         for rows, input_ids, mask in _batches(lm, texts, batch_size):
@@ -105,7 +108,10 @@ def text_metrics(lm, texts: Sequence[str], want: set[str], baseline_logprobs: li
                 applied.set_prompts(rows)
             peaks.clear()
             res = lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False, output_attentions=need_att)
-            _collect(out, logprobs if keep else None, rows, input_ids, mask, res, peaks)
+            att = res.attentions
+            if att is not None and len(att) == len(layers):
+                att = [att[i] for i in softmax]
+            _collect(out, logprobs if keep else None, rows, input_ids, mask, res.logits, att, peaks)
     finally:
         for h in handles:
             h.remove()
@@ -121,15 +127,15 @@ def text_metrics(lm, texts: Sequence[str], want: set[str], baseline_logprobs: li
     return out, logprobs
 
 
-def _collect(out, logprobs, rows, input_ids, mask, res, layer_peaks) -> None:
-    lp = torch.log_softmax(res.logits.float(), -1)
+def _collect(out, logprobs, rows, input_ids, mask, logits, attentions, layer_peaks) -> None:
+    lp = torch.log_softmax(logits.float(), -1)
     for r, i in enumerate(rows):
         n = int(mask[r].sum())
         if "perplexity" in out:
             nll = -lp[r, : n - 1].gather(1, input_ids[r, 1:n, None]).mean() if n > 1 else torch.tensor(math.nan)
             out["perplexity"][i] = float(torch.exp(nll))
         if "sink" in out:
-            shares = [a[r, :, 1:n, 0].double().mean() for a in res.attentions] if n > 1 else []
+            shares = [a[r, :, 1:n, 0].double().mean() for a in attentions if a is not None] if n > 1 else []
             out["sink"][i] = float(torch.stack(shares).mean()) if shares else math.nan
         if "massive" in out:
             out["massive"][i] = float(max(p[r, :n].max() for p in layer_peaks))

@@ -200,8 +200,6 @@ def _profile(folder: Path) -> str:
 # ----- study --------------------------------------------------------------------------------------------
 
 def _study(folder: Path) -> str:
-    import pandas as pd
-
     df = _read_csv(folder / "results.csv")
     lacking = [c for c in ("condition", "metric", "mean", "ci_low", "ci_high") if c not in df.columns]
     if lacking:
@@ -214,9 +212,10 @@ def _study(folder: Path) -> str:
     if base is not None:
         for metric in dict.fromkeys(num.metric):
             d = num[(num.metric == metric) & (num.condition != "baseline")]
-            if d.empty or metric not in base:
+            change = (d["mean"] - base.get(metric, math.nan)).abs()
+            if not change.notna().any():  # no condition, or NaN everywhere (outputs not finite): nothing to rank
                 continue
-            worst = d.iloc[(d["mean"] - base[metric]).abs().argmax()]
+            worst = d.loc[change.idxmax()]
             facts.append(f"<b>{_e(metric)}</b>: baseline {_num(float(base[metric]))}; the largest change is "
                          f"{_e(worst.condition)}: {_num(float(worst['mean']))} [{_num(float(worst.ci_low))}, "
                          f"{_num(float(worst.ci_high))}].")

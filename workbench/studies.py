@@ -6,8 +6,9 @@ A study file (YAML or JSON)::
     metrics: [perplexity, accuracy, sink, massive, kl, generations]   # the default; also passkey, override,
                                                                       # label_copy, recall (workbench.tasks)
     num_texts: 48            # the first N texts: built-in ones (48 by default), or of `texts: FILE` (one per line;
-                             # a relative path is read beside the study file, else in the current folder) or a
-                             # list, all of them by default; each cut to the model's context
+                             # a relative path, here and in an sae_steer's `sae:`, is read beside the study file,
+                             # else in the current folder) or a list, all of them by default; each cut to the
+                             # model's context
     seeds: [0, 1, 2]         # for generated random controls (a list: `seeds: 3` is refused, not guessed at)
     batch_size: 8
     generation_prompts: ["The capital of France is"]   # for `generations`, with
@@ -106,8 +107,10 @@ def _lines(text: str) -> dict[tuple, int]:
 class Study:
     """A validated study. ``Study.from_file(path)`` or ``Study(dict)``; ``run(lm, out_dir)`` -> DataFrame."""
 
-    def __init__(self, spec: dict, source: str = "study", lines: dict | None = None):
-        self.source, self.lines = source, lines or {}
+    def __init__(self, spec: dict, source: str = "study", lines: dict | None = None, base: Path | None = None):
+        """``base``: the folder relative paths in the study (``texts``, an ``sae_steer``'s ``sae``) are read from
+        first (the study file's; else, and where none is given, the current folder)."""
+        self.source, self.lines, self.base = source, lines or {}, base
         if not isinstance(spec, dict):
             raise WorkbenchError(f"{source}: a study is a mapping with 'conditions'")
         unknown = sorted(set(spec) - TOP_KEYS)
@@ -196,12 +199,23 @@ class Study:
             ivs = []
             for j, d in enumerate(c.get("interventions") or []):
                 w = (f"{source} line {self.lines[(i, j)]}" if (i, j) in self.lines else source)
+                if isinstance(d, dict) and d.get("op") == "sae_steer" and isinstance(d.get("sae"), str) and d["sae"]:
+                    d = dict(d, sae=self._beside(d["sae"]))
                 ivs.append(Intervention.from_dict(d, f"{w}: conditions[{i}].interventions[{j}]"))
             seed = c.get("seed")
             if seed is not None and not _is_int(seed):
                 raise WorkbenchError(f"{where}: field 'seed' must be an integer, got {seed!r}")
             self.explicit.append(Condition(str(c["name"]), ivs, str(c.get("group") or ""), None if seed is None else int(seed)))
         _check_names(["baseline", *(c.name for c in self.explicit)], source)
+
+    def _beside(self, path: str) -> str:
+        """A relative path of the study: the study file's neighbour, else the current folder's (as given where
+        neither exists); absolute where found, so study.resolved.yaml, written elsewhere, runs from anywhere."""
+        given = Path(path).expanduser()
+        found = given if self.base is None else self.base / given
+        if not found.exists() and given.exists():
+            found = given
+        return str(found.resolve()) if found.exists() else str(found)
 
     def _at(self, key: str) -> str:
         """Where top-level field ``key`` is: the source, and its line where known."""
@@ -216,14 +230,9 @@ class Study:
     @classmethod
     def from_file(cls, path: str | Path) -> "Study":
         spec, text = read_structured(path, "study")
-        study = cls(spec, str(path), _lines(text))
-        t = study.texts_file
-        if isinstance(t, str):  # a relative path is the study file's neighbour (else the current folder's file)
-            found = Path(path).parent / Path(t).expanduser()
-            if not found.exists() and Path(t).expanduser().exists():
-                found = Path(t).expanduser()
-            # absolute: study.resolved.yaml, in another folder, runs from anywhere
-            study.texts_file = str(found.resolve()) if found.exists() else str(found)
+        study = cls(spec, str(path), _lines(text), base=Path(path).parent)
+        if isinstance(study.texts_file, str):
+            study.texts_file = study._beside(study.texts_file)
         return study
 
     # ----- resolution -----------------------------------------------------------------------------
@@ -471,6 +480,7 @@ class Study:
                             values[task] = T.choice_scores(lm, T.items(task), self.batch_size)
                     gens = M.generations(lm, self.generation_prompts, self.max_new_tokens, self.batch_size) \
                         if "generations" in want else []
+                _say_nan(c.name, values)
                 crow = []
                 for metric in self.metrics:
                     if metric == "generations":
@@ -572,6 +582,17 @@ def _check_names(names: list[str], source: str) -> None:
         seen[key] = n
 
 
+def _say_nan(condition: str, values: dict[str, list[float]]) -> None:
+    """Warn where a condition's metric values are NaN (the model's outputs were not finite under its interventions):
+    each mean is over the finite values only, which the table's ``n`` shows but nothing else says."""
+    bad = {m: sum(x != x for x in v) for m, v in values.items() if any(x != x for x in v)}
+    if bad:
+        warnings.warn(f"condition {condition!r}: " + ", ".join(f"{m} is NaN on {k} of {len(values[m])}"
+                                                              for m, k in bad.items())
+                      + " (the model's outputs are not finite there); its means are over the rest, n says how many",
+                      stacklevel=3)
+
+
 def _row(c: Condition, metric: str, values: list[float], text: str = "") -> dict:
     mean, lo, hi, n = M.mean_ci(values, share=metric in M.SHARE_METRICS) if values else (float("nan"),) * 3 + (0,)
     return {"condition": c.name, "group": c.group, "seed": c.seed, "metric": metric, "mean": mean, "ci_low": lo,
@@ -582,7 +603,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Numeric metrics, one row per condition (random seeds pooled by group), columns = metrics (means)."""
     num = df[df.metric != "generations"].copy()
     num["label"] = [g if g == "random_experts" else c for c, g in zip(num.condition, num.group)]
-    return num.pivot_table(index="label", columns="metric", values="mean", aggfunc="mean", sort=False)
+    return num.pivot_table(index="label", columns="metric", values="mean", aggfunc="mean", sort=False, dropna=False)
 
 
 def write_results(df: pd.DataFrame, out: Path) -> None:

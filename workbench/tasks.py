@@ -23,6 +23,7 @@ options in one more forward).
 from __future__ import annotations
 
 import copy
+import math
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -143,10 +144,11 @@ def items(task: str, seed: int = 0) -> list[Choice]:
 
 def choice_scores(lm, choices: Sequence[Choice], batch_size: int = 8) -> list[float]:
     """1.0 where the right option has the highest summed log-probability, else 0.0 (one per item; a tie goes to
-    the first of the tied options)."""
+    the first of the tied options). NaN where an option's log-probability is NaN (the model's outputs are not
+    finite): no option wins there (``max`` over NaN returned the first option, counted right 1 time in 4)."""
     out = []
     for c, sums in zip(choices, option_logprobs(lm, choices, batch_size)):
-        out.append(1.0 if sums.index(max(sums)) == c.answer else 0.0)
+        out.append(math.nan if any(x != x for x in sums) else 1.0 if sums.index(max(sums)) == c.answer else 0.0)
     return out
 
 

@@ -21,13 +21,18 @@ class DeepseekAdapter(Adapter):
             choice = choice.masked_fill(exclude, float("-inf"))
         n, e = choice.shape
         groups = choice.view(n, router.num_group, e // router.num_group)
-        group_scores = groups.topk(2, dim=-1)[0].sum(dim=-1)
+        best2 = groups.topk(2, dim=-1)[0]
+        if exclude is not None:  # a group left one expert scores by it alone (-inf in the sum: unreachable)
+            best2 = torch.where(best2[..., :1] > float("-inf"), best2.masked_fill(best2 == float("-inf"), 0.0), best2)
+        group_scores = best2.sum(dim=-1)
         group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
         score_mask = group_mask.unsqueeze(-1).expand(n, router.num_group, e // router.num_group).reshape(n, e)
         choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-        index = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+        top, index = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)
         weights = scores.gather(1, index)
+        if exclude is not None:  # fewer experts left than slots: a slot on an excluded (-inf) expert weighs nothing
+            weights = weights.masked_fill(top == float("-inf"), 0.0)
         if router.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * router.routed_scaling_factor, index

@@ -76,9 +76,12 @@ class PhimoeAdapter(Adapter):
 
         if router is None:
             raise ValueError("PhiMoE routing needs the router module (its jitter threshold)")
-        if exclude is not None:
-            logits = logits.masked_fill(exclude, float("-inf"))
-        return sparsemixer(logits, jitter_eps=router.router_jitter_noise, training=False, top_k=self.top_k(model))
+        if exclude is None:
+            return sparsemixer(logits, jitter_eps=router.router_jitter_noise, training=False, top_k=self.top_k(model))
+        weights, index = sparsemixer(logits.masked_fill(exclude, float("-inf")), jitter_eps=router.router_jitter_noise,
+                                     training=False, top_k=self.top_k(model))
+        # fewer experts left than slots: the second choice's softmax is over nothing (NaN); such a slot weighs nothing
+        return weights.masked_fill(exclude.gather(1, index) | weights.isnan(), 0.0), index
 
 
 PHIMOE = register_adapter(PhimoeAdapter(name="phimoe", model_types=("phimoe",), router_name="router",
