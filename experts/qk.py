@@ -32,12 +32,13 @@ PROJ = ("q", "k", "v")
 
 
 def rotary_frequencies(model: nn.Module) -> torch.Tensor | None:
-    """The model's rotary inverse frequencies ``[rot / 2]`` (the first rotary embedding found), or None."""
-    for m in model.modules():
-        f = getattr(m, "inv_freq", None)
-        if isinstance(f, torch.Tensor) and f.ndim == 1:
-            return f.detach().float().cpu()
-    return None
+    """The model's rotary inverse frequencies ``[rot / 2]`` (the first ``inv_freq`` or ``*_inv_freq`` buffer: Gemma3
+    and OLMo3 keep theirs per layer type), or None. Which dims each layer rotates, and with which of them:
+    :mod:`workbench.experts.rope`."""
+    from workbench.experts.rope import inv_freq_buffers
+
+    found = inv_freq_buffers(model)
+    return found[0].detach().float().cpu() if found else None
 
 
 class QKMeter:
@@ -62,6 +63,8 @@ class QKMeter:
         self.layers_without_attention: list[int] = []
         self.latent = False  # DeepSeek's latent attention: its rotary dims are the last ones of a head
         self._rope: tuple[int, int, bool] | None = None  # latent attention: (nope dims, rope dims, interleaved pairs)
+        self._recorder = None  # experts.rope.RopeRecorder: each layer's rotation as the pass ran it
+        self._known: dict = {}  # layer -> Layout from a loaded or merged state
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -104,8 +107,16 @@ class QKMeter:
             else:
                 self.layers_without_attention.append(i)
 
+        rec = None
+        if not self.latent:  # which dims each layer rotates together, read from its rotation (experts/rope.py)
+            from workbench.experts.rope import RopeRecorder
+
+            rec = self._recorder = RopeRecorder(model, dict(self._attn)).install()
+
         def tap(i):
             def fn(module, q, k, v):
+                if rec is not None:
+                    rec.attention_ran(i, q.shape[-1])
                 self.update(i, q, k, v)
             return fn
         self._tap = AttentionTap(model, {m: tap(i) for i, m in self._attn.items()}).install()
@@ -115,6 +126,8 @@ class QKMeter:
         if self._tap is not None:
             self._tap.remove()
             self._tap = None
+        if self._recorder is not None:
+            self._recorder.remove()  # its layouts stay
         self._attn.clear()
 
     def begin_batch(self, grid: torch.Tensor) -> None:
@@ -245,16 +258,30 @@ class QKMeter:
         for mine, theirs in zip(self._n, other._n):
             mine[0] += theirs[0]
             mine[1] += theirs[1]
+        for layer, lay in other.layouts().items():  # another part's rotations (a rank's, a checkpoint's)
+            self._known.setdefault(layer, lay)
         return self
 
+    def layouts(self) -> dict:
+        """Layer -> :class:`workbench.experts.rope.Layout`: read in this pass, or held by a loaded or merged state."""
+        return {**self._known, **(self._recorder.layouts if self._recorder is not None else {})}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"tokens": self.tokens, **{f"sum.{k}": v.contiguous().clone() for k, v in self.sums.items()}}
+        rope = {}
+        for layer, lay in self.layouts().items():  # a resumed pass may not run a layer's first calls again
+            rope[f"rope.{layer}.pair"] = torch.tensor([-1 if p is None else p for p in lay.pair], dtype=torch.int64)
+            rope[f"rope.{layer}.freq"] = torch.tensor(lay.freq, dtype=torch.float64)
+        return {"tokens": self.tokens, **{f"sum.{k}": v.contiguous().clone() for k, v in self.sums.items()}, **rope}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> "QKMeter":
         self._held, self._held_elements = [], 0
         sums: dict[int, dict[str, list]] = {}
+        rope: dict[int, dict[str, torch.Tensor]] = {}
         for name, v in state.items():
-            if name == "tokens":
+            if name.startswith("rope.") and len(parts := name.split(".")) == 3 and parts[1].isdigit() \
+                    and parts[2] in ("pair", "freq"):
+                rope.setdefault(int(parts[1]), {})[parts[2]] = v
+            elif name == "tokens":
                 if tuple(v.shape) != (self.num_layers, 2):
                     raise ValueError("QKMeter state 'tokens' does not fit")
                 self._n = v.tolist()
@@ -274,6 +301,12 @@ class QKMeter:
                 self._acc[layer] = (heads,), [self._pool_row(layer, flat.shape[1], flat.device).copy_(flat)]
             else:
                 self._acc[layer] = tuple((h,) for h in heads), [p.flatten(1) for p in parts]
+        from workbench.experts.rope import Layout
+
+        for layer, t in rope.items():
+            if set(t) != {"pair", "freq"}:
+                raise ValueError(f"QKMeter state of layer {layer}'s rotation is incomplete")
+            self._known[layer] = Layout([None if p < 0 else p for p in t["pair"].tolist()], t["freq"].tolist())
         return self
 
     def empty(self) -> "QKMeter":
@@ -303,6 +336,12 @@ class QKMeter:
         heads per projection; ``norms``: every ``M[h, d]``, per projection ``[layer][head][dim]``."""
         freqs = rotary_frequencies(model) if model is not None else None
         rot = 2 * int(freqs.numel()) if freqs is not None else 0
+        # each layer's rotation as the pass ran it, where read (experts/rope.py); else rotate_half over the first
+        # inv_freq buffer's frequencies, as for every layer before
+        layouts = self.layouts()
+        first = next((lay for _, lay in sorted(layouts.items()) if lay.rotated), None)
+        if first is not None:
+            rot = first.rotated
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         entries, by_layer, unmeasured = [], [], []
         norms: dict[str, list] = {proj: [] for proj in PROJ}  # [layer][head][dim] (None: not measured)
@@ -329,7 +368,8 @@ class QKMeter:
                 top_norms = N[0].gather(1, idx)
                 lists = (N[0].tolist(), (N[0].max(dim=-1).values / med[0]).tolist(), idx.tolist(),
                          top_norms.tolist(), (top_norms / med[0, :, None]).tolist(),
-                         (N[1].gather(1, idx) / med[1, :, None]).tolist())
+                         (N[1].gather(1, idx) / med[1, :, None] if self._n[layer][1] else  # no token past the
+                          torch.full_like(top_norms, math.nan)).tolist())  # first (one-token prompts): not measured
                 start = 0
                 for h_proj in hs:
                     proj = next(projs)
@@ -341,15 +381,29 @@ class QKMeter:
                         for j, dim in enumerate(dims[h]):
                             e = {"layer": layer, "proj": proj, "head": h, "dim": dim, "norm": vals[h][j],
                                  "ratio": rat[h][j], "ratio_no_pos0": rat0[h][j], "pair": None, "wavelength": None}
-                            pair = self.pair_of(dim, d, rot) if proj != "v" else None
-                            if pair is not None and pair < rot // 2:
-                                e["pair"], e["wavelength"] = pair, 2 * math.pi / float(freqs[pair])
+                            lay = layouts.get(layer)
+                            if proj == "v":
+                                pass
+                            elif lay is not None:
+                                pair = lay.pair_of(dim)
+                                if pair is not None:
+                                    e["pair"], e["wavelength"] = pair, lay.wavelength(pair)
+                            else:
+                                pair = self.pair_of(dim, d, rot)
+                                if pair is not None and freqs is not None and pair < freqs.numel():
+                                    e["pair"], e["wavelength"] = pair, 2 * math.pi / float(freqs[pair])
                             entries.append(e)
             by_layer.append(row)
         out = {"entries": entries, "by_layer": by_layer, "rotary_dims": rot, "context_length": context,
                "tokens": self.tokens[:, 0].tolist(), "latent": self.latent, "norms": norms}
         qk_dim = next((len(h[0]) for h in norms["q"] if h), 0)
-        out["pair_of_dim"] = [self.pair_of(d, qk_dim, rot) for d in range(qk_dim)]  # Q and K; V has no rotation
+        # Q and K (V has no rotation): the first rotated layer's pairs; per layer where the layers differ
+        out["pair_of_dim"] = [first.pair_of(d) for d in range(qk_dim)] if first is not None else \
+            [self.pair_of(d, qk_dim, rot) for d in range(qk_dim)]
+        if layouts:
+            out["pair_of_dim_by_layer"] = [[layouts[i].pair_of(d) for d in range(qk_dim)] if i in layouts else None
+                                           for i in range(self.num_layers)]
+            out["not_rotated_layers"] = [i for i, lay in sorted(layouts.items()) if not lay.rotated]
         if unmeasured:
             out["unmeasured_layers"] = unmeasured  # their attention does not use transformers' attention interface
         if self.layers_without_attention:

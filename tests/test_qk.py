@@ -391,15 +391,17 @@ def test_meter_keeps_projections_of_other_head_dims_apart():
         QKMeter(2).load_state_dict({k: v for k, v in merged.state_dict().items() if not k.endswith(".v.no0")})
 
 
-@pytest.mark.parametrize("spec", ["tiny-llama", "zoo:deepseek-v3", "deepseek_v2"])
+@pytest.mark.parametrize("spec", ["tiny-llama", "zoo:deepseek-v3", "deepseek_v2", "glm", "cohere", "helium",
+                                  "ernie4_5_moe", "phi", "stablelm", "gemma3_text"])
 def test_rotary_pairs_are_the_models_own(spec):
     """In layer 0 a repeated token has the same query before RoPE at every position, so the joint norm of a
     true rotary pair is the same at every position while its single dims are not: the pairs the meter
-    names (rotate_half halves for Llama, interleaved rope dims for DeepSeek-V3) are the model's."""
+    names (rotate_half halves for Llama, interleaved rope dims for DeepSeek-V3, interleaved pairs for GLM, Cohere,
+    Helium and ERNIE, which were given rotate_half's halves, 8 of 8 pairs wrong on Cohere) are the model's."""
     from workbench.models.specs import load
     from workbench.tracing.attention_tap import AttentionTap
 
-    model = _tiny() if spec == "tiny-llama" else _tiny(spec) if spec == "deepseek_v2" else load(spec).model
+    model = _tiny() if spec == "tiny-llama" else load(spec).model if spec.startswith("zoo:") else _tiny(spec)
     meter = _measure(model, [_batch(0)])
     pairs = meter.result(model)["pair_of_dim"]
     seen = {}
@@ -419,6 +421,69 @@ def test_rotary_pairs_are_the_models_own(spec):
         torch.testing.assert_close(joint, joint[:1].expand_as(joint), rtol=1e-4, atol=1e-6)
     moving = max(float((q[:, d] - q[0, d]).abs().max()) for g in groups.values() for d in g)
     assert moving > 1e-3  # RoPE did rotate them
+
+
+def test_nope_layers_and_per_layer_frequencies_are_read_from_the_rotation():
+    """SmolLM3's and Cohere2's NoPE layers were given rotary pairs and wavelengths; Gemma3's sliding and full layers
+    rotate with other frequencies (other buffers), which the first inv_freq buffer could not say (its profile had no
+    rotation at all). Each layer's own: not rotated, or its wavelengths; and `mean_qk matched` refuses a NoPE layer."""
+    import math
+
+    from workbench.models.families import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    for model_type, nope in (("smollm3", [3]), ("cohere2", [3])):
+        model = _tiny(model_type)
+        meter = _measure(model, [_batch(0)])
+        r = meter.result(model)
+        assert r["not_rotated_layers"] == nope, model_type
+        # a checkpoint holds them (a resumed pass may not run a layer's first calls again): the same result
+        assert QKMeter(meter.num_layers).load_state_dict(meter.state_dict()).result(model) == r
+        assert all(e["pair"] is None and e["wavelength"] is None for e in r["entries"] if e["layer"] in nope)
+        assert any(e["pair"] is not None for e in r["entries"] if e["layer"] not in nope)
+    c = tiny_config("gemma3_text")
+    c.layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(c).eval()
+    r = _measure(model, [_batch(0)]).result(model)
+    longest = {}
+    for e in r["entries"]:
+        if e["pair"] is not None:
+            theta = c.rope_parameters[c.layer_types[e["layer"]]]["rope_theta"]
+            assert e["wavelength"] == pytest.approx(2 * math.pi * theta ** (2 * e["pair"] / 16), rel=1e-5)
+            longest[e["layer"]] = max(longest.get(e["layer"], 0), e["pair"])
+    assert len(longest) == 4 and r["rotary_dims"] == 16
+
+
+def test_mean_qk_matched_follows_the_layers_rotation():
+    """`matched` walked rotate_half's dims (p, p + rot / 2) from the highest frequency on every family: on the
+    interleaved ones it mixed dims of other pairs; on a NoPE layer it picked "rotary" dims that are not rotated."""
+    import workbench.interventions as I
+    from workbench.errors import WorkbenchError
+    from workbench.interventions import Applied, Intervention
+    from workbench.models.specs import LoadedModel
+
+    for model_type in ("cohere2",):
+        model = _tiny(model_type)
+        lm = LoadedModel(model, None, adapter_for(model), model_type)
+        seen = {}
+        real = I.mean_qk
+
+        def spy(q, k, iv, valid, replace, v=None, order=None):
+            seen[iv.layers] = None if order is None else order.tolist()
+            return real(q, k, iv, valid, replace, v, order=order)
+
+        I.mean_qk = spy
+        try:
+            with Applied(lm, [Intervention.from_dict({"op": "mean_qk", "layers": [0], "matched": 1})]), torch.no_grad():
+                model(input_ids=_batch(0)[0])
+            with pytest.raises(WorkbenchError, match="layer 3 is not rotated \\(a NoPE layer\\)"), \
+                    Applied(lm, [Intervention.from_dict({"op": "mean_qk", "layers": [3], "matched": 1})]), \
+                    torch.no_grad():
+                model(input_ids=_batch(0)[0])
+        finally:
+            I.mean_qk = real
+        assert seen[(0,)] == list(range(16))  # interleaved pairs (0, 1), (2, 3) ... from the highest frequency
 
 
 def test_qkv_sites_only_where_the_attention_interface_is_used(tmp_path, zoo_tokenizer):
@@ -546,3 +611,54 @@ def test_held_calls_equal_brute_force_whatever_their_layout(shape, layers, k_lay
                                            (y.double() ** 2 * mask[:, None, :, None]).sum((0, 2)), rtol=1e-5, atol=1e-6)
     real = int((grid >= 0).sum())
     assert meter.tokens[layers[0]].tolist() == [real, real - int((grid >= 0).any(-1).sum())]
+
+
+def test_ratio_without_the_first_token_is_nan_when_no_such_token_was_seen():
+    """Prompts of one token each leave nothing but first tokens: ratio_no_pos0 read 0.0 (0 over a clamped median),
+    as if measured; it is NaN (the sink section already said "not measured")."""
+    import math
+
+    model = _tiny()
+    ids = torch.randint(100, 2000, (3, 1), generator=torch.Generator().manual_seed(0))
+    r = _measure(model, [(ids, ids.clone())]).result(model)
+    assert r["entries"] and all(math.isnan(e["ratio_no_pos0"]) and e["ratio"] > 0 for e in r["entries"])
+    # no position 1 to read the frequencies at: the model's inv_freq (not also its original_inv_freq twin)
+    assert all(e["wavelength"] > 0 for e in r["entries"] if e["pair"] is not None)
+    r = _measure(model, [_batch(0)]).result(model)
+    assert all(e["ratio_no_pos0"] > 0 for e in r["entries"])
+
+
+def test_rope_recorders_nest_and_leave_the_models_function_as_it_was():
+    """Two recorders on one modeling module (a profile under a `mean_qk matched` intervention), removed in either
+    order, leave transformers' own apply_rotary_pos_emb in place, and each reads the layout."""
+    import sys
+
+    from workbench.experts.rope import RopeRecorder
+
+    model = _tiny("cohere")
+    attn = {i: adapter_for(model).attention(b) for i, b in enumerate(adapter_for(model).decoder_layers(model))}
+    mod = sys.modules[type(attn[0]).__module__]
+    own = mod.apply_rotary_pos_emb
+    for first_out in (True, False):
+        a, b = RopeRecorder(model, attn).install(), RopeRecorder(model, attn).install()
+        from workbench.tracing.attention_tap import AttentionTap
+
+        def tap(i):
+            def fn(module, q, k, v):
+                a.attention_ran(i, q.shape[-1])
+                b.attention_ran(i, q.shape[-1])
+            return fn
+        with AttentionTap(model, {m: tap(i) for i, m in attn.items()}), torch.no_grad():
+            model(input_ids=_batch(0)[0])
+        assert a.layouts[0].pair[:4] == b.layouts[0].pair[:4] == [0, 0, 1, 1]
+        for r in ((a, b) if first_out else (b, a)):
+            r.remove()
+        if not first_out:  # removed in the order they were put on: the model's own function is back
+            assert mod.apply_rotary_pos_emb is own
+        else:  # out of order: the inner wrapper stays in the chain, passing calls through
+            left = mod.apply_rotary_pos_emb
+            assert left.__wrapped_by_workbench__ is own and not a._active and not b._active
+            q = torch.randn(1, 2, 3, 16)
+            cos, sin = torch.randn(1, 3, 16), torch.randn(1, 3, 16)
+            assert all(torch.equal(x, y) for x, y in zip(left(q, q, cos, sin), own(q, q, cos, sin)))
+            mod.apply_rotary_pos_emb = own
