@@ -35,7 +35,6 @@ the odd-numbered ones (each half prepared on its own, so a half can have fewer s
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -50,6 +49,11 @@ from workbench.circuits.cli import DEFAULT_HIT_SHARE, DEFAULT_MAX_FRACTION, DEFA
 from workbench.circuits.discover import SELECTIONS, CircuitOptions, find_circuit, reaches  # noqa: E402
 from workbench.circuits.facts import builtin_facts, read_facts  # noqa: E402
 from workbench.models.specs import load  # noqa: E402
+
+from bench_cli import run  # noqa: E402
+from workbench.args import COUNT_OR_OFF, Parser  # noqa: E402
+
+SETS = ("builtin", "plain", "heldout", "more")
 
 
 def _at(curve: list[dict], fraction: float) -> dict:
@@ -134,19 +138,27 @@ def swap_row(lm, name: str, facts, rounds: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sets", default="builtin,plain,heldout,more")
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {','.join(SETS)} (empty: none)")
     ap.add_argument("--facts", nargs="*", default=[])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--selection", default="fill", choices=sorted(SELECTIONS),
                     help="the circuit selection rule (default fill, the CLI's; signed: answer-carrying edges only)")
-    ap.add_argument("--swaps", type=int, default=0, help="compare the 2 %% circuit with and without this many "
+    ap.add_argument("--swaps", type=COUNT_OR_OFF, default=0, help="compare the 2 %% circuit with and without this many "
                                                          "rounds of --swaps (in sample and on held-out halves)")
     args = ap.parse_args()
+    wanted = [x for x in args.sets.split(",") if x]
+    unknown = [x for x in wanted if x not in SETS]
+    if unknown:
+        ap.error(f"--sets: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(SETS)}")
+    if not wanted and not args.facts:
+        ap.error("no facts to run: --sets names no set and no --facts file is given")
+    missing = [f for f in args.facts if not Path(f).is_file()]
+    if missing:
+        ap.error(f"--facts: no such file: {', '.join(missing)}")
     torch.manual_seed(0)
     lm = load(args.model)
     sets = []
-    wanted = args.sets.split(",") if args.sets else []
     if "builtin" in wanted:
         facts = builtin_facts()
         for r in dict.fromkeys(f.relation for f in facts):
@@ -176,4 +188,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -16,10 +16,22 @@
 # (the top-level folders only become workbench.* once installed), e.g. on a bare GPU machine:
 #   pip install --no-deps --target /tmp/site dist/workbench-*.whl transformers-*.whl; PYTHONPATH=/tmp/site bash bench/gpu_check.sh
 # Outputs: the figures on stdout, full logs under $OUT (default runs/gpu).
+# Without a CUDA device visible to $PY's torch it stops at once with one error line (exit 2): every section
+# would otherwise run on the CPU and print CPU timings under GPU headings.
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-$REPO/runs/gpu}
 PY=${PY:-python3}
+$PY - <<'CHECK' || exit 2
+import sys
+try:
+    import torch
+except ImportError as e:
+    sys.exit(f"error: {sys.executable} cannot import torch ({e}); give the python to use as PY=...")
+if not torch.cuda.is_available():
+    sys.exit(f"error: no CUDA device visible to torch {torch.__version__} in {sys.executable}: bench/gpu_check.sh "
+             "runs on a GPU machine only")
+CHECK
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SECTIONS=${SECTIONS:-1234}

@@ -12,19 +12,21 @@ generations differ), so a speed-up that changed an answer shows.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
+from bench_cli import run
+from workbench.args import COUNT, Parser
+
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default="smollm2-135m")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--texts", type=int, default=48, help="built-in texts for the per-text metrics")
-    p.add_argument("--new-tokens", type=int, default=20)
+    p.add_argument("--repeat", type=COUNT, default=3)
+    p.add_argument("--threads", type=COUNT, default=2)
+    p.add_argument("--batch", type=COUNT, default=8)
+    p.add_argument("--texts", type=COUNT, default=48, help="built-in texts for the per-text metrics")
+    p.add_argument("--new-tokens", type=COUNT, default=20)
     args = p.parse_args()
 
     import torch
@@ -98,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -3,8 +3,8 @@
 Prints, per top-level section, how many numbers were compared and the largest relative difference,
 then every leaf that differs by more than ``--rtol`` (relative to the larger magnitude, with an
 absolute floor ``--atol``), and whether the super experts (layer, expert, channel) are the same.
-Exits 1 when the super experts differ or a leaf is off by more than the tolerance; ``meta`` (times,
-device, versions) is skipped.
+Exits 1 when the super experts differ or a leaf is off by more than the tolerance, 2 with one ``error:`` line
+when a file is missing or not a JSON object; ``meta`` (times, device, versions) is skipped.
 
     .venv/bin/python bench/profile_diff.py runs/cpu/profile.json runs/gpu/profile.json [--rtol 1e-3]
 """
@@ -15,6 +15,8 @@ import argparse
 import json
 import math
 import sys
+
+from workbench.args import Number, Parser
 
 
 def leaves(obj, path=""):
@@ -35,14 +37,29 @@ def rel(a: float, b: float, atol: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), atol)
 
 
+def read(parser: argparse.ArgumentParser, path: str) -> dict:
+    """A profile.json's content. A file that is missing or not a JSON object is a usage error: one ``error:``
+    line, exit status 2 (1 means the profiles differ)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        parser.error(f"cannot read {path}: {e.strerror}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        parser.error(f"{path} is not JSON: {e}")
+    if not isinstance(data, dict):
+        parser.error(f"{path} is not a profile.json (not a JSON object)")
+    return data
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--rtol", type=float, default=1e-3)
-    p.add_argument("--atol", type=float, default=1e-4, help="magnitudes below this compare absolutely")
+    p.add_argument("--rtol", type=Number(float, 0), default=1e-3)
+    p.add_argument("--atol", type=Number(float, 0), default=1e-4, help="magnitudes below this compare absolutely")
     args = p.parse_args(argv)
-    a, b = (json.load(open(f)) for f in (args.a, args.b))
+    a, b = (read(p, f) for f in (args.a, args.b))
     bad, worst = [], {}
     for section in sorted(set(a) | set(b)):
         if section == "meta":

@@ -18,7 +18,8 @@ Variants (each in its own subprocess, so peak RSS is its own):
 The prompt set is the built-in prompts repeated until --tokens tokens (6-37 tokens each, so the pass's length
 batching saves padding); --prompt-length N cuts their text into prompts of N tokens instead (one length, as
 chunks of a corpus: no padding to save). Prints tokens/s, the ratio to plain, and peak RSS; with --rss-scan it
-also prints the profile pass's peak RSS at other sizes.
+also prints the profile pass's peak RSS at other sizes. A variant that fails says why in its row; a model that does
+not load stops the run at once (one ``error:`` line, exit status 2), and so does every variant failing (status 1).
 
     .venv/bin/python bench/profile_overhead.py --model smollm2-135m --tokens 10000 --rss-scan 100000
     .venv/bin/python bench/profile_overhead.py --model zoo:qwen2-moe --tokens 10000 --variants plain,profile --repeat 3
@@ -49,6 +50,12 @@ import subprocess
 import sys
 import time
 
+from bench_cli import fail, run as run_main
+from workbench.args import COUNT, COUNT_OR_OFF, NumberList, Parser
+
+VARIANTS = ("plain", "body", "body-length", "body-inference", "profile", "profile-noqk", "profile-given", "trace",
+            "nnsight", "tl")
+LOAD_FAILED = 3  # a child's exit status when the model does not load: no variant can run, the parent stops
 
 BENCH_MODELS = {
     "qwen3-moe-1024x64": dict(model_type="qwen3_moe", hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
@@ -68,7 +75,7 @@ def bench_model(spec: str) -> str:
         return spec
     name = spec.split(":", 1)[1]
     if name not in BENCH_MODELS:
-        raise SystemExit(f"error: unknown bench model {name!r}; choose from {', '.join(BENCH_MODELS)}")
+        fail(f"unknown bench model {name!r}; choose from {', '.join(BENCH_MODELS)}")
     from pathlib import Path
 
     root = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench")) / "bench"
@@ -140,10 +147,14 @@ def length_batches(lm, prompts, size) -> list[list[str]]:
 def run(args) -> dict:
     import torch
 
+    from workbench.errors import WorkbenchError
     from workbench.models.specs import load
 
     torch.set_num_threads(args.threads)
-    lm = load(args.model, device=args.device)
+    try:
+        lm = load(args.model, device=args.device)
+    except WorkbenchError as e:
+        fail(str(e), LOAD_FAILED)
     prompts = prompts_for(lm.tokenizer, args.tokens, args.prompt_length)
     cuda = lm.device.type == "cuda"
     _imports(args.variant)  # module imports are a process's one-time cost, not the pass's: outside the timing
@@ -373,6 +384,8 @@ def sub(args, variant: str, tokens: int) -> dict:
            "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode == LOAD_FAILED:  # the child's one line, "error: ...": every other variant would fail alike
+        fail(out.stderr.strip().splitlines()[-1].removeprefix("error: "))
     if out.returncode:
         lines = [l for l in out.stderr.splitlines() if l.strip() and "it/s]" not in l]
         why = lines[-1] if lines else f"exit status {out.returncode}" + (" (killed: out of memory?)" if out.returncode < 0 else "")
@@ -381,28 +394,35 @@ def sub(args, variant: str, tokens: int) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--tokens", type=int, default=10000)
-    p.add_argument("--prompt-length", type=int, default=0, metavar="N",
+    p.add_argument("--tokens", type=COUNT, default=10000)
+    p.add_argument("--prompt-length", type=COUNT_OR_OFF, default=0, metavar="N",
                    help="prompts of N tokens each (the built-in prompts' text in N-token pieces) instead of the "
                    "built-in prompts (6-37 tokens): one length, so the pass's length batching saves nothing")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", default="plain,body,profile,nnsight,tl")
+    p.add_argument("--batch", type=COUNT, default=16)
+    p.add_argument("--threads", type=COUNT, default=2)
+    p.add_argument("--variants", default="plain,body,profile,nnsight,tl",
+                   help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda; on CUDA each variant runs once on one batch "
                    "before the timed run (context, kernels, Triton compilation) and the clock stops after a sync")
-    p.add_argument("--repeat", type=int, default=1, help="run the variants this many times, interleaved; report medians")
-    p.add_argument("--rss-scan", default="", help="comma-separated token counts for the profile pass's peak RSS")
+    p.add_argument("--repeat", type=COUNT, default=1,
+                   help="run the variants this many times, interleaved; report medians")
+    p.add_argument("--rss-scan", type=NumberList(COUNT), default=[],
+                   help="comma-separated token counts for the profile pass's peak RSS")
     p.add_argument("--breakdown", action="store_true",
                    help="also print where the profile pass's time goes (each part's own time, then cProfile)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
+    names = list(dict.fromkeys(v for v in args.variants.split(",") if v))
+    unknown = [v for v in names + ([args.variant] if args.variant else []) if v not in VARIANTS]
+    if unknown or not names:
+        p.error(f"--variants: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(VARIANTS)}" if unknown
+                else f"--variants names no variant; choose from {', '.join(VARIANTS)}")
     args.model = bench_model(args.model)
     if args.variant:
         print(json.dumps(run(args)))
         return
-    names = list(dict.fromkeys(args.variants.split(",")))
     runs: dict[str, list[dict]] = {v: [] for v in names}
     for _ in range(args.repeat):  # interleaved, so a burst of load elsewhere hits every variant alike
         for v in names:
@@ -411,8 +431,11 @@ def main():
     for v in names:
         ok = sorted((r for r in runs[v] if "error" not in r), key=lambda r: r["seconds"])
         rows.append(ok[(len(ok) - 1) // 2] if ok else runs[v][0])  # the median run
+    if all("error" in r for r in rows):
+        fail("every variant failed: " + "; ".join(f"{r['variant']}: {r['error']}" for r in rows), 1)
     plain = next((r for r in rows if r["variant"] == "plain" and "error" not in r), None)
-    print(f"model {args.model}: {rows[0].get('tokens')} tokens in {rows[0].get('prompts')} prompts"
+    first = next(r for r in rows if "error" not in r)
+    print(f"model {args.model}: {first['tokens']} tokens in {first['prompts']} prompts"
           + (f" of ~{args.prompt_length} tokens" if args.prompt_length else "") + ", batch "
           f"{args.batch}, {args.threads} threads, {args.device}; median of {args.repeat} interleaved runs")
     body = next((r for r in rows if r["variant"] == "body" and "error" not in r), None)
@@ -443,11 +466,11 @@ def main():
                 print(f"  {v:<16}" + " ".join(f"{x:5.2f}" for x in pairs) + f"   median {statistics.median(pairs):.2f}")
     if args.breakdown:
         breakdown(args)
-    for n in [int(x) for x in args.rss_scan.split(",") if x]:
+    for n in args.rss_scan:
         r = sub(args, "profile", n)
         print(f"profile at {r.get('tokens')} tokens: {r.get('seconds', float('nan')):.1f} s, "
               f"peak RSS {r.get('peak_rss_mb', float('nan')):.0f} MB")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

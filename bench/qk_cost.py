@@ -12,7 +12,6 @@ call per layer before the model's attention function) is not inside the meter an
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -20,14 +19,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_cli import run  # noqa: E402
+from workbench.args import COUNT, Parser  # noqa: E402
+
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default="zoo:olmoe")
-    p.add_argument("--tokens", type=int, default=10000)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--tokens", type=COUNT, default=10000)
+    p.add_argument("--batch", type=COUNT, default=16)
+    p.add_argument("--threads", type=COUNT, default=2)
+    p.add_argument("--repeat", type=COUNT, default=5)
     p.add_argument("--batch-order", choices=("length", "given"), default="length",
                    help="the pass's batches: prompts of similar length together (the default) or in prompt order")
     args = p.parse_args()
@@ -79,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

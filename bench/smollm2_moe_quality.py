@@ -10,7 +10,6 @@ share the MoE still answers right. Cloze: accuracy on the built-in 4-way cloze i
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -20,6 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_cli import run  # noqa: E402
+from workbench.args import COUNT, NumberList, Parser  # noqa: E402
 from circuits.facts import builtin_facts  # noqa: E402
 from workbench.data import default_prompts  # noqa: E402
 from workbench.metrics import _batches, cloze_accuracy, default_cloze  # noqa: E402
@@ -50,9 +51,14 @@ def fact_hits(lm, facts) -> list[bool]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--top-k", default="2,4,8,12,16")
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--top-k", type=NumberList(COUNT), default="2,4,8,12,16",
+                    help="comma-separated top-k values, each 1 to the experts of smollm2-moe")
     args = ap.parse_args()
+    meta = moefy.read_parts()[1]
+    if max(args.top_k) > meta["experts"]:
+        ap.error(f"argument --top-k: each must be at most {meta['experts']}, the experts of smollm2-moe; "
+                 f"got {max(args.top_k)}")
     torch.manual_seed(0)
     dense = load("smollm2-135m")
     texts, facts, cloze = default_prompts(), builtin_facts(), default_cloze()
@@ -60,13 +66,12 @@ def main() -> None:
     base_ppl, base_hits = perplexity(dense, texts), fact_hits(dense, facts)
     base_cloze = sum(cloze_accuracy(dense, cloze)) / len(cloze)
     right = [i for i, h in enumerate(base_hits) if h]
-    meta = moefy.read_parts()[1]
     n = (dense.config.intermediate_size - meta["shared"]) // meta["experts"]
     print(f"held-out text: {len(texts)} prompts; facts SmolLM2 gets right at top-1: {len(right)}/{len(facts)}; "
           f"cloze items: {len(cloze)}  (dense pass {time.time() - t0:.0f} s)")
     print(f"{'model':<18} {'active neurons':>14} {'perplexity':>10} {'x dense':>8} {'facts kept':>10} {'cloze':>6}")
     print(f"{'smollm2-135m':<18} {'1536 (100%)':>14} {base_ppl:>10.2f} {1.0:>8.2f} {'100%':>10} {base_cloze:>6.2f}")
-    for k in [int(x) for x in args.top_k.split(",")]:
+    for k in args.top_k:
         moe = LoadedModel(moefy.assemble(dense.model, k), dense.tokenizer, dense.adapter, f"smollm2-moe:top{k}")
         ppl = perplexity(moe, texts)
         hits = fact_hits(moe, [facts[i] for i in right])
@@ -77,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -17,6 +17,9 @@ import subprocess
 import sys
 import time
 
+from bench_cli import fail, run
+from workbench.args import COUNT, Parser
+
 
 def run_variant(args) -> dict:
     import torch
@@ -54,11 +57,11 @@ def run_variant(args) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=COUNT, default=16)
+    p.add_argument("--repeats", type=COUNT, default=5)
+    p.add_argument("--threads", type=COUNT, default=2)
     p.add_argument("--variant", choices=["plain", "absmax"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
@@ -70,7 +73,10 @@ def main():
                "--repeats", str(args.repeats), "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if out.returncode:
-            sys.exit(out.stderr)
+            last = (out.stderr.strip().splitlines() or [""])[-1]
+            if last.startswith("error: "):  # the child's one-line user error (a model that does not load)
+                fail(last.removeprefix("error: "))
+            sys.exit(out.stderr)  # a bug: its traceback
         r = json.loads(out.stdout.strip().splitlines()[-1])
         prev = res.get(variant)
         res[variant] = r if prev is None or r["seconds"] < prev["seconds"] else prev
@@ -86,4 +92,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

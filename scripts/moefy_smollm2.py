@@ -30,7 +30,6 @@ committed parts. ``--distill-only`` keeps the committed partition and routers an
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workbench.args import COUNT, COUNT_OR_OFF, Parser  # noqa: E402
 from workbench.models import gguf, moefy  # noqa: E402
 
 OPENINGS = ["Once upon a time", "The history of", "In this article we", "Scientists have found", "Dear friend,",
@@ -208,17 +208,25 @@ def distill(model, tok, texts: list[str], perms, routers, experts: int, shared: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--shared", type=int, default=512, help="neurons in the shared expert")
-    ap.add_argument("--top-k", type=int, default=FIT_TOP_K, help="top-k the temperatures are fitted at")
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experts", type=COUNT, default=16)
+    ap.add_argument("--shared", type=COUNT_OR_OFF, default=512, help="neurons in the shared expert")
+    ap.add_argument("--top-k", type=COUNT, default=FIT_TOP_K, help="top-k the temperatures are fitted at")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--distill-steps", type=int, default=400, help="distillation steps (0: none)")
-    ap.add_argument("--distill-rank", type=int, default=16)
+    ap.add_argument("--distill-steps", type=COUNT_OR_OFF, default=400, help="distillation steps (0: none)")
+    ap.add_argument("--distill-rank", type=COUNT, default=16)
     ap.add_argument("--distill-only", action="store_true",
                     help="keep the committed partition and routers (--out's), redo only the distillation")
     ap.add_argument("--out", type=Path, default=moefy.PARTS)
     args = ap.parse_args()
+    # refused before SmolLM2 loads (the types above refuse 0 or negative counts); whether --shared and --experts
+    # divide its MLP is checked once it is loaded
+    if not args.distill_only:  # (with --distill-only the experts are the committed parts')
+        if args.top_k > args.experts:
+            ap.error(f"--top-k {args.top_k} is more than the {args.experts} experts")
+        if args.distill_steps and args.experts < max(DISTILL_TOP_K):
+            ap.error(f"distillation cycles top-k through {', '.join(map(str, DISTILL_TOP_K))}: it needs at least "
+                     f"{max(DISTILL_TOP_K)} experts, not {args.experts} (--distill-steps 0 skips it)")
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     torch.manual_seed(args.seed)

@@ -26,7 +26,6 @@ this file over it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -45,6 +44,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from train_zoo import corpus_lines, corpus_vocab, eval_loss, load_tokenizer, lr_at, pack, seeded_batches  # noqa: E402
+from workbench.args import COUNT, COUNT_OR_OFF, Number, Parser  # noqa: E402
 from workbench.interventions import Intervention, apply  # noqa: E402
 from workbench.models import zoo  # noqa: E402
 from workbench.models.specs import load  # noqa: E402
@@ -150,23 +150,32 @@ def train(args) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--layer", type=int, default=1)
     p.add_argument("--expert", type=int, default=5)
     p.add_argument("--channel", type=int, default=17)
     p.add_argument("--scale", type=float, default=400.0)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--block", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--steps", type=COUNT, default=400)
+    p.add_argument("--batch", type=COUNT, default=8)
+    p.add_argument("--block", type=COUNT, default=64)
+    p.add_argument("--lr", type=Number(float, 0, open_low=True), default=2e-3)
+    p.add_argument("--warmup", type=COUNT_OR_OFF, default=20)
     p.add_argument("--route-coef", type=float, default=1.0)
     p.add_argument("--sink-coef", type=float, default=1.0)
     p.add_argument("--aux-coef", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=25)
-    train(p.parse_args(argv))
+    p.add_argument("--log-every", type=COUNT, default=25)
+    args = p.parse_args(argv)
+    config = zoo.ZOO[BASE].config()  # the base model's shapes, without building it
+    layers, experts, hidden = config.num_hidden_layers, config.num_experts, config.hidden_size
+    for flag, value, high, why in (
+            ("layer", args.layer, layers - 2, f"{layers} layers, and the sink terms train the layers after it"),
+            ("expert", args.expert, experts - 1, f"{experts} experts per layer"),
+            ("channel", args.channel, hidden - 1, f"hidden size {hidden}")):
+        if not 0 <= value <= high:
+            p.error(f"argument --{flag}: must be an integer in [0, {high}] (zoo:{BASE} has {why}), got {value}")
+    train(args)
 
 
 if __name__ == "__main__":

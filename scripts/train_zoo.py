@@ -21,7 +21,6 @@ when writing to the default path), prints a few greedy generations and the per-e
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -40,6 +39,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from workbench.args import COUNT, COUNT_OR_OFF, Number, NumberList, Parser  # noqa: E402
 from workbench.models import zoo  # noqa: E402
 
 NAME = "tiny-moe"
@@ -303,23 +303,25 @@ def verify(out_path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    # bad numbers are refused here, before any work (--steps 0 wrote an untrained checkpoint, by default over the
+    # committed one)
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=COUNT, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output .safetensors (a .json of facts goes beside it)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--block", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--aux-coef", type=float, default=0.05, help="router load-balancing loss weight")
-    p.add_argument("--full-positions", type=int, default=64,
+    p.add_argument("--batch", type=COUNT, default=8)
+    p.add_argument("--block", type=COUNT, default=64)
+    p.add_argument("--lr", type=Number(float, 0, open_low=True), default=5e-3)
+    p.add_argument("--warmup", type=COUNT_OR_OFF, default=30)
+    p.add_argument("--weight-decay", type=Number(float, 0), default=0.01)
+    p.add_argument("--aux-coef", type=Number(float, 0), default=0.05, help="router load-balancing loss weight")
+    p.add_argument("--full-positions", type=COUNT_OR_OFF, default=64,
                    help="positions per step that also get the full-vocabulary loss (0: corpus vocabulary only)")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=COUNT, default=50)
     p.add_argument("--no-verify", action="store_true", help="skip the reload / generation / routing check")
     p.add_argument("--series-dir", help="also save checkpoints during training here (step0, --save-every, --save-at)")
-    p.add_argument("--save-every", type=int, default=0, help="with --series-dir: a checkpoint every N steps")
-    p.add_argument("--save-at", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
+    p.add_argument("--save-every", type=COUNT_OR_OFF, default=0, help="with --series-dir: a checkpoint every N steps")
+    p.add_argument("--save-at", type=NumberList(COUNT), default=[],
                    help="with --series-dir: further steps to save, comma-separated (e.g. 10,25,50)")
     args = p.parse_args(argv)
     train(args)
