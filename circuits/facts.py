@@ -361,6 +361,14 @@ def prepare(tokenizer, facts: list[Fact], model: nn.Module | None = None) -> lis
     answers = [_first_token(tokenizer, f.prompt, f.answer, ids) for f, ids in zip(facts, prompts)]
     given_answers = [_first_token(tokenizer, f.corrupted_prompt or f.prompt, f.corrupted_answer)
                      if f.corrupted_answer else None for f in facts]
+    blank = [i for i, (f, a) in enumerate(zip(facts, answers))
+             if f.answer.strip() and not tokenizer.decode([a]).strip()]
+    if blank:  # "  Paris" (two spaces): scored on a lone space token, which every answer could start with
+        f = facts[blank[0]]
+        warnings.warn(f"{len(blank)} of {len(facts)} facts have an answer whose first token is whitespace only (e.g. "
+                      f"{f.answer!r} after {f.prompt!r}: {tokenizer.decode([answers[blank[0]]])!r}); facts are scored "
+                      "by that token, not the word: one space before the word is what the model predicts",
+                      stacklevel=2)
     for i, (f, c) in enumerate(zip(facts, given_answers)):
         if c == answers[i]:
             raise WorkbenchError(f"{_named(f, i)}: the answer {f.answer!r} and the corrupted answer "

@@ -24,6 +24,7 @@ first token is left out by default (``skip_first``), as in ``sae train``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -334,9 +335,15 @@ def node_features(lm, sae, circuit, prompts: Sequence[str], **kwargs) -> tuple[d
     absent from the mapping. Merge them into the circuit with :func:`annotate_circuit`.
     """
     site = resolve_site(lm, sae, kwargs.pop("site", None))
-    writers = [w for w in circuit_writers(circuit).values() if w.feeds(site)]
+    every = list(circuit_writers(circuit).values())
+    writers = [w for w in every if w.feeds(site)]
     if not writers:
         raise WorkbenchError(f"no head, MLP or expert node of the circuit feeds site {site} directly")
+    if len(writers) < len(every):  # they were left out without a word
+        left = [w.name for w in every if not w.feeds(site)]
+        warnings.warn(f"{len(left)} of the circuit's {len(every)} head, MLP and expert nodes do not write into "
+                      f"{site} directly ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}: later layers); "
+                      "they get no features (an SAE at a later site reads them)", stacklevel=2)
     report = writer_features(lm, sae, writers, prompts, site=site, **kwargs)
     attrs = {}
     for name, d in report.table.groupby("writer", sort=False):

@@ -304,3 +304,11 @@ def builtin_facts_few():
     from workbench.circuits.facts import builtin_facts
 
     return builtin_facts()[:4]
+
+
+def test_an_answer_whose_first_token_is_whitespace_is_said(zoo_tokenizer):
+    """'  Paris' (two spaces) after '... is' was scored on a lone-space token without a word."""
+    facts = [Fact("The capital of France is", "  Paris"), Fact("The capital of Italy is", " Rome")]
+    with pytest.warns(UserWarning, match=r"1 of 2 facts have an answer whose first token is whitespace only \(e\.g\. "
+                                         r"'  Paris' after 'The capital of France is'"):
+        prepare(zoo_tokenizer, facts)
