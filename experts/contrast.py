@@ -122,7 +122,8 @@ def top_interventions(df: pd.DataFrame, k: int, op: str = "drop") -> list[Interv
     return [Intervention(op, (int(r.layer),), expert=int(r.expert)) for r in rows.itertuples()]
 
 
-def write(df: pd.DataFrame, out: Path, k: int, op: str) -> list[Path]:
+def write(df: pd.DataFrame, out: Path, k: int, op: str, made_from: str = "") -> list[Path]:
+    """The outputs; ``made_from`` (model, dtype, prompts) heads interventions.yaml as a comment."""
     import yaml
 
     from workbench.io import atomic_path, write_text
@@ -134,7 +135,8 @@ def write(df: pd.DataFrame, out: Path, k: int, op: str) -> list[Path]:
     ivs = top_interventions(df, k, op)
     study = {"name": "contrast-top-experts", "conditions": [
         {"name": f"{op} top {len(ivs)} contrast experts", "interventions": [iv.to_dict() for iv in ivs]}]}
-    write_text(out / "interventions.yaml", yaml.safe_dump(study, sort_keys=False))
+    write_text(out / "interventions.yaml", (f"# {made_from}\n" if made_from else "")
+               + yaml.safe_dump(study, sort_keys=False))
     import matplotlib
 
     matplotlib.use("Agg")

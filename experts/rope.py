@@ -99,17 +99,19 @@ def probe_pairs(fn, names: list[str], r: int, head_dim: int) -> list[int | None]
 
 def frequencies(cos: torch.Tensor, sin: torch.Tensor, exact: list[torch.Tensor]) -> list[float]:
     """The ``r / 2`` frequencies, highest first: ``atan2(sin, cos)`` at position 1 of the first row where the call
-    starts at position 0 (exact buffer values where they match one to 1e-3), else the buffer of ``r / 2`` entries
-    where all such are equal, else none."""
+    starts at position 0 (exact buffer values where they match one to 1e-3, or 4 eps of a half-precision cos), else
+    the buffer of ``r / 2`` entries where all such are equal, else none."""
     r = cos.shape[-1]
     same = [f.detach().double().cpu().flatten().sort(descending=True).values for f in exact if f.numel() == r // 2]
     c = cos.detach().reshape(-1, cos.shape[-2], r)[0].double().cpu()
     s = sin.detach().reshape(-1, sin.shape[-2], r)[0].double().cpu()
+    # cos/sin of a bf16 or fp16 model are rounded to its precision: read frequencies match the buffer to a few eps
+    rtol = max(1e-3, 4 * torch.finfo(cos.dtype).eps) if cos.dtype.is_floating_point else 1e-3
     if c.shape[0] >= 2 and not bool(s[0].abs().max() > 0):
         read = sorted({float(x) for x in torch.atan2(s[1], c[1])}, reverse=True)
         if len(read) == r // 2:
             for f in same:
-                if bool(torch.allclose(torch.tensor(read, dtype=torch.float64), f, rtol=1e-3, atol=0)):
+                if bool(torch.allclose(torch.tensor(read, dtype=torch.float64), f, rtol=rtol, atol=0)):
                     return f.tolist()
             return read
     return same[0].tolist() if same and all(torch.equal(f, same[0]) for f in same) else []

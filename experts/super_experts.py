@@ -93,10 +93,15 @@ def select(experts: list[dict], num_layers: int, rule: SuperExpertRule,
                     "top_ratio_to_next": math.nan, "standing_out": 0}, checks
     order = sorted(cands, key=lambda e: (-e["max_abs"], e["layer"], e.get("expert", 0)))
     m = np.array([e["max_abs"] for e in order], dtype=np.float64)
-    # The paper's two conditions, exactly as the reference computes them.
-    q = float(np.percentile(m, rule.quantile))
+    # The paper's two conditions, exactly as the reference computes them. An inf maximum (an fp16 overflow) is the
+    # largest value there is: the percentile takes it as the largest finite one, and the floor (0.1 x inf) as that
+    # too, so the inf clears both and no finite maximum clears the floor (inf in the arithmetic gave NaN, which
+    # every comparison failed: the planted expert that overflowed was dropped)
+    finite = m[np.isfinite(m)]
+    cap = float(finite.max()) if finite.size else 0.0
+    q = float(np.percentile(np.where(np.isposinf(m), cap, m), rule.quantile))
     top = float(m[0])
-    floor = float(top // (1.0 / rule.ratio)) if rule.ratio > 0 else 0.0
+    floor = (float(top // (1.0 / rule.ratio)) if math.isfinite(top) else cap) if rule.ratio > 0 else 0.0
     med = float(np.median(m))
     # The standing-out group: the k largest, for the largest k whose k-th maximum clears both factors.
     k = 0

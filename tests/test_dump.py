@@ -158,3 +158,27 @@ def test_a_folder_holding_another_commands_outputs_is_refused(run, tmp_path, mon
     ]:
         one_error(*run(*argv)[::2], needle)
     assert all(json.loads((d / "metrics.json").read_text()) == {"mine": 1} for d in (sae, circuit, prof))
+
+
+def test_trace_says_where_activations_are_not_finite(tmp_path, zoo_tokenizer, capsys):
+    """An fp16 overflow traced without a word: the table showed an inf as a site's maximum and a site with NaN rows
+    as clean (trace.json counted them). One warning names how many sites and the first."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from workbench.cli import main
+    from workbench.models.families import save_tiny
+
+    folder = save_tiny("llama", tmp_path / "m", zoo_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[:, 0] = float("inf")  # as an overflow would, from layer 1 on
+    model.save_pretrained(folder)
+    (tmp_path / "p.txt").write_text("The capital of France is Paris\nHello world\n")
+    code = main(["trace", str(folder), "--prompts", str(tmp_path / "p.txt"), "--components", "resid_post",
+                 "--reducers", "absmax", "--out", str(tmp_path / "t"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0 and "warning: non-finite activations at 3 site(s), first L1.resid_post:" in err, err
+    clean = main(["trace", "zoo:qwen3-moe", "--prompts", str(tmp_path / "p.txt"), "--components", "resid_post",
+                  "--out", str(tmp_path / "c"), "--quiet"])
+    assert clean == 0 and "non-finite" not in capsys.readouterr().err

@@ -202,6 +202,13 @@ def test_rule_on_synthetic_maxima():
         ex = _synthetic(maxima)
         got = [(e["layer"], e["expert"], e["kind"]) for e in select(ex, 4, paper, massive)[0]]
         assert got == ref(ex), maxima
+    # an expert whose output overflowed (fp16: inf) is the largest there is; inf in the arithmetic made the
+    # percentile and floor NaN, every comparison failed, and the planted expert of an fp16 run was dropped
+    over = _synthetic([math.inf, 63.5] + bulk)
+    for r in (SuperExpertRule(), paper):
+        chosen, facts, checks = select(over, 4, r, massive)
+        assert [e["max_abs"] for e in chosen] == [math.inf], r.rule
+        assert facts["percentile_value"] == facts["percentile_value"] and facts["ratio_floor"] == 63.5
 
 
 @pytest.mark.parametrize("spec", ["zoo:qwen2-moe", "zoo:qwen3-moe", "zoo:olmoe", "zoo:mixtral"])

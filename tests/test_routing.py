@@ -162,6 +162,7 @@ def test_routing_cli_writes_json_parquet_and_plot(tmp_path, capsys):
         (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
     r = json.loads((out / "routing.json").read_text())
     assert r["checkpoints"] == ["zoo:qwen3-moe", "zoo:olmoe", "zoo:qwen3-moe"] and len(r["layers"]) == 4
+    assert (r["dtype"], r["device"]) == ("float32", "cpu")  # what it was computed in (it did not say)
     for layer in r["layers"]:
         assert set(layer) >= {"layer", "saturation", "saturation_top1", "change_rate", "utilization"}
         assert len(layer["saturation"]) == 3 and layer["saturation"][0] == layer["saturation"][2] == 1.0

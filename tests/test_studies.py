@@ -249,6 +249,9 @@ def test_contrast_finds_a_planted_behaviour_expert(tmp_path):
     assert r.returncode == 0, r.stderr
     study = Study.from_file(tmp_path / "c" / "interventions.yaml")
     assert len(study.explicit) == 1 and len(study.explicit[0].interventions) == 2
+    # what it was computed from, dtype included (no contrast output said)
+    assert (tmp_path / "c" / "interventions.yaml").read_text().startswith("# workbench contrast of zoo:olmoe "
+                                                                          "(float32 on cpu): ")
     dense = subprocess.run([sys.executable, "-m", "workbench", "contrast", "smollm2-135m", "--positive",
                             str(tmp_path / "p.txt"), "--negative", str(tmp_path / "n.txt"), "--out", str(tmp_path / "d")],
                            capture_output=True, text=True, timeout=300)

@@ -139,10 +139,29 @@ def cmd_trace(args) -> int:
         for p in summary["top_absmax"][:5]:
             print(f"  {p['site']:<18} {p['max_abs']:>12.4g}  channel {p['channel']:<5} "
                   f"prompt {p['prompt_index']} pos {p['position']} token {p['token_text']!r}")
+    bad = non_finite_sites(summary["sites"])
+    if bad:  # the table above shows an inf as a maximum and a site with NaN rows as clean
+        first = bad[0]
+        print(f"warning: non-finite activations at {len(bad)} site(s), first {first[0]}: {first[1]} NaN and "
+              f"{first[2]} inf (counted; a NaN is never a maximum, an inf is one; see nan_count and inf_count in "
+              "trace.json)", file=sys.stderr)
     print(f"wrote {path}")
     if args.dump:
         print(f"wrote dump {Path(args.dump) / 'index.json'}")
     return 0
+
+
+def non_finite_sites(sites: dict) -> list[tuple[str, int, int]]:
+    """(site, NaN, inf) for each site of a trace summary where a reducer counted non-finite values, in layer order."""
+    out = []
+    for key, reducers in sites.items():
+        counts = [r for r in reducers.values() if isinstance(r, dict) and "nan_count" in r]
+        total = lambda v: sum(v) if isinstance(v, list) else int(v)  # noqa: E731 (a per-expert list, or one count)
+        nan = max((total(r["nan_count"]) for r in counts), default=0)
+        inf = max((total(r.get("inf_count", 0)) for r in counts), default=0)
+        if nan or inf:
+            out.append((key, nan, inf))
+    return out
 
 
 def _check_dump_dir(path: str) -> None:
@@ -239,8 +258,8 @@ def cmd_profile(args) -> int:
     if nf["first_layer"] is not None:
         print(f"warning: non-finite activations from layer {nf['first_layer']}: {nf['expert_nan']} NaN and "
               f"{nf['expert_inf']} inf in the outputs of {nf['experts_affected']} experts, {nf['residual_nan']} NaN and "
-              f"{nf['residual_inf']} inf in the residual stream (counted, never a maximum; see non_finite in "
-              "profile.json)", file=sys.stderr)
+              f"{nf['residual_inf']} inf in the residual stream (counted; a NaN is never a maximum, an inf is one; "
+              "see non_finite in profile.json)", file=sys.stderr)
     massive = [l for l in p["massive_activations"]["layers"] if l["massive"]]
     if massive:
         l = massive[0]
@@ -315,7 +334,9 @@ def cmd_contrast(args) -> int:
     if not (df.freq_diff > 0).any():
         print(f"warning: no expert is routed more on the positive prompts; interventions.yaml still lists the top "
               f"{args.top} by frequency difference", file=sys.stderr)
-    write(df, out, args.top, args.op)
+    dtype = str(lm.dtype).replace("torch.", "")
+    write(df, out, args.top, args.op, made_from=f"workbench contrast of {args.model} ({dtype} on {lm.device.type}): "
+                                                f"{args.positive} vs {args.negative}")
     cols = ["rank", "layer", "expert", "freq_pos", "freq_neg", "freq_diff", "p_value"]
     print(df[cols].head(args.top).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {out / 'contrast.csv'}, contrast.parquet, contrast.png and {out / 'interventions.yaml'} "
@@ -334,9 +355,17 @@ def cmd_routing(args) -> int:
     quiet_loading(args)  # (each checkpoint is loaded here, not through _load)
     if not args.quiet:
         print(f"routing over {len(specs)} checkpoints (final: {specs[-1]}), {len(prompts)} prompts", file=sys.stderr)
-    r = routing(specs, prompts, load=lambda spec: load(spec, device=args.device, dtype=args.dtype,
-                                                        trust_remote_code=args.trust_remote_code),
-                batch_size=args.batch_size, max_tokens=args.max_tokens, progress=not args.quiet)
+    loaded: list = []
+
+    def load_one(spec):
+        lm = load(spec, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        loaded.append(lm)
+        return lm
+
+    r = routing(specs, prompts, load=load_one, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                progress=not args.quiet)
+    if loaded:  # what the numbers were computed in, as profile.json and trace.json say
+        r["dtype"], r["device"] = str(loaded[-1].dtype).replace("torch.", ""), str(loaded[-1].device)
     files = write(r, out, plots=not args.no_plots)
     head = f"{'layer':>5}  " + " ".join(f"{(str(s) if s is not None else c):>7}" for c, s in
                                          enumerate(step_of(x) for x in specs))

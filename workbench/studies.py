@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 import time
@@ -585,9 +586,10 @@ def _check_names(names: list[str], source: str) -> None:
 def _say_nan(condition: str, values: dict[str, list[float]]) -> None:
     """Warn where a condition's metric values are NaN (the model's outputs were not finite under its interventions):
     each mean is over the finite values only, which the table's ``n`` shows but nothing else says."""
-    bad = {m: sum(x != x for x in v) for m, v in values.items() if any(x != x for x in v)}
-    if bad:
-        warnings.warn(f"condition {condition!r}: " + ", ".join(f"{m} is NaN on {k} of {len(values[m])}"
+    bad = {m: sum(not math.isfinite(x) for x in v) for m, v in values.items()
+           if any(not math.isfinite(x) for x in v)}
+    if bad:  # (an inf is left out of the mean too: the `massive` of an fp16 overflow)
+        warnings.warn(f"condition {condition!r}: " + ", ".join(f"{m} is not finite on {k} of {len(values[m])}"
                                                               for m, k in bad.items())
                       + " (the model's outputs are not finite there); its means are over the rest, n says how many",
                       stacklevel=3)
