@@ -134,7 +134,7 @@ def test_checkpoint_restores_every_stateful_object(tmp_path):
     assert p["run"]["resumed_at_batch"] == 2
     assert split(p)[0] == whole
     # a checkpoint of another run (other batch size) is ignored with a warning, not resumed
-    with pytest.warns(UserWarning, match="different run"):
+    with pytest.warns(UserWarning, match=r"different run \(changed: .*batch size"):
         other = profile(lm, prompts, ProfileOptions(batch_size=3), progress=False, checkpoint=ck)
     assert other["run"]["resumed_at_batch"] is None
     # and so is one of other weights under the same spec (another checkpoint copied to the same path, a planted
@@ -148,7 +148,7 @@ def test_checkpoint_restores_every_stateful_object(tmp_path):
     experts = lm.adapter.experts(lm.adapter.decoder_layers(lm.model)[1])
     with torch.no_grad():
         experts.down_proj[3][5] *= 300.0
-    with pytest.warns(UserWarning, match="model or its weights"):
+    with pytest.warns(UserWarning, match=r"changed: weights \(or their dtype\)"):  # the planted row, named
         planted = profile(lm, prompts, opts, progress=False, checkpoint=ck)
     assert planted["run"]["resumed_at_batch"] is None
 
@@ -437,3 +437,25 @@ def test_trust_remote_code_is_threaded_to_transformers(monkeypatch, saved_dir, r
         with pytest.raises(SystemExit):
             main([sub, "--help"])
         assert "--trust-remote-code" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_another_run_names_what_changed(tmp_path):
+    """A profile resumed in another dtype was refused as "(model or its weights, prompts or options changed)";
+    the checkpoint keeps a hash of each part of the run, and the warning names the parts that differ."""
+    import json
+
+    import torch
+
+    from workbench.tracing.state import Checkpoint, fingerprint
+
+    def fp(dtype, batch_size=4):
+        return fingerprint(spec="zoo:qwen3-moe", token_ids=torch.arange(5), batch_size=batch_size,
+                           tag=json.dumps({"options": "ProfileOptions()", "dtype": dtype}))
+
+    ck = Checkpoint(tmp_path / "c.safetensors", every=1)
+    ck.save(3, fp("torch.float32"), {"x": torch.zeros(2)})
+    assert ck.load(fp("torch.float32"))[0] == 3
+    with pytest.warns(UserWarning, match=r"it belongs to a different run \(changed: dtype\); starting over"):
+        assert ck.load(fp("torch.bfloat16")) is None
+    with pytest.warns(UserWarning, match=r"\(changed: batch size, dtype\)"):
+        assert ck.load(fp("torch.bfloat16", batch_size=8)) is None

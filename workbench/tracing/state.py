@@ -153,15 +153,50 @@ def weights_signature(model: torch.nn.Module) -> list:
     return out
 
 
-def fingerprint(**parts: Any) -> str:
-    """A short hash of what defines a run (model, token ids, batching, sites, options)."""
+class Fingerprint(str):
+    """A run's fingerprint, with a short hash of each part (``parts``) so a refused checkpoint can say what changed."""
+
+    parts: dict[str, str]
+
+
+# what each part of a fingerprint is, as a refused checkpoint names it
+PART_NAMES = {"spec": "model", "model": "model class", "weights": "weights (or their dtype)", "token_ids": "prompts",
+              "lengths": "prompts", "batch_size": "batch size", "objects": "statistics kept", "shard": "rank layout",
+              "batches": "batch order", "tag.options": "options", "tag.dtype": "dtype", "tag": "options"}
+
+
+def fingerprint(**parts: Any) -> Fingerprint:
+    """A short hash of what defines a run (model, token ids, batching, sites, options); ``.parts`` hashes each part
+    (a JSON ``tag``'s keys apart, e.g. the dtype)."""
     h = hashlib.sha256()
+    each = {}
     for k in sorted(parts):
         v = parts[k]
         h.update(k.encode())
         data = v.numpy().tobytes() if isinstance(v, torch.Tensor) else json.dumps(v, sort_keys=True, default=str).encode()
         h.update(data)
-    return h.hexdigest()[:32]
+        each[k] = hashlib.sha256(data).hexdigest()[:16]
+        if k == "tag" and isinstance(v, str) and v.startswith("{"):
+            with contextlib.suppress(ValueError):
+                for sub, x in json.loads(v).items():
+                    each[f"tag.{sub}"] = hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
+    fp = Fingerprint(h.hexdigest()[:32])
+    fp.parts = each
+    return fp
+
+
+def _changed(saved: str | None, fp: str) -> str:
+    """What differs between a checkpoint's saved part hashes and this run's ("" where not known)."""
+    mine = getattr(fp, "parts", None)
+    try:
+        theirs = json.loads(saved) if saved else None
+    except ValueError:
+        theirs = None
+    if not mine or not isinstance(theirs, dict):
+        return ""
+    split = any(k.startswith("tag.") for k in mine)  # the tag's keys are named apart: not the tag as a whole too
+    keys = [k for k in mine if theirs.get(k) != mine[k] and not (k == "tag" and split)]
+    return ", ".join(dict.fromkeys(PART_NAMES.get(k, k) for k in keys))
 
 
 @dataclass
@@ -196,13 +231,18 @@ class Checkpoint:
                           stacklevel=2)
             return None
         if meta.get("format") != FORMAT or meta.get("fingerprint") != fp:
-            warnings.warn(f"ignoring checkpoint {self.path}: it belongs to a different run (model or its weights, "
-                          "prompts or options changed); starting over", stacklevel=2)
+            what = _changed(meta.get("parts"), fp) if meta.get("format") == FORMAT else ""
+            warnings.warn(f"ignoring checkpoint {self.path}: it belongs to a different run ("
+                          + (f"changed: {what}" if what else "model or its weights, prompts or options changed")
+                          + "); starting over", stacklevel=2)
             return None
         return int(meta["cursor"]), flat
 
     def save(self, cursor: int, fp: str, flat: Mapping[str, torch.Tensor]) -> None:
-        save_safetensors(self.path, dict(flat), {"format": FORMAT, "fingerprint": fp, "cursor": str(cursor)})
+        meta = {"format": FORMAT, "fingerprint": str(fp), "cursor": str(cursor)}
+        if getattr(fp, "parts", None):
+            meta["parts"] = json.dumps(fp.parts)
+        save_safetensors(self.path, dict(flat), meta)
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
