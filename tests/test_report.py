@@ -64,6 +64,24 @@ def test_report_command_and_incomplete_folders(runs, tmp_path, capsys):
         report(out)
 
 
+def test_a_circuit_json_on_its_own_carries_its_report(runs, tmp_path):
+    """The app's circuit download is circuit.json alone, its evaluation in graph.meta.metrics: `report` said the run
+    "did not finish (rerun it)". A circuit.json without an evaluation still says so."""
+    import shutil
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(runs / "circuit" / "circuit.json", lone / "circuit.json")
+    page = report(lone).read_text()
+    assert "<b>Hit@10</b>" in page and "faithfulness" in page
+    bare = json.loads((lone / "circuit.json").read_text())
+    bare["graph"]["meta"].pop("metrics")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "circuit.json").write_text(json.dumps(bare))
+    with pytest.raises(WorkbenchError, match="has circuit.json but no metrics.json: the run did not finish"):
+        report(tmp_path / "bare")
+
+
 def test_a_profile_json_missing_sections_is_one_error(tmp_path, capsys):
     """A profile.json cut down by hand (or by another tool) names what it lacks instead of a KeyError."""
     folder = tmp_path / "p"

@@ -366,3 +366,11 @@ def test_an_infinite_metric_value_is_said_too():
 
     with pytest.warns(UserWarning, match=r"condition 'c': massive is not finite on 1 of 4 \(the model's outputs"):
         _say_nan("c", {"massive": [1.0, math.inf, 2.0, 3.0], "perplexity": [1.0, 2.0, 3.0, 4.0]})
+
+
+def test_a_number_yaml_reads_as_text_is_said_so():
+    """`factor: 1e30` is a string to PyYAML (no decimal point): the error said 1e30 was not finite."""
+    spec = yaml.safe_load("{op: scale, layers: 2, expert: 5, factor: 1e30}")
+    with pytest.raises(WorkbenchError, match=r"field 'factor' must be a finite number, got '1e30' \(a string: YAML "
+                                             r"reads a number like 1e30 as text; write 1\.0e30\)"):
+        Intervention.from_dict(spec)

@@ -389,3 +389,35 @@ def test_dense_rows_to_interventions():
     half = pd.DataFrame([{"on": True, "op": None, "layer": 3, "index": None, "factor": None, "positions": "", "why": ""}])
     with pytest.raises(WorkbenchError, match="dense table row 1: pick an op"):
         interventions_from_dense_rows(half)
+
+
+def test_a_model_folder_rewritten_while_the_app_runs_is_loaded_again(tmp_path, zoo_tokenizer):
+    """The model (and every result keyed by its spec) was cached by the path alone: after another checkpoint was
+    saved into the folder, even a reloaded page showed the old architecture and its old generations."""
+    import os
+    import shutil
+
+    from workbench.models.families import save_tiny
+
+    folder = tmp_path / "m"
+    save_tiny("granitemoeshared", folder, zoo_tokenizer)
+    at = AppTest.from_file(APP, default_timeout=90).run()
+    at.sidebar.selectbox(key="model_choice").set_value("(local path or hub id)").run()
+    at.sidebar.text_input(key="model_path").input(str(folder)).run()
+    assert any("GraniteMoeShared" in c.value for c in at.sidebar.caption)
+    shutil.rmtree(folder)
+    save_tiny("phimoe", folder, zoo_tokenizer)
+    for f in folder.iterdir():  # a later modification time, whatever the file system's clock resolution
+        os.utime(f, ns=(f.stat().st_mtime_ns + 10**9, f.stat().st_mtime_ns + 10**9))
+    fresh = AppTest.from_file(APP, default_timeout=90).run()  # a reloaded page: a new session, the same caches
+    fresh.sidebar.selectbox(key="model_choice").set_value("(local path or hub id)").run()
+    fresh.sidebar.text_input(key="model_path").input(str(folder)).run()
+    assert any("Phimoe" in c.value for c in fresh.sidebar.caption), [c.value for c in fresh.sidebar.caption]
+
+
+def test_the_steer_caption_names_a_shared_expert_as_shared():
+    """`{op: zero, kind: shared, expert: 0}` read "zero L1-3.E0", the caption of routed expert 0."""
+    from workbench.ui.steer_page import describe
+
+    assert describe({"op": "zero", "kind": "shared", "layers": [1, 2, 3], "expert": 0}) == "zero L1-3.S0"
+    assert describe({"op": "zero", "layers": [1, 2, 3], "expert": 0}) == "zero L1-3.E0"

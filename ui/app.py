@@ -14,7 +14,7 @@ import torch
 
 from workbench.models.specs import list_builtin
 from workbench.ui import circuits_page, profile_page, steer_page
-from workbench.ui.common import load_model, pick_sae, show_error
+from workbench.ui.common import drop_if_rewritten, load_model, pick_sae, show_error
 
 DEFAULT_MODEL = "zoo:tiny-moe-se"  # trained: readable continuations, one planted super expert to find
 CUSTOM = "(local path or hub id)"
@@ -48,6 +48,7 @@ def _pick_model():
         return None
     try:
         with st.spinner(f"loading {spec} ..."):
+            drop_if_rewritten(spec.strip())
             lm = load_model(spec.strip())
     except Exception as exc:  # the app keeps running on any load failure
         show_error(exc)

@@ -27,6 +27,22 @@ def load_model(spec: str):
     return wb.load(spec)
 
 
+_LOADED: dict[str, int] = {}  # local model folder -> version of its files last loaded (process-wide, as the caches)
+
+
+def drop_if_rewritten(spec: str) -> None:
+    """A local model folder rewritten since it was loaded (another checkpoint saved there) drops every cache: the
+    model's and every result keyed by its spec (generations, metrics, profiles), which were served as current."""
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return
+    version = _version(path)
+    if _LOADED.get(spec, version) != version:
+        load_model.clear()
+        st.cache_data.clear()
+    _LOADED[spec] = version
+
+
 @st.cache_resource(show_spinner=False, max_entries=4)
 def load_sae(path: str, version: int):
     """``workbench.sae.load_sae(path)``, cached per folder and file version (errors are not cached)."""
@@ -48,7 +64,7 @@ class PickedSAE:
 
 
 def _version(path: Path) -> int:
-    """Modification times of the folder's files, so a re-trained SAE in the same folder is reloaded."""
+    """Modification times of the folder's files, so a re-trained SAE (or model) in the same folder is reloaded."""
     try:
         return sum(p.stat().st_mtime_ns for p in path.iterdir() if p.is_file())
     except OSError:

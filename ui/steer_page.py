@@ -215,8 +215,8 @@ def describe(d: dict) -> str:
     where = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}" if len(layers) > 1 else ""
     if d["op"] == SAE_OP:
         s = f"{SAE_OP} f{d['feature']} x{d['coef']:g}" + (f" {d['site']}" if d.get("site") else "")
-    elif "expert" in d:
-        s = f"{d['op']} {where}.E{d['expert']}"
+    elif "expert" in d:  # a shared expert is S<n> (it read as routed expert <n>)
+        s = f"{d['op']} {where}.{'S' if d.get('kind') == 'shared' else 'E'}{d['expert']}"
     elif "heads" in d and d["op"] != "mean_qk":
         s = f"{d['op']} {where}.H{','.join(map(str, d['heads']))}"
     elif "channel" in d:

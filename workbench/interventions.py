@@ -213,7 +213,14 @@ def _checked(d: dict, where: str) -> dict:
         x = d[name]
         if (x is not None or name != "factor") and (not isinstance(x, numbers.Real) or isinstance(x, (bool, np.bool_))
                                                      or not math.isfinite(x)):
-            raise WorkbenchError(f"{where}: field {name!r} must be a finite number, got {x!r}")
+            hint = ""
+            if isinstance(x, str):
+                try:
+                    float(x)
+                    hint = " (a string: YAML reads a number like 1e30 as text; write 1.0e30)"
+                except ValueError:
+                    pass
+            raise WorkbenchError(f"{where}: field {name!r} must be a finite number, got {x!r}{hint}")
         d[name] = x.item() if isinstance(x, np.generic) else x  # a NumPy float (a table's cell) as a Python one
     layers = d["layers"] if isinstance(d["layers"], (list, tuple)) else [d["layers"]]
     if not layers or not all(_is_int(x) for x in layers):

@@ -42,6 +42,8 @@ def kind_of(folder: Path) -> str:
                 raise WorkbenchError(f"{folder} has {marker} but not {', '.join(missing)}: an incomplete {kind} "
                                      "output (rerun it)")
             return kind
+    if (folder / "circuit.json").is_file() and _embedded_metrics(folder / "circuit.json") is not None:
+        return "circuit"  # a circuit.json on its own (the app's download) carries its metrics
     partial = {"run.json": "profile.json", "results.parquet": "results.csv", "study.resolved.yaml": "results.csv",
                "circuit.json": "metrics.json", "edges.parquet": "metrics.json", "routing.parquet": "routing.json",
                "evolution.parquet": "evolution.json"}
@@ -239,9 +241,19 @@ def _study(folder: Path) -> str:
 
 # ----- circuit -------------------------------------------------------------------------------------------
 
+def _embedded_metrics(path: Path) -> dict | None:
+    """The evaluation a circuit.json holds in ``graph.meta.metrics`` (None where it has none or is not JSON)."""
+    try:
+        m = json.loads(path.read_text()).get("graph", {}).get("meta", {}).get("metrics")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return m if isinstance(m, dict) and "faithfulness" in m else None
+
+
 def _circuit(folder: Path) -> str:
-    m = _read_json(folder / "metrics.json")
     c = _read_json(folder / "circuit.json")
+    m = _read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else \
+        _embedded_metrics(folder / "circuit.json")
     meta = c.get("graph", {}).get("meta", {})
     kinds: dict[str, int] = {}
     for n in c.get("nodes", []):
