@@ -336,3 +336,23 @@ def test_profile_says_over_how_many_layers_the_sink_share_is(run, tmp_path, zoo_
                          tmp_path / "p")
     assert code == 0, err
     assert "(over 2 of 4 layers: 2 have no softmax attention)" in out and "linear-attention" not in out
+
+
+def test_profile_says_which_layers_lost_their_sink_share_to_non_finite_values(run, tmp_path, zoo_tokenizer):
+    """An fp16 overflow made some layers' sink shares NaN: the summary's mean was over the rest (0.12 against 0.52)
+    and did not say so."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from workbench.models.families import save_tiny
+
+    d = save_tiny("llama", tmp_path / "m", zoo_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[:, 0] = float("inf")  # as an overflow would, from layer 1 on
+    model.save_pretrained(d)
+    code, out, err = run("profile", d, "--text", "The capital of France is Paris.", "--no-plots", "--quiet", "--out",
+                         tmp_path / "p")
+    assert code == 0, err
+    assert "(over 2 of 4 layers: layer(s) 2, 3 are NaN: non-finite activations there)" in out, out
+    assert "warning: non-finite activations from layer 1" in err

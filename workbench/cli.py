@@ -276,9 +276,12 @@ def cmd_profile(args) -> int:
                                                        else "no prompt has 2 tokens or more") + ")")
         else:
             l, h = np.unravel_index(np.nanargmax(share), share.shape)
+            lost = [i for i in range(len(share)) if i not in skipped and np.isnan(share[i]).any()]
+            why = ([f"{len(skipped)} have no softmax attention"] if skipped else []) + (
+                [f"layer(s) {', '.join(map(str, lost))} are NaN: non-finite activations there"] if lost else [])
             print(f"attention sinks: mean share on position 0 {np.nanmean(share):.2f}; strongest head L{l}.H{h} "
-                  f"{share[l, h]:.2f}" + (f" (over {len(share) - len(skipped)} of {len(share)} layers: "
-                                          f"{len(skipped)} have no softmax attention)" if skipped else ""))
+                  f"{share[l, h]:.2f}" + (f" (over {len(share) - len(skipped) - len(lost)} of {len(share)} layers: "
+                                          f"{'; '.join(why)})" if why else ""))
     qk = p.get("qk_values")
     if qk and qk["entries"]:
         best = {proj: max((e for e in qk["entries"] if e["proj"] == proj), key=lambda e: e["ratio"]) for proj in "qkv"}
