@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from workbench.interventions import Intervention
-from workbench.tracing.reducers import Payload
+from workbench.tracing.reducers import Payload, broken_rows
 from workbench.tracing.runner import tokenize, trace
 from workbench.tracing.sites import Component, all_sites
 
@@ -30,13 +30,19 @@ class PerPromptRouting:
         self.counts = torch.zeros(num_prompts, num_experts, dtype=torch.float64)
         self.prob = torch.zeros(num_prompts, num_experts, dtype=torch.float64)
         self.tokens = torch.zeros(num_prompts, dtype=torch.float64)
+        self.nonfinite = 0  # tokens whose router logits were not finite (an overflow upstream): left out
 
     def update(self, p: Payload) -> None:
-        prompt = self.token_prompt[p.tokens.cpu()]
-        onehot = torch.zeros(p.values.shape, dtype=torch.float64)
-        onehot.scatter_(1, p.topk.cpu().to(torch.int64), 1.0)
+        values, topk, tokens = p.values.detach().cpu().double(), p.topk.cpu().to(torch.int64), p.tokens.cpu()
+        finite = ~broken_rows(values)  # (-inf is a masked expert)
+        if not bool(finite.all()):  # their probabilities are NaN and their top-k arbitrary
+            self.nonfinite += int((~finite).sum())
+            values, topk, tokens = values[finite], topk[finite], tokens[finite]
+        prompt = self.token_prompt[tokens]
+        onehot = torch.zeros(values.shape, dtype=torch.float64)
+        onehot.scatter_(1, topk, 1.0)
         self.counts.index_add_(0, prompt, onehot)
-        self.prob.index_add_(0, prompt, torch.softmax(p.values.detach().cpu().double(), -1))
+        self.prob.index_add_(0, prompt, torch.softmax(values, -1))
         self.tokens.index_add_(0, prompt, torch.ones(len(prompt), dtype=torch.float64))
 
 
@@ -48,6 +54,11 @@ def routing_by_prompt(lm, prompts: Sequence[str], batch_size: int = 8, progress:
     infos = lm.layer_infos()
     sinks = {s: [PerPromptRouting(token_prompt, len(ids), infos[s.layer].num_experts)] for s in sites}
     trace(lm, prompts, sites, reducers=(), batch_size=batch_size, progress=progress, sinks=sinks)
+    lost = {s.layer: r.nonfinite for s, (r,) in sinks.items() if r.nonfinite}
+    if lost:
+        warnings.warn(f"{max(lost.values())} token(s) had non-finite router logits (an overflow upstream, e.g. in "
+                      f"float16) in layer(s) {', '.join(map(str, lost))}: left out of the frequencies and "
+                      "probabilities", stacklevel=2)
     out = {}
     for s, (r,) in sinks.items():
         n = r.tokens.clamp(min=1)[:, None]

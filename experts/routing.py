@@ -25,6 +25,7 @@ import gc
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -93,7 +94,8 @@ def record(lm, prompts: Sequence[str], folder: Path, *, batch_size: int = 8, max
         for r in recorders.values():
             r.close()
     return {"token_ids": res.token_ids, "layers": layers,
-            "load": {s.layer: counts[s].counts.to(torch.float64) for s in sites}}
+            "load": {s.layer: counts[s].counts.to(torch.float64) for s in sites},
+            "nonfinite": max((int(c.nonfinite) for c in counts.values()), default=0)}
 
 
 def _read(path: Path, k: int, start: int, n: int) -> torch.Tensor:
@@ -160,6 +162,10 @@ def routing(specs: Sequence[str], prompts: Sequence[str], *, load: Callable[[str
                 _check_compatible(specs[0], first, spec, rec)
             folders.append(tmp / f"ckpt{i}")
             loads.append(rec["load"])
+            if rec["nonfinite"]:  # their choices are recorded as the model made them, from NaN scores: arbitrary
+                warnings.warn(f"{spec}: {rec['nonfinite']} token(s) had non-finite router logits (an overflow "
+                              "upstream, e.g. in float16); their expert choices are arbitrary and are counted",
+                              stacklevel=2)
         layers = first["layers"]
         metrics = compare(folders, layers, int(first["token_ids"].numel()))
     finally:

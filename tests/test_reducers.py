@@ -168,13 +168,15 @@ def ref_moments(values: torch.Tensor):
             torch.tensor(vars_, dtype=torch.float64), nan_count, inf_count)
 
 
-def ref_expert_counts(topk: torch.Tensor, num_experts: int) -> dict:
+def ref_expert_counts(topk: torch.Tensor, num_experts: int, values: torch.Tensor | None = None) -> dict:
     cnt = Counter(topk.flatten().tolist())
     counts = [cnt.get(e, 0) for e in range(num_experts)]
     total = sum(counts)
     sq = sum(c * c for c in counts)  # utilization: Jain's index (sum p)^2 / (E sum p^2)
+    rows = values.tolist() if values is not None else []
     return {"counts": counts, "tokens": topk.shape[0], "load": [c / total if total else 0.0 for c in counts],
-            "utilization": total * total / (num_experts * sq) if sq else math.nan}
+            "utilization": total * total / (num_experts * sq) if sq else math.nan,
+            "nonfinite_tokens": sum(any(x != x or x == math.inf for x in row) for row in rows)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +302,7 @@ def test_log_histogram_merge_of_parts_equals_whole_in_any_order(case, data):
 @given(case=cases(experts=True), data=st.data())
 def test_expert_counts_merge_of_parts_equals_whole_and_reference(case, data):
     whole = reduce_whole("expert_counts", case)
-    got, ref = whole.result(), ref_expert_counts(case.topk, case.num_experts)
+    got, ref = whole.result(), ref_expert_counts(case.topk, case.num_experts, case.values)
     u, ref_u = got.pop("utilization"), ref.pop("utilization")
     assert got == ref and (u == pytest.approx(ref_u) if ref["tokens"] and any(ref["counts"]) else math.isnan(u))
     assert_same_state(reduce_parts("expert_counts", case), whole)
@@ -667,7 +669,8 @@ def test_fresh_other_reducers_results_are_sane():
     e = ExpertCounts(num_experts=3)
     e.update(_empty_payload(3))
     res = e.result()
-    assert math.isnan(res.pop("utilization")) and res == {"counts": [0, 0, 0], "tokens": 0, "load": [0.0, 0.0, 0.0]}
+    assert math.isnan(res.pop("utilization")) and res == {"counts": [0, 0, 0], "tokens": 0, "load": [0.0, 0.0, 0.0],
+                                                          "nonfinite_tokens": 0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -776,7 +779,8 @@ def test_expert_counts_without_topk_raises_value_error():
     with pytest.raises(ValueError):
         e.update(Payload(torch.ones(3, 4), torch.arange(3)))
     res = e.result()
-    assert math.isnan(res.pop("utilization")) and res == {"counts": [0, 0, 0, 0], "tokens": 0, "load": [0.0] * 4}
+    assert math.isnan(res.pop("utilization")) and res == {"counts": [0, 0, 0, 0], "tokens": 0, "load": [0.0] * 4,
+                                                          "nonfinite_tokens": 0}
 
 
 def test_absmax_rejects_a_change_in_channel_count():
@@ -900,3 +904,32 @@ def test_router_stats_match_brute_force(scoring, e, k):
         assert got["mean_token_entropy"] == pytest.approx(ent / n, rel=1e-12)
         assert got["mean_topk_margin"] == pytest.approx(margin / n, rel=1e-12)
         assert whole.coactivation.tolist() == co
+
+
+def test_router_rows_that_are_not_finite_are_left_out_and_counted():
+    """An fp16 overflow upstream gives NaN router logits: their probabilities made mean_prob and the entropy NaN,
+    and their arbitrary top-k moved the counts (+138 tokens on one expert). RouterStats leaves them out and counts
+    them; ExpertCounts (routing's load: the model did route them) counts them; contrast leaves them out, said."""
+    import warnings as w
+
+    from workbench.experts.contrast import PerPromptRouting
+    from workbench.tracing.reducers import RouterStats
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [NAN, NAN, NAN], [0.5, 1.5, 0.0]])
+    topk = torch.tensor([[0], [2], [1]])
+    r = RouterStats(num_experts=3)
+    r.update(Payload(logits, torch.arange(3), topk=topk))
+    clean = RouterStats(num_experts=3)
+    clean.update(Payload(logits[[0, 2]], torch.tensor([0, 2]), topk=topk[[0, 2]]))
+    got, want = r.result(), clean.result()
+    assert got.pop("nonfinite_tokens") == 1 and want.pop("nonfinite_tokens") == 0 and got == want
+    c = ExpertCounts(num_experts=3)
+    c.update(Payload(logits, torch.arange(3), topk=topk))
+    assert c.result()["nonfinite_tokens"] == 1 and c.counts.tolist() == [1, 1, 1]
+    per = PerPromptRouting(torch.tensor([0, 0, 1]), 2, 3)
+    per.update(Payload(logits, torch.arange(3), topk=topk))
+    assert per.nonfinite == 1 and per.tokens.tolist() == [1.0, 1.0] and not per.prob.isnan().any()
+    with w.catch_warnings():
+        w.simplefilter("error")
+        RouterStats(num_experts=3).merge(r)  # merges carry the count
+    assert RouterStats(num_experts=3).merge(r).result()["nonfinite_tokens"] == 1

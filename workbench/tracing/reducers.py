@@ -40,6 +40,12 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return backend_for(x) == "triton"
 
 
+def broken_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[n] bool: router rows holding NaN or +inf (an overflow upstream), whose probabilities are NaN and whose top-k
+    is arbitrary; -inf is a masked expert (probability 0), not broken."""
+    return torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)
+
+
 def jain(load) -> float:
     """Jain's fairness index of a load vector, (sum p)^2 / (E * sum p^2): 1 for equal loads, 1/E when one
     expert takes everything; NaN for an empty or all-zero load. The "expert utilization" of OLMoE and of
@@ -749,6 +755,8 @@ class ExpertCounts(Reducer):
     num_experts: int = 0
     counts: torch.Tensor | None = None  # [E] int64
     tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    # rows with NaN or +inf router logits (counted above as routed: the model did route them)
+    nonfinite: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
     def __post_init__(self):
         if self.counts is None:
@@ -762,6 +770,8 @@ class ExpertCounts(Reducer):
             raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {int(ids.max())}")
         self.tokens += p.topk.shape[0]
         self.counts += torch.bincount(ids, minlength=self.num_experts)
+        if p.values.is_floating_point() and p.values.numel():
+            self.nonfinite += int(broken_rows(p.values).sum())
 
     def merge(self, other: "ExpertCounts") -> "ExpertCounts":
         self._check_same(other)
@@ -769,6 +779,7 @@ class ExpertCounts(Reducer):
             raise ValueError(f"cannot merge ExpertCounts over {other.num_experts} experts into {self.num_experts}")
         self.counts += other.counts
         self.tokens += other.tokens
+        self.nonfinite += other.nonfinite
         return self
 
     def result(self) -> dict:
@@ -776,6 +787,7 @@ class ExpertCounts(Reducer):
         return {
             "counts": self.counts.tolist(),
             "tokens": int(self.tokens),
+            "nonfinite_tokens": int(self.nonfinite),
             "load": [c / total if total else 0.0 for c in self.counts.tolist()],
             "utilization": jain(self.counts),
         }
@@ -877,6 +889,8 @@ class RouterStats(Reducer):
     entropy_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     margin_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    # rows with NaN or +inf logits (an overflow upstream, e.g. float16): left out of every statistic here
+    nonfinite: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
     def __post_init__(self):
         if self.scoring not in ("softmax", "sigmoid"):
@@ -894,6 +908,14 @@ class RouterStats(Reducer):
         if n == 0:
             return
         logits = p.values.detach().to(torch.float64)
+        chosen = p.topk.to(torch.int64)
+        finite = ~broken_rows(logits)
+        if not bool(finite.all()):  # NaN logits' probabilities would make every sum NaN, their top-k arbitrary
+            self.nonfinite += int((~finite).sum())
+            logits, chosen = logits[finite], chosen[finite]
+            n = logits.shape[0]
+            if n == 0:
+                return
         if self.scoring == "softmax" and e <= 64:
             # by hand: torch's float64 softmax over a short last dim is 1.2-4x slower on CPU (equal to ~3e-16)
             probs = (logits - logits.amax(-1, keepdim=True)).exp_()
@@ -905,11 +927,10 @@ class RouterStats(Reducer):
             probs = scores / scores.sum(-1, keepdim=True)
         self.prob_sum += probs.sum(0).cpu()
         self.entropy_sum += torch.special.entr(probs).sum().cpu()  # -p log p, 0 at p = 0
-        k = p.topk.shape[1]
+        k = chosen.shape[1]
         if k < e:
             top = torch.topk(probs, k + 1, dim=-1).values
             self.margin_sum += (top[:, k - 1] - top[:, k]).sum().cpu()
-        chosen = p.topk.to(torch.int64)
         self.counts += torch.bincount(chosen.flatten(), minlength=e).cpu()
         onehot = torch.zeros(n, e, dtype=torch.float32, device=chosen.device).scatter_(1, chosen, 1.0)
         self.coactivation += (onehot.T @ onehot).round().to(torch.int64).cpu()  # exact: counts < 2**24 per batch
@@ -924,7 +945,7 @@ class RouterStats(Reducer):
         self._check_same(other)
         if other.num_experts != self.num_experts:
             raise ValueError(f"cannot merge RouterStats over {other.num_experts} experts into {self.num_experts}")
-        for name in ("prob_sum", "counts", "coactivation", "entropy_sum", "margin_sum", "tokens"):
+        for name in ("prob_sum", "counts", "coactivation", "entropy_sum", "margin_sum", "tokens", "nonfinite"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
@@ -935,6 +956,7 @@ class RouterStats(Reducer):
         ent = float(-(mean_p * mean_p.clamp_min(1e-300).log()).sum()) if int(self.tokens) else math.nan
         return {
             "tokens": int(self.tokens),
+            "nonfinite_tokens": int(self.nonfinite),
             "scoring": self.scoring,
             "load": (self.counts.to(torch.float64) / slots).tolist(),
             "utilization": jain(self.counts),
