@@ -286,8 +286,8 @@ def cmd_profile(args) -> int:
     if qk and qk["entries"]:
         best = {proj: max((e for e in qk["entries"] if e["proj"] == proj), key=lambda e: e["ratio"]) for proj in "qkv"}
         k = best["k"]
-        where = (f", rotary pair {k['pair']}" + (f" (wavelength {k['wavelength']:.0f} tokens)"
-                                                 if k["wavelength"] is not None else "") if k["pair"] is not None else "")
+        where = "" if k["pair"] is None else f", rotary pair {k['pair']}" + (
+            f" (wavelength {k['wavelength']:.0f} tokens)" if k["wavelength"] is not None else "")
         print(f"massive values in attention: largest top-dim / median ratio q {best['q']['ratio']:.1f}, "
               f"k {k['ratio']:.1f} (L{k['layer']}.H{k['head']} dim {k['dim']}{where}), v {best['v']['ratio']:.1f}")
     shown = sum(f.suffix in (".parquet", ".png", ".html") for f in files)
