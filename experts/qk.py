@@ -41,6 +41,16 @@ def rotary_frequencies(model: nn.Module) -> torch.Tensor | None:
     return found[0].detach().float().cpu() if found else None
 
 
+def _finite_mm(masks: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+    """``masks @ squares``, where a token's NaN or inf (an overflow upstream, e.g. float16) adds nothing: it made
+    the whole layer's norms NaN. ``squares`` is the meter's own copy (cleaned in place); the check costs one pass over
+    the small result."""
+    out = torch.mm(masks, squares)
+    if bool(torch.isfinite(out).all()):
+        return out
+    return torch.mm(masks, squares.nan_to_num_(nan=0.0, posinf=0.0))
+
+
 class QKMeter:
     """Per (layer, q|k|v, head, dim): sums of squares over real tokens, and without each prompt's first token."""
 
@@ -193,7 +203,7 @@ class QKMeter:
                 sq = x.reshape(-1, x.shape[2] * x.shape[3]).float()  # [B * T, heads * d]
                 # in place only on our own copy: reshape and float return the model's tensor where they can
                 sq = sq.square_() if same or sq.data_ptr() != x.data_ptr() else sq.square()
-                total.add_(torch.mm(masks.to(sq.device), sq))  # [2, B * T] @ [B * T, heads * d]
+                total.add_(_finite_mm(masks.to(sq.device), sq))  # [2, B * T] @ [B * T, heads * d]
 
     def _pool_row(self, layer: int, width: int, device: torch.device) -> torch.Tensor:
         """Layer ``layer``'s ``[2, width]`` float64 totals (zeros): a row of the width's pool."""
@@ -225,7 +235,7 @@ class QKMeter:
                 # [B, T, every call's Q, K and V heads, d] -> [B * T, columns]: ours, squared in place
                 rows = torch.cat([x.transpose(1, 2) for _, *qkv in calls for x in qkv], dim=2)
                 rows = rows.view(m.shape[1], -1).float().square_()
-                sums = torch.mm(m.to(rows.device), rows).double()  # [2, B * T] @ [B * T, columns]
+                sums = _finite_mm(m.to(rows.device), rows).double()  # [2, B * T] @ [B * T, columns]
                 layers = [layer for layer, *_ in calls]
                 for layer in layers:
                     self._count(layer, n, n0)

@@ -674,3 +674,35 @@ def test_wavelengths_are_the_buffers_in_half_precision_too():
         lm = load("zoo:qwen3-moe", dtype=dtype)
         got[dtype] = _measure(lm.model, [_batch(0)]).layouts()[0].freq
     assert got["bfloat16"] == got["float32"] == got["float16"]
+
+
+def test_a_token_that_is_not_finite_adds_nothing_to_the_norms():
+    """An fp16 overflow made a few prompts NaN from some layer on: that layer's Q/K/V norms were NaN for every head
+    (by_layer NaN too). A NaN or inf token now adds nothing; the norms equal those of the finite tokens alone."""
+    from workbench.tracing.attention_tap import AttentionTap
+
+    model = _tiny()
+    attn = adapter_for(model).attention(adapter_for(model).decoder_layers(model)[1])
+    ids, grid = _batch(0)
+    clean = _measure(model, [(ids, grid)])
+
+    seen = {}
+
+    def poison(module, q, k, v):  # the second prompt's third token overflowed
+        q, k, v = q.clone(), k.clone(), v.clone()
+        for x in (q, k, v):
+            x[1, :, 2] = float("nan")
+        v[0, 0, 3, 0] = float("inf")
+        seen.update(q=q, k=k, v=v)
+        return q, k, v
+
+    with AttentionTap(model, {attn: poison}):
+        hit = _measure(model, [(ids, grid)])
+    for key, v in hit.sums.items():
+        assert torch.isfinite(v).all(), key
+    for proj in ("q", "k", "v"):  # layer 1: the sums of squares of the finite entries, by hand
+        x = seen[proj].double().square().nan_to_num(nan=0.0, posinf=0.0)  # [B, H, T, d]
+        want = (x * (grid >= 0)[:, None, :, None]).sum(dim=(0, 2))
+        torch.testing.assert_close(hit.sums[f"1.{proj}.all"], want, rtol=1e-5, atol=1e-6)
+    for key in (k for k in clean.sums if k.startswith("0.")):  # layer 0, before the poison: as without it
+        torch.testing.assert_close(hit.sums[key], clean.sums[key])
