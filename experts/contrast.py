@@ -34,10 +34,10 @@ class PerPromptRouting:
 
     def update(self, p: Payload) -> None:
         values, topk, tokens = p.values.detach().cpu().double(), p.topk.cpu().to(torch.int64), p.tokens.cpu()
-        finite = ~broken_rows(values)  # (-inf is a masked expert)
-        if not bool(finite.all()):  # their probabilities are NaN and their top-k arbitrary
-            self.nonfinite += int((~finite).sum())
-            values, topk, tokens = values[finite], topk[finite], tokens[finite]
+        bad = broken_rows(values)  # (-inf is a masked expert)
+        if bad is not None:  # their probabilities are NaN and their top-k arbitrary
+            self.nonfinite += int(bad.sum())
+            values, topk, tokens = values[~bad], topk[~bad], tokens[~bad]
         prompt = self.token_prompt[tokens]
         onehot = torch.zeros(values.shape, dtype=torch.float64)
         onehot.scatter_(1, topk, 1.0)

@@ -362,10 +362,10 @@ def test_a_condition_whose_outputs_are_not_finite_is_said_and_not_scored_right(t
 
 def test_an_infinite_metric_value_is_said_too():
     """An fp16 overflow's `massive` is inf: left out of the mean (n=3 of 4) but not named; the NaN metrics were."""
-    from workbench.studies import _say_nan
+    from workbench.studies import _say_not_finite
 
     with pytest.warns(UserWarning, match=r"condition 'c': massive is not finite on 1 of 4 \(the model's outputs"):
-        _say_nan("c", {"massive": [1.0, math.inf, 2.0, 3.0], "perplexity": [1.0, 2.0, 3.0, 4.0]})
+        _say_not_finite("c", {"massive": [1.0, math.inf, 2.0, 3.0], "perplexity": [1.0, 2.0, 3.0, 4.0]})
 
 
 def test_a_number_yaml_reads_as_text_is_said_so():

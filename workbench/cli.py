@@ -153,10 +153,12 @@ def cmd_trace(args) -> int:
 
 def non_finite_sites(sites: dict) -> list[tuple[str, int, int]]:
     """(site, NaN, inf) for each site of a trace summary where a reducer counted non-finite values, in layer order."""
+    def total(v) -> int:  # a per-expert list, or one count
+        return sum(v) if isinstance(v, list) else int(v)
+
     out = []
     for key, reducers in sites.items():
         counts = [r for r in reducers.values() if isinstance(r, dict) and "nan_count" in r]
-        total = lambda v: sum(v) if isinstance(v, list) else int(v)  # noqa: E731 (a per-expert list, or one count)
         nan = max((total(r["nan_count"]) for r in counts), default=0)
         inf = max((total(r.get("inf_count", 0)) for r in counts), default=0)
         if nan or inf:

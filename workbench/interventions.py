@@ -720,16 +720,16 @@ class Applied(HookSet):
             self._handles.append(rec)
 
         def tap(module, q, k, v):
-            nonlocal order
+            nonlocal order, rec
             B, T = q.shape[0], q.shape[2]
-            if rec is not None:
+            if rec is not None:  # until the layer's rotation is read (its first call at positions 0 and 1)
                 rec.attention_ran(layer, q.shape[-1])
                 lay = rec.layouts.get(layer)
                 if lay is not None and not lay.rotated:
                     raise WorkbenchError(f"intervention: op 'mean_qk' with 'matched' picks rotary dims; layer {layer} "
                                          "is not rotated (a NoPE layer): use 'dims', 'top' or 'random'")
                 if lay is not None:
-                    order = torch.tensor(lay.by_frequency())
+                    order, rec = torch.tensor(lay.by_frequency()), None
             if k.shape[2] != T:  # a cached generation step: the prompt's keys were changed when it ran
                 return None
             mask = self._tokens.mask

@@ -481,7 +481,7 @@ class Study:
                             values[task] = T.choice_scores(lm, T.items(task), self.batch_size)
                     gens = M.generations(lm, self.generation_prompts, self.max_new_tokens, self.batch_size) \
                         if "generations" in want else []
-                _say_nan(c.name, values)
+                _say_not_finite(c.name, values)
                 crow = []
                 for metric in self.metrics:
                     if metric == "generations":
@@ -583,11 +583,11 @@ def _check_names(names: list[str], source: str) -> None:
         seen[key] = n
 
 
-def _say_nan(condition: str, values: dict[str, list[float]]) -> None:
-    """Warn where a condition's metric values are NaN (the model's outputs were not finite under its interventions):
-    each mean is over the finite values only, which the table's ``n`` shows but nothing else says."""
-    bad = {m: sum(not math.isfinite(x) for x in v) for m, v in values.items()
-           if any(not math.isfinite(x) for x in v)}
+def _say_not_finite(condition: str, values: dict[str, list[float]]) -> None:
+    """Warn where a condition's metric values are NaN or inf (the model's outputs were not finite under its
+    interventions): each mean is over the finite values only, which the table's ``n`` shows but nothing else says."""
+    counts = {m: sum(not math.isfinite(x) for x in v) for m, v in values.items()}
+    bad = {m: k for m, k in counts.items() if k}
     if bad:  # (an inf is left out of the mean too: the `massive` of an fp16 overflow)
         warnings.warn(f"condition {condition!r}: " + ", ".join(f"{m} is not finite on {k} of {len(values[m])}"
                                                               for m, k in bad.items())

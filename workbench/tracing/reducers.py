@@ -40,10 +40,15 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return backend_for(x) == "triton"
 
 
-def broken_rows(logits: torch.Tensor) -> torch.Tensor:
+def broken_rows(logits: torch.Tensor) -> torch.Tensor | None:
     """[n] bool: router rows holding NaN or +inf (an overflow upstream), whose probabilities are NaN and whose top-k
-    is arbitrary; -inf is a masked expert (probability 0), not broken."""
-    return torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)
+    is arbitrary; -inf is a masked expert (probability 0), not broken. None where no row is: one sum tells (a NaN
+    or +inf anywhere makes it NaN or +inf, -inf alone makes it -inf), so a clean payload costs one reduction."""
+    total = float(logits.sum())
+    if total == total and total != math.inf:
+        return None
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)
+    return bad if bool(bad.any()) else None
 
 
 def jain(load) -> float:
@@ -770,8 +775,9 @@ class ExpertCounts(Reducer):
             raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {int(ids.max())}")
         self.tokens += p.topk.shape[0]
         self.counts += torch.bincount(ids, minlength=self.num_experts)
-        if p.values.is_floating_point() and p.values.numel():
-            self.nonfinite += int(broken_rows(p.values).sum())
+        bad = broken_rows(p.values) if p.values.is_floating_point() else None
+        if bad is not None:
+            self.nonfinite += int(bad.sum())
 
     def merge(self, other: "ExpertCounts") -> "ExpertCounts":
         self._check_same(other)
@@ -909,10 +915,10 @@ class RouterStats(Reducer):
             return
         logits = p.values.detach().to(torch.float64)
         chosen = p.topk.to(torch.int64)
-        finite = ~broken_rows(logits)
-        if not bool(finite.all()):  # NaN logits' probabilities would make every sum NaN, their top-k arbitrary
-            self.nonfinite += int((~finite).sum())
-            logits, chosen = logits[finite], chosen[finite]
+        bad = broken_rows(logits)
+        if bad is not None:  # NaN logits' probabilities would make every sum NaN, their top-k arbitrary
+            self.nonfinite += int(bad.sum())
+            logits, chosen = logits[~bad], chosen[~bad]
             n = logits.shape[0]
             if n == 0:
                 return
