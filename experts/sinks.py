@@ -3,7 +3,8 @@
 Needs attention probabilities, so the profile runs with eager attention (the model's attention
 implementation is switched for the pass and restored after). Each prompt's share is the mean over
 its queries (position 0 is left out: it can only attend to itself); the reported figure is the
-mean over prompts (prompts of one token are skipped).
+mean over prompts (prompts of one token are skipped, and so is a prompt whose attention in a layer is not
+finite, from an overflow upstream: it is left out of that layer and counted in ``nonfinite_prompts``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class SinkMeter:
         self.top_sum = torch.zeros(num_layers, num_heads, dtype=torch.float64)
         self.top_is_first = torch.zeros(num_layers, num_heads, dtype=torch.int64)
         self.prompts = torch.zeros(num_layers, dtype=torch.int64)
+        # prompts left out of a layer because its attention there was not finite (NaN from an overflow upstream)
+        self.nonfinite = torch.zeros(num_layers, dtype=torch.int64)
         self._handles: list = []
         self._prompts = 0  # prompts with queries in the current batch (set by begin_batch)
         self.no_attention: list[int] = []  # layers without softmax attention (set by install)
@@ -96,14 +99,25 @@ class SinkMeter:
         if self._has is not None:
             summed = summed.index_select(1, self._has)
         per_key = summed.to(torch.float64).div_(self._nq)  # [L, b, H, Tk]: per-prompt means
-        top, pos = per_key.max(-1)
-        self.pos0_sum.index_add_(0, layers, per_key[..., 0].sum(1).cpu())
-        self.top_sum.index_add_(0, layers, top.sum(1).cpu())
-        self.top_is_first.index_add_(0, layers, (pos == 0).sum(1).cpu())
-        self.queries.index_add_(0, layers, torch.full((len(batch),), self._queries))  # a layer run twice counts twice
-        self.prompts.index_add_(0, layers, torch.full((len(batch),), self._prompts))
+        top, pos = per_key.max(-1)  # a NaN anywhere in a prompt's keys makes its top NaN
+        top_sum, pos0, first = top.sum(1), per_key[..., 0], pos == 0
+        if bool(torch.isfinite(top_sum).all()):
+            queries = torch.full((len(batch),), self._queries)
+            prompts = torch.full((len(batch),), self._prompts)
+        else:  # prompts whose attention in a layer is not finite are left out of that layer, and counted
+            ok = torch.isfinite(top).all(-1)  # [L, b]
+            top_sum = torch.where(ok[..., None], top, 0).sum(1)
+            pos0, first = torch.where(ok[..., None], pos0, 0), first & ok[..., None]
+            queries = (self._nq.flatten() * ok).sum(1).round().to(torch.int64).cpu()
+            prompts = ok.sum(1).cpu()
+            self.nonfinite.index_add_(0, layers, (~ok).sum(1).cpu())
+        self.pos0_sum.index_add_(0, layers, pos0.sum(1).cpu())
+        self.top_sum.index_add_(0, layers, top_sum.cpu())
+        self.top_is_first.index_add_(0, layers, first.sum(1).cpu())
+        self.queries.index_add_(0, layers, queries)  # a layer run twice counts twice
+        self.prompts.index_add_(0, layers, prompts)
 
-    STATE = ("pos0_sum", "queries", "top_sum", "top_is_first", "prompts")
+    STATE = ("pos0_sum", "queries", "top_sum", "top_is_first", "prompts", "nonfinite")
 
     def merge(self, other: "SinkMeter") -> "SinkMeter":
         self._finish()
@@ -147,6 +161,8 @@ class SinkMeter:
         }
         if skip:
             out["no_attention"] = list(skip)
+        if bool(self.nonfinite.any()):
+            out["nonfinite_prompts"] = self.nonfinite.tolist()  # per layer: left out, their attention not finite
         return out
 
 

@@ -356,3 +356,37 @@ def test_profile_says_which_layers_lost_their_sink_share_to_non_finite_values(ru
     assert code == 0, err
     assert "(over 2 of 4 layers: layer(s) 2, 3 are NaN: non-finite activations there)" in out, out
     assert "warning: non-finite activations from layer 1" in err
+
+
+def test_sink_shares_leave_out_prompts_whose_attention_is_not_finite(run, tmp_path, zoo_tokenizer):
+    """One prompt whose activations overflow (here: an inf embedding row for a word only it has) made every layer's
+    sink shares NaN for all prompts. It is now left out of each layer it reaches, and counted; the others' shares
+    are what they are without it."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.experts.profile import ProfileOptions, profile
+    from workbench.models.families import save_tiny
+
+    d = save_tiny("llama", tmp_path / "m", zoo_tokenizer)
+    clean = ["The capital of France is Paris.", "Water boils at one hundred degrees."]
+    bad = "A zebra ran through the field at dawn."
+    word = zoo_tokenizer(" zebra", add_special_tokens=False)["input_ids"][0]
+    assert all(word not in zoo_tokenizer(t)["input_ids"] for t in clean)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[word] = float("inf")
+    model.save_pretrained(d)
+    lm = load(str(d))
+    options = ProfileOptions(batch_size=4, qk=False)
+    mixed = profile(lm, [*clean, bad], options, progress=False)["attention_sinks"]
+    alone = profile(lm, clean, options, progress=False)["attention_sinks"]
+    layers = len(alone["share_pos0"])
+    assert mixed["nonfinite_prompts"] == [1] * layers and "nonfinite_prompts" not in alone
+    assert mixed["prompts"] == alone["prompts"] and mixed["queries"] == alone["queries"]
+    for key in ("share_pos0", "share_top", "top_is_pos0"):  # other batch shapes and padding: float32 sums differ
+        assert torch.allclose(torch.tensor(mixed[key]), torch.tensor(alone[key]), atol=1e-5), key
+    code, out, err = run("profile", d, "--text", clean[0], "--text", clean[1], "--text", bad, "--no-plots", "--quiet",
+                         "--out", tmp_path / "p")
+    assert code == 0, err
+    assert "attention sinks: prompts with non-finite attention left out (L0: 1, L1: 1" in err, err
+    assert "attention sinks: mean share on position 0" in out and "are NaN" not in out, out

@@ -274,13 +274,20 @@ def cmd_profile(args) -> int:
         share = np.array(p["attention_sinks"]["share_pos0"], dtype=float)
         skipped = p["attention_sinks"].get("no_attention", [])
         if np.isnan(share).all():
-            print("attention sinks: not measured (" + ("no layer has softmax attention" if len(skipped) == len(share)
-                                                       else "no prompt has 2 tokens or more") + ")")
+            why = ("no layer has softmax attention" if len(skipped) == len(share) else
+                   "every prompt's attention was non-finite" if any(p["attention_sinks"].get("nonfinite_prompts", []))
+                   else "no prompt has 2 tokens or more")
+            print(f"attention sinks: not measured ({why})")
         else:
             l, h = np.unravel_index(np.nanargmax(share), share.shape)
             lost = [i for i in range(len(share)) if i not in skipped and np.isnan(share[i]).any()]
+            left = p["attention_sinks"].get("nonfinite_prompts", [])
+            part = [f"L{i}: {n}" for i, n in enumerate(left) if n and i not in lost]
             why = ([f"{len(skipped)} have no softmax attention"] if skipped else []) + (
                 [f"layer(s) {', '.join(map(str, lost))} are NaN: non-finite activations there"] if lost else [])
+            if part:
+                print("warning: attention sinks: prompts with non-finite attention left out (" + ", ".join(part)
+                      + "); the shares are over the rest", file=sys.stderr)
             print(f"attention sinks: mean share on position 0 {np.nanmean(share):.2f}; strongest head L{l}.H{h} "
                   f"{share[l, h]:.2f}" + (f" (over {len(share) - len(skipped) - len(lost)} of {len(share)} layers: "
                                           f"{'; '.join(why)})" if why else ""))
