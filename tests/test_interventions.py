@@ -181,6 +181,24 @@ def test_two_forces_keep_both_experts_in_either_order(first, second):
         apply(lm, [dict(op="force", layers=1, expert=e, weight=0.3) for e in range(k + 1)])
 
 
+def test_one_expert_both_dropped_and_forced_is_refused():
+    """A drop and a force of one expert were accepted without a word (the force won); where both apply, it is
+    refused. Other scopes and other experts are not."""
+    lm = load("zoo:qwen3-moe")
+    for ops in ([dict(op="drop", layers=1, expert=3), dict(op="force", layers=[0, 1], expert=3)],
+                [dict(op="drop", layers=1, expert=3), dict(op="force", layers=1, expert=3, positions=[0])],
+                [dict(op="force", layers=1, expert=3), dict(op="drop", layers=1, expert=3, token="Paris")]):
+        with pytest.raises(WorkbenchError, match="interventions: expert 3 of layer 1 is both dropped and forced"):
+            with apply(lm, ops):
+                pass
+    for ops in ([dict(op="drop", layers=1, expert=3), dict(op="force", layers=1, expert=4)],
+                [dict(op="drop", layers=0, expert=3), dict(op="force", layers=1, expert=3)],
+                [dict(op="drop", layers=1, expert=3, positions=[1]), dict(op="force", layers=1, expert=3, positions=[0])]):
+        with apply(lm, ops):
+            logits(lm, batch(lm))
+
+
+
 def test_drops_beyond_the_top_k_give_the_empty_slots_no_weight():
     """DeepSeek-V3's routing gathered a slot's weight from the unmasked scores: with 6 of 8 experts dropped (top-2 of
     one of 2 groups) every token went to a dropped expert at ~0.5. PhiMoE's SparseMixer gave NaN weights (and NaN

@@ -295,11 +295,12 @@ def reaches(positions: Sequence[int], length: int) -> bool:
 
 def check_set(lm, interventions: Sequence[Intervention], where: str = "interventions") -> None:
     """What no single intervention shows: ``drop`` ops that together leave a layer no routed expert to route to
-    (the router's scores would all be masked and the block's output NaN), per scope (unscoped drops count in every
-    scope)."""
+    (the router's scores would all be masked and the block's output NaN), more forces than a layer's top-k, and one
+    expert both dropped and forced, per scope (unscoped ops count in every scope)."""
     infos = lm.layer_infos()
+    named: dict[str, dict] = {}
     for op in ("drop", "force"):
-        groups: dict[tuple, dict[int, set[int]]] = {}
+        groups = named[op] = {}  # scope -> layer -> experts
         for iv in interventions:
             if iv.op == op and iv.kind == "routed":
                 scope = (iv.positions, iv.token, iv.prompts)
@@ -319,6 +320,15 @@ def check_set(lm, interventions: Sequence[Intervention], where: str = "intervent
                     listed = ", ".join(map(str, sorted(experts)))
                     raise WorkbenchError(f"{where}: force puts {len(experts)} experts ({listed}) in layer {layer}, "
                                          f"which routes each token to {k}: they cannot all be chosen")
+    everywhere = [named[op].get((None, None, None), {}) for op in ("drop", "force")]
+    for scope in {*named["drop"], *named["force"]}:  # a drop and a force of one expert where both apply
+        dropped, forced = named["drop"].get(scope, {}), named["force"].get(scope, {})
+        for layer in sorted({*dropped, *forced}):
+            both = ((dropped.get(layer, set()) | everywhere[0].get(layer, set()))
+                    & (forced.get(layer, set()) | everywhere[1].get(layer, set())))
+            if both:
+                raise WorkbenchError(f"{where}: expert {min(both)} of layer {layer} is both dropped and forced; keep one "
+                                     "of the two ops")
 
 
 def _attention_layout(lm, layer: int, iv: Intervention, where: str):
