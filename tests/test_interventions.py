@@ -455,6 +455,13 @@ def test_a_layer_listed_twice_is_refused():
             Intervention.from_dict(d)
     with pytest.raises(WorkbenchError, match="layer 1 is listed twice"):
         Intervention("zero", (1, 1), expert=0)
+    # heads, dims, positions and prompts too: each is applied once, so a scale of a head listed twice scaled once
+    for d, what in ((dict(op="scale_head", layers=1, heads=[2, 0, 2], factor=2.0), "'heads': head 2"),
+                    (dict(op="mean_qk", layers=1, dims=[3, 3]), "'dims': dim 3"),
+                    (dict(op="zero", layers=1, expert=0, positions=[-1, 0, -1]), "'positions': position -1"),
+                    (dict(op="zero", layers=1, expert=0, prompts=[4, 4]), "'prompts': prompt 4")):
+        with pytest.raises(WorkbenchError, match=f"field {what} is listed twice"):
+            Intervention.from_dict(d)
 
 
 def test_field_types_are_checked_when_read():

@@ -236,6 +236,9 @@ def _checked(d: dict, where: str) -> dict:
                 raise WorkbenchError(f"{where}: field {name!r} must be integers")
             if not vals and name in ("positions", "prompts"):  # a scope of nothing would touch no token
                 raise WorkbenchError(f"{where}: field {name!r} is empty: leave it out to touch every {name[:-1]}")
+            twice = next((x for i, x in enumerate(vals) if x in vals[:i]), None)
+            if twice is not None:  # applied once all the same: a scale of head 1 listed twice would not scale twice
+                raise WorkbenchError(f"{where}: field {name!r}: {name.rstrip('s')} {twice} is listed twice")
             d[name] = tuple(int(x) for x in vals)
     for name in ("expert", "channel", "feature"):
         if d[name] is not None and not _is_int(d[name]):
