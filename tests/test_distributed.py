@@ -41,17 +41,22 @@ def test_two_rank_merge_equals_one_process():
     gathered = {}
 
     class FakeShard(Shard):
-        def combine(self, objs):  # rank 1 keeps its state; rank 0 merges it, as Shard.combine does over gloo
+        def combine(self, objs, info=None):  # rank 1 keeps its state; rank 0 merges it, as Shard.combine does
             from workbench.tracing import state
 
             if self.rank == 1:
-                gathered["flat"] = state.flatten(objs)
-            else:
-                state.merge(objs, gathered["flat"])
+                gathered["flat"], gathered["info"] = state.flatten(objs), info
+                return None
+            state.merge(objs, gathered["flat"])
+            return [info, gathered["info"]]
 
+    alone = profile(lm, prompts, opts, progress=False)
     profile(lm, prompts, opts, progress=False, shard=FakeShard(1, 2))
     merged = profile(lm, prompts, opts, progress=False, shard=FakeShard(0, 2))
     assert merged["run"]["world_size"] == 2 and merged["run"]["batches"] == [0, 3]
+    # run.json said rank 0's batches and positions only; each rank's are there now, and the positions are the run's
+    assert [(r["rank"], r["batches"]) for r in merged["run"]["ranks"]] == [(0, [0, 3]), (1, [3, 6])]
+    assert merged["run"]["positions"] == alone["run"]["positions"] == sum(r["positions"] for r in merged["run"]["ranks"])
     # Same batches, same kernels; only the float64 sums are merged in another order (rank by rank).
     assert_json_close(json.loads(dumps_json(split(merged)[0])), json.loads(whole))
 
@@ -83,6 +88,8 @@ def test_torchrun_two_cpu_ranks_equal_single_process(tmp_path):
             pd.testing.assert_frame_equal(pd.read_parquet(b[name]), pd.read_parquet(a[name]), rtol=1e-5, atol=1e-6)
     run = json.loads(b["run.json"].read_text())
     assert run["world_size"] == 2 and run["batches"] == [0, 5]
+    assert [r["batches"] for r in run["ranks"]] == [[0, 5], [5, 10]]
+    assert run["positions"] == json.loads(a["run.json"].read_text())["positions"]
 
 
 def test_profile_alone_runs_under_torchrun(monkeypatch, capsys, tmp_path):

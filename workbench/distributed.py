@@ -45,18 +45,21 @@ class Shard:
         """This rank's contiguous block of the ``n`` batches (balanced to within one batch)."""
         return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
 
-    def combine(self, objs: Mapping[str, Any]) -> None:
-        """Gather every rank's state on rank 0 and merge it into ``objs`` there, in rank order."""
+    def combine(self, objs: Mapping[str, Any], info: Any = None) -> list | None:
+        """Gather every rank's state on rank 0 and merge it into ``objs`` there, in rank order; on rank 0, return
+        every rank's ``info`` (plain data: what it ran), in rank order (None elsewhere)."""
         import torch.distributed as dist
 
         from workbench.tracing import state
 
         flat = state.flatten(objs)
         gathered = [None] * self.world if self.is_main else None
-        dist.gather_object(flat, gathered, dst=0, group=self.group)
-        if self.is_main:
-            for r in range(1, self.world):
-                state.merge(objs, gathered[r])
+        dist.gather_object((flat, info), gathered, dst=0, group=self.group)
+        if not self.is_main:
+            return None
+        for r in range(1, self.world):
+            state.merge(objs, gathered[r][0])
+        return [g[1] for g in gathered]
 
     def agree(self, ok: bool) -> bool:
         """Rank 0's ``ok`` on every rank (e.g. "outputs written"): a barrier with one bit of news."""

@@ -444,8 +444,11 @@ def trace(
     bar.close()
     state.outside_inference([*(r for reds in table.values() for r in reds.values()),
                              *(s for v in extra.values() for s in v), *meters, *(stateful or {}).values()], lm.model)
-    if shard is not None and shard.world > 1:
-        shard.combine(objs)  # every rank's state, merged into rank 0's objects in rank order
+    positions = int((sizes * widths)[mine.start:mine.stop].sum())  # what this rank's forwards computed, padding included
+    ranks = None
+    if shard is not None and shard.world > 1:  # every rank's state, merged into rank 0's objects in rank order
+        ranks = shard.combine(objs, {"rank": shard.rank, "batches": [mine.start, mine.stop], "positions": positions,
+                                     "resumed_at_batch": first if first != mine.start else None})
     for g, members in grouped.items():  # each expert's AbsMax, from its layer's grouped reduction
         for site in members:
             table[site]["absmax"] = table[g]["absmax"].expert(site.expert)
@@ -455,10 +458,12 @@ def trace(
             "num_tokens": int(lengths.sum()), "batch_size": batch_size,
             # the rule asked for and applied (a dump keeps the given order), even where it changes nothing
             "batch_order": "length" if by_length and dump is None else "given",
-            # what this rank's forwards computed, padding included
-            "positions": int((sizes * widths)[mine.start:mine.stop].sum())}
+            # what the forwards computed, padding included (every rank's, on rank 0 of a data-parallel run)
+            "positions": sum(r["positions"] for r in ranks) if ranks else positions}
     if checkpoint is not None or shard is not None:
         meta.update(batches=[mine.start, mine.stop], resumed_at_batch=first if first != mine.start else None)
+    if ranks:  # rank 0's own batches above; each rank's here
+        meta["ranks"] = ranks
     if dump:
         dump.close(token_prompt, token_position, meta)
     return TraceResult(table, list(prompts), token_prompt, token_position, token_ids, seconds,
