@@ -365,6 +365,8 @@ def _inputs_ig(lm, runner: GraphRunner, b: Batch, graph: Graph, means, metric: s
     B, T = b.ids.shape
     corr_acts, _, _ = corrupted_run(runner, b, S, P, d, means, dtype=store)
     e_corr = corr_acts[0].to(torch.float32, copy=True)
+    if graph.embed_scale != 1.0:  # sender 0 holds the embedding as the first layer reads it (Granite: x multiplier);
+        e_corr.div_(graph.embed_scale)  # the interpolation is between the embedding module's outputs
     e_clean = lm.adapter.embedding(model)(b.ids).detach()
     alphas = ig_alphas(steps) if steps else [1.0]
     delta = corr_acts  # becomes corrupted - clean in place once the clean senders are known

@@ -154,6 +154,41 @@ def test_block_kinds_score_as_the_derivative_of_patching(model_type, block, attn
     eap_is_the_derivative_of_edge_patching(lm, g, FACTS[:4])
 
 
+def test_granite_embedding_multiplier_scores_as_the_same_multiplier_in_the_weights(zoo_tokenizer):
+    """EAP-IG interpolated between the corrupted embedding as the first layer reads it (x Granite's
+    embedding_multiplier) and the clean one as the embedding module gives it (not yet multiplied), so the
+    corrupted end was multiplied twice: scores 0.92 (relative) off those of the same model with the multiplier
+    moved into the embedding weights. Every method now scores the two alike."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.adapters.base import adapter_for
+    from workbench.models.families import tiny_config
+    from workbench.models.specs import LoadedModel
+
+    def make(in_weights: bool):
+        cfg = tiny_config("granite")
+        cfg.embedding_multiplier = 12.0
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        if in_weights:
+            with torch.no_grad():
+                model.get_input_embeddings().weight.mul_(12.0)
+            model.config.embedding_multiplier = 1.0
+            for mod in model.modules():
+                if hasattr(mod, "embedding_multiplier"):
+                    mod.embedding_multiplier = 1.0
+        return LoadedModel(model, zoo_tokenizer, adapter_for(model), "granite")
+    a, b = make(False), make(True)
+    ga, gb = build_graph(a.model, a.adapter), build_graph(b.model, b.adapter)
+    assert ga.embed_scale == pytest.approx(12.0) and gb.embed_scale == 1.0
+    prepared, valid = prepare(zoo_tokenizer, FACTS[:3]), ga.valid()
+    for method in ("eap", "eap-ig", "eap-ig-edges"):
+        sa = attribute(a, prepared, method=method, steps=5, graph=ga).matrix[valid]
+        sb = attribute(b, prepared, method=method, steps=5, graph=gb).matrix[valid]
+        # the same function computed in another order (a product moved into the weights): float32 rounding
+        assert float((sa - sb).abs().max() / sb.abs().max()) < 1e-3, method
+
+
 def _runs_like_the_model(lm, g):
     """Plain and grad forwards are the model's own, what no sender carries is the same for any input,
     and the full / empty circuits are the clean / corrupted runs."""
