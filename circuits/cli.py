@@ -120,10 +120,12 @@ def cmd_circuit(args) -> int:
     target = args.target_faithfulness
     if target is None and args.top_edges is None and args.threshold is None and not args.no_curve:
         target = DEFAULT_TARGET  # the default circuit size: the answer of the curve (without it: 1 % of the edges)
+    without = "--no-curve" if args.no_curve and args.top_edges is None and args.threshold is None else \
+        "--top-edges or --threshold"  # what took the target away
     if args.max_fraction is not None and target is None:
-        raise WorkbenchError("--max-fraction bounds the target's circuit: give it without --top-edges or --threshold")
+        raise WorkbenchError(f"--max-fraction bounds the target's circuit: give it without {without}")
     if args.target_hit_share is not None and target is None:
-        raise WorkbenchError("--target-hit-share is part of the target: give it without --top-edges or --threshold")
+        raise WorkbenchError(f"--target-hit-share is part of the target: give it without {without}")
     swaps = args.swaps if args.swaps is not None else (DEFAULT_SWAPS if target is not None else 0)
     hit_share = DEFAULT_HIT_SHARE if args.target_hit_share is None else args.target_hit_share
     out = output_dir(args.out, command="circuit")
@@ -153,8 +155,10 @@ def cmd_circuit(args) -> int:
               f"Hit@10 {sw['hit_at_10_start']:.3f} -> {sw['hit_at_10_end']:.3f} "
               f"({sw['seconds']:.1f} s)")
     if m:
-        print(f"faithfulness {m['faithfulness']:.3f} (random {m['faithfulness_random']:.3f}); Hit@10 full "
-              f"{m['hit_at_10_full']:.3f}, circuit {m['hit_at_10_circuit']:.3f}, random {m['hit_at_10_random']:.3f}")
+        rand = m.get("random_seeds", 1) > 0  # --random-seeds 0: no control to print
+        print(f"faithfulness {m['faithfulness']:.3f}" + (f" (random {m['faithfulness_random']:.3f})" if rand else "")
+              + f"; Hit@10 full {m['hit_at_10_full']:.3f}, circuit {m['hit_at_10_circuit']:.3f}"
+              + (f", random {m['hit_at_10_random']:.3f}" if rand else ""))
         lost = _lost_line(circuit.meta.get("facts", []))
         if lost:
             print(lost)

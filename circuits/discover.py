@@ -19,7 +19,7 @@ from workbench.circuits.evaluate import (UNSTABLE_GAP_Z, edge_entropy, evaluate,
 from workbench.circuits.export import Circuit
 from workbench.circuits.facts import Fact, Prepared, check_facts, prepare
 from workbench.circuits.graph import build_graph
-from workbench.args import COUNT, COUNT_OR_OFF
+from workbench.args import COUNT, COUNT_OR_OFF, Number
 from workbench.errors import WorkbenchError
 from workbench.io import write_json
 from workbench.tracing.runner import check_number
@@ -94,8 +94,14 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
         check_number(name, getattr(o, name), number)
     if o.top_edges is not None and o.threshold is not None:
         raise WorkbenchError("give --top-edges or --threshold, not both")
-    if o.top_edges is not None and o.top_edges < 1:
-        raise WorkbenchError(f"--top-edges must be >= 1, got {o.top_edges}")
+    if o.top_edges is not None:
+        if isinstance(o.top_edges, int) and not isinstance(o.top_edges, bool) and o.top_edges < 1:
+            raise WorkbenchError(f"--top-edges must be >= 1, got {o.top_edges}")
+        check_number("top_edges", o.top_edges, COUNT)  # "10" or 2.5 from a notebook: refused as the flag would be
+    if o.threshold is not None:
+        check_number("threshold", o.threshold, Number(float, 0))
+    if o.target_faithfulness is not None:
+        check_number("target_faithfulness", o.target_faithfulness, Number(float, 0, 1))
     if o.selection not in SELECTIONS:
         raise WorkbenchError(f"unknown selection {o.selection!r}; known: {', '.join(SELECTIONS)}")
     if o.target_faithfulness is not None and (o.threshold is not None or o.top_edges is not None):
@@ -169,6 +175,11 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
         n = o.top_edges if o.top_edges is not None else default_top_edges(graph.n_edges)
         select = SELECTIONS[o.selection]
         selection = {"rule": o.selection, "top_edges": int(n)}
+        if n > graph.n_edges:  # said and recorded as what it is: every edge (not a budget pruning fell short of)
+            warnings.warn(f"--top-edges {n} is more than the graph's {graph.n_edges} edges: the budget is all of them",
+                          stacklevel=2)
+            selection.update(top_edges=graph.n_edges, top_edges_asked=int(n))
+            n = graph.n_edges
         if target_log is not None:
             selection["target"] = target_log
         if o.refine > 1 and o.refine * n >= graph.n_edges:
@@ -236,6 +247,9 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
                            answer_rank_circuit=r_circ)
         if ev["gap_z"] < UNSTABLE_GAP_Z:
             warnings.warn(_unstable_gap(ev, c["faithfulness"], "the facts"), stacklevel=2)
+        elif math.isnan(ev["gap_z"]):  # one fact: no spread to judge its gap by
+            warnings.warn(f"one fact: its faithfulness ({c['faithfulness']:.3g}) has no spread over facts to judge "
+                          "the corruption's gap by (gap_z needs two or more); more facts give a firm one", stacklevel=2)
     if groups and o.evaluate:
         t0 = time.perf_counter()
         relations = per_relation(lm, prepared, graph, scores, groups, mask, SELECTIONS[o.selection], o)

@@ -331,6 +331,15 @@ def check_facts(facts) -> list[Fact]:
             raise WorkbenchError(f"fact {i} is a {type(f).__name__}, not a Fact"
                                  + (": build it with Fact(**d), or read a file with read_facts"
                                     if isinstance(f, dict) else ""))
+    seen: dict[tuple[str, str], int] = {}
+    repeats = [(i, seen.setdefault((f.prompt, f.answer), i)) for i, f in enumerate(facts)]
+    repeats = [(i, j) for i, j in repeats if i != j]
+    if repeats:
+        i, j = repeats[0]
+        where = facts[i].origin or f"fact {i}"
+        warnings.warn(f"{len(repeats)} fact(s) repeat an earlier one's prompt and answer (first: {where}, as "
+                      f"{facts[j].origin or f'fact {j}'}): each copy counts again in every mean, and gap_z takes the "
+                      "copies for independent facts", stacklevel=3)
     return facts
 
 
@@ -369,6 +378,17 @@ def prepare(tokenizer, facts: list[Fact], model: nn.Module | None = None) -> lis
                       f"{f.answer!r} after {f.prompt!r}: {tokenizer.decode([answers[blank[0]]])!r}); facts are scored "
                       "by that token, not the word: one space before the word is what the model predicts",
                       stacklevel=2)
+    # '"Paris"' after a space: scored on the quote token, which any quoted answer starts with; likewise a given
+    # corrupted answer such as "  Tokyo"
+    marks = [(i, f.answer, a) for i, (f, a) in enumerate(zip(facts, answers)) if i not in blank]
+    marks += [(i, f.corrupted_answer, c) for i, (f, c) in enumerate(zip(facts, given_answers)) if c is not None]
+    marks = [(i, text, t) for i, text, t in marks
+             if any(ch.isalnum() for ch in text) and not any(ch.isalnum() for ch in tokenizer.decode([t]))]
+    if marks:
+        i, text, t = marks[0]
+        warnings.warn(f"{len(marks)} answer(s) or corrupted answer(s) start with a token of no letter or digit (e.g. "
+                      f"{text!r} of {_named(facts[i], i)}: {tokenizer.decode([t])!r}); facts are scored by that first "
+                      "token, not the word", stacklevel=2)
     for i, (f, c) in enumerate(zip(facts, given_answers)):
         if c == answers[i]:
             raise WorkbenchError(f"{_named(f, i)}: the answer {f.answer!r} and the corrupted answer "

@@ -5,6 +5,7 @@ that is the prompt, and a prompt longer than the model's context."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -172,7 +173,6 @@ def test_a_circuit_file_without_what_every_circuit_has_names_the_file_and_the_no
 def test_a_nan_edge_score_is_read_as_written():
     """``write_json`` allows NaN (a score is NaN where the attribution was); reading keeps it, and the app leaves such
     an edge out of the drawing with a warning (tests/test_ui_circuit_inputs.py)."""
-    import math
 
     from workbench.circuits.export import Circuit
 
@@ -187,7 +187,6 @@ def test_a_nan_edge_score_is_read_as_written():
 def test_nan_scores_and_odd_graph_summaries_still_export(tmp_path):
     """A NaN edge is drawn dashed in DOT (no ``penwidth=nan``, and it does not set the width scale); an SVG of a
     file whose graph summary is not a mapping is drawn with one head per KV group."""
-    import math
 
     from workbench.circuits.export import Circuit, write_dot
     from workbench.circuits.render import circuit_svg
@@ -224,7 +223,6 @@ def test_repeated_facts_are_said():
 # ----- circuits that say what they are --------------------------------------------------------------------------
 
 def test_gap_z_is_the_mean_gap_over_its_standard_error():
-    import math
 
     import torch
 
@@ -312,3 +310,64 @@ def test_an_answer_whose_first_token_is_whitespace_is_said(zoo_tokenizer):
     with pytest.warns(UserWarning, match=r"1 of 2 facts have an answer whose first token is whitespace only \(e\.g\. "
                                          r"'  Paris' after 'The capital of France is'"):
         prepare(zoo_tokenizer, facts)
+
+
+def test_an_answer_or_corrupted_answer_starting_with_punctuation_or_whitespace_is_said(zoo_tokenizer):
+    """' "Paris"' was scored on its quote token, and a given corrupted answer '  Tokyo' on a lone space, unsaid."""
+    quoted = [Fact("The capital of France is", ' "Paris"'), Fact("The capital of Italy is", " Rome")]
+    with pytest.warns(UserWarning, match=r"^1 answer\(s\) or corrupted answer\(s\) start with a token of no letter or "
+                                         r"digit \(e\.g\. ' \"Paris\"' of fact 0 \('The capital of France is'\): ' \"'\)"):
+        prepare(zoo_tokenizer, quoted)
+    spaced = [Fact("The capital of France is", " Paris", corrupted_prompt="The capital of Japan is",
+                   corrupted_answer="  Tokyo")]
+    with pytest.warns(UserWarning, match=r"^1 answer\(s\) or corrupted answer\(s\) .* '  Tokyo' of fact 0"):
+        prepare(zoo_tokenizer, spaced)
+
+
+@pytest.mark.filterwarnings("ignore:the corruption moves")
+def test_api_options_are_checked_as_the_flags_are_and_a_budget_past_the_graph_is_said(zoo_lm):
+    """``top_edges="10"`` raised a TypeError from a comparison, 2.5 was cut to 2, a negative threshold and a target of
+    -3 or NaN were taken; ``top_edges`` past the graph's edges was recorded as a budget that pruning fell short of."""
+    facts = builtin_facts_few()
+    for kw, msg in ((dict(top_edges="10"), "top_edges must be an integer >= 1, got '10'"),
+                    (dict(top_edges=2.5), "top_edges must be an integer >= 1, got 2.5"),
+                    (dict(threshold=-1.0), "threshold must be a number >= 0, got -1.0"),
+                    (dict(target_faithfulness=-3.0), r"target_faithfulness must be a number in \[0, 1\], got -3.0"),
+                    (dict(target_faithfulness=math.nan), r"target_faithfulness must be a number in \[0, 1\], got nan")):
+        with pytest.raises(WorkbenchError, match=f"^{msg}$"):
+            find_circuit(zoo_lm, facts, CircuitOptions(random_seeds=0, **kw))
+    with pytest.warns(UserWarning, match=r"^--top-edges 1000000000 is more than the graph's (\d+) edges: the budget is "
+                                         "all of them$"):
+        c, _, _ = find_circuit(zoo_lm, facts, CircuitOptions(method="eap", top_edges=10 ** 9, random_seeds=0,
+                                                             per_relation=False))
+    sel = c.meta["selection"]
+    assert sel["top_edges"] == c.meta["n_edges_total"] == sel["after_pruning"] and sel["top_edges_asked"] == 10 ** 9
+
+
+@pytest.mark.filterwarnings("ignore:the corruption moves")
+def test_one_fact_and_repeated_facts_are_said(zoo_lm):
+    """One fact has no spread to judge its gap by (gap_z NaN) and a fact given three times made gap_z infinite: both
+    passed without the warning a noisy gap gets."""
+    one = [Fact("The capital of France is", " Paris", corrupted_prompt="The capital of Japan is")]
+    with pytest.warns(UserWarning, match=r"^one fact: its faithfulness \(.*\) has no spread over facts"):
+        c, _, _ = find_circuit(zoo_lm, one, CircuitOptions(method="eap", top_edges=20, random_seeds=0))
+    assert math.isnan(c.meta["metrics"]["gap_z"])
+    with pytest.warns(UserWarning, match=r"^2 fact\(s\) repeat an earlier one's prompt and answer \(first: fact 1, as "
+                                         r"fact 0\)"):
+        find_circuit(zoo_lm, one * 3, CircuitOptions(method="eap", top_edges=20, random_seeds=0))
+
+
+@pytest.mark.filterwarnings("ignore:the corruption moves")
+def test_cli_names_no_curve_as_what_took_the_target_and_prints_no_random_control_it_has_not(tmp_path, capsys):
+    """`--no-curve --max-fraction 0.1` said "give it without --top-edges or --threshold", flags not given; with
+    `--random-seeds 0` the summary printed "random nan"."""
+    facts = tmp_path / "f.jsonl"
+    facts.write_text("".join(json.dumps({"prompt": f.prompt, "answer": f.answer}) + "\n" for f in builtin_facts_few()))
+    base = ["circuit", "zoo:qwen2-moe", "--facts", str(facts), "--quiet"]
+    for flag in (["--max-fraction", "0.1"], ["--target-hit-share", "0.5"]):
+        code = main([*base, "--no-curve", *flag, "--out", str(tmp_path / "x")])
+        msg = one_error(code, capsys.readouterr().err, f"{flag[0]} ")
+        assert msg.endswith("give it without --no-curve"), msg
+    assert main([*base, "--method", "eap", "--top-edges", "20", "--random-seeds", "0", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "faithfulness " in out and "random" not in out and "nan" not in out, out

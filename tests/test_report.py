@@ -1,7 +1,9 @@
 """`workbench report`: one self-contained HTML page per output folder."""
 
 import json
+import math
 import re
+import shutil
 
 import pytest
 
@@ -118,3 +120,19 @@ def test_the_routing_report_names_its_checkpoints_and_shows_every_measure(tmp_pa
     for title in ("Router saturation against the final checkpoint", "Change rate against the previous checkpoint"):
         assert f"<h2>{title}" in page
     assert "middle" not in page and "step 300" in text
+
+
+def test_a_circuit_report_says_a_noisy_gap_and_refuses_another_runs_metrics(runs, tmp_path):
+    """The report showed faithfulness bare where `workbench circuit` had warned it was noise (gap_z under 2), and
+    rendered a metrics.json copied beside another run's circuit.json as that circuit's."""
+    folder = tmp_path / "c"
+    shutil.copytree(runs / "circuit", folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for gz, says in ((0.6, "(gap_z 0.60)"), (math.nan, "one fact gives no spread"), (25.0, None)):
+        (folder / "metrics.json").write_text(json.dumps({**metrics, "gap_z": gz}))
+        page = report(folder).read_text()
+        assert ("The faithfulness figures are noise here" in page) == (says is not None), gz
+        assert says is None or says in page
+    (folder / "metrics.json").write_text(json.dumps({**metrics, "n_edges": metrics["n_edges"] + 1}))
+    with pytest.raises(WorkbenchError, match=r"circuit.json and metrics.json are from different runs \(n_edges "):
+        report(folder)

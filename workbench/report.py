@@ -255,6 +255,10 @@ def _circuit(folder: Path) -> str:
     m = _read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else \
         _embedded_metrics(folder / "circuit.json")
     meta = c.get("graph", {}).get("meta", {})
+    differ = [k for k in ("n_edges", "n_edges_total") if k in meta and k in m and meta[k] != m[k]]
+    if differ:  # a metrics.json copied beside another run's circuit.json would describe the wrong circuit
+        raise WorkbenchError(f"{folder}: circuit.json and metrics.json are from different runs ({differ[0]} "
+                             f"{meta[differ[0]]} against {m[differ[0]]}); rerun `workbench circuit` into this folder")
     kinds: dict[str, int] = {}
     for n in c.get("nodes", []):
         kinds[n.get("kind", "?")] = kinds.get(n.get("kind", "?"), 0) + 1
@@ -264,6 +268,14 @@ def _circuit(folder: Path) -> str:
              f"<b>Hit@10</b>: full model {_num(m.get('hit_at_10_full'))}, circuit {_num(m.get('hit_at_10_circuit'))}, "
              f"random circuits {_num(m.get('hit_at_10_random'))}, corrupted input {_num(m.get('hit_at_10_corrupted'))}.",
              "<b>Nodes</b>: " + ", ".join(f"{v} {_e(k)}" for k, v in sorted(kinds.items())) + "."]
+    from workbench.circuits.evaluate import UNSTABLE_GAP_Z
+
+    gz = m.get("gap_z")
+    if isinstance(gz, (int, float)) and (gz != gz or gz < UNSTABLE_GAP_Z):  # said by `workbench circuit` too
+        facts.append("<b>The faithfulness figures are noise here</b>: " + (
+            "one fact gives no spread to judge the corruption's gap by." if gz != gz else
+            f"the corruption moves the answer's logit difference by less than twice its standard error over the facts "
+            f"(gap_z {gz:.2f}), and faithfulness is a ratio over that gap."))
     target = meta.get("selection", {}).get("target")
     if target:
         goal = f"faithfulness {target['faithfulness']:g}" + (
