@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from workbench.interventions import Intervention
-from workbench.tracing.reducers import Payload, broken_rows
+from workbench.tracing.reducers import Payload, broken_rows, routing_distribution
 from workbench.tracing.runner import tokenize, trace
 from workbench.tracing.sites import Component, all_sites
 
@@ -25,8 +25,11 @@ from workbench.tracing.sites import Component, all_sites
 class PerPromptRouting:
     """Sink for one router site: per-prompt expert counts and summed routing probabilities."""
 
-    def __init__(self, token_prompt: torch.Tensor, num_prompts: int, num_experts: int):
+    def __init__(self, token_prompt: torch.Tensor, num_prompts: int, num_experts: int, scoring: str = "softmax"):
+        if scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"router scoring must be 'softmax' or 'sigmoid', not {scoring!r}")
         self.token_prompt = token_prompt
+        self.scoring = scoring  # the family's own (DeepSeek-V3, GLM-4.5: sigmoid), as the profile's mean_prob reads it
         self.counts = torch.zeros(num_prompts, num_experts, dtype=torch.float64)
         self.prob = torch.zeros(num_prompts, num_experts, dtype=torch.float64)
         self.tokens = torch.zeros(num_prompts, dtype=torch.float64)
@@ -42,7 +45,7 @@ class PerPromptRouting:
         onehot = torch.zeros(values.shape, dtype=torch.float64)
         onehot.scatter_(1, topk, 1.0)
         self.counts.index_add_(0, prompt, onehot)
-        self.prob.index_add_(0, prompt, torch.softmax(values, -1))
+        self.prob.index_add_(0, prompt, routing_distribution(values, self.scoring))
         self.tokens.index_add_(0, prompt, torch.ones(len(prompt), dtype=torch.float64))
 
 
@@ -52,7 +55,8 @@ def routing_by_prompt(lm, prompts: Sequence[str], batch_size: int = 8, progress:
     token_prompt = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(x) for x in ids]))
     sites = all_sites(lm.adapter, lm.model, [Component.ROUTER])
     infos = lm.layer_infos()
-    sinks = {s: [PerPromptRouting(token_prompt, len(ids), infos[s.layer].num_experts)] for s in sites}
+    sinks = {s: [PerPromptRouting(token_prompt, len(ids), infos[s.layer].num_experts, lm.adapter.router_scoring)]
+             for s in sites}
     trace(lm, prompts, sites, reducers=(), batch_size=batch_size, progress=progress, sinks=sinks)
     lost = {s.layer: r.nonfinite for s, (r,) in sinks.items() if r.nonfinite}
     if lost:

@@ -270,6 +270,32 @@ def test_deepseek_router_statistics_use_its_sigmoid_scores():
         assert abs(sum(r["load"]) - 1) < 1e-9
 
 
+@pytest.mark.parametrize("spec,scoring", [("zoo:deepseek-v3", "sigmoid"), ("zoo:qwen2-moe", "softmax")])
+def test_contrast_probabilities_are_the_routers_own_scoring(spec, scoring):
+    """contrast's per-prompt routing probability took a softmax of every router's logits; DeepSeek-V3 (and GLM-4.5)
+    route on sigmoid scores, which the profile's mean_prob reads normalised per token. Both now read the same."""
+    from workbench.experts.contrast import routing_by_prompt
+
+    lm = load(spec)
+    got = routing_by_prompt(lm, PROMPTS, batch_size=3, progress=False)
+    layers = lm.adapter.decoder_layers(lm.model)
+    for p, text in enumerate(PROMPTS):  # a plain hook on each router, one prompt at a time
+        seen = {}
+        hooks = [lm.adapter.router(layers[i]).register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(i, (out[0] if isinstance(out, tuple) else out).detach()))
+            for i in got]
+        try:
+            lm.model(lm.tokenizer(text, return_tensors="pt").input_ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        for i, logits in seen.items():
+            x = logits.reshape(-1, logits.shape[-1]).double()
+            s = x.softmax(-1) if scoring == "softmax" else torch.sigmoid(x) / torch.sigmoid(x).sum(-1, keepdim=True)
+            torch.testing.assert_close(got[i][1][p], s.mean(0), rtol=1e-6, atol=1e-9)
+    assert lm.adapter.router_scoring == scoring
+
+
 def test_attention_sinks_match_eager_attentions():
     """Every statistic of the sink meter (batched, padded prompts) against each prompt's own eager attention: the
     mean over prompts of each head's per-prompt mean attention on key 0 and on its top key, how often the top key

@@ -874,6 +874,19 @@ class TopK(Reducer):
                 "nan_count": int(self.nan_count)}
 
 
+def routing_distribution(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Each token's routing distribution over experts ``[N, E]`` from its router logits: ``softmax``, or for
+    ``sigmoid`` routers (DeepSeek-V3, GLM-4.5) the sigmoid scores normalised to sum to 1."""
+    if scoring == "softmax" and logits.shape[-1] <= 64:
+        # by hand: torch's float64 softmax over a short last dim is 1.2-4x slower on CPU (equal to ~3e-16)
+        probs = (logits - logits.amax(-1, keepdim=True)).exp_()
+        return probs.div_(probs.sum(-1, keepdim=True))
+    if scoring == "softmax":
+        return torch.softmax(logits, dim=-1)
+    scores = torch.sigmoid(logits)
+    return scores / scores.sum(-1, keepdim=True)
+
+
 @dataclass
 class RouterStats(Reducer):
     """Routing statistics from a router site's logits and chosen experts.
@@ -922,15 +935,7 @@ class RouterStats(Reducer):
             n = logits.shape[0]
             if n == 0:
                 return
-        if self.scoring == "softmax" and e <= 64:
-            # by hand: torch's float64 softmax over a short last dim is 1.2-4x slower on CPU (equal to ~3e-16)
-            probs = (logits - logits.amax(-1, keepdim=True)).exp_()
-            probs = probs.div_(probs.sum(-1, keepdim=True))
-        elif self.scoring == "softmax":
-            probs = torch.softmax(logits, dim=-1)
-        else:
-            scores = torch.sigmoid(logits)
-            probs = scores / scores.sum(-1, keepdim=True)
+        probs = routing_distribution(logits, self.scoring)
         self.prob_sum += probs.sum(0).cpu()
         self.entropy_sum += torch.special.entr(probs).sum().cpu()  # -p log p, 0 at p = 0
         k = chosen.shape[1]
