@@ -35,12 +35,22 @@ def evolution(specs: Sequence[str], facts, *, load: Callable[[str], object], opt
     if len(specs) < 2:
         raise WorkbenchError("circuit-evolution needs at least two checkpoints (in training order; the last is the final one)")
     options = options or CircuitOptions(per_relation=False, random_seeds=1)
-    rows, circuits, total = [], [], None
+    rows, circuits, total, first = [], [], None, None
     for i, spec in enumerate(specs):
         if progress:
             progress(f"[{i + 1}/{len(specs)}] {spec}")
         lm = load(spec)
         try:
+            # before any work: a checkpoint of another model, or tokenizing the facts otherwise, is not of the series
+            seen = (type(lm.model).__name__, [lm.tokenizer(f.prompt)["input_ids"] for f in facts])
+            if first is None:
+                first = seen
+            elif seen[0] != first[0]:
+                raise WorkbenchError(f"{spec} is a {seen[0]}, {specs[0]} a {first[0]}: checkpoints of one series are "
+                                     "one model's")
+            elif seen[1] != first[1]:
+                raise WorkbenchError(f"{spec} tokenizes the facts differently from {specs[0]}: checkpoints of one "
+                                     "series must share the tokenizer")
             circuit, _, _ = find_circuit(lm, facts, options)
         finally:
             del lm

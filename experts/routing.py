@@ -93,7 +93,8 @@ def record(lm, prompts: Sequence[str], folder: Path, *, batch_size: int = 8, max
     finally:
         for r in recorders.values():
             r.close()
-    return {"token_ids": res.token_ids, "layers": layers,
+    return {"token_ids": res.token_ids, "layers": layers, "context": lm.context_length,
+            "architecture": type(lm.model).__name__,
             "load": {s.layer: counts[s].counts.to(torch.float64) for s in sites},
             "nonfinite": max((int(c.nonfinite) for c in counts.values()), default=0)}
 
@@ -179,6 +180,9 @@ def routing(specs: Sequence[str], prompts: Sequence[str], *, load: Callable[[str
 
 
 def _check_compatible(spec0: str, a: dict, spec: str, b: dict) -> None:
+    if a.get("architecture") != b.get("architecture"):  # two models that happen to share layers, experts and tokenizer
+        raise WorkbenchError(f"{spec} is a {b.get('architecture')}, {spec0} a {a.get('architecture')}: checkpoints of "
+                             "one series are one model's")
     if set(a["layers"]) != set(b["layers"]):
         raise WorkbenchError(f"{spec} has MoE layers {sorted(b['layers'])}, {spec0} has {sorted(a['layers'])}: "
                              "checkpoints of one series must have the same layers")
@@ -187,6 +191,10 @@ def _check_compatible(spec0: str, a: dict, spec: str, b: dict) -> None:
             e2, k2 = b["layers"][layer]
             raise WorkbenchError(f"layer {layer}: {spec} routes top-{k2} of {e2} experts, {spec0} top-{k} of {e}: "
                                  "checkpoints of one series must have the same experts")
+    if not torch.equal(a["token_ids"], b["token_ids"]) and a.get("context") != b.get("context"):
+        raise WorkbenchError(f"{spec} has a context of {b.get('context')} tokens, {spec0} of {a.get('context')}, and "
+                             "prompts longer than the shorter one are cut to it: checkpoints of one series must have "
+                             "the same context (or give --max-tokens within both)")
     if not torch.equal(a["token_ids"], b["token_ids"]):
         raise WorkbenchError(f"{spec} tokenizes the prompts differently from {spec0}: checkpoints of one series "
                              "must share the tokenizer")

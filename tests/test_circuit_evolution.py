@@ -1,5 +1,6 @@
 """workbench circuit-evolution: each checkpoint's circuit on the same facts, compared with the final one."""
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -36,8 +37,24 @@ def test_different_checkpoints_and_refusals(facts):
     r, circuits = evolution(["random", "trained"], facts, load=lambda s: qwen3 if s == "random" else trained,
                             options=OPTS)
     assert r["rows"][0]["edge_jaccard_final"] < 1.0 and r["rows"][1]["edge_jaccard_final"] == 1.0
-    with pytest.raises(WorkbenchError, match="share the architecture"):
+    # refused before the second checkpoint's circuit is searched: another model, or the facts tokenized otherwise
+    with pytest.raises(WorkbenchError, match="^b is a DeepseekV3ForCausalLM, a a Qwen3MoeForCausalLM: checkpoints of "
+                                             "one series are one model's$"):
         evolution(["a", "b"], facts, load=lambda s: qwen3 if s == "a" else dsv3, options=OPTS)
+
+    class Shifted:  # the same tokenizer with one more leading token
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __call__(self, text, **kw):
+            return {"input_ids": [1] + self.tok(text, **kw)["input_ids"]}
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+    other = dataclasses.replace(qwen3, tokenizer=Shifted(qwen3.tokenizer))
+    with pytest.raises(WorkbenchError, match="^b tokenizes the facts differently from a: checkpoints of one series "
+                                             "must share the tokenizer$"):
+        evolution(["a", "b"], facts, load=lambda s: qwen3 if s == "a" else other, options=OPTS)
     with pytest.raises(WorkbenchError, match="at least two checkpoints"):
         evolution(["a"], facts, load=lambda s: qwen3, options=OPTS)
 

@@ -138,10 +138,30 @@ def test_permuted_experts_give_the_saturation_the_permutation_implies(qwen3, tmp
 
 def test_incompatible_checkpoints_are_refused(qwen3):
     dsv3 = load("zoo:deepseek-v3")  # layer 0 is dense
-    with pytest.raises(WorkbenchError, match="same layers"):
+    with pytest.raises(WorkbenchError, match="^zoo:deepseek-v3 is a DeepseekV3ForCausalLM, zoo:qwen3-moe a "
+                                             "Qwen3MoeForCausalLM: checkpoints of one series are one model's$"):
         R.routing(["zoo:qwen3-moe", "zoo:deepseek-v3"], PROMPTS, load=lambda s: qwen3 if "qwen3" in s else dsv3)
+    other = load("zoo:qwen3-moe")  # the same architecture routing top-1
+    other.model.config.num_experts_per_tok = 1
+    for layer in other.adapter.decoder_layers(other.model):
+        other.adapter.router(layer).top_k = 1
+    with pytest.raises(WorkbenchError, match=r"^layer \d+: b routes top-1 of 8 experts, a top-2 of 8: checkpoints "
+                                             "of one series must have the same experts$"):
+        R.routing(["a", "b"], PROMPTS, load=lambda s: qwen3 if s == "a" else other)
     with pytest.raises(WorkbenchError, match="at least two checkpoints"):
         R.routing(["zoo:qwen3-moe"], PROMPTS, load=lambda s: qwen3)
+
+
+def test_checkpoints_of_another_context_length_are_named_as_such():
+    """A checkpoint whose config takes 8 positions cut the prompts to 8 tokens, and the refusal blamed the tokenizer
+    (byte-identical here)."""
+    long_a, long_b = load("zoo:qwen3-moe"), load("zoo:qwen3-moe")
+    long_b.model.config.max_position_embeddings = 8
+    assert any(len(long_a.tokenizer(p)["input_ids"]) > 8 for p in PROMPTS)
+    with pytest.warns(UserWarning, match="truncated"):
+        with pytest.raises(WorkbenchError, match=r"^b has a context of 8 tokens, a of \d+, and prompts longer than the "
+                                                 r"shorter one are cut to it"):
+            R.routing(["a", "b"], PROMPTS, load=lambda s: long_a if s == "a" else long_b)
 
 
 def test_routing_cli_writes_json_parquet_and_plot(tmp_path, capsys):
