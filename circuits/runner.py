@@ -247,6 +247,45 @@ PATCH_CHUNK = 32  # senders whose differences a patched stage forms at a time
 _IDENTITY = nn.Identity()  # the "norm" of a stage that reads the residual stream directly (post-norm blocks)
 
 
+def norm_split(norm: nn.Module, z: torch.Tensor, y: torch.Tensor, cache: dict):
+    """``parts [n, ..., d]`` (summing to ``z``) -> their shares of ``y = norm(z)``: ``norm`` is an RMSNorm or
+    LayerNorm, ``y = r(z) g * c(z) + b`` (c centres for a LayerNorm), so each part gets ``r g * c(part)``
+    with the per-token ``r`` of the whole. The gain, bias and centring are read from the norm on probes;
+    the split is checked once per norm against its own output. ``cache`` keeps what was read per norm (a dict the
+    caller owns: ``id(norm) -> (gain, bias, centred, checked)``)."""
+    key = id(norm)
+    if key not in cache:
+        d = z.shape[-1]
+        p = torch.ones(d, device=z.device, dtype=z.dtype)
+        p[1::2] = -1
+        if d % 2:
+            p[-1] = 0
+        with torch.no_grad():
+            up, down, shifted = norm.forward(p[None]), norm.forward(-p[None]), norm.forward(p[None] + 3)
+        bias, gain = ((up + down) / 2)[0].float(), ((up - down) / 2)[0].float() * p.float()
+        centred = bool(torch.allclose(shifted, up, rtol=1e-3, atol=1e-3 * float(up.abs().max())))
+        cache[key] = (gain, bias, centred, False)
+    gain, bias, centred, checked = cache[key]
+
+    def centre(t):
+        t = t.float()
+        return t - t.mean(-1, keepdim=True) if centred else t
+
+    gz = gain * centre(z)
+    r = ((y.float() - bias) * gz).sum(-1, keepdim=True) / (gz * gz).sum(-1, keepdim=True).clamp(min=1e-30)
+    if not checked:
+        yd = y.detach().float()
+        err = float(((r.detach() * gz + bias) - yd).abs().max() / yd.abs().max().clamp(min=1e-12))
+        if err > (1e-4 if y.dtype == torch.float32 else 2e-2):
+            raise WorkbenchError(f"circuits cannot split the output norm {type(norm).__name__} across its senders: "
+                                 f"it is not r(z) * gain * z (+ bias) per token (relative error {err:.1e})")
+        cache[key] = (gain, bias, centred, True)
+
+    def split(parts: torch.Tensor) -> torch.Tensor:
+        return (r * gain * centre(parts)).to(parts.dtype)
+    return split
+
+
 def _rms_vjp(norm: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Closed-form VJP of ``y = w * x / sqrt(mean(x^2) + eps)`` (Hugging Face RMSNorm), vectorised
     over the receiver dimension of ``g [B, T, R, d]``; ``x [B, T, d]``."""
@@ -634,50 +673,13 @@ class GraphRunner:
             # recording alone builds no autograd graph (a checkpointed layer's recomputation records nothing,
             # and must save the same tensors as its forward)
             with torch.set_grad_enabled(self._live is not None and torch.is_grad_enabled()):
-                split = self._norm_split(mod, args[0], out)
+                split = norm_split(mod, args[0], out, self._norm_parts)
                 if self._acts is not None:
                     self._acts[first:first + n] = split(self._acts[first:first + n]).detach() * scale
                 if self._live is not None:
                     self._set_live(first, split(torch.stack([self._live[first + i] for i in range(n)])) * scale)
             return None
         return hook
-
-    def _norm_split(self, norm: nn.Module, z: torch.Tensor, y: torch.Tensor):
-        """``parts [n, ..., d]`` (summing to ``z``) -> their shares of ``y = norm(z)``: ``norm`` is an RMSNorm or
-        LayerNorm, ``y = r(z) g * c(z) + b`` (c centres for a LayerNorm), so each part gets ``r g * c(part)``
-        with the per-token ``r`` of the whole. The gain, bias and centring are read from the norm on probes;
-        the split is checked once per norm against its own output."""
-        key = id(norm)
-        if key not in self._norm_parts:
-            d = z.shape[-1]
-            p = torch.ones(d, device=z.device, dtype=z.dtype)
-            p[1::2] = -1
-            if d % 2:
-                p[-1] = 0
-            with torch.no_grad():
-                up, down, shifted = norm.forward(p[None]), norm.forward(-p[None]), norm.forward(p[None] + 3)
-            bias, gain = ((up + down) / 2)[0].float(), ((up - down) / 2)[0].float() * p.float()
-            centred = bool(torch.allclose(shifted, up, rtol=1e-3, atol=1e-3 * float(up.abs().max())))
-            self._norm_parts[key] = (gain, bias, centred, False)
-        gain, bias, centred, checked = self._norm_parts[key]
-
-        def centre(t):
-            t = t.float()
-            return t - t.mean(-1, keepdim=True) if centred else t
-
-        gz = gain * centre(z)
-        r = ((y.float() - bias) * gz).sum(-1, keepdim=True) / (gz * gz).sum(-1, keepdim=True).clamp(min=1e-30)
-        if not checked:
-            yd = y.detach().float()
-            err = float(((r.detach() * gz + bias) - yd).abs().max() / yd.abs().max().clamp(min=1e-12))
-            if err > (1e-4 if y.dtype == torch.float32 else 2e-2):
-                raise WorkbenchError(f"circuits cannot split the output norm {type(norm).__name__} across its senders: "
-                                     f"it is not r(z) * gain * z (+ bias) per token (relative error {err:.1e})")
-            self._norm_parts[key] = (gain, bias, centred, True)
-
-        def split(parts: torch.Tensor) -> torch.Tensor:
-            return (r * gain * centre(parts)).to(parts.dtype)
-        return split
 
     def _dense_hook(self, plan: LayerPlan):
         scale = 1.0 if plan.block.mlp_out else plan.block.mlp_scale

@@ -12,8 +12,10 @@ and without it, and a feature's score is the mean over those tokens of
 (``hook_sae_acts_pre``; for a linear encoder that is ``c @ W_enc``, the projection on the encoder
 directions) and the share of tokens where the activation went up are reported next to it. ``c`` is
 the writer's *direct* path: it reaches ``resid_post`` of its own layer and ``resid_pre``/``resid_post``
-of later layers unchanged (later layers' reactions to it are not counted), ``mlp_out`` of its layer
-for experts/MLPs, ``attn_out`` of its layer for heads. At an expert site (an SAE on one expert's
+of later layers as its block adds it to the residual stream (later layers' reactions to it are not counted):
+times Granite's residual multiplier, and through a sandwich or post-norm block's output norm (Gemma 2/3, OLMo 2)
+with the token's own norm scale, as circuits split that norm across senders (:class:`ResidualPaths`); it reaches
+``mlp_out`` of its layer for experts/MLPs and ``attn_out`` of its layer for heads as written. At an expert site (an SAE on one expert's
 output) the contribution is the expert's output itself, before its routing weight. Shared experts
 are not writers yet.
 
@@ -23,6 +25,7 @@ first token is left out by default (``skip_first``), as in ``sae train``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -140,6 +143,73 @@ class HeadOutputs(HookSet):
             self._hook(proj, pre, pre=True)
 
 
+class ResidualPaths(HookSet):
+    """How a writer's output reaches the residual stream, read off the model (circuits' block layouts): Granite's
+    multipliers, and the output norm of a sandwich or post-norm block (Gemma 2/3, OLMo 2), through which each part of
+    the sublayer's output gets its share with the token's own norm scale (:func:`workbench.circuits.runner.norm_split`,
+    as circuits split it across senders). Read-only hooks on those norms keep their input and output per valid token
+    of the current batch."""
+
+    def __init__(self, lm, writers: Sequence[Writer]):
+        from workbench.circuits.blocks import block_layouts
+
+        super().__init__()
+        self.lm = lm
+        try:
+            self.layouts = block_layouts(lm.model, lm.adapter)[0]
+        except WorkbenchError as e:  # a block circuits cannot read: its writers' outputs are taken as written
+            warnings.warn(f"sae features: cannot read how layer outputs reach the residual stream ({e}); each writer's "
+                          "output is taken as it reaches it", stacklevel=3)
+            self.layouts = None
+        self.needs = set() if self.layouts is None else {
+            (w.layer, side) for w in writers for side in [self.side(w)] if self._norm_path(w.layer, side)}
+        self.seen: dict[tuple[int, str], tuple] = {}
+        self._cache: dict = {}
+        self._valid = self._order = self._sorted = None
+
+    @staticmethod
+    def side(w: Writer) -> str:
+        return "attn" if w.kind == "head" else "mlp"
+
+    def _norm_path(self, layer: int, side: str) -> str:
+        blk = self.layouts[layer]
+        return blk.attn_out if side == "attn" else blk.mlp_out
+
+    def begin_batch(self, grid: torch.Tensor) -> None:
+        flat = grid.reshape(-1)
+        self._valid = flat >= 0
+        self._order = flat[self._valid].argsort()
+        self._sorted = flat[self._valid][self._order]
+        self.seen.clear()
+
+    def _install(self) -> None:
+        from workbench.adapters.base import get_path
+
+        layers = self.lm.adapter.decoder_layers(self.lm.model)
+        for layer, side in self.needs:
+            def hook(mod, args, kwargs, out, key=(layer, side)):
+                z = (args[0] if args else next(iter(kwargs.values()))).detach()
+                y = (out[0] if isinstance(out, tuple) else out).detach()
+                rows = lambda t: t.reshape(-1, t.shape[-1])[self._valid][self._order]  # noqa: E731
+                self.seen[key] = (mod, rows(z), rows(y))
+            self._hook(get_path(layers[layer], self._norm_path(layer, side)), hook)
+
+    def carry(self, w: Writer, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``c [n, d]``, ``w``'s output at global ``tokens`` of the current batch -> what it adds to the residual."""
+        if self.layouts is None:
+            return c
+        from workbench.circuits.runner import norm_split
+
+        side = self.side(w)
+        blk = self.layouts[w.layer]
+        if (w.layer, side) in self.needs:
+            mod, z, y = self.seen[(w.layer, side)]
+            pos, _ = _rows_of(self._sorted, tokens)
+            c = norm_split(mod, z[pos], y[pos], self._cache)(c)
+        scale = blk.attn_scale if side == "attn" else blk.mlp_scale
+        return c * scale if scale != 1.0 else c
+
+
 class TopTokens:
     """Per feature, the ``k`` largest activations with their global token indices (ties: earlier token)."""
 
@@ -213,8 +283,11 @@ def writer_features(lm, sae, writers: Sequence[Writer], prompts: Sequence[str], 
     tops = TopTokens(d_sae, top_tokens)
     head_hooks = HeadOutputs(lm, heads)
     routers = lm.adapter.decoder_layers(lm.model)
-    with head_hooks, torch.no_grad():
-        for _ in forward_batches(lm, tokens, sinks, batch_size=batch_size, meters=[head_hooks], progress=progress,
+    # at a residual site a writer's output goes through its block's output norm and multiplier on its way there
+    paths = ResidualPaths(lm, use) if site.component in (Component.RESID_PRE, Component.RESID_POST) else None
+    meters = [head_hooks] + ([paths] if paths is not None else [])
+    with head_hooks, paths if paths is not None else contextlib.nullcontext(), torch.no_grad():
+        for _ in forward_batches(lm, tokens, sinks, batch_size=batch_size, meters=meters, progress=progress,
                                  desc=f"sae features {lm.spec}"):
             taken = {s: b[0].take() for s, b in sinks.items()}
             here = taken[site]
@@ -234,6 +307,8 @@ def writer_features(lm, sae, writers: Sequence[Writer], prompts: Sequence[str], 
                 if got is None:
                     continue
                 c_tok, c = got
+                if paths is not None:
+                    c = paths.carry(w, c_tok, c)
                 pos, found = _rows_of(x_tok, c_tok)
                 rows, c = pos[found], c[found].float()
                 if not rows.numel():

@@ -95,6 +95,50 @@ def test_planted_expert_ranks_its_feature_first(planted, planted_sae, tmp_path):
                                        "feature_tokens.parquet"}
 
 
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo2", "granite", "llama"])
+def test_a_writer_reaches_a_residual_site_through_its_blocks_output_norm_and_multiplier(model_type, tmp_path,
+                                                                                        zoo_tokenizer):
+    """At a residual site a writer's contribution was its raw output: Granite's residual_multiplier (0.22 here) and
+    the output norms of sandwich / post-norm blocks (Gemma 2/3, OLMo 2) were left out, so x - c was not x without
+    the writer (|c| 4.5x, 0.002x what it adds). With an identity SAE (features relu(x), relu(-x)), the scores of the
+    layer's MLP are now relu(x) - relu(x - c) for c what zeroing the MLP takes out of resid_post."""
+    from workbench.models.families import save_tiny
+    from workbench.sae.features import expert_writers, writer_features
+
+    lm = load(str(save_tiny(model_type, tmp_path / "m", zoo_tokenizer)))
+    d = int(lm.config.hidden_size)
+    W_dec, W_enc = identity_weights(d)
+    sae = load_sae(make_sae(tmp_path / "sae", d_in=d, d_sae=2 * d, W_dec=W_dec, W_enc=W_enc))
+    texts = TEXTS[:4]
+    table = writer_features(lm, sae, expert_writers(lm, [(1, 0)]), texts, top=2 * d).table
+    block = lm.adapter.decoder_layers(lm.model)[1]
+    seen = {}
+    h = block.register_forward_hook(lambda m, a, out: seen.__setitem__("x", out[0] if isinstance(out, tuple) else out))
+    ref, n = torch.zeros(2 * d, dtype=torch.float64), 0
+    try:
+        for text in texts:  # each text alone, and again with the layer's MLP output zeroed
+            ids = lm.tokenizer(text, return_tensors="pt").input_ids
+            with torch.no_grad():
+                lm.model(ids)
+                x = seen["x"][0, 1:].double()  # the first token is left out, as writer_features does
+                z = lm.adapter.mlp(block).register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+                try:
+                    lm.model(ids)
+                finally:
+                    z.remove()
+            without = seen["x"][0, 1:].double()
+            feats = lambda v: torch.cat([v.clamp(min=0), (-v).clamp(min=0)], -1)  # noqa: E731
+            ref += (feats(x) - feats(without)).sum(0)
+            n += x.shape[0]
+    finally:
+        h.remove()
+    ref /= n
+    assert len(table) > 0
+    got = torch.tensor(table.score.to_numpy(), dtype=torch.float64)
+    torch.testing.assert_close(got, ref[torch.tensor(table.feature.to_numpy())], rtol=1e-4,
+                               atol=1e-5 * float(ref.abs().max()))
+
+
 # ----- (b) splicing: identity-like SAEs leave logits unchanged ----------------------------------
 @pytest.mark.parametrize("spec,site", [("zoo:qwen3-moe", "L1.resid_pre"), ("zoo:qwen3-moe", "L1.resid_post"),
                                        ("zoo:qwen3-moe", "L1.attn_out"), ("zoo:qwen3-moe", "L1.mlp_out"),
