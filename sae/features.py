@@ -38,7 +38,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.hooks import HookSet
 from workbench.io import atomic_path, write_json
-from workbench.sae.loading import resolve_site
+from workbench.sae.loading import resolve_site, same_model
 from workbench.sae.stream import Buffer, Tokens, forward_batches
 from workbench.tracing.sites import Component, Site
 
@@ -257,11 +257,17 @@ def writer_features(lm, sae, writers: Sequence[Writer], prompts: Sequence[str], 
     ``skip_first`` leaves each prompt's first token out (as ``sae train`` does by default: the massive
     activation / attention sink position, where an SAE trained without it reads out-of-distribution values).
     """
-    site = resolve_site(lm, sae, site)
+    return _writer_features(lm, sae, writers, prompts, resolve_site(lm, sae, site), top=top, top_tokens=top_tokens,
+                            batch_size=batch_size, max_tokens=max_tokens, skip_first=skip_first, progress=progress)
+
+
+def _writer_features(lm, sae, writers: Sequence[Writer], prompts: Sequence[str], site: Site, *, top: int,
+                     top_tokens: int, batch_size: int, max_tokens: int | None, skip_first: bool,
+                     progress: bool) -> FeatureReport:
+    """:func:`writer_features` at a site already resolved (and its SAE's model already checked) by the caller."""
     use = [w for w in writers if w.feeds(site)]
     if not use:
-        raise WorkbenchError(f"none of the {len(writers)} writers feeds site {site} directly "
-                             "(experts reach resid_post of their layer and later residual sites)")
+        raise WorkbenchError(nothing_feeds(site, len(writers)))
     infos = lm.layer_infos()
     weighted = site.component is not Component.EXPERT
     sinks: dict[Site, list] = {site: [Buffer()]}
@@ -400,7 +406,22 @@ def expert_features(lm, sae, prompts: Sequence[str], experts: Sequence[tuple[int
         missing = sorted({f"L{l}.E{e}" for l, e in experts} - {w.name for w in writers})
         raise WorkbenchError(f"expert {missing[0]} does not write into site {site} directly "
                              "(an expert reaches resid_post of its layer and later residual sites)")
-    return writer_features(lm, sae, writers, prompts, site=site, **kwargs)
+    return _writer_features(lm, sae, writers, prompts, site, **{**FEATURE_DEFAULTS, **kwargs})
+
+
+FEATURE_DEFAULTS = dict(top=5, top_tokens=8, batch_size=8, max_tokens=128, skip_first=True, progress=False)
+
+
+def nothing_feeds(site: Site, given: int) -> str:
+    """Why no writer's direct output reaches ``site`` (a one-line error)."""
+    if site.component is Component.ATTN_OUT:
+        return f"no expert or MLP writes into {site}: only attention heads do (give a circuit with head nodes)"
+    if site.component is Component.SHARED_EXPERT:
+        return f"{site} is a shared expert's output, and shared experts are not writers yet: no writer reaches it"
+    if site.component is Component.RESID_PRE and site.layer == 0:
+        return f"nothing but the embedding writes into {site}: read a later site"
+    return (f"none of the {given} writers feeds site {site} directly (experts reach resid_post of their layer and "
+            "later residual sites)" if given else f"no writer reaches site {site}")
 
 
 def node_features(lm, sae, circuit, prompts: Sequence[str], **kwargs) -> tuple[dict[str, dict], FeatureReport]:
@@ -411,6 +432,7 @@ def node_features(lm, sae, circuit, prompts: Sequence[str], **kwargs) -> tuple[d
     """
     site = resolve_site(lm, sae, kwargs.pop("site", None))
     every = list(circuit_writers(circuit).values())
+    _check_nodes(lm, circuit, every)
     writers = [w for w in every if w.feeds(site)]
     if not writers:
         raise WorkbenchError(f"no head, MLP or expert node of the circuit feeds site {site} directly")
@@ -419,13 +441,35 @@ def node_features(lm, sae, circuit, prompts: Sequence[str], **kwargs) -> tuple[d
         warnings.warn(f"{len(left)} of the circuit's {len(every)} head, MLP and expert nodes do not write into "
                       f"{site} directly ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}: later layers); "
                       "they get no features (an SAE at a later site reads them)", stacklevel=2)
-    report = writer_features(lm, sae, writers, prompts, site=site, **kwargs)
+    report = _writer_features(lm, sae, writers, prompts, site, **{**FEATURE_DEFAULTS, **kwargs})
     attrs = {}
     for name, d in report.table.groupby("writer", sort=False):
         attrs[name] = {"sae_site": site.key, "sae_features": ",".join(str(f) for f in d.feature),
                        "sae_scores": ",".join(f"{s:.4g}" for s in d.score),
                        "sae_top_feature": int(d.feature.iloc[0]), "sae_top_tokens": str(d.top_tokens.iloc[0])}
     return attrs, report
+
+
+def _check_nodes(lm, circuit, writers: Sequence[Writer]) -> None:
+    """A circuit's writers must exist in ``lm`` (a circuit of another model named heads past its layers' ends, which
+    read as nothing); a circuit found on another model is said."""
+    from workbench.circuits.attention import attention_spec
+
+    of = circuit.meta.get("model")
+    if of and not same_model(str(of), lm.spec):
+        warnings.warn(f"the circuit was found on {of}, its nodes are read here on {lm.spec}", stacklevel=3)
+    infos, layers = lm.layer_infos(), lm.adapter.decoder_layers(lm.model)
+    found = f" (the circuit is of {of})" if of and not same_model(str(of), lm.spec) else ""
+    for w in writers:
+        if not 0 <= w.layer < len(infos):
+            raise WorkbenchError(f"circuit node {w.name}: {lm.spec} has {len(infos)} layers{found}")
+        if w.kind == "expert" and not 0 <= w.index < infos[w.layer].num_experts:
+            raise WorkbenchError(f"circuit node {w.name}: layer {w.layer} of {lm.spec} has "
+                                 f"{infos[w.layer].num_experts} expert(s){found}")
+        if w.kind == "head":
+            n = attention_spec(lm.adapter.attention(layers[w.layer]), lm.config, f"layer {w.layer}").n_heads
+            if not 0 <= w.index < n:
+                raise WorkbenchError(f"circuit node {w.name}: layer {w.layer} of {lm.spec} has {n} heads{found}")
 
 
 def annotate_circuit(circuit, attrs: dict[str, dict]):

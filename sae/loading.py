@@ -65,6 +65,31 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def check_weights(path: str | Path, cfg: dict, where: str = "SAE") -> None:
+    """Read ``sae_weights.safetensors``' header only (no tensor data): a one-line error unless every tensor's bytes
+    are in the file (a truncated copy) and ``W_dec`` is ``[d_sae, d_in]`` as cfg.json says. Lets a study refuse such an
+    SAE before any model work, where SAELens would refuse it only when it is loaded."""
+    f = Path(path).expanduser() / WEIGHTS_FILE
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n < 100_000_000 else None
+        size = f.stat().st_size
+    except (OSError, ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise WorkbenchError(f"{where}: {f} is not a safetensors file (its header does not read)")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    end = max((int(v.get("data_offsets", [0, 0])[1]) for v in tensors.values()), default=0)
+    if size < 8 + n + end:
+        raise WorkbenchError(f"{where}: {f} is cut short ({size} bytes, its header needs {8 + n + end})")
+    want = [cfg["d_sae"], cfg["d_in"]]
+    got = tensors.get("W_dec", {}).get("shape")
+    if got != want:
+        raise WorkbenchError(f"{where}: {f} " + (f"has W_dec of shape {got}, cfg.json says d_sae x d_in = {want}"
+                                                  if got is not None else "has no W_dec (a decoder) tensor"))
+
+
 def _metadata(cfg: dict) -> dict:
     meta = cfg.get("metadata") or {}
     # pre-6.0 SAELens configs keep these at the top level (and call the hook "hook_point")
@@ -127,11 +152,26 @@ def resolve_site(lm, sae_or_cfg, site: Site | str | None = None, where: str = "S
     cfg = sae_or_cfg if isinstance(sae_or_cfg, dict) else sae_or_cfg.cfg.to_dict()
     chosen = site if site is not None else site_from_config(cfg, where)
     checked = check_fit(lm, chosen, int(cfg["d_in"]), where)
-    trained_on = _metadata(cfg).get("model_name")
-    if trained_on and str(trained_on) != lm.spec:  # the width fits, the features may still mean nothing here
-        warnings.warn(f"{where}: trained on {trained_on}, read here on {lm.spec} (the width fits; its features are "
-                      "that model's)", stacklevel=2)
+    warn_other_model(cfg, lm, where, stacklevel=2)
     return checked
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model specs name one model: the same text, or folders that resolve to the same place
+    (``m/phi3``, ``./m/phi3`` and its absolute path)."""
+    if str(a) == str(b):
+        return True
+    pa, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def warn_other_model(cfg: dict, lm, where: str = "SAE", stacklevel: int = 2) -> None:
+    """A warning where the SAE's cfg names another model than ``lm`` (the width fits, the features may still mean
+    nothing here)."""
+    trained_on = _metadata(cfg).get("model_name")
+    if trained_on and not same_model(str(trained_on), lm.spec):
+        warnings.warn(f"{where}: trained on {trained_on}, read here on {lm.spec} (the width fits; its features are "
+                      "that model's)", stacklevel=stacklevel + 1)
 
 
 def load_sae(path: str | Path, device: str = "cpu"):
@@ -145,7 +185,11 @@ def load_sae(path: str | Path, device: str = "cpu"):
     try:
         sae = SAE.load_from_disk(str(Path(path).expanduser()), device=device)
     except Exception as e:  # SAELens and safetensors raise many types; all mean "not a loadable SAE"
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # torch's state-dict errors put the cause on the second line ("size mismatch for W_enc: ...")
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = "; ".join(lines[:2]) if lines else type(e).__name__
+        if isinstance(e, KeyError) and len(e.args) == 1:  # SAELens' registry or cfg lookups: name the key
+            first = f"no {e.args[0]!r} in its registry or cfg.json"
         raise WorkbenchError(f"SAE {path}: SAELens could not load it ({type(e).__name__}: {first})") from None
     sae.eval()
     for p in sae.parameters():

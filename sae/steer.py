@@ -20,7 +20,8 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.sae.edit import install_edit
-from workbench.sae.loading import WEIGHTS_FILE, check_fit, read_config, site_from_config
+from workbench.sae.loading import (WEIGHTS_FILE, check_fit, check_weights, read_config, site_from_config,
+                                   warn_other_model)
 from workbench.tracing.sites import Site
 
 OP = "sae_steer"
@@ -61,6 +62,8 @@ def validate(lm, iv, where: str) -> None:
     check_fit(lm, _site(iv), int(cfg["d_in"]), f"{where}: field 'sae' ({iv.sae})")
     if not 0 <= iv.feature < cfg["d_sae"]:
         raise WorkbenchError(f"{where}: field 'feature': {iv.feature} out of range (the SAE has {cfg['d_sae']})")
+    check_weights(iv.sae, cfg, f"{where}: field 'sae'")  # before any model work, not when the steer installs
+    warn_other_model(cfg, lm, f"{where}: field 'sae' ({iv.sae})", stacklevel=2)
 
 
 def decoder_direction(path: str | Path, feature: int) -> torch.Tensor:

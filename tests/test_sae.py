@@ -398,3 +398,98 @@ def test_an_sae_of_another_model_is_flagged():
     with w.catch_warnings():
         w.simplefilter("error")
         resolve_site(lm, {**cfg, "metadata": {**cfg["metadata"], "model_name": "zoo:qwen2-moe"}})
+
+
+def test_one_model_under_other_path_spellings_is_not_flagged(tmp_path):
+    """`sae train ./m/phi3` recorded the path as typed, and reading it with `m/phi3` or the absolute path warned
+    "trained on another model" (twice: both expert_features and writer_features checked)."""
+    from workbench.sae.loading import same_model
+
+    (tmp_path / "m").mkdir()
+    assert same_model(str(tmp_path / "m"), str(tmp_path / "m" / ".." / "m"))
+    assert same_model("zoo:qwen2-moe", "zoo:qwen2-moe") and not same_model("zoo:qwen2-moe", "zoo:tiny-moe")
+    assert not same_model(str(tmp_path / "m"), str(tmp_path / "other"))  # one does not exist: not the same
+
+
+def test_an_sae_study_steer_is_checked_whole_before_model_work(planted, planted_sae, tmp_path):
+    """Only cfg.json was read before the study ran: an SAE of another model steered without a word, and truncated
+    weights or a W_dec of another size than cfg.json's stopped the study after its first conditions had run."""
+    import json
+    import shutil
+
+    from workbench.studies import Study
+
+    def study(sae):
+        return Study({"name": "s", "num_texts": 2, "metrics": ["perplexity"], "conditions": [
+            {"name": "zero", "interventions": [{"op": "zero", "layers": LAYER, "expert": EXPERT}]},
+            {"name": "steer", "interventions": [{"op": "sae_steer", "sae": str(sae), "feature": 3, "coef": 1.0}]}]})
+    cut = tmp_path / "cut"
+    shutil.copytree(planted_sae, cut)
+    weights = cut / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    wide = tmp_path / "wide"
+    shutil.copytree(planted_sae, wide)
+    cfg = json.loads((wide / "cfg.json").read_text())
+    (wide / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 64}))
+    for sae, msg in ((cut, r"sae_weights.safetensors is cut short \(\d+ bytes, its header needs \d+\)"),
+                     (wide, r"has W_dec of shape \[32, 64\], cfg.json says d_sae x d_in = \[64, 64\]")):
+        with pytest.raises(WorkbenchError, match=msg):
+            study(sae).run(planted, tmp_path / f"out-{sae.name}", progress=False)
+        assert not list((tmp_path / f"out-{sae.name}").rglob("*.json"))  # no condition ran
+    other = tmp_path / "other"
+    shutil.copytree(planted_sae, other)
+    cfg = json.loads((other / "cfg.json").read_text())
+    (other / "cfg.json").write_text(json.dumps({**cfg, "metadata": {**cfg["metadata"], "model_name": "zoo:tiny-moe"}}))
+    with pytest.warns(UserWarning, match=r"field 'sae' \(.*other\): trained on zoo:tiny-moe, read here on zoo:qwen3-moe"):
+        study(other).run(planted, tmp_path / "out-other", progress=False)
+
+
+def test_a_circuit_of_another_model_is_said_and_nodes_it_lacks_refused(planted, planted_sae):
+    """A head past the layer's heads read as an empty slice (a contribution of nothing, no word), and a circuit found
+    on another model was read without one; an expert past the layer's said 'site L0.expert.E9: expert out of range'."""
+    from workbench.circuits.export import Circuit
+
+    sae = load_sae(planted_sae)
+    for node, msg in (("a1.h7", r"circuit node a1\.h7: layer 1 of zoo:qwen3-moe has 4 heads \(the circuit is of "
+                                r"zoo:tiny-moe\)"),
+                      ("m1.e9", r"circuit node m1\.e9: layer 1 of zoo:qwen3-moe has 8 expert\(s\)"),
+                      ("a9.h0", r"circuit node a9\.h0: zoo:qwen3-moe has 4 layers")):
+        kind = "head" if node.startswith("a") else "expert"
+        layer, index = int(node[1]), int(node.split(".")[1][1:])
+        nodes = {"input": {"kind": "input", "layer": -1, "index": -1}, node: {"kind": kind, "layer": layer, "index": index}}
+        circuit = Circuit(nodes, [{"source": "input", "target": node, "port": "in", "score": 1.0}],
+                          {"model": "zoo:tiny-moe"})
+        with pytest.warns(UserWarning, match="the circuit was found on zoo:tiny-moe, its nodes are read here on "
+                                             "zoo:qwen3-moe"):
+            with pytest.raises(WorkbenchError, match=msg):
+                node_features(planted, sae, circuit, TEXTS[:2])
+
+
+def test_no_writer_reaching_the_site_is_said_for_what_the_site_is(planted, tmp_path):
+    """"none of the 0 writers feeds site L1.attn_out directly (experts reach resid_post ...)" for every site that no
+    expert can reach."""
+    from workbench.sae.features import nothing_feeds
+
+    for site, msg in (("L1.attn_out", "no expert or MLP writes into L1.attn_out: only attention heads do"),
+                      ("L0.resid_pre", "nothing but the embedding writes into L0.resid_pre")):
+        sae = load_sae(make_sae(tmp_path / site, hook=site))
+        with pytest.raises(WorkbenchError, match=f"^{msg}"):
+            expert_features(planted, sae, TEXTS[:2])
+    # (zoo:qwen3-moe has no shared expert to put an SAE on)
+    assert nothing_feeds(Site(2, Component.SHARED_EXPERT, 0), 0).endswith("shared experts are not writers yet: no "
+                                                                          "writer reaches it")
+
+
+def test_saelens_load_errors_keep_their_cause(planted_sae, tmp_path):
+    """torch's state-dict error puts the cause on its second line, which was cut ("Error(s) in loading state_dict
+    for StandardSAE:" and nothing after)."""
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(planted_sae, bad)
+    cfg = json.loads((bad / "cfg.json").read_text())
+    (bad / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 48}))
+    with pytest.raises(WorkbenchError, match=r"SAELens could not load it \(RuntimeError: Error\(s\) in loading "
+                                             r"state_dict for StandardSAE:; size mismatch for W_dec: copying a param"):
+        load_sae(bad)
