@@ -16,6 +16,7 @@ folds it into the weights at the end) and saved with ``save_inference_model`` in
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -62,6 +63,8 @@ class TrainOptions:
                 raise WorkbenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.d_sae is not None and self.d_sae < 1:
             raise WorkbenchError(f"--d-sae must be at least 1, got {self.d_sae}")
+        if self.architecture == "topk" and self.d_sae is not None and self.k > self.d_sae:  # before the model loads
+            raise WorkbenchError(f"--k {self.k} is larger than the SAE ({self.d_sae} features)")
         if self.tokens < self.batch_size:
             raise WorkbenchError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
         if self.holdout_every == 1:
@@ -283,6 +286,11 @@ def train_sae(lm, site: Site | str, prompts: Sequence[str], opts: TrainOptions =
         "trainer": {"dead_feature_window": cfg.dead_feature_window, "lr_warm_up_steps": cfg.lr_warm_up_steps,
                     "lr_decay_steps": cfg.lr_decay_steps, "feature_sampling_window": cfg.feature_sampling_window},
     }
+    broken = [n for n, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken or not math.isfinite(metrics["mse"]):  # an SAE of inf / NaN weights reads nothing: not written
+        raise WorkbenchError(f"training diverged (explained variance {metrics['explained_variance']:.3g}, mse "
+                             f"{metrics['mse']:.3g}" + (f", non-finite {', '.join(broken)}" if broken else "")
+                             + f"); nothing written: a lower --lr (now {opts.lr:g}) keeps it stable")
     if out_dir is not None:
         save(sae, metrics, out_dir)
     return sae, metrics

@@ -79,3 +79,27 @@ def test_an_expert_the_held_out_prompts_never_reach(tmp_path, capsys):
     assert json.loads((tmp_path / "e1" / "metrics.json").read_text())["eval_split"] == "training prompts"
     assert main([*argv, "--site", "L2.expert.E5", "--out", str(tmp_path / "e5")]) == 2
     assert "no token of them is routed to this expert" in capsys.readouterr().err
+
+
+def test_a_diverged_run_writes_nothing_and_k_past_d_sae_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """`--lr 1e6` saved an SAE of weights near 8e12 and printed "explained variance -inf" with exit 0; `--k 300
+    --d-sae 256` was refused only after the model had loaded and the prompts were tokenised."""
+    from workbench.cli import main
+    from workbench.models import specs
+
+    from helpers import one_error
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(default_prompts()[:12]) + "\n")
+    out = tmp_path / "sae"
+    code = main(["sae", "train", "zoo:tiny-moe", "--site", "L1.resid_post", "--prompts", str(prompts), "--tokens",
+                 "1024", "--batch-size", "256", "--max-tokens", "16", "--lr", "1e6", "--out", str(out)])
+    msg = one_error(code, capsys.readouterr().err, "training diverged")
+    assert "nothing written: a lower --lr (now 1e+06)" in msg and not out.exists()
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(specs, "load", no_load)
+    code = main(["sae", "train", "zoo:tiny-moe", "--site", "L1.resid_post", "--prompts", str(prompts), "--k", "300",
+                 "--d-sae", "256", "--out", str(out)])
+    assert one_error(code, capsys.readouterr().err, "--k 300 is larger than the SAE (256 features)")
