@@ -136,6 +136,31 @@ def test_a_wrong_adapter_fails_the_check_and_exits_non_zero(capsys):
     assert res["block rebuilt"].ok is False and res["routing"].ok is True
 
 
+def test_the_check_names_a_tokenizer_past_the_embedding_and_non_finite_weights(tmp_path):
+    """A tokenizer whose ids pass the embedding's rows failed 7 checks with "IndexError: index out of range in self",
+    and one NaN weight six with NaN figures, neither naming the cause; a config.json without model_type, or holding a
+    list, said "unsupported architecture None"."""
+    import torch
+
+    lm = load("zoo:qwen3-moe")
+    with torch.no_grad():
+        lm.adapter.decoder_layers(lm.model)[1].self_attn.o_proj.weight[0, 0] = float("nan")
+    res = _by_name(run_checks(lm))
+    assert res["weights"].ok is False and res["weights"].detail.startswith(
+        "1 NaN or inf value(s) in 1 tensor(s), first model.layers.1.self_attn.o_proj.weight")
+    assert res["tokenizer"].ok is True
+    lm = load("zoo:qwen3-moe")
+    lm.model.resize_token_embeddings(40)
+    res = _by_name(run_checks(lm))
+    assert res["tokenizer"].ok is False and "the embedding has 40 rows: this tokenizer is not the model's" in \
+        res["tokenizer"].detail and res["weights"].ok is True
+    for body, msg in (("[1, 2]", "holds a JSON list, not a model config"),
+                      ('{"hidden_size": 8}', "names no model_type, so no architecture can be chosen for it")):
+        (tmp_path / "config.json").write_text(body)
+        with pytest.raises(WorkbenchError, match=msg):
+            load(str(tmp_path))
+
+
 def test_a_user_adapter_registered_from_user_code_is_used(tmp_path, zoo_tokenizer):
     """The README's 'Your own architecture' path: a declared adapter wins over the inferred one."""
     d = save_tiny("olmo2", tmp_path, zoo_tokenizer)
@@ -160,7 +185,7 @@ def test_cli_check_prints_one_line_per_check(tmp_path, zoo_tokenizer):
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[0].startswith("ok   adapter: gemma2 (inferred)") and "all 9 checks passed, 3 not applicable" in lines[-1]
+    assert lines[0].startswith("ok   adapter: gemma2 (inferred)") and "all 11 checks passed, 3 not applicable" in lines[-1]
     assert any(l.startswith("skip planted super expert found") and "normed before the residual" in l for l in lines)
 
 

@@ -90,7 +90,7 @@ def run_checks(lm, prompts: list[str] | None = None) -> list[Check]:
     """The battery on ``lm`` (a :class:`~workbench.models.specs.LoadedModel`); never raises for a failed check."""
     prompts = prompts or PROMPTS
     out: list[Check] = []
-    for fn in (_adapter, _hooks, _dense_mlp, _routing_and_rebuild, _zero_exact, _planted, _study, _attention_probs,
+    for fn in (_adapter, _inputs, _hooks, _dense_mlp, _routing_and_rebuild, _zero_exact, _planted, _study, _attention_probs,
                _circuits, _cost):
         try:
             out += fn(lm, prompts)
@@ -114,6 +114,23 @@ def _adapter(lm, prompts):
         what += (f"; {len(moe)} MoE layers ({m.layout}), {m.num_experts} experts, top-{m.top_k}, "
                  f"{m.num_shared} shared")
     return [Check("adapter", True, f"{ad.name} ({how}): {what}")]
+
+
+def _inputs(lm, prompts):
+    """What every later check needs, named when it is missing (else they fail with an IndexError or NaN of their own):
+    the tokenizer's ids within the embedding, and finite weights."""
+    out = []
+    emb = lm.adapter.embedding(lm.model)
+    rows = int(getattr(emb, "num_embeddings", 0) or emb.weight.shape[0])
+    top = int(_batch(lm, prompts)[0]["input_ids"].max())
+    out.append(Check("tokenizer", top < rows, f"the check prompts' token ids reach {top}, the embedding has {rows} "
+                                              "rows" + ("" if top < rows else ": this tokenizer is not the model's")))
+    bad = [(n, int((~torch.isfinite(p)).sum())) for n, p in lm.model.named_parameters()
+           if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    out.append(Check("weights", not bad, "all finite" if not bad else
+                     f"{sum(c for _, c in bad)} NaN or inf value(s) in {len(bad)} tensor(s), first {bad[0][0]}: every "
+                     "check that runs the model reads them"))
+    return out
 
 
 def _hooks(lm, prompts):

@@ -307,8 +307,12 @@ def _check_model_type(config_path: Path) -> str:
         cfg = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise WorkbenchError(f"{config_path} is not valid JSON: {e}") from None
-    mt = cfg.get("model_type") if isinstance(cfg, dict) else None
-    if not loadable_model_type(mt, bool(cfg.get("auto_map")) if isinstance(cfg, dict) else False):
+    if not isinstance(cfg, dict):
+        raise WorkbenchError(f"{config_path} holds a JSON {type(cfg).__name__}, not a model config (an object)")
+    mt = cfg.get("model_type")
+    if mt is None and not cfg.get("auto_map"):
+        raise WorkbenchError(f"{config_path} names no model_type, so no architecture can be chosen for it")
+    if not loadable_model_type(mt, bool(cfg.get("auto_map"))):
         raise WorkbenchError(f"unsupported architecture {mt!r} in {config_path}; {_supported_text()}")
     return mt
 
