@@ -206,7 +206,8 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
     }
     out["run"] = {"seconds": round(seconds, 3), "device": str(lm.device), "world_size": shard.world if shard else 1,
                   "batches": res.meta.get("batches"), "resumed_at_batch": res.meta.get("resumed_at_batch"),
-                  "positions": res.meta.get("positions"), **({"ranks": res.meta["ranks"]} if "ranks" in res.meta else {}),
+                  "positions": res.meta.get("positions"),
+                  **({"ranks": res.meta["ranks"]} if "ranks" in res.meta else {}),
                   **lm.meta.get("run", {})}
     return out
 

@@ -16,8 +16,8 @@ of later layers as its block adds it to the residual stream (later layers' react
 times Granite's residual multiplier, and through a sandwich or post-norm block's output norm (Gemma 2/3, OLMo 2)
 with the token's own norm scale, as circuits split that norm across senders (:class:`ResidualPaths`); it reaches
 ``mlp_out`` of its layer for experts/MLPs and ``attn_out`` of its layer for heads as written. At an expert site
-(an SAE on one expert's output) the contribution is the expert's output itself, before its routing weight. Shared experts
-are not writers yet.
+(an SAE on one expert's output) the contribution is the expert's output itself, before its routing weight. Shared
+experts are not writers yet.
 
 Top activating tokens are the site's largest feature activations over the same prompts. Each prompt's
 first token is left out by default (``skip_first``), as in ``sae train``.

@@ -316,7 +316,8 @@ def test_an_answer_or_corrupted_answer_starting_with_punctuation_or_whitespace_i
     """' "Paris"' was scored on its quote token, and a given corrupted answer '  Tokyo' on a lone space, unsaid."""
     quoted = [Fact("The capital of France is", ' "Paris"'), Fact("The capital of Italy is", " Rome")]
     with pytest.warns(UserWarning, match=r"^1 answer\(s\) or corrupted answer\(s\) start with a token of no letter or "
-                                         r"digit \(e\.g\. ' \"Paris\"' of fact 0 \('The capital of France is'\): ' \"'\)"):
+                                         r"digit \(e\.g\. ' \"Paris\"' of fact 0 \('The capital of France is'\): "
+                                         r"' \"'\)"):
         prepare(zoo_tokenizer, quoted)
     spaced = [Fact("The capital of France is", " Paris", corrupted_prompt="The capital of Japan is",
                    corrupted_answer="  Tokyo")]
@@ -368,6 +369,7 @@ def test_cli_names_no_curve_as_what_took_the_target_and_prints_no_random_control
         code = main([*base, "--no-curve", *flag, "--out", str(tmp_path / "x")])
         msg = one_error(code, capsys.readouterr().err, f"{flag[0]} ")
         assert msg.endswith("give it without --no-curve"), msg
-    assert main([*base, "--method", "eap", "--top-edges", "20", "--random-seeds", "0", "--out", str(tmp_path / "o")]) == 0
+    assert main([*base, "--method", "eap", "--top-edges", "20", "--random-seeds", "0",
+                 "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "faithfulness " in out and "random" not in out and "nan" not in out, out

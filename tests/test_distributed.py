@@ -56,7 +56,8 @@ def test_two_rank_merge_equals_one_process():
     assert merged["run"]["world_size"] == 2 and merged["run"]["batches"] == [0, 3]
     # run.json said rank 0's batches and positions only; each rank's are there now, and the positions are the run's
     assert [(r["rank"], r["batches"]) for r in merged["run"]["ranks"]] == [(0, [0, 3]), (1, [3, 6])]
-    assert merged["run"]["positions"] == alone["run"]["positions"] == sum(r["positions"] for r in merged["run"]["ranks"])
+    ranks = merged["run"]["ranks"]
+    assert merged["run"]["positions"] == alone["run"]["positions"] == sum(r["positions"] for r in ranks)
     # Same batches, same kernels; only the float64 sums are merged in another order (rank by rank).
     assert_json_close(json.loads(dumps_json(split(merged)[0])), json.loads(whole))
 

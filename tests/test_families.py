@@ -185,7 +185,8 @@ def test_cli_check_prints_one_line_per_check(tmp_path, zoo_tokenizer):
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[0].startswith("ok   adapter: gemma2 (inferred)") and "all 11 checks passed, 3 not applicable" in lines[-1]
+    assert lines[0].startswith("ok   adapter: gemma2 (inferred)")
+    assert "all 11 checks passed, 3 not applicable" in lines[-1]
     assert any(l.startswith("skip planted super expert found") and "normed before the residual" in l for l in lines)
 
 

@@ -193,7 +193,8 @@ def test_one_expert_both_dropped_and_forced_is_refused():
                 pass
     for ops in ([dict(op="drop", layers=1, expert=3), dict(op="force", layers=1, expert=4)],
                 [dict(op="drop", layers=0, expert=3), dict(op="force", layers=1, expert=3)],
-                [dict(op="drop", layers=1, expert=3, positions=[1]), dict(op="force", layers=1, expert=3, positions=[0])]):
+                [dict(op="drop", layers=1, expert=3, positions=[1]),
+                 dict(op="force", layers=1, expert=3, positions=[0])]):
         with apply(lm, ops):
             logits(lm, batch(lm))
 

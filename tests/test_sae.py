@@ -440,7 +440,8 @@ def test_an_sae_study_steer_is_checked_whole_before_model_work(planted, planted_
     shutil.copytree(planted_sae, other)
     cfg = json.loads((other / "cfg.json").read_text())
     (other / "cfg.json").write_text(json.dumps({**cfg, "metadata": {**cfg["metadata"], "model_name": "zoo:tiny-moe"}}))
-    with pytest.warns(UserWarning, match=r"field 'sae' \(.*other\): trained on zoo:tiny-moe, read here on zoo:qwen3-moe"):
+    with pytest.warns(UserWarning, match=r"field 'sae' \(.*other\): trained on zoo:tiny-moe, read here on "
+                                         "zoo:qwen3-moe"):
         study(other).run(planted, tmp_path / "out-other", progress=False)
 
 
@@ -456,7 +457,8 @@ def test_a_circuit_of_another_model_is_said_and_nodes_it_lacks_refused(planted, 
                       ("a9.h0", r"circuit node a9\.h0: zoo:qwen3-moe has 4 layers")):
         kind = "head" if node.startswith("a") else "expert"
         layer, index = int(node[1]), int(node.split(".")[1][1:])
-        nodes = {"input": {"kind": "input", "layer": -1, "index": -1}, node: {"kind": kind, "layer": layer, "index": index}}
+        nodes = {"input": {"kind": "input", "layer": -1, "index": -1},
+                 node: {"kind": kind, "layer": layer, "index": index}}
         circuit = Circuit(nodes, [{"source": "input", "target": node, "port": "in", "score": 1.0}],
                           {"model": "zoo:tiny-moe"})
         with pytest.warns(UserWarning, match="the circuit was found on zoo:tiny-moe, its nodes are read here on "

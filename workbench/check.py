@@ -90,8 +90,8 @@ def run_checks(lm, prompts: list[str] | None = None) -> list[Check]:
     """The battery on ``lm`` (a :class:`~workbench.models.specs.LoadedModel`); never raises for a failed check."""
     prompts = prompts or PROMPTS
     out: list[Check] = []
-    for fn in (_adapter, _inputs, _hooks, _dense_mlp, _routing_and_rebuild, _zero_exact, _planted, _study, _attention_probs,
-               _circuits, _cost):
+    for fn in (_adapter, _inputs, _hooks, _dense_mlp, _routing_and_rebuild, _zero_exact, _planted, _study,
+               _attention_probs, _circuits, _cost):
         try:
             out += fn(lm, prompts)
         except Exception as e:  # a check that crashes is a failed check, named

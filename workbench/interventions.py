@@ -330,8 +330,8 @@ def check_set(lm, interventions: Sequence[Intervention], where: str = "intervent
             both = ((dropped.get(layer, set()) | everywhere[0].get(layer, set()))
                     & (forced.get(layer, set()) | everywhere[1].get(layer, set())))
             if both:
-                raise WorkbenchError(f"{where}: expert {min(both)} of layer {layer} is both dropped and forced; keep one "
-                                     "of the two ops")
+                raise WorkbenchError(f"{where}: expert {min(both)} of layer {layer} is both dropped and forced; "
+                                     "keep one of the two ops")
 
 
 def _attention_layout(lm, layer: int, iv: Intervention, where: str):

@@ -444,7 +444,7 @@ def trace(
     bar.close()
     state.outside_inference([*(r for reds in table.values() for r in reds.values()),
                              *(s for v in extra.values() for s in v), *meters, *(stateful or {}).values()], lm.model)
-    positions = int((sizes * widths)[mine.start:mine.stop].sum())  # what this rank's forwards computed, padding included
+    positions = int((sizes * widths)[mine.start:mine.stop].sum())  # this rank's forwards computed, padding included
     ranks = None
     if shard is not None and shard.world > 1:  # every rank's state, merged into rank 0's objects in rank order
         ranks = shard.combine(objs, {"rank": shard.rank, "batches": [mine.start, mine.stop], "positions": positions,
