@@ -937,9 +937,9 @@ def test_target_within_a_cap_takes_the_curve_else_sharpens_the_largest_circuit(t
     fraction = cap / n_total
     at_cap, _, _ = find_circuit(tiny_llama, FACTS, CircuitOptions(**base, top_edges=cap))
     reached, r_scores, r_mask = find_circuit(tiny_llama, FACTS, CircuitOptions(**base, swaps=3, max_fraction=fraction,
-                                                                               target_faithfulness=-1.0))
+                                                                               target_faithfulness=0.0))
     write_outputs(reached, r_scores, r_mask, tmp_path / "reached")
-    assert "The smallest circuit on the curve reaching faithfulness -1 with Hit@10 at least 0.8" in \
+    assert "The smallest circuit on the curve reaching faithfulness 0 with Hit@10 at least 0.8" in \
         report(tmp_path / "reached").read_text()
     sel = reached.meta["selection"]
     smallest = min(c["budget"] for c in reached.meta["metrics"]["curve"])
