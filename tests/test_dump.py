@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from helpers import PROMPTS, one_error
+from workbench.errors import WorkbenchError
 from workbench.models.specs import load
-from workbench.tracing.dump import DumpWriter, read_site
+from workbench.tracing.dump import MARKER, DumpWriter, read_site
 from workbench.tracing.reducers import AbsMax, Payload
 from workbench.tracing.runner import trace
 from workbench.tracing.sites import Component, Site, all_sites
@@ -48,7 +49,8 @@ def test_a_killed_dumps_temporaries_are_cleared_by_the_next_dump(tmp_path):
         d.mkdir(parents=True)
         (d / ".tmpAbC123").write_bytes(b"half")
     trace(lm, PROMPTS, sites, ["absmax"], dump_dir=tmp_path / "d", progress=False)
-    assert not [p for p in (tmp_path / "d").rglob(".*")], sorted(map(str, (tmp_path / "d").rglob(".*")))
+    left = [p for p in (tmp_path / "d").rglob(".*") if p.name != MARKER]  # (the marker says the folder is a dump's)
+    assert not left, sorted(map(str, left))
     assert sum(v.shape[0] for v, _ in read_site(tmp_path / "d", sites[0])) > 0
 
 
@@ -182,3 +184,60 @@ def test_trace_says_where_activations_are_not_finite(tmp_path, zoo_tokenizer, ca
     clean = main(["trace", "zoo:qwen3-moe", "--prompts", str(tmp_path / "p.txt"), "--components", "resid_post",
                   "--out", str(tmp_path / "c"), "--quiet"])
     assert clean == 0 and "non-finite" not in capsys.readouterr().err
+
+
+def test_a_dump_into_a_folder_of_other_files_is_refused_and_deletes_nothing(tmp_path, run):
+    """A folder without a dump's index.json was taken as a dump's: the run removed every site folder's
+    shard-*.safetensors it did not write (a user's file of that name included). Such a folder is refused; a dump's
+    own folder, even one a killed dump left without its index, is not."""
+    lm = load("zoo:qwen2-moe")
+    sites = all_sites(lm.adapter, lm.model, ["resid_post"], [0])
+    mine = tmp_path / "mine"
+    (mine / "L0.resid_post").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep")
+    (mine / "L0.resid_post" / "shard-00009.safetensors").write_text("keep too")
+    with pytest.raises(WorkbenchError, match=r"dump_dir .*mine holds files that are not a dump's \(L0.resid_post, "
+                                             r"\.\.\.\): give an empty or new folder"):
+        trace(lm, PROMPTS, sites, ["absmax"], dump_dir=mine, progress=False)
+    code, _, err = run("trace", "zoo:qwen2-moe", "--components", "resid_post", "--layers", "0", "--text", "hello",
+                       "--dump", mine, "--out", tmp_path / "o", "--quiet")
+    one_error(code, err, "--dump", "holds files that are not a dump's")
+    assert (mine / "L0.resid_post" / "shard-00009.safetensors").read_text() == "keep too"
+    assert (mine / "notes.txt").read_text() == "keep"
+    with pytest.raises(WorkbenchError, match="is a file, not a folder"):
+        trace(lm, PROMPTS, sites, ["absmax"], dump_dir=mine / "notes.txt", progress=False)
+    # a dump's own folder: rerun into it (its index first removed, as a killed rerun would leave it)
+    trace(lm, PROMPTS, sites, ["absmax"], dump_dir=tmp_path / "d", progress=False)
+    (tmp_path / "d" / "index.json").unlink()
+    trace(lm, PROMPTS, sites, ["absmax"], dump_dir=tmp_path / "d", progress=False)
+    assert (tmp_path / "d" / "index.json").is_file()
+
+
+def test_expert_and_router_shards_carry_their_experts_in_token_order(tmp_path):
+    """An ``experts`` site's shards held values and tokens only, each token top-k times with no expert to tell the
+    rows apart, a router's no chosen experts, and one expert's rows came in the model's (unstable) sort order while
+    the README says a dump keeps token order."""
+    lm = load("zoo:qwen2-moe")
+    sites = all_sites(lm.adapter, lm.model, ["experts", "expert", "router"], [1])
+    r = trace(lm, PROMPTS * 3, sites, ["absmax"], batch_size=4, dump_dir=tmp_path / "d", progress=False)
+    from safetensors.torch import load_file
+
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    for site in sites:
+        parts = [load_file(str(tmp_path / "d" / n)) for n in index["sites"][site.key]]
+        if not parts:
+            continue
+        tokens = torch.cat([p["tokens"] for p in parts])
+        if site.component is Component.EXPERTS:
+            experts = torch.cat([p["experts"] for p in parts])
+            assert experts.shape == tokens.shape
+            for e in experts.unique().tolist():  # each expert's rows: its own expert site's, in token order
+                mine = tokens[experts == e]
+                assert bool((mine[1:] > mine[:-1]).all())
+                alone = torch.cat([t for _, t in read_site(tmp_path / "d", Site(1, Component.EXPERT, e))])
+                assert torch.equal(mine, alone)
+        elif site.component is Component.ROUTER:
+            topk = torch.cat([p["topk"] for p in parts])
+            assert topk.shape == (r.num_tokens, lm.layer_infos()[1].top_k)
+        else:
+            assert bool((tokens[1:] > tokens[:-1]).all()), site

@@ -167,21 +167,11 @@ def non_finite_sites(sites: dict) -> list[tuple[str, int, int]]:
 
 
 def _check_dump_dir(path: str) -> None:
-    """``--dump DIR`` before any work: a folder that is writable and, if it has an index.json, an earlier dump's (a
-    dump replaces its index)."""
-    import json
+    """``--dump DIR`` before any work: a folder that is writable, and empty or an earlier dump's
+    (:func:`workbench.tracing.dump.check_dump_dir`)."""
+    from workbench.tracing.dump import check_dump_dir
 
-    from workbench.tracing.dump import FORMAT as DUMP_FORMAT
-
-    index = output_dir(path, "--dump") / "index.json"
-    if index.is_file():
-        try:
-            fmt = json.loads(index.read_text()).get("format")
-        except (OSError, ValueError, AttributeError):
-            fmt = None
-        if fmt != DUMP_FORMAT:
-            raise WorkbenchError(f"--dump {path} holds an index.json that is not a dump's: give an empty or new folder "
-                                 "(a dump replaces its index.json)")
+    check_dump_dir(output_dir(path, "--dump"), "--dump")
 
 
 def cmd_profile(args) -> int:

@@ -4,7 +4,9 @@ Layout of a dump directory::
 
     DIR/index.json                       sites, shard list, dtype, token table file
     DIR/tokens.safetensors               prompt index and position of every global token
-    DIR/<site key>/shard-00000.safetensors   values [n, C] and tokens [n]
+    DIR/<site key>/shard-00000.safetensors   values [n, C] and tokens [n]; a router site's chosen experts
+                                          (topk [n, k]), an ``experts`` site's expert of each row (experts [n])
+    DIR/.workbench-dump                  written first: the folder is a dump's (a rerun may replace it)
 
 Shards and the index are written atomically (temp file, fsync, rename); ``index.json`` is written
 last, so a dump without it is incomplete.
@@ -24,6 +26,36 @@ from workbench.tracing.sites import Site
 
 
 FORMAT = "workbench-dump-1"  # index.json's "format"
+MARKER = ".workbench-dump"  # written first into a dump's folder: the folder is a dump's even before its index is
+
+
+def check_dump_dir(directory: str | Path, flag: str = "dump_dir") -> None:
+    """A dump goes into an empty or new folder, or over an earlier dump (its index.json, or the marker a dump writes
+    first, says so): anything else is refused before any work, as a dump removes the site folders' shards it does not
+    write again."""
+    import json
+
+    d = Path(directory)
+    if not d.is_dir():
+        return
+    index = d / "index.json"
+    if index.is_file():
+        try:
+            fmt = json.loads(index.read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        if fmt != FORMAT:
+            raise WorkbenchError(f"{flag} {directory} holds an index.json that is not a dump's: give an empty or new "
+                                 "folder (a dump replaces its index.json)")
+        return
+    if (d / MARKER).is_file():
+        return
+    # what a killed write leaves (hidden temporaries, also in a site folder) is not the user's; anything else may be
+    other = sorted(p.name for p in d.iterdir() if not p.name.startswith(".") and not (
+        p.is_dir() and is_site_key(p.name) and all(q.name.startswith(".") for q in p.iterdir())))
+    if other:
+        raise WorkbenchError(f"{flag} {directory} holds files that are not a dump's ({other[0]}"
+                             f"{', ...' if len(other) > 1 else ''}): give an empty or new folder")
 
 
 class _SiteSink:
@@ -37,6 +69,11 @@ class _SiteSink:
 class DumpWriter:
     def __init__(self, directory: str | Path, shard_rows: int = 65536, dtype: torch.dtype | None = None):
         self.dir = Path(directory)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise WorkbenchError(f"dump_dir {directory} is a file, not a folder")
+        check_dump_dir(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / MARKER).write_text(FORMAT + "\n")  # before any shard: a killed dump's folder is still known as one
         # what a killed earlier dump into this folder left half-written (its finished shards are overwritten)
         clear_stale_temps(self.dir, ["tokens.safetensors", "index.json"])
         for sub in (self.dir.iterdir() if self.dir.is_dir() else []):
@@ -57,7 +94,18 @@ class DumpWriter:
 
     def _add(self, site: Site, p: Payload) -> None:
         values = p.values.detach().to("cpu", self.dtype or p.values.dtype)
-        self._buf[site].append(Payload(values, p.tokens.detach().cpu()))
+        order = None
+        if not p.increasing():  # expert rows come in the model's own (unstable) sort: a dump keeps token order,
+            key = p.tokens.detach().cpu()  # by expert first on a grouped site
+            if p.experts is not None:
+                key = p.experts.detach().cpu().to(torch.int64) * (int(key.max()) + 1) + key
+            order = torch.argsort(key)
+            values = values[order]
+        def cpu(t):
+            return None if t is None else t.detach().cpu() if order is None else t.detach().cpu()[order]
+        # a router's chosen experts and a grouped site's expert of each row travel with the values (without them the
+        # rows of an ``experts`` site cannot be told apart, nor biased or grouped routing rebuilt from the logits)
+        self._buf[site].append(Payload(values, cpu(p.tokens), topk=cpu(p.topk), experts=cpu(p.experts)))
         self._rows[site] += values.shape[0]
         if self._rows[site] >= self.shard_rows:
             self._flush(site)
@@ -70,6 +118,9 @@ class DumpWriter:
         name = f"{site.key}/shard-{len(self._shards[site]):05d}.safetensors"
         tensors = {"values": torch.cat([q.values for q in parts]).contiguous(),
                    "tokens": torch.cat([q.tokens for q in parts]).to(torch.int64).contiguous()}
+        for key in ("topk", "experts"):
+            if getattr(parts[0], key) is not None:
+                tensors[key] = torch.cat([getattr(q, key) for q in parts]).to(torch.int64).contiguous()
         save_safetensors(self.dir / name, tensors)
         self._shards[site].append(name)
 
