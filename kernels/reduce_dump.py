@@ -31,7 +31,7 @@ from workbench.kernels.channel_stats import ChannelStats, channel_stats, empty_c
 from workbench.kernels.dispatch import FLOAT_DTYPES, backend_for
 from workbench.kernels.log_histogram import log_histogram, merge_log_histograms
 from workbench.kernels.token_absmax import token_absmax
-from workbench.tracing.dump import FORMAT as DUMP_FORMAT, is_site_key, read_site
+from workbench.tracing.dump import FORMAT as DUMP_FORMAT, MARKER, is_site_key, read_site
 from workbench.tracing.reducers import Moments, Payload
 
 _MOMENT_CHUNK = 1 << 22  # elements of a shard converted to float64 at once for the moments
@@ -62,10 +62,20 @@ def _read_index(dump_dir: Path) -> dict:
     if bad is not None:
         raise WorkbenchError(f"{path}: {bad!r} is not a site key (e.g. L0.resid_post, L1.expert.E3)")
     root = dump_dir.resolve()
+    seen: dict[str, str] = {}
     for key, names in sites.items():  # shards live inside the dump: an edited index cannot point elsewhere
         for name in names:
             if not isinstance(name, str) or not (dump_dir / name).resolve().is_relative_to(root):
                 raise WorkbenchError(f"{path}: site {key} lists a shard outside the dump folder: {name!r}")
+            if Path(name).parent.name != key:  # a dump keeps each site's shards in the site's own folder
+                raise WorkbenchError(f"{path}: site {key} lists {name!r}, a shard of another folder")
+            if name in seen:  # its rows would count twice
+                raise WorkbenchError(f"{path}: shard {name!r} is listed twice (sites {seen[name]} and {key})")
+            seen[name] = key
+    rows = index.get("rows")  # dumps since 2026-12-07 record each site's rows; `reduce` checks it reads them all
+    if rows is not None and (not isinstance(rows, dict) or set(rows) != set(sites)
+                             or not all(isinstance(v, int) and not isinstance(v, bool) for v in rows.values())):
+        raise WorkbenchError(f"{path}: 'rows' must give every site's row count")
     return index
 
 
@@ -113,6 +123,8 @@ class _SiteState:
         if values.dtype not in FLOAT_DTYPES:
             raise WorkbenchError(f"site {key}: shard values are {values.dtype}, not a floating type")
         self.channels, self.shards, self.rows = values.shape[1], self.shards + 1, self.rows + values.shape[0]
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise WorkbenchError(f"site {key}: shard tokens are {tokens.dtype}, not global token indices (integers)")
         if values.shape[0] == 0:  # e.g. an expert no token was routed to in that batch
             return
         if not bool(((tokens >= 0) & (tokens < self.num_tokens)).all()):  # a shard of another dump
@@ -188,6 +200,10 @@ def reduce_dump(dump_dir: str | Path, out_path: str | Path, progress: bool = Tru
         for values, tokens in _shards(dump_dir, key):
             state.update(key, values, tokens, dev)
             bar.update(1)
+        want = (index.get("rows") or {}).get(key)
+        if want is not None and state.rows != want:
+            raise WorkbenchError(f"site {key}: its shards hold {state.rows} rows, the dump's index says {want} "
+                                 "(a shard was changed or replaced after the dump)")
         results[key] = state.result()
     bar.close()
     used = backend_for(torch.empty(0, device=dev), backend)
@@ -202,6 +218,10 @@ def cmd_reduce(args) -> int:
     from workbench.models.specs import resolve_device
 
     device = resolve_device(args.device) if args.device is not None else None  # one-line error for a bad name
+    out, dump = Path(args.out).expanduser().resolve(), Path(args.dump_dir).expanduser().resolve()
+    if (out.parent == dump and out.name in ("index.json", "tokens.safetensors", MARKER)) or (
+            out.parent.parent == dump and is_site_key(out.parent.name)):
+        raise WorkbenchError(f"--out {args.out} is one of the dump's own files: write the statistics beside them")
     output_file(args.out)  # before reducing every shard
     summary = reduce_dump(args.dump_dir, args.out, progress=not args.quiet, top=args.top, device=device)
     rows = sum(s["rows"] for s in summary["sites"].values())

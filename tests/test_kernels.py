@@ -458,7 +458,7 @@ def test_reduce_dump_errors(traced_dump, tmp_path):
     with pytest.raises(WorkbenchError, match="cannot read"):
         reduce_dump(tmp_path / "empty", tmp_path / "s.json", progress=False)
     head = {"format": "workbench-dump-1", "num_tokens": 1}
-    missing = {**head, "sites": {"L1.resid_post": ["missing.safetensors"]}}
+    missing = {**head, "sites": {"L1.resid_post": ["L1.resid_post/missing.safetensors"]}}
     (tmp_path / "empty" / "index.json").write_text(json.dumps(missing))
     with pytest.raises(WorkbenchError, match="cannot read a shard of site L1.resid_post") as e:
         reduce_dump(tmp_path / "empty", tmp_path / "s.json", progress=False)
@@ -492,6 +492,46 @@ def test_reduce_refuses_an_index_or_shard_that_is_not_this_dumps(traced_dump, tm
         with pytest.raises(WorkbenchError, match=re.escape(needle)):
             reduce_dump(tmp_path / "d", tmp_path / "s.json", progress=False)
         assert not (tmp_path / "s.json").exists()
+
+
+def test_reduce_refuses_an_edited_dump_and_an_out_over_its_own_files(traced_dump, tmp_path, capsys):
+    """A shard listed twice counted its rows twice, a site could list another site's shards, a shard rewritten with
+    fewer rows or with float tokens was reduced, and `reduce D --out D/index.json` wrote over the dump's index."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from workbench.cli import main
+
+    d, _, sites = traced_dump
+    index = json.loads((d / "index.json").read_text())
+    resid = next(s.key for s in sites if s.key.endswith("resid_post"))
+    other = next(k for k in index["sites"] if k != resid and index["sites"][k])
+    shards = index["sites"][resid]
+    for change, needle in [({"sites": {**index["sites"], resid: shards + shards[:1]}}, "is listed twice"),
+                           ({"sites": {**index["sites"], resid: index["sites"][other]}}, "a shard of another folder"),
+                           ({"rows": {resid: 1}}, "'rows' must give every site's row count")]:
+        shutil.rmtree(tmp_path / "d", ignore_errors=True)
+        shutil.copytree(d, tmp_path / "d")
+        (tmp_path / "d" / "index.json").write_text(json.dumps({**index, **change}))
+        with pytest.raises(WorkbenchError, match=re.escape(needle)):
+            reduce_dump(tmp_path / "d", tmp_path / "s.json", progress=False)
+    for edit, needle in [(lambda t: {"values": t["values"][:2], "tokens": t["tokens"][:2]},
+                          f"site {resid}: its shards hold"),
+                         (lambda t: {"values": t["values"], "tokens": t["tokens"].double()},
+                          "shard tokens are torch.float64, not global token indices")]:
+        shutil.rmtree(tmp_path / "d", ignore_errors=True)
+        shutil.copytree(d, tmp_path / "d")
+        shard = tmp_path / "d" / shards[0]
+        save_file(edit(load_file(str(shard))), str(shard))
+        with pytest.raises(WorkbenchError, match=re.escape(needle)):
+            reduce_dump(tmp_path / "d", tmp_path / "s.json", progress=False)
+        assert not (tmp_path / "s.json").exists()
+    before = (d / "index.json").read_text()
+    for out in (d / "index.json", d / resid / "x.json"):
+        code = main(["reduce", str(d), "--out", str(out), "--quiet"])
+        assert code == 2 and "is one of the dump's own files" in capsys.readouterr().err
+    assert (d / "index.json").read_text() == before and not (d / resid / "x.json").exists()
 
 
 def test_reduce_subcommand(traced_dump, tmp_path, capsys):

@@ -88,6 +88,7 @@ class DumpWriter:
         self._buf: dict[Site, list[Payload]] = defaultdict(list)
         self._rows: dict[Site, int] = defaultdict(int)
         self._shards: dict[Site, list[str]] = defaultdict(list)
+        self._total: dict[Site, int] = defaultdict(int)  # rows written per site (the index records them)
 
     def sink(self, site: Site) -> _SiteSink:
         return _SiteSink(self, site)
@@ -107,6 +108,7 @@ class DumpWriter:
         # rows of an ``experts`` site cannot be told apart, nor biased or grouped routing rebuilt from the logits)
         self._buf[site].append(Payload(values, cpu(p.tokens), topk=cpu(p.topk), experts=cpu(p.experts)))
         self._rows[site] += values.shape[0]
+        self._total[site] += values.shape[0]
         if self._rows[site] >= self.shard_rows:
             self._flush(site)
 
@@ -130,6 +132,7 @@ class DumpWriter:
         save_safetensors(self.dir / "tokens.safetensors",
                          {"prompt": token_prompt.contiguous(), "position": token_position.contiguous()})
         index = {"format": FORMAT, "sites": {s.key: self._shards[s] for s in sorted(self._shards)},
+                 "rows": {s.key: self._total[s] for s in sorted(self._shards)},  # what `reduce` checks it reads
                  "tokens": "tokens.safetensors", **meta}
         path = write_json(self.dir / "index.json", index)
         mine = {n for names in self._shards.values() for n in names}
