@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompts", help="text file, one prompt per line (default: the built-in prompt set)")
     t.add_argument("--text", action="append", help="a prompt (repeatable)")
     t.add_argument("--components", type=_csv, default=["expert"],
-                   help="comma-separated: resid_pre, resid_post, attn_out, mlp_out, router, expert, shared_expert, "
+                   help="comma-separated: resid_pre, resid_post, attn_out, mlp_out, router, expert, experts (a "
+                        "MoE layer's routed experts in one site, each row tagged with its expert), shared_expert, "
                         "q, k, v (queries and keys after RoPE, values; heads side by side) "
                         "(default: expert, i.e. every expert's / dense MLP's down_proj output)")
     t.add_argument("--layers", type=NumberList(Number(int, 0)), default=None, help="comma-separated layer indices (default: all)")
