@@ -381,6 +381,8 @@ def pick_budget(curve: list[dict], target: float, hit_share: float = 0.0) -> tup
     """The smallest budget whose circuit reaches ``target`` faithfulness, with Hit@10 at least ``hit_share`` of the
     full model's (and True), else the largest (False)."""
     for point in sorted(curve, key=lambda c: c["budget"]):
+        if point.get("n_edges", 1) == 0:  # pruned to nothing (faithfulness 0 "reaches" a target of 0): no circuit
+            continue
         if reaches(point["faithfulness"], point["hit_at_10"], point["hit_at_10_full"], target, hit_share):
             return point["budget"], True
     return max(c["budget"] for c in curve), False

@@ -904,6 +904,10 @@ def test_pick_budget_returns_the_smallest_reaching_the_target():
     assert pick_budget(curve, 0.85, 0.8) == (700, True)  # 140 edges are faithful enough but keep 73 % of Hit@10
     assert pick_budget(curve, 0.3, 0.8) == (350, True)
     assert pick_budget(curve, 0.95, 0.8) == (700, False)
+    # a budget pruned to no edge (faithfulness 0) does not "reach" a target of 0: --target-faithfulness 0 then said
+    # "the 'fill' selection of 1 edge(s) lies on no input->logits path; a larger budget keeps more", no budget given
+    empty = [{"budget": 1, "n_edges": 0, "faithfulness": 0.0, "hit_at_10": 0.0, "hit_at_10_full": 0.9375}]
+    assert pick_budget(empty + [dict(c, n_edges=c["budget"]) for c in curve], 0.0) == (7, True)
 
 
 def test_curve_grows_to_the_full_graph_and_target_picks_from_it(tiny_llama, monkeypatch):
