@@ -94,6 +94,7 @@ BAD_FIELDS = [
     ({"seeds": 3}, "field 'seeds' must be a list of integers, e.g. [0, 1, 2], got 3"),
     ({"seeds": [0, "x"]}, "field 'seeds' must be a list of integers"),
     ({"seeds": [1, 1]}, "field 'seeds': seed 1 is listed twice"),
+    ({"metrics": ["perplexity", "kl", "perplexity"]}, "field 'metrics': 'perplexity' is listed twice"),
     ({"generation_prompts": "Hello"}, "field 'generation_prompts' must be a list of non-empty strings"),
     ({"generation_prompts": ["Hi", " "]}, "field 'generation_prompts' must be a list of non-empty strings"),
     ({"generation_prompts": [], "metrics": ["generations"]}, "at least one for metric 'generations'"),
@@ -374,3 +375,39 @@ def test_a_number_yaml_reads_as_text_is_said_so():
     with pytest.raises(WorkbenchError, match=r"field 'factor' must be a finite number, got '1e30' \(a string: YAML "
                                              r"reads a number like 1e30 as text; write 1\.0e30\)"):
         Intervention.from_dict(spec)
+
+
+def test_random_controls_of_two_generators_are_summarised_apart():
+    """Every random_experts condition was one summary row: k=1 zero and k=4 drop controls averaged together."""
+    rows = [{"condition": f"random x{k}{op} seed {seed}", "group": "random_experts", "seed": seed, "metric": "ppl",
+             "mean": mean} for k, op, seed, mean in [(1, "", 0, 4.66), (1, "", 1, 4.37), (4, " drop", 0, 5.34),
+                                                     (4, " drop", 1, 11.98)]]
+    rows.append({"condition": "baseline", "group": None, "seed": None, "metric": "ppl", "mean": 4.0})
+    got = summarise(pd.DataFrame(rows))["ppl"]
+    assert list(got.index) == ["random x1", "random x4 drop", "baseline"]
+    assert got["random x1"] == pytest.approx((4.66 + 4.37) / 2) and got["random x4 drop"] == pytest.approx(8.66)
+
+
+def test_a_shared_super_expert_leaves_the_routed_one_of_its_number_in_the_random_pool(qwen2):
+    """Shared expert 0 was keyed as (layer, 0) and took routed expert 0 out of the draw; it also counted toward k."""
+    study = Study({"seeds": list(range(40)), "conditions": [{"generate": "random_experts"}]})
+    supers = [{"layer": 1, "kind": "shared", "expert": 0}, {"layer": 1, "kind": "routed", "expert": 5}]
+    conds = study._random(qwen2, {"layers": None}, supers, "", "study")
+    drawn = {iv.expert for c in conds for iv in c.interventions}
+    assert 0 in drawn and 5 not in drawn and all(len(c.interventions) == 1 for c in conds)
+
+
+def test_one_token_texts_and_num_texts_past_the_texts_are_said_for_what_they_are(qwen2):
+    """A one-token text's perplexity and sink are NaN by definition; the study said "the model's outputs are not
+    finite there". num_texts past the texts there are was taken without a word."""
+    study = Study({"texts": ["Hello", "The capital of France is Paris."], "num_texts": 5,
+                   "metrics": ["perplexity", "sink"], "conditions": [{"name": "z", "interventions": [
+                       {"op": "zero", "layers": 1, "expert": 0}]}]})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        df = study.run(qwen2, progress=False)
+    said = [str(w.message) for w in seen]
+    assert any("num_texts 5, but there are 2 texts: the study runs on those 2" in m for m in said), said
+    assert any("1 text(s) of one token (text 0) have no next token to predict" in m for m in said), said
+    assert not [m for m in said if "not finite" in m], said
+    assert set(df[df.metric == "perplexity"].n) == {1}

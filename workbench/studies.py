@@ -127,6 +127,9 @@ class Study:
         if bad:
             raise WorkbenchError(f"{self._at('metrics')}: field 'metrics': unknown metric {bad[0]!r}; known: "
                                  f"{', '.join(M.METRICS)}")
+        twice = next((m for i, m in enumerate(metrics) if m in metrics[:i]), None)
+        if twice is not None:  # it would be computed and written twice
+            raise WorkbenchError(f"{self._at('metrics')}: field 'metrics': {twice!r} is listed twice")
         self.metrics = metrics
         self.texts_file = spec.get("texts")  # a file's path, or the texts themselves (a list)
         t = self.texts_file
@@ -240,6 +243,10 @@ class Study:
     def texts(self) -> list[str]:
         t = self.texts_file
         texts = list(t) if isinstance(t, list) else read_prompts(t) if t else default_prompts()
+        if self.num_texts is not None and self.num_texts > len(texts) and not getattr(self, "_said_short", False):
+            self._said_short = True  # (texts() is read more than once a run)
+            warnings.warn(f"{self._at('num_texts')}: num_texts {self.num_texts}, but there are {len(texts)} texts: "
+                          f"the study runs on those {len(texts)}", stacklevel=2)
         return texts[: self.num_texts]
 
     def resolve(self, lm, progress: bool = False) -> list[Condition]:
@@ -405,12 +412,14 @@ class Study:
     def _random(self, lm, g: dict, supers: list[dict], tag: str, where: str) -> list[Condition]:
         """random_experts: k random experts (or channels, for dense layers) of the layers, per seed."""
         op = g.get("op", "zero")
-        k = int(g.get("k", len(supers)))
+        # a shared super expert is not in the pool (routed experts, or channels): it neither sizes nor takes a slot
+        drawn = [e for e in supers if e["kind"] != "shared"]
+        k = int(g.get("k", len(drawn) or len(supers)))
         layers = g["layers"] or sorted({e["layer"] for e in supers})
         if k < 1 or not layers:  # no super experts to size or place the control (warned)
             return []
         infos = lm.layer_infos()
-        taken = {(e["layer"], e["expert"] if e["kind"] != "dense" else e["channel"]) for e in supers}
+        taken = {(e["layer"], e["expert"] if e["kind"] != "dense" else e["channel"]) for e in drawn}
         pool = []
         for L in layers:
             n = infos[L].num_experts if infos[L].kind == "moe" else int(lm.config.hidden_size)
@@ -433,7 +442,13 @@ class Study:
 
         conditions = self.resolve(lm, progress)
         texts, cloze = self.texts(), M.default_cloze()
-        _, _, cut = self._extent(lm, texts)  # before anything is written: a text that tokenizes to nothing fails here
+        lengths, _, cut = self._extent(lm, texts)  # before anything is written: a text of no tokens fails here
+        single = {i for i, n in enumerate(lengths) if n == 1}
+        if single:  # no next token to predict, no query past the first: NaN there, which is not the model's doing
+            first = sorted(single)[:3]
+            warnings.warn(f"{self.source}: {len(single)} text(s) of one token (text {', '.join(map(str, first))}"
+                          f"{', ...' if len(single) > 3 else ''}) have no next token to predict and no query to read: "
+                          "perplexity and sink leave them out (n)", stacklevel=2)
         if cut:
             warnings.warn(f"{self.source}: longer than the model's context of {lm.context_length} positions, cut: "
                           + "; ".join(cut), stacklevel=2)
@@ -481,7 +496,7 @@ class Study:
                             values[task] = T.choice_scores(lm, T.items(task), self.batch_size)
                     gens = M.generations(lm, self.generation_prompts, self.max_new_tokens, self.batch_size) \
                         if "generations" in want else []
-                _say_not_finite(c.name, values)
+                _say_not_finite(c.name, values, single)
                 crow = []
                 for metric in self.metrics:
                     if metric == "generations":
@@ -583,10 +598,12 @@ def _check_names(names: list[str], source: str) -> None:
         seen[key] = n
 
 
-def _say_not_finite(condition: str, values: dict[str, list[float]]) -> None:
+def _say_not_finite(condition: str, values: dict[str, list[float]], single: set[int] = frozenset()) -> None:
     """Warn where a condition's metric values are NaN or inf (the model's outputs were not finite under its
-    interventions): each mean is over the finite values only, which the table's ``n`` shows but nothing else says."""
-    counts = {m: sum(not math.isfinite(x) for x in v) for m, v in values.items()}
+    interventions): each mean is over the finite values only, which the table's ``n`` shows but nothing else says.
+    ``single``: the texts of one token, whose text metrics are NaN by definition (said once, before the run)."""
+    counts = {m: sum(not math.isfinite(x) for i, x in enumerate(v) if not (m in TEXT_METRICS and i in single))
+              for m, v in values.items()}
     bad = {m: k for m, k in counts.items() if k}
     if bad:  # (an inf is left out of the mean too: the `massive` of an fp16 overflow)
         warnings.warn(f"condition {condition!r}: " + ", ".join(f"{m} is not finite on {k} of {len(values[m])}"
@@ -604,7 +621,10 @@ def _row(c: Condition, metric: str, values: list[float], text: str = "") -> dict
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Numeric metrics, one row per condition (random seeds pooled by group), columns = metrics (means)."""
     num = df[df.metric != "generations"].copy()
-    num["label"] = [g if g == "random_experts" else c for c, g in zip(num.condition, num.group)]
+    # each random_experts generator's seeds pooled in a row of their own ("random x4 drop": its name without the seed);
+    # they were all one row, whatever their k, op or layers
+    num["label"] = [c.removesuffix(f" seed {int(s)}") if g == "random_experts" and s == s and s is not None else c
+                    for c, g, s in zip(num.condition, num.group, num.seed)]
     return num.pivot_table(index="label", columns="metric", values="mean", aggfunc="mean", sort=False, dropna=False)
 
 
