@@ -9,6 +9,7 @@ import json
 import math
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -106,6 +107,9 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
                       VocabSpecialization(num_experts=infos[s.layer].num_experts, token_ids=token_ids, starts=starts)]
                   for s in router_sites})
     meters = []
+    if options.vocab_predicted and not router_sites:
+        warnings.warn(f"{lm.spec} has no MoE router: --vocab-predicted (vocabulary specialization of experts) has "
+                      "nothing to measure", stacklevel=2)
     if options.vocab_predicted and router_sites:
         if lm.meta.get("streamer") is not None:
             raise WorkbenchError("--vocab-predicted needs the whole model in one forward; it does not combine with "

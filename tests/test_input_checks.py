@@ -390,3 +390,15 @@ def test_sink_shares_leave_out_prompts_whose_attention_is_not_finite(run, tmp_pa
     assert code == 0, err
     assert "attention sinks: prompts with non-finite attention left out (L0: 1, L1: 1" in err, err
     assert "attention sinks: mean share on position 0" in out and "are NaN" not in out, out
+
+
+def test_vocab_predicted_on_a_dense_model_is_said_to_measure_nothing(tmp_path, zoo_tokenizer):
+    """The README says --vocab-predicted with --offload layers is refused; on a dense model (smollm2-135m, the one
+    built-in spec offload takes) it was neither refused nor said: the flag silently did nothing."""
+    from workbench.experts.profile import ProfileOptions, profile
+    from workbench.models.families import save_tiny
+
+    lm = load(str(save_tiny("llama", tmp_path / "m", zoo_tokenizer)))
+    with pytest.warns(UserWarning, match="has no MoE router: --vocab-predicted .* has nothing to measure"):
+        profile(lm, ["The capital of France is Paris."], ProfileOptions(vocab_predicted=True, sinks=False, qk=False),
+                progress=False)

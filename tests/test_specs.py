@@ -47,6 +47,27 @@ def test_unknown_spec(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_the_hubs_retry_lines_stay_out_of_an_unknown_specs_error(monkeypatch):
+    """Online without the hub, `workbench trace nosuch-model` printed 10 huggingface_hub lines (each failed request
+    and its "Retrying in Ns") before its one error line. They are held back for the lookup, and the error says how to
+    skip the hub."""
+    import logging
+
+    import transformers
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = []
+
+    def lookup(*a, **k):  # as the hub client does: a warning per retry, then the error
+        seen.append(logging.getLogger("huggingface_hub.utils._http").isEnabledFor(logging.WARNING))
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lookup)
+    before = logging.getLogger("huggingface_hub").level
+    with pytest.raises(WorkbenchError, match="unknown model spec 'nosuch-model': .*HF_HUB_OFFLINE=1 skips the hub"):
+        load("nosuch-model")
+    assert seen == [False] and logging.getLogger("huggingface_hub").level == before
+
+
 def test_directory_without_config(tmp_path):
     (tmp_path / "m").mkdir()
     r = run_cli("trace", str(tmp_path / "m"), "--text", "hi", "--out", str(tmp_path / "o"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -432,14 +433,19 @@ def _load_hub(spec: str, trust_remote_code: bool = False, device_map: str | None
     from transformers import AutoConfig, AutoModelForCausalLM
 
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retries print two lines each ("Retrying in 8s"): the error below says it all
     try:
         config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except Exception as e:  # hub errors come in many types; all mean "cannot resolve"
         known = ", ".join(list_builtin())
         why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else (
             "it is not a local directory and could not be fetched from the Hugging Face hub "
-            f"({type(e).__name__}; offline?)")
+            f"({type(e).__name__}; offline? HF_HUB_OFFLINE=1 skips the hub and its retries)")
         raise WorkbenchError(f"unknown model spec {spec!r}: {why}; built-in specs: {known}") from None
+    finally:
+        hub_log.setLevel(level)
     if not loadable_model_type(config.model_type, bool(getattr(config, "auto_map", None))):
         raise WorkbenchError(f"unsupported architecture {config.model_type!r} for {spec}; {_supported_text()}")
     with _quiet_transformers():
