@@ -181,8 +181,8 @@ def routing(specs: Sequence[str], prompts: Sequence[str], *, load: Callable[[str
 
 def _check_compatible(spec0: str, a: dict, spec: str, b: dict) -> None:
     if a.get("architecture") != b.get("architecture"):  # two models that happen to share layers, experts and tokenizer
-        raise WorkbenchError(f"{spec} is a {b.get('architecture')}, {spec0} a {a.get('architecture')}: checkpoints of "
-                             "one series are one model's")
+        warnings.warn(f"{spec} is a {b.get('architecture')}, {spec0} a {a.get('architecture')}: the routers compared "
+                      "are of two models, not checkpoints of one", stacklevel=3)
     if set(a["layers"]) != set(b["layers"]):
         raise WorkbenchError(f"{spec} has MoE layers {sorted(b['layers'])}, {spec0} has {sorted(a['layers'])}: "
                              "checkpoints of one series must have the same layers")
