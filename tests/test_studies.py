@@ -289,6 +289,8 @@ def test_text_metrics_in_length_batches_equal_each_text_alone(planted):
                                                                      nan_ok=True)
     with pytest.raises(WorkbenchError, match="text 1 .* tokenizes to nothing"):
         M.text_metrics(planted, ["Hello.", ""], {"perplexity"})
+    # the baseline of a study without kl kept every text's log-probs all the same (texts x tokens x vocab floats)
+    assert M.text_metrics(planted, texts, {"perplexity"}, None, batch_size=3)[1] == []
 
 
 @pytest.mark.parametrize("spec", ["zoo:qwen3-moe", "zoo:deepseek-v3"])

@@ -88,7 +88,7 @@ def text_metrics(lm, texts: Sequence[str], want: set[str], baseline_logprobs: li
     texts' order (they run in batches of similar length). A text longer than the model's context is cut to it."""
     n = len(texts)
     out: dict[str, list[float]] = {k: [math.nan] * n for k in ("perplexity", "sink", "massive", "kl") if k in want}
-    keep = "kl" in want or baseline_logprobs is None
+    keep = "kl" in want  # a baseline keeps its log-probs only for a study that asks for kl (texts x tokens x vocab)
     logprobs: list = [None] * n if keep else []
     need_att = "sink" in want
     peaks: list[torch.Tensor] = []  # per decoder layer of the current batch: max |residual| per prompt
