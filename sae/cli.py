@@ -129,8 +129,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def cmd_features(args) -> int:
-    from workbench.sae.features import (annotate_circuit, expert_features, node_features, profile_experts, reaching,
+    from workbench.sae.features import (annotate_circuit, expert_features, node_features, profile_ranking, reaching,
                                         write_report)
     from workbench.sae.loading import load_sae, read_config, resolve_site
     from workbench.tracing.sites import Site
@@ -144,7 +148,8 @@ def cmd_features(args) -> int:
 
         circuit = read_json(args.circuit)
     elif args.profile:
-        ranked = profile_experts(args.profile)  # read (and reject) before loading the model; chosen below
+        ranking = profile_ranking(args.profile)  # read (and reject) before loading the model; chosen below
+        ranked = [(layer, e) for layer, e, kind in ranking if kind != "shared"]
     else:
         experts = args.experts
     out = output_dir(args.out)
@@ -158,11 +163,14 @@ def cmd_features(args) -> int:
         if not experts:
             raise WorkbenchError(f"none of the {len(ranked)} experts of {args.profile} writes into site {into} "
                                  "directly (an expert reaches resid_post of its layer and later residual sites)")
-        passed = [f"L{l}.E{e}" for l, e in ranked[:args.top_experts] if (l, e) not in experts]
-        if passed and not args.quiet:
-            print(f"note: {len(passed)} of the profile's top {args.top_experts} experts do not write into {into} "
-                  f"directly ({', '.join(passed[:3])}{', ...' if len(passed) > 3 else ''}); the next ones that do "
-                  "take their places", file=sys.stderr)
+        top = ranking[:args.top_experts]
+        passed = [f"L{l}.E{e}" for l, e, kind in top if kind != "shared" and (l, e) not in experts]
+        shared = [f"L{l}.S{e}" for l, e, kind in top if kind == "shared"]
+        why = ([f"{len(passed)} do not write into {into} directly ({_few(passed)}: later layers)"] if passed else []) \
+            + ([f"{len(shared)} are shared experts, not writers yet ({_few(shared)})"] if shared else [])
+        if why:  # said with --quiet too: which experts were read is the result
+            print(f"warning: of the profile's top {args.top_experts} experts, " + "; ".join(why) + "; the next "
+                  "experts that write into the site take their places", file=sys.stderr)
     kw = dict(site=site, top=args.top, top_tokens=args.top_tokens, batch_size=args.batch_size,
               max_tokens=args.max_tokens, skip_first=not args.keep_first, progress=not args.quiet)
     if circuit is not None:

@@ -87,15 +87,22 @@ def expert_writers(lm, experts: Sequence[tuple[int, int]] | None = None) -> list
 def profile_experts(path: str | Path, top: int | None = None) -> list[tuple[int, int]]:
     """The top experts of a ``profile.json`` (all of them ranked when ``top`` is None): its super experts, then the
     rest by max |output| (routed/dense only)."""
+    return [(layer, e) for layer, e, kind in profile_ranking(path) if kind != "shared"][:top]
+
+
+def profile_ranking(path: str | Path) -> list[tuple[int, int, str]]:
+    """A ``profile.json``'s experts as ``(layer, expert, kind)``: its super experts, then the rest by max |output|,
+    shared experts included (they are not writers yet: :func:`profile_experts` leaves them out)."""
     from workbench.io import read_structured
 
     data, _ = read_structured(path, "profile")
     if not isinstance(data, dict) or not isinstance(data.get("experts"), list):
         raise WorkbenchError(f"{path}: not a profile.json (no 'experts' list)")
-    rows = [e for e in data["experts"] if e.get("kind") in ("routed", "dense") and not math.isnan(e.get("max_abs", math.nan))]
-    supers = [(e["layer"], e["expert"]) for e in data.get("super_experts", []) if e.get("kind") in ("routed", "dense")]
-    rest = [(e["layer"], e["expert"]) for e in sorted(rows, key=lambda e: -e["max_abs"])]
-    return list(dict.fromkeys(supers + rest))[:top]
+    kinds = ("routed", "dense", "shared")
+    rows = [e for e in data["experts"] if e.get("kind") in kinds and not math.isnan(e.get("max_abs", math.nan))]
+    supers = [(e["layer"], e["expert"], e["kind"]) for e in data.get("super_experts", []) if e.get("kind") in kinds]
+    rest = [(e["layer"], e["expert"], e["kind"]) for e in sorted(rows, key=lambda e: -e["max_abs"])]
+    return list(dict.fromkeys(supers + rest))
 
 
 def reaching(experts: Sequence[tuple[int, int]], site: Site) -> list[tuple[int, int]]:

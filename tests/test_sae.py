@@ -243,7 +243,14 @@ def test_cli_features_from_a_profile_skip_experts_after_the_site(planted_sae, tm
     tok = load("zoo:qwen3-moe").tokenizer
     n = sum(min(16, len(tok(t).input_ids)) - 1 for t in args[args.index("--text") + 1::2])  # the tokens scored
     assert f"of zoo:qwen3-moe, {n} tokens (first tokens left out)" in out, out
-    assert "note: 2 of the profile's top 3 experts do not write into L1.resid_post directly (L3.E1, L3.E7)" in err
+    assert ("warning: of the profile's top 3 experts, 2 do not write into L1.resid_post directly (L3.E1, L3.E7: "
+            "later layers); the next experts that write into the site take their places") in err
+    # a shared expert among the top was left out without a word (--quiet hid the note on the others too)
+    shared = experts + [{"layer": 1, "expert": 0, "kind": "shared", "max_abs": 99.0}]
+    (tmp_path / "shared.json").write_text(json.dumps({"experts": shared, "super_experts": supers[1:]}))
+    assert main(args + ["--profile", str(tmp_path / "shared.json"), "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "1 are shared experts, not writers yet (L1.S0)" in err and "1 do not write into" in err, err
     late = [e for e in experts if e["layer"] >= 2]
     (tmp_path / "late.json").write_text(json.dumps({"experts": late, "super_experts": supers[:1]}))
     one_error(main(args + ["--profile", str(tmp_path / "late.json"), "--out", str(tmp_path / "b")]),
