@@ -136,3 +136,14 @@ def test_a_circuit_report_says_a_noisy_gap_and_refuses_another_runs_metrics(runs
     (folder / "metrics.json").write_text(json.dumps({**metrics, "n_edges": metrics["n_edges"] + 1}))
     with pytest.raises(WorkbenchError, match=r"circuit.json and metrics.json are from different runs \(n_edges "):
         report(folder)
+
+
+def test_folders_of_commands_without_a_report_say_so(tmp_path):
+    """A finished contrast or sae features folder was called one that "holds no finished run"."""
+    for name, needle in (("contrast.csv", "holds a finished contrast"), ("expert_features.csv", "finished sae features"),
+                         ("node_features.csv", "finished sae features"), ("trace.json", "holds a finished trace")):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_text("x")
+        with pytest.raises(WorkbenchError, match=f"{needle} .*which report does not cover$"):
+            report(folder)

@@ -44,6 +44,13 @@ def kind_of(folder: Path) -> str:
             return kind
     if (folder / "circuit.json").is_file() and _embedded_metrics(folder / "circuit.json") is not None:
         return "circuit"  # a circuit.json on its own (the app's download) carries its metrics
+    uncovered = {"contrast.csv": "contrast (its table is contrast.csv, its study interventions.yaml)",
+                 "expert_features.csv": "sae features (its tables are expert_features.csv and feature_tokens.csv)",
+                 "node_features.csv": "sae features (its tables are node_features.csv and feature_tokens.csv)",
+                 "trace.json": "trace (its numbers are in trace.json)"}
+    for marker, what in uncovered.items():  # finished runs of commands that write no report
+        if (folder / marker).is_file():
+            raise WorkbenchError(f"{folder} holds a finished {what}, which report does not cover")
     partial = {"run.json": "profile.json", "results.parquet": "results.csv", "study.resolved.yaml": "results.csv",
                "circuit.json": "metrics.json", "edges.parquet": "metrics.json", "routing.parquet": "routing.json",
                "evolution.parquet": "evolution.json"}
