@@ -5,6 +5,8 @@ implementation is switched for the pass and restored after). Each prompt's share
 its queries (position 0 is left out: it can only attend to itself); the reported figure is the
 mean over prompts (prompts of one token are skipped, and so is a prompt whose attention in a layer is not
 finite, from an overflow upstream: it is left out of that layer and counted in ``nonfinite_prompts``).
+Shares are of the whole softmax: where a learned sink takes part of it (gpt-oss, whose returned probabilities
+leave its column out and sum to less than 1), that part is ``share_learned_sink``, reported only there.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class SinkMeter:
         self.prompts = torch.zeros(num_layers, dtype=torch.int64)
         # prompts left out of a layer because its attention there was not finite (NaN from an overflow upstream)
         self.nonfinite = torch.zeros(num_layers, dtype=torch.int64)
+        # the attention the returned probabilities hold (per prompt, summed over keys): below 1 where a learned sink
+        # (gpt-oss) takes the rest of the softmax
+        self.mass_sum = torch.zeros(num_layers, num_heads, dtype=torch.float64)
         self._handles: list = []
         self._prompts = 0  # prompts with queries in the current batch (set by begin_batch)
         self.no_attention: list[int] = []  # layers without softmax attention (set by install)
@@ -101,23 +106,26 @@ class SinkMeter:
         per_key = summed.to(torch.float64).div_(self._nq)  # [L, b, H, Tk]: per-prompt means
         top, pos = per_key.max(-1)  # a NaN anywhere in a prompt's keys makes its top NaN
         top_sum, pos0, first = top.sum(1), per_key[..., 0], pos == 0
+        mass = per_key.sum(-1)  # [L, b, H]
         if bool(torch.isfinite(top_sum).all()):
             queries = torch.full((len(batch),), self._queries)
             prompts = torch.full((len(batch),), self._prompts)
         else:  # prompts whose attention in a layer is not finite are left out of that layer, and counted
             ok = torch.isfinite(top).all(-1)  # [L, b]
             top_sum = torch.where(ok[..., None], top, 0).sum(1)
+            mass = torch.where(ok[..., None], mass, 0)
             pos0, first = torch.where(ok[..., None], pos0, 0), first & ok[..., None]
             queries = (self._nq.flatten() * ok).sum(1).round().to(torch.int64).cpu()
             prompts = ok.sum(1).cpu()
             self.nonfinite.index_add_(0, layers, (~ok).sum(1).cpu())
         self.pos0_sum.index_add_(0, layers, pos0.sum(1).cpu())
         self.top_sum.index_add_(0, layers, top_sum.cpu())
+        self.mass_sum.index_add_(0, layers, mass.sum(1).cpu())
         self.top_is_first.index_add_(0, layers, first.sum(1).cpu())
         self.queries.index_add_(0, layers, queries)  # a layer run twice counts twice
         self.prompts.index_add_(0, layers, prompts)
 
-    STATE = ("pos0_sum", "queries", "top_sum", "top_is_first", "prompts", "nonfinite")
+    STATE = ("pos0_sum", "queries", "top_sum", "top_is_first", "prompts", "nonfinite", "mass_sum")
 
     def merge(self, other: "SinkMeter") -> "SinkMeter":
         self._finish()
@@ -136,6 +144,8 @@ class SinkMeter:
             if name not in self.STATE or v.shape != getattr(self, name).shape:
                 raise ValueError(f"SinkMeter state {name!r} does not fit")
             setattr(self, name, v.clone())
+        if "mass_sum" not in state:  # a state written before it was kept: the learned-sink share is not known
+            self.mass_sum = torch.full_like(self.mass_sum, float("nan"))
         return self
 
     def empty(self) -> "SinkMeter":
@@ -161,6 +171,9 @@ class SinkMeter:
         }
         if skip:
             out["no_attention"] = list(skip)
+        learned = per_layer(1 - self.mass_sum / n)  # NaN where nothing was measured
+        if any(v > 1e-4 for row in learned for v in row):  # a learned sink took part of the softmax (gpt-oss)
+            out["share_learned_sink"] = learned
         if bool(self.nonfinite.any()):
             out["nonfinite_prompts"] = self.nonfinite.tolist()  # per layer: left out, their attention not finite
         return out

@@ -331,6 +331,31 @@ def test_attention_sinks_match_eager_attentions():
     assert sinks["prompts"] == [prompts] * layers and sinks["queries"] == [queries] * layers
 
 
+def test_a_learned_sinks_share_is_reported_beside_the_keys(tmp_path, zoo_tokenizer):
+    """gpt-oss adds a learned sink column to each head's softmax and returns the probabilities without it (rows sum to
+    0.64-0.99): its share of attention was nowhere. It is share_learned_sink, 1 minus the returned rows' mean sum, per
+    layer and head (models without one do not get the key)."""
+    from workbench.models.families import save_tiny
+
+    lm = load(str(save_tiny("gpt_oss", tmp_path / "m", zoo_tokenizer)))
+    p = profile(lm, PROMPTS, ProfileOptions(batch_size=4, qk=False), progress=False)["attention_sinks"]
+    lm.model.set_attn_implementation("eager")
+    mass, prompts = 0, 0
+    for text in PROMPTS:
+        ids = lm.tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            att = lm.model(ids, output_attentions=True).attentions
+        mass = mass + torch.stack([a[0, :, 1:, :].double().sum(-1).mean(-1) for a in att])  # [L, H]
+        prompts += 1
+    learned = 1 - mass / prompts
+    assert float(learned.min()) > 0.001  # the tiny model's sinks take a visible share
+    np.testing.assert_allclose(np.array(p["share_learned_sink"]), learned.numpy(), rtol=1e-5, atol=1e-7)
+    assert "share_learned_sink" not in profile(load("zoo:qwen3-moe"), PROMPTS[:4], ProfileOptions(qk=False),
+                                               progress=False)["attention_sinks"]
+
+
 def test_massive_activation_top_entries_and_median():
     lm = load("zoo:mixtral")
     p = profile(lm, PROMPTS, ProfileOptions(sinks=False, top_massive=5), progress=False)

@@ -278,9 +278,12 @@ def cmd_profile(args) -> int:
             if part:
                 print("warning: attention sinks: prompts with non-finite attention left out (" + ", ".join(part)
                       + "); the shares are over the rest", file=sys.stderr)
+            learned = p["attention_sinks"].get("share_learned_sink")
             print(f"attention sinks: mean share on position 0 {np.nanmean(share):.2f}; strongest head L{l}.H{h} "
                   f"{share[l, h]:.2f}" + (f" (over {len(share) - len(skipped) - len(lost)} of {len(share)} layers: "
-                                          f"{'; '.join(why)})" if why else ""))
+                                          f"{'; '.join(why)})" if why else "")
+                  + (f"; the learned sinks take {np.nanmean(np.array(learned, dtype=float)):.2f} of the attention"
+                     if learned else ""))
     qk = p.get("qk_values")
     if qk and qk["entries"]:
         best = {proj: max((e for e in qk["entries"] if e["proj"] == proj), key=lambda e: e["ratio"]) for proj in "qkv"}
