@@ -383,7 +383,8 @@ def prepare(tokenizer, facts: list[Fact], model: nn.Module | None = None) -> lis
     marks = [(i, f.answer, a) for i, (f, a) in enumerate(zip(facts, answers)) if i not in blank]
     marks += [(i, f.corrupted_answer, c) for i, (f, c) in enumerate(zip(facts, given_answers)) if c is not None]
     marks = [(i, text, t) for i, text, t in marks
-             if any(ch.isalnum() for ch in text) and not any(ch.isalnum() or ch == "\ufffd" for ch in tokenizer.decode([t]))]
+             if any(ch.isalnum() for ch in text)
+             and not any(ch.isalnum() or ch == "\ufffd" for ch in tokenizer.decode([t]))]
     if marks:
         i, text, t = marks[0]
         warnings.warn(f"{len(marks)} answer(s) or corrupted answer(s) start with a token of no letter or digit (e.g. "

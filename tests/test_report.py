@@ -140,7 +140,8 @@ def test_a_circuit_report_says_a_noisy_gap_and_refuses_another_runs_metrics(runs
 
 def test_folders_of_commands_without_a_report_say_so(tmp_path):
     """A finished contrast or sae features folder was called one that "holds no finished run"."""
-    for name, needle in (("contrast.csv", "holds a finished contrast"), ("expert_features.csv", "finished sae features"),
+    for name, needle in (("contrast.csv", "holds a finished contrast"),
+                         ("expert_features.csv", "finished sae features"),
                          ("node_features.csv", "finished sae features"), ("trace.json", "holds a finished trace")):
         folder = tmp_path / name.split(".")[0]
         folder.mkdir()
