@@ -8,8 +8,8 @@ and its node composition (attention heads, MLPs, routed and shared experts).
 from __future__ import annotations
 
 import gc
-import warnings
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence

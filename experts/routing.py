@@ -191,13 +191,14 @@ def _check_compatible(spec0: str, a: dict, spec: str, b: dict) -> None:
             e2, k2 = b["layers"][layer]
             raise WorkbenchError(f"layer {layer}: {spec} routes top-{k2} of {e2} experts, {spec0} top-{k} of {e}: "
                                  "checkpoints of one series must have the same experts")
-    if not torch.equal(a["token_ids"], b["token_ids"]) and a.get("context") != b.get("context"):
+    if torch.equal(a["token_ids"], b["token_ids"]):
+        return
+    if a.get("context") != b.get("context"):
         raise WorkbenchError(f"{spec} has a context of {b.get('context')} tokens, {spec0} of {a.get('context')}, and "
                              "prompts longer than the shorter one are cut to it: checkpoints of one series must have "
                              "the same context (or give --max-tokens within both)")
-    if not torch.equal(a["token_ids"], b["token_ids"]):
-        raise WorkbenchError(f"{spec} tokenizes the prompts differently from {spec0}: checkpoints of one series "
-                             "must share the tokenizer")
+    raise WorkbenchError(f"{spec} tokenizes the prompts differently from {spec0}: checkpoints of one series must "
+                         "share the tokenizer")
 
 
 def table(result: dict):

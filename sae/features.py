@@ -463,10 +463,11 @@ def _check_nodes(lm, circuit, writers: Sequence[Writer]) -> None:
     from workbench.circuits.attention import attention_spec
 
     of = circuit.meta.get("model")
-    if of and not same_model(str(of), lm.spec):
+    other = bool(of) and not same_model(str(of), lm.spec)
+    if other:
         warnings.warn(f"the circuit was found on {of}, its nodes are read here on {lm.spec}", stacklevel=3)
     infos, layers = lm.layer_infos(), lm.adapter.decoder_layers(lm.model)
-    found = f" (the circuit is of {of})" if of and not same_model(str(of), lm.spec) else ""
+    found = f" (the circuit is of {of})" if other else ""
     for w in writers:
         if not 0 <= w.layer < len(infos):
             raise WorkbenchError(f"circuit node {w.name}: {lm.spec} has {len(infos)} layers{found}")

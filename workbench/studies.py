@@ -243,10 +243,6 @@ class Study:
     def texts(self) -> list[str]:
         t = self.texts_file
         texts = list(t) if isinstance(t, list) else read_prompts(t) if t else default_prompts()
-        if self.num_texts is not None and self.num_texts > len(texts) and not getattr(self, "_said_short", False):
-            self._said_short = True  # (texts() is read more than once a run)
-            warnings.warn(f"{self._at('num_texts')}: num_texts {self.num_texts}, but there are {len(texts)} texts: "
-                          f"the study runs on those {len(texts)}", stacklevel=2)
         return texts[: self.num_texts]
 
     def resolve(self, lm, progress: bool = False) -> list[Condition]:
@@ -442,6 +438,9 @@ class Study:
 
         conditions = self.resolve(lm, progress)
         texts, cloze = self.texts(), M.default_cloze()
+        if self.num_texts is not None and len(texts) < self.num_texts:  # (texts() keeps at most num_texts)
+            warnings.warn(f"{self._at('num_texts')}: num_texts {self.num_texts}, but there are {len(texts)} texts: "
+                          f"the study runs on those {len(texts)}", stacklevel=2)
         lengths, _, cut = self._extent(lm, texts)  # before anything is written: a text of no tokens fails here
         single = {i for i, n in enumerate(lengths) if n == 1}
         if single:  # no next token to predict, no query past the first: NaN there, which is not the model's doing

@@ -76,7 +76,7 @@ class DumpWriter:
         (self.dir / MARKER).write_text(FORMAT + "\n")  # before any shard: a killed dump's folder is still known as one
         # what a killed earlier dump into this folder left half-written (its finished shards are overwritten)
         clear_stale_temps(self.dir, ["tokens.safetensors", "index.json"])
-        for sub in (self.dir.iterdir() if self.dir.is_dir() else []):
+        for sub in self.dir.iterdir():
             if sub.is_dir() and not sub.name.startswith("."):
                 clear_stale_temps(sub, ["shard-*.safetensors"])
         # An earlier dump's index goes first: until this one's is written the folder is incomplete (a killed rerun
@@ -102,6 +102,7 @@ class DumpWriter:
                 key = p.experts.detach().cpu().to(torch.int64) * (int(key.max()) + 1) + key
             order = torch.argsort(key)
             values = values[order]
+
         def cpu(t):
             return None if t is None else t.detach().cpu() if order is None else t.detach().cpu()[order]
         # a router's chosen experts and a grouped site's expert of each row travel with the values (without them the

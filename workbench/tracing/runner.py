@@ -445,10 +445,11 @@ def trace(
     state.outside_inference([*(r for reds in table.values() for r in reds.values()),
                              *(s for v in extra.values() for s in v), *meters, *(stateful or {}).values()], lm.model)
     positions = int((sizes * widths)[mine.start:mine.stop].sum())  # this rank's forwards computed, padding included
+    resumed = first if first != mine.start else None
     ranks = None
     if shard is not None and shard.world > 1:  # every rank's state, merged into rank 0's objects in rank order
         ranks = shard.combine(objs, {"rank": shard.rank, "batches": [mine.start, mine.stop], "positions": positions,
-                                     "resumed_at_batch": first if first != mine.start else None})
+                                     "resumed_at_batch": resumed})
     for g, members in grouped.items():  # each expert's AbsMax, from its layer's grouped reduction
         for site in members:
             table[site]["absmax"] = table[g]["absmax"].expert(site.expert)
@@ -461,7 +462,7 @@ def trace(
             # what the forwards computed, padding included (every rank's, on rank 0 of a data-parallel run)
             "positions": sum(r["positions"] for r in ranks) if ranks else positions}
     if checkpoint is not None or shard is not None:
-        meta.update(batches=[mine.start, mine.stop], resumed_at_batch=first if first != mine.start else None)
+        meta.update(batches=[mine.start, mine.stop], resumed_at_batch=resumed)
     if ranks:  # rank 0's own batches above; each rank's here
         meta["ranks"] = ranks
     if dump:
