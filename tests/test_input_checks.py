@@ -269,6 +269,24 @@ def test_values_that_happen_to_be_0_or_1_are_no_share():
     assert set(SHARE_METRICS) == {"accuracy", "passkey", "override", "label_copy", "recall"}
 
 
+def test_a_metrics_interval_stays_in_what_its_values_can_be():
+    """Perplexities of a few texts far apart gave a normal interval reaching below 0 (a perplexity is >= 1); KLs
+    near 0, one below 0. A study's row cuts the interval to the metric's range; the mean itself is untouched."""
+    from workbench.studies import Condition, _row
+
+    ppl = [1.5, 1.6, 1.4, 40.0]
+    row = _row(Condition("c", []), "perplexity", ppl)
+    assert row["mean"] == pytest.approx(sum(ppl) / 4) and row["ci_low"] == 1.0
+    assert row["ci_high"] == pytest.approx(11.125 + 1.96 * 19.25 / 2, rel=1e-3)  # the upper end as before
+    assert _row(Condition("c", []), "kl", [0.0, 0.0, 0.0, 0.9])["ci_low"] == 0.0
+    sink = _row(Condition("c", []), "sink", [0.99, 0.2, 0.99, 0.99])
+    assert sink["ci_high"] == 1.0 and 0 < sink["ci_low"] < sink["mean"]
+    massive = _row(Condition("c", []), "massive", [1.0, 1.0, 900.0])
+    assert massive["ci_low"] == 0.0
+    wide = _row(Condition("c", []), "passkey_unknown_metric", [-5.0, 5.0])  # a metric of no known range: as before
+    assert wide["ci_low"] < -5
+
+
 def _circuit_file(path, n_edges_total=10, model="zoo:a", score=1.0):
     path.write_text(json.dumps({"nodes": [{"id": "input", "kind": "input", "layer": -1, "index": -1},
                                           {"id": "logits", "kind": "logits", "layer": 1, "index": -1}],

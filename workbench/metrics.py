@@ -30,6 +30,9 @@ from workbench.tracing.runner import batch_members, pad_token, padded
 METRICS = ("perplexity", "accuracy", "sink", "massive", "kl", "generations", "passkey", "override", "label_copy",
            "recall")
 SHARE_METRICS = ("accuracy", "passkey", "override", "label_copy", "recall")  # 1 or 0 per item: Wilson intervals
+# what a metric's value can be, per text: its interval is cut to it (a normal interval of perplexities that vary a lot
+# reaches below 1, one of KLs near 0 below 0)
+METRIC_RANGE = {"perplexity": (1.0, math.inf), "sink": (0.0, 1.0), "massive": (0.0, math.inf), "kl": (0.0, math.inf)}
 DEFAULT_METRICS = METRICS[:6]  # the task metrics are asked for by name (they cost more: passkey reads 1,000 tokens)
 
 
@@ -168,10 +171,13 @@ def generations(lm, prompts: Sequence[str], max_new_tokens: int = 20, batch_size
     return out
 
 
-def mean_ci(values: Sequence[float], z: float = 1.96, share: bool = False) -> tuple[float, float, float, int]:
+def mean_ci(values: Sequence[float], z: float = 1.96, share: bool = False,
+            bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float, float, int]:
     """Mean and a 95 % interval over the finite values: normal-approximation, or for a ``share`` (values 0 or 1 per
     item: accuracy, task scores) Wilson's score interval, which stays within [0, 1] and is not a point for n = 1.
-    Which one is the metric's (:data:`SHARE_METRICS`), not the values': a KL of exact zeros is no share."""
+    Which one is the metric's (:data:`SHARE_METRICS`), not the values': a KL of exact zeros is no share.
+    ``bounds``: the values' range (:data:`METRIC_RANGE`); the normal interval is cut to it, since the mean of
+    values in it lies in it too."""
     v = torch.tensor([x for x in values if x == x and math.isfinite(x)], dtype=torch.float64)
     n = int(v.numel())
     if n == 0:
@@ -186,4 +192,4 @@ def mean_ci(values: Sequence[float], z: float = 1.96, share: bool = False) -> tu
     if n == 1:
         return m, m, m, 1
     half = z * float(v.std(unbiased=True)) / math.sqrt(n)
-    return m, m - half, m + half, n
+    return m, max(bounds[0], m - half), min(bounds[1], m + half), n

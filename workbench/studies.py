@@ -612,7 +612,8 @@ def _say_not_finite(condition: str, values: dict[str, list[float]], single: set[
 
 
 def _row(c: Condition, metric: str, values: list[float], text: str = "") -> dict:
-    mean, lo, hi, n = M.mean_ci(values, share=metric in M.SHARE_METRICS) if values else (float("nan"),) * 3 + (0,)
+    mean, lo, hi, n = M.mean_ci(values, share=metric in M.SHARE_METRICS,
+                                 bounds=M.METRIC_RANGE.get(metric, (-math.inf, math.inf))) if values else (float("nan"),) * 3 + (0,)
     return {"condition": c.name, "group": c.group, "seed": c.seed, "metric": metric, "mean": mean, "ci_low": lo,
             "ci_high": hi, "n": n, "text": text}
 
