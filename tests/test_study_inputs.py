@@ -392,9 +392,35 @@ def test_a_shared_super_expert_leaves_the_routed_one_of_its_number_in_the_random
     """Shared expert 0 was keyed as (layer, 0) and took routed expert 0 out of the draw; it also counted toward k."""
     study = Study({"seeds": list(range(40)), "conditions": [{"generate": "random_experts"}]})
     supers = [{"layer": 1, "kind": "shared", "expert": 0}, {"layer": 1, "kind": "routed", "expert": 5}]
-    conds = study._random(qwen2, {"layers": None}, supers, "", "study")
+    with pytest.warns(UserWarning, match=r"every one is drawn before seed\(s\) 7, 8, 9, 10, 11, 12, \.\.\.: the control "
+                      r"has 7 seed"):
+        conds = study._random(qwen2, {"layers": None}, supers, "", "study")
     drawn = {iv.expert for c in conds for iv in c.interventions}
     assert 0 in drawn and 5 not in drawn and all(len(c.interventions) == 1 for c in conds)
+
+
+def test_seeds_draw_other_random_experts_while_there_are_others(qwen2):
+    """k cut to the pool made every seed take the whole pool: three identical conditions, pooled as three seeds (an
+    interval of one value counted thrice). Seeds of a small pool also drew the same experts by chance: the shipped
+    tiny_moe_super_expert.yaml's five k=1 controls were three experts."""
+    study = Study({"seeds": [0, 1, 2], "conditions": [{"generate": "random_experts"}]})
+    supers = [{"layer": 1, "kind": "routed", "expert": 5}]
+    with pytest.warns(UserWarning) as seen:
+        conds = study._random(qwen2, {"layers": [1], "k": 50}, supers, "", "study")
+    assert [c.name for c in conds] == ["random x7 seed 0"] and len(conds[0].interventions) == 7
+    assert any("there are 1 set(s) of 7 of those 7, and every one is drawn before seed(s) 1, 2: the control has 1 "
+               "seed(s)" in str(w.message) for w in seen), [str(w.message) for w in seen]
+    study = Study({"seeds": list(range(9)), "conditions": [{"generate": "random_experts"}]})
+    with pytest.warns(UserWarning, match="there are 7 set"):  # 9 seeds, 7 experts: the last two draw none
+        conds = study._random(qwen2, {"layers": [1], "k": 1}, supers, "", "study")
+    draws = [tuple((iv.layers, iv.expert) for iv in c.interventions) for c in conds]
+    assert len(draws) == len(set(draws)) == 7 and [c.seed for c in conds] == list(range(7))
+    with pytest.warns(UserWarning, match="there are 7 set"):  # the same draws again: a seed's draw is its own
+        assert conds == study._random(qwen2, {"layers": [1], "k": 1}, supers, "", "s")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conds = Study({"seeds": [0, 1, 2, 3, 4]})._random(qwen2, {"layers": [1], "k": 2}, supers, "", "study")
+    assert len({tuple(iv.expert for iv in c.interventions) for c in conds}) == 5
 
 
 def test_one_token_texts_and_num_texts_past_the_texts_are_said_for_what_they_are(qwen2):

@@ -424,12 +424,25 @@ class Study:
             warnings.warn(f"{where}: k={k}, but layers {layers} have {len(pool)} experts (or channels) besides the "
                           f"super experts: each condition takes those {len(pool)}", stacklevel=3)
             k = len(pool)
-        out = []
+        # Each seed draws a set no earlier seed drew (redrawing from its own generator), while there are such sets: the
+        # same set twice would count one control twice in the pooled mean and interval (k cut to the pool: every seed).
+        out, first, same, sets = [], set(), [], math.comb(len(pool), k)
         for seed in self.seeds:
-            picks = random.Random(seed).sample(pool, k)
+            if len(first) == sets:
+                same.append(str(seed))
+                continue
+            rng = random.Random(seed)
+            picks = tuple(sorted(rng.sample(pool, k)))
+            while picks in first:
+                picks = tuple(sorted(rng.sample(pool, k)))
+            first.add(picks)
             ivs = [Intervention(op, (L, ), expert=x) if infos[L].kind == "moe" else
-                   Intervention("zero_channel", (L,), channel=x) for L, x in sorted(picks)]
+                   Intervention("zero_channel", (L,), channel=x) for L, x in picks]
             out.append(Condition(f"random x{k}{tag} seed {seed}", ivs, group="random_experts", seed=seed))
+        if same:
+            warnings.warn(f"{where}: there are {sets} set(s) of {k} of those {len(pool)}, and every one is drawn before "
+                          f"seed(s) {', '.join(same[:6])}{', ...' if len(same) > 6 else ''}: the control has "
+                          f"{len(out)} seed(s)", stacklevel=3)
         return out
 
     # ----- running ------------------------------------------------------------------------------
