@@ -3,7 +3,8 @@
 For every prompt and MoE layer we record each expert's routing frequency (share of the prompt's
 tokens whose top-k includes it) and mean routing probability. Experts are ranked by the difference
 of mean frequency, positive minus negative, with Welch's t-test over prompts as the significance
-figure. The top of the list is a ready intervention set.
+figure (``p_value``, and ``q_value``: adjusted for the number of experts tested). The top of the list is a ready
+intervention set.
 """
 
 from __future__ import annotations
@@ -110,9 +111,27 @@ def rank(pos: dict, neg: dict) -> pd.DataFrame:
                          "freq_neg": float(fn[:, e].mean()), "freq_diff": float(fp[:, e].mean() - fn[:, e].mean()),
                          "prob_pos": float(pp[:, e].mean()), "prob_neg": float(pn[:, e].mean()),
                          "prob_diff": float(pp[:, e].mean() - pn[:, e].mean()), "t": t, "p_value": p})
-    df = pd.DataFrame(rows).sort_values(["freq_diff", "layer", "expert"], ascending=[False, True, True])
+    df = pd.DataFrame(rows)
+    df["q_value"] = q_values(df.p_value.to_numpy())
+    df = df.sort_values(["freq_diff", "layer", "expert"], ascending=[False, True, True])
     df["rank"] = range(1, len(df) + 1)
     return df.reset_index(drop=True)
+
+
+def q_values(p):
+    """Benjamini-Hochberg adjusted p-values over every test made (each routed expert of every layer is one): an
+    expert with q <= 0.05 is a discovery at a false discovery rate of 5 %. Many experts are tested, so a p-value
+    of 0.01 alone is expected of one expert in a hundred that routes alike on both sides. NaN p (no test) stays
+    NaN and is not counted."""
+    import numpy as np
+    from scipy.stats import false_discovery_control
+
+    p = np.asarray(p, dtype=float)
+    q = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = false_discovery_control(p[ok], method="bh")
+    return q
 
 
 def top_interventions(df: pd.DataFrame, k: int, op: str = "drop") -> list[Intervention]:

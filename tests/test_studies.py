@@ -223,6 +223,25 @@ def test_welch_matches_scipy_and_handles_constant_groups():
         assert _welch(torch.full((9,), 0.4), torch.full((7,), 0.9)) == (-math.inf, 0.0)
 
 
+def test_contrast_q_values_are_benjamini_hochberg_over_the_experts_tested():
+    """p-values of many experts were given bare: with 64 experts x 16 layers, p < 0.05 is expected of ~50 experts
+    that route alike on both sides. q is each p adjusted for the tests made (Benjamini-Hochberg), by hand here."""
+    import math
+
+    from workbench.experts.contrast import q_values
+
+    p = [0.01, 0.04, math.nan, 0.03, 0.2, 0.0005]
+    finite = sorted((v, i) for i, v in enumerate(p) if v == v)
+    m, want, running = len(finite), [math.nan] * len(p), 1.0
+    for rank_, (v, i) in reversed(list(enumerate(finite, start=1))):  # q_(r) = min over r' >= r of p_(r') m / r'
+        running = min(running, v * m / rank_)
+        want[i] = running
+    got = q_values(p)
+    assert math.isnan(got[2]) and all(abs(g - w) < 1e-12 for g, w in zip(got, want) if w == w)
+    assert list(got[[0, 1, 3, 4, 5]]) == pytest.approx([0.025, 0.05, 0.05, 0.2, 0.0025])
+    assert math.isnan(q_values([math.nan])[0]) and len(q_values([])) == 0
+
+
 def test_contrast_finds_a_planted_behaviour_expert(tmp_path):
     """The same prompts, with expert 6 of layer 1 forced on ' zebra' tokens in the positive run only:
     the ranking must put (1, 6) first, significantly."""
@@ -237,6 +256,7 @@ def test_contrast_finds_a_planted_behaviour_expert(tmp_path):
     df = rank(forced, routing_by_prompt(lm, positive, progress=False))
     top = df.iloc[0]
     assert (top.layer, top.expert) == (1, 6) and top.freq_diff > 0.05 and top.p_value < 1e-4
+    assert top.q_value < 1e-3 and (df.q_value >= df.p_value).all()  # still a discovery after the adjustment
     assert top.freq_diff > 5 * df.freq_diff.iloc[1]  # later layers shift a little, far less
     ivs = top_interventions(df, 3)
     assert ivs[0].op == "drop" and ivs[0].layers == (1,) and ivs[0].expert == 6

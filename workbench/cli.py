@@ -342,7 +342,7 @@ def cmd_contrast(args) -> int:
     dtype = str(lm.dtype).replace("torch.", "")
     write(df, out, args.top, args.op, made_from=f"workbench contrast of {args.model} ({dtype} on {lm.device.type}): "
                                                 f"{args.positive} vs {args.negative}")
-    cols = ["rank", "layer", "expert", "freq_pos", "freq_neg", "freq_diff", "p_value"]
+    cols = ["rank", "layer", "expert", "freq_pos", "freq_neg", "freq_diff", "p_value", "q_value"]
     print(df[cols].head(args.top).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {out / 'contrast.csv'}, contrast.parquet, contrast.png and {out / 'interventions.yaml'} "
           f"(run it with: workbench ablate {args.model} --study {out / 'interventions.yaml'} --out DIR)")
