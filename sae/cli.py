@@ -70,6 +70,7 @@ def add_sae_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--keep-first", action="store_true",
                    help="keep each prompt's first token (dropped by default: massive activations / attention sink)")
     t.add_argument("--seed", type=SEED, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bars (SAELens' training bar and norm estimate)")
     _common(t)
     t.set_defaults(func=cmd_train)
 
@@ -113,7 +114,7 @@ def cmd_train(args) -> int:
     opts.check()
     out = output_dir(args.out, command="sae train")
     lm = load(args.model, device=args.device)
-    _, m = train_sae(lm, site, prompts, opts, out, source)
+    _, m = train_sae(lm, site, prompts, opts, out, source, progress=not args.quiet)
     corpus = (f"{m['passes']:.3g} passes over the {m['corpus_tokens']} tokens of {m['train_prompts']} prompts, the "
               "norm estimate's included" if m["passes"] is not None else
               f"less than one pass over the tokens of {m['train_prompts']} prompts")

@@ -16,6 +16,7 @@ folds it into the weights at the end) and saved with ``save_inference_model`` in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -216,11 +217,11 @@ def _build_sae(lm, site: Site, d_in: int, opts: TrainOptions, source: str):
 
 
 def train_sae(lm, site: Site | str, prompts: Sequence[str], opts: TrainOptions = TrainOptions(),
-              out_dir: str | Path | None = None, source: str = "workbench/data/prompts.txt"):
+              out_dir: str | Path | None = None, source: str = "workbench/data/prompts.txt", progress: bool = True):
     """Train an SAE at ``site`` on ``prompts``; save it (SAELens format) and ``metrics.json`` in ``out_dir``.
 
     Returns ``(sae, metrics)``; ``sae`` is the SAELens training SAE with the activation scale folded in,
-    so it reads the model's raw activations.
+    so it reads the model's raw activations. ``progress=False``: no progress bars (SAELens' either).
     """
     from sae_lens import LoggingConfig
     from sae_lens.config import SAETrainerConfig
@@ -247,7 +248,15 @@ def train_sae(lm, site: Site | str, prompts: Sequence[str], opts: TrainOptions =
     trainer.history = []
     t0 = time.perf_counter()
     try:
-        sae = trainer.fit()
+        with _bars(progress):
+            # SAELens' fit opens its training bar, then estimates the activations' norm (20 batches of model forwards)
+            # under it, so the bar's clock ran through the estimate and its first rate and ETA were wrong. The same
+            # estimate, from the same stream, made first: fit skips its own once the scale is set.
+            if sae.cfg.normalize_activations == "expected_average_only_in":
+                trainer.activation_scaler.estimate_scaling_factor(
+                    d_in=sae.cfg.d_in, data_provider=provider,
+                    n_batches_for_norm_estimate=cfg.n_batches_for_norm_estimate)
+            sae = trainer.fit()
     finally:
         # a pass stopped part-way keeps its forward's hooks installed until its generator is closed; a later
         # forward (the evaluation's) would meet them
@@ -294,6 +303,26 @@ def train_sae(lm, site: Site | str, prompts: Sequence[str], opts: TrainOptions =
     if out_dir is not None:
         save(sae, metrics, out_dir)
     return sae, metrics
+
+
+@contextlib.contextmanager
+def _bars(show: bool):
+    """SAELens' progress bars (its trainer's and its norm estimate's), or none while this lasts."""
+    if show:
+        yield
+        return
+    import functools
+
+    from sae_lens.training import activation_scaler, sae_trainer
+
+    saved = [(m, m.tqdm) for m in (activation_scaler, sae_trainer)]
+    try:
+        for m, bar in saved:
+            m.tqdm = functools.partial(bar, disable=True)
+        yield
+    finally:
+        for m, bar in saved:
+            m.tqdm = bar
 
 
 def _mean(values) -> float:

@@ -1,5 +1,6 @@
 """A very small SAE training run with SAELens' trainer on a zoo model: it learns, saves and loads back."""
 
+import contextlib
 import json
 
 import pytest
@@ -41,6 +42,54 @@ def test_small_training_run_learns_and_round_trips(tmp_path, capsys):
                               TrainOptions(batch_size=256))
     again = evaluate(sae, torch.cat(list(stream.one_pass())))
     assert again["explained_variance"] == pytest.approx(m["explained_variance"], abs=1e-4)
+
+
+def test_quiet_training_shows_no_bar_and_trains_the_same_sae(tmp_path, capfd):
+    """`sae train` had no --quiet: SAELens' training bar and norm-estimate bar always ran, and the training bar
+    opened before the estimate, so its clock ran through the estimate (its first ETA counted the model's forwards
+    as training). The estimate now runs first, from the same stream, so the SAE is the one SAELens' own order gives."""
+    from safetensors.torch import load_file
+
+    from workbench.cli import main
+    from workbench.sae import train as train_mod
+
+    argv = ["sae", "train", "zoo:tiny-moe", "--site", "L1.resid_post", "--tokens", "2048", "--batch-size", "256",
+            "--k", "8"]
+    assert main(argv + ["--quiet", "--out", str(tmp_path / "q")]) == 0
+    err = capfd.readouterr().err
+    assert "Training SAE" not in err and "Estimating norm" not in err, err
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    err = capfd.readouterr().err
+    assert "Training SAE" in err and "Estimating norm" in err
+    # the bar's first update is a training step: the estimate ran before the bar opened
+    assert err.index("Estimating norm") < err.index("Training SAE")
+    # SAELens' order (its fit estimating under its bar) trains the same SAE: same stream, same draws
+    real = train_mod._bars
+
+    @contextlib.contextmanager
+    def theirs(show):
+        from sae_lens.training.activation_scaler import ActivationScaler
+
+        keep = ActivationScaler.estimate_scaling_factor
+        calls = []
+
+        def only_in_fit(self, *a, **k):  # the first call is ours: skipped, so fit makes its own
+            calls.append(1)
+            if len(calls) > 1:
+                return keep(self, *a, **k)
+        ActivationScaler.estimate_scaling_factor = only_in_fit
+        try:
+            with real(show):
+                yield
+        finally:
+            ActivationScaler.estimate_scaling_factor = keep
+    train_mod._bars = theirs
+    try:
+        assert main(argv + ["--quiet", "--out", str(tmp_path / "s")]) == 0
+    finally:
+        train_mod._bars = real
+    ours, saelens = (load_file(tmp_path / d / "sae_weights.safetensors") for d in ("q", "s"))
+    assert ours.keys() == saelens.keys() and all(torch.equal(ours[k], saelens[k]) for k in ours)
 
 
 def test_a_run_shorter_than_one_pass_evaluates_and_counts_passes(tmp_path, capsys):
