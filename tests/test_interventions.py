@@ -240,6 +240,36 @@ def test_drops_beyond_the_top_k_give_the_empty_slots_no_weight():
     assert torch.equal(w0, ref[0]) and torch.equal(idx0, ref[1])
 
 
+@pytest.mark.parametrize("family", ["ernie4_5_moe", "glm4_moe", "dots1", "exaone_moe", "zoo:deepseek-v3"])
+def test_drop_under_a_correction_bias_reroutes(family, tmp_path, zoo_tokenizer):
+    """ERNIE-4.5 picks experts by probability + correction bias: a dropped expert's probability was 0, but its bias
+    alone still won slots (at weight 0), so tokens kept k - 1 experts instead of being re-routed. The tiny models'
+    biases are 0, which hid it; real checkpoints have them. The reference is the unchanged model with that expert's
+    bias at -1e4 (the chosen weights are renormalised, so what the softmax or sigmoid gave it does not matter)."""
+    from workbench.models.families import save_tiny
+
+    lm = load(family) if family.startswith("zoo:") else load(str(save_tiny(family, tmp_path / family, zoo_tokenizer)))
+    layer = 1
+    mlp = lm.adapter.decoder_layers(lm.model)[layer]
+    (name, bias), = [(n, b) for n, b in [*mlp.named_parameters(), *mlp.named_buffers()]
+                     if n.endswith("e_score_correction_bias")]
+    with torch.no_grad():
+        bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    expert = int(bias.flatten().argmax())
+    enc = batch(lm)
+    seen = []
+    hook = lm.adapter.experts(mlp).register_forward_pre_hook(lambda m, a: seen.append(a[1].clone()))
+    try:
+        with apply(lm, [dict(op="drop", layers=layer, expert=expert)]):
+            dropped = logits(lm, enc)
+    finally:
+        hook.remove()
+    assert seen and not (seen[0] == expert).any(), f"{name}: tokens still routed to dropped expert {expert}"
+    with torch.no_grad():
+        bias.view(-1)[expert] = -1e4
+    assert_close(dropped, logits(lm, enc))
+
+
 def test_drop_on_deepseek_never_picks_the_expert():
     lm = load("zoo:deepseek-v3")
     enc = batch(lm)

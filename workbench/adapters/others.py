@@ -30,7 +30,9 @@ class ErnieAdapter(Adapter):
         if exclude is not None:
             logits = logits.masked_fill(exclude, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        index = torch.topk(router.moe_statics(probs), router.top_k, dim=-1)[1]
+        choice = router.moe_statics(probs)  # probability + correction bias: a dropped expert's 0 + its bias could win
+        index = torch.topk(choice if exclude is None else choice.masked_fill(exclude, float("-inf")), router.top_k,
+                           dim=-1)[1]
         weights = probs.gather(-1, index)
         return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=router.norm_min), index
 
