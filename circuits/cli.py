@@ -87,7 +87,7 @@ def add_circuit_parser(subparsers) -> argparse.ArgumentParser:
                         "per token; scores and gradients stay float32)")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA where there is one): where the "
                                                    "model and the attribution's buffers live")
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--out", required=True, help="output folder")
     c.set_defaults(func=cmd_circuit)
     return c

@@ -144,16 +144,16 @@ def add_evolution_parser(subparsers) -> None:
                     "one; zoo:tiny-moe@all names the built-in series) with the same edge budget, and write "
                     "OUT/evolution.json|parquet|png (faithfulness, Hit@10, edge and node Jaccard with the final "
                     "circuit, node composition) and OUT/circuits/ckpt<i>.json.")
-    c.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    c.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="model specs or folders, in training order")
     c.add_argument("--facts", default=None, help="JSONL facts (default: the built-in facts)")
     c.add_argument("--relation", default=None, metavar="NAME", help="keep only the facts of this relation")
     c.add_argument("--top-edges", type=COUNT, default=None, help="edges per circuit (default: 1%% of all edges)")
     c.add_argument("--steps", type=COUNT, default=5, help="EAP-IG interpolation steps (default 5)")
-    c.add_argument("--batch-size", type=COUNT, default=16)
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--no-plots", action="store_true")
-    c.add_argument("--quiet", action="store_true")
-    c.add_argument("--out", required=True)
+    c.add_argument("--batch-size", type=COUNT, default=16, help="facts per batch at most (default 16)")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA where there is one); default cpu")
+    c.add_argument("--no-plots", action="store_true", help="no evolution.png")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--out", required=True, help="output folder (evolution.json, circuits/)")
     c.set_defaults(func=cmd_evolution)
 
 

@@ -37,7 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", help="text file, one prompt per line (default: the built-in prompt set)")
     p.add_argument("--text", action="append", help="a prompt (repeatable)")
     p.add_argument("--max-tokens", type=COUNT, default=128, help="truncate each prompt to this many tokens")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA where there is one); default cpu")
     p.add_argument("--out", required=True, help="output folder")
 
 
@@ -57,19 +57,22 @@ def add_sae_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--site", required=True, help="site key, e.g. L6.resid_post, L2.mlp_out, L1.expert.E5")
     t.add_argument("--tokens", type=COUNT, default=150_000,
                    help="activation vectors to train on (the corpus repeats; default 150000)")
-    t.add_argument("--architecture", choices=["topk", "standard"], default="topk")
+    t.add_argument("--architecture", choices=["topk", "standard"], default="topk",
+                   help="topk: --k active features per token (default); standard: ReLU with an --l1 penalty")
     t.add_argument("--expansion", type=COUNT, default=4, help="d_sae = EXPANSION x d_in (default 4)")
     t.add_argument("--d-sae", type=COUNT, default=None, help="number of features (overrides --expansion)")
     t.add_argument("--k", type=COUNT, default=32, help="topk: active features per token (default 32)")
     t.add_argument("--l1", type=Number(float, 0), default=5.0, help="standard: L1 coefficient (default 5)")
-    t.add_argument("--lr", type=Number(float, 0, open_low=True), default=1e-3)
+    t.add_argument("--lr", type=Number(float, 0, open_low=True), default=1e-3,
+                   help="learning rate (default 1e-3)")
     t.add_argument("--batch-size", type=COUNT, default=1024, help="activation vectors per step (default 1024)")
     t.add_argument("--prompt-batch", type=COUNT, default=16, help="prompts per forward pass (default 16)")
     t.add_argument("--holdout-every", type=COUNT_OR_OFF, default=10, help="hold out every N-th prompt for evaluation "
                                                                  "(0: evaluate on the training prompts)")
     t.add_argument("--keep-first", action="store_true",
                    help="keep each prompt's first token (dropped by default: massive activations / attention sink)")
-    t.add_argument("--seed", type=SEED, default=0)
+    t.add_argument("--seed", type=SEED, default=0,
+                   help="seed of the SAE's initialisation and of the activations' shuffling (default 0)")
     t.add_argument("--quiet", action="store_true", help="no progress bars (SAELens' training bar and norm estimate)")
     _common(t)
     t.set_defaults(func=cmd_train)
@@ -91,7 +94,7 @@ def add_sae_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--top-experts", type=COUNT, default=10, help="with --profile: how many experts (default 10)")
     f.add_argument("--top", type=COUNT, default=5, help="features kept per expert / node (default 5)")
     f.add_argument("--top-tokens", type=COUNT, default=8, help="top activating tokens kept per feature (default 8)")
-    f.add_argument("--batch-size", type=COUNT, default=8)
+    f.add_argument("--batch-size", type=COUNT, default=8, help="prompts per forward pass (default 8)")
     f.add_argument("--keep-first", action="store_true", help="include each prompt's first token (left out by "
                                                                "default, as in `sae train`)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -118,3 +118,10 @@ def test_debug_works_after_the_command_too(run, tmp_path):
         assert err.rstrip().splitlines()[-1].startswith("error: unknown zoo model 'nope'")
     code, _, err = run("trace", "zoo:nope", "--out", tmp_path / "o")
     assert code == 2 and "Traceback" not in err
+
+
+def test_every_flag_and_argument_says_what_it_does():
+    """Twenty-five flags (--batch-size, --out, --quiet, --lr, --op ...) showed in --help with no text."""
+    bare = [f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}" for path, p in subcommands(build_parser())
+            for a in p._actions if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not bare, bare

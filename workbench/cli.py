@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=NumberList(Number(int, 0)), default=None, help="comma-separated layer indices (default: all)")
     t.add_argument("--reducers", type=_csv, default=["absmax"],
                    help="comma-separated: absmax, moments, log_histogram, expert_counts (default: absmax)")
-    t.add_argument("--batch-size", type=COUNT, default=8)
+    t.add_argument("--batch-size", type=COUNT, default=8, help="prompts per forward pass (default 8)")
     t.add_argument("--batch-order", choices=("length", "given"), default="length",
                    help=BATCH_ORDER_HELP + " (--dump keeps the given order)")
     t.add_argument("--max-tokens", type=COUNT, default=None, help="truncate each prompt to this many tokens")
@@ -457,13 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompts", help="text file, one prompt per line (default: the built-in prompt set)")
     pr.add_argument("--text", action="append", help="a prompt (repeatable)")
     pr.add_argument("--max-tokens", type=COUNT, default=None, help="truncate each prompt to this many tokens")
-    pr.add_argument("--batch-size", type=COUNT, default=8)
+    pr.add_argument("--batch-size", type=COUNT, default=8, help="prompts per forward pass (default 8)")
     pr.add_argument("--batch-order", choices=("length", "given"), default="length", help=BATCH_ORDER_HELP)
     pr.add_argument("--quantile", type=Number(float, 0, 100, open_low=True), default=99.5,
                     help="a super expert's max must exceed this percentile (0-100] of all expert maxima (default 99.5)")
     pr.add_argument("--ratio", type=Number(float, 0, 1), default=0.1,
                     help="... and this fraction of the largest expert maximum (default 0.1)")
-    pr.add_argument("--layer-fraction", type=Number(float, 0, 1, open_low=True), default=0.75)
+    pr.add_argument("--layer-fraction", type=Number(float, 0, 1, open_low=True), default=0.75,
+                    help="super expert candidates come from the first round(FRACTION x layers) layers (default 0.75)")
     pr.add_argument("--rule", choices=("default", "paper"), default="default",
                     help="super-expert rule: paper (the reference script's selection) or default (paper + stands "
                          "out + feeds a massive activation); recorded in profile.json")
@@ -479,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measure the norm of every query, key and value dimension per head (massive values in "
                          "attention, Jin et al. 2025): the qk_values section of profile.json (on by default; "
                          "--no-qk skips it)")
-    pr.add_argument("--no-plots", action="store_true")
+    pr.add_argument("--no-plots", action="store_true", help="no PNG figures")
     pr.add_argument("--vocab-predicted", action="store_true",
                     help="vocabulary specialization by the model's predicted next token too (runs the LM head)")
     pr.add_argument("--domains", action="append", metavar="NAME=FILE",
@@ -501,11 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--positive", required=True, help="text file, one prompt per line")
     co.add_argument("--negative", required=True, help="text file, one prompt per line")
     co.add_argument("--top", type=COUNT, default=10, help="experts in the ready intervention set")
-    co.add_argument("--op", choices=["drop", "zero"], default="drop")
-    co.add_argument("--batch-size", type=COUNT, default=8)
+    co.add_argument("--op", choices=["drop", "zero"], default="drop",
+                    help="what interventions.yaml does to the top experts: drop them from routing (default) or "
+                         "zero them")
+    co.add_argument("--batch-size", type=COUNT, default=8, help="prompts per forward pass (default 8)")
     _model_args(co)
-    co.add_argument("--quiet", action="store_true")
-    co.add_argument("--out", required=True)
+    co.add_argument("--quiet", action="store_true", help="no progress bar")
+    co.add_argument("--out", required=True, help="output folder (contrast.csv, interventions.yaml)")
     co.set_defaults(func=cmd_contrast)
     ro = sub.add_parser("routing", help="router saturation, change rate and utilization across training checkpoints",
                         description="Run every CHECKPOINT (training order; the last is the final one) over the same "
@@ -517,12 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="model specs or folders, in training order")
     ro.add_argument("--prompts", help="text file, one prompt per line (default: the built-in prompts)")
     ro.add_argument("--text", action="append", help=argparse.SUPPRESS)
-    ro.add_argument("--batch-size", type=COUNT, default=8)
+    ro.add_argument("--batch-size", type=COUNT, default=8, help="prompts per forward pass (default 8)")
     ro.add_argument("--max-tokens", type=COUNT, default=None, help="truncate each prompt to this many tokens")
-    ro.add_argument("--no-plots", action="store_true")
+    ro.add_argument("--no-plots", action="store_true", help="no routing.png")
     _model_args(ro)
-    ro.add_argument("--quiet", action="store_true")
-    ro.add_argument("--out", required=True)
+    ro.add_argument("--quiet", action="store_true", help="no progress bars")
+    ro.add_argument("--out", required=True, help="output folder (routing.json, routing.parquet)")
     ro.set_defaults(func=cmd_routing)
     rp = sub.add_parser("report", help="one self-contained HTML page for a profile, study, circuit or routing folder",
                         description="Write FOLDER/report.html: the findings in sentences, the tables and every plot, "
