@@ -423,6 +423,34 @@ def test_seeds_draw_other_random_experts_while_there_are_others(qwen2):
     assert len({tuple(iv.expert for iv in c.interventions) for c in conds}) == 5
 
 
+def test_a_prompts_scope_outside_the_texts_is_said(qwen2):
+    """A condition scoped to texts by `prompts` left cloze accuracy, tasks and generations as the baseline's (they
+    run prompts of their own, which have no text number), and nothing said so."""
+    study = Study({"texts": ["The capital of France is Paris.", "Water boils at one hundred degrees."],
+                   "metrics": ["perplexity", "accuracy", "generations"], "generation_prompts": ["Hi"],
+                   "max_new_tokens": 2, "conditions": [
+                       {"name": "p", "interventions": [{"op": "zero", "layers": 1, "expert": e, "prompts": [1]}
+                                                       for e in range(4)]},
+                       {"name": "mixed", "interventions": [{"op": "zero", "layers": 1, "expert": 0, "prompts": [0]},
+                                                           {"op": "zero", "layers": 2, "expert": 1}]}]})
+    with pytest.warns(UserWarning) as seen:
+        df = study.run(qwen2, progress=False)
+    said = [str(w.message) for w in seen]
+    assert any("condition 'p': 4 of its 4 intervention(s) pick texts (field 'prompts'), which accuracy, generations do "
+               "not run: there they change nothing; those rows are the baseline's" in m for m in said), said
+    assert any("condition 'mixed': 1 of its 2 intervention(s) pick texts" in m and "baseline's" not in m
+               for m in said), said
+    acc = df[df.metric == "accuracy"].set_index("condition")["mean"]
+    assert acc["p"] == acc["baseline"]
+    ppl = df[df.metric == "perplexity"].set_index("condition")["mean"]
+    assert ppl["p"] != ppl["baseline"]  # on the texts it acts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Study({"texts": ["The capital of France is Paris."], "metrics": ["perplexity"], "conditions": [
+            {"name": "q", "interventions": [{"op": "zero", "layers": 1, "expert": 0, "prompts": [0]}]}]}).run(
+            qwen2, progress=False)
+
+
 def test_one_token_texts_and_num_texts_past_the_texts_are_said_for_what_they_are(qwen2):
     """A one-token text's perplexity and sink are NaN by definition; the study said "the model's outputs are not
     finite there". num_texts past the texts there are was taken without a word."""

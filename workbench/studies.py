@@ -464,6 +464,14 @@ class Study:
         if cut:
             warnings.warn(f"{self.source}: longer than the model's context of {lm.context_length} positions, cut: "
                           + "; ".join(cut), stacklevel=2)
+        elsewhere = [m for m in self.metrics if m not in TEXT_METRICS]
+        for c in conditions if elsewhere else ():
+            scoped = sum(iv.prompts is not None for iv in c.interventions)
+            if scoped:  # a `prompts` scope numbers the texts: cloze items, tasks and generation prompts have no number
+                warnings.warn(f"condition {c.name!r}: {scoped} of its {len(c.interventions)} intervention(s) pick texts "
+                              f"(field 'prompts'), which {', '.join(elsewhere)} do not run: there they change nothing"
+                              + ("; those rows are the baseline's" if scoped == len(c.interventions) else ""),
+                              stacklevel=2)
         inputs = self._inputs(lm, texts, cloze)
         out = Path(out_dir) if out_dir else None
         reuse = self._saved(out, conditions, inputs) if out else {}
