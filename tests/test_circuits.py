@@ -850,7 +850,9 @@ def test_cli_names_the_facts_the_circuit_loses():
         return {"prompt": prompt, "answer": " x", "answer_rank_full": full, "answer_rank_circuit": circ}
     facts = [fact("kept", 0, 3), fact("lost", 1, 942), fact("never had", 19, 4028), fact("edge", 9, 10)]
     line = _lost_line(facts)
-    assert line.startswith("the circuit loses 2 fact(s)")
+    # ranks count from 0: "rank 9 -> 10" read as still in the top 10 without the note
+    assert line.startswith("the circuit loses 2 fact(s) the model has in its top 10 (answer rank full -> circuit, the "
+                           "tokens scored above it: Hit@10 counts ranks 0-9): ")
     assert "'lost' -> ' x' (rank 1 -> 942)" in line and "'edge' -> ' x' (rank 9 -> 10)" in line
     assert "kept" not in line and "never had" not in line
     assert _lost_line(facts[:1]) == "" and _lost_line([{"prompt": "p", "answer": " a"}]) == ""
