@@ -373,3 +373,21 @@ def test_cli_names_no_curve_as_what_took_the_target_and_prints_no_random_control
                  "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "faithfulness " in out and "random" not in out and "nan" not in out, out
+
+
+def test_a_half_precision_model_is_read_as_its_blocks_and_refused_for_what_it_is():
+    """A bf16 / fp16 model was refused as "cannot read layer 1 ... as a residual block": the block matcher cast to
+    float32 before choosing its tolerance, so half precision met float32's. The layouts are now those of float32, and
+    the circuit says what it needs (float32); sae features (which read the same layouts) no longer fall back."""
+    import torch
+
+    from workbench.circuits.blocks import block_layouts
+    from workbench.models.specs import load
+
+    want = [b.kind for b in block_layouts(load("zoo:qwen3-moe").model, load("zoo:qwen3-moe").adapter)[0]]
+    for dtype in ("bfloat16", "float16"):
+        lm = load("zoo:qwen3-moe", dtype=dtype)
+        assert next(lm.model.parameters()).dtype == getattr(torch, dtype)
+        assert [b.kind for b in block_layouts(lm.model, lm.adapter)[0]] == want
+        with pytest.raises(WorkbenchError, match=rf"circuits run in fp32; the model is torch.{dtype}"):
+            find_circuit(lm, builtin_facts()[:4], CircuitOptions(method="eap", top_edges=10))
