@@ -45,6 +45,7 @@ class SinkMeter:
         self._prompts = 0  # prompts with queries in the current batch (set by begin_batch)
         self.no_attention: list[int] = []  # layers without softmax attention (set by install)
         self._batch: list[tuple[int, torch.Tensor]] = []  # this batch's (layer, per-key sums), finished together
+        self._eps = torch.finfo(torch.float32).eps  # of the coarsest probabilities met: their row sums are 1 to it
 
     def install(self, model: nn.Module, adapter: Adapter) -> None:
         """Hook every layer's attention; a hybrid model's linear-attention layers have no probabilities and
@@ -92,6 +93,8 @@ class SinkMeter:
         # [B, 1, 1, Tq] @ [B, H, Tq, Tk] -> [B, H, Tk] (2.5-7x faster on CPU than the same einsum, which copies
         # the weights to contract over Tq). The rest waits for the batch's other layers (_finish).
         rows = self._rows if weights.dtype == torch.float32 else self._rows.to(weights.dtype)
+        if weights.dtype.is_floating_point:
+            self._eps = max(self._eps, torch.finfo(weights.dtype).eps)
         self._batch.append((layer, torch.matmul(rows, weights).squeeze(2)))
 
     def _finish(self) -> None:
@@ -132,6 +135,7 @@ class SinkMeter:
         other._finish()
         for name in self.STATE:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self._eps = max(self._eps, other._eps)
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -172,7 +176,9 @@ class SinkMeter:
         if skip:
             out["no_attention"] = list(skip)
         learned = per_layer(1 - self.mass_sum / n)  # NaN where nothing was measured
-        if any(v > 1e-4 for row in learned for v in row):  # a learned sink took part of the softmax (gpt-oss)
+        # a learned sink took part of the softmax (gpt-oss); bf16 probabilities alone miss 1 by up to ~1e-3, which
+        # made SmolLM2 "have" learned sinks of -0.00
+        if any(v > max(1e-4, self._eps) for row in learned for v in row):
             out["share_learned_sink"] = learned
         if bool(self.nonfinite.any()):
             out["nonfinite_prompts"] = self.nonfinite.tolist()  # per layer: left out, their attention not finite
