@@ -30,6 +30,7 @@ def test_small_training_run_learns_and_round_trips(tmp_path, capsys):
     assert m["mse_last"] < 0.5 * m["mse_first"]  # first / last 5 % of the steps
     assert m["explained_variance"] > 0.2 and m["train_explained_variance"] > m["explained_variance"] - 0.2
     assert m["l0"] == pytest.approx(8.0) and m["steps"] == 50 and m["heldout_prompts"] == 4
+    assert m["model_dtype"] == "float32"  # the activations' dtype (the SAE's own is cfg.json's)
     # SAELens' own format, loaded back through SAELens: same numbers, same site
     sae = load_sae(out)
     assert type(sae).__name__ == "TopKSAE" and sae.cfg.d_sae == 256
