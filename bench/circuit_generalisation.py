@@ -10,12 +10,13 @@ circuits on) on fact sets, one table.
 Sets: ``builtin``: each built-in relation on its own (annotated, as shipped); ``plain``:
 ``examples/plain_facts.jsonl`` (12 plain facts, 4 relations, written for issue 19's first check);
 ``heldout``: ``examples/heldout_facts.jsonl`` (16 plain facts, 4 relations + 3 loners, written before
-any circuit was run on them and not tuned on afterwards); ``more``: ``examples/heldout_facts_{b,...,h}.jsonl`` (16
+any circuit was run on them and not tuned on afterwards); ``more``: ``examples/heldout_facts_{b,...,j}.jsonl`` (16
 plain facts each, b-e written on 2026-12-05 while the mean baseline and the swap search were changed: b and c were
 run on the code before those changes, c and d were the sets those changes were diagnosed on, e was written after
 them and run once; f written on 2026-12-06 and run on the code of that day before any change, then the set the
 built-in partners and the neighbour swap were diagnosed on; g written on 2026-12-06 before the neighbour swap,
-run once before it and once after; h written after it, run once on it and once on the code before it);
+run once before it and once after; h written after it, run once on it and once on the code before it; i and j
+written on 2026-12-07 by a helper before any run, j the first set to miss the goal under the defaults);
 ``--facts`` adds any JSONL file.
 
 Per set: facts, baselines used, faithfulness and Hit@10 (circuit / full model) at 1 % and 2 % of the
@@ -169,7 +170,7 @@ def main() -> None:
         sets.append(("examples/heldout_facts.jsonl", read_facts(ROOT / "examples" / "heldout_facts.jsonl")))
     if "more" in wanted:
         sets += [(f"examples/heldout_facts_{x}.jsonl", read_facts(ROOT / "examples" / f"heldout_facts_{x}.jsonl"))
-                 for x in "bcdefgh"]
+                 for x in "bcdefghij"]
     sets += [(f, read_facts(f)) for f in args.facts]
     if args.swaps:
         print(f"| facts | n | fill: faithfulness / Hit@10 | --swaps {args.swaps} | edges (rounds kept) | found on even "
