@@ -247,10 +247,13 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
                            answer_rank_circuit=r_circ)
         if ev["gap_z"] < UNSTABLE_GAP_Z:
             warnings.warn(_unstable_gap(ev, c["faithfulness"], "the facts"), stacklevel=2)
-        elif math.isnan(ev["gap_z"]) and not math.isnan(c["faithfulness"]):  # one fact: no spread to judge its gap by
+        elif math.isnan(ev["gap_z"]) and not math.isnan(c["faithfulness"]):  # one gap: no spread to judge it by
             # (a NaN faithfulness, a gap of 0, is said where the curve or the evaluation finds it)
-            warnings.warn(f"one fact: its faithfulness ({c['faithfulness']:.3g}) has no spread over facts to judge "
-                          "the corruption's gap by (gap_z needs two or more); more facts give a firm one", stacklevel=2)
+            warnings.warn((f"one fact: its faithfulness ({c['faithfulness']:.3g}) has" if len(prepared) == 1 else
+                           f"{len(prepared)} facts with one gap between them (two facts swapped with each other have "
+                           f"the same one): their faithfulness ({c['faithfulness']:.3g}) has")
+                          + " no spread over facts to judge the corruption's gap by (gap_z needs two or more distinct "
+                          "gaps); more facts give a firm one", stacklevel=2)
     if groups and o.evaluate:
         t0 = time.perf_counter()
         relations = per_relation(lm, prepared, graph, scores, groups, mask, SELECTIONS[o.selection], o)

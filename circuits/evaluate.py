@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 
 from workbench.circuits.attribution import corrupted_run, last_logits, mean_residuals, metric_values, sender_means
@@ -234,12 +236,23 @@ def gap_z(gaps: torch.Tensor) -> float:
     """How firmly the facts agree that the corruption moves the metric: the mean of the per-fact gaps (full minus
     corrupted logit difference) over its standard error. Faithfulness is a ratio over the summed gap; under
     ``UNSTABLE_GAP_Z`` the gap is within the facts' own spread of zero and the ratio is noise (values far above 1 or
-    below 0 from a circuit of a few edges). inf where every fact moves by the same amount, NaN for one fact."""
-    n = gaps.numel()
+    below 0 from a circuit of a few edges).
+
+    Over the distinct gaps (equal to 1e-5 of the largest): two facts swapped with each other (A's corrupted prompt is
+    B's and B's is A's, as a relation of two facts always is) have the same gap by construction, and counting it twice
+    made a spread of rounding noise (gap_z 1e7, or inf). NaN where fewer than two distinct gaps remain (one fact, a
+    pair swapped with each other, a fact repeated)."""
+    g = gaps.double().flatten()
+    if g.numel() < 2:
+        return math.nan
+    scale = float(g.abs().max())
+    if scale > 0:  # one gap of each value (the first), in the facts' order
+        first = np.unique(np.round(g.cpu().numpy() / scale * 1e5), return_index=True)[1]
+        g = g[torch.from_numpy(np.sort(first))]
+    n = g.numel()
     if n < 2:
         return math.nan
-    sd = float(gaps.double().std())
-    mean = float(gaps.double().mean())
+    sd, mean = float(g.std()), float(g.mean())
     return abs(mean) / (sd / math.sqrt(n)) if sd > 0 else (math.inf if mean else 0.0)
 
 

@@ -231,8 +231,11 @@ def test_gap_z_is_the_mean_gap_over_its_standard_error():
     gaps = torch.tensor([1.0, 2.0, 3.0, 6.0])
     mean, sd = 3.0, math.sqrt(sum((g - 3.0) ** 2 for g in (1, 2, 3, 6)) / 3)
     assert gap_z(gaps) == pytest.approx(mean / (sd / 2))
-    assert gap_z(torch.tensor([-2.0, -2.0])) == math.inf and gap_z(torch.tensor([0.0, 0.0])) == 0.0
-    assert math.isnan(gap_z(torch.tensor([5.0])))
+    assert gap_z(torch.tensor([0.0, 0.0])) == 0.0 and math.isnan(gap_z(torch.tensor([5.0])))
+    # Two facts swapped with each other have one gap between them (to rounding): it was counted twice, and its spread
+    # of rounding noise gave gap_z 1.15e7 (or inf) on a plain relation of two facts. Distinct gaps count once.
+    assert math.isnan(gap_z(torch.tensor([-2.0, -2.0]))) and math.isnan(gap_z(torch.tensor([3.25, 3.2500002])))
+    assert gap_z(torch.tensor([1.0, 2.0, 2.0000001, 3.0, 6.0, 6.0])) == pytest.approx(mean / (sd / 2))
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +359,12 @@ def test_one_fact_and_repeated_facts_are_said(zoo_lm):
     with pytest.warns(UserWarning, match=r"^2 fact\(s\) repeat an earlier one's prompt and answer \(first: fact 1, as "
                                          r"fact 0\)"):
         find_circuit(zoo_lm, one * 3, CircuitOptions(method="eap", top_edges=20, random_seeds=0))
+    pair = [Fact("The capital of France is", " Paris", relation="capital", subject="France"),
+             Fact("The capital of Japan is", " Tokyo", relation="capital", subject="Japan")]  # swapped with each other
+    with pytest.warns(UserWarning, match=r"^2 facts with one gap between them \(two facts swapped with each other have "
+                                         r"the same one\): their faithfulness"):
+        c, _, _ = find_circuit(zoo_lm, pair, CircuitOptions(method="eap", top_edges=20, random_seeds=0))
+    assert math.isnan(c.meta["metrics"]["gap_z"])  # it was ~1e7: the same gap twice, spread by rounding
 
 
 @pytest.mark.filterwarnings("ignore:the corruption moves")

@@ -128,7 +128,7 @@ def test_a_circuit_report_says_a_noisy_gap_and_refuses_another_runs_metrics(runs
     folder = tmp_path / "c"
     shutil.copytree(runs / "circuit", folder)
     metrics = json.loads((folder / "metrics.json").read_text())
-    for gz, says in ((0.6, "(gap_z 0.60)"), (math.nan, "one fact gives no spread"), (25.0, None)):
+    for gz, says in ((0.6, "(gap_z 0.60)"), (math.nan, "whose gaps are one) gives no spread"), (25.0, None)):
         (folder / "metrics.json").write_text(json.dumps({**metrics, "gap_z": gz}))
         page = report(folder).read_text()
         assert ("The faithfulness figures are noise here" in page) == (says is not None), gz

@@ -280,7 +280,8 @@ def _circuit(folder: Path) -> str:
     gz = m.get("gap_z")
     if isinstance(gz, (int, float)) and (gz != gz or gz < UNSTABLE_GAP_Z):  # said by `workbench circuit` too
         facts.append("<b>The faithfulness figures are noise here</b>: " + (
-            "one fact gives no spread to judge the corruption's gap by." if gz != gz else
+            "one fact (or two swapped with each other, whose gaps are one) gives no spread to judge the corruption's "
+            "gap by." if gz != gz else
             f"the corruption moves the answer's logit difference by less than twice its standard error over the facts "
             f"(gap_z {gz:.2f}), and faithfulness is a ratio over that gap."))
     target = meta.get("selection", {}).get("target")
