@@ -343,6 +343,45 @@ def test_steer_yaml_box_steers_a_dense_model_and_round_trips(tmp_path, monkeypat
     assert fresh.session_state["steer_generations"][1] == steered
 
 
+def test_dense_table_edits_and_the_text_boxes_hold(tmp_path, monkeypatch, zoo_tokenizer):
+    """The dense table was fed its own output, and a "dynamic" editor then dropped every second edit: a row ticked
+    then unticked stayed on (in headless Chromium too). Visiting another page emptied the prompt and the YAML box
+    (Streamlit drops a widget's state on a run that does not draw it)."""
+    from workbench.models.families import save_tiny
+
+    folder = save_tiny("gemma2", tmp_path / "gemma2", zoo_tokenizer)
+    monkeypatch.setattr(sys, "argv", ["app.py", "--model", str(folder)])
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.number_input(key="profile_max_tokens").set_value(16)
+    at.button(key="profile_run").click().run()
+    at.sidebar.radio(key="page").set_value("Steer").run()
+    ui_ok(at)
+
+    def active():
+        return [c.value for c in at.caption if c.value[:1].isdigit() and " active intervention" in c.value]
+
+    def tick(rows):
+        at.session_state[at.data_editor[0].key] = {"edited_rows": rows, "added_rows": [], "deleted_rows": []}
+        at.run()
+        ui_ok(at)
+        return active()
+    first = tick({0: {"on": True}})
+    assert first and first[0].startswith("1 active intervention: ")
+    assert tick({0: {"on": False}}) == []  # (stayed "1 active intervention")
+    assert tick({1: {"on": True}})[0].startswith("1 active intervention: ")
+    at.text_area(key="steer_prompt").input("Water boils at").run()
+    at.text_area(key="steer_extra").input("- {op: zero_head, layers: 0, heads: [1]}").run()
+    ui_ok(at)
+    both = active()
+    assert both[0].startswith("2 active interventions: ")
+    at.sidebar.radio(key="page").set_value("Profile").run()
+    at.sidebar.radio(key="page").set_value("Steer").run()
+    ui_ok(at)
+    assert at.text_area(key="steer_prompt").value == "Water boils at"
+    assert at.text_area(key="steer_extra").value == "- {op: zero_head, layers: 0, heads: [1]}"
+    assert active() == both
+
+
 @pytest.mark.slow
 def test_dense_steer_table_from_smollm2s_profile(monkeypatch):
     """On SmolLM2, the profile fills the Steer page's dense table with its massive-activation channel and sink

@@ -346,7 +346,7 @@ def _holds_any() -> bool:
         if t[list(TOGGLES)].to_numpy().any() or (t["scale"] != 1.0).any() or (t["bias"] != 0.0).any():
             return True
     dense = ss.get("steer_dense_rows")
-    return bool(str(ss.get("steer_extra") or "").strip()) or not ss.get("steer_sae_rows", blank_sae_rows()).empty \
+    return bool(str(ss.get("steer_extra") or ss.get("steer_extra_kept") or "").strip()) or not ss.get("steer_sae_rows", blank_sae_rows()).empty \
         or (dense is not None and bool(dense["on"].fillna(False).astype(bool).any()))
 
 
@@ -364,7 +364,7 @@ def table_state(lm) -> dict[int, pd.DataFrame]:
         st.session_state["steer_sae_rows"] = blank_sae_rows()
         st.session_state["steer_dense_rows"] = blank_dense_rows()
         st.session_state["steer_dense_from"] = None
-        st.session_state["steer_extra"] = ""
+        st.session_state["steer_extra"] = st.session_state["steer_extra_kept"] = ""
         st.session_state["steer_version"] = st.session_state.get("steer_version", 0) + 1
     return st.session_state["steer_tables"]
 
@@ -383,6 +383,15 @@ def add_to_table(lm, layer: int, expert: int, op: str) -> None:
     st.session_state["steer_layer"] = layer  # and the Steer page opens on that layer
 
 
+def _keep(key: str, default: str) -> None:
+    """Give a text box of this page the value it had when the page was last drawn. Streamlit drops a widget's state
+    on a run that does not draw it (another page's), so the prompt and the YAML box came back empty; their values
+    are kept under ``KEY_kept`` as well."""
+    ss = st.session_state
+    if key not in ss:
+        ss[key] = ss.get(f"{key}_kept", default)
+
+
 def _upload(lm) -> None:
     up = st.file_uploader("Study YAML (one condition) into the table", type=["yaml", "yml", "json"], key="steer_upload")
     data = new_upload(up, "steer_upload")
@@ -397,7 +406,8 @@ def _upload(lm) -> None:
         tables = tables_from_interventions([iv for iv in ivs if in_table(iv)], infos)
         st.session_state["steer_sae_rows"] = sae_rows_from_interventions([iv for iv in ivs if iv.op == SAE_OP])
         rest = [iv.to_dict() for iv in ivs if not in_table(iv) and iv.op != SAE_OP]
-        st.session_state["steer_extra"] = yaml.safe_dump(rest, sort_keys=False, default_flow_style=None) if rest else ""
+        st.session_state["steer_extra"] = st.session_state["steer_extra_kept"] = (
+            yaml.safe_dump(rest, sort_keys=False, default_flow_style=None) if rest else "")
         st.session_state["steer_tables"] = tables
         if split:
             st.session_state["steer_split"] = True
@@ -476,8 +486,13 @@ def _dense_editor(lm, ver: int) -> pd.DataFrame:
     st.caption("Tick a row to apply it. Rows come from this model's profile (the Profile page): each massive-"
                "activation channel and the strongest sink heads; add rows for any channel, head or neuron. "
                "positions: comma-separated, negative from the end (blank: all).")
+    # The editor's data is the rows as they were when it appeared, as for the SAE rows: fed its own output back, a
+    # "dynamic" editor (its identity tied to its data) dropped every second edit (tick, then untick, stayed ticked).
+    key = f"steer_dense_{ver}"
+    if key not in st.session_state:
+        st.session_state["steer_dense_base"] = st.session_state["steer_dense_rows"]
     edited = st.data_editor(
-        st.session_state["steer_dense_rows"], key=f"steer_dense_{ver}", num_rows="dynamic", hide_index=True,
+        st.session_state["steer_dense_base"], key=key, num_rows="dynamic", hide_index=True,
         column_config={"on": st.column_config.CheckboxColumn("on", default=False),
                        "op": st.column_config.SelectboxColumn("op", options=list(DENSE_OPS)),
                        "layer": st.column_config.NumberColumn("layer", min_value=0, step=1),
@@ -533,7 +548,8 @@ def render(lm, sae: PickedSAE | None = None) -> None:
     with st.expander("Load a study YAML"):
         _upload(lm)
     tables = st.session_state["steer_tables"]
-    prompt = st.text_area("Prompt", value="The capital of France is", key="steer_prompt")
+    _keep("steer_prompt", "The capital of France is")
+    prompt = st.session_state["steer_prompt_kept"] = st.text_area("Prompt", key="steer_prompt")
     ver = st.session_state["steer_version"]
     dense_rows = None
     if layers:
@@ -542,8 +558,10 @@ def render(lm, sae: PickedSAE | None = None) -> None:
         dense_rows = _dense_editor(lm, ver)
         ver = st.session_state["steer_version"]
     sae_rows = _sae_editor(sae, ver)
-    extra = st.text_area("More interventions (YAML): attention heads, Q/K dims, residual channels, MLP neurons",
-                         key="steer_extra", help=EXTRA_HELP, placeholder="- {op: zero_head, layers: 3, heads: [0, 5]}")
+    _keep("steer_extra", "")
+    extra = st.session_state["steer_extra_kept"] = st.text_area(
+        "More interventions (YAML): attention heads, Q/K dims, residual channels, MLP neurons", key="steer_extra",
+        help=EXTRA_HELP, placeholder="- {op: zero_head, layers: 3, heads: [0, 5]}")
     try:
         ivs = (interventions_from_tables(tables) + (interventions_from_dense_rows(dense_rows) if dense_rows is not None
                                                      else [])
