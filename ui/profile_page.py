@@ -121,7 +121,7 @@ def expert_details(p: dict, layer: int, expert: int) -> dict | None:
     if e.get("channel_kurtosis") is not None:
         out["kurtosis of its channel maxima"] = e["channel_kurtosis"]
     by_layer = p.get("expert_max_kurtosis_by_layer") or []
-    if layer < len(by_layer):
+    if layer < len(by_layer) and by_layer[layer] is not None and by_layer[layer] == by_layer[layer]:  # (NaN: dense)
         out["kurtosis of the layer's expert maxima"] = by_layer[layer]
     out["super expert"] = any(s["layer"] == layer and s["expert"] == expert and s["kind"] != "shared"
                               for s in p["super_experts"])
@@ -282,9 +282,11 @@ def render(lm, sae: PickedSAE | None = None) -> None:
         rows = [flat({k: v for k, v in r.items() if not isinstance(v, list)}) for r in p["router"]]
         st.dataframe(pd.DataFrame(rows), key="profile_router")
     kurt = p.get("expert_max_kurtosis_by_layer")
-    if kurt:
-        by_layer = ", ".join(f"L{i} {_fmt('', k)}" for i, k in enumerate(kurt))
-        st.caption(f"kurtosis of experts' maxima by layer: {by_layer}")
+    # a dense layer's one MLP has no spread of expert maxima (NaN): it is left out, not shown as "nan"
+    shown = [(i, k) for i, k in enumerate(kurt or []) if k is not None and k == k]
+    if shown:
+        by_layer = ", ".join(f"L{i} {_fmt('', k)}" for i, k in shown)
+        st.caption(f"kurtosis of experts' maxima by MoE layer: {by_layer}")
     _report_button(p)
 
 
