@@ -232,6 +232,17 @@ def evaluate(lm, prepared: list[Prepared], graph: Graph, circuits: dict[str, tor
 UNSTABLE_GAP_Z = 2.0  # below this, the facts do not agree on the corruption's effect (see gap_z)
 
 
+def gap_caveat(gz) -> str | None:
+    """Why a circuit's faithfulness figures are noise, from its ``gap_z`` (None: they are not; the report and the
+    app's Circuits page say it beside the figures, as ``workbench circuit`` warns)."""
+    if not isinstance(gz, (int, float)) or (gz == gz and gz >= UNSTABLE_GAP_Z):
+        return None
+    return ("one fact (or two swapped with each other, whose gaps are one) gives no spread to judge the corruption's "
+            "gap by." if gz != gz else
+            f"the corruption moves the answer's logit difference by less than twice its standard error over the facts "
+            f"(gap_z {gz:.2f}), and faithfulness is a ratio over that gap.")
+
+
 def gap_z(gaps: torch.Tensor) -> float:
     """How firmly the facts agree that the corruption moves the metric: the mean of the per-fact gaps (full minus
     corrupted logit difference) over its standard error. Faithfulness is a ratio over the summed gap; under

@@ -257,6 +257,17 @@ def test_circuits_page_draws_graph_and_metrics(tmp_path):
     svg = svg_download(at.session_state["circuit"], 2)()  # what the SVG button sends when clicked
     assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
     assert 'id="edge-1"' in svg and 'id="edge-2"' not in svg and 'id="node-input"' not in svg  # 2 strongest edges
+    assert not at.warning
+    # a noisy gap is said beside the figures, as `workbench circuit` and the report say it (the page showed
+    # "faithfulness 0.998" for one fact of granitemoeshared whose clean and corrupted metrics differed by 2e-4)
+    for gz, says in ((0.6, "(gap_z 0.60)"), (float("nan"), "gives no spread"), (25.0, None)):
+        data = json.loads((tmp_path / "circuit.json").read_text())
+        data["graph"]["meta"]["metrics"]["gap_z"] = gz
+        (tmp_path / f"c{gz}.json").write_text(json.dumps(data))
+        at.text_input(key="circuit_path").input(str(tmp_path / f"c{gz}.json")).run()
+        ui_ok(at)
+        noise = [w.value for w in at.warning if "The faithfulness figures are noise here" in w.value]
+        assert (noise and says in noise[0]) if says else not noise, noise
 
 
 def test_heatmap_click_points_pick_an_expert():

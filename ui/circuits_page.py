@@ -187,9 +187,13 @@ def why_empty(meta: dict) -> str:
 
 
 def _metrics(meta: dict) -> None:
+    from workbench.circuits.evaluate import gap_caveat
+
     metrics = meta.get("metrics") or {}
     if not isinstance(metrics, dict):  # not what `workbench circuit` writes: shown as it is
         metrics = {"metrics": metrics}
+    if caveat := gap_caveat(metrics.get("gap_z")):  # (a faithfulness of 0.998 on one fact read as a finding)
+        st.warning("The faithfulness figures are noise here: " + caveat)
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
     if flat:
         cols = st.columns(min(len(flat), 4))

@@ -275,15 +275,10 @@ def _circuit(folder: Path) -> str:
              f"<b>Hit@10</b>: full model {_num(m.get('hit_at_10_full'))}, circuit {_num(m.get('hit_at_10_circuit'))}, "
              f"random circuits {_num(m.get('hit_at_10_random'))}, corrupted input {_num(m.get('hit_at_10_corrupted'))}.",
              "<b>Nodes</b>: " + ", ".join(f"{v} {_e(k)}" for k, v in sorted(kinds.items())) + "."]
-    from workbench.circuits.evaluate import UNSTABLE_GAP_Z
+    from workbench.circuits.evaluate import gap_caveat
 
-    gz = m.get("gap_z")
-    if isinstance(gz, (int, float)) and (gz != gz or gz < UNSTABLE_GAP_Z):  # said by `workbench circuit` too
-        facts.append("<b>The faithfulness figures are noise here</b>: " + (
-            "one fact (or two swapped with each other, whose gaps are one) gives no spread to judge the corruption's "
-            "gap by." if gz != gz else
-            f"the corruption moves the answer's logit difference by less than twice its standard error over the facts "
-            f"(gap_z {gz:.2f}), and faithfulness is a ratio over that gap."))
+    if caveat := gap_caveat(m.get("gap_z")):  # said by `workbench circuit` too
+        facts.append("<b>The faithfulness figures are noise here</b>: " + _e(caveat))
     target = meta.get("selection", {}).get("target")
     if target:
         goal = f"faithfulness {target['faithfulness']:g}" + (
