@@ -257,7 +257,14 @@ def test_circuits_page_draws_graph_and_metrics(tmp_path):
     svg = svg_download(at.session_state["circuit"], 2)()  # what the SVG button sends when clicked
     assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
     assert 'id="edge-1"' in svg and 'id="edge-2"' not in svg and 'id="node-input"' not in svg  # 2 strongest edges
-    assert not at.warning
+    assert not at.warning and not [i.value for i in at.info if "This circuit is of" in i.value]
+    meta = json.loads((tmp_path / "circuit.json").read_text())
+    meta["graph"]["meta"]["model"] = "zoo:olmoe"  # another model's circuit (or one kept after a model switch): said
+    (tmp_path / "other.json").write_text(json.dumps(meta))
+    at.text_input(key="circuit_path").input(str(tmp_path / "other.json")).run()
+    ui_ok(at)
+    assert [i.value for i in at.info if i.value.startswith(f"This circuit is of zoo:olmoe; the sidebar's model is "
+                                                             f"{UI_MODEL}.")]
     # a noisy gap is said beside the figures, as `workbench circuit` and the report say it (the page showed
     # "faithfulness 0.998" for one fact of granitemoeshared whose clean and corrupted metrics differed by 2e-4)
     for gz, says in ((0.6, "(gap_z 0.60)"), (float("nan"), "gives no spread"), (25.0, None)):
