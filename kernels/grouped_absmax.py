@@ -103,9 +103,11 @@ def grouped_absmax(x: torch.Tensor, group_ids: torch.Tensor, num_groups: int,
                    backend: str | None = None) -> GroupedAbsMax:
     """Max |x| per (group, channel) and its row; see the module doc for NaN, ties and empty groups."""
     x = check_matrix(x)
-    if not isinstance(group_ids, torch.Tensor) or group_ids.shape != x.shape[:1] or group_ids.is_floating_point():
-        shape = tuple(group_ids.shape) if isinstance(group_ids, torch.Tensor) else type(group_ids).__name__
-        raise WorkbenchError(f"group_ids must be an integer tensor [N={x.shape[0]}], got {shape}")
+    if (not isinstance(group_ids, torch.Tensor) or group_ids.shape != x.shape[:1] or group_ids.is_floating_point()
+            or group_ids.is_complex() or group_ids.dtype == torch.bool):  # (a bool mask was read as groups 0 and 1)
+        got = (f"{str(group_ids.dtype).replace('torch.', '')} {tuple(group_ids.shape)}"
+               if isinstance(group_ids, torch.Tensor) else type(group_ids).__name__)
+        raise WorkbenchError(f"group_ids must be an integer tensor [N={x.shape[0]}], got {got}")
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 0:
         raise WorkbenchError(f"num_groups must be an integer >= 0, got {num_groups!r}")
     num_groups = int(num_groups)
