@@ -164,7 +164,8 @@ def cmd_circuit(args) -> int:
             print(lost)
     if m.get("curve"):
         print(curve_line(m["curve"])
-              + (_target_line(circuit.meta["selection"]["target"]) if "target" in circuit.meta["selection"] else ""))
+              + (_target_line(circuit.meta["selection"]["target"], circuit.n_edges)
+                 if "target" in circuit.meta["selection"] else ""))
     if m.get("relations"):
         rel = m["relations"]
         for name, r in rel["per_relation"].items():
@@ -198,12 +199,15 @@ def _short_line(sel: dict) -> str:
     return f"; budget {asked}: {why}"
 
 
-def _target_line(t: dict) -> str:
+def _target_line(t: dict, kept: int | None = None) -> str:
+    """``kept``: the circuit's edges; where the swaps left some without a path from the input to the logits, they
+    were pruned and it has fewer than the budget (it read "the 1413-edge circuit" for a circuit of 1408)."""
     goal = f"{t['faithfulness']:g}" + (f" (Hit@10 >= {t['hit_share']:g} x full)" if t.get("hit_share") else "")
     if t["reached_on_curve"]:
         return f"; smallest reaching {goal}: {t['budget']} edges"
     return (f"; none up to {t['max_fraction']:.1%} reaches {goal}: the {t['budget']}-edge circuit, sharpened by "
-            "swaps (above)")
+            "swaps (above)" + (f", {kept} edges once those left off every input-to-logits path are pruned"
+                               if kept is not None and kept != t["budget"] else ""))
 
 
 def _lost_line(facts: list[dict], show: int = 5) -> str:

@@ -842,6 +842,17 @@ def test_cli_writes_outputs(tmp_path, capsys):
     assert "faithfulness" in capsys.readouterr().out
 
 
+def test_cli_target_line_gives_the_edges_kept_after_the_swaps():
+    """A swap-sharpened circuit whose swaps left edges off every input-to-logits path is pruned below its budget:
+    the line said "the 1413-edge circuit" for a circuit of 1408 edges (a helper's held-out run)."""
+    from workbench.circuits.cli import _target_line
+
+    t = {"faithfulness": 0.85, "hit_share": 0.8, "reached_on_curve": False, "max_fraction": 0.02, "budget": 1413}
+    assert _target_line(t, 1408).endswith("the 1413-edge circuit, sharpened by swaps (above), 1408 edges once those "
+                                          "left off every input-to-logits path are pruned")
+    assert _target_line(t, 1413).endswith("sharpened by swaps (above)") and _target_line(t).endswith("(above)")
+
+
 def test_cli_names_the_facts_the_circuit_loses():
     """The CLI names the facts the full model ranks in its top 10 and the circuit does not, from their ranks."""
     from workbench.circuits.cli import _lost_line
