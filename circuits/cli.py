@@ -219,8 +219,8 @@ def _lost_line(facts: list[dict], show: int = 5) -> str:
     named = "; ".join(f"{f['prompt']!r} -> {f['answer']!r} (rank {f['answer_rank_full']} -> {f['answer_rank_circuit']})"
                       for f in lost[:show])
     more = f"; and {len(lost) - show} more" if len(lost) > show else ""
-    return (f"the circuit loses {len(lost)} fact(s) the model has in its top 10 (answer rank full -> circuit, the tokens "
-            "scored above it: Hit@10 counts ranks 0-9): "
+    return (f"the circuit loses {len(lost)} fact(s) the model has in its top 10 (answer rank full -> circuit, the "
+            "tokens scored above it: Hit@10 counts ranks 0-9): "
             f"{named}{more}")
 
 

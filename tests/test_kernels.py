@@ -273,7 +273,8 @@ def test_bad_arguments(backend):
     # the dtype that is wrong is named (it said "got (4,)", the right shape); a bool mask was read as groups 0 and 1
     for ids, got in ((torch.zeros(4), "float32 (4,)"), (torch.ones(4, dtype=torch.bool), "bool (4,)"),
                      (torch.zeros(3, dtype=torch.int64), "int64 (3,)"), ([0, 1, 0, 1], "list")):
-        with pytest.raises(WorkbenchError, match=rf"^group_ids must be an integer tensor \[N=4\], got {re.escape(got)}$"):
+        with pytest.raises(WorkbenchError,
+                           match=rf"^group_ids must be an integer tensor \[N=4\], got {re.escape(got)}$"):
             grouped_absmax(x, ids, 2, backend=backend)
     with pytest.raises(WorkbenchError, match="2-D"):
         channel_stats(torch.ones(3), backend=backend)

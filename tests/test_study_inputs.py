@@ -392,8 +392,8 @@ def test_a_shared_super_expert_leaves_the_routed_one_of_its_number_in_the_random
     """Shared expert 0 was keyed as (layer, 0) and took routed expert 0 out of the draw; it also counted toward k."""
     study = Study({"seeds": list(range(40)), "conditions": [{"generate": "random_experts"}]})
     supers = [{"layer": 1, "kind": "shared", "expert": 0}, {"layer": 1, "kind": "routed", "expert": 5}]
-    with pytest.warns(UserWarning, match=r"every one is drawn before seed\(s\) 7, 8, 9, 10, 11, 12, \.\.\.: the control "
-                      r"has 7 seed"):
+    with pytest.warns(UserWarning, match=r"every one is drawn before seed\(s\) 7, 8, 9, 10, 11, 12, \.\.\.: the "
+                      r"control has 7 seed"):
         conds = study._random(qwen2, {"layers": None}, supers, "", "study")
     drawn = {iv.expert for c in conds for iv in c.interventions}
     assert 0 in drawn and 5 not in drawn and all(len(c.interventions) == 1 for c in conds)

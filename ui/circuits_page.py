@@ -221,8 +221,8 @@ def render(lm, sae: PickedSAE | None = None) -> None:
 
     of = circuit.meta.get("model")
     if isinstance(of, str) and of and not same_model(of, lm.spec):  # (kept on screen after the sidebar's model changed)
-        st.info(f"This circuit is of {of}; the sidebar's model is {lm.spec}. Its graph and metrics are {of}'s; a node's "
-                "SAE features are read on the sidebar's model.")
+        st.info(f"This circuit is of {of}; the sidebar's model is {lm.spec}. Its graph and metrics are {of}'s; a "
+                "node's SAE features are read on the sidebar's model.")
     total = circuit.n_edges
     if total == 0:
         st.warning("the circuit has no scored edges" + why_empty(circuit.meta))

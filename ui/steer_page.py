@@ -346,7 +346,8 @@ def _holds_any() -> bool:
         if t[list(TOGGLES)].to_numpy().any() or (t["scale"] != 1.0).any() or (t["bias"] != 0.0).any():
             return True
     dense = ss.get("steer_dense_rows")
-    return bool(str(ss.get("steer_extra") or ss.get("steer_extra_kept") or "").strip()) or not ss.get("steer_sae_rows", blank_sae_rows()).empty \
+    extra = ss.get("steer_extra") or ss.get("steer_extra_kept") or ""
+    return bool(str(extra).strip()) or not ss.get("steer_sae_rows", blank_sae_rows()).empty \
         or (dense is not None and bool(dense["on"].fillna(False).astype(bool).any()))
 
 

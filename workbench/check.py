@@ -270,9 +270,9 @@ def _routing_and_rebuild(lm, prompts):
                    f"the adapter's rule picks the router's own experts in {checked} fused MoE layers (tie-aware)")
              if checked else Check("routing", None, "ModuleList experts: the adapter's rule is the routing; nothing to compare"))
     tol = _tolerance(lm, 1e-4)
-    return [route, Check("block rebuilt", worst <= tol, f"experts x weights + shared = block output in {len(infos)} MoE "
-                         f"layers, max relative error {worst:.1e}" + (f" (<= {tol:.1e} in {_dtype(lm)})" if tol > 1e-4
-                                                                      else ""))]
+    return [route, Check("block rebuilt", worst <= tol, f"experts x weights + shared = block output in {len(infos)} "
+                         f"MoE layers, max relative error {worst:.1e}"
+                         + (f" (<= {tol:.1e} in {_dtype(lm)})" if tol > 1e-4 else ""))]
 
 
 def _zero_exact(lm, prompts):

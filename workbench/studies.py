@@ -440,8 +440,8 @@ class Study:
                    Intervention("zero_channel", (L,), channel=x) for L, x in picks]
             out.append(Condition(f"random x{k}{tag} seed {seed}", ivs, group="random_experts", seed=seed))
         if same:
-            warnings.warn(f"{where}: there are {sets} set(s) of {k} of those {len(pool)}, and every one is drawn before "
-                          f"seed(s) {', '.join(same[:6])}{', ...' if len(same) > 6 else ''}: the control has "
+            warnings.warn(f"{where}: there are {sets} set(s) of {k} of those {len(pool)}, and every one is drawn "
+                          f"before seed(s) {', '.join(same[:6])}{', ...' if len(same) > 6 else ''}: the control has "
                           f"{len(out)} seed(s)", stacklevel=3)
         return out
 
@@ -468,8 +468,9 @@ class Study:
         for c in conditions if elsewhere else ():
             scoped = sum(iv.prompts is not None for iv in c.interventions)
             if scoped:  # a `prompts` scope numbers the texts: cloze items, tasks and generation prompts have no number
-                warnings.warn(f"condition {c.name!r}: {scoped} of its {len(c.interventions)} intervention(s) pick texts "
-                              f"(field 'prompts'), which {', '.join(elsewhere)} do not run: there they change nothing"
+                warnings.warn(f"condition {c.name!r}: {scoped} of its {len(c.interventions)} intervention(s) pick "
+                              f"texts (field 'prompts'), which {', '.join(elsewhere)} do not run: there they change "
+                              "nothing"
                               + ("; those rows are the baseline's" if scoped == len(c.interventions) else ""),
                               stacklevel=2)
         inputs = self._inputs(lm, texts, cloze)
@@ -633,8 +634,9 @@ def _say_not_finite(condition: str, values: dict[str, list[float]], single: set[
 
 
 def _row(c: Condition, metric: str, values: list[float], text: str = "") -> dict:
-    mean, lo, hi, n = M.mean_ci(values, share=metric in M.SHARE_METRICS,
-                                 bounds=M.METRIC_RANGE.get(metric, (-math.inf, math.inf))) if values else (float("nan"),) * 3 + (0,)
+    bounds = M.METRIC_RANGE.get(metric, (-math.inf, math.inf))
+    mean, lo, hi, n = M.mean_ci(values, share=metric in M.SHARE_METRICS, bounds=bounds) if values \
+        else (float("nan"),) * 3 + (0,)
     return {"condition": c.name, "group": c.group, "seed": c.seed, "metric": metric, "mean": mean, "ci_low": lo,
             "ci_high": hi, "n": n, "text": text}
 
