@@ -148,3 +148,21 @@ def test_folders_of_commands_without_a_report_say_so(tmp_path):
         (folder / name).write_text("x")
         with pytest.raises(WorkbenchError, match=f"{needle} .*which report does not cover$"):
             report(folder)
+
+
+def test_ratios_read_as_the_cli_prints_them(runs, tmp_path):
+    """The massive activation's ratio to its layer median read "1e+04x" for every ratio of 10,000 or more (SmolLM2's
+    14,680x, 12,298x and 14,154x alike), where the CLI and profile.json say 14,680x."""
+    import shutil
+
+    folder = tmp_path / "p"
+    shutil.copytree(runs / "profile", folder)
+    p = json.loads((folder / "profile.json").read_text())
+    layers = p["massive_activations"]["layers"]
+    first = next(l for l in layers if l.get("top"))
+    first["massive"], first["top"][0]["ratio_to_median"] = True, 14680.4  # (this tiny model's is 108, not massive)
+    (folder / "profile.json").write_text(json.dumps(p))
+    page = report(folder).read_text()
+    i = page.find("Massive activation")
+    assert "(14,680x the layer median)" in page and "e+04x" not in page, page[i - 20:i + 300]
+    assert re.search(r"\), \d+\.\dx the median expert maximum", page)  # under 100: one decimal, as before

@@ -126,6 +126,14 @@ def _num(v, digits: int = 3) -> str:
     return str(v)
 
 
+def _ratio(v) -> str:
+    """A ratio as the CLI prints it: whole, with thousands separators, from 100 on ("14,680x", where ``_num`` with no
+    decimals wrote "1e+04x" for every ratio of 10,000 or more)."""
+    if not isinstance(v, (int, float)) or v != v:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}"
+
+
 def _table(rows: list[dict], cols: list[str] | None = None) -> str:
     if not rows:
         return "<p>(none)</p>"
@@ -166,7 +174,7 @@ def _profile(folder: Path) -> str:
         for e in se[:5]:
             facts.append(f"<b>Super expert</b>: layer {e['layer']} expert {e['expert']} ({_e(e['kind'])}) writes "
                          f"{_num(e['max_abs'])} into channel {e['channel']} (prompt {e['prompt_index']}, position "
-                         f"{e['position']}, token {_e(repr(e['token']))}), {_num(e.get('ratio_to_median'), 1)}x the "
+                         f"{e['position']}, token {_e(repr(e['token']))}), {_ratio(e.get('ratio_to_median'))}x the "
                          "median expert maximum.")
     else:
         facts.append(_e(no_super_experts(p)))
@@ -174,7 +182,7 @@ def _profile(folder: Path) -> str:
     if massive:
         l, t = massive[0], massive[0]["top"][0]
         facts.append(f"<b>Massive activation</b> from layer {l['layer']} on ({len(massive)} layers): {_num(t['value'])} "
-                     f"({_num(t['ratio_to_median'], 0)}x the layer median) in channel {t['channel']} at position "
+                     f"({_ratio(t['ratio_to_median'])}x the layer median) in channel {t['channel']} at position "
                      f"{t['position']} ({_e(repr(t['token']))}).")
     else:
         facts.append("No massive activation (no layer's top |residual| is >= 100 and >= 1000x its median).")
