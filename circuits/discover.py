@@ -92,6 +92,16 @@ def find_circuit(lm, facts: list[Fact], options: CircuitOptions | None = None) -
     facts = check_facts(facts)  # before the graph is built: a wrong argument fails at once
     for name, number in (("batch_size", COUNT), ("steps", COUNT), ("random_seeds", COUNT_OR_OFF)):
         check_number(name, getattr(o, name), number)
+    # of the right kind here (swaps=1.5 failed in range() after the attribution had run, "3" in a comparison), in
+    # range below, with the flags' messages
+    for name, kind in (("refine", int), ("swaps", int), ("target_hit_share", float), ("max_fraction", float)):
+        check_number(name, getattr(o, name), Number(kind))
+    if o.max_memory is not None:
+        check_number("max_memory", o.max_memory, Number(float))
+    # a truthy "no" ran the evaluation and the curve it was meant to skip
+    for name in ("evaluate", "progress", "curve", "per_relation") + (("lean",) if o.lean is not None else ()):
+        if not isinstance(getattr(o, name), bool):
+            raise WorkbenchError(f"{name} must be True or False, got {getattr(o, name)!r}")
     if o.top_edges is not None and o.threshold is not None:
         raise WorkbenchError("give --top-edges or --threshold, not both")
     if o.top_edges is not None:

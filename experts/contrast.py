@@ -96,6 +96,10 @@ def _welch(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 def contrast(lm, positive: Sequence[str], negative: Sequence[str], batch_size: int = 8,
              progress: bool = True) -> pd.DataFrame:
     """One row per (layer, expert), sorted by frequency difference (positive - negative), largest first."""
+    from workbench.data import check_prompts
+
+    # once each: a generator was read by the tokenizer, then found empty by the trace ("no prompts given")
+    positive, negative = check_prompts(positive, "positive"), check_prompts(negative, "negative")
     return rank(routing_by_prompt(lm, positive, batch_size, progress),
                 routing_by_prompt(lm, negative, batch_size, progress))
 
@@ -137,6 +141,9 @@ def q_values(p):
 def top_interventions(df: pd.DataFrame, k: int, op: str = "drop") -> list[Intervention]:
     """The top ``k`` rows of the ranking ``df`` (every routed expert) as ``op`` interventions. ``drop`` leaves each
     layer one expert to route to (dropping all is refused): a layer's last expert in the top k is left out, said."""
+    from workbench.tracing.runner import check_number
+
+    k = check_number("k", k)  # (-1 gave every row but the last: pandas' head(-1))
     rows = df.head(k)
     if k > len(df):
         warnings.warn(f"--top {k}: the model has {len(df)} routed experts; the set takes all of them", stacklevel=2)
@@ -162,6 +169,7 @@ def write(df: pd.DataFrame, out: Path, k: int, op: str, made_from: str = "") -> 
 
     from workbench.io import atomic_path, write_text
 
+    out = Path(out)
     with atomic_path(out / "contrast.parquet") as tmp:
         df.to_parquet(tmp, index=False)
     with atomic_path(out / "contrast.csv") as tmp:

@@ -57,6 +57,24 @@ class TrainOptions:
     seed: int = 0
 
     def check(self) -> None:
+        from workbench.args import SEED, Number
+        from workbench.tracing.runner import check_number
+
+        # of the right kind first (k=2.5 failed inside SAELens mid-training, lr=-1 inside torch's Adam, "2000" in a
+        # comparison), then in range with the flags' messages
+        for name in ("tokens", "expansion", "k", "batch_size", "prompt_batch", "holdout_every", "cache_rows"):
+            check_number(name, getattr(self, name), Number(int))
+        for name in ("d_sae", "max_tokens"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), Number(int, 1))
+        check_number("lr", self.lr, Number(float, 0, open_low=True))
+        check_number("l1_coefficient", self.l1_coefficient, Number(float, 0))
+        check_number("seed", self.seed, SEED)
+        if not isinstance(self.skip_first, bool):
+            raise WorkbenchError(f"skip_first must be True or False, got {self.skip_first!r}")
+        if self.holdout_every < 0 or self.cache_rows < 0:  # (-1 held nothing out: the fit was measured on training rows)
+            name = "holdout_every" if self.holdout_every < 0 else "cache_rows"
+            raise WorkbenchError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.architecture not in ARCHITECTURES:
             raise WorkbenchError(f"unknown SAE architecture {self.architecture!r}; use one of {', '.join(ARCHITECTURES)}")
         for name in ("tokens", "expansion", "k", "batch_size", "prompt_batch"):
@@ -226,6 +244,11 @@ def train_sae(lm, site: Site | str, prompts: Sequence[str], opts: TrainOptions =
     from sae_lens import LoggingConfig
     from sae_lens.config import SAETrainerConfig
 
+    if not isinstance(opts, TrainOptions):
+        raise WorkbenchError(f"opts must be a TrainOptions, not {type(opts).__name__}"
+                             + (": TrainOptions(**opts)" if isinstance(opts, dict) else ""))
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():  # (found after training)
+        raise WorkbenchError(f"out_dir {out_dir} is a file, not a folder")
     opts.check()
     d_in = int(lm.config.hidden_size)
     site = check_fit(lm, site, d_in, f"SAE training on {lm.spec}")

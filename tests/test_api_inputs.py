@@ -1,6 +1,8 @@
 """The Python API as a notebook calls it: odd arguments are one-line errors, generators are read once, and
 merged trace results are the trace of all their prompts."""
 
+import re
+
 import pytest
 import torch
 
@@ -126,6 +128,11 @@ BAD_TRACE = {
     "a site key": (dict(sites=["L0.resid_post"]), "Site.from_key"),
     "one reducer name": (dict(reducers="absmax"), "not one string: wrap it in a list"),
     "no reducers": (dict(reducers=[]), "nothing to compute"),
+    # a sink at a site not traced was never fed (0 rows, unsaid); a truthy "no" batched by length
+    "sink at an untraced site": (dict(sinks={Site(1, "resid_post"): [AbsMax()]}),
+                                 "sinks given for L1.resid_post, which are not among the traced sites"),
+    "sinks as a list": (dict(sinks=[AbsMax()]), "sinks must be a dict of site -> list of sinks, not list"),
+    "by_length not a bool": (dict(by_length="no"), "by_length must be True or False, got 'no'"),
 }
 
 
@@ -273,3 +280,20 @@ def test_transformer_lens_bridges_of_other_families_work_or_say_why_in_one_line(
         assert needle in one_line(e) and len(str(e.value)) < 400
     with torch.no_grad():
         assert torch.equal(lm.model(ids).logits, before)  # the loaded model (prepared, as the workbench reads it)
+
+
+def test_contrast_reads_generators_once_and_refuses_a_top_k_below_one(lm, tmp_path):
+    """contrast read a generator of prompts twice (tokenised, then found empty by the trace: "no prompts given");
+    top_interventions(df, -1) returned every row but the last (pandas' head(-1)); write() took no str folder."""
+    from workbench.experts.contrast import contrast, top_interventions, write
+
+    pos = ["The zebra runs across the plain.", "A zebra eats grass."]
+    neg = ["The horse runs across the plain.", "A horse eats grass."]
+    df = contrast(lm, (p for p in pos), (n for n in neg), progress=False)
+    assert df.equals(contrast(lm, pos, neg, progress=False))
+    for k, msg in ((-1, "k must be an integer >= 1, got -1"), (1.5, "got 1.5"), ("3", "got '3'")):
+        with pytest.raises(WorkbenchError, match=re.escape(msg)):
+            top_interventions(df, k)
+    with pytest.raises(WorkbenchError, match="^negative: prompts must be a list of strings, not one string"):
+        contrast(lm, pos, "A horse eats grass.", progress=False)
+    assert (tmp_path / "c" / "contrast.csv") in write(df, str(tmp_path / "c"), 2, "drop")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -400,3 +401,21 @@ def test_a_half_precision_model_is_read_as_its_blocks_and_refused_for_what_it_is
         assert [b.kind for b in block_layouts(lm.model, lm.adapter)[0]] == want
         with pytest.raises(WorkbenchError, match=rf"circuits run in fp32; the model is torch.{dtype}"):
             find_circuit(lm, builtin_facts()[:4], CircuitOptions(method="eap", top_edges=10))
+
+
+def test_options_of_the_wrong_kind_are_refused_before_any_model_work(zoo_lm):
+    """A notebook's evaluate="no" still evaluated (any truthy value was True), swaps=1.5 failed in range() after the
+    attribution had run, and "3" for refine, swaps or the shares failed in a comparison."""
+    facts = builtin_facts()[:4]
+    cases = [(dict(evaluate="no"), "evaluate must be True or False, got 'no'"),
+             (dict(curve=1), "curve must be True or False, got 1"),
+             (dict(per_relation="yes"), "per_relation must be True or False"),
+             (dict(lean="no"), "lean must be True or False"),
+             (dict(swaps=1.5), "swaps must be an integer, got 1.5"),
+             (dict(refine="3"), "refine must be an integer, got '3'"),
+             (dict(target_hit_share="0.8"), "target_hit_share must be a number, got '0.8'"),
+             (dict(max_fraction=None), "max_fraction must be a number, got None"),
+             (dict(max_memory="16"), "max_memory must be a number, got '16'")]
+    for kw, msg in cases:
+        with pytest.raises(WorkbenchError, match=f"^{re.escape(msg)}"):
+            find_circuit(zoo_lm, facts, CircuitOptions(method="eap", top_edges=10, **kw))

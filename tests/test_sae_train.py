@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 
 import pytest
 import torch
@@ -153,3 +154,27 @@ def test_a_diverged_run_writes_nothing_and_k_past_d_sae_is_refused_before_loadin
     code = main(["sae", "train", "zoo:tiny-moe", "--site", "L1.resid_post", "--prompts", str(prompts), "--k", "300",
                  "--d-sae", "256", "--out", str(out)])
     assert one_error(code, capsys.readouterr().err, "--k 300 is larger than the SAE (256 features)")
+
+
+def test_options_of_the_wrong_kind_are_refused_before_training(tmp_path):
+    """A notebook's k=2.5 failed inside SAELens mid-training, lr=-1 inside torch's Adam, holdout_every=-1 held nothing
+    out (the fit measured on training rows, unsaid), and an out_dir that is a file failed after training."""
+    from workbench.errors import WorkbenchError
+    from workbench.models.specs import load
+    from workbench.sae.train import train_sae
+
+    lm = load("zoo:tiny-moe")
+    prompts = default_prompts()[:8]
+    cases = [(dict(k=2.5), "k must be an integer, got 2.5"), (dict(lr=-1.0), "lr must be a number > 0, got -1.0"),
+             (dict(tokens="2000"), "tokens must be an integer, got '2000'"),
+             (dict(holdout_every=-1), "holdout_every must be >= 0, got -1"),
+             (dict(skip_first="no"), "skip_first must be True or False, got 'no'"),
+             (dict(seed=-3), "seed must be an integer in [0, ")]
+    for kw, msg in cases:
+        with pytest.raises(WorkbenchError, match=f"^{re.escape(msg)}"):
+            train_sae(lm, "L1.resid_post", prompts, TrainOptions(**kw))
+    with pytest.raises(WorkbenchError, match=r"^opts must be a TrainOptions, not dict: TrainOptions\(\*\*opts\)"):
+        train_sae(lm, "L1.resid_post", prompts, {"tokens": 2000})
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(WorkbenchError, match="is a file, not a folder"):
+        train_sae(lm, "L1.resid_post", prompts, TrainOptions(tokens=512, batch_size=256), out_dir=tmp_path / "afile")

@@ -345,6 +345,14 @@ def trace(
                              "['absmax'])")
     if tokenized is not None and len(tokenized) != len(prompts):
         raise WorkbenchError(f"tokenized holds {len(tokenized)} prompts' tokens for {len(prompts)} prompts")
+    if sinks is not None and not isinstance(sinks, dict):
+        raise WorkbenchError(f"sinks must be a dict of site -> list of sinks, not {type(sinks).__name__}")
+    stray = [s for s in (sinks or {}) if s not in sites]
+    if stray:  # (such a sink was never fed: 0 rows, unsaid)
+        raise WorkbenchError(f"sinks given for {', '.join(map(str, stray[:3]))}{', ...' if len(stray) > 3 else ''}, "
+                             "which are not among the traced sites: add them to sites")
+    if not isinstance(by_length, bool):  # (a truthy "no" batched by length)
+        raise WorkbenchError(f"by_length must be True or False, got {by_length!r}")
     if dump_dir is not None and (checkpoint is not None or (shard is not None and shard.world > 1)):
         raise WorkbenchError("--dump cannot be combined with checkpoints or several ranks")
     streamer = lm.meta.get("streamer")  # layer streaming (workbench.models.offload): all batches, one layer at a time
