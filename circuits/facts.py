@@ -331,6 +331,13 @@ def check_facts(facts) -> list[Fact]:
             raise WorkbenchError(f"fact {i} is a {type(f).__name__}, not a Fact"
                                  + (": build it with Fact(**d), or read a file with read_facts"
                                     if isinstance(f, dict) else ""))
+        # as read_facts checks a file's (a Fact built in a notebook with corrupted_prompt=5 failed in the tokenizer)
+        for key in FIELDS:
+            value = getattr(f, key)
+            if (value is not None or key in REQUIRED) and (not isinstance(value, str) or not value.strip()):
+                raise WorkbenchError(f"{f.origin or f'fact {i}'}: {key!r} must be a non-empty string, got {value!r}")
+        if f.subject and f.subject not in f.prompt:
+            raise WorkbenchError(f"{f.origin or f'fact {i}'}: subject {f.subject!r} does not occur in the prompt")
     seen: dict[tuple[str, str], int] = {}
     repeats = [(i, seen.setdefault((f.prompt, f.answer), i)) for i, f in enumerate(facts)]
     repeats = [(i, j) for i, j in repeats if i != j]

@@ -419,3 +419,17 @@ def test_options_of_the_wrong_kind_are_refused_before_any_model_work(zoo_lm):
     for kw, msg in cases:
         with pytest.raises(WorkbenchError, match=f"^{re.escape(msg)}"):
             find_circuit(zoo_lm, facts, CircuitOptions(method="eap", top_edges=10, **kw))
+
+
+def test_a_facts_fields_are_checked_as_a_files_are(zoo_lm):
+    """read_facts checks a file's fields; a Fact built in a notebook was not checked (corrupted_prompt=5 failed in the
+    tokenizer, answer=None in an attribute lookup)."""
+    good = builtin_facts()[:3]
+    cases = [(Fact("The capital of France is", " Paris", corrupted_prompt=5), "'corrupted_prompt' must be a non-empty "
+              "string, got 5"),
+             (Fact("The capital of France is", None), "fact 3: 'answer' must be a non-empty string, got None"),
+             (Fact(5, " Paris"), "'prompt' must be a non-empty string, got 5"),
+             (Fact("The capital of France is", " Paris", subject="Spain"), "subject 'Spain' does not occur")]
+    for bad, msg in cases:
+        with pytest.raises(WorkbenchError, match=re.escape(msg)):
+            find_circuit(zoo_lm, good + [bad], CircuitOptions(method="eap", top_edges=10))

@@ -6,7 +6,6 @@ import argparse
 import json
 import warnings
 
-import networkx as nx
 import pytest
 import torch
 
@@ -517,8 +516,13 @@ def test_one_relation_gets_no_per_relation_report(tiny_llama, tmp_path):
 def test_json_round_trip(moe_circuit):
     circuit, _, _, out = moe_circuit
     back = export.read_json(out / "circuit.json")
-    assert back == circuit
-    assert nx.utils.graphs_equal(back.to_networkx(), circuit.to_networkx())
+    assert back.nodes == circuit.nodes and back.edges == circuit.edges
+    # exactly, NaN equal to NaN (a relation of two facts swapped with each other has gap_z NaN)
+    assert json.dumps(back.meta, sort_keys=True) == json.dumps(circuit.meta, sort_keys=True)
+    g, want = back.to_networkx(), circuit.to_networkx()
+    assert dict(g.nodes(data=True)) == dict(want.nodes(data=True))
+    assert list(g.edges(keys=True, data=True)) == list(want.edges(keys=True, data=True))
+    assert json.dumps(g.graph, sort_keys=True, default=str) == json.dumps(want.graph, sort_keys=True, default=str)
 
 
 def test_graphml_round_trip(moe_circuit):
