@@ -272,6 +272,12 @@ def _writer_features(lm, sae, writers: Sequence[Writer], prompts: Sequence[str],
                      top_tokens: int, batch_size: int, max_tokens: int | None, skip_first: bool,
                      progress: bool) -> FeatureReport:
     """:func:`writer_features` at a site already resolved (and its SAE's model already checked) by the caller."""
+    from workbench.tracing.runner import check_number
+
+    for name, value in (("top", top), ("top_tokens", top_tokens), ("batch_size", batch_size)):
+        check_number(name, value)  # (top=0 gave an empty table; 2.5 failed in torch's topk)
+    if max_tokens is not None:
+        check_number("max_tokens", max_tokens)
     use = [w for w in writers if w.feeds(site)]
     if not use:
         raise WorkbenchError(nothing_feeds(site, len(writers)))
@@ -333,6 +339,11 @@ def _writer_features(lm, sae, writers: Sequence[Writer], prompts: Sequence[str],
                 sums[w][2] += (d_act > 0).sum(0).double().cpu()
                 counts[w] += int(rows.numel())
     token_table = _token_table(lm, tokens, tops)
+    none = [w.name for w in use if counts[w] == 0]
+    if none:  # (recorded in meta, but an expert no prompt routes to gave an empty table without a word)
+        warnings.warn(f"{len(none)} of the {len(use)} writer(s) got no token of these prompts ({', '.join(none[:3])}"
+                      f"{', ...' if len(none) > 3 else ''}): they have no features here (more prompts may reach them)",
+                      stacklevel=3)
     rows = []
     for w in use:
         n = counts[w]

@@ -1,5 +1,7 @@
 """SAELens SAEs on workbench models: loading and site checks, splicing, expert/node -> features, steering."""
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -502,3 +504,15 @@ def test_saelens_load_errors_keep_their_cause(planted_sae, tmp_path):
     with pytest.raises(WorkbenchError, match=r"SAELens could not load it \(RuntimeError: Error\(s\) in loading "
                                              r"state_dict for StandardSAE:; size mismatch for W_dec: copying a param"):
         load_sae(bad)
+
+
+def test_writers_no_prompt_reaches_are_said_and_bad_counts_refused(planted, planted_sae):
+    """An expert no token of the prompts is routed to gave an empty table without a word (recorded in meta only);
+    top=0 gave an empty table and top=2.5 failed inside torch's topk."""
+    sae = load_sae(planted_sae)
+    with pytest.warns(UserWarning, match=r"of the 8 writer\(s\) got no token of these prompts \(L1\.E\d"):
+        report = expert_features(planted, sae, ["Hi there"], experts=[(1, e) for e in range(8)], skip_first=False)
+    assert 0 < len(report.meta["writers_without_tokens"]) < 8
+    for top, msg in ((0, "top must be an integer >= 1, got 0"), (2.5, "top must be an integer >= 1, got 2.5")):
+        with pytest.raises(WorkbenchError, match=re.escape(msg)):
+            expert_features(planted, sae, ["Hi there"], experts=[(1, 5)], top=top)
