@@ -145,6 +145,9 @@ def routing(specs: Sequence[str], prompts: Sequence[str], *, load: Callable[[str
     prompts = check_prompts(prompts)  # read once: every checkpoint runs the same prompts
     if len(specs) < 2:
         raise WorkbenchError("routing needs at least two checkpoints (in training order; the last is the final one)")
+    if workdir is not None and not Path(workdir).is_dir():  # (tempfile's NotADirectoryError / FileNotFoundError)
+        raise WorkbenchError(f"workdir {workdir} is not a folder" + (" (it is a file)" if Path(workdir).exists() else
+                                                                     " (it does not exist)"))
     tmp = Path(tempfile.mkdtemp(prefix="workbench-routing-", dir=workdir))
     try:
         first = None

@@ -297,3 +297,19 @@ def test_contrast_reads_generators_once_and_refuses_a_top_k_below_one(lm, tmp_pa
     with pytest.raises(WorkbenchError, match="^negative: prompts must be a list of strings, not one string"):
         contrast(lm, pos, "A horse eats grass.", progress=False)
     assert (tmp_path / "c" / "contrast.csv") in write(df, str(tmp_path / "c"), 2, "drop")
+
+
+def test_an_output_folder_that_is_a_file_is_one_line(lm, tmp_path):
+    """Study.run into a file and routing's workdir a file raised pathlib's and tempfile's NotADirectoryError."""
+    from workbench.experts.routing import routing
+    from workbench.studies import Study
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    study = Study({"texts": ["The capital of France is Paris."], "metrics": ["perplexity"], "conditions": []})
+    with pytest.raises(WorkbenchError, match=f"^out_dir {re.escape(str(afile))} is a file, not a folder$"):
+        study.run(lm, afile, progress=False)
+    with pytest.raises(WorkbenchError, match=r"is not a folder \(it is a file\)$"):
+        routing(["zoo:qwen3-moe", "zoo:qwen3-moe"], PROMPTS[:2], load=load, workdir=afile)
+    with pytest.raises(WorkbenchError, match=r"is not a folder \(it does not exist\)$"):
+        routing(["zoo:qwen3-moe", "zoo:qwen3-moe"], PROMPTS[:2], load=load, workdir=tmp_path / "nope")

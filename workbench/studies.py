@@ -449,6 +449,9 @@ class Study:
     def run(self, lm, out_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
         from workbench.experts.sinks import eager_attention
 
+        if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():  # (pathlib's error, late)
+            raise WorkbenchError(f"out_dir {out_dir} is a file, not a folder")
+
         conditions = self.resolve(lm, progress)
         texts, cloze = self.texts(), M.default_cloze()
         if self.num_texts is not None and len(texts) < self.num_texts:  # (texts() keeps at most num_texts)
