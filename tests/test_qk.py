@@ -706,3 +706,18 @@ def test_a_token_that_is_not_finite_adds_nothing_to_the_norms():
         torch.testing.assert_close(hit.sums[f"1.{proj}.all"], want, rtol=1e-5, atol=1e-6)
     for key in (k for k in clean.sums if k.startswith("0.")):  # layer 0, before the poison: as without it
         torch.testing.assert_close(hit.sums[key], clean.sums[key])
+
+
+def test_the_cli_line_places_each_projections_largest_dim(run, tmp_path):
+    """The summary named the key's place only; the query's largest ratio is often another head's (SmolLM2: q at L3.H5,
+    k at L19.H0), so "q 21.1, k 15.1 (L19.H0 dim 23 ...)" read as both there."""
+    import json
+
+    code, out, err = run("profile", "zoo:qwen3-moe", "--text", "The capital of France is Paris.", "--text",
+                         "Water boils at one hundred degrees.", "--quiet", "--no-plots", "--out", tmp_path / "o")
+    assert code == 0, err
+    line = next(l for l in out.splitlines() if l.startswith("massive values in attention"))
+    entries = json.loads((tmp_path / "o" / "profile.json").read_text())["qk_values"]["entries"]
+    for proj in "qkv":
+        e = max((x for x in entries if x["proj"] == proj), key=lambda x: x["ratio"])
+        assert f"{proj} {e['ratio']:.1f} (L{e['layer']}.H{e['head']} dim {e['dim']}" in line, line

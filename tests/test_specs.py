@@ -46,6 +46,21 @@ def test_unknown_spec(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_spec_or_dtype_of_the_wrong_kind_is_refused_at_once(monkeypatch):
+    """load(None) was looked up on the hub as the text "None" (24 s) before its error; dtype=torch.int64 failed inside
+    torch ("only floating point tensors can require gradients"). float64, a floating-point dtype, still loads."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("the hub was asked"))
+    for spec in (None, 5):
+        with pytest.raises(WorkbenchError,
+                           match=f"^a model spec is a string or a folder path, not {type(spec).__name__}$"):
+            load(spec)
+    with pytest.raises(WorkbenchError, match=r"^dtype torch.int64 cannot hold a model's weights: give a floating"):
+        load("zoo:qwen3-moe", dtype=torch.int64)
+    assert next(load("zoo:qwen3-moe", dtype=torch.float64).model.parameters()).dtype == torch.float64
+
+
 def test_the_hubs_retry_lines_stay_out_of_an_unknown_specs_error(monkeypatch):
     """Online without the hub, `workbench trace nosuch-model` printed 10 huggingface_hub lines (each failed request
     and its "Retrying in Ns") before its one error line. They are held back for the lookup, and the error says how to

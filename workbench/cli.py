@@ -287,11 +287,12 @@ def cmd_profile(args) -> int:
     qk = p.get("qk_values")
     if qk and qk["entries"]:
         best = {proj: max((e for e in qk["entries"] if e["proj"] == proj), key=lambda e: e["ratio"]) for proj in "qkv"}
-        k = best["k"]
-        where = "" if k["pair"] is None else f", rotary pair {k['pair']}" + (
-            f" (wavelength {k['wavelength']:.0f} tokens)" if k["wavelength"] is not None else "")
-        print(f"massive values in attention: largest top-dim / median ratio q {best['q']['ratio']:.1f}, "
-              f"k {k['ratio']:.1f} (L{k['layer']}.H{k['head']} dim {k['dim']}{where}), v {best['v']['ratio']:.1f}")
+        def at(e: dict) -> str:  # each projection's own place (q's was left out: it is often another head's)
+            rope = "" if e.get("pair") is None else f", rotary pair {e['pair']}" + (
+                f" (wavelength {e['wavelength']:.0f} tokens)" if e.get("wavelength") is not None else "")
+            return f"{e['ratio']:.1f} (L{e['layer']}.H{e['head']} dim {e['dim']}{rope})"
+        print(f"massive values in attention: largest top-dim / median ratio q {at(best['q'])}, k {at(best['k'])}, "
+              f"v {at(best['v'])}")
     shown = sum(f.suffix in (".parquet", ".png", ".html") for f in files)
     print(f"wrote {out / 'profile.json'}, run.json and {shown} tables/plots in {out}")
     announce(out)

@@ -185,6 +185,8 @@ def load(spec: str, *, device: str = "cpu", dtype: torch.dtype | str | None = No
     checkpoint over every GPU (and the CPU) when it does not fit one device. ``trust_remote_code``
     runs a checkpoint's own modelling code; it is off unless asked for (``--trust-remote-code``).
     """
+    if not isinstance(spec, (str, os.PathLike)):  # (None was looked up on the hub as "None", 24 s, then refused)
+        raise WorkbenchError(f"a model spec is a string or a folder path, not {type(spec).__name__}")
     spec = str(spec).strip()
     if not spec:
         raise WorkbenchError("empty model spec")
@@ -285,10 +287,13 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _dtype(d) -> torch.dtype:
-    if isinstance(d, torch.dtype):
-        return d
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
+    if isinstance(d, torch.dtype):
+        if not d.is_floating_point:  # (torch.int64 failed in torch: "only floating point tensors can require grad")
+            raise WorkbenchError(f"dtype {d} cannot hold a model's weights: give a floating-point one "
+                                 f"({', '.join(table)})")
+        return d
     if d not in table:
         raise WorkbenchError(f"unknown dtype {d!r}; use one of {', '.join(table)}")
     return table[d]
