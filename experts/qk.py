@@ -31,6 +31,22 @@ from workbench.tracing.capture import SITE_ELEMENTS, SMALL_PAYLOAD, few_threads
 PROJ = ("q", "k", "v")
 
 
+def largest_dims(qk_values: dict | None) -> dict[str, str]:
+    """Each projection's largest top-dim / median ratio and where it is ("21.1 (L3.H5 dim 23, rotary pair 23
+    (wavelength 24656 tokens))"), from a profile's ``qk_values``: the CLI's summary and the report say the same.
+    Empty where nothing was measured."""
+    out = {}
+    for proj in "qkv":
+        entries = [e for e in (qk_values or {}).get("entries", []) if e["proj"] == proj]
+        if not entries:
+            continue
+        e = max(entries, key=lambda x: x["ratio"])
+        rope = "" if e.get("pair") is None else f", rotary pair {e['pair']}" + (
+            f" (wavelength {e['wavelength']:.0f} tokens)" if e.get("wavelength") is not None else "")
+        out[proj] = f"{e['ratio']:.1f} (L{e['layer']}.H{e['head']} dim {e['dim']}{rope})"
+    return out
+
+
 def rotary_frequencies(model: nn.Module) -> torch.Tensor | None:
     """The model's rotary inverse frequencies ``[rot / 2]`` (the first ``inv_freq`` or ``*_inv_freq`` buffer: Gemma3
     and OLMo3 keep theirs per layer type), or None. Which dims each layer rotates, and with which of them:

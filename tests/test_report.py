@@ -40,6 +40,9 @@ def test_each_command_writes_its_report(runs, capsys):
         assert "<script" not in page and not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing to fetch
     prof = (runs / "profile" / "report.html").read_text()
     assert "<b>Super expert</b>: layer 1 expert 5 (routed)" in prof and "channel 17" in prof
+    # the Q/K finding the CLI prints (the page listed only its plots)
+    assert re.search(r"<b>Massive values in attention</b>: the largest top-dim / median norm ratio is q [\d.]+ "
+                     r"\(L\d+\.H\d+ dim \d+", prof)
     assert prof.count("data:image/png;base64,") == len(list((runs / "profile").glob("*.png")))
     study = (runs / "study" / "report.html").read_text()
     assert "zero_L1E5" in study and "<b>perplexity</b>: baseline" in study

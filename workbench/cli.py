@@ -284,15 +284,12 @@ def cmd_profile(args) -> int:
                                           f"{'; '.join(why)})" if why else "")
                   + (f"; the learned sinks take {np.nanmean(np.array(learned, dtype=float)):.2f} of the attention"
                      if learned else ""))
-    qk = p.get("qk_values")
-    if qk and qk["entries"]:
-        best = {proj: max((e for e in qk["entries"] if e["proj"] == proj), key=lambda e: e["ratio"]) for proj in "qkv"}
-        def at(e: dict) -> str:  # each projection's own place (q's was left out: it is often another head's)
-            rope = "" if e.get("pair") is None else f", rotary pair {e['pair']}" + (
-                f" (wavelength {e['wavelength']:.0f} tokens)" if e.get("wavelength") is not None else "")
-            return f"{e['ratio']:.1f} (L{e['layer']}.H{e['head']} dim {e['dim']}{rope})"
-        print(f"massive values in attention: largest top-dim / median ratio q {at(best['q'])}, k {at(best['k'])}, "
-              f"v {at(best['v'])}")
+    from workbench.experts.qk import largest_dims
+
+    dims = largest_dims(p.get("qk_values"))  # each projection's own place (the query's is often another head's)
+    if dims:
+        print("massive values in attention: largest top-dim / median ratio "
+              + ", ".join(f"{proj} {where}" for proj, where in dims.items()))
     shown = sum(f.suffix in (".parquet", ".png", ".html") for f in files)
     print(f"wrote {out / 'profile.json'}, run.json and {shown} tables/plots in {out}")
     announce(out)

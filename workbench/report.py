@@ -196,6 +196,12 @@ def _profile(folder: Path) -> str:
             1, sum(1 for row in sinks["share_pos0"] for v in row if v == v))
         facts.append(f"<b>Attention sinks</b>: the mean share of attention on position 0 is {mean:.2f}; the "
                      "strongest sink heads are " + ", ".join(f"L{l}.H{h} ({v:.2f})" for v, l, h in heads) + ".")
+    from workbench.experts.qk import largest_dims
+
+    dims = largest_dims(p.get("qk_values"))  # (the CLI printed it; the page listed only the qk_* plots)
+    if dims:
+        facts.append("<b>Massive values in attention</b>: the largest top-dim / median norm ratio is "
+                     + ", ".join(f"{proj} {_e(where)}" for proj, where in dims.items()) + ".")
     router = p.get("router")
     if router:
         util = [r.get("utilization") for r in router if r.get("utilization") is not None]
