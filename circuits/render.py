@@ -220,10 +220,19 @@ def _title(circuit: Circuit, shown: int) -> str:
 _RC = {"svg.fonttype": "none", "svg.hashsalt": "workbench-circuit"}  # text stays text; ids are reproducible
 
 
+def _check_max_edges(max_edges) -> None:
+    from workbench.args import Number
+    from workbench.tracing.runner import check_number
+
+    if max_edges is not None:  # an integer (2.5 or "5" failed inside the layout); its range: _shown
+        check_number("max_edges", max_edges, Number(int))
+
+
 def circuit_svg(circuit: Circuit, max_edges: int | None = None) -> str:
     """The circuit as SVG text (``max_edges``: draw only the strongest scored edges and their nodes)."""
     import matplotlib
 
+    _check_max_edges(max_edges)
     buf = io.StringIO()
     with matplotlib.rc_context(_RC):
         _figure(circuit, max_edges).savefig(buf, format="svg", metadata={"Date": None})
@@ -240,6 +249,10 @@ def write_svg(circuit: Circuit, path: str | Path, max_edges: int | None = None) 
 def write_png(circuit: Circuit, path: str | Path, max_edges: int | None = None, dpi: int = 130) -> Path:
     import matplotlib
 
+    from workbench.tracing.runner import check_number
+
+    _check_max_edges(max_edges)
+    check_number("dpi", dpi)  # (0 failed inside matplotlib)
     with matplotlib.rc_context(_RC), atomic_path(path) as tmp:
         _figure(circuit, max_edges).savefig(tmp, format="png", dpi=dpi)
     return Path(path)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,12 @@ def expert_writers(lm, experts: Sequence[tuple[int, int]] | None = None) -> list
     if experts is None:
         experts = [(i.index, e) for i in infos for e in range(i.num_experts)]
     out = []
-    for layer, e in experts:
+    pairs = None if isinstance(experts, (str, tuple)) else list(experts)
+    if pairs is None or not all(isinstance(p, (tuple, list)) and len(p) == 2 and all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in p) for p in pairs):
+        # ((1, 2) unpacked as two pairs; "L1.E2" and ("1", "2") failed in comparisons)
+        raise WorkbenchError(f"experts must be a list of (layer, expert) integer pairs, e.g. [(1, 2)], got {experts!r}")
+    for layer, e in pairs:
         if not 0 <= layer < len(infos) or not 0 <= e < infos[layer].num_experts:
             raise WorkbenchError(f"expert L{layer}.E{e} does not exist in {lm.spec}")
         out.append(Writer(f"L{layer}.E{e}", "expert", layer, e))

@@ -313,3 +313,30 @@ def test_an_output_folder_that_is_a_file_is_one_line(lm, tmp_path):
         routing(["zoo:qwen3-moe", "zoo:qwen3-moe"], PROMPTS[:2], load=load, workdir=afile)
     with pytest.raises(WorkbenchError, match=r"is not a folder \(it does not exist\)$"):
         routing(["zoo:qwen3-moe", "zoo:qwen3-moe"], PROMPTS[:2], load=load, workdir=tmp_path / "nope")
+
+
+def test_layer_lists_expert_pairs_and_drawing_sizes_of_the_wrong_kind_are_one_line(lm, tmp_path):
+    """all_sites(layers=['1']) failed comparing int and str; expert_writers((1, 2)) unpacked two pairs, and "L1.E2"
+    failed in a comparison; circuit_svg(max_edges=2.5) and write_png(dpi=0) failed inside matplotlib."""
+    from workbench.circuits.export import Circuit
+    from workbench.circuits.render import circuit_svg, write_png
+    from workbench.sae.features import expert_writers
+    from workbench.tracing.sites import all_sites
+
+    with pytest.raises(WorkbenchError, match=r"^layers must be integers, got '1'$"):
+        all_sites(lm.adapter, lm.model, ["resid_post"], layers=["1"])
+    assert [s.layer for s in all_sites(lm.adapter, lm.model, ["resid_post"], layers=[torch.tensor(1).item()])] == [1]
+    for bad in ((1, 2), "L1.E2", [("1", "2")], [(1.0, 2)], [(1, 2, 3)]):
+        with pytest.raises(WorkbenchError, match=r"^experts must be a list of \(layer, expert\) integer pairs"):
+            expert_writers(lm, bad)
+    import numpy as np
+
+    assert [w.name for w in expert_writers(lm, [(np.int64(1), 2)])] == ["L1.E2"]
+    nodes = {"input": {"kind": "input", "layer": -1, "index": 0, "head": -1, "expert": -1},
+             "logits": {"kind": "logits", "layer": 1, "index": 0, "head": -1, "expert": -1}}
+    c = Circuit(nodes, [{"source": "input", "target": "logits", "port": "in", "score": 1.0}], {"model": "m"})
+    with pytest.raises(WorkbenchError, match=r"^max_edges must be an integer, got 2.5$"):
+        circuit_svg(c, max_edges=2.5)
+    with pytest.raises(WorkbenchError, match=r"^dpi must be an integer >= 1, got 0$"):
+        write_png(c, tmp_path / "c.png", dpi=0)
+    assert not (tmp_path / "c.png").exists()

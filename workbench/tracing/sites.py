@@ -99,6 +99,9 @@ def all_sites(adapter: Adapter, model: nn.Module, components: Iterable[Component
         raise WorkbenchError("layers must be a list of layer indices, not one: wrap it in a list")
     infos = adapter.layer_infos(model)
     chosen = range(len(infos)) if layers is None else list(layers)
+    odd = next((i for i in chosen if not isinstance(i, numbers.Integral) or isinstance(i, bool)), None)
+    if odd is not None:  # ('1' failed in a comparison of int and str; 1.5 was out of range by chance)
+        raise WorkbenchError(f"layers must be integers, got {odd!r}")
     out: list[Site] = []
     for comp in [component(c, "all_sites") for c in components]:
         for i in chosen:
