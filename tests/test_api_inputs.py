@@ -133,6 +133,8 @@ BAD_TRACE = {
                                  "sinks given for L1.resid_post, which are not among the traced sites"),
     "sinks as a list": (dict(sinks=[AbsMax()]), "sinks must be a dict of site -> list of sinks, not list"),
     "by_length not a bool": (dict(by_length="no"), "by_length must be True or False, got 'no'"),
+    "token id past the embedding": (dict(tokenized=[[1, 2], [10 ** 7]]),  # (torch's "index out of range in self")
+                                    "tokenized holds token id 10000000, outside the model's embedding (ids 0..49151)"),
 }
 
 

@@ -376,6 +376,11 @@ def trace(
                     " (it needs a router site; the model is dense)")
         raise WorkbenchError(f"reducer {unused[0]} applies to none of the selected sites{hint}")
     ids = tokenized if tokenized is not None else tokenize(lm, prompts, max_tokens)
+    if tokenized is not None:  # a caller's ids: an id past the embedding failed inside torch ("index out of range")
+        rows = lm.model.get_input_embeddings().weight.shape[0]
+        bad = next((t for x in ids for t in x if not isinstance(t, numbers.Integral) or not 0 <= t < rows), None)
+        if bad is not None:
+            raise WorkbenchError(f"tokenized holds token id {bad!r}, outside the model's embedding (ids 0..{rows - 1})")
     lengths = torch.tensor([len(x) for x in ids])
     offsets = torch.cumsum(lengths, 0) - lengths
     token_prompt = torch.repeat_interleave(torch.arange(len(ids)), lengths)
