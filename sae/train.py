@@ -72,7 +72,7 @@ class TrainOptions:
         check_number("seed", self.seed, SEED)
         if not isinstance(self.skip_first, bool):
             raise WorkbenchError(f"skip_first must be True or False, got {self.skip_first!r}")
-        if self.holdout_every < 0 or self.cache_rows < 0:  # (-1 held nothing out: the fit was measured on training rows)
+        if self.holdout_every < 0 or self.cache_rows < 0:  # (-1 held nothing out: the fit was read on training rows)
             name = "holdout_every" if self.holdout_every < 0 else "cache_rows"
             raise WorkbenchError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.architecture not in ARCHITECTURES:
