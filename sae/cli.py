@@ -7,7 +7,7 @@ import re
 import sys
 
 from workbench.args import COUNT, COUNT_OR_OFF, SEED, Number
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, few
 from workbench.io import output_dir
 
 
@@ -133,10 +133,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _few(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-
-
 def cmd_features(args) -> int:
     from workbench.sae.features import (annotate_circuit, expert_features, node_features, profile_ranking, reaching,
                                         write_report)
@@ -170,8 +166,8 @@ def cmd_features(args) -> int:
         top = ranking[:args.top_experts]
         passed = [f"L{l}.E{e}" for l, e, kind in top if kind != "shared" and (l, e) not in experts]
         shared = [f"L{l}.S{e}" for l, e, kind in top if kind == "shared"]
-        why = ([f"{len(passed)} do not write into {into} directly ({_few(passed)}: later layers)"] if passed else []) \
-            + ([f"{len(shared)} are shared experts, not writers yet ({_few(shared)})"] if shared else [])
+        why = ([f"{len(passed)} do not write into {into} directly ({few(passed)}: later layers)"] if passed else []) \
+            + ([f"{len(shared)} are shared experts, not writers yet ({few(shared)})"] if shared else [])
         if why:  # said with --quiet too: which experts were read is the result
             print(f"warning: of the profile's top {args.top_experts} experts, " + "; ".join(why) + "; the next "
                   "experts that write into the site take their places", file=sys.stderr)

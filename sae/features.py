@@ -36,7 +36,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, few
 from workbench.hooks import HookSet
 from workbench.io import atomic_path, write_json
 from workbench.sae.loading import resolve_site, same_model
@@ -347,8 +347,8 @@ def _writer_features(lm, sae, writers: Sequence[Writer], prompts: Sequence[str],
     token_table = _token_table(lm, tokens, tops)
     none = [w.name for w in use if counts[w] == 0]
     if none:  # (recorded in meta, but an expert no prompt routes to gave an empty table without a word)
-        warnings.warn(f"{len(none)} of the {len(use)} writer(s) got no token of these prompts ({', '.join(none[:3])}"
-                      f"{', ...' if len(none) > 3 else ''}): they have no features here (more prompts may reach them)",
+        warnings.warn(f"{len(none)} of the {len(use)} writer(s) got no token of these prompts ({few(none)}): they "
+                      "have no features here (more prompts may reach them)",
                       stacklevel=3)
     rows = []
     for w in use:
@@ -463,7 +463,7 @@ def node_features(lm, sae, circuit, prompts: Sequence[str], **kwargs) -> tuple[d
     if len(writers) < len(every):  # they were left out without a word
         left = [w.name for w in every if not w.feeds(site)]
         warnings.warn(f"{len(left)} of the circuit's {len(every)} head, MLP and expert nodes do not write into "
-                      f"{site} directly ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}: later layers); "
+                      f"{site} directly ({few(left)}: later layers); "
                       "they get no features (an SAE at a later site reads them)", stacklevel=2)
     report = _writer_features(lm, sae, writers, prompts, site, **{**FEATURE_DEFAULTS, **kwargs})
     attrs = {}

@@ -7,6 +7,12 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def few(items, n: int = 3) -> str:
+    """The first ``n`` of ``items`` for a message, ", ..." after them when there are more ("L1.E2, L1.E7, ...")."""
+    items = [str(x) for x in items]
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
 class WorkbenchError(Exception):
     """A problem with the user's input or environment, stated in one line."""
 

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from workbench import metrics as M
 from workbench import tasks as T
 from workbench.data import default_prompts, read_prompts
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, few
 from workbench.interventions import Intervention, apply, check_set, reaches
 from workbench.io import atomic_path, read_structured, write_text
 
@@ -441,7 +441,7 @@ class Study:
             out.append(Condition(f"random x{k}{tag} seed {seed}", ivs, group="random_experts", seed=seed))
         if same:
             warnings.warn(f"{where}: there are {sets} set(s) of {k} of those {len(pool)}, and every one is drawn "
-                          f"before seed(s) {', '.join(same[:6])}{', ...' if len(same) > 6 else ''}: the control has "
+                          f"before seed(s) {few(same, 6)}: the control has "
                           f"{len(out)} seed(s)", stacklevel=3)
         return out
 
@@ -460,9 +460,8 @@ class Study:
         lengths, _, cut = self._extent(lm, texts)  # before anything is written: a text of no tokens fails here
         single = {i for i, n in enumerate(lengths) if n == 1}
         if single:  # no next token to predict, no query past the first: NaN there, which is not the model's doing
-            first = sorted(single)[:3]
-            warnings.warn(f"{self.source}: {len(single)} text(s) of one token (text {', '.join(map(str, first))}"
-                          f"{', ...' if len(single) > 3 else ''}) have no next token to predict and no query to read: "
+            warnings.warn(f"{self.source}: {len(single)} text(s) of one token (text {few(sorted(single))}) have no "
+                          "next token to predict and no query to read: "
                           "perplexity and sink leave them out (n)", stacklevel=2)
         if cut:
             warnings.warn(f"{self.source}: longer than the model's context of {lm.context_length} positions, cut: "

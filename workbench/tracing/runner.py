@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from workbench.args import COUNT, Number
 from workbench.data import check_prompts
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, few
 from workbench.models.specs import LoadedModel
 from workbench.distributed import Shard
 from workbench.tracing import state
@@ -365,7 +365,7 @@ def trace(
         raise WorkbenchError(f"sinks must be a dict of site -> list of sinks, not {type(sinks).__name__}")
     stray = [s for s in (sinks or {}) if s not in sites]
     if stray:  # (such a sink was never fed: 0 rows, unsaid)
-        raise WorkbenchError(f"sinks given for {', '.join(map(str, stray[:3]))}{', ...' if len(stray) > 3 else ''}, "
+        raise WorkbenchError(f"sinks given for {few(stray)}, "
                              "which are not among the traced sites: add them to sites")
     if not isinstance(by_length, bool):  # (a truthy "no" batched by length)
         raise WorkbenchError(f"by_length must be True or False, got {by_length!r}")
