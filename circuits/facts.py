@@ -85,14 +85,9 @@ def parse_facts(lines: Iterable[str], source: str = "facts") -> list[Fact]:
         for key in REQUIRED:
             if key not in obj:
                 raise WorkbenchError(f"{source} line {n}: missing required key {key!r}")
-        for key, value in obj.items():
-            if value is None and key not in REQUIRED:
-                continue
-            if not isinstance(value, str) or not value.strip():
-                raise WorkbenchError(f"{source} line {n}: {key!r} must be a non-empty string")
-        if obj.get("subject") and obj["subject"] not in obj["prompt"]:
-            raise WorkbenchError(f"{source} line {n}: subject {obj['subject']!r} does not occur in the prompt")
-        facts.append(Fact(**obj, origin=f"{source} line {n}"))
+        fact = Fact(**obj, origin=f"{source} line {n}")
+        _check_fields(fact, fact.origin)
+        facts.append(fact)
     if not facts:
         raise WorkbenchError(f"{source} has no facts (it is empty)")
     first: dict[tuple[str, str], str] = {}
@@ -315,6 +310,17 @@ def with_spaces(facts: list[Fact]) -> list[Fact]:
     return out
 
 
+def _check_fields(f: Fact, where: str) -> None:
+    """Each field of ``f`` a non-empty string (the optional ones, or None), its subject inside its prompt: as a facts
+    file's lines are read and as ``check_facts`` takes facts built in Python."""
+    for key in FIELDS:
+        value = getattr(f, key)
+        if (value is not None or key in REQUIRED) and (not isinstance(value, str) or not value.strip()):
+            raise WorkbenchError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+    if f.subject and f.subject not in f.prompt:
+        raise WorkbenchError(f"{where}: subject {f.subject!r} does not occur in the prompt")
+
+
 def check_facts(facts) -> list[Fact]:
     """``facts`` as a non-empty list of :class:`Fact` (a generator is read here, once); one Fact in place of a
     list, a dict (a fact's JSON object) or anything else is a one-line error naming it."""
@@ -331,13 +337,7 @@ def check_facts(facts) -> list[Fact]:
             raise WorkbenchError(f"fact {i} is a {type(f).__name__}, not a Fact"
                                  + (": build it with Fact(**d), or read a file with read_facts"
                                     if isinstance(f, dict) else ""))
-        # as read_facts checks a file's (a Fact built in a notebook with corrupted_prompt=5 failed in the tokenizer)
-        for key in FIELDS:
-            value = getattr(f, key)
-            if (value is not None or key in REQUIRED) and (not isinstance(value, str) or not value.strip()):
-                raise WorkbenchError(f"{f.origin or f'fact {i}'}: {key!r} must be a non-empty string, got {value!r}")
-        if f.subject and f.subject not in f.prompt:
-            raise WorkbenchError(f"{f.origin or f'fact {i}'}: subject {f.subject!r} does not occur in the prompt")
+        _check_fields(f, f.origin or f"fact {i}")  # (built in a notebook, corrupted_prompt=5 failed in the tokenizer)
     seen: dict[tuple[str, str], int] = {}
     repeats = [(i, seen.setdefault((f.prompt, f.answer), i)) for i, f in enumerate(facts)]
     repeats = [(i, j) for i, j in repeats if i != j]
