@@ -206,7 +206,7 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         "max_tokens": options.max_tokens, "batch_order": res.meta["batch_order"],
         "seconds": round(seconds, 3), "layout": lm.summary()["layout"],
         "versions": _versions(), "attention": "eager (for attention probabilities)" if options.sinks else "model default",
-        "dtype": str(lm.dtype).replace("torch.", ""),
+        "dtype": lm.dtype_name,
     }
     out["run"] = {"seconds": round(seconds, 3), "device": str(lm.device), "world_size": shard.world if shard else 1,
                   "batches": res.meta.get("batches"), "resumed_at_batch": res.meta.get("resumed_at_batch"),

@@ -313,7 +313,7 @@ def train_sae(lm, site: Site | str, prompts: Sequence[str], opts: TrainOptions =
         "corpus_tokens": stream.rows_per_epoch or None, "train_prompts": len(train),
         "heldout_prompts": len(held), "seconds_train": round(train_seconds, 2),
         "seconds_total": round(time.perf_counter() - start, 2), "threads": torch.get_num_threads(),
-        "model": lm.spec, "model_dtype": str(lm.dtype).replace("torch.", ""),
+        "model": lm.spec, "model_dtype": lm.dtype_name,
         "site": site.key, "hook_name": hook_name(site), "d_in": d_in, "d_sae": sae.cfg.d_sae,
         "architecture": opts.architecture, "options": asdict(opts),
         "trainer": {"dead_feature_window": cfg.dead_feature_window, "lr_warm_up_steps": cfg.lr_warm_up_steps,

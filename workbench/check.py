@@ -72,10 +72,6 @@ def _tolerance(lm, fp32: float) -> float:
     return fp32 if dt in (torch.float32, torch.float64) else max(fp32, 4 * torch.finfo(dt).eps)
 
 
-def _dtype(lm) -> str:
-    return str(lm.dtype).replace("torch.", "")
-
-
 def _batch(lm, prompts):
     tok = lm.tokenizer
     if tok.pad_token is None:
@@ -272,7 +268,7 @@ def _routing_and_rebuild(lm, prompts):
     tol = _tolerance(lm, 1e-4)
     return [route, Check("block rebuilt", worst <= tol, f"experts x weights + shared = block output in {len(infos)} "
                          f"MoE layers, max relative error {worst:.1e}"
-                         + (f" (<= {tol:.1e} in {_dtype(lm)})" if tol > 1e-4 else ""))]
+                         + (f" (<= {tol:.1e} in {lm.dtype_name})" if tol > 1e-4 else ""))]
 
 
 def _zero_exact(lm, prompts):
@@ -470,7 +466,7 @@ def _attention_probs(lm, prompts):
     worst, tol = float((sums - 1).abs().max()), _tolerance(lm, 1e-3)
     return [Check("attention probabilities", worst <= tol, f"{len(seen)} layers return [batch, heads, query, key] "
                   f"probabilities under eager attention; rows sum to 1 within {worst:.1e}"
-                  + (f" (<= {tol:.1e} in {_dtype(lm)})" if tol > 1e-3 else "") + note)]
+                  + (f" (<= {tol:.1e} in {lm.dtype_name})" if tol > 1e-3 else "") + note)]
 
 
 def _circuits(lm, prompts):
@@ -481,7 +477,7 @@ def _circuits(lm, prompts):
     ad = lm.adapter
     if lm.dtype != torch.float32:  # (their gradients and patching need it: find_circuit refuses other dtypes)
         return [Check("circuit graph", None, f"circuits run in float32 and `workbench circuit` loads the model so; "
-                      f"this check ran in {_dtype(lm)} (check without --dtype for the circuit graph)")]
+                      f"this check ran in {lm.dtype_name} (check without --dtype for the circuit graph)")]
     try:
         g = build_graph(lm.model, ad)
     except WorkbenchError as e:  # a layout circuits do not model (the error says which)

@@ -337,7 +337,7 @@ def cmd_contrast(args) -> int:
     if not (df.freq_diff > 0).any():
         print(f"warning: no expert is routed more on the positive prompts; interventions.yaml still lists the top "
               f"{args.top} by frequency difference", file=sys.stderr)
-    dtype = str(lm.dtype).replace("torch.", "")
+    dtype = lm.dtype_name
     write(df, out, args.top, args.op, made_from=f"workbench contrast of {args.model} ({dtype} on {lm.device.type}): "
                                                 f"{args.positive} vs {args.negative}")
     cols = ["rank", "layer", "expert", "freq_pos", "freq_neg", "freq_diff", "p_value", "q_value"]
@@ -368,7 +368,7 @@ def cmd_routing(args) -> int:
     r = routing(specs, prompts, load=load_one, batch_size=args.batch_size, max_tokens=args.max_tokens,
                 progress=not args.quiet)
     if loaded:  # what the numbers were computed in, as profile.json and trace.json say
-        r["dtype"], r["device"] = str(loaded[-1].dtype).replace("torch.", ""), str(loaded[-1].device)
+        r["dtype"], r["device"] = loaded[-1].dtype_name, str(loaded[-1].device)
     files = write(r, out, plots=not args.no_plots)
     head = f"{'layer':>5}  " + " ".join(f"{(str(s) if s is not None else c):>7}" for c, s in
                                          enumerate(step_of(x) for x in specs))

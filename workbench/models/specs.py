@@ -66,6 +66,11 @@ class LoadedModel:
         return p.dtype if p is not None else torch.float32
 
     @property
+    def dtype_name(self) -> str:
+        """:attr:`dtype` as outputs record it: "float32", "bfloat16", "float16"."""
+        return str(self.dtype).replace("torch.", "")
+
+    @property
     def device(self) -> torch.device:
         if "streamer" in self.meta:  # layer streaming: parameters live on the meta device between layers
             return self.meta["streamer"].device

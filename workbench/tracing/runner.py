@@ -480,7 +480,7 @@ def trace(
             table[site]["absmax"] = table[g]["absmax"].expert(site.expert)
         del table[g]
     seconds = time.perf_counter() - start
-    meta = {"spec": lm.spec, "dtype": str(lm.dtype).replace("torch.", ""), "num_prompts": len(ids),
+    meta = {"spec": lm.spec, "dtype": lm.dtype_name, "num_prompts": len(ids),
             "num_tokens": int(lengths.sum()), "batch_size": batch_size,
             # the rule asked for and applied (a dump keeps the given order), even where it changes nothing
             "batch_order": "length" if by_length and dump is None else "given",
