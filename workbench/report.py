@@ -127,8 +127,8 @@ def _num(v, digits: int = 3) -> str:
 
 
 def _ratio(v) -> str:
-    """A ratio as the CLI prints it: whole, with thousands separators, from 100 on ("14,680x", where ``_num`` with no
-    decimals wrote "1e+04x" for every ratio of 10,000 or more)."""
+    """A ratio, whole and with thousands separators from 100 on ("14,680x"; ``_num`` with no decimals wrote "1e+04x"
+    for every ratio of 10,000 or more, where the CLI says 14680x)."""
     if not isinstance(v, (int, float)) or v != v:
         return "-"
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}"
