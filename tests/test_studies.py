@@ -194,6 +194,16 @@ def test_malformed_study_fails_before_model_work(tmp_path, text, msg):
     assert not (tmp_path / "o").exists()
 
 
+def test_study_name_left_empty_is_the_default_and_a_list_is_refused(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("name:\nconditions: []\n")  # YAML reads the empty value as None
+    assert Study.from_file(f).name == "study"
+    f.write_text("name: [a, b]\nconditions: []\n")
+    with pytest.raises(WorkbenchError, match=r"s.yaml line 1: field 'name' must be a non-empty name, got \['a', 'b'\]"):
+        Study.from_file(f)
+    assert Study({"name": 7, "conditions": []}).name == "7"
+
+
 def test_study_rejects_duplicate_and_baseline_names():
     with pytest.raises(WorkbenchError, match="used twice"):
         Study({"conditions": [{"name": "baseline"}]})

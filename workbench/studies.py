@@ -117,7 +117,10 @@ class Study:
         unknown = sorted(set(spec) - TOP_KEYS)
         if unknown:
             raise WorkbenchError(f"{source}: unknown field {unknown[0]!r}; known: {', '.join(sorted(TOP_KEYS))}")
-        self.name = str(spec.get("name", "study"))
+        name = spec.get("name")
+        if name is not None and (not isinstance(name, (str, int)) or isinstance(name, bool) or not str(name).strip()):
+            raise WorkbenchError(f"{self._at('name')}: field 'name' must be a non-empty name, got {name!r}")
+        self.name = "study" if name is None else str(name)  # 'name:' left empty in YAML reads as None
         metrics = spec.get("metrics", list(M.DEFAULT_METRICS))
         metrics = [metrics] if isinstance(metrics, str) else metrics
         if not isinstance(metrics, list) or not metrics:
