@@ -17,6 +17,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from workbench.errors import WorkbenchError
 from workbench.interventions import Intervention
 from workbench.tracing.reducers import Payload, broken_rows, routing_distribution
 from workbench.tracing.runner import tokenize, trace
@@ -98,6 +99,8 @@ def contrast(lm, positive: Sequence[str], negative: Sequence[str], batch_size: i
     """One row per (layer, expert), sorted by frequency difference (positive - negative), largest first."""
     from workbench.data import check_prompts
 
+    if not any(i.kind == "moe" for i in lm.layer_infos()):
+        raise WorkbenchError(f"{lm.spec} is a dense model: contrast ranks routed experts and needs an MoE model")
     # once each: a generator was read by the tokenizer, then found empty by the trace ("no prompts given")
     positive, negative = check_prompts(positive, "positive"), check_prompts(negative, "negative")
     return rank(routing_by_prompt(lm, positive, batch_size, progress),

@@ -252,10 +252,10 @@ def test_contrast_q_values_are_benjamini_hochberg_over_the_experts_tested():
     assert math.isnan(q_values([math.nan])[0]) and len(q_values([])) == 0
 
 
-def test_contrast_finds_a_planted_behaviour_expert(tmp_path):
+def test_contrast_finds_a_planted_behaviour_expert(tmp_path, short_gpt2):
     """The same prompts, with expert 6 of layer 1 forced on ' zebra' tokens in the positive run only:
     the ranking must put (1, 6) first, significantly."""
-    from workbench.experts.contrast import rank, routing_by_prompt, top_interventions
+    from workbench.experts.contrast import contrast, rank, routing_by_prompt, top_interventions
     from workbench.interventions import apply
 
     lm = load("zoo:olmoe")
@@ -290,10 +290,13 @@ def test_contrast_finds_a_planted_behaviour_expert(tmp_path):
     # what it was computed from, dtype included (no contrast output said)
     assert (tmp_path / "c" / "interventions.yaml").read_text().startswith("# workbench contrast of zoo:olmoe "
                                                                           "(float32 on cpu): ")
-    dense = subprocess.run([sys.executable, "-m", "workbench", "contrast", "smollm2-135m", "--positive",
+    dense = subprocess.run([sys.executable, "-m", "workbench", "contrast", str(short_gpt2), "--positive",
                             str(tmp_path / "p.txt"), "--negative", str(tmp_path / "n.txt"), "--out", str(tmp_path / "d")],
                            capture_output=True, text=True, timeout=300)
-    assert dense.returncode == 2 and "dense model" in dense.stderr
+    assert dense.returncode == 2 and "is a dense model: contrast ranks routed experts" in dense.stderr, dense.stderr
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(WorkbenchError, match="is a dense model: contrast ranks routed experts"):  # it said "no capture
+        contrast(load(str(short_gpt2)), positive, negative, progress=False)  # sites selected" from the API
 
 
 def test_text_metrics_in_length_batches_equal_each_text_alone(planted):

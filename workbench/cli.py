@@ -328,8 +328,6 @@ def cmd_contrast(args) -> int:
     positive, negative = read_prompts(args.positive), read_prompts(args.negative)
     out = output_dir(args.out, command="contrast")
     lm = _load(args)
-    if not any(i.kind == "moe" for i in lm.layer_infos()):
-        raise WorkbenchError(f"{args.model} is a dense model: contrast ranks routed experts and needs an MoE model")
     df = contrast(lm, positive, negative, batch_size=args.batch_size, progress=not args.quiet)
     if min(len(positive), len(negative)) < 2:
         print(f"warning: Welch's test needs at least 2 prompts on each side ({len(positive)} positive, "
