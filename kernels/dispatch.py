@@ -56,6 +56,8 @@ def interpreter_enabled() -> bool:
 
 def requested_backend(backend: str | None = None) -> str:
     choice = backend if backend is not None else os.environ.get(ENV, "auto")
+    if not isinstance(choice, str):
+        raise WorkbenchError(f"backend={choice!r} is not a kernel backend; choose one of {', '.join(BACKENDS)}")
     choice = choice.strip().lower()
     if choice not in BACKENDS:
         source = "backend" if backend is not None else ENV

@@ -48,6 +48,8 @@ def hook_name(site: Site) -> str:
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """``cfg.json`` of an SAE folder (plain JSON: no sae_lens import), with a one-line error if it is not one."""
+    if not isinstance(path, (str, Path)):
+        raise WorkbenchError(f"an SAE is a folder path (str or Path), got {type(path).__name__} {path!r}")
     path = Path(path).expanduser()
     if not path.is_dir():
         raise WorkbenchError(f"SAE {path}: not a directory (expected SAELens' format: {CFG_FILE} + {WEIGHTS_FILE})")

@@ -343,6 +343,8 @@ def test_dispatch_backends(monkeypatch):
     monkeypatch.setenv("WORKBENCH_KERNELS", "cuda")
     with pytest.raises(WorkbenchError, match="WORKBENCH_KERNELS='cuda' is not a kernel backend"):
         token_absmax(x)
+    with pytest.raises(WorkbenchError, match="backend=5 is not a kernel backend"):  # an AttributeError on .strip
+        token_absmax(x, backend=5)
 
 
 def test_dispatch_without_triton(monkeypatch):

@@ -178,7 +178,8 @@ def test_bad_d_in_site_or_folder_is_one_line_error(planted, tmp_path):
             attach(planted, sae, site)
         assert "\n" not in str(e.value), name
     (tmp_path / "empty").mkdir()
-    for bad, msg in ((tmp_path / "empty", "no cfg.json"), (tmp_path / "nope", "not a directory")):
+    for bad, msg in ((tmp_path / "empty", "no cfg.json"), (tmp_path / "nope", "not a directory"),
+                     (None, "an SAE is a folder path")):  # None was a TypeError from pathlib
         with pytest.raises(WorkbenchError, match=msg) as e:
             load_sae(bad)
         assert "\n" not in str(e.value)
