@@ -31,10 +31,9 @@ def evolution(specs: Sequence[str], facts, *, load: Callable[[str], object], opt
     """
     from workbench.circuits.diff import diff
     from workbench.circuits.discover import CircuitOptions, find_circuit
-    from workbench.experts.routing import step_of
+    from workbench.models.specs import check_series, step_of
 
-    if len(specs) < 2:
-        raise WorkbenchError("circuit-evolution needs at least two checkpoints (in training order; the last is the final one)")
+    check_series(list(specs), "circuit-evolution")
     options = options or CircuitOptions(per_relation=False, random_seeds=1)
     rows, circuits, total, first = [], [], None, None
     for i, spec in enumerate(specs):

@@ -34,6 +34,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.experts.router import score_order
+from workbench.models.specs import check_series, step_of
 from workbench.tracing.reducers import ExpertCounts, Payload, jain
 
 CHUNK = 1 << 16  # tokens per comparison chunk
@@ -143,8 +144,7 @@ def routing(specs: Sequence[str], prompts: Sequence[str], *, load: Callable[[str
         raise WorkbenchError("specs must be a list of checkpoint specs, not one string: wrap them in a list")
     specs = list(specs)
     prompts = check_prompts(prompts)  # read once: every checkpoint runs the same prompts
-    if len(specs) < 2:
-        raise WorkbenchError("routing needs at least two checkpoints (in training order; the last is the final one)")
+    check_series(specs, "routing")
     if workdir is not None and not Path(workdir).is_dir():  # (tempfile's NotADirectoryError / FileNotFoundError)
         raise WorkbenchError(f"workdir {workdir} is not a folder" + (" (it is a file)" if Path(workdir).exists() else
                                                                      " (it does not exist)"))
@@ -215,14 +215,6 @@ def table(result: dict):
                          "saturation": layer["saturation"][i], "saturation_top1": layer["saturation_top1"][i],
                          "change_rate": layer["change_rate"][i], "utilization": layer["utilization"][i]})
     return pd.DataFrame(rows)
-
-
-def step_of(spec: str) -> int | None:
-    """The training step a spec names (``zoo:tiny-moe@300``, ``.../step300``, ``checkpoint-300``), else None."""
-    import re
-
-    m = re.search(r"(?:@|step[-_]?|checkpoint[-_])(\d+)/?$", spec)
-    return int(m.group(1)) if m else None
 
 
 def plot(result: dict, path: Path) -> None:

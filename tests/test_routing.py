@@ -176,8 +176,9 @@ def test_routing_cli_writes_json_parquet_and_plot(tmp_path, capsys):
     before = hf_logging.is_progress_bar_enabled()
     hf_logging.enable_progress_bar()
     try:
-        assert main(["routing", "zoo:qwen3-moe", "zoo:olmoe", "zoo:qwen3-moe", "--prompts", str(prompts), "--out",
-                     str(out), "--quiet"]) == 0
+        with pytest.warns(UserWarning, match="^zoo:qwen3-moe given more than once: the same checkpoint compared"):
+            assert main(["routing", "zoo:qwen3-moe", "zoo:olmoe", "zoo:qwen3-moe", "--prompts", str(prompts), "--out",
+                         str(out), "--quiet"]) == 0
         assert not hf_logging.is_progress_bar_enabled()  # --quiet: no weight-loading bar per checkpoint either
     finally:
         (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
@@ -193,6 +194,39 @@ def test_routing_cli_writes_json_parquet_and_plot(tmp_path, capsys):
     assert "router saturation" in capsys.readouterr().out
     assert main(["routing", "zoo:qwen3-moe", "--out", str(tmp_path / "x")]) == 2
     assert "at least two checkpoints" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_training_runs_folder_is_its_checkpoints_in_step_order(qwen3, tmp_path, capsys):
+    """A folder of checkpoints named by step (a training run's output) is that series sorted by step, as zoo:NAME@all
+    is; a shell glob (step100 before step20) or one checkpoint twice is said; it said 'needs at least two
+    checkpoints' for the folder and took reversed steps without a word."""
+    from workbench.models.specs import check_series, expand_series
+
+    run = tmp_path / "run"
+    for name in ("step100", "step20", "checkpoint-3"):
+        qwen3.model.save_pretrained(run / name)
+        qwen3.tokenizer.save_pretrained(run / name)
+    (run / "logs").mkdir()  # no config.json: not a checkpoint
+    assert expand_series(str(run)) == [str(run / n) for n in ("checkpoint-3", "step20", "step100")]
+    assert expand_series(str(run / "step20")) == [str(run / "step20")] and expand_series("zoo:olmoe") == ["zoo:olmoe"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    assert main(["routing", str(run), "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    r = json.loads((tmp_path / "o" / "routing.json").read_text())
+    assert r["checkpoints"] == [str(run / n) for n in ("checkpoint-3", "step20", "step100")]
+    assert all(layer["saturation"] == [1.0] * 3 for layer in r["layers"])  # the same weights three times
+    assert "   3      20     100" in capsys.readouterr().out  # the table's header: the steps
+    with pytest.warns(UserWarning, match=r"^the checkpoints' steps are out of training order \(100, 20\), and the "
+                                         r"last \(.*step20\) is taken as the final one: give them sorted by step$"):
+        check_series([str(run / "step100"), str(run / "step20")], "routing")
+    with pytest.warns(UserWarning, match="given more than once"):  # the same folder, spelled two ways
+        check_series([str(run / "step20"), str(run / "logs" / ".." / "step20")], "routing")
+    with pytest.raises(WorkbenchError, match=r"^routing needs at least two checkpoints .*; x is one$"):
+        check_series(["x"], "routing")
+    qwen3.model.save_pretrained(run / "final")
+    with pytest.raises(WorkbenchError, match=r"run holds checkpoints without a step in their names \(final\): give "
+                                             "them one by one, in training order"):
+        expand_series(str(run))
 
 
 def test_step_of():

@@ -346,8 +346,8 @@ def cmd_contrast(args) -> int:
 
 
 def cmd_routing(args) -> int:
-    from workbench.experts.routing import routing, step_of, write
-    from workbench.models.specs import expand_series, load
+    from workbench.experts.routing import routing, write
+    from workbench.models.specs import expand_series, load, step_of
 
     prompts = _prompts(args)
     specs = [s for spec in args.checkpoints for s in expand_series(spec)]

@@ -324,7 +324,7 @@ def _circuit(folder: Path) -> str:
 
 
 def _routing(folder: Path) -> str:
-    from workbench.experts.routing import step_of
+    from workbench.models.specs import step_of
 
     r = _read_json(folder / "routing.json")
     names = [str(c) for c in r["checkpoints"]]

@@ -171,13 +171,50 @@ def _bridge_architecture(model) -> str:
 VERIFY_TEXT = "The capital of France is Paris, and the capital of Italy is"
 
 
+def step_of(spec: str) -> int | None:
+    """The training step a spec names (``zoo:tiny-moe@300``, ``.../step300``, ``checkpoint-300``), else None."""
+    import re
+
+    m = re.search(r"(?:@|step[-_]?|checkpoint[-_])(\d+)/?$", str(spec))
+    return int(m.group(1)) if m else None
+
+
+def check_series(specs: list[str], command: str) -> None:
+    """Checkpoints of one training run, in training order (the last is the final one): fewer than two is an error;
+    the same checkpoint twice, or steps named out of order (a shell glob puts step1000 before step200), a warning."""
+    if len(specs) < 2:
+        raise WorkbenchError(f"{command} needs at least two checkpoints (in training order; the last is the final one)"
+                             + (f"; {specs[0]} is one" if specs else ""))
+    keys = [str(Path(s).expanduser().resolve()) if Path(s).expanduser().exists() else s for s in specs]
+    twice = sorted({s for s, k in zip(specs, keys) if keys.count(k) > 1})
+    if twice:
+        warnings.warn(f"{', '.join(twice)} given more than once: the same checkpoint compared with itself", stacklevel=3)
+    steps = [step_of(s) for s in specs]
+    if None not in steps and steps != sorted(steps):
+        warnings.warn(f"the checkpoints' steps are out of training order ({', '.join(map(str, steps))}), and the "
+                      f"last ({specs[-1]}) is taken as the final one: give them sorted by step", stacklevel=3)
+
+
 def expand_series(spec: str) -> list[str]:
-    """``zoo:NAME@all`` -> every checkpoint of NAME's training series, in step order; other specs as given."""
+    """``zoo:NAME@all`` -> every checkpoint of NAME's training series, in step order; a folder that is no
+    checkpoint itself (no config.json) but holds checkpoints named by step (``step300``, ``checkpoint-300``, as a
+    training run's output folder has them) -> those, in step order; other specs as given."""
     if spec.startswith("zoo:") and spec.endswith("@all"):
         from workbench.models import zoo
 
         name = spec[4:-4]
         return [f"zoo:{name}@{s}" for s in zoo.series_steps(name)]
+    folder = Path(spec).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        from workbench.errors import few
+
+        held = sorted(d for d in folder.iterdir() if (d / "config.json").is_file())
+        if held:
+            unnamed = [d.name for d in held if step_of(d.name) is None]
+            if unnamed:
+                raise WorkbenchError(f"{spec} holds checkpoints without a step in their names ({few(unnamed)}): "
+                                     "give them one by one, in training order")
+            return [str(d) for d in sorted(held, key=lambda d: step_of(d.name))]
     return [spec]
 
 
