@@ -476,7 +476,8 @@ def test_moments_skip_non_finite_values_per_channel():
     assert math.isnan(r.var[3])
     assert int(r.nan_count) == 7 and int(r.inf_count) == 3
     res = r.result()
-    assert math.isfinite(res["mean_abs_mean"]) and math.isfinite(res["max_std"])
+    assert res["mean_abs_mean"] == pytest.approx((1.5 + 6.0 + 5.0) / 3)  # the channel without a finite value is
+    assert res["max_std"] == pytest.approx((8.0 / 3.0) ** 0.5)  # left out (its mean 0 counted)
     assert res["nan_count"] == 7 and res["inf_count"] == 3
 
 
@@ -848,6 +849,16 @@ def test_moments_with_zero_channels_has_a_result():
     m = Moments()
     m.update(Payload(torch.ones(3, 0), torch.arange(3)))
     assert m.result()["count"] == 0
+
+
+def test_moments_of_nothing_seen_are_nan_not_zero():
+    """An expert no token reached: trace.json said count 0, mean_abs_mean 0.0, max_std 0.0, as if measured."""
+    m = Moments()
+    m.update(Payload(torch.ones(0, 4), torch.arange(0)))
+    r = m.result()
+    assert r["count"] == 0 and math.isnan(r["mean_abs_mean"]) and math.isnan(r["max_std"])
+    m.update(Payload(torch.full((2, 4), NAN), torch.arange(2)))
+    assert math.isnan(m.result()["mean_abs_mean"]) and m.result()["nan_count"] == 8
 
 
 def test_registry_maps_kinds_to_classes():

@@ -393,13 +393,16 @@ class Moments(Reducer):
         return torch.where(self.count > 0, self.m2 / self.count.clamp(min=1), math.nan)
 
     def result(self) -> dict:
-        if self.count is None or self.count.numel() == 0:
+        """Over the channels that saw a finite value; NaN where none did (an expert no token reached: its zeros
+        read as measured ones)."""
+        seen = self.count > 0 if self.count is not None else None
+        if seen is None or not bool(seen.any()):
             return {"count": 0, "mean_abs_mean": math.nan, "max_std": math.nan, "nan_count": int(self.nan_count),
                     "inf_count": int(self.inf_count)}
         return {
             "count": int(self.count.max()),
-            "mean_abs_mean": float(self.mean.abs().mean()),
-            "max_std": float(self.var.sqrt().nan_to_num(0.0).max()),
+            "mean_abs_mean": float(self.mean[seen].abs().mean()),
+            "max_std": float(self.var[seen].sqrt().max()),
             "nan_count": int(self.nan_count),
             "inf_count": int(self.inf_count),
         }
