@@ -6,7 +6,8 @@ shard by shard (memory bounded by one shard plus O(C) state) and reduced with
 
 * ``channel_stats``, merged across shards, its argmax reported as the **global token index**
   (ties: the smallest token, as the ``absmax`` reducer does);
-* ``token_absmax``: the ``top`` tokens with the largest |x| (larger first, then smaller token);
+* ``token_absmax``: the ``top`` tokens with the largest |x| (larger first, then smaller token); these and the
+  peak also carry each token's prompt index and position, from the dump's token table;
 * ``log_histogram`` of log10|x| (``bins`` over [lo, hi), plus zero/under/over/NaN counts);
 * per-channel mean and std of the finite entries as ``trace``'s ``moments`` reducer has them (float64, merged
   across shards; the kernel's fp32 ``sum`` / ``sumsq``, also written, lose the std where |mean| >> std).
@@ -76,7 +77,38 @@ def _read_index(dump_dir: Path) -> dict:
     if rows is not None and (not isinstance(rows, dict) or set(rows) != set(sites)
                              or not all(isinstance(v, int) and not isinstance(v, bool) for v in rows.values())):
         raise WorkbenchError(f"{path}: 'rows' must give every site's row count")
+    channels = index.get("channels")  # since 2026-12-07 too: each site's width, checked against every shard
+    if channels is not None and (not isinstance(channels, dict) or set(channels) != set(sites) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in channels.values())):
+        raise WorkbenchError(f"{path}: 'channels' must give every site's channel count")
+    dtypes = index.get("value_dtypes")
+    if dtypes is not None and (not isinstance(dtypes, dict) or set(dtypes) != set(sites)
+                               or not all(isinstance(v, str) for v in dtypes.values())):
+        raise WorkbenchError(f"{path}: 'value_dtypes' must give every site's value dtype")
     return index
+
+
+def _token_table(dump_dir: Path, index: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dump's prompt index and position of every global token (tokens.safetensors), checked against the
+    index: a truncated or another dump's table was never read, and a dump with a broken token map reduced."""
+    from safetensors.torch import load_file
+
+    name = index.get("tokens", "tokens.safetensors")
+    path = dump_dir / name if isinstance(name, str) else None
+    if path is None or not path.resolve().is_relative_to(dump_dir.resolve()):
+        raise WorkbenchError(f"{dump_dir / 'index.json'}: 'tokens' must name the token table inside the dump, "
+                             f"got {name!r}")
+    try:
+        t = load_file(str(path))
+        prompt, position = t["prompt"], t["position"]
+    except Exception as e:  # missing file, truncated safetensors, missing tensor name
+        raise WorkbenchError(f"cannot read the dump's token table {path}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    n = index["num_tokens"]
+    if prompt.shape != (n,) or position.shape != (n,) or prompt.is_floating_point() or position.is_floating_point():
+        raise WorkbenchError(f"the dump's token table {path} holds prompt {tuple(prompt.shape)} {prompt.dtype} and "
+                             f"position {tuple(position.shape)} {position.dtype}, not {n} integers each (num_tokens)")
+    return prompt.to(torch.int64), position.to(torch.int64)
 
 
 def _shards(dump_dir: Path, key: str):
@@ -99,9 +131,11 @@ def _top_rows(vals, toks, chans, top: int):
 
 
 class _SiteState:
-    def __init__(self, top: int, bins: int, lo: float, hi: float, backend: str | None, num_tokens: int):
+    def __init__(self, top: int, bins: int, lo: float, hi: float, backend: str | None, num_tokens: int,
+                 channels: int | None = None, dtype: str | None = None):
         self.top, self.bins, self.lo, self.hi, self.backend = top, bins, lo, hi, backend
         self.num_tokens = num_tokens
+        self.want = channels, dtype  # what the dump's index says the site's shards hold (None: an older dump)
         self.stats: ChannelStats | None = None
         self.hist = None
         # mean and std as trace's `moments` reducer has them (float64, per shard then merged): the kernel's fp32
@@ -118,6 +152,12 @@ class _SiteState:
                                  "do not match ([n, C] and [n])")
         if self.channels is not None and values.shape[1] != self.channels:
             raise WorkbenchError(f"site {key}: shard has {values.shape[1]} channels after {self.channels}")
+        width, dtype = self.want
+        if (width is not None and values.shape[1] != width) or (
+                dtype is not None and str(values.dtype).removeprefix("torch.") != dtype):
+            raise WorkbenchError(f"site {key}: a shard holds {values.shape[1]} channels of "
+                                 f"{str(values.dtype).removeprefix('torch.')}, the dump's index says {width} of "
+                                 f"{dtype}: it belongs to another dump")
         if values.dtype == torch.float64:
             values = values.float()
         if values.dtype not in FLOAT_DTYPES:
@@ -192,11 +232,13 @@ def reduce_dump(dump_dir: str | Path, out_path: str | Path, progress: bool = Tru
         raise WorkbenchError(f"top must be >= 0, got {top}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sites = index["sites"]
+    prompt, position = _token_table(dump_dir, index)
     bar = tqdm(total=sum(len(v) for v in sites.values()), unit="shard", desc=f"reduce {dump_dir.name}",
                disable=not progress, file=sys.stderr, leave=False)
     results = {}
     for key in sorted(sites):
-        state = _SiteState(top, bins, lo, hi, backend, index["num_tokens"])
+        state = _SiteState(top, bins, lo, hi, backend, index["num_tokens"], (index.get("channels") or {}).get(key),
+                           (index.get("value_dtypes") or {}).get(key))
         for values, tokens in _shards(dump_dir, key):
             state.update(key, values, tokens, dev)
             bar.update(1)
@@ -205,6 +247,9 @@ def reduce_dump(dump_dir: str | Path, out_path: str | Path, progress: bool = Tru
             raise WorkbenchError(f"site {key}: its shards hold {state.rows} rows, the dump's index says {want} "
                                  "(a shard was changed or replaced after the dump)")
         results[key] = state.result()
+        for where in (results[key]["peak"], *results[key]["top_tokens"]):  # global index -> prompt and position
+            t = where["token"]
+            where["prompt_index"], where["position"] = (int(prompt[t]), int(position[t])) if t >= 0 else (None, None)
     bar.close()
     used = backend_for(torch.empty(0, device=dev), backend)
     summary = {"format": "workbench-reduce-1", "dump_dir": str(dump_dir), "spec": index.get("spec"),

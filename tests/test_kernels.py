@@ -451,8 +451,10 @@ def test_reduce_dump_empty_and_unordered_shards(tmp_path):
     assert got[idle.key]["rows"] == 0 and got[idle.key]["peak"]["token"] == -1
     s = got[site.key]
     assert s["rows"] == 3 and s["channel"]["absmax"] == [4.0, 4.0] and s["channel"]["argmax_token"] == [3, 1]
-    assert s["peak"] == {"max_abs": 4.0, "channel": 1, "token": 1}  # the smallest token wins the tie
-    assert [t["token"] for t in s["top_tokens"]] == [1, 3, 7]
+    # the smallest token wins the tie; its prompt and position from the token table (prompt 0, position = token)
+    assert s["peak"] == {"max_abs": 4.0, "channel": 1, "token": 1, "prompt_index": 0, "position": 1}
+    assert [t["token"] for t in s["top_tokens"]] == [1, 3, 7] and [t["position"] for t in s["top_tokens"]] == [1, 3, 7]
+    assert got[idle.key]["peak"]["prompt_index"] is None
 
 
 def test_reduce_dump_errors(traced_dump, tmp_path):
@@ -466,6 +468,10 @@ def test_reduce_dump_errors(traced_dump, tmp_path):
     with pytest.raises(WorkbenchError, match="cannot read"):
         reduce_dump(tmp_path / "empty", tmp_path / "s.json", progress=False)
     head = {"format": "workbench-dump-1", "num_tokens": 1}
+    from safetensors.torch import save_file
+
+    save_file({"prompt": torch.zeros(1, dtype=torch.int64), "position": torch.zeros(1, dtype=torch.int64)},
+              str(tmp_path / "empty" / "tokens.safetensors"))  # a token table of its 1 token: the shard is what fails
     missing = {**head, "sites": {"L1.resid_post": ["L1.resid_post/missing.safetensors"]}}
     (tmp_path / "empty" / "index.json").write_text(json.dumps(missing))
     with pytest.raises(WorkbenchError, match="cannot read a shard of site L1.resid_post") as e:
@@ -487,6 +493,8 @@ def test_reduce_refuses_an_index_or_shard_that_is_not_this_dumps(traced_dump, tm
     in from another dump (a sweep's run: 196 rows of a 1-token dump, its peak at token 166)."""
     import shutil
 
+    from safetensors.torch import save_file
+
     d, _, _ = traced_dump
     index = json.loads((d / "index.json").read_text())
     key = sorted(index["sites"])[0]
@@ -497,9 +505,49 @@ def test_reduce_refuses_an_index_or_shard_that_is_not_this_dumps(traced_dump, tm
         shutil.rmtree(tmp_path / "d", ignore_errors=True)
         shutil.copytree(d, tmp_path / "d")
         (tmp_path / "d" / "index.json").write_text(json.dumps({**index, **change}))
+        if change.get("num_tokens") == 3:  # the token table of a 3-token dump, so the shard is what is refused
+            save_file({"prompt": torch.zeros(3, dtype=torch.int64), "position": torch.arange(3)},
+                      str(tmp_path / "d" / "tokens.safetensors"))
         with pytest.raises(WorkbenchError, match=re.escape(needle)):
             reduce_dump(tmp_path / "d", tmp_path / "s.json", progress=False)
         assert not (tmp_path / "s.json").exists()
+
+
+def test_reduce_refuses_another_dumps_shard_and_a_broken_token_table(traced_dump, tmp_path):
+    """A sweep copied another model's router shard (8 experts for 4, as many rows) into a dump and truncated its
+    tokens.safetensors: reduce wrote both without a word, the token table never read."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d, res, sites = traced_dump
+    index = json.loads((d / "index.json").read_text())
+    resid = next(s.key for s in sites if s.key.endswith("resid_post"))
+    assert index["channels"][resid] == 64 and index["value_dtypes"][resid] == "float32"
+    good = reduce_dump(d, tmp_path / "good.json", progress=False)["sites"][resid]["peak"]
+    loc = res.locate(good["token"])
+    assert (good["prompt_index"], good["position"]) == (loc["prompt_index"], loc["position"])
+    shard = index["sites"][resid][0]
+    for edit, needle in [(lambda t: {"values": torch.cat([t["values"], t["values"][:, :8]], 1), "tokens": t["tokens"]},
+                          f"site {resid}: a shard holds 72 channels of float32, the dump's index says 64 of float32"),
+                         (lambda t: {"values": t["values"].half(), "tokens": t["tokens"]},
+                          "holds 64 channels of float16, the dump's index says 64 of float32")]:
+        shutil.rmtree(tmp_path / "d", ignore_errors=True)
+        shutil.copytree(d, tmp_path / "d")
+        save_file(edit(load_file(str(d / shard))), str(tmp_path / "d" / shard))
+        with pytest.raises(WorkbenchError, match=re.escape(needle)):
+            reduce_dump(tmp_path / "d", tmp_path / "s.json", progress=False)
+    shutil.rmtree(tmp_path / "d")
+    shutil.copytree(d, tmp_path / "d")
+    table = tmp_path / "d" / "tokens.safetensors"
+    table.write_bytes(table.read_bytes()[:200])
+    with pytest.raises(WorkbenchError, match="cannot read the dump's token table .*tokens.safetensors"):
+        reduce_dump(tmp_path / "d", tmp_path / "s.json", progress=False)
+    t = load_file(str(d / "tokens.safetensors"))
+    save_file({"prompt": t["prompt"][:-1], "position": t["position"][:-1]}, str(table))
+    with pytest.raises(WorkbenchError, match=r"holds prompt \(\d+,\) torch.int64 .*, not \d+ integers each"):
+        reduce_dump(tmp_path / "d", tmp_path / "s.json", progress=False)
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_reduce_refuses_an_edited_dump_and_an_out_over_its_own_files(traced_dump, tmp_path, capsys):

@@ -89,6 +89,7 @@ class DumpWriter:
         self._rows: dict[Site, int] = defaultdict(int)
         self._shards: dict[Site, list[str]] = defaultdict(list)
         self._total: dict[Site, int] = defaultdict(int)  # rows written per site (the index records them)
+        self._shape: dict[Site, tuple[int, str]] = {}  # channels and value dtype per site (the index records them)
 
     def sink(self, site: Site) -> _SiteSink:
         return _SiteSink(self, site)
@@ -108,6 +109,7 @@ class DumpWriter:
         # a router's chosen experts and a grouped site's expert of each row travel with the values (without them the
         # rows of an ``experts`` site cannot be told apart, nor biased or grouped routing rebuilt from the logits)
         self._buf[site].append(Payload(values, cpu(p.tokens), topk=cpu(p.topk), experts=cpu(p.experts)))
+        self._shape.setdefault(site, (int(values.shape[1]), str(values.dtype).removeprefix("torch.")))
         self._rows[site] += values.shape[0]
         self._total[site] += values.shape[0]
         if self._rows[site] >= self.shard_rows:
@@ -134,6 +136,9 @@ class DumpWriter:
                          {"prompt": token_prompt.contiguous(), "position": token_position.contiguous()})
         index = {"format": FORMAT, "sites": {s.key: self._shards[s] for s in sorted(self._shards)},
                  "rows": {s.key: self._total[s] for s in sorted(self._shards)},  # what `reduce` checks it reads
+                 # and each site's width and value dtype: a shard of another model's dump with as many rows is refused
+                 "channels": {s.key: self._shape[s][0] for s in sorted(self._shards)},
+                 "value_dtypes": {s.key: self._shape[s][1] for s in sorted(self._shards)},
                  "tokens": "tokens.safetensors", **meta}
         path = write_json(self.dir / "index.json", index)
         mine = {n for names in self._shards.values() for n in names}
