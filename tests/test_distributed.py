@@ -26,6 +26,21 @@ def test_shards_are_contiguous_and_cover_every_batch():
             assert max(len(b) for b in blocks) - min(len(b) for b in blocks) <= 1
 
 
+def test_shards_balance_the_work_of_length_sorted_batches():
+    """Batches sorted by length cost more and more; equal batch counts gave rank 0 of 2 the 156 shortest positions of
+    3,686 (a sweep's run). Blocks stay contiguous and cover every batch; each rank's work is within a batch's of
+    the mean."""
+    costs = [2 * (i + 1) ** 2 for i in range(45)]  # positions per batch, growing
+    for world in (2, 3, 4):
+        blocks = [Shard(r, world).batches(costs) for r in range(world)]
+        assert [b for blk in blocks for b in blk] == list(range(len(costs)))
+        work = [sum(costs[b] for b in blk) for blk in blocks]
+        assert max(work) - min(work) <= 2 * max(costs), (world, work)
+        assert min(work) > sum(costs) / world / 2
+    assert [Shard(r, 2).batches([100, 1, 1]) for r in range(2)] == [range(0, 1), range(1, 3)]
+    assert [Shard(r, 3).batches([]) for r in range(3)] == [range(0, 0)] * 3
+
+
 def test_two_rank_merge_equals_one_process():
     """In-process: run each half of the batches as a rank would, merge in rank order, compare with one pass."""
     from workbench.experts.profile import ProfileOptions, profile
@@ -53,10 +68,11 @@ def test_two_rank_merge_equals_one_process():
     alone = profile(lm, prompts, opts, progress=False)
     profile(lm, prompts, opts, progress=False, shard=FakeShard(1, 2))
     merged = profile(lm, prompts, opts, progress=False, shard=FakeShard(0, 2))
-    assert merged["run"]["world_size"] == 2 and merged["run"]["batches"] == [0, 3]
-    # run.json said rank 0's batches and positions only; each rank's are there now, and the positions are the run's
-    assert [(r["rank"], r["batches"]) for r in merged["run"]["ranks"]] == [(0, [0, 3]), (1, [3, 6])]
     ranks = merged["run"]["ranks"]
+    cut = ranks[0]["batches"][1]  # where the positions split in two (contiguous blocks, balanced by positions)
+    assert merged["run"]["world_size"] == 2 and merged["run"]["batches"] == [0, cut] and 0 < cut < 6
+    # run.json said rank 0's batches and positions only; each rank's are there now, and the positions are the run's
+    assert [(r["rank"], r["batches"]) for r in ranks] == [(0, [0, cut]), (1, [cut, 6])]
     assert merged["run"]["positions"] == alone["run"]["positions"] == sum(r["positions"] for r in ranks)
     # Same batches, same kernels; only the float64 sums are merged in another order (rank by rank).
     assert_json_close(json.loads(dumps_json(split(merged)[0])), json.loads(whole))
@@ -88,8 +104,11 @@ def test_torchrun_two_cpu_ranks_equal_single_process(tmp_path):
         if name.endswith(".parquet"):
             pd.testing.assert_frame_equal(pd.read_parquet(b[name]), pd.read_parquet(a[name]), rtol=1e-5, atol=1e-6)
     run = json.loads(b["run.json"].read_text())
-    assert run["world_size"] == 2 and run["batches"] == [0, 5]
-    assert [r["batches"] for r in run["ranks"]] == [[0, 5], [5, 10]]
+    cut = run["batches"][1]  # contiguous blocks, balanced by positions
+    assert run["world_size"] == 2 and run["batches"] == [0, cut] and 0 < cut < 10
+    assert [r["batches"] for r in run["ranks"]] == [[0, cut], [cut, 10]]
+    work = [r["positions"] for r in run["ranks"]]
+    assert abs(work[0] - work[1]) <= max(work) / 2, work  # length-sorted batches: equal counts are not equal work
     assert run["positions"] == json.loads(a["run.json"].read_text())["positions"]
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -41,9 +41,20 @@ class Shard:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def batches(self, n: int) -> range:
-        """This rank's contiguous block of the ``n`` batches (balanced to within one batch)."""
-        return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+    def batches(self, costs: int | Sequence[int]) -> range:
+        """This rank's contiguous block of the batches: ``costs`` is each batch's work (the positions its forward
+        computes) or a count of equal batches. A batch goes to the rank whose share of the total work its midpoint
+        falls in, so the ranks' work is balanced to within about one batch. (Equal shares of the batch count gave a
+        length-sorted run's rank 0 its shortest batches: 156 positions against rank 1's 3,530.)"""
+        costs = [1] * costs if isinstance(costs, int) else [int(c) for c in costs]
+        total, mids, run = sum(costs), [], 0
+        for c in costs:
+            mids.append(run + c / 2)
+            run += c
+
+        def cut(r: int) -> int:  # batches before rank r's block: those whose midpoint lies in an earlier rank's share
+            return len(costs) if r == self.world else sum(m < total * r / self.world for m in mids)
+        return range(cut(self.rank), cut(self.rank + 1))
 
     def combine(self, objs: Mapping[str, Any], info: Any = None) -> list | None:
         """Gather every rank's state on rank 0 and merge it into ``objs`` there, in rank order; on rank 0, return

@@ -408,23 +408,25 @@ def trace(
     order = torch.cat(in_batch) if in_batch else torch.zeros(0, dtype=torch.int64)  # every prompt, batch after batch
     # batches in prompt order: each batch's tokens follow the last one's (what coalesced payloads can rely on)
     in_order = bool((order[1:] > order[:-1]).all())
-    mine = shard.batches(len(in_batch)) if shard is not None else range(len(in_batch))
+    sizes = torch.tensor([m.numel() for m in in_batch], dtype=torch.int64)
+    which = torch.repeat_interleave(torch.arange(len(in_batch)), sizes)  # each member's batch
+    per_batch = torch.zeros(len(in_batch), dtype=torch.int64).index_add_(0, which, lengths[order])  # tokens
+    widths = torch.zeros(len(in_batch), dtype=torch.int64).scatter_reduce_(0, which, lengths[order], "amax")
+    # each rank's block of batches, balanced by the positions its forwards compute
+    mine = shard.batches((sizes * widths).tolist()) if shard is not None else range(len(in_batch))
     objs = state.collect(table, extra, meters, stateful) if (checkpoint is not None or shard is not None) else {}
     first = mine.start
     fp = None
     if checkpoint is not None:
         fp = state.fingerprint(spec=lm.spec, model=type(lm.model).__name__, weights=state.weights_signature(lm.model),
                                token_ids=token_ids, lengths=lengths,
-                               batch_size=batch_size, objects=list(objs), shard=shard and (shard.rank, shard.world),
+                               batch_size=batch_size, objects=list(objs),
+                               shard=shard and (shard.rank, shard.world, mine.start, mine.stop),
                                tag=checkpoint.tag, **({} if in_order else {"batches": order}))
         got = checkpoint.load(fp)
         if got is not None and mine.start <= got[0] <= mine.stop:
             first = got[0]
             state.load(objs, got[1])
-    sizes = torch.tensor([m.numel() for m in in_batch], dtype=torch.int64)
-    which = torch.repeat_interleave(torch.arange(len(in_batch)), sizes)  # each member's batch
-    per_batch = torch.zeros(len(in_batch), dtype=torch.int64).index_add_(0, which, lengths[order])  # tokens
-    widths = torch.zeros(len(in_batch), dtype=torch.int64).scatter_reduce_(0, which, lengths[order], "amax")
 
     # numpy views for building batches: a handful of small ops per batch, each several times cheaper than torch's
     np_lengths, np_offsets, np_ids, np_widths = (x.numpy() for x in (lengths, offsets, token_ids, widths))
