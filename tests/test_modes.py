@@ -229,8 +229,17 @@ def test_torchrun_every_kind_with_and_without_offload_and_killed(work, tmp_path)
     if not TORCHRUN.exists():
         pytest.skip("torchrun is not installed next to this Python")
     rng = random.Random(16)
-    forwards = work["counts"]["llama"]["forward"]
-    kill = [1, "forward", rng.randint(1, forwards // 2 - 1)]  # rank 1 runs half the batches: a forward of its own
+    import torch
+
+    from workbench.distributed import Shard
+    from workbench.models.specs import load
+    from workbench.tracing.runner import batch_members, tokenize
+
+    # rank 1 runs the batches of the second half of the positions (blocks balanced by work): a forward of its own
+    ids = tokenize(load(str(work["dirs"]["llama"])), work["prompts"].read_text().splitlines())
+    lengths = torch.tensor([len(x) for x in ids])
+    costs = [len(b) * int(lengths[b].max()) for b in batch_members(lengths, 2)]
+    kill = [1, "forward", rng.randint(1, len(Shard(1, 2).batches(costs)))]
     jobs = [{"argv": profile_argv(work, k, tmp_path / "tr" / k)} for k in KINDS]
     jobs += [{"argv": profile_argv(work, k, tmp_path / "tr-offload" / k, "--offload", "layers", checkpoints=False)}
              for k in KINDS if k not in NO_OFFLOAD]
@@ -254,7 +263,9 @@ def test_torchrun_every_kind_with_and_without_offload_and_killed(work, tmp_path)
         assert sorted(files(out)) == sorted(files(ref)), out  # every rank's checkpoint was removed at the end
         assert_json_close(read_json(out / "profile.json"), read_json(ref / "profile.json"))
         run = json.loads((out / "run.json").read_text())
-        assert run["world_size"] == 2 and run["batches"] == [0, 3], (out, run)
+        cut = run["batches"][1]  # contiguous blocks balanced by positions: rank 1 runs the longest batches
+        assert run["world_size"] == 2 and run["batches"] == [0, cut] and 0 < cut < 6, (out, run)
+        assert [r["batches"] for r in run["ranks"]] == [[0, cut], [cut, 6]], (out, run)
     assert json.loads((tmp_path / "tr-killed" / "run.json").read_text())["resumed_at_batch"] == cursor  # rank 0's
 
 
