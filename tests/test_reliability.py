@@ -459,3 +459,10 @@ def test_a_checkpoint_of_another_run_names_what_changed(tmp_path):
         assert ck.load(fp("torch.bfloat16")) is None
     with pytest.warns(UserWarning, match=r"\(changed: batch size, dtype\)"):
         assert ck.load(fp("torch.bfloat16", batch_size=8)) is None
+    # the batch order and the rank's block follow from the prompts: new prompts are named alone ("batch order,
+    # prompts" blamed an unchanged --batch-order)
+    ck.save(3, fingerprint(token_ids=torch.arange(5), batches=torch.tensor([1, 0]), shard=(0, 2, 0, 1)), {})
+    with pytest.warns(UserWarning, match=r"\(changed: prompts\); starting over"):
+        assert ck.load(fingerprint(token_ids=torch.arange(6), batches=torch.tensor([0, 1]), shard=(0, 2, 0, 2))) is None
+    with pytest.warns(UserWarning, match=r"\(changed: batch order\); starting over"):
+        assert ck.load(fingerprint(token_ids=torch.arange(5), batches=torch.tensor([0, 1]), shard=(0, 2, 0, 1))) is None

@@ -196,6 +196,8 @@ def _changed(saved: str | None, fp: str) -> str:
         return ""
     split = any(k.startswith("tag.") for k in mine)  # the tag's keys are named apart: not the tag as a whole too
     keys = [k for k in mine if theirs.get(k) != mine[k] and not (k == "tag" and split)]
+    if {"token_ids", "lengths", "batch_size"} & set(keys):  # the batch order and each rank's block follow from these
+        keys = [k for k in keys if k not in ("batches", "shard")]  # (it said "batch order" for new prompts)
     return ", ".join(dict.fromkeys(PART_NAMES.get(k, k) for k in keys))
 
 
