@@ -190,6 +190,14 @@ def test_same_profile_command_twice_gives_identical_files(tmp_path):
     assert list(p) == sorted(p)  # sorted keys
     floats = re.findall(r"-?\d+\.\d+(?:e[-+]\d+)?", text)
     assert floats and all(len(f.lstrip("-").replace(".", "").split("e")[0].lstrip("0")) <= 8 for f in floats)
+    # trace too: its wall time sat in trace.json's meta, so no two runs wrote the same trace.json
+    targs = ["trace", "zoo:qwen3-moe", "--text", PROMPTS[0], "--text", PROMPTS[3], "--quiet"]
+    for name in ("ta", "tb"):
+        r = cli(*targs, "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+    a, b = files(tmp_path / "ta"), files(tmp_path / "tb")
+    assert set(a) == {"trace.json", "run.json"} and a["trace.json"] == b["trace.json"]
+    assert "seconds" not in json.loads(a["trace.json"])["meta"] and json.loads(a["run.json"])["seconds"] > 0
 
 
 # ----- the bad-input matrix ------------------------------------------------------------------------

@@ -130,8 +130,10 @@ def cmd_trace(args) -> int:
     result = trace(lm, prompts, sites, args.reducers, batch_size=args.batch_size, max_tokens=args.max_tokens,
                    dump_dir=args.dump, progress=not args.quiet, by_length=args.batch_order == "length")
     summary = trace_summary(result, lm.tokenizer)
-    summary["meta"].update(components=args.components, reducers=args.reducers, seconds=round(result.seconds, 3))
+    summary["meta"].update(components=args.components, reducers=args.reducers)
     path = write_json(out / "trace.json", summary)
+    # the wall time in run.json, as profile's: trace.json is then the same bytes for the same run
+    write_json(out / "run.json", {"seconds": round(result.seconds, 3), "device": str(lm.device)})
     print(f"traced {result.num_tokens} tokens of {len(prompts)} prompts through {len(sites)} sites "
           f"in {result.seconds:.1f} s")
     if summary["top_absmax"]:
@@ -145,7 +147,7 @@ def cmd_trace(args) -> int:
         print(f"warning: non-finite activations at {len(bad)} site(s), first {first[0]}: {first[1]} NaN and "
               f"{first[2]} inf (counted; a NaN is never a maximum, an inf is one; see nan_count and inf_count in "
               "trace.json)", file=sys.stderr)
-    print(f"wrote {path}")
+    print(f"wrote {path} and run.json (wall time)")
     if args.dump:
         print(f"wrote dump {Path(args.dump) / 'index.json'}")
     return 0
@@ -418,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("trace", help="run prompts through a model and reduce activations at chosen sites",
                        description="Run prompts through MODEL once, reducing each site's activations with "
-                                   "streaming reducers; write OUT/trace.json. MODEL is smollm2-135m, zoo:NAME, "
+                                   "streaming reducers; write OUT/trace.json (and OUT/run.json: wall time). MODEL is smollm2-135m, zoo:NAME, "
                                    "a local save_pretrained directory or a hub id.")
     t.add_argument("model", help="model spec (see `workbench models`)")
     t.add_argument("--prompts", help="text file, one prompt per line (default: the built-in prompt set)")
@@ -438,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dump", default=None, help="also stream full activations to safetensors shards in this folder")
     _model_args(t, placement=True)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--out", required=True, help="output folder (trace.json)")
+    t.add_argument("--out", required=True, help="output folder (trace.json, run.json)")
     t.set_defaults(func=cmd_trace)
     pr = sub.add_parser("profile", help="super experts, router statistics, massive activations, attention sinks",
                         description="Run MODEL over the prompts once and write OUT/profile.json, parquet tables "
