@@ -280,20 +280,31 @@ def brute_srp(seqs: list[list[list[int]]], e: int, m: int) -> float:
 
 
 def brute_sch(seqs: list[list[list[int]]], e: int, m: int, cache: int) -> float:
-    """Hit rate: before token i, used experts ranked by uses in tokens [i, i+m), then most recent use."""
+    """Hit rate of a cache of ``cache`` experts that loads an expert only when a token asks for it and, to make room,
+    evicts the cached expert used by the fewest tokens in [i, i+m) (the look-ahead at the request), then the least
+    recently used. A token's requests are judged against the cache before the token; an expert the prompt has not
+    used yet counts as a hit while fewer than ``cache`` distinct experts came before it (their code's convention)."""
     hits = total = 0
     for seq in seqs:
+        held: list[int] = []
         last: dict[int, int] = {}
         for i, tok in enumerate(seq):
-            ahead = {x: sum(x in t for t in seq[i:i + m]) for x in last}
-            ranked = sorted(last, key=lambda x: (ahead[x], last[x]), reverse=True)
             fresh = 0
             for x in tok:
-                r = ranked.index(x) if x in last else len(ranked) + fresh
-                fresh += x not in last
-                hits += r < cache
+                if x in last:
+                    hits += x in held
+                else:
+                    hits += len(last) + fresh < cache
+                    fresh += 1
                 total += 1
             for s, x in enumerate(tok):
+                if x not in held:
+                    if len(held) == cache:
+                        def priority(y):  # uses ahead: token i's own use is spent once the expert has served it
+                            used_now = y in tok[:s]
+                            return sum(y in t for t in seq[i:i + m]) - used_now, last[y]
+                        held.remove(min(held, key=priority))
+                    held.append(x)
                 last[x] = i * len(tok) + s
     return hits / total
 
@@ -349,14 +360,19 @@ def test_local_consistency_known_answers():
     r = lc.result()
     assert r["srp"]["4"]["f1"] == 1.0 and r["srp"]["16"]["f1"] == 1.0 and math.isnan(r["srp"]["64"]["f1"])
     assert r["sch"]["4"]["cache_1k"] == 1.0  # the first request finds the empty cache's free slot, as in their code
-    # Round robin over 4 experts: every used expert recurs once in each 4-token look-ahead, so recency decides
-    # and the expert asked for is always the least recent. A 1-expert cache hits only on the first token
-    # (a free slot) and the last (a look-ahead of one token).
+    # Round robin over 4 experts: a 1-expert cache holds the expert just served, never the next one, so it hits only
+    # on the first token (a free slot). (Re-sorting the used experts before each token, as this reducer did until
+    # 2026-12-07, put the next expert in the cache without a request on the last token: 2 / 40.)
     cyc = [[[i % 4] for i in range(40)]]
     lc = LocalConsistency(num_experts=e, top_k=k, starts=torch.tensor([0]))
     lc.update(payload_of(cyc, 0, e, 0))
     r = lc.result()
-    assert r["sch"]["4"]["cache_4k"] == 1.0 and r["sch"]["4"]["cache_1k"] == pytest.approx(2 / 40)
+    assert r["sch"]["4"]["cache_4k"] == 1.0 and r["sch"]["4"]["cache_1k"] == pytest.approx(1 / 40)
+    # The sweep's smallest case, checked against their calc_fsf: experts 0, 1, 0 (k 1, any look-ahead). Before the third
+    # token the 1-expert cache holds expert 1 (loaded for the second): a miss, though expert 0 is the one needed.
+    lc = LocalConsistency(num_experts=2, top_k=1, starts=torch.tensor([0]))
+    lc.update(payload_of([[[0], [1], [0]]], 0, 2, 0))
+    assert lc.sch_hist[0].tolist() == [1, 2, 0]  # ranks 0 (the free slot), 1 (new) and 1 (below expert 1)
     assert r["srp"]["4"]["f1"] == pytest.approx(2 / (4 + 1))  # predicting all 4 experts: precision 1/4, recall 1
 
 
