@@ -277,6 +277,18 @@ def test_circuits_page_draws_graph_and_metrics(tmp_path):
         assert (noise and says in noise[0]) if says else not noise, noise
 
 
+def test_circuits_page_shows_a_circuit_with_no_model_loaded(tmp_path):
+    """With the path box left empty (no model) the page that needs none failed on an opened circuit: "internal
+    error (AttributeError: 'NoneType' object has no attribute 'spec')"."""
+    at = ui_app("Circuits")
+    at.sidebar.selectbox(key="model_choice").set_value("(local path or hub id)").run()
+    assert not at.exception
+    at.text_input(key="circuit_path").input(str(_circuit(tmp_path))).run()
+    assert not at.exception and not [e.value for e in at.error if "internal error" in e.value]
+    assert len(at.get("plotly_chart")) == 1
+    assert [i.value for i in at.info if "the sidebar's model is none" in i.value]
+
+
 def test_heatmap_click_points_pick_an_expert():
     from workbench.ui.profile_page import picked_expert
 

@@ -14,6 +14,7 @@ from workbench.circuits.export import Circuit, read_json, write_dot, write_graph
 from workbench.circuits.render import circuit_svg, finite_edges
 from workbench.errors import WorkbenchError
 from workbench.io import read_upload
+from workbench.sae.loading import same_model
 from workbench.ui.common import (FEATURE_PROMPTS, FEATURE_TOKENS, FEATURE_TOP, PickedSAE, feature_columns,
                                   feature_prompts, load_model, load_sae, new_upload, show_error,
                                   took_upload)
@@ -143,7 +144,7 @@ def _node_panel(lm, circuit: Circuit, sae: PickedSAE | None) -> Circuit:
         st.caption("load an SAE folder in the sidebar to see each node's top SAE features")
         return circuit
     model = circuit.meta.get("model")
-    if lm is None or (model and model != lm.spec):
+    if lm is None or (model and not same_model(model, lm.spec)):  # (a folder written two ways is one model)
         st.info(f"SAE features need the circuit's model ({model or 'unknown'}) loaded")
         return circuit
     writers = {n: a for n, a in circuit.nodes.items() if a.get("kind") in WRITER_KINDS}
@@ -217,12 +218,11 @@ def render(lm, sae: PickedSAE | None = None) -> None:
     if circuit is None:
         st.info("Open a circuit.json written by `workbench circuit MODEL --out DIR`.")
         return
-    from workbench.sae.loading import same_model
-
     of = circuit.meta.get("model")
-    if isinstance(of, str) and of and not same_model(of, lm.spec):  # (kept on screen after the sidebar's model changed)
-        st.info(f"This circuit is of {of}; the sidebar's model is {lm.spec}. Its graph and metrics are {of}'s; a "
-                "node's SAE features are read on the sidebar's model.")
+    mine = lm.spec if lm is not None else "none"  # (no model loaded: the page still shows a circuit's file)
+    if isinstance(of, str) and of and (lm is None or not same_model(of, lm.spec)):  # (kept after the model changed)
+        st.info(f"This circuit is of {of}; the sidebar's model is {mine}. Its graph and metrics are {of}'s; a "
+                "node's SAE features need that model loaded.")
     total = circuit.n_edges
     if total == 0:
         st.warning("the circuit has no scored edges" + why_empty(circuit.meta))

@@ -13,6 +13,7 @@ from workbench.experts.plots import figures
 from workbench.experts.profile import ProfileOptions, profile
 from workbench.experts.report import check_profile, flat
 from workbench.io import read_upload
+from workbench.sae.loading import same_model
 from workbench.ui.common import (FEATURE_PROMPTS, FEATURE_TOKENS, FEATURE_TOP, PickedSAE, feature_columns,
                                   feature_prompts, load_model, load_sae, new_upload, show_error,
                                   took_upload)
@@ -219,7 +220,7 @@ def _expert_panel(lm, p: dict, sae: PickedSAE | None = None) -> None:
     st.markdown(f"#### Layer {layer}, expert {expert}")
     st.dataframe(pd.DataFrame({"": list(d), "value": [_fmt(k, v) for k, v in d.items()]}), hide_index=True,
                  key="profile_pick_details", height=35 * (len(d) + 1) + 3)
-    same = lm is not None and p["meta"].get("spec") == lm.spec
+    same = lm is not None and same_model(str(p["meta"].get("spec")), lm.spec)
     moe = same and d["kind"] == "routed"
     c1, c2 = st.columns([1, 2])
     op = c1.selectbox("op", TOGGLES, key="profile_pick_op", label_visibility="collapsed")

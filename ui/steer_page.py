@@ -19,6 +19,7 @@ from workbench import metrics as M
 from workbench.errors import WorkbenchError
 from workbench.experts.sinks import eager_attention, strongest_heads
 from workbench.io import read_upload
+from workbench.sae.loading import same_model
 from workbench.interventions import Intervention, apply, parse, reaches, token_texts
 from workbench.studies import Study
 from workbench.ui.common import PickedSAE, load_model, moe_layers, new_upload, show_error, took_upload
@@ -327,7 +328,7 @@ def prompt_metrics(spec: str, prompt: str, ivs_json: str) -> dict[str, float]:
 def _profile_columns(lm, layer: int, n: int) -> pd.DataFrame | None:
     """load and max|out| per expert of ``layer`` from the profile on the Profile page, when it is this model's."""
     p = st.session_state.get("profile")
-    if not p or p.get("meta", {}).get("spec") != lm.spec:
+    if not p or not same_model(str(p.get("meta", {}).get("spec")), lm.spec):
         return None
     cols = pd.DataFrame({"load": float("nan"), "max_abs": float("nan")}, index=range(n))
     for r in p.get("router", []):
@@ -478,7 +479,7 @@ def _dense_editor(lm, ver: int) -> pd.DataFrame:
     """A dense model's table: residual channels, heads and MLP neurons, pre-filled from this model's profile."""
     p = st.session_state.get("profile")
     serial = st.session_state.get("profile_serial")  # (not id(p): a new profile can get the freed last one's id)
-    mine = p is not None and p.get("meta", {}).get("spec") == lm.spec
+    mine = p is not None and same_model(str(p.get("meta", {}).get("spec")), lm.spec)
     if mine and st.session_state.get("steer_dense_from") != serial:
         st.session_state["steer_dense_from"] = serial
         st.session_state["steer_dense_rows"] = dense_rows_from_profile(p)
