@@ -39,7 +39,33 @@ def diff(a: Circuit, b: Circuit) -> dict:
         "added_edges": fmt(sorted(set(eb) - set(ea))),
         "removed_edges": fmt(sorted(set(ea) - set(eb))),
         "meta": {"a": {k: a.meta.get(k) for k in ("model", "method")}, "b": {k: b.meta.get(k) for k in ("model", "method")}},
+        "warnings": mismatches(a, b),
     }
+
+
+def mismatches(a: Circuit, b: Circuit) -> list[str]:
+    """Why two circuits may not be comparable edge for edge (each a sentence; edges are matched by name only): graphs
+    of other sizes or models of other architectures, other facts, or the same facts tokenized otherwise."""
+    out = []
+    sizes = [c.meta.get("n_edges_total") for c in (a, b)]
+    arch = [c.meta.get("architecture") for c in (a, b)]  # recorded since 2026-12-07
+    if None not in sizes and sizes[0] != sizes[1]:
+        out.append(f"the circuits come from graphs of {sizes[0]} and {sizes[1]} edges ({a.meta.get('model')} and "
+                   f"{b.meta.get('model')}): another architecture, so edges are matched by name only")
+    elif None not in arch and arch[0] != arch[1]:
+        out.append(f"the circuits are of a {arch[0]} and a {arch[1]}: two models, not checkpoints of one, so edges "
+                   "are matched by name only")
+    facts = [[f for f in c.meta.get("facts") or [] if isinstance(f, dict)] for c in (a, b)]
+    if facts[0] and facts[1]:
+        key = lambda f: (f.get("prompt"), f.get("answer"))  # noqa: E731
+        ka, kb = [{key(f): f.get("answer_id") for f in fs} for fs in facts]
+        if set(ka) != set(kb):
+            out.append(f"the circuits are of other facts ({len(set(ka) & set(kb))} of A's {len(ka)} are among B's "
+                       f"{len(kb)}): their edges answer other questions")
+        elif any(ka[k] != kb[k] for k in ka):
+            out.append("the same facts are tokenized otherwise (their answers' token ids differ): another tokenizer, "
+                       "so the circuits score other tokens")
+    return out
 
 
 def diff_files(path_a: str | Path, path_b: str | Path) -> dict:
@@ -66,10 +92,8 @@ def cmd_circuit_diff(args) -> int:
             raise WorkbenchError(f"--out {out} is a folder; give a file name (e.g. {out / 'diff.json'})")
         output_dir(out.parent)  # the folder it goes in: not a file, not below one, writable
     a, b = read_json(args.a), read_json(args.b)
-    sizes = [c.meta.get("n_edges_total") for c in (a, b)]
-    if None not in sizes and sizes[0] != sizes[1]:  # another architecture: edges are matched by name only
-        print(f"warning: the circuits come from graphs of {sizes[0]} and {sizes[1]} edges ({a.meta.get('model')} and "
-              f"{b.meta.get('model')}): another architecture, so edges are matched by name only", file=sys.stderr)
+    for why in mismatches(a, b):
+        print(f"warning: {why}", file=sys.stderr)
     r = diff(a, b)
     e, n = r["edges"], r["nodes"]
     print(f"edges: {e['a']} -> {e['b']}, shared {e['shared']}, added {e['added']}, removed {e['removed']}, "

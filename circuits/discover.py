@@ -222,7 +222,8 @@ def _find(lm, o: CircuitOptions, graph, prepared: list[Prepared], groups: dict, 
                           f"{sw['faithfulness_end']:.3f}, Hit@10 {sw['hit_at_10_end']:.3f} (full "
                           f"{sw['hit_at_10_full']:.3f}) after {len(sw['accepted'])} swap round(s); a larger "
                           "--max-fraction allows a bigger circuit", stacklevel=2)
-    meta = {"model": lm.spec if hasattr(lm, "spec") else "", "method": o.method, "steps": scores.steps,
+    meta = {"model": lm.spec if hasattr(lm, "spec") else "", "architecture": type(lm.model).__name__,
+            "method": o.method, "steps": scores.steps,
             "metric": o.metric, "selection": selection, "n_edges": int(mask.sum()), "n_edges_total": graph.n_edges,
             "graph": graph.summary(),
             "attribution_seconds": round(time.perf_counter() - t_attr - curve_seconds - swap_seconds, 3),

@@ -62,6 +62,9 @@ def evolution(specs: Sequence[str], facts, *, load: Callable[[str], object], opt
         total = n_total
         m = circuit.meta.get("metrics", {})
         kinds = Counter(a.get("kind") for a in circuit.nodes.values())
+        # every kind of writer the model's graph has, 0 where the circuit has none (a MoE showed "mlp 0" and hid
+        # its experts until one joined), so each checkpoint's row has the same columns
+        graph_kinds = (circuit.meta.get("graph") or {}).get("node_kinds") or {"head": 1, "mlp": 1}
         rows.append({"checkpoint": i, "spec": spec, "step": step_of(spec), "n_edges": circuit.n_edges,
                      "faithfulness": m.get("faithfulness"), "faithfulness_random": m.get("faithfulness_random"),
                      "hit_at_10_full": m.get("hit_at_10_full"), "hit_at_10_circuit": m.get("hit_at_10_circuit"),
@@ -69,7 +72,7 @@ def evolution(specs: Sequence[str], facts, *, load: Callable[[str], object], opt
                      # how much the model prefers the answers over the corrupted ones: faithfulness divides by it,
                      # so it is noise where this gap is near 0 (a checkpoint that does not know the facts yet)
                      "gap": (m["metric_full"] - m["metric_corrupted"]) if "metric_full" in m else None,
-                     "composition": {k: kinds.get(k, 0) for k in KINDS if kinds.get(k, 0) or k in ("head", "mlp")}})
+                     "composition": {k: kinds.get(k, 0) for k in KINDS if kinds.get(k, 0) or k in graph_kinds}})
         circuits.append(circuit)
     for row, c in zip(rows, circuits):
         d = diff(c, circuits[-1])
@@ -184,7 +187,7 @@ def cmd_evolution(args) -> int:
     print(f"{'checkpoint':<22}{'Hit@10 full':>12}{'circuit':>9}{'gap':>8}{'faithful':>10}{'Jaccard':>9}  nodes")
     for r in result["rows"]:
         comp = " ".join(f"{k} {v}" for k, v in r["composition"].items())
-        print(f"{r['spec']:<22}{r['hit_at_10_full']:>12.3f}{r['hit_at_10_circuit']:>9.3f}{r['gap']:>8.2f}{r['faithfulness']:>10.3f}"
+        print(f"{r['spec']:<22}{r['hit_at_10_full']:>12.3f}{r['hit_at_10_circuit']:>9.3f}{r['gap']:>8.3g}{r['faithfulness']:>10.3f}"
               f"{r['edge_jaccard_final']:>9.2f}  {comp}")
     print(f"wrote {out / 'evolution.json'}, evolution.parquet" + ("" if args.no_plots else ", evolution.png")
           + f" and {len(circuits)} circuits in {out / 'circuits'}")

@@ -29,6 +29,8 @@ def test_same_checkpoint_twice_gives_the_same_circuit(facts):
     assert a["edge_jaccard_final"] == b["edge_jaccard_final"] == 1.0 and a["node_jaccard_final"] == 1.0
     assert a["faithfulness"] == b["faithfulness"] and a["composition"] == b["composition"]
     assert a["n_edges"] == circuits[0].n_edges <= 12 and sum(a["composition"].values()) > 0
+    # every writer kind of the MoE's graph, none it lacks (it showed "mlp 0" and left experts out until one joined)
+    assert {"head", "expert", "router"} <= set(a["composition"]) and "mlp" not in a["composition"]
     assert r["n_facts"] == 6 and r["n_edges_total"] == circuits[0].meta["n_edges_total"]
 
 

@@ -1094,3 +1094,22 @@ def test_circuit_diff_counts_shared_added_removed(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "workbench", "circuit-diff", str(tmp_path / "nope.json"),
                           str(tmp_path / "b.json")], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+    # circuits of other facts, tokenizers or architectures were compared without a word (a sweep: Jaccard 0.58
+    # between two fact sets, 0.54 across tokenizers, GraniteMoE against PhiMoE of the same graph size)
+    from workbench.circuits.diff import mismatches
+
+    fact = {"prompt": "The capital of France is", "answer": " Paris", "answer_id": 7}
+    a.meta.update(facts=[fact], architecture="GraniteMoeForCausalLM", n_edges_total=789)
+    assert mismatches(a, a) == [] and diff(a, a)["warnings"] == []
+    for change, says in [({"facts": [{**fact, "answer": " Rome"}]}, "the circuits are of other facts (0 of A's 1 are "
+                                                                     "among B's 1)"),
+                         ({"facts": [{**fact, "answer_id": 9}]}, "the same facts are tokenized otherwise"),
+                         ({"architecture": "PhimoeForCausalLM"}, "the circuits are of a GraniteMoeForCausalLM and a "
+                                                                 "PhimoeForCausalLM: two models")]:
+        b.meta.update({**a.meta, **change})
+        assert [w for w in mismatches(a, b) if w.startswith(says)], (change, mismatches(a, b))
+        write_json(b, tmp_path / "b2.json")
+        write_json(a, tmp_path / "a2.json")
+        out = subprocess.run([sys.executable, "-m", "workbench", "circuit-diff", str(tmp_path / "a2.json"),
+                              str(tmp_path / "b2.json")], capture_output=True, text=True)
+        assert out.returncode == 0 and f"warning: {says}" in out.stderr, out.stderr
