@@ -15,6 +15,9 @@ def _edges(c: Circuit) -> dict[tuple, float]:
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
+    """Over the pairs with both scores finite (one NaN score made the whole correlation NaN)."""
+    pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+    a, b = [x for x, _ in pairs], [y for _, y in pairs]
     if len(a) < 2:
         return math.nan
     from scipy import stats

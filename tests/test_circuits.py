@@ -1085,6 +1085,9 @@ def test_circuit_diff_counts_shared_added_removed(tmp_path):
     assert r["shared_score_spearman"] == pytest.approx(1.0)
     same = diff(a, a)
     assert same["edges"]["jaccard"] == 1.0 and same["edges"]["added"] == 0
+    # a shared edge with a non-finite score is left out of the correlation (it made the whole of it NaN)
+    nan = circ([("input", "m0", 3.0), ("m0", "logits", 4.0), ("input", "logits", float("nan"))])
+    assert diff(a, nan)["shared_score_spearman"] == pytest.approx(1.0)
     import subprocess
     import sys
 
