@@ -145,7 +145,8 @@ class Study:
         self.batch_size = self._count(spec, "batch_size", 8)
         self.max_new_tokens = self._count(spec, "max_new_tokens", 20)
         self.seeds = spec.get("seeds", [0, 1, 2])
-        if not isinstance(self.seeds, list) or not all(_is_int(x) for x in self.seeds):
+        if not isinstance(self.seeds, list) or not self.seeds or not all(_is_int(x) for x in self.seeds):
+            # ([]: a random_experts generator made no condition, without a word)
             raise WorkbenchError(f"{self._at('seeds')}: field 'seeds' must be a list of integers, e.g. [0, 1, 2], got "
                                  f"{self.seeds!r}")
         twice = sorted({x for x in self.seeds if self.seeds.count(x) > 1})
