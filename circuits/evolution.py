@@ -187,7 +187,8 @@ def cmd_evolution(args) -> int:
     print(f"{'checkpoint':<22}{'Hit@10 full':>12}{'circuit':>9}{'gap':>8}{'faithful':>10}{'Jaccard':>9}  nodes")
     for r in result["rows"]:
         comp = " ".join(f"{k} {v}" for k, v in r["composition"].items())
-        print(f"{r['spec']:<22}{r['hit_at_10_full']:>12.3f}{r['hit_at_10_circuit']:>9.3f}{r['gap']:>8.3g}{r['faithfulness']:>10.3f}"
+        print(f"{r['spec']:<22}{r['hit_at_10_full']:>12.3f}{r['hit_at_10_circuit']:>9.3f}{r['gap']:>8.3g}"
+              f"{r['faithfulness']:>10.3f}"
               f"{r['edge_jaccard_final']:>9.2f}  {comp}")
     print(f"wrote {out / 'evolution.json'}, evolution.parquet" + ("" if args.no_plots else ", evolution.png")
           + f" and {len(circuits)} circuits in {out / 'circuits'}")

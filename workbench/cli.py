@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("trace", help="run prompts through a model and reduce activations at chosen sites",
                        description="Run prompts through MODEL once, reducing each site's activations with "
-                                   "streaming reducers; write OUT/trace.json (and OUT/run.json: wall time). MODEL is smollm2-135m, zoo:NAME, "
+                                   "streaming reducers; write OUT/trace.json (and OUT/run.json: wall time). "
+                                   "MODEL is smollm2-135m, zoo:NAME, "
                                    "a local save_pretrained directory or a hub id.")
     t.add_argument("model", help="model spec (see `workbench models`)")
     t.add_argument("--prompts", help="text file, one prompt per line (default: the built-in prompt set)")

@@ -188,7 +188,8 @@ def check_series(specs: list[str], command: str) -> None:
     keys = [str(Path(s).expanduser().resolve()) if Path(s).expanduser().exists() else s for s in specs]
     twice = sorted({s for s, k in zip(specs, keys) if keys.count(k) > 1})
     if twice:
-        warnings.warn(f"{', '.join(twice)} given more than once: the same checkpoint compared with itself", stacklevel=3)
+        warnings.warn(f"{', '.join(twice)} given more than once: the same checkpoint compared with itself",
+                      stacklevel=3)
     steps = [step_of(s) for s in specs]
     if None not in steps and steps != sorted(steps):
         warnings.warn(f"the checkpoints' steps are out of training order ({', '.join(map(str, steps))}), and the "
