@@ -175,7 +175,8 @@ BAD = [
     ("colour: red\nconditions: []\n", "unknown field 'colour'"),
     ("num_texts: 0\nconditions: []\n", "line 1: field 'num_texts' must be an integer >= 1, got 0"),
     ("conditions: []\nseeds: 3\n", "line 2: field 'seeds' must be a list of integers"),
-    ("conditions: []\nseeds: []\n", "line 2: field 'seeds' must be a list of integers, e.g. [0, 1, 2], got []"),
+    ("seeds: []\nconditions:\n  - generate: random_experts\n", "line 3: conditions[0]: random_experts draws one "
+                                                                "condition per seed, and field 'seeds' is empty"),
     ("batch_size: -2\nconditions: []\n", "field 'batch_size' must be an integer >= 1, got -2"),
     ("max_new_tokens: -1\nconditions: []\n", "field 'max_new_tokens' must be an integer >= 1, got -1"),
     ("conditions:\n  - name: a\n    interventions: [{op: scale, layers: 1, expert: 1}]\n",

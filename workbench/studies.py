@@ -145,8 +145,7 @@ class Study:
         self.batch_size = self._count(spec, "batch_size", 8)
         self.max_new_tokens = self._count(spec, "max_new_tokens", 20)
         self.seeds = spec.get("seeds", [0, 1, 2])
-        if not isinstance(self.seeds, list) or not self.seeds or not all(_is_int(x) for x in self.seeds):
-            # ([]: a random_experts generator made no condition, without a word)
+        if not isinstance(self.seeds, list) or not all(_is_int(x) for x in self.seeds):
             raise WorkbenchError(f"{self._at('seeds')}: field 'seeds' must be a list of integers, e.g. [0, 1, 2], got "
                                  f"{self.seeds!r}")
         twice = sorted({x for x in self.seeds if self.seeds.count(x) > 1})
@@ -180,6 +179,9 @@ class Study:
                 if "k" in c and c["generate"] != "random_experts":
                     raise WorkbenchError(f"{where}: field 'k' is random_experts' (how many experts); "
                                          f"{c['generate']} takes every super expert (of 'layers', when given)")
+                if c["generate"] == "random_experts" and not self.seeds:  # it made no condition, without a word
+                    raise WorkbenchError(f"{where}: random_experts draws one condition per seed, and field 'seeds' "
+                                         "is empty")
                 if "k" in c and (not _is_int(c["k"]) or c["k"] < 1):
                     raise WorkbenchError(f"{where}: field 'k' must be an integer >= 1, got {c['k']!r}")
                 layers = c.get("layers")
