@@ -94,10 +94,9 @@ def cmd_circuit_diff(args) -> int:
         if out.is_dir():
             raise WorkbenchError(f"--out {out} is a folder; give a file name (e.g. {out / 'diff.json'})")
         output_dir(out.parent)  # the folder it goes in: not a file, not below one, writable
-    a, b = read_json(args.a), read_json(args.b)
-    for why in mismatches(a, b):
+    r = diff(read_json(args.a), read_json(args.b))
+    for why in r["warnings"]:  # (diff computes them: not a second time here)
         print(f"warning: {why}", file=sys.stderr)
-    r = diff(a, b)
     e, n = r["edges"], r["nodes"]
     print(f"edges: {e['a']} -> {e['b']}, shared {e['shared']}, added {e['added']}, removed {e['removed']}, "
           f"Jaccard {e['jaccard']:.3f}")
