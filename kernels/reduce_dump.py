@@ -153,11 +153,10 @@ class _SiteState:
         if self.channels is not None and values.shape[1] != self.channels:
             raise WorkbenchError(f"site {key}: shard has {values.shape[1]} channels after {self.channels}")
         width, dtype = self.want
-        if (width is not None and values.shape[1] != width) or (
-                dtype is not None and str(values.dtype).removeprefix("torch.") != dtype):
-            raise WorkbenchError(f"site {key}: a shard holds {values.shape[1]} channels of "
-                                 f"{str(values.dtype).removeprefix('torch.')}, the dump's index says {width} of "
-                                 f"{dtype}: it belongs to another dump")
+        held = str(values.dtype).removeprefix("torch.")  # as the dump's index names it
+        if (width is not None and values.shape[1] != width) or (dtype is not None and held != dtype):
+            raise WorkbenchError(f"site {key}: a shard holds {values.shape[1]} channels of {held}, the dump's index "
+                                 f"says {width} of {dtype}: it belongs to another dump")
         if values.dtype == torch.float64:
             values = values.float()
         if values.dtype not in FLOAT_DTYPES:
