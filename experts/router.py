@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from workbench.tracing.reducers import Payload, Reducer
@@ -101,74 +102,91 @@ def sch_ranks(top, first, lengths, num_experts: int, segments: tuple[int, ...] =
     """``[len(segments), E + 1]`` counts of requests by their rank in the SCH stack (see :class:`LocalConsistency`).
 
     ``top`` [N, k]: each row's experts in score order, prompts back to back from rows ``first`` on for ``lengths``
-    rows. Every (prompt, segment length) is one stack, all of them advanced together token by token and slot by
-    slot (numpy: the steps are small). The stack update is Mattson's for priority replacement: with the stack's
-    priorities p_0, p_1, ... (fewest uses ahead, then least recent, lowest) and the request at depth d, slot i in
-    1..d-1 keeps the higher of p_i and the running minimum of p_0..p_{i-1}, slot d takes that minimum, and
-    the request goes to the top. Priorities are unique (the last use breaks ties), so each is a key that also
-    names its expert."""
-    import numpy as np
+    rows. A compiled loop (:func:`sch_kernel`): each (segment length, prompt) is one stack, simulated request by
+    request."""
+    out = np.zeros((len(segments), num_experts + 1), dtype=np.int64)
+    _check_experts(top, num_experts)  # the compiled loop does not check its indices
+    if len(lengths):
+        sch_kernel()(*(np.ascontiguousarray(a, dtype=np.int64) for a in (top, first, lengths)), num_experts,
+                     np.ascontiguousarray(segments, dtype=np.int64), out)
+    return out
 
-    e, k, n_seg = num_experts, top.shape[1], len(segments)
-    if not len(lengths):
-        return np.zeros((n_seg, e + 1), dtype=np.int64)
-    p_count, t_max = len(lengths), int(lengths.max())
-    seq = np.full((p_count, t_max, k), e, dtype=np.int64)  # expert e: no request (past a prompt's end)
-    tt = np.arange(t_max)
-    live = tt[None, :] < lengths[:, None]  # [P, T]
-    rows = first[:, None] + np.minimum(tt[None, :], lengths[:, None] - 1)
-    seq[live] = top[rows[live]]
-    seq = np.tile(seq, (n_seg, 1, 1))  # [S = segments x prompts, T, k]
-    live = np.tile(live, (n_seg, 1))
-    lens = np.tile(lengths, n_seg)
-    m = np.repeat(np.asarray(segments), p_count)  # each stack's look-ahead
-    s_n, srow, cols = len(m), np.arange(len(m)), np.arange(e)
-    # Each expert's priority as one int64 key: (uses in the look-ahead x span + time of its last use) x (E + 1) +
-    # the expert, so the key orders by uses ahead, then recency, and names its expert. Column e: no request.
-    span, width = t_max * k + 2, e + 1
-    unit = span * width  # one use ahead
-    key = np.broadcast_to(np.arange(width), (s_n, width)).copy()
-    for i in range(min(max(segments), t_max)):  # the look-ahead of token 0: tokens [0, m)
-        inside = (i < m) & (i < lens)
-        np.add.at(key, (np.repeat(srow[inside], k), seq[inside, i].reshape(-1)), unit)
-    key[:, e] = e
-    stack = np.full((s_n, e), e, dtype=np.int64)  # experts, top first; e fills the unused slots
-    size = np.zeros(s_n, dtype=np.int64)
-    ranks = np.full((s_n, t_max, k), -1, dtype=np.int64)
-    above = np.empty((s_n, e), dtype=np.int64)  # the running minimum of the slots above each slot
-    above[:, 0] = np.iinfo(np.int64).max
-    for i in range(t_max):
-        on = live[:, i]
-        x = seq[:, i]  # [S, k]
-        # every request of the token against the stack before it; unseen experts after the seen ones, in slot order
-        eq = stack[:, :, None] == x[:, None, :]  # [S, E, k]
-        seen = eq.any(1)
-        ranks[on, i] = np.where(seen, eq.argmax(1), size[:, None] + np.cumsum(~seen, 1) - 1)[on]
-        for slot in range(k):
-            xs = x[:, slot]
-            hit = stack == xs[:, None]
-            present = hit.any(1)
-            d = np.where(on, np.where(present, hit.argmax(1), size), -1)  # -1: this stack has no request
-            sk = np.take_along_axis(key, stack, 1)
-            low = np.minimum.accumulate(sk, axis=1)
-            above[:, 1:] = low[:, :-1]
-            pushed = above % width  # the expert holding the minimum above each slot
-            # slots 1..d-1 keep the higher of their own and what is pushed down; slot d takes the minimum above it
-            stack = np.where(cols < d[:, None], np.where(sk < above, pushed, stack),
-                             np.where(cols == d[:, None], pushed, stack))
-            stack[on, 0] = xs[on]
-            size += on & ~present
-            r = srow[on]
-            key[r, xs[on]] = (key[r, xs[on]] // unit - 1) * unit + (i * k + slot + 1) * width + xs[on]
-        nxt = i + m  # the look-ahead takes in token i + m
-        inside = nxt < lens
-        if inside.any():
-            np.add.at(key, (np.repeat(srow[inside], k), seq[srow[inside], nxt[inside]].reshape(-1)), unit)
-            key[:, e] = e
-    seg_of = np.repeat(np.arange(n_seg), p_count)[:, None, None]
-    got = ranks >= 0
-    flat = (np.broadcast_to(seg_of, ranks.shape)[got] * width + np.minimum(ranks[got], e))
-    return np.bincount(flat, minlength=n_seg * width).reshape(n_seg, width)
+
+def _check_experts(top, num_experts: int) -> None:
+    if len(top) and (top.min() < 0 or top.max() >= num_experts):
+        raise ValueError(f"expert indices {int(top.min())}..{int(top.max())} outside 0..{num_experts - 1} "
+                         f"({num_experts} experts)")
+
+
+def _sch_stacks(top, first, lengths, num_experts, segments, out):
+    """The SCH stacks (compiled by :func:`sch_kernel`; plain Python runs it too, slowly). Mattson's stack
+    update for priority replacement: the requested expert goes to the top and the one pushed down from above meets
+    each slot down to the request's old depth (or the stack's end), where the lower-priority of the two goes on
+    down. Priority: uses by the look-ahead's tokens [t, t + m) not yet served, then the time of the last use, both
+    higher is better; the last use breaks every tie (used experts have distinct times)."""
+    e, k = num_experts, top.shape[1]
+    stack = np.empty(e, np.int64)  # experts, top first
+    depth = np.empty(e, np.int64)  # each expert's slot; -1: not used yet in this prompt
+    ahead = np.empty(e, np.int64)
+    last = np.empty(e, np.int64)
+    for j in range(segments.shape[0]):
+        m = segments[j]
+        for p in range(lengths.shape[0]):
+            f, n = first[p], lengths[p]
+            depth[:] = -1
+            ahead[:] = 0
+            last[:] = 0
+            size = 0
+            for t in range(min(m, n)):
+                for s in range(k):
+                    ahead[top[f + t, s]] += 1
+            for t in range(n):
+                fresh = 0  # the token's requests, judged against the stack before it: unseen experts after the seen
+                for s in range(k):
+                    x = top[f + t, s]
+                    if depth[x] >= 0:
+                        out[j, depth[x]] += 1
+                    else:
+                        out[j, min(size + fresh, e)] += 1  # (past E only where a row repeats an expert)
+                        fresh += 1
+                for s in range(k):
+                    x = top[f + t, s]
+                    d = depth[x] if depth[x] >= 0 else size
+                    if d > 0:
+                        carry = stack[0]
+                        for i in range(1, d):
+                            y = stack[i]
+                            if ahead[y] < ahead[carry] or (ahead[y] == ahead[carry] and last[y] < last[carry]):
+                                stack[i] = carry  # the slot keeps the higher priority; the lower goes on down
+                                depth[carry] = i
+                                carry = y
+                        stack[d] = carry
+                        depth[carry] = d
+                    if d == size:
+                        size += 1
+                    stack[0] = x
+                    depth[x] = 0
+                    ahead[x] -= 1
+                    last[x] = t * k + s + 1
+                if t + m < n:
+                    for s in range(k):
+                        ahead[top[f + t + m, s]] += 1
+
+
+_SCH_KERNEL = None
+
+
+def sch_kernel():
+    """:func:`_sch_stacks` compiled, once per process: ~1.4 s the first time on a machine, then loaded from numba's
+    on-disk cache (~0.4 s, most of it numba importing its numpy support). Call it early to take that cost out of
+    a timing."""
+    global _SCH_KERNEL
+    if _SCH_KERNEL is None:
+        import numba
+
+        _SCH_KERNEL = numba.njit("void(int64[:, ::1], int64[::1], int64[::1], int64, int64[::1], int64[:, ::1])",
+                                 cache=True, nogil=True)(_sch_stacks)
+    return _SCH_KERNEL
 
 
 @dataclass
@@ -217,6 +235,7 @@ class LocalConsistency(Reducer):
         if not p.tokens.numel():
             return
         tokens, top = p.tokens.cpu(), score_order(p).cpu()
+        _check_experts(top, self.num_experts)
         if not p.increasing():
             order = torch.argsort(tokens)
             tokens, top = tokens[order], top[order]

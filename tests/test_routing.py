@@ -13,7 +13,7 @@ import torch
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.experts import routing as R
-from workbench.experts.router import SEGMENTS, LocalConsistency, score_order
+from workbench.experts.router import SEGMENTS, LocalConsistency, sch_ranks, score_order
 from workbench.models.specs import load
 from workbench.tracing.reducers import Payload, RouterStats, jain
 
@@ -350,6 +350,32 @@ def test_local_consistency_matches_brute_force(seed):
             math.isnan(r["srp"][str(m)]["f1"]) and max(lens) < m)
         for ratio in (1, 2):
             assert r["sch"][str(m)][f"cache_{ratio}k"] == pytest.approx(brute_sch(seqs, e, m, ratio * k))
+
+
+@pytest.mark.parametrize("e,k,skew", [(1, 1, False), (3, 2, True), (8, 1, True), (8, 3, False), (16, 4, True),
+                                       (5, 5, False)])
+def test_sch_ranks_match_the_cache_simulation_at_every_size(e, k, skew):
+    """The compiled stack loop against the plain cache simulation, for every cache size 1..E and look-aheads of 1,
+    2 and 7 tokens, on prompts of 1-30 tokens whose routing is uniform or concentrated on a few experts."""
+    rng = np.random.default_rng(e * 10 + k)
+    lens = rng.integers(1, 31, 5)
+    weights = rng.dirichlet(np.full(e, 0.3)) if skew else np.full(e, 1 / e)
+    seqs = [[rng.choice(e, k, replace=False, p=weights).tolist() for _ in range(n)] for n in lens]
+    top = np.array([t for s in seqs for t in s])
+    segments = (1, 2, 7)
+    hist = sch_ranks(top, np.cumsum(lens) - lens, lens, e, segments)
+    assert hist.sum() == len(segments) * top.size
+    for j, m in enumerate(segments):
+        for cache in range(1, e + 1):
+            assert hist[j, :cache].sum() / top.size == pytest.approx(brute_sch(seqs, e, m, cache), abs=1e-12)
+
+
+def test_local_consistency_refuses_experts_outside_its_count():
+    """An expert index past ``num_experts`` (a reducer set up for another layer) is one clear error, not memory the
+    compiled loop would write past."""
+    lc = LocalConsistency(num_experts=4, top_k=2, starts=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"expert indices 0\.\.7 outside 0\.\.3 \(4 experts\)"):
+        lc.update(payload_of([[[7, 0], [1, 2], [3, 5]]], 0, 8, 0))
 
 
 def test_local_consistency_known_answers():
