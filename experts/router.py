@@ -184,8 +184,11 @@ def sch_kernel():
     if _SCH_KERNEL is None:
         import numba
 
-        _SCH_KERNEL = numba.njit("void(int64[:, ::1], int64[::1], int64[::1], int64, int64[::1], int64[:, ::1])",
-                                 cache=True, nogil=True)(_sch_stacks)
+        sig = "void(int64[:, ::1], int64[::1], int64[::1], int64, int64[::1], int64[:, ::1])"
+        try:
+            _SCH_KERNEL = numba.njit(sig, cache=True, nogil=True)(_sch_stacks)
+        except RuntimeError:  # no writable cache folder (numba tries the package's, then the user's): compile
+            _SCH_KERNEL = numba.njit(sig, nogil=True)(_sch_stacks)
     return _SCH_KERNEL
 
 

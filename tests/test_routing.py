@@ -370,6 +370,27 @@ def test_sch_ranks_match_the_cache_simulation_at_every_size(e, k, skew):
             assert hist[j, :cache].sum() / top.size == pytest.approx(brute_sch(seqs, e, m, cache), abs=1e-12)
 
 
+def test_sch_kernel_compiles_without_a_cache_folder(monkeypatch):
+    """Where numba finds no writable cache folder (its njit(cache=True) raises), the loop is compiled uncached."""
+    import numba
+
+    from workbench.experts import router
+
+    njit = numba.njit
+
+    def no_cache(*args, **kw):
+        if kw.get("cache"):
+            raise RuntimeError("cannot cache function '_sch_stacks': no locator available")
+        return njit(*args, **kw)
+
+    top, first, lengths = np.array([[0, 1], [1, 2], [0, 2]]), np.array([0]), np.array([3])
+    want = sch_ranks(top, first, lengths, 3)
+    monkeypatch.setattr(numba, "njit", no_cache)
+    monkeypatch.setattr(router, "_SCH_KERNEL", None)
+    assert np.array_equal(sch_ranks(top, first, lengths, 3), want)
+    assert router._SCH_KERNEL is not None
+
+
 def test_local_consistency_refuses_experts_outside_its_count():
     """An expert index past ``num_experts`` (a reducer set up for another layer) is one clear error, not memory the
     compiled loop would write past."""
