@@ -105,17 +105,13 @@ def sch_ranks(top, first, lengths, num_experts: int, segments: tuple[int, ...] =
     rows. A compiled loop (:func:`sch_kernel`): each (segment length, prompt) is one stack, simulated request by
     request."""
     out = np.zeros((len(segments), num_experts + 1), dtype=np.int64)
-    _check_experts(top, num_experts)  # the compiled loop does not check its indices
+    if len(top) and (top.min() < 0 or top.max() >= num_experts):  # (the compiled loop does not check its indices)
+        raise ValueError(f"expert indices {int(top.min())}..{int(top.max())} outside 0..{num_experts - 1} "
+                         f"({num_experts} experts)")
     if len(lengths):
         sch_kernel()(*(np.ascontiguousarray(a, dtype=np.int64) for a in (top, first, lengths)), num_experts,
                      np.ascontiguousarray(segments, dtype=np.int64), out)
     return out
-
-
-def _check_experts(top, num_experts: int) -> None:
-    if len(top) and (top.min() < 0 or top.max() >= num_experts):
-        raise ValueError(f"expert indices {int(top.min())}..{int(top.max())} outside 0..{num_experts - 1} "
-                         f"({num_experts} experts)")
 
 
 def _sch_stacks(top, first, lengths, num_experts, segments, out):
@@ -238,7 +234,6 @@ class LocalConsistency(Reducer):
         if not p.tokens.numel():
             return
         tokens, top = p.tokens.cpu(), score_order(p).cpu()
-        _check_experts(top, self.num_experts)
         if not p.increasing():
             order = torch.argsort(tokens)
             tokens, top = tokens[order], top[order]
@@ -251,6 +246,7 @@ class LocalConsistency(Reducer):
         row = torch.arange(n)
         if bool((pos != row - start).any()):
             raise ValueError("LocalConsistency needs whole prompts in each payload")
+        sch = sch_ranks(top.numpy(), first.numpy(), lengths.numpy(), e)  # first: it checks the expert indices
         # Rows stay flat (prompts back to back, no padding): windows and look-aheads stop at each prompt's end.
         end = start + torch.repeat_interleave(lengths, lengths)  # [N] one past the prompt's last row
         used = torch.zeros(n, e, dtype=torch.int32).scatter_(1, top, 1)
@@ -261,7 +257,7 @@ class LocalConsistency(Reducer):
             if full.numel():
                 uses = cs.index_select(0, full + m) - cs.index_select(0, full)  # [windows, E]
                 self.srp_hist[j, : m + 1] += torch.bincount(uses.flatten(), minlength=m + 1)
-        self.sch_hist += torch.from_numpy(sch_ranks(top.numpy(), first.numpy(), lengths.numpy(), e))
+        self.sch_hist += torch.from_numpy(sch)
 
     def merge(self, other: "LocalConsistency") -> "LocalConsistency":
         self._check_same(other)
