@@ -193,10 +193,10 @@ def _imports(variant: str) -> None:
             importlib.import_module(m)
         except ImportError:
             pass  # the variant reports it when it runs
-    if variant.startswith("profile"):  # likewise numba's load of the compiled SCH loop (~0.4 s, once per process)
-        from workbench.experts.router import sch_kernel
+    if variant.startswith("profile"):  # likewise numba's load of the SCH and SRP loops (~0.4 s, once per process)
+        from workbench.experts.router import load_kernels
 
-        sch_kernel()
+        load_kernels()
 
 
 def work(args, lm, prompts) -> None:

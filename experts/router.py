@@ -98,24 +98,31 @@ SEGMENTS = (4, 16, 64)  # the segment lengths m of Liang et al. (their config al
 CACHE_RATIOS = (1, 2, 4)  # cache sizes as multiples of k
 
 
-def sch_ranks(top, first, lengths, num_experts: int, segments: tuple[int, ...] = SEGMENTS):
-    """``[len(segments), E + 1]`` counts of requests by their rank in the SCH stack (see :class:`LocalConsistency`).
+def window_counts(top, first, lengths, num_experts: int, segments: tuple[int, ...] = SEGMENTS):
+    """The counts :class:`LocalConsistency` keeps, per segment length m, from two compiled loops (:func:`_kernel`):
+
+    * SRP ``[len(segments), max(segments) + 1]``: (window, expert) pairs by the number of the window's rows that
+      chose the expert, over every full window of m consecutive rows of each prompt (:func:`_srp_windows`);
+    * SCH ``[len(segments), E + 1]``: requests by their rank in the SCH stack, each (m, prompt) one stack, simulated
+      request by request (:func:`_sch_stacks`).
 
     ``top`` [N, k]: each row's experts in score order, prompts back to back from rows ``first`` on for ``lengths``
-    rows. A compiled loop (:func:`sch_kernel`): each (segment length, prompt) is one stack, simulated request by
-    request."""
-    out = np.zeros((len(segments), num_experts + 1), dtype=np.int64)
-    if len(top) and (top.min() < 0 or top.max() >= num_experts):  # (the compiled loop does not check its indices)
+    rows."""
+    top, first, lengths = (np.ascontiguousarray(a, dtype=np.int64) for a in (top, first, lengths))
+    seg = np.ascontiguousarray(segments, dtype=np.int64)
+    srp = np.zeros((len(segments), max(segments) + 1), dtype=np.int64)
+    sch = np.zeros((len(segments), num_experts + 1), dtype=np.int64)
+    if top.size and (top.min() < 0 or top.max() >= num_experts):  # (the compiled loops do not check their indices)
         raise ValueError(f"expert indices {int(top.min())}..{int(top.max())} outside 0..{num_experts - 1} "
                          f"({num_experts} experts)")
     if len(lengths):
-        sch_kernel()(*(np.ascontiguousarray(a, dtype=np.int64) for a in (top, first, lengths)), num_experts,
-                     np.ascontiguousarray(segments, dtype=np.int64), out)
-    return out
+        _kernel(_srp_windows)(top, first, lengths, num_experts, seg, srp)
+        _kernel(_sch_stacks)(top, first, lengths, num_experts, seg, sch)
+    return srp, sch
 
 
 def _sch_stacks(top, first, lengths, num_experts, segments, out):
-    """The SCH stacks (compiled by :func:`sch_kernel`; plain Python runs it too, slowly). Mattson's stack
+    """The SCH stacks (compiled by :func:`_kernel`; plain Python runs it too, slowly). Mattson's stack
     update for priority replacement: the requested expert goes to the top and the one pushed down from above meets
     each slot down to the request's old depth (or the stack's end), where the lower-priority of the two goes on
     down. Priority: uses by the look-ahead's tokens [t, t + m) not yet served, then the time of the last use, both
@@ -169,23 +176,67 @@ def _sch_stacks(top, first, lengths, num_experts, segments, out):
                         ahead[top[f + t + m, s]] += 1
 
 
-_SCH_KERNEL = None
+def _srp_windows(top, first, lengths, num_experts, segments, out):
+    """The SRP windows (compiled by :func:`_kernel`; plain Python runs it too, slowly): each window of m rows slides
+    one row at a time, keeping how many of its rows chose each expert (a row naming an expert twice counts once) and
+    how many experts have each count, which every full window adds to ``out[j]``."""
+    e, k = num_experts, top.shape[1]
+    uses = np.zeros(e, np.int64)  # rows of the window that chose each expert
+    level = np.zeros(segments.max() + 1, np.int64)  # experts by their count
+    stamp = np.full(e, -1, np.int64)  # the last (row, add or drop) that counted each expert: a row's repeats skip
+    mark = 0
+    for j in range(segments.shape[0]):
+        m = segments[j]
+        for p in range(lengths.shape[0]):
+            f, n = first[p], lengths[p]
+            if n < m:
+                continue
+            uses[:] = 0
+            level[:] = 0
+            level[0] = e
+            for t in range(n):
+                for step in range(2):  # add row t, then (once the window is past m rows) drop row t - m
+                    r, d = (t, 1) if step == 0 else (t - m, -1)
+                    if r < 0:
+                        continue
+                    mark += 1
+                    for s in range(k):
+                        x = top[f + r, s]
+                        if stamp[x] != mark:
+                            stamp[x] = mark
+                            level[uses[x]] -= 1
+                            uses[x] += d
+                            level[uses[x]] += 1
+                if t >= m - 1:  # the window [t - m + 1, t] is full
+                    for c in range(m + 1):
+                        out[j, c] += level[c]
 
 
-def sch_kernel():
-    """:func:`_sch_stacks` compiled, once per process: ~1.4 s the first time on a machine, then loaded from numba's
-    on-disk cache (~0.4 s, most of it numba importing its numpy support). Call it early to take that cost out of
-    a timing."""
-    global _SCH_KERNEL
-    if _SCH_KERNEL is None:
+_KERNELS: dict = {}
+_SIGNATURE = "void(int64[:, ::1], int64[::1], int64[::1], int64, int64[::1], int64[:, ::1])"  # both loops'
+
+
+def _kernel(fn):
+    """``fn`` compiled by numba (for :data:`_SIGNATURE`), once per process: ~1.4 s the first time on a machine, then
+    loaded from numba's on-disk cache (the first such load in a process ~0.4 s, most of it numba importing its numpy
+    support). Where numba finds no writable cache folder (it tries the package's, then the user's) it raises; the
+    loop is then compiled without a cache."""
+    kernel = _KERNELS.get(fn)
+    if kernel is None:
         import numba
 
-        sig = "void(int64[:, ::1], int64[::1], int64[::1], int64, int64[::1], int64[:, ::1])"
         try:
-            _SCH_KERNEL = numba.njit(sig, cache=True, nogil=True)(_sch_stacks)
-        except RuntimeError:  # no writable cache folder (numba tries the package's, then the user's): compile
-            _SCH_KERNEL = numba.njit(sig, nogil=True)(_sch_stacks)
-    return _SCH_KERNEL
+            kernel = numba.njit(_SIGNATURE, cache=True, nogil=True)(fn)
+        except RuntimeError:
+            kernel = numba.njit(_SIGNATURE, nogil=True)(fn)
+        _KERNELS[fn] = kernel
+    return kernel
+
+
+def load_kernels() -> None:
+    """Compile, or load from numba's cache, both compiled loops now: call it early to take that out of a timing."""
+    _kernel(_sch_stacks)
+    _kernel(_srp_windows)
 
 
 @dataclass
@@ -237,26 +288,16 @@ class LocalConsistency(Reducer):
         if not p.increasing():
             order = torch.argsort(tokens)
             tokens, top = tokens[order], top[order]
-        prompt = torch.searchsorted(self.starts, tokens, right=True) - 1
-        ids, lengths = torch.unique_consecutive(prompt, return_counts=True)
-        pos = tokens - self.starts[prompt]
-        first = torch.cumsum(lengths, 0) - lengths  # each prompt's first row
-        start = torch.repeat_interleave(first, lengths)  # [N] first row of each row's prompt
-        n, e = tokens.numel(), self.num_experts
-        row = torch.arange(n)
-        if bool((pos != row - start).any()):
+        # (numpy: a handful of small ops, each several times cheaper than torch's)
+        tokens, starts = tokens.numpy(), self.starts.numpy()
+        prompt = np.searchsorted(starts, tokens, side="right") - 1
+        first = np.flatnonzero(np.diff(prompt, prepend=-1))  # each prompt's first row
+        lengths = np.diff(first, append=tokens.size)
+        if (tokens - starts[prompt] != np.arange(tokens.size) - np.repeat(first, lengths)).any():
             raise ValueError("LocalConsistency needs whole prompts in each payload")
-        sch = sch_ranks(top.numpy(), first.numpy(), lengths.numpy(), e)  # first: it checks the expert indices
         # Rows stay flat (prompts back to back, no padding): windows and look-aheads stop at each prompt's end.
-        end = start + torch.repeat_interleave(lengths, lengths)  # [N] one past the prompt's last row
-        used = torch.zeros(n, e, dtype=torch.int32).scatter_(1, top, 1)
-        cs = torch.cat([torch.zeros(1, e, dtype=torch.int32), used.cumsum(0, dtype=torch.int32)])  # [N+1, E]
-        for j, m in enumerate(SEGMENTS):
-            # SRP: every full window [i, i + m) of each prompt.
-            full = (row + m <= end).nonzero().flatten()
-            if full.numel():
-                uses = cs.index_select(0, full + m) - cs.index_select(0, full)  # [windows, E]
-                self.srp_hist[j, : m + 1] += torch.bincount(uses.flatten(), minlength=m + 1)
+        srp, sch = window_counts(top.numpy(), first, lengths, self.num_experts)
+        self.srp_hist += torch.from_numpy(srp)
         self.sch_hist += torch.from_numpy(sch)
 
     def merge(self, other: "LocalConsistency") -> "LocalConsistency":

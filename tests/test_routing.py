@@ -13,7 +13,7 @@ import torch
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.experts import routing as R
-from workbench.experts.router import SEGMENTS, LocalConsistency, sch_ranks, score_order
+from workbench.experts.router import SEGMENTS, LocalConsistency, score_order, window_counts
 from workbench.models.specs import load
 from workbench.tracing.reducers import Payload, RouterStats, jain
 
@@ -354,7 +354,7 @@ def test_local_consistency_matches_brute_force(seed):
 
 @pytest.mark.parametrize("e,k,skew", [(1, 1, False), (3, 2, True), (8, 1, True), (8, 3, False), (16, 4, True),
                                        (5, 5, False)])
-def test_sch_ranks_match_the_cache_simulation_at_every_size(e, k, skew):
+def test_sch_counts_match_the_cache_simulation_at_every_size(e, k, skew):
     """The compiled stack loop against the plain cache simulation, for every cache size 1..E and look-aheads of 1,
     2 and 7 tokens, on prompts of 1-30 tokens whose routing is uniform or concentrated on a few experts."""
     rng = np.random.default_rng(e * 10 + k)
@@ -363,15 +363,34 @@ def test_sch_ranks_match_the_cache_simulation_at_every_size(e, k, skew):
     seqs = [[rng.choice(e, k, replace=False, p=weights).tolist() for _ in range(n)] for n in lens]
     top = np.array([t for s in seqs for t in s])
     segments = (1, 2, 7)
-    hist = sch_ranks(top, np.cumsum(lens) - lens, lens, e, segments)
+    hist = window_counts(top, np.cumsum(lens) - lens, lens, e, segments)[1]
     assert hist.sum() == len(segments) * top.size
     for j, m in enumerate(segments):
         for cache in range(1, e + 1):
             assert hist[j, :cache].sum() / top.size == pytest.approx(brute_sch(seqs, e, m, cache), abs=1e-12)
 
 
-def test_sch_kernel_compiles_without_a_cache_folder(monkeypatch):
-    """Where numba finds no writable cache folder (its njit(cache=True) raises), the loop is compiled uncached."""
+@pytest.mark.parametrize("e,k,repeats", [(1, 1, False), (3, 2, True), (8, 2, False), (8, 3, True), (16, 4, False)])
+def test_srp_windows_match_the_windows_counted_one_by_one(e, k, repeats):
+    """The compiled sliding window against each window counted afresh: (window, expert) pairs by how many of the
+    window's rows chose the expert, for windows of 1, 2, 7 and 30 rows over prompts of 1-30 rows (shorter prompts
+    have no window). A row that names an expert twice (a top-k sampled with replacement) counts it once."""
+    rng = np.random.default_rng(e * 100 + k)
+    lens = rng.integers(1, 31, 6)
+    seqs = [[rng.choice(e, k, replace=repeats).tolist() for _ in range(n)] for n in lens]
+    segments = (1, 2, 7, 30)
+    srp = window_counts(np.array([t for s in seqs for t in s]), np.cumsum(lens) - lens, lens, e, segments)[0]
+    for j, m in enumerate(segments):
+        want = np.zeros(max(segments) + 1, dtype=np.int64)
+        for seq in seqs:
+            for i in range(len(seq) - m + 1):
+                for x in range(e):
+                    want[sum(x in row for row in seq[i:i + m])] += 1
+        assert srp[j].tolist() == want.tolist()
+
+
+def test_the_loops_compile_without_a_cache_folder(monkeypatch):
+    """Where numba finds no writable cache folder (its njit(cache=True) raises), the loops are compiled uncached."""
     import numba
 
     from workbench.experts import router
@@ -384,11 +403,12 @@ def test_sch_kernel_compiles_without_a_cache_folder(monkeypatch):
         return njit(*args, **kw)
 
     top, first, lengths = np.array([[0, 1], [1, 2], [0, 2]]), np.array([0]), np.array([3])
-    want = sch_ranks(top, first, lengths, 3)
+    want = window_counts(top, first, lengths, 3)
     monkeypatch.setattr(numba, "njit", no_cache)
-    monkeypatch.setattr(router, "_SCH_KERNEL", None)
-    assert np.array_equal(sch_ranks(top, first, lengths, 3), want)
-    assert router._SCH_KERNEL is not None
+    monkeypatch.setattr(router, "_KERNELS", {})
+    got = window_counts(top, first, lengths, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert set(router._KERNELS) == {router._sch_stacks, router._srp_windows}
 
 
 def test_local_consistency_refuses_experts_outside_its_count():
