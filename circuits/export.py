@@ -80,7 +80,10 @@ class Circuit:
             if what := _bad_node(n):
                 raise bad(f"node {i} ({n['id']}) {what}")
             nodes[n["id"]] = {k: v for k, v in n.items() if k != "id"}
-        edges = []
+        from workbench.circuits.graph import PORTS
+
+        edges, seen = [], set()
+        ports = (*PORTS, "internal")
         for i, e in enumerate(data["edges"]):
             if not isinstance(e, dict) or any(k not in e for k in ("source", "target", "port", "score")):
                 raise bad(f"edge {i} lacks one of 'source', 'target', 'port', 'score'")
@@ -90,6 +93,13 @@ class Circuit:
                 raise bad(f"edge {i} ({e['source']} -> {e['target']}) names a node the circuit does not have")
             if not isinstance(e["score"], (int, float)) or isinstance(e["score"], bool):
                 raise bad(f"edge {i} ({e['source']} -> {e['target']}) has a non-numeric score {e['score']!r}")
+            if e["port"] not in ports:
+                raise bad(f"edge {i} ({e['source']} -> {e['target']}) has port {e['port']!r}; ports: "
+                          + ", ".join(ports))
+            key = (e["source"], e["target"], e["port"])
+            if key in seen:  # (a graph keeps one of them, a comparison would count it twice)
+                raise bad(f"edge {i} repeats {e['source']} -> {e['target']} (port {e['port']})")
+            seen.add(key)
             edges.append({"source": e["source"], "target": e["target"], "port": e["port"], "score": e["score"]})
         graph = data.get("graph", {})
         meta = graph.get("meta", {}) if isinstance(graph, dict) else {}

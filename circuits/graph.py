@@ -47,6 +47,7 @@ from workbench.circuits.blocks import BlockLayout, block_layouts
 from workbench.errors import WorkbenchError
 
 NODE_KINDS = ("input", "head", "kv", "mlp", "router", "expert", "shared", "logits")
+PORTS = ("q", "k", "v", "in")  # where an edge enters its receiving node (a circuit file also has "internal" edges)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Node:
 class Receiver:
     name: str  # e.g. "a3.h2<q"
     node: str  # owning node
-    port: str  # q, k, v or in
+    port: str  # one of PORTS
     stage: int
 
 

@@ -287,10 +287,11 @@ def test_a_metrics_interval_stays_in_what_its_values_can_be():
     assert wide["ci_low"] < -5
 
 
-def _circuit_file(path, n_edges_total=10, model="zoo:a", score=1.0):
+def _circuit_file(path, n_edges_total=10, model="zoo:a", score=1.0, port="in", repeat=1):
     path.write_text(json.dumps({"nodes": [{"id": "input", "kind": "input", "layer": -1, "index": -1},
                                           {"id": "logits", "kind": "logits", "layer": 1, "index": -1}],
-                                "edges": [{"source": "input", "target": "logits", "port": "x", "score": score}],
+                                "edges": [{"source": "input", "target": "logits", "port": port,
+                                           "score": score}] * repeat,
                                 "graph": {"meta": {"model": model, "n_edges_total": n_edges_total}}}))
     return path
 
@@ -304,7 +305,11 @@ def test_circuit_diff_names_what_is_wrong_with_a_file(run, tmp_path):
     cases = [(tmp_path / "bin.json", "is not UTF-8 text"), (tmp_path / "folder", "is a folder (give "),
              (tmp_path / "list.json", "the top level is a list, not an object"),
              (_circuit_file(tmp_path / "s.json", score="high"), "has a non-numeric score 'high'"),
-             (_circuit_file(tmp_path / "n.json", score=None), "has a non-numeric score None")]
+             (_circuit_file(tmp_path / "n.json", score=None), "has a non-numeric score None"),
+             # a hand-edited file: a port no graph has, an edge twice (a graph keeps one; the diff counted both)
+             (_circuit_file(tmp_path / "p.json", port="x"),
+              "edge 0 (input -> logits) has port 'x'; ports: q, k, v, in, internal"),
+             (_circuit_file(tmp_path / "d.json", repeat=2), "edge 1 repeats input -> logits (port in)")]
     for path, needle in cases:
         code, _, err = run("circuit-diff", a, path)
         one_error(code, err, path.name, needle)
