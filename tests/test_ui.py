@@ -239,6 +239,36 @@ def _circuit(path: Path) -> Path:
     return write_json(Circuit(nodes, edges, meta), path / "circuit.json")
 
 
+def test_the_workbench_warnings_reach_the_page():
+    """Prompts cut to the page's "max tokens per prompt" were profiled cut without a word on the page: the
+    workbench's warning went to the console. It is on the page now, once, above the profile; a library's warning
+    is not (it stays in the console)."""
+    at = ui_app("Profile")
+    at.number_input(key="profile_max_tokens").set_value(3)
+    at.text_area(key="profile_prompts").input("The capital of France is Paris.\nWater boils at 100 degrees.\nHi")
+    at.button(key="profile_run").click().run()
+    ui_ok(at)
+    assert at.session_state["profile"]["meta"]["num_tokens"] <= 9
+    said = [w.value for w in at.warning if "truncated" in w.value]
+    assert said == ["2 prompt(s) longer than 3 tokens were truncated"], [w.value for w in at.warning]
+    import warnings
+
+    import streamlit as st
+
+    from workbench.ui.common import warnings_on_page
+
+    shown = []
+    with warnings.catch_warnings(record=True) as console:
+        warnings.simplefilter("always")
+        st_warning, st.warning = st.warning, shown.append
+        try:
+            with warnings_on_page():
+                warnings.warn("a library's own warning", UserWarning)  # from this file: not the workbench's
+        finally:
+            st.warning = st_warning
+    assert shown == [] and [str(w.message) for w in console] == ["a library's own warning"]
+
+
 def test_circuits_page_draws_graph_and_metrics(tmp_path):
     from workbench.ui.circuits_page import svg_download
 

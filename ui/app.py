@@ -14,7 +14,7 @@ import torch
 
 from workbench.models.specs import list_builtin
 from workbench.ui import circuits_page, profile_page, steer_page
-from workbench.ui.common import drop_if_rewritten, load_model, pick_sae, show_error
+from workbench.ui.common import drop_if_rewritten, load_model, pick_sae, show_error, warnings_on_page
 
 DEFAULT_MODEL = "zoo:tiny-moe-se"  # trained: readable continuations, one planted super expert to find
 CUSTOM = "(local path or hub id)"
@@ -73,7 +73,8 @@ def main() -> None:
         st.info(f"The {page} page needs a model: pick one in the sidebar (none is loaded).")
         return
     try:
-        PAGES[page](lm, sae)
+        with warnings_on_page():  # what a page does not show where it arises, at the page's end
+            PAGES[page](lm, sae)
     except Exception as exc:
         show_error(exc)
 

@@ -5,7 +5,10 @@ Only calls the workbench API; nothing here analyses a model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +117,31 @@ def new_upload(up, key: str) -> bytes | None:
 def took_upload(up, key: str, data: bytes) -> None:
     """Record that the page has used ``data``, the file in uploader ``key`` (see :func:`new_upload`)."""
     st.session_state[f"{key}_taken"] = (up.name, hashlib.sha256(data).hexdigest())
+
+
+@contextlib.contextmanager
+def warnings_on_page():
+    """Show on the page, once each, the warnings the workbench gives while the block runs (prompts truncated, a
+    circuit of another model read here, ...): they went to the console, where an app user does not look. Only the
+    workbench's own (a UserWarning raised from one of its modules); libraries' warnings stay in the console."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # an error's warnings too: they may say why
+        roots = [Path(m.__file__).parent for name in ("workbench", "workbench.experts", "workbench.circuits",
+                                                      "workbench.sae", "workbench.ui", "workbench.kernels")
+                 if (m := sys.modules.get(name)) is not None and getattr(m, "__file__", None)]
+        shown = set()
+        for w in caught:
+            text = str(w.message)
+            ours = issubclass(w.category, UserWarning) and any(Path(w.filename).is_relative_to(r) for r in roots)
+            if ours and text not in shown:
+                shown.add(text)
+                st.warning(text)
+            elif not ours:  # as it would have been without the block
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def show_error(exc: Exception) -> None:

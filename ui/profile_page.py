@@ -16,7 +16,7 @@ from workbench.io import read_upload
 from workbench.sae.loading import same_model
 from workbench.ui.common import (FEATURE_PROMPTS, FEATURE_TOKENS, FEATURE_TOP, PickedSAE, feature_columns,
                                   feature_prompts, load_model, load_sae, new_upload, show_error,
-                                  took_upload)
+                                  took_upload, warnings_on_page)
 from workbench.ui.plotting import figure
 from workbench.ui.steer_page import TOGGLES, add_to_table
 
@@ -64,9 +64,9 @@ def _source(lm) -> None:
         if st.button("Run profile", key="profile_run", disabled=lm is None):
             prompts = [l for l in text.splitlines() if l.strip()]
             try:
-                with st.spinner(f"profiling {len(prompts)} prompts ..."):
-                    _show(profile(
-                        lm, prompts, ProfileOptions(max_tokens=int(max_tokens), sinks=sinks), progress=False))
+                with st.spinner(f"profiling {len(prompts)} prompts ..."), warnings_on_page():
+                    p = profile(lm, prompts, ProfileOptions(max_tokens=int(max_tokens), sinks=sinks), progress=False)
+                _show(p)
             except Exception as exc:
                 show_error(exc)
         if lm is None:
