@@ -11,7 +11,7 @@ venv:
 demo: venv  ## profile smollm2-135m on the built-in prompts (super experts, massive activations, sinks)
 	$(PY) -m workbench profile smollm2-135m --out runs/demo
 
-test: venv  ## the whole suite, slow tests included (what CI runs; ~20 min on 2 idle cores after set-up: README)
+test: venv  ## the whole suite, slow tests included (what CI runs; 20-32 min on 2 idle cores after set-up: README)
 	.venv/bin/pytest -q
 
 test-fast: venv  ## skip tests marked slow
