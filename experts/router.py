@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from workbench.kernels import cpu
 from workbench.tracing.reducers import Payload, Reducer
 
 
@@ -212,31 +213,21 @@ def _srp_windows(top, first, lengths, num_experts, segments, out):
                         out[j, c] += level[c]
 
 
-_KERNELS: dict = {}
 _SIGNATURE = "void(int64[:, ::1], int64[::1], int64[::1], int64, int64[::1], int64[:, ::1])"  # both loops'
 
 
 def _kernel(fn):
-    """``fn`` compiled by numba (for :data:`_SIGNATURE`), once per process: ~1.4 s the first time on a machine, then
-    loaded from numba's on-disk cache (the first such load in a process ~0.4 s, most of it numba importing its numpy
-    support). Where numba finds no writable cache folder (it tries the package's, then the user's) it raises; the
-    loop is then compiled without a cache."""
-    kernel = _KERNELS.get(fn)
-    if kernel is None:
-        import numba
-
-        try:
-            kernel = numba.njit(_SIGNATURE, cache=True, nogil=True)(fn)
-        except RuntimeError:
-            kernel = numba.njit(_SIGNATURE, nogil=True)(fn)
-        _KERNELS[fn] = kernel
-    return kernel
+    """``fn`` (one of the two loops) compiled by numba for :data:`_SIGNATURE` (:func:`workbench.kernels.cpu.compiled`:
+    once per process, from numba's on-disk cache after the first time on a machine)."""
+    return cpu.compiled(fn, _SIGNATURE)
 
 
 def load_kernels() -> None:
-    """Compile, or load from numba's cache, both compiled loops now: call it early to take that out of a timing."""
+    """Compile, or load from numba's cache, both loops here and the reducers' (``workbench.kernels.cpu``) now: call
+    it early to take that out of a timing."""
     _kernel(_sch_stacks)
     _kernel(_srp_windows)
+    cpu.load()
 
 
 @dataclass

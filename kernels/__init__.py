@@ -2,7 +2,8 @@
 
 One module per reduction (kernel, launcher and reference side by side); ``dispatch`` picks the
 backend (``backend=`` argument, else ``WORKBENCH_KERNELS=triton|torch|auto``; auto = Triton on CUDA
-tensors, the reference elsewhere).
+tensors, the reference elsewhere). ``cpu`` holds compiled CPU loops (numba) for three reducers' hot paths,
+used on CPU tensors under auto.
 
 =================  ====================================================================
 channel_stats      per channel: absmax, argmax row, sum, sumsq (fp32), finite and NaN counts

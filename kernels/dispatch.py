@@ -4,7 +4,8 @@ The backend comes from, in order: the op's ``backend=`` argument, the ``WORKBENC
 environment variable, and ``auto``:
 
 * ``auto`` (default): Triton for CUDA tensors when ``triton`` imports, the torch reference otherwise.
-  This is the only choice that may fall back.
+  This is the only choice that may fall back. (On CPU tensors the profile's ExpertAbsMax, TopK and
+  Log2Histogram reducers run compiled loops instead, :mod:`workbench.kernels.cpu`, under ``auto`` only.)
 * ``triton``: Triton, or a :class:`~workbench.errors.WorkbenchError` saying why not (``triton``
   does not import, or the tensor is on the CPU). With ``TRITON_INTERPRET=1`` in the environment
   Triton's interpreter runs the same kernels on CPU tensors (slow; that is how the tests run them).

@@ -394,6 +394,7 @@ def test_the_loops_compile_without_a_cache_folder(monkeypatch):
     import numba
 
     from workbench.experts import router
+    from workbench.kernels import cpu
 
     njit = numba.njit
 
@@ -405,10 +406,10 @@ def test_the_loops_compile_without_a_cache_folder(monkeypatch):
     top, first, lengths = np.array([[0, 1], [1, 2], [0, 2]]), np.array([0]), np.array([3])
     want = window_counts(top, first, lengths, 3)
     monkeypatch.setattr(numba, "njit", no_cache)
-    monkeypatch.setattr(router, "_KERNELS", {})
+    monkeypatch.setattr(cpu, "_COMPILED", {})
     got = window_counts(top, first, lengths, 3)
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
-    assert set(router._KERNELS) == {router._sch_stacks, router._srp_windows}
+    assert set(cpu._COMPILED) == {router._sch_stacks, router._srp_windows}
 
 
 def test_local_consistency_refuses_experts_outside_its_count():

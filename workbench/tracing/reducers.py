@@ -25,6 +25,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from workbench.kernels import cpu
+
 NO_TOKEN = -1
 _BIG = torch.iinfo(torch.int64).max
 
@@ -475,7 +477,8 @@ class Log2Histogram(Reducer):
     a factor of 2**(1/128) (0.54 %), over the whole float32 range. Updating is one shift and one
     bincount; histograms merge exactly. Values are binned as float32 (float64 input is rounded to
     float32 first, so |x| beyond 3.4e38 counts as inf). ``counts[0]`` holds zeros (and denormals below 9.2e-41);
-    ``inf`` is counted in ``inf_count``, NaN in ``nan_count``; neither is in ``counts``.
+    ``inf`` is counted in ``inf_count``, NaN in ``nan_count``; neither is in ``counts``. On the CPU one compiled
+    loop does it (:func:`workbench.kernels.cpu.log2_codes`).
     """
 
     kind: ClassVar[str] = "log2_histogram"
@@ -487,6 +490,12 @@ class Log2Histogram(Reducer):
 
     def update(self, p: Payload) -> None:
         if p.values.numel() == 0:
+            return
+        if cpu.enabled(p.values):  # one compiled pass over the payload's float32 bits
+            special = np.zeros(2, dtype=np.int64)
+            cpu.log2_codes(cpu.as_array(p.values).reshape(-1).view(np.int32), self.counts.numpy(), special)
+            self.inf_count += int(special[0])
+            self.nan_count += int(special[1])
             return
         a = p.abs()
         if a.dtype == torch.bfloat16:
@@ -552,7 +561,8 @@ class ExpertAbsMax(Reducer):
     only: its largest value, the smallest token reaching it, then the smallest channel, which is what
     :meth:`results` reports either way (the profile needs no more). The token search then runs only
     on the experts whose peak can change, not on every (expert, channel) whose maximum can; :meth:`expert`
-    is not available.
+    is not available. On the CPU that mode is one compiled loop over the rows
+    (:func:`workbench.kernels.cpu.expert_peaks`).
     """
 
     kind: ClassVar[str] = "expert_absmax"
@@ -602,6 +612,15 @@ class ExpertAbsMax(Reducer):
         if ids.min() < 0 or ids.max() >= self.num_experts:
             raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {int(ids.max())}")
         e = self.num_experts
+        if not self.channel_tokens and cpu.enabled(x):  # one compiled pass: maxima, counts and peaks together
+            if not self.absmax.is_contiguous():
+                self.absmax = self.absmax.contiguous()
+            values = cpu.as_array(x, np.float64 if x.dtype == torch.float64 else np.float32)
+            state = [self.absmax, self.peak_token, self.peak_channel, self.nan_count, self.inf_count, self.rows]
+            absmax, peak_token, peak_channel, nan_count, inf_count, rows = (t.numpy() for t in state)
+            cpu.expert_peaks(values, np.ascontiguousarray(ids.numpy()), np.ascontiguousarray(tok.numpy()), absmax,
+                             absmax.max(1), peak_token, peak_channel, nan_count, inf_count, rows)
+            return
         counts = torch.bincount(ids, minlength=e)  # rows per expert, on the rows' device
         counts_cpu = counts.cpu()
         self.rows += counts_cpu
@@ -807,7 +826,9 @@ class TopK(Reducer):
     """The ``k`` largest |x| over all rows and channels, with their token and channel.
 
     Order is total and batching-independent: larger value first, then smaller token, then smaller
-    channel, so merging is exact. NaN is skipped (counted); inf is a value.
+    channel, so merging is exact. NaN is skipped (counted); inf is a value. Once ``k`` entries are kept, a CPU
+    payload's candidates (the entries at or above the k-th) come from one compiled scan
+    (:func:`workbench.kernels.cpu.at_least`).
     """
 
     kind: ClassVar[str] = "topk"
@@ -833,6 +854,14 @@ class TopK(Reducer):
             # only in channels whose column max reaches it (usually a handful: the massive ones). NaN
             # propagates into the column max; it compares false and is counted when the batch has any.
             thr = float(self.values[-1])
+            if cpu.enabled(x):  # one compiled pass finds them (and counts NaN)
+                values = cpu.as_array(x, np.float64 if x.dtype == torch.float64 else np.float32)
+                r, j, nan = cpu.at_least(values, thr)
+                self.nan_count += nan
+                if r.size:
+                    self._absorb(torch.from_numpy(np.abs(values[r, j]).astype(np.float64)),
+                                 p.tokens.cpu().to(torch.int64)[torch.from_numpy(r)], torch.from_numpy(j))
+                return
             a = p.abs()
             colmax = a.amax(dim=0)
             nan_cols = torch.isnan(colmax)

@@ -1,0 +1,161 @@
+"""Compiled CPU loops (numba) for the reducers' hot paths, and the helper that compiles them.
+
+On the CPU a reducer's update is dozens of torch ops, each paying its dispatch and a pass over the payload; on a
+small model (hidden 64) that fixed cost, not the arithmetic, is the update. One loop over the rows does the same
+work in a single pass. Each loop here computes exactly what its reducer's torch path computes (tested equal on
+random payloads with NaN, inf and ties: tests/test_cpu_loops.py); ``WORKBENCH_KERNELS=torch`` runs the torch path
+instead (:func:`enabled`).
+
+Loops are plain Python functions (plain Python runs them too, slowly) compiled by :func:`compiled` for the
+signatures given, once per process, from numba's on-disk cache after the first time on a machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_COMPILED: dict = {}
+
+
+def compiled(fn, signatures):
+    """``fn`` compiled by numba for ``signatures`` (one or a list), once per process: ~1-2 s the first time on a
+    machine, then loaded from numba's on-disk cache (the first such load in a process ~0.4 s, most of it numba
+    importing its numpy support). Where numba finds no writable cache folder (it tries the package's, then the
+    user's) it raises; the loop is then compiled without a cache."""
+    kernel = _COMPILED.get(fn)
+    if kernel is None:
+        import numba
+
+        try:
+            kernel = numba.njit(signatures, cache=True, nogil=True)(fn)
+        except RuntimeError:
+            kernel = numba.njit(signatures, nogil=True)(fn)
+        _COMPILED[fn] = kernel
+    return kernel
+
+
+def enabled(x) -> bool:
+    """Whether a reducer runs its compiled loop on tensor ``x``: a CPU tensor of floats, unless ``WORKBENCH_KERNELS``
+    asks for the torch reference (``torch``; ``triton`` with the interpreter runs the Triton kernels on the CPU)."""
+    if x.device.type != "cpu" or not x.is_floating_point():
+        return False
+    from workbench.kernels.dispatch import requested_backend
+
+    return requested_backend() == "auto"
+
+
+def as_array(x, dtype=np.float32) -> np.ndarray:
+    """A CPU tensor's values as a C-contiguous numpy array of float32 (or ``dtype``): bfloat16 and float16 convert
+    exactly; a float64 tensor is kept as it is when ``dtype`` is float64."""
+    import torch
+
+    t = x.detach()
+    if t.dtype != (torch.float64 if dtype == np.float64 else torch.float32):
+        t = t.to(torch.float32)
+    return np.ascontiguousarray(t.numpy())
+
+
+# ----- ExpertAbsMax (each expert's peak token only) ------------------------------------------------------------
+def _expert_peaks(x, ids, tok, absmax, peak, peak_token, peak_channel, nan_count, inf_count, rows):
+    """Rows ``x [n, C]`` of experts ``ids`` at tokens ``tok`` into :class:`ExpertAbsMax` state, in place: per
+    (expert, channel) the largest |x| (NaN never wins; inf is a value), per expert its rows, NaN and inf counts, and
+    its peak (``peak``, the running row max of ``absmax``) with the smallest (token, channel) reaching it."""
+    n, channels = x.shape
+    for i in range(n):
+        e = ids[i]
+        rows[e] += 1
+        best = absmax[e]
+        row_max = -1.0
+        odd = 0
+        for c in range(channels):
+            v = np.float64(abs(x[i, c]))
+            best[c] = v if v > best[c] else best[c]  # a NaN compares false: it never wins
+            row_max = v if v > row_max else row_max
+            odd += (v != v) | (v == np.inf)
+        if odd:
+            for c in range(channels):
+                v = abs(x[i, c])
+                if v != v:
+                    nan_count[e] += 1
+                elif v == np.inf:
+                    inf_count[e] += 1
+        if row_max >= 0 and row_max >= peak[e]:
+            t = tok[i]
+            c = 0
+            while np.float64(abs(x[i, c])) != row_max:  # the row's first channel holding its max
+                c += 1
+            was = peak_token[e]
+            if row_max > peak[e] or was == -1 or t < was or (t == was and c < peak_channel[e]):
+                peak[e] = row_max
+                peak_token[e] = t
+                peak_channel[e] = c
+
+
+_PEAKS_SIGNATURES = [f"void({x}[:, ::1], int64[::1], int64[::1], float64[:, ::1], float64[::1], int64[::1], "
+                     "int64[::1], int64[::1], int64[::1], int64[::1])" for x in ("float32", "float64")]
+
+
+def expert_peaks(x, ids, tok, absmax, peak, peak_token, peak_channel, nan_count, inf_count, rows) -> None:
+    """:func:`_expert_peaks`, compiled. Expert indices must lie in 0..E-1 (the loop does not check)."""
+    compiled(_expert_peaks, _PEAKS_SIGNATURES)(x, ids, tok, absmax, peak, peak_token, peak_channel, nan_count,
+                                               inf_count, rows)
+
+
+# ----- Log2Histogram ---------------------------------------------------------------------------------------------
+def _log2_codes(bits, counts, special):
+    """Float32 bit patterns ``bits`` (int32) into ``counts`` by ``|x|``'s top 16 bits; ``special``: [inf, NaN]."""
+    for i in range(bits.size):
+        u = bits[i] & 0x7FFFFFFF  # |x|: the sign bit cleared
+        if u < 0x7F800000:
+            counts[u >> 16] += 1
+        elif u == 0x7F800000:
+            special[0] += 1
+        else:
+            special[1] += 1
+
+
+def log2_codes(bits, counts, special) -> None:
+    compiled(_log2_codes, "void(int32[::1], int64[::1], int64[::1])")(bits, counts, special)
+
+
+# ----- TopK (once full: the entries at or above the k-th kept value) ------------------------------------------------
+def _at_least(x, threshold, out_rows, out_cols):
+    """How many entries of ``x`` have |x| >= ``threshold`` (NaN never does), their (row, column) written into
+    ``out_rows`` / ``out_cols`` while there is room; and how many are NaN. Returns (found, nan)."""
+    n, channels = x.shape
+    found = 0
+    nan = 0
+    room = out_rows.size
+    for i in range(n):
+        for c in range(channels):
+            v = np.float64(abs(x[i, c]))
+            if v >= threshold:
+                if found < room:
+                    out_rows[found] = i
+                    out_cols[found] = c
+                found += 1
+            elif v != v:
+                nan += 1
+    return found, nan
+
+
+_AT_LEAST_SIGNATURES = [f"UniTuple(int64, 2)({x}[:, ::1], float64, int64[::1], int64[::1])"
+                        for x in ("float32", "float64")]
+
+
+def at_least(x, threshold: float, room: int = 256) -> tuple[np.ndarray, np.ndarray, int]:
+    """The (rows, columns) of the entries of ``x`` with |x| >= ``threshold``, in row-major order, and the NaN count."""
+    kernel = compiled(_at_least, _AT_LEAST_SIGNATURES)
+    rows, cols = np.empty(room, dtype=np.int64), np.empty(room, dtype=np.int64)
+    found, nan = kernel(x, threshold, rows, cols)
+    if found > room:  # more than there was room for: again, with room for all
+        rows, cols = np.empty(found, dtype=np.int64), np.empty(found, dtype=np.int64)
+        found, nan = kernel(x, threshold, rows, cols)
+    return rows[:found], cols[:found], nan
+
+
+def load() -> None:
+    """Compile, or load from numba's cache, every loop here now: call it early to take that out of a timing."""
+    compiled(_expert_peaks, _PEAKS_SIGNATURES)
+    compiled(_log2_codes, "void(int32[::1], int64[::1], int64[::1])")
+    compiled(_at_least, _AT_LEAST_SIGNATURES)
