@@ -26,10 +26,11 @@ def compiled(fn, signatures):
     if kernel is None:
         import numba
 
+        flags = dict(nogil=True, error_model="numpy")  # IEEE division: x / 0 is inf or NaN, as in torch, not an error
         try:
-            kernel = numba.njit(signatures, cache=True, nogil=True)(fn)
+            kernel = numba.njit(signatures, cache=True, **flags)(fn)
         except RuntimeError:
-            kernel = numba.njit(signatures, nogil=True)(fn)
+            kernel = numba.njit(signatures, **flags)(fn)
         _COMPILED[fn] = kernel
     return kernel
 
@@ -159,3 +160,98 @@ def load() -> None:
     compiled(_expert_peaks, _PEAKS_SIGNATURES)
     compiled(_log2_codes, "void(int32[::1], int64[::1], int64[::1])")
     compiled(_at_least, _AT_LEAST_SIGNATURES)
+    compiled(_router_rows, _ROUTER_SIGNATURES)
+
+
+# ----- RouterStats -------------------------------------------------------------------------------------------------
+def _router_rows(logits, chosen, sigmoid, prob_sum, counts, coactivation, sums, seen):
+    """Router rows into :class:`RouterStats` state, in place; returns (rows used, rows left out: NaN or +inf).
+
+    Per row, in float64: the routing distribution p (softmax of the logits, or the sigmoid scores normalised),
+    its entropy, the margin between its k-th and (k+1)-th largest values (k = ``chosen``'s width, when below E),
+    the chosen experts' counts, and their co-activation (each distinct chosen pair once per row, itself included).
+    ``sums``: [entropy, margin] totals. The softmax entropy needs one log per row: with w = exp(z - max z) and
+    S = sum w, -sum p log p = log S + sum p (max z - z). ``seen`` [E]: scratch, -1 everywhere on the first call."""
+    n, e = logits.shape
+    k = chosen.shape[1]
+    w = np.empty(e, dtype=np.float64)
+    top = np.empty(k + 1, dtype=np.float64)
+    distinct = np.empty(k, dtype=np.int64)
+    used = 0
+    bad = 0
+    for i in range(n):
+        m = -np.inf
+        broken = False
+        for j in range(e):
+            v = np.float64(logits[i, j])
+            if v != v or v == np.inf:
+                broken = True
+            m = v if v > m else m
+        if broken:
+            bad += 1
+            continue
+        used += 1
+        total = 0.0
+        entropy = 0.0
+        if sigmoid:
+            for j in range(e):
+                s = 1.0 / (1.0 + np.exp(-np.float64(logits[i, j])))
+                w[j] = s
+                total += s
+            for j in range(e):
+                p = w[j] / total
+                w[j] = p
+                if p != 0:  # entr(0) = 0; a NaN (every score 0: 0 / 0) stays NaN, as in torch
+                    entropy -= p * np.log(p)
+        else:
+            spread = 0.0
+            for j in range(e):
+                d = np.float64(logits[i, j]) - m
+                x = np.exp(d)
+                w[j] = x
+                total += x
+                if x > 0:
+                    spread -= x * d
+            for j in range(e):
+                w[j] = w[j] / total
+            entropy = np.log(total) + spread / total
+        for j in range(e):
+            prob_sum[j] += w[j]
+        sums[0] += entropy
+        if k < e:  # the k+1 largest, kept sorted (descending) by insertion
+            filled = 0
+            for j in range(e):
+                p = w[j]
+                if filled <= k:
+                    filled += 1
+                elif p <= top[k]:
+                    continue
+                slot = filled - 1
+                while slot > 0 and top[slot - 1] < p:
+                    top[slot] = top[slot - 1]
+                    slot -= 1
+                top[slot] = p
+            sums[1] += top[k - 1] - top[k]
+        count = 0
+        for j in range(k):
+            a = chosen[i, j]
+            counts[a] += 1
+            if seen[a] != i:
+                seen[a] = i
+                distinct[count] = a
+                count += 1
+        for a in range(count):
+            for b in range(count):
+                coactivation[distinct[a], distinct[b]] += 1
+    return used, bad
+
+
+_ROUTER_SIGNATURES = [f"UniTuple(int64, 2)({x}[:, ::1], int64[:, ::1], boolean, float64[::1], int64[::1], "
+                      "int64[:, ::1], float64[::1], int64[::1])" for x in ("float32", "float64")]
+
+
+def router_rows(logits, chosen, sigmoid: bool, prob_sum, counts, coactivation, sums) -> tuple[int, int]:
+    """:func:`_router_rows`, compiled. Expert indices must lie in 0..E-1 (the loop does not check)."""
+    seen = np.full(logits.shape[1], -1, dtype=np.int64)
+    return compiled(_router_rows, _ROUTER_SIGNATURES)(logits, chosen, sigmoid, prob_sum, counts, coactivation, sums,
+                                                      seen)

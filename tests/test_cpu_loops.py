@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from workbench.kernels import cpu
-from workbench.tracing.reducers import ExpertAbsMax, Log2Histogram, Payload, TopK
+from workbench.tracing.reducers import ExpertAbsMax, Log2Histogram, Payload, RouterStats, TopK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,3 +117,39 @@ def test_the_threshold_scan_finds_more_entries_than_its_first_room():
     x[4, 7] = np.nan
     rows, cols, nan = cpu.at_least(x, 3.0, room=8)
     assert len(rows) == 599 and nan == 1 and (rows[:3].tolist(), cols[:3].tolist()) == ([0, 0, 0], [0, 1, 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(30))
+def test_router_stats_loop_equals_the_torch_path(seed, dtype, monkeypatch):
+    """Counts and co-activation exactly; the float64 sums to 1e-12 (the loop sums row by row, torch pairwise, and
+    the loop's softmax entropy takes one log per row). Rows with a masked expert (-inf), rows left out (NaN, +inf),
+    sigmoid scoring, more than 64 experts, k = E (no margin) and a row naming an expert twice."""
+    g = np.random.default_rng(seed)
+    e = int(g.choice([1, 3, 8, 60, 65, 96]))
+    k = int(g.integers(1, e + 1))
+    scoring = "sigmoid" if seed % 4 == 3 else "softmax"
+    stream = []
+    for part in range(int(g.integers(1, 4))):
+        n = int(g.integers(0, 50))
+        z = g.standard_normal((n, e)) * float(g.choice([0.1, 3.0, 30.0]))
+        for special in (-np.inf, np.nan, np.inf):
+            if n and g.random() < 0.4:
+                z[g.integers(0, n), g.integers(0, e)] = special
+        chosen = np.argsort(-np.nan_to_num(z, nan=0.0), axis=1, kind="stable")[:, :k]
+        if n and k > 1 and g.random() < 0.3:
+            chosen[0, 1] = chosen[0, 0]
+        stream.append(Payload(torch.tensor(z).to(dtype), torch.arange(n) + 100 * part, torch.from_numpy(chosen)))
+    results = []
+    for backend in ("auto", "torch"):
+        monkeypatch.setenv("WORKBENCH_KERNELS", backend)
+        r = RouterStats(num_experts=e, scoring=scoring)
+        for p in stream:
+            r.update(p)
+        results.append((r.state_dict(), r.result()))
+    (loop, loop_result), (ref, ref_result) = results
+    for name in ("counts", "coactivation", "tokens", "nonfinite"):
+        assert torch.equal(loop[name], ref[name]), name
+    for name in ("prob_sum", "entropy_sum", "margin_sum"):
+        torch.testing.assert_close(loop[name], ref[name], rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
+    assert loop_result.keys() == ref_result.keys()
