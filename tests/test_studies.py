@@ -42,6 +42,7 @@ def test_study_table_and_resolution(planted, tmp_path):
     assert len(df[df.metric == "generations"]) == len(conds)
     # The resolved study spells every condition out and reproduces them.
     resolved = yaml.safe_load((tmp_path / "study.resolved.yaml").read_text())
+    assert (resolved["model"], resolved["dtype"], resolved["device"]) == (planted.spec, "float32", "cpu")  # provenance
     names = [c["name"] for c in resolved["conditions"]]
     assert names == conds[1:]  # the baseline is implicit
     random0 = resolved["conditions"][2]["interventions"]

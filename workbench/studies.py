@@ -59,7 +59,8 @@ from workbench.io import atomic_path, read_structured, write_text
 
 GENERATORS = ("each_super_expert", "all_super_experts", "random_experts")
 TOP_KEYS = {"name", "metrics", "texts", "num_texts", "seeds", "conditions", "generation_prompts", "max_new_tokens",
-            "batch_size", "model"}  # model: recorded in study.resolved.yaml, for the reader (the CLI names the model)
+            "batch_size", "model", "dtype", "device"}  # the last three: recorded in study.resolved.yaml, for the reader
+# (the CLI names the model and its --dtype and --device)
 TEXT_METRICS = ("perplexity", "sink", "massive", "kl")  # one pass over the study's texts, which number its prompts
 COLUMNS = ["condition", "group", "seed", "metric", "mean", "ci_low", "ci_high", "n", "text", "seconds"]
 DEFAULT_GENERATION_PROMPTS = ["The capital of France is", "Once upon a time,", "Seven plus five equals"]
@@ -490,7 +491,8 @@ class Study:
                 (out / name).unlink(missing_ok=True)
             # Runs unchanged with `workbench ablate` (the baseline is implicit, so it is not listed).
             write_text(out / "study.resolved.yaml", yaml.safe_dump(
-                {"name": self.name, "model": lm.spec, "metrics": self.metrics, "num_texts": len(texts),
+                {"name": self.name, "model": lm.spec, "dtype": lm.dtype_name, "device": lm.device.type,
+                 "metrics": self.metrics, "num_texts": len(texts),
                  "texts": self.texts_file, "seeds": self.seeds, "generation_prompts": self.generation_prompts,
                  "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
                  "conditions": [c.to_dict() for c in conditions if c.name != "baseline"]},
