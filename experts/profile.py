@@ -67,6 +67,12 @@ class ProfileOptions:
         object.__setattr__(self, "domains", check_domains(self.domains))
 
 
+# How the pass's statistics are counted, named in its checkpoints' fingerprint: changed when a reducer's counts change
+# meaning, so that a checkpoint written before is started over, not resumed with counts of two kinds. 2026-12-07:
+# local consistency's SCH stack follows the paper's code (experts/router.py: LocalConsistency).
+COUNTING = "2026-12-07"
+
+
 def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = ProfileOptions(),
             progress: bool = True, *, checkpoint: Checkpoint | None = None, shard: Shard | None = None) -> dict:
     """Run ``prompts`` once and return the profile as plain data (what ``profile.json`` holds).
@@ -128,7 +134,8 @@ def profile(lm: LoadedModel, prompts: Sequence[str], options: ProfileOptions = P
         qk_meter = QKMeter(n_layers)
         meters.append(qk_meter)
     if checkpoint is not None:
-        checkpoint.tag = json.dumps({"options": repr(options), "dtype": str(lm.dtype), "expert_tokens": "peak"})
+        checkpoint.tag = json.dumps({"options": repr(options), "dtype": str(lm.dtype), "expert_tokens": "peak",
+                                     "counting": COUNTING})
     start = time.perf_counter()
     ctx = eager_attention(lm.model) if options.sinks else _null()
     with ctx:

@@ -151,6 +151,27 @@ def test_checkpoint_restores_every_stateful_object(tmp_path):
     with pytest.warns(UserWarning, match=r"changed: weights \(or their dtype\)"):  # the planted row, named
         planted = profile(lm, prompts, opts, progress=False, checkpoint=ck)
     assert planted["run"]["resumed_at_batch"] is None
+    # and so is one written by a workbench that counted a statistic otherwise (LocalConsistency's SCH before
+    # 2026-12-07): it was resumed, each SCH histogram holding counts of two kinds
+    import json
+
+    from workbench.experts import profile as profile_module
+
+    ck = Checkpoint(tmp_path / "d.safetensors", every=1)
+    with pytest.raises(Stop):
+        Checkpoint.save = save_then_die
+        try:
+            profile(lm, prompts, opts, progress=False, checkpoint=ck)
+        finally:
+            Checkpoint.save = real_save
+    assert json.loads(ck.tag)["counting"] == profile_module.COUNTING
+    profile_module.COUNTING, before = "a later way", profile_module.COUNTING
+    try:
+        with pytest.warns(UserWarning, match=r"changed: how the statistics are counted"):
+            later = profile(lm, prompts, opts, progress=False, checkpoint=ck)
+    finally:
+        profile_module.COUNTING = before
+    assert later["run"]["resumed_at_batch"] is None
 
 
 def test_state_dicts_of_sink_meter_and_change_rate():
@@ -454,6 +475,7 @@ def test_a_checkpoint_of_another_run_names_what_changed(tmp_path):
 
     import torch
 
+    from workbench.experts.profile import COUNTING
     from workbench.tracing.state import Checkpoint, fingerprint
 
     def fp(dtype, batch_size=4):
@@ -467,6 +489,14 @@ def test_a_checkpoint_of_another_run_names_what_changed(tmp_path):
         assert ck.load(fp("torch.bfloat16")) is None
     with pytest.warns(UserWarning, match=r"\(changed: batch size, dtype\)"):
         assert ck.load(fp("torch.bfloat16", batch_size=8)) is None
+    # a checkpoint of a profile that counted its statistics otherwise (before LocalConsistency's SCH changed meaning)
+    old = fingerprint(spec="zoo:qwen3-moe", tag=json.dumps({"options": "ProfileOptions()", "dtype": "torch.float32"}))
+    ck.save(3, old, {"x": torch.zeros(2)})
+    now = fingerprint(spec="zoo:qwen3-moe", tag=json.dumps({"options": "ProfileOptions()", "dtype": "torch.float32",
+                                                             "counting": COUNTING}))
+    with pytest.warns(UserWarning, match=r"\(changed: how the statistics are counted \(the checkpoint is from an older "
+                                         r"workbench\)\); starting over"):
+        assert ck.load(now) is None
     # the batch order and the rank's block follow from the prompts: new prompts are named alone ("batch order,
     # prompts" blamed an unchanged --batch-order)
     ck.save(3, fingerprint(token_ids=torch.arange(5), batches=torch.tensor([1, 0]), shard=(0, 2, 0, 1)), {})

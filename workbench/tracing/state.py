@@ -162,7 +162,8 @@ class Fingerprint(str):
 # what each part of a fingerprint is, as a refused checkpoint names it
 PART_NAMES = {"spec": "model", "model": "model class", "weights": "weights (or their dtype)", "token_ids": "prompts",
               "lengths": "prompts", "batch_size": "batch size", "objects": "statistics kept", "shard": "rank layout",
-              "batches": "batch order", "tag.options": "options", "tag.dtype": "dtype", "tag": "options"}
+              "batches": "batch order", "tag.options": "options", "tag.dtype": "dtype", "tag": "options",
+              "tag.counting": "how the statistics are counted (the checkpoint is from an older workbench)"}
 
 
 def fingerprint(**parts: Any) -> Fingerprint:
