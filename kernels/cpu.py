@@ -7,7 +7,7 @@ random payloads with NaN, inf and ties: tests/test_cpu_loops.py); ``WORKBENCH_KE
 instead (:func:`enabled`).
 
 Loops are plain Python functions (plain Python runs them too, slowly) compiled by :func:`compiled` for the
-signatures given, once per process, from numba's on-disk cache after the first time on a machine.
+signature they are called with, once per process, from numba's on-disk cache after the first time on a machine.
 """
 
 from __future__ import annotations
@@ -17,21 +17,22 @@ import numpy as np
 _COMPILED: dict = {}
 
 
-def compiled(fn, signatures):
-    """``fn`` compiled by numba for ``signatures`` (one or a list), once per process: ~1-2 s the first time on a
-    machine, then loaded from numba's on-disk cache (the first such load in a process ~0.4 s, most of it numba
-    importing its numpy support). Where numba finds no writable cache folder (it tries the package's, then the
-    user's) it raises; the loop is then compiled without a cache."""
-    kernel = _COMPILED.get(fn)
+def compiled(fn, signature: str):
+    """``fn`` compiled by numba for one ``signature``, once per process: ~0.2-2 s the first time on a machine, then
+    loaded from numba's on-disk cache (the first such load in a process ~0.4 s, most of it numba importing its numpy
+    support). A loop taking float32 or float64 values is compiled for the one it is called with. Where numba finds
+    no writable cache folder (it tries the package's, then the user's) it raises; the loop is then compiled without
+    a cache."""
+    kernel = _COMPILED.get((fn, signature))
     if kernel is None:
         import numba
 
         flags = dict(nogil=True, error_model="numpy")  # IEEE division: x / 0 is inf or NaN, as in torch, not an error
         try:
-            kernel = numba.njit(signatures, cache=True, **flags)(fn)
+            kernel = numba.njit(signature, cache=True, **flags)(fn)
         except RuntimeError:
-            kernel = numba.njit(signatures, **flags)(fn)
-        _COMPILED[fn] = kernel
+            kernel = numba.njit(signature, **flags)(fn)
+        _COMPILED[(fn, signature)] = kernel
     return kernel
 
 
@@ -92,14 +93,14 @@ def _expert_peaks(x, ids, tok, absmax, peak, peak_token, peak_channel, nan_count
                 peak_channel[e] = c
 
 
-_PEAKS_SIGNATURES = [f"void({x}[:, ::1], int64[::1], int64[::1], float64[:, ::1], float64[::1], int64[::1], "
-                     "int64[::1], int64[::1], int64[::1], int64[::1])" for x in ("float32", "float64")]
+_PEAKS = {x: f"void({x}[:, ::1], int64[::1], int64[::1], float64[:, ::1], float64[::1], int64[::1], int64[::1], "
+             "int64[::1], int64[::1], int64[::1])" for x in ("float32", "float64")}
 
 
 def expert_peaks(x, ids, tok, absmax, peak, peak_token, peak_channel, nan_count, inf_count, rows) -> None:
     """:func:`_expert_peaks`, compiled. Expert indices must lie in 0..E-1 (the loop does not check)."""
-    compiled(_expert_peaks, _PEAKS_SIGNATURES)(x, ids, tok, absmax, peak, peak_token, peak_channel, nan_count,
-                                               inf_count, rows)
+    compiled(_expert_peaks, _PEAKS[x.dtype.name])(x, ids, tok, absmax, peak, peak_token, peak_channel, nan_count,
+                                                  inf_count, rows)
 
 
 # ----- Log2Histogram ---------------------------------------------------------------------------------------------
@@ -115,8 +116,11 @@ def _log2_codes(bits, counts, special):
             special[1] += 1
 
 
+_LOG2 = "void(int32[::1], int64[::1], int64[::1])"
+
+
 def log2_codes(bits, counts, special) -> None:
-    compiled(_log2_codes, "void(int32[::1], int64[::1], int64[::1])")(bits, counts, special)
+    compiled(_log2_codes, _LOG2)(bits, counts, special)
 
 
 # ----- TopK (once full: the entries at or above the k-th kept value) ------------------------------------------------
@@ -140,27 +144,18 @@ def _at_least(x, threshold, out_rows, out_cols):
     return found, nan
 
 
-_AT_LEAST_SIGNATURES = [f"UniTuple(int64, 2)({x}[:, ::1], float64, int64[::1], int64[::1])"
-                        for x in ("float32", "float64")]
+_AT_LEAST = {x: f"UniTuple(int64, 2)({x}[:, ::1], float64, int64[::1], int64[::1])" for x in ("float32", "float64")}
 
 
 def at_least(x, threshold: float, room: int = 256) -> tuple[np.ndarray, np.ndarray, int]:
     """The (rows, columns) of the entries of ``x`` with |x| >= ``threshold``, in row-major order, and the NaN count."""
-    kernel = compiled(_at_least, _AT_LEAST_SIGNATURES)
+    kernel = compiled(_at_least, _AT_LEAST[x.dtype.name])
     rows, cols = np.empty(room, dtype=np.int64), np.empty(room, dtype=np.int64)
     found, nan = kernel(x, threshold, rows, cols)
     if found > room:  # more than there was room for: again, with room for all
         rows, cols = np.empty(found, dtype=np.int64), np.empty(found, dtype=np.int64)
         found, nan = kernel(x, threshold, rows, cols)
     return rows[:found], cols[:found], nan
-
-
-def load() -> None:
-    """Compile, or load from numba's cache, every loop here now: call it early to take that out of a timing."""
-    compiled(_expert_peaks, _PEAKS_SIGNATURES)
-    compiled(_log2_codes, "void(int32[::1], int64[::1], int64[::1])")
-    compiled(_at_least, _AT_LEAST_SIGNATURES)
-    compiled(_router_rows, _ROUTER_SIGNATURES)
 
 
 # ----- RouterStats -------------------------------------------------------------------------------------------------
@@ -246,12 +241,21 @@ def _router_rows(logits, chosen, sigmoid, prob_sum, counts, coactivation, sums, 
     return used, bad
 
 
-_ROUTER_SIGNATURES = [f"UniTuple(int64, 2)({x}[:, ::1], int64[:, ::1], boolean, float64[::1], int64[::1], "
-                      "int64[:, ::1], float64[::1], int64[::1])" for x in ("float32", "float64")]
+_ROUTER = {x: f"UniTuple(int64, 2)({x}[:, ::1], int64[:, ::1], boolean, float64[::1], int64[::1], int64[:, ::1], "
+              "float64[::1], int64[::1])" for x in ("float32", "float64")}
 
 
 def router_rows(logits, chosen, sigmoid: bool, prob_sum, counts, coactivation, sums) -> tuple[int, int]:
     """:func:`_router_rows`, compiled. Expert indices must lie in 0..E-1 (the loop does not check)."""
     seen = np.full(logits.shape[1], -1, dtype=np.int64)
-    return compiled(_router_rows, _ROUTER_SIGNATURES)(logits, chosen, sigmoid, prob_sum, counts, coactivation, sums,
-                                                      seen)
+    return compiled(_router_rows, _ROUTER[logits.dtype.name])(logits, chosen, sigmoid, prob_sum, counts,
+                                                                coactivation, sums, seen)
+
+
+def load() -> None:
+    """Compile, or load from numba's cache, every loop here for float32 values (what models run in; float64 ones
+    are compiled when met) now: call it early to take that out of a timing."""
+    compiled(_expert_peaks, _PEAKS["float32"])
+    compiled(_log2_codes, _LOG2)
+    compiled(_at_least, _AT_LEAST["float32"])
+    compiled(_router_rows, _ROUTER["float32"])

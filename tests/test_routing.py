@@ -409,7 +409,7 @@ def test_the_loops_compile_without_a_cache_folder(monkeypatch):
     monkeypatch.setattr(cpu, "_COMPILED", {})
     got = window_counts(top, first, lengths, 3)
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
-    assert set(cpu._COMPILED) == {router._sch_stacks, router._srp_windows}
+    assert {fn for fn, _ in cpu._COMPILED} == {router._sch_stacks, router._srp_windows}
 
 
 def test_local_consistency_refuses_experts_outside_its_count():
