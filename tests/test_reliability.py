@@ -123,12 +123,15 @@ def test_checkpoint_restores_every_stateful_object(tmp_path):
         if cursor == 2:
             raise Stop
 
-    Checkpoint.save = save_then_die
-    try:
-        with pytest.raises(Stop):
-            profile(lm, prompts, opts, progress=False, checkpoint=ck)
-    finally:
-        Checkpoint.save = real_save
+    def interrupted(ck):  # a pass that saves its checkpoint at batches 1 and 2, then dies
+        Checkpoint.save = save_then_die
+        try:
+            with pytest.raises(Stop):
+                profile(lm, prompts, opts, progress=False, checkpoint=ck)
+        finally:
+            Checkpoint.save = real_save
+
+    interrupted(ck)
     assert calls == [1, 2]
     p = profile(lm, prompts, opts, progress=False, checkpoint=ck)
     assert p["run"]["resumed_at_batch"] == 2
@@ -139,12 +142,7 @@ def test_checkpoint_restores_every_stateful_object(tmp_path):
     assert other["run"]["resumed_at_batch"] is None
     # and so is one of other weights under the same spec (another checkpoint copied to the same path, a planted
     # row): it was resumed, mixing two models' statistics in one profile.json
-    with pytest.raises(Stop):
-        Checkpoint.save = save_then_die
-        try:
-            profile(lm, prompts, opts, progress=False, checkpoint=ck)
-        finally:
-            Checkpoint.save = real_save
+    interrupted(ck)
     experts = lm.adapter.experts(lm.adapter.decoder_layers(lm.model)[1])
     with torch.no_grad():
         experts.down_proj[3][5] *= 300.0
@@ -158,12 +156,7 @@ def test_checkpoint_restores_every_stateful_object(tmp_path):
     from workbench.experts import profile as profile_module
 
     ck = Checkpoint(tmp_path / "d.safetensors", every=1)
-    with pytest.raises(Stop):
-        Checkpoint.save = save_then_die
-        try:
-            profile(lm, prompts, opts, progress=False, checkpoint=ck)
-        finally:
-            Checkpoint.save = real_save
+    interrupted(ck)
     assert json.loads(ck.tag)["counting"] == profile_module.COUNTING
     profile_module.COUNTING, before = "a later way", profile_module.COUNTING
     try:
