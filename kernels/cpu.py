@@ -2,9 +2,9 @@
 
 On the CPU a reducer's update is dozens of torch ops, each paying its dispatch and a pass over the payload; on a
 small model (hidden 64) that fixed cost, not the arithmetic, is the update. One loop over the rows does the same
-work in a single pass. Each loop here computes exactly what its reducer's torch path computes (tested equal on
-random payloads with NaN, inf and ties: tests/test_cpu_loops.py); ``WORKBENCH_KERNELS=torch`` runs the torch path
-instead (:func:`enabled`).
+work in a single pass. Each loop leaves the state its reducer's torch path leaves: exactly, or for RouterStats's
+float64 sums to 1e-12 (tested on random payloads with NaN, inf and ties: tests/test_cpu_loops.py).
+``WORKBENCH_KERNELS=torch`` runs the torch path instead (:func:`enabled`).
 
 Loops are plain Python functions (plain Python runs them too, slowly) compiled by :func:`compiled` for the
 signature they are called with, once per process, from numba's on-disk cache after the first time on a machine.
