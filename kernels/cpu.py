@@ -46,13 +46,13 @@ def enabled(x) -> bool:
     return requested_backend() == "auto"
 
 
-def as_array(x, dtype=np.float32) -> np.ndarray:
-    """A CPU tensor's values as a C-contiguous numpy array of float32 (or ``dtype``): bfloat16 and float16 convert
-    exactly; a float64 tensor is kept as it is when ``dtype`` is float64."""
+def as_array(x, float32: bool = False) -> np.ndarray:
+    """A CPU tensor's values as a C-contiguous numpy array: float64 kept as it is (unless ``float32``), every other
+    float dtype as float32 (bfloat16 and float16 convert exactly)."""
     import torch
 
     t = x.detach()
-    if t.dtype != (torch.float64 if dtype == np.float64 else torch.float32):
+    if t.dtype != torch.float32 and (float32 or t.dtype != torch.float64):
         t = t.to(torch.float32)
     return np.ascontiguousarray(t.numpy())
 

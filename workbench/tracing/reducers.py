@@ -493,7 +493,8 @@ class Log2Histogram(Reducer):
             return
         if cpu.enabled(p.values):  # one compiled pass over the payload's float32 bits
             special = np.zeros(2, dtype=np.int64)
-            cpu.log2_codes(cpu.as_array(p.values).reshape(-1).view(np.int32), self.counts.numpy(), special)
+            bits = cpu.as_array(p.values, float32=True).reshape(-1).view(np.int32)
+            cpu.log2_codes(bits, self.counts.numpy(), special)
             self.inf_count += int(special[0])
             self.nan_count += int(special[1])
             return
@@ -615,7 +616,7 @@ class ExpertAbsMax(Reducer):
         if not self.channel_tokens and cpu.enabled(x):  # one compiled pass: maxima, counts and peaks together
             if not self.absmax.is_contiguous():
                 self.absmax = self.absmax.contiguous()
-            values = cpu.as_array(x, np.float64 if x.dtype == torch.float64 else np.float32)
+            values = cpu.as_array(x)
             state = [self.absmax, self.peak_token, self.peak_channel, self.nan_count, self.inf_count, self.rows]
             absmax, peak_token, peak_channel, nan_count, inf_count, rows = (t.numpy() for t in state)
             cpu.expert_peaks(values, np.ascontiguousarray(ids.numpy()), np.ascontiguousarray(tok.numpy()), absmax,
@@ -855,7 +856,7 @@ class TopK(Reducer):
             # propagates into the column max; it compares false and is counted when the batch has any.
             thr = float(self.values[-1])
             if cpu.enabled(x):  # one compiled pass finds them (and counts NaN)
-                values = cpu.as_array(x, np.float64 if x.dtype == torch.float64 else np.float32)
+                values = cpu.as_array(x)
                 r, j, nan = cpu.at_least(values, thr)
                 self.nan_count += nan
                 if r.size:
@@ -928,7 +929,7 @@ class RouterStats(Reducer):
     entropy and top-k margin (k-th largest probability minus the (k+1)-th). The routing distribution
     is the family's own scoring: ``softmax`` of the logits, or for ``sigmoid`` routers (DeepSeek-V3)
     the sigmoid scores normalised to sum to 1 over experts. On the CPU one compiled loop does it, in float64
-    (:func:`workbench.kernels.cpu.router_rows`: counts equal, sums equal to the torch path's to ~1e-15).
+    (:func:`workbench.kernels.cpu.router_rows`: counts equal, sums equal to the torch path's to 1e-12).
     """
 
     kind: ClassVar[str] = "router_stats"
@@ -963,7 +964,7 @@ class RouterStats(Reducer):
             chosen = np.ascontiguousarray(p.topk.numpy(), dtype=np.int64)
             if chosen.size and (chosen.min() < 0 or chosen.max() >= e):
                 raise ValueError(f"expert index out of range 0..{e - 1}: {int(chosen.max())}")
-            values = cpu.as_array(p.values, np.float64 if p.values.dtype == torch.float64 else np.float32)
+            values = cpu.as_array(p.values)
             sums = np.zeros(2)
             used, bad = cpu.router_rows(values, chosen, self.scoring == "sigmoid", self.prob_sum.numpy(),
                                         self.counts.numpy(), self.coactivation.numpy(), sums)
